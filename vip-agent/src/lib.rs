@@ -1,0 +1,11 @@
+//! vip-agent: the control plane of vip.
+//!
+//! One module per concern: [`config`] turns flags into a validated configuration,
+//! [`netdev`] resolves interfaces, [`dataplane`] loads and attaches the XDP program and
+//! (in [`dataplane::maps`], the only place that touches `aya::maps`) reads and writes its
+//! maps, and [`run`] ties them into the daemon.
+
+pub mod config;
+pub mod dataplane;
+pub mod netdev;
+pub mod run;

@@ -1,0 +1,148 @@
+//! Network interfaces: name validation, index and MAC address lookup.
+//!
+//! Lookups go through `if_nametoindex(3)` and the `SIOCGIFHWADDR` ioctl rather than
+//! `/sys/class/net`, because they answer for the network namespace of the calling
+//! thread; sysfs answers for the namespace it was mounted in.
+
+use std::{ffi::CString, fmt, io};
+
+/// Linux's `IFNAMSIZ`, including the terminating NUL.
+const IFNAMSIZ: usize = 16;
+/// `ARPHRD_ETHER`: the only link type that carries ARP the way the data plane expects.
+const ARPHRD_ETHER: u16 = 1;
+
+/// An interface the agent can attach to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Netdev {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: MacAddr,
+}
+
+/// An Ethernet MAC address, in wire order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetdevError {
+    #[error("invalid interface name {name:?}: {why}")]
+    InvalidName { name: String, why: &'static str },
+    #[error("interface {name:?} not found")]
+    NotFound { name: String },
+    #[error("interface {name:?} is not an Ethernet interface (link type {link_type})")]
+    NotEthernet { name: String, link_type: u16 },
+    #[error("reading the MAC address of interface {name:?} failed")]
+    Io {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Checks `name` the way the kernel would, so a bad value is reported as such rather
+/// than as "not found".
+pub fn validate_name(name: &str) -> Result<(), NetdevError> {
+    let why = if name.is_empty() {
+        "empty"
+    } else if name.len() >= IFNAMSIZ {
+        "longer than 15 bytes"
+    } else if name == "." || name == ".." {
+        "reserved name"
+    } else if name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0) {
+        "contains '/', ':', NUL or whitespace"
+    } else {
+        return Ok(());
+    };
+    Err(NetdevError::InvalidName { name: name.to_owned(), why })
+}
+
+/// Resolves `name` in the calling thread's network namespace.
+pub fn lookup(name: &str) -> Result<Netdev, NetdevError> {
+    validate_name(name)?;
+    let c_name = CString::new(name)
+        .map_err(|_| NetdevError::InvalidName { name: name.to_owned(), why: "contains NUL" })?;
+    // SAFETY: c_name is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(NetdevError::NotFound { name: name.to_owned() });
+    }
+    let (link_type, mac) = hw_addr(name)?;
+    if link_type != ARPHRD_ETHER {
+        return Err(NetdevError::NotEthernet { name: name.to_owned(), link_type });
+    }
+    Ok(Netdev { name: name.to_owned(), ifindex, mac })
+}
+
+fn hw_addr(name: &str) -> Result<(u16, MacAddr), NetdevError> {
+    let io_err = |source| NetdevError::Io { name: name.to_owned(), source };
+    // SAFETY: plain socket(2) call; the fd is closed below on every path.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io_err(io::Error::last_os_error()));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: fd is a socket, ifr is a properly initialised ifreq with a NUL-terminated
+    // name (validate_name bounded its length below IFNAMSIZ).
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) };
+    let err = io::Error::last_os_error();
+    // SAFETY: fd was returned by socket(2) above and is not used afterwards.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(match err.raw_os_error() {
+            Some(libc::ENODEV) => NetdevError::NotFound { name: name.to_owned() },
+            _ => io_err(err),
+        });
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifru_hwaddr member of the union.
+    let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (dst, src) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *dst = *src as u8;
+    }
+    Ok((sa.sa_family, MacAddr(mac)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_names_the_kernel_would_reject() {
+        for bad in ["", "a-name-that-is-too-long", ".", "..", "eth/0", "eth 0", "eth:0"] {
+            assert!(
+                matches!(validate_name(bad), Err(NetdevError::InvalidName { .. })),
+                "{bad:?} should be rejected"
+            );
+        }
+        for good in ["eth0", "enp0s31f6", "veth-node1", "a"] {
+            validate_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn lookup_of_a_missing_interface_names_it() {
+        let err = lookup("vipnosuchif0").unwrap_err();
+        assert_eq!(err.to_string(), "interface \"vipnosuchif0\" not found");
+    }
+
+    #[test]
+    fn loopback_is_not_ethernet() {
+        assert!(matches!(lookup("lo"), Err(NetdevError::NotEthernet { link_type: 772, .. })));
+    }
+
+    #[test]
+    fn mac_formats_like_ip_link() {
+        assert_eq!(MacAddr([0x02, 0, 0xab, 1, 2, 0xff]).to_string(), "02:00:ab:01:02:ff");
+    }
+}

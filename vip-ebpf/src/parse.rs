@@ -1,0 +1,68 @@
+//! Bounds-checked access to the frame and the L2 parser.
+//!
+//! Every read of the packet goes through [`ptr_at`], which proves to the verifier (and
+//! to us) that the whole header lies inside `[data, data_end)`.
+
+use core::mem;
+
+use aya_ebpf::programs::XdpContext;
+use network_types::{eth::EthHdr, vlan::VlanHdr};
+use vip_common::Reason;
+
+/// EtherType of ARP, network order on the wire.
+pub const ETH_P_ARP: u16 = 0x0806;
+/// 802.1Q VLAN tag.
+const ETH_P_8021Q: u16 = 0x8100;
+/// 802.1ad service tag (QinQ outer tag).
+const ETH_P_8021AD: u16 = 0x88A8;
+/// How many VLAN tags we look through. Two covers QinQ; a frame with more is passed to
+/// the kernel untouched rather than parsed in a loop the verifier would have to unroll.
+const MAX_VLAN_TAGS: usize = 2;
+
+/// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` if any byte of
+/// it lies past the end of the frame.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// What follows the Ethernet (and VLAN) headers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum EtherKind {
+    Arp,
+    Other,
+}
+
+/// The parsed L2 header: where the network header starts and what it is.
+pub struct L2 {
+    /// The Ethernet header at the start of the frame, for handlers that rewrite MACs.
+    pub eth: *mut EthHdr,
+    /// Offset of the L3 header (after any VLAN tags).
+    pub l3_off: usize,
+    pub kind: EtherKind,
+}
+
+/// Parses the Ethernet header and up to [`MAX_VLAN_TAGS`] VLAN tags.
+#[inline(always)]
+pub fn ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::EthMalformed)?;
+    // SAFETY: ptr_at checked the header is inside the frame.
+    let mut proto = u16::from_be(unsafe { (*eth).ether_type });
+    let mut off = EthHdr::LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        let vlan: *const VlanHdr = ptr_at(ctx, off).ok_or(Reason::EthMalformed)?;
+        // SAFETY: as above.
+        proto = u16::from_be(unsafe { (*vlan).ether_type });
+        off += VlanHdr::LEN;
+    }
+    let kind = if proto == ETH_P_ARP { EtherKind::Arp } else { EtherKind::Other };
+    Ok(L2 { eth, l3_off: off, kind })
+}
