@@ -26,7 +26,11 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -55,33 +59,53 @@ pub fn validate_name(name: &str) -> Result<(), NetdevError> {
         "longer than 15 bytes"
     } else if name == "." || name == ".." {
         "reserved name"
-    } else if name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0) {
+    } else if name
+        .bytes()
+        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+    {
         "contains '/', ':', NUL or whitespace"
     } else {
         return Ok(());
     };
-    Err(NetdevError::InvalidName { name: name.to_owned(), why })
+    Err(NetdevError::InvalidName {
+        name: name.to_owned(),
+        why,
+    })
 }
 
 /// Resolves `name` in the calling thread's network namespace.
 pub fn lookup(name: &str) -> Result<Netdev, NetdevError> {
     validate_name(name)?;
-    let c_name = CString::new(name)
-        .map_err(|_| NetdevError::InvalidName { name: name.to_owned(), why: "contains NUL" })?;
+    let c_name = CString::new(name).map_err(|_| NetdevError::InvalidName {
+        name: name.to_owned(),
+        why: "contains NUL",
+    })?;
     // SAFETY: c_name is a valid NUL-terminated string.
     let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if ifindex == 0 {
-        return Err(NetdevError::NotFound { name: name.to_owned() });
+        return Err(NetdevError::NotFound {
+            name: name.to_owned(),
+        });
     }
     let (link_type, mac) = hw_addr(name)?;
     if link_type != ARPHRD_ETHER {
-        return Err(NetdevError::NotEthernet { name: name.to_owned(), link_type });
+        return Err(NetdevError::NotEthernet {
+            name: name.to_owned(),
+            link_type,
+        });
     }
-    Ok(Netdev { name: name.to_owned(), ifindex, mac })
+    Ok(Netdev {
+        name: name.to_owned(),
+        ifindex,
+        mac,
+    })
 }
 
 fn hw_addr(name: &str) -> Result<(u16, MacAddr), NetdevError> {
-    let io_err = |source| NetdevError::Io { name: name.to_owned(), source };
+    let io_err = |source| NetdevError::Io {
+        name: name.to_owned(),
+        source,
+    };
     // SAFETY: plain socket(2) call; the fd is closed below on every path.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -100,7 +124,9 @@ fn hw_addr(name: &str) -> Result<(u16, MacAddr), NetdevError> {
     unsafe { libc::close(fd) };
     if rc < 0 {
         return Err(match err.raw_os_error() {
-            Some(libc::ENODEV) => NetdevError::NotFound { name: name.to_owned() },
+            Some(libc::ENODEV) => NetdevError::NotFound {
+                name: name.to_owned(),
+            },
             _ => io_err(err),
         });
     }
@@ -119,7 +145,15 @@ mod tests {
 
     #[test]
     fn rejects_names_the_kernel_would_reject() {
-        for bad in ["", "a-name-that-is-too-long", ".", "..", "eth/0", "eth 0", "eth:0"] {
+        for bad in [
+            "",
+            "a-name-that-is-too-long",
+            ".",
+            "..",
+            "eth/0",
+            "eth 0",
+            "eth:0",
+        ] {
             assert!(
                 matches!(validate_name(bad), Err(NetdevError::InvalidName { .. })),
                 "{bad:?} should be rejected"
@@ -138,11 +172,17 @@ mod tests {
 
     #[test]
     fn loopback_is_not_ethernet() {
-        assert!(matches!(lookup("lo"), Err(NetdevError::NotEthernet { link_type: 772, .. })));
+        assert!(matches!(
+            lookup("lo"),
+            Err(NetdevError::NotEthernet { link_type: 772, .. })
+        ));
     }
 
     #[test]
     fn mac_formats_like_ip_link() {
-        assert_eq!(MacAddr([0x02, 0, 0xab, 1, 2, 0xff]).to_string(), "02:00:ab:01:02:ff");
+        assert_eq!(
+            MacAddr([0x02, 0, 0xab, 1, 2, 0xff]).to_string(),
+            "02:00:ab:01:02:ff"
+        );
     }
 }

@@ -97,12 +97,20 @@ impl VipState {
 
     /// A VIP this node leads until `until_ns` on the kernel's monotonic clock.
     pub const fn leader_until(until_ns: u64) -> Self {
-        Self { leader_until_ns: until_ns, flags: Self::F_LEADER, _pad: 0 }
+        Self {
+            leader_until_ns: until_ns,
+            flags: Self::F_LEADER,
+            _pad: 0,
+        }
     }
 
     /// A VIP this node serves but does not lead: ARP requests for it are dropped.
     pub const fn follower() -> Self {
-        Self { leader_until_ns: 0, flags: 0, _pad: 0 }
+        Self {
+            leader_until_ns: 0,
+            flags: 0,
+            _pad: 0,
+        }
     }
 
     /// Whether this node answers ARP for the VIP at `now_ns` (kernel monotonic clock).

@@ -29,8 +29,7 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     };
     // SAFETY: ptr_at checked the whole ARP header lies inside the frame.
     let arp = unsafe { &mut *arp };
-    if arp.htype != ARPHRD_ETHER || arp.ptype != PTYPE_IPV4 || arp.hlen != 6 || arp.plen != 4
-    {
+    if arp.htype != ARPHRD_ETHER || arp.ptype != PTYPE_IPV4 || arp.hlen != 6 || arp.plen != 4 {
         return Verdict::pass(Reason::ArpMalformed);
     }
     let tpa = arp.tpa;
@@ -63,7 +62,12 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
 /// Turns a request for `vip` into the reply from `mac`, reusing the frame (and any VLAN
 /// tags, so the reply leaves on the VLAN the request came from).
 #[inline(always)]
-fn reply_in_place(eth: &mut network_types::eth::EthHdr, arp: &mut ArpHdr, mac: [u8; 6], vip: [u8; 4]) {
+fn reply_in_place(
+    eth: &mut network_types::eth::EthHdr,
+    arp: &mut ArpHdr,
+    mac: [u8; 6],
+    vip: [u8; 4],
+) {
     eth.dst_addr = eth.src_addr;
     eth.src_addr = mac;
     arp.oper = ARPOP_REPLY;

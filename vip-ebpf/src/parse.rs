@@ -63,6 +63,14 @@ pub fn ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
         proto = u16::from_be(unsafe { (*vlan).ether_type });
         off += VlanHdr::LEN;
     }
-    let kind = if proto == ETH_P_ARP { EtherKind::Arp } else { EtherKind::Other };
-    Ok(L2 { eth, l3_off: off, kind })
+    let kind = if proto == ETH_P_ARP {
+        EtherKind::Arp
+    } else {
+        EtherKind::Other
+    };
+    Ok(L2 {
+        eth,
+        l3_off: off,
+        kind,
+    })
 }

@@ -1,1 +1,136 @@
-fn main(){}
+//! `cargo xtask`: the project's own build, setup and test driver.
+//!
+//! ```text
+//! cargo xtask setup          install what a fresh machine lacks (idempotent)
+//! cargo xtask build          build the XDP object and the agent (release)
+//! cargo xtask run -- ARGS    build and run vip-agent ARGS on this machine
+//! cargo xtask test           setup, then every test
+//! cargo xtask bench          setup, then the benchmarks
+//! cargo xtask demo           setup, then the lab demo
+//! ```
+//!
+//! Plain std, no dependencies: it has to compile quickly on a machine that has nothing
+//! else yet.
+
+mod setup;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::run().map(|_| ()),
+        Some("build") => setup::run().and_then(|tc| build(&tc)),
+        Some("run") => setup::run().and_then(|tc| run_agent(&tc, rest_after_dashes(&args[1..]))),
+        Some("test") => setup::run().and_then(|tc| test(&tc, &args[1..])),
+        Some("bench") => setup::run().and_then(|tc| bench(&tc, &args[1..])),
+        Some("demo") => setup::run().and_then(|tc| demo(&tc)),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask setup | build | run -- ARGS | test [FILTER] | bench | demo"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, String>;
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn rest_after_dashes(args: &[String]) -> &[String] {
+    match args.first().map(String::as_str) {
+        Some("--") => &args[1..],
+        _ => args,
+    }
+}
+
+/// A cargo invocation at the workspace root with the eBPF toolchain exported for the
+/// agent's build script.
+fn cargo(toolchain: &str) -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root()).env("VIP_EBPF_TOOLCHAIN", toolchain);
+    cmd
+}
+
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().map_err(|e| format!("running {shown}: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed: {st}"))
+    }
+}
+
+fn build(toolchain: &str) -> Result<()> {
+    println!("xtask: building vip-agent (release) with the XDP object embedded");
+    status(cargo(toolchain).args(["build", "--release", "-p", "vip-agent"]))?;
+    println!(
+        "xtask: built {}",
+        root().join("target/release/vip-agent").display()
+    );
+    Ok(())
+}
+
+fn run_agent(toolchain: &str, args: &[String]) -> Result<()> {
+    build(toolchain)?;
+    status(Command::new(root().join("target/release/vip-agent")).args(args))
+}
+
+/// Every test: unit tests, kernel fixture tests (BPF_PROG_RUN) and the network-namespace
+/// tests. The end-to-end tests drive the agent binary, so it is built first and its path
+/// handed to them.
+fn test(toolchain: &str, filter: &[String]) -> Result<()> {
+    status(cargo(toolchain).args(["build", "-p", "vip-agent"]))?;
+    let agent = root().join("target/debug/vip-agent");
+    status(
+        cargo(toolchain)
+            .env("VIP_AGENT_BIN", &agent)
+            .arg("test")
+            .args(filter),
+    )
+}
+
+fn bench(toolchain: &str, args: &[String]) -> Result<()> {
+    status(
+        cargo(toolchain)
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "tests",
+                "--bin",
+                "vip-bench",
+                "--",
+            ])
+            .args(args),
+    )
+}
+
+fn demo(toolchain: &str) -> Result<()> {
+    status(cargo(toolchain).args(["build", "-p", "vip-agent"]))?;
+    let agent = root().join("target/debug/vip-agent");
+    status(
+        cargo(toolchain)
+            .env("VIP_AGENT_BIN", &agent)
+            .args(["run", "-p", "tests", "--bin", "vip-demo"]),
+    )
+}

@@ -140,8 +140,9 @@ fn find_os_error<'a>(
 /// Maps a load failure to [`DataplaneError::PermissionDenied`] when the kernel said
 /// `EPERM`/`EACCES`: the caller lacks the capabilities to create maps or load programs.
 fn permission_denied(err: &(dyn std::error::Error + 'static)) -> Option<DataplaneError> {
-    find_os_error(err, &[libc::EPERM, libc::EACCES])
-        .map(|io| DataplaneError::PermissionDenied { detail: format!("bpf(2): {io}") })
+    find_os_error(err, &[libc::EPERM, libc::EACCES]).map(|io| DataplaneError::PermissionDenied {
+        detail: format!("bpf(2): {io}"),
+    })
 }
 
 /// What `BPF_PROG_RUN` returned for one frame.
@@ -167,9 +168,9 @@ impl Dataplane {
     /// Loads the embedded object and both of its programs into the kernel. Nothing is
     /// attached yet.
     pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::Load { source }))?;
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(|source| {
+            permission_denied(&source).unwrap_or(DataplaneError::Load { source })
+        })?;
         for program in [Program::Vip, Program::Pass] {
             let name = program.name();
             let xdp = xdp_mut(&mut ebpf, name)?;
@@ -179,7 +180,11 @@ impl Dataplane {
         }
         let maps = Maps::take_from(&mut ebpf)?;
         debug!("data plane loaded");
-        Ok(Self { ebpf, maps, attached: None })
+        Ok(Self {
+            ebpf,
+            maps,
+            attached: None,
+        })
     }
 
     pub fn maps(&self) -> &Maps {
@@ -236,7 +241,10 @@ impl Dataplane {
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         if let Some((interface, link)) = self.attached.take() {
             let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
-            xdp.detach(link).map_err(|source| DataplaneError::Detach { interface: interface.clone(), source })?;
+            xdp.detach(link).map_err(|source| DataplaneError::Detach {
+                interface: interface.clone(),
+                source,
+            })?;
             info!(interface = %interface, "XDP detached");
         }
         Ok(())
@@ -272,9 +280,18 @@ impl Dataplane {
             repeat,
             ..Default::default()
         };
-        let res = xdp.test_run(opts).map_err(|source| DataplaneError::TestRun { program: name, source })?;
+        let res = xdp
+            .test_run(opts)
+            .map_err(|source| DataplaneError::TestRun {
+                program: name,
+                source,
+            })?;
         out.truncate(res.data_size_out as usize);
-        Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration })
+        Ok(RunOutcome {
+            action: res.return_value,
+            frame: out,
+            duration: res.duration,
+        })
     }
 }
 

@@ -1,0 +1,129 @@
+//! Running the `vip-agent` binary inside a namespace.
+
+use std::{
+    io::Read,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::Netns;
+
+/// The agent binary: `VIP_AGENT_BIN` (set by `cargo xtask test`), or the workspace's
+/// debug build.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("VIP_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vip-agent")
+        })
+}
+
+/// A `vip-agent` process inside a namespace; killed on drop if still running.
+pub struct Agent {
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts `vip-agent ARGS` in `ns`, logging to a pipe read back by [`Agent::stop`].
+    pub fn spawn(ns: &Netns, args: &[&str]) -> Result<Self, String> {
+        let bin = agent_bin();
+        let child = ns
+            .cmd(bin.to_str().ok_or("agent path is not UTF-8")?)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
+        Ok(Self { child: Some(child) })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` and waits (at most `timeout`) for the exit; returns the status and
+    /// everything the agent logged.
+    pub fn stop(&mut self, signal: i32, timeout: Duration) -> Result<(ExitStatus, String), String> {
+        let mut child = self.child.take().ok_or("agent already stopped")?;
+        // `ip netns exec` execs the agent, so the child's pid is the agent's.
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                let mut log = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = err.read_to_string(&mut log);
+                }
+                return Ok((status, log));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "agent did not exit within {timeout:?} of signal {signal}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `vip-agent ARGS` in `ns` to completion (for commands expected to fail fast).
+pub fn run_to_exit(
+    ns: &Netns,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<(ExitStatus, String), String> {
+    let mut agent = Agent::spawn(ns, args)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let child = agent.child.as_mut().ok_or("no child")?;
+        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            return agent.stop(0, timeout);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "vip-agent {args:?} still running after {timeout:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `cond` every 20 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// A command in `ns` that runs without privileges (uid/gid nobody, every capability
+/// dropped), to check how the agent reports missing privileges.
+pub fn unprivileged(ns: &Netns) -> Command {
+    let mut c = ns.cmd("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ]);
+    c
+}

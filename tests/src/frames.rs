@@ -1,0 +1,250 @@
+//! Frame builders, and a reference model of the ARP responder written from the RFC
+//! rather than from the XDP code, used as the oracle of the random-frame test.
+
+use std::net::Ipv4Addr;
+
+pub type Mac = [u8; 6];
+
+pub const BROADCAST: Mac = [0xff; 6];
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88A8;
+pub const ARPOP_REQUEST: u16 = 1;
+pub const ARPOP_REPLY: u16 = 2;
+
+/// The fields of an Ethernet/IPv4 ARP packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arp {
+    pub htype: u16,
+    pub ptype: u16,
+    pub hlen: u8,
+    pub plen: u8,
+    pub oper: u16,
+    pub sha: Mac,
+    pub spa: Ipv4Addr,
+    pub tha: Mac,
+    pub tpa: Ipv4Addr,
+}
+
+impl Arp {
+    /// "Who has `tpa`? Tell `spa`", as a host sends it.
+    pub fn request(sha: Mac, spa: Ipv4Addr, tpa: Ipv4Addr) -> Self {
+        Self {
+            htype: 1,
+            ptype: ETH_P_IPV4,
+            hlen: 6,
+            plen: 4,
+            oper: ARPOP_REQUEST,
+            sha,
+            spa,
+            tha: [0; 6],
+            tpa,
+        }
+    }
+
+    /// "`spa` is at `sha`", addressed to `tha`/`tpa`.
+    pub fn reply(sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Self {
+        Self {
+            htype: 1,
+            ptype: ETH_P_IPV4,
+            hlen: 6,
+            plen: 4,
+            oper: ARPOP_REPLY,
+            sha,
+            spa,
+            tha,
+            tpa,
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(28);
+        b.extend(self.htype.to_be_bytes());
+        b.extend(self.ptype.to_be_bytes());
+        b.extend([self.hlen, self.plen]);
+        b.extend(self.oper.to_be_bytes());
+        b.extend(self.sha);
+        b.extend(self.spa.octets());
+        b.extend(self.tha);
+        b.extend(self.tpa.octets());
+        b
+    }
+}
+
+/// An Ethernet frame under construction.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub dst: Mac,
+    pub src: Mac,
+    /// VLAN tags, outermost first: (TPID, TCI).
+    pub vlans: Vec<(u16, u16)>,
+    pub ethertype: u16,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(dst: Mac, src: Mac, ethertype: u16, payload: Vec<u8>) -> Self {
+        Self {
+            dst,
+            src,
+            vlans: Vec::new(),
+            ethertype,
+            payload,
+        }
+    }
+
+    pub fn arp(dst: Mac, src: Mac, arp: &Arp) -> Self {
+        Self::new(dst, src, ETH_P_ARP, arp.bytes())
+    }
+
+    pub fn vlan(mut self, tpid: u16, tci: u16) -> Self {
+        self.vlans.push((tpid, tci));
+        self
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(18 + self.payload.len());
+        b.extend(self.dst);
+        b.extend(self.src);
+        for (tpid, tci) in &self.vlans {
+            b.extend(tpid.to_be_bytes());
+            b.extend(tci.to_be_bytes());
+        }
+        b.extend(self.ethertype.to_be_bytes());
+        b.extend(&self.payload);
+        b
+    }
+
+    /// The bytes padded with zeros to Ethernet's 60-byte minimum, as a NIC delivers a
+    /// short frame.
+    pub fn padded(&self) -> Vec<u8> {
+        let mut b = self.bytes();
+        if b.len() < 60 {
+            b.resize(60, 0);
+        }
+        b
+    }
+}
+
+/// An IPv4 header (20 bytes, no options) with a correct checksum, followed by `payload`.
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let total = (20 + payload.len()) as u16;
+    let mut h = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, proto, 0, 0];
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h.extend(src.octets());
+    h.extend(dst.octets());
+    let csum = inet_checksum(&h);
+    h[10..12].copy_from_slice(&csum.to_be_bytes());
+    h.extend(payload);
+    h
+}
+
+/// A minimal IPv6 header followed by `payload`.
+pub fn ipv6(next_header: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend((payload.len() as u16).to_be_bytes());
+    h.extend([next_header, 64]);
+    h.extend([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    h.extend([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    h.extend(payload);
+    h
+}
+
+/// A 20-byte TCP header (checksum left zero: the data plane does not verify it).
+pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20);
+    t.extend(sport.to_be_bytes());
+    t.extend(dport.to_be_bytes());
+    t.extend(1u32.to_be_bytes());
+    t.extend(0u32.to_be_bytes());
+    t.extend([0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+
+/// The Internet checksum (RFC 1071) of `data`.
+pub fn inet_checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// What the node's data plane state says about one VIP, for the reference model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+/// The reference model's verdict for one frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// Answer with exactly these bytes.
+    Reply(Vec<u8>),
+    /// Drop (an ARP request for a VIP this node follows).
+    Drop,
+    /// Leave to the kernel, unchanged.
+    Pass,
+}
+
+/// The ARP responder as specified: for an Ethernet frame (with up to two 802.1Q/802.1ad
+/// tags) carrying a complete Ethernet/IPv4 ARP *request* for a VIP, from a sender other
+/// than the VIP itself (not gratuitous), the leader answers in place and a follower drops.
+/// Everything else passes unchanged.
+pub fn arp_model(frame: &[u8], vips: &[(Ipv4Addr, Role)], node_mac: Mac) -> Expected {
+    let mut off = 12;
+    let mut tags = 0;
+    loop {
+        let Some(et) = frame.get(off..off + 2) else {
+            return Expected::Pass;
+        };
+        let et = u16::from_be_bytes([et[0], et[1]]);
+        if (et == ETH_P_8021Q || et == ETH_P_8021AD) && tags < 2 {
+            off += 4;
+            tags += 1;
+            continue;
+        }
+        if et != ETH_P_ARP {
+            return Expected::Pass;
+        }
+        off += 2;
+        break;
+    }
+    let Some(arp) = frame.get(off..off + 28) else {
+        return Expected::Pass;
+    };
+    if arp[0..2] != [0, 1]
+        || arp[2..4] != [8, 0]
+        || arp[4] != 6
+        || arp[5] != 4
+        || arp[6..8] != [0, 1]
+    {
+        return Expected::Pass;
+    }
+    let sha: Mac = arp[8..14].try_into().expect("6 bytes");
+    let spa = Ipv4Addr::new(arp[14], arp[15], arp[16], arp[17]);
+    let tpa = Ipv4Addr::new(arp[24], arp[25], arp[26], arp[27]);
+    let Some(&(_, role)) = vips.iter().find(|(v, _)| *v == tpa) else {
+        return Expected::Pass;
+    };
+    if spa == tpa {
+        return Expected::Pass;
+    }
+    if role == Role::Follower {
+        return Expected::Drop;
+    }
+    let mut out = frame.to_vec();
+    let eth_src: Mac = frame[6..12].try_into().expect("6 bytes");
+    out[0..6].copy_from_slice(&eth_src);
+    out[6..12].copy_from_slice(&node_mac);
+    let reply = Arp::reply(node_mac, tpa, sha, spa).bytes();
+    out[off..off + 28].copy_from_slice(&reply);
+    Expected::Reply(out)
+}

@@ -1,0 +1,52 @@
+//! Test support for vip: frame builders and a reference model of the data plane
+//! ([`frames`]), network namespaces with cleanup by name ([`netns`]), and helpers to run
+//! the agent binary ([`agent`]). The fixture tests, the namespace tests, the benchmarks
+//! and the demo all build on these.
+
+pub mod agent;
+pub mod frames;
+pub mod netns;
+
+/// The XDP actions, as the kernel numbers them.
+pub mod xdp {
+    pub const ABORTED: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+    pub const TX: u32 = 3;
+
+    pub fn name(action: u32) -> &'static str {
+        match action {
+            ABORTED => "XDP_ABORTED",
+            DROP => "XDP_DROP",
+            PASS => "XDP_PASS",
+            TX => "XDP_TX",
+            4 => "XDP_REDIRECT",
+            _ => "XDP_?",
+        }
+    }
+}
+
+/// A small deterministic PRNG (SplitMix64) so the random-frame test is reproducible from
+/// its seed on every machine and Rust version.
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0); the modulo bias is irrelevant for test generation.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            *b = self.next_u64() as u8;
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Network namespaces and veth pairs for tests, the demo and the benchmarks.
+//!
+//! Every namespace is named `vt<pid>-<n>-<role>` and deleted (with every process still
+//! inside it killed) when its guard drops, also on panic. Interface names are kept under
+//! the kernel's 15-byte limit.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short tag for names made by this process: `<pid % 100000>x<n>`.
+pub fn unique_tag() -> String {
+    format!(
+        "{}x{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs `cmd` and fails with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> Result<Output, String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// `ip ARGS`, failing on error.
+pub fn ip(args: &[&str]) -> Result<Output, String> {
+    run(Command::new("ip").args(args))
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates `vt<tag>-<role>` with its loopback up.
+    pub fn new(tag: &str, role: &str) -> Result<Self, String> {
+        let name = format!("vt{tag}-{role}");
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<Output, String> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that runs `program` inside the namespace (`ip netns exec`).
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// `sysctl -w KEY=VALUE` inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), String> {
+        run(self
+            .cmd("sysctl")
+            .args(["-q", "-w", &format!("{key}={value}")]))
+        .map(drop)
+    }
+
+    /// Whether `dev` in this namespace has an XDP program attached (any mode).
+    pub fn has_xdp(&self, dev: &str) -> Result<bool, String> {
+        let out = self.ip(&["-d", "link", "show", "dev", dev])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text.contains("prog/xdp") || text.contains(" xdp"))
+    }
+
+    /// Addresses on `dev`, as `ip -o addr` prints them.
+    pub fn addrs(&self, dev: &str) -> Result<String, String> {
+        let out = self.ip(&["-o", "-4", "addr", "show", "dev", dev])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `f` on a new thread that has joined this namespace, and returns its result.
+    /// Interface lookups, XDP attaches and sockets made by `f` belong to the namespace.
+    pub fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter(&self.name)?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Moves the calling thread into this namespace (for threads that switch between
+    /// namespaces; prefer [`Netns::within`]).
+    pub fn enter(&self) -> Result<(), String> {
+        enter(&self.name)
+    }
+}
+
+fn enter(name: &str) -> Result<(), String> {
+    let path = format!("/run/netns/{name}");
+    let f = File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
+    // SAFETY: f is an open namespace file; setns only changes this thread's namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns {name}: {}", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Kill whatever still runs inside (an agent a failed test left behind), then
+        // delete the namespace; both by name.
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+            .map(|out| {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Links namespace `a` (interface `a_dev`) to namespace `b` (interface `b_dev`) with a
+/// veth pair and brings both ends up.
+pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<(), String> {
+    ip(&[
+        "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev, "netns",
+        &b.name,
+    ])?;
+    a.ip(&["link", "set", a_dev, "up"])?;
+    b.ip(&["link", "set", b_dev, "up"])?;
+    Ok(())
+}
+
+/// The MAC address of `dev` in `ns`.
+pub fn mac_of(ns: &Netns, dev: &str) -> Result<[u8; 6], String> {
+    let out = ns.ip(&["-o", "link", "show", "dev", dev])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .ok_or_else(|| format!("no MAC in {text:?}"))?;
+    parse_mac(mac)
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).map_err(|e| format!("bad MAC {s:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    parts.try_into().map_err(|_| format!("bad MAC {s:?}"))
+}
+
+/// The result of `arping -c COUNT -w DEADLINE`: the MACs that answered, one per reply.
+pub fn arping(
+    from: &Netns,
+    dev: &str,
+    target: &str,
+    count: u32,
+    deadline_s: u32,
+) -> Result<Vec<[u8; 6]>, String> {
+    let out = from
+        .cmd("arping")
+        .args([
+            "-c",
+            &count.to_string(),
+            "-w",
+            &deadline_s.to_string(),
+            "-I",
+            dev,
+            target,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("arping: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.contains("reply from"))
+        .map(|l| {
+            let start = l.find('[').ok_or_else(|| format!("no MAC in {l:?}"))?;
+            let end = l.find(']').ok_or_else(|| format!("no MAC in {l:?}"))?;
+            parse_mac(&l[start + 1..end].to_ascii_lowercase())
+        })
+        .collect()
+}

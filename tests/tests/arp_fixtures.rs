@@ -1,0 +1,692 @@
+//! Kernel fixture tests of the ARP responder: the real XDP object runs in the kernel on
+//! each input frame through `BPF_PROG_RUN`, with map state seeded through the agent's own
+//! map layer. Each row names the input, the state, and the exact verdict, counter and
+//! output frame expected.
+//!
+//! Needs root (CAP_BPF, CAP_NET_ADMIN).
+
+use std::net::Ipv4Addr;
+
+use tests::{
+    frames::{
+        arp_model, Arp, Expected, Frame, Mac, Role, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP,
+    },
+    frames::{ipv4, ipv6, tcp, ETH_P_IPV4, ETH_P_IPV6},
+    xdp, SplitMix64,
+};
+use vip_agent::dataplane::{Dataplane, Program};
+use vip_common::{Config, Reason, VipState};
+
+const NODE_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
+const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0xc1];
+const OTHER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x0e];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const VIP2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+
+// ---- setup: named map-seeding helpers -------------------------------------------------
+
+/// The map state a fixture runs against.
+#[derive(Clone, Copy)]
+enum State {
+    /// This node leads VIP (no deadline).
+    Leader,
+    /// This node serves VIP but does not lead it.
+    Follower,
+    /// This node was leader but its deadline passed (a hung agent's fence).
+    LeaderExpired,
+    /// Leads VIP, follows VIP2.
+    LeaderOfOne,
+    /// Leads VIP but no MAC is configured yet.
+    LeaderNoMac,
+}
+
+fn load() -> Dataplane {
+    Dataplane::load().expect("loading the XDP object (tests need root)")
+}
+
+fn seed_config(dp: &mut Dataplane, mac: Mac) {
+    dp.maps_mut()
+        .set_config(&Config { mac, _pad: [0; 2] })
+        .expect("set config");
+}
+
+fn seed_vip(dp: &mut Dataplane, vip: Ipv4Addr, state: VipState) {
+    dp.maps_mut().set_vip(vip, state).expect("set vip");
+}
+
+fn clear_vips(dp: &mut Dataplane) {
+    for (vip, _) in dp.maps().vips().expect("list vips") {
+        dp.maps_mut().remove_vip(vip).expect("remove vip");
+    }
+}
+
+fn setup(dp: &mut Dataplane, state: State) {
+    clear_vips(dp);
+    seed_config(dp, NODE_MAC);
+    match state {
+        State::Leader => seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
+        State::Follower => seed_vip(dp, VIP, VipState::follower()),
+        // 1 ns after boot has long passed.
+        State::LeaderExpired => seed_vip(dp, VIP, VipState::leader_until(1)),
+        State::LeaderOfOne => {
+            seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
+            seed_vip(dp, VIP2, VipState::follower());
+        }
+        State::LeaderNoMac => {
+            seed_config(dp, [0; 6]);
+            seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
+        }
+    }
+}
+
+// ---- inputs ---------------------------------------------------------------------------
+
+fn request_for(tpa: Ipv4Addr) -> Frame {
+    Frame::arp(
+        BROADCAST,
+        CLIENT_MAC,
+        &Arp::request(CLIENT_MAC, CLIENT_IP, tpa),
+    )
+}
+
+/// The reply the leader must send to `request_for(VIP)`, built field by field.
+fn reply_from_node(vip: Ipv4Addr) -> Frame {
+    Frame::arp(
+        CLIENT_MAC,
+        NODE_MAC,
+        &Arp::reply(NODE_MAC, vip, CLIENT_MAC, CLIENT_IP),
+    )
+}
+
+fn with_arp(f: impl FnOnce(&mut Arp)) -> Vec<u8> {
+    let mut arp = Arp::request(CLIENT_MAC, CLIENT_IP, VIP);
+    f(&mut arp);
+    Frame::arp(BROADCAST, CLIENT_MAC, &arp).bytes()
+}
+
+// ---- check ----------------------------------------------------------------------------
+
+struct Fixture {
+    name: String,
+    state: State,
+    input: Vec<u8>,
+    action: u32,
+    reason: Reason,
+    /// `None`: the frame must come out unchanged.
+    output: Option<Vec<u8>>,
+}
+
+fn fx(
+    name: impl Into<String>,
+    state: State,
+    input: Vec<u8>,
+    action: u32,
+    reason: Reason,
+    output: Option<Vec<u8>>,
+) -> Fixture {
+    Fixture {
+        name: name.into(),
+        state,
+        input,
+        action,
+        reason,
+        output,
+    }
+}
+
+fn check(dp: &mut Dataplane, f: &Fixture) -> Result<(), String> {
+    setup(dp, f.state);
+    let before = dp.maps().counter(f.reason).map_err(|e| e.to_string())?;
+    let out = dp
+        .test_run(Program::Vip, &f.input)
+        .map_err(|e| format!("{}: {e:#?}", f.name))?;
+    let after = dp.maps().counter(f.reason).map_err(|e| e.to_string())?;
+    let mut errs = Vec::new();
+    if out.action != f.action {
+        errs.push(format!(
+            "action {} want {}",
+            xdp::name(out.action),
+            xdp::name(f.action)
+        ));
+    }
+    if after != before + 1 {
+        errs.push(format!(
+            "counter {} moved by {} want 1",
+            f.reason.name(),
+            after - before
+        ));
+    }
+    let want = f.output.as_ref().unwrap_or(&f.input);
+    if &out.frame != want {
+        errs.push(format!(
+            "output\n   got  {:02x?}\n   want {:02x?}",
+            out.frame, want
+        ));
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}: {}", f.name, errs.join("; ")))
+    }
+}
+
+fn fixture_table() -> Vec<Fixture> {
+    use Reason::*;
+    use State::*;
+    let req = request_for(VIP);
+    let mut t = vec![
+        fx(
+            "request for the VIP, leader",
+            Leader,
+            req.bytes(),
+            xdp::TX,
+            ArpReplied,
+            Some(reply_from_node(VIP).bytes()),
+        ),
+        fx(
+            "request for the VIP padded to 60 bytes, leader: padding kept",
+            Leader,
+            req.padded(),
+            xdp::TX,
+            ArpReplied,
+            Some(reply_from_node(VIP).padded()),
+        ),
+        fx(
+            "request for the VIP, follower",
+            Follower,
+            req.bytes(),
+            xdp::DROP,
+            ArpFollowerDropped,
+            None,
+        ),
+        fx(
+            "request for the VIP, leader past its deadline",
+            LeaderExpired,
+            req.bytes(),
+            xdp::DROP,
+            ArpFollowerDropped,
+            None,
+        ),
+        fx(
+            "request for another IP, leader",
+            Leader,
+            request_for(OTHER_IP).bytes(),
+            xdp::PASS,
+            ArpNotVip,
+            None,
+        ),
+        fx(
+            "request for the led VIP of two",
+            LeaderOfOne,
+            req.bytes(),
+            xdp::TX,
+            ArpReplied,
+            Some(reply_from_node(VIP).bytes()),
+        ),
+        fx(
+            "request for the followed VIP of two",
+            LeaderOfOne,
+            request_for(VIP2).bytes(),
+            xdp::DROP,
+            ArpFollowerDropped,
+            None,
+        ),
+        fx(
+            "unicast request for the VIP (cache refresh), leader",
+            Leader,
+            Frame::arp(
+                NODE_MAC,
+                CLIENT_MAC,
+                &Arp {
+                    tha: NODE_MAC,
+                    ..Arp::request(CLIENT_MAC, CLIENT_IP, VIP)
+                },
+            )
+            .bytes(),
+            xdp::TX,
+            ArpReplied,
+            Some(reply_from_node(VIP).bytes()),
+        ),
+        fx(
+            "802.1Q-tagged request, leader: tag kept",
+            Leader,
+            req.clone().vlan(ETH_P_8021Q, 0x2064).bytes(),
+            xdp::TX,
+            ArpReplied,
+            Some(reply_from_node(VIP).vlan(ETH_P_8021Q, 0x2064).bytes()),
+        ),
+        fx(
+            "QinQ-tagged request, leader: both tags kept",
+            Leader,
+            req.clone()
+                .vlan(ETH_P_8021AD, 10)
+                .vlan(ETH_P_8021Q, 20)
+                .bytes(),
+            xdp::TX,
+            ArpReplied,
+            Some(
+                reply_from_node(VIP)
+                    .vlan(ETH_P_8021AD, 10)
+                    .vlan(ETH_P_8021Q, 20)
+                    .bytes(),
+            ),
+        ),
+        fx(
+            "802.1Q-tagged request, follower",
+            Follower,
+            req.clone().vlan(ETH_P_8021Q, 7).bytes(),
+            xdp::DROP,
+            ArpFollowerDropped,
+            None,
+        ),
+        fx(
+            "three VLAN tags: not parsed, passed",
+            Leader,
+            req.clone()
+                .vlan(ETH_P_8021Q, 1)
+                .vlan(ETH_P_8021Q, 2)
+                .vlan(ETH_P_8021Q, 3)
+                .bytes(),
+            xdp::PASS,
+            NotArpPassed,
+            None,
+        ),
+        fx(
+            "gratuitous ARP request for the VIP from another node",
+            Follower,
+            Frame::arp(BROADCAST, OTHER_MAC, &Arp::request(OTHER_MAC, VIP, VIP)).bytes(),
+            xdp::PASS,
+            ArpGratuitous,
+            None,
+        ),
+        fx(
+            "gratuitous ARP request for the VIP, leader",
+            Leader,
+            Frame::arp(BROADCAST, OTHER_MAC, &Arp::request(OTHER_MAC, VIP, VIP)).bytes(),
+            xdp::PASS,
+            ArpGratuitous,
+            None,
+        ),
+        fx(
+            "gratuitous ARP reply for the VIP",
+            Leader,
+            Frame::arp(
+                BROADCAST,
+                OTHER_MAC,
+                &Arp::reply(OTHER_MAC, VIP, BROADCAST, VIP),
+            )
+            .bytes(),
+            xdp::PASS,
+            ArpNotRequest,
+            None,
+        ),
+        fx(
+            "ARP reply from another node claiming the VIP",
+            Leader,
+            Frame::arp(
+                CLIENT_MAC,
+                OTHER_MAC,
+                &Arp::reply(OTHER_MAC, VIP, CLIENT_MAC, CLIENT_IP),
+            )
+            .bytes(),
+            xdp::PASS,
+            ArpNotVip,
+            None,
+        ),
+        fx(
+            "ARP reply addressed to the VIP",
+            Leader,
+            Frame::arp(
+                NODE_MAC,
+                OTHER_MAC,
+                &Arp::reply(OTHER_MAC, OTHER_IP, NODE_MAC, VIP),
+            )
+            .bytes(),
+            xdp::PASS,
+            ArpNotRequest,
+            None,
+        ),
+        fx(
+            "RARP-style operation 3 for the VIP",
+            Leader,
+            with_arp(|a| a.oper = 3),
+            xdp::PASS,
+            ArpNotRequest,
+            None,
+        ),
+        fx(
+            "ARP probe (sender 0.0.0.0) for the VIP, leader defends it",
+            Leader,
+            Frame::arp(
+                BROADCAST,
+                OTHER_MAC,
+                &Arp::request(OTHER_MAC, Ipv4Addr::UNSPECIFIED, VIP),
+            )
+            .bytes(),
+            xdp::TX,
+            ArpReplied,
+            Some(
+                Frame::arp(
+                    OTHER_MAC,
+                    NODE_MAC,
+                    &Arp::reply(NODE_MAC, VIP, OTHER_MAC, Ipv4Addr::UNSPECIFIED),
+                )
+                .bytes(),
+            ),
+        ),
+        fx(
+            "leader without a configured MAC",
+            LeaderNoMac,
+            req.bytes(),
+            xdp::DROP,
+            ArpNoConfig,
+            None,
+        ),
+        fx(
+            "wrong htype (IEEE 802)",
+            Leader,
+            with_arp(|a| a.htype = 6),
+            xdp::PASS,
+            ArpMalformed,
+            None,
+        ),
+        fx(
+            "wrong ptype (IPv6)",
+            Leader,
+            with_arp(|a| a.ptype = 0x86dd),
+            xdp::PASS,
+            ArpMalformed,
+            None,
+        ),
+        fx(
+            "wrong hlen (8)",
+            Leader,
+            with_arp(|a| a.hlen = 8),
+            xdp::PASS,
+            ArpMalformed,
+            None,
+        ),
+        fx(
+            "wrong plen (16)",
+            Leader,
+            with_arp(|a| a.plen = 16),
+            xdp::PASS,
+            ArpMalformed,
+            None,
+        ),
+        fx(
+            "IPv4 TCP to the VIP",
+            Leader,
+            Frame::new(
+                NODE_MAC,
+                CLIENT_MAC,
+                ETH_P_IPV4,
+                ipv4(CLIENT_IP, VIP, 6, &tcp(40000, 6443, 0x02)),
+            )
+            .bytes(),
+            xdp::PASS,
+            NotArpPassed,
+            None,
+        ),
+        fx(
+            "IPv6 frame",
+            Leader,
+            Frame::new(
+                NODE_MAC,
+                CLIENT_MAC,
+                ETH_P_IPV6,
+                ipv6(6, &tcp(40000, 6443, 0x02)),
+            )
+            .bytes(),
+            xdp::PASS,
+            NotArpPassed,
+            None,
+        ),
+        fx(
+            "802.1Q-tagged IPv4",
+            Leader,
+            Frame::new(
+                NODE_MAC,
+                CLIENT_MAC,
+                ETH_P_IPV4,
+                ipv4(CLIENT_IP, VIP, 17, &[0; 8]),
+            )
+            .vlan(ETH_P_8021Q, 5)
+            .bytes(),
+            xdp::PASS,
+            NotArpPassed,
+            None,
+        ),
+    ];
+    // Every truncation of a request for the VIP that the kernel lets into XDP (it refuses
+    // frames shorter than an Ethernet header, see `truncated_below_ethernet_header`).
+    let full = req.bytes();
+    assert_eq!(full.len(), 42);
+    for len in 14..42 {
+        t.push(fx(
+            format!("request truncated to {len} bytes"),
+            Leader,
+            full[..len].to_vec(),
+            xdp::PASS,
+            ArpMalformed,
+            None,
+        ));
+    }
+    t.push(fx(
+        "request of exactly 42 bytes",
+        Leader,
+        full.clone(),
+        xdp::TX,
+        ArpReplied,
+        Some(reply_from_node(VIP).bytes()),
+    ));
+    // A VLAN-tagged request cut inside its tag: the L2 parser itself rejects it.
+    let tagged = req.clone().vlan(ETH_P_8021Q, 9).bytes();
+    for len in 14..18 {
+        t.push(fx(
+            format!("tagged request cut to {len} bytes"),
+            Leader,
+            tagged[..len].to_vec(),
+            xdp::PASS,
+            EthMalformed,
+            None,
+        ));
+    }
+    t
+}
+
+#[test]
+fn arp_fixture_table() {
+    let mut dp = load();
+    let table = fixture_table();
+    let failures: Vec<String> = table
+        .iter()
+        .filter_map(|f| check(&mut dp, f).err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        table.len(),
+        failures.join("\n")
+    );
+}
+
+/// Frames shorter than an Ethernet header never reach an XDP program (drivers drop
+/// runts, and BPF_PROG_RUN refuses them with EINVAL); assert the kernel still does, so
+/// the data plane's 14-byte minimum stays a kernel guarantee and not an assumption.
+#[test]
+fn truncated_below_ethernet_header_is_refused_by_the_kernel() {
+    let dp = load();
+    let full = request_for(VIP).bytes();
+    for len in 0..14 {
+        let res = dp.test_run(Program::Vip, &full[..len]);
+        assert!(res.is_err(), "{len}-byte frame was accepted: {res:?}");
+    }
+}
+
+#[test]
+fn counters_add_up_to_frames_seen() {
+    let mut dp = load();
+    setup(&mut dp, State::LeaderOfOne);
+    let sum =
+        |dp: &Dataplane| -> u64 { dp.maps().counters().unwrap().iter().map(|(_, n)| n).sum() };
+    let before = sum(&dp);
+    let frames = [
+        request_for(VIP).bytes(),
+        request_for(VIP2).bytes(),
+        request_for(OTHER_IP).bytes(),
+        vec![0u8; 14],
+    ];
+    for f in &frames {
+        dp.test_run(Program::Vip, f).unwrap();
+    }
+    assert_eq!(sum(&dp) - before, frames.len() as u64);
+}
+
+// ---- the random-frame test -------------------------------------------------------------
+
+/// Frames biased towards the interesting paths: ARP requests and replies for the VIPs and
+/// other addresses, with 0–3 VLAN tags, then mutated, truncated or replaced by noise.
+fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
+    let targets = [VIP, VIP2, OTHER_IP, CLIENT_IP];
+    let macs = [CLIENT_MAC, OTHER_MAC, NODE_MAC, BROADCAST];
+    let mut frame = match rng.below(8) {
+        0..=3 => {
+            let tpa = targets[rng.below(targets.len())];
+            let spa = if rng.below(8) == 0 {
+                tpa
+            } else {
+                targets[rng.below(targets.len())]
+            };
+            let sha = macs[rng.below(macs.len())];
+            let mut arp = if rng.below(4) == 0 {
+                Arp::reply(sha, spa, macs[rng.below(macs.len())], tpa)
+            } else {
+                Arp::request(sha, spa, tpa)
+            };
+            if rng.below(6) == 0 {
+                arp.oper = rng.below(5) as u16;
+            }
+            let mut f = Frame::arp(macs[rng.below(macs.len())], sha, &arp);
+            for _ in 0..rng.below(4) {
+                f = f.vlan(
+                    if rng.below(2) == 0 {
+                        ETH_P_8021Q
+                    } else {
+                        ETH_P_8021AD
+                    },
+                    rng.below(4096) as u16,
+                );
+            }
+            if rng.below(2) == 0 {
+                f.padded()
+            } else {
+                f.bytes()
+            }
+        }
+        4 => Frame::new(
+            NODE_MAC,
+            CLIENT_MAC,
+            ETH_P_IPV4,
+            ipv4(CLIENT_IP, VIP, 6, &tcp(1, 6443, 2)),
+        )
+        .bytes(),
+        5 => Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(17, &[0; 8])).bytes(),
+        6 => {
+            let ethertypes = [
+                ETH_P_ARP,
+                ETH_P_8021Q,
+                ETH_P_8021AD,
+                ETH_P_IPV4,
+                rng.next_u64() as u16,
+            ];
+            let mut payload = vec![0u8; rng.below(80)];
+            rng.fill(&mut payload);
+            Frame::new(
+                BROADCAST,
+                CLIENT_MAC,
+                ethertypes[rng.below(ethertypes.len())],
+                payload,
+            )
+            .bytes()
+        }
+        _ => {
+            let mut noise = vec![0u8; 14 + rng.below(100)];
+            rng.fill(&mut noise);
+            noise
+        }
+    };
+    // Flip a few bytes, sometimes in the headers that decide the verdict.
+    for _ in 0..rng.below(4) {
+        let i = rng.below(frame.len());
+        frame[i] = rng.next_u64() as u8;
+    }
+    // Truncate sometimes, never below the kernel's 14-byte minimum.
+    if rng.below(4) == 0 && frame.len() > 14 {
+        let len = 14 + rng.below(frame.len() - 14);
+        frame.truncate(len);
+    }
+    frame
+}
+
+/// 100,000 seeded random frames, each checked against the reference model: never
+/// `XDP_ABORTED`; `XDP_TX` only for a well-formed request for a led VIP, with exactly the
+/// model's reply; `XDP_DROP` only for a well-formed request for a followed VIP; every
+/// other frame passes unchanged. `VIP_RANDOM_FRAMES` and `VIP_RANDOM_SEED` override.
+#[test]
+fn random_frames_keep_the_invariants() {
+    let count: usize = std::env::var("VIP_RANDOM_FRAMES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
+    let seed: u64 = std::env::var("VIP_RANDOM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_0A12);
+    let mut dp = load();
+    setup(&mut dp, State::LeaderOfOne);
+    let vips = [(VIP, Role::Leader), (VIP2, Role::Follower)];
+    let mut rng = SplitMix64(seed);
+    let mut seen = [0usize; 5];
+    for i in 0..count {
+        let frame = random_frame(&mut rng);
+        let out = dp
+            .test_run(Program::Vip, &frame)
+            .unwrap_or_else(|e| panic!("frame {i} {frame:02x?}: {e:?}"));
+        assert_ne!(
+            out.action,
+            xdp::ABORTED,
+            "frame {i} (seed {seed:#x}) aborted: {frame:02x?}"
+        );
+        let expected = arp_model(&frame, &vips, NODE_MAC);
+        let ok = match &expected {
+            Expected::Reply(reply) => out.action == xdp::TX && &out.frame == reply,
+            Expected::Drop => out.action == xdp::DROP && out.frame == frame,
+            Expected::Pass => out.action == xdp::PASS && out.frame == frame,
+        };
+        assert!(
+            ok,
+            "frame {i} (seed {seed:#x}): got {} {:02x?}\nexpected {expected:02x?}\ninput {frame:02x?}",
+            xdp::name(out.action),
+            out.frame
+        );
+        seen[out.action as usize] += 1;
+    }
+    // The generator must actually reach every verdict, or the test proves little.
+    let min = count / 100;
+    assert!(
+        seen[xdp::TX as usize] > min,
+        "too few replies generated: {seen:?}"
+    );
+    assert!(
+        seen[xdp::DROP as usize] > min,
+        "too few follower drops generated: {seen:?}"
+    );
+    assert!(
+        seen[xdp::PASS as usize] > min,
+        "too few passes generated: {seen:?}"
+    );
+}

@@ -1,0 +1,376 @@
+//! The ARP responder on a real kernel path: a client namespace and a node namespace
+//! joined by a veth pair, `arping` from the client.
+//!
+//! The node holds the VIP on `lo`, as every node does in DSR mode, so its kernel answers
+//! ARP for it unless the data plane drops the request: the follower case proves the drop,
+//! the leader case proves the XDP reply (counted by the program, carrying the node's MAC).
+//!
+//! Needs root. Every namespace is unique to the test and removed when it ends.
+
+use std::time::Duration;
+
+use tests::{
+    agent::{run_to_exit, unprivileged, wait_until, Agent},
+    netns::{arping, mac_of, veth, Netns},
+};
+use vip_agent::{
+    dataplane::{AttachMode, Dataplane, Program},
+    netdev,
+};
+use vip_common::{Config, Reason, VipState};
+
+const VIP: &str = "10.31.0.100";
+const NODE_DEV: &str = "vn0";
+const CLIENT_DEV: &str = "vc0";
+
+struct Lab {
+    // Field order is drop order: namespaces go last.
+    client: Netns,
+    node: Netns,
+}
+
+/// Client 10.31.0.2 and node 10.31.0.1 on one veth; the node holds `vip_on_lo` on `lo`.
+fn lab(vip_on_lo: bool) -> Lab {
+    let tag = tests::netns::unique_tag();
+    let node = Netns::new(&tag, "node").unwrap();
+    let client = Netns::new(&tag, "cli").unwrap();
+    veth(&node, NODE_DEV, &client, CLIENT_DEV).unwrap();
+    node.ip(&["addr", "add", "10.31.0.1/24", "dev", NODE_DEV])
+        .unwrap();
+    client
+        .ip(&["addr", "add", "10.31.0.2/24", "dev", CLIENT_DEV])
+        .unwrap();
+    if vip_on_lo {
+        node.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
+            .unwrap();
+    }
+    Lab { client, node }
+}
+
+fn set_role(dp: &mut Dataplane, role: VipState) {
+    dp.maps_mut().set_vip(VIP.parse().unwrap(), role).unwrap();
+}
+
+/// Loads the data plane in-process, attaches it to the node's veth in `mode` (and, for
+/// native mode, the pass program to the client's veth so XDP_TX frames are delivered),
+/// then flips the node between leader and follower through the map and checks what the
+/// client sees each time.
+fn leader_replies_and_follower_drops(mode: AttachMode) {
+    let lab = lab(true);
+    // Control: without the data plane, the node's kernel answers for the VIP on lo.
+    let node_mac = mac_of(&lab.node, NODE_DEV).unwrap();
+    assert_eq!(
+        arping(&lab.client, CLIENT_DEV, VIP, 1, 2).unwrap(),
+        vec![node_mac],
+        "kernel should answer before XDP"
+    );
+
+    let node = &lab.node;
+    let client = &lab.client;
+    node.within(|| {
+        let mut dp = Dataplane::load().expect("load (needs root)");
+        let dev = netdev::lookup(NODE_DEV).unwrap();
+        assert_eq!(dev.mac.0, node_mac);
+        dp.maps_mut()
+            .set_config(&Config {
+                mac: dev.mac.0,
+                _pad: [0; 2],
+            })
+            .unwrap();
+        set_role(&mut dp, VipState::follower());
+        if mode == AttachMode::Native {
+            client.enter().unwrap();
+            let peer = netdev::lookup(CLIENT_DEV).unwrap();
+            dp.attach(Program::Pass, &peer, AttachMode::Native).unwrap();
+            node.enter().unwrap();
+        }
+        dp.attach(Program::Vip, &dev, mode).unwrap();
+
+        // Follower: the request is dropped before the kernel sees it.
+        let dropped = dp.maps().counter(Reason::ArpFollowerDropped).unwrap();
+        let replies = arping(client, CLIENT_DEV, VIP, 2, 2).unwrap();
+        assert!(
+            replies.is_empty(),
+            "{mode}: follower must not answer, got {replies:02x?}"
+        );
+        assert!(dp.maps().counter(Reason::ArpFollowerDropped).unwrap() >= dropped + 2);
+
+        // Leader: XDP answers with the node's MAC.
+        set_role(&mut dp, VipState::leader_until(VipState::FOREVER));
+        let replied = dp.maps().counter(Reason::ArpReplied).unwrap();
+        let replies = arping(client, CLIENT_DEV, VIP, 3, 3).unwrap();
+        assert_eq!(
+            replies,
+            vec![node_mac; 3],
+            "{mode}: leader must answer every request"
+        );
+        assert!(
+            dp.maps().counter(Reason::ArpReplied).unwrap() >= replied + 3,
+            "{mode}: replies must come from XDP"
+        );
+
+        // And back: leadership moves by a map write alone.
+        set_role(&mut dp, VipState::follower());
+        assert!(
+            arping(client, CLIENT_DEV, VIP, 2, 2).unwrap().is_empty(),
+            "{mode}: demoted node still answers"
+        );
+
+        // A leader whose deadline has passed stops answering by itself (fencing).
+        set_role(&mut dp, VipState::leader_until(1));
+        assert!(
+            arping(client, CLIENT_DEV, VIP, 2, 2).unwrap().is_empty(),
+            "{mode}: expired leader still answers"
+        );
+    })
+    .unwrap();
+    // The Dataplane dropped with the thread: nothing may stay attached.
+    assert!(!lab.node.has_xdp(NODE_DEV).unwrap());
+    assert!(!lab.client.has_xdp(CLIENT_DEV).unwrap());
+}
+
+#[test]
+fn leader_replies_and_follower_drops_in_skb_mode() {
+    leader_replies_and_follower_drops(AttachMode::Skb);
+}
+
+#[test]
+fn leader_replies_and_follower_drops_in_native_mode() {
+    leader_replies_and_follower_drops(AttachMode::Native);
+}
+
+#[test]
+fn agent_answers_arp_until_sigterm_then_detaches() {
+    // No VIP on lo: any reply can only come from the agent's XDP program.
+    let lab = lab(false);
+    let node_mac = mac_of(&lab.node, NODE_DEV).unwrap();
+    assert!(
+        arping(&lab.client, CLIENT_DEV, VIP, 1, 1)
+            .unwrap()
+            .is_empty(),
+        "nobody should own the VIP yet"
+    );
+
+    let mut agent = Agent::spawn(
+        &lab.node,
+        &[
+            "run",
+            "--interface",
+            NODE_DEV,
+            "--vip",
+            VIP,
+            "--election",
+            "none",
+            "--xdp-mode",
+            "skb",
+        ],
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .node
+            .has_xdp(NODE_DEV)
+            .unwrap_or(false)),
+        "agent never attached"
+    );
+    assert_eq!(
+        arping(&lab.client, CLIENT_DEV, VIP, 3, 3).unwrap(),
+        vec![node_mac; 3]
+    );
+
+    let (status, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "agent exited with {status}: {log}");
+    assert!(log.contains("stopped cleanly"), "{log}");
+    assert!(
+        !lab.node.has_xdp(NODE_DEV).unwrap(),
+        "program left attached after SIGTERM"
+    );
+    assert!(
+        arping(&lab.client, CLIENT_DEV, VIP, 1, 1)
+            .unwrap()
+            .is_empty(),
+        "VIP still answered after stop"
+    );
+}
+
+#[test]
+fn agent_stops_on_sigint_too() {
+    let lab = lab(false);
+    let mut agent = Agent::spawn(
+        &lab.node,
+        &[
+            "run",
+            "--interface",
+            NODE_DEV,
+            "--vip",
+            VIP,
+            "--election",
+            "none",
+            "--xdp-mode",
+            "skb",
+        ],
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(10), || lab
+        .node
+        .has_xdp(NODE_DEV)
+        .unwrap_or(false)));
+    let (status, log) = agent.stop(libc::SIGINT, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(!lab.node.has_xdp(NODE_DEV).unwrap());
+}
+
+/// Bad input: a clear error naming the bad value, a non-zero exit, nothing attached and
+/// no address added.
+#[test]
+fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
+    let lab = lab(false);
+    let lo_before = lab.node.addrs("lo").unwrap();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &[
+                "run",
+                "--interface",
+                "nope0",
+                "--vip",
+                VIP,
+                "--election",
+                "none",
+            ],
+            1,
+            "interface \"nope0\" not found",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                NODE_DEV,
+                "--vip",
+                "10.31.0.300",
+                "--election",
+                "none",
+            ],
+            2,
+            "'10.31.0.300'",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                NODE_DEV,
+                "--vip",
+                "239.1.1.1",
+                "--election",
+                "none",
+            ],
+            1,
+            "--vip 239.1.1.1",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                "lo",
+                "--vip",
+                VIP,
+                "--election",
+                "none",
+            ],
+            1,
+            "interface \"lo\" is not an Ethernet",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                "a/b",
+                "--vip",
+                VIP,
+                "--election",
+                "none",
+            ],
+            1,
+            "invalid interface name \"a/b\"",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                NODE_DEV,
+                "--vip",
+                VIP,
+                "--election",
+                "sometimes",
+            ],
+            2,
+            "'sometimes'",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                NODE_DEV,
+                "--vip",
+                VIP,
+                "--election",
+                "none",
+                "--xdp-mode",
+                "turbo",
+            ],
+            2,
+            "'turbo'",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let (status, stderr) = run_to_exit(&lab.node, args, Duration::from_secs(10)).unwrap();
+        assert_eq!(status.code(), Some(*code), "{args:?}: {stderr}");
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(needle),
+            "{args:?}: first line {first:?} should name {needle:?}"
+        );
+        if *code == 1 {
+            assert_eq!(
+                stderr.trim().lines().count(),
+                1,
+                "{args:?}: error should be one line: {stderr}"
+            );
+        }
+        assert!(
+            !lab.node.has_xdp(NODE_DEV).unwrap(),
+            "{args:?} left XDP attached"
+        );
+        assert_eq!(
+            lab.node.addrs("lo").unwrap(),
+            lo_before,
+            "{args:?} changed lo"
+        );
+    }
+}
+
+#[test]
+fn missing_privileges_fail_cleanly() {
+    let lab = lab(false);
+    let bin = tests::agent::agent_bin();
+    let out = unprivileged(&lab.node)
+        .arg(&bin)
+        .args([
+            "run",
+            "--interface",
+            NODE_DEV,
+            "--vip",
+            VIP,
+            "--election",
+            "none",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("refused") && stderr.contains("CAP_BPF"),
+        "{stderr}"
+    );
+    assert!(!lab.node.has_xdp(NODE_DEV).unwrap());
+}

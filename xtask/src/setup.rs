@@ -1,0 +1,172 @@
+//! `cargo xtask setup`: bring a fresh machine to the point where the XDP object builds
+//! and every test can run. Each step checks first and says what it found or did, so
+//! running it again is cheap and changes nothing.
+
+use std::{fs, process::Command};
+
+use crate::{status, Result};
+
+/// Debian packages: LLVM 22 for bpf-linker (it links against the system libLLVM), and
+/// the tools the network tests and the demo drive.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "iputils-arping",
+    "tcpdump",
+    "ethtool",
+    "util-linux",
+];
+
+/// The LLVM major version bpf-linker is built against. The nightly that compiles the
+/// eBPF crate must emit bitcode this LLVM reads, so both must agree.
+const LLVM_MAJOR: &str = "22";
+/// A dated nightly known to ship LLVM 22 (22.1.4), used when `nightly` is not LLVM 22.
+const FALLBACK_NIGHTLY: &str = "nightly-2026-05-19";
+/// bpf-linker release, pinned.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Runs every step; returns the rustup toolchain to build the eBPF crate with.
+pub fn run() -> Result<String> {
+    apt()?;
+    let toolchain = nightly()?;
+    rust_src(&toolchain)?;
+    bpf_linker()?;
+    bpffs()?;
+    println!("setup: ready (eBPF toolchain {toolchain})");
+    Ok(toolchain)
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", pkg]))
+                .is_none_or(|s| !s.starts_with("ii"))
+        })
+        .collect();
+    if missing.is_empty() {
+        println!("setup: Debian packages present");
+        return Ok(());
+    }
+    println!("setup: installing Debian packages: {}", missing.join(" "));
+    status(Command::new("apt-get").args(["update", "-qq"]))?;
+    status(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn llvm_major_of(toolchain: &str) -> Option<String> {
+    let vv = output(
+        Command::new("rustc")
+            .arg(format!("+{toolchain}"))
+            .arg("-vV"),
+    )?;
+    let line = vv.lines().find_map(|l| l.strip_prefix("LLVM version: "))?;
+    line.split('.').next().map(str::to_owned)
+}
+
+/// `nightly` if it is LLVM 22, else the pinned dated nightly (installed if needed).
+fn nightly() -> Result<String> {
+    if let Ok(forced) = std::env::var("VIP_EBPF_TOOLCHAIN") {
+        if !forced.is_empty() {
+            println!("setup: eBPF toolchain {forced} (from VIP_EBPF_TOOLCHAIN)");
+            return Ok(forced);
+        }
+    }
+    match llvm_major_of("nightly") {
+        Some(major) if major == LLVM_MAJOR => {
+            println!("setup: nightly present (LLVM {major})");
+            return Ok("nightly".into());
+        }
+        Some(major) => {
+            println!("setup: nightly is LLVM {major}, need {LLVM_MAJOR}: using {FALLBACK_NIGHTLY}")
+        }
+        None => println!("setup: no nightly toolchain: using {FALLBACK_NIGHTLY}"),
+    }
+    if llvm_major_of(FALLBACK_NIGHTLY).as_deref() != Some(LLVM_MAJOR) {
+        println!("setup: installing {FALLBACK_NIGHTLY}");
+        status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            FALLBACK_NIGHTLY,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    Ok(FALLBACK_NIGHTLY.into())
+}
+
+fn rust_src(toolchain: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: rust-src present for {toolchain}");
+        return Ok(());
+    }
+    println!("setup: adding rust-src to {toolchain}");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    let linked = output(Command::new("sh").args(["-c", "ldd \"$(command -v bpf-linker)\""]))
+        .unwrap_or_default();
+    let want_lib = format!("libLLVM.so.{LLVM_MAJOR}");
+    if version.trim() == format!("bpf-linker {BPF_LINKER_VERSION}") && linked.contains(&want_lib) {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} present (LLVM {LLVM_MAJOR})");
+        return Ok(());
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (a few minutes)"
+    );
+    let llvm = format!("/usr/lib/llvm-{LLVM_MAJOR}");
+    let path = format!("{llvm}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    status(
+        Command::new("cargo")
+            .env("LLVM_PREFIX", &llvm)
+            .env("PATH", path)
+            .args(["install", "bpf-linker", "--locked", "--force", "--version"])
+            .arg(BPF_LINKER_VERSION)
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{LLVM_MAJOR}")),
+    )
+}
+
+fn bpffs() -> Result<()> {
+    let mounts =
+        fs::read_to_string("/proc/mounts").map_err(|e| format!("reading /proc/mounts: {e}"))?;
+    if mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, ty) = (f.next(), f.next(), f.next());
+        dir == Some(BPFFS) && ty == Some("bpf")
+    }) {
+        println!("setup: bpffs mounted at {BPFFS}");
+        return Ok(());
+    }
+    println!("setup: mounting bpffs at {BPFFS}");
+    fs::create_dir_all(BPFFS).map_err(|e| format!("creating {BPFFS}: {e}"))?;
+    status(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
