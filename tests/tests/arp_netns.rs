@@ -348,6 +348,37 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
     }
 }
 
+/// Every flag reads `VIP_<FLAG>` too (manifests configure the agent that way): with the
+/// interface, VIP, election and mode only in the environment, the agent serves.
+#[test]
+fn flags_come_from_the_environment() {
+    let lab = lab(false);
+    let node_mac = mac_of(&lab.node, NODE_DEV).unwrap();
+    let bin = tests::agent::agent_bin();
+    let mut child = lab
+        .node
+        .cmd(bin.to_str().unwrap())
+        .arg("run")
+        .env("VIP_INTERFACE", NODE_DEV)
+        .env("VIP_VIP", VIP)
+        .env("VIP_ELECTION", "none")
+        .env("VIP_XDP_MODE", "skb")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let attached = wait_until(Duration::from_secs(10), || {
+        lab.node.has_xdp(NODE_DEV).unwrap_or(false)
+    });
+    let replies = arping(&lab.client, CLIENT_DEV, VIP, 1, 2).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        attached,
+        "agent configured from the environment never attached"
+    );
+    assert_eq!(replies, vec![node_mac]);
+}
+
 #[test]
 fn missing_privileges_fail_cleanly() {
     let lab = lab(false);

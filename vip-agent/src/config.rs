@@ -199,22 +199,6 @@ mod tests {
     }
 
     #[test]
-    fn flags_come_from_the_environment_too() {
-        // SAFETY: this test is the only one touching these variables.
-        unsafe {
-            std::env::set_var("VIP_INTERFACE", "envif0");
-            std::env::set_var("VIP_XDP_MODE", "skb");
-        }
-        let cfg = parse(&["--vip", "10.1.1.1", "--election", "none"]).unwrap();
-        unsafe {
-            std::env::remove_var("VIP_INTERFACE");
-            std::env::remove_var("VIP_XDP_MODE");
-        }
-        assert_eq!(cfg.interface, "envif0");
-        assert_eq!(cfg.xdp_mode, AttachMode::Skb);
-    }
-
-    #[test]
     fn unknown_xdp_mode_is_rejected() {
         let err = parse(&[
             "--interface",
