@@ -101,12 +101,50 @@ fn run_agent(toolchain: &str, args: &[String]) -> Result<()> {
 fn test(toolchain: &str, filter: &[String]) -> Result<()> {
     status(cargo(toolchain).args(["build", "-p", "vip-agent"]))?;
     let agent = root().join("target/debug/vip-agent");
-    status(
-        cargo(toolchain)
-            .env("VIP_AGENT_BIN", &agent)
-            .arg("test")
-            .args(filter),
-    )
+    let mut cmd = cargo(toolchain);
+    cmd.env("VIP_AGENT_BIN", &agent)
+        .args(["test", "--no-fail-fast"])
+        .args(filter);
+    let (passed, failed, ok) = run_counting_tests(&mut cmd)?;
+    // One closing line over every test binary, so the total is what a reader sees last.
+    println!("\nsummary: {passed} passed, {failed} failed");
+    if ok && failed == 0 {
+        Ok(())
+    } else {
+        Err("tests failed".into())
+    }
+}
+
+/// Runs `cmd`, echoing its stdout, and adds up libtest's `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64, bool)> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {cmd:?}: {e}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.map_err(|e| format!("reading test output: {e}"))?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                passed += count_before(rest, " passed");
+                failed += count_before(rest, " failed");
+            }
+        }
+    }
+    let st = child
+        .wait()
+        .map_err(|e| format!("waiting for cargo test: {e}"))?;
+    Ok((passed, failed, st.success()))
+}
+
+/// In "ok. 4 passed; 0 failed; ...", the number right before `word`.
+fn count_before(text: &str, word: &str) -> u64 {
+    text.find(word)
+        .and_then(|end| text[..end].rsplit(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn bench(toolchain: &str, args: &[String]) -> Result<()> {
