@@ -24,6 +24,7 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 
 // ---- setup: named map-seeding helpers -------------------------------------------------
 
@@ -48,7 +49,7 @@ fn load() -> Dataplane {
 
 fn seed_config(dp: &mut Dataplane, mac: Mac) {
     dp.maps_mut()
-        .set_config(&Config { mac, _pad: [0; 2] })
+        .set_config(&Config::new(mac, NODE_IP.octets()))
         .expect("set config");
 }
 

@@ -72,10 +72,7 @@ fn leader_replies_and_follower_drops(mode: AttachMode) {
         let dev = netdev::lookup(NODE_DEV).unwrap();
         assert_eq!(dev.mac.0, node_mac);
         dp.maps_mut()
-            .set_config(&Config {
-                mac: dev.mac.0,
-                _pad: [0; 2],
-            })
+            .set_config(&Config::new(dev.mac.0, [0; 4]))
             .unwrap();
         set_role(&mut dp, VipState::follower());
         if mode == AttachMode::Native {

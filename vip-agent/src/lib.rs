@@ -7,5 +7,6 @@
 
 pub mod config;
 pub mod dataplane;
+pub mod maglev;
 pub mod netdev;
 pub mod run;

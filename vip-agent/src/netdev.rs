@@ -4,7 +4,7 @@
 //! `/sys/class/net`, because they answer for the network namespace of the calling
 //! thread; sysfs answers for the namespace it was mounted in.
 
-use std::{ffi::CString, fmt, io};
+use std::{ffi::CString, fmt, io, net::Ipv4Addr};
 
 /// Linux's `IFNAMSIZ`, including the terminating NUL.
 const IFNAMSIZ: usize = 16;
@@ -17,6 +17,8 @@ pub struct Netdev {
     pub name: String,
     pub ifindex: u32,
     pub mac: MacAddr,
+    /// The interface's primary IPv4 address, if it has one.
+    pub ipv4: Option<Ipv4Addr>,
 }
 
 /// An Ethernet MAC address, in wire order.
@@ -76,36 +78,37 @@ pub fn validate_name(name: &str) -> Result<(), NetdevError> {
 /// Resolves `name` in the calling thread's network namespace.
 pub fn lookup(name: &str) -> Result<Netdev, NetdevError> {
     validate_name(name)?;
-    let c_name = CString::new(name).map_err(|_| NetdevError::InvalidName {
-        name: name.to_owned(),
-        why: "contains NUL",
-    })?;
+    let c_name = CString::new(name)
+        .map_err(|_| NetdevError::InvalidName { name: name.to_owned(), why: "contains NUL" })?;
     // SAFETY: c_name is a valid NUL-terminated string.
     let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if ifindex == 0 {
-        return Err(NetdevError::NotFound {
-            name: name.to_owned(),
-        });
+        return Err(NetdevError::NotFound { name: name.to_owned() });
     }
-    let (link_type, mac) = hw_addr(name)?;
-    if link_type != ARPHRD_ETHER {
-        return Err(NetdevError::NotEthernet {
-            name: name.to_owned(),
-            link_type,
-        });
+    let not_found = || NetdevError::NotFound { name: name.to_owned() };
+    let hw = ifreq_ioctl(name, libc::SIOCGIFHWADDR)?.ok_or_else(not_found)?;
+    // SAFETY: SIOCGIFHWADDR fills the ifru_hwaddr member of the union.
+    let sa = unsafe { hw.ifr_ifru.ifru_hwaddr };
+    if sa.sa_family != ARPHRD_ETHER {
+        return Err(NetdevError::NotEthernet { name: name.to_owned(), link_type: sa.sa_family });
     }
-    Ok(Netdev {
-        name: name.to_owned(),
-        ifindex,
-        mac,
-    })
+    let mut mac = [0u8; 6];
+    for (dst, src) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *dst = *src as u8;
+    }
+    let ipv4 = ifreq_ioctl(name, libc::SIOCGIFADDR)?.map(|r| {
+        // SAFETY: for an AF_INET socket, SIOCGIFADDR fills ifru_addr with a sockaddr_in,
+        // which has the same size as sockaddr.
+        let sin: libc::sockaddr_in = unsafe { std::mem::transmute_copy(&r.ifr_ifru.ifru_addr) };
+        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))
+    });
+    Ok(Netdev { name: name.to_owned(), ifindex, mac: MacAddr(mac), ipv4 })
 }
 
-fn hw_addr(name: &str) -> Result<(u16, MacAddr), NetdevError> {
-    let io_err = |source| NetdevError::Io {
-        name: name.to_owned(),
-        source,
-    };
+/// Runs an `ifreq` ioctl for `name` on an AF_INET socket. `Ok(None)` when the kernel says
+/// the interface is gone (`ENODEV`) or has no such address (`EADDRNOTAVAIL`).
+fn ifreq_ioctl(name: &str, request: libc::Ioctl) -> Result<Option<libc::ifreq>, NetdevError> {
+    let io_err = |source| NetdevError::Io { name: name.to_owned(), source };
     // SAFETY: plain socket(2) call; the fd is closed below on every path.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -118,25 +121,17 @@ fn hw_addr(name: &str) -> Result<(u16, MacAddr), NetdevError> {
     }
     // SAFETY: fd is a socket, ifr is a properly initialised ifreq with a NUL-terminated
     // name (validate_name bounded its length below IFNAMSIZ).
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) };
+    let rc = unsafe { libc::ioctl(fd, request, &mut ifr) };
     let err = io::Error::last_os_error();
     // SAFETY: fd was returned by socket(2) above and is not used afterwards.
     unsafe { libc::close(fd) };
     if rc < 0 {
-        return Err(match err.raw_os_error() {
-            Some(libc::ENODEV) => NetdevError::NotFound {
-                name: name.to_owned(),
-            },
-            _ => io_err(err),
-        });
+        return match err.raw_os_error() {
+            Some(libc::ENODEV) | Some(libc::EADDRNOTAVAIL) => Ok(None),
+            _ => Err(io_err(err)),
+        };
     }
-    // SAFETY: SIOCGIFHWADDR fills the ifru_hwaddr member of the union.
-    let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
-    let mut mac = [0u8; 6];
-    for (dst, src) in mac.iter_mut().zip(sa.sa_data.iter()) {
-        *dst = *src as u8;
-    }
-    Ok((sa.sa_family, MacAddr(mac)))
+    Ok(Some(ifr))
 }
 
 #[cfg(test)]

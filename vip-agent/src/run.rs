@@ -43,7 +43,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
 
         let dev = netdev::lookup(&cfg.interface)?;
         let mut dp = Dataplane::load()?;
-        dp.maps_mut().set_config(&Config { mac: dev.mac.0, _pad: [0; 2] })?;
+        dp.maps_mut().set_config(&Config::new(dev.mac.0, dev.ipv4.map(|a| a.octets()).unwrap_or_default()))?;
         let state = match cfg.election {
             Election::None => VipState::leader_until(VipState::FOREVER),
         };

@@ -21,6 +21,17 @@ pub mod map_names {
     pub const VIPS: &str = "VIP_VIPS";
     /// `PerCpuArray<u64>` indexed by [`crate::Reason`]: one counter per verdict reason.
     pub const STATS: &str = "VIP_STATS";
+    /// `HashMap<ServiceKey, Service>`: the VIP:port pairs that are load-balanced.
+    pub const SERVICES: &str = "VIP_SERVICES";
+    /// `Array<Backend>` indexed by backend id.
+    pub const BACKENDS: &str = "VIP_BACKENDS";
+    /// `Array<MaglevRow>`: every service's two Maglev tables, [`crate::MAGLEV_ROWS_PER_TABLE`]
+    /// rows each, at row `(slot * 2 + half) * MAGLEV_ROWS_PER_TABLE`.
+    pub const MAGLEV: &str = "VIP_MAGLEV";
+    /// `LruHashMap<FlowKey, Conn>`: the connection table.
+    pub const CONNS: &str = "VIP_CONNS";
+    /// `PerCpuArray<BackendStats>` indexed by backend id.
+    pub const BACKEND_STATS: &str = "VIP_BACKEND_STATS";
 }
 
 /// Program names in the ELF object.
@@ -43,17 +54,213 @@ pub const MAX_VIPS: u32 = 64;
 /// This node's identity on the interface the program is attached to.
 ///
 /// Written by the agent before any VIP is marked as led, read by the XDP program for
-/// every ARP reply it builds.
+/// every ARP reply and every forwarded frame it builds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// MAC address of the attached interface, in wire order. All zero means "not
     /// configured yet": the program then answers no ARP at all.
     pub mac: [u8; 6],
-    /// Explicit padding to an 8-byte multiple; always zero.
+    /// Explicit padding; always zero.
     pub _pad: [u8; 2],
+    /// This node's IPv4 address on the interface, network order: the outer source of
+    /// IPIP-encapsulated frames.
+    pub ip: [u8; 4],
+    /// Explicit padding to an 8-byte multiple; always zero.
+    pub _pad2: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+impl Config {
+    pub const fn new(mac: [u8; 6], ip: [u8; 4]) -> Self {
+        Self { mac, _pad: [0; 2], ip, _pad2: [0; 4] }
+    }
+}
+
+/// How many load-balanced services (VIP:port pairs) the data plane holds. Each owns a
+/// pair of Maglev table slots, so this bounds the table map's memory
+/// (`MAX_SERVICES * 2 * MAGLEV_MAX_M * 4` bytes, 8.4 MB at the defaults).
+pub const MAX_SERVICES: u32 = 16;
+/// How many backends (across all services). Backend ids index arrays, so this is their
+/// size; 1024 is far more than any control plane has and costs 16 KiB.
+pub const MAX_BACKENDS: u32 = 1024;
+/// Largest Maglev table size. The agent accepts any prime up to it; 65537 is the default
+/// from the Maglev paper (small disruption, ≤ 1 % imbalance for hundreds of backends).
+pub const MAGLEV_MAX_M: u32 = 65537;
+/// Slots per map entry of the Maglev table map. Packing 256 slots in one 1 KiB value
+/// makes a table write 257 syscalls instead of 65537, and the lookup stays one map
+/// access plus a masked index.
+pub const MAGLEV_ROW: u32 = 256;
+/// Rows that hold one table of [`MAGLEV_MAX_M`] slots.
+pub const MAGLEV_ROWS_PER_TABLE: u32 = MAGLEV_MAX_M.div_ceil(MAGLEV_ROW);
+/// Total rows: two tables (double buffer) per service.
+pub const MAGLEV_ROWS: u32 = MAX_SERVICES * 2 * MAGLEV_ROWS_PER_TABLE;
+/// Table slot value meaning "no backend" (no healthy backend exists).
+pub const NO_BACKEND: u32 = u32::MAX;
+/// Capacity of the connection table. An LRU: when full, the least recently used flow is
+/// forgotten and re-hashed through Maglev on its next packet, which lands it on the same
+/// backend unless the backend set changed meanwhile.
+pub const MAX_CONNS: u32 = 131_072;
+/// IP protocol number of TCP, the only protocol services forward.
+pub const IPPROTO_TCP: u8 = 6;
+
+/// Key of the [`map_names::SERVICES`] map: a VIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// VIP, network order.
+    pub vip: [u8; 4],
+    /// Destination port, network order (as in the TCP header).
+    pub port: [u8; 2],
+    /// IP protocol; only [`IPPROTO_TCP`] is forwarded.
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+impl ServiceKey {
+    pub const fn tcp(vip: [u8; 4], port: u16) -> Self {
+        Self { vip, port: port.to_be_bytes(), proto: IPPROTO_TCP, _pad: 0 }
+    }
+}
+
+/// How a service's packets reach a backend on another node.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ForwardMode {
+    /// Direct server return: rewrite the destination MAC to the backend's and `XDP_TX`.
+    /// Backends share the L2 segment and hold the VIP on `lo`.
+    Dsr = 0,
+    /// Encapsulate in IPv4 (protocol 4) to the backend; next hop from `bpf_fib_lookup`.
+    Ipip = 1,
+    /// No load balancing: every packet goes to this node's own stack.
+    Local = 2,
+}
+
+/// Value of the [`map_names::SERVICES`] map. The agent replaces it whole to switch
+/// tables: one element update is atomic for readers, so a packet sees either the old
+/// (`active`, `m`) or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Table slot of this service, `0..MAX_SERVICES`, host order.
+    pub slot: u16,
+    /// Which of the slot's two tables is live: 0 or 1.
+    pub active: u8,
+    /// A [`ForwardMode`] as `u8`.
+    pub mode: u8,
+    /// Maglev table size M (a prime ≤ [`MAGLEV_MAX_M`]), host order.
+    pub m: u32,
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 8);
+
+impl Service {
+    /// First row of table `half` of this service in [`map_names::MAGLEV`].
+    #[inline(always)]
+    pub const fn first_row(slot: u16, half: u8) -> u32 {
+        (slot as u32 * 2 + (half & 1) as u32) * MAGLEV_ROWS_PER_TABLE
+    }
+}
+
+/// One row of a Maglev table: [`MAGLEV_ROW`] consecutive slots, each a backend id (host
+/// order) or [`NO_BACKEND`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevRow {
+    pub ids: [u32; MAGLEV_ROW as usize],
+}
+const _: () = assert!(core::mem::size_of::<MaglevRow>() == 1024);
+
+/// Value of the [`map_names::BACKENDS`] array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend IPv4 address, network order.
+    pub ip: [u8; 4],
+    /// MAC the DSR rewrite sends to, wire order (the backend's, on the shared L2).
+    pub mac: [u8; 6],
+    /// `F_*` flags, host order.
+    pub flags: u16,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+
+impl Backend {
+    /// The backend is healthy: connection-table hits on it are honoured. Without it, a
+    /// flow pinned to this backend is re-hashed.
+    pub const F_UP: u16 = 1 << 0;
+    /// The backend is this node: deliver to the local stack (`XDP_PASS`).
+    pub const F_LOCAL: u16 = 1 << 1;
+}
+
+/// Key of the connection table: the flow's 5-tuple as it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source and destination IPv4, network order.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// Source and destination ports, network order.
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// IP protocol.
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// Value of the connection table: the backend a flow is pinned to. The address is kept
+/// beside the id so that a flow never follows a recycled id to another backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    /// Backend id, host order.
+    pub backend: u32,
+    /// The backend's IPv4 address when the flow was pinned, network order.
+    pub backend_ip: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<Conn>() == 8);
+
+/// Per-backend counters (per CPU), host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub packets: u64,
+    /// Bytes of the frames as received (L2 included).
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 16);
+
+/// The flow hash both sides agree on (the agent uses it in tests and tools to predict
+/// where a flow lands). A Murmur3-style mix of the 5-tuple: cheap in BPF, no tables, and
+/// the same on every node, so every node maps a flow to the same Maglev slot.
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey) -> u32 {
+    let a = u32::from_le_bytes(key.src);
+    let b = u32::from_le_bytes(key.dst);
+    let c = (u16::from_le_bytes(key.sport) as u32) << 16 | u16::from_le_bytes(key.dport) as u32;
+    let mut h: u32 = 0x9747_b28c ^ key.proto as u32;
+    h = mix(h, a);
+    h = mix(h, b);
+    h = mix(h, c);
+    fmix32(h ^ 12)
+}
+
+#[inline(always)]
+const fn mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
 
 /// Key of the [`map_names::VIPS`] map.
 #[repr(C)]
@@ -145,8 +352,39 @@ pub enum Reason {
     ArpNoConfig = 6,
     /// Frame shorter than its Ethernet (and VLAN) headers: `XDP_PASS`.
     EthMalformed = 7,
-    /// Anything that is not ARP: `XDP_PASS`.
+    /// Anything that is neither ARP nor IPv4: `XDP_PASS`.
     NotArpPassed = 8,
+    /// IPv4 to an address that is not a VIP: `XDP_PASS`.
+    NotVip = 9,
+    /// IPv4 header truncated or invalid (version, IHL): `XDP_PASS`.
+    IpMalformed = 10,
+    /// Fragment (first or not) to a VIP: `XDP_PASS`. Non-first fragments carry no ports
+    /// to hash, so all fragments go to the local stack, which reassembles them.
+    Fragment = 11,
+    /// ICMP to a VIP: `XDP_PASS` to the local stack.
+    VipIcmp = 12,
+    /// Other non-TCP protocols to a VIP: `XDP_PASS`.
+    VipNotTcp = 13,
+    /// TCP to a VIP whose header is truncated: `XDP_PASS`, the kernel drops it.
+    TcpMalformed = 14,
+    /// TCP to a VIP on a port that is not a service: `XDP_PASS`.
+    VipOtherPort = 15,
+    /// Service in `local` mode: `XDP_PASS`.
+    LocalMode = 16,
+    /// No healthy backend in the table: `XDP_PASS`, so the local apiserver (if any) still
+    /// answers and a client otherwise gets a prompt RST instead of a timeout.
+    NoBackend = 17,
+    /// The chosen backend is this node: `XDP_PASS`.
+    LocalBackend = 18,
+    /// Forwarded by DSR (MAC rewrite): `XDP_TX`.
+    ForwardedDsr = 19,
+    /// Forwarded in IPIP: `XDP_TX`.
+    ForwardedIpip = 20,
+    /// IPIP forwarding failed (no route or neighbour, no room for the header):
+    /// `XDP_PASS` to the local stack.
+    IpipFailed = 21,
+    /// IPIP packet whose inner destination is a VIP: outer header stripped, `XDP_PASS`.
+    IpipDecap = 22,
 }
 
 impl Reason {
@@ -155,7 +393,7 @@ impl Reason {
     pub const SLOTS: u32 = 32;
 
     /// Every reason, in index order: what the agent's status and metrics iterate over.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 23] = [
         Reason::ArpReplied,
         Reason::ArpFollowerDropped,
         Reason::ArpGratuitous,
@@ -165,6 +403,20 @@ impl Reason {
         Reason::ArpNoConfig,
         Reason::EthMalformed,
         Reason::NotArpPassed,
+        Reason::NotVip,
+        Reason::IpMalformed,
+        Reason::Fragment,
+        Reason::VipIcmp,
+        Reason::VipNotTcp,
+        Reason::TcpMalformed,
+        Reason::VipOtherPort,
+        Reason::LocalMode,
+        Reason::NoBackend,
+        Reason::LocalBackend,
+        Reason::ForwardedDsr,
+        Reason::ForwardedIpip,
+        Reason::IpipFailed,
+        Reason::IpipDecap,
     ];
 
     /// Stable name for logs, metrics labels and `vip-agent status`.
@@ -179,6 +431,20 @@ impl Reason {
             Reason::ArpNoConfig => "arp_no_config",
             Reason::EthMalformed => "eth_malformed",
             Reason::NotArpPassed => "not_arp_passed",
+            Reason::NotVip => "not_vip",
+            Reason::IpMalformed => "ip_malformed",
+            Reason::Fragment => "fragment",
+            Reason::VipIcmp => "vip_icmp",
+            Reason::VipNotTcp => "vip_not_tcp",
+            Reason::TcpMalformed => "tcp_malformed",
+            Reason::VipOtherPort => "vip_other_port",
+            Reason::LocalMode => "local_mode",
+            Reason::NoBackend => "no_backend",
+            Reason::LocalBackend => "local_backend",
+            Reason::ForwardedDsr => "forwarded_dsr",
+            Reason::ForwardedIpip => "forwarded_ipip",
+            Reason::IpipFailed => "ipip_failed",
+            Reason::IpipDecap => "ipip_decap",
         }
     }
 }
@@ -192,4 +458,11 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipState {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::MaglevRow {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Conn {}
+    unsafe impl aya::Pod for super::BackendStats {}
 }

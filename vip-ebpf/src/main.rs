@@ -8,6 +8,10 @@
 #![no_main]
 
 mod arp;
+mod csum;
+mod encap;
+mod forward;
+mod lb;
 mod maps;
 mod parse;
 mod stats;
@@ -18,7 +22,8 @@ use vip_common::Reason;
 
 use crate::{parse::EtherKind, verdict::Verdict};
 
-/// The data plane: ARP for the VIPs, everything else passes.
+/// The data plane: ARP for the VIPs, load balancing of VIP services, everything else
+/// passes.
 #[xdp]
 pub fn vip_xdp(ctx: XdpContext) -> u32 {
     let verdict = process(&ctx);
@@ -41,6 +46,7 @@ fn process(ctx: &XdpContext) -> Verdict {
     };
     match l2.kind {
         EtherKind::Arp => arp::handle(ctx, &l2),
+        EtherKind::Ipv4 => forward::handle(ctx, &l2),
         EtherKind::Other => Verdict::pass(Reason::NotArpPassed),
     }
 }

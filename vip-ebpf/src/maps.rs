@@ -3,9 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
-use vip_common::{Config, Reason, VipKey, VipState, MAX_VIPS};
+use vip_common::{
+    Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey, VipState,
+    MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_SERVICES, MAX_VIPS,
+};
 
 /// This node's MAC on the attached interface. One entry (index 0). An array, not a hash,
 /// because the lookup can never miss and costs one bounds check.
@@ -22,3 +25,25 @@ pub static VIPS: HashMap<VipKey, VipState> = HashMap::with_max_entries(MAX_VIPS,
 /// The agent sums the CPUs when it reads them.
 #[map(name = "VIP_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::SLOTS, 0);
+
+/// VIP:port → service (table slot, live table, forward mode, M). A hash, replaced whole by
+/// the agent to flip tables atomically.
+#[map(name = "VIP_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Backend id → address, MAC, flags. An array: ids are dense and the lookup cannot miss.
+#[map(name = "VIP_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Every service's two Maglev tables, 256 slots per entry (see `vip_common::MAGLEV_ROW`).
+#[map(name = "VIP_MAGLEV")]
+pub static MAGLEV: Array<MaglevRow> = Array::with_max_entries(MAGLEV_ROWS, 0);
+
+/// Flow → backend. An LRU so the table never fills up: the coldest flow is forgotten
+/// first, and a forgotten flow re-hashes to the same backend unless the set changed.
+#[map(name = "VIP_CONNS")]
+pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+/// Packets and bytes per backend, per CPU.
+#[map(name = "VIP_BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

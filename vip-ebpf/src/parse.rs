@@ -11,6 +11,8 @@ use vip_common::Reason;
 
 /// EtherType of ARP, network order on the wire.
 pub const ETH_P_ARP: u16 = 0x0806;
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
 /// 802.1Q VLAN tag.
 const ETH_P_8021Q: u16 = 0x8100;
 /// 802.1ad service tag (QinQ outer tag).
@@ -35,6 +37,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum EtherKind {
     Arp,
+    Ipv4,
     Other,
 }
 
@@ -44,6 +47,8 @@ pub struct L2 {
     pub eth: *mut EthHdr,
     /// Offset of the L3 header (after any VLAN tags).
     pub l3_off: usize,
+    /// Number of VLAN tags between the Ethernet header and L3 (0..=2).
+    pub tags: usize,
     pub kind: EtherKind,
 }
 
@@ -54,6 +59,7 @@ pub fn ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
     // SAFETY: ptr_at checked the header is inside the frame.
     let mut proto = u16::from_be(unsafe { (*eth).ether_type });
     let mut off = EthHdr::LEN;
+    let mut tags = 0;
     for _ in 0..MAX_VLAN_TAGS {
         if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
             break;
@@ -62,15 +68,12 @@ pub fn ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
         // SAFETY: as above.
         proto = u16::from_be(unsafe { (*vlan).ether_type });
         off += VlanHdr::LEN;
+        tags += 1;
     }
-    let kind = if proto == ETH_P_ARP {
-        EtherKind::Arp
-    } else {
-        EtherKind::Other
+    let kind = match proto {
+        ETH_P_ARP => EtherKind::Arp,
+        ETH_P_IP => EtherKind::Ipv4,
+        _ => EtherKind::Other,
     };
-    Ok(L2 {
-        eth,
-        l3_off: off,
-        kind,
-    })
+    Ok(L2 { eth, l3_off: off, tags, kind })
 }

@@ -62,10 +62,7 @@ fn main() -> Result<(), String> {
 
     let mut dp = Dataplane::load().map_err(|e| format!("{e:#?} (the benchmark needs root)"))?;
     dp.maps_mut()
-        .set_config(&Config {
-            mac: node_mac,
-            _pad: [0; 2],
-        })
+        .set_config(&Config::new(node_mac, [0; 4]))
         .map_err(|e| e.to_string())?;
     dp.maps_mut()
         .set_vip(vip, VipState::leader_until(VipState::FOREVER))

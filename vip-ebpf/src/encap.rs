@@ -1,0 +1,157 @@
+//! IPIP: encapsulate VIP traffic towards a backend on another subnet, and strip the
+//! outer header of IPIP traffic for a VIP arriving at this node as a backend. No kernel
+//! tunnel device is needed on either side.
+
+use core::mem;
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT},
+    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
+    programs::XdpContext,
+    EbpfContext,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, vlan::VlanHdr};
+use vip_common::{Backend, Reason, VipKey};
+
+use crate::{
+    csum,
+    forward::IPPROTO_IPIP,
+    maps::{CONFIG, VIPS},
+    parse::{ptr_at, L2},
+    verdict::Verdict,
+};
+
+/// Address family of the FIB lookup.
+const AF_INET: u8 = 2;
+/// TTL of the outer header: the backend is at most a few routed hops away.
+const OUTER_TTL: u8 = 64;
+/// Don't Fragment, set on the outer header like the kernel's ipip tunnels with pmtudisc.
+const IP_DF: [u8; 2] = 0x4000u16.to_be_bytes();
+
+/// The L2 header (Ethernet and up to two VLAN tags) saved across `bpf_xdp_adjust_head`,
+/// which invalidates every packet pointer.
+struct SavedL2 {
+    eth: EthHdr,
+    vlans: [Option<VlanHdr>; 2],
+}
+
+#[inline(always)]
+fn save_l2(ctx: &XdpContext, l2: &L2) -> Option<SavedL2> {
+    // SAFETY: l2.eth was bounds-checked by the parser; the tags by ptr_at.
+    let eth = unsafe { *l2.eth };
+    let mut vlans = [None, None];
+    if l2.tags >= 1 {
+        vlans[0] = Some(unsafe { *ptr_at::<VlanHdr>(ctx, EthHdr::LEN)? });
+    }
+    if l2.tags >= 2 {
+        vlans[1] = Some(unsafe { *ptr_at::<VlanHdr>(ctx, EthHdr::LEN + VlanHdr::LEN)? });
+    }
+    Some(SavedL2 { eth, vlans })
+}
+
+/// Writes `saved` at the (new) start of the frame with the given MACs.
+#[inline(always)]
+fn restore_l2(ctx: &XdpContext, saved: &SavedL2, dst: [u8; 6], src: [u8; 6]) -> Option<()> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: every pointer below was bounds-checked by ptr_at.
+    unsafe {
+        *eth = saved.eth;
+        (*eth).dst_addr = dst;
+        (*eth).src_addr = src;
+        if let Some(tag) = saved.vlans[0] {
+            *ptr_at::<VlanHdr>(ctx, EthHdr::LEN)? = tag;
+        }
+        if let Some(tag) = saved.vlans[1] {
+            *ptr_at::<VlanHdr>(ctx, EthHdr::LEN + VlanHdr::LEN)? = tag;
+        }
+    }
+    Some(())
+}
+
+/// Encapsulates the frame in IPv4 from this node to `backend` and sends it back out the
+/// interface it came in on. The next hop and both MACs come from the kernel's FIB and
+/// neighbour tables (`bpf_fib_lookup`, output lookup restricted to this interface);
+/// until the lookup succeeds nothing is modified, so a failure passes the frame intact.
+#[inline(always)]
+pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
+    let fail = Verdict::pass(Reason::IpipFailed);
+    let Some(cfg) = CONFIG.get(0) else { return fail };
+    let node_ip = cfg.ip;
+    if node_ip == [0; 4] {
+        return fail;
+    }
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else { return fail };
+    // SAFETY: bounds-checked by ptr_at.
+    let (inner_len, tos) = unsafe { (u16::from_be_bytes((*inner).tot_len), (*inner).tos) };
+    let Some(outer_len) = inner_len.checked_add(Ipv4Hdr::LEN as u16) else { return fail };
+
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
+    let mut fib: FibParams = unsafe { mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_IPIP;
+    fib.__bindgen_anon_1.tot_len = outer_len;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_2.tos = tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(node_ip);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend.ip);
+    // SAFETY: ctx is the program's context; fib is a valid, writable parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT)
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return fail;
+    }
+    let Some(saved) = save_l2(ctx, l2) else { return fail };
+    // SAFETY: growing the head by one IPv4 header; on failure the frame is unchanged.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(Ipv4Hdr::LEN as i32)) } != 0 {
+        return fail;
+    }
+    // From here on the frame is half-built: a failure can only drop it.
+    let broken = Verdict::drop(Reason::IpipFailed);
+    if restore_l2(ctx, &saved, fib.dmac, fib.smac).is_none() {
+        return broken;
+    }
+    let Some(outer) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else { return broken };
+    // SAFETY: bounds-checked by ptr_at.
+    let outer = unsafe { &mut *outer };
+    outer.vihl = 0x45;
+    outer.tos = tos;
+    outer.tot_len = outer_len.to_be_bytes();
+    outer.id = [0; 2];
+    outer.frags = IP_DF;
+    outer.ttl = OUTER_TTL;
+    outer.proto = IPPROTO_IPIP;
+    outer.check = [0; 2];
+    outer.src_addr = node_ip;
+    outer.dst_addr = backend.ip;
+    outer.check = csum::ipv4_header(outer);
+    Verdict::tx(Reason::ForwardedIpip)
+}
+
+/// Strips the outer header of an IPIP packet whose inner destination is one of our VIPs
+/// and passes the inner packet to the local stack (this node is the backend). IPIP for
+/// anything else passes untouched.
+#[inline(always)]
+pub fn decap(ctx: &XdpContext, l2: &L2, outer_ihl: usize) -> Verdict {
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off + outer_ihl) else {
+        return Verdict::pass(Reason::IpMalformed);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let (version, inner_dst) = unsafe { ((*inner).vihl >> 4, (*inner).dst_addr) };
+    if version != 4 {
+        return Verdict::pass(Reason::IpMalformed);
+    }
+    // SAFETY: presence check only.
+    if unsafe { VIPS.get(VipKey::new(inner_dst)) }.is_none() {
+        return Verdict::pass(Reason::NotVip);
+    }
+    let Some(saved) = save_l2(ctx, l2) else { return Verdict::pass(Reason::IpMalformed) };
+    // SAFETY: shrinking the head by the outer header; on failure the frame is unchanged.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_ihl as i32) } != 0 {
+        return Verdict::pass(Reason::IpipFailed);
+    }
+    if restore_l2(ctx, &saved, saved.eth.dst_addr, saved.eth.src_addr).is_none() {
+        return Verdict::drop(Reason::IpipFailed);
+    }
+    Verdict::pass(Reason::IpipDecap)
+}

@@ -1,0 +1,79 @@
+//! IPv4: classify the packet, and forward VIP service traffic to its backend.
+
+use aya_ebpf::programs::XdpContext;
+use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
+use vip_common::{Backend, FlowKey, ForwardMode, Reason, ServiceKey, VipKey, IPPROTO_TCP};
+
+use crate::{
+    encap, lb,
+    maps::{SERVICES, VIPS},
+    parse::{ptr_at, L2},
+    stats,
+    verdict::Verdict,
+};
+
+const IPPROTO_ICMP: u8 = 1;
+/// IPv4-in-IPv4.
+pub const IPPROTO_IPIP: u8 = 4;
+/// The "more fragments" flag and the fragment offset, in host order of the `frags` field.
+const IP_MF_AND_OFFSET: u16 = 0x3fff;
+
+#[inline(always)]
+pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
+    let Some(iph) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
+        return Verdict::pass(Reason::IpMalformed);
+    };
+    // SAFETY: ptr_at checked the 20-byte header is inside the frame.
+    let iph = unsafe { &*iph };
+    let ihl = ((iph.vihl & 0x0f) as usize) * 4;
+    if iph.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Verdict::pass(Reason::IpMalformed);
+    }
+    if iph.proto == IPPROTO_IPIP {
+        return encap::decap(ctx, l2, ihl);
+    }
+    let dst = iph.dst_addr;
+    // SAFETY: presence check only.
+    if unsafe { VIPS.get(VipKey::new(dst)) }.is_none() {
+        return Verdict::pass(Reason::NotVip);
+    }
+    if u16::from_be_bytes(iph.frags) & IP_MF_AND_OFFSET != 0 {
+        return Verdict::pass(Reason::Fragment);
+    }
+    match iph.proto {
+        IPPROTO_TCP => {}
+        IPPROTO_ICMP => return Verdict::pass(Reason::VipIcmp),
+        _ => return Verdict::pass(Reason::VipNotTcp),
+    }
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l2.l3_off + ihl) else {
+        return Verdict::pass(Reason::TcpMalformed);
+    };
+    // SAFETY: ptr_at checked the 20-byte TCP header is inside the frame.
+    let (sport, dport) = unsafe { ((*tcp).source, (*tcp).dest) };
+    let key = ServiceKey { vip: dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
+    // SAFETY: copied out at once.
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+        return Verdict::pass(Reason::VipOtherPort);
+    };
+    if svc.mode == ForwardMode::Local as u8 {
+        return Verdict::pass(Reason::LocalMode);
+    }
+    let flow = FlowKey { src: iph.src_addr, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] };
+    let Some((id, backend)) = lb::select(&flow, &svc) else {
+        return Verdict::pass(Reason::NoBackend);
+    };
+    stats::count_backend(id, (ctx.data_end() - ctx.data()) as u64);
+    if backend.flags & Backend::F_LOCAL != 0 {
+        return Verdict::pass(Reason::LocalBackend);
+    }
+    if svc.mode == ForwardMode::Ipip as u8 {
+        return encap::ipip(ctx, l2, &backend);
+    }
+    // DSR: the frame was addressed to us, so its destination MAC is ours and becomes the
+    // source; the backend's MAC becomes the destination. IP and TCP stay as they are.
+    // SAFETY: l2.eth was bounds-checked by the L2 parser.
+    let eth = unsafe { &mut *l2.eth };
+    eth.src_addr = eth.dst_addr;
+    eth.dst_addr = backend.mac;
+    Verdict::tx(Reason::ForwardedDsr)
+}
