@@ -128,17 +128,55 @@ impl Frame {
     }
 }
 
-/// An IPv4 header (20 bytes, no options) with a correct checksum, followed by `payload`.
+/// An IPv4 header under construction.
+#[derive(Clone, Debug)]
+pub struct Ip4 {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub tos: u8,
+    pub id: u16,
+    /// Flags and fragment offset, host order (0x4000 = DF, 0x2000 = MF).
+    pub frags: u16,
+    pub ttl: u8,
+    /// Options, a multiple of 4 bytes.
+    pub options: Vec<u8>,
+}
+
+impl Ip4 {
+    pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
+        Self { src, dst, proto, tos: 0, id: 1, frags: 0x4000, ttl: 64, options: Vec::new() }
+    }
+
+    /// The header (with a correct checksum) followed by `payload`.
+    pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
+        assert_eq!(self.options.len() % 4, 0, "IPv4 options come in 4-byte words");
+        let hlen = 20 + self.options.len();
+        let total = (hlen + payload.len()) as u16;
+        let mut h = vec![0x40 | (hlen / 4) as u8, self.tos];
+        h.extend(total.to_be_bytes());
+        h.extend(self.id.to_be_bytes());
+        h.extend(self.frags.to_be_bytes());
+        h.extend([self.ttl, self.proto, 0, 0]);
+        h.extend(self.src.octets());
+        h.extend(self.dst.octets());
+        h.extend(&self.options);
+        let csum = inet_checksum(&h);
+        h[10..12].copy_from_slice(&csum.to_be_bytes());
+        h.extend(payload);
+        h
+    }
+}
+
+/// An IPv4 packet (20-byte header, DF, TTL 64, id 1) with a correct checksum.
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let total = (20 + payload.len()) as u16;
-    let mut h = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, proto, 0, 0];
-    h[2..4].copy_from_slice(&total.to_be_bytes());
-    h.extend(src.octets());
-    h.extend(dst.octets());
-    let csum = inet_checksum(&h);
-    h[10..12].copy_from_slice(&csum.to_be_bytes());
-    h.extend(payload);
-    h
+    Ip4::new(src, dst, proto).packet(payload)
+}
+
+/// `inner` (an IPv4 packet) inside the outer header the data plane builds for IPIP:
+/// DF, TTL 64, id 0, the inner TOS, protocol 4.
+pub fn ipip(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    Ip4 { tos: inner[1], id: 0, ..Ip4::new(outer_src, outer_dst, 4) }.packet(inner)
 }
 
 /// A minimal IPv6 header followed by `payload`.
@@ -161,6 +199,43 @@ pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     t.extend(0u32.to_be_bytes());
     t.extend([0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     t
+}
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The 5-tuple of an Ethernet frame carrying IPv4/TCP (after up to two VLAN tags), as
+/// the data plane keys its connection table.
+pub fn flow_of(frame: &[u8]) -> Option<vip_common::FlowKey> {
+    let mut off = 12;
+    loop {
+        let et = u16::from_be_bytes(frame.get(off..off + 2)?.try_into().ok()?);
+        if et == ETH_P_8021Q || et == ETH_P_8021AD {
+            off += 4;
+            continue;
+        }
+        if et != ETH_P_IPV4 {
+            return None;
+        }
+        off += 2;
+        break;
+    }
+    let ip = frame.get(off..off + 20)?;
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let tcp = frame.get(off + ihl..off + ihl + 4)?;
+    Some(vip_common::FlowKey {
+        src: ip[12..16].try_into().ok()?,
+        dst: ip[16..20].try_into().ok()?,
+        sport: [tcp[0], tcp[1]],
+        dport: [tcp[2], tcp[3]],
+        proto: ip[9],
+        _pad: [0; 3],
+    })
+}
+
+/// Where the Maglev `table` sends `flow`: what the data plane must pick on a miss.
+pub fn predict(table: &[u32], flow: &vip_common::FlowKey) -> u32 {
+    table[(vip_common::flow_hash(flow) % table.len() as u32) as usize]
 }
 
 /// The Internet checksum (RFC 1071) of `data`.

@@ -418,7 +418,7 @@ fn fixture_table() -> Vec<Fixture> {
             None,
         ),
         fx(
-            "IPv4 TCP to the VIP",
+            "IPv4 TCP to the VIP, no service configured",
             Leader,
             Frame::new(
                 NODE_MAC,
@@ -428,7 +428,7 @@ fn fixture_table() -> Vec<Fixture> {
             )
             .bytes(),
             xdp::PASS,
-            NotArpPassed,
+            VipOtherPort,
             None,
         ),
         fx(
@@ -446,7 +446,7 @@ fn fixture_table() -> Vec<Fixture> {
             None,
         ),
         fx(
-            "802.1Q-tagged IPv4",
+            "802.1Q-tagged IPv4 UDP to the VIP",
             Leader,
             Frame::new(
                 NODE_MAC,
@@ -457,7 +457,7 @@ fn fixture_table() -> Vec<Fixture> {
             .vlan(ETH_P_8021Q, 5)
             .bytes(),
             xdp::PASS,
-            NotArpPassed,
+            VipNotTcp,
             None,
         ),
     ];

@@ -106,7 +106,7 @@ pub const IPPROTO_TCP: u8 = 6;
 
 /// Key of the [`map_names::SERVICES`] map: a VIP, port and protocol.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     /// VIP, network order.
     pub vip: [u8; 4],

@@ -4,10 +4,14 @@
 use std::net::Ipv4Addr;
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
     Ebpf,
 };
-use vip_common::{map_names, Config, Reason, VipKey, VipState};
+use vip_common::{
+    map_names, Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey,
+    VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
@@ -18,6 +22,11 @@ pub enum MapError {
         name: &'static str,
         #[source]
         source: aya::maps::MapError,
+    },
+    #[error("counting possible CPUs for a per-CPU map failed")]
+    PerCpu {
+        #[source]
+        source: std::io::Error,
     },
     #[error("{op} on map {name:?} failed")]
     Op {
@@ -33,6 +42,15 @@ pub struct Maps {
     config: Array<MapData, Config>,
     vips: HashMap<MapData, VipKey, VipState>,
     stats: PerCpuArray<MapData, u64>,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    maglev: Array<MapData, MaglevRow>,
+    conns: HashMap<MapData, FlowKey, Conn>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+}
+
+fn op(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
+    move |source| MapError::Op { name, op, source }
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, MapError> {
@@ -49,6 +67,14 @@ impl Maps {
             vips: HashMap::try_from(take(ebpf, map_names::VIPS)?).map_err(ty(map_names::VIPS))?,
             stats: PerCpuArray::try_from(take(ebpf, map_names::STATS)?)
                 .map_err(ty(map_names::STATS))?,
+            services: HashMap::try_from(take(ebpf, map_names::SERVICES)?)
+                .map_err(ty(map_names::SERVICES))?,
+            backends: Array::try_from(take(ebpf, map_names::BACKENDS)?)
+                .map_err(ty(map_names::BACKENDS))?,
+            maglev: Array::try_from(take(ebpf, map_names::MAGLEV)?).map_err(ty(map_names::MAGLEV))?,
+            conns: HashMap::try_from(take(ebpf, map_names::CONNS)?).map_err(ty(map_names::CONNS))?,
+            backend_stats: PerCpuArray::try_from(take(ebpf, map_names::BACKEND_STATS)?)
+                .map_err(ty(map_names::BACKEND_STATS))?,
         })
     }
 
@@ -127,5 +153,109 @@ impl Maps {
             .iter()
             .map(|&r| Ok((r, self.counter(r)?)))
             .collect()
+    }
+
+    /// Inserts or replaces a service. Replacing is how tables flip: one element update,
+    /// atomic for readers.
+    pub fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError> {
+        self.services.insert(key, svc, 0).map_err(op(map_names::SERVICES, "insert"))
+    }
+
+    /// Removes a service; removing one that is not there is not an error.
+    pub fn remove_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
+        match self.services.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "remove", source }),
+        }
+    }
+
+    pub fn service(&self, key: ServiceKey) -> Result<Option<Service>, MapError> {
+        match self.services.get(&key, 0) {
+            Ok(svc) => Ok(Some(svc)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "get", source }),
+        }
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
+        self.backends.set(id, backend, 0).map_err(op(map_names::BACKENDS, "set"))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend, MapError> {
+        self.backends.get(&id, 0).map_err(op(map_names::BACKENDS, "get"))
+    }
+
+    /// Writes `table` (backend ids, or [`NO_BACKEND`]) as table `half` of service slot
+    /// `slot`: one 1 KiB row per 256 slots. The caller must make sure no packet can be
+    /// reading this half (it is the inactive one, and a grace period has passed since it
+    /// was last live).
+    pub fn write_table(&mut self, slot: u16, half: u8, table: &[u32]) -> Result<(), MapError> {
+        let first = Service::first_row(slot, half);
+        for (i, chunk) in table.chunks(MAGLEV_ROW as usize).enumerate() {
+            let mut row = MaglevRow { ids: [NO_BACKEND; MAGLEV_ROW as usize] };
+            row.ids[..chunk.len()].copy_from_slice(chunk);
+            self.maglev.set(first + i as u32, row, 0).map_err(op(map_names::MAGLEV, "set"))?;
+        }
+        Ok(())
+    }
+
+    /// Reads back the first `m` slots of table `half` of service slot `slot`.
+    pub fn read_table(&self, slot: u16, half: u8, m: u32) -> Result<Vec<u32>, MapError> {
+        let first = Service::first_row(slot, half);
+        let mut out = Vec::with_capacity(m as usize);
+        for i in 0..m.div_ceil(MAGLEV_ROW).min(MAGLEV_ROWS_PER_TABLE) {
+            let row = self.maglev.get(&(first + i), 0).map_err(op(map_names::MAGLEV, "get"))?;
+            out.extend_from_slice(&row.ids);
+        }
+        out.truncate(m as usize);
+        Ok(out)
+    }
+
+    /// Packets and bytes sent to backend `id`, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats, MapError> {
+        let per_cpu = self.backend_stats.get(&id, 0).map_err(op(map_names::BACKEND_STATS, "get"))?;
+        Ok(per_cpu.iter().fold(BackendStats::default(), |acc, s| BackendStats {
+            packets: acc.packets + s.packets,
+            bytes: acc.bytes + s.bytes,
+        }))
+    }
+
+    /// Zeroes backend `id`'s counters (when the id is given to a new backend).
+    pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
+        let cpus = nr_cpus().map_err(|(_, source)| MapError::PerCpu { source })?;
+        let zeros =
+            PerCpuValues::try_from(vec![BackendStats::default(); cpus]).map_err(|source| MapError::PerCpu { source })?;
+        self.backend_stats.set(id, zeros, 0).map_err(op(map_names::BACKEND_STATS, "reset"))
+    }
+
+    /// The backend a flow is pinned to, if any.
+    pub fn conn(&self, flow: &FlowKey) -> Result<Option<Conn>, MapError> {
+        match self.conns.get(flow, 0) {
+            Ok(c) => Ok(Some(c)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(MapError::Op { name: map_names::CONNS, op: "get", source }),
+        }
+    }
+
+    /// Pins a flow to a backend (tests seed established flows with it).
+    pub fn set_conn(&mut self, flow: &FlowKey, conn: &Conn) -> Result<(), MapError> {
+        self.conns.insert(flow, conn, 0).map_err(op(map_names::CONNS, "insert"))
+    }
+
+    /// Forgets every pinned flow.
+    pub fn clear_conns(&mut self) -> Result<(), MapError> {
+        let keys: Vec<FlowKey> = self.conns.keys().collect::<Result<_, _>>().map_err(op(map_names::CONNS, "iterate"))?;
+        for k in keys {
+            match self.conns.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(MapError::Op { name: map_names::CONNS, op: "remove", source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// How many flows are pinned.
+    pub fn conn_count(&self) -> usize {
+        self.conns.keys().filter(Result::is_ok).count()
     }
 }

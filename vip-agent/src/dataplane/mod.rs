@@ -253,17 +253,49 @@ impl Dataplane {
     /// Runs `program` once on `frame` with `BPF_PROG_RUN` and returns the verdict and
     /// the frame as the program left it.
     pub fn test_run(&self, program: Program, frame: &[u8]) -> Result<RunOutcome, DataplaneError> {
-        self.test_run_repeat(program, frame, 1)
+        self.runner().run(program, frame)
     }
 
-    /// Like [`Dataplane::test_run`], `repeat` times in the kernel. The kernel does not
-    /// restore the frame between runs, so only paths that leave the frame unchanged give
-    /// a meaningful average; loop single runs for the others.
-    pub fn test_run_repeat(
+    /// Like [`Dataplane::test_run`], `repeat` times in the kernel.
+    pub fn test_run_repeat(&self, program: Program, frame: &[u8], repeat: u32) -> Result<RunOutcome, DataplaneError> {
+        self.runner().run_opts(program, frame, repeat, None)
+    }
+
+    /// A handle that runs programs, usable from other threads while the maps are
+    /// being written through the `&mut Maps` returned beside it.
+    pub fn runner(&self) -> Runner<'_> {
+        Runner { ebpf: &self.ebpf }
+    }
+
+    /// The runner and the maps at once, for tests that write maps while packets run.
+    pub fn split(&mut self) -> (Runner<'_>, &mut Maps) {
+        (Runner { ebpf: &self.ebpf }, &mut self.maps)
+    }
+}
+
+/// Runs the loaded programs on test frames (`BPF_PROG_RUN`).
+#[derive(Clone, Copy)]
+pub struct Runner<'a> {
+    ebpf: &'a Ebpf,
+}
+
+impl Runner<'_> {
+    /// Runs `program` once on `frame`.
+    pub fn run(&self, program: Program, frame: &[u8]) -> Result<RunOutcome, DataplaneError> {
+        self.run_opts(program, frame, 1, None)
+    }
+
+    /// Runs `program` on `frame` `repeat` times, as if received on interface
+    /// `ingress_ifindex` (in the calling thread's network namespace) when given; the FIB
+    /// lookups of IPIP forwarding need a real ingress interface. The kernel does not
+    /// restore the frame between repeats, so only paths that leave the frame unchanged
+    /// give a meaningful average; loop single runs for the others.
+    pub fn run_opts(
         &self,
         program: Program,
         frame: &[u8],
         repeat: u32,
+        ingress_ifindex: Option<u32>,
     ) -> Result<RunOutcome, DataplaneError> {
         let name = program.name();
         let xdp: &Xdp = self
@@ -274,24 +306,21 @@ impl Dataplane {
             .map_err(|source| DataplaneError::LoadProgram { name, source })?;
         // Room for encapsulation headers the program may push.
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex. The kernel wants data_end == the frame's length.
+        let ctx: Option<Vec<u8>> = ingress_ifindex.map(|ifindex| {
+            [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect()
+        });
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: ctx.as_deref(),
             repeat,
             ..Default::default()
         };
-        let res = xdp
-            .test_run(opts)
-            .map_err(|source| DataplaneError::TestRun {
-                program: name,
-                source,
-            })?;
+        let res = xdp.test_run(opts).map_err(|source| DataplaneError::TestRun { program: name, source })?;
         out.truncate(res.data_size_out as usize);
-        Ok(RunOutcome {
-            action: res.return_value,
-            frame: out,
-            duration: res.duration,
-        })
+        Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration })
     }
 }
 

@@ -1,0 +1,289 @@
+//! From "service S has these backends, these of them healthy" to data plane state, and
+//! from one state to the next without a packet ever seeing half a table.
+//!
+//! Each service owns two Maglev tables (a double buffer) in the table map; its entry in
+//! the service map names the live one. An update:
+//! 1. marks newly healthy backends up (so the new table may point at them),
+//! 2. waits out a grace period since the last flip, so no packet can still be reading
+//!    the inactive table (an XDP program run lasts microseconds; [`DEFAULT_GRACE`] is
+//!    thousands of times that),
+//! 3. writes the new table into the inactive half,
+//! 4. flips: one replace of the service entry, atomic for readers (hash map element
+//!    replacement is RCU-published),
+//! 5. waits out the grace period again, then marks unhealthy backends down (so flows
+//!    pinned to them re-hash into the new table, never into a table that still names
+//!    them, and no packet that read the old table finds its backend gone) and frees
+//!    removed ones.
+//!
+//! Backend ids are per backend address and shared by every service that uses it. A freed
+//! id may be reused; the connection table stores the address beside the id, so a flow
+//! never follows a recycled id to another backend.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, info};
+use vip_common::{Backend, ForwardMode, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND};
+
+use crate::{
+    dataplane::{MapError, Maps},
+    maglev::{self, MaglevError, Weighted},
+};
+
+/// Minimum time between a flip and the next write into the half it left.
+pub const DEFAULT_GRACE: Duration = Duration::from_millis(10);
+
+/// One backend of a service as the agent knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub ip: Ipv4Addr,
+    /// MAC for DSR (the backend's, on the shared segment); unused by IPIP and local.
+    pub mac: [u8; 6],
+    pub weight: u32,
+    /// This backend is this node: packets for it go to the local stack.
+    pub local: bool,
+    pub healthy: bool,
+}
+
+/// A service: VIP:port (TCP), how to forward, and its backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub mode: ForwardMode,
+    /// Maglev table size (prime).
+    pub m: u32,
+    pub backends: Vec<BackendSpec>,
+}
+
+impl ServiceSpec {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey::tcp(self.vip.octets(), self.port)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BalancerError {
+    #[error(transparent)]
+    Maglev(#[from] MaglevError),
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error("no free service slot for {vip}:{port} (at most {max} services)")]
+    TooManyServices { vip: Ipv4Addr, port: u16, max: u32 },
+    #[error("no free backend id for {ip} (at most {max} backends)")]
+    TooManyBackends { ip: Ipv4Addr, max: u32 },
+    #[error("backend {ip} is listed twice for {vip}:{port}")]
+    DuplicateBackend { ip: Ipv4Addr, vip: Ipv4Addr, port: u16 },
+    #[error("{vip}:{port} is not a configured service")]
+    UnknownService { vip: Ipv4Addr, port: u16 },
+}
+
+/// What an update did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// A new table was written and made live.
+    pub flipped: bool,
+    /// The live table: backend id per slot.
+    pub table: Vec<u32>,
+    /// Backend id of each backend of the spec, in spec order.
+    pub ids: Vec<u32>,
+}
+
+struct Installed {
+    slot: u16,
+    active: u8,
+    mode: ForwardMode,
+    m: u32,
+    last_flip: Option<Instant>,
+    table: Vec<u32>,
+    backends: BTreeSet<Ipv4Addr>,
+}
+
+/// Owns the service, backend and table maps' contents.
+pub struct Balancer {
+    services: BTreeMap<ServiceKey, Installed>,
+    ids: BTreeMap<Ipv4Addr, u32>,
+    grace: Duration,
+    rebuilds: u64,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self::new(DEFAULT_GRACE)
+    }
+}
+
+impl Balancer {
+    pub fn new(grace: Duration) -> Self {
+        Self { services: BTreeMap::new(), ids: BTreeMap::new(), grace, rebuilds: 0 }
+    }
+
+    /// How many times a table was rebuilt and flipped.
+    pub fn rebuilds(&self) -> u64 {
+        self.rebuilds
+    }
+
+    /// The backend id of `ip`, if it has one.
+    pub fn backend_id(&self, ip: Ipv4Addr) -> Option<u32> {
+        self.ids.get(&ip).copied()
+    }
+
+    /// The live table of a service (backend id per slot).
+    pub fn table(&self, vip: Ipv4Addr, port: u16) -> Option<&[u32]> {
+        self.services.get(&ServiceKey::tcp(vip.octets(), port)).map(|s| s.table.as_slice())
+    }
+
+    /// Installs or updates a service. Idempotent: applying the same spec twice writes the
+    /// backends' flags again but neither rebuilds nor flips the table.
+    pub fn apply(&mut self, maps: &mut Maps, spec: &ServiceSpec) -> Result<Applied, BalancerError> {
+        maglev::validate_size(spec.m)?;
+        let key = spec.key();
+        let mut seen = BTreeSet::new();
+        for b in &spec.backends {
+            if !seen.insert(b.ip) {
+                return Err(BalancerError::DuplicateBackend { ip: b.ip, vip: spec.vip, port: spec.port });
+            }
+        }
+        let slot = match self.services.get(&key) {
+            Some(s) => s.slot,
+            None => self.free_slot().ok_or(BalancerError::TooManyServices {
+                vip: spec.vip,
+                port: spec.port,
+                max: MAX_SERVICES,
+            })?,
+        };
+
+        // 1. Ids for every backend; healthy ones marked up before any table names them.
+        let mut ids = Vec::with_capacity(spec.backends.len());
+        for b in &spec.backends {
+            let id = self.id_for(maps, b.ip)?;
+            ids.push(id);
+            if b.healthy {
+                maps.set_backend(id, &entry(b, true))?;
+            }
+        }
+
+        // The table over healthy backends, by address (the name every node agrees on).
+        let healthy: Vec<(usize, String)> =
+            spec.backends.iter().enumerate().filter(|(_, b)| b.healthy).map(|(i, b)| (i, b.ip.to_string())).collect();
+        let weighted: Vec<Weighted<'_>> = healthy
+            .iter()
+            .map(|(i, name)| Weighted { name, weight: spec.backends[*i].weight })
+            .collect();
+        let table: Vec<u32> = maglev::build(&weighted, spec.m)?
+            .into_iter()
+            .map(|e| if e == maglev::NONE { NO_BACKEND } else { ids[healthy[e as usize].0] })
+            .collect();
+
+        let unchanged = self
+            .services
+            .get(&key)
+            .is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
+        let flipped = !unchanged;
+        if flipped {
+            let prev = self.services.get(&key);
+            let next_half = prev.map_or(0, |s| s.active ^ 1);
+            // 2. Grace: readers that saw the half we are about to write as live are gone.
+            if let Some(last) = prev.and_then(|s| s.last_flip) {
+                let since = last.elapsed();
+                if since < self.grace {
+                    std::thread::sleep(self.grace - since);
+                }
+            }
+            // 3. Write the inactive half, 4. flip.
+            maps.write_table(slot, next_half, &table)?;
+            maps.set_service(key, Service { slot, active: next_half, mode: spec.mode as u8, m: spec.m })?;
+            self.rebuilds += 1;
+            info!(
+                vip = %spec.vip, port = spec.port, slot, half = next_half, m = spec.m,
+                healthy = healthy.len(), backends = spec.backends.len(), "Maglev table flipped"
+            );
+        }
+
+        // 5. Down and removed backends, now that no live table names them. A packet that
+        //    read the old table just before the flip may still be about to look its
+        //    backend up: wait out the grace period first, so it finds the backend up.
+        let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
+        let removed: Vec<Ipv4Addr> =
+            self.services.get(&key).map(|s| s.backends.difference(&now).copied().collect()).unwrap_or_default();
+        let downs = spec.backends.iter().any(|b| !b.healthy);
+        if flipped && (downs || !removed.is_empty()) {
+            std::thread::sleep(self.grace);
+        }
+        for (b, &id) in spec.backends.iter().zip(&ids) {
+            if !b.healthy {
+                maps.set_backend(id, &entry(b, false))?;
+            }
+        }
+        let last_flip = if flipped { Some(Instant::now()) } else { self.services.get(&key).and_then(|s| s.last_flip) };
+        let active = match self.services.get(&key) {
+            Some(s) if !flipped => s.active,
+            Some(s) => s.active ^ 1,
+            None => 0,
+        };
+        self.services.insert(
+            key,
+            Installed { slot, active, mode: spec.mode, m: spec.m, last_flip, table: table.clone(), backends: now },
+        );
+        for ip in removed {
+            self.release_if_unused(maps, ip)?;
+        }
+        Ok(Applied { flipped, table, ids })
+    }
+
+    /// Removes a service from the data plane and frees the backends only it used.
+    pub fn remove(&mut self, maps: &mut Maps, vip: Ipv4Addr, port: u16) -> Result<(), BalancerError> {
+        let key = ServiceKey::tcp(vip.octets(), port);
+        let installed = self.services.remove(&key).ok_or(BalancerError::UnknownService { vip, port })?;
+        maps.remove_service(key)?;
+        for ip in installed.backends {
+            self.release_if_unused(maps, ip)?;
+        }
+        info!(%vip, port, "service removed");
+        Ok(())
+    }
+
+    fn free_slot(&self) -> Option<u16> {
+        let used: BTreeSet<u16> = self.services.values().map(|s| s.slot).collect();
+        (0..MAX_SERVICES as u16).find(|s| !used.contains(s))
+    }
+
+    fn id_for(&mut self, maps: &mut Maps, ip: Ipv4Addr) -> Result<u32, BalancerError> {
+        if let Some(&id) = self.ids.get(&ip) {
+            return Ok(id);
+        }
+        let used: BTreeSet<u32> = self.ids.values().copied().collect();
+        let id = (0..MAX_BACKENDS)
+            .find(|i| !used.contains(i))
+            .ok_or(BalancerError::TooManyBackends { ip, max: MAX_BACKENDS })?;
+        maps.reset_backend_stats(id)?;
+        self.ids.insert(ip, id);
+        debug!(%ip, id, "backend id assigned");
+        Ok(id)
+    }
+
+    fn release_if_unused(&mut self, maps: &mut Maps, ip: Ipv4Addr) -> Result<(), BalancerError> {
+        if self.services.values().any(|s| s.backends.contains(&ip)) {
+            return Ok(());
+        }
+        if let Some(id) = self.ids.remove(&ip) {
+            maps.set_backend(id, &Backend::default())?;
+            debug!(%ip, id, "backend id released");
+        }
+        Ok(())
+    }
+}
+
+fn entry(b: &BackendSpec, up: bool) -> Backend {
+    let mut flags = 0;
+    if up {
+        flags |= Backend::F_UP;
+    }
+    if b.local {
+        flags |= Backend::F_LOCAL;
+    }
+    Backend { ip: b.ip.octets(), mac: b.mac, flags }
+}
