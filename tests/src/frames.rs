@@ -145,12 +145,25 @@ pub struct Ip4 {
 
 impl Ip4 {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
-        Self { src, dst, proto, tos: 0, id: 1, frags: 0x4000, ttl: 64, options: Vec::new() }
+        Self {
+            src,
+            dst,
+            proto,
+            tos: 0,
+            id: 1,
+            frags: 0x4000,
+            ttl: 64,
+            options: Vec::new(),
+        }
     }
 
     /// The header (with a correct checksum) followed by `payload`.
     pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
-        assert_eq!(self.options.len() % 4, 0, "IPv4 options come in 4-byte words");
+        assert_eq!(
+            self.options.len() % 4,
+            0,
+            "IPv4 options come in 4-byte words"
+        );
         let hlen = 20 + self.options.len();
         let total = (hlen + payload.len()) as u16;
         let mut h = vec![0x40 | (hlen / 4) as u8, self.tos];
@@ -176,7 +189,12 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> 
 /// `inner` (an IPv4 packet) inside the outer header the data plane builds for IPIP:
 /// DF, TTL 64, id 0, the inner TOS, protocol 4.
 pub fn ipip(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
-    Ip4 { tos: inner[1], id: 0, ..Ip4::new(outer_src, outer_dst, 4) }.packet(inner)
+    Ip4 {
+        tos: inner[1],
+        id: 0,
+        ..Ip4::new(outer_src, outer_dst, 4)
+    }
+    .packet(inner)
 }
 
 /// A minimal IPv6 header followed by `payload`.
@@ -261,12 +279,14 @@ pub enum Role {
 /// The reference model's verdict for one frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expected {
-    /// Answer with exactly these bytes.
-    Reply(Vec<u8>),
+    /// Send back out with exactly these bytes (an ARP reply, a forwarded frame).
+    Tx(Vec<u8>),
     /// Drop (an ARP request for a VIP this node follows).
     Drop,
     /// Leave to the kernel, unchanged.
     Pass,
+    /// Leave to the kernel as exactly these bytes (a decapsulated IPIP packet).
+    PassAs(Vec<u8>),
 }
 
 /// The ARP responder as specified: for an Ethernet frame (with up to two 802.1Q/802.1ad
@@ -321,5 +341,76 @@ pub fn arp_model(frame: &[u8], vips: &[(Ipv4Addr, Role)], node_mac: Mac) -> Expe
     out[6..12].copy_from_slice(&node_mac);
     let reply = Arp::reply(node_mac, tpa, sha, spa).bytes();
     out[off..off + 28].copy_from_slice(&reply);
-    Expected::Reply(out)
+    Expected::Tx(out)
+}
+
+/// What the forwarding model needs to know about the data plane's state.
+pub struct ForwardState<'a> {
+    /// Every VIP in the VIP map (led or not: forwarding does not depend on leadership).
+    pub vips: &'a [Ipv4Addr],
+    /// The one DSR service: VIP, port, live Maglev table (backend ids).
+    pub service: (Ipv4Addr, u16),
+    pub table: &'a [u32],
+    /// MAC of each backend id.
+    pub mac_of: &'a dyn Fn(u32) -> Mac,
+}
+
+/// VIP forwarding as specified, for IPv4 frames (with up to two VLAN tags): IPIP whose
+/// inner destination is a VIP is decapsulated; a complete, unfragmented TCP segment to
+/// the service is sent by DSR to the Maglev owner of its flow (with a fixed table, the
+/// connection table pins every flow to exactly that owner); all else passes unchanged.
+/// Frames that are not IPv4 are left to [`arp_model`].
+pub fn forward_model(frame: &[u8], st: &ForwardState<'_>) -> Option<Expected> {
+    let mut off = 12;
+    let mut tags = 0;
+    loop {
+        let et = u16::from_be_bytes(frame.get(off..off + 2)?.try_into().ok()?);
+        if (et == ETH_P_8021Q || et == ETH_P_8021AD) && tags < 2 {
+            off += 4;
+            tags += 1;
+            continue;
+        }
+        if et != ETH_P_IPV4 {
+            return None;
+        }
+        off += 2;
+        break;
+    }
+    let Some(ip) = frame.get(off..off + 20) else {
+        return Some(Expected::Pass);
+    };
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || ihl < 20 {
+        return Some(Expected::Pass);
+    }
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    if ip[9] == 4 {
+        let Some(inner) = frame.get(off + ihl..off + ihl + 20) else {
+            return Some(Expected::Pass);
+        };
+        let inner_dst = Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]);
+        if inner[0] >> 4 != 4 || !st.vips.contains(&inner_dst) {
+            return Some(Expected::Pass);
+        }
+        let mut out = frame[..off].to_vec();
+        out.extend(&frame[off + ihl..]);
+        return Some(Expected::PassAs(out));
+    }
+    let frags = u16::from_be_bytes([ip[6], ip[7]]);
+    if !st.vips.contains(&dst) || frags & 0x3fff != 0 || ip[9] != 6 {
+        return Some(Expected::Pass);
+    }
+    let Some(tcp) = frame.get(off + ihl..off + ihl + 20) else {
+        return Some(Expected::Pass);
+    };
+    if (dst, u16::from_be_bytes([tcp[2], tcp[3]])) != st.service {
+        return Some(Expected::Pass);
+    }
+    let flow = flow_of(frame)?;
+    let id = predict(st.table, &flow);
+    let mut out = frame.to_vec();
+    let our_mac: Mac = frame[0..6].try_into().ok()?;
+    out[0..6].copy_from_slice(&(st.mac_of)(id));
+    out[6..12].copy_from_slice(&our_mac);
+    Some(Expected::Tx(out))
 }

@@ -13,12 +13,15 @@ use std::{
 };
 
 use tests::{
-    frames::{flow_of, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, TCP_ACK, TCP_SYN},
+    frames::{
+        flow_of, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
+        TCP_ACK, TCP_SYN,
+    },
     netns::{veth, Netns},
     xdp,
 };
 use vip_agent::{
-    balancer::{Balancer, BackendSpec, ServiceSpec},
+    balancer::{BackendSpec, Balancer, ServiceSpec},
     dataplane::{Dataplane, Program},
 };
 use vip_common::{Config, ForwardMode, Reason, VipState};
@@ -40,21 +43,35 @@ fn backend_mac(i: u8) -> Mac {
 }
 
 fn backend(i: u8) -> BackendSpec {
-    BackendSpec { ip: backend_ip(i), mac: backend_mac(i), weight: 1, local: false, healthy: true }
+    BackendSpec {
+        ip: backend_ip(i),
+        mac: backend_mac(i),
+        weight: 1,
+        local: false,
+        healthy: true,
+    }
 }
 
 // ---- setup ------------------------------------------------------------------------------
 
 fn load() -> (Dataplane, Balancer) {
     let mut dp = Dataplane::load().expect("loading the XDP object (tests need root)");
-    dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
+    dp.maps_mut()
+        .set_config(&Config::new(NODE_MAC, NODE_IP.octets()))
+        .unwrap();
     // Forwarding does not depend on ARP leadership; a follower forwards what reaches it.
     dp.maps_mut().set_vip(VIP, VipState::follower()).unwrap();
     (dp, Balancer::new(Duration::from_millis(1)))
 }
 
 fn service(mode: ForwardMode, backends: Vec<BackendSpec>) -> ServiceSpec {
-    ServiceSpec { vip: VIP, port: PORT, mode, m: M, backends }
+    ServiceSpec {
+        vip: VIP,
+        port: PORT,
+        mode,
+        m: M,
+        backends,
+    }
 }
 
 /// Installs `spec` and forgets every pinned flow; returns the live table.
@@ -67,7 +84,12 @@ fn install(dp: &mut Dataplane, lb: &mut Balancer, spec: &ServiceSpec) -> Vec<u32
 // ---- inputs -----------------------------------------------------------------------------
 
 fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Frame {
-    Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(src, dst, 6, &tcp(sport, dport, flags)))
+    Frame::new(
+        NODE_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV4,
+        ipv4(src, dst, 6, &tcp(sport, dport, flags)),
+    )
 }
 
 fn syn(sport: u16) -> Frame {
@@ -76,12 +98,19 @@ fn syn(sport: u16) -> Frame {
 
 /// `frame` as DSR must send it to backend `i`: MACs rewritten, nothing else.
 fn dsr_to(frame: &Frame, i: u8) -> Vec<u8> {
-    Frame { dst: backend_mac(i), src: NODE_MAC, ..frame.clone() }.bytes()
+    Frame {
+        dst: backend_mac(i),
+        src: NODE_MAC,
+        ..frame.clone()
+    }
+    .bytes()
 }
 
 /// Which backend (1-based, as named by `backend(i)`) a backend id is, given the spec.
 fn index_of(lb: &Balancer, id: u32) -> u8 {
-    (1..=9).find(|&i| lb.backend_id(backend_ip(i)) == Some(id)).expect("id of a known backend")
+    (1..=9)
+        .find(|&i| lb.backend_id(backend_ip(i)) == Some(id))
+        .expect("id of a known backend")
 }
 
 // ---- check ------------------------------------------------------------------------------
@@ -95,18 +124,31 @@ struct Expect {
 
 fn run_and_check(dp: &Dataplane, name: &str, input: &[u8], want: &Expect) -> Result<(), String> {
     let before = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
-    let out = dp.test_run(Program::Vip, input).map_err(|e| format!("{name}: {e:?}"))?;
+    let out = dp
+        .test_run(Program::Vip, input)
+        .map_err(|e| format!("{name}: {e:?}"))?;
     let after = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
     let mut errs = Vec::new();
     if out.action != want.action {
-        errs.push(format!("action {} want {}", xdp::name(out.action), xdp::name(want.action)));
+        errs.push(format!(
+            "action {} want {}",
+            xdp::name(out.action),
+            xdp::name(want.action)
+        ));
     }
     if after != before + 1 {
-        errs.push(format!("counter {} moved by {} want 1", want.reason.name(), after - before));
+        errs.push(format!(
+            "counter {} moved by {} want 1",
+            want.reason.name(),
+            after - before
+        ));
     }
     let expected = want.output.as_deref().unwrap_or(input);
     if out.frame != expected {
-        errs.push(format!("output\n   got  {:02x?}\n   want {expected:02x?}", out.frame));
+        errs.push(format!(
+            "output\n   got  {:02x?}\n   want {expected:02x?}",
+            out.frame
+        ));
     }
     if errs.is_empty() {
         Ok(())
@@ -116,7 +158,11 @@ fn run_and_check(dp: &Dataplane, name: &str, input: &[u8], want: &Expect) -> Res
 }
 
 fn pass(reason: Reason) -> Expect {
-    Expect { action: xdp::PASS, reason, output: None }
+    Expect {
+        action: xdp::PASS,
+        reason,
+        output: None,
+    }
 }
 
 #[test]
@@ -132,101 +178,297 @@ fn forwarding_fixture_table() {
     };
 
     // DSR, one backend: the output is fully determined.
-    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1)]));
+    install(
+        &mut dp,
+        &mut lb,
+        &service(ForwardMode::Dsr, vec![backend(1)]),
+    );
     let s = syn(40000);
-    check(&dp, "SYN to the VIP, DSR", s.bytes(), Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&s, 1)) });
+    check(
+        &dp,
+        "SYN to the VIP, DSR",
+        s.bytes(),
+        Expect {
+            action: xdp::TX,
+            reason: ForwardedDsr,
+            output: Some(dsr_to(&s, 1)),
+        },
+    );
     let tagged = syn(40001).vlan(ETH_P_8021Q, 42);
-    check(&dp, "802.1Q-tagged SYN, DSR: tag kept", tagged.bytes(), Expect {
-        action: xdp::TX,
-        reason: ForwardedDsr,
-        output: Some(dsr_to(&tagged, 1)),
-    });
+    check(
+        &dp,
+        "802.1Q-tagged SYN, DSR: tag kept",
+        tagged.bytes(),
+        Expect {
+            action: xdp::TX,
+            reason: ForwardedDsr,
+            output: Some(dsr_to(&tagged, 1)),
+        },
+    );
     let qinq = syn(40002).vlan(ETH_P_8021AD, 1).vlan(ETH_P_8021Q, 2);
-    check(&dp, "QinQ SYN, DSR", qinq.bytes(), Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&qinq, 1)) });
+    check(
+        &dp,
+        "QinQ SYN, DSR",
+        qinq.bytes(),
+        Expect {
+            action: xdp::TX,
+            reason: ForwardedDsr,
+            output: Some(dsr_to(&qinq, 1)),
+        },
+    );
     // IPv4 options do not change where a packet goes: forwarded like any other.
-    let opts = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, Ip4 {
-        options: vec![0x94, 0x04, 0, 0], // Router Alert
-        ..Ip4::new(CLIENT_IP, VIP, 6)
-    }
-    .packet(&tcp(40003, PORT, TCP_SYN)));
-    check(&dp, "IPv4 with options, DSR", opts.bytes(), Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&opts, 1)) });
-    let first_frag = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, Ip4 { frags: 0x2000, ..Ip4::new(CLIENT_IP, VIP, 6) }.packet(&tcp(40004, PORT, TCP_ACK)));
-    check(&dp, "first fragment to the VIP", first_frag.bytes(), pass(Fragment));
-    let later_frag = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, Ip4 { frags: 0x0005, ..Ip4::new(CLIENT_IP, VIP, 6) }.packet(&[0; 24]));
-    check(&dp, "non-first fragment to the VIP", later_frag.bytes(), pass(Fragment));
-    let icmp = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT_IP, VIP, 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]));
+    let opts = Frame::new(
+        NODE_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV4,
+        Ip4 {
+            options: vec![0x94, 0x04, 0, 0], // Router Alert
+            ..Ip4::new(CLIENT_IP, VIP, 6)
+        }
+        .packet(&tcp(40003, PORT, TCP_SYN)),
+    );
+    check(
+        &dp,
+        "IPv4 with options, DSR",
+        opts.bytes(),
+        Expect {
+            action: xdp::TX,
+            reason: ForwardedDsr,
+            output: Some(dsr_to(&opts, 1)),
+        },
+    );
+    let first_frag = Frame::new(
+        NODE_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV4,
+        Ip4 {
+            frags: 0x2000,
+            ..Ip4::new(CLIENT_IP, VIP, 6)
+        }
+        .packet(&tcp(40004, PORT, TCP_ACK)),
+    );
+    check(
+        &dp,
+        "first fragment to the VIP",
+        first_frag.bytes(),
+        pass(Fragment),
+    );
+    let later_frag = Frame::new(
+        NODE_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV4,
+        Ip4 {
+            frags: 0x0005,
+            ..Ip4::new(CLIENT_IP, VIP, 6)
+        }
+        .packet(&[0; 24]),
+    );
+    check(
+        &dp,
+        "non-first fragment to the VIP",
+        later_frag.bytes(),
+        pass(Fragment),
+    );
+    let icmp = Frame::new(
+        NODE_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV4,
+        ipv4(CLIENT_IP, VIP, 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]),
+    );
     check(&dp, "ICMP echo to the VIP", icmp.bytes(), pass(VipIcmp));
-    let udp = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT_IP, VIP, 17, &[0x9c, 0x40, 0x19, 0x2b, 0, 8, 0, 0]));
-    check(&dp, "UDP to the VIP service port", udp.bytes(), pass(VipNotTcp));
-    check(&dp, "TCP to another port of the VIP", tcp_frame(CLIENT_IP, 40005, VIP, 22, TCP_SYN).bytes(), pass(VipOtherPort));
-    check(&dp, "reply sourced from the VIP", tcp_frame(VIP, PORT, CLIENT_IP, 40006, TCP_ACK).bytes(), pass(NotVip));
-    check(&dp, "TCP to a non-VIP address", tcp_frame(CLIENT_IP, 40007, NODE_IP, PORT, TCP_SYN).bytes(), pass(NotVip));
+    let udp = Frame::new(
+        NODE_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV4,
+        ipv4(CLIENT_IP, VIP, 17, &[0x9c, 0x40, 0x19, 0x2b, 0, 8, 0, 0]),
+    );
+    check(
+        &dp,
+        "UDP to the VIP service port",
+        udp.bytes(),
+        pass(VipNotTcp),
+    );
+    check(
+        &dp,
+        "TCP to another port of the VIP",
+        tcp_frame(CLIENT_IP, 40005, VIP, 22, TCP_SYN).bytes(),
+        pass(VipOtherPort),
+    );
+    check(
+        &dp,
+        "reply sourced from the VIP",
+        tcp_frame(VIP, PORT, CLIENT_IP, 40006, TCP_ACK).bytes(),
+        pass(NotVip),
+    );
+    check(
+        &dp,
+        "TCP to a non-VIP address",
+        tcp_frame(CLIENT_IP, 40007, NODE_IP, PORT, TCP_SYN).bytes(),
+        pass(NotVip),
+    );
     let full = syn(40008).bytes();
     let l4 = 14 + 20;
     for len in [l4, l4 + 1, l4 + 10, l4 + 19] {
-        check(&dp, &format!("TCP header truncated to {} bytes", len - l4), full[..len].to_vec(), pass(TcpMalformed));
+        check(
+            &dp,
+            &format!("TCP header truncated to {} bytes", len - l4),
+            full[..len].to_vec(),
+            pass(TcpMalformed),
+        );
     }
     for len in [14, 15, 20, 33] {
-        check(&dp, &format!("IPv4 header truncated to {} bytes", len - 14), full[..len].to_vec(), pass(IpMalformed));
+        check(
+            &dp,
+            &format!("IPv4 header truncated to {} bytes", len - 14),
+            full[..len].to_vec(),
+            pass(IpMalformed),
+        );
     }
     let mut bad_ihl = full.clone();
     bad_ihl[14] = 0x44;
     check(&dp, "IPv4 IHL below 5", bad_ihl, pass(IpMalformed));
     let mut bad_version = full.clone();
     bad_version[14] = 0x65;
-    check(&dp, "IPv4 ethertype with version 6", bad_version, pass(IpMalformed));
+    check(
+        &dp,
+        "IPv4 ethertype with version 6",
+        bad_version,
+        pass(IpMalformed),
+    );
 
     // Three backends: Maglev picks; the agent-side table says which.
     let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, three()));
     for sport in [50000u16, 50001, 50002, 50003] {
         let f = syn(sport);
         let want = index_of(&lb, predict(&table, &flow_of(&f.bytes()).unwrap()));
-        check(&dp, &format!("SYN from port {sport}, 3 backends"), f.bytes(), Expect {
-            action: xdp::TX,
-            reason: ForwardedDsr,
-            output: Some(dsr_to(&f, want)),
-        });
+        check(
+            &dp,
+            &format!("SYN from port {sport}, 3 backends"),
+            f.bytes(),
+            Expect {
+                action: xdp::TX,
+                reason: ForwardedDsr,
+                output: Some(dsr_to(&f, want)),
+            },
+        );
     }
 
     // The chosen backend is this node.
-    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![BackendSpec { local: true, ..backend(1) }]));
-    check(&dp, "backend is this node", syn(40010).bytes(), pass(LocalBackend));
+    install(
+        &mut dp,
+        &mut lb,
+        &service(
+            ForwardMode::Dsr,
+            vec![BackendSpec {
+                local: true,
+                ..backend(1)
+            }],
+        ),
+    );
+    check(
+        &dp,
+        "backend is this node",
+        syn(40010).bytes(),
+        pass(LocalBackend),
+    );
 
     // Local mode: no load balancing at all.
     install(&mut dp, &mut lb, &service(ForwardMode::Local, three()));
-    check(&dp, "service in local mode", syn(40011).bytes(), pass(LocalMode));
+    check(
+        &dp,
+        "service in local mode",
+        syn(40011).bytes(),
+        pass(LocalMode),
+    );
 
     // No healthy backend.
-    let down = vec![BackendSpec { healthy: false, ..backend(1) }, BackendSpec { healthy: false, ..backend(2) }];
+    let down = vec![
+        BackendSpec {
+            healthy: false,
+            ..backend(1)
+        },
+        BackendSpec {
+            healthy: false,
+            ..backend(2)
+        },
+    ];
     install(&mut dp, &mut lb, &service(ForwardMode::Dsr, down));
-    check(&dp, "no healthy backend", syn(40012).bytes(), pass(NoBackend));
+    check(
+        &dp,
+        "no healthy backend",
+        syn(40012).bytes(),
+        pass(NoBackend),
+    );
 
     // IPIP decapsulation on a backend: the inner packet for a VIP goes up the stack.
     let inner = ipv4(CLIENT_IP, VIP, 6, &tcp(40013, PORT, TCP_SYN));
-    let encapsulated = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &inner));
-    check(&dp, "IPIP for a VIP: decapsulated", encapsulated.bytes(), Expect {
-        action: xdp::PASS,
-        reason: IpipDecap,
-        output: Some(Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone()).bytes()),
-    });
+    let encapsulated = Frame::new(
+        NODE_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV4,
+        ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &inner),
+    );
+    check(
+        &dp,
+        "IPIP for a VIP: decapsulated",
+        encapsulated.bytes(),
+        Expect {
+            action: xdp::PASS,
+            reason: IpipDecap,
+            output: Some(Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone()).bytes()),
+        },
+    );
     let tagged_encap = encapsulated.clone().vlan(ETH_P_8021Q, 7);
-    check(&dp, "802.1Q-tagged IPIP for a VIP: decapsulated, tag kept", tagged_encap.bytes(), Expect {
-        action: xdp::PASS,
-        reason: IpipDecap,
-        output: Some(Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner).vlan(ETH_P_8021Q, 7).bytes()),
-    });
-    let other_inner = ipv4(CLIENT_IP, Ipv4Addr::new(10, 0, 0, 99), 6, &tcp(1, PORT, TCP_SYN));
-    let not_ours = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &other_inner));
-    check(&dp, "IPIP for another address: untouched", not_ours.bytes(), pass(NotVip));
+    check(
+        &dp,
+        "802.1Q-tagged IPIP for a VIP: decapsulated, tag kept",
+        tagged_encap.bytes(),
+        Expect {
+            action: xdp::PASS,
+            reason: IpipDecap,
+            output: Some(
+                Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner)
+                    .vlan(ETH_P_8021Q, 7)
+                    .bytes(),
+            ),
+        },
+    );
+    let other_inner = ipv4(
+        CLIENT_IP,
+        Ipv4Addr::new(10, 0, 0, 99),
+        6,
+        &tcp(1, PORT, TCP_SYN),
+    );
+    let not_ours = Frame::new(
+        NODE_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV4,
+        ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &other_inner),
+    );
+    check(
+        &dp,
+        "IPIP for another address: untouched",
+        not_ours.bytes(),
+        pass(NotVip),
+    );
 
-    assert!(failures.is_empty(), "{} fixtures failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} fixtures failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// Every flow lands where the agent's Maglev table and the shared flow hash say.
 #[test]
 fn kernel_and_agent_agree_on_every_flows_backend() {
     let (mut dp, mut lb) = load();
-    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=5).map(backend).collect()));
+    let table = install(
+        &mut dp,
+        &mut lb,
+        &service(ForwardMode::Dsr, (1..=5).map(backend).collect()),
+    );
     let mut per_backend = [0usize; 6];
     for i in 0..5000u32 {
         let src = Ipv4Addr::from(0x0a01_0000 + i);
@@ -239,7 +481,10 @@ fn kernel_and_agent_agree_on_every_flows_backend() {
     }
     // And Maglev spreads them: each of 5 backends gets 20 % ± 3 points of 5000 flows.
     for (i, &n) in per_backend.iter().enumerate().skip(1) {
-        assert!((850..=1150).contains(&n), "backend {i} got {n} of 5000 flows");
+        assert!(
+            (850..=1150).contains(&n),
+            "backend {i} got {n} of 5000 flows"
+        );
     }
 }
 
@@ -248,7 +493,11 @@ fn kernel_and_agent_agree_on_every_flows_backend() {
 #[test]
 fn established_flow_stays_on_its_backend_when_the_set_changes() {
     let (mut dp, mut lb) = load();
-    let old = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]));
+    let old = install(
+        &mut dp,
+        &mut lb,
+        &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]),
+    );
     // Adding backends 4 and 5 moves about 40 % of the slots: find a flow that moves.
     let new_spec = service(ForwardMode::Dsr, (1..=5).map(backend).collect());
     let (first, moved_to) = {
@@ -270,23 +519,46 @@ fn established_flow_stays_on_its_backend_when_the_set_changes() {
     let flow = flow_of(&first.bytes()).unwrap();
     let out = dp.test_run(Program::Vip, &first.bytes()).unwrap();
     let pinned = out.frame[0..6].to_vec();
-    assert_eq!(dp.maps().conn(&flow).unwrap().map(|c| c.backend_ip), Some(backend_ip_of(&lb, predict(&old, &flow)).octets()));
+    assert_eq!(
+        dp.maps().conn(&flow).unwrap().map(|c| c.backend_ip),
+        Some(backend_ip_of(&lb, predict(&old, &flow)).octets())
+    );
 
     let new_table = lb.apply(dp.maps_mut(), &new_spec).unwrap().table;
-    assert_eq!(backend_ip_of(&lb, predict(&new_table, &flow)), moved_to, "preview and live tables differ");
-    let ack = tcp_frame(CLIENT_IP, u16::from_be_bytes(flow.sport), VIP, PORT, TCP_ACK);
+    assert_eq!(
+        backend_ip_of(&lb, predict(&new_table, &flow)),
+        moved_to,
+        "preview and live tables differ"
+    );
+    let ack = tcp_frame(
+        CLIENT_IP,
+        u16::from_be_bytes(flow.sport),
+        VIP,
+        PORT,
+        TCP_ACK,
+    );
     let out = dp.test_run(Program::Vip, &ack.bytes()).unwrap();
     assert_eq!(out.action, xdp::TX);
-    assert_eq!(out.frame[0..6], pinned[..], "established flow left its backend");
+    assert_eq!(
+        out.frame[0..6],
+        pinned[..],
+        "established flow left its backend"
+    );
 
     // The same 5-tuple without its connection-table entry follows the new table.
     dp.maps_mut().clear_conns().unwrap();
     let out = dp.test_run(Program::Vip, &ack.bytes()).unwrap();
-    assert_eq!(out.frame[0..6], backend_mac(index_of(&lb, predict(&new_table, &flow)))[..]);
+    assert_eq!(
+        out.frame[0..6],
+        backend_mac(index_of(&lb, predict(&new_table, &flow)))[..]
+    );
 }
 
 fn backend_ip_of(lb: &Balancer, id: u32) -> Ipv4Addr {
-    (1..=9).map(backend_ip).find(|ip| lb.backend_id(*ip) == Some(id)).expect("known backend")
+    (1..=9)
+        .map(backend_ip)
+        .find(|ip| lb.backend_id(*ip) == Some(id))
+        .expect("known backend")
 }
 
 /// A flow whose backend is removed, or turns unhealthy, moves to the new table's choice
@@ -295,26 +567,47 @@ fn backend_ip_of(lb: &Balancer, id: u32) -> Ipv4Addr {
 fn flow_whose_backend_goes_away_moves() {
     for removal in ["removed", "unhealthy"] {
         let (mut dp, mut lb) = load();
-        let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]));
+        let table = install(
+            &mut dp,
+            &mut lb,
+            &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]),
+        );
         let f = syn(41000);
         let flow = flow_of(&f.bytes()).unwrap();
         let gone = index_of(&lb, predict(&table, &flow));
-        assert_eq!(dp.test_run(Program::Vip, &f.bytes()).unwrap().frame, dsr_to(&f, gone));
+        assert_eq!(
+            dp.test_run(Program::Vip, &f.bytes()).unwrap().frame,
+            dsr_to(&f, gone)
+        );
 
         let rest: Vec<BackendSpec> = (1..=3u8)
             .filter_map(|i| match (i == gone, removal) {
                 (false, _) => Some(backend(i)),
-                (true, "unhealthy") => Some(BackendSpec { healthy: false, ..backend(i) }),
+                (true, "unhealthy") => Some(BackendSpec {
+                    healthy: false,
+                    ..backend(i)
+                }),
                 (true, _) => None,
             })
             .collect();
-        let new_table = lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, rest)).unwrap().table;
+        let new_table = lb
+            .apply(dp.maps_mut(), &service(ForwardMode::Dsr, rest))
+            .unwrap()
+            .table;
         let ack = tcp_frame(CLIENT_IP, 41000, VIP, PORT, TCP_ACK);
         let out = dp.test_run(Program::Vip, &ack.bytes()).unwrap();
         let now = index_of(&lb, predict(&new_table, &flow));
         assert_ne!(now, gone, "{removal}");
-        assert_eq!(out.frame, dsr_to(&ack, now), "{removal}: flow must move to the new table's backend");
-        assert_eq!(dp.maps().conn(&flow).unwrap().map(|c| c.backend_ip), Some(backend_ip(now).octets()), "{removal}: re-pinned");
+        assert_eq!(
+            out.frame,
+            dsr_to(&ack, now),
+            "{removal}: flow must move to the new table's backend"
+        );
+        assert_eq!(
+            dp.maps().conn(&flow).unwrap().map(|c| c.backend_ip),
+            Some(backend_ip(now).octets()),
+            "{removal}: re-pinned"
+        );
     }
 }
 
@@ -322,7 +615,11 @@ fn flow_whose_backend_goes_away_moves() {
 #[test]
 fn per_backend_counters_count_packets_and_bytes() {
     let (mut dp, mut lb) = load();
-    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1)]));
+    install(
+        &mut dp,
+        &mut lb,
+        &service(ForwardMode::Dsr, vec![backend(1)]),
+    );
     let id = lb.backend_id(backend_ip(1)).unwrap();
     let before = dp.maps().backend_stats(id).unwrap();
     let f = syn(42000).bytes();
@@ -343,10 +640,24 @@ fn ipip_encapsulates_towards_the_fib_next_hop() {
     let lbns = Netns::new(&tag, "lb").unwrap();
     let peer = Netns::new(&tag, "gw").unwrap();
     veth(&lbns, "lb0", &peer, "gw0").unwrap();
-    lbns.ip(&["link", "set", "lb0", "address", "02:00:00:00:00:01"]).unwrap();
-    lbns.ip(&["addr", "add", "10.0.0.1/24", "dev", "lb0"]).unwrap();
-    lbns.ip(&["route", "add", "10.77.0.0/24", "via", "10.0.0.254"]).unwrap();
-    lbns.ip(&["neigh", "replace", "10.0.0.254", "lladdr", "02:00:00:00:00:fe", "dev", "lb0", "nud", "permanent"]).unwrap();
+    lbns.ip(&["link", "set", "lb0", "address", "02:00:00:00:00:01"])
+        .unwrap();
+    lbns.ip(&["addr", "add", "10.0.0.1/24", "dev", "lb0"])
+        .unwrap();
+    lbns.ip(&["route", "add", "10.77.0.0/24", "via", "10.0.0.254"])
+        .unwrap();
+    lbns.ip(&[
+        "neigh",
+        "replace",
+        "10.0.0.254",
+        "lladdr",
+        "02:00:00:00:00:fe",
+        "dev",
+        "lb0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
     lbns.sysctl("net.ipv4.conf.all.forwarding", "1").unwrap();
     lbns.sysctl("net.ipv4.conf.lb0.forwarding", "1").unwrap();
     let gw_mac: Mac = [0x02, 0, 0, 0, 0, 0xfe];
@@ -356,9 +667,23 @@ fn ipip_encapsulates_towards_the_fib_next_hop() {
     lbns.within(|| {
         let (mut dp, mut lb) = load();
         let ifindex = vip_agent::netdev::lookup("lb0").unwrap().ifindex;
-        let far_backend = BackendSpec { ip: far, mac: [0; 6], weight: 1, local: false, healthy: true };
-        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![far_backend.clone()]));
-        let inner = Ip4 { tos: 0x10, ..Ip4::new(CLIENT_IP, VIP, 6) }.packet(&tcp(43000, PORT, TCP_SYN));
+        let far_backend = BackendSpec {
+            ip: far,
+            mac: [0; 6],
+            weight: 1,
+            local: false,
+            healthy: true,
+        };
+        install(
+            &mut dp,
+            &mut lb,
+            &service(ForwardMode::Ipip, vec![far_backend.clone()]),
+        );
+        let inner = Ip4 {
+            tos: 0x10,
+            ..Ip4::new(CLIENT_IP, VIP, 6)
+        }
+        .packet(&tcp(43000, PORT, TCP_SYN));
         for (name, frame, expected) in [
             (
                 "SYN to the VIP, IPIP",
@@ -368,21 +693,46 @@ fn ipip_encapsulates_towards_the_fib_next_hop() {
             (
                 "802.1Q-tagged SYN, IPIP: tag kept",
                 Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone()).vlan(ETH_P_8021Q, 9),
-                Frame::new(gw_mac, NODE_MAC, ETH_P_IPV4, ipip(NODE_IP, far, &inner)).vlan(ETH_P_8021Q, 9),
+                Frame::new(gw_mac, NODE_MAC, ETH_P_IPV4, ipip(NODE_IP, far, &inner))
+                    .vlan(ETH_P_8021Q, 9),
             ),
         ] {
-            let out = dp.runner().run_opts(Program::Vip, &frame.bytes(), 1, Some(ifindex)).unwrap();
+            let out = dp
+                .runner()
+                .run_opts(Program::Vip, &frame.bytes(), 1, Some(ifindex))
+                .unwrap();
             assert_eq!(xdp::name(out.action), "XDP_TX", "{name}");
             assert_eq!(out.frame, expected.bytes(), "{name}");
             let l3 = 14 + 4 * frame.vlans.len();
-            assert_eq!(tests::frames::inet_checksum(&out.frame[l3..l3 + 20]), 0, "{name}: outer checksum");
+            assert_eq!(
+                tests::frames::inet_checksum(&out.frame[l3..l3 + 20]),
+                0,
+                "{name}: outer checksum"
+            );
         }
         assert_eq!(dp.maps().counter(Reason::ForwardedIpip).unwrap(), 2);
 
-        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![BackendSpec { ip: unroutable, ..far_backend }]));
+        install(
+            &mut dp,
+            &mut lb,
+            &service(
+                ForwardMode::Ipip,
+                vec![BackendSpec {
+                    ip: unroutable,
+                    ..far_backend
+                }],
+            ),
+        );
         let frame = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner).bytes();
-        let out = dp.runner().run_opts(Program::Vip, &frame, 1, Some(ifindex)).unwrap();
-        assert_eq!((xdp::name(out.action), out.frame), ("XDP_PASS", frame), "no route: passed intact");
+        let out = dp
+            .runner()
+            .run_opts(Program::Vip, &frame, 1, Some(ifindex))
+            .unwrap();
+        assert_eq!(
+            (xdp::name(out.action), out.frame),
+            ("XDP_PASS", frame),
+            "no route: passed intact"
+        );
         assert_eq!(dp.maps().counter(Reason::IpipFailed).unwrap(), 1);
     })
     .unwrap();
@@ -399,18 +749,32 @@ fn table_flips_are_atomic_for_readers() {
     let (mut dp, _) = load();
     // Backend sets with different members, and four different prime sizes.
     let sets: [&[u8]; 4] = [&[1, 2, 3], &[4, 5, 6], &[1, 5, 7], &[2, 4, 8]];
-    let sizes: Vec<u32> = (3..=M).rev().filter(|&m| vip_agent::maglev::validate_size(m).is_ok()).take(4).collect();
+    let sizes: Vec<u32> = (3..=M)
+        .rev()
+        .filter(|&m| vip_agent::maglev::validate_size(m).is_ok())
+        .take(4)
+        .collect();
     let gen_spec = |g: u64| {
         let set = sets[(g % 4) as usize];
-        ServiceSpec { m: sizes[(g % 4) as usize], ..service(ForwardMode::Dsr, set.iter().map(|&i| backend(i)).collect()) }
+        ServiceSpec {
+            m: sizes[(g % 4) as usize],
+            ..service(ForwardMode::Dsr, set.iter().map(|&i| backend(i)).collect())
+        }
     };
     // The owner of every slot, by backend MAC, per generation class.
     let owners: Vec<Vec<Mac>> = (0..4u64)
         .map(|g| {
             let set = sets[g as usize];
             let names: Vec<String> = set.iter().map(|&i| backend_ip(i).to_string()).collect();
-            let w: Vec<_> = names.iter().map(|n| vip_agent::maglev::Weighted { name: n, weight: 1 }).collect();
-            vip_agent::maglev::build(&w, sizes[g as usize]).unwrap().iter().map(|&e| backend_mac(set[e as usize])).collect()
+            let w: Vec<_> = names
+                .iter()
+                .map(|n| vip_agent::maglev::Weighted { name: n, weight: 1 })
+                .collect();
+            vip_agent::maglev::build(&w, sizes[g as usize])
+                .unwrap()
+                .iter()
+                .map(|&e| backend_mac(set[e as usize]))
+                .collect()
         })
         .collect();
     let owner = |g: u64, flow: &vip_common::FlowKey| {
@@ -444,7 +808,11 @@ fn table_flips_are_atomic_for_readers() {
             let flow = flow_of(&f).unwrap();
             let out = runner.run(Program::Vip, &f).unwrap();
             let after = generation.load(Ordering::SeqCst);
-            assert_eq!(xdp::name(out.action), "XDP_TX", "flow {i}: every packet must find a backend");
+            assert_eq!(
+                xdp::name(out.action),
+                "XDP_TX",
+                "flow {i}: every packet must find a backend"
+            );
             let got: Mac = out.frame[0..6].try_into().unwrap();
             let allowed: Vec<Mac> = (before..=after + 1).map(|g| owner(g, &flow)).collect();
             assert!(allowed.contains(&got), "flow {i} (generations {before}..={after}): sent to {got:02x?}, allowed {allowed:02x?}");
@@ -453,6 +821,9 @@ fn table_flips_are_atomic_for_readers() {
             i += 1;
         }
     });
-    assert!(checked > 1000, "only {checked} packets ran during the flips");
+    assert!(
+        checked > 1000,
+        "only {checked} packets ran during the flips"
+    );
     eprintln!("{checked} packets checked across {FLIPS} flips ({straddled} straddled a flip)");
 }

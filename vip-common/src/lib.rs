@@ -73,7 +73,12 @@ const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 impl Config {
     pub const fn new(mac: [u8; 6], ip: [u8; 4]) -> Self {
-        Self { mac, _pad: [0; 2], ip, _pad2: [0; 4] }
+        Self {
+            mac,
+            _pad: [0; 2],
+            ip,
+            _pad2: [0; 4],
+        }
     }
 }
 
@@ -121,7 +126,12 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 
 impl ServiceKey {
     pub const fn tcp(vip: [u8; 4], port: u16) -> Self {
-        Self { vip, port: port.to_be_bytes(), proto: IPPROTO_TCP, _pad: 0 }
+        Self {
+            vip,
+            port: port.to_be_bytes(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        }
     }
 }
 
@@ -249,8 +259,14 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
 
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]

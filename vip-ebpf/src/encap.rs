@@ -75,15 +75,21 @@ fn restore_l2(ctx: &XdpContext, saved: &SavedL2, dst: [u8; 6], src: [u8; 6]) -> 
 #[inline(always)]
 pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     let fail = Verdict::pass(Reason::IpipFailed);
-    let Some(cfg) = CONFIG.get(0) else { return fail };
+    let Some(cfg) = CONFIG.get(0) else {
+        return fail;
+    };
     let node_ip = cfg.ip;
     if node_ip == [0; 4] {
         return fail;
     }
-    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else { return fail };
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
+        return fail;
+    };
     // SAFETY: bounds-checked by ptr_at.
     let (inner_len, tos) = unsafe { (u16::from_be_bytes((*inner).tot_len), (*inner).tos) };
-    let Some(outer_len) = inner_len.checked_add(Ipv4Hdr::LEN as u16) else { return fail };
+    let Some(outer_len) = inner_len.checked_add(Ipv4Hdr::LEN as u16) else {
+        return fail;
+    };
 
     // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
     let mut fib: FibParams = unsafe { mem::zeroed() };
@@ -96,12 +102,19 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend.ip);
     // SAFETY: ctx is the program's context; fib is a valid, writable parameter block.
     let rc = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT)
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return fail;
     }
-    let Some(saved) = save_l2(ctx, l2) else { return fail };
+    let Some(saved) = save_l2(ctx, l2) else {
+        return fail;
+    };
     // SAFETY: growing the head by one IPv4 header; on failure the frame is unchanged.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(Ipv4Hdr::LEN as i32)) } != 0 {
         return fail;
@@ -111,7 +124,9 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     if restore_l2(ctx, &saved, fib.dmac, fib.smac).is_none() {
         return broken;
     }
-    let Some(outer) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else { return broken };
+    let Some(outer) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
+        return broken;
+    };
     // SAFETY: bounds-checked by ptr_at.
     let outer = unsafe { &mut *outer };
     outer.vihl = 0x45;
@@ -145,7 +160,9 @@ pub fn decap(ctx: &XdpContext, l2: &L2, outer_ihl: usize) -> Verdict {
     if unsafe { VIPS.get(VipKey::new(inner_dst)) }.is_none() {
         return Verdict::pass(Reason::NotVip);
     }
-    let Some(saved) = save_l2(ctx, l2) else { return Verdict::pass(Reason::IpMalformed) };
+    let Some(saved) = save_l2(ctx, l2) else {
+        return Verdict::pass(Reason::IpMalformed);
+    };
     // SAFETY: shrinking the head by the outer header; on failure the frame is unchanged.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_ihl as i32) } != 0 {
         return Verdict::pass(Reason::IpipFailed);

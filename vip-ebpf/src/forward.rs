@@ -50,7 +50,12 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     };
     // SAFETY: ptr_at checked the 20-byte TCP header is inside the frame.
     let (sport, dport) = unsafe { ((*tcp).source, (*tcp).dest) };
-    let key = ServiceKey { vip: dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
+    let key = ServiceKey {
+        vip: dst,
+        port: dport,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
         return Verdict::pass(Reason::VipOtherPort);
@@ -58,7 +63,14 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     if svc.mode == ForwardMode::Local as u8 {
         return Verdict::pass(Reason::LocalMode);
     }
-    let flow = FlowKey { src: iph.src_addr, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] };
+    let flow = FlowKey {
+        src: iph.src_addr,
+        dst,
+        sport,
+        dport,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
     let Some((id, backend)) = lb::select(&flow, &svc) else {
         return Verdict::pass(Reason::NoBackend);
     };

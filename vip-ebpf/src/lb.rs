@@ -1,6 +1,8 @@
 //! Backend selection: the connection table first, Maglev on a miss.
 
-use vip_common::{flow_hash, Backend, Conn, FlowKey, Service, MAGLEV_MAX_M, MAGLEV_ROW, NO_BACKEND};
+use vip_common::{
+    flow_hash, Backend, Conn, FlowKey, Service, MAGLEV_MAX_M, MAGLEV_ROW, NO_BACKEND,
+};
 
 use crate::maps::{BACKENDS, CONNS, MAGLEV};
 
@@ -32,6 +34,13 @@ pub fn select(flow: &FlowKey, svc: &Service) -> Option<(u32, Backend)> {
         return None;
     }
     // A failed insert only means the next packet looks the flow up again.
-    let _ = CONNS.insert(flow, &Conn { backend: id, backend_ip: backend.ip }, 0);
+    let _ = CONNS.insert(
+        flow,
+        &Conn {
+            backend: id,
+            backend_ip: backend.ip,
+        },
+        0,
+    );
     Some((id, backend))
 }

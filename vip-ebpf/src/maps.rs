@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use vip_common::{
-    Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey, VipState,
-    MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_SERVICES, MAX_VIPS,
+    Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey,
+    VipState, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_SERVICES, MAX_VIPS,
 };
 
 /// This node's MAC on the attached interface. One entry (index 0). An array, not a hash,
@@ -46,4 +46,5 @@ pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(MAX_C
 
 /// Packets and bytes per backend, per CPU.
 #[map(name = "VIP_BACKEND_STATS")]
-pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

@@ -9,8 +9,8 @@ use aya::{
     Ebpf,
 };
 use vip_common::{
-    map_names, Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey,
-    VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
+    map_names, Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service,
+    ServiceKey, VipKey, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +71,10 @@ impl Maps {
                 .map_err(ty(map_names::SERVICES))?,
             backends: Array::try_from(take(ebpf, map_names::BACKENDS)?)
                 .map_err(ty(map_names::BACKENDS))?,
-            maglev: Array::try_from(take(ebpf, map_names::MAGLEV)?).map_err(ty(map_names::MAGLEV))?,
-            conns: HashMap::try_from(take(ebpf, map_names::CONNS)?).map_err(ty(map_names::CONNS))?,
+            maglev: Array::try_from(take(ebpf, map_names::MAGLEV)?)
+                .map_err(ty(map_names::MAGLEV))?,
+            conns: HashMap::try_from(take(ebpf, map_names::CONNS)?)
+                .map_err(ty(map_names::CONNS))?,
             backend_stats: PerCpuArray::try_from(take(ebpf, map_names::BACKEND_STATS)?)
                 .map_err(ty(map_names::BACKEND_STATS))?,
         })
@@ -158,14 +160,20 @@ impl Maps {
     /// Inserts or replaces a service. Replacing is how tables flip: one element update,
     /// atomic for readers.
     pub fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError> {
-        self.services.insert(key, svc, 0).map_err(op(map_names::SERVICES, "insert"))
+        self.services
+            .insert(key, svc, 0)
+            .map_err(op(map_names::SERVICES, "insert"))
     }
 
     /// Removes a service; removing one that is not there is not an error.
     pub fn remove_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
         match self.services.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "remove", source }),
+            Err(source) => Err(MapError::Op {
+                name: map_names::SERVICES,
+                op: "remove",
+                source,
+            }),
         }
     }
 
@@ -173,16 +181,24 @@ impl Maps {
         match self.services.get(&key, 0) {
             Ok(svc) => Ok(Some(svc)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "get", source }),
+            Err(source) => Err(MapError::Op {
+                name: map_names::SERVICES,
+                op: "get",
+                source,
+            }),
         }
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
-        self.backends.set(id, backend, 0).map_err(op(map_names::BACKENDS, "set"))
+        self.backends
+            .set(id, backend, 0)
+            .map_err(op(map_names::BACKENDS, "set"))
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend, MapError> {
-        self.backends.get(&id, 0).map_err(op(map_names::BACKENDS, "get"))
+        self.backends
+            .get(&id, 0)
+            .map_err(op(map_names::BACKENDS, "get"))
     }
 
     /// Writes `table` (backend ids, or [`NO_BACKEND`]) as table `half` of service slot
@@ -192,9 +208,13 @@ impl Maps {
     pub fn write_table(&mut self, slot: u16, half: u8, table: &[u32]) -> Result<(), MapError> {
         let first = Service::first_row(slot, half);
         for (i, chunk) in table.chunks(MAGLEV_ROW as usize).enumerate() {
-            let mut row = MaglevRow { ids: [NO_BACKEND; MAGLEV_ROW as usize] };
+            let mut row = MaglevRow {
+                ids: [NO_BACKEND; MAGLEV_ROW as usize],
+            };
             row.ids[..chunk.len()].copy_from_slice(chunk);
-            self.maglev.set(first + i as u32, row, 0).map_err(op(map_names::MAGLEV, "set"))?;
+            self.maglev
+                .set(first + i as u32, row, 0)
+                .map_err(op(map_names::MAGLEV, "set"))?;
         }
         Ok(())
     }
@@ -204,7 +224,10 @@ impl Maps {
         let first = Service::first_row(slot, half);
         let mut out = Vec::with_capacity(m as usize);
         for i in 0..m.div_ceil(MAGLEV_ROW).min(MAGLEV_ROWS_PER_TABLE) {
-            let row = self.maglev.get(&(first + i), 0).map_err(op(map_names::MAGLEV, "get"))?;
+            let row = self
+                .maglev
+                .get(&(first + i), 0)
+                .map_err(op(map_names::MAGLEV, "get"))?;
             out.extend_from_slice(&row.ids);
         }
         out.truncate(m as usize);
@@ -213,19 +236,26 @@ impl Maps {
 
     /// Packets and bytes sent to backend `id`, summed over CPUs.
     pub fn backend_stats(&self, id: u32) -> Result<BackendStats, MapError> {
-        let per_cpu = self.backend_stats.get(&id, 0).map_err(op(map_names::BACKEND_STATS, "get"))?;
-        Ok(per_cpu.iter().fold(BackendStats::default(), |acc, s| BackendStats {
-            packets: acc.packets + s.packets,
-            bytes: acc.bytes + s.bytes,
-        }))
+        let per_cpu = self
+            .backend_stats
+            .get(&id, 0)
+            .map_err(op(map_names::BACKEND_STATS, "get"))?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |acc, s| BackendStats {
+                packets: acc.packets + s.packets,
+                bytes: acc.bytes + s.bytes,
+            }))
     }
 
     /// Zeroes backend `id`'s counters (when the id is given to a new backend).
     pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), MapError> {
         let cpus = nr_cpus().map_err(|(_, source)| MapError::PerCpu { source })?;
-        let zeros =
-            PerCpuValues::try_from(vec![BackendStats::default(); cpus]).map_err(|source| MapError::PerCpu { source })?;
-        self.backend_stats.set(id, zeros, 0).map_err(op(map_names::BACKEND_STATS, "reset"))
+        let zeros = PerCpuValues::try_from(vec![BackendStats::default(); cpus])
+            .map_err(|source| MapError::PerCpu { source })?;
+        self.backend_stats
+            .set(id, zeros, 0)
+            .map_err(op(map_names::BACKEND_STATS, "reset"))
     }
 
     /// The backend a flow is pinned to, if any.
@@ -233,22 +263,38 @@ impl Maps {
         match self.conns.get(flow, 0) {
             Ok(c) => Ok(Some(c)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(MapError::Op { name: map_names::CONNS, op: "get", source }),
+            Err(source) => Err(MapError::Op {
+                name: map_names::CONNS,
+                op: "get",
+                source,
+            }),
         }
     }
 
     /// Pins a flow to a backend (tests seed established flows with it).
     pub fn set_conn(&mut self, flow: &FlowKey, conn: &Conn) -> Result<(), MapError> {
-        self.conns.insert(flow, conn, 0).map_err(op(map_names::CONNS, "insert"))
+        self.conns
+            .insert(flow, conn, 0)
+            .map_err(op(map_names::CONNS, "insert"))
     }
 
     /// Forgets every pinned flow.
     pub fn clear_conns(&mut self) -> Result<(), MapError> {
-        let keys: Vec<FlowKey> = self.conns.keys().collect::<Result<_, _>>().map_err(op(map_names::CONNS, "iterate"))?;
+        let keys: Vec<FlowKey> = self
+            .conns
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(op(map_names::CONNS, "iterate"))?;
         for k in keys {
             match self.conns.remove(&k) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(MapError::Op { name: map_names::CONNS, op: "remove", source }),
+                Err(source) => {
+                    return Err(MapError::Op {
+                        name: map_names::CONNS,
+                        op: "remove",
+                        source,
+                    })
+                }
             }
         }
         Ok(())

@@ -257,7 +257,12 @@ impl Dataplane {
     }
 
     /// Like [`Dataplane::test_run`], `repeat` times in the kernel.
-    pub fn test_run_repeat(&self, program: Program, frame: &[u8], repeat: u32) -> Result<RunOutcome, DataplaneError> {
+    pub fn test_run_repeat(
+        &self,
+        program: Program,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<RunOutcome, DataplaneError> {
         self.runner().run_opts(program, frame, repeat, None)
     }
 
@@ -309,7 +314,10 @@ impl Runner<'_> {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex. The kernel wants data_end == the frame's length.
         let ctx: Option<Vec<u8>> = ingress_ifindex.map(|ifindex| {
-            [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect()
+            [0u32, frame.len() as u32, 0, ifindex, 0, 0]
+                .iter()
+                .flat_map(|v| v.to_ne_bytes())
+                .collect()
         });
         let opts = TestRunOptions {
             data_in: Some(frame),
@@ -318,9 +326,18 @@ impl Runner<'_> {
             repeat,
             ..Default::default()
         };
-        let res = xdp.test_run(opts).map_err(|source| DataplaneError::TestRun { program: name, source })?;
+        let res = xdp
+            .test_run(opts)
+            .map_err(|source| DataplaneError::TestRun {
+                program: name,
+                source,
+            })?;
         out.truncate(res.data_size_out as usize);
-        Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration })
+        Ok(RunOutcome {
+            action: res.return_value,
+            frame: out,
+            duration: res.duration,
+        })
     }
 }
 
