@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod frames;
+pub mod lab;
 pub mod netns;
 
 /// The XDP actions, as the kernel numbers them.

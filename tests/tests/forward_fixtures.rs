@@ -17,7 +17,7 @@ use tests::{
         flow_of, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
         TCP_ACK, TCP_SYN,
     },
-    netns::{veth, Netns},
+    lab::FibLab,
     xdp,
 };
 use vip_agent::{
@@ -636,32 +636,10 @@ fn per_backend_counters_count_packets_and_bytes() {
 /// is the ingress interface's. A backend with no route gets the frame passed, intact.
 #[test]
 fn ipip_encapsulates_towards_the_fib_next_hop() {
-    let tag = tests::netns::unique_tag();
-    let lbns = Netns::new(&tag, "lb").unwrap();
-    let peer = Netns::new(&tag, "gw").unwrap();
-    veth(&lbns, "lb0", &peer, "gw0").unwrap();
-    lbns.ip(&["link", "set", "lb0", "address", "02:00:00:00:00:01"])
-        .unwrap();
-    lbns.ip(&["addr", "add", "10.0.0.1/24", "dev", "lb0"])
-        .unwrap();
-    lbns.ip(&["route", "add", "10.77.0.0/24", "via", "10.0.0.254"])
-        .unwrap();
-    lbns.ip(&[
-        "neigh",
-        "replace",
-        "10.0.0.254",
-        "lladdr",
-        "02:00:00:00:00:fe",
-        "dev",
-        "lb0",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
-    lbns.sysctl("net.ipv4.conf.all.forwarding", "1").unwrap();
-    lbns.sysctl("net.ipv4.conf.lb0.forwarding", "1").unwrap();
-    let gw_mac: Mac = [0x02, 0, 0, 0, 0, 0xfe];
-    let far = Ipv4Addr::new(10, 77, 0, 12);
+    let fib = FibLab::new().unwrap();
+    let lbns = &fib.lb;
+    let gw_mac = FibLab::GATEWAY_MAC;
+    let far = FibLab::FAR;
     let unroutable = Ipv4Addr::new(192, 0, 2, 9);
 
     lbns.within(|| {
