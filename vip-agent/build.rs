@@ -11,31 +11,17 @@ use aya_build::{Package, Toolchain};
 fn main() -> aya_build::Result<()> {
     println!("cargo:rerun-if-env-changed=VIP_EBPF_TOOLCHAIN");
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
-    let root = Path::new(&manifest_dir)
-        .parent()
-        .ok_or_else(|| aya_build_error("no parent"))?;
+    let root = Path::new(&manifest_dir).parent().ok_or_else(|| aya_build_error("no parent"))?;
     let ebpf_dir = root.join("vip-ebpf");
     // aya-build tracks vip-ebpf's own directory; the shared types live next door.
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("vip-common/src").display()
-    );
+    println!("cargo:rerun-if-changed={}", root.join("vip-common/src").display());
     let toolchain_name = std::env::var("VIP_EBPF_TOOLCHAIN").ok();
     let toolchain = match toolchain_name.as_deref() {
         Some(name) if !name.is_empty() => Toolchain::Custom(name),
         _ => Toolchain::Nightly,
     };
-    let ebpf_dir = ebpf_dir
-        .to_str()
-        .ok_or_else(|| aya_build_error("non-UTF-8 path"))?;
-    aya_build::build_ebpf(
-        [Package {
-            name: "vip-ebpf",
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
-        toolchain,
-    )
+    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| aya_build_error("non-UTF-8 path"))?;
+    aya_build::build_ebpf([Package { name: "vip-ebpf", root_dir: ebpf_dir, ..Default::default() }], toolchain)
 }
 
 fn aya_build_error(what: &str) -> std::io::Error {

@@ -14,9 +14,7 @@ use crate::netns::Netns;
 pub fn agent_bin() -> PathBuf {
     std::env::var_os("VIP_AGENT_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vip-agent")
-        })
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vip-agent"))
 }
 
 /// A `vip-agent` process inside a namespace; killed on drop if still running.
@@ -62,9 +60,7 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "agent did not exit within {timeout:?} of signal {signal}"
-                ));
+                return Err(format!("agent did not exit within {timeout:?} of signal {signal}"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -81,11 +77,7 @@ impl Drop for Agent {
 }
 
 /// Runs `vip-agent ARGS` in `ns` to completion (for commands expected to fail fast).
-pub fn run_to_exit(
-    ns: &Netns,
-    args: &[&str],
-    timeout: Duration,
-) -> Result<(ExitStatus, String), String> {
+pub fn run_to_exit(ns: &Netns, args: &[&str], timeout: Duration) -> Result<(ExitStatus, String), String> {
     let mut agent = Agent::spawn(ns, args)?;
     let deadline = Instant::now() + timeout;
     loop {
@@ -94,9 +86,7 @@ pub fn run_to_exit(
             return agent.stop(0, timeout);
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "vip-agent {args:?} still running after {timeout:?}"
-            ));
+            return Err(format!("vip-agent {args:?} still running after {timeout:?}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -118,12 +108,6 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// dropped), to check how the agent reports missing privileges.
 pub fn unprivileged(ns: &Netns) -> Command {
     let mut c = ns.cmd("setpriv");
-    c.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ]);
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]);
     c
 }

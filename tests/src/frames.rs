@@ -31,32 +31,12 @@ pub struct Arp {
 impl Arp {
     /// "Who has `tpa`? Tell `spa`", as a host sends it.
     pub fn request(sha: Mac, spa: Ipv4Addr, tpa: Ipv4Addr) -> Self {
-        Self {
-            htype: 1,
-            ptype: ETH_P_IPV4,
-            hlen: 6,
-            plen: 4,
-            oper: ARPOP_REQUEST,
-            sha,
-            spa,
-            tha: [0; 6],
-            tpa,
-        }
+        Self { htype: 1, ptype: ETH_P_IPV4, hlen: 6, plen: 4, oper: ARPOP_REQUEST, sha, spa, tha: [0; 6], tpa }
     }
 
     /// "`spa` is at `sha`", addressed to `tha`/`tpa`.
     pub fn reply(sha: Mac, spa: Ipv4Addr, tha: Mac, tpa: Ipv4Addr) -> Self {
-        Self {
-            htype: 1,
-            ptype: ETH_P_IPV4,
-            hlen: 6,
-            plen: 4,
-            oper: ARPOP_REPLY,
-            sha,
-            spa,
-            tha,
-            tpa,
-        }
+        Self { htype: 1, ptype: ETH_P_IPV4, hlen: 6, plen: 4, oper: ARPOP_REPLY, sha, spa, tha, tpa }
     }
 
     pub fn bytes(&self) -> Vec<u8> {
@@ -86,13 +66,7 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(dst: Mac, src: Mac, ethertype: u16, payload: Vec<u8>) -> Self {
-        Self {
-            dst,
-            src,
-            vlans: Vec::new(),
-            ethertype,
-            payload,
-        }
+        Self { dst, src, vlans: Vec::new(), ethertype, payload }
     }
 
     pub fn arp(dst: Mac, src: Mac, arp: &Arp) -> Self {
@@ -145,25 +119,12 @@ pub struct Ip4 {
 
 impl Ip4 {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Self {
-        Self {
-            src,
-            dst,
-            proto,
-            tos: 0,
-            id: 1,
-            frags: 0x4000,
-            ttl: 64,
-            options: Vec::new(),
-        }
+        Self { src, dst, proto, tos: 0, id: 1, frags: 0x4000, ttl: 64, options: Vec::new() }
     }
 
     /// The header (with a correct checksum) followed by `payload`.
     pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
-        assert_eq!(
-            self.options.len() % 4,
-            0,
-            "IPv4 options come in 4-byte words"
-        );
+        assert_eq!(self.options.len() % 4, 0, "IPv4 options come in 4-byte words");
         let hlen = 20 + self.options.len();
         let total = (hlen + payload.len()) as u16;
         let mut h = vec![0x40 | (hlen / 4) as u8, self.tos];
@@ -189,12 +150,7 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> 
 /// `inner` (an IPv4 packet) inside the outer header the data plane builds for IPIP:
 /// DF, TTL 64, id 0, the inner TOS, protocol 4.
 pub fn ipip(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
-    Ip4 {
-        tos: inner[1],
-        id: 0,
-        ..Ip4::new(outer_src, outer_dst, 4)
-    }
-    .packet(inner)
+    Ip4 { tos: inner[1], id: 0, ..Ip4::new(outer_src, outer_dst, 4) }.packet(inner)
 }
 
 /// A minimal IPv6 header followed by `payload`.
@@ -315,12 +271,7 @@ pub fn arp_model(frame: &[u8], vips: &[(Ipv4Addr, Role)], node_mac: Mac) -> Expe
     let Some(arp) = frame.get(off..off + 28) else {
         return Expected::Pass;
     };
-    if arp[0..2] != [0, 1]
-        || arp[2..4] != [8, 0]
-        || arp[4] != 6
-        || arp[5] != 4
-        || arp[6..8] != [0, 1]
-    {
+    if arp[0..2] != [0, 1] || arp[2..4] != [8, 0] || arp[4] != 6 || arp[5] != 4 || arp[6..8] != [0, 1] {
         return Expected::Pass;
     }
     let sha: Mac = arp[8..14].try_into().expect("6 bytes");

@@ -16,28 +16,17 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short tag for names made by this process: `<pid % 100000>x<n>`.
 pub fn unique_tag() -> String {
-    format!(
-        "{}x{}",
-        std::process::id() % 100_000,
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{}x{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Runs `cmd` and fails with its stderr if it fails.
 pub fn run(cmd: &mut Command) -> Result<Output, String> {
     let shown = format!("{cmd:?}");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{shown}: {e}"))?;
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("{shown}: {e}"))?;
     if out.status.success() {
         Ok(out)
     } else {
-        Err(format!(
-            "{shown} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 
@@ -75,10 +64,7 @@ impl Netns {
 
     /// `sysctl -w KEY=VALUE` inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), String> {
-        run(self
-            .cmd("sysctl")
-            .args(["-q", "-w", &format!("{key}={value}")]))
-        .map(drop)
+        run(self.cmd("sysctl").args(["-q", "-w", &format!("{key}={value}")])).map(drop)
     }
 
     /// Whether `dev` in this namespace has an XDP program attached (any mode).
@@ -128,27 +114,19 @@ impl Drop for Netns {
     fn drop(&mut self) {
         // Kill whatever still runs inside (an agent a failed test left behind), then
         // delete the namespace; both by name.
-        let _ = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .map(|out| {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            });
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "pids", &self.name]).output().map(|out| {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        });
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
 /// Links namespace `a` (interface `a_dev`) to namespace `b` (interface `b_dev`) with a
 /// veth pair and brings both ends up.
 pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<(), String> {
-    ip(&[
-        "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev, "netns",
-        &b.name,
-    ])?;
+    ip(&["link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev, "netns", &b.name])?;
     a.ip(&["link", "set", a_dev, "up"])?;
     b.ip(&["link", "set", b_dev, "up"])?;
     Ok(())
@@ -175,24 +153,10 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 }
 
 /// The result of `arping -c COUNT -w DEADLINE`: the MACs that answered, one per reply.
-pub fn arping(
-    from: &Netns,
-    dev: &str,
-    target: &str,
-    count: u32,
-    deadline_s: u32,
-) -> Result<Vec<[u8; 6]>, String> {
+pub fn arping(from: &Netns, dev: &str, target: &str, count: u32, deadline_s: u32) -> Result<Vec<[u8; 6]>, String> {
     let out = from
         .cmd("arping")
-        .args([
-            "-c",
-            &count.to_string(),
-            "-w",
-            &deadline_s.to_string(),
-            "-I",
-            dev,
-            target,
-        ])
+        .args(["-c", &count.to_string(), "-w", &deadline_s.to_string(), "-I", dev, target])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("arping: {e}"))?;

@@ -8,10 +8,7 @@
 use std::net::Ipv4Addr;
 
 use tests::{
-    frames::{
-        ipv4, ipv6, tcp, Arp, Frame, Mac, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
-        ETH_P_IPV6,
-    },
+    frames::{ipv4, ipv6, tcp, Arp, Frame, Mac, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6},
     xdp,
 };
 use vip_agent::dataplane::{Dataplane, Program};
@@ -48,9 +45,7 @@ fn load() -> Dataplane {
 }
 
 fn seed_config(dp: &mut Dataplane, mac: Mac) {
-    dp.maps_mut()
-        .set_config(&Config::new(mac, NODE_IP.octets()))
-        .expect("set config");
+    dp.maps_mut().set_config(&Config::new(mac, NODE_IP.octets())).expect("set config");
 }
 
 fn seed_vip(dp: &mut Dataplane, vip: Ipv4Addr, state: VipState) {
@@ -85,20 +80,12 @@ fn setup(dp: &mut Dataplane, state: State) {
 // ---- inputs ---------------------------------------------------------------------------
 
 fn request_for(tpa: Ipv4Addr) -> Frame {
-    Frame::arp(
-        BROADCAST,
-        CLIENT_MAC,
-        &Arp::request(CLIENT_MAC, CLIENT_IP, tpa),
-    )
+    Frame::arp(BROADCAST, CLIENT_MAC, &Arp::request(CLIENT_MAC, CLIENT_IP, tpa))
 }
 
 /// The reply the leader must send to `request_for(VIP)`, built field by field.
 fn reply_from_node(vip: Ipv4Addr) -> Frame {
-    Frame::arp(
-        CLIENT_MAC,
-        NODE_MAC,
-        &Arp::reply(NODE_MAC, vip, CLIENT_MAC, CLIENT_IP),
-    )
+    Frame::arp(CLIENT_MAC, NODE_MAC, &Arp::reply(NODE_MAC, vip, CLIENT_MAC, CLIENT_IP))
 }
 
 fn with_arp(f: impl FnOnce(&mut Arp)) -> Vec<u8> {
@@ -127,44 +114,24 @@ fn fx(
     reason: Reason,
     output: Option<Vec<u8>>,
 ) -> Fixture {
-    Fixture {
-        name: name.into(),
-        state,
-        input,
-        action,
-        reason,
-        output,
-    }
+    Fixture { name: name.into(), state, input, action, reason, output }
 }
 
 fn check(dp: &mut Dataplane, f: &Fixture) -> Result<(), String> {
     setup(dp, f.state);
     let before = dp.maps().counter(f.reason).map_err(|e| e.to_string())?;
-    let out = dp
-        .test_run(Program::Vip, &f.input)
-        .map_err(|e| format!("{}: {e:#?}", f.name))?;
+    let out = dp.test_run(Program::Vip, &f.input).map_err(|e| format!("{}: {e:#?}", f.name))?;
     let after = dp.maps().counter(f.reason).map_err(|e| e.to_string())?;
     let mut errs = Vec::new();
     if out.action != f.action {
-        errs.push(format!(
-            "action {} want {}",
-            xdp::name(out.action),
-            xdp::name(f.action)
-        ));
+        errs.push(format!("action {} want {}", xdp::name(out.action), xdp::name(f.action)));
     }
     if after != before + 1 {
-        errs.push(format!(
-            "counter {} moved by {} want 1",
-            f.reason.name(),
-            after - before
-        ));
+        errs.push(format!("counter {} moved by {} want 1", f.reason.name(), after - before));
     }
     let want = f.output.as_ref().unwrap_or(&f.input);
     if &out.frame != want {
-        errs.push(format!(
-            "output\n   got  {:02x?}\n   want {:02x?}",
-            out.frame, want
-        ));
+        errs.push(format!("output\n   got  {:02x?}\n   want {:02x?}", out.frame, want));
     }
     if errs.is_empty() {
         Ok(())
@@ -178,14 +145,7 @@ fn fixture_table() -> Vec<Fixture> {
     use State::*;
     let req = request_for(VIP);
     let mut t = vec![
-        fx(
-            "request for the VIP, leader",
-            Leader,
-            req.bytes(),
-            xdp::TX,
-            ArpReplied,
-            Some(reply_from_node(VIP).bytes()),
-        ),
+        fx("request for the VIP, leader", Leader, req.bytes(), xdp::TX, ArpReplied, Some(reply_from_node(VIP).bytes())),
         fx(
             "request for the VIP padded to 60 bytes, leader: padding kept",
             Leader,
@@ -194,14 +154,7 @@ fn fixture_table() -> Vec<Fixture> {
             ArpReplied,
             Some(reply_from_node(VIP).padded()),
         ),
-        fx(
-            "request for the VIP, follower",
-            Follower,
-            req.bytes(),
-            xdp::DROP,
-            ArpFollowerDropped,
-            None,
-        ),
+        fx("request for the VIP, follower", Follower, req.bytes(), xdp::DROP, ArpFollowerDropped, None),
         fx(
             "request for the VIP, leader past its deadline",
             LeaderExpired,
@@ -210,14 +163,7 @@ fn fixture_table() -> Vec<Fixture> {
             ArpFollowerDropped,
             None,
         ),
-        fx(
-            "request for another IP, leader",
-            Leader,
-            request_for(OTHER_IP).bytes(),
-            xdp::PASS,
-            ArpNotVip,
-            None,
-        ),
+        fx("request for another IP, leader", Leader, request_for(OTHER_IP).bytes(), xdp::PASS, ArpNotVip, None),
         fx(
             "request for the led VIP of two",
             LeaderOfOne,
@@ -237,15 +183,8 @@ fn fixture_table() -> Vec<Fixture> {
         fx(
             "unicast request for the VIP (cache refresh), leader",
             Leader,
-            Frame::arp(
-                NODE_MAC,
-                CLIENT_MAC,
-                &Arp {
-                    tha: NODE_MAC,
-                    ..Arp::request(CLIENT_MAC, CLIENT_IP, VIP)
-                },
-            )
-            .bytes(),
+            Frame::arp(NODE_MAC, CLIENT_MAC, &Arp { tha: NODE_MAC, ..Arp::request(CLIENT_MAC, CLIENT_IP, VIP) })
+                .bytes(),
             xdp::TX,
             ArpReplied,
             Some(reply_from_node(VIP).bytes()),
@@ -261,18 +200,10 @@ fn fixture_table() -> Vec<Fixture> {
         fx(
             "QinQ-tagged request, leader: both tags kept",
             Leader,
-            req.clone()
-                .vlan(ETH_P_8021AD, 10)
-                .vlan(ETH_P_8021Q, 20)
-                .bytes(),
+            req.clone().vlan(ETH_P_8021AD, 10).vlan(ETH_P_8021Q, 20).bytes(),
             xdp::TX,
             ArpReplied,
-            Some(
-                reply_from_node(VIP)
-                    .vlan(ETH_P_8021AD, 10)
-                    .vlan(ETH_P_8021Q, 20)
-                    .bytes(),
-            ),
+            Some(reply_from_node(VIP).vlan(ETH_P_8021AD, 10).vlan(ETH_P_8021Q, 20).bytes()),
         ),
         fx(
             "802.1Q-tagged request, follower",
@@ -285,11 +216,7 @@ fn fixture_table() -> Vec<Fixture> {
         fx(
             "three VLAN tags: not parsed, passed",
             Leader,
-            req.clone()
-                .vlan(ETH_P_8021Q, 1)
-                .vlan(ETH_P_8021Q, 2)
-                .vlan(ETH_P_8021Q, 3)
-                .bytes(),
+            req.clone().vlan(ETH_P_8021Q, 1).vlan(ETH_P_8021Q, 2).vlan(ETH_P_8021Q, 3).bytes(),
             xdp::PASS,
             NotArpPassed,
             None,
@@ -313,12 +240,7 @@ fn fixture_table() -> Vec<Fixture> {
         fx(
             "gratuitous ARP reply for the VIP",
             Leader,
-            Frame::arp(
-                BROADCAST,
-                OTHER_MAC,
-                &Arp::reply(OTHER_MAC, VIP, BROADCAST, VIP),
-            )
-            .bytes(),
+            Frame::arp(BROADCAST, OTHER_MAC, &Arp::reply(OTHER_MAC, VIP, BROADCAST, VIP)).bytes(),
             xdp::PASS,
             ArpNotRequest,
             None,
@@ -326,12 +248,7 @@ fn fixture_table() -> Vec<Fixture> {
         fx(
             "ARP reply from another node claiming the VIP",
             Leader,
-            Frame::arp(
-                CLIENT_MAC,
-                OTHER_MAC,
-                &Arp::reply(OTHER_MAC, VIP, CLIENT_MAC, CLIENT_IP),
-            )
-            .bytes(),
+            Frame::arp(CLIENT_MAC, OTHER_MAC, &Arp::reply(OTHER_MAC, VIP, CLIENT_MAC, CLIENT_IP)).bytes(),
             xdp::PASS,
             ArpNotVip,
             None,
@@ -339,94 +256,29 @@ fn fixture_table() -> Vec<Fixture> {
         fx(
             "ARP reply addressed to the VIP",
             Leader,
-            Frame::arp(
-                NODE_MAC,
-                OTHER_MAC,
-                &Arp::reply(OTHER_MAC, OTHER_IP, NODE_MAC, VIP),
-            )
-            .bytes(),
+            Frame::arp(NODE_MAC, OTHER_MAC, &Arp::reply(OTHER_MAC, OTHER_IP, NODE_MAC, VIP)).bytes(),
             xdp::PASS,
             ArpNotRequest,
             None,
         ),
-        fx(
-            "RARP-style operation 3 for the VIP",
-            Leader,
-            with_arp(|a| a.oper = 3),
-            xdp::PASS,
-            ArpNotRequest,
-            None,
-        ),
+        fx("RARP-style operation 3 for the VIP", Leader, with_arp(|a| a.oper = 3), xdp::PASS, ArpNotRequest, None),
         fx(
             "ARP probe (sender 0.0.0.0) for the VIP, leader defends it",
             Leader,
-            Frame::arp(
-                BROADCAST,
-                OTHER_MAC,
-                &Arp::request(OTHER_MAC, Ipv4Addr::UNSPECIFIED, VIP),
-            )
-            .bytes(),
+            Frame::arp(BROADCAST, OTHER_MAC, &Arp::request(OTHER_MAC, Ipv4Addr::UNSPECIFIED, VIP)).bytes(),
             xdp::TX,
             ArpReplied,
-            Some(
-                Frame::arp(
-                    OTHER_MAC,
-                    NODE_MAC,
-                    &Arp::reply(NODE_MAC, VIP, OTHER_MAC, Ipv4Addr::UNSPECIFIED),
-                )
-                .bytes(),
-            ),
+            Some(Frame::arp(OTHER_MAC, NODE_MAC, &Arp::reply(NODE_MAC, VIP, OTHER_MAC, Ipv4Addr::UNSPECIFIED)).bytes()),
         ),
-        fx(
-            "leader without a configured MAC",
-            LeaderNoMac,
-            req.bytes(),
-            xdp::DROP,
-            ArpNoConfig,
-            None,
-        ),
-        fx(
-            "wrong htype (IEEE 802)",
-            Leader,
-            with_arp(|a| a.htype = 6),
-            xdp::PASS,
-            ArpMalformed,
-            None,
-        ),
-        fx(
-            "wrong ptype (IPv6)",
-            Leader,
-            with_arp(|a| a.ptype = 0x86dd),
-            xdp::PASS,
-            ArpMalformed,
-            None,
-        ),
-        fx(
-            "wrong hlen (8)",
-            Leader,
-            with_arp(|a| a.hlen = 8),
-            xdp::PASS,
-            ArpMalformed,
-            None,
-        ),
-        fx(
-            "wrong plen (16)",
-            Leader,
-            with_arp(|a| a.plen = 16),
-            xdp::PASS,
-            ArpMalformed,
-            None,
-        ),
+        fx("leader without a configured MAC", LeaderNoMac, req.bytes(), xdp::DROP, ArpNoConfig, None),
+        fx("wrong htype (IEEE 802)", Leader, with_arp(|a| a.htype = 6), xdp::PASS, ArpMalformed, None),
+        fx("wrong ptype (IPv6)", Leader, with_arp(|a| a.ptype = 0x86dd), xdp::PASS, ArpMalformed, None),
+        fx("wrong hlen (8)", Leader, with_arp(|a| a.hlen = 8), xdp::PASS, ArpMalformed, None),
+        fx("wrong plen (16)", Leader, with_arp(|a| a.plen = 16), xdp::PASS, ArpMalformed, None),
         fx(
             "IPv4 TCP to the VIP, no service configured",
             Leader,
-            Frame::new(
-                NODE_MAC,
-                CLIENT_MAC,
-                ETH_P_IPV4,
-                ipv4(CLIENT_IP, VIP, 6, &tcp(40000, 6443, 0x02)),
-            )
-            .bytes(),
+            Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT_IP, VIP, 6, &tcp(40000, 6443, 0x02))).bytes(),
             xdp::PASS,
             VipOtherPort,
             None,
@@ -434,13 +286,7 @@ fn fixture_table() -> Vec<Fixture> {
         fx(
             "IPv6 frame",
             Leader,
-            Frame::new(
-                NODE_MAC,
-                CLIENT_MAC,
-                ETH_P_IPV6,
-                ipv6(6, &tcp(40000, 6443, 0x02)),
-            )
-            .bytes(),
+            Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(6, &tcp(40000, 6443, 0x02))).bytes(),
             xdp::PASS,
             NotArpPassed,
             None,
@@ -448,14 +294,9 @@ fn fixture_table() -> Vec<Fixture> {
         fx(
             "802.1Q-tagged IPv4 UDP to the VIP",
             Leader,
-            Frame::new(
-                NODE_MAC,
-                CLIENT_MAC,
-                ETH_P_IPV4,
-                ipv4(CLIENT_IP, VIP, 17, &[0; 8]),
-            )
-            .vlan(ETH_P_8021Q, 5)
-            .bytes(),
+            Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT_IP, VIP, 17, &[0; 8]))
+                .vlan(ETH_P_8021Q, 5)
+                .bytes(),
             xdp::PASS,
             VipNotTcp,
             None,
@@ -502,17 +343,8 @@ fn fixture_table() -> Vec<Fixture> {
 fn arp_fixture_table() {
     let mut dp = load();
     let table = fixture_table();
-    let failures: Vec<String> = table
-        .iter()
-        .filter_map(|f| check(&mut dp, f).err())
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} fixtures failed:\n{}",
-        failures.len(),
-        table.len(),
-        failures.join("\n")
-    );
+    let failures: Vec<String> = table.iter().filter_map(|f| check(&mut dp, f).err()).collect();
+    assert!(failures.is_empty(), "{} of {} fixtures failed:\n{}", failures.len(), table.len(), failures.join("\n"));
 }
 
 /// Frames shorter than an Ethernet header never reach an XDP program (drivers drop
@@ -532,15 +364,9 @@ fn truncated_below_ethernet_header_is_refused_by_the_kernel() {
 fn counters_add_up_to_frames_seen() {
     let mut dp = load();
     setup(&mut dp, State::LeaderOfOne);
-    let sum =
-        |dp: &Dataplane| -> u64 { dp.maps().counters().unwrap().iter().map(|(_, n)| n).sum() };
+    let sum = |dp: &Dataplane| -> u64 { dp.maps().counters().unwrap().iter().map(|(_, n)| n).sum() };
     let before = sum(&dp);
-    let frames = [
-        request_for(VIP).bytes(),
-        request_for(VIP2).bytes(),
-        request_for(OTHER_IP).bytes(),
-        vec![0u8; 14],
-    ];
+    let frames = [request_for(VIP).bytes(), request_for(VIP2).bytes(), request_for(OTHER_IP).bytes(), vec![0u8; 14]];
     for f in &frames {
         dp.test_run(Program::Vip, f).unwrap();
     }

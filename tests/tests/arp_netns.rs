@@ -35,14 +35,10 @@ fn lab(vip_on_lo: bool) -> Lab {
     let node = Netns::new(&tag, "node").unwrap();
     let client = Netns::new(&tag, "cli").unwrap();
     veth(&node, NODE_DEV, &client, CLIENT_DEV).unwrap();
-    node.ip(&["addr", "add", "10.31.0.1/24", "dev", NODE_DEV])
-        .unwrap();
-    client
-        .ip(&["addr", "add", "10.31.0.2/24", "dev", CLIENT_DEV])
-        .unwrap();
+    node.ip(&["addr", "add", "10.31.0.1/24", "dev", NODE_DEV]).unwrap();
+    client.ip(&["addr", "add", "10.31.0.2/24", "dev", CLIENT_DEV]).unwrap();
     if vip_on_lo {
-        node.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"])
-            .unwrap();
+        node.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]).unwrap();
     }
     Lab { client, node }
 }
@@ -59,11 +55,7 @@ fn leader_replies_and_follower_drops(mode: AttachMode) {
     let lab = lab(true);
     // Control: without the data plane, the node's kernel answers for the VIP on lo.
     let node_mac = mac_of(&lab.node, NODE_DEV).unwrap();
-    assert_eq!(
-        arping(&lab.client, CLIENT_DEV, VIP, 1, 2).unwrap(),
-        vec![node_mac],
-        "kernel should answer before XDP"
-    );
+    assert_eq!(arping(&lab.client, CLIENT_DEV, VIP, 1, 2).unwrap(), vec![node_mac], "kernel should answer before XDP");
 
     let node = &lab.node;
     let client = &lab.client;
@@ -71,9 +63,7 @@ fn leader_replies_and_follower_drops(mode: AttachMode) {
         let mut dp = Dataplane::load().expect("load (needs root)");
         let dev = netdev::lookup(NODE_DEV).unwrap();
         assert_eq!(dev.mac.0, node_mac);
-        dp.maps_mut()
-            .set_config(&Config::new(dev.mac.0, [0; 4]))
-            .unwrap();
+        dp.maps_mut().set_config(&Config::new(dev.mac.0, [0; 4])).unwrap();
         set_role(&mut dp, VipState::follower());
         if mode == AttachMode::Native {
             client.enter().unwrap();
@@ -86,39 +76,23 @@ fn leader_replies_and_follower_drops(mode: AttachMode) {
         // Follower: the request is dropped before the kernel sees it.
         let dropped = dp.maps().counter(Reason::ArpFollowerDropped).unwrap();
         let replies = arping(client, CLIENT_DEV, VIP, 2, 2).unwrap();
-        assert!(
-            replies.is_empty(),
-            "{mode}: follower must not answer, got {replies:02x?}"
-        );
+        assert!(replies.is_empty(), "{mode}: follower must not answer, got {replies:02x?}");
         assert!(dp.maps().counter(Reason::ArpFollowerDropped).unwrap() >= dropped + 2);
 
         // Leader: XDP answers with the node's MAC.
         set_role(&mut dp, VipState::leader_until(VipState::FOREVER));
         let replied = dp.maps().counter(Reason::ArpReplied).unwrap();
         let replies = arping(client, CLIENT_DEV, VIP, 3, 3).unwrap();
-        assert_eq!(
-            replies,
-            vec![node_mac; 3],
-            "{mode}: leader must answer every request"
-        );
-        assert!(
-            dp.maps().counter(Reason::ArpReplied).unwrap() >= replied + 3,
-            "{mode}: replies must come from XDP"
-        );
+        assert_eq!(replies, vec![node_mac; 3], "{mode}: leader must answer every request");
+        assert!(dp.maps().counter(Reason::ArpReplied).unwrap() >= replied + 3, "{mode}: replies must come from XDP");
 
         // And back: leadership moves by a map write alone.
         set_role(&mut dp, VipState::follower());
-        assert!(
-            arping(client, CLIENT_DEV, VIP, 2, 2).unwrap().is_empty(),
-            "{mode}: demoted node still answers"
-        );
+        assert!(arping(client, CLIENT_DEV, VIP, 2, 2).unwrap().is_empty(), "{mode}: demoted node still answers");
 
         // A leader whose deadline has passed stops answering by itself (fencing).
         set_role(&mut dp, VipState::leader_until(1));
-        assert!(
-            arping(client, CLIENT_DEV, VIP, 2, 2).unwrap().is_empty(),
-            "{mode}: expired leader still answers"
-        );
+        assert!(arping(client, CLIENT_DEV, VIP, 2, 2).unwrap().is_empty(), "{mode}: expired leader still answers");
     })
     .unwrap();
     // The Dataplane dropped with the thread: nothing may stay attached.
@@ -141,53 +115,24 @@ fn agent_answers_arp_until_sigterm_then_detaches() {
     // No VIP on lo: any reply can only come from the agent's XDP program.
     let lab = lab(false);
     let node_mac = mac_of(&lab.node, NODE_DEV).unwrap();
-    assert!(
-        arping(&lab.client, CLIENT_DEV, VIP, 1, 1)
-            .unwrap()
-            .is_empty(),
-        "nobody should own the VIP yet"
-    );
+    assert!(arping(&lab.client, CLIENT_DEV, VIP, 1, 1).unwrap().is_empty(), "nobody should own the VIP yet");
 
     let mut agent = Agent::spawn(
         &lab.node,
-        &[
-            "run",
-            "--interface",
-            NODE_DEV,
-            "--vip",
-            VIP,
-            "--election",
-            "none",
-            "--xdp-mode",
-            "skb",
-        ],
+        &["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--xdp-mode", "skb"],
     )
     .unwrap();
     assert!(
-        wait_until(Duration::from_secs(10), || lab
-            .node
-            .has_xdp(NODE_DEV)
-            .unwrap_or(false)),
+        wait_until(Duration::from_secs(10), || lab.node.has_xdp(NODE_DEV).unwrap_or(false)),
         "agent never attached"
     );
-    assert_eq!(
-        arping(&lab.client, CLIENT_DEV, VIP, 3, 3).unwrap(),
-        vec![node_mac; 3]
-    );
+    assert_eq!(arping(&lab.client, CLIENT_DEV, VIP, 3, 3).unwrap(), vec![node_mac; 3]);
 
     let (status, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
     assert!(status.success(), "agent exited with {status}: {log}");
     assert!(log.contains("stopped cleanly"), "{log}");
-    assert!(
-        !lab.node.has_xdp(NODE_DEV).unwrap(),
-        "program left attached after SIGTERM"
-    );
-    assert!(
-        arping(&lab.client, CLIENT_DEV, VIP, 1, 1)
-            .unwrap()
-            .is_empty(),
-        "VIP still answered after stop"
-    );
+    assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "program left attached after SIGTERM");
+    assert!(arping(&lab.client, CLIENT_DEV, VIP, 1, 1).unwrap().is_empty(), "VIP still answered after stop");
 }
 
 #[test]
@@ -195,23 +140,10 @@ fn agent_stops_on_sigint_too() {
     let lab = lab(false);
     let mut agent = Agent::spawn(
         &lab.node,
-        &[
-            "run",
-            "--interface",
-            NODE_DEV,
-            "--vip",
-            VIP,
-            "--election",
-            "none",
-            "--xdp-mode",
-            "skb",
-        ],
+        &["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--xdp-mode", "skb"],
     )
     .unwrap();
-    assert!(wait_until(Duration::from_secs(10), || lab
-        .node
-        .has_xdp(NODE_DEV)
-        .unwrap_or(false)));
+    assert!(wait_until(Duration::from_secs(10), || lab.node.has_xdp(NODE_DEV).unwrap_or(false)));
     let (status, log) = agent.stop(libc::SIGINT, Duration::from_secs(5)).unwrap();
     assert!(status.success(), "{log}");
     assert!(!lab.node.has_xdp(NODE_DEV).unwrap());
@@ -224,124 +156,24 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
     let lab = lab(false);
     let lo_before = lab.node.addrs("lo").unwrap();
     let cases: &[(&[&str], i32, &str)] = &[
-        (
-            &[
-                "run",
-                "--interface",
-                "nope0",
-                "--vip",
-                VIP,
-                "--election",
-                "none",
-            ],
-            1,
-            "interface \"nope0\" not found",
-        ),
-        (
-            &[
-                "run",
-                "--interface",
-                NODE_DEV,
-                "--vip",
-                "10.31.0.300",
-                "--election",
-                "none",
-            ],
-            2,
-            "'10.31.0.300'",
-        ),
-        (
-            &[
-                "run",
-                "--interface",
-                NODE_DEV,
-                "--vip",
-                "239.1.1.1",
-                "--election",
-                "none",
-            ],
-            1,
-            "--vip 239.1.1.1",
-        ),
-        (
-            &[
-                "run",
-                "--interface",
-                "lo",
-                "--vip",
-                VIP,
-                "--election",
-                "none",
-            ],
-            1,
-            "interface \"lo\" is not an Ethernet",
-        ),
-        (
-            &[
-                "run",
-                "--interface",
-                "a/b",
-                "--vip",
-                VIP,
-                "--election",
-                "none",
-            ],
-            1,
-            "invalid interface name \"a/b\"",
-        ),
-        (
-            &[
-                "run",
-                "--interface",
-                NODE_DEV,
-                "--vip",
-                VIP,
-                "--election",
-                "sometimes",
-            ],
-            2,
-            "'sometimes'",
-        ),
-        (
-            &[
-                "run",
-                "--interface",
-                NODE_DEV,
-                "--vip",
-                VIP,
-                "--election",
-                "none",
-                "--xdp-mode",
-                "turbo",
-            ],
-            2,
-            "'turbo'",
-        ),
+        (&["run", "--interface", "nope0", "--vip", VIP, "--election", "none"], 1, "interface \"nope0\" not found"),
+        (&["run", "--interface", NODE_DEV, "--vip", "10.31.0.300", "--election", "none"], 2, "'10.31.0.300'"),
+        (&["run", "--interface", NODE_DEV, "--vip", "239.1.1.1", "--election", "none"], 1, "--vip 239.1.1.1"),
+        (&["run", "--interface", "lo", "--vip", VIP, "--election", "none"], 1, "interface \"lo\" is not an Ethernet"),
+        (&["run", "--interface", "a/b", "--vip", VIP, "--election", "none"], 1, "invalid interface name \"a/b\""),
+        (&["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "sometimes"], 2, "'sometimes'"),
+        (&["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--xdp-mode", "turbo"], 2, "'turbo'"),
     ];
     for (args, code, needle) in cases {
         let (status, stderr) = run_to_exit(&lab.node, args, Duration::from_secs(10)).unwrap();
         assert_eq!(status.code(), Some(*code), "{args:?}: {stderr}");
         let first = stderr.lines().next().unwrap_or_default();
-        assert!(
-            first.contains(needle),
-            "{args:?}: first line {first:?} should name {needle:?}"
-        );
+        assert!(first.contains(needle), "{args:?}: first line {first:?} should name {needle:?}");
         if *code == 1 {
-            assert_eq!(
-                stderr.trim().lines().count(),
-                1,
-                "{args:?}: error should be one line: {stderr}"
-            );
+            assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: error should be one line: {stderr}");
         }
-        assert!(
-            !lab.node.has_xdp(NODE_DEV).unwrap(),
-            "{args:?} left XDP attached"
-        );
-        assert_eq!(
-            lab.node.addrs("lo").unwrap(),
-            lo_before,
-            "{args:?} changed lo"
-        );
+        assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "{args:?} left XDP attached");
+        assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "{args:?} changed lo");
     }
 }
 
@@ -363,16 +195,11 @@ fn flags_come_from_the_environment() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let attached = wait_until(Duration::from_secs(10), || {
-        lab.node.has_xdp(NODE_DEV).unwrap_or(false)
-    });
+    let attached = wait_until(Duration::from_secs(10), || lab.node.has_xdp(NODE_DEV).unwrap_or(false));
     let replies = arping(&lab.client, CLIENT_DEV, VIP, 1, 2).unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(
-        attached,
-        "agent configured from the environment never attached"
-    );
+    assert!(attached, "agent configured from the environment never attached");
     assert_eq!(replies, vec![node_mac]);
 }
 
@@ -382,23 +209,12 @@ fn missing_privileges_fail_cleanly() {
     let bin = tests::agent::agent_bin();
     let out = unprivileged(&lab.node)
         .arg(&bin)
-        .args([
-            "run",
-            "--interface",
-            NODE_DEV,
-            "--vip",
-            VIP,
-            "--election",
-            "none",
-        ])
+        .args(["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "none"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("refused") && stderr.contains("CAP_BPF"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("refused") && stderr.contains("CAP_BPF"), "{stderr}");
     assert!(!lab.node.has_xdp(NODE_DEV).unwrap());
 }

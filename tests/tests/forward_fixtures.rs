@@ -14,8 +14,7 @@ use std::{
 
 use tests::{
     frames::{
-        flow_of, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
-        TCP_ACK, TCP_SYN,
+        flow_of, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, TCP_ACK, TCP_SYN,
     },
     lab::FibLab,
     xdp,
@@ -43,35 +42,21 @@ fn backend_mac(i: u8) -> Mac {
 }
 
 fn backend(i: u8) -> BackendSpec {
-    BackendSpec {
-        ip: backend_ip(i),
-        mac: backend_mac(i),
-        weight: 1,
-        local: false,
-        healthy: true,
-    }
+    BackendSpec { ip: backend_ip(i), mac: backend_mac(i), weight: 1, local: false, healthy: true }
 }
 
 // ---- setup ------------------------------------------------------------------------------
 
 fn load() -> (Dataplane, Balancer) {
     let mut dp = Dataplane::load().expect("loading the XDP object (tests need root)");
-    dp.maps_mut()
-        .set_config(&Config::new(NODE_MAC, NODE_IP.octets()))
-        .unwrap();
+    dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
     // Forwarding does not depend on ARP leadership; a follower forwards what reaches it.
     dp.maps_mut().set_vip(VIP, VipState::follower()).unwrap();
     (dp, Balancer::new(Duration::from_millis(1)))
 }
 
 fn service(mode: ForwardMode, backends: Vec<BackendSpec>) -> ServiceSpec {
-    ServiceSpec {
-        vip: VIP,
-        port: PORT,
-        mode,
-        m: M,
-        backends,
-    }
+    ServiceSpec { vip: VIP, port: PORT, mode, m: M, backends }
 }
 
 /// Installs `spec` and forgets every pinned flow; returns the live table.
@@ -84,12 +69,7 @@ fn install(dp: &mut Dataplane, lb: &mut Balancer, spec: &ServiceSpec) -> Vec<u32
 // ---- inputs -----------------------------------------------------------------------------
 
 fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Frame {
-    Frame::new(
-        NODE_MAC,
-        CLIENT_MAC,
-        ETH_P_IPV4,
-        ipv4(src, dst, 6, &tcp(sport, dport, flags)),
-    )
+    Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(src, dst, 6, &tcp(sport, dport, flags)))
 }
 
 fn syn(sport: u16) -> Frame {
@@ -98,19 +78,12 @@ fn syn(sport: u16) -> Frame {
 
 /// `frame` as DSR must send it to backend `i`: MACs rewritten, nothing else.
 fn dsr_to(frame: &Frame, i: u8) -> Vec<u8> {
-    Frame {
-        dst: backend_mac(i),
-        src: NODE_MAC,
-        ..frame.clone()
-    }
-    .bytes()
+    Frame { dst: backend_mac(i), src: NODE_MAC, ..frame.clone() }.bytes()
 }
 
 /// Which backend (1-based, as named by `backend(i)`) a backend id is, given the spec.
 fn index_of(lb: &Balancer, id: u32) -> u8 {
-    (1..=9)
-        .find(|&i| lb.backend_id(backend_ip(i)) == Some(id))
-        .expect("id of a known backend")
+    (1..=9).find(|&i| lb.backend_id(backend_ip(i)) == Some(id)).expect("id of a known backend")
 }
 
 // ---- check ------------------------------------------------------------------------------
@@ -124,31 +97,18 @@ struct Expect {
 
 fn run_and_check(dp: &Dataplane, name: &str, input: &[u8], want: &Expect) -> Result<(), String> {
     let before = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
-    let out = dp
-        .test_run(Program::Vip, input)
-        .map_err(|e| format!("{name}: {e:?}"))?;
+    let out = dp.test_run(Program::Vip, input).map_err(|e| format!("{name}: {e:?}"))?;
     let after = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
     let mut errs = Vec::new();
     if out.action != want.action {
-        errs.push(format!(
-            "action {} want {}",
-            xdp::name(out.action),
-            xdp::name(want.action)
-        ));
+        errs.push(format!("action {} want {}", xdp::name(out.action), xdp::name(want.action)));
     }
     if after != before + 1 {
-        errs.push(format!(
-            "counter {} moved by {} want 1",
-            want.reason.name(),
-            after - before
-        ));
+        errs.push(format!("counter {} moved by {} want 1", want.reason.name(), after - before));
     }
     let expected = want.output.as_deref().unwrap_or(input);
     if out.frame != expected {
-        errs.push(format!(
-            "output\n   got  {:02x?}\n   want {expected:02x?}",
-            out.frame
-        ));
+        errs.push(format!("output\n   got  {:02x?}\n   want {expected:02x?}", out.frame));
     }
     if errs.is_empty() {
         Ok(())
@@ -158,11 +118,7 @@ fn run_and_check(dp: &Dataplane, name: &str, input: &[u8], want: &Expect) -> Res
 }
 
 fn pass(reason: Reason) -> Expect {
-    Expect {
-        action: xdp::PASS,
-        reason,
-        output: None,
-    }
+    Expect { action: xdp::PASS, reason, output: None }
 }
 
 #[test]
@@ -178,43 +134,27 @@ fn forwarding_fixture_table() {
     };
 
     // DSR, one backend: the output is fully determined.
-    install(
-        &mut dp,
-        &mut lb,
-        &service(ForwardMode::Dsr, vec![backend(1)]),
-    );
+    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1)]));
     let s = syn(40000);
     check(
         &dp,
         "SYN to the VIP, DSR",
         s.bytes(),
-        Expect {
-            action: xdp::TX,
-            reason: ForwardedDsr,
-            output: Some(dsr_to(&s, 1)),
-        },
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&s, 1)) },
     );
     let tagged = syn(40001).vlan(ETH_P_8021Q, 42);
     check(
         &dp,
         "802.1Q-tagged SYN, DSR: tag kept",
         tagged.bytes(),
-        Expect {
-            action: xdp::TX,
-            reason: ForwardedDsr,
-            output: Some(dsr_to(&tagged, 1)),
-        },
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&tagged, 1)) },
     );
     let qinq = syn(40002).vlan(ETH_P_8021AD, 1).vlan(ETH_P_8021Q, 2);
     check(
         &dp,
         "QinQ SYN, DSR",
         qinq.bytes(),
-        Expect {
-            action: xdp::TX,
-            reason: ForwardedDsr,
-            output: Some(dsr_to(&qinq, 1)),
-        },
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&qinq, 1)) },
     );
     // IPv4 options do not change where a packet goes: forwarded like any other.
     let opts = Frame::new(
@@ -231,110 +171,49 @@ fn forwarding_fixture_table() {
         &dp,
         "IPv4 with options, DSR",
         opts.bytes(),
-        Expect {
-            action: xdp::TX,
-            reason: ForwardedDsr,
-            output: Some(dsr_to(&opts, 1)),
-        },
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&opts, 1)) },
     );
     let first_frag = Frame::new(
         NODE_MAC,
         CLIENT_MAC,
         ETH_P_IPV4,
-        Ip4 {
-            frags: 0x2000,
-            ..Ip4::new(CLIENT_IP, VIP, 6)
-        }
-        .packet(&tcp(40004, PORT, TCP_ACK)),
+        Ip4 { frags: 0x2000, ..Ip4::new(CLIENT_IP, VIP, 6) }.packet(&tcp(40004, PORT, TCP_ACK)),
     );
-    check(
-        &dp,
-        "first fragment to the VIP",
-        first_frag.bytes(),
-        pass(Fragment),
-    );
+    check(&dp, "first fragment to the VIP", first_frag.bytes(), pass(Fragment));
     let later_frag = Frame::new(
         NODE_MAC,
         CLIENT_MAC,
         ETH_P_IPV4,
-        Ip4 {
-            frags: 0x0005,
-            ..Ip4::new(CLIENT_IP, VIP, 6)
-        }
-        .packet(&[0; 24]),
+        Ip4 { frags: 0x0005, ..Ip4::new(CLIENT_IP, VIP, 6) }.packet(&[0; 24]),
     );
-    check(
-        &dp,
-        "non-first fragment to the VIP",
-        later_frag.bytes(),
-        pass(Fragment),
-    );
-    let icmp = Frame::new(
-        NODE_MAC,
-        CLIENT_MAC,
-        ETH_P_IPV4,
-        ipv4(CLIENT_IP, VIP, 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]),
-    );
+    check(&dp, "non-first fragment to the VIP", later_frag.bytes(), pass(Fragment));
+    let icmp = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT_IP, VIP, 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]));
     check(&dp, "ICMP echo to the VIP", icmp.bytes(), pass(VipIcmp));
-    let udp = Frame::new(
-        NODE_MAC,
-        CLIENT_MAC,
-        ETH_P_IPV4,
-        ipv4(CLIENT_IP, VIP, 17, &[0x9c, 0x40, 0x19, 0x2b, 0, 8, 0, 0]),
-    );
-    check(
-        &dp,
-        "UDP to the VIP service port",
-        udp.bytes(),
-        pass(VipNotTcp),
-    );
+    let udp =
+        Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT_IP, VIP, 17, &[0x9c, 0x40, 0x19, 0x2b, 0, 8, 0, 0]));
+    check(&dp, "UDP to the VIP service port", udp.bytes(), pass(VipNotTcp));
     check(
         &dp,
         "TCP to another port of the VIP",
         tcp_frame(CLIENT_IP, 40005, VIP, 22, TCP_SYN).bytes(),
         pass(VipOtherPort),
     );
-    check(
-        &dp,
-        "reply sourced from the VIP",
-        tcp_frame(VIP, PORT, CLIENT_IP, 40006, TCP_ACK).bytes(),
-        pass(NotVip),
-    );
-    check(
-        &dp,
-        "TCP to a non-VIP address",
-        tcp_frame(CLIENT_IP, 40007, NODE_IP, PORT, TCP_SYN).bytes(),
-        pass(NotVip),
-    );
+    check(&dp, "reply sourced from the VIP", tcp_frame(VIP, PORT, CLIENT_IP, 40006, TCP_ACK).bytes(), pass(NotVip));
+    check(&dp, "TCP to a non-VIP address", tcp_frame(CLIENT_IP, 40007, NODE_IP, PORT, TCP_SYN).bytes(), pass(NotVip));
     let full = syn(40008).bytes();
     let l4 = 14 + 20;
     for len in [l4, l4 + 1, l4 + 10, l4 + 19] {
-        check(
-            &dp,
-            &format!("TCP header truncated to {} bytes", len - l4),
-            full[..len].to_vec(),
-            pass(TcpMalformed),
-        );
+        check(&dp, &format!("TCP header truncated to {} bytes", len - l4), full[..len].to_vec(), pass(TcpMalformed));
     }
     for len in [14, 15, 20, 33] {
-        check(
-            &dp,
-            &format!("IPv4 header truncated to {} bytes", len - 14),
-            full[..len].to_vec(),
-            pass(IpMalformed),
-        );
+        check(&dp, &format!("IPv4 header truncated to {} bytes", len - 14), full[..len].to_vec(), pass(IpMalformed));
     }
     let mut bad_ihl = full.clone();
     bad_ihl[14] = 0x44;
     check(&dp, "IPv4 IHL below 5", bad_ihl, pass(IpMalformed));
     let mut bad_version = full.clone();
     bad_version[14] = 0x65;
-    check(
-        &dp,
-        "IPv4 ethertype with version 6",
-        bad_version,
-        pass(IpMalformed),
-    );
+    check(&dp, "IPv4 ethertype with version 6", bad_version, pass(IpMalformed));
 
     // Three backends: Maglev picks; the agent-side table says which.
     let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, three()));
@@ -345,69 +224,26 @@ fn forwarding_fixture_table() {
             &dp,
             &format!("SYN from port {sport}, 3 backends"),
             f.bytes(),
-            Expect {
-                action: xdp::TX,
-                reason: ForwardedDsr,
-                output: Some(dsr_to(&f, want)),
-            },
+            Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&f, want)) },
         );
     }
 
     // The chosen backend is this node.
-    install(
-        &mut dp,
-        &mut lb,
-        &service(
-            ForwardMode::Dsr,
-            vec![BackendSpec {
-                local: true,
-                ..backend(1)
-            }],
-        ),
-    );
-    check(
-        &dp,
-        "backend is this node",
-        syn(40010).bytes(),
-        pass(LocalBackend),
-    );
+    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![BackendSpec { local: true, ..backend(1) }]));
+    check(&dp, "backend is this node", syn(40010).bytes(), pass(LocalBackend));
 
     // Local mode: no load balancing at all.
     install(&mut dp, &mut lb, &service(ForwardMode::Local, three()));
-    check(
-        &dp,
-        "service in local mode",
-        syn(40011).bytes(),
-        pass(LocalMode),
-    );
+    check(&dp, "service in local mode", syn(40011).bytes(), pass(LocalMode));
 
     // No healthy backend.
-    let down = vec![
-        BackendSpec {
-            healthy: false,
-            ..backend(1)
-        },
-        BackendSpec {
-            healthy: false,
-            ..backend(2)
-        },
-    ];
+    let down = vec![BackendSpec { healthy: false, ..backend(1) }, BackendSpec { healthy: false, ..backend(2) }];
     install(&mut dp, &mut lb, &service(ForwardMode::Dsr, down));
-    check(
-        &dp,
-        "no healthy backend",
-        syn(40012).bytes(),
-        pass(NoBackend),
-    );
+    check(&dp, "no healthy backend", syn(40012).bytes(), pass(NoBackend));
 
     // IPIP decapsulation on a backend: the inner packet for a VIP goes up the stack.
     let inner = ipv4(CLIENT_IP, VIP, 6, &tcp(40013, PORT, TCP_SYN));
-    let encapsulated = Frame::new(
-        NODE_MAC,
-        CLIENT_MAC,
-        ETH_P_IPV4,
-        ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &inner),
-    );
+    let encapsulated = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &inner));
     check(
         &dp,
         "IPIP for a VIP: decapsulated",
@@ -426,49 +262,22 @@ fn forwarding_fixture_table() {
         Expect {
             action: xdp::PASS,
             reason: IpipDecap,
-            output: Some(
-                Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner)
-                    .vlan(ETH_P_8021Q, 7)
-                    .bytes(),
-            ),
+            output: Some(Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner).vlan(ETH_P_8021Q, 7).bytes()),
         },
     );
-    let other_inner = ipv4(
-        CLIENT_IP,
-        Ipv4Addr::new(10, 0, 0, 99),
-        6,
-        &tcp(1, PORT, TCP_SYN),
-    );
-    let not_ours = Frame::new(
-        NODE_MAC,
-        CLIENT_MAC,
-        ETH_P_IPV4,
-        ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &other_inner),
-    );
-    check(
-        &dp,
-        "IPIP for another address: untouched",
-        not_ours.bytes(),
-        pass(NotVip),
-    );
+    let other_inner = ipv4(CLIENT_IP, Ipv4Addr::new(10, 0, 0, 99), 6, &tcp(1, PORT, TCP_SYN));
+    let not_ours =
+        Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &other_inner));
+    check(&dp, "IPIP for another address: untouched", not_ours.bytes(), pass(NotVip));
 
-    assert!(
-        failures.is_empty(),
-        "{} fixtures failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} fixtures failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 /// Every flow lands where the agent's Maglev table and the shared flow hash say.
 #[test]
 fn kernel_and_agent_agree_on_every_flows_backend() {
     let (mut dp, mut lb) = load();
-    let table = install(
-        &mut dp,
-        &mut lb,
-        &service(ForwardMode::Dsr, (1..=5).map(backend).collect()),
-    );
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=5).map(backend).collect()));
     let mut per_backend = [0usize; 6];
     for i in 0..5000u32 {
         let src = Ipv4Addr::from(0x0a01_0000 + i);
@@ -481,10 +290,7 @@ fn kernel_and_agent_agree_on_every_flows_backend() {
     }
     // And Maglev spreads them: each of 5 backends gets 20 % ± 3 points of 5000 flows.
     for (i, &n) in per_backend.iter().enumerate().skip(1) {
-        assert!(
-            (850..=1150).contains(&n),
-            "backend {i} got {n} of 5000 flows"
-        );
+        assert!((850..=1150).contains(&n), "backend {i} got {n} of 5000 flows");
     }
 }
 
@@ -493,11 +299,7 @@ fn kernel_and_agent_agree_on_every_flows_backend() {
 #[test]
 fn established_flow_stays_on_its_backend_when_the_set_changes() {
     let (mut dp, mut lb) = load();
-    let old = install(
-        &mut dp,
-        &mut lb,
-        &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]),
-    );
+    let old = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]));
     // Adding backends 4 and 5 moves about 40 % of the slots: find a flow that moves.
     let new_spec = service(ForwardMode::Dsr, (1..=5).map(backend).collect());
     let (first, moved_to) = {
@@ -525,40 +327,20 @@ fn established_flow_stays_on_its_backend_when_the_set_changes() {
     );
 
     let new_table = lb.apply(dp.maps_mut(), &new_spec).unwrap().table;
-    assert_eq!(
-        backend_ip_of(&lb, predict(&new_table, &flow)),
-        moved_to,
-        "preview and live tables differ"
-    );
-    let ack = tcp_frame(
-        CLIENT_IP,
-        u16::from_be_bytes(flow.sport),
-        VIP,
-        PORT,
-        TCP_ACK,
-    );
+    assert_eq!(backend_ip_of(&lb, predict(&new_table, &flow)), moved_to, "preview and live tables differ");
+    let ack = tcp_frame(CLIENT_IP, u16::from_be_bytes(flow.sport), VIP, PORT, TCP_ACK);
     let out = dp.test_run(Program::Vip, &ack.bytes()).unwrap();
     assert_eq!(out.action, xdp::TX);
-    assert_eq!(
-        out.frame[0..6],
-        pinned[..],
-        "established flow left its backend"
-    );
+    assert_eq!(out.frame[0..6], pinned[..], "established flow left its backend");
 
     // The same 5-tuple without its connection-table entry follows the new table.
     dp.maps_mut().clear_conns().unwrap();
     let out = dp.test_run(Program::Vip, &ack.bytes()).unwrap();
-    assert_eq!(
-        out.frame[0..6],
-        backend_mac(index_of(&lb, predict(&new_table, &flow)))[..]
-    );
+    assert_eq!(out.frame[0..6], backend_mac(index_of(&lb, predict(&new_table, &flow)))[..]);
 }
 
 fn backend_ip_of(lb: &Balancer, id: u32) -> Ipv4Addr {
-    (1..=9)
-        .map(backend_ip)
-        .find(|ip| lb.backend_id(*ip) == Some(id))
-        .expect("known backend")
+    (1..=9).map(backend_ip).find(|ip| lb.backend_id(*ip) == Some(id)).expect("known backend")
 }
 
 /// A flow whose backend is removed, or turns unhealthy, moves to the new table's choice
@@ -567,42 +349,25 @@ fn backend_ip_of(lb: &Balancer, id: u32) -> Ipv4Addr {
 fn flow_whose_backend_goes_away_moves() {
     for removal in ["removed", "unhealthy"] {
         let (mut dp, mut lb) = load();
-        let table = install(
-            &mut dp,
-            &mut lb,
-            &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]),
-        );
+        let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]));
         let f = syn(41000);
         let flow = flow_of(&f.bytes()).unwrap();
         let gone = index_of(&lb, predict(&table, &flow));
-        assert_eq!(
-            dp.test_run(Program::Vip, &f.bytes()).unwrap().frame,
-            dsr_to(&f, gone)
-        );
+        assert_eq!(dp.test_run(Program::Vip, &f.bytes()).unwrap().frame, dsr_to(&f, gone));
 
         let rest: Vec<BackendSpec> = (1..=3u8)
             .filter_map(|i| match (i == gone, removal) {
                 (false, _) => Some(backend(i)),
-                (true, "unhealthy") => Some(BackendSpec {
-                    healthy: false,
-                    ..backend(i)
-                }),
+                (true, "unhealthy") => Some(BackendSpec { healthy: false, ..backend(i) }),
                 (true, _) => None,
             })
             .collect();
-        let new_table = lb
-            .apply(dp.maps_mut(), &service(ForwardMode::Dsr, rest))
-            .unwrap()
-            .table;
+        let new_table = lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, rest)).unwrap().table;
         let ack = tcp_frame(CLIENT_IP, 41000, VIP, PORT, TCP_ACK);
         let out = dp.test_run(Program::Vip, &ack.bytes()).unwrap();
         let now = index_of(&lb, predict(&new_table, &flow));
         assert_ne!(now, gone, "{removal}");
-        assert_eq!(
-            out.frame,
-            dsr_to(&ack, now),
-            "{removal}: flow must move to the new table's backend"
-        );
+        assert_eq!(out.frame, dsr_to(&ack, now), "{removal}: flow must move to the new table's backend");
         assert_eq!(
             dp.maps().conn(&flow).unwrap().map(|c| c.backend_ip),
             Some(backend_ip(now).octets()),
@@ -615,11 +380,7 @@ fn flow_whose_backend_goes_away_moves() {
 #[test]
 fn per_backend_counters_count_packets_and_bytes() {
     let (mut dp, mut lb) = load();
-    install(
-        &mut dp,
-        &mut lb,
-        &service(ForwardMode::Dsr, vec![backend(1)]),
-    );
+    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1)]));
     let id = lb.backend_id(backend_ip(1)).unwrap();
     let before = dp.maps().backend_stats(id).unwrap();
     let f = syn(42000).bytes();
@@ -645,23 +406,9 @@ fn ipip_encapsulates_towards_the_fib_next_hop() {
     lbns.within(|| {
         let (mut dp, mut lb) = load();
         let ifindex = vip_agent::netdev::lookup("lb0").unwrap().ifindex;
-        let far_backend = BackendSpec {
-            ip: far,
-            mac: [0; 6],
-            weight: 1,
-            local: false,
-            healthy: true,
-        };
-        install(
-            &mut dp,
-            &mut lb,
-            &service(ForwardMode::Ipip, vec![far_backend.clone()]),
-        );
-        let inner = Ip4 {
-            tos: 0x10,
-            ..Ip4::new(CLIENT_IP, VIP, 6)
-        }
-        .packet(&tcp(43000, PORT, TCP_SYN));
+        let far_backend = BackendSpec { ip: far, mac: [0; 6], weight: 1, local: false, healthy: true };
+        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![far_backend.clone()]));
+        let inner = Ip4 { tos: 0x10, ..Ip4::new(CLIENT_IP, VIP, 6) }.packet(&tcp(43000, PORT, TCP_SYN));
         for (name, frame, expected) in [
             (
                 "SYN to the VIP, IPIP",
@@ -671,46 +418,21 @@ fn ipip_encapsulates_towards_the_fib_next_hop() {
             (
                 "802.1Q-tagged SYN, IPIP: tag kept",
                 Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone()).vlan(ETH_P_8021Q, 9),
-                Frame::new(gw_mac, NODE_MAC, ETH_P_IPV4, ipip(NODE_IP, far, &inner))
-                    .vlan(ETH_P_8021Q, 9),
+                Frame::new(gw_mac, NODE_MAC, ETH_P_IPV4, ipip(NODE_IP, far, &inner)).vlan(ETH_P_8021Q, 9),
             ),
         ] {
-            let out = dp
-                .runner()
-                .run_opts(Program::Vip, &frame.bytes(), 1, Some(ifindex))
-                .unwrap();
+            let out = dp.runner().run_opts(Program::Vip, &frame.bytes(), 1, Some(ifindex)).unwrap();
             assert_eq!(xdp::name(out.action), "XDP_TX", "{name}");
             assert_eq!(out.frame, expected.bytes(), "{name}");
             let l3 = 14 + 4 * frame.vlans.len();
-            assert_eq!(
-                tests::frames::inet_checksum(&out.frame[l3..l3 + 20]),
-                0,
-                "{name}: outer checksum"
-            );
+            assert_eq!(tests::frames::inet_checksum(&out.frame[l3..l3 + 20]), 0, "{name}: outer checksum");
         }
         assert_eq!(dp.maps().counter(Reason::ForwardedIpip).unwrap(), 2);
 
-        install(
-            &mut dp,
-            &mut lb,
-            &service(
-                ForwardMode::Ipip,
-                vec![BackendSpec {
-                    ip: unroutable,
-                    ..far_backend
-                }],
-            ),
-        );
+        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![BackendSpec { ip: unroutable, ..far_backend }]));
         let frame = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner).bytes();
-        let out = dp
-            .runner()
-            .run_opts(Program::Vip, &frame, 1, Some(ifindex))
-            .unwrap();
-        assert_eq!(
-            (xdp::name(out.action), out.frame),
-            ("XDP_PASS", frame),
-            "no route: passed intact"
-        );
+        let out = dp.runner().run_opts(Program::Vip, &frame, 1, Some(ifindex)).unwrap();
+        assert_eq!((xdp::name(out.action), out.frame), ("XDP_PASS", frame), "no route: passed intact");
         assert_eq!(dp.maps().counter(Reason::IpipFailed).unwrap(), 1);
     })
     .unwrap();
@@ -727,11 +449,7 @@ fn table_flips_are_atomic_for_readers() {
     let (mut dp, _) = load();
     // Backend sets with different members, and four different prime sizes.
     let sets: [&[u8]; 4] = [&[1, 2, 3], &[4, 5, 6], &[1, 5, 7], &[2, 4, 8]];
-    let sizes: Vec<u32> = (3..=M)
-        .rev()
-        .filter(|&m| vip_agent::maglev::validate_size(m).is_ok())
-        .take(4)
-        .collect();
+    let sizes: Vec<u32> = (3..=M).rev().filter(|&m| vip_agent::maglev::validate_size(m).is_ok()).take(4).collect();
     let gen_spec = |g: u64| {
         let set = sets[(g % 4) as usize];
         ServiceSpec {
@@ -744,10 +462,7 @@ fn table_flips_are_atomic_for_readers() {
         .map(|g| {
             let set = sets[g as usize];
             let names: Vec<String> = set.iter().map(|&i| backend_ip(i).to_string()).collect();
-            let w: Vec<_> = names
-                .iter()
-                .map(|n| vip_agent::maglev::Weighted { name: n, weight: 1 })
-                .collect();
+            let w: Vec<_> = names.iter().map(|n| vip_agent::maglev::Weighted { name: n, weight: 1 }).collect();
             vip_agent::maglev::build(&w, sizes[g as usize])
                 .unwrap()
                 .iter()
@@ -786,22 +501,18 @@ fn table_flips_are_atomic_for_readers() {
             let flow = flow_of(&f).unwrap();
             let out = runner.run(Program::Vip, &f).unwrap();
             let after = generation.load(Ordering::SeqCst);
-            assert_eq!(
-                xdp::name(out.action),
-                "XDP_TX",
-                "flow {i}: every packet must find a backend"
-            );
+            assert_eq!(xdp::name(out.action), "XDP_TX", "flow {i}: every packet must find a backend");
             let got: Mac = out.frame[0..6].try_into().unwrap();
             let allowed: Vec<Mac> = (before..=after + 1).map(|g| owner(g, &flow)).collect();
-            assert!(allowed.contains(&got), "flow {i} (generations {before}..={after}): sent to {got:02x?}, allowed {allowed:02x?}");
+            assert!(
+                allowed.contains(&got),
+                "flow {i} (generations {before}..={after}): sent to {got:02x?}, allowed {allowed:02x?}"
+            );
             checked += 1;
             straddled += u64::from(after != before);
             i += 1;
         }
     });
-    assert!(
-        checked > 1000,
-        "only {checked} packets ran during the flips"
-    );
+    assert!(checked > 1000, "only {checked} packets ran during the flips");
     eprintln!("{checked} packets checked across {FLIPS} flips ({straddled} straddled a flip)");
 }

@@ -15,7 +15,7 @@ use std::{
 
 use tests::{agent::wait_until, lab::Lab};
 use vip_agent::{
-    balancer::{Balancer, BackendSpec, ServiceSpec},
+    balancer::{BackendSpec, Balancer, ServiceSpec},
     dataplane::{AttachMode, Dataplane, Program},
     netdev,
 };
@@ -66,7 +66,8 @@ fn build_lab() -> (Lab, Servers) {
 
 /// Connects and returns the server's greeting (its name) and the open stream.
 fn greet(addr: SocketAddr) -> Result<(String, TcpStream), String> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect {addr}: {e}"))?;
+    let stream =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect {addr}: {e}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
     let mut line = String::new();
     BufReader::new(stream.try_clone().map_err(|e| e.to_string())?)
@@ -142,12 +143,8 @@ fn connections_spread_over_backends_and_survive_a_table_change() {
 
             // An open connection to a healthy backend keeps working while another backend
             // is marked down and the table changes under it.
-            let (held_by, mut held) = lab
-                .host("cli")
-                .ns
-                .within(|| greet(SocketAddr::from((VIP, PORT))))
-                .unwrap()
-                .unwrap();
+            let (held_by, mut held) =
+                lab.host("cli").ns.within(|| greet(SocketAddr::from((VIP, PORT)))).unwrap().unwrap();
             let victim = BACKENDS.iter().map(|(n, _)| *n).find(|n| *n != held_by).unwrap();
             echo(&mut held, "before").unwrap();
             let applied = lb.apply(dp.maps_mut(), &spec(Some(victim))).unwrap();

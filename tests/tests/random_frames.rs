@@ -14,9 +14,8 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use tests::{
     frames::{
-        arp_model, forward_model, ipip, ipv4, ipv6, tcp, Arp, Expected, ForwardState, Frame, Ip4,
-        Mac, Role, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6,
-        TCP_ACK, TCP_SYN,
+        arp_model, forward_model, ipip, ipv4, ipv6, tcp, Arp, Expected, ForwardState, Frame, Ip4, Mac, Role, BROADCAST,
+        ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
     },
     xdp, SplitMix64,
 };
@@ -44,11 +43,7 @@ fn arp_frame(rng: &mut SplitMix64) -> Frame {
     let targets = [VIP, VIP2, OTHER_IP, CLIENT_IP];
     let macs = [CLIENT_MAC, OTHER_MAC, NODE_MAC, BROADCAST];
     let tpa = targets[rng.below(targets.len())];
-    let spa = if rng.below(8) == 0 {
-        tpa
-    } else {
-        targets[rng.below(targets.len())]
-    };
+    let spa = if rng.below(8) == 0 { tpa } else { targets[rng.below(targets.len())] };
     let sha = macs[rng.below(macs.len())];
     let mut arp = if rng.below(4) == 0 {
         Arp::reply(sha, spa, macs[rng.below(macs.len())], tpa)
@@ -64,11 +59,7 @@ fn arp_frame(rng: &mut SplitMix64) -> Frame {
 fn tcp_packet(rng: &mut SplitMix64) -> Vec<u8> {
     let dsts = [VIP, VIP, VIP, VIP2, OTHER_IP, NODE_IP];
     let ports = [PORT, PORT, PORT, 22, 443];
-    let mut ip = Ip4::new(
-        Ipv4Addr::from(0x0a63_0000 + rng.below(1 << 16) as u32),
-        dsts[rng.below(dsts.len())],
-        6,
-    );
+    let mut ip = Ip4::new(Ipv4Addr::from(0x0a63_0000 + rng.below(1 << 16) as u32), dsts[rng.below(dsts.len())], 6);
     match rng.below(10) {
         0 => ip.options = vec![0x94, 0x04, 0, 0],
         1 => ip.frags = 0x2000,
@@ -77,11 +68,7 @@ fn tcp_packet(rng: &mut SplitMix64) -> Vec<u8> {
         _ => {}
     }
     let flags = [TCP_SYN, TCP_ACK, TCP_ACK | 0x08, 0x11][rng.below(4)];
-    ip.packet(&tcp(
-        1024 + rng.below(60000) as u16,
-        ports[rng.below(ports.len())],
-        flags,
-    ))
+    ip.packet(&tcp(1024 + rng.below(60000) as u16, ports[rng.below(ports.len())], flags))
 }
 
 /// Frames biased towards the interesting paths, then mutated, truncated or replaced.
@@ -91,30 +78,14 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
         4..=7 => Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, tcp_packet(rng)),
         8 => {
             let outer_dst = [NODE_IP, OTHER_IP][rng.below(2)];
-            Frame::new(
-                NODE_MAC,
-                OTHER_MAC,
-                ETH_P_IPV4,
-                ipip(OTHER_IP, outer_dst, &tcp_packet(rng)),
-            )
+            Frame::new(NODE_MAC, OTHER_MAC, ETH_P_IPV4, ipip(OTHER_IP, outer_dst, &tcp_packet(rng)))
         }
         9 => Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(17, &[0; 8])),
         10 => {
-            let ethertypes = [
-                ETH_P_ARP,
-                ETH_P_8021Q,
-                ETH_P_8021AD,
-                ETH_P_IPV4,
-                rng.next_u64() as u16,
-            ];
+            let ethertypes = [ETH_P_ARP, ETH_P_8021Q, ETH_P_8021AD, ETH_P_IPV4, rng.next_u64() as u16];
             let mut payload = vec![0u8; rng.below(80)];
             rng.fill(&mut payload);
-            Frame::new(
-                BROADCAST,
-                CLIENT_MAC,
-                ethertypes[rng.below(ethertypes.len())],
-                payload,
-            )
+            Frame::new(BROADCAST, CLIENT_MAC, ethertypes[rng.below(ethertypes.len())], payload)
         }
         _ => {
             let mut noise = vec![0u8; 14 + rng.below(100)];
@@ -123,20 +94,9 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
         }
     };
     for _ in 0..rng.below(4) {
-        f = f.vlan(
-            if rng.below(2) == 0 {
-                ETH_P_8021Q
-            } else {
-                ETH_P_8021AD
-            },
-            rng.below(4096) as u16,
-        );
+        f = f.vlan(if rng.below(2) == 0 { ETH_P_8021Q } else { ETH_P_8021AD }, rng.below(4096) as u16);
     }
-    let mut frame = if rng.below(2) == 0 {
-        f.padded()
-    } else {
-        f.bytes()
-    };
+    let mut frame = if rng.below(2) == 0 { f.padded() } else { f.bytes() };
     // Flip a few bytes, sometimes in the headers that decide the verdict.
     for _ in 0..rng.below(4) {
         let i = rng.below(frame.len().min(60));
@@ -152,21 +112,11 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
 
 #[test]
 fn random_frames_match_the_reference_models() {
-    let count: usize = std::env::var("VIP_RANDOM_FRAMES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000);
-    let seed: u64 = std::env::var("VIP_RANDOM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5EED_0A12);
+    let count: usize = std::env::var("VIP_RANDOM_FRAMES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let seed: u64 = std::env::var("VIP_RANDOM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5EED_0A12);
     let mut dp = Dataplane::load().expect("load (needs root)");
-    dp.maps_mut()
-        .set_config(&Config::new(NODE_MAC, NODE_IP.octets()))
-        .unwrap();
-    dp.maps_mut()
-        .set_vip(VIP, VipState::leader_until(VipState::FOREVER))
-        .unwrap();
+    dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
     dp.maps_mut().set_vip(VIP2, VipState::follower()).unwrap();
     let mut lb = Balancer::new(Duration::ZERO);
     let backends = (1..=3u8)
@@ -178,41 +128,21 @@ fn random_frames_match_the_reference_models() {
             healthy: true,
         })
         .collect();
-    let spec = ServiceSpec {
-        vip: VIP,
-        port: PORT,
-        mode: ForwardMode::Dsr,
-        m: 65537,
-        backends,
-    };
+    let spec = ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends };
     let table = lb.apply(dp.maps_mut(), &spec).unwrap().table;
     let mac_of = |id: u32| {
-        (1..=3u8)
-            .find(|&i| lb.backend_id(Ipv4Addr::new(10, 0, 0, 10 + i)) == Some(id))
-            .map_or([0; 6], backend_mac)
+        (1..=3u8).find(|&i| lb.backend_id(Ipv4Addr::new(10, 0, 0, 10 + i)) == Some(id)).map_or([0; 6], backend_mac)
     };
-    let state = ForwardState {
-        vips: &[VIP, VIP2],
-        service: (VIP, PORT),
-        table: &table,
-        mac_of: &mac_of,
-    };
+    let state = ForwardState { vips: &[VIP, VIP2], service: (VIP, PORT), table: &table, mac_of: &mac_of };
     let arp_vips = [(VIP, Role::Leader), (VIP2, Role::Follower)];
 
     let mut rng = SplitMix64(seed);
     let mut seen = std::collections::BTreeMap::<&str, usize>::new();
     for i in 0..count {
         let frame = random_frame(&mut rng);
-        let out = dp
-            .test_run(Program::Vip, &frame)
-            .unwrap_or_else(|e| panic!("frame {i} {frame:02x?}: {e:?}"));
-        assert_ne!(
-            out.action,
-            xdp::ABORTED,
-            "frame {i} (seed {seed:#x}) aborted: {frame:02x?}"
-        );
-        let expected =
-            forward_model(&frame, &state).unwrap_or_else(|| arp_model(&frame, &arp_vips, NODE_MAC));
+        let out = dp.test_run(Program::Vip, &frame).unwrap_or_else(|e| panic!("frame {i} {frame:02x?}: {e:?}"));
+        assert_ne!(out.action, xdp::ABORTED, "frame {i} (seed {seed:#x}) aborted: {frame:02x?}");
+        let expected = forward_model(&frame, &state).unwrap_or_else(|| arp_model(&frame, &arp_vips, NODE_MAC));
         let (ok, kind) = match &expected {
             Expected::Tx(want) => (out.action == xdp::TX && &out.frame == want, "tx"),
             Expected::Drop => (out.action == xdp::DROP && out.frame == frame, "drop"),
@@ -235,10 +165,7 @@ fn random_frames_match_the_reference_models() {
     // The generator must reach every verdict often, or the test proves little.
     for kind in ["arp reply", "forwarded", "drop", "pass", "decap"] {
         let n = seen.get(kind).copied().unwrap_or(0);
-        assert!(
-            n > count / 500,
-            "only {n} frames of kind {kind:?}: {seen:?}"
-        );
+        assert!(n > count / 500, "only {n} frames of kind {kind:?}: {seen:?}");
     }
     eprintln!("{count} random frames (seed {seed:#x}): {seen:?}");
 }

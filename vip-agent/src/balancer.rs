@@ -26,9 +26,7 @@ use std::{
 };
 
 use tracing::{debug, info};
-use vip_common::{
-    Backend, ForwardMode, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND,
-};
+use vip_common::{Backend, ForwardMode, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND};
 
 use crate::{
     dataplane::{MapError, Maps},
@@ -78,11 +76,7 @@ pub enum BalancerError {
     #[error("no free backend id for {ip} (at most {max} backends)")]
     TooManyBackends { ip: Ipv4Addr, max: u32 },
     #[error("backend {ip} is listed twice for {vip}:{port}")]
-    DuplicateBackend {
-        ip: Ipv4Addr,
-        vip: Ipv4Addr,
-        port: u16,
-    },
+    DuplicateBackend { ip: Ipv4Addr, vip: Ipv4Addr, port: u16 },
     #[error("{vip}:{port} is not a configured service")]
     UnknownService { vip: Ipv4Addr, port: u16 },
 }
@@ -124,12 +118,7 @@ impl Default for Balancer {
 
 impl Balancer {
     pub fn new(grace: Duration) -> Self {
-        Self {
-            services: BTreeMap::new(),
-            ids: BTreeMap::new(),
-            grace,
-            rebuilds: 0,
-        }
+        Self { services: BTreeMap::new(), ids: BTreeMap::new(), grace, rebuilds: 0 }
     }
 
     /// How many times a table was rebuilt and flipped.
@@ -144,9 +133,7 @@ impl Balancer {
 
     /// The live table of a service (backend id per slot).
     pub fn table(&self, vip: Ipv4Addr, port: u16) -> Option<&[u32]> {
-        self.services
-            .get(&ServiceKey::tcp(vip.octets(), port))
-            .map(|s| s.table.as_slice())
+        self.services.get(&ServiceKey::tcp(vip.octets(), port)).map(|s| s.table.as_slice())
     }
 
     /// Installs or updates a service. Idempotent: applying the same spec twice writes the
@@ -157,11 +144,7 @@ impl Balancer {
         let mut seen = BTreeSet::new();
         for b in &spec.backends {
             if !seen.insert(b.ip) {
-                return Err(BalancerError::DuplicateBackend {
-                    ip: b.ip,
-                    vip: spec.vip,
-                    port: spec.port,
-                });
+                return Err(BalancerError::DuplicateBackend { ip: b.ip, vip: spec.vip, port: spec.port });
             }
         }
         let slot = match self.services.get(&key) {
@@ -184,35 +167,17 @@ impl Balancer {
         }
 
         // The table over healthy backends, by address (the name every node agrees on).
-        let healthy: Vec<(usize, String)> = spec
-            .backends
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.healthy)
-            .map(|(i, b)| (i, b.ip.to_string()))
-            .collect();
-        let weighted: Vec<Weighted<'_>> = healthy
-            .iter()
-            .map(|(i, name)| Weighted {
-                name,
-                weight: spec.backends[*i].weight,
-            })
-            .collect();
+        let healthy: Vec<(usize, String)> =
+            spec.backends.iter().enumerate().filter(|(_, b)| b.healthy).map(|(i, b)| (i, b.ip.to_string())).collect();
+        let weighted: Vec<Weighted<'_>> =
+            healthy.iter().map(|(i, name)| Weighted { name, weight: spec.backends[*i].weight }).collect();
         let table: Vec<u32> = maglev::build(&weighted, spec.m)?
             .into_iter()
-            .map(|e| {
-                if e == maglev::NONE {
-                    NO_BACKEND
-                } else {
-                    ids[healthy[e as usize].0]
-                }
-            })
+            .map(|e| if e == maglev::NONE { NO_BACKEND } else { ids[healthy[e as usize].0] })
             .collect();
 
-        let unchanged = self
-            .services
-            .get(&key)
-            .is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
+        let unchanged =
+            self.services.get(&key).is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
         let flipped = !unchanged;
         if flipped {
             let prev = self.services.get(&key);
@@ -226,15 +191,7 @@ impl Balancer {
             }
             // 3. Write the inactive half, 4. flip.
             maps.write_table(slot, next_half, &table)?;
-            maps.set_service(
-                key,
-                Service {
-                    slot,
-                    active: next_half,
-                    mode: spec.mode as u8,
-                    m: spec.m,
-                },
-            )?;
+            maps.set_service(key, Service { slot, active: next_half, mode: spec.mode as u8, m: spec.m })?;
             self.rebuilds += 1;
             info!(
                 vip = %spec.vip, port = spec.port, slot, half = next_half, m = spec.m,
@@ -246,11 +203,8 @@ impl Balancer {
         //    read the old table just before the flip may still be about to look its
         //    backend up: wait out the grace period first, so it finds the backend up.
         let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
-        let removed: Vec<Ipv4Addr> = self
-            .services
-            .get(&key)
-            .map(|s| s.backends.difference(&now).copied().collect())
-            .unwrap_or_default();
+        let removed: Vec<Ipv4Addr> =
+            self.services.get(&key).map(|s| s.backends.difference(&now).copied().collect()).unwrap_or_default();
         let downs = spec.backends.iter().any(|b| !b.healthy);
         if flipped && (downs || !removed.is_empty()) {
             std::thread::sleep(self.grace);
@@ -260,11 +214,7 @@ impl Balancer {
                 maps.set_backend(id, &entry(b, false))?;
             }
         }
-        let last_flip = if flipped {
-            Some(Instant::now())
-        } else {
-            self.services.get(&key).and_then(|s| s.last_flip)
-        };
+        let last_flip = if flipped { Some(Instant::now()) } else { self.services.get(&key).and_then(|s| s.last_flip) };
         let active = match self.services.get(&key) {
             Some(s) if !flipped => s.active,
             Some(s) => s.active ^ 1,
@@ -272,38 +222,18 @@ impl Balancer {
         };
         self.services.insert(
             key,
-            Installed {
-                slot,
-                active,
-                mode: spec.mode,
-                m: spec.m,
-                last_flip,
-                table: table.clone(),
-                backends: now,
-            },
+            Installed { slot, active, mode: spec.mode, m: spec.m, last_flip, table: table.clone(), backends: now },
         );
         for ip in removed {
             self.release_if_unused(maps, ip)?;
         }
-        Ok(Applied {
-            flipped,
-            table,
-            ids,
-        })
+        Ok(Applied { flipped, table, ids })
     }
 
     /// Removes a service from the data plane and frees the backends only it used.
-    pub fn remove(
-        &mut self,
-        maps: &mut Maps,
-        vip: Ipv4Addr,
-        port: u16,
-    ) -> Result<(), BalancerError> {
+    pub fn remove(&mut self, maps: &mut Maps, vip: Ipv4Addr, port: u16) -> Result<(), BalancerError> {
         let key = ServiceKey::tcp(vip.octets(), port);
-        let installed = self
-            .services
-            .remove(&key)
-            .ok_or(BalancerError::UnknownService { vip, port })?;
+        let installed = self.services.remove(&key).ok_or(BalancerError::UnknownService { vip, port })?;
         maps.remove_service(key)?;
         for ip in installed.backends {
             self.release_if_unused(maps, ip)?;
@@ -322,12 +252,9 @@ impl Balancer {
             return Ok(id);
         }
         let used: BTreeSet<u32> = self.ids.values().copied().collect();
-        let id = (0..MAX_BACKENDS).find(|i| !used.contains(i)).ok_or(
-            BalancerError::TooManyBackends {
-                ip,
-                max: MAX_BACKENDS,
-            },
-        )?;
+        let id = (0..MAX_BACKENDS)
+            .find(|i| !used.contains(i))
+            .ok_or(BalancerError::TooManyBackends { ip, max: MAX_BACKENDS })?;
         maps.reset_backend_stats(id)?;
         self.ids.insert(ip, id);
         debug!(%ip, id, "backend id assigned");
@@ -354,9 +281,5 @@ fn entry(b: &BackendSpec, up: bool) -> Backend {
     if b.local {
         flags |= Backend::F_LOCAL;
     }
-    Backend {
-        ip: b.ip.octets(),
-        mac: b.mac,
-        flags,
-    }
+    Backend { ip: b.ip.octets(), mac: b.mac, flags }
 }

@@ -10,11 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{dataplane::AttachMode, netdev};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "vip-agent",
-    version,
-    about = "Highly-available VIP for the Kubernetes control plane"
-)]
+#[command(name = "vip-agent", version, about = "Highly-available VIP for the Kubernetes control plane")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -39,13 +35,7 @@ pub struct RunArgs {
     #[arg(long, env = "VIP_INTERFACE", value_name = "IF")]
     pub interface: String,
     /// Virtual IP to serve. Repeat the flag (or separate with commas) for several.
-    #[arg(
-        long = "vip",
-        env = "VIP_VIP",
-        value_name = "IP",
-        required = true,
-        value_delimiter = ','
-    )]
+    #[arg(long = "vip", env = "VIP_VIP", value_name = "IP", required = true, value_delimiter = ',')]
     pub vips: Vec<Ipv4Addr>,
     /// Leader election. Only `none` is available yet: this node always leads.
     #[arg(long, env = "VIP_ELECTION", value_enum)]
@@ -82,10 +72,7 @@ impl TryFrom<RunArgs> for RunConfig {
     fn try_from(args: RunArgs) -> Result<Self, ConfigError> {
         netdev::validate_name(&args.interface)?;
         if args.vips.len() > vip_common::MAX_VIPS as usize {
-            return Err(ConfigError::TooManyVips {
-                count: args.vips.len(),
-                max: vip_common::MAX_VIPS,
-            });
+            return Err(ConfigError::TooManyVips { count: args.vips.len(), max: vip_common::MAX_VIPS });
         }
         let mut seen = BTreeSet::new();
         for &vip in &args.vips {
@@ -94,12 +81,7 @@ impl TryFrom<RunArgs> for RunConfig {
                 return Err(ConfigError::DuplicateVip { vip });
             }
         }
-        Ok(RunConfig {
-            interface: args.interface,
-            vips: args.vips,
-            election: args.election,
-            xdp_mode: args.xdp_mode,
-        })
+        Ok(RunConfig { interface: args.interface, vips: args.vips, election: args.election, xdp_mode: args.xdp_mode })
     }
 }
 
@@ -124,93 +106,40 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<RunConfig, String> {
-        let cli = Cli::try_parse_from(["vip-agent", "run"].iter().chain(args))
-            .map_err(|e| e.to_string())?;
+        let cli = Cli::try_parse_from(["vip-agent", "run"].iter().chain(args)).map_err(|e| e.to_string())?;
         let Command::Run(run) = cli.command;
         RunConfig::try_from(run).map_err(|e| e.to_string())
     }
 
     #[test]
     fn parses_repeated_and_comma_separated_vips() {
-        let cfg = parse(&[
-            "--interface",
-            "eth0",
-            "--vip",
-            "10.0.0.1,10.0.0.2",
-            "--vip",
-            "10.0.0.3",
-            "--election",
-            "none",
-        ])
-        .unwrap();
-        assert_eq!(
-            cfg.vips,
-            ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|s| s.parse::<Ipv4Addr>().unwrap())
-        );
+        let cfg =
+            parse(&["--interface", "eth0", "--vip", "10.0.0.1,10.0.0.2", "--vip", "10.0.0.3", "--election", "none"])
+                .unwrap();
+        assert_eq!(cfg.vips, ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|s| s.parse::<Ipv4Addr>().unwrap()));
         assert_eq!(cfg.xdp_mode, AttachMode::Auto);
     }
 
     #[test]
     fn a_bad_vip_is_named_in_the_error() {
-        let err = parse(&[
-            "--interface",
-            "eth0",
-            "--vip",
-            "10.0.0.300",
-            "--election",
-            "none",
-        ])
-        .unwrap_err();
+        let err = parse(&["--interface", "eth0", "--vip", "10.0.0.300", "--election", "none"]).unwrap_err();
         assert!(err.contains("10.0.0.300"), "{err}");
-        let err = parse(&[
-            "--interface",
-            "eth0",
-            "--vip",
-            "224.0.0.1",
-            "--election",
-            "none",
-        ])
-        .unwrap_err();
+        let err = parse(&["--interface", "eth0", "--vip", "224.0.0.1", "--election", "none"]).unwrap_err();
         assert_eq!(err, "--vip 224.0.0.1: a multicast address cannot be a VIP");
-        let err = parse(&[
-            "--interface",
-            "eth0",
-            "--vip",
-            "10.0.0.1,10.0.0.1",
-            "--election",
-            "none",
-        ])
-        .unwrap_err();
+        let err = parse(&["--interface", "eth0", "--vip", "10.0.0.1,10.0.0.1", "--election", "none"]).unwrap_err();
         assert_eq!(err, "--vip 10.0.0.1 is given twice");
     }
 
     #[test]
     fn a_bad_interface_name_is_named_in_the_error() {
-        let err = parse(&[
-            "--interface",
-            "eth/0",
-            "--vip",
-            "10.0.0.1",
-            "--election",
-            "none",
-        ])
-        .unwrap_err();
+        let err = parse(&["--interface", "eth/0", "--vip", "10.0.0.1", "--election", "none"]).unwrap_err();
         assert!(err.contains("\"eth/0\""), "{err}");
     }
 
     #[test]
     fn unknown_xdp_mode_is_rejected() {
-        let err = parse(&[
-            "--interface",
-            "eth0",
-            "--vip",
-            "10.0.0.1",
-            "--election",
-            "none",
-            "--xdp-mode",
-            "hw",
-        ])
-        .unwrap_err();
+        let err =
+            parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none", "--xdp-mode", "hw"]).unwrap_err();
         assert!(err.contains("'hw'"), "{err}");
     }
 }

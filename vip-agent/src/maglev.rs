@@ -50,10 +50,7 @@ pub enum MaglevError {
 /// Checks that `m` can be a table size: a prime in `3..=MAGLEV_MAX_M`.
 pub fn validate_size(m: u32) -> Result<(), MaglevError> {
     if !(3..=vip_common::MAGLEV_MAX_M).contains(&m) {
-        return Err(MaglevError::OutOfRange {
-            m,
-            max: vip_common::MAGLEV_MAX_M,
-        });
+        return Err(MaglevError::OutOfRange { m, max: vip_common::MAGLEV_MAX_M });
     }
     if !is_prime(m) {
         return Err(MaglevError::NotPrime { m });
@@ -104,21 +101,14 @@ pub fn build(backends: &[Weighted<'_>], m: u32) -> Result<Vec<u32>, MaglevError>
     let mut names = BTreeSet::new();
     for b in backends {
         if b.weight == 0 {
-            return Err(MaglevError::ZeroWeight {
-                name: b.name.to_owned(),
-            });
+            return Err(MaglevError::ZeroWeight { name: b.name.to_owned() });
         }
         if !names.insert(b.name) {
-            return Err(MaglevError::Duplicate {
-                name: b.name.to_owned(),
-            });
+            return Err(MaglevError::Duplicate { name: b.name.to_owned() });
         }
     }
     if backends.len() > m as usize {
-        return Err(MaglevError::TooManyBackends {
-            n: backends.len(),
-            m,
-        });
+        return Err(MaglevError::TooManyBackends { n: backends.len(), m });
     }
     let mut table = vec![NONE; m as usize];
     if backends.is_empty() {
@@ -128,18 +118,9 @@ pub fn build(backends: &[Weighted<'_>], m: u32) -> Result<Vec<u32>, MaglevError>
     let mut order: Vec<usize> = (0..backends.len()).collect();
     order.sort_by_key(|&i| backends[i].name);
     let m64 = u64::from(m);
-    let mut next: Vec<u64> = order
-        .iter()
-        .map(|&i| name_hash(0, backends[i].name) % m64)
-        .collect();
-    let skip: Vec<u64> = order
-        .iter()
-        .map(|&i| name_hash(1, backends[i].name) % (m64 - 1) + 1)
-        .collect();
-    let weight: Vec<u64> = order
-        .iter()
-        .map(|&i| u64::from(backends[i].weight))
-        .collect();
+    let mut next: Vec<u64> = order.iter().map(|&i| name_hash(0, backends[i].name) % m64).collect();
+    let skip: Vec<u64> = order.iter().map(|&i| name_hash(1, backends[i].name) % (m64 - 1) + 1).collect();
+    let weight: Vec<u64> = order.iter().map(|&i| u64::from(backends[i].weight)).collect();
     let max_weight = weight.iter().copied().max().unwrap_or(1);
     let mut credit = vec![0u64; order.len()];
     // One bit per slot: 8 KiB for M = 65537, so the probe loop stays in L1.
@@ -191,16 +172,11 @@ mod tests {
     use super::*;
 
     fn names(n: usize) -> Vec<String> {
-        (0..n)
-            .map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256))
-            .collect()
+        (0..n).map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256)).collect()
     }
 
     fn equal(names: &[String]) -> Vec<Weighted<'_>> {
-        names
-            .iter()
-            .map(|n| Weighted { name: n, weight: 1 })
-            .collect()
+        names.iter().map(|n| Weighted { name: n, weight: 1 }).collect()
     }
 
     /// Maps a table of input indices to names, so tables from differently ordered inputs
@@ -211,25 +187,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes_with_the_value() {
-        assert_eq!(
-            validate_size(65536),
-            Err(MaglevError::NotPrime { m: 65536 })
-        );
-        assert_eq!(
-            build(&[], 100).unwrap_err().to_string(),
-            "Maglev table size 100 is not prime"
-        );
-        assert_eq!(
-            validate_size(2),
-            Err(MaglevError::OutOfRange { m: 2, max: 65537 })
-        );
-        assert_eq!(
-            validate_size(65539),
-            Err(MaglevError::OutOfRange {
-                m: 65539,
-                max: 65537
-            })
-        );
+        assert_eq!(validate_size(65536), Err(MaglevError::NotPrime { m: 65536 }));
+        assert_eq!(build(&[], 100).unwrap_err().to_string(), "Maglev table size 100 is not prime");
+        assert_eq!(validate_size(2), Err(MaglevError::OutOfRange { m: 2, max: 65537 }));
+        assert_eq!(validate_size(65539), Err(MaglevError::OutOfRange { m: 65539, max: 65537 }));
         for p in [3, 13, 251, 4099, 65521, 65537] {
             validate_size(p).unwrap();
         }
@@ -237,33 +198,12 @@ mod tests {
 
     #[test]
     fn rejects_zero_weights_and_duplicates() {
-        let b = [
-            Weighted {
-                name: "a",
-                weight: 1,
-            },
-            Weighted {
-                name: "a",
-                weight: 2,
-            },
-        ];
-        assert_eq!(
-            build(&b, 13),
-            Err(MaglevError::Duplicate { name: "a".into() })
-        );
-        let b = [Weighted {
-            name: "a",
-            weight: 0,
-        }];
-        assert_eq!(
-            build(&b, 13),
-            Err(MaglevError::ZeroWeight { name: "a".into() })
-        );
+        let b = [Weighted { name: "a", weight: 1 }, Weighted { name: "a", weight: 2 }];
+        assert_eq!(build(&b, 13), Err(MaglevError::Duplicate { name: "a".into() }));
+        let b = [Weighted { name: "a", weight: 0 }];
+        assert_eq!(build(&b, 13), Err(MaglevError::ZeroWeight { name: "a".into() }));
         let many = names(20);
-        assert_eq!(
-            build(&equal(&many), 13),
-            Err(MaglevError::TooManyBackends { n: 20, m: 13 })
-        );
+        assert_eq!(build(&equal(&many), 13), Err(MaglevError::TooManyBackends { n: 20, m: 13 }));
     }
 
     #[test]
@@ -288,14 +228,7 @@ mod tests {
 
     #[test]
     fn equal_weights_balance_within_one_slot() {
-        for (n, m) in [
-            (1, 13),
-            (3, 65537),
-            (7, 65537),
-            (10, 4099),
-            (100, 65537),
-            (1000, 65537),
-        ] {
+        for (n, m) in [(1, 13), (3, 65537), (7, 65537), (10, 4099), (100, 65537), (1000, 65537)] {
             let names = names(n);
             let b = equal(&names);
             let counts = shares(&build(&b, m).unwrap(), n);
@@ -312,30 +245,12 @@ mod tests {
 
     #[test]
     fn weights_share_slots_in_proportion() {
-        let b = [
-            Weighted {
-                name: "a",
-                weight: 1,
-            },
-            Weighted {
-                name: "b",
-                weight: 2,
-            },
-            Weighted {
-                name: "c",
-                weight: 1,
-            },
-        ];
+        let b =
+            [Weighted { name: "a", weight: 1 }, Weighted { name: "b", weight: 2 }, Weighted { name: "c", weight: 1 }];
         let counts = shares(&build(&b, 65537).unwrap(), 3);
         // b gets twice a's share, within a slot per round of rounding.
-        assert!(
-            (counts[1] as i64 - 2 * counts[0] as i64).abs() <= 2,
-            "{counts:?}"
-        );
-        assert!(
-            (counts[0] as i64 - counts[2] as i64).abs() <= 1,
-            "{counts:?}"
-        );
+        assert!((counts[1] as i64 - 2 * counts[0] as i64).abs() <= 2, "{counts:?}");
+        assert!((counts[0] as i64 - counts[2] as i64).abs() <= 1, "{counts:?}");
     }
 
     /// Removing one of N backends moves its own slots, and only a small fraction of the
@@ -348,24 +263,12 @@ mod tests {
             let all = equal(&names);
             let before = by_name(&build(&all, 65537).unwrap(), &all);
             for removed in [0, n / 2, n - 1] {
-                let rest: Vec<_> = all
-                    .iter()
-                    .copied()
-                    .filter(|b| b.name != names[removed])
-                    .collect();
+                let rest: Vec<_> = all.iter().copied().filter(|b| b.name != names[removed]).collect();
                 let after = by_name(&build(&rest, 65537).unwrap(), &rest);
                 let kept_before = before.iter().filter(|&&o| o != names[removed]).count();
-                let moved = before
-                    .iter()
-                    .zip(&after)
-                    .filter(|(b, a)| **b != names[removed] && b != a)
-                    .count();
+                let moved = before.iter().zip(&after).filter(|(b, a)| **b != names[removed] && b != a).count();
                 let frac = moved as f64 / kept_before as f64;
-                assert!(
-                    frac <= 0.01,
-                    "n={n} removing {removed}: {:.2}% of the others' slots moved",
-                    frac * 100.0
-                );
+                assert!(frac <= 0.01, "n={n} removing {removed}: {:.2}% of the others' slots moved", frac * 100.0);
                 // The removed backend's slots all went somewhere.
                 assert!(after.iter().all(|a| *a != names[removed]));
             }
@@ -377,18 +280,9 @@ mod tests {
     #[test]
     fn golden_vector() {
         let b = [
-            Weighted {
-                name: "10.0.0.11",
-                weight: 1,
-            },
-            Weighted {
-                name: "10.0.0.12",
-                weight: 1,
-            },
-            Weighted {
-                name: "10.0.0.13",
-                weight: 1,
-            },
+            Weighted { name: "10.0.0.11", weight: 1 },
+            Weighted { name: "10.0.0.12", weight: 1 },
+            Weighted { name: "10.0.0.13", weight: 1 },
         ];
         let table = build(&b, 31).unwrap();
         assert_eq!(table, GOLDEN_31, "table for M=31 changed: {table:?}");
@@ -396,17 +290,14 @@ mod tests {
         // And the full-size table, by a digest of its bytes.
         let names = names(7);
         let big = build(&equal(&names), 65537).unwrap();
-        let digest = big.iter().fold(FNV_OFFSET, |h, &e| {
-            (h ^ u64::from(e)).wrapping_mul(FNV_PRIME)
-        });
+        let digest = big.iter().fold(FNV_OFFSET, |h, &e| (h ^ u64::from(e)).wrapping_mul(FNV_PRIME));
         assert_eq!(digest, GOLDEN_DIGEST_65537_7, "digest {digest:#x}");
     }
 
     // Computed independently from the algorithm as documented in the module header (a
     // separate Python transcription), not copied from this implementation's output.
-    const GOLDEN_31: [u32; 31] = [
-        2, 0, 2, 2, 0, 1, 2, 1, 0, 2, 1, 0, 0, 1, 1, 0, 2, 2, 0, 1, 2, 1, 0, 2, 1, 0, 0, 1, 1, 0, 2,
-    ];
+    const GOLDEN_31: [u32; 31] =
+        [2, 0, 2, 2, 0, 1, 2, 1, 0, 2, 1, 0, 0, 1, 1, 0, 2, 2, 0, 1, 2, 1, 0, 2, 1, 0, 0, 1, 1, 0, 2];
     const GOLDEN_HASH: u64 = 0x5d47_cdf2_a916_36ec;
     const GOLDEN_DIGEST_65537_7: u64 = 0x8cb9_8ae5_600c_1ffa;
 }

@@ -28,11 +28,7 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
     }
 }
 
@@ -61,45 +57,30 @@ pub fn validate_name(name: &str) -> Result<(), NetdevError> {
         "longer than 15 bytes"
     } else if name == "." || name == ".." {
         "reserved name"
-    } else if name
-        .bytes()
-        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
-    {
+    } else if name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0) {
         "contains '/', ':', NUL or whitespace"
     } else {
         return Ok(());
     };
-    Err(NetdevError::InvalidName {
-        name: name.to_owned(),
-        why,
-    })
+    Err(NetdevError::InvalidName { name: name.to_owned(), why })
 }
 
 /// Resolves `name` in the calling thread's network namespace.
 pub fn lookup(name: &str) -> Result<Netdev, NetdevError> {
     validate_name(name)?;
-    let c_name = CString::new(name).map_err(|_| NetdevError::InvalidName {
-        name: name.to_owned(),
-        why: "contains NUL",
-    })?;
+    let c_name =
+        CString::new(name).map_err(|_| NetdevError::InvalidName { name: name.to_owned(), why: "contains NUL" })?;
     // SAFETY: c_name is a valid NUL-terminated string.
     let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if ifindex == 0 {
-        return Err(NetdevError::NotFound {
-            name: name.to_owned(),
-        });
+        return Err(NetdevError::NotFound { name: name.to_owned() });
     }
-    let not_found = || NetdevError::NotFound {
-        name: name.to_owned(),
-    };
+    let not_found = || NetdevError::NotFound { name: name.to_owned() };
     let hw = ifreq_ioctl(name, libc::SIOCGIFHWADDR)?.ok_or_else(not_found)?;
     // SAFETY: SIOCGIFHWADDR fills the ifru_hwaddr member of the union.
     let sa = unsafe { hw.ifr_ifru.ifru_hwaddr };
     if sa.sa_family != ARPHRD_ETHER {
-        return Err(NetdevError::NotEthernet {
-            name: name.to_owned(),
-            link_type: sa.sa_family,
-        });
+        return Err(NetdevError::NotEthernet { name: name.to_owned(), link_type: sa.sa_family });
     }
     let mut mac = [0u8; 6];
     for (dst, src) in mac.iter_mut().zip(sa.sa_data.iter()) {
@@ -111,21 +92,13 @@ pub fn lookup(name: &str) -> Result<Netdev, NetdevError> {
         let sin: libc::sockaddr_in = unsafe { std::mem::transmute_copy(&r.ifr_ifru.ifru_addr) };
         Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))
     });
-    Ok(Netdev {
-        name: name.to_owned(),
-        ifindex,
-        mac: MacAddr(mac),
-        ipv4,
-    })
+    Ok(Netdev { name: name.to_owned(), ifindex, mac: MacAddr(mac), ipv4 })
 }
 
 /// Runs an `ifreq` ioctl for `name` on an AF_INET socket. `Ok(None)` when the kernel says
 /// the interface is gone (`ENODEV`) or has no such address (`EADDRNOTAVAIL`).
 fn ifreq_ioctl(name: &str, request: libc::Ioctl) -> Result<Option<libc::ifreq>, NetdevError> {
-    let io_err = |source| NetdevError::Io {
-        name: name.to_owned(),
-        source,
-    };
+    let io_err = |source| NetdevError::Io { name: name.to_owned(), source };
     // SAFETY: plain socket(2) call; the fd is closed below on every path.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -157,19 +130,8 @@ mod tests {
 
     #[test]
     fn rejects_names_the_kernel_would_reject() {
-        for bad in [
-            "",
-            "a-name-that-is-too-long",
-            ".",
-            "..",
-            "eth/0",
-            "eth 0",
-            "eth:0",
-        ] {
-            assert!(
-                matches!(validate_name(bad), Err(NetdevError::InvalidName { .. })),
-                "{bad:?} should be rejected"
-            );
+        for bad in ["", "a-name-that-is-too-long", ".", "..", "eth/0", "eth 0", "eth:0"] {
+            assert!(matches!(validate_name(bad), Err(NetdevError::InvalidName { .. })), "{bad:?} should be rejected");
         }
         for good in ["eth0", "enp0s31f6", "veth-node1", "a"] {
             validate_name(good).unwrap();
@@ -184,17 +146,11 @@ mod tests {
 
     #[test]
     fn loopback_is_not_ethernet() {
-        assert!(matches!(
-            lookup("lo"),
-            Err(NetdevError::NotEthernet { link_type: 772, .. })
-        ));
+        assert!(matches!(lookup("lo"), Err(NetdevError::NotEthernet { link_type: 772, .. })));
     }
 
     #[test]
     fn mac_formats_like_ip_link() {
-        assert_eq!(
-            MacAddr([0x02, 0, 0xab, 1, 2, 0xff]).to_string(),
-            "02:00:ab:01:02:ff"
-        );
+        assert_eq!(MacAddr([0x02, 0, 0xab, 1, 2, 0xff]).to_string(), "02:00:ab:01:02:ff");
     }
 }

@@ -36,10 +36,10 @@ pub enum RunError {
 pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let span = info_span!("run", interface = %cfg.interface);
     async move {
-        let mut sigterm = signal(SignalKind::terminate())
-            .map_err(|source| RunError::Signal { signal: "SIGTERM", source })?;
-        let mut sigint = signal(SignalKind::interrupt())
-            .map_err(|source| RunError::Signal { signal: "SIGINT", source })?;
+        let mut sigterm =
+            signal(SignalKind::terminate()).map_err(|source| RunError::Signal { signal: "SIGTERM", source })?;
+        let mut sigint =
+            signal(SignalKind::interrupt()).map_err(|source| RunError::Signal { signal: "SIGINT", source })?;
 
         let dev = netdev::lookup(&cfg.interface)?;
         let mut dp = Dataplane::load()?;

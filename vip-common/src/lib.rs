@@ -19,6 +19,9 @@ pub mod map_names {
     pub const CONFIG: &str = "VIP_CONFIG";
     /// `HashMap<VipKey, VipState>`: the VIPs this node serves and whether it leads them.
     pub const VIPS: &str = "VIP_VIPS";
+    /// `Array<VipSet>`, one entry: the same VIPs as a flat list, for the IPv4 path's
+    /// membership test.
+    pub const VIP_SET: &str = "VIP_VIP_SET";
     /// `PerCpuArray<u64>` indexed by [`crate::Reason`]: one counter per verdict reason.
     pub const STATS: &str = "VIP_STATS";
     /// `HashMap<ServiceKey, Service>`: the VIP:port pairs that are load-balanced.
@@ -44,12 +47,43 @@ pub mod program_names {
     pub const PASS: &str = "xdp_pass";
 }
 
-/// How many VIPs the [`map_names::VIPS`] map holds.
+/// How many VIPs a node serves.
 ///
 /// A control plane needs one VIP; operators also put the ingress or a second API VIP on
-/// the same nodes. 64 leaves room for that and costs nothing: a hash map's memory is
-/// allocated per entry in use.
-pub const MAX_VIPS: u32 = 64;
+/// the same nodes. 16 leaves room for that, and keeps [`VipSet`] (scanned for every IPv4
+/// packet) within one 64-byte cache line.
+pub const MAX_VIPS: u32 = 16;
+
+/// Every VIP of the node as a flat list: the IPv4 path tests membership by scanning it
+/// (one array lookup the verifier inlines, and 16 compares in one cache line), which
+/// costs a fraction of a hash lookup on every packet. Leadership lives in the VIPS hash
+/// only; this list is just "is it a VIP". The agent keeps the two in step, writing an
+/// address here before its VIPS entry and removing it after.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipSet {
+    /// VIP addresses, network order; `[0; 4]` marks a free slot (0.0.0.0 is never a VIP,
+    /// and the data plane never treats a 0.0.0.0 destination as one).
+    pub addrs: [[u8; 4]; MAX_VIPS as usize],
+}
+const _: () = assert!(core::mem::size_of::<VipSet>() == 64);
+
+impl VipSet {
+    #[inline(always)]
+    pub fn contains(&self, addr: [u8; 4]) -> bool {
+        if addr == [0; 4] {
+            return false;
+        }
+        let mut i = 0;
+        while i < MAX_VIPS as usize {
+            if self.addrs[i] == addr {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
 
 /// This node's identity on the interface the program is attached to.
 ///
@@ -73,12 +107,7 @@ const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 impl Config {
     pub const fn new(mac: [u8; 6], ip: [u8; 4]) -> Self {
-        Self {
-            mac,
-            _pad: [0; 2],
-            ip,
-            _pad2: [0; 4],
-        }
+        Self { mac, _pad: [0; 2], ip, _pad2: [0; 4] }
     }
 }
 
@@ -126,12 +155,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 
 impl ServiceKey {
     pub const fn tcp(vip: [u8; 4], port: u16) -> Self {
-        Self {
-            vip,
-            port: port.to_be_bytes(),
-            proto: IPPROTO_TCP,
-            _pad: 0,
-        }
+        Self { vip, port: port.to_be_bytes(), proto: IPPROTO_TCP, _pad: 0 }
     }
 }
 
@@ -220,17 +244,23 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
-/// Value of the connection table: the backend a flow is pinned to. The address is kept
+/// Value of the connection table: the backend a flow is pinned to, and how it is
+/// forwarded there, so an established flow needs no service lookup. The address is kept
 /// beside the id so that a flow never follows a recycled id to another backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
-    /// Backend id, host order.
-    pub backend: u32,
+    /// Backend id (< [`MAX_BACKENDS`]), host order.
+    pub backend: u16,
+    /// The service's [`ForwardMode`] when the flow was pinned.
+    pub mode: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
     /// The backend's IPv4 address when the flow was pinned, network order.
     pub backend_ip: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<Conn>() == 8);
+const _: () = assert!(MAX_BACKENDS <= u16::MAX as u32);
 
 /// Per-backend counters (per CPU), host order.
 #[repr(C)]
@@ -259,14 +289,8 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
 
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
-    let k = k
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -320,20 +344,12 @@ impl VipState {
 
     /// A VIP this node leads until `until_ns` on the kernel's monotonic clock.
     pub const fn leader_until(until_ns: u64) -> Self {
-        Self {
-            leader_until_ns: until_ns,
-            flags: Self::F_LEADER,
-            _pad: 0,
-        }
+        Self { leader_until_ns: until_ns, flags: Self::F_LEADER, _pad: 0 }
     }
 
     /// A VIP this node serves but does not lead: ARP requests for it are dropped.
     pub const fn follower() -> Self {
-        Self {
-            leader_until_ns: 0,
-            flags: 0,
-            _pad: 0,
-        }
+        Self { leader_until_ns: 0, flags: 0, _pad: 0 }
     }
 
     /// Whether this node answers ARP for the VIP at `now_ns` (kernel monotonic clock).
@@ -474,6 +490,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipState {}
+    unsafe impl aya::Pod for super::VipSet {}
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::MaglevRow {}

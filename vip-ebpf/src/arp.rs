@@ -62,12 +62,7 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
 /// Turns a request for `vip` into the reply from `mac`, reusing the frame (and any VLAN
 /// tags, so the reply leaves on the VLAN the request came from).
 #[inline(always)]
-fn reply_in_place(
-    eth: &mut network_types::eth::EthHdr,
-    arp: &mut ArpHdr,
-    mac: [u8; 6],
-    vip: [u8; 4],
-) {
+fn reply_in_place(eth: &mut network_types::eth::EthHdr, arp: &mut ArpHdr, mac: [u8; 6], vip: [u8; 4]) {
     eth.dst_addr = eth.src_addr;
     eth.src_addr = mac;
     arp.oper = ARPOP_REPLY;

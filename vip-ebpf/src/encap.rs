@@ -11,12 +11,12 @@ use aya_ebpf::{
     EbpfContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, vlan::VlanHdr};
-use vip_common::{Backend, Reason, VipKey};
+use vip_common::{Backend, Reason};
 
 use crate::{
     csum,
     forward::IPPROTO_IPIP,
-    maps::{CONFIG, VIPS},
+    maps::{is_vip, CONFIG},
     parse::{ptr_at, L2},
     verdict::Verdict,
 };
@@ -101,14 +101,8 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(node_ip);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend.ip);
     // SAFETY: ctx is the program's context; fib is a valid, writable parameter block.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut fib,
-            mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
+    let rc =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return fail;
     }
@@ -156,8 +150,7 @@ pub fn decap(ctx: &XdpContext, l2: &L2, outer_ihl: usize) -> Verdict {
     if version != 4 {
         return Verdict::pass(Reason::IpMalformed);
     }
-    // SAFETY: presence check only.
-    if unsafe { VIPS.get(VipKey::new(inner_dst)) }.is_none() {
+    if !is_vip(inner_dst) {
         return Verdict::pass(Reason::NotVip);
     }
     let Some(saved) = save_l2(ctx, l2) else {

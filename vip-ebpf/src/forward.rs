@@ -2,11 +2,11 @@
 
 use aya_ebpf::programs::XdpContext;
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
-use vip_common::{Backend, FlowKey, ForwardMode, Reason, ServiceKey, VipKey, IPPROTO_TCP};
+use vip_common::{Backend, FlowKey, ForwardMode, Reason, ServiceKey, IPPROTO_TCP};
 
 use crate::{
     encap, lb,
-    maps::{SERVICES, VIPS},
+    maps::{is_vip, SERVICES},
     parse::{ptr_at, L2},
     stats,
     verdict::Verdict,
@@ -33,8 +33,7 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
         return encap::decap(ctx, l2, ihl);
     }
     let dst = iph.dst_addr;
-    // SAFETY: presence check only.
-    if unsafe { VIPS.get(VipKey::new(dst)) }.is_none() {
+    if !is_vip(dst) {
         return Verdict::pass(Reason::NotVip);
     }
     if u16::from_be_bytes(iph.frags) & IP_MF_AND_OFFSET != 0 {
@@ -50,35 +49,29 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     };
     // SAFETY: ptr_at checked the 20-byte TCP header is inside the frame.
     let (sport, dport) = unsafe { ((*tcp).source, (*tcp).dest) };
-    let key = ServiceKey {
-        vip: dst,
-        port: dport,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
-        return Verdict::pass(Reason::VipOtherPort);
-    };
-    if svc.mode == ForwardMode::Local as u8 {
-        return Verdict::pass(Reason::LocalMode);
-    }
-    let flow = FlowKey {
-        src: iph.src_addr,
-        dst,
-        sport,
-        dport,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
-    let Some((id, backend)) = lb::select(&flow, &svc) else {
-        return Verdict::pass(Reason::NoBackend);
+    let flow = FlowKey { src: iph.src_addr, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] };
+    let (id, backend, mode) = match lb::pinned(&flow) {
+        Some(hit) => hit,
+        None => {
+            let key = ServiceKey { vip: dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
+            // SAFETY: copied out at once.
+            let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+                return Verdict::pass(Reason::VipOtherPort);
+            };
+            if svc.mode == ForwardMode::Local as u8 {
+                return Verdict::pass(Reason::LocalMode);
+            }
+            let Some((id, backend)) = lb::choose(&flow, &svc) else {
+                return Verdict::pass(Reason::NoBackend);
+            };
+            (id, backend, svc.mode)
+        }
     };
     stats::count_backend(id, (ctx.data_end() - ctx.data()) as u64);
     if backend.flags & Backend::F_LOCAL != 0 {
         return Verdict::pass(Reason::LocalBackend);
     }
-    if svc.mode == ForwardMode::Ipip as u8 {
+    if mode == ForwardMode::Ipip as u8 {
         return encap::ipip(ctx, l2, &backend);
     }
     // DSR: the frame was addressed to us, so its destination MAC is ours and becomes the

@@ -1,24 +1,29 @@
 //! Backend selection: the connection table first, Maglev on a miss.
 
-use vip_common::{
-    flow_hash, Backend, Conn, FlowKey, Service, MAGLEV_MAX_M, MAGLEV_ROW, NO_BACKEND,
-};
+use vip_common::{flow_hash, Backend, Conn, FlowKey, Service, MAGLEV_MAX_M, MAGLEV_ROW, NO_BACKEND};
 
 use crate::maps::{BACKENDS, CONNS, MAGLEV};
 
-/// Picks the backend for `flow` of service `svc`: the one the connection table pins it to
-/// while that backend is up (and still the same address), else the live Maglev table's
-/// choice, which is then pinned. `None`: the table has no backend for this flow.
+/// The backend `flow` is pinned to, with the forward mode it was pinned under, while
+/// that backend is up and still has the same address. One hash lookup and one array
+/// lookup: an established flow needs nothing else.
 #[inline(always)]
-pub fn select(flow: &FlowKey, svc: &Service) -> Option<(u32, Backend)> {
-    // SAFETY: values are copied out at once; LRU and array elements are replaced whole.
-    if let Some(conn) = unsafe { CONNS.get(flow) }.copied() {
-        if let Some(b) = BACKENDS.get(conn.backend) {
-            if b.ip == conn.backend_ip && b.flags & Backend::F_UP != 0 {
-                return Some((conn.backend, *b));
-            }
-        }
+pub fn pinned(flow: &FlowKey) -> Option<(u32, Backend, u8)> {
+    // SAFETY: the value is copied out at once; LRU elements are replaced whole.
+    let conn = unsafe { CONNS.get(flow) }.copied()?;
+    let id = conn.backend as u32;
+    let b = BACKENDS.get(id)?;
+    if b.ip == conn.backend_ip && b.flags & Backend::F_UP != 0 {
+        Some((id, *b, conn.mode))
+    } else {
+        None
     }
+}
+
+/// The live Maglev table's backend for `flow` of service `svc`, which is then pinned.
+/// `None`: the table has no (healthy) backend for this flow.
+#[inline(always)]
+pub fn choose(flow: &FlowKey, svc: &Service) -> Option<(u32, Backend)> {
     let m = svc.m;
     if m == 0 || m > MAGLEV_MAX_M {
         return None;
@@ -33,14 +38,8 @@ pub fn select(flow: &FlowKey, svc: &Service) -> Option<(u32, Backend)> {
     if backend.flags & Backend::F_UP == 0 {
         return None;
     }
+    let conn = Conn { backend: id as u16, mode: svc.mode, _pad: 0, backend_ip: backend.ip };
     // A failed insert only means the next packet looks the flow up again.
-    let _ = CONNS.insert(
-        flow,
-        &Conn {
-            backend: id,
-            backend_ip: backend.ip,
-        },
-        0,
-    );
+    let _ = CONNS.insert(flow, &conn, 0);
     Some((id, backend))
 }

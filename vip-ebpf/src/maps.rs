@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use vip_common::{
-    Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey,
-    VipState, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_SERVICES, MAX_VIPS,
+    Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey, VipSet, VipState,
+    MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_SERVICES, MAX_VIPS,
 };
 
 /// This node's MAC on the attached interface. One entry (index 0). An array, not a hash,
@@ -20,6 +20,10 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// state of a VIP, never a mix.
 #[map(name = "VIP_VIPS")]
 pub static VIPS: HashMap<VipKey, VipState> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// The VIPs as a flat list (one entry), for the IPv4 path's membership test.
+#[map(name = "VIP_VIP_SET")]
+pub static VIP_SET: Array<VipSet> = Array::with_max_entries(1, 0);
 
 /// One counter per [`Reason`], per CPU so the hot path never contends on a cache line.
 /// The agent sums the CPUs when it reads them.
@@ -46,5 +50,10 @@ pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(MAX_C
 
 /// Packets and bytes per backend, per CPU.
 #[map(name = "VIP_BACKEND_STATS")]
-pub static BACKEND_STATS: PerCpuArray<BackendStats> =
-    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Whether `addr` is one of this node's VIPs (the IPv4 path's membership test).
+#[inline(always)]
+pub fn is_vip(addr: [u8; 4]) -> bool {
+    VIP_SET.get(0).is_some_and(|set| set.contains(addr))
+}

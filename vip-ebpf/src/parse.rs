@@ -75,10 +75,5 @@ pub fn ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
         ETH_P_IP => EtherKind::Ipv4,
         _ => EtherKind::Other,
     };
-    Ok(L2 {
-        eth,
-        l3_off: off,
-        tags,
-        kind,
-    })
+    Ok(L2 { eth, l3_off: off, tags, kind })
 }

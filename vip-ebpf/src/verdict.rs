@@ -14,25 +14,16 @@ pub struct Verdict {
 impl Verdict {
     #[inline(always)]
     pub const fn pass(reason: Reason) -> Self {
-        Self {
-            action: xdp_action::XDP_PASS,
-            reason,
-        }
+        Self { action: xdp_action::XDP_PASS, reason }
     }
 
     #[inline(always)]
     pub const fn drop(reason: Reason) -> Self {
-        Self {
-            action: xdp_action::XDP_DROP,
-            reason,
-        }
+        Self { action: xdp_action::XDP_DROP, reason }
     }
 
     #[inline(always)]
     pub const fn tx(reason: Reason) -> Self {
-        Self {
-            action: xdp_action::XDP_TX,
-            reason,
-        }
+        Self { action: xdp_action::XDP_TX, reason }
     }
 }

@@ -30,9 +30,7 @@ fn main() -> ExitCode {
         Some("bench") => setup::run().and_then(|tc| bench(&tc, &args[1..])),
         Some("demo") => setup::run().and_then(|tc| demo(&tc)),
         _ => {
-            eprintln!(
-                "usage: cargo xtask setup | build | run -- ARGS | test [FILTER] | bench | demo"
-            );
+            eprintln!("usage: cargo xtask setup | build | run -- ARGS | test [FILTER] | bench | demo");
             return ExitCode::from(2);
         }
     };
@@ -49,10 +47,7 @@ pub type Result<T> = std::result::Result<T, String>;
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 fn rest_after_dashes(args: &[String]) -> &[String] {
@@ -83,10 +78,7 @@ pub fn status(cmd: &mut Command) -> Result<()> {
 fn build(toolchain: &str) -> Result<()> {
     println!("xtask: building vip-agent (release) with the XDP object embedded");
     status(cargo(toolchain).args(["build", "--release", "-p", "vip-agent"]))?;
-    println!(
-        "xtask: built {}",
-        root().join("target/release/vip-agent").display()
-    );
+    println!("xtask: built {}", root().join("target/release/vip-agent").display());
     Ok(())
 }
 
@@ -102,9 +94,7 @@ fn test(toolchain: &str, filter: &[String]) -> Result<()> {
     status(cargo(toolchain).args(["build", "-p", "vip-agent"]))?;
     let agent = root().join("target/debug/vip-agent");
     let mut cmd = cargo(toolchain);
-    cmd.env("VIP_AGENT_BIN", &agent)
-        .args(["test", "--no-fail-fast"])
-        .args(filter);
+    cmd.env("VIP_AGENT_BIN", &agent).args(["test", "--no-fail-fast"]).args(filter);
     let (passed, failed, ok) = run_counting_tests(&mut cmd)?;
     // One closing line over every test binary, so the total is what a reader sees last.
     println!("\nsummary: {passed} passed, {failed} failed");
@@ -118,10 +108,7 @@ fn test(toolchain: &str, filter: &[String]) -> Result<()> {
 /// Runs `cmd`, echoing its stdout, and adds up libtest's `test result:` lines.
 fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64, bool)> {
     use std::io::{BufRead, BufReader};
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running {cmd:?}: {e}"))?;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().map_err(|e| format!("running {cmd:?}: {e}"))?;
     let (mut passed, mut failed) = (0, 0);
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
@@ -133,9 +120,7 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64, bool)> {
             }
         }
     }
-    let st = child
-        .wait()
-        .map_err(|e| format!("waiting for cargo test: {e}"))?;
+    let st = child.wait().map_err(|e| format!("waiting for cargo test: {e}"))?;
     Ok((passed, failed, st.success()))
 }
 
@@ -148,27 +133,11 @@ fn count_before(text: &str, word: &str) -> u64 {
 }
 
 fn bench(toolchain: &str, args: &[String]) -> Result<()> {
-    status(
-        cargo(toolchain)
-            .args([
-                "run",
-                "--release",
-                "-p",
-                "tests",
-                "--bin",
-                "vip-bench",
-                "--",
-            ])
-            .args(args),
-    )
+    status(cargo(toolchain).args(["run", "--release", "-p", "tests", "--bin", "vip-bench", "--"]).args(args))
 }
 
 fn demo(toolchain: &str) -> Result<()> {
     status(cargo(toolchain).args(["build", "-p", "vip-agent"]))?;
     let agent = root().join("target/debug/vip-agent");
-    status(
-        cargo(toolchain)
-            .env("VIP_AGENT_BIN", &agent)
-            .args(["run", "-p", "tests", "--bin", "vip-demo"]),
-    )
+    status(cargo(toolchain).env("VIP_AGENT_BIN", &agent).args(["run", "-p", "tests", "--bin", "vip-demo"]))
 }

@@ -42,9 +42,7 @@ pub fn run() -> Result<String> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn apt() -> Result<()> {
@@ -71,11 +69,7 @@ fn apt() -> Result<()> {
 }
 
 fn llvm_major_of(toolchain: &str) -> Option<String> {
-    let vv = output(
-        Command::new("rustc")
-            .arg(format!("+{toolchain}"))
-            .arg("-vV"),
-    )?;
+    let vv = output(Command::new("rustc").arg(format!("+{toolchain}")).arg("-vV"))?;
     let line = vv.lines().find_map(|l| l.strip_prefix("LLVM version: "))?;
     line.split('.').next().map(str::to_owned)
 }
@@ -114,14 +108,8 @@ fn nightly() -> Result<String> {
 }
 
 fn rust_src(toolchain: &str) -> Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        toolchain,
-    ]))
-    .unwrap_or_default();
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", toolchain]))
+        .unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         println!("setup: rust-src present for {toolchain}");
         return Ok(());
@@ -132,16 +120,13 @@ fn rust_src(toolchain: &str) -> Result<()> {
 
 fn bpf_linker() -> Result<()> {
     let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
-    let linked = output(Command::new("sh").args(["-c", "ldd \"$(command -v bpf-linker)\""]))
-        .unwrap_or_default();
+    let linked = output(Command::new("sh").args(["-c", "ldd \"$(command -v bpf-linker)\""])).unwrap_or_default();
     let want_lib = format!("libLLVM.so.{LLVM_MAJOR}");
     if version.trim() == format!("bpf-linker {BPF_LINKER_VERSION}") && linked.contains(&want_lib) {
         println!("setup: bpf-linker {BPF_LINKER_VERSION} present (LLVM {LLVM_MAJOR})");
         return Ok(());
     }
-    println!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (a few minutes)"
-    );
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (a few minutes)");
     let llvm = format!("/usr/lib/llvm-{LLVM_MAJOR}");
     let path = format!("{llvm}/bin:{}", std::env::var("PATH").unwrap_or_default());
     status(
@@ -156,8 +141,7 @@ fn bpf_linker() -> Result<()> {
 }
 
 fn bpffs() -> Result<()> {
-    let mounts =
-        fs::read_to_string("/proc/mounts").map_err(|e| format!("reading /proc/mounts: {e}"))?;
+    let mounts = fs::read_to_string("/proc/mounts").map_err(|e| format!("reading /proc/mounts: {e}"))?;
     if mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         let (_, dir, ty) = (f.next(), f.next(), f.next());

@@ -1,41 +1,75 @@
-//! `cargo xtask bench`: per-packet cost of the data plane through `BPF_PROG_RUN`, beside
-//! a trivial `XDP_PASS` program measured in the same run as the floor.
+//! `cargo xtask bench`: the data plane's per-packet cost through `BPF_PROG_RUN`, beside
+//! a trivial `XDP_PASS` program measured in the same run as the floor, and the agent's
+//! Maglev table build time.
 //!
-//! Two measurements per path:
-//! - *single*: the median of many one-frame runs. Works for every path, including those
-//!   that rewrite the frame (the kernel does not restore it between repeats).
-//! - *repeat*: the kernel's own average over `REPEAT` runs of one frame, for paths whose
-//!   output equals their input (drop, pass), where it is the more precise figure.
+//! Two per-packet figures:
+//! - *single*: the median of many one-frame runs (each syscall's own kernel timing, which
+//!   includes the timer's overhead, the same for every row). Works for every path.
+//! - *repeat*: the kernel's average over `REPEAT` runs of one frame. The kernel does not
+//!   restore the frame between runs, so this is only given for paths whose output is a
+//!   fixed point: drop and pass leave the frame alone, and an established DSR flow's
+//!   output, run again, is rewritten to itself (same flow, same backend MACs).
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Instant};
 
-use tests::frames::{ipv4, tcp, Arp, Frame, BROADCAST, ETH_P_IPV4};
-use vip_agent::dataplane::{Dataplane, Program};
-use vip_common::{Config, VipState};
+use tests::{
+    frames::{ipv4, tcp, Arp, Frame, BROADCAST, ETH_P_IPV4, TCP_ACK, TCP_SYN},
+    lab::FibLab,
+};
+use vip_agent::{
+    balancer::{BackendSpec, Balancer, ServiceSpec},
+    dataplane::{Dataplane, Program, Runner},
+    maglev::{self, Weighted},
+};
+use vip_common::{Config, ForwardMode, VipState};
 
 const SINGLE_RUNS: usize = 20_000;
 const REPEAT: u32 = 1_000_000;
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+const FOLLOWED: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const PORT: u16 = 6443;
+
+/// How a row produces its frames.
+enum Frames {
+    /// The same frame every run.
+    Same(Vec<u8>),
+    /// A different flow every run (connection-table misses).
+    NewFlows,
+}
 
 struct Row {
     name: &'static str,
     program: Program,
-    frame: Vec<u8>,
-    /// The path leaves the frame as it found it, so `repeat` is meaningful.
-    idempotent: bool,
+    frames: Frames,
+    /// The output is a fixed point, so `repeat` is meaningful.
+    fixed_point: bool,
     expect_action: u32,
+    ingress: Option<u32>,
 }
 
-fn median_single(dp: &Dataplane, row: &Row) -> Result<f64, String> {
+fn syn_from(i: u32) -> Vec<u8> {
+    let src = Ipv4Addr::from(0x0a10_0000 + i);
+    Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(src, VIP, 6, &tcp(1024 + (i % 60000) as u16, PORT, TCP_SYN)))
+        .bytes()
+}
+
+fn single(runner: &Runner<'_>, row: &Row) -> Result<f64, String> {
     let mut ns = Vec::with_capacity(SINGLE_RUNS);
-    for _ in 0..SINGLE_RUNS {
-        let out = dp
-            .test_run(row.program, &row.frame)
-            .map_err(|e| format!("{}: {e:?}", row.name))?;
+    for i in 0..SINGLE_RUNS {
+        let owned;
+        let frame = match &row.frames {
+            Frames::Same(f) => f,
+            Frames::NewFlows => {
+                owned = syn_from(i as u32);
+                &owned
+            }
+        };
+        let out = runner.run_opts(row.program, frame, 1, row.ingress).map_err(|e| format!("{}: {e:?}", row.name))?;
         if out.action != row.expect_action {
-            return Err(format!(
-                "{}: action {} want {}",
-                row.name, out.action, row.expect_action
-            ));
+            return Err(format!("{}: action {} want {}", row.name, out.action, row.expect_action));
         }
         ns.push(out.duration.as_nanos() as u64);
     }
@@ -43,117 +77,163 @@ fn median_single(dp: &Dataplane, row: &Row) -> Result<f64, String> {
     Ok(ns[ns.len() / 2] as f64)
 }
 
-fn repeated(dp: &Dataplane, row: &Row) -> Result<Option<f64>, String> {
-    if !row.idempotent {
-        return Ok(None);
+fn repeated(runner: &Runner<'_>, row: &Row) -> Result<Option<f64>, String> {
+    match (&row.frames, row.fixed_point) {
+        (Frames::Same(frame), true) => {
+            let out =
+                runner.run_opts(row.program, frame, REPEAT, row.ingress).map_err(|e| format!("{}: {e:?}", row.name))?;
+            Ok(Some(out.duration.as_nanos() as f64))
+        }
+        _ => Ok(None),
     }
-    let out = dp
-        .test_run_repeat(row.program, &row.frame, REPEAT)
-        .map_err(|e| format!("{}: {e:?}", row.name))?;
-    Ok(Some(out.duration.as_nanos() as f64))
 }
 
-fn main() -> Result<(), String> {
-    let node_mac = [0x02, 0, 0, 0, 0, 1];
-    let client_mac = [0x02, 0, 0, 0, 0, 0xc1];
-    let vip = Ipv4Addr::new(10, 0, 0, 100);
-    let followed = Ipv4Addr::new(10, 0, 0, 101);
-    let client = Ipv4Addr::new(10, 0, 0, 10);
+fn backends(n: u8, mac_base: u8) -> Vec<BackendSpec> {
+    (1..=n)
+        .map(|i| BackendSpec {
+            ip: if mac_base == 0 { Ipv4Addr::new(10, 77, 0, 10 + i) } else { Ipv4Addr::new(10, 0, 0, 10 + i) },
+            mac: [0x02, 0, 0, 0, 0, mac_base + i],
+            weight: 1,
+            local: false,
+            healthy: true,
+        })
+        .collect()
+}
 
-    let mut dp = Dataplane::load().map_err(|e| format!("{e:#?} (the benchmark needs root)"))?;
-    dp.maps_mut()
-        .set_config(&Config::new(node_mac, [0; 4]))
-        .map_err(|e| e.to_string())?;
-    dp.maps_mut()
-        .set_vip(vip, VipState::leader_until(VipState::FOREVER))
-        .map_err(|e| e.to_string())?;
-    dp.maps_mut()
-        .set_vip(followed, VipState::follower())
-        .map_err(|e| e.to_string())?;
+fn xdp_table() -> Result<(), String> {
+    let fib = FibLab::new()?;
+    let out = fib.lb.within(|| -> Result<Vec<(&'static str, f64, Option<f64>)>, String> {
+        let ifindex = vip_agent::netdev::lookup("lb0").map_err(|e| e.to_string())?.ifindex;
+        let mut dp = Dataplane::load().map_err(|e| format!("{e:#?} (the benchmark needs root)"))?;
+        let maps = dp.maps_mut();
+        let e = |e: vip_agent::dataplane::MapError| e.to_string();
+        maps.set_config(&Config::new(FibLab::LB_MAC, FibLab::LB_IP.octets())).map_err(e)?;
+        maps.set_vip(VIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
+        maps.set_vip(FOLLOWED, VipState::follower()).map_err(e)?;
+        let mut lb = Balancer::default();
+        let dsr = ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends: backends(3, 0x10) };
+        lb.apply(maps, &dsr).map_err(|e| e.to_string())?;
+        let ipip =
+            ServiceSpec { vip: FOLLOWED, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: backends(3, 0) };
+        lb.apply(maps, &ipip).map_err(|e| e.to_string())?;
 
-    let arp_for = |tpa| {
-        Frame::arp(
-            BROADCAST,
-            client_mac,
-            &Arp::request(client_mac, client, tpa),
-        )
-        .padded()
-    };
-    let tcp_frame = Frame::new(
-        node_mac,
-        client_mac,
-        ETH_P_IPV4,
-        ipv4(client, vip, 6, &tcp(40000, 443, 0x10)),
-    )
-    .bytes();
-    let rows = [
-        Row {
-            name: "xdp_pass (floor)",
-            program: Program::Pass,
-            frame: arp_for(vip),
-            idempotent: true,
-            expect_action: 2,
-        },
-        Row {
-            name: "ARP reply (leader)",
-            program: Program::Vip,
-            frame: arp_for(vip),
-            idempotent: false,
-            expect_action: 3,
-        },
-        Row {
-            name: "ARP drop (follower)",
-            program: Program::Vip,
-            frame: arp_for(followed),
-            idempotent: true,
-            expect_action: 1,
-        },
-        Row {
-            name: "non-ARP pass (IPv4 TCP)",
-            program: Program::Vip,
-            frame: tcp_frame,
-            idempotent: true,
-            expect_action: 2,
-        },
-    ];
+        let arp_for = |tpa| Frame::arp(BROADCAST, CLIENT_MAC, &Arp::request(CLIENT_MAC, CLIENT, tpa)).padded();
+        let to = |dst, flags| {
+            Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT, dst, 6, &tcp(40000, PORT, flags))).bytes()
+        };
+        let rows = [
+            Row {
+                name: "xdp_pass (floor)",
+                program: Program::Pass,
+                frames: Frames::Same(to(VIP, TCP_ACK)),
+                fixed_point: true,
+                expect_action: 2,
+                ingress: None,
+            },
+            Row {
+                name: "ARP reply (leader)",
+                program: Program::Vip,
+                frames: Frames::Same(arp_for(VIP)),
+                fixed_point: false,
+                expect_action: 3,
+                ingress: None,
+            },
+            Row {
+                name: "ARP drop (follower)",
+                program: Program::Vip,
+                frames: Frames::Same(arp_for(FOLLOWED)),
+                fixed_point: true,
+                expect_action: 1,
+                ingress: None,
+            },
+            Row {
+                name: "TCP pass, not a VIP",
+                program: Program::Vip,
+                frames: Frames::Same(to(Ipv4Addr::new(10, 0, 0, 1), TCP_ACK)),
+                fixed_point: true,
+                expect_action: 2,
+                ingress: None,
+            },
+            Row {
+                name: "SYN, new flow (DSR)",
+                program: Program::Vip,
+                frames: Frames::NewFlows,
+                fixed_point: false,
+                expect_action: 3,
+                ingress: None,
+            },
+            Row {
+                name: "established flow (DSR)",
+                program: Program::Vip,
+                frames: Frames::Same(to(VIP, TCP_ACK)),
+                fixed_point: true,
+                expect_action: 3,
+                ingress: None,
+            },
+            Row {
+                name: "IPIP encapsulation",
+                program: Program::Vip,
+                frames: Frames::Same(to(FOLLOWED, TCP_ACK)),
+                fixed_point: false,
+                expect_action: 3,
+                ingress: Some(ifindex),
+            },
+        ];
+        let runner = dp.runner();
+        let mut results = Vec::new();
+        for row in &rows {
+            results.push((row.name, single(&runner, row)?, repeated(&runner, row)?));
+        }
+        Ok(results)
+    })??;
 
-    let mut results = Vec::new();
-    for row in &rows {
-        results.push((row.name, median_single(&dp, row)?, repeated(&dp, row)?));
-    }
-    let (floor_single, floor_repeat) = (results[0].1, results[0].2.unwrap_or(f64::NAN));
-
+    let (floor_single, floor_repeat) = (out[0].1, out[0].2.unwrap_or(f64::NAN));
+    println!("XDP per-packet cost via BPF_PROG_RUN ({} CPUs, kernel {})", nproc(), kernel());
     println!(
-        "XDP per-packet cost via BPF_PROG_RUN ({} CPUs, kernel {})",
-        nproc(),
-        kernel()
+        "single = median of {SINGLE_RUNS} one-frame runs; repeat = kernel average over {REPEAT} runs of one frame"
     );
-    println!("single = median of {SINGLE_RUNS} one-frame runs; repeat = kernel average over {REPEAT} runs of one frame");
-    println!(
-        "{:<26} {:>11} {:>9} {:>11} {:>9}",
-        "path", "single ns", "x floor", "repeat ns", "x floor"
-    );
-    for (name, single, repeat) in &results {
-        let (rep, rep_ratio) = match repeat {
+    println!("{:<26} {:>10} {:>8} {:>10} {:>8}", "path", "single ns", "x floor", "repeat ns", "x floor");
+    for (name, single, repeat) in &out {
+        let (rep, ratio) = match repeat {
             Some(r) => (format!("{r:.1}"), format!("{:.2}", r / floor_repeat)),
             None => ("-".into(), "-".into()),
         };
-        println!(
-            "{name:<26} {single:>11.1} {:>9.2} {rep:>11} {rep_ratio:>9}",
-            single / floor_single
-        );
+        println!("{name:<26} {single:>10.1} {:>8.2} {rep:>10} {ratio:>8}", single / floor_single);
     }
     Ok(())
 }
 
+fn maglev_table() {
+    println!("\nMaglev table build, M = 65537 (release build; Maglev paper: 1.8 ms at M = 65537)");
+    println!("{:>10} {:>12} {:>12}", "backends", "median ms", "min ms");
+    for n in [3usize, 7, 100, 1000] {
+        let names: Vec<String> = (0..n).map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256)).collect();
+        let w: Vec<Weighted<'_>> = names.iter().map(|name| Weighted { name, weight: 1 }).collect();
+        let runs = if n >= 1000 { 15 } else { 41 };
+        let mut ms: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                let table = maglev::build(&w, 65537).expect("valid input");
+                let el = t.elapsed().as_secs_f64() * 1e3;
+                std::hint::black_box(table);
+                el
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        println!("{n:>10} {:>12.3} {:>12.3}", ms[ms.len() / 2], ms[0]);
+    }
+}
+
+fn main() -> Result<(), String> {
+    xdp_table()?;
+    maglev_table();
+    Ok(())
+}
+
 fn nproc() -> usize {
-    std::thread::available_parallelism()
-        .map(usize::from)
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(usize::from).unwrap_or(1)
 }
 
 fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
 }

@@ -9,8 +9,8 @@ use aya::{
     Ebpf,
 };
 use vip_common::{
-    map_names, Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service,
-    ServiceKey, VipKey, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
+    map_names, Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey, VipSet,
+    VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,8 @@ pub enum MapError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("cannot add VIP {vip}: this node already serves {max} VIPs")]
+    VipsFull { vip: Ipv4Addr, max: u32 },
     #[error("counting possible CPUs for a per-CPU map failed")]
     PerCpu {
         #[source]
@@ -41,6 +43,7 @@ pub enum MapError {
 pub struct Maps {
     config: Array<MapData, Config>,
     vips: HashMap<MapData, VipKey, VipState>,
+    vip_set: Array<MapData, VipSet>,
     stats: PerCpuArray<MapData, u64>,
     services: HashMap<MapData, ServiceKey, Service>,
     backends: Array<MapData, Backend>,
@@ -62,74 +65,68 @@ impl Maps {
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, MapError> {
         let ty = |name| move |source| MapError::Type { name, source };
         Ok(Self {
-            config: Array::try_from(take(ebpf, map_names::CONFIG)?)
-                .map_err(ty(map_names::CONFIG))?,
+            config: Array::try_from(take(ebpf, map_names::CONFIG)?).map_err(ty(map_names::CONFIG))?,
             vips: HashMap::try_from(take(ebpf, map_names::VIPS)?).map_err(ty(map_names::VIPS))?,
-            stats: PerCpuArray::try_from(take(ebpf, map_names::STATS)?)
-                .map_err(ty(map_names::STATS))?,
-            services: HashMap::try_from(take(ebpf, map_names::SERVICES)?)
-                .map_err(ty(map_names::SERVICES))?,
-            backends: Array::try_from(take(ebpf, map_names::BACKENDS)?)
-                .map_err(ty(map_names::BACKENDS))?,
-            maglev: Array::try_from(take(ebpf, map_names::MAGLEV)?)
-                .map_err(ty(map_names::MAGLEV))?,
-            conns: HashMap::try_from(take(ebpf, map_names::CONNS)?)
-                .map_err(ty(map_names::CONNS))?,
+            vip_set: Array::try_from(take(ebpf, map_names::VIP_SET)?).map_err(ty(map_names::VIP_SET))?,
+            stats: PerCpuArray::try_from(take(ebpf, map_names::STATS)?).map_err(ty(map_names::STATS))?,
+            services: HashMap::try_from(take(ebpf, map_names::SERVICES)?).map_err(ty(map_names::SERVICES))?,
+            backends: Array::try_from(take(ebpf, map_names::BACKENDS)?).map_err(ty(map_names::BACKENDS))?,
+            maglev: Array::try_from(take(ebpf, map_names::MAGLEV)?).map_err(ty(map_names::MAGLEV))?,
+            conns: HashMap::try_from(take(ebpf, map_names::CONNS)?).map_err(ty(map_names::CONNS))?,
             backend_stats: PerCpuArray::try_from(take(ebpf, map_names::BACKEND_STATS)?)
                 .map_err(ty(map_names::BACKEND_STATS))?,
         })
     }
 
     pub fn set_config(&mut self, config: &Config) -> Result<(), MapError> {
-        self.config
-            .set(0, config, 0)
-            .map_err(|source| MapError::Op {
-                name: map_names::CONFIG,
-                op: "set",
-                source,
-            })
+        self.config.set(0, config, 0).map_err(|source| MapError::Op { name: map_names::CONFIG, op: "set", source })
     }
 
     pub fn config(&self) -> Result<Config, MapError> {
-        self.config.get(&0, 0).map_err(|source| MapError::Op {
-            name: map_names::CONFIG,
-            op: "get",
-            source,
-        })
+        self.config.get(&0, 0).map_err(|source| MapError::Op { name: map_names::CONFIG, op: "get", source })
     }
 
-    /// Inserts or replaces the state of `vip`. The kernel swaps the element whole.
+    /// Inserts or replaces the state of `vip`. The kernel swaps the element whole. A new
+    /// VIP enters the membership list first, so the data plane never holds state for a
+    /// VIP it would not recognise.
     pub fn set_vip(&mut self, vip: Ipv4Addr, state: VipState) -> Result<(), MapError> {
-        self.vips
-            .insert(VipKey::new(vip.octets()), state, 0)
-            .map_err(|source| MapError::Op {
-                name: map_names::VIPS,
-                op: "insert",
-                source,
-            })
+        let mut set = self.vip_set()?;
+        if !set.addrs.contains(&vip.octets()) {
+            let free = set
+                .addrs
+                .iter()
+                .position(|a| *a == [0; 4])
+                .ok_or(MapError::VipsFull { vip, max: vip_common::MAX_VIPS })?;
+            set.addrs[free] = vip.octets();
+            self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
+        }
+        self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))
     }
 
-    /// Removes `vip`; removing one that is not there is not an error.
+    /// Removes `vip` (state first, then membership); removing one that is not there is
+    /// not an error.
     pub fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), MapError> {
         match self.vips.remove(&VipKey::new(vip.octets())) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(MapError::Op {
-                name: map_names::VIPS,
-                op: "remove",
-                source,
-            }),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(MapError::Op { name: map_names::VIPS, op: "remove", source }),
         }
+        let mut set = self.vip_set()?;
+        if let Some(slot) = set.addrs.iter_mut().find(|a| **a == vip.octets()) {
+            *slot = [0; 4];
+            self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
+        }
+        Ok(())
+    }
+
+    fn vip_set(&self) -> Result<VipSet, MapError> {
+        self.vip_set.get(&0, 0).map_err(op(map_names::VIP_SET, "get"))
     }
 
     /// Every VIP and its state, sorted by address.
     pub fn vips(&self) -> Result<Vec<(Ipv4Addr, VipState)>, MapError> {
         let mut out = Vec::new();
         for entry in self.vips.iter() {
-            let (key, state) = entry.map_err(|source| MapError::Op {
-                name: map_names::VIPS,
-                op: "iterate",
-                source,
-            })?;
+            let (key, state) = entry.map_err(|source| MapError::Op { name: map_names::VIPS, op: "iterate", source })?;
             out.push((Ipv4Addr::from(key.addr), state));
         }
         out.sort_by_key(|(addr, _)| *addr);
@@ -138,42 +135,30 @@ impl Maps {
 
     /// The counter of `reason`, summed over CPUs.
     pub fn counter(&self, reason: Reason) -> Result<u64, MapError> {
-        let per_cpu = self
-            .stats
-            .get(&(reason as u32), 0)
-            .map_err(|source| MapError::Op {
-                name: map_names::STATS,
-                op: "get",
-                source,
-            })?;
+        let per_cpu = self.stats.get(&(reason as u32), 0).map_err(|source| MapError::Op {
+            name: map_names::STATS,
+            op: "get",
+            source,
+        })?;
         Ok(per_cpu.iter().sum())
     }
 
     /// Every reason's counter, summed over CPUs, in [`Reason::ALL`] order.
     pub fn counters(&self) -> Result<Vec<(Reason, u64)>, MapError> {
-        Reason::ALL
-            .iter()
-            .map(|&r| Ok((r, self.counter(r)?)))
-            .collect()
+        Reason::ALL.iter().map(|&r| Ok((r, self.counter(r)?))).collect()
     }
 
     /// Inserts or replaces a service. Replacing is how tables flip: one element update,
     /// atomic for readers.
     pub fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError> {
-        self.services
-            .insert(key, svc, 0)
-            .map_err(op(map_names::SERVICES, "insert"))
+        self.services.insert(key, svc, 0).map_err(op(map_names::SERVICES, "insert"))
     }
 
     /// Removes a service; removing one that is not there is not an error.
     pub fn remove_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
         match self.services.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(MapError::Op {
-                name: map_names::SERVICES,
-                op: "remove",
-                source,
-            }),
+            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "remove", source }),
         }
     }
 
@@ -181,24 +166,16 @@ impl Maps {
         match self.services.get(&key, 0) {
             Ok(svc) => Ok(Some(svc)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(MapError::Op {
-                name: map_names::SERVICES,
-                op: "get",
-                source,
-            }),
+            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "get", source }),
         }
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
-        self.backends
-            .set(id, backend, 0)
-            .map_err(op(map_names::BACKENDS, "set"))
+        self.backends.set(id, backend, 0).map_err(op(map_names::BACKENDS, "set"))
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend, MapError> {
-        self.backends
-            .get(&id, 0)
-            .map_err(op(map_names::BACKENDS, "get"))
+        self.backends.get(&id, 0).map_err(op(map_names::BACKENDS, "get"))
     }
 
     /// Writes `table` (backend ids, or [`NO_BACKEND`]) as table `half` of service slot
@@ -208,13 +185,9 @@ impl Maps {
     pub fn write_table(&mut self, slot: u16, half: u8, table: &[u32]) -> Result<(), MapError> {
         let first = Service::first_row(slot, half);
         for (i, chunk) in table.chunks(MAGLEV_ROW as usize).enumerate() {
-            let mut row = MaglevRow {
-                ids: [NO_BACKEND; MAGLEV_ROW as usize],
-            };
+            let mut row = MaglevRow { ids: [NO_BACKEND; MAGLEV_ROW as usize] };
             row.ids[..chunk.len()].copy_from_slice(chunk);
-            self.maglev
-                .set(first + i as u32, row, 0)
-                .map_err(op(map_names::MAGLEV, "set"))?;
+            self.maglev.set(first + i as u32, row, 0).map_err(op(map_names::MAGLEV, "set"))?;
         }
         Ok(())
     }
@@ -224,10 +197,7 @@ impl Maps {
         let first = Service::first_row(slot, half);
         let mut out = Vec::with_capacity(m as usize);
         for i in 0..m.div_ceil(MAGLEV_ROW).min(MAGLEV_ROWS_PER_TABLE) {
-            let row = self
-                .maglev
-                .get(&(first + i), 0)
-                .map_err(op(map_names::MAGLEV, "get"))?;
+            let row = self.maglev.get(&(first + i), 0).map_err(op(map_names::MAGLEV, "get"))?;
             out.extend_from_slice(&row.ids);
         }
         out.truncate(m as usize);
@@ -236,16 +206,11 @@ impl Maps {
 
     /// Packets and bytes sent to backend `id`, summed over CPUs.
     pub fn backend_stats(&self, id: u32) -> Result<BackendStats, MapError> {
-        let per_cpu = self
-            .backend_stats
-            .get(&id, 0)
-            .map_err(op(map_names::BACKEND_STATS, "get"))?;
-        Ok(per_cpu
-            .iter()
-            .fold(BackendStats::default(), |acc, s| BackendStats {
-                packets: acc.packets + s.packets,
-                bytes: acc.bytes + s.bytes,
-            }))
+        let per_cpu = self.backend_stats.get(&id, 0).map_err(op(map_names::BACKEND_STATS, "get"))?;
+        Ok(per_cpu.iter().fold(BackendStats::default(), |acc, s| BackendStats {
+            packets: acc.packets + s.packets,
+            bytes: acc.bytes + s.bytes,
+        }))
     }
 
     /// Zeroes backend `id`'s counters (when the id is given to a new backend).
@@ -253,9 +218,7 @@ impl Maps {
         let cpus = nr_cpus().map_err(|(_, source)| MapError::PerCpu { source })?;
         let zeros = PerCpuValues::try_from(vec![BackendStats::default(); cpus])
             .map_err(|source| MapError::PerCpu { source })?;
-        self.backend_stats
-            .set(id, zeros, 0)
-            .map_err(op(map_names::BACKEND_STATS, "reset"))
+        self.backend_stats.set(id, zeros, 0).map_err(op(map_names::BACKEND_STATS, "reset"))
     }
 
     /// The backend a flow is pinned to, if any.
@@ -263,38 +226,23 @@ impl Maps {
         match self.conns.get(flow, 0) {
             Ok(c) => Ok(Some(c)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(MapError::Op {
-                name: map_names::CONNS,
-                op: "get",
-                source,
-            }),
+            Err(source) => Err(MapError::Op { name: map_names::CONNS, op: "get", source }),
         }
     }
 
     /// Pins a flow to a backend (tests seed established flows with it).
     pub fn set_conn(&mut self, flow: &FlowKey, conn: &Conn) -> Result<(), MapError> {
-        self.conns
-            .insert(flow, conn, 0)
-            .map_err(op(map_names::CONNS, "insert"))
+        self.conns.insert(flow, conn, 0).map_err(op(map_names::CONNS, "insert"))
     }
 
     /// Forgets every pinned flow.
     pub fn clear_conns(&mut self) -> Result<(), MapError> {
-        let keys: Vec<FlowKey> = self
-            .conns
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(op(map_names::CONNS, "iterate"))?;
+        let keys: Vec<FlowKey> =
+            self.conns.keys().collect::<Result<_, _>>().map_err(op(map_names::CONNS, "iterate"))?;
         for k in keys {
             match self.conns.remove(&k) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(MapError::Op {
-                        name: map_names::CONNS,
-                        op: "remove",
-                        source,
-                    })
-                }
+                Err(source) => return Err(MapError::Op { name: map_names::CONNS, op: "remove", source }),
             }
         }
         Ok(())

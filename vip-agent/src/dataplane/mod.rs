@@ -121,10 +121,7 @@ pub enum DataplaneError {
 }
 
 /// The first OS error in an error chain whose errno is one of `errnos`.
-fn find_os_error<'a>(
-    err: &'a (dyn std::error::Error + 'static),
-    errnos: &[i32],
-) -> Option<&'a io::Error> {
+fn find_os_error<'a>(err: &'a (dyn std::error::Error + 'static), errnos: &[i32]) -> Option<&'a io::Error> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<io::Error>() {
@@ -140,9 +137,8 @@ fn find_os_error<'a>(
 /// Maps a load failure to [`DataplaneError::PermissionDenied`] when the kernel said
 /// `EPERM`/`EACCES`: the caller lacks the capabilities to create maps or load programs.
 fn permission_denied(err: &(dyn std::error::Error + 'static)) -> Option<DataplaneError> {
-    find_os_error(err, &[libc::EPERM, libc::EACCES]).map(|io| DataplaneError::PermissionDenied {
-        detail: format!("bpf(2): {io}"),
-    })
+    find_os_error(err, &[libc::EPERM, libc::EACCES])
+        .map(|io| DataplaneError::PermissionDenied { detail: format!("bpf(2): {io}") })
 }
 
 /// What `BPF_PROG_RUN` returned for one frame.
@@ -168,23 +164,18 @@ impl Dataplane {
     /// Loads the embedded object and both of its programs into the kernel. Nothing is
     /// attached yet.
     pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(|source| {
-            permission_denied(&source).unwrap_or(DataplaneError::Load { source })
-        })?;
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::Load { source }))?;
         for program in [Program::Vip, Program::Pass] {
             let name = program.name();
             let xdp = xdp_mut(&mut ebpf, name)?;
-            xdp.load().map_err(|source| {
-                permission_denied(&source).unwrap_or(DataplaneError::LoadProgram { name, source })
-            })?;
+            xdp.load()
+                .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::LoadProgram { name, source }))?;
         }
         let maps = Maps::take_from(&mut ebpf)?;
         debug!("data plane loaded");
-        Ok(Self {
-            ebpf,
-            maps,
-            attached: None,
-        })
+        Ok(Self { ebpf, maps, attached: None })
     }
 
     pub fn maps(&self) -> &Maps {
@@ -197,12 +188,7 @@ impl Dataplane {
 
     /// Attaches `program` to `dev` (resolved in the calling thread's network namespace).
     /// With [`AttachMode::Auto`], native mode is tried first and SKB mode is the fallback.
-    pub fn attach(
-        &mut self,
-        program: Program,
-        dev: &Netdev,
-        mode: AttachMode,
-    ) -> Result<AttachedMode, DataplaneError> {
+    pub fn attach(&mut self, program: Program, dev: &Netdev, mode: AttachMode) -> Result<AttachedMode, DataplaneError> {
         let xdp = xdp_mut(&mut self.ebpf, program.name())?;
         let attempt = |xdp: &mut Xdp, m: XdpMode| xdp.attach_to_if_index(dev.ifindex, m);
         let (link, attached) = match mode {
@@ -220,11 +206,7 @@ impl Dataplane {
         let link = link.map_err(|source| DataplaneError::Attach {
             interface: dev.name.clone(),
             mode,
-            hint: if is_busy(&source) {
-                ": another XDP program is already attached to it"
-            } else {
-                ""
-            },
+            hint: if is_busy(&source) { ": another XDP program is already attached to it" } else { "" },
             source,
         })?;
         info!(interface = %dev.name, ifindex = dev.ifindex, mode = %attached, program = program.name(), "XDP attached");
@@ -241,10 +223,7 @@ impl Dataplane {
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         if let Some((interface, link)) = self.attached.take() {
             let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
-            xdp.detach(link).map_err(|source| DataplaneError::Detach {
-                interface: interface.clone(),
-                source,
-            })?;
+            xdp.detach(link).map_err(|source| DataplaneError::Detach { interface: interface.clone(), source })?;
             info!(interface = %interface, "XDP detached");
         }
         Ok(())
@@ -257,12 +236,7 @@ impl Dataplane {
     }
 
     /// Like [`Dataplane::test_run`], `repeat` times in the kernel.
-    pub fn test_run_repeat(
-        &self,
-        program: Program,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<RunOutcome, DataplaneError> {
+    pub fn test_run_repeat(&self, program: Program, frame: &[u8], repeat: u32) -> Result<RunOutcome, DataplaneError> {
         self.runner().run_opts(program, frame, repeat, None)
     }
 
@@ -313,12 +287,8 @@ impl Runner<'_> {
         let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex. The kernel wants data_end == the frame's length.
-        let ctx: Option<Vec<u8>> = ingress_ifindex.map(|ifindex| {
-            [0u32, frame.len() as u32, 0, ifindex, 0, 0]
-                .iter()
-                .flat_map(|v| v.to_ne_bytes())
-                .collect()
-        });
+        let ctx: Option<Vec<u8>> = ingress_ifindex
+            .map(|ifindex| [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect());
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
@@ -326,18 +296,9 @@ impl Runner<'_> {
             repeat,
             ..Default::default()
         };
-        let res = xdp
-            .test_run(opts)
-            .map_err(|source| DataplaneError::TestRun {
-                program: name,
-                source,
-            })?;
+        let res = xdp.test_run(opts).map_err(|source| DataplaneError::TestRun { program: name, source })?;
         out.truncate(res.data_size_out as usize);
-        Ok(RunOutcome {
-            action: res.return_value,
-            frame: out,
-            duration: res.duration,
-        })
+        Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration })
     }
 }
 
