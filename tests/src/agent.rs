@@ -17,6 +17,21 @@ pub fn agent_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vip-agent"))
 }
 
+/// A bpffs directory for one agent's pins, outside `/sys` (which `ip netns exec`
+/// remounts, hiding `/sys/fs/bpf`): `/run/vip-test-bpffs/<name>`. The bpffs is mounted
+/// on first use.
+pub fn pin_dir(name: &str) -> Result<PathBuf, String> {
+    let root = PathBuf::from("/run/vip-test-bpffs");
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
+    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/run/vip-test-bpffs")) {
+        std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+        crate::netns::run(Command::new("mount").args(["-t", "bpf", "bpf", "/run/vip-test-bpffs"]))?;
+    }
+    let dir = root.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(dir)
+}
+
 /// A `vip-agent` process inside a namespace; killed on drop if still running.
 pub struct Agent {
     child: Option<Child>,
@@ -24,7 +39,7 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `vip-agent ARGS` in `ns`, logging to a pipe read back by [`Agent::stop`].
-    pub fn spawn(ns: &Netns, args: &[&str]) -> Result<Self, String> {
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(ns: &Netns, args: &[S]) -> Result<Self, String> {
         let bin = agent_bin();
         let child = ns
             .cmd(bin.to_str().ok_or("agent path is not UTF-8")?)
@@ -77,7 +92,11 @@ impl Drop for Agent {
 }
 
 /// Runs `vip-agent ARGS` in `ns` to completion (for commands expected to fail fast).
-pub fn run_to_exit(ns: &Netns, args: &[&str], timeout: Duration) -> Result<(ExitStatus, String), String> {
+pub fn run_to_exit<S: AsRef<std::ffi::OsStr>>(
+    ns: &Netns,
+    args: &[S],
+    timeout: Duration,
+) -> Result<(ExitStatus, String), String> {
     let mut agent = Agent::spawn(ns, args)?;
     let deadline = Instant::now() + timeout;
     loop {
@@ -86,7 +105,7 @@ pub fn run_to_exit(ns: &Netns, args: &[&str], timeout: Duration) -> Result<(Exit
             return agent.stop(0, timeout);
         }
         if Instant::now() > deadline {
-            return Err(format!("vip-agent {args:?} still running after {timeout:?}"));
+            return Err(format!("vip-agent still running after {timeout:?}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

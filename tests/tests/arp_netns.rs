@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use tests::{
-    agent::{run_to_exit, unprivileged, wait_until, Agent},
+    agent::{pin_dir, run_to_exit, unprivileged, wait_until, Agent},
     netns::{arping, mac_of, veth, Netns},
 };
 use vip_agent::{
@@ -22,6 +22,40 @@ use vip_common::{Config, Reason, VipState};
 const VIP: &str = "10.31.0.100";
 const NODE_DEV: &str = "vn0";
 const CLIENT_DEV: &str = "vc0";
+
+/// `run` on the node's veth, VIP served locally (no backends), SKB mode, pins in `pins`.
+fn agent_args(pins: &std::path::Path) -> Vec<String> {
+    [
+        "run",
+        "--interface",
+        NODE_DEV,
+        "--vip",
+        VIP,
+        "--election",
+        "none",
+        "--forward",
+        "local",
+        "--xdp-mode",
+        "skb",
+        "--pin-path",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([pins.display().to_string()])
+    .collect()
+}
+
+/// `vip-agent status --output json` against the pins of an agent in `ns`.
+fn status_json(ns: &Netns, pins: &std::path::Path) -> serde_json::Value {
+    let out = ns
+        .cmd(tests::agent::agent_bin().to_str().unwrap())
+        .args(["status", "--output", "json", "--pin-path"])
+        .arg(pins)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
 
 struct Lab {
     // Field order is drop order: namespaces go last.
@@ -112,41 +146,44 @@ fn leader_replies_and_follower_drops_in_native_mode() {
 
 #[test]
 fn agent_answers_arp_until_sigterm_then_detaches() {
-    // No VIP on lo: any reply can only come from the agent's XDP program.
+    // Nobody holds the VIP before the agent starts. The agent puts it on lo with
+    // arp_ignore=1, so replies can only come from its XDP program (and it counts them).
     let lab = lab(false);
     let node_mac = mac_of(&lab.node, NODE_DEV).unwrap();
     assert!(arping(&lab.client, CLIENT_DEV, VIP, 1, 1).unwrap().is_empty(), "nobody should own the VIP yet");
 
-    let mut agent = Agent::spawn(
-        &lab.node,
-        &["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--xdp-mode", "skb"],
-    )
-    .unwrap();
+    let pins = pin_dir(&lab.node.name).unwrap();
+    let mut agent = Agent::spawn(&lab.node, &agent_args(&pins)).unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || lab.node.has_xdp(NODE_DEV).unwrap_or(false)),
         "agent never attached"
     );
     assert_eq!(arping(&lab.client, CLIENT_DEV, VIP, 3, 3).unwrap(), vec![node_mac; 3]);
 
+    assert!(lab.node.addrs("lo").unwrap().contains(VIP), "VIP not on lo while serving");
+    let status = status_json(&lab.node, &pins);
+    assert!(status["counters"]["arp_replied"].as_u64().unwrap_or(0) >= 3, "replies not from XDP: {status}");
+    assert_eq!(status["vips"][0]["leader"], serde_json::json!(true), "{status}");
+
     let (status, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
     assert!(status.success(), "agent exited with {status}: {log}");
     assert!(log.contains("stopped cleanly"), "{log}");
     assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "program left attached after SIGTERM");
+    assert!(!lab.node.addrs("lo").unwrap().contains(VIP), "VIP left on lo after SIGTERM");
+    assert!(!pins.exists(), "pins left behind after SIGTERM: {}", pins.display());
     assert!(arping(&lab.client, CLIENT_DEV, VIP, 1, 1).unwrap().is_empty(), "VIP still answered after stop");
 }
 
 #[test]
 fn agent_stops_on_sigint_too() {
     let lab = lab(false);
-    let mut agent = Agent::spawn(
-        &lab.node,
-        &["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--xdp-mode", "skb"],
-    )
-    .unwrap();
+    let pins = pin_dir(&lab.node.name).unwrap();
+    let mut agent = Agent::spawn(&lab.node, &agent_args(&pins)).unwrap();
     assert!(wait_until(Duration::from_secs(10), || lab.node.has_xdp(NODE_DEV).unwrap_or(false)));
     let (status, log) = agent.stop(libc::SIGINT, Duration::from_secs(5)).unwrap();
     assert!(status.success(), "{log}");
     assert!(!lab.node.has_xdp(NODE_DEV).unwrap());
+    assert!(!pins.exists());
 }
 
 /// Bad input: a clear error naming the bad value, a non-zero exit, nothing attached and
@@ -155,16 +192,75 @@ fn agent_stops_on_sigint_too() {
 fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
     let lab = lab(false);
     let lo_before = lab.node.addrs("lo").unwrap();
+    let pins = pin_dir(&lab.node.name).unwrap();
+    let pins_s = pins.display().to_string();
     let cases: &[(&[&str], i32, &str)] = &[
-        (&["run", "--interface", "nope0", "--vip", VIP, "--election", "none"], 1, "interface \"nope0\" not found"),
-        (&["run", "--interface", NODE_DEV, "--vip", "10.31.0.300", "--election", "none"], 2, "'10.31.0.300'"),
-        (&["run", "--interface", NODE_DEV, "--vip", "239.1.1.1", "--election", "none"], 1, "--vip 239.1.1.1"),
-        (&["run", "--interface", "lo", "--vip", VIP, "--election", "none"], 1, "interface \"lo\" is not an Ethernet"),
-        (&["run", "--interface", "a/b", "--vip", VIP, "--election", "none"], 1, "invalid interface name \"a/b\""),
-        (&["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "sometimes"], 2, "'sometimes'"),
-        (&["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--xdp-mode", "turbo"], 2, "'turbo'"),
+        (&["--interface", "nope0", "--vip", VIP, "--election", "none"], 1, "interface \"nope0\" not found"),
+        (&["--interface", NODE_DEV, "--vip", "10.31.0.300", "--election", "none"], 2, "'10.31.0.300'"),
+        (&["--interface", NODE_DEV, "--vip", "239.1.1.1", "--election", "none"], 1, "--vip 239.1.1.1"),
+        (&["--interface", "lo", "--vip", VIP, "--election", "none"], 1, "interface \"lo\" is not an Ethernet"),
+        (&["--interface", "a/b", "--vip", VIP, "--election", "none"], 1, "invalid interface name \"a/b\""),
+        (&["--interface", NODE_DEV, "--vip", VIP, "--election", "sometimes"], 2, "'sometimes'"),
+        (&["--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--xdp-mode", "turbo"], 2, "'turbo'"),
+        (
+            &["--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--maglev-size", "1000"],
+            1,
+            "1000 is not prime",
+        ),
+        (&["--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--port", "0"], 1, "--port 0"),
+        (
+            &["--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--forward", "dsr"],
+            1,
+            "needs at least one --backend",
+        ),
+        (&["--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--backend", VIP], 1, "is the VIP itself"),
+        (
+            &["--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--backend", "10.31.0.5,10.31.0.5"],
+            1,
+            "given twice",
+        ),
+        (
+            &[
+                "--interface",
+                NODE_DEV,
+                "--vip",
+                VIP,
+                "--election",
+                "none",
+                "--backend",
+                "10.31.0.5",
+                "--health-ca",
+                "/nonexistent/ca.pem",
+            ],
+            1,
+            "/nonexistent/ca.pem",
+        ),
+        (&["--interface", NODE_DEV, "--vip", VIP, "--election", "none", "--backend", "10.31.0.5"], 1, "need a CA"),
+        (
+            &[
+                "--interface",
+                NODE_DEV,
+                "--vip",
+                VIP,
+                "--election",
+                "none",
+                "--forward",
+                "local",
+                "--metrics-addr",
+                "10.99.99.99:1",
+            ],
+            1,
+            "--metrics-addr 10.99.99.99:1",
+        ),
     ];
     for (args, code, needle) in cases {
+        let mut full: Vec<&str> = vec!["run"];
+        full.extend_from_slice(args);
+        if !args.contains(&"--forward") && !args.contains(&"--backend") {
+            full.extend_from_slice(&["--forward", "local"]);
+        }
+        full.extend_from_slice(&["--pin-path", &pins_s]);
+        let args = &full;
         let (status, stderr) = run_to_exit(&lab.node, args, Duration::from_secs(10)).unwrap();
         assert_eq!(status.code(), Some(*code), "{args:?}: {stderr}");
         let first = stderr.lines().next().unwrap_or_default();
@@ -174,6 +270,7 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
         }
         assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "{args:?} left XDP attached");
         assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "{args:?} changed lo");
+        assert!(!pins.exists(), "{args:?} left pins behind");
     }
 }
 
@@ -192,6 +289,8 @@ fn flags_come_from_the_environment() {
         .env("VIP_VIP", VIP)
         .env("VIP_ELECTION", "none")
         .env("VIP_XDP_MODE", "skb")
+        .env("VIP_FORWARD", "local")
+        .env("VIP_PIN_PATH", pin_dir(&lab.node.name).unwrap())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -207,11 +306,8 @@ fn flags_come_from_the_environment() {
 fn missing_privileges_fail_cleanly() {
     let lab = lab(false);
     let bin = tests::agent::agent_bin();
-    let out = unprivileged(&lab.node)
-        .arg(&bin)
-        .args(["run", "--interface", NODE_DEV, "--vip", VIP, "--election", "none"])
-        .output()
-        .unwrap();
+    let pins = pin_dir(&lab.node.name).unwrap();
+    let out = unprivileged(&lab.node).arg(&bin).args(agent_args(&pins)).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");

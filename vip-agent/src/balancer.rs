@@ -121,6 +121,40 @@ impl Balancer {
         Self { services: BTreeMap::new(), ids: BTreeMap::new(), grace, rebuilds: 0 }
     }
 
+    /// Rebuilds the bookkeeping from maps a previous agent left pinned: backend ids,
+    /// service slots, live halves and tables. The next [`Balancer::apply`] with the same
+    /// healthy set then changes nothing (no flip, no new ids), so a restart moves no flow.
+    pub fn adopt(maps: &Maps, grace: Duration) -> Result<Self, BalancerError> {
+        let mut me = Self::new(grace);
+        let mut by_id = BTreeMap::new();
+        for (id, b) in maps.backends()? {
+            let ip = Ipv4Addr::from(b.ip);
+            me.ids.insert(ip, id);
+            by_id.insert(id, ip);
+        }
+        for (key, svc) in maps.services()? {
+            let Some(mode) = ForwardMode::from_u8(svc.mode) else { continue };
+            let table = maps.read_table(svc.slot, svc.active, svc.m)?;
+            let backends = table.iter().filter_map(|id| by_id.get(id).copied()).collect();
+            // Treat the adoption as a flip just now: the grace period protects readers
+            // of the half the previous agent last left.
+            me.services.insert(
+                key,
+                Installed {
+                    slot: svc.slot,
+                    active: svc.active,
+                    mode,
+                    m: svc.m,
+                    last_flip: Some(Instant::now()),
+                    table,
+                    backends,
+                },
+            );
+        }
+        info!(services = me.services.len(), backends = me.ids.len(), "adopted pinned balancer state");
+        Ok(me)
+    }
+
     /// How many times a table was rebuilt and flipped.
     pub fn rebuilds(&self) -> u64 {
         self.rebuilds

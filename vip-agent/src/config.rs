@@ -1,13 +1,24 @@
 //! Command-line contract (see `shared/design.md`) and its validation.
 //!
-//! Every flag also reads an environment variable, `VIP_` + the flag in upper snake case,
-//! so manifests can configure the agent without building argument lists.
+//! Every `run` flag can come from three places, in this order of precedence: the command
+//! line, the environment (`VIP_` + the flag in upper snake case, e.g. `VIP_HEALTH_INTERVAL`),
+//! and a YAML file named by `--config` whose keys are the flag names (`health-interval: 2s`,
+//! `backend: [10.0.0.11, 10.0.0.12]`). Durations are written `500ms`, `2s`, `1m`.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    ffi::OsString,
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use vip_common::ForwardMode;
 
-use crate::{dataplane::AttachMode, netdev};
+use crate::{dataplane::AttachMode, maglev, netdev};
 
 #[derive(Debug, Parser)]
 #[command(name = "vip-agent", version, about = "Highly-available VIP for the Kubernetes control plane")]
@@ -19,7 +30,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the data plane on an interface and serve the VIP until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Show leadership, VIPs, backends with health, table share and counters, from the
+    /// pinned maps of a running (or kept-forwarding) agent.
+    Status(StatusArgs),
 }
 
 /// How this node decides whether it leads the VIP.
@@ -29,20 +43,200 @@ pub enum Election {
     None,
 }
 
+/// How clients find the VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// The leader answers ARP for the VIP.
+    Arp,
+}
+
+/// `--forward`, as the user writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Forward {
+    /// Direct server return: rewrite the destination MAC (backends share the L2).
+    Dsr,
+    /// Encapsulate in IPv4 to the backend (routed backends).
+    Ipip,
+    /// No load balancing: this node's own apiserver takes all traffic.
+    Local,
+}
+
+impl From<Forward> for ForwardMode {
+    fn from(f: Forward) -> Self {
+        match f {
+            Forward::Dsr => ForwardMode::Dsr,
+            Forward::Ipip => ForwardMode::Ipip,
+            Forward::Local => ForwardMode::Local,
+        }
+    }
+}
+
+/// How a backend's health is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HealthCheck {
+    /// HTTPS GET of `--health-path`; healthy on status 200.
+    Https,
+    /// A TCP connect; healthy when it is accepted.
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+/// A duration written with a unit: `250ms`, `2s`, `1.5s`, `1m`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{s:?} has no unit (write e.g. 500ms, 2s, 1m)"))?;
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
+        let secs = match unit {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        };
+        Duration::try_from_secs_f64(secs).map(Dur).map_err(|_| format!("{s:?} is out of range"))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}ms", self.0.as_millis())
+    }
+}
+
+/// `--backend IP[:PORT]`: the address traffic is sent to, and the port its health check
+/// uses (traffic keeps the VIP's port: DSR and IPIP do not rewrite it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendArg {
+    pub ip: Ipv4Addr,
+    pub port: Option<u16>,
+}
+
+impl FromStr for BackendArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, port) = match s.split_once(':') {
+            Some((ip, port)) => {
+                let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port {port:?}"))?;
+                if port == 0 {
+                    return Err(format!("{s:?}: port 0"));
+                }
+                (ip, Some(port))
+            }
+            None => (s, None),
+        };
+        let ip = ip.parse().map_err(|_| format!("{s:?}: {ip:?} is not an IPv4 address"))?;
+        Ok(Self { ip, port })
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// YAML file with flag values (keys are flag names); the command line and the
+    /// environment take precedence over it.
+    #[arg(long, env = "VIP_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// Interface that faces the clients (the one ARP for the VIP arrives on).
     #[arg(long, env = "VIP_INTERFACE", value_name = "IF")]
     pub interface: String,
     /// Virtual IP to serve. Repeat the flag (or separate with commas) for several.
     #[arg(long = "vip", env = "VIP_VIP", value_name = "IP", required = true, value_delimiter = ',')]
     pub vips: Vec<Ipv4Addr>,
+    /// TCP port of the service behind the VIP.
+    #[arg(long, env = "VIP_PORT", default_value_t = 6443)]
+    pub port: u16,
+    /// Backend (an apiserver): IP, and optionally the port its health check uses.
+    /// Repeat the flag (or separate with commas).
+    #[arg(long = "backend", env = "VIP_BACKEND", value_name = "IP[:PORT]", value_delimiter = ',')]
+    pub backends: Vec<BackendArg>,
+    /// How clients find the VIP. Only `arp` is available yet.
+    #[arg(long, env = "VIP_MODE", value_enum, default_value_t = Mode::Arp)]
+    pub mode: Mode,
+    /// How VIP traffic reaches a backend on another node.
+    #[arg(long, env = "VIP_FORWARD", value_enum, default_value_t = Forward::Dsr)]
+    pub forward: Forward,
     /// Leader election. Only `none` is available yet: this node always leads.
     #[arg(long, env = "VIP_ELECTION", value_enum)]
     pub election: Election,
+    /// This node's name (defaults to the hostname).
+    #[arg(long, env = "VIP_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubeconfig whose cluster CA verifies the health checks (when --health-ca is not
+    /// given).
+    #[arg(long, env = "VIP_KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Health check kind.
+    #[arg(long, env = "VIP_HEALTH_CHECK", value_enum, default_value_t = HealthCheck::Https)]
+    pub health_check: HealthCheck,
+    /// Path the HTTPS health check requests.
+    #[arg(long, env = "VIP_HEALTH_PATH", default_value = "/readyz")]
+    pub health_path: String,
+    /// Time between two checks of a backend.
+    #[arg(long, env = "VIP_HEALTH_INTERVAL", default_value = "1s")]
+    pub health_interval: Dur,
+    /// Time a check may take before it counts as failed.
+    #[arg(long, env = "VIP_HEALTH_TIMEOUT", default_value = "1s")]
+    pub health_timeout: Dur,
+    /// Consecutive successes that bring a down backend back.
+    #[arg(long, env = "VIP_RISE", default_value_t = 2)]
+    pub rise: u32,
+    /// Consecutive failures that take a backend out.
+    #[arg(long, env = "VIP_FALL", default_value_t = 3)]
+    pub fall: u32,
+    /// PEM file of the CA that signs the backends' certificates.
+    #[arg(long, env = "VIP_HEALTH_CA", value_name = "PATH")]
+    pub health_ca: Option<PathBuf>,
+    /// Do not verify backend certificates (only when asked: prefer --health-ca).
+    #[arg(long, env = "VIP_HEALTH_INSECURE")]
+    pub health_insecure: bool,
     /// XDP attach mode.
     #[arg(long, env = "VIP_XDP_MODE", value_enum, default_value_t = AttachMode::Auto)]
     pub xdp_mode: AttachMode,
+    /// Where Prometheus metrics are served.
+    #[arg(long, env = "VIP_METRICS_ADDR", default_value = "127.0.0.1:9469")]
+    pub metrics_addr: SocketAddr,
+    /// bpffs directory for the pinned maps and XDP link.
+    #[arg(long, env = "VIP_PIN_PATH", default_value = "/sys/fs/bpf/vip")]
+    pub pin_path: PathBuf,
+    /// On exit, leave the data plane attached and pinned (and the VIP in place), so a
+    /// restarted or upgraded agent takes over without interrupting forwarding.
+    #[arg(long, env = "VIP_KEEP_FORWARDING_ON_EXIT")]
+    pub keep_forwarding_on_exit: bool,
+    /// Maglev table size (a prime up to 65537).
+    #[arg(long, env = "VIP_MAGLEV_SIZE", default_value_t = maglev::DEFAULT_M)]
+    pub maglev_size: u32,
+    /// Log format.
+    #[arg(long, env = "VIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// bpffs directory of the agent's pinned maps.
+    #[arg(long, env = "VIP_PIN_PATH", default_value = "/sys/fs/bpf/vip")]
+    pub pin_path: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
 }
 
 /// A validated `run` configuration.
@@ -50,8 +244,31 @@ pub struct RunArgs {
 pub struct RunConfig {
     pub interface: String,
     pub vips: Vec<Ipv4Addr>,
+    pub port: u16,
+    pub backends: Vec<BackendArg>,
+    pub forward: ForwardMode,
     pub election: Election,
+    pub node_name: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub health: HealthConfig,
     pub xdp_mode: AttachMode,
+    pub metrics_addr: SocketAddr,
+    pub pin_path: PathBuf,
+    pub keep_forwarding_on_exit: bool,
+    pub maglev_size: u32,
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub check: HealthCheck,
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub ca: Option<PathBuf>,
+    pub insecure: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +279,24 @@ pub enum ConfigError {
     DuplicateVip { vip: Ipv4Addr },
     #[error("{count} VIPs given, at most {max} are supported")]
     TooManyVips { count: usize, max: u32 },
+    #[error("--port 0: the service needs a port")]
+    PortZero,
+    #[error("--backend {ip} is given twice")]
+    DuplicateBackend { ip: Ipv4Addr },
+    #[error("--backend {ip} is the VIP itself")]
+    BackendIsVip { ip: Ipv4Addr },
+    #[error("--forward {forward:?} needs at least one --backend (or use --forward local)")]
+    NoBackends { forward: Forward },
+    #[error("--maglev-size: {0}")]
+    Maglev(#[from] maglev::MaglevError),
+    #[error("--{flag} {value} must be greater than zero")]
+    Zero { flag: &'static str, value: String },
+    #[error("--health-path {path:?} must start with '/'")]
+    HealthPath { path: String },
     #[error("--interface: {0}")]
     Interface(#[from] netdev::NetdevError),
+    #[error("--config {path}: {why}")]
+    File { path: String, why: String },
 }
 
 impl TryFrom<RunArgs> for RunConfig {
@@ -81,7 +314,61 @@ impl TryFrom<RunArgs> for RunConfig {
                 return Err(ConfigError::DuplicateVip { vip });
             }
         }
-        Ok(RunConfig { interface: args.interface, vips: args.vips, election: args.election, xdp_mode: args.xdp_mode })
+        if args.port == 0 {
+            return Err(ConfigError::PortZero);
+        }
+        let mut backends = BTreeSet::new();
+        for b in &args.backends {
+            if args.vips.contains(&b.ip) {
+                return Err(ConfigError::BackendIsVip { ip: b.ip });
+            }
+            if !backends.insert(b.ip) {
+                return Err(ConfigError::DuplicateBackend { ip: b.ip });
+            }
+        }
+        if args.backends.is_empty() && args.forward != Forward::Local {
+            return Err(ConfigError::NoBackends { forward: args.forward });
+        }
+        maglev::validate_size(args.maglev_size)?;
+        for (flag, value, zero) in [
+            ("health-interval", args.health_interval.to_string(), args.health_interval.0.is_zero()),
+            ("health-timeout", args.health_timeout.to_string(), args.health_timeout.0.is_zero()),
+            ("rise", args.rise.to_string(), args.rise == 0),
+            ("fall", args.fall.to_string(), args.fall == 0),
+        ] {
+            if zero {
+                return Err(ConfigError::Zero { flag, value });
+            }
+        }
+        if !args.health_path.starts_with('/') {
+            return Err(ConfigError::HealthPath { path: args.health_path });
+        }
+        Ok(RunConfig {
+            interface: args.interface,
+            vips: args.vips,
+            port: args.port,
+            backends: args.backends,
+            forward: args.forward.into(),
+            election: args.election,
+            node_name: args.node_name,
+            kubeconfig: args.kubeconfig,
+            health: HealthConfig {
+                check: args.health_check,
+                path: args.health_path,
+                interval: args.health_interval.0,
+                timeout: args.health_timeout.0,
+                rise: args.rise,
+                fall: args.fall,
+                ca: args.health_ca,
+                insecure: args.health_insecure,
+            },
+            xdp_mode: args.xdp_mode,
+            metrics_addr: args.metrics_addr,
+            pin_path: args.pin_path,
+            keep_forwarding_on_exit: args.keep_forwarding_on_exit,
+            maglev_size: args.maglev_size,
+            log_format: args.log_format,
+        })
     }
 }
 
@@ -101,45 +388,241 @@ fn check_vip(vip: Ipv4Addr) -> Result<(), ConfigError> {
     Err(ConfigError::BadVip { vip, why })
 }
 
+/// Parses the command line, folding in the `--config` file: each key of the file
+/// becomes `--key value` (a list becomes one flag per item) unless the same flag is on
+/// the command line or its `VIP_` variable is set. Returns clap's own error (with its
+/// exit code) for bad flags, and [`ConfigError::File`] for a bad file.
+pub fn parse_args(argv: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> Result<Cli, ParseError> {
+    let cli = Cli::try_parse_from(&argv).map_err(ParseError::Clap);
+    let file = match &cli {
+        Ok(Cli { command: Command::Run(run) }) => run.config.clone(),
+        // The file may be what supplies required flags: look for it by hand.
+        Err(_) => config_flag(&argv, env),
+        Ok(_) => None,
+    };
+    let Some(path) = file else { return cli };
+    let injected = file_args(&path, &argv, env)?;
+    // Insert the file's flags right after `run`, before the user's own.
+    let run_at = argv.iter().position(|a| a == "run").map_or(argv.len(), |i| i + 1);
+    let mut merged = argv[..run_at].to_vec();
+    merged.extend(injected);
+    merged.extend_from_slice(&argv[run_at..]);
+    Cli::try_parse_from(merged).map_err(ParseError::Clap)
+}
+
+#[derive(Debug)]
+pub enum ParseError {
+    Clap(clap::Error),
+    Config(ConfigError),
+}
+
+impl From<ConfigError> for ParseError {
+    fn from(e: ConfigError) -> Self {
+        ParseError::Config(e)
+    }
+}
+
+fn config_flag(argv: &[OsString], env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let args: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    args.iter()
+        .enumerate()
+        .find_map(|(i, a)| {
+            a.strip_prefix("--config=")
+                .map(PathBuf::from)
+                .or_else(|| (a == "--config").then(|| args.get(i + 1).map(PathBuf::from)).flatten())
+        })
+        .or_else(|| env("VIP_CONFIG").map(PathBuf::from))
+}
+
+fn file_args(
+    path: &PathBuf,
+    argv: &[OsString],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<OsString>, ConfigError> {
+    let shown = path.display().to_string();
+    let err = |why: String| ConfigError::File { path: shown.clone(), why };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let serde_yaml::Value::Mapping(map) = doc else {
+        return Err(err("expected a mapping of flag names to values".into()));
+    };
+    let run = Cli::command();
+    let run = run.find_subcommand("run").ok_or_else(|| err("no run command".into()))?;
+    let known: Vec<String> = run.get_arguments().filter_map(|a| a.get_long().map(str::to_owned)).collect();
+    let on_cli: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let mut out = Vec::new();
+    for (key, value) in map {
+        let serde_yaml::Value::String(key) = key else {
+            return Err(err(format!("key {key:?} is not a string")));
+        };
+        let flag = key.replace('_', "-");
+        if flag == "config" || !known.contains(&flag) {
+            return Err(err(format!("unknown key {key:?}")));
+        }
+        let env_name = format!("VIP_{}", flag.replace('-', "_").to_uppercase());
+        let long = format!("--{flag}");
+        if env(&env_name).is_some() || on_cli.iter().any(|a| *a == long || a.starts_with(&format!("{long}="))) {
+            continue;
+        }
+        let values = match value {
+            serde_yaml::Value::Sequence(items) => items,
+            other => vec![other],
+        };
+        for v in values {
+            let v = match v {
+                serde_yaml::Value::String(s) => s,
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::Bool(true) => {
+                    out.push(long.clone().into());
+                    continue;
+                }
+                serde_yaml::Value::Bool(false) => continue,
+                other => return Err(err(format!("key {key:?}: unsupported value {other:?}"))),
+            };
+            out.push(format!("{long}={v}").into());
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse_with(args: &[&str], env: &[(&str, &str)]) -> Result<RunConfig, String> {
+        let argv: Vec<OsString> = ["vip-agent", "run"].iter().chain(args).map(OsString::from).collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let cli = parse_args(argv, &lookup).map_err(|e| match e {
+            ParseError::Clap(e) => e.to_string(),
+            ParseError::Config(e) => e.to_string(),
+        })?;
+        let Command::Run(run) = cli.command else { return Err("not run".into()) };
+        RunConfig::try_from(*run).map_err(|e| e.to_string())
+    }
+
     fn parse(args: &[&str]) -> Result<RunConfig, String> {
-        let cli = Cli::try_parse_from(["vip-agent", "run"].iter().chain(args)).map_err(|e| e.to_string())?;
-        let Command::Run(run) = cli.command;
-        RunConfig::try_from(run).map_err(|e| e.to_string())
+        parse_with(args, &[])
+    }
+
+    const BASE: [&str; 8] =
+        ["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none", "--backend", "10.0.0.11"];
+
+    fn with(extra: &[&str]) -> Vec<&'static str> {
+        let mut v: Vec<&str> = BASE.to_vec();
+        v.extend(extra.iter().map(|s| -> &'static str { Box::leak(s.to_string().into_boxed_str()) }));
+        v
     }
 
     #[test]
-    fn parses_repeated_and_comma_separated_vips() {
-        let cfg =
-            parse(&["--interface", "eth0", "--vip", "10.0.0.1,10.0.0.2", "--vip", "10.0.0.3", "--election", "none"])
-                .unwrap();
+    fn parses_repeated_and_comma_separated_lists() {
+        let cfg = parse(&[
+            "--interface",
+            "eth0",
+            "--vip",
+            "10.0.0.1,10.0.0.2",
+            "--vip",
+            "10.0.0.3",
+            "--election",
+            "none",
+            "--backend",
+            "10.0.0.11,10.0.0.12:8443",
+            "--backend",
+            "10.0.0.13",
+        ])
+        .unwrap();
         assert_eq!(cfg.vips, ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|s| s.parse::<Ipv4Addr>().unwrap()));
+        assert_eq!(cfg.backends[1], BackendArg { ip: "10.0.0.12".parse().unwrap(), port: Some(8443) });
         assert_eq!(cfg.xdp_mode, AttachMode::Auto);
+        assert_eq!(cfg.forward, ForwardMode::Dsr);
+        assert_eq!(cfg.health.interval, Duration::from_secs(1));
+        assert_eq!(cfg.port, 6443);
     }
 
     #[test]
-    fn a_bad_vip_is_named_in_the_error() {
-        let err = parse(&["--interface", "eth0", "--vip", "10.0.0.300", "--election", "none"]).unwrap_err();
-        assert!(err.contains("10.0.0.300"), "{err}");
-        let err = parse(&["--interface", "eth0", "--vip", "224.0.0.1", "--election", "none"]).unwrap_err();
-        assert_eq!(err, "--vip 224.0.0.1: a multicast address cannot be a VIP");
-        let err = parse(&["--interface", "eth0", "--vip", "10.0.0.1,10.0.0.1", "--election", "none"]).unwrap_err();
-        assert_eq!(err, "--vip 10.0.0.1 is given twice");
+    fn durations_take_units() {
+        assert_eq!("500ms".parse::<Dur>().unwrap().0, Duration::from_millis(500));
+        assert_eq!("2s".parse::<Dur>().unwrap().0, Duration::from_secs(2));
+        assert_eq!("1.5s".parse::<Dur>().unwrap().0, Duration::from_millis(1500));
+        assert_eq!("1m".parse::<Dur>().unwrap().0, Duration::from_secs(60));
+        assert!("5".parse::<Dur>().unwrap_err().contains("no unit"));
+        assert!("5h".parse::<Dur>().unwrap_err().contains("unknown unit"));
+        let cfg = parse(&with(&["--health-interval", "250ms", "--health-timeout", "100ms"])).unwrap();
+        assert_eq!(cfg.health.interval, Duration::from_millis(250));
     }
 
     #[test]
-    fn a_bad_interface_name_is_named_in_the_error() {
-        let err = parse(&["--interface", "eth/0", "--vip", "10.0.0.1", "--election", "none"]).unwrap_err();
-        assert!(err.contains("\"eth/0\""), "{err}");
+    fn bad_values_are_named_in_the_error() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--interface", "eth0", "--vip", "10.0.0.300", "--election", "none"], "10.0.0.300"),
+            (
+                &["--interface", "eth0", "--vip", "224.0.0.1", "--election", "none", "--backend", "10.0.0.11"],
+                "--vip 224.0.0.1: a multicast",
+            ),
+            (
+                &["--interface", "eth0", "--vip", "10.0.0.1,10.0.0.1", "--election", "none", "--backend", "10.0.0.11"],
+                "--vip 10.0.0.1 is given twice",
+            ),
+            (
+                &["--interface", "eth/0", "--vip", "10.0.0.1", "--election", "none", "--backend", "10.0.0.11"],
+                "\"eth/0\"",
+            ),
+            (&["--vip", "10.0.0.1", "--election", "none"], "--interface"),
+        ];
+        for (args, needle) in cases {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        for (extra, needle) in [
+            (&["--port", "0"][..], "--port 0"),
+            (&["--backend", "10.0.0.11"], "--backend 10.0.0.11 is given twice"),
+            (&["--backend", "10.0.0.1"], "--backend 10.0.0.1 is the VIP itself"),
+            (&["--backend", "10.0.0.12:0"], "port 0"),
+            (&["--backend", "10.0.0.x"], "not an IPv4 address"),
+            (&["--maglev-size", "65536"], "--maglev-size: Maglev table size 65536 is not prime"),
+            (&["--rise", "0"], "--rise 0 must be greater than zero"),
+            (&["--health-interval", "0s"], "--health-interval 0ms must be greater than zero"),
+            (&["--health-path", "readyz"], "must start with '/'"),
+            (&["--xdp-mode", "turbo"], "'turbo'"),
+        ] {
+            let err = parse(&with(extra)).unwrap_err();
+            assert!(err.contains(needle), "{extra:?}: {err}");
+        }
+        let err = parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none"]).unwrap_err();
+        assert_eq!(err, "--forward Dsr needs at least one --backend (or use --forward local)");
+        parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none", "--forward", "local"]).unwrap();
     }
 
     #[test]
-    fn unknown_xdp_mode_is_rejected() {
-        let err =
-            parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none", "--xdp-mode", "hw"]).unwrap_err();
-        assert!(err.contains("'hw'"), "{err}");
+    fn flags_come_from_the_environment_and_the_file_in_that_order() {
+        let dir = std::env::temp_dir().join(format!("vip-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vip.yaml");
+        std::fs::write(
+            &file,
+            "interface: fileif0\nvip: 10.9.9.9\nelection: none\nbackend: [10.9.9.11, '10.9.9.12:8443']\n\
+             health_interval: 3s\nrise: 5\nhealth-insecure: true\nfall: 4\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        // File only.
+        let cfg = parse(&["--config", f]).unwrap();
+        assert_eq!(cfg.interface, "fileif0");
+        assert_eq!(cfg.backends.len(), 2);
+        assert_eq!(cfg.health.interval, Duration::from_secs(3));
+        assert!(cfg.health.insecure);
+        // The command line beats the file. A flag whose VIP_ variable is set is not taken
+        // from the file (clap then reads the variable itself, which a binary test
+        // checks); here the fake environment only hides the file's values, so the
+        // defaults stand.
+        let cfg =
+            parse_with(&["--config", f, "--rise", "7"], &[("VIP_HEALTH_INTERVAL", "9s"), ("VIP_FALL", "6")]).unwrap();
+        assert_eq!(cfg.health.rise, 7);
+        assert_eq!(cfg.health.fall, 3);
+        assert_eq!(cfg.health.interval, Duration::from_secs(1));
+        // Unknown keys are named.
+        std::fs::write(&file, "interface: eth0\nhealth-intervall: 1s\n").unwrap();
+        assert_eq!(parse(&["--config", f]).unwrap_err(), format!("--config {f}: unknown key \"health-intervall\""));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,9 +5,15 @@
 //! (in [`dataplane::maps`], the only place that touches `aya::maps`) reads and writes its
 //! maps, and [`run`] ties them into the daemon.
 
+pub mod arp;
 pub mod balancer;
 pub mod config;
 pub mod dataplane;
+pub mod health;
+pub mod kubeconfig;
 pub mod maglev;
+pub mod metrics;
 pub mod netdev;
+pub mod netlink;
 pub mod run;
+pub mod status;

@@ -3,17 +3,18 @@
 
 use std::{io::IsTerminal, process::ExitCode};
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use vip_agent::config::{Cli, Command, RunConfig};
+use vip_agent::config::{self, Cli, Command, LogFormat, OutputFormat, ParseError, RunConfig};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let cli = match config::parse_args(std::env::args_os().collect(), &|k| std::env::var(k).ok()) {
+        Ok(cli) => cli,
+        Err(ParseError::Clap(e)) => e.exit(),
+        Err(ParseError::Config(e)) => {
+            eprintln!("vip-agent: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -23,12 +24,30 @@ fn main() -> ExitCode {
     }
 }
 
+fn logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let cfg = RunConfig::try_from(args)?;
+            let cfg = RunConfig::try_from(*args)?;
+            logging(cfg.log_format);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(vip_agent::run::run(cfg))?;
+            Ok(())
+        }
+        Command::Status(args) => {
+            let status = vip_agent::status::collect(&args.pin_path)?;
+            match args.output {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                OutputFormat::Table => print!("{}", vip_agent::status::render(&status)),
+            }
             Ok(())
         }
     }

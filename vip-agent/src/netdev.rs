@@ -65,6 +65,14 @@ pub fn validate_name(name: &str) -> Result<(), NetdevError> {
     Err(NetdevError::InvalidName { name: name.to_owned(), why })
 }
 
+/// The index of interface `name` in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c_name = CString::new(name).ok()?;
+    // SAFETY: c_name is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
 /// Resolves `name` in the calling thread's network namespace.
 pub fn lookup(name: &str) -> Result<Netdev, NetdevError> {
     validate_name(name)?;

@@ -1,20 +1,42 @@
-//! `vip-agent run`: bring the data plane up on one interface, serve until told to stop,
-//! and take everything down again.
+//! `vip-agent run`: the daemon for one node.
 //!
-//! Order matters for "nothing half-applied": the interface is resolved and the maps are
-//! filled before the program is attached, so the program never runs on empty state, and
-//! any failure before attach leaves the interface untouched (dropping the loaded object
-//! frees it).
+//! Start-up is ordered so that bad input changes nothing: everything that can fail on a
+//! wrong value (interface, CA, metrics address) is checked before the data plane is
+//! touched; then the maps are filled before the program is attached, so it never runs on
+//! empty state. Every change to the host is recorded and undone on stop (or on a failed
+//! start) — except with `--keep-forwarding-on-exit`, which leaves the data plane
+//! attached and pinned, and the VIP in place, for the next agent to adopt.
+//!
+//! Leadership: `--election none` makes this node the permanent leader. In DSR and IPIP
+//! modes every node holds the VIP on `lo` (followers are backends too; only ARP
+//! answering moves with leadership), with `arp_ignore=1`/`arp_announce=2` so its
+//! kernel never claims it.
 
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, info_span, Instrument};
-use vip_common::{Config, VipState};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+};
+
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{error, info, info_span, warn, Instrument};
+use vip_common::{Backend, Config, ForwardMode, VipState};
 
 use crate::{
-    config::{Election, RunConfig},
-    dataplane::{Dataplane, DataplaneError, MapError, Program},
-    netdev::{self, NetdevError},
+    arp,
+    balancer::{BackendSpec, Balancer, BalancerError, ServiceSpec, DEFAULT_GRACE},
+    config::{Election, HealthCheck, RunConfig},
+    dataplane::{Attached, Dataplane, DataplaneError, MapError, Maps},
+    health::{self, CaSource, Health, Hysteresis, Probe, TlsError},
+    kubeconfig, metrics,
+    netdev::{self, Netdev, NetdevError},
+    netlink::{ArpSysctls, LinkEvent, Netlink, NetlinkError},
 };
+
+/// Where a pod finds its service account's CA.
+const SERVICE_ACCOUNT_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -24,6 +46,18 @@ pub enum RunError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Map(#[from] MapError),
+    #[error(transparent)]
+    Balancer(#[from] BalancerError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("--metrics-addr {addr}: cannot listen")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("installing the {signal} handler failed")]
     Signal {
         signal: &'static str,
@@ -32,41 +66,303 @@ pub enum RunError {
     },
 }
 
+/// One backend as the agent tracks it.
+struct BackendState {
+    ip: Ipv4Addr,
+    check_addr: SocketAddr,
+    local: bool,
+    mac: Option<[u8; 6]>,
+    health: Hysteresis,
+    warned_no_mac: bool,
+}
+
+/// What start-up changed on the host, to undo on stop.
+#[derive(Default)]
+struct Undo {
+    vips_added_to_lo: Vec<Ipv4Addr>,
+    sysctls: Option<ArpSysctls>,
+}
+
+/// The health probe, or `None` when there is no backend to check.
+fn probe(cfg: &RunConfig) -> Result<Option<Probe>, RunError> {
+    if cfg.backends.is_empty() {
+        return Ok(None);
+    }
+    if cfg.health.check == HealthCheck::Tcp {
+        return Ok(Some(Probe::Tcp));
+    }
+    let source = if cfg.health.insecure {
+        CaSource::Insecure
+    } else if let Some(ca) = &cfg.health.ca {
+        CaSource::PemFile(ca)
+    } else if let Some(kc) = &cfg.kubeconfig {
+        kubeconfig::cluster_ca(kc)?
+    } else if std::path::Path::new(SERVICE_ACCOUNT_CA).exists() {
+        CaSource::PemFile(std::path::Path::new(SERVICE_ACCOUNT_CA))
+    } else {
+        return Err(TlsError::NoCa.into());
+    };
+    Ok(Some(Probe::Https { path: cfg.health.path.clone(), tls: health::tls_config(source)? }))
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let span = info_span!("run", interface = %cfg.interface);
     async move {
-        let mut sigterm =
-            signal(SignalKind::terminate()).map_err(|source| RunError::Signal { signal: "SIGTERM", source })?;
-        let mut sigint =
-            signal(SignalKind::interrupt()).map_err(|source| RunError::Signal { signal: "SIGINT", source })?;
-
+        // Nothing below touches the host until the data plane is opened.
+        let mut sigterm = signal(SignalKind::terminate())
+            .map_err(|source| RunError::Signal { signal: "SIGTERM", source })?;
+        let mut sigint = signal(SignalKind::interrupt())
+            .map_err(|source| RunError::Signal { signal: "SIGINT", source })?;
         let dev = netdev::lookup(&cfg.interface)?;
-        let mut dp = Dataplane::load()?;
-        dp.maps_mut().set_config(&Config::new(dev.mac.0, dev.ipv4.map(|a| a.octets()).unwrap_or_default()))?;
-        let state = match cfg.election {
-            Election::None => VipState::leader_until(VipState::FOREVER),
-        };
-        for &vip in &cfg.vips {
-            dp.maps_mut().set_vip(vip, state)?;
-        }
-        let mode = dp.attach(Program::Vip, &dev, cfg.xdp_mode)?;
-        info!(mac = %dev.mac, %mode, vips = ?cfg.vips, "serving: leader for every VIP (--election none)");
+        let probe = probe(&cfg)?;
+        let listener = metrics::bind(cfg.metrics_addr)
+            .await
+            .map_err(|source| RunError::Metrics { addr: cfg.metrics_addr, source })?;
+        let nl = Netlink::connect()?;
+        let mut links = crate::netlink::watch_link(cfg.interface.clone())?;
 
-        let signal = tokio::select! {
-            _ = sigterm.recv() => "SIGTERM",
-            _ = sigint.recv() => "SIGINT",
+        let (mut dp, adopted) = Dataplane::open_pinned(&cfg.pin_path)?;
+        let mut undo = Undo::default();
+        let started = start(&cfg, &dev, &nl, &mut dp, adopted, &mut undo).await;
+        let (mut balancer, mut backends) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "start-up failed; undoing");
+                // A data plane adopted from a previous agent keeps forwarding: a failed
+                // restart must not take it down. A fresh one is removed whole.
+                stop(dp, &nl, &cfg, undo, adopted).await;
+                return Err(e);
+            }
         };
-        info!(signal, "stopping");
-        // Stop answering first, then detach: between the two the kernel must not get to
-        // answer ARP for a VIP we no longer serve.
-        for &vip in &cfg.vips {
-            dp.maps_mut().set_vip(vip, VipState::follower())?;
+
+        let pinned_maps = Maps::from_pins(&cfg.pin_path)?;
+        let (registry, agent_metrics) = metrics::registry(pinned_maps);
+        let metrics_task = tokio::spawn(metrics::serve(listener, Arc::new(registry)));
+        info!(addr = %cfg.metrics_addr, "metrics served");
+
+        let (tx, mut reports) = mpsc::channel(64);
+        let mut checkers = Vec::new();
+        for (i, b) in backends.iter().enumerate() {
+            let Some(probe) = probe.clone() else { break };
+            checkers.push(tokio::spawn(health::run_checker(
+                i,
+                b.check_addr,
+                probe,
+                cfg.health.interval,
+                cfg.health.timeout,
+                tx.clone(),
+            )));
         }
-        dp.detach()?;
+        let mut announcer = Some(tokio::spawn(arp::announce(dev.ifindex, dev.mac.0, cfg.vips.clone())));
+        let mut dev = dev;
+
+        let signal_name = loop {
+            tokio::select! {
+                Some(report) = reports.recv() => {
+                    let changed = on_report(&cfg, &nl, &dev, &mut backends, report, &agent_metrics).await;
+                    if changed {
+                        match apply(&cfg, &mut dp, &mut balancer, &backends) {
+                            Ok(true) => agent_metrics.table_rebuilds.inc(),
+                            Ok(false) => 0,
+                            Err(e) => { error!(error = %e, "updating the data plane failed"); 0 }
+                        };
+                    }
+                }
+                Some(event) = links.recv() => {
+                    match event {
+                        LinkEvent::Up { ifindex } => {
+                            if ifindex != dev.ifindex {
+                                match netdev::lookup(&cfg.interface) {
+                                    Ok(new_dev) => {
+                                        warn!(old = dev.ifindex, new = ifindex, "interface was recreated; attaching again");
+                                        if let Err(e) = dp.attach_pinned(&new_dev, cfg.xdp_mode) {
+                                            error!(error = %e, "re-attaching failed");
+                                        }
+                                        dev = new_dev;
+                                    }
+                                    Err(e) => error!(error = %e, "interface came back but cannot be resolved"),
+                                }
+                            }
+                            info!("link up: announcing the VIPs again");
+                            if let Some(a) = announcer.take() { a.abort(); }
+                            announcer = Some(tokio::spawn(arp::announce(dev.ifindex, dev.mac.0, cfg.vips.clone())));
+                        }
+                        LinkEvent::Down => warn!("link down"),
+                        LinkEvent::Gone => warn!("interface deleted; waiting for it to come back"),
+                    }
+                }
+                _ = sigterm.recv() => break "SIGTERM",
+                _ = sigint.recv() => break "SIGINT",
+            }
+        };
+        info!(signal = signal_name, keep_forwarding = cfg.keep_forwarding_on_exit, "stopping");
+        for c in checkers {
+            c.abort();
+        }
+        if let Some(a) = announcer {
+            a.abort();
+        }
+        metrics_task.abort();
+        stop(dp, &nl, &cfg, undo, cfg.keep_forwarding_on_exit).await;
         info!("stopped cleanly");
         Ok(())
     }
     .instrument(span)
     .await
+}
+
+/// Fills the maps, sets up the host and attaches. Records what it changed in `undo`.
+async fn start(
+    cfg: &RunConfig,
+    dev: &Netdev,
+    nl: &Netlink,
+    dp: &mut Dataplane,
+    adopted: bool,
+    undo: &mut Undo,
+) -> Result<(Balancer, Vec<BackendState>), RunError> {
+    let node_ip = dev.ipv4.map(|a| a.octets()).unwrap_or_default();
+    dp.maps_mut().set_config(&Config::new(dev.mac.0, node_ip))?;
+
+    // Backends: health from a previous agent's maps when adopting (so a restart does
+    // not drop them from the table while the first checks run), unknown otherwise.
+    let previous: Vec<(u32, Backend)> = if adopted { dp.maps().backends()? } else { Vec::new() };
+    let mut backends = Vec::new();
+    for b in &cfg.backends {
+        let local = Some(b.ip) == dev.ipv4 || nl.has_address(b.ip).await?;
+        let old = previous.iter().find(|(_, e)| e.ip == b.ip.octets()).map(|(_, e)| *e);
+        let initial = match old {
+            Some(e) if e.flags & Backend::F_UP != 0 => Health::Up,
+            _ => Health::Unknown,
+        };
+        backends.push(BackendState {
+            ip: b.ip,
+            check_addr: SocketAddr::from((b.ip, b.port.unwrap_or(cfg.port))),
+            local,
+            mac: old.map(|e| e.mac).filter(|m| *m != [0; 6]),
+            health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
+            warned_no_mac: false,
+        });
+    }
+    let mut balancer = if adopted { Balancer::adopt(dp.maps(), DEFAULT_GRACE)? } else { Balancer::new(DEFAULT_GRACE) };
+    apply(cfg, dp, &mut balancer, &backends)?;
+
+    let state = match cfg.election {
+        Election::None => VipState::leader_until(VipState::FOREVER),
+    };
+    for &vip in &cfg.vips {
+        dp.maps_mut().set_vip(vip, state)?;
+    }
+
+    // Every mode delivers VIP traffic for this node through its own stack, so the VIP
+    // goes on lo; the sysctls keep the kernel from ever answering ARP for it.
+    undo.sysctls = Some(ArpSysctls::apply(&cfg.interface)?);
+    for &vip in &cfg.vips {
+        if nl.add_vip_to_lo(vip).await? {
+            undo.vips_added_to_lo.push(vip);
+        }
+    }
+
+    let attached = dp.attach_pinned(dev, cfg.xdp_mode)?;
+    match attached {
+        Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, "serving: leader for every VIP"),
+        Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
+    }
+    Ok((balancer, backends))
+}
+
+/// Undoes what start-up did; with `keep`, leaves forwarding (and the VIP) as it is.
+async fn stop(dp: Dataplane, nl: &Netlink, cfg: &RunConfig, mut undo: Undo, keep: bool) {
+    if keep {
+        if let Err(e) = dp.shutdown(true) {
+            error!(error = %e, "leaving the data plane pinned failed");
+        }
+        return;
+    }
+    let mut dp = dp;
+    // Stop answering ARP first, then detach: the kernel must not answer in between.
+    for &vip in &cfg.vips {
+        if let Err(e) = dp.maps_mut().set_vip(vip, VipState::follower()) {
+            warn!(error = %e, %vip, "could not stop answering ARP before detaching");
+        }
+    }
+    if let Err(e) = dp.shutdown(false) {
+        error!(error = %e, "detaching failed");
+    }
+    for vip in undo.vips_added_to_lo.drain(..) {
+        if let Err(e) = nl.remove_vip_from_lo(vip).await {
+            error!(error = %e, %vip, "removing the VIP from lo failed");
+        }
+    }
+    if let Some(mut s) = undo.sysctls.take() {
+        if let Err(e) = s.restore() {
+            error!(error = %e, "restoring ARP sysctls failed");
+        }
+    }
+}
+
+/// Records a health report; returns whether the table must change.
+async fn on_report(
+    cfg: &RunConfig,
+    nl: &Netlink,
+    dev: &Netdev,
+    backends: &mut [BackendState],
+    report: health::Report,
+    m: &metrics::AgentMetrics,
+) -> bool {
+    let Some(b) = backends.get_mut(report.backend) else { return false };
+    m.observe_check(b.ip, report.latency.as_secs_f64());
+    let ok = report.result.is_ok();
+    let mut changed = false;
+    if ok && cfg.forward == ForwardMode::Dsr && !b.local && b.mac.is_none() {
+        match nl.neighbour_mac(dev.ifindex, b.ip).await {
+            Ok(Some(mac)) => {
+                b.mac = Some(mac);
+                changed = b.health.state() == Health::Up;
+            }
+            Ok(None) if !b.warned_no_mac => {
+                warn!(backend = %b.ip, interface = %dev.name, "no neighbour entry: is the backend on this L2? (else use --forward ipip)");
+                b.warned_no_mac = true;
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "reading the neighbour table failed"),
+        }
+    }
+    if let Some(new) = b.health.observe(ok) {
+        match (&report.result, new) {
+            (Err(e), _) => warn!(backend = %b.ip, state = ?new, error = %e, "backend health changed"),
+            (Ok(()), _) => info!(backend = %b.ip, state = ?new, "backend health changed"),
+        }
+        changed = true;
+    }
+    changed
+}
+
+/// Pushes the current backend set into the data plane. Returns whether the table flipped.
+fn apply(
+    cfg: &RunConfig,
+    dp: &mut Dataplane,
+    balancer: &mut Balancer,
+    backends: &[BackendState],
+) -> Result<bool, RunError> {
+    let specs: Vec<BackendSpec> = backends
+        .iter()
+        .map(|b| BackendSpec {
+            ip: b.ip,
+            mac: b.mac.unwrap_or_default(),
+            weight: 1,
+            local: b.local,
+            healthy: b.health.state() == Health::Up && (b.local || cfg.forward != ForwardMode::Dsr || b.mac.is_some()),
+        })
+        .collect();
+    let healthy = specs.iter().filter(|b| b.healthy).count();
+    let mut flipped = false;
+    for &vip in &cfg.vips {
+        let spec = ServiceSpec { vip, port: cfg.port, mode: cfg.forward, m: cfg.maglev_size, backends: specs.clone() };
+        flipped |= balancer.apply(dp.maps_mut(), &spec)?.flipped;
+    }
+    if flipped && healthy == 0 && !backends.is_empty() {
+        warn!("no healthy backend: VIP traffic goes to this node's own stack (local apiserver, if any)");
+    }
+    Ok(flipped)
 }

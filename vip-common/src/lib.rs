@@ -172,6 +172,25 @@ pub enum ForwardMode {
     Local = 2,
 }
 
+impl ForwardMode {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Dsr),
+            1 => Some(Self::Ipip),
+            2 => Some(Self::Local),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Dsr => "dsr",
+            Self::Ipip => "ipip",
+            Self::Local => "local",
+        }
+    }
+}
+
 /// Value of the [`map_names::SERVICES`] map. The agent replaces it whole to switch
 /// tables: one element update is atomic for readers, so a packet sees either the old
 /// (`active`, `m`) or the new one, never a mix.

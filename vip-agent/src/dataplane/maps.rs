@@ -23,6 +23,17 @@ pub enum MapError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "pinned map {path} has layout (key, value, entries) {found:?} but this agent needs {want:?}: \
+         it was left by an incompatible version; stop that agent and remove the pin path"
+    )]
+    Incompatible { name: &'static str, path: String, found: (u32, u32, u32), want: (u32, u32, u32) },
+    #[error("opening pinned map {path}")]
+    Pin {
+        path: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("cannot add VIP {vip}: this node already serves {max} VIPs")]
     VipsFull { vip: Ipv4Addr, max: u32 },
     #[error("counting possible CPUs for a per-CPU map failed")]
@@ -37,6 +48,38 @@ pub enum MapError {
         #[source]
         source: aya::maps::MapError,
     },
+}
+
+/// Every map: name, key size, value size, max entries. A pinned map left by another
+/// version of the agent is adopted only if it matches; `layouts_match_the_object` (a
+/// kernel test) keeps this table honest against the ELF object.
+pub const LAYOUTS: [(&str, u32, u32, u32); 9] = {
+    use std::mem::size_of;
+    use vip_common::{MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_SERVICES, MAX_VIPS};
+    [
+        (map_names::CONFIG, 4, size_of::<Config>() as u32, 1),
+        (map_names::VIPS, size_of::<VipKey>() as u32, size_of::<VipState>() as u32, MAX_VIPS),
+        (map_names::VIP_SET, 4, size_of::<VipSet>() as u32, 1),
+        (map_names::STATS, 4, 8, Reason::SLOTS),
+        (map_names::SERVICES, size_of::<ServiceKey>() as u32, size_of::<Service>() as u32, MAX_SERVICES),
+        (map_names::BACKENDS, 4, size_of::<Backend>() as u32, MAX_BACKENDS),
+        (map_names::MAGLEV, 4, size_of::<MaglevRow>() as u32, MAGLEV_ROWS),
+        (map_names::CONNS, size_of::<FlowKey>() as u32, size_of::<Conn>() as u32, MAX_CONNS),
+        (map_names::BACKEND_STATS, 4, size_of::<BackendStats>() as u32, MAX_BACKENDS),
+    ]
+};
+
+/// Checks a pinned map against [`LAYOUTS`].
+pub fn check_pinned_layout(name: &'static str, path: &std::path::Path) -> Result<(), MapError> {
+    let Some(&(_, key, value, max)) = LAYOUTS.iter().find(|l| l.0 == name) else {
+        return Err(MapError::Missing { name });
+    };
+    let info = aya::maps::MapInfo::from_pin(path).map_err(op(name, "read pinned map info"))?;
+    let found = (info.key_size(), info.value_size(), info.max_entries());
+    if found != (key, value, max) {
+        return Err(MapError::Incompatible { name, path: path.display().to_string(), found, want: (key, value, max) });
+    }
+    Ok(())
 }
 
 /// The data plane's maps, owned.
@@ -61,6 +104,31 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, MapError> {
 }
 
 impl Maps {
+    /// Opens the maps a running (or kept-forwarding) agent pinned under `dir`: what
+    /// `vip-agent status` and the metrics endpoint read.
+    pub fn from_pins(dir: &std::path::Path) -> Result<Self, MapError> {
+        fn open(dir: &std::path::Path, name: &'static str) -> Result<Map, MapError> {
+            let path = dir.join(name);
+            check_pinned_layout(name, &path)?;
+            let data = MapData::from_pin(&path)
+                .map_err(|source| MapError::Pin { path: path.display().to_string(), source })?;
+            Map::from_map_data(data).map_err(|source| MapError::Pin { path: path.display().to_string(), source })
+        }
+        let ty = |name| move |source| MapError::Type { name, source };
+        Ok(Self {
+            config: Array::try_from(open(dir, map_names::CONFIG)?).map_err(ty(map_names::CONFIG))?,
+            vips: HashMap::try_from(open(dir, map_names::VIPS)?).map_err(ty(map_names::VIPS))?,
+            vip_set: Array::try_from(open(dir, map_names::VIP_SET)?).map_err(ty(map_names::VIP_SET))?,
+            stats: PerCpuArray::try_from(open(dir, map_names::STATS)?).map_err(ty(map_names::STATS))?,
+            services: HashMap::try_from(open(dir, map_names::SERVICES)?).map_err(ty(map_names::SERVICES))?,
+            backends: Array::try_from(open(dir, map_names::BACKENDS)?).map_err(ty(map_names::BACKENDS))?,
+            maglev: Array::try_from(open(dir, map_names::MAGLEV)?).map_err(ty(map_names::MAGLEV))?,
+            conns: HashMap::try_from(open(dir, map_names::CONNS)?).map_err(ty(map_names::CONNS))?,
+            backend_stats: PerCpuArray::try_from(open(dir, map_names::BACKEND_STATS)?)
+                .map_err(ty(map_names::BACKEND_STATS))?,
+        })
+    }
+
     /// Takes ownership of the maps out of a loaded object.
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, MapError> {
         let ty = |name| move |source| MapError::Type { name, source };
@@ -251,5 +319,25 @@ impl Maps {
     /// How many flows are pinned.
     pub fn conn_count(&self) -> usize {
         self.conns.keys().filter(Result::is_ok).count()
+    }
+
+    /// Every service and its live state.
+    pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>, MapError> {
+        let mut out: Vec<(ServiceKey, Service)> =
+            self.services.iter().collect::<Result<_, _>>().map_err(op(map_names::SERVICES, "iterate"))?;
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+
+    /// Every backend id in use (non-zero address) and its entry.
+    pub fn backends(&self) -> Result<Vec<(u32, Backend)>, MapError> {
+        let mut out = Vec::new();
+        for id in 0..vip_common::MAX_BACKENDS {
+            let b = self.backend(id)?;
+            if b.ip != [0; 4] {
+                out.push((id, b));
+            }
+        }
+        Ok(out)
     }
 }

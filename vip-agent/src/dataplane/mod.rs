@@ -5,10 +5,18 @@
 
 pub mod maps;
 
-use std::{fmt, io, time::Duration};
+use std::{
+    fmt, io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
     Ebpf, EbpfError, EbpfLoader,
 };
 use tracing::{debug, info, warn};
@@ -79,10 +87,10 @@ impl Program {
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error(
-        "loading the XDP program was refused ({detail}): run vip-agent as root, or with \
-         CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+        "{what} was refused ({detail}): run vip-agent as root, or with CAP_BPF, CAP_NET_ADMIN \
+         and CAP_PERFMON"
     )]
-    PermissionDenied { detail: String },
+    PermissionDenied { what: &'static str, detail: String },
     #[error("loading the eBPF object failed")]
     Load {
         #[source]
@@ -118,6 +126,14 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Map(#[from] MapError),
+    #[error("pin path {path}: {why}")]
+    PinPath { path: String, why: String },
+    #[error("pinning the XDP link at {path}")]
+    PinLink {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The first OS error in an error chain whose errno is one of `errnos`.
@@ -138,7 +154,7 @@ fn find_os_error<'a>(err: &'a (dyn std::error::Error + 'static), errnos: &[i32])
 /// `EPERM`/`EACCES`: the caller lacks the capabilities to create maps or load programs.
 fn permission_denied(err: &(dyn std::error::Error + 'static)) -> Option<DataplaneError> {
     find_os_error(err, &[libc::EPERM, libc::EACCES])
-        .map(|io| DataplaneError::PermissionDenied { detail: format!("bpf(2): {io}") })
+        .map(|io| DataplaneError::PermissionDenied { what: "loading the XDP program", detail: format!("bpf(2): {io}") })
 }
 
 /// What `BPF_PROG_RUN` returned for one frame.
@@ -152,12 +168,35 @@ pub struct RunOutcome {
     pub duration: Duration,
 }
 
+/// How the data plane is attached to its interface.
+enum Attachment {
+    /// Owned by the program object: detached when the [`Dataplane`] drops (tests).
+    Owned { interface: String, link: XdpLinkId },
+    /// Pinned on bpffs: outlives the agent; [`Dataplane::shutdown`] decides whether to
+    /// detach.
+    Pinned { interface: String, link: FdLink, pin: PathBuf },
+}
+
+/// What [`Dataplane::attach_pinned`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// Attached afresh in this mode, and pinned.
+    New(AttachedMode),
+    /// Took over the link a previous agent pinned, replacing its program atomically.
+    Replaced,
+}
+
+/// The `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
 /// The loaded data plane: both programs in the kernel, their maps, and (once attached)
-/// the link to an interface. Dropping it detaches the program and frees the maps.
+/// the link to an interface. Dropping it detaches an owned attachment and frees unpinned
+/// maps; pinned maps and links stay (see [`Dataplane::shutdown`]).
 pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
-    attached: Option<(String, aya::programs::xdp::XdpLinkId)>,
+    attached: Option<Attachment>,
+    pin_dir: Option<PathBuf>,
 }
 
 impl Dataplane {
@@ -175,7 +214,143 @@ impl Dataplane {
         }
         let maps = Maps::take_from(&mut ebpf)?;
         debug!("data plane loaded");
-        Ok(Self { ebpf, maps, attached: None })
+        Ok(Self { ebpf, maps, attached: None, pin_dir: None })
+    }
+
+    /// Loads the data plane with its maps pinned under `dir` (on bpffs): maps a previous
+    /// agent pinned there are adopted, with their contents (connection table included),
+    /// after a layout check; missing ones are created and pinned. Returns whether the
+    /// maps were adopted. If loading fails, the pins this call created are removed.
+    pub fn open_pinned(dir: &Path) -> Result<(Self, bool), DataplaneError> {
+        let shown = dir.display().to_string();
+        let pin_err = |why: String| DataplaneError::PinPath { path: shown.clone(), why };
+        std::fs::create_dir_all(dir).map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied => {
+                DataplaneError::PermissionDenied { what: "creating the pin path", detail: format!("{shown}: {e}") }
+            }
+            _ => pin_err(format!("cannot create it: {e}")),
+        })?;
+        if !is_bpffs(dir) {
+            let _ = std::fs::remove_dir(dir);
+            return Err(pin_err("not on a bpf filesystem (mount one with: mount -t bpf bpf <dir>)".into()));
+        }
+        let existed: Vec<&str> = maps::LAYOUTS.iter().map(|l| l.0).filter(|name| dir.join(name).exists()).collect();
+        for name in &existed {
+            let Some(&(name, ..)) = maps::LAYOUTS.iter().find(|l| l.0 == *name) else { continue };
+            maps::check_pinned_layout(name, &dir.join(name))?;
+        }
+        let adopted = existed.contains(&vip_common::map_names::CONFIG);
+        let paths: Vec<(&str, PathBuf)> = maps::LAYOUTS.iter().map(|l| (l.0, dir.join(l.0))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let cleanup = |e: DataplaneError| {
+            for (name, path) in &paths {
+                if !existed.contains(name) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+            e
+        };
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::Load { source }))
+            .map_err(cleanup)?;
+        for program in [Program::Vip, Program::Pass] {
+            let name = program.name();
+            let loaded = xdp_mut(&mut ebpf, name).and_then(|xdp| {
+                xdp.load().map_err(|source| {
+                    permission_denied(&source).unwrap_or(DataplaneError::LoadProgram { name, source })
+                })
+            });
+            loaded.map_err(cleanup)?;
+        }
+        let maps = Maps::take_from(&mut ebpf).map_err(|e| cleanup(e.into()))?;
+        info!(pin_path = %shown, adopted, "data plane loaded");
+        Ok((Self { ebpf, maps, attached: None, pin_dir: Some(dir.to_owned()) }, adopted))
+    }
+
+    /// Where the link to `interface` is pinned.
+    pub fn link_pin(dir: &Path, interface: &str) -> PathBuf {
+        dir.join(format!("link_{interface}"))
+    }
+
+    /// Attaches the data plane to `dev` through a pinned link. If a previous agent left a
+    /// link pinned for this interface, its program is replaced atomically
+    /// (`bpf_link_update`): the interface is never without a program. Otherwise the
+    /// program is attached in `mode` and the new link pinned.
+    pub fn attach_pinned(&mut self, dev: &Netdev, mode: AttachMode) -> Result<Attached, DataplaneError> {
+        let dir = self.pin_dir.clone().ok_or_else(|| DataplaneError::PinPath {
+            path: String::new(),
+            why: "the data plane was not opened with a pin path".into(),
+        })?;
+        let pin = Self::link_pin(&dir, &dev.name);
+        let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::PinLink {
+            path: pin.display().to_string(),
+            source,
+        };
+        if pin.exists() {
+            match self.replace_pinned(&pin) {
+                Ok(link) => {
+                    info!(interface = %dev.name, pin = %pin.display(), "took over the pinned XDP link (program replaced atomically)");
+                    self.attached = Some(Attachment::Pinned { interface: dev.name.clone(), link, pin });
+                    return Ok(Attached::Replaced);
+                }
+                Err(error) => {
+                    // The old link is unusable (its interface was deleted, say): start over.
+                    warn!(%error, pin = %pin.display(), "cannot take over the pinned link; attaching afresh");
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let mode = self.attach(Program::Vip, dev, mode)?;
+        let Some(Attachment::Owned { link: id, .. }) = self.attached.take() else {
+            return Err(pin_err("attach left no link".into()));
+        };
+        let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
+        let link = xdp.take_link(id).map_err(|e| pin_err(Box::new(e)))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(Box::new(e)))?;
+        let pinned = fd_link.pin(&pin).map_err(|e| pin_err(Box::new(e)))?;
+        self.attached = Some(Attachment::Pinned { interface: dev.name.clone(), link: FdLink::from(pinned), pin });
+        Ok(Attached::New(mode))
+    }
+
+    fn replace_pinned(&mut self, pin: &Path) -> Result<FdLink, Box<dyn std::error::Error + Send + Sync>> {
+        let old: FdLink = PinnedLink::from_pin(pin)?.into();
+        let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
+        let id = xdp.attach_to_link(XdpLink::try_from(old)?)?;
+        Ok(FdLink::try_from(xdp.take_link(id)?)?)
+    }
+
+    /// Stops the data plane. With `keep_forwarding`, the program stays attached and the
+    /// link and maps stay pinned, for the next agent to adopt. Otherwise the link is
+    /// unpinned (which detaches the program) and the maps are unpinned.
+    pub fn shutdown(mut self, keep_forwarding: bool) -> Result<(), DataplaneError> {
+        match self.attached.take() {
+            Some(Attachment::Pinned { interface, link, pin }) => {
+                if keep_forwarding {
+                    info!(%interface, pin = %pin.display(), "leaving XDP attached and pinned");
+                } else {
+                    let _ = std::fs::remove_file(&pin);
+                    drop(link);
+                    info!(%interface, "XDP detached");
+                }
+            }
+            Some(owned @ Attachment::Owned { .. }) => {
+                self.attached = Some(owned);
+                self.detach()?;
+            }
+            None => {}
+        }
+        if let (Some(dir), false) = (&self.pin_dir, keep_forwarding) {
+            for (name, ..) in maps::LAYOUTS {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
     }
 
     pub fn maps(&self) -> &Maps {
@@ -211,7 +386,7 @@ impl Dataplane {
         })?;
         info!(interface = %dev.name, ifindex = dev.ifindex, mode = %attached, program = program.name(), "XDP attached");
         if program == Program::Vip {
-            self.attached = Some((dev.name.clone(), link));
+            self.attached = Some(Attachment::Owned { interface: dev.name.clone(), link });
         } else {
             // The pass program stays attached for as long as the Dataplane lives.
             let _ = link;
@@ -219,12 +394,17 @@ impl Dataplane {
         Ok(attached)
     }
 
-    /// Detaches the data plane from its interface, if attached.
+    /// Detaches an owned attachment. A pinned one is left alone: see
+    /// [`Dataplane::shutdown`].
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
-        if let Some((interface, link)) = self.attached.take() {
-            let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
-            xdp.detach(link).map_err(|source| DataplaneError::Detach { interface: interface.clone(), source })?;
-            info!(interface = %interface, "XDP detached");
+        match self.attached.take() {
+            Some(Attachment::Owned { interface, link }) => {
+                let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
+                xdp.detach(link).map_err(|source| DataplaneError::Detach { interface: interface.clone(), source })?;
+                info!(interface = %interface, "XDP detached");
+            }
+            pinned @ Some(Attachment::Pinned { .. }) => self.attached = pinned,
+            None => {}
         }
         Ok(())
     }
@@ -320,4 +500,12 @@ fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, Da
 /// Whether an attach failed because the interface already has an XDP program.
 fn is_busy(err: &ProgramError) -> bool {
     find_os_error(err, &[libc::EBUSY, libc::EEXIST]).is_some()
+}
+
+/// Whether `dir` is on a bpf filesystem.
+fn is_bpffs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs is plain data filled by the kernel; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) }) == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }

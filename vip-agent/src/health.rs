@@ -1,0 +1,336 @@
+//! Backend health: an HTTPS `GET /readyz` (or a TCP connect) per backend, every
+//! interval, with a timeout, and rise/fall hysteresis so one slow answer does not flap a
+//! backend in and out of the table.
+//!
+//! The checker tasks only report raw results; [`Hysteresis`] (pure) turns them into
+//! state changes, which the agent feeds into the Maglev table.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime},
+    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc,
+};
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+/// A backend's health as the agent acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// No result yet.
+    Unknown,
+    Up,
+    Down,
+}
+
+/// Rise/fall hysteresis. The first result decides at once (a fresh agent should not wait
+/// `rise` intervals before serving); after that, `rise` consecutive successes bring a
+/// down backend up and `fall` consecutive failures take an up backend down.
+#[derive(Clone, Debug)]
+pub struct Hysteresis {
+    rise: u32,
+    fall: u32,
+    state: Health,
+    streak: u32,
+}
+
+impl Hysteresis {
+    pub fn new(rise: u32, fall: u32, initial: Health) -> Self {
+        Self { rise: rise.max(1), fall: fall.max(1), state: initial, streak: 0 }
+    }
+
+    pub fn state(&self) -> Health {
+        self.state
+    }
+
+    /// Records one result; returns the new state if it changed.
+    pub fn observe(&mut self, ok: bool) -> Option<Health> {
+        let next = match (self.state, ok) {
+            (Health::Unknown, true) => Health::Up,
+            (Health::Unknown, false) => Health::Down,
+            (Health::Up, true) | (Health::Down, false) => {
+                self.streak = 0;
+                return None;
+            }
+            (Health::Up, false) => {
+                self.streak += 1;
+                if self.streak < self.fall {
+                    return None;
+                }
+                Health::Down
+            }
+            (Health::Down, true) => {
+                self.streak += 1;
+                if self.streak < self.rise {
+                    return None;
+                }
+                Health::Up
+            }
+        };
+        self.streak = 0;
+        self.state = next;
+        Some(next)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading CA file {path}")]
+    ReadCa {
+        path: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("CA file {path} holds no usable certificate")]
+    EmptyCa { path: String },
+    #[error("kubeconfig {path}: {why}")]
+    Kubeconfig { path: String, why: String },
+    #[error(
+        "HTTPS health checks need a CA to verify the apiservers: give --health-ca, --kubeconfig, \
+         or (not recommended) --health-insecure"
+    )]
+    NoCa,
+    #[error("building the TLS client")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Where the CA comes from.
+pub enum CaSource<'a> {
+    PemFile(&'a Path),
+    PemBytes { origin: String, pem: Vec<u8> },
+    Insecure,
+}
+
+/// The TLS client configuration of the HTTPS checks.
+pub fn tls_config(ca: CaSource<'_>) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let config = match ca {
+        CaSource::Insecure => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
+        }
+        CaSource::PemFile(path) => {
+            let shown = path.display().to_string();
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|source| TlsError::ReadCa { path: shown.clone(), source })?;
+            builder.with_root_certificates(roots(certs, &shown)?).with_no_client_auth()
+        }
+        CaSource::PemBytes { origin, pem } => {
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| TlsError::ReadCa { path: origin.clone(), source })?;
+            builder.with_root_certificates(roots(certs, &origin)?).with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+fn roots(certs: Vec<CertificateDer<'static>>, origin: &str) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(TlsError::EmptyCa { path: origin.to_owned() });
+    }
+    Ok(store)
+}
+
+/// Accepts any certificate: `--health-insecure`. Signatures are still checked so the
+/// handshake is a real one.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What a check does.
+#[derive(Clone)]
+pub enum Probe {
+    Https { path: String, tls: Arc<ClientConfig> },
+    Tcp,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP: {0}")]
+    Io(std::io::Error),
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("malformed HTTP response")]
+    Malformed,
+}
+
+/// One check of `addr`, bounded by `timeout`.
+pub async fn check(probe: &Probe, addr: SocketAddr, timeout: Duration) -> Result<(), CheckError> {
+    tokio::time::timeout(timeout, check_inner(probe, addr)).await.map_err(|_| CheckError::Timeout(timeout))?
+}
+
+async fn check_inner(probe: &Probe, addr: SocketAddr) -> Result<(), CheckError> {
+    let tcp = TcpStream::connect(addr).await.map_err(CheckError::Connect)?;
+    let (path, tls) = match probe {
+        Probe::Tcp => return Ok(()),
+        Probe::Https { path, tls } => (path, tls),
+    };
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::IpAddress(addr.ip().into());
+    let mut stream = TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(CheckError::Tls)?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vip-agent\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.map_err(CheckError::Io)?;
+    // The status line is all we need; apiservers answer /readyz in one small segment.
+    let mut buf = [0u8; 512];
+    let mut len = 0;
+    while len < buf.len() {
+        let n = stream.read(&mut buf[len..]).await.map_err(CheckError::Io)?;
+        if n == 0 || buf[..len + n].contains(&b'\n') {
+            len += n;
+            break;
+        }
+        len += n;
+    }
+    let line = std::str::from_utf8(&buf[..len]).ok().and_then(|t| t.lines().next()).ok_or(CheckError::Malformed)?;
+    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(CheckError::Malformed)?;
+    if status == 200 {
+        Ok(())
+    } else {
+        Err(CheckError::Status(status))
+    }
+}
+
+/// One check's outcome, as the checker tasks report it.
+#[derive(Debug)]
+pub struct Report {
+    /// Index of the backend in the agent's list.
+    pub backend: usize,
+    pub result: Result<(), CheckError>,
+    pub latency: Duration,
+}
+
+/// Checks backend `backend` at `addr` every `interval` until the receiver goes away.
+pub async fn run_checker(
+    backend: usize,
+    addr: SocketAddr,
+    probe: Probe,
+    interval: Duration,
+    timeout: Duration,
+    tx: mpsc::Sender<Report>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let start = Instant::now();
+        let result = check(&probe, addr, timeout).await;
+        let latency = start.elapsed();
+        if let Err(error) = &result {
+            debug!(%addr, %error, "health check failed");
+        }
+        if tx.send(Report { backend, result, latency }).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(h: &mut Hysteresis, results: &[bool]) -> Vec<Option<Health>> {
+        results.iter().map(|&ok| h.observe(ok)).collect()
+    }
+
+    #[test]
+    fn first_result_decides_at_once() {
+        assert_eq!(Hysteresis::new(2, 3, Health::Unknown).observe(true), Some(Health::Up));
+        assert_eq!(Hysteresis::new(2, 3, Health::Unknown).observe(false), Some(Health::Down));
+    }
+
+    #[test]
+    fn up_needs_fall_consecutive_failures_to_go_down() {
+        let mut h = Hysteresis::new(2, 3, Health::Up);
+        assert_eq!(run(&mut h, &[false, false, true, false, false]), [None, None, None, None, None]);
+        assert_eq!(h.observe(false), Some(Health::Down));
+    }
+
+    #[test]
+    fn down_needs_rise_consecutive_successes_to_come_back() {
+        let mut h = Hysteresis::new(2, 3, Health::Down);
+        assert_eq!(run(&mut h, &[true, false, true]), [None, None, None]);
+        assert_eq!(h.observe(true), Some(Health::Up));
+        assert_eq!(h.state(), Health::Up);
+    }
+
+    #[test]
+    fn rise_and_fall_of_one_follow_every_result() {
+        let mut h = Hysteresis::new(1, 1, Health::Up);
+        assert_eq!(
+            run(&mut h, &[false, true, true, false]),
+            [Some(Health::Down), Some(Health::Up), None, Some(Health::Down)]
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn tcp_probe_sees_a_listener_and_its_absence() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        check(&Probe::Tcp, addr, Duration::from_secs(1)).await.unwrap();
+        drop(listener);
+        assert!(matches!(check(&Probe::Tcp, addr, Duration::from_secs(1)).await, Err(CheckError::Connect(_))));
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_named() {
+        let err = tls_config(CaSource::PemFile(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    }
+}
