@@ -17,6 +17,20 @@ pub fn agent_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vip-agent"))
 }
 
+/// The `vip-standin` binary: `VIP_STANDIN_BIN`, or next to the running executable (or
+/// one directory up, for test binaries in `target/*/deps`).
+pub fn standin_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VIP_STANDIN_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    [dir.join("vip-standin"), dir.join("../vip-standin")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("vip-standin"))
+}
+
 /// A bpffs directory for one agent's pins, outside `/sys` (which `ip netns exec`
 /// remounts, hiding `/sys/fs/bpf`): `/run/vip-test-bpffs/<name>`. The bpffs is mounted
 /// on first use.

@@ -4,9 +4,12 @@
 //! and the demo all build on these.
 
 pub mod agent;
+pub mod apilab;
 pub mod frames;
+pub mod https;
 pub mod lab;
 pub mod netns;
+pub mod pki;
 
 /// The XDP actions, as the kernel numbers them.
 pub mod xdp {

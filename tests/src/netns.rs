@@ -100,6 +100,11 @@ impl Netns {
     }
 }
 
+/// Moves the calling thread into the namespace called `name`.
+pub fn enter_by_name(name: &str) -> Result<(), String> {
+    enter(name)
+}
+
 fn enter(name: &str) -> Result<(), String> {
     let path = format!("/run/netns/{name}");
     let f = File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
@@ -169,4 +174,86 @@ pub fn arping(from: &Netns, dev: &str, target: &str, count: u32, deadline_s: u32
             parse_mac(&l[start + 1..end].to_ascii_lowercase())
         })
         .collect()
+}
+
+/// Captures the ARP frames that arrive on `dev` in `ns` for `duration`, on a thread of
+/// its own; join the handle for the frames.
+pub fn capture_arp(
+    ns: &Netns,
+    dev: &str,
+    duration: std::time::Duration,
+) -> std::thread::JoinHandle<Result<Vec<Vec<u8>>, String>> {
+    let (name, dev) = (ns.name.clone(), dev.to_owned());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let result = capture_arp_here(&name, &dev, duration, &ready_tx);
+        let _ = ready_tx.send(());
+        result
+    });
+    // Return once the socket is listening, so nothing sent after this call is missed.
+    let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(5));
+    handle
+}
+
+fn capture_arp_here(
+    ns: &str,
+    dev: &str,
+    duration: std::time::Duration,
+    ready: &std::sync::mpsc::Sender<()>,
+) -> Result<Vec<Vec<u8>>, String> {
+    enter(ns)?;
+    let ifindex = {
+        let c = std::ffi::CString::new(dev).map_err(|e| e.to_string())?;
+        // SAFETY: c is NUL-terminated.
+        unsafe { libc::if_nametoindex(c.as_ptr()) }
+    };
+    if ifindex == 0 {
+        return Err(format!("no interface {dev} in {ns}"));
+    }
+    let proto = (0x0806u16).to_be() as i32;
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+    if fd < 0 {
+        return Err(format!("AF_PACKET socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: sockaddr_ll is plain data.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = 0x0806u16.to_be();
+    sll.sll_ifindex = ifindex as i32;
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+    // SAFETY: valid fd and properly sized arguments.
+    unsafe {
+        libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    let _ = ready.send(());
+    let deadline = std::time::Instant::now() + duration;
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 256];
+    while std::time::Instant::now() < deadline {
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 0 {
+            frames.push(buf[..n as usize].to_vec());
+        }
+    }
+    // SAFETY: fd was opened above.
+    unsafe { libc::close(fd) };
+    Ok(frames)
+}
+
+/// Whether `frame` is a gratuitous ARP (request or reply) announcing `ip` at `mac`.
+pub fn is_garp(frame: &[u8], ip: std::net::Ipv4Addr, mac: [u8; 6]) -> bool {
+    frame.len() >= 42
+        && frame[12..14] == [0x08, 0x06]
+        && frame[22..28] == mac
+        && frame[28..32] == ip.octets()
+        && frame[38..42] == ip.octets()
 }

@@ -43,6 +43,10 @@ pub enum NetlinkError {
     },
 }
 
+/// The label of the VIP addresses vip-agent puts on `lo` (labels must start with the
+/// interface name).
+pub const VIP_LABEL: &str = "lo:vip";
+
 /// A connection to rtnetlink (its I/O runs as a task on the current runtime).
 #[derive(Clone)]
 pub struct Netlink {
@@ -65,35 +69,37 @@ impl Netlink {
         Ok(Self { handle })
     }
 
-    /// Whether `lo` holds `vip`/32.
-    pub async fn has_vip_on_lo(&self, vip: Ipv4Addr) -> Result<bool, NetlinkError> {
+    /// The label (if any) of `vip`/32 on `lo`, or `None` if `lo` does not hold it.
+    async fn vip_label_on_lo(&self, vip: Ipv4Addr) -> Result<Option<String>, NetlinkError> {
         let lo = loopback_index()?;
         let mut addrs =
             self.handle.address().get().set_link_index_filter(lo).set_address_filter(IpAddr::V4(vip)).execute();
-        Ok(addrs.try_next().await.map_err(request(format!("listing addresses of lo for {vip}")))?.is_some())
+        let Some(msg) = addrs.try_next().await.map_err(request(format!("listing addresses of lo for {vip}")))? else {
+            return Ok(None);
+        };
+        let label = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Label(l) => Some(l.clone()),
+            _ => None,
+        });
+        Ok(Some(label.unwrap_or_default()))
     }
 
-    /// Whether `ip` is an address of this host (on any interface): a backend with such an
-    /// address is this node.
-    pub async fn has_address(&self, ip: Ipv4Addr) -> Result<bool, NetlinkError> {
-        let mut addrs = self.handle.address().get().set_address_filter(IpAddr::V4(ip)).execute();
-        Ok(addrs.try_next().await.map_err(request(format!("looking up local address {ip}")))?.is_some())
-    }
-
-    /// Adds `vip`/32 to `lo` unless it is there. Returns whether it was added (and so
-    /// must be removed on stop).
+    /// Makes sure `lo` holds `vip`/32. An address vip-agent adds carries the label
+    /// [`VIP_LABEL`], so that whichever agent stops last (after a hitless restart, not
+    /// the one that added it) knows it may remove it, and an address an operator put
+    /// there (no such label) is never touched. Returns whether the VIP is vip-agent's.
     pub async fn add_vip_to_lo(&self, vip: Ipv4Addr) -> Result<bool, NetlinkError> {
-        if self.has_vip_on_lo(vip).await? {
-            debug!(%vip, "VIP already on lo");
-            return Ok(false);
+        match self.vip_label_on_lo(vip).await? {
+            Some(label) => {
+                debug!(%vip, %label, "VIP already on lo");
+                return Ok(label == VIP_LABEL);
+            }
+            None => {}
         }
         let lo = loopback_index()?;
-        self.handle
-            .address()
-            .add(lo, IpAddr::V4(vip), 32)
-            .execute()
-            .await
-            .map_err(request(format!("adding {vip}/32 to lo")))?;
+        let mut add = self.handle.address().add(lo, IpAddr::V4(vip), 32);
+        add.message_mut().attributes.push(AddressAttribute::Label(VIP_LABEL.to_owned()));
+        add.execute().await.map_err(request(format!("adding {vip}/32 to lo")))?;
         info!(%vip, "VIP added to lo");
         Ok(true)
     }
@@ -117,6 +123,13 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+
+    /// Whether `ip` is an address of this host (on any interface): a backend with such an
+    /// address is this node.
+    pub async fn has_address(&self, ip: Ipv4Addr) -> Result<bool, NetlinkError> {
+        let mut addrs = self.handle.address().get().set_address_filter(IpAddr::V4(ip)).execute();
+        Ok(addrs.try_next().await.map_err(request(format!("looking up local address {ip}")))?.is_some())
     }
 
     /// The MAC address the neighbour table holds for `ip` on interface `ifindex`, if it

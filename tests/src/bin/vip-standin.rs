@@ -1,16 +1,26 @@
-//! A stand-in for a backend server: listens on TCP, greets every connection with its
-//! name on one line, then echoes each line it receives. Tests and the demo run one per
-//! backend namespace to see which backend a connection through the VIP reached, and
-//! whether an open connection keeps working.
+//! A stand-in for a backend server. Two modes:
+//! - plain TCP (default): greets every connection with its name on one line, then echoes
+//!   each line it receives;
+//! - HTTPS (`--tls-cert`/`--tls-key`): an apiserver stand-in. `GET /readyz` answers 200
+//!   `ok` (500 while `--unready-file` exists); any other path answers 200 with the name.
+//!   Connections are kept alive.
 //!
-//! usage: vip-standin --name NAME [--listen ADDR:PORT]   (default 0.0.0.0:6443)
+//! usage: vip-standin --name NAME [--listen ADDR:PORT] [--tls-cert PEM --tls-key PEM]
+//!                    [--unready-file PATH]
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
+    path::PathBuf,
+    sync::Arc,
 };
 
-fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    ServerConfig, ServerConnection, StreamOwned,
+};
+
+fn serve_tcp(stream: TcpStream, name: &str) -> std::io::Result<()> {
     let mut out = stream.try_clone()?;
     writeln!(out, "{name}")?;
     for line in BufReader::new(stream).lines() {
@@ -19,16 +29,85 @@ fn serve(stream: TcpStream, name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+fn serve_http<S: Read + Write>(stream: S, name: &str, unready: &Option<PathBuf>) -> std::io::Result<()> {
+    let mut stream = BufReader::new(stream);
+    loop {
+        let mut request = String::new();
+        if stream.read_line(&mut request)? == 0 {
+            return Ok(());
+        }
+        let mut close = false;
+        loop {
+            let mut h = String::new();
+            if stream.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            let h = h.trim_end().to_ascii_lowercase();
+            if h.is_empty() {
+                break;
+            }
+            if h == "connection: close" {
+                close = true;
+            }
+        }
+        let path = request.split_whitespace().nth(1).unwrap_or("/");
+        let (status, body) = if path == "/readyz" {
+            if unready.as_ref().is_some_and(|f| f.exists()) {
+                ("500 Internal Server Error", "not ready\n".to_string())
+            } else {
+                ("200 OK", "ok".to_string())
+            }
+        } else {
+            ("200 OK", format!("{name}\n"))
+        };
+        let response =
+            format!("HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        stream.get_mut().write_all(response.as_bytes())?;
+        stream.get_mut().flush()?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn tls_config(cert: &str, key: &str) -> Result<Arc<ServerConfig>, String> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
     let flag = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
-    let name = flag("--name").ok_or("usage: vip-standin --name NAME [--listen ADDR:PORT]")?;
+    let name =
+        flag("--name").ok_or("usage: vip-standin --name NAME [--listen ADDR:PORT] [--tls-cert PEM --tls-key PEM]")?;
     let listen = flag("--listen").unwrap_or_else(|| "0.0.0.0:6443".into());
+    let unready = flag("--unready-file").map(PathBuf::from);
+    let tls = match (flag("--tls-cert"), flag("--tls-key")) {
+        (Some(c), Some(k)) => Some(tls_config(&c, &k)?),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
     let listener = TcpListener::bind(&listen).map_err(|e| format!("bind {listen}: {e}"))?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let name = name.clone();
-        std::thread::spawn(move || serve(stream, &name));
+        let (name, tls, unready) = (name.clone(), tls.clone(), unready.clone());
+        std::thread::spawn(move || match tls {
+            None => serve_tcp(stream, &name),
+            Some(config) => {
+                let conn = ServerConnection::new(config).map_err(std::io::Error::other)?;
+                serve_http(StreamOwned::new(conn, stream), &name, &unready)
+            }
+        });
     }
     Ok(())
 }

@@ -1,0 +1,318 @@
+//! The control-plane lab: a client and N control-plane nodes on one bridge. Every node
+//! runs an HTTPS apiserver stand-in on :6443 (`/readyz`, and a body naming the node),
+//! with a certificate from the lab CA for its address, the VIP and loopback. Nodes that
+//! do not run vip-agent hold the VIP on `lo` quietly, as DSR backends; vip-agent puts it
+//! there itself on the nodes it runs on.
+//!
+//! Used by the end-to-end tests, `cargo xtask demo` and the benchmarks. Dropping it
+//! kills the stand-ins and agents and removes every namespace and file it made.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    agent::{pin_dir, wait_until, Agent},
+    https,
+    lab::Lab,
+    pki::Pki,
+};
+
+/// The lab's health-check timing: fast, so tests are quick and failover is visible.
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+pub const HEALTH_TIMEOUT: Duration = Duration::from_millis(150);
+pub const RISE: u32 = 2;
+pub const FALL: u32 = 2;
+
+pub struct Node {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    standin: Option<Child>,
+}
+
+pub struct ApiLab {
+    pub vip: Ipv4Addr,
+    pub nodes: Vec<Node>,
+    pub client: https::Client,
+    pub pki: Pki,
+    pub lab: Lab,
+}
+
+impl ApiLab {
+    /// `n` nodes at `prefix.11`, `.12`, …, a client at `prefix.2`, the VIP at
+    /// `prefix.100`. `agent_nodes` lists (by index) the nodes that will run vip-agent.
+    pub fn new(prefix: [u8; 3], n: usize, agent_nodes: &[usize]) -> Result<Self, String> {
+        let mut lab = Lab::new(prefix)?;
+        let vip = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 100);
+        lab.add_host("cli", 2)?;
+        let pki = Pki::new(&std::env::temp_dir().join(format!("vip-lab-{}", lab.tag)))?;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let name = format!("n{}", i + 1);
+            let host = lab.add_host(&name, 11 + i as u8)?;
+            if !agent_nodes.contains(&i) {
+                host.hold_vip_quietly(vip)?;
+            }
+            let ip = host.ip;
+            pki.server(&name, &[IpAddr::V4(ip), IpAddr::V4(vip), IpAddr::V4(Ipv4Addr::LOCALHOST)])?;
+            nodes.push(Node { name, ip, standin: None });
+        }
+        let client = https::Client::new(&pki.ca_path())?;
+        let mut me = Self { vip, nodes, client, pki, lab };
+        for i in 0..n {
+            me.start_apiserver(i)?;
+        }
+        Ok(me)
+    }
+
+    pub fn ns(&self, node: usize) -> &crate::netns::Netns {
+        &self.lab.host(&self.nodes[node].name).ns
+    }
+
+    pub fn client_ns(&self) -> &crate::netns::Netns {
+        &self.lab.host("cli").ns
+    }
+
+    /// The file whose existence makes node `i`'s `/readyz` answer 500.
+    pub fn unready_file(&self, i: usize) -> PathBuf {
+        self.pki.dir.join(format!("{}.unready", self.nodes[i].name))
+    }
+
+    /// Starts node `i`'s apiserver stand-in and waits until it answers on its address.
+    pub fn start_apiserver(&mut self, i: usize) -> Result<(), String> {
+        let name = self.nodes[i].name.clone();
+        let (cert, key) = (self.pki.dir.join(format!("{name}.pem")), self.pki.dir.join(format!("{name}-key.pem")));
+        let unready = self.unready_file(i);
+        let child = self
+            .ns(i)
+            .cmd(crate::agent::standin_bin().to_str().ok_or("path")?)
+            .args(["--name", &name, "--listen", "0.0.0.0:6443", "--unready-file"])
+            .arg(&unready)
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting the {name} stand-in: {e}"))?;
+        self.nodes[i].standin = Some(child);
+        let addr = SocketAddr::from((self.nodes[i].ip, 6443));
+        let client = self.client.clone();
+        let up = wait_until(Duration::from_secs(10), || {
+            self.client_ns().within(|| client.get(addr, "/readyz").is_ok()).unwrap_or(false)
+        });
+        if up {
+            Ok(())
+        } else {
+            Err(format!("the {name} stand-in never answered"))
+        }
+    }
+
+    /// Kills node `i`'s apiserver stand-in (connections to it are then refused).
+    pub fn stop_apiserver(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].standin.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `vip-agent run` arguments for node `i`: every node a backend, DSR, the lab's CA and
+    /// health timing, SKB mode, pins in a directory of its own.
+    pub fn agent_args(&self, i: usize, extra: &[&str]) -> Result<Vec<String>, String> {
+        let backends: Vec<String> = self.nodes.iter().map(|n| n.ip.to_string()).collect();
+        let pins = self.pin_path(i)?;
+        let mut args: Vec<String> = [
+            "run",
+            "--interface",
+            "eth0",
+            "--vip",
+            &self.vip.to_string(),
+            "--election",
+            "none",
+            "--backend",
+            &backends.join(","),
+            "--health-ca",
+            &self.pki.ca_path().display().to_string(),
+            "--health-interval",
+            &format!("{}ms", HEALTH_INTERVAL.as_millis()),
+            "--health-timeout",
+            &format!("{}ms", HEALTH_TIMEOUT.as_millis()),
+            "--rise",
+            &RISE.to_string(),
+            "--fall",
+            &FALL.to_string(),
+            "--xdp-mode",
+            "skb",
+            "--pin-path",
+            &pins.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Ok(args)
+    }
+
+    /// The pin directory of node `i`'s agent (stable across restarts).
+    pub fn pin_path(&self, i: usize) -> Result<PathBuf, String> {
+        let dir = PathBuf::from("/run/vip-test-bpffs").join(format!("{}-{}", self.lab.tag, self.nodes[i].name));
+        if !dir.exists() {
+            // Mounts the bpffs if needed (and clears a stale directory of that name).
+            pin_dir(&format!("{}-{}", self.lab.tag, self.nodes[i].name))?;
+        }
+        Ok(dir)
+    }
+
+    /// Starts vip-agent on node `i` and waits until every backend is healthy in its
+    /// status (so the table holds them all).
+    pub fn start_agent(&self, i: usize, extra: &[&str]) -> Result<Agent, String> {
+        let agent = Agent::spawn(self.ns(i), &self.agent_args(i, extra)?)?;
+        let ok = wait_until(Duration::from_secs(15), || {
+            self.status(i).is_ok_and(|s| {
+                s["services"][0]["backends"].as_array().is_some_and(|b| {
+                    b.len() == self.nodes.len() && b.iter().all(|b| b["healthy"] == serde_json::json!(true))
+                })
+            })
+        });
+        if ok {
+            Ok(agent)
+        } else {
+            Err(format!("the agent on {} never saw every backend healthy: {:?}", self.nodes[i].name, self.status(i)))
+        }
+    }
+
+    /// `vip-agent status --output json` of node `i`'s agent.
+    pub fn status(&self, i: usize) -> Result<serde_json::Value, String> {
+        let out = self
+            .ns(i)
+            .cmd(crate::agent::agent_bin().to_str().ok_or("path")?)
+            .args(["status", "--output", "json", "--pin-path"])
+            .arg(self.pin_path(i)?)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// Whether backend `node` is healthy in the status of `agent_node`'s agent.
+    pub fn backend_healthy(&self, agent_node: usize, node: usize) -> Option<bool> {
+        let s = self.status(agent_node).ok()?;
+        let ip = self.nodes[node].ip.to_string();
+        s["services"][0]["backends"].as_array()?.iter().find(|b| b["backend"] == ip.as_str())?["healthy"].as_bool()
+    }
+
+    /// One HTTPS request through the VIP from the client, on a new connection; returns
+    /// the name of the node that answered.
+    pub fn request(&self) -> Result<String, String> {
+        let addr = SocketAddr::from((self.vip, 6443));
+        let client = self.client.clone();
+        self.client_ns().within(move || match client.get(addr, "/") {
+            Ok((200, body)) => Ok(body.trim().to_owned()),
+            Ok((status, body)) => Err(format!("status {status}: {body}")),
+            Err(e) => Err(e),
+        })?
+    }
+
+    /// `n` requests through the VIP; the count per answering node, and the errors.
+    pub fn requests(&self, n: usize) -> (std::collections::BTreeMap<String, usize>, Vec<String>) {
+        let addr = SocketAddr::from((self.vip, 6443));
+        let client = self.client.clone();
+        self.client_ns()
+            .within(move || {
+                let mut counts = std::collections::BTreeMap::new();
+                let mut errors = Vec::new();
+                for _ in 0..n {
+                    match client.get(addr, "/") {
+                        Ok((200, body)) => *counts.entry(body.trim().to_owned()).or_insert(0) += 1,
+                        Ok((status, _)) => errors.push(format!("status {status}")),
+                        Err(e) => errors.push(e),
+                    }
+                }
+                (counts, errors)
+            })
+            .unwrap_or_else(|e| (Default::default(), vec![e]))
+    }
+
+    /// Runs requests through the VIP on a background thread (each on a new connection)
+    /// until the returned [`Stream`] is stopped.
+    pub fn stream(&self) -> Stream {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let addr = SocketAddr::from((self.vip, 6443));
+        let client = self.client.clone();
+        let ns = self.client_ns().name.clone();
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut result = StreamResult::default();
+            if let Err(e) = crate::netns::enter_by_name(&ns) {
+                result.errors.push(e);
+                return result;
+            }
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = Instant::now();
+                match client.get(addr, "/") {
+                    Ok((200, body)) => *result.counts.entry(body.trim().to_owned()).or_insert(0) += 1,
+                    Ok((status, _)) => result.errors.push(format!("status {status}")),
+                    Err(e) => result.errors.push(e),
+                }
+                result.max_latency = result.max_latency.max(t.elapsed());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            result
+        });
+        Stream { stop, handle: Some(handle) }
+    }
+}
+
+impl Drop for ApiLab {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop_apiserver(i);
+        }
+        for i in 0..self.nodes.len() {
+            if let Ok(p) = self.pin_path(i) {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct StreamResult {
+    pub counts: std::collections::BTreeMap<String, usize>,
+    pub errors: Vec<String>,
+    pub max_latency: Duration,
+}
+
+impl StreamResult {
+    pub fn total(&self) -> usize {
+        self.counts.values().sum::<usize>() + self.errors.len()
+    }
+}
+
+/// A request stream running in the background.
+pub struct Stream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<StreamResult>>,
+}
+
+impl Stream {
+    pub fn stop(mut self) -> StreamResult {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

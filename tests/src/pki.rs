@@ -1,0 +1,52 @@
+//! A throw-away PKI for the lab: one CA, and a server certificate per apiserver
+//! stand-in whose SANs name its node's address, the VIP and loopback, as kubeadm's do.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+
+pub struct Pki {
+    pub dir: PathBuf,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    /// Creates the CA and writes `ca.pem` into `dir`.
+    pub fn new(dir: &Path) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "vip-lab-ca");
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let issuer = CertifiedIssuer::self_signed(params, key).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("ca.pem"), issuer.pem()).map_err(|e| e.to_string())?;
+        Ok(Self { dir: dir.to_owned(), issuer })
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Issues a server certificate for `ips`; writes `<name>.pem` and `<name>-key.pem`
+    /// and returns their paths.
+    pub fn server(&self, name: &str, ips: &[IpAddr]) -> Result<(PathBuf, PathBuf), String> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+        params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| e.to_string())?;
+        let (c, k) = (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}-key.pem")));
+        std::fs::write(&c, cert.pem()).map_err(|e| e.to_string())?;
+        std::fs::write(&k, key.serialize_pem()).map_err(|e| e.to_string())?;
+        Ok((c, k))
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,197 @@
+//! End-to-end tests of `vip-agent run` on a node: three control-plane nodes with HTTPS
+//! apiserver stand-ins, a client, vip-agent on node n1 (`--election none`, DSR, every
+//! node a backend). What the client sees through the VIP, what `status` and `/metrics`
+//! report, and what the host looks like after the agent stops.
+//!
+//! Needs root.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    agent::wait_until,
+    apilab::{ApiLab, FALL, HEALTH_INTERVAL, RISE},
+    netns::{capture_arp, is_garp, mac_of},
+};
+
+fn http_get_plain(ns: &tests::netns::Netns, addr: &str, path: &str) -> String {
+    let (addr, path) = (addr.to_owned(), path.to_owned());
+    ns.within(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .unwrap()
+}
+
+#[test]
+fn requests_spread_over_every_apiserver_and_are_reported() {
+    let lab = ApiLab::new([10, 51, 0], 3, &[0]).unwrap();
+    let _agent = lab.start_agent(0, &[]).unwrap();
+    let (counts, errors) = lab.requests(150);
+    assert!(errors.is_empty(), "failed requests: {errors:?}");
+    for node in ["n1", "n2", "n3"] {
+        let n = counts.get(node).copied().unwrap_or(0);
+        assert!(n >= 20, "{node} answered {n} of 150: {counts:?}");
+    }
+
+    // status: leader, three healthy backends sharing the table, forwarded counters.
+    let s = lab.status(0).unwrap();
+    assert_eq!(s["vips"][0]["leader"], serde_json::json!(true), "{s}");
+    let backends = s["services"][0]["backends"].as_array().unwrap();
+    let share: f64 = backends.iter().map(|b| b["table_share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-9, "shares add up to {share}");
+    assert!(s["counters"]["forwarded_dsr"].as_u64().unwrap_or(0) > 0, "{s}");
+    assert!(s["counters"]["local_backend"].as_u64().unwrap_or(0) > 0, "n1 serves its share locally: {s}");
+    let table = std::process::Command::new(tests::agent::agent_bin())
+        .args(["status", "--pin-path"])
+        .arg(lab.pin_path(0).unwrap())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("LEADER") && table.contains("10.51.0.12") && table.contains("up"), "{table}");
+
+    // /metrics on the node's loopback.
+    let metrics = http_get_plain(lab.ns(0), "127.0.0.1:9469", "/metrics");
+    for needle in [
+        "vip_is_leader{vip=\"10.51.0.100\"} 1",
+        "vip_backend_up{backend=\"10.51.0.12\"} 1",
+        "vip_packets_total{reason=\"forwarded_dsr\"}",
+        "vip_backend_packets_total{backend=\"10.51.0.13\"}",
+        "vip_health_check_duration_seconds_bucket",
+        "vip_table_rebuilds_total",
+    ] {
+        assert!(metrics.contains(needle), "/metrics lacks {needle:?}:\n{metrics}");
+    }
+}
+
+/// A stopped apiserver leaves the table within fall × interval + one interval, after
+/// which every request succeeds without it; restarted, it comes back within
+/// rise × interval + one interval. An apiserver whose /readyz fails leaves too.
+#[test]
+fn an_unhealthy_apiserver_leaves_the_table_in_time_and_comes_back() {
+    let mut lab = ApiLab::new([10, 52, 0], 3, &[0]).unwrap();
+    let _agent = lab.start_agent(0, &[]).unwrap();
+    // Status polling adds up to ~30 ms per round; allow 150 ms on top of the bound.
+    let out_bound = HEALTH_INTERVAL * (FALL + 1) + Duration::from_millis(150);
+    let in_bound = HEALTH_INTERVAL * (RISE + 1) + Duration::from_millis(150);
+
+    let t = Instant::now();
+    lab.stop_apiserver(1);
+    assert!(wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 1) == Some(false)));
+    let took = t.elapsed();
+    assert!(took <= out_bound, "n2 left the table after {took:?}, bound {out_bound:?}");
+    let (counts, errors) = lab.requests(60);
+    assert!(errors.is_empty(), "requests failed with n2 out: {errors:?}");
+    assert_eq!(counts.get("n2"), None, "{counts:?}");
+
+    let t = Instant::now();
+    lab.start_apiserver(1).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 1) == Some(true)));
+    let took = t.elapsed();
+    assert!(
+        took <= in_bound + Duration::from_millis(300),
+        "n2 came back after {took:?}, bound {in_bound:?} + start-up"
+    );
+    let (counts, errors) = lab.requests(90);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(counts.get("n2").copied().unwrap_or(0) > 0, "n2 back but unused: {counts:?}");
+
+    // /readyz failing (the apiserver still accepts connections) takes n3 out too.
+    std::fs::write(lab.unready_file(2), b"").unwrap();
+    assert!(wait_until(out_bound + Duration::from_secs(1), || lab.backend_healthy(0, 2) == Some(false)));
+    let (counts, errors) = lab.requests(40);
+    assert!(errors.is_empty() && counts.get("n3").is_none(), "{counts:?} {errors:?}");
+    std::fs::remove_file(lab.unready_file(2)).unwrap();
+    assert!(wait_until(in_bound + Duration::from_secs(1), || lab.backend_healthy(0, 2) == Some(true)));
+}
+
+/// An agent stopped with --keep-forwarding-on-exit and a new one started in its place:
+/// a continuous stream of requests through the VIP sees no failure, and an open
+/// connection keeps working across the restart.
+#[test]
+fn hitless_restart_drops_no_request() {
+    let lab = ApiLab::new([10, 53, 0], 3, &[0]).unwrap();
+    let mut old = lab.start_agent(0, &["--keep-forwarding-on-exit"]).unwrap();
+    let vip = std::net::SocketAddr::from((lab.vip, 6443));
+    let client = lab.client.clone();
+    let mut held = lab.client_ns().within(move || client.connect(vip)).unwrap().unwrap();
+    let (_, first) = held.get("/").unwrap();
+
+    let stream = lab.stream();
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, log) = old.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(lab.ns(0).has_xdp("eth0").unwrap(), "the old agent detached despite --keep-forwarding-on-exit");
+    // The gap between two agents: forwarding goes on by itself.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(held.get("/").unwrap().1, first, "open connection broke while no agent ran");
+    let mut new = lab.start_agent(0, &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let result = stream.stop();
+    assert!(
+        result.errors.is_empty(),
+        "{} of {} requests failed: {:?}",
+        result.errors.len(),
+        result.total(),
+        result.errors
+    );
+    assert!(result.total() > 50, "only {} requests ran", result.total());
+    assert_eq!(held.get("/").unwrap().1, first, "open connection broke across the restart");
+
+    let (status, log) = new.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("took over"), "the new agent did not adopt the pinned link:\n{log}");
+    assert!(log.contains("adopted pinned balancer state"), "{log}");
+}
+
+/// SIGTERM (without --keep-forwarding-on-exit) leaves no program, no VIP, no pin and no
+/// changed sysctl behind.
+#[test]
+fn sigterm_leaves_nothing_behind() {
+    let lab = ApiLab::new([10, 54, 0], 3, &[0]).unwrap();
+    let ns = lab.ns(0);
+    let sysctl = |k: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{k}/arp_ignore"));
+    let before = ns.within(|| sysctl("eth0").unwrap()).unwrap();
+    let mut agent = lab.start_agent(0, &[]).unwrap();
+    assert!(ns.addrs("lo").unwrap().contains("10.54.0.100"));
+    assert_eq!(ns.within(|| sysctl("eth0").unwrap()).unwrap().trim(), "1");
+    let (status, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(!ns.has_xdp("eth0").unwrap(), "XDP left attached");
+    assert!(!ns.addrs("lo").unwrap().contains("10.54.0.100"), "VIP left on lo");
+    assert!(!lab.pin_path(0).unwrap().exists(), "pins left behind");
+    assert_eq!(ns.within(|| sysctl("eth0").unwrap()).unwrap(), before, "arp_ignore not restored");
+    // Nothing answers for the VIP any more.
+    assert!(lab.request().is_err());
+}
+
+/// The agent announces the VIP with gratuitous ARPs when it starts, and again when its
+/// link comes back up.
+#[test]
+fn gratuitous_arp_on_start_and_after_a_link_flap() {
+    let lab = ApiLab::new([10, 55, 0], 3, &[0]).unwrap();
+    let mac = mac_of(lab.ns(0), "eth0").unwrap();
+    let capture = capture_arp(lab.client_ns(), "eth0", Duration::from_secs(3));
+    let _agent = lab.start_agent(0, &[]).unwrap();
+    let frames = capture.join().unwrap().unwrap();
+    let garps = frames.iter().filter(|f| is_garp(f, lab.vip, mac)).count();
+    // The burst: 3 rounds of request + reply, then a repeat at 1 s and 2 s.
+    assert!(garps >= 6, "{garps} gratuitous ARPs seen on start");
+
+    std::thread::sleep(Duration::from_secs(5)); // let the start-up repeats finish
+    let capture = capture_arp(lab.client_ns(), "eth0", Duration::from_secs(2));
+    lab.ns(0).ip(&["link", "set", "eth0", "down"]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    lab.ns(0).ip(&["link", "set", "eth0", "up"]).unwrap();
+    let frames = capture.join().unwrap().unwrap();
+    let garps = frames.iter().filter(|f| is_garp(f, lab.vip, mac)).count();
+    assert!(garps >= 2, "{garps} gratuitous ARPs after the link came back");
+    // And it still serves.
+    assert!(wait_until(Duration::from_secs(5), || lab.request().is_ok()));
+}
