@@ -116,8 +116,8 @@ pub fn render(s: &Value) -> String {
                 str_of(&b["backend"]),
                 health,
                 share,
-                b["packets"],
-                b["bytes"]
+                b["packets"].as_u64().unwrap_or(0),
+                b["bytes"].as_u64().unwrap_or(0)
             );
         }
         if svc["unowned_slots"].as_u64().unwrap_or(0) > 0 {
@@ -127,7 +127,7 @@ pub fn render(s: &Value) -> String {
     let _ = writeln!(out, "\nconnections tracked: {}", s["connections_tracked"]);
     let _ = writeln!(out, "counters:");
     for (k, v) in s["counters"].as_object().into_iter().flatten() {
-        let _ = writeln!(out, "  {k:<22} {v}");
+        let _ = writeln!(out, "  {k:<22} {:>12}", v.as_u64().unwrap_or(0));
     }
     out
 }

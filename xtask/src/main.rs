@@ -137,7 +137,12 @@ fn bench(toolchain: &str, args: &[String]) -> Result<()> {
 }
 
 fn demo(toolchain: &str) -> Result<()> {
-    status(cargo(toolchain).args(["build", "-p", "vip-agent"]))?;
+    status(cargo(toolchain).args(["build", "-p", "vip-agent", "-p", "tests", "--bins"]))?;
     let agent = root().join("target/debug/vip-agent");
-    status(cargo(toolchain).env("VIP_AGENT_BIN", &agent).args(["run", "-p", "tests", "--bin", "vip-demo"]))
+    let standin = root().join("target/debug/vip-standin");
+    status(
+        Command::new(root().join("target/debug/vip-demo"))
+            .env("VIP_AGENT_BIN", &agent)
+            .env("VIP_STANDIN_BIN", &standin),
+    )
 }

@@ -1,18 +1,17 @@
-//! `cargo xtask demo`: a client and a node namespace on one link, vip-agent on the node,
-//! and what a client sees step by step. Everything it creates is removed at the end, on
-//! failure, and on Ctrl-C.
+//! `cargo xtask demo`: three control-plane nodes with HTTPS apiserver stand-ins and a
+//! client on one bridge, vip-agent on node n1, and what the client sees step by step.
+//! Everything it creates is removed at the end, on failure, and on Ctrl-C.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tests::{
-    agent::{wait_until, Agent},
-    netns::{arping, mac_of, unique_tag, veth, Netns},
+    agent::wait_until,
+    apilab::{ApiLab, FALL, HEALTH_INTERVAL, RISE},
+    netns::{arping, mac_of},
 };
-
-const VIP: &str = "10.42.0.100";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -32,50 +31,112 @@ fn fmt_mac(m: &[u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-fn show_replies(replies: &[[u8; 6]]) {
-    if replies.is_empty() {
-        println!("    no reply");
-    }
-    for r in replies {
-        println!("    reply: {VIP} is-at {}", fmt_mac(r));
-    }
+fn show_counts(counts: &std::collections::BTreeMap<String, usize>, errors: &[String]) {
+    let per: Vec<String> = counts.iter().map(|(n, c)| format!("{n}: {c}")).collect();
+    println!("    answered by {}; failed: {}", per.join(", "), errors.len());
 }
 
 fn demo() -> Result<(), String> {
-    let tag = unique_tag();
-    step(1, "building the lab: namespaces 'client' (10.42.0.2) and 'node' (10.42.0.1) on a veth link")?;
-    let node = Netns::new(&tag, "node")?;
-    let client = Netns::new(&tag, "cli")?;
-    veth(&node, "vn0", &client, "vc0")?;
-    node.ip(&["addr", "add", "10.42.0.1/24", "dev", "vn0"])?;
-    client.ip(&["addr", "add", "10.42.0.2/24", "dev", "vc0"])?;
-    let node_mac = mac_of(&node, "vn0")?;
-    println!("    node MAC {}; namespaces {} and {}", fmt_mac(&node_mac), node.name, client.name);
+    step(1, "building the lab: client 10.60.0.2 and nodes n1..n3 (10.60.0.11-13) on one bridge, each running an HTTPS apiserver stand-in on :6443")?;
+    let mut lab = ApiLab::new([10, 60, 0], 3, &[0])?;
+    println!("    VIP {}; the CA and certificates are in {}", lab.vip, lab.pki.dir.display());
 
-    step(2, &format!("before vip-agent runs: client ARPs for the VIP {VIP}"))?;
-    show_replies(&arping(&client, "vc0", VIP, 1, 1)?);
+    step(2, "starting vip-agent on n1: --election none, DSR, backends n1,n2,n3, /readyz checks every 200 ms (rise 2, fall 2)")?;
+    let mut agent = lab.start_agent(0, &["--keep-forwarding-on-exit"])?;
+    println!("    every backend healthy in `vip-agent status`");
 
-    step(3, "starting: vip-agent run --interface vn0 --vip 10.42.0.100 --election none --xdp-mode skb")?;
-    let mut agent =
-        Agent::spawn(&node, &["run", "--interface", "vn0", "--vip", VIP, "--election", "none", "--xdp-mode", "skb"])?;
-    if !wait_until(Duration::from_secs(10), || node.has_xdp("vn0").unwrap_or(false)) {
-        return Err("vip-agent did not attach within 10 s".into());
-    }
-    println!("    XDP program attached to vn0");
-
-    step(4, "client ARPs for the VIP: the node's XDP program answers with the node's MAC")?;
-    let replies = arping(&client, "vc0", VIP, 3, 3)?;
-    show_replies(&replies);
-    if replies != vec![node_mac; 3] {
-        return Err("expected three replies from the node".into());
+    step(3, "the client ARPs for the VIP: n1's XDP program answers with n1's MAC")?;
+    let n1_mac = mac_of(lab.ns(0), "eth0")?;
+    for r in arping(lab.client_ns(), "eth0", &lab.vip.to_string(), 2, 2)? {
+        println!("    {} is-at {}{}", lab.vip, fmt_mac(&r), if r == n1_mac { "  (n1)" } else { "" });
     }
 
-    step(5, "SIGTERM to vip-agent: it stops answering and detaches")?;
-    let (status, _log) = agent.stop(libc::SIGTERM, Duration::from_secs(5))?;
-    println!("    vip-agent exited: {status}; XDP attached: {}", node.has_xdp("vn0")?);
-    show_replies(&arping(&client, "vc0", VIP, 1, 1)?);
+    step(
+        4,
+        "100 HTTPS requests through the VIP, each on a new connection: Maglev spreads them over the three apiservers",
+    )?;
+    let (counts, errors) = lab.requests(100);
+    show_counts(&counts, &errors);
 
-    step(6, "removing the lab")?;
+    step(5, "stopping n3's apiserver while requests keep flowing")?;
+    let stream = lab.stream();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    lab.stop_apiserver(2);
+    if !wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 2) == Some(false)) {
+        return Err("n3 was never taken out".into());
+    }
+    let out_after = t.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = stream.stop();
+    println!(
+        "    n3 taken out of the table {} ms after it stopped (bound: fall x interval + interval = {} ms)",
+        out_after.as_millis(),
+        (HEALTH_INTERVAL * (FALL + 1)).as_millis()
+    );
+    println!(
+        "    requests meanwhile: {} ok, {} failed (connections hashed to n3 before it was taken out)",
+        during.counts.values().sum::<usize>(),
+        during.errors.len()
+    );
+    let (counts, errors) = lab.requests(60);
+    print!("    60 more requests:");
+    show_counts(&counts, &errors);
+
+    step(6, "starting n3's apiserver again")?;
+    let t = Instant::now();
+    lab.start_apiserver(2)?;
+    if !wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 2) == Some(true)) {
+        return Err("n3 was never taken back".into());
+    }
+    println!(
+        "    n3 back in the table {} ms after it started (rise {RISE} x {} ms)",
+        t.elapsed().as_millis(),
+        HEALTH_INTERVAL.as_millis()
+    );
+    let (counts, errors) = lab.requests(60);
+    print!("    60 requests:");
+    show_counts(&counts, &errors);
+
+    step(7, "hitless restart: SIGTERM to vip-agent (started with --keep-forwarding-on-exit), then a new vip-agent, during a request stream")?;
+    let stream = lab.stream();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, _) = agent.stop(libc::SIGTERM, Duration::from_secs(5))?;
+    println!("    old agent exited ({status}); XDP still attached: {}", lab.ns(0).has_xdp("eth0")?);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut agent = lab.start_agent(0, &[])?;
+    println!("    new agent adopted the pinned maps and replaced the program atomically");
+    std::thread::sleep(Duration::from_millis(300));
+    let result = stream.stop();
+    println!(
+        "    requests across the restart: {} ok, {} failed, slowest {} ms",
+        result.counts.values().sum::<usize>(),
+        result.errors.len(),
+        result.max_latency.as_millis()
+    );
+
+    step(8, "`vip-agent status` on n1")?;
+    let out = lab
+        .ns(0)
+        .cmd(tests::agent::agent_bin().to_str().ok_or("path")?)
+        .args(["status", "--pin-path"])
+        .arg(lab.pin_path(0)?)
+        .output()
+        .map_err(|e| e.to_string())?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("    {line}");
+    }
+
+    step(9, "SIGTERM to vip-agent: it stops answering ARP, detaches, removes the VIP and its pins")?;
+    let (status, _) = agent.stop(libc::SIGTERM, Duration::from_secs(5))?;
+    println!(
+        "    agent exited ({status}); XDP attached: {}; VIP on lo: {}; pins left: {}",
+        lab.ns(0).has_xdp("eth0")?,
+        lab.ns(0).addrs("lo")?.contains(&lab.vip.to_string()),
+        lab.pin_path(0)?.exists()
+    );
+
+    step(10, "removing the lab")?;
     Ok(())
 }
 
