@@ -22,6 +22,9 @@ use crate::{dataplane::AttachMode, maglev, netdev};
 
 #[derive(Debug, Parser)]
 #[command(name = "vip-agent", version, about = "Highly-available VIP for the Kubernetes control plane")]
+// A flag given twice takes its last value (lists still accumulate): wrappers and
+// manifests can append overrides.
+#[command(args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -133,7 +133,14 @@ fn count_before(text: &str, word: &str) -> u64 {
 }
 
 fn bench(toolchain: &str, args: &[String]) -> Result<()> {
-    status(cargo(toolchain).args(["run", "--release", "-p", "tests", "--bin", "vip-bench", "--"]).args(args))
+    status(cargo(toolchain).args(["build", "--release", "-p", "vip-agent", "-p", "tests", "--bins"]))?;
+    let release = root().join("target/release");
+    status(
+        Command::new(release.join("vip-bench"))
+            .env("VIP_AGENT_BIN", release.join("vip-agent"))
+            .env("VIP_STANDIN_BIN", release.join("vip-standin"))
+            .args(args),
+    )
 }
 
 fn demo(toolchain: &str) -> Result<()> {

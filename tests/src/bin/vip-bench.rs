@@ -10,7 +10,10 @@
 //!   fixed point: drop and pass leave the frame alone, and an established DSR flow's
 //!   output, run again, is rewritten to itself (same flow, same backend MACs).
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use tests::{
     frames::{ipv4, tcp, Arp, Frame, BROADCAST, ETH_P_IPV4, TCP_ACK, TCP_SYN},
@@ -224,9 +227,75 @@ fn maglev_table() {
     }
 }
 
+/// Resident memory (KiB) and CPU ticks (user + system) of process `pid`.
+fn proc_usage(pid: u32) -> Result<(u64, u64), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or("no VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    let after = stat.rsplit_once(')').ok_or("bad stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    Ok((rss, ticks))
+}
+
+fn agent_table() -> Result<(), String> {
+    use tests::{
+        agent::wait_until,
+        apilab::{ApiLab, FALL, HEALTH_INTERVAL},
+    };
+    println!("\nvip-agent on a node (3 backends, HTTPS /readyz checks, DSR; release build)");
+    let mut lab = ApiLab::new([10, 61, 0], 3, &[0])?;
+    // Default timing (1 s interval, rise 2, fall 3) for the idle figures.
+    let mut agent = lab.start_agent(0, &["--health-interval", "1s", "--health-timeout", "1s", "--fall", "3"])?;
+    let pid = agent.pid().ok_or("no pid")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, t0) = proc_usage(pid)?;
+    let window = Duration::from_secs(20);
+    std::thread::sleep(window);
+    let (rss, t1) = proc_usage(pid)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
+    println!("{:<44} {:>10}", "resident memory (VmRSS)", format!("{:.1} MiB", rss as f64 / 1024.0));
+    println!("{:<44} {:>10}", format!("idle CPU over {} s (1 s checks)", window.as_secs()), format!("{cpu:.2} %"));
+    agent.stop(libc::SIGTERM, Duration::from_secs(5))?;
+
+    // Removal time with the lab's fast timing, median of 5 trials.
+    let _agent = lab.start_agent(0, &[])?;
+    let mut ms = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        lab.stop_apiserver(2);
+        if !wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 2) == Some(false)) {
+            return Err("backend never left the table".into());
+        }
+        ms.push(t.elapsed().as_millis());
+        lab.start_apiserver(2)?;
+        if !wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 2) == Some(true)) {
+            return Err("backend never came back".into());
+        }
+    }
+    ms.sort_unstable();
+    println!(
+        "{:<44} {:>10}   (interval {} ms, fall {FALL}: bound {} ms; trials {:?})",
+        "stopped apiserver out of the table, median",
+        format!("{} ms", ms[2]),
+        HEALTH_INTERVAL.as_millis(),
+        (HEALTH_INTERVAL * (FALL + 1)).as_millis(),
+        ms
+    );
+    Ok(())
+}
+
 fn main() -> Result<(), String> {
     xdp_table()?;
     maglev_table();
+    agent_table()?;
     Ok(())
 }
 
