@@ -109,6 +109,17 @@ fn an_unhealthy_apiserver_leaves_the_table_in_time_and_comes_back() {
     assert!(errors.is_empty() && counts.get("n3").is_none(), "{counts:?} {errors:?}");
     std::fs::remove_file(lab.unready_file(2)).unwrap();
     assert!(wait_until(in_bound + Duration::from_secs(1), || lab.backend_healthy(0, 2) == Some(true)));
+
+    // Every backend down: as documented, VIP traffic goes to this node's own stack. n1's
+    // apiserver fails /readyz but still serves, so requests keep working through it.
+    lab.stop_apiserver(1);
+    lab.stop_apiserver(2);
+    std::fs::write(lab.unready_file(0), b"").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || (0..3).all(|i| lab.backend_healthy(0, i) == Some(false))));
+    let (counts, errors) = lab.requests(20);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(counts.get("n1"), Some(&20), "{counts:?}");
+    assert!(lab.status(0).unwrap()["counters"]["no_backend"].as_u64().unwrap_or(0) > 0);
 }
 
 /// An agent stopped with --keep-forwarding-on-exit and a new one started in its place:

@@ -168,7 +168,8 @@ pub struct RunArgs {
     #[arg(long, env = "VIP_PORT", default_value_t = 6443)]
     pub port: u16,
     /// Backend (an apiserver): IP, and optionally the port its health check uses.
-    /// Repeat the flag (or separate with commas).
+    /// Repeat the flag (or separate with commas). Without any, the node only answers ARP
+    /// and VIP traffic goes to its own stack.
     #[arg(long = "backend", env = "VIP_BACKEND", value_name = "IP[:PORT]", value_delimiter = ',')]
     pub backends: Vec<BackendArg>,
     /// How clients find the VIP. Only `arp` is available yet.
@@ -288,8 +289,6 @@ pub enum ConfigError {
     DuplicateBackend { ip: Ipv4Addr },
     #[error("--backend {ip} is the VIP itself")]
     BackendIsVip { ip: Ipv4Addr },
-    #[error("--forward {forward:?} needs at least one --backend (or use --forward local)")]
-    NoBackends { forward: Forward },
     #[error("--maglev-size: {0}")]
     Maglev(#[from] maglev::MaglevError),
     #[error("--{flag} {value} must be greater than zero")]
@@ -328,9 +327,6 @@ impl TryFrom<RunArgs> for RunConfig {
             if !backends.insert(b.ip) {
                 return Err(ConfigError::DuplicateBackend { ip: b.ip });
             }
-        }
-        if args.backends.is_empty() && args.forward != Forward::Local {
-            return Err(ConfigError::NoBackends { forward: args.forward });
         }
         maglev::validate_size(args.maglev_size)?;
         for (flag, value, zero) in [
@@ -591,9 +587,11 @@ mod tests {
             let err = parse(&with(extra)).unwrap_err();
             assert!(err.contains(needle), "{extra:?}: {err}");
         }
-        let err = parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none"]).unwrap_err();
-        assert_eq!(err, "--forward Dsr needs at least one --backend (or use --forward local)");
-        parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none", "--forward", "local"]).unwrap();
+        // No backend: ARP only, VIP traffic to this node's own stack.
+        assert!(parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none"])
+            .unwrap()
+            .backends
+            .is_empty());
     }
 
     #[test]
