@@ -9,6 +9,7 @@ pub mod arp;
 pub mod balancer;
 pub mod config;
 pub mod dataplane;
+pub mod election;
 pub mod health;
 pub mod kubeconfig;
 pub mod maglev;
