@@ -31,6 +31,14 @@ pub fn standin_bin() -> PathBuf {
         .unwrap_or_else(|| dir.join("vip-standin"))
 }
 
+/// The `vip-leaseapi` binary, found like [`standin_bin`].
+pub fn leaseapi_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VIP_LEASEAPI_BIN") {
+        return PathBuf::from(p);
+    }
+    standin_bin().with_file_name("vip-leaseapi")
+}
+
 /// A bpffs directory for one agent's pins, outside `/sys` (which `ip netns exec`
 /// remounts, hiding `/sys/fs/bpf`): `/run/vip-test-bpffs/<name>`. The bpffs is mounted
 /// on first use.

@@ -36,6 +36,8 @@ pub struct Node {
 pub struct ApiLab {
     pub vip: Ipv4Addr,
     pub nodes: Vec<Node>,
+    /// The Lease API stand-in, once [`ApiLab::with_lease_api`] started it.
+    lease_api: Option<Child>,
     pub client: https::Client,
     pub pki: Pki,
     pub lab: Lab,
@@ -61,7 +63,7 @@ impl ApiLab {
             nodes.push(Node { name, ip, standin: None });
         }
         let client = https::Client::new(&pki.ca_path())?;
-        let mut me = Self { vip, nodes, client, pki, lab };
+        let mut me = Self { vip, nodes, lease_api: None, client, pki, lab };
         for i in 0..n {
             me.start_apiserver(i)?;
         }
@@ -120,6 +122,99 @@ impl ApiLab {
         }
     }
 
+    /// The Lease API host's address.
+    pub fn lease_api_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(self.vip.octets()[0], self.vip.octets()[1], self.vip.octets()[2], 5)
+    }
+
+    /// The file the Lease API stand-in reads its injected faults from.
+    pub fn faults_file(&self) -> PathBuf {
+        self.pki.dir.join("faults.json")
+    }
+
+    /// Starts the Lease API stand-in on host `api` (`.5`) and writes one kubeconfig per
+    /// node pointing at it (with the lab CA), as `<node>.kubeconfig`.
+    pub fn with_lease_api(mut self) -> Result<Self, String> {
+        let ip = self.lease_api_ip();
+        self.lab.add_host("api", 5)?;
+        let (cert, key) = self.pki.server("api", &[IpAddr::V4(ip)])?;
+        let child = self
+            .lab
+            .host("api")
+            .ns
+            .cmd(crate::agent::leaseapi_bin().to_str().ok_or("path")?)
+            .args(["--listen", "0.0.0.0:6443", "--tls-cert"])
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--faults")
+            .arg(self.faults_file())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting the Lease API stand-in: {e}"))?;
+        self.lease_api = Some(child);
+        for n in &self.nodes {
+            let kc = format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{ip}:6443\n    certificate-authority: {}\nusers:\n- name: {}\n  user:\n    token: lab-token\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: {}}}\ncurrent-context: lab\n",
+                self.pki.ca_path().display(),
+                n.name,
+                n.name
+            );
+            std::fs::write(self.pki.dir.join(format!("{}.kubeconfig", n.name)), kc).map_err(|e| e.to_string())?;
+        }
+        let addr = SocketAddr::from((ip, 6443));
+        let client = self.client.clone();
+        let up = wait_until(Duration::from_secs(10), || {
+            self.client_ns().within(|| client.connect(addr).is_ok()).unwrap_or(false)
+        });
+        if up {
+            Ok(self)
+        } else {
+            Err("the Lease API stand-in never answered".into())
+        }
+    }
+
+    /// Extra `run` flags for node `i` to take part in the Kubernetes election.
+    pub fn election_args(&self, i: usize) -> Vec<String> {
+        let kc = self.pki.dir.join(format!("{}.kubeconfig", self.nodes[i].name));
+        ["--election", "kubernetes", "--node-name", &self.nodes[i].name, "--kubeconfig", &kc.display().to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    /// Cuts node `i` off from the Lease API (packets from it dropped), or heals it.
+    pub fn partition_from_api(&self, i: usize, cut: bool) -> Result<(), String> {
+        let ns = &self.lab.host("api").ns;
+        let table = format!("part{}", i);
+        if cut {
+            let ip = self.nodes[i].ip.to_string();
+            crate::netns::run(ns.cmd("nft").args(["add", "table", "inet", &table]))?;
+            crate::netns::run(ns.cmd("nft").args([
+                "add",
+                "chain",
+                "inet",
+                &table,
+                "input",
+                "{ type filter hook input priority 0 ; }",
+            ]))?;
+            crate::netns::run(
+                ns.cmd("nft").args(["add", "rule", "inet", &table, "input", "ip", "saddr", &ip, "drop"]),
+            )?;
+        } else {
+            crate::netns::run(ns.cmd("nft").args(["delete", "table", "inet", &table]))?;
+        }
+        Ok(())
+    }
+
+    /// Which nodes' agents say they lead the VIP (from their status).
+    pub fn leaders(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.status(i).is_ok_and(|s| s["vips"][0]["leader"] == serde_json::json!(true)))
+            .collect()
+    }
+
     /// `vip-agent run` arguments for node `i`: every node a backend, DSR, the lab's CA and
     /// health timing, SKB mode, pins in a directory of its own.
     pub fn agent_args(&self, i: usize, extra: &[&str]) -> Result<Vec<String>, String> {
@@ -170,7 +265,11 @@ impl ApiLab {
     /// Starts vip-agent on node `i` and waits until every backend is healthy in its
     /// status (so the table holds them all).
     pub fn start_agent(&self, i: usize, extra: &[&str]) -> Result<Agent, String> {
-        let agent = Agent::spawn(self.ns(i), &self.agent_args(i, extra)?)?;
+        let mut args = self.agent_args(i, extra)?;
+        if self.lease_api.is_some() {
+            args.extend(self.election_args(i));
+        }
+        let agent = Agent::spawn(self.ns(i), &args)?;
         let ok = wait_until(Duration::from_secs(15), || {
             self.status(i).is_ok_and(|s| {
                 s["services"][0]["backends"].as_array().is_some_and(|b| {
@@ -271,6 +370,10 @@ impl ApiLab {
 
 impl Drop for ApiLab {
     fn drop(&mut self) {
+        if let Some(mut c) = self.lease_api.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for i in 0..self.nodes.len() {
             self.stop_apiserver(i);
         }

@@ -257,3 +257,104 @@ pub fn is_garp(frame: &[u8], ip: std::net::Ipv4Addr, mac: [u8; 6]) -> bool {
         && frame[28..32] == ip.octets()
         && frame[38..42] == ip.octets()
 }
+
+/// Sends one ARP request for `target` from `dev` in `ns` (sender `src_ip`, the
+/// interface's MAC) and returns the MAC of every host that answered within `wait`.
+pub fn arp_probe(
+    ns: &str,
+    dev: &str,
+    src_ip: std::net::Ipv4Addr,
+    target: std::net::Ipv4Addr,
+    wait: std::time::Duration,
+) -> Result<Vec<[u8; 6]>, String> {
+    enter(ns)?;
+    let c = std::ffi::CString::new(dev).map_err(|e| e.to_string())?;
+    // SAFETY: c is NUL-terminated.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return Err(format!("no interface {dev}"));
+    }
+    // The interface's MAC from the kernel (sysfs would show another namespace's).
+    let mac = {
+        // SAFETY: ifreq is plain data; the name fits (checked by if_nametoindex).
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+            *d = s as libc::c_char;
+        }
+        // SAFETY: plain socket and ioctl on a local ifreq.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) };
+        unsafe { libc::close(fd) };
+        if rc < 0 {
+            return Err(format!("SIOCGIFHWADDR {dev}: {}", io::Error::last_os_error()));
+        }
+        // SAFETY: filled by SIOCGIFHWADDR.
+        let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+        let mut m = [0u8; 6];
+        for (d, s) in m.iter_mut().zip(sa.sa_data.iter()) {
+            *d = *s as u8;
+        }
+        m
+    };
+    let proto = (0x0806u16).to_be() as i32;
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+    if fd < 0 {
+        return Err(format!("AF_PACKET socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: sockaddr_ll is plain data.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = 0x0806u16.to_be();
+    sll.sll_ifindex = ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 10_000 };
+    let mut frame = Vec::with_capacity(42);
+    frame.extend([0xff; 6]);
+    frame.extend(mac);
+    frame.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend(mac);
+    frame.extend(src_ip.octets());
+    frame.extend([0; 6]);
+    frame.extend(target.octets());
+    // SAFETY: valid fd, properly sized arguments.
+    unsafe {
+        libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32);
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+    }
+    let deadline = std::time::Instant::now() + wait;
+    let mut macs: Vec<[u8; 6]> = Vec::new();
+    let mut buf = [0u8; 128];
+    while std::time::Instant::now() < deadline {
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 42 {
+            let f = &buf[..n as usize];
+            // An ARP reply from `target` addressed to us.
+            if f[20..22] == [0, 2] && f[28..32] == target.octets() && f[38..42] == src_ip.octets() {
+                let m: [u8; 6] = f[22..28].try_into().unwrap_or_default();
+                if !macs.contains(&m) {
+                    macs.push(m);
+                }
+            }
+        }
+    }
+    // SAFETY: fd opened above.
+    unsafe { libc::close(fd) };
+    Ok(macs)
+}

@@ -42,6 +42,8 @@ pub enum Command {
 /// How this node decides whether it leads the VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Election {
+    /// A coordination.k8s.io/v1 Lease elects the node that answers ARP.
+    Kubernetes,
     /// No election: this node is the permanent leader (single node, bare metal, tests).
     None,
 }
@@ -178,9 +180,30 @@ pub struct RunArgs {
     /// How VIP traffic reaches a backend on another node.
     #[arg(long, env = "VIP_FORWARD", value_enum, default_value_t = Forward::Dsr)]
     pub forward: Forward,
-    /// Leader election. Only `none` is available yet: this node always leads.
-    #[arg(long, env = "VIP_ELECTION", value_enum)]
+    /// Leader election: a Kubernetes Lease, or none (this node always leads).
+    #[arg(long, env = "VIP_ELECTION", value_enum, default_value_t = Election::Kubernetes)]
     pub election: Election,
+    /// API server to talk to: a URL (default `https://127.0.0.1:6443`, the apiserver of
+    /// this node, or the kubeconfig's server when --kubeconfig is given), or `in-cluster`
+    /// for the `kubernetes` Service (only if asked: it needs the CNI).
+    #[arg(long, env = "VIP_APISERVER", value_name = "URL")]
+    pub apiserver: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, env = "VIP_LEASE_NAME", default_value = "vip-control-plane")]
+    pub lease_name: String,
+    /// Namespace of the Lease.
+    #[arg(long, env = "VIP_LEASE_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// How long the Lease stays valid after a change was observed (whole seconds in the
+    /// Lease object, rounded up).
+    #[arg(long, env = "VIP_LEASE_DURATION", default_value = "1s")]
+    pub lease_duration: Dur,
+    /// A leader that cannot renew for this long stops answering (fencing deadline).
+    #[arg(long, env = "VIP_RENEW_DEADLINE", default_value = "600ms")]
+    pub renew_deadline: Dur,
+    /// Time between two tries to acquire or renew.
+    #[arg(long, env = "VIP_RETRY_PERIOD", default_value = "200ms")]
+    pub retry_period: Dur,
     /// This node's name (defaults to the hostname).
     #[arg(long, env = "VIP_NODE_NAME")]
     pub node_name: Option<String>,
@@ -254,6 +277,8 @@ pub struct RunConfig {
     pub election: Election,
     pub node_name: Option<String>,
     pub kubeconfig: Option<PathBuf>,
+    pub apiserver: Option<String>,
+    pub lease: LeaseTiming,
     pub health: HealthConfig,
     pub xdp_mode: AttachMode,
     pub metrics_addr: SocketAddr,
@@ -261,6 +286,16 @@ pub struct RunConfig {
     pub keep_forwarding_on_exit: bool,
     pub maglev_size: u32,
     pub log_format: LogFormat,
+}
+
+/// Lease name and timers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseTiming {
+    pub name: String,
+    pub namespace: String,
+    pub duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,6 +330,10 @@ pub enum ConfigError {
     Zero { flag: &'static str, value: String },
     #[error("--health-path {path:?} must start with '/'")]
     HealthPath { path: String },
+    #[error("{why}")]
+    Timing { why: String },
+    #[error("--apiserver {url:?}: expected an https:// URL or in-cluster")]
+    Apiserver { url: String },
     #[error("--interface: {0}")]
     Interface(#[from] netdev::NetdevError),
     #[error("--config {path}: {why}")]
@@ -339,6 +378,36 @@ impl TryFrom<RunArgs> for RunConfig {
                 return Err(ConfigError::Zero { flag, value });
             }
         }
+        let (lease, renew, retry) = (args.lease_duration.0, args.renew_deadline.0, args.retry_period.0);
+        if lease < Duration::from_secs(1) {
+            return Err(ConfigError::Timing {
+                why: format!(
+                    "--lease-duration {}: the Lease API counts whole seconds, at least 1s",
+                    args.lease_duration
+                ),
+            });
+        }
+        if renew >= lease {
+            return Err(ConfigError::Timing {
+                why: format!(
+                    "--renew-deadline {} must be shorter than --lease-duration {} (the fencing margin)",
+                    args.renew_deadline, args.lease_duration
+                ),
+            });
+        }
+        if retry.is_zero() || retry >= renew {
+            return Err(ConfigError::Timing {
+                why: format!(
+                    "--retry-period {} must be above zero and shorter than --renew-deadline {}",
+                    args.retry_period, args.renew_deadline
+                ),
+            });
+        }
+        if let Some(url) = &args.apiserver {
+            if url != "in-cluster" && !url.starts_with("https://") && !url.starts_with("http://") {
+                return Err(ConfigError::Apiserver { url: url.clone() });
+            }
+        }
         if !args.health_path.starts_with('/') {
             return Err(ConfigError::HealthPath { path: args.health_path });
         }
@@ -351,6 +420,14 @@ impl TryFrom<RunArgs> for RunConfig {
             election: args.election,
             node_name: args.node_name,
             kubeconfig: args.kubeconfig,
+            apiserver: args.apiserver,
+            lease: LeaseTiming {
+                name: args.lease_name,
+                namespace: args.lease_namespace,
+                duration: args.lease_duration.0,
+                renew_deadline: args.renew_deadline.0,
+                retry_period: args.retry_period.0,
+            },
             health: HealthConfig {
                 check: args.health_check,
                 path: args.health_path,
@@ -582,6 +659,11 @@ mod tests {
             (&["--rise", "0"], "--rise 0 must be greater than zero"),
             (&["--health-interval", "0s"], "--health-interval 0ms must be greater than zero"),
             (&["--health-path", "readyz"], "must start with '/'"),
+            (&["--lease-duration", "500ms"], "--lease-duration 500ms: the Lease API counts whole seconds"),
+            (&["--renew-deadline", "1s"], "--renew-deadline 1000ms must be shorter than --lease-duration 1000ms"),
+            (&["--retry-period", "700ms"], "--retry-period 700ms must be above zero and shorter"),
+            (&["--apiserver", "10.0.0.1:6443"], "expected an https:// URL"),
+            (&["--election", "maybe"], "'maybe'"),
             (&["--xdp-mode", "turbo"], "'turbo'"),
         ] {
             let err = parse(&with(extra)).unwrap_err();

@@ -5,6 +5,7 @@
 //! (in [`dataplane::maps`], the only place that touches `aya::maps`) reads and writes its
 //! maps, and [`run`] ties them into the daemon.
 
+pub mod apiclient;
 pub mod arp;
 pub mod balancer;
 pub mod config;

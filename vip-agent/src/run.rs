@@ -19,16 +19,18 @@ use std::{
 
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 use tracing::{error, info, info_span, warn, Instrument};
 use vip_common::{Backend, Config, ForwardMode, VipState};
 
 use crate::{
+    apiclient::{self, ApiClientError},
     arp,
     balancer::{BackendSpec, Balancer, BalancerError, ServiceSpec, DEFAULT_GRACE},
     config::{Election, HealthCheck, RunConfig},
     dataplane::{Attached, Dataplane, DataplaneError, MapError, Maps},
+    election::{self, ElectionConfig, Elector, KubeLeases, Leadership},
     health::{self, CaSource, Health, Hysteresis, Probe, TlsError},
     kubeconfig, metrics,
     netdev::{self, Netdev, NetdevError},
@@ -52,6 +54,8 @@ pub enum RunError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    ApiClient(#[from] ApiClientError),
     #[error("--metrics-addr {addr}: cannot listen")]
     Metrics {
         addr: SocketAddr,
@@ -121,6 +125,13 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             .map_err(|source| RunError::Metrics { addr: cfg.metrics_addr, source })?;
         let nl = Netlink::connect()?;
         let mut links = crate::netlink::watch_link(cfg.interface.clone())?;
+        let kube = match cfg.election {
+            Election::Kubernetes => Some(
+                apiclient::client(cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref(), cfg.lease.renew_deadline)
+                    .await?,
+            ),
+            Election::None => None,
+        };
 
         let (mut dp, adopted) = Dataplane::open_pinned(&cfg.pin_path)?;
         let mut undo = Undo::default();
@@ -154,12 +165,40 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 tx.clone(),
             )));
         }
-        let mut announcer = Some(tokio::spawn(arp::announce(dev.ifindex, dev.mac.0, cfg.vips.clone())));
+        // Leadership. With --election none this node leads from the start; with a Lease,
+        // it leads once elected, gated on its own apiserver being ready.
+        let (gate_tx, gate_rx) = watch::channel(probe.is_none());
+        let mut gate = Gate::new(&cfg, &backends, probe.clone(), tx.clone(), &mut checkers);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (lead_tx, mut leadership) = mpsc::channel(16);
+        let election_task = kube.map(|client| {
+            let cfg_e = ElectionConfig {
+                lease_name: cfg.lease.name.clone(),
+                lease_namespace: cfg.lease.namespace.clone(),
+                identity: node_name(&cfg),
+                lease_duration: cfg.lease.duration,
+                renew_deadline: cfg.lease.renew_deadline,
+                retry_period: cfg.lease.retry_period,
+            };
+            info!(lease = %cfg_e.lease_name, namespace = %cfg_e.lease_namespace, identity = %cfg_e.identity, "joining the election");
+            let leases = KubeLeases::new(client, &cfg_e.lease_namespace, &cfg_e.lease_name);
+            tokio::spawn(election::run(Elector::new(leases, cfg_e), gate_rx, stop_rx, lead_tx))
+        });
+        let mut leading = cfg.election == Election::None;
+        let mut announcer =
+            leading.then(|| tokio::spawn(arp::announce(dev.ifindex, dev.mac.0, cfg.vips.clone())));
         let mut dev = dev;
 
         let signal_name = loop {
             tokio::select! {
                 Some(report) = reports.recv() => {
+                    if let Some(ready) = gate.observe(&report) {
+                        info!(ready, "local apiserver readiness changed");
+                        let _ = gate_tx.send(ready);
+                    }
+                    if report.backend >= backends.len() {
+                        continue;
+                    }
                     let changed = on_report(&cfg, &nl, &dev, &mut backends, report, &agent_metrics).await;
                     if changed {
                         match apply(&cfg, &mut dp, &mut balancer, &backends) {
@@ -192,11 +231,55 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                         LinkEvent::Gone => warn!("interface deleted; waiting for it to come back"),
                     }
                 }
+                Some(l) = leadership.recv() => {
+                    match l {
+                        Leadership::Leading { until } => {
+                            let state = VipState::leader_until(kernel_deadline(until));
+                            for &vip in &cfg.vips {
+                                if let Err(e) = dp.maps_mut().set_vip(vip, state) {
+                                    error!(error = %e, %vip, "setting the leader deadline failed");
+                                }
+                            }
+                            if !leading {
+                                leading = true;
+                                info!(vips = ?cfg.vips, "became leader: answering ARP, announcing");
+                                if let Some(a) = announcer.take() { a.abort(); }
+                                announcer = Some(tokio::spawn(arp::announce(dev.ifindex, dev.mac.0, cfg.vips.clone())));
+                            }
+                        }
+                        Leadership::Following => {
+                            for &vip in &cfg.vips {
+                                if let Err(e) = dp.maps_mut().set_vip(vip, VipState::follower()) {
+                                    error!(error = %e, %vip, "clearing leadership failed");
+                                }
+                            }
+                            if leading {
+                                leading = false;
+                                warn!("no longer leader: stopped answering ARP");
+                                if let Some(a) = announcer.take() { a.abort(); }
+                            }
+                        }
+                    }
+                }
                 _ = sigterm.recv() => break "SIGTERM",
                 _ = sigint.recv() => break "SIGINT",
             }
         };
         info!(signal = signal_name, keep_forwarding = cfg.keep_forwarding_on_exit, "stopping");
+        if let Some(task) = election_task {
+            if cfg.keep_forwarding_on_exit {
+                // The next agent on this node has the same identity and renews the Lease
+                // as its own; until then the XDP deadline keeps the fence.
+                task.abort();
+            } else {
+                // Stop answering first, then release the Lease for a follower to take.
+                for &vip in &cfg.vips {
+                    let _ = dp.maps_mut().set_vip(vip, VipState::follower());
+                }
+                let _ = stop_tx.send(true);
+                let _ = tokio::time::timeout(cfg.lease.renew_deadline * 2, task).await;
+            }
+        }
         for c in checkers {
             c.abort();
         }
@@ -249,6 +332,8 @@ async fn start(
 
     let state = match cfg.election {
         Election::None => VipState::leader_until(VipState::FOREVER),
+        // Followers until elected; an adopted leader state keeps its deadline as fence.
+        Election::Kubernetes => VipState::follower(),
     };
     for &vip in &cfg.vips {
         dp.maps_mut().set_vip(vip, state)?;
@@ -265,7 +350,7 @@ async fn start(
 
     let attached = dp.attach_pinned(dev, cfg.xdp_mode)?;
     match attached {
-        Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, "serving: leader for every VIP"),
+        Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
         Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
     }
     Ok((balancer, backends))
@@ -365,4 +450,69 @@ fn apply(
         warn!("no healthy backend: VIP traffic goes to this node's own stack (local apiserver, if any)");
     }
     Ok(flipped)
+}
+
+/// This node's identity in the election: `--node-name`, else the hostname.
+fn node_name(cfg: &RunConfig) -> String {
+    cfg.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+    })
+}
+
+/// The kernel monotonic time (what `bpf_ktime_get_ns` reads) of a local instant.
+fn kernel_deadline(until: tokio::time::Instant) -> u64 {
+    let now = tokio::time::Instant::now();
+    let now_ns = metrics::monotonic_ns();
+    now_ns.saturating_add(until.saturating_duration_since(now).as_nanos() as u64)
+}
+
+/// Whether this node's own apiserver is ready: the gate on leadership. It drops on the
+/// first failed check (a leader must stop answering at once) and comes back after
+/// `rise` successes. It watches the backend that is this node, or, if none is, a
+/// dedicated check of the apiserver on 127.0.0.1.
+struct Gate {
+    index: Option<usize>,
+    health: Hysteresis,
+}
+
+impl Gate {
+    fn new(
+        cfg: &RunConfig,
+        backends: &[BackendState],
+        probe: Option<Probe>,
+        tx: mpsc::Sender<health::Report>,
+        checkers: &mut Vec<tokio::task::JoinHandle<()>>,
+    ) -> Self {
+        let health = Hysteresis::new(cfg.health.rise, 1, Health::Unknown);
+        if cfg.election != Election::Kubernetes {
+            return Self { index: None, health };
+        }
+        let Some(probe) = probe else {
+            warn!("no --backend: leadership is not gated on apiserver health");
+            return Self { index: None, health };
+        };
+        if let Some(i) = backends.iter().position(|b| b.local) {
+            return Self { index: Some(i), health };
+        }
+        let index = backends.len();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, cfg.port));
+        info!(%addr, "no backend is this node: checking the local apiserver for the leadership gate");
+        checkers.push(tokio::spawn(health::run_checker(
+            index,
+            addr,
+            probe,
+            cfg.health.interval,
+            cfg.health.timeout,
+            tx,
+        )));
+        Self { index: Some(index), health }
+    }
+
+    /// Feeds a report; returns the new readiness if it changed.
+    fn observe(&mut self, report: &health::Report) -> Option<bool> {
+        if Some(report.backend) != self.index {
+            return None;
+        }
+        self.health.observe(report.result.is_ok()).map(|h| h == Health::Up)
+    }
 }

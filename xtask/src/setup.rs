@@ -18,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "ethtool",
     "util-linux",
+    "nftables",
 ];
 
 /// The LLVM major version bpf-linker is built against. The nightly that compiles the

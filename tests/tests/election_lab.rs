@@ -1,0 +1,232 @@
+//! Leader election end to end: three control-plane nodes, each running vip-agent with
+//! `--election kubernetes` and its own kubeconfig pointing at the Lease API stand-in.
+//! An ARP sampler on the client sends a request for the VIP every few milliseconds and
+//! records every MAC that answers: at no moment may two nodes answer.
+//!
+//! Needs root.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use tests::{
+    agent::{wait_until, Agent},
+    apilab::ApiLab,
+    netns::arp_probe,
+};
+
+/// Default timers (lease 1 s, renew deadline 600 ms, retry 200 ms).
+const LEASE: Duration = Duration::from_secs(1);
+
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Vec<(Instant, Vec<[u8; 6]>)>>>,
+}
+
+impl Sampler {
+    fn start(lab: &ApiLab) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, ns, vip) = (stop.clone(), lab.client_ns().name.clone(), lab.vip);
+        let src = Ipv4Addr::new(vip.octets()[0], vip.octets()[1], vip.octets()[2], 2);
+        let handle = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                if let Ok(macs) = arp_probe(&ns, "eth0", src, vip, Duration::from_millis(30)) {
+                    samples.push((t, macs));
+                }
+            }
+            samples
+        });
+        Self { stop, handle: Some(handle) }
+    }
+
+    /// Stops sampling; fails if any sample saw two answerers. Returns the samples.
+    fn finish(mut self) -> Vec<(Instant, Vec<[u8; 6]>)> {
+        self.stop.store(true, Ordering::SeqCst);
+        let samples = self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let overlaps: Vec<_> = samples.iter().filter(|(_, m)| m.len() > 1).collect();
+        assert!(
+            overlaps.is_empty(),
+            "{} of {} samples saw two answerers: {:?}",
+            overlaps.len(),
+            samples.len(),
+            overlaps.first()
+        );
+        assert!(samples.len() >= 8, "only {} ARP samples", samples.len());
+        samples
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn mac_of_node(lab: &ApiLab, i: usize) -> [u8; 6] {
+    tests::netns::mac_of(lab.ns(i), "eth0").unwrap()
+}
+
+/// The first instant after `from` at which the sampler saw `mac` answer.
+fn first_answer_by(samples: &[(Instant, Vec<[u8; 6]>)], mac: [u8; 6], from: Instant) -> Option<Duration> {
+    samples.iter().find(|(t, m)| *t >= from && m.contains(&mac)).map(|(t, _)| *t - from)
+}
+
+fn lab_with_agents(prefix: [u8; 3]) -> (ApiLab, Vec<Option<Agent>>) {
+    let lab = ApiLab::new(prefix, 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap();
+    let agents: Vec<Option<Agent>> = (0..3).map(|i| Some(lab.start_agent(i, &[]).unwrap())).collect();
+    assert!(wait_until(Duration::from_secs(10), || lab.leaders().len() == 1), "no single leader: {:?}", lab.leaders());
+    (lab, agents)
+}
+
+fn current_leader(lab: &ApiLab) -> usize {
+    let l = lab.leaders();
+    assert_eq!(l.len(), 1, "leaders: {l:?}");
+    l[0]
+}
+
+#[test]
+fn sigkill_of_the_leader_moves_the_vip_with_one_answerer_at_a_time() {
+    let (lab, mut agents) = lab_with_agents([10, 71, 0]);
+    let sampler = Sampler::start(&lab);
+    let old = current_leader(&lab);
+    assert!(lab.request().is_ok());
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    if let Some(mut a) = agents[old].take() {
+        a.stop(libc::SIGKILL, Duration::from_secs(5)).unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().iter().any(|&l| l != old)));
+    let new = lab.leaders().into_iter().find(|&l| l != old).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.finish();
+    let took = first_answer_by(&samples, mac_of_node(&lab, new), t).expect("the new leader never answered ARP");
+    eprintln!("SIGKILL: new leader answered ARP after {took:?}");
+    assert!(took <= LEASE + Duration::from_millis(800), "new leader answered {took:?} after SIGKILL");
+    assert!(
+        wait_until(Duration::from_secs(5), || lab.request().is_ok()),
+        "requests through the VIP fail after failover"
+    );
+}
+
+#[test]
+fn sigterm_of_the_leader_hands_over_without_waiting_for_expiry() {
+    let (lab, mut agents) = lab_with_agents([10, 72, 0]);
+    let sampler = Sampler::start(&lab);
+    let old = current_leader(&lab);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    if let Some(mut a) = agents[old].take() {
+        let (status, log) = a.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+        assert!(status.success(), "{log}");
+        assert!(log.contains("released the Lease"), "{log}");
+    }
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().iter().any(|&l| l != old)));
+    let new = lab.leaders().into_iter().find(|&l| l != old).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = sampler.finish();
+    let took = first_answer_by(&samples, mac_of_node(&lab, new), t).expect("the new leader never answered ARP");
+    eprintln!("SIGTERM: new leader answered ARP after {took:?}");
+    // A release is seen at the followers' next try: a retry period, not a lease duration.
+    assert!(took < LEASE, "takeover after SIGTERM took {took:?}, no faster than waiting for expiry");
+    assert!(wait_until(Duration::from_secs(5), || lab.request().is_ok()));
+}
+
+#[test]
+fn a_leader_whose_apiserver_turns_unready_steps_down() {
+    let (lab, _agents) = lab_with_agents([10, 73, 0]);
+    let sampler = Sampler::start(&lab);
+    let old = current_leader(&lab);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    std::fs::write(lab.unready_file(old), b"").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().iter().any(|&l| l != old)));
+    let new = lab.leaders().into_iter().find(|&l| l != old).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let samples = sampler.finish();
+    let took = first_answer_by(&samples, mac_of_node(&lab, new), t).expect("the new leader never answered ARP");
+    eprintln!("apiserver unready: new leader answered ARP after {took:?}");
+    assert!(took < LEASE, "takeover after the leader's apiserver turned unready took {took:?}");
+    assert!(!lab.leaders().contains(&old), "the unready node leads again");
+}
+
+/// Cut off from the Lease API, the leader cannot renew: its XDP deadline passes and it
+/// stops answering before any other node can acquire (the sampler checks no overlap).
+#[test]
+fn a_leader_partitioned_from_the_lease_api_stops_before_another_starts() {
+    let (lab, _agents) = lab_with_agents([10, 74, 0]);
+    let sampler = Sampler::start(&lab);
+    let old = current_leader(&lab);
+    let old_mac = mac_of_node(&lab, old);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    lab.partition_from_api(old, true).unwrap();
+    assert!(wait_until(Duration::from_secs(6), || lab.leaders().iter().any(|&l| l != old)));
+    let new = lab.leaders().into_iter().find(|&l| l != old).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.finish();
+    let last_old = samples.iter().filter(|(s, m)| *s >= t && m.contains(&old_mac)).map(|(s, _)| *s).last();
+    let first_new = samples.iter().find(|(s, m)| *s >= t && m.contains(&mac_of_node(&lab, new))).map(|(s, _)| *s);
+    if let (Some(last_old), Some(first_new)) = (last_old, first_new) {
+        assert!(last_old < first_new, "the old leader still answered after the new one started");
+    }
+    assert!(first_new.is_some(), "the new leader never answered");
+    lab.partition_from_api(old, false).unwrap();
+}
+
+/// A node that comes back does not take leadership from the current leader.
+#[test]
+fn a_node_that_rejoins_does_not_steal_leadership() {
+    let (lab, mut agents) = lab_with_agents([10, 75, 0]);
+    let leader = current_leader(&lab);
+    let other = (0..3).find(|&i| i != leader).unwrap();
+    if let Some(mut a) = agents[other].take() {
+        a.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    }
+    let sampler = Sampler::start(&lab);
+    agents[other] = Some(lab.start_agent(other, &[]).unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    let samples = sampler.finish();
+    assert_eq!(current_leader(&lab), leader, "leadership moved when a node rejoined");
+    let leader_mac = mac_of_node(&lab, leader);
+    assert!(samples.iter().all(|(_, m)| m.is_empty() || m == &vec![leader_mac]), "someone else answered ARP");
+}
+
+/// A hung agent (SIGSTOP) cannot step down by itself; its pinned XDP program is still
+/// attached. The deadline in the map is what stops it answering, before another node
+/// can take over: the sampler must never see two answerers.
+#[test]
+fn a_hung_leader_is_fenced_by_its_xdp_deadline() {
+    let (lab, agents) = lab_with_agents([10, 76, 0]);
+    let sampler = Sampler::start(&lab);
+    let old = current_leader(&lab);
+    let old_mac = mac_of_node(&lab, old);
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = agents[old].as_ref().and_then(Agent::pid).unwrap() as i32;
+    let t = Instant::now();
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let others_lead = wait_until(Duration::from_secs(6), || {
+        (0..3)
+            .filter(|&i| i != old)
+            .any(|i| lab.status(i).is_ok_and(|s| s["vips"][0]["leader"] == serde_json::json!(true)))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.finish();
+    // SAFETY: as above; let the agent run again so it can be stopped normally.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(others_lead, "nobody took over from the hung leader");
+    assert!(
+        samples.iter().filter(|(s, _)| *s >= t + Duration::from_millis(700)).all(|(_, m)| !m.contains(&old_mac)),
+        "the hung leader still answered ARP after its renew deadline"
+    );
+}

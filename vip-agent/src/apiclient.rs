@@ -1,0 +1,71 @@
+//! The Kubernetes client of the agent. It talks to the apiserver of its own node
+//! (`https://127.0.0.1:6443` by default) and never through a Service, DNS or the CNI, so
+//! it works before the CNI is up (kubeadm init, K3s with Cilium replacing kube-proxy).
+//! The in-cluster `kubernetes` Service is used only with `--apiserver in-cluster`.
+
+use std::{path::Path, time::Duration};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+/// Where a pod finds its service account.
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// This node's apiserver.
+pub const LOCAL_APISERVER: &str = "https://127.0.0.1:6443";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiClientError {
+    #[error("--kubeconfig {path}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("in-cluster configuration")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("no credentials for the API server: give --kubeconfig, or run in a pod with a service account ({SA_DIR})")]
+    NoCredentials,
+    #[error("--apiserver {url:?} is not a valid URL")]
+    Url { url: String },
+    #[error("building the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// Builds the client: `--kubeconfig` (its server kept unless `--apiserver` is given),
+/// else the pod's service-account token and CA against this node's apiserver, else an
+/// error. Every request has `timeout` for connecting and for the response.
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    apiserver: Option<&str>,
+    timeout: Duration,
+) -> Result<kube::Client, ApiClientError> {
+    let mut config = if apiserver == Some("in-cluster") {
+        kube::Config::incluster().map_err(ApiClientError::InCluster)?
+    } else if let Some(path) = kubeconfig {
+        let shown = path.display().to_string();
+        let kc = Kubeconfig::read_from(path)
+            .map_err(|e| ApiClientError::Kubeconfig { path: shown.clone(), source: Box::new(e) })?;
+        kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| ApiClientError::Kubeconfig { path: shown, source: Box::new(e) })?
+    } else {
+        let sa = Path::new(SA_DIR);
+        if !sa.join("token").exists() {
+            return Err(ApiClientError::NoCredentials);
+        }
+        let url = LOCAL_APISERVER.parse().map_err(|_| ApiClientError::Url { url: LOCAL_APISERVER.into() })?;
+        let mut c = kube::Config::new(url);
+        c.root_cert_file = Some(sa.join("ca.crt"));
+        c.auth_info.token_file = Some(sa.join("token").display().to_string());
+        c
+    };
+    if let Some(url) = apiserver.filter(|u| *u != "in-cluster") {
+        config.cluster_url = url.parse().map_err(|_| ApiClientError::Url { url: url.to_owned() })?;
+    }
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    config.reset_reader_on_write = true;
+    // A retried request could renew a Lease after the fencing deadline assumed it failed.
+    config.default_retry = false;
+    kube::Client::try_from(config).map_err(ApiClientError::Client)
+}
