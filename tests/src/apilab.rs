@@ -354,11 +354,21 @@ impl ApiLab {
             }
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
                 let t = Instant::now();
-                match client.get(addr, "/") {
-                    Ok((200, body)) => *result.counts.entry(body.trim().to_owned()).or_insert(0) += 1,
-                    Ok((status, _)) => result.errors.push(format!("status {status}")),
-                    Err(e) => result.errors.push(e),
-                }
+                let ok = match client.get(addr, "/") {
+                    Ok((200, body)) => {
+                        *result.counts.entry(body.trim().to_owned()).or_insert(0) += 1;
+                        true
+                    }
+                    Ok((status, _)) => {
+                        result.errors.push(format!("status {status}"));
+                        false
+                    }
+                    Err(e) => {
+                        result.errors.push(e);
+                        false
+                    }
+                };
+                result.timeline.push((t, ok));
                 result.max_latency = result.max_latency.max(t.elapsed());
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -390,9 +400,22 @@ pub struct StreamResult {
     pub counts: std::collections::BTreeMap<String, usize>,
     pub errors: Vec<String>,
     pub max_latency: Duration,
+    /// When each request started, and whether it succeeded.
+    pub timeline: Vec<(Instant, bool)>,
 }
 
 impl StreamResult {
+    /// From the first failed request to the first successful one after it (zero if none
+    /// failed).
+    pub fn outage(&self) -> Duration {
+        let Some(first_fail) = self.timeline.iter().position(|(_, ok)| !ok) else { return Duration::ZERO };
+        let start = self.timeline[first_fail].0;
+        self.timeline[first_fail..]
+            .iter()
+            .find(|(_, ok)| *ok)
+            .map_or_else(|| self.timeline.last().map_or(Duration::ZERO, |(t, _)| *t - start), |(t, _)| *t - start)
+    }
+
     pub fn total(&self) -> usize {
         self.counts.values().sum::<usize>() + self.errors.len()
     }

@@ -230,3 +230,33 @@ fn a_hung_leader_is_fenced_by_its_xdp_deadline() {
         "the hung leader still answered ARP after its renew deadline"
     );
 }
+
+/// Only the leader balances. A leader killed with SIGKILL keeps its pinned program and a
+/// table that goes stale; when the next leader sends it DSR traffic (it is a backend),
+/// it must deliver it, not balance it again with that stale table. Here the stale table
+/// still names a node that has since been drained: without the rule, a third of the
+/// requests would bounce there and fail.
+#[test]
+fn a_stale_former_leader_does_not_rebalance_what_it_is_sent() {
+    let (mut lab, mut agents) = lab_with_agents([10, 77, 0]);
+    let first = current_leader(&lab);
+    if let Some(mut a) = agents[first].take() {
+        a.stop(libc::SIGKILL, Duration::from_secs(5)).unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().iter().any(|&l| l != first)));
+    let second = lab.leaders().into_iter().find(|&l| l != first).unwrap();
+    // Drain the second leader: its agent stops (releasing the Lease), then its apiserver.
+    if let Some(mut a) = agents[second].take() {
+        a.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    }
+    lab.stop_apiserver(second);
+    let third = (0..3).find(|&i| i != first && i != second).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders() == vec![third]), "{:?}", lab.leaders());
+    assert!(wait_until(Duration::from_secs(5), || lab.backend_healthy(third, second) == Some(false)));
+    let (counts, errors) = lab.requests(45);
+    assert!(errors.is_empty(), "{} of 45 requests failed: {errors:?} {counts:?}", errors.len());
+    assert!(
+        counts.get(&lab.nodes[first].name).copied().unwrap_or(0) > 0,
+        "the stale node serves as a backend: {counts:?}"
+    );
+}

@@ -50,8 +50,8 @@ fn backend(i: u8) -> BackendSpec {
 fn load() -> (Dataplane, Balancer) {
     let mut dp = Dataplane::load().expect("loading the XDP object (tests need root)");
     dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
-    // Forwarding does not depend on ARP leadership; a follower forwards what reaches it.
-    dp.maps_mut().set_vip(VIP, VipState::follower()).unwrap();
+    // Only the leader balances (a follower delivers what the leader sends it).
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
     (dp, Balancer::new(Duration::from_millis(1)))
 }
 
@@ -227,6 +227,17 @@ fn forwarding_fixture_table() {
             Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&f, want)) },
         );
     }
+
+    // A follower (or a leader past its deadline) does not balance: the leader sent this
+    // frame here by DSR, so it goes up the local stack instead of being balanced again.
+    for (name, state) in [
+        ("SYN on a follower: delivered locally", VipState::follower()),
+        ("SYN on a leader past its deadline: delivered locally", VipState::leader_until(1)),
+    ] {
+        dp.maps_mut().set_vip(VIP, state).unwrap();
+        check(&dp, name, syn(40009).bytes(), pass(NotBalancing));
+    }
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
 
     // The chosen backend is this node.
     install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![BackendSpec { local: true, ..backend(1) }]));

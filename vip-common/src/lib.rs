@@ -54,34 +54,49 @@ pub mod program_names {
 /// packet) within one 64-byte cache line.
 pub const MAX_VIPS: u32 = 16;
 
-/// Every VIP of the node as a flat list: the IPv4 path tests membership by scanning it
-/// (one array lookup the verifier inlines, and 16 compares in one cache line), which
-/// costs a fraction of a hash lookup on every packet. Leadership lives in the VIPS hash
-/// only; this list is just "is it a VIP". The agent keeps the two in step, writing an
-/// address here before its VIPS entry and removing it after.
+/// Every VIP of the node as a flat list, for the IPv4 path: membership by scanning the
+/// addresses (one array lookup the verifier inlines, 16 compares in one cache line), and,
+/// for a member, until when this node load-balances its traffic.
+///
+/// In ARP mode only the leader load-balances: a VIP frame reaching a follower was sent
+/// to it by the leader (DSR) and must go up its own stack, not be balanced again. With
+/// identical tables a second balancing would pick this node anyway, but a node whose
+/// agent died keeps a stale table and would bounce traffic to backends that are gone.
+/// The deadline is the leader's fencing deadline, so a dead leader stops balancing when
+/// it stops answering ARP. The agent keeps this list in step with the VIPS hash (which
+/// the ARP path reads, and which alone is replaced atomically).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipSet {
     /// VIP addresses, network order; `[0; 4]` marks a free slot (0.0.0.0 is never a VIP,
     /// and the data plane never treats a 0.0.0.0 destination as one).
     pub addrs: [[u8; 4]; MAX_VIPS as usize],
+    /// Per slot: load-balance the VIP's traffic while `bpf_ktime_get_ns() <` this
+    /// (host order; 0: never, [`VipState::FOREVER`]: always).
+    pub balance_until_ns: [u64; MAX_VIPS as usize],
 }
-const _: () = assert!(core::mem::size_of::<VipSet>() == 64);
+const _: () = assert!(core::mem::size_of::<VipSet>() == 192);
 
 impl VipSet {
+    /// The slot of `addr`, if it is a VIP.
     #[inline(always)]
-    pub fn contains(&self, addr: [u8; 4]) -> bool {
+    pub fn slot(&self, addr: [u8; 4]) -> Option<usize> {
         if addr == [0; 4] {
-            return false;
+            return None;
         }
         let mut i = 0;
         while i < MAX_VIPS as usize {
             if self.addrs[i] == addr {
-                return true;
+                return Some(i);
             }
             i += 1;
         }
-        false
+        None
+    }
+
+    #[inline(always)]
+    pub fn contains(&self, addr: [u8; 4]) -> bool {
+        self.slot(addr).is_some()
     }
 }
 
@@ -436,6 +451,9 @@ pub enum Reason {
     IpipFailed = 21,
     /// IPIP packet whose inner destination is a VIP: outer header stripped, `XDP_PASS`.
     IpipDecap = 22,
+    /// TCP to a VIP service on a node that does not balance it (a follower receiving
+    /// DSR traffic from the leader): `XDP_PASS` to the local stack.
+    NotBalancing = 23,
 }
 
 impl Reason {
@@ -444,7 +462,7 @@ impl Reason {
     pub const SLOTS: u32 = 32;
 
     /// Every reason, in index order: what the agent's status and metrics iterate over.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 24] = [
         Reason::ArpReplied,
         Reason::ArpFollowerDropped,
         Reason::ArpGratuitous,
@@ -468,6 +486,7 @@ impl Reason {
         Reason::ForwardedIpip,
         Reason::IpipFailed,
         Reason::IpipDecap,
+        Reason::NotBalancing,
     ];
 
     /// Stable name for logs, metrics labels and `vip-agent status`.
@@ -496,6 +515,7 @@ impl Reason {
             Reason::ForwardedIpip => "forwarded_ipip",
             Reason::IpipFailed => "ipip_failed",
             Reason::IpipDecap => "ipip_decap",
+            Reason::NotBalancing => "not_balancing",
         }
     }
 }

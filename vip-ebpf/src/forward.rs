@@ -1,12 +1,12 @@
 //! IPv4: classify the packet, and forward VIP service traffic to its backend.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
 use vip_common::{Backend, FlowKey, ForwardMode, Reason, ServiceKey, IPPROTO_TCP};
 
 use crate::{
     encap, lb,
-    maps::{is_vip, SERVICES},
+    maps::{vip_balance_until, SERVICES},
     parse::{ptr_at, L2},
     stats,
     verdict::Verdict,
@@ -33,9 +33,9 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
         return encap::decap(ctx, l2, ihl);
     }
     let dst = iph.dst_addr;
-    if !is_vip(dst) {
+    let Some(balance_until) = vip_balance_until(dst) else {
         return Verdict::pass(Reason::NotVip);
-    }
+    };
     if u16::from_be_bytes(iph.frags) & IP_MF_AND_OFFSET != 0 {
         return Verdict::pass(Reason::Fragment);
     }
@@ -49,6 +49,11 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     };
     // SAFETY: ptr_at checked the 20-byte TCP header is inside the frame.
     let (sport, dport) = unsafe { ((*tcp).source, (*tcp).dest) };
+    // SAFETY: helper without preconditions.
+    if unsafe { bpf_ktime_get_ns() } >= balance_until {
+        // Not balancing this VIP (a follower): the leader sent this here; deliver it.
+        return Verdict::pass(Reason::NotBalancing);
+    }
     let flow = FlowKey { src: iph.src_addr, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] };
     let (id, backend, mode) = match lb::pinned(&flow) {
         Some(hit) => hit,

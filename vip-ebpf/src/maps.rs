@@ -57,3 +57,12 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entr
 pub fn is_vip(addr: [u8; 4]) -> bool {
     VIP_SET.get(0).is_some_and(|set| set.contains(addr))
 }
+
+/// For a VIP: `Some(until)`, the time (kernel monotonic ns) until which this node
+/// load-balances it. `None` if `addr` is not a VIP.
+#[inline(always)]
+pub fn vip_balance_until(addr: [u8; 4]) -> Option<u64> {
+    let set = VIP_SET.get(0)?;
+    let i = set.slot(addr)?;
+    set.balance_until_ns.get(i).copied()
+}

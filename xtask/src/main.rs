@@ -139,6 +139,7 @@ fn bench(toolchain: &str, args: &[String]) -> Result<()> {
         Command::new(release.join("vip-bench"))
             .env("VIP_AGENT_BIN", release.join("vip-agent"))
             .env("VIP_STANDIN_BIN", release.join("vip-standin"))
+            .env("VIP_LEASEAPI_BIN", release.join("vip-leaseapi"))
             .args(args),
     )
 }

@@ -32,6 +32,8 @@ const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const FOLLOWED: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+/// A second led VIP, whose service forwards by IPIP.
+const VIP_IPIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 102);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const PORT: u16 = 6443;
 
@@ -113,11 +115,12 @@ fn xdp_table() -> Result<(), String> {
         maps.set_config(&Config::new(FibLab::LB_MAC, FibLab::LB_IP.octets())).map_err(e)?;
         maps.set_vip(VIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
         maps.set_vip(FOLLOWED, VipState::follower()).map_err(e)?;
+        maps.set_vip(VIP_IPIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
         let mut lb = Balancer::default();
         let dsr = ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends: backends(3, 0x10) };
         lb.apply(maps, &dsr).map_err(|e| e.to_string())?;
         let ipip =
-            ServiceSpec { vip: FOLLOWED, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: backends(3, 0) };
+            ServiceSpec { vip: VIP_IPIP, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: backends(3, 0) };
         lb.apply(maps, &ipip).map_err(|e| e.to_string())?;
 
         let arp_for = |tpa| Frame::arp(BROADCAST, CLIENT_MAC, &Arp::request(CLIENT_MAC, CLIENT, tpa)).padded();
@@ -176,7 +179,7 @@ fn xdp_table() -> Result<(), String> {
             Row {
                 name: "IPIP encapsulation",
                 program: Program::Vip,
-                frames: Frames::Same(to(FOLLOWED, TCP_ACK)),
+                frames: Frames::Same(to(VIP_IPIP, TCP_ACK)),
                 fixed_point: false,
                 expect_action: 3,
                 ingress: Some(ifindex),
@@ -292,10 +295,103 @@ fn agent_table() -> Result<(), String> {
     Ok(())
 }
 
+/// The first time `mac` answered ARP for `vip` from the client, polling from `from`.
+fn wait_arp_answer(lab: &tests::apilab::ApiLab, mac: [u8; 6], from: Instant) -> Option<Duration> {
+    let ns = lab.client_ns().name.clone();
+    let vip = lab.vip;
+    let src = Ipv4Addr::new(vip.octets()[0], vip.octets()[1], vip.octets()[2], 2);
+    let deadline = from + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        let ns2 = ns.clone();
+        let macs =
+            std::thread::spawn(move || tests::netns::arp_probe(&ns2, "eth0", src, vip, Duration::from_millis(20)))
+                .join()
+                .ok()?
+                .ok()?;
+        if macs.contains(&mac) {
+            return Some(t - from);
+        }
+    }
+    None
+}
+
+fn failover_table() -> Result<(), String> {
+    use tests::{agent::wait_until, apilab::ApiLab};
+    println!("\nfailover with --election kubernetes (defaults: lease 1s, renew deadline 600ms, retry 200ms), 3 nodes");
+    println!(
+        "ARP = until the new leader answers ARP; outage = first failed to first successful request through the VIP"
+    );
+    println!("{:<34} {:>12} {:>12} {:>10}   trials (ARP ms)", "event", "ARP median", "outage med", "failed");
+    let lab = ApiLab::new([10, 62, 0], 3, &[0, 1, 2])?.with_lease_api()?;
+    let mut agents: Vec<Option<tests::agent::Agent>> =
+        (0..3).map(|i| lab.start_agent(i, &[]).map(Some)).collect::<Result<_, _>>()?;
+    let single_leader = |lab: &ApiLab| wait_until(Duration::from_secs(10), || lab.leaders().len() == 1);
+    for event in
+        ["SIGKILL of the agent", "SIGTERM of the agent", "apiserver unready", "node loss (SIGKILL + link down)"]
+    {
+        let (mut arp, mut outage, mut failed) = (Vec::new(), Vec::new(), 0usize);
+        for _ in 0..5 {
+            if !single_leader(&lab) {
+                return Err(format!("{event}: no single leader"));
+            }
+            let old = lab.leaders()[0];
+            let stream = lab.stream();
+            std::thread::sleep(Duration::from_millis(300));
+            let t = Instant::now();
+            match event {
+                "apiserver unready" => std::fs::write(lab.unready_file(old), b"").map_err(|e| e.to_string())?,
+                _ => {
+                    let signal = if event.starts_with("SIGTERM") { libc::SIGTERM } else { libc::SIGKILL };
+                    if event.starts_with("node loss") {
+                        lab.ns(old).ip(&["link", "set", "eth0", "down"])?;
+                    }
+                    if let Some(mut a) = agents[old].take() {
+                        a.stop(signal, Duration::from_secs(5))?;
+                    }
+                }
+            }
+            let new = loop {
+                if let Some(n) = lab.leaders().into_iter().find(|&l| l != old) {
+                    break n;
+                }
+                if t.elapsed() > Duration::from_secs(8) {
+                    return Err(format!("{event}: nobody took over"));
+                }
+            };
+            let new_mac = tests::netns::mac_of(lab.ns(new), "eth0")?;
+            arp.push(wait_arp_answer(&lab, new_mac, t).ok_or("the new leader never answered ARP")?.as_millis());
+            std::thread::sleep(Duration::from_millis(1500));
+            let r = stream.stop();
+            outage.push(r.outage().as_millis());
+            failed += r.errors.len();
+            // Put the old leader back as a follower.
+            match event {
+                "apiserver unready" => std::fs::remove_file(lab.unready_file(old)).map_err(|e| e.to_string())?,
+                _ => {
+                    if event.starts_with("node loss") {
+                        lab.ns(old).ip(&["link", "set", "eth0", "up"])?;
+                        let _ = std::fs::remove_dir_all(lab.pin_path(old)?);
+                    }
+                    agents[old] = Some(lab.start_agent(old, &[])?);
+                }
+            }
+        }
+        let med = |v: &mut Vec<u128>| {
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        let trials = arp.clone();
+        println!("{event:<34} {:>9} ms {:>9} ms {failed:>10}   {trials:?}", med(&mut arp), med(&mut outage));
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), String> {
     xdp_table()?;
     maglev_table();
     agent_table()?;
+    failover_table()?;
     Ok(())
 }
 

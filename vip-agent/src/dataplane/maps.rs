@@ -159,13 +159,19 @@ impl Maps {
     /// VIP it would not recognise.
     pub fn set_vip(&mut self, vip: Ipv4Addr, state: VipState) -> Result<(), MapError> {
         let mut set = self.vip_set()?;
-        if !set.addrs.contains(&vip.octets()) {
-            let free = set
+        let slot = match set.slot(vip.octets()) {
+            Some(i) => i,
+            None => set
                 .addrs
                 .iter()
                 .position(|a| *a == [0; 4])
-                .ok_or(MapError::VipsFull { vip, max: vip_common::MAX_VIPS })?;
-            set.addrs[free] = vip.octets();
+                .ok_or(MapError::VipsFull { vip, max: vip_common::MAX_VIPS })?,
+        };
+        // The leader balances until its fencing deadline; a follower never.
+        let until = if state.flags & VipState::F_LEADER != 0 { state.leader_until_ns } else { 0 };
+        if set.addrs[slot] != vip.octets() || set.balance_until_ns[slot] != until {
+            set.addrs[slot] = vip.octets();
+            set.balance_until_ns[slot] = until;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
         self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))
@@ -179,8 +185,9 @@ impl Maps {
             Err(source) => return Err(MapError::Op { name: map_names::VIPS, op: "remove", source }),
         }
         let mut set = self.vip_set()?;
-        if let Some(slot) = set.addrs.iter_mut().find(|a| **a == vip.octets()) {
-            *slot = [0; 4];
+        if let Some(slot) = set.slot(vip.octets()) {
+            set.addrs[slot] = [0; 4];
+            set.balance_until_ns[slot] = 0;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
         Ok(())
