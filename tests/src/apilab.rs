@@ -38,6 +38,8 @@ pub struct ApiLab {
     pub nodes: Vec<Node>,
     /// The Lease API stand-in, once [`ApiLab::with_lease_api`] started it.
     lease_api: Option<Child>,
+    /// Give agents every node as `--backend` (else they rely on discovery).
+    pub static_backends: bool,
     pub client: https::Client,
     pub pki: Pki,
     pub lab: Lab,
@@ -63,7 +65,7 @@ impl ApiLab {
             nodes.push(Node { name, ip, standin: None });
         }
         let client = https::Client::new(&pki.ca_path())?;
-        let mut me = Self { vip, nodes, lease_api: None, client, pki, lab };
+        let mut me = Self { vip, nodes, lease_api: None, static_backends: true, client, pki, lab };
         for i in 0..n {
             me.start_apiserver(i)?;
         }
@@ -127,6 +129,21 @@ impl ApiLab {
         Ipv4Addr::new(self.vip.octets()[0], self.vip.octets()[1], self.vip.octets()[2], 5)
     }
 
+    /// The file the API stand-in builds the `default/kubernetes` EndpointSlice from.
+    pub fn endpoints_file(&self) -> PathBuf {
+        self.pki.dir.join("endpoints.json")
+    }
+
+    /// Registers exactly `nodes` (by index) as ready apiservers in the EndpointSlice.
+    pub fn register_apiservers(&self, nodes: &[usize]) -> Result<(), String> {
+        let eps: Vec<serde_json::Value> =
+            nodes.iter().map(|&i| serde_json::json!({"ip": self.nodes[i].ip.to_string(), "ready": true})).collect();
+        let doc = serde_json::json!({"port": 6443, "endpoints": eps});
+        let tmp = self.pki.dir.join("endpoints.json.tmp");
+        std::fs::write(&tmp, doc.to_string()).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, self.endpoints_file()).map_err(|e| e.to_string())
+    }
+
     /// The file the Lease API stand-in reads its injected faults from.
     pub fn faults_file(&self) -> PathBuf {
         self.pki.dir.join("faults.json")
@@ -149,6 +166,8 @@ impl ApiLab {
             .arg(&key)
             .arg("--faults")
             .arg(self.faults_file())
+            .arg("--endpoints")
+            .arg(self.endpoints_file())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -228,8 +247,6 @@ impl ApiLab {
             &self.vip.to_string(),
             "--election",
             "none",
-            "--backend",
-            &backends.join(","),
             "--health-ca",
             &self.pki.ca_path().display().to_string(),
             "--health-interval",
@@ -248,6 +265,9 @@ impl ApiLab {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if self.static_backends {
+            args.extend(["--backend".to_string(), backends.join(",")]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         Ok(args)
     }

@@ -260,3 +260,22 @@ fn a_stale_former_leader_does_not_rebalance_what_it_is_sent() {
         "the stale node serves as a backend: {counts:?}"
     );
 }
+
+/// API trouble: added latency well inside the renew deadline changes nothing; a Lease API
+/// that answers 503 makes the leader step down once its renew deadline passes (nobody
+/// leads rather than two); when the API recovers, a leader is elected again.
+#[test]
+fn api_latency_is_absorbed_and_api_errors_fence_the_leader() {
+    let (lab, _agents) = lab_with_agents([10, 79, 0]);
+    let sampler = Sampler::start(&lab);
+    let leader = current_leader(&lab);
+    std::fs::write(lab.faults_file(), r#"{"latency_ms": 100}"#).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(lab.leaders(), vec![leader], "100 ms of API latency moved leadership");
+
+    std::fs::write(lab.faults_file(), r#"{"status": 503}"#).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().is_empty()), "a leader kept leading without renewing");
+    std::fs::remove_file(lab.faults_file()).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().len() == 1), "no leader after the API recovered");
+    sampler.finish();
+}

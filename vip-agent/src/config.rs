@@ -48,6 +48,13 @@ pub enum Election {
     None,
 }
 
+/// Where backends come from besides `--backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Discover {
+    /// The EndpointSlices of `default/kubernetes`, where the apiservers register.
+    Kubernetes,
+}
+
 /// How clients find the VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -174,6 +181,9 @@ pub struct RunArgs {
     /// and VIP traffic goes to its own stack.
     #[arg(long = "backend", env = "VIP_BACKEND", value_name = "IP[:PORT]", value_delimiter = ',')]
     pub backends: Vec<BackendArg>,
+    /// Discover the apiservers (merged with any --backend).
+    #[arg(long, env = "VIP_DISCOVER", value_enum)]
+    pub discover: Option<Discover>,
     /// How clients find the VIP. Only `arp` is available yet.
     #[arg(long, env = "VIP_MODE", value_enum, default_value_t = Mode::Arp)]
     pub mode: Mode,
@@ -273,6 +283,8 @@ pub struct RunConfig {
     pub vips: Vec<Ipv4Addr>,
     pub port: u16,
     pub backends: Vec<BackendArg>,
+    /// Follow the apiservers registered in `default/kubernetes`.
+    pub discover: bool,
     pub forward: ForwardMode,
     pub election: Election,
     pub node_name: Option<String>,
@@ -416,6 +428,7 @@ impl TryFrom<RunArgs> for RunConfig {
             vips: args.vips,
             port: args.port,
             backends: args.backends,
+            discover: args.discover.is_some(),
             forward: args.forward.into(),
             election: args.election,
             node_name: args.node_name,

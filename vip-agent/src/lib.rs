@@ -10,6 +10,7 @@ pub mod arp;
 pub mod balancer;
 pub mod config;
 pub mod dataplane;
+pub mod discovery;
 pub mod election;
 pub mod health;
 pub mod kubeconfig;

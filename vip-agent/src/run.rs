@@ -72,6 +72,9 @@ pub enum RunError {
 
 /// One backend as the agent tracks it.
 struct BackendState {
+    /// Stable key: health reports name their backend by it.
+    key: usize,
+    checker: Option<tokio::task::JoinHandle<()>>,
     ip: Ipv4Addr,
     check_addr: SocketAddr,
     local: bool,
@@ -89,7 +92,7 @@ struct Undo {
 
 /// The health probe, or `None` when there is no backend to check.
 fn probe(cfg: &RunConfig) -> Result<Option<Probe>, RunError> {
-    if cfg.backends.is_empty() {
+    if cfg.backends.is_empty() && !cfg.discover {
         return Ok(None);
     }
     if cfg.health.check == HealthCheck::Tcp {
@@ -125,12 +128,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             .map_err(|source| RunError::Metrics { addr: cfg.metrics_addr, source })?;
         let nl = Netlink::connect()?;
         let mut links = crate::netlink::watch_link(cfg.interface.clone())?;
-        let kube = match cfg.election {
-            Election::Kubernetes => Some(
-                apiclient::client(cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref(), cfg.lease.renew_deadline)
-                    .await?,
-            ),
-            Election::None => None,
+        let kube = if cfg.election == Election::Kubernetes || cfg.discover {
+            Some(apiclient::client(cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref(), cfg.lease.renew_deadline).await?)
+        } else {
+            None
         };
 
         let (mut dp, adopted) = Dataplane::open_pinned(&cfg.pin_path)?;
@@ -154,24 +155,24 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
 
         let (tx, mut reports) = mpsc::channel(64);
         let mut checkers = Vec::new();
-        for (i, b) in backends.iter().enumerate() {
-            let Some(probe) = probe.clone() else { break };
-            checkers.push(tokio::spawn(health::run_checker(
-                i,
-                b.check_addr,
-                probe,
-                cfg.health.interval,
-                cfg.health.timeout,
-                tx.clone(),
-            )));
+        if let Some(probe) = &probe {
+            for b in backends.iter_mut() {
+                spawn_checker(b, probe, &cfg, &tx);
+            }
         }
+        let mut next_key = backends.len() + 1;
+        let mut discovered = match (&kube, cfg.discover) {
+            (Some(client), true) => Some(crate::discovery::watch(client.clone())),
+            _ => None,
+        };
+
         // Leadership. With --election none this node leads from the start; with a Lease,
         // it leads once elected, gated on its own apiserver being ready.
         let (gate_tx, gate_rx) = watch::channel(probe.is_none());
-        let mut gate = Gate::new(&cfg, &backends, probe.clone(), tx.clone(), &mut checkers);
+        let mut gate = Gate::new(&cfg, &dev, &backends, probe.clone(), tx.clone(), &mut checkers);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (lead_tx, mut leadership) = mpsc::channel(16);
-        let election_task = kube.map(|client| {
+        let election_task = kube.filter(|_| cfg.election == Election::Kubernetes).map(|client| {
             let cfg_e = ElectionConfig {
                 lease_name: cfg.lease.name.clone(),
                 lease_namespace: cfg.lease.namespace.clone(),
@@ -196,7 +197,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                         info!(ready, "local apiserver readiness changed");
                         let _ = gate_tx.send(ready);
                     }
-                    if report.backend >= backends.len() {
+                    if !backends.iter().any(|b| b.key == report.backend) {
                         continue;
                     }
                     let changed = on_report(&cfg, &nl, &dev, &mut backends, report, &agent_metrics).await;
@@ -229,6 +230,16 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                         }
                         LinkEvent::Down => warn!("link down"),
                         LinkEvent::Gone => warn!("interface deleted; waiting for it to come back"),
+                    }
+                }
+                Some(found) = async { discovered.as_mut()?.recv().await } => {
+                    let changed = merge_discovered(&cfg, &nl, &mut backends, &found, &mut next_key, probe.as_ref(), &tx).await;
+                    if changed {
+                        match apply(&cfg, &mut dp, &mut balancer, &backends) {
+                            Ok(true) => agent_metrics.table_rebuilds.inc(),
+                            Ok(false) => 0,
+                            Err(e) => { error!(error = %e, "updating the data plane failed"); 0 }
+                        };
                     }
                 }
                 Some(l) = leadership.recv() => {
@@ -280,6 +291,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 let _ = tokio::time::timeout(cfg.lease.renew_deadline * 2, task).await;
             }
         }
+        for b in &mut backends {
+            if let Some(c) = b.checker.take() {
+                c.abort();
+            }
+        }
         for c in checkers {
             c.abort();
         }
@@ -319,6 +335,8 @@ async fn start(
             _ => Health::Unknown,
         };
         backends.push(BackendState {
+            key: backends.len(),
+            checker: None,
             ip: b.ip,
             check_addr: SocketAddr::from((b.ip, b.port.unwrap_or(cfg.port))),
             local,
@@ -395,7 +413,7 @@ async fn on_report(
     report: health::Report,
     m: &metrics::AgentMetrics,
 ) -> bool {
-    let Some(b) = backends.get_mut(report.backend) else { return false };
+    let Some(b) = backends.iter_mut().find(|b| b.key == report.backend) else { return false };
     m.observe_check(b.ip, report.latency.as_secs_f64());
     let ok = report.result.is_ok();
     let mut changed = false;
@@ -478,6 +496,7 @@ struct Gate {
 impl Gate {
     fn new(
         cfg: &RunConfig,
+        dev: &Netdev,
         backends: &[BackendState],
         probe: Option<Probe>,
         tx: mpsc::Sender<health::Report>,
@@ -491,12 +510,14 @@ impl Gate {
             warn!("no --backend: leadership is not gated on apiserver health");
             return Self { index: None, health };
         };
-        if let Some(i) = backends.iter().position(|b| b.local) {
-            return Self { index: Some(i), health };
+        if let (Some(b), false) = (backends.iter().find(|b| b.local), cfg.discover) {
+            return Self { index: Some(b.key), health };
         }
+        // Discovered backends come and go: the gate gets a check of its own, on this
+        // node's address (which the apiserver's certificate names), else loopback.
         let index = backends.len();
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, cfg.port));
-        info!(%addr, "no backend is this node: checking the local apiserver for the leadership gate");
+        let addr = SocketAddr::from((dev.ipv4.unwrap_or(Ipv4Addr::LOCALHOST), cfg.port));
+        info!(%addr, "checking this node's apiserver for the leadership gate");
         checkers.push(tokio::spawn(health::run_checker(
             index,
             addr,
@@ -515,4 +536,75 @@ impl Gate {
         }
         self.health.observe(report.result.is_ok()).map(|h| h == Health::Up)
     }
+}
+
+fn spawn_checker(b: &mut BackendState, probe: &Probe, cfg: &RunConfig, tx: &mpsc::Sender<health::Report>) {
+    b.checker = Some(tokio::spawn(health::run_checker(
+        b.key,
+        b.check_addr,
+        probe.clone(),
+        cfg.health.interval,
+        cfg.health.timeout,
+        tx.clone(),
+    )));
+}
+
+/// Makes the backend list the static `--backend`s plus the discovered apiservers: new
+/// ones start unknown with a checker of their own, gone ones lose theirs. Returns
+/// whether the list changed.
+async fn merge_discovered(
+    cfg: &RunConfig,
+    nl: &Netlink,
+    backends: &mut Vec<BackendState>,
+    found: &std::collections::BTreeSet<crate::discovery::Endpoint>,
+    next_key: &mut usize,
+    probe: Option<&Probe>,
+    tx: &mpsc::Sender<health::Report>,
+) -> bool {
+    let wanted: Vec<(Ipv4Addr, u16)> = cfg
+        .backends
+        .iter()
+        .map(|b| (b.ip, b.port.unwrap_or(cfg.port)))
+        .chain(found.iter().map(|e| (e.ip, e.port)))
+        .filter(|(ip, _)| !cfg.vips.contains(ip))
+        .collect();
+    let before = backends.len();
+    let mut removed = 0;
+    backends.retain_mut(|b| {
+        let keep = wanted.iter().any(|(ip, _)| *ip == b.ip);
+        if !keep {
+            info!(backend = %b.ip, "apiserver no longer registered: removing it");
+            if let Some(c) = b.checker.take() {
+                c.abort();
+            }
+            removed += 1;
+        }
+        keep
+    });
+    let mut added = 0;
+    for (ip, port) in wanted {
+        if backends.iter().any(|b| b.ip == ip) {
+            continue;
+        }
+        let local = nl.has_address(ip).await.unwrap_or(false);
+        let mut b = BackendState {
+            key: *next_key,
+            checker: None,
+            ip,
+            check_addr: SocketAddr::from((ip, port)),
+            local,
+            mac: None,
+            health: Hysteresis::new(cfg.health.rise, cfg.health.fall, Health::Unknown),
+            warned_no_mac: false,
+        };
+        *next_key += 1;
+        if let Some(p) = probe {
+            spawn_checker(&mut b, p, cfg, tx);
+        }
+        info!(backend = %ip, local, "apiserver discovered");
+        backends.push(b);
+        added += 1;
+    }
+    debug_assert!(backends.len() + removed == before + added);
+    added > 0 || removed > 0
 }

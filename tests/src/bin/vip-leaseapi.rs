@@ -8,10 +8,17 @@
 //! Every write gets a new, cluster-wide increasing resourceVersion. Errors are `Status`
 //! objects, as the real API returns them.
 //!
+//! EndpointSlices: with `--endpoints FILE` (JSON `{"port": 6443, "endpoints": [{"ip":
+//! "10.0.0.11", "ready": true}, ...]}`), `default/kubernetes` has one EndpointSlice built
+//! from the file, and `GET .../namespaces/default/endpointslices` lists it or, with
+//! `watch=true`, streams `MODIFIED` events (chunked) whenever the file changes. Each
+//! change takes a new resourceVersion.
+//!
 //! Faults: `--faults FILE`, read on every request, holds JSON `{"latency_ms": N,
 //! "status": S}`: each request is delayed N ms, and answered with status S if S > 0.
 //!
 //! usage: vip-leaseapi --listen ADDR:PORT --tls-cert PEM --tls-key PEM [--faults FILE]
+//!                     [--endpoints FILE]
 
 use std::{
     collections::HashMap,
@@ -32,6 +39,76 @@ use serde_json::{json, Value};
 struct Store {
     rv: u64,
     leases: HashMap<(String, String), Value>,
+    /// The endpoints file as last read, and the resourceVersion of that content.
+    slice_src: Option<Vec<u8>>,
+    slice_rv: u64,
+}
+
+/// The `default/kubernetes` EndpointSlice from the endpoints file, with its
+/// resourceVersion (bumped when the file's content changes).
+fn current_slice(store: &Mutex<Store>, file: &Option<PathBuf>) -> (u64, Option<Value>) {
+    let src = file.as_ref().and_then(|f| std::fs::read(f).ok());
+    let Ok(mut st) = store.lock() else { return (0, None) };
+    if src != st.slice_src {
+        st.rv += 1;
+        st.slice_rv = st.rv;
+        st.slice_src = src.clone();
+    }
+    let rv = st.slice_rv;
+    let Some(v) = src.and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else { return (rv, None) };
+    let endpoints: Vec<Value> = v["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| json!({"addresses": [e["ip"]], "conditions": {"ready": e["ready"].as_bool().unwrap_or(true)}}))
+        .collect();
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default", "resourceVersion": rv.to_string(),
+                     "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "https", "port": v["port"].as_u64().unwrap_or(6443), "protocol": "TCP"}],
+    });
+    (rv, Some(slice))
+}
+
+fn query_param<'a>(path: &'a str, key: &str) -> Option<&'a str> {
+    path.split_once('?')?.1.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Streams watch events for the EndpointSlice until `timeoutSeconds` or the client goes.
+fn watch_slices<S: Write>(
+    out: &mut S,
+    store: &Mutex<Store>,
+    file: &Option<PathBuf>,
+    path: &str,
+) -> std::io::Result<()> {
+    let mut sent: u64 = query_param(path, "resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let timeout = query_param(path, "timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290u64);
+    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+    out.flush()?;
+    let end = std::time::Instant::now() + Duration::from_secs(timeout);
+    while std::time::Instant::now() < end {
+        let (rv, slice) = current_slice(store, file);
+        if rv > sent {
+            let event = match slice {
+                Some(s) => json!({"type": "MODIFIED", "object": s}),
+                None => {
+                    json!({"type": "DELETED", "object": {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "kubernetes", "namespace": "default", "resourceVersion": rv.to_string()},
+                    "addressType": "IPv4", "endpoints": []}})
+                }
+            };
+            let line = format!("{event}\n");
+            write!(out, "{:x}\r\n{line}\r\n", line.len())?;
+            out.flush()?;
+            sent = rv;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    out.write_all(b"0\r\n\r\n")?;
+    out.flush()
 }
 
 fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
@@ -42,8 +119,16 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
     )
 }
 
-fn handle(store: &Mutex<Store>, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+fn handle(store: &Mutex<Store>, method: &str, path: &str, body: &[u8], endpoints: &Option<PathBuf>) -> (u16, Value) {
     let path = path.split('?').next().unwrap_or(path);
+    if path == "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices" && method == "GET" {
+        let (rv, slice) = current_slice(store, endpoints);
+        return (
+            200,
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+                   "metadata": {"resourceVersion": rv.to_string()}, "items": slice.into_iter().collect::<Vec<_>>()}),
+        );
+    }
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (ns, name) = match parts.as_slice() {
         ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"] => (ns.to_string(), None),
@@ -114,7 +199,12 @@ fn faults(file: &Option<PathBuf>) -> (u64, u16) {
     (v["latency_ms"].as_u64().unwrap_or(0), v["status"].as_u64().unwrap_or(0) as u16)
 }
 
-fn serve<S: Read + Write>(stream: S, store: &Mutex<Store>, fault_file: &Option<PathBuf>) -> std::io::Result<()> {
+fn serve<S: Read + Write>(
+    stream: S,
+    store: &Mutex<Store>,
+    fault_file: &Option<PathBuf>,
+    endpoints: &Option<PathBuf>,
+) -> std::io::Result<()> {
     let mut stream = BufReader::new(stream);
     loop {
         let mut line = String::new();
@@ -145,10 +235,16 @@ fn serve<S: Read + Write>(stream: S, store: &Mutex<Store>, fault_file: &Option<P
         if latency > 0 {
             std::thread::sleep(Duration::from_millis(latency));
         }
+        if forced == 0
+            && path.starts_with("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?")
+            && matches!(query_param(&path, "watch"), Some("true") | Some("1"))
+        {
+            return watch_slices(stream.get_mut(), store, endpoints, &path);
+        }
         let (code, value) = if forced > 0 {
             status(forced, "InternalError", "injected fault")
         } else {
-            handle(store, &method, &path, &body)
+            handle(store, &method, &path, &body, endpoints)
         };
         let body = value.to_string();
         let reason = match code {
@@ -174,6 +270,7 @@ fn main() -> Result<(), String> {
     let listen = flag("--listen").ok_or(usage)?;
     let (cert, key) = (flag("--tls-cert").ok_or(usage)?, flag("--tls-key").ok_or(usage)?);
     let fault_file = flag("--faults").map(PathBuf::from);
+    let endpoints = flag("--endpoints").map(PathBuf::from);
     let certs = CertificateDer::pem_file_iter(&cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("{cert}: {e}"))?;
@@ -191,10 +288,11 @@ fn main() -> Result<(), String> {
     let listener = TcpListener::bind(&listen).map_err(|e| format!("bind {listen}: {e}"))?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let (config, store, fault_file) = (config.clone(), store.clone(), fault_file.clone());
+        let (config, store, fault_file, endpoints) =
+            (config.clone(), store.clone(), fault_file.clone(), endpoints.clone());
         std::thread::spawn(move || -> std::io::Result<()> {
             let conn = ServerConnection::new(config).map_err(std::io::Error::other)?;
-            serve(StreamOwned::new(conn, stream), &store, &fault_file)
+            serve(StreamOwned::new(conn, stream), &store, &fault_file, &endpoints)
         });
     }
     Ok(())
