@@ -279,3 +279,22 @@ fn api_latency_is_absorbed_and_api_errors_fence_the_leader() {
     assert!(wait_until(Duration::from_secs(5), || lab.leaders().len() == 1), "no leader after the API recovered");
     sampler.finish();
 }
+
+/// Only the leader announces the VIP. A follower whose link flaps must not send
+/// gratuitous ARPs (that would pull clients to a node that drops their ARP and does
+/// not balance).
+#[test]
+fn a_follower_never_announces_the_vip() {
+    let (lab, _agents) = lab_with_agents([10, 80, 0]);
+    let leader = current_leader(&lab);
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let mac = mac_of_node(&lab, follower);
+    let capture = tests::netns::capture_arp(lab.client_ns(), "eth0", Duration::from_secs(3));
+    lab.ns(follower).ip(&["link", "set", "eth0", "down"]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    lab.ns(follower).ip(&["link", "set", "eth0", "up"]).unwrap();
+    let frames = capture.join().unwrap().unwrap();
+    let garps = frames.iter().filter(|f| tests::netns::is_garp(f, lab.vip, mac)).count();
+    assert_eq!(garps, 0, "a follower announced the VIP {garps} times after a link flap");
+    assert_eq!(current_leader(&lab), leader);
+}

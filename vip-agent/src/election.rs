@@ -323,7 +323,8 @@ pub async fn run<A: LeaseApi>(
         }
     }
     if leading_since.is_some() {
-        let _ = tx.send(Leadership::Following).await;
+        // The agent is stopping and may no longer read the channel: never wait on it.
+        let _ = tx.try_send(Leadership::Following);
         release(&mut elector, cfg.renew_deadline).await;
     }
 }

@@ -148,7 +148,14 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             }
         };
 
-        let pinned_maps = Maps::from_pins(&cfg.pin_path)?;
+        let pinned_maps = match Maps::from_pins(&cfg.pin_path) {
+            Ok(m) => m,
+            Err(e) => {
+                error!(error = %e, "opening the pinned maps for metrics failed; undoing");
+                stop(dp, &nl, &cfg, undo, adopted).await;
+                return Err(e.into());
+            }
+        };
         let (registry, agent_metrics) = metrics::registry(pinned_maps);
         let metrics_task = tokio::spawn(metrics::serve(listener, Arc::new(registry)));
         info!(addr = %cfg.metrics_addr, "metrics served");
@@ -160,6 +167,8 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 spawn_checker(b, probe, &cfg, &tx);
             }
         }
+        // Keys 0..len are the configured backends; key len is the leadership gate's own
+        // check (see Gate::new); discovered backends take keys from len + 1 on.
         let mut next_key = backends.len() + 1;
         let mut discovered = match (&kube, cfg.discover) {
             (Some(client), true) => Some(crate::discovery::watch(client.clone())),
@@ -202,11 +211,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                     }
                     let changed = on_report(&cfg, &nl, &dev, &mut backends, report, &agent_metrics).await;
                     if changed {
-                        match apply(&cfg, &mut dp, &mut balancer, &backends) {
-                            Ok(true) => agent_metrics.table_rebuilds.inc(),
-                            Ok(false) => 0,
-                            Err(e) => { error!(error = %e, "updating the data plane failed"); 0 }
-                        };
+                        update_table(&cfg, &mut dp, &mut balancer, &backends, &agent_metrics);
                     }
                 }
                 Some(event) = links.recv() => {
@@ -224,9 +229,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                                     Err(e) => error!(error = %e, "interface came back but cannot be resolved"),
                                 }
                             }
-                            info!("link up: announcing the VIPs again");
-                            if let Some(a) = announcer.take() { a.abort(); }
-                            announcer = Some(tokio::spawn(arp::announce(dev.ifindex, dev.mac.0, cfg.vips.clone())));
+                            // Only the leader may claim the VIP; a follower stays quiet.
+                            if leading {
+                                info!("link up: announcing the VIPs again");
+                                restart_announcer(&mut announcer, &dev, &cfg);
+                            }
                         }
                         LinkEvent::Down => warn!("link down"),
                         LinkEvent::Gone => warn!("interface deleted; waiting for it to come back"),
@@ -235,11 +242,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 Some(found) = async { discovered.as_mut()?.recv().await } => {
                     let changed = merge_discovered(&cfg, &nl, &mut backends, &found, &mut next_key, probe.as_ref(), &tx).await;
                     if changed {
-                        match apply(&cfg, &mut dp, &mut balancer, &backends) {
-                            Ok(true) => agent_metrics.table_rebuilds.inc(),
-                            Ok(false) => 0,
-                            Err(e) => { error!(error = %e, "updating the data plane failed"); 0 }
-                        };
+                        update_table(&cfg, &mut dp, &mut balancer, &backends, &agent_metrics);
                     }
                 }
                 Some(l) = leadership.recv() => {
@@ -254,8 +257,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                             if !leading {
                                 leading = true;
                                 info!(vips = ?cfg.vips, "became leader: answering ARP, announcing");
-                                if let Some(a) = announcer.take() { a.abort(); }
-                                announcer = Some(tokio::spawn(arp::announce(dev.ifindex, dev.mac.0, cfg.vips.clone())));
+                                restart_announcer(&mut announcer, &dev, &cfg);
                             }
                         }
                         Leadership::Following => {
@@ -607,4 +609,30 @@ async fn merge_discovered(
     }
     debug_assert!(backends.len() + removed == before + added);
     added > 0 || removed > 0
+}
+
+/// Pushes the backend set into the data plane, counting rebuilds; errors are logged (the
+/// previous table stays live).
+fn update_table(
+    cfg: &RunConfig,
+    dp: &mut Dataplane,
+    balancer: &mut Balancer,
+    backends: &[BackendState],
+    m: &metrics::AgentMetrics,
+) {
+    match apply(cfg, dp, balancer, backends) {
+        Ok(true) => {
+            m.table_rebuilds.inc();
+        }
+        Ok(false) => {}
+        Err(e) => error!(error = %e, "updating the data plane failed"),
+    }
+}
+
+/// (Re)starts the gratuitous ARP burst and repeats for every VIP.
+fn restart_announcer(announcer: &mut Option<tokio::task::JoinHandle<()>>, dev: &Netdev, cfg: &RunConfig) {
+    if let Some(a) = announcer.take() {
+        a.abort();
+    }
+    *announcer = Some(tokio::spawn(arp::announce(dev.ifindex, dev.mac.0, cfg.vips.clone())));
 }

@@ -1,8 +1,8 @@
 //! IPv4: classify the packet, and forward VIP service traffic to its backend.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
-use vip_common::{Backend, FlowKey, ForwardMode, Reason, ServiceKey, IPPROTO_TCP};
+use vip_common::{Backend, FlowKey, ForwardMode, Reason, ServiceKey, VipState, IPPROTO_TCP};
 
 use crate::{
     encap, lb,
@@ -49,9 +49,12 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     };
     // SAFETY: ptr_at checked the 20-byte TCP header is inside the frame.
     let (sport, dport) = unsafe { ((*tcp).source, (*tcp).dest) };
+    // Not balancing this VIP (a follower): the leader sent this here; deliver it. The
+    // coarse clock (same monotonic base, tick resolution) is enough against a deadline
+    // with 400 ms of fencing margin, and avoids a clock-source read per packet; a
+    // deadline that never passes skips the clock altogether.
     // SAFETY: helper without preconditions.
-    if unsafe { bpf_ktime_get_ns() } >= balance_until {
-        // Not balancing this VIP (a follower): the leader sent this here; deliver it.
+    if balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_coarse_ns() } >= balance_until {
         return Verdict::pass(Reason::NotBalancing);
     }
     let flow = FlowKey { src: iph.src_addr, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] };
