@@ -202,51 +202,62 @@ fn capture_arp_here(
     ready: &std::sync::mpsc::Sender<()>,
 ) -> Result<Vec<Vec<u8>>, String> {
     enter(ns)?;
-    let ifindex = {
-        let c = std::ffi::CString::new(dev).map_err(|e| e.to_string())?;
-        // SAFETY: c is NUL-terminated.
-        unsafe { libc::if_nametoindex(c.as_ptr()) }
-    };
-    if ifindex == 0 {
-        return Err(format!("no interface {dev} in {ns}"));
-    }
-    let proto = (0x0806u16).to_be() as i32;
-    // SAFETY: plain socket(2); closed below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
-    if fd < 0 {
-        return Err(format!("AF_PACKET socket: {}", io::Error::last_os_error()));
-    }
-    // SAFETY: sockaddr_ll is plain data.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = 0x0806u16.to_be();
-    sll.sll_ifindex = ifindex as i32;
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
-    // SAFETY: valid fd and properly sized arguments.
-    unsafe {
-        libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32);
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-    }
+    let (fd, _, _) = arp_socket(dev, std::time::Duration::from_millis(50))?;
     let _ = ready.send(());
     let deadline = std::time::Instant::now() + duration;
     let mut frames = Vec::new();
     let mut buf = [0u8; 256];
     while std::time::Instant::now() < deadline {
         // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n > 0 {
             frames.push(buf[..n as usize].to_vec());
         }
     }
-    // SAFETY: fd was opened above.
-    unsafe { libc::close(fd) };
     Ok(frames)
+}
+
+/// An AF_PACKET socket for ARP frames, bound to `dev` (in the calling thread's
+/// namespace), with a receive timeout. Returns it, its address (for sending) and the
+/// interface's MAC.
+fn arp_socket(
+    dev: &str,
+    recv_timeout: std::time::Duration,
+) -> Result<(std::os::fd::OwnedFd, libc::sockaddr_ll, [u8; 6]), String> {
+    use std::os::fd::FromRawFd;
+    let netdev = vip_agent::netdev::lookup(dev).map_err(|e| e.to_string())?;
+    let proto = (0x0806u16).to_be() as i32;
+    // SAFETY: plain socket(2); owned right below.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
+    if raw < 0 {
+        return Err(format!("AF_PACKET socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: raw is a fresh descriptor we own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is plain data.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = 0x0806u16.to_be();
+    sll.sll_ifindex = netdev.ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let tv = libc::timeval { tv_sec: 0, tv_usec: recv_timeout.as_micros().min(999_999) as libc::suseconds_t };
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+    // SAFETY: valid fd and properly sized arguments.
+    let ok = unsafe {
+        libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), len) == 0
+            && libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            ) == 0
+    };
+    if !ok {
+        return Err(format!("binding an ARP socket to {dev}: {}", io::Error::last_os_error()));
+    }
+    Ok((fd, sll, netdev.mac.0))
 }
 
 /// Whether `frame` is a gratuitous ARP (request or reply) announcing `ip` at `mac`.
@@ -268,48 +279,7 @@ pub fn arp_probe(
     wait: std::time::Duration,
 ) -> Result<Vec<[u8; 6]>, String> {
     enter(ns)?;
-    let c = std::ffi::CString::new(dev).map_err(|e| e.to_string())?;
-    // SAFETY: c is NUL-terminated.
-    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if ifindex == 0 {
-        return Err(format!("no interface {dev}"));
-    }
-    // The interface's MAC from the kernel (sysfs would show another namespace's).
-    let mac = {
-        // SAFETY: ifreq is plain data; the name fits (checked by if_nametoindex).
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
-            *d = s as libc::c_char;
-        }
-        // SAFETY: plain socket and ioctl on a local ifreq.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-        let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) };
-        unsafe { libc::close(fd) };
-        if rc < 0 {
-            return Err(format!("SIOCGIFHWADDR {dev}: {}", io::Error::last_os_error()));
-        }
-        // SAFETY: filled by SIOCGIFHWADDR.
-        let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
-        let mut m = [0u8; 6];
-        for (d, s) in m.iter_mut().zip(sa.sa_data.iter()) {
-            *d = *s as u8;
-        }
-        m
-    };
-    let proto = (0x0806u16).to_be() as i32;
-    // SAFETY: plain socket(2); closed below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
-    if fd < 0 {
-        return Err(format!("AF_PACKET socket: {}", io::Error::last_os_error()));
-    }
-    // SAFETY: sockaddr_ll is plain data.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = 0x0806u16.to_be();
-    sll.sll_ifindex = ifindex as i32;
-    sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 10_000 };
+    let (fd, sll, mac) = arp_socket(dev, std::time::Duration::from_millis(10))?;
     let mut frame = Vec::with_capacity(42);
     frame.extend([0xff; 6]);
     frame.extend(mac);
@@ -318,31 +288,27 @@ pub fn arp_probe(
     frame.extend(src_ip.octets());
     frame.extend([0; 6]);
     frame.extend(target.octets());
-    // SAFETY: valid fd, properly sized arguments.
-    unsafe {
-        libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32);
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+    // SAFETY: valid fd; frame and sll are valid for the lengths given.
+    let sent = unsafe {
         libc::sendto(
-            fd,
+            fd.as_raw_fd(),
             frame.as_ptr().cast(),
             frame.len(),
             0,
             (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        );
+            len,
+        )
+    };
+    if sent < 0 {
+        return Err(format!("sending an ARP request: {}", io::Error::last_os_error()));
     }
     let deadline = std::time::Instant::now() + wait;
     let mut macs: Vec<[u8; 6]> = Vec::new();
     let mut buf = [0u8; 128];
     while std::time::Instant::now() < deadline {
         // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n >= 42 {
             let f = &buf[..n as usize];
             // An ARP reply from `target` addressed to us.
@@ -354,7 +320,5 @@ pub fn arp_probe(
             }
         }
     }
-    // SAFETY: fd opened above.
-    unsafe { libc::close(fd) };
     Ok(macs)
 }

@@ -14,7 +14,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use tests::{
     frames::{
-        arp_model, forward_model, ipip, ipv4, ipv6, tcp, Arp, Expected, ForwardState, Frame, Ip4, Mac, Role, BROADCAST,
+        arp_model, forward_model, ipip, ipv6, tcp, Arp, Expected, ForwardState, Frame, Ip4, Mac, Role, BROADCAST,
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
     },
     xdp, SplitMix64,

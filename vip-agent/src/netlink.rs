@@ -89,12 +89,9 @@ impl Netlink {
     /// the one that added it) knows it may remove it, and an address an operator put
     /// there (no such label) is never touched. Returns whether the VIP is vip-agent's.
     pub async fn add_vip_to_lo(&self, vip: Ipv4Addr) -> Result<bool, NetlinkError> {
-        match self.vip_label_on_lo(vip).await? {
-            Some(label) => {
-                debug!(%vip, %label, "VIP already on lo");
-                return Ok(label == VIP_LABEL);
-            }
-            None => {}
+        if let Some(label) = self.vip_label_on_lo(vip).await? {
+            debug!(%vip, %label, "VIP already on lo");
+            return Ok(label == VIP_LABEL);
         }
         let lo = loopback_index()?;
         let mut add = self.handle.address().add(lo, IpAddr::V4(vip), 32);

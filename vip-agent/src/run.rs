@@ -44,8 +44,9 @@ const SERVICE_ACCOUNT_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/
 pub enum RunError {
     #[error(transparent)]
     Netdev(#[from] NetdevError),
+    /// Boxed: aya's errors are large, and this is returned on every path.
     #[error(transparent)]
-    Dataplane(#[from] DataplaneError),
+    Dataplane(Box<DataplaneError>),
     #[error(transparent)]
     Map(#[from] MapError),
     #[error(transparent)]
@@ -68,6 +69,12 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<DataplaneError> for RunError {
+    fn from(e: DataplaneError) -> Self {
+        RunError::Dataplane(Box::new(e))
+    }
 }
 
 /// One backend as the agent tracks it.
