@@ -292,12 +292,26 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 // as its own; until then the XDP deadline keeps the fence.
                 task.abort();
             } else {
-                // Stop answering first, then release the Lease for a follower to take.
+                // Hand over: stop answering ARP (so a follower can take over without two
+                // answerers), release the Lease, and keep balancing what still reaches
+                // this node while clients move to the new leader on its gratuitous ARP:
+                // established flows keep their backends. Then stop.
+                let drain = cfg.lease.retry_period * 2 + std::time::Duration::from_millis(300);
+                let release_budget = cfg.lease.renew_deadline * 2;
+                let balance_until = if leading {
+                    kernel_deadline(tokio::time::Instant::now() + release_budget + drain)
+                } else {
+                    0
+                };
                 for &vip in &cfg.vips {
-                    let _ = dp.maps_mut().set_vip(vip, VipState::follower());
+                    let _ = dp.maps_mut().hand_over_vip(vip, balance_until);
                 }
                 let _ = stop_tx.send(true);
-                let _ = tokio::time::timeout(cfg.lease.renew_deadline * 2, task).await;
+                let _ = tokio::time::timeout(release_budget, task).await;
+                if leading {
+                    info!(?drain, "released the VIP; draining before detaching");
+                    tokio::time::sleep(drain).await;
+                }
             }
         }
         for b in &mut backends {

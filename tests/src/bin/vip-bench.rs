@@ -345,6 +345,7 @@ fn failover_table() -> Result<(), String> {
         ["SIGKILL of the agent", "SIGTERM of the agent", "apiserver unready", "node loss (SIGKILL + link down)"]
     {
         let (mut arp, mut outage, mut failed) = (Vec::new(), Vec::new(), 0usize);
+        let mut first_error: Option<String> = None;
         for _ in 0..5 {
             if !single_leader(&lab) {
                 return Err(format!("{event}: no single leader"));
@@ -360,8 +361,11 @@ fn failover_table() -> Result<(), String> {
                     if event.starts_with("node loss") {
                         lab.ns(old).ip(&["link", "set", "eth0", "down"])?;
                     }
-                    if let Some(mut a) = agents[old].take() {
-                        a.stop(signal, Duration::from_secs(5))?;
+                    // Signal without waiting: a SIGTERMed agent drains before it exits,
+                    // and the takeover must be measured meanwhile.
+                    if let Some(pid) = agents[old].as_ref().and_then(tests::agent::Agent::pid) {
+                        // SAFETY: plain kill(2) on our own child.
+                        unsafe { libc::kill(pid as i32, signal) };
                     }
                 }
             }
@@ -379,6 +383,15 @@ fn failover_table() -> Result<(), String> {
             let r = stream.stop();
             outage.push(r.outage().as_millis());
             failed += r.errors.len();
+            if let Some(e) = r.errors.first() {
+                first_error.get_or_insert_with(|| e.clone());
+            }
+            // Reap the signalled agent (it has exited, or is finishing its drain).
+            if event != "apiserver unready" {
+                if let Some(mut a) = agents[old].take() {
+                    a.stop(0, Duration::from_secs(5))?;
+                }
+            }
             // Put the old leader back as a follower.
             match event {
                 "apiserver unready" => std::fs::remove_file(lab.unready_file(old)).map_err(|e| e.to_string())?,
@@ -397,6 +410,9 @@ fn failover_table() -> Result<(), String> {
         };
         let trials = arp.clone();
         println!("{event:<34} {:>9} ms {:>9} ms {failed:>10}   {trials:?}", med(&mut arp), med(&mut outage));
+        if let Some(e) = first_error {
+            println!("{:<34} first failure: {e}", "");
+        }
     }
     Ok(())
 }

@@ -177,6 +177,19 @@ impl Maps {
         self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))
     }
 
+    /// Hands `vip` over: stop answering ARP for it, but keep balancing the traffic that
+    /// still reaches this node until `balance_until_ns` (kernel monotonic clock), while
+    /// clients move to the new leader. `vip` must already be set.
+    pub fn hand_over_vip(&mut self, vip: Ipv4Addr, balance_until_ns: u64) -> Result<(), MapError> {
+        self.vips.insert(VipKey::new(vip.octets()), VipState::follower(), 0).map_err(op(map_names::VIPS, "insert"))?;
+        let mut set = self.vip_set()?;
+        if let Some(slot) = set.slot(vip.octets()) {
+            set.balance_until_ns[slot] = balance_until_ns;
+            self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
+        }
+        Ok(())
+    }
+
     /// Removes `vip` (state first, then membership); removing one that is not there is
     /// not an error.
     pub fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), MapError> {
