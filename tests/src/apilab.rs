@@ -282,14 +282,17 @@ impl ApiLab {
         Ok(dir)
     }
 
-    /// Starts vip-agent on node `i` and waits until every backend is healthy in its
-    /// status (so the table holds them all).
-    pub fn start_agent(&self, i: usize, extra: &[&str]) -> Result<Agent, String> {
+    /// Starts vip-agent on node `i` (without waiting for it).
+    pub fn spawn_agent(&self, i: usize, extra: &[&str]) -> Result<Agent, String> {
         let mut args = self.agent_args(i, extra)?;
         if self.lease_api.is_some() {
             args.extend(self.election_args(i));
         }
-        let agent = Agent::spawn(self.ns(i), &args)?;
+        Agent::spawn(self.ns(i), &args)
+    }
+
+    /// Waits until node `i`'s agent sees every node as a healthy backend.
+    pub fn wait_all_healthy(&self, i: usize) -> Result<(), String> {
         let ok = wait_until(Duration::from_secs(15), || {
             self.status(i).is_ok_and(|s| {
                 s["services"][0]["backends"].as_array().is_some_and(|b| {
@@ -298,10 +301,30 @@ impl ApiLab {
             })
         });
         if ok {
-            Ok(agent)
+            Ok(())
         } else {
             Err(format!("the agent on {} never saw every backend healthy: {:?}", self.nodes[i].name, self.status(i)))
         }
+    }
+
+    /// Starts vip-agent on node `i` and waits until every backend is healthy in its
+    /// status (so the table holds them all). Nodes that run agents get the VIP on `lo`
+    /// from them, and DSR backends must hold it: start those together with
+    /// [`ApiLab::start_agents`].
+    pub fn start_agent(&self, i: usize, extra: &[&str]) -> Result<Agent, String> {
+        let agent = self.spawn_agent(i, extra)?;
+        self.wait_all_healthy(i)?;
+        Ok(agent)
+    }
+
+    /// Starts vip-agent on every node in `nodes`, then waits until each sees every
+    /// backend healthy.
+    pub fn start_agents(&self, nodes: &[usize]) -> Result<Vec<Agent>, String> {
+        let agents = nodes.iter().map(|&i| self.spawn_agent(i, &[])).collect::<Result<Vec<_>, _>>()?;
+        for &i in nodes {
+            self.wait_all_healthy(i)?;
+        }
+        Ok(agents)
     }
 
     /// `vip-agent status --output json` of node `i`'s agent.

@@ -206,3 +206,24 @@ fn gratuitous_arp_on_start_and_after_a_link_flap() {
     // And it still serves.
     assert!(wait_until(Duration::from_secs(5), || lab.request().is_ok()));
 }
+
+/// A DSR backend whose node no longer holds the VIP (its agent was stopped) cannot accept
+/// VIP traffic, even though its apiserver still passes /readyz: the VIP-path probe takes
+/// it out of the table within fall x interval + interval, and no request fails after.
+#[test]
+fn a_backend_that_lost_the_vip_leaves_the_table() {
+    let lab = ApiLab::new([10, 56, 0], 3, &[0]).unwrap();
+    let _agent = lab.start_agent(0, &[]).unwrap();
+    let out_bound = HEALTH_INTERVAL * (FALL + 1) + Duration::from_millis(250);
+    let t = Instant::now();
+    lab.ns(1).ip(&["addr", "del", "10.56.0.100/32", "dev", "lo"]).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 1) == Some(false)), "n2 stayed in the table");
+    let took = t.elapsed();
+    assert!(took <= out_bound, "n2 left the table after {took:?}, bound {out_bound:?}");
+    let (counts, errors) = lab.requests(60);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(!counts.contains_key("n2"), "{counts:?}");
+    // Given the VIP back, it returns.
+    lab.ns(1).ip(&["addr", "add", "10.56.0.100/32", "dev", "lo"]).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 1) == Some(true)), "n2 never came back");
+}

@@ -83,7 +83,7 @@ fn first_answer_by(samples: &[(Instant, Vec<[u8; 6]>)], mac: [u8; 6], from: Inst
 
 fn lab_with_agents(prefix: [u8; 3]) -> (ApiLab, Vec<Option<Agent>>) {
     let lab = ApiLab::new(prefix, 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap();
-    let agents: Vec<Option<Agent>> = (0..3).map(|i| Some(lab.start_agent(i, &[]).unwrap())).collect();
+    let agents: Vec<Option<Agent>> = lab.start_agents(&[0, 1, 2]).unwrap().into_iter().map(Some).collect();
     assert!(wait_until(Duration::from_secs(10), || lab.leaders().len() == 1), "no single leader: {:?}", lab.leaders());
     (lab, agents)
 }

@@ -207,6 +207,8 @@ pub enum CheckError {
     Status(u16),
     #[error("malformed HTTP response")]
     Malformed,
+    #[error("apiserver ready but VIP traffic not accepted: {0}")]
+    VipPath(String),
 }
 
 /// One check of `addr`, bounded by `timeout`.
@@ -250,10 +252,20 @@ async fn check_inner(probe: &Probe, addr: SocketAddr) -> Result<(), CheckError> 
 /// One check's outcome, as the checker tasks report it.
 #[derive(Debug)]
 pub struct Report {
-    /// Index of the backend in the agent's list.
+    /// Key of the backend in the agent's list.
     pub backend: usize,
     pub result: Result<(), CheckError>,
     pub latency: Duration,
+    /// The backend's MAC, for DSR backends, when the neighbour table has it.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// For a DSR backend that is not this node: check, after the apiserver answered, that
+/// it also accepts VIP traffic (see [`crate::vipprobe`]), resolving its MAC first.
+#[derive(Clone)]
+pub struct DsrCheck {
+    pub netlink: crate::netlink::Netlink,
+    pub probe: crate::vipprobe::VipProbe,
 }
 
 /// Checks backend `backend` at `addr` every `interval` until the receiver goes away.
@@ -263,6 +275,7 @@ pub async fn run_checker(
     probe: Probe,
     interval: Duration,
     timeout: Duration,
+    dsr: Option<DsrCheck>,
     tx: mpsc::Sender<Report>,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -270,12 +283,26 @@ pub async fn run_checker(
     loop {
         ticker.tick().await;
         let start = Instant::now();
-        let result = check(&probe, addr, timeout).await;
+        let mut result = check(&probe, addr, timeout).await;
+        let mut mac = None;
+        if let (Ok(()), Some(dsr), std::net::IpAddr::V4(ip)) = (&result, &dsr, addr.ip()) {
+            mac = dsr.netlink.neighbour_mac(dsr.probe.ifindex, ip).await.ok().flatten();
+            if let Some(m) = mac {
+                let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
+                let p = dsr.probe;
+                let r = tokio::task::spawn_blocking(move || crate::vipprobe::probe(&p, ip, m, left)).await;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => result = Err(CheckError::VipPath(e.to_string())),
+                    Err(e) => result = Err(CheckError::VipPath(e.to_string())),
+                }
+            }
+        }
         let latency = start.elapsed();
         if let Err(error) = &result {
             debug!(%addr, %error, "health check failed");
         }
-        if tx.send(Report { backend, result, latency }).await.is_err() {
+        if tx.send(Report { backend, result, latency, mac }).await.is_err() {
             return;
         }
     }

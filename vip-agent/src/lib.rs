@@ -20,3 +20,4 @@ pub mod netdev;
 pub mod netlink;
 pub mod run;
 pub mod status;
+pub mod vipprobe;

@@ -169,9 +169,16 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
 
         let (tx, mut reports) = mpsc::channel(64);
         let mut checkers = Vec::new();
-        if let Some(probe) = &probe {
+        let check_ctx = probe.clone().map(|probe| CheckContext {
+            probe,
+            dsr: dev.ipv4.zip(cfg.vips.first()).map(|(src_ip, &vip)| health::DsrCheck {
+                netlink: nl.clone(),
+                probe: crate::vipprobe::VipProbe { ifindex: dev.ifindex, src_mac: dev.mac.0, src_ip, vip, port: cfg.port },
+            }),
+        });
+        if let Some(ctx) = &check_ctx {
             for b in backends.iter_mut() {
-                spawn_checker(b, probe, &cfg, &tx);
+                spawn_checker(b, ctx, &cfg, &tx);
             }
         }
         // Keys 0..len are the configured backends; key len is the leadership gate's own
@@ -216,7 +223,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                     if !backends.iter().any(|b| b.key == report.backend) {
                         continue;
                     }
-                    let changed = on_report(&cfg, &nl, &dev, &mut backends, report, &agent_metrics).await;
+                    let changed = on_report(&cfg, &dev, &mut backends, report, &agent_metrics);
                     if changed {
                         update_table(&cfg, &mut dp, &mut balancer, &backends, &agent_metrics);
                     }
@@ -247,7 +254,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                     }
                 }
                 Some(found) = async { discovered.as_mut()?.recv().await } => {
-                    let changed = merge_discovered(&cfg, &nl, &mut backends, &found, &mut next_key, probe.as_ref(), &tx).await;
+                    let changed = merge_discovered(&cfg, &nl, &mut backends, &found, &mut next_key, check_ctx.as_ref(), &tx).await;
                     if changed {
                         update_table(&cfg, &mut dp, &mut balancer, &backends, &agent_metrics);
                     }
@@ -428,9 +435,8 @@ async fn stop(dp: Dataplane, nl: &Netlink, cfg: &RunConfig, mut undo: Undo, keep
 }
 
 /// Records a health report; returns whether the table must change.
-async fn on_report(
+fn on_report(
     cfg: &RunConfig,
-    nl: &Netlink,
     dev: &Netdev,
     backends: &mut [BackendState],
     report: health::Report,
@@ -440,19 +446,14 @@ async fn on_report(
     m.observe_check(b.ip, report.latency.as_secs_f64());
     let ok = report.result.is_ok();
     let mut changed = false;
-    if ok && cfg.forward == ForwardMode::Dsr && !b.local && b.mac.is_none() {
-        match nl.neighbour_mac(dev.ifindex, b.ip).await {
-            Ok(Some(mac)) => {
-                b.mac = Some(mac);
-                changed = b.health.state() == Health::Up;
-            }
-            Ok(None) if !b.warned_no_mac => {
-                warn!(backend = %b.ip, interface = %dev.name, "no neighbour entry: is the backend on this L2? (else use --forward ipip)");
-                b.warned_no_mac = true;
-            }
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "reading the neighbour table failed"),
+    if let Some(mac) = report.mac {
+        if b.mac != Some(mac) {
+            b.mac = Some(mac);
+            changed = b.health.state() == Health::Up;
         }
+    } else if ok && cfg.forward == ForwardMode::Dsr && !b.local && b.mac.is_none() && !b.warned_no_mac {
+        warn!(backend = %b.ip, interface = %dev.name, "no neighbour entry: is the backend on this L2? (else use --forward ipip)");
+        b.warned_no_mac = true;
     }
     if let Some(new) = b.health.observe(ok) {
         match (&report.result, new) {
@@ -547,6 +548,7 @@ impl Gate {
             probe,
             cfg.health.interval,
             cfg.health.timeout,
+            None,
             tx,
         )));
         Self { index: Some(index), health }
@@ -561,15 +563,25 @@ impl Gate {
     }
 }
 
-fn spawn_checker(b: &mut BackendState, probe: &Probe, cfg: &RunConfig, tx: &mpsc::Sender<health::Report>) {
+fn spawn_checker(b: &mut BackendState, ctx: &CheckContext, cfg: &RunConfig, tx: &mpsc::Sender<health::Report>) {
+    // DSR backends on other nodes must also accept VIP traffic (hold the VIP).
+    let dsr = (cfg.forward == ForwardMode::Dsr && !b.local).then(|| ctx.dsr.clone()).flatten();
     b.checker = Some(tokio::spawn(health::run_checker(
         b.key,
         b.check_addr,
-        probe.clone(),
+        ctx.probe.clone(),
         cfg.health.interval,
         cfg.health.timeout,
+        dsr,
         tx.clone(),
     )));
+}
+
+/// What every backend checker shares.
+struct CheckContext {
+    probe: Probe,
+    /// The VIP-path probe of DSR backends (needs this node's IPv4 address).
+    dsr: Option<health::DsrCheck>,
 }
 
 /// Makes the backend list the static `--backend`s plus the discovered apiservers: new
@@ -581,7 +593,7 @@ async fn merge_discovered(
     backends: &mut Vec<BackendState>,
     found: &std::collections::BTreeSet<crate::discovery::Endpoint>,
     next_key: &mut usize,
-    probe: Option<&Probe>,
+    ctx: Option<&CheckContext>,
     tx: &mpsc::Sender<health::Report>,
 ) -> bool {
     let wanted: Vec<(Ipv4Addr, u16)> = cfg
@@ -621,8 +633,8 @@ async fn merge_discovered(
             warned_no_mac: false,
         };
         *next_key += 1;
-        if let Some(p) = probe {
-            spawn_checker(&mut b, p, cfg, tx);
+        if let Some(c) = ctx {
+            spawn_checker(&mut b, c, cfg, tx);
         }
         info!(backend = %ip, local, "apiserver discovered");
         backends.push(b);

@@ -338,8 +338,7 @@ fn failover_table() -> Result<(), String> {
     );
     println!("{:<34} {:>12} {:>12} {:>10}   trials (ARP ms)", "event", "ARP median", "outage med", "failed");
     let lab = ApiLab::new([10, 62, 0], 3, &[0, 1, 2])?.with_lease_api()?;
-    let mut agents: Vec<Option<tests::agent::Agent>> =
-        (0..3).map(|i| lab.start_agent(i, &[]).map(Some)).collect::<Result<_, _>>()?;
+    let mut agents: Vec<Option<tests::agent::Agent>> = lab.start_agents(&[0, 1, 2])?.into_iter().map(Some).collect();
     let single_leader = |lab: &ApiLab| wait_until(Duration::from_secs(10), || lab.leaders().len() == 1);
     for event in
         ["SIGKILL of the agent", "SIGTERM of the agent", "apiserver unready", "node loss (SIGKILL + link down)"]

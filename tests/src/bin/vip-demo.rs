@@ -148,8 +148,7 @@ fn failover() -> Result<(), String> {
         "failover: a new lab with vip-agent on every node, --election kubernetes, a Lease API stand-in at 10.63.0.5",
     )?;
     let lab = ApiLab::new([10, 63, 0], 3, &[0, 1, 2])?.with_lease_api()?;
-    let mut agents: Vec<Option<tests::agent::Agent>> =
-        (0..3).map(|i| lab.start_agent(i, &[]).map(Some)).collect::<Result<_, _>>()?;
+    let mut agents: Vec<Option<tests::agent::Agent>> = lab.start_agents(&[0, 1, 2])?.into_iter().map(Some).collect();
     if !wait_until(Duration::from_secs(10), || lab.leaders().len() == 1) {
         return Err("no single leader".into());
     }

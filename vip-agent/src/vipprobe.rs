@@ -1,0 +1,208 @@
+//! Does a DSR backend accept traffic for the VIP? An apiserver can pass `/readyz` on its
+//! own address while its node no longer holds the VIP on `lo` (its agent was stopped),
+//! and DSR delivers VIP traffic there unchanged: it would be dropped. So, for DSR
+//! backends that are not this node, health also requires this probe: a TCP SYN to
+//! VIP:port, from this node's address, sent in a frame addressed to the backend's MAC
+//! (exactly what the data plane does), answered by a SYN-ACK from VIP:port. The
+//! half-open connection is reset by this node's kernel, which owns no such socket.
+
+use std::{
+    io,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Everything a probe needs.
+#[derive(Clone, Copy, Debug)]
+pub struct VipProbe {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub src_ip: Ipv4Addr,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VipProbeError {
+    #[error("raw socket: {0}")]
+    Socket(io::Error),
+    #[error("no SYN-ACK from {vip}:{port} through {backend} within {timeout:?}")]
+    NoAnswer { vip: Ipv4Addr, port: u16, backend: Ipv4Addr, timeout: Duration },
+}
+
+/// One's-complement sum of 16-bit words.
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    for c in data.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// The SYN frame: Ethernet to `dst_mac`, IPv4 `p.src_ip` → VIP, TCP `sport` → port.
+pub fn syn_frame(p: &VipProbe, dst_mac: [u8; 6], sport: u16, seq: u32) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend(sport.to_be_bytes());
+    tcp.extend(p.port.to_be_bytes());
+    tcp.extend(seq.to_be_bytes());
+    tcp.extend(0u32.to_be_bytes());
+    tcp.extend([0x50, TCP_SYN, 0xfa, 0xf0, 0, 0, 0, 0]);
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend(p.src_ip.octets());
+    pseudo.extend(p.vip.octets());
+    pseudo.extend([0, 6, 0, 20]);
+    let csum = fold(sum16(&tcp, sum16(&pseudo, 0)));
+    tcp[16..18].copy_from_slice(&csum.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend(p.src_ip.octets());
+    ip.extend(p.vip.octets());
+    let csum = fold(sum16(&ip, 0));
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    let mut f = Vec::with_capacity(54);
+    f.extend(dst_mac);
+    f.extend(p.src_mac);
+    f.extend(ETH_P_IP.to_be_bytes());
+    f.extend(ip);
+    f.extend(tcp);
+    f
+}
+
+/// Whether `frame` is the SYN-ACK answering our SYN from `sport` (acknowledging `seq`).
+pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
+    if frame.len() < 54 || frame[12..14] != ETH_P_IP.to_be_bytes() || frame[14] >> 4 != 4 || frame[23] != 6 {
+        return false;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let Some(tcp) = frame.get(14 + ihl..14 + ihl + 20) else { return false };
+    frame[26..30] == p.vip.octets()
+        && frame[30..34] == p.src_ip.octets()
+        && tcp[0..2] == p.port.to_be_bytes()
+        && tcp[2..4] == sport.to_be_bytes()
+        && tcp[8..12] == seq.wrapping_add(1).to_be_bytes()
+        && tcp[13] & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
+}
+
+/// Sends the SYN to `backend_mac` and waits up to `timeout` for the SYN-ACK. Blocking:
+/// run it on a blocking thread.
+pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Duration) -> Result<(), VipProbeError> {
+    // SAFETY: plain socket(2), owned right below.
+    let raw =
+        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(ETH_P_IP.to_be())) };
+    if raw < 0 {
+        return Err(VipProbeError::Socket(io::Error::last_os_error()));
+    }
+    // SAFETY: raw is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is plain data.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = ETH_P_IP.to_be();
+    sll.sll_ifindex = p.ifindex as i32;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&backend_mac);
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 20_000 };
+    // SAFETY: valid fd; properly sized arguments.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), len) } != 0 {
+        return Err(VipProbeError::Socket(io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id();
+    let sport = 40000 + (nanos % 20000) as u16;
+    let seq = nanos.rotate_left(13) ^ 0x5eed_0001;
+    let frame = syn_frame(p, backend_mac, sport, seq);
+    // SAFETY: frame and sll are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            len,
+        )
+    };
+    if sent < 0 {
+        return Err(VipProbeError::Socket(io::Error::last_os_error()));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n > 0 && is_syn_ack(&buf[..n as usize], p, sport, seq) {
+            return Ok(());
+        }
+    }
+    Err(VipProbeError::NoAnswer { vip: p.vip, port: p.port, backend, timeout })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe_cfg() -> VipProbe {
+        VipProbe {
+            ifindex: 2,
+            src_mac: [2, 0, 0, 0, 0, 1],
+            src_ip: Ipv4Addr::new(10, 0, 0, 1),
+            vip: Ipv4Addr::new(10, 0, 0, 100),
+            port: 6443,
+        }
+    }
+
+    #[test]
+    fn syn_has_valid_checksums_and_addresses() {
+        let p = probe_cfg();
+        let f = syn_frame(&p, [2, 0, 0, 0, 0, 0x12], 40001, 7);
+        assert_eq!(f.len(), 54);
+        assert_eq!(f[0..6], [2, 0, 0, 0, 0, 0x12]);
+        assert_eq!(fold(sum16(&f[14..34], 0)), 0, "IPv4 header checksum");
+        let mut pseudo = f[26..34].to_vec();
+        pseudo.extend([0, 6, 0, 20]);
+        assert_eq!(fold(sum16(&f[34..54], sum16(&pseudo, 0))), 0, "TCP checksum");
+        assert_eq!(f[47], TCP_SYN);
+    }
+
+    #[test]
+    fn recognises_only_the_matching_syn_ack() {
+        let p = probe_cfg();
+        // Build the answer by swapping our SYN's addresses and ports.
+        let syn = syn_frame(&p, [2; 6], 40001, 7);
+        let mut ack = syn.clone();
+        ack[26..30].copy_from_slice(&p.vip.octets());
+        ack[30..34].copy_from_slice(&p.src_ip.octets());
+        ack[34..36].copy_from_slice(&6443u16.to_be_bytes());
+        ack[36..38].copy_from_slice(&40001u16.to_be_bytes());
+        ack[42..46].copy_from_slice(&8u32.to_be_bytes());
+        ack[47] = TCP_SYN | TCP_ACK;
+        assert!(is_syn_ack(&ack, &p, 40001, 7));
+        assert!(!is_syn_ack(&ack, &p, 40002, 7), "other port");
+        assert!(!is_syn_ack(&ack, &p, 40001, 8), "other sequence");
+        assert!(!is_syn_ack(&syn, &p, 40001, 7), "our own SYN");
+        let mut rst = ack.clone();
+        rst[47] = 0x14;
+        assert!(!is_syn_ack(&rst, &p, 40001, 7), "RST is no answer");
+    }
+}
