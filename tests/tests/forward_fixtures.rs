@@ -239,6 +239,28 @@ fn forwarding_fixture_table() {
     }
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
 
+    // A flow pinned while this node balanced keeps its backend after the node stops
+    // balancing (deadline passed, or handed over): clients not yet moved keep their
+    // connections. New flows are delivered locally.
+    let pinned = syn(40030);
+    let owner = index_of(&lb, predict(&table, &flow_of(&pinned.bytes()).unwrap()));
+    check(
+        &dp,
+        "SYN while leading: pinned",
+        pinned.bytes(),
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&pinned, owner)) },
+    );
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(1)).unwrap();
+    let ack = tcp_frame(CLIENT_IP, 40030, VIP, PORT, TCP_ACK);
+    check(
+        &dp,
+        "pinned flow after the deadline: still forwarded",
+        ack.bytes(),
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&ack, owner)) },
+    );
+    check(&dp, "new flow after the deadline: delivered locally", syn(40031).bytes(), pass(NotBalancing));
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
+
     // The chosen backend is this node.
     install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![BackendSpec { local: true, ..backend(1) }]));
     check(&dp, "backend is this node", syn(40010).bytes(), pass(LocalBackend));

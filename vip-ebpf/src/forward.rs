@@ -49,18 +49,22 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     };
     // SAFETY: ptr_at checked the 20-byte TCP header is inside the frame.
     let (sport, dport) = unsafe { ((*tcp).source, (*tcp).dest) };
-    // Not balancing this VIP (a follower): the leader sent this here; deliver it. The
-    // coarse clock (same monotonic base, tick resolution) is enough against a deadline
-    // with 400 ms of fencing margin, and avoids a clock-source read per packet; a
-    // deadline that never passes skips the clock altogether.
-    // SAFETY: helper without preconditions.
-    if balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_coarse_ns() } >= balance_until {
-        return Verdict::pass(Reason::NotBalancing);
-    }
     let flow = FlowKey { src: iph.src_addr, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] };
+    // A flow this node pinned keeps its backend, which holds the connection, even after
+    // this node stopped balancing (a leader whose deadline passed, or that handed over):
+    // clients that have not moved yet keep their connections.
     let (id, backend, mode) = match lb::pinned(&flow) {
         Some(hit) => hit,
         None => {
+            // New flow on a node that does not balance this VIP (a follower): the leader
+            // sent it here by DSR; deliver it rather than balance it with a table that
+            // may be stale. The coarse clock (same base, tick resolution) is enough
+            // against a deadline with 400 ms of fencing margin; a deadline that never
+            // passes skips the clock.
+            // SAFETY: helper without preconditions.
+            if balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_coarse_ns() } >= balance_until {
+                return Verdict::pass(Reason::NotBalancing);
+            }
             let key = ServiceKey { vip: dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
             // SAFETY: copied out at once.
             let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
