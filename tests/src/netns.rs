@@ -4,6 +4,8 @@
 //! inside it killed) when its guard drops, also on panic. Interface names are kept under
 //! the kernel's 15-byte limit.
 
+use vip_agent::rawsock::RawSocket;
+
 use std::{
     fs::File,
     io,
@@ -202,62 +204,26 @@ fn capture_arp_here(
     ready: &std::sync::mpsc::Sender<()>,
 ) -> Result<Vec<Vec<u8>>, String> {
     enter(ns)?;
-    let (fd, _, _) = arp_socket(dev, std::time::Duration::from_millis(50))?;
+    let (sock, _) = arp_socket(dev, std::time::Duration::from_millis(50))?;
     let _ = ready.send(());
     let deadline = std::time::Instant::now() + duration;
     let mut frames = Vec::new();
     let mut buf = [0u8; 256];
     while std::time::Instant::now() < deadline {
-        // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n > 0 {
-            frames.push(buf[..n as usize].to_vec());
+        if let Some(n) = sock.recv(&mut buf).map_err(|e| e.to_string())? {
+            frames.push(buf[..n].to_vec());
         }
     }
     Ok(frames)
 }
 
-/// An AF_PACKET socket for ARP frames, bound to `dev` (in the calling thread's
-/// namespace), with a receive timeout. Returns it, its address (for sending) and the
+/// A raw socket for ARP frames on `dev` (in the calling thread's namespace), and the
 /// interface's MAC.
-fn arp_socket(
-    dev: &str,
-    recv_timeout: std::time::Duration,
-) -> Result<(std::os::fd::OwnedFd, libc::sockaddr_ll, [u8; 6]), String> {
-    use std::os::fd::FromRawFd;
+fn arp_socket(dev: &str, recv_timeout: std::time::Duration) -> Result<(RawSocket, [u8; 6]), String> {
     let netdev = vip_agent::netdev::lookup(dev).map_err(|e| e.to_string())?;
-    let proto = (0x0806u16).to_be() as i32;
-    // SAFETY: plain socket(2); owned right below.
-    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
-    if raw < 0 {
-        return Err(format!("AF_PACKET socket: {}", io::Error::last_os_error()));
-    }
-    // SAFETY: raw is a fresh descriptor we own.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-    // SAFETY: sockaddr_ll is plain data.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = 0x0806u16.to_be();
-    sll.sll_ifindex = netdev.ifindex as i32;
-    sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-    let tv = libc::timeval { tv_sec: 0, tv_usec: recv_timeout.as_micros().min(999_999) as libc::suseconds_t };
-    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-    // SAFETY: valid fd and properly sized arguments.
-    let ok = unsafe {
-        libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), len) == 0
-            && libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            ) == 0
-    };
-    if !ok {
-        return Err(format!("binding an ARP socket to {dev}: {}", io::Error::last_os_error()));
-    }
-    Ok((fd, sll, netdev.mac.0))
+    let sock =
+        RawSocket::open(netdev.ifindex, 0x0806, Some(recv_timeout)).map_err(|e| format!("ARP socket on {dev}: {e}"))?;
+    Ok((sock, netdev.mac.0))
 }
 
 /// Whether `frame` is a gratuitous ARP (request or reply) announcing `ip` at `mac`.
@@ -279,7 +245,7 @@ pub fn arp_probe(
     wait: std::time::Duration,
 ) -> Result<Vec<[u8; 6]>, String> {
     enter(ns)?;
-    let (fd, sll, mac) = arp_socket(dev, std::time::Duration::from_millis(10))?;
+    let (sock, mac) = arp_socket(dev, std::time::Duration::from_millis(10))?;
     let mut frame = Vec::with_capacity(42);
     frame.extend([0xff; 6]);
     frame.extend(mac);
@@ -288,29 +254,14 @@ pub fn arp_probe(
     frame.extend(src_ip.octets());
     frame.extend([0; 6]);
     frame.extend(target.octets());
-    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-    // SAFETY: valid fd; frame and sll are valid for the lengths given.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            len,
-        )
-    };
-    if sent < 0 {
-        return Err(format!("sending an ARP request: {}", io::Error::last_os_error()));
-    }
+    sock.send(&frame).map_err(|e| format!("sending an ARP request: {e}"))?;
     let deadline = std::time::Instant::now() + wait;
     let mut macs: Vec<[u8; 6]> = Vec::new();
     let mut buf = [0u8; 128];
     while std::time::Instant::now() < deadline {
-        // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Some(n) = sock.recv(&mut buf).map_err(|e| e.to_string())? else { continue };
         if n >= 42 {
-            let f = &buf[..n as usize];
+            let f = &buf[..n];
             // An ARP reply from `target` addressed to us.
             if f[20..22] == [0, 2] && f[28..32] == target.octets() && f[38..42] == src_ip.octets() {
                 let m: [u8; 6] = f[22..28].try_into().unwrap_or_default();

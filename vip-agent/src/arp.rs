@@ -7,9 +7,11 @@
 //! First a burst, then spaced repeats for hosts that missed it (a switch port that was
 //! still coming up, a client that was busy).
 
-use std::{io, mem, net::Ipv4Addr, os::fd::AsRawFd, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
 use tracing::{debug, warn};
+
+use crate::rawsock::RawSocket;
 
 /// Sends of each form in the initial burst, and the gap between them.
 pub const BURST: usize = 3;
@@ -40,54 +42,8 @@ pub fn frames(mac: [u8; 6], vip: Ipv4Addr) -> [[u8; 42]; 2] {
     out
 }
 
-/// An AF_PACKET socket bound to one interface, for sending raw frames.
-pub struct RawSocket {
-    fd: std::os::fd::OwnedFd,
-    ifindex: u32,
-}
-
-impl RawSocket {
-    pub fn open(ifindex: u32) -> io::Result<Self> {
-        // SAFETY: plain socket(2); the result is checked and owned below.
-        let fd =
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(ETH_P_ARP.to_be())) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        Ok(Self { fd, ifindex })
-    }
-
-    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
-        // SAFETY: sockaddr_ll is plain data; all-zero is valid before we fill it.
-        let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = ETH_P_ARP.to_be();
-        addr.sll_ifindex = self.ifindex as i32;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&frame[0..6]);
-        // SAFETY: frame and addr are valid for the lengths given.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    }
-}
-
 /// Sends one round (both forms) for every VIP.
-pub fn announce_once(sock: &RawSocket, mac: [u8; 6], vips: &[Ipv4Addr]) -> io::Result<()> {
+pub fn announce_once(sock: &RawSocket, mac: [u8; 6], vips: &[Ipv4Addr]) -> std::io::Result<()> {
     for &vip in vips {
         for f in frames(mac, vip) {
             sock.send(&f)?;
@@ -99,7 +55,7 @@ pub fn announce_once(sock: &RawSocket, mac: [u8; 6], vips: &[Ipv4Addr]) -> io::R
 /// The burst and the repeats, as a task. Errors are logged, not fatal: a missed
 /// announcement only delays how soon clients move.
 pub async fn announce(ifindex: u32, mac: [u8; 6], vips: Vec<Ipv4Addr>) {
-    let sock = match RawSocket::open(ifindex) {
+    let sock = match RawSocket::open(ifindex, ETH_P_ARP, None) {
         Ok(s) => s,
         Err(error) => {
             warn!(%error, ifindex, "cannot open a raw socket for gratuitous ARP");

@@ -18,6 +18,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod netdev;
 pub mod netlink;
+pub mod rawsock;
 pub mod run;
 pub mod status;
 pub mod vipprobe;

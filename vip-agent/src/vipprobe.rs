@@ -9,9 +9,10 @@
 use std::{
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
 };
+
+use crate::rawsock::RawSocket;
 
 const ETH_P_IP: u16 = 0x0800;
 const TCP_SYN: u8 = 0x02;
@@ -96,63 +97,19 @@ pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
 /// Sends the SYN to `backend_mac` and waits up to `timeout` for the SYN-ACK. Blocking:
 /// run it on a blocking thread.
 pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Duration) -> Result<(), VipProbeError> {
-    // SAFETY: plain socket(2), owned right below.
-    let raw =
-        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(ETH_P_IP.to_be())) };
-    if raw < 0 {
-        return Err(VipProbeError::Socket(io::Error::last_os_error()));
-    }
-    // SAFETY: raw is a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: sockaddr_ll is plain data.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = ETH_P_IP.to_be();
-    sll.sll_ifindex = p.ifindex as i32;
-    sll.sll_halen = 6;
-    sll.sll_addr[..6].copy_from_slice(&backend_mac);
-    let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 20_000 };
-    // SAFETY: valid fd; properly sized arguments.
-    if unsafe { libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), len) } != 0 {
-        return Err(VipProbeError::Socket(io::Error::last_os_error()));
-    }
-    // SAFETY: as above.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
+    let sock = RawSocket::open(p.ifindex, ETH_P_IP, Some(Duration::from_millis(20))).map_err(VipProbeError::Socket)?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
         ^ std::process::id();
     let sport = 40000 + (nanos % 20000) as u16;
     let seq = nanos.rotate_left(13) ^ 0x5eed_0001;
-    let frame = syn_frame(p, backend_mac, sport, seq);
-    // SAFETY: frame and sll are valid for the lengths given.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            len,
-        )
-    };
-    if sent < 0 {
-        return Err(VipProbeError::Socket(io::Error::last_os_error()));
-    }
+    sock.send(&syn_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 256];
     while Instant::now() < deadline {
-        // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n > 0 && is_syn_ack(&buf[..n as usize], p, sport, seq) {
-            return Ok(());
+        if let Some(n) = sock.recv(&mut buf).map_err(VipProbeError::Socket)? {
+            if is_syn_ack(&buf[..n], p, sport, seq) {
+                return Ok(());
+            }
         }
     }
     Err(VipProbeError::NoAnswer { vip: p.vip, port: p.port, backend, timeout })

@@ -1,0 +1,106 @@
+//! AF_PACKET sockets bound to one interface and one EtherType: how the agent sends
+//! gratuitous ARPs and VIP-path probes (and reads the answers), and how the tests listen
+//! on the wire.
+
+use std::{
+    io, mem,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
+};
+
+/// A raw Ethernet socket on one interface, for one EtherType.
+pub struct RawSocket {
+    fd: OwnedFd,
+    ifindex: u32,
+    ethertype: u16,
+}
+
+impl RawSocket {
+    /// Opens and binds the socket. With `recv_timeout`, [`RawSocket::recv`] returns
+    /// `Ok(None)` after that long without a frame.
+    pub fn open(ifindex: u32, ethertype: u16, recv_timeout: Option<Duration>) -> io::Result<Self> {
+        // SAFETY: plain socket(2); the result is checked and owned below.
+        let raw =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(ethertype.to_be())) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let me = Self { fd, ifindex, ethertype };
+        let addr = me.addr([0; 6]);
+        // SAFETY: valid fd; addr is a properly sized sockaddr_ll.
+        if unsafe { libc::bind(me.fd.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), sll_len()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if let Some(t) = recv_timeout {
+            let tv =
+                libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
+            // SAFETY: valid fd; tv is a timeval of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    me.fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(me)
+    }
+
+    fn addr(&self, dst: [u8; 6]) -> libc::sockaddr_ll {
+        // SAFETY: sockaddr_ll is plain data; all-zero is valid before we fill it.
+        let mut a: libc::sockaddr_ll = unsafe { mem::zeroed() };
+        a.sll_family = libc::AF_PACKET as u16;
+        a.sll_protocol = self.ethertype.to_be();
+        a.sll_ifindex = self.ifindex as i32;
+        a.sll_halen = 6;
+        a.sll_addr[..6].copy_from_slice(&dst);
+        a
+    }
+
+    /// Sends a whole Ethernet frame (its first six bytes are the destination MAC).
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let dst: [u8; 6] = frame.get(..6).and_then(|d| d.try_into().ok()).ok_or(io::ErrorKind::InvalidInput)?;
+        let addr = self.addr(dst);
+        // SAFETY: frame and addr are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                sll_len(),
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Receives one frame into `buf`: its length, or `None` when the timeout passed.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(e),
+        }
+    }
+}
+
+fn sll_len() -> u32 {
+    mem::size_of::<libc::sockaddr_ll>() as u32
+}
