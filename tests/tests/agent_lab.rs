@@ -227,3 +227,48 @@ fn a_backend_that_lost_the_vip_leaves_the_table() {
     lab.ns(1).ip(&["addr", "add", "10.56.0.100/32", "dev", "lo"]).unwrap();
     assert!(wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 1) == Some(true)), "n2 never came back");
 }
+
+/// The interface is deleted and created again (new index, here a new MAC too): the agent
+/// attaches again, answers ARP with the new MAC, and its health checks (VIP-path probes
+/// included) go out of the new interface.
+#[test]
+fn a_recreated_interface_is_attached_again() {
+    let lab = ApiLab::new([10, 57, 0], 3, &[0]).unwrap();
+    let _agent = lab.start_agent(0, &[]).unwrap();
+    let node = lab.ns(0);
+    node.ip(&["link", "del", "eth0"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    tests::netns::ip(&[
+        "link",
+        "add",
+        "eth0",
+        "netns",
+        &node.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "p11",
+        "netns",
+        &lab.lab.switch.name,
+    ])
+    .unwrap();
+    lab.lab.switch.ip(&["link", "set", "p11", "master", "br0"]).unwrap();
+    lab.lab.switch.ip(&["link", "set", "p11", "up"]).unwrap();
+    node.ip(&["link", "set", "eth0", "address", "02:00:00:00:00:aa"]).unwrap();
+    node.ip(&["addr", "add", "10.57.0.11/24", "dev", "eth0"]).unwrap();
+    node.ip(&["link", "set", "eth0", "up"]).unwrap();
+
+    let new_mac = [0x02, 0, 0, 0, 0, 0xaa];
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            tests::netns::arping(lab.client_ns(), "eth0", "10.57.0.100", 1, 1).is_ok_and(|m| m == vec![new_mac])
+        }),
+        "the VIP is not answered with the new MAC"
+    );
+    assert!(node.has_xdp("eth0").unwrap());
+    lab.wait_all_healthy(0).unwrap();
+    let (counts, errors) = lab.requests(60);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(counts.len(), 3, "{counts:?}");
+}

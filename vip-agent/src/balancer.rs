@@ -77,8 +77,6 @@ pub enum BalancerError {
     TooManyBackends { ip: Ipv4Addr, max: u32 },
     #[error("backend {ip} is listed twice for {vip}:{port}")]
     DuplicateBackend { ip: Ipv4Addr, vip: Ipv4Addr, port: u16 },
-    #[error("{vip}:{port} is not a configured service")]
-    UnknownService { vip: Ipv4Addr, port: u16 },
 }
 
 /// What an update did.
@@ -107,7 +105,6 @@ pub struct Balancer {
     services: BTreeMap<ServiceKey, Installed>,
     ids: BTreeMap<Ipv4Addr, u32>,
     grace: Duration,
-    rebuilds: u64,
 }
 
 impl Default for Balancer {
@@ -118,7 +115,7 @@ impl Default for Balancer {
 
 impl Balancer {
     pub fn new(grace: Duration) -> Self {
-        Self { services: BTreeMap::new(), ids: BTreeMap::new(), grace, rebuilds: 0 }
+        Self { services: BTreeMap::new(), ids: BTreeMap::new(), grace }
     }
 
     /// Rebuilds the bookkeeping from maps a previous agent left pinned: backend ids,
@@ -155,19 +152,9 @@ impl Balancer {
         Ok(me)
     }
 
-    /// How many times a table was rebuilt and flipped.
-    pub fn rebuilds(&self) -> u64 {
-        self.rebuilds
-    }
-
     /// The backend id of `ip`, if it has one.
     pub fn backend_id(&self, ip: Ipv4Addr) -> Option<u32> {
         self.ids.get(&ip).copied()
-    }
-
-    /// The live table of a service (backend id per slot).
-    pub fn table(&self, vip: Ipv4Addr, port: u16) -> Option<&[u32]> {
-        self.services.get(&ServiceKey::tcp(vip.octets(), port)).map(|s| s.table.as_slice())
     }
 
     /// Installs or updates a service. Idempotent: applying the same spec twice writes the
@@ -226,7 +213,6 @@ impl Balancer {
             // 3. Write the inactive half, 4. flip.
             maps.write_table(slot, next_half, &table)?;
             maps.set_service(key, Service { slot, active: next_half, mode: spec.mode as u8, m: spec.m })?;
-            self.rebuilds += 1;
             info!(
                 vip = %spec.vip, port = spec.port, slot, half = next_half, m = spec.m,
                 healthy = healthy.len(), backends = spec.backends.len(), "Maglev table flipped"
@@ -265,17 +251,6 @@ impl Balancer {
     }
 
     /// Removes a service from the data plane and frees the backends only it used.
-    pub fn remove(&mut self, maps: &mut Maps, vip: Ipv4Addr, port: u16) -> Result<(), BalancerError> {
-        let key = ServiceKey::tcp(vip.octets(), port);
-        let installed = self.services.remove(&key).ok_or(BalancerError::UnknownService { vip, port })?;
-        maps.remove_service(key)?;
-        for ip in installed.backends {
-            self.release_if_unused(maps, ip)?;
-        }
-        info!(%vip, port, "service removed");
-        Ok(())
-    }
-
     fn free_slot(&self) -> Option<u16> {
         let used: BTreeSet<u16> = self.services.values().map(|s| s.slot).collect();
         (0..MAX_SERVICES as u16).find(|s| !used.contains(s))

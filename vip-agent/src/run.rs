@@ -169,13 +169,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
 
         let (tx, mut reports) = mpsc::channel(64);
         let mut checkers = Vec::new();
-        let check_ctx = probe.clone().map(|probe| CheckContext {
-            probe,
-            dsr: dev.ipv4.zip(cfg.vips.first()).map(|(src_ip, &vip)| health::DsrCheck {
-                netlink: nl.clone(),
-                probe: crate::vipprobe::VipProbe { ifindex: dev.ifindex, src_mac: dev.mac.0, src_ip, vip, port: cfg.port },
-            }),
-        });
+        let mut check_ctx = probe.clone().map(|probe| CheckContext::new(probe, &dev, &nl, &cfg));
         if let Some(ctx) = &check_ctx {
             for b in backends.iter_mut() {
                 spawn_checker(b, ctx, &cfg, &tx);
@@ -237,6 +231,20 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                                         warn!(old = dev.ifindex, new = ifindex, "interface was recreated; attaching again");
                                         if let Err(e) = dp.attach_pinned(&new_dev, cfg.xdp_mode) {
                                             error!(error = %e, "re-attaching failed");
+                                        }
+                                        // Its MAC (ARP replies) and index (probes) may be new.
+                                        let ip = new_dev.ipv4.map(|a| a.octets()).unwrap_or_default();
+                                        if let Err(e) = dp.maps_mut().set_config(&Config::new(new_dev.mac.0, ip)) {
+                                            error!(error = %e, "updating the interface in the data plane failed");
+                                        }
+                                        if let Some(ctx) = check_ctx.as_mut() {
+                                            ctx.dsr = CheckContext::new(ctx.probe.clone(), &new_dev, &nl, &cfg).dsr;
+                                            for b in backends.iter_mut() {
+                                                if let Some(c) = b.checker.take() {
+                                                    c.abort();
+                                                }
+                                                spawn_checker(b, ctx, &cfg, &tx);
+                                            }
                                         }
                                         dev = new_dev;
                                     }
@@ -582,6 +590,16 @@ struct CheckContext {
     probe: Probe,
     /// The VIP-path probe of DSR backends (needs this node's IPv4 address).
     dsr: Option<health::DsrCheck>,
+}
+
+impl CheckContext {
+    fn new(probe: Probe, dev: &Netdev, nl: &Netlink, cfg: &RunConfig) -> Self {
+        let dsr = dev.ipv4.zip(cfg.vips.first()).map(|(src_ip, &vip)| health::DsrCheck {
+            netlink: nl.clone(),
+            probe: crate::vipprobe::VipProbe { ifindex: dev.ifindex, src_mac: dev.mac.0, src_ip, vip, port: cfg.port },
+        });
+        Self { probe, dsr }
+    }
 }
 
 /// Makes the backend list the static `--backend`s plus the discovered apiservers: new

@@ -242,22 +242,6 @@ impl Maps {
         self.services.insert(key, svc, 0).map_err(op(map_names::SERVICES, "insert"))
     }
 
-    /// Removes a service; removing one that is not there is not an error.
-    pub fn remove_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
-        match self.services.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "remove", source }),
-        }
-    }
-
-    pub fn service(&self, key: ServiceKey) -> Result<Option<Service>, MapError> {
-        match self.services.get(&key, 0) {
-            Ok(svc) => Ok(Some(svc)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "get", source }),
-        }
-    }
-
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {
         self.backends.set(id, backend, 0).map_err(op(map_names::BACKENDS, "set"))
     }
@@ -316,11 +300,6 @@ impl Maps {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(MapError::Op { name: map_names::CONNS, op: "get", source }),
         }
-    }
-
-    /// Pins a flow to a backend (tests seed established flows with it).
-    pub fn set_conn(&mut self, flow: &FlowKey, conn: &Conn) -> Result<(), MapError> {
-        self.conns.insert(flow, conn, 0).map_err(op(map_names::CONNS, "insert"))
     }
 
     /// Forgets every pinned flow.
