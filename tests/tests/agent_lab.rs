@@ -169,11 +169,17 @@ fn sigterm_leaves_nothing_behind() {
     let ns = lab.ns(0);
     let sysctl = |k: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{k}/arp_ignore"));
     let before = ns.within(|| sysctl("eth0").unwrap()).unwrap();
-    let mut agent = lab.start_agent(0, &[]).unwrap();
+    let mut agent = lab.start_agent(0, &["--log-format", "json"]).unwrap();
     assert!(ns.addrs("lo").unwrap().contains("10.54.0.100"));
     assert_eq!(ns.within(|| sysctl("eth0").unwrap()).unwrap().trim(), "1");
     let (status, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
     assert!(status.success(), "{log}");
+    // --log-format json: every line is a JSON object with a message.
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(log.contains("stopped cleanly"));
     assert!(!ns.has_xdp("eth0").unwrap(), "XDP left attached");
     assert!(!ns.addrs("lo").unwrap().contains("10.54.0.100"), "VIP left on lo");
     assert!(!lab.pin_path(0).unwrap().exists(), "pins left behind");

@@ -280,21 +280,28 @@ pub async fn run_checker(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The backend's MAC, read from the neighbour table when unknown or after a VIP-path
+    // probe to it failed (it may have changed), not on every check.
+    let mut mac = None;
     loop {
         ticker.tick().await;
         let start = Instant::now();
         let mut result = check(&probe, addr, timeout).await;
-        let mut mac = None;
         if let (Ok(()), Some(dsr), std::net::IpAddr::V4(ip)) = (&result, &dsr, addr.ip()) {
-            mac = dsr.netlink.neighbour_mac(dsr.probe.ifindex, ip).await.ok().flatten();
+            if mac.is_none() {
+                mac = dsr.netlink.neighbour_mac(dsr.probe.ifindex, ip).await.ok().flatten();
+            }
             if let Some(m) = mac {
                 let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
                 let p = dsr.probe;
                 let r = tokio::task::spawn_blocking(move || crate::vipprobe::probe(&p, ip, m, left)).await;
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => result = Err(CheckError::VipPath(e.to_string())),
-                    Err(e) => result = Err(CheckError::VipPath(e.to_string())),
+                let failed = match r {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(e) = failed {
+                    result = Err(CheckError::VipPath(e));
                 }
             }
         }
@@ -302,8 +309,13 @@ pub async fn run_checker(
         if let Err(error) = &result {
             debug!(%addr, %error, "health check failed");
         }
+        // After a failed VIP-path probe, look the MAC up again next time.
+        let forget_mac = matches!(result, Err(CheckError::VipPath(_)));
         if tx.send(Report { backend, result, latency, mac }).await.is_err() {
             return;
+        }
+        if forget_mac {
+            mac = None;
         }
     }
 }
