@@ -207,9 +207,47 @@ pub fn flow_of(frame: &[u8]) -> Option<vip_common::FlowKey> {
     })
 }
 
-/// Where the Maglev `table` sends `flow`: what the data plane must pick on a miss.
+/// Where the Maglev `table` sends `flow` with the flow hash seeded by `seed`
+/// (`Config::hash_seed`; `Config::new` leaves it 0): what the data plane must pick on a
+/// miss.
+pub fn predict_seeded(table: &[u32], flow: &vip_common::FlowKey, seed: u32) -> u32 {
+    table[(vip_common::flow_hash(flow, seed) % table.len() as u32) as usize]
+}
+
+/// [`predict_seeded`] with seed 0, what `Config::new` configures.
 pub fn predict(table: &[u32], flow: &vip_common::FlowKey) -> u32 {
-    table[(vip_common::flow_hash(flow) % table.len() as u32) as usize]
+    predict_seeded(table, flow, 0)
+}
+
+/// The L2 headers of a frame as the models see them: the offset of L3, the EtherType
+/// after at most two VLAN tags, and the segment (0 untagged or priority-tagged, the VID
+/// of a single tag, `SEGMENT_NONE` for stacked tags). `None` if truncated.
+fn l2_of(frame: &[u8]) -> Option<(usize, u16, u16)> {
+    let mut off = 12;
+    let mut tags = 0;
+    let mut outer_vid = 0;
+    loop {
+        let et = u16::from_be_bytes(frame.get(off..off + 2)?.try_into().ok()?);
+        if (et == ETH_P_8021Q || et == ETH_P_8021AD) && tags < 2 {
+            if tags == 0 {
+                outer_vid = u16::from_be_bytes(frame.get(off + 2..off + 4)?.try_into().ok()?) & 0x0fff;
+            }
+            off += 4;
+            tags += 1;
+            continue;
+        }
+        let segment = match tags {
+            0 => 0,
+            1 => outer_vid,
+            _ => vip_common::SEGMENT_NONE,
+        };
+        return Some((off + 2, et, segment));
+    }
+}
+
+/// Whether `mac` is a group (broadcast or multicast) address.
+pub fn is_group(mac: &[u8]) -> bool {
+    mac.first().is_some_and(|b| b & 1 != 0)
 }
 
 /// The Internet checksum (RFC 1071) of `data`.
@@ -247,26 +285,16 @@ pub enum Expected {
 
 /// The ARP responder as specified: for an Ethernet frame (with up to two 802.1Q/802.1ad
 /// tags) carrying a complete Ethernet/IPv4 ARP *request* for a VIP, from a sender other
-/// than the VIP itself (not gratuitous), the leader answers in place and a follower drops.
-/// Everything else passes unchanged.
+/// than the VIP itself (not gratuitous), on the VIP's segment (untagged here) and sent
+/// to us (broadcast, multicast, or our MAC), the leader answers in place — to the
+/// sender hardware address, as Linux does — and a follower drops. Everything else
+/// passes unchanged.
 pub fn arp_model(frame: &[u8], vips: &[(Ipv4Addr, Role)], node_mac: Mac) -> Expected {
-    let mut off = 12;
-    let mut tags = 0;
-    loop {
-        let Some(et) = frame.get(off..off + 2) else {
-            return Expected::Pass;
-        };
-        let et = u16::from_be_bytes([et[0], et[1]]);
-        if (et == ETH_P_8021Q || et == ETH_P_8021AD) && tags < 2 {
-            off += 4;
-            tags += 1;
-            continue;
-        }
-        if et != ETH_P_ARP {
-            return Expected::Pass;
-        }
-        off += 2;
-        break;
+    let Some((off, et, segment)) = l2_of(frame) else {
+        return Expected::Pass;
+    };
+    if et != ETH_P_ARP {
+        return Expected::Pass;
     }
     let Some(arp) = frame.get(off..off + 28) else {
         return Expected::Pass;
@@ -280,15 +308,14 @@ pub fn arp_model(frame: &[u8], vips: &[(Ipv4Addr, Role)], node_mac: Mac) -> Expe
     let Some(&(_, role)) = vips.iter().find(|(v, _)| *v == tpa) else {
         return Expected::Pass;
     };
-    if spa == tpa {
+    if spa == tpa || segment != 0 || (!is_group(&frame[0..6]) && frame[0..6] != node_mac) {
         return Expected::Pass;
     }
     if role == Role::Follower {
         return Expected::Drop;
     }
     let mut out = frame.to_vec();
-    let eth_src: Mac = frame[6..12].try_into().expect("6 bytes");
-    out[0..6].copy_from_slice(&eth_src);
+    out[0..6].copy_from_slice(&sha);
     out[6..12].copy_from_slice(&node_mac);
     let reply = Arp::reply(node_mac, tpa, sha, spa).bytes();
     out[off..off + 28].copy_from_slice(&reply);
@@ -297,8 +324,16 @@ pub fn arp_model(frame: &[u8], vips: &[(Ipv4Addr, Role)], node_mac: Mac) -> Expe
 
 /// What the forwarding model needs to know about the data plane's state.
 pub struct ForwardState<'a> {
-    /// Every VIP in the VIP map (led or not: forwarding does not depend on leadership).
+    /// Every VIP in the VIP map (led or not: forwarding does not depend on leadership),
+    /// all on the untagged segment.
     pub vips: &'a [Ipv4Addr],
+    /// This node: its MAC (the only destination it forwards, the source of what it
+    /// sends) and address (the only outer destination it decapsulates).
+    pub node_mac: Mac,
+    pub node_ip: Ipv4Addr,
+    /// The other load-balancing nodes, by MAC and by address.
+    pub peer_macs: &'a [Mac],
+    pub peer_ips: &'a [Ipv4Addr],
     /// The one DSR service: VIP, port, live Maglev table (backend ids).
     pub service: (Ipv4Addr, u16),
     pub table: &'a [u32],
@@ -306,26 +341,18 @@ pub struct ForwardState<'a> {
     pub mac_of: &'a dyn Fn(u32) -> Mac,
 }
 
-/// VIP forwarding as specified, for IPv4 frames (with up to two VLAN tags): IPIP whose
-/// inner destination is a VIP is decapsulated; a complete, unfragmented TCP segment to
-/// the service is sent by DSR to the Maglev owner of its flow (with a fixed table, the
-/// connection table pins every flow to exactly that owner); all else passes unchanged.
-/// Frames that are not IPv4 are left to [`arp_model`].
+/// VIP forwarding as specified, for IPv4 frames (with up to two VLAN tags): IPIP from a
+/// peer to this node carrying a TCP segment (first fragment, whole header) for the
+/// service, on the VIP's segment, is decapsulated; a complete, unfragmented TCP segment
+/// to the service, sent to our MAC on the VIP's segment by anyone but a peer, is sent by
+/// DSR (our MAC as source) to the Maglev owner of its flow (with a fixed table, the
+/// connection table pins every flow to exactly that owner, and a pin never applies to a
+/// peer's frame); all else passes unchanged. Frames that are not IPv4 are left to
+/// [`arp_model`].
 pub fn forward_model(frame: &[u8], st: &ForwardState<'_>) -> Option<Expected> {
-    let mut off = 12;
-    let mut tags = 0;
-    loop {
-        let et = u16::from_be_bytes(frame.get(off..off + 2)?.try_into().ok()?);
-        if (et == ETH_P_8021Q || et == ETH_P_8021AD) && tags < 2 {
-            off += 4;
-            tags += 1;
-            continue;
-        }
-        if et != ETH_P_IPV4 {
-            return None;
-        }
-        off += 2;
-        break;
+    let (off, et, segment) = l2_of(frame)?;
+    if et != ETH_P_IPV4 {
+        return None;
     }
     let Some(ip) = frame.get(off..off + 20) else {
         return Some(Expected::Pass);
@@ -334,34 +361,52 @@ pub fn forward_model(frame: &[u8], st: &ForwardState<'_>) -> Option<Expected> {
     if ip[0] >> 4 != 4 || ihl < 20 {
         return Some(Expected::Pass);
     }
+    let for_us = frame[0..6] == st.node_mac;
+    let frags = |h: &[u8]| u16::from_be_bytes([h[6], h[7]]) & 0x3fff;
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     if ip[9] == 4 {
-        let Some(inner) = frame.get(off + ihl..off + ihl + 20) else {
-            return Some(Expected::Pass);
-        };
-        let inner_dst = Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]);
-        if inner[0] >> 4 != 4 || !st.vips.contains(&inner_dst) {
-            return Some(Expected::Pass);
-        }
-        let mut out = frame[..off].to_vec();
-        out.extend(&frame[off + ihl..]);
-        return Some(Expected::PassAs(out));
+        let outer_src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        let inner_off = off + ihl;
+        let ours = (|| {
+            if !for_us || dst != st.node_ip || frags(ip) != 0 || !st.peer_ips.contains(&outer_src) || segment != 0 {
+                return None;
+            }
+            let inner = frame.get(inner_off..inner_off + 20)?;
+            let inner_ihl = usize::from(inner[0] & 0x0f) * 4;
+            if inner[0] >> 4 != 4 || inner_ihl < 20 || inner[9] != 6 || frags(inner) != 0 {
+                return None;
+            }
+            let tcp = frame.get(inner_off + inner_ihl..inner_off + inner_ihl + 20)?;
+            let inner_dst = Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]);
+            ((inner_dst, u16::from_be_bytes([tcp[2], tcp[3]])) == st.service).then_some(())
+        })();
+        return Some(match ours {
+            Some(()) => {
+                let mut out = frame[..off].to_vec();
+                out.extend(&frame[inner_off..]);
+                Expected::PassAs(out)
+            }
+            None => Expected::Pass,
+        });
     }
-    let frags = u16::from_be_bytes([ip[6], ip[7]]);
-    if !st.vips.contains(&dst) || frags & 0x3fff != 0 || ip[9] != 6 {
+    if !st.vips.contains(&dst) || frags(ip) != 0 || ip[9] != 6 {
         return Some(Expected::Pass);
     }
     let Some(tcp) = frame.get(off + ihl..off + ihl + 20) else {
         return Some(Expected::Pass);
     };
-    if (dst, u16::from_be_bytes([tcp[2], tcp[3]])) != st.service {
+    let src_mac: Mac = frame[6..12].try_into().ok()?;
+    if (dst, u16::from_be_bytes([tcp[2], tcp[3]])) != st.service
+        || !for_us
+        || segment != 0
+        || st.peer_macs.contains(&src_mac)
+    {
         return Some(Expected::Pass);
     }
     let flow = flow_of(frame)?;
     let id = predict(st.table, &flow);
     let mut out = frame.to_vec();
-    let our_mac: Mac = frame[0..6].try_into().ok()?;
     out[0..6].copy_from_slice(&(st.mac_of)(id));
-    out[6..12].copy_from_slice(&our_mac);
+    out[6..12].copy_from_slice(&st.node_mac);
     Some(Expected::Tx(out))
 }

@@ -38,6 +38,10 @@ enum State {
     LeaderOfOne,
     /// Leads VIP but no MAC is configured yet.
     LeaderNoMac,
+    /// Leads VIP, which lives on VLAN 100 of a trunk.
+    LeaderOnVlan100,
+    /// Follows VIP, which lives on VLAN 100.
+    FollowerOnVlan100,
 }
 
 fn load() -> Dataplane {
@@ -74,6 +78,8 @@ fn setup(dp: &mut Dataplane, state: State) {
             seed_config(dp, [0; 6]);
             seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
         }
+        State::LeaderOnVlan100 => seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER).on_segment(100)),
+        State::FollowerOnVlan100 => seed_vip(dp, VIP, VipState::follower().on_segment(100)),
     }
 }
 
@@ -190,28 +196,100 @@ fn fixture_table() -> Vec<Fixture> {
             Some(reply_from_node(VIP).bytes()),
         ),
         fx(
-            "802.1Q-tagged request, leader: tag kept",
-            Leader,
+            "request tagged 100 for a VIP on VLAN 100, leader: tag kept",
+            LeaderOnVlan100,
             req.clone().vlan(ETH_P_8021Q, 0x2064).bytes(),
             xdp::TX,
             ArpReplied,
             Some(reply_from_node(VIP).vlan(ETH_P_8021Q, 0x2064).bytes()),
         ),
         fx(
-            "QinQ-tagged request, leader: both tags kept",
-            Leader,
-            req.clone().vlan(ETH_P_8021AD, 10).vlan(ETH_P_8021Q, 20).bytes(),
-            xdp::TX,
-            ArpReplied,
-            Some(reply_from_node(VIP).vlan(ETH_P_8021AD, 10).vlan(ETH_P_8021Q, 20).bytes()),
-        ),
-        fx(
-            "802.1Q-tagged request, follower",
-            Follower,
-            req.clone().vlan(ETH_P_8021Q, 7).bytes(),
+            "request tagged 100 for a VIP on VLAN 100, follower",
+            FollowerOnVlan100,
+            req.clone().vlan(ETH_P_8021Q, 100).bytes(),
             xdp::DROP,
             ArpFollowerDropped,
             None,
+        ),
+        fx(
+            "request tagged 200 for a VIP on VLAN 100: another segment, passed",
+            LeaderOnVlan100,
+            req.clone().vlan(ETH_P_8021Q, 200).bytes(),
+            xdp::PASS,
+            OtherSegment,
+            None,
+        ),
+        fx(
+            "untagged request for a VIP on VLAN 100: another segment, passed",
+            LeaderOnVlan100,
+            req.bytes(),
+            xdp::PASS,
+            OtherSegment,
+            None,
+        ),
+        fx(
+            "request tagged 999 for an untagged VIP, leader: another segment, passed",
+            Leader,
+            req.clone().vlan(ETH_P_8021Q, 999).bytes(),
+            xdp::PASS,
+            OtherSegment,
+            None,
+        ),
+        fx(
+            "request tagged 999 for an untagged VIP, follower: not dropped either",
+            Follower,
+            req.clone().vlan(ETH_P_8021Q, 999).bytes(),
+            xdp::PASS,
+            OtherSegment,
+            None,
+        ),
+        fx(
+            "priority-tagged request (VID 0, PCP 5) is untagged: answered, tag kept",
+            Leader,
+            req.clone().vlan(ETH_P_8021Q, 0xa000).bytes(),
+            xdp::TX,
+            ArpReplied,
+            Some(reply_from_node(VIP).vlan(ETH_P_8021Q, 0xa000).bytes()),
+        ),
+        fx(
+            "QinQ-tagged request for an untagged VIP: another segment, passed",
+            Leader,
+            req.clone().vlan(ETH_P_8021AD, 10).vlan(ETH_P_8021Q, 20).bytes(),
+            xdp::PASS,
+            OtherSegment,
+            None,
+        ),
+        fx(
+            "request unicast to another host's MAC, leader: not ours",
+            Leader,
+            Frame::arp(OTHER_MAC, CLIENT_MAC, &Arp::request(CLIENT_MAC, CLIENT_IP, VIP)).bytes(),
+            xdp::PASS,
+            NotForUs,
+            None,
+        ),
+        fx(
+            "request unicast to another host's MAC, follower: not ours",
+            Follower,
+            Frame::arp(OTHER_MAC, CLIENT_MAC, &Arp::request(CLIENT_MAC, CLIENT_IP, VIP)).bytes(),
+            xdp::PASS,
+            NotForUs,
+            None,
+        ),
+        fx(
+            "request whose sender MAC differs from the Ethernet source: reply to the sender MAC, as Linux",
+            Leader,
+            Frame::arp(BROADCAST, OTHER_MAC, &Arp::request(CLIENT_MAC, CLIENT_IP, VIP)).bytes(),
+            xdp::TX,
+            ArpReplied,
+            Some(reply_from_node(VIP).bytes()),
+        ),
+        fx(
+            "request to a multicast MAC, leader: answered",
+            Leader,
+            Frame::arp([0x01, 0, 0x5e, 0, 0, 1], CLIENT_MAC, &Arp::request(CLIENT_MAC, CLIENT_IP, VIP)).bytes(),
+            xdp::TX,
+            ArpReplied,
+            Some(reply_from_node(VIP).bytes()),
         ),
         fx(
             "three VLAN tags: not parsed, passed",
@@ -262,6 +340,14 @@ fn fixture_table() -> Vec<Fixture> {
             None,
         ),
         fx("RARP-style operation 3 for the VIP", Leader, with_arp(|a| a.oper = 3), xdp::PASS, ArpNotRequest, None),
+        fx(
+            "ARP probe (sender 0.0.0.0) for the VIP, follower",
+            Follower,
+            Frame::arp(BROADCAST, OTHER_MAC, &Arp::request(OTHER_MAC, Ipv4Addr::UNSPECIFIED, VIP)).bytes(),
+            xdp::DROP,
+            ArpFollowerDropped,
+            None,
+        ),
         fx(
             "ARP probe (sender 0.0.0.0) for the VIP, leader defends it",
             Leader,

@@ -23,7 +23,7 @@ use vip_agent::{
     balancer::{BackendSpec, Balancer, ServiceSpec},
     dataplane::{Dataplane, Program},
 };
-use vip_common::{Config, ForwardMode, Reason, VipState};
+use vip_common::{Config, ForwardMode, HealthReason, PeerKey, Reason, VipState};
 
 const NODE_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0xc1];
@@ -42,7 +42,16 @@ fn backend_mac(i: u8) -> Mac {
 }
 
 fn backend(i: u8) -> BackendSpec {
-    BackendSpec { ip: backend_ip(i), mac: backend_mac(i), weight: 1, local: false, healthy: true }
+    BackendSpec::up(backend_ip(i), backend_mac(i))
+}
+
+/// Another load-balancing node on the segment (a peer): it balances too, so what it
+/// sends here was balanced already.
+const PEER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x0e];
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+
+fn seed_peer(dp: &mut Dataplane) {
+    dp.maps_mut().set_peers(&[PeerKey::mac(PEER_MAC), PeerKey::ipv4(PEER_IP.octets())].into()).unwrap();
 }
 
 // ---- setup ------------------------------------------------------------------------------
@@ -52,6 +61,7 @@ fn load() -> (Dataplane, Balancer) {
     dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
     // Only the leader balances (a follower delivers what the leader sends it).
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
+    seed_peer(&mut dp);
     (dp, Balancer::new(Duration::from_millis(1)))
 }
 
@@ -142,19 +152,53 @@ fn forwarding_fixture_table() {
         s.bytes(),
         Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&s, 1)) },
     );
-    let tagged = syn(40001).vlan(ETH_P_8021Q, 42);
     check(
         &dp,
-        "802.1Q-tagged SYN, DSR: tag kept",
+        "802.1Q-tagged SYN for an untagged VIP: another segment, passed",
+        syn(40001).vlan(ETH_P_8021Q, 42).bytes(),
+        pass(OtherSegment),
+    );
+    check(
+        &dp,
+        "QinQ SYN for an untagged VIP: another segment, passed",
+        syn(40002).vlan(ETH_P_8021AD, 1).vlan(ETH_P_8021Q, 2).bytes(),
+        pass(OtherSegment),
+    );
+    let prio = syn(40001).vlan(ETH_P_8021Q, 0x6000);
+    check(
+        &dp,
+        "priority-tagged SYN (VID 0) is untagged: DSR, tag kept",
+        prio.bytes(),
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&prio, 1)) },
+    );
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER).on_segment(42)).unwrap();
+    let tagged = syn(40051).vlan(ETH_P_8021Q, 42);
+    check(
+        &dp,
+        "SYN tagged 42 for a VIP on VLAN 42, DSR: tag kept",
         tagged.bytes(),
         Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&tagged, 1)) },
     );
-    let qinq = syn(40002).vlan(ETH_P_8021AD, 1).vlan(ETH_P_8021Q, 2);
+    check(&dp, "untagged SYN for a VIP on VLAN 42: passed", syn(40052).bytes(), pass(OtherSegment));
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
+    // Only frames sent to us; what we send carries our MAC.
     check(
         &dp,
-        "QinQ SYN, DSR",
-        qinq.bytes(),
-        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&qinq, 1)) },
+        "SYN to the VIP addressed to another host's MAC: not ours",
+        Frame { dst: [0x02, 0, 0, 0, 0, 0x77], ..syn(40053) }.bytes(),
+        pass(NotForUs),
+    );
+    check(
+        &dp,
+        "SYN to the VIP addressed to broadcast: not forwarded",
+        Frame { dst: [0xff; 6], ..syn(40054) }.bytes(),
+        pass(NotForUs),
+    );
+    check(
+        &dp,
+        "new flow from a peer's MAC (it balanced it already): delivered here",
+        Frame { src: PEER_MAC, ..syn(40055) }.bytes(),
+        pass(BalancedByPeer),
     );
     // IPv4 options do not change where a packet goes: forwarded like any other.
     let opts = Frame::new(
@@ -261,6 +305,35 @@ fn forwarding_fixture_table() {
     check(&dp, "new flow after the deadline: delivered locally", syn(40031).bytes(), pass(NotBalancing));
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
 
+    // A pin holds for the flow as the client sends it. The same flow arriving from a
+    // peer was balanced there: delivered here, never sent on (no DSR loop between a
+    // node whose pin names a peer and a peer whose table names this node).
+    let looped = syn(40032);
+    let owner = index_of(&lb, predict(&table, &flow_of(&looped.bytes()).unwrap()));
+    check(
+        &dp,
+        "SYN from the client: pinned",
+        looped.bytes(),
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&looped, owner)) },
+    );
+    let from_peer = Frame { src: PEER_MAC, ..tcp_frame(CLIENT_IP, 40032, VIP, PORT, TCP_ACK) };
+    check(
+        &dp,
+        "pinned flow arriving from a peer: delivered here, not sent on",
+        from_peer.bytes(),
+        pass(BalancedByPeer),
+    );
+    dp.maps_mut().set_vip(VIP, VipState::follower()).unwrap();
+    check(&dp, "pinned flow from a peer on a follower: delivered here", from_peer.bytes(), pass(BalancedByPeer));
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
+    let moved_client = Frame { src: [0x02, 0, 0, 0, 0, 0xc2], ..tcp_frame(CLIENT_IP, 40032, VIP, PORT, TCP_ACK) };
+    check(
+        &dp,
+        "pinned flow from another non-peer MAC (a second router): still by its pin",
+        moved_client.bytes(),
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&moved_client, owner)) },
+    );
+
     // The chosen backend is this node.
     install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![BackendSpec { local: true, ..backend(1) }]));
     check(&dp, "backend is this node", syn(40010).bytes(), pass(LocalBackend));
@@ -276,7 +349,7 @@ fn forwarding_fixture_table() {
 
     // IPIP decapsulation on a backend: the inner packet for a VIP goes up the stack.
     let inner = ipv4(CLIENT_IP, VIP, 6, &tcp(40013, PORT, TCP_SYN));
-    let encapsulated = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &inner));
+    let encapsulated = Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(PEER_IP, NODE_IP, &inner));
     check(
         &dp,
         "IPIP for a VIP: decapsulated",
@@ -284,24 +357,61 @@ fn forwarding_fixture_table() {
         Expect {
             action: xdp::PASS,
             reason: IpipDecap,
-            output: Some(Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone()).bytes()),
+            output: Some(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, inner.clone()).bytes()),
         },
     );
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER).on_segment(7)).unwrap();
     let tagged_encap = encapsulated.clone().vlan(ETH_P_8021Q, 7);
     check(
         &dp,
-        "802.1Q-tagged IPIP for a VIP: decapsulated, tag kept",
+        "IPIP tagged 7 for a VIP on VLAN 7: decapsulated, tag kept",
         tagged_encap.bytes(),
         Expect {
             action: xdp::PASS,
             reason: IpipDecap,
-            output: Some(Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner).vlan(ETH_P_8021Q, 7).bytes()),
+            output: Some(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, inner).vlan(ETH_P_8021Q, 7).bytes()),
         },
     );
-    let other_inner = ipv4(CLIENT_IP, Ipv4Addr::new(10, 0, 0, 99), 6, &tcp(1, PORT, TCP_SYN));
-    let not_ours =
-        Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipip(Ipv4Addr::new(10, 9, 0, 1), NODE_IP, &other_inner));
-    check(&dp, "IPIP for another address: untouched", not_ours.bytes(), pass(NotVip));
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
+    let encap = |outer_src: Ipv4Addr, outer_dst: Ipv4Addr, inner: &[u8]| {
+        Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(outer_src, outer_dst, inner))
+    };
+    let syn_inner = ipv4(CLIENT_IP, VIP, 6, &tcp(40014, PORT, TCP_SYN));
+    for (name, frame) in [
+        (
+            "IPIP for another address: untouched",
+            encap(PEER_IP, NODE_IP, &ipv4(CLIENT_IP, Ipv4Addr::new(10, 0, 0, 99), 6, &tcp(1, PORT, TCP_SYN))),
+        ),
+        ("IPIP from a host that is not a peer: untouched", encap(Ipv4Addr::new(10, 0, 0, 66), NODE_IP, &syn_inner)),
+        ("IPIP to another outer address: untouched", encap(PEER_IP, Ipv4Addr::new(10, 0, 0, 2), &syn_inner)),
+        (
+            "IPIP with inner UDP to the VIP (a wildcard listener): untouched",
+            encap(PEER_IP, NODE_IP, &ipv4(CLIENT_IP, VIP, 17, &[0x15, 0xb3, 0x15, 0xb3, 0, 8, 0, 0])),
+        ),
+        (
+            "IPIP with inner TCP to another port of the VIP: untouched",
+            encap(PEER_IP, NODE_IP, &ipv4(CLIENT_IP, VIP, 6, &tcp(40015, 10250, TCP_SYN))),
+        ),
+        (
+            "IPIP with an inner fragment: untouched",
+            encap(
+                PEER_IP,
+                NODE_IP,
+                &Ip4 { frags: 0x2000, ..Ip4::new(CLIENT_IP, VIP, 6) }.packet(&tcp(40016, PORT, TCP_ACK)),
+            ),
+        ),
+        (
+            "IPIP with a truncated inner TCP header: untouched",
+            encap(PEER_IP, NODE_IP, &ipv4(CLIENT_IP, VIP, 6, &tcp(40017, PORT, TCP_SYN)[..12])),
+        ),
+        (
+            "IPIP addressed to another host's MAC: untouched",
+            Frame { dst: [0x02, 0, 0, 0, 0, 0x77], ..encap(PEER_IP, NODE_IP, &syn_inner) },
+        ),
+        ("IPIP tagged 7 for an untagged VIP: untouched", encap(PEER_IP, NODE_IP, &syn_inner).vlan(ETH_P_8021Q, 7)),
+    ] {
+        check(&dp, name, frame.bytes(), pass(IpipNotOurs));
+    }
 
     assert!(failures.is_empty(), "{} fixtures failed:\n{}", failures.len(), failures.join("\n"));
 }
@@ -427,7 +537,9 @@ fn per_backend_counters_count_packets_and_bytes() {
 
 /// IPIP in a namespace with a real FIB: the backend sits behind a gateway, so the outer
 /// destination MAC must be the gateway's, from the neighbour table; the outer source MAC
-/// is the ingress interface's. A backend with no route gets the frame passed, intact.
+/// is the ingress interface's. Every other FIB answer has its own counter: no route, no
+/// neighbour yet, forwarding disabled (passed intact), and too big once encapsulated
+/// (answered with ICMP fragmentation needed, built here field by field).
 #[test]
 fn ipip_encapsulates_towards_the_fib_next_hop() {
     let fib = FibLab::new().unwrap();
@@ -435,40 +547,153 @@ fn ipip_encapsulates_towards_the_fib_next_hop() {
     let gw_mac = FibLab::GATEWAY_MAC;
     let far = FibLab::FAR;
     let unroutable = Ipv4Addr::new(192, 0, 2, 9);
+    // A route whose gateway has no neighbour entry.
+    let unresolved = Ipv4Addr::new(10, 78, 0, 12);
+    lbns.ip(&["route", "add", "10.78.0.0/24", "via", "10.0.0.253"]).unwrap();
 
     lbns.within(|| {
         let (mut dp, mut lb) = load();
         let ifindex = vip_agent::netdev::lookup("lb0").unwrap().ifindex;
-        let far_backend = BackendSpec { ip: far, mac: [0; 6], weight: 1, local: false, healthy: true };
-        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![far_backend.clone()]));
+        let to = |ip: Ipv4Addr| BackendSpec { mac: [0; 6], ..BackendSpec::up(ip, [0; 6]) };
+        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![to(far)]));
+        let run = |dp: &Dataplane, frame: &[u8]| dp.runner().run_opts(Program::Vip, frame, 1, Some(ifindex)).unwrap();
         let inner = Ip4 { tos: 0x10, ..Ip4::new(CLIENT_IP, VIP, 6) }.packet(&tcp(43000, PORT, TCP_SYN));
-        for (name, frame, expected) in [
-            (
-                "SYN to the VIP, IPIP",
-                Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone()),
-                Frame::new(gw_mac, NODE_MAC, ETH_P_IPV4, ipip(NODE_IP, far, &inner)),
-            ),
-            (
-                "802.1Q-tagged SYN, IPIP: tag kept",
-                Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone()).vlan(ETH_P_8021Q, 9),
-                Frame::new(gw_mac, NODE_MAC, ETH_P_IPV4, ipip(NODE_IP, far, &inner)).vlan(ETH_P_8021Q, 9),
-            ),
-        ] {
-            let out = dp.runner().run_opts(Program::Vip, &frame.bytes(), 1, Some(ifindex)).unwrap();
-            assert_eq!(xdp::name(out.action), "XDP_TX", "{name}");
-            assert_eq!(out.frame, expected.bytes(), "{name}");
-            let l3 = 14 + 4 * frame.vlans.len();
-            assert_eq!(tests::frames::inet_checksum(&out.frame[l3..l3 + 20]), 0, "{name}: outer checksum");
-        }
-        assert_eq!(dp.maps().counter(Reason::ForwardedIpip).unwrap(), 2);
+        let frame = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone());
+        let expected = Frame::new(gw_mac, NODE_MAC, ETH_P_IPV4, ipip(NODE_IP, far, &inner));
+        let out = run(&dp, &frame.bytes());
+        assert_eq!(xdp::name(out.action), "XDP_TX");
+        assert_eq!(out.frame, expected.bytes());
+        assert_eq!(tests::frames::inet_checksum(&out.frame[14..34]), 0, "outer checksum");
+        assert_eq!(dp.maps().counter(Reason::ForwardedIpip).unwrap(), 1);
 
-        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![BackendSpec { ip: unroutable, ..far_backend }]));
-        let frame = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner).bytes();
-        let out = dp.runner().run_opts(Program::Vip, &frame, 1, Some(ifindex)).unwrap();
-        assert_eq!((xdp::name(out.action), out.frame), ("XDP_PASS", frame), "no route: passed intact");
-        assert_eq!(dp.maps().counter(Reason::IpipFailed).unwrap(), 1);
+        // Too big once encapsulated: 1500 bytes of IPv4 on a 1500-byte MTU.
+        let big_inner = Ip4::new(CLIENT_IP, VIP, 6).packet(&[tcp(43001, PORT, TCP_ACK), vec![0xab; 1460]].concat());
+        assert_eq!(big_inner.len(), 1500);
+        let big = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, big_inner.clone());
+        let out = run(&dp, &big.bytes());
+        assert_eq!(xdp::name(out.action), "XDP_TX", "too big: answered");
+        let mut icmp = vec![3, 4, 0, 0, 0, 0];
+        icmp.extend(1480u16.to_be_bytes());
+        icmp.extend(&big_inner[..28]);
+        let csum = tests::frames::inet_checksum(&icmp);
+        icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+        let want = Frame::new(
+            CLIENT_MAC,
+            NODE_MAC,
+            ETH_P_IPV4,
+            Ip4 { tos: 0xc0, id: 0, frags: 0, ..Ip4::new(VIP, CLIENT_IP, 1) }.packet(&icmp),
+        );
+        assert_eq!(out.frame, want.bytes(), "ICMP fragmentation needed, next-hop MTU 1480");
+        assert_eq!(tests::frames::inet_checksum(&out.frame[34..]), 0, "ICMP checksum");
+        assert_eq!(dp.maps().counter(Reason::IpipFragNeeded).unwrap(), 1);
+        let no_df = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, {
+            let mut p = big_inner.clone();
+            p[6] = 0;
+            p[10..12].copy_from_slice(&[0, 0]);
+            let c = tests::frames::inet_checksum(&p[..20]);
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+            p
+        });
+        let out = run(&dp, &no_df.bytes());
+        assert_eq!(xdp::name(out.action), "XDP_DROP", "too big without DF: dropped, never to the local stack");
+        assert_eq!(dp.maps().counter(Reason::IpipTooBig).unwrap(), 1);
+
+        // The ICMP budget: at most IcmpBudget::PER_SECOND errors per CPU and second.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let sent_before = dp.maps().counter(Reason::IpipFragNeeded).unwrap();
+        let n = 100 * cpus + 150;
+        for _ in 0..n {
+            run(&dp, &big.bytes());
+        }
+        let sent = dp.maps().counter(Reason::IpipFragNeeded).unwrap() - sent_before;
+        assert!(sent <= u64::from(vip_common::IcmpBudget::PER_SECOND) * cpus, "{sent} ICMP errors in under a second");
+        assert!(dp.maps().counter(Reason::IpipTooBig).unwrap() >= n - sent, "the rest dropped");
+
+        for (name, backend, reason) in [
+            ("no route: passed intact", unroutable, Reason::IpipNoRoute),
+            ("next hop not resolved yet: passed intact", unresolved, Reason::IpipNoNeigh),
+        ] {
+            install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![to(backend)]));
+            let before = dp.maps().counter(reason).unwrap();
+            let out = run(&dp, &frame.bytes());
+            assert_eq!((xdp::name(out.action), out.frame), ("XDP_PASS", frame.bytes()), "{name}");
+            assert_eq!(dp.maps().counter(reason).unwrap(), before + 1, "{name}");
+        }
     })
     .unwrap();
+    // Forwarding off on the interface: the FIB refuses output lookups.
+    lbns.sysctl("net.ipv4.conf.lb0.forwarding", "0").unwrap();
+    lbns.within(|| {
+        let (mut dp, mut lb) = load();
+        let ifindex = vip_agent::netdev::lookup("lb0").unwrap().ifindex;
+        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![BackendSpec::up(far, [0; 6])]));
+        let frame = Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT_IP, VIP, 6, &tcp(43002, PORT, TCP_SYN)));
+        let out = dp.runner().run_opts(Program::Vip, &frame.bytes(), 1, Some(ifindex)).unwrap();
+        assert_eq!((xdp::name(out.action), out.frame), ("XDP_PASS", frame.bytes()));
+        assert_eq!(dp.maps().counter(Reason::IpipForwardingDisabled).unwrap(), 1);
+    })
+    .unwrap();
+}
+
+/// The flow hash is seeded per cluster: with a seed configured, flows land where the
+/// seeded hash says, and a different seed moves them.
+#[test]
+fn the_flow_hash_is_seeded_from_the_config() {
+    let (mut dp, mut lb) = load();
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=5).map(backend).collect()));
+    let seed = 0x5eed_cafe;
+    dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets()).with_seed(seed)).unwrap();
+    let mut moved = 0;
+    for i in 0..200u16 {
+        let f = syn(44000 + i);
+        let flow = flow_of(&f.bytes()).unwrap();
+        let want = index_of(&lb, tests::frames::predict_seeded(&table, &flow, seed));
+        let out = dp.test_run(Program::Vip, &f.bytes()).unwrap();
+        assert_eq!(out.frame, dsr_to(&f, want), "flow {i}");
+        moved += usize::from(predict(&table, &flow) != tests::frames::predict_seeded(&table, &flow, seed));
+    }
+    assert!(moved > 100, "the seed moved only {moved} of 200 flows");
+}
+
+/// A draining backend (apiserver not ready but still serving) takes no new flows but
+/// keeps the ones pinned to it; a backend that is down loses them at once.
+#[test]
+fn a_draining_backend_keeps_its_flows_and_takes_no_new_ones() {
+    let (mut dp, mut lb) = load();
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=3).map(backend).collect()));
+    // A flow on each backend, pinned.
+    let mut pinned = Vec::new();
+    for sport in 45000u16.. {
+        let f = syn(sport);
+        let owner = index_of(&lb, predict(&table, &flow_of(&f.bytes()).unwrap()));
+        if owner == 2 && pinned.len() < 20 {
+            dp.test_run(Program::Vip, &f.bytes()).unwrap();
+            pinned.push(sport);
+        }
+        if pinned.len() == 20 {
+            break;
+        }
+    }
+    let draining = BackendSpec { healthy: false, draining: true, reason: HealthReason::NotReady, ..backend(2) };
+    let new_table =
+        lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, vec![backend(1), draining, backend(3)])).unwrap().table;
+    assert!(!new_table.contains(&lb.backend_id(backend_ip(2)).unwrap()), "a draining backend leaves the table");
+    for &sport in &pinned {
+        let ack = tcp_frame(CLIENT_IP, sport, VIP, PORT, TCP_ACK);
+        assert_eq!(dp.test_run(Program::Vip, &ack.bytes()).unwrap().frame, dsr_to(&ack, 2), "pinned flow kept");
+    }
+    for sport in 46000u16..46100 {
+        let out = dp.test_run(Program::Vip, &syn(sport).bytes()).unwrap();
+        assert_ne!(out.frame[0..6], backend_mac(2), "a new flow went to the draining backend");
+    }
+    let down = BackendSpec { healthy: false, reason: HealthReason::Connect, ..backend(2) };
+    lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, vec![backend(1), down, backend(3)])).unwrap();
+    for &sport in &pinned {
+        let ack = tcp_frame(CLIENT_IP, sport, VIP, PORT, TCP_ACK);
+        assert_ne!(dp.test_run(Program::Vip, &ack.bytes()).unwrap().frame[0..6], backend_mac(2), "down: re-hashed");
+    }
+    let id = lb.backend_id(backend_ip(2)).unwrap();
+    assert_eq!(dp.maps().backend(id).unwrap().reason, HealthReason::Connect as u8);
 }
 
 /// No packet ever sees a mix of two tables. A writer flips the service between tables of
@@ -505,7 +730,7 @@ fn table_flips_are_atomic_for_readers() {
         .collect();
     let owner = |g: u64, flow: &vip_common::FlowKey| {
         let t = &owners[(g % 4) as usize];
-        t[(vip_common::flow_hash(flow) % t.len() as u32) as usize]
+        t[(vip_common::flow_hash(flow, 0) % t.len() as u32) as usize]
     };
     let generation = AtomicU64::new(0);
     const FLIPS: u64 = 120;

@@ -107,11 +107,8 @@ fn spec(down: Option<&str>) -> ServiceSpec {
     let backends = BACKENDS
         .iter()
         .map(|&(name, last)| BackendSpec {
-            ip: Ipv4Addr::new(10, 40, 0, last),
-            mac: [0x02, 0, 0, 0, 0, last],
-            weight: 1,
-            local: false,
             healthy: Some(name) != down,
+            ..BackendSpec::up(Ipv4Addr::new(10, 40, 0, last), [0x02, 0, 0, 0, 0, last])
         })
         .collect();
     ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends }

@@ -6,7 +6,10 @@
 //! Invariants: never `XDP_ABORTED`; `XDP_TX` only for a well-formed ARP request for a led
 //! VIP (with exactly the model's reply) or a complete TCP segment to the service (sent to
 //! exactly the model's backend); `XDP_DROP` only for a request for a followed VIP; every
-//! other frame passes unchanged, but IPIP for a VIP, which passes decapsulated.
+//! other frame passes unchanged, but IPIP from a peer for the service, which passes
+//! decapsulated. Beside the models, checked on their own: never `XDP_TX` a frame whose
+//! destination MAC is not ours (or a group address), never send one whose source MAC is
+//! not ours, never decapsulate from an unknown outer source.
 //!
 //! `VIP_RANDOM_FRAMES` (default 100,000) and `VIP_RANDOM_SEED` override. Needs root.
 
@@ -14,8 +17,8 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use tests::{
     frames::{
-        arp_model, forward_model, ipip, ipv6, tcp, Arp, Expected, ForwardState, Frame, Ip4, Mac, Role, BROADCAST,
-        ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
+        arp_model, forward_model, ipip, ipv6, is_group, tcp, Arp, Expected, ForwardState, Frame, Ip4, Mac, Role,
+        BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
     },
     xdp, SplitMix64,
 };
@@ -23,25 +26,29 @@ use vip_agent::{
     balancer::{BackendSpec, Balancer, ServiceSpec},
     dataplane::{Dataplane, Program},
 };
-use vip_common::{Config, ForwardMode, VipState};
+use vip_common::{Config, ForwardMode, PeerKey, VipState};
 
 const NODE_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0xc1];
-const OTHER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x0e];
+const OTHER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x0f];
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const VIP2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
-const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 51);
 const PORT: u16 = 6443;
 
 fn backend_mac(i: u8) -> Mac {
     [0x02, 0, 0, 0, 0, 0x10 + i]
 }
 
+/// Another load-balancing node (a peer), by MAC and address.
+const PEER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x0e];
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 50);
+
 fn arp_frame(rng: &mut SplitMix64) -> Frame {
     let targets = [VIP, VIP2, OTHER_IP, CLIENT_IP];
-    let macs = [CLIENT_MAC, OTHER_MAC, NODE_MAC, BROADCAST];
+    let macs = [CLIENT_MAC, OTHER_MAC, NODE_MAC, BROADCAST, [0x02, 0, 0, 0, 0, 0x99]];
     let tpa = targets[rng.below(targets.len())];
     let spa = if rng.below(8) == 0 { tpa } else { targets[rng.below(targets.len())] };
     let sha = macs[rng.below(macs.len())];
@@ -73,12 +80,17 @@ fn tcp_packet(rng: &mut SplitMix64) -> Vec<u8> {
 
 /// Frames biased towards the interesting paths, then mutated, truncated or replaced.
 fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
+    // Mostly to us, sometimes to another host (a promiscuous NIC, a flooding switch).
+    let dst = [NODE_MAC, NODE_MAC, NODE_MAC, OTHER_MAC][rng.below(4)];
+    // Mostly from clients, sometimes from a peer that already balanced the flow.
+    let src = [CLIENT_MAC, CLIENT_MAC, OTHER_MAC, PEER_MAC][rng.below(4)];
     let mut f = match rng.below(12) {
         0..=3 => arp_frame(rng),
-        4..=7 => Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, tcp_packet(rng)),
-        8 => {
-            let outer_dst = [NODE_IP, OTHER_IP][rng.below(2)];
-            Frame::new(NODE_MAC, OTHER_MAC, ETH_P_IPV4, ipip(OTHER_IP, outer_dst, &tcp_packet(rng)))
+        4..=6 => Frame::new(dst, src, ETH_P_IPV4, tcp_packet(rng)),
+        7..=8 => {
+            let outer_dst = [NODE_IP, NODE_IP, NODE_IP, OTHER_IP][rng.below(4)];
+            let outer_src = [PEER_IP, PEER_IP, PEER_IP, OTHER_IP][rng.below(4)];
+            Frame::new(dst, PEER_MAC, ETH_P_IPV4, ipip(outer_src, outer_dst, &tcp_packet(rng)))
         }
         9 => Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(17, &[0; 8])),
         10 => {
@@ -93,8 +105,12 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
             return noise;
         }
     };
-    for _ in 0..rng.below(4) {
-        f = f.vlan(if rng.below(2) == 0 { ETH_P_8021Q } else { ETH_P_8021AD }, rng.below(4096) as u16);
+    // Mostly untagged (the VIPs' segment), else up to three tags; priority tags (VID 0)
+    // belong to the untagged segment, so half of the tags are those.
+    let tags = [0, 0, 0, 0, 0, 1, 2, 3][rng.below(8)];
+    for _ in 0..tags {
+        let tci = if rng.below(2) == 0 { (rng.below(8) as u16) << 13 } else { rng.below(1 << 16) as u16 };
+        f = f.vlan(if rng.below(2) == 0 { ETH_P_8021Q } else { ETH_P_8021AD }, tci);
     }
     let mut frame = if rng.below(2) == 0 { f.padded() } else { f.bytes() };
     // Flip a few bytes, sometimes in the headers that decide the verdict.
@@ -110,6 +126,18 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
     frame
 }
 
+/// The outer source address of an IPv4 frame (after up to two VLAN tags).
+fn flow_of_outer_src(frame: &[u8]) -> Option<Ipv4Addr> {
+    let mut off = 12;
+    for _ in 0..2 {
+        if matches!(frame.get(off..off + 2), Some([0x81, 0x00]) | Some([0x88, 0xa8])) {
+            off += 4;
+        }
+    }
+    let src: [u8; 4] = frame.get(off + 2 + 12..off + 2 + 16)?.try_into().ok()?;
+    Some(Ipv4Addr::from(src))
+}
+
 #[test]
 fn random_frames_match_the_reference_models() {
     let count: usize = std::env::var("VIP_RANDOM_FRAMES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
@@ -119,21 +147,23 @@ fn random_frames_match_the_reference_models() {
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
     dp.maps_mut().set_vip(VIP2, VipState::follower()).unwrap();
     let mut lb = Balancer::new(Duration::ZERO);
-    let backends = (1..=3u8)
-        .map(|i| BackendSpec {
-            ip: Ipv4Addr::new(10, 0, 0, 10 + i),
-            mac: backend_mac(i),
-            weight: 1,
-            local: false,
-            healthy: true,
-        })
-        .collect();
+    let backends = (1..=3u8).map(|i| BackendSpec::up(Ipv4Addr::new(10, 0, 0, 10 + i), backend_mac(i))).collect();
+    dp.maps_mut().set_peers(&[PeerKey::mac(PEER_MAC), PeerKey::ipv4(PEER_IP.octets())].into()).unwrap();
     let spec = ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends };
     let table = lb.apply(dp.maps_mut(), &spec).unwrap().table;
     let mac_of = |id: u32| {
         (1..=3u8).find(|&i| lb.backend_id(Ipv4Addr::new(10, 0, 0, 10 + i)) == Some(id)).map_or([0; 6], backend_mac)
     };
-    let state = ForwardState { vips: &[VIP, VIP2], service: (VIP, PORT), table: &table, mac_of: &mac_of };
+    let state = ForwardState {
+        vips: &[VIP, VIP2],
+        node_mac: NODE_MAC,
+        node_ip: NODE_IP,
+        peer_macs: &[PEER_MAC],
+        peer_ips: &[PEER_IP],
+        service: (VIP, PORT),
+        table: &table,
+        mac_of: &mac_of,
+    };
     let arp_vips = [(VIP, Role::Leader), (VIP2, Role::Follower)];
 
     let mut rng = SplitMix64(seed);
@@ -155,6 +185,19 @@ fn random_frames_match_the_reference_models() {
             xdp::name(out.action),
             out.frame
         );
+        // The invariants on their own, whatever the models say.
+        if out.action == xdp::TX {
+            assert!(
+                frame[0..6] == NODE_MAC || is_group(&frame[0..6]),
+                "frame {i}: sent out a frame addressed to {:02x?}, not us",
+                &frame[0..6]
+            );
+            assert_eq!(out.frame[6..12], NODE_MAC, "frame {i}: sent with a source MAC not ours");
+        }
+        if matches!(expected, Expected::PassAs(_)) {
+            let outer_src = flow_of_outer_src(&frame);
+            assert_eq!(outer_src, Some(PEER_IP), "frame {i}: decapsulated from an unknown source");
+        }
         let kind = match (kind, frame.get(12..14)) {
             ("tx", Some([0x08, 0x06])) => "arp reply",
             ("tx", _) => "forwarded",

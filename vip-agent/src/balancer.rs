@@ -26,7 +26,7 @@ use std::{
 };
 
 use tracing::{debug, info};
-use vip_common::{Backend, ForwardMode, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND};
+use vip_common::{Backend, ForwardMode, HealthReason, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND};
 
 use crate::{
     dataplane::{MapError, Maps},
@@ -45,7 +45,20 @@ pub struct BackendSpec {
     pub weight: u32,
     /// This backend is this node: packets for it go to the local stack.
     pub local: bool,
+    /// Takes new flows: the table may name it.
     pub healthy: bool,
+    /// Not healthy, but still serving the connections it holds (its apiserver reports
+    /// not ready while it drains): flows pinned to it stay. Ignored when `healthy`.
+    pub draining: bool,
+    /// Why it is not healthy, for `status`.
+    pub reason: HealthReason,
+}
+
+impl BackendSpec {
+    /// A healthy remote backend of weight 1.
+    pub fn up(ip: Ipv4Addr, mac: [u8; 6]) -> Self {
+        Self { ip, mac, weight: 1, local: false, healthy: true, draining: false, reason: HealthReason::None }
+    }
 }
 
 /// A service: VIP:port (TCP), how to forward, and its backends.
@@ -250,7 +263,32 @@ impl Balancer {
         Ok(Applied { flipped, table, ids })
     }
 
-    /// Removes a service from the data plane and frees the backends only it used.
+    /// Removes every service not in `keep` (and frees the backends only they used): what
+    /// an agent that adopted a previous agent's maps does with services its own
+    /// configuration no longer has. Returns the removed keys.
+    pub fn retain(&mut self, maps: &mut Maps, keep: &[ServiceKey]) -> Result<Vec<ServiceKey>, BalancerError> {
+        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !keep.contains(k)).copied().collect();
+        for key in &gone {
+            maps.remove_service(key)?;
+            if let Some(svc) = self.services.remove(key) {
+                info!(
+                    vip = %Ipv4Addr::from(key.vip), port = u16::from_be_bytes(key.port), slot = svc.slot,
+                    "service no longer configured: removed"
+                );
+                for ip in svc.backends {
+                    self.release_if_unused(maps, ip)?;
+                }
+            }
+        }
+        // Backends a previous agent left that no remaining service names.
+        let orphans: Vec<Ipv4Addr> =
+            self.ids.keys().filter(|ip| !self.services.values().any(|s| s.backends.contains(ip))).copied().collect();
+        for ip in orphans {
+            self.release_if_unused(maps, ip)?;
+        }
+        Ok(gone)
+    }
+
     fn free_slot(&self) -> Option<u16> {
         let used: BTreeSet<u16> = self.services.values().map(|s| s.slot).collect();
         (0..MAX_SERVICES as u16).find(|s| !used.contains(s))
@@ -285,10 +323,13 @@ impl Balancer {
 fn entry(b: &BackendSpec, up: bool) -> Backend {
     let mut flags = 0;
     if up {
-        flags |= Backend::F_UP;
+        flags |= Backend::F_UP | Backend::F_SERVING;
+    } else if b.draining {
+        flags |= Backend::F_SERVING;
     }
     if b.local {
         flags |= Backend::F_LOCAL;
     }
-    Backend { ip: b.ip.octets(), mac: b.mac, flags }
+    let reason = if up { HealthReason::None } else { b.reason };
+    Backend { ip: b.ip.octets(), mac: b.mac, flags, reason: reason as u8, _pad: [0; 3] }
 }

@@ -8,6 +8,7 @@
 pub mod apiclient;
 pub mod arp;
 pub mod balancer;
+pub mod clock;
 pub mod config;
 pub mod dataplane;
 pub mod discovery;

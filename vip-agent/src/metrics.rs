@@ -72,14 +72,6 @@ impl fmt::Debug for MapsCollector {
     }
 }
 
-/// The kernel's monotonic clock, which `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime fills ts; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn family<'a>(
     encoder: &'a mut DescriptorEncoder<'_>,
     name: &'a str,
@@ -92,7 +84,7 @@ fn family<'a>(
 impl Collector for MapsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let Ok(maps) = self.maps.lock() else { return Ok(()) };
-        let now = monotonic_ns();
+        let now = crate::clock::boot_ns();
         if let Ok(vips) = maps.vips() {
             let mut f =
                 family(&mut encoder, "vip_is_leader", "1 if this node answers ARP for the VIP", MetricType::Gauge)?;

@@ -270,7 +270,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 Some(l) = leadership.recv() => {
                     match l {
                         Leadership::Leading { until } => {
-                            let state = VipState::leader_until(kernel_deadline(until));
+                            let state = VipState::leader_until(crate::clock::kernel_deadline(until));
                             for &vip in &cfg.vips {
                                 if let Err(e) = dp.maps_mut().set_vip(vip, state) {
                                     error!(error = %e, %vip, "setting the leader deadline failed");
@@ -314,7 +314,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 let drain = cfg.lease.retry_period * 2 + std::time::Duration::from_millis(300);
                 let release_budget = cfg.lease.renew_deadline * 2;
                 let balance_until = if leading {
-                    kernel_deadline(tokio::time::Instant::now() + release_budget + drain)
+                    crate::clock::kernel_deadline(tokio::time::Instant::now() + release_budget + drain)
                 } else {
                     0
                 };
@@ -488,8 +488,20 @@ fn apply(
             weight: 1,
             local: b.local,
             healthy: b.health.state() == Health::Up && (b.local || cfg.forward != ForwardMode::Dsr || b.mac.is_some()),
+            draining: false,
+            reason: vip_common::HealthReason::None,
         })
         .collect();
+    // Every other node is a peer: what it balanced is never balanced again here, and
+    // only its IPIP is decapsulated.
+    let peers: std::collections::BTreeSet<vip_common::PeerKey> = backends
+        .iter()
+        .filter(|b| !b.local)
+        .flat_map(|b| {
+            std::iter::once(vip_common::PeerKey::ipv4(b.ip.octets())).chain(b.mac.map(vip_common::PeerKey::mac))
+        })
+        .collect();
+    dp.maps_mut().set_peers(&peers)?;
     let healthy = specs.iter().filter(|b| b.healthy).count();
     let mut flipped = false;
     for &vip in &cfg.vips {
@@ -507,13 +519,6 @@ fn node_name(cfg: &RunConfig) -> String {
     cfg.node_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
     })
-}
-
-/// The kernel monotonic time (what `bpf_ktime_get_ns` reads) of a local instant.
-fn kernel_deadline(until: tokio::time::Instant) -> u64 {
-    let now = tokio::time::Instant::now();
-    let now_ns = metrics::monotonic_ns();
-    now_ns.saturating_add(until.saturating_duration_since(now).as_nanos() as u64)
 }
 
 /// Whether this node's own apiserver is ready: the gate on leadership. It drops on the

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use vip_common::{Backend, ForwardMode, MAGLEV_MAX_M, NO_BACKEND};
 
 use crate::{
+    clock::boot_ns,
     dataplane::{MapError, Maps},
-    metrics::monotonic_ns,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +25,7 @@ pub fn collect(pin_path: &Path) -> Result<Value, StatusError> {
         return Err(StatusError::NotRunning { path: pin_path.display().to_string() });
     }
     let maps = Maps::from_pins(pin_path)?;
-    let now = monotonic_ns();
+    let now = boot_ns();
     let config = maps.config()?;
     let vips: Vec<Value> = maps
         .vips()?

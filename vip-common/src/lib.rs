@@ -35,6 +35,13 @@ pub mod map_names {
     pub const CONNS: &str = "VIP_CONNS";
     /// `PerCpuArray<BackendStats>` indexed by backend id.
     pub const BACKEND_STATS: &str = "VIP_BACKEND_STATS";
+    /// `HashMap<PeerKey, u32>`: the other load-balancing nodes of the segment, by MAC and
+    /// by address: frames they already balanced are never balanced again, and only their
+    /// IPIP is decapsulated.
+    pub const PEERS: &str = "VIP_PEERS";
+    /// `PerCpuArray<IcmpBudget>`, one entry: the rate limit of the ICMP errors the data
+    /// plane generates.
+    pub const ICMP_BUDGET: &str = "VIP_ICMP_BUDGET";
 }
 
 /// Program names in the ELF object.
@@ -71,11 +78,14 @@ pub struct VipSet {
     /// VIP addresses, network order; `[0; 4]` marks a free slot (0.0.0.0 is never a VIP,
     /// and the data plane never treats a 0.0.0.0 destination as one).
     pub addrs: [[u8; 4]; MAX_VIPS as usize],
-    /// Per slot: load-balance the VIP's traffic while `bpf_ktime_get_ns() <` this
+    /// Per slot: load-balance the VIP's traffic while `bpf_ktime_get_boot_ns() <` this
     /// (host order; 0: never, [`VipState::FOREVER`]: always).
     pub balance_until_ns: [u64; MAX_VIPS as usize],
+    /// Per slot: the L2 segment the VIP lives on, as [`segment_of`] names a frame's
+    /// (0: untagged), host order. VIP traffic arriving on another segment is not ours.
+    pub segments: [u16; MAX_VIPS as usize],
 }
-const _: () = assert!(core::mem::size_of::<VipSet>() == 192);
+const _: () = assert!(core::mem::size_of::<VipSet>() == 224);
 
 impl VipSet {
     /// The slot of `addr`, if it is a VIP.
@@ -113,18 +123,40 @@ pub struct Config {
     /// Explicit padding; always zero.
     pub _pad: [u8; 2],
     /// This node's IPv4 address on the interface, network order: the outer source of
-    /// IPIP-encapsulated frames.
+    /// IPIP-encapsulated frames, and the only outer destination decapsulated.
     pub ip: [u8; 4],
-    /// Explicit padding to an 8-byte multiple; always zero.
-    pub _pad2: [u8; 4],
+    /// Seed of [`flow_hash`], host order. The same on every node of a cluster (so every
+    /// node maps a flow to the same Maglev slot) and unknown outside it (so nobody can
+    /// aim connections at one backend by choosing ports).
+    pub hash_seed: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 impl Config {
     pub const fn new(mac: [u8; 6], ip: [u8; 4]) -> Self {
-        Self { mac, _pad: [0; 2], ip, _pad2: [0; 4] }
+        Self { mac, _pad: [0; 2], ip, hash_seed: 0 }
+    }
+
+    pub const fn with_seed(mut self, hash_seed: u32) -> Self {
+        self.hash_seed = hash_seed;
+        self
     }
 }
+
+/// The L2 segment a frame arrived on, from its VLAN tags: 0 for an untagged or
+/// priority-tagged (VID 0, IEEE 802.1Q §9.6) frame, the VID for one 802.1Q tag, and
+/// [`SEGMENT_NONE`] for stacked tags, which no VIP is configured on.
+#[inline(always)]
+pub const fn segment_of(tags: usize, outer_vid: u16) -> u16 {
+    match tags {
+        0 => 0,
+        1 => outer_vid & 0x0fff,
+        _ => SEGMENT_NONE,
+    }
+}
+
+/// A segment no VIP lives on (VIDs are 12 bits).
+pub const SEGMENT_NONE: u16 = 0xffff;
 
 /// How many load-balanced services (VIP:port pairs) the data plane holds. Each owns a
 /// pair of Maglev table slots, so this bounds the table map's memory
@@ -133,6 +165,9 @@ pub const MAX_SERVICES: u32 = 16;
 /// How many backends (across all services). Backend ids index arrays, so this is their
 /// size; 1024 is far more than any control plane has and costs 16 KiB.
 pub const MAX_BACKENDS: u32 = 1024;
+/// How many peers (other load-balancing nodes) the peer map holds, by MAC and by
+/// address: two entries per node, for far more nodes than a control plane has.
+pub const MAX_PEERS: u32 = 256;
 /// Largest Maglev table size. The agent accepts any prime up to it; 65537 is the default
 /// from the Maglev paper (small disruption, ≤ 1 % imbalance for hundreds of backends).
 pub const MAGLEV_MAX_M: u32 = 65537;
@@ -250,15 +285,139 @@ pub struct Backend {
     pub mac: [u8; 6],
     /// `F_*` flags, host order.
     pub flags: u16,
+    /// Why the backend is not up: a [`HealthReason`] as `u8` (0 while up). Not read by
+    /// the data plane; `status` shows it.
+    pub reason: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+const _: () = assert!(core::mem::size_of::<Backend>() == 16);
 
 impl Backend {
-    /// The backend is healthy: connection-table hits on it are honoured. Without it, a
-    /// flow pinned to this backend is re-hashed.
+    /// The backend takes new flows (the live Maglev table may name it).
     pub const F_UP: u16 = 1 << 0;
     /// The backend is this node: deliver to the local stack (`XDP_PASS`).
     pub const F_LOCAL: u16 = 1 << 1;
+    /// The backend still serves the connections it holds: connection-table hits on it
+    /// are honoured. Set with [`Backend::F_UP`], and alone while it drains (its
+    /// apiserver reports not ready but still serves). Without it a pinned flow is
+    /// re-hashed at once.
+    pub const F_SERVING: u16 = 1 << 2;
+}
+
+/// Why a backend is not up, as its last failed health check said. Stored in
+/// [`Backend::reason`]; the names are what `status` and the metrics show.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HealthReason {
+    /// Up, or not checked yet.
+    None = 0,
+    /// TCP connect refused, unreachable or reset.
+    Connect = 1,
+    /// No answer within the check timeout.
+    Timeout = 2,
+    /// TLS handshake failed (certificate not trusted, wrong name, protocol error).
+    Tls = 3,
+    /// The apiserver answered, but not ready (HTTP status other than 200): draining.
+    NotReady = 4,
+    /// Ready, but a frame to it for VIP:port got no SYN-ACK (it does not hold the VIP).
+    VipPath = 5,
+    /// DSR backend whose MAC is not in the neighbour table.
+    NoMac = 6,
+    /// Malformed HTTP answer.
+    Protocol = 7,
+}
+
+impl HealthReason {
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Connect,
+            2 => Self::Timeout,
+            3 => Self::Tls,
+            4 => Self::NotReady,
+            5 => Self::VipPath,
+            6 => Self::NoMac,
+            7 => Self::Protocol,
+            _ => Self::None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::None => "",
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Tls => "tls",
+            Self::NotReady => "not_ready",
+            Self::VipPath => "vip_path",
+            Self::NoMac => "no_mac",
+            Self::Protocol => "protocol",
+        }
+    }
+}
+
+/// Key of the [`map_names::PEERS`] map: another load-balancing node, by MAC or by IPv4
+/// address. Every other vip node of the segment is a peer (in a control plane every
+/// node is both a load balancer and a backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    /// [`PeerKey::MAC`] or [`PeerKey::IPV4`].
+    pub kind: u8,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 3],
+    /// The MAC (wire order, first 6 bytes) or the IPv4 address (network order, first 4
+    /// bytes); the rest zero.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 20);
+
+impl PeerKey {
+    pub const MAC: u8 = 1;
+    pub const IPV4: u8 = 2;
+
+    #[inline(always)]
+    pub const fn mac(mac: [u8; 6]) -> Self {
+        let mut addr = [0u8; 16];
+        let mut i = 0;
+        while i < 6 {
+            addr[i] = mac[i];
+            i += 1;
+        }
+        Self { kind: Self::MAC, _pad: [0; 3], addr }
+    }
+
+    #[inline(always)]
+    pub const fn ipv4(ip: [u8; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            addr[i] = ip[i];
+            i += 1;
+        }
+        Self { kind: Self::IPV4, _pad: [0; 3], addr }
+    }
+}
+
+/// Per-CPU token bucket of the ICMP errors the data plane sends (fragmentation
+/// needed): at most [`IcmpBudget::PER_SECOND`] per CPU, so a flood of oversized
+/// packets cannot turn the node into an ICMP generator (RFC 1812 §4.3.2.8).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IcmpBudget {
+    /// Start of the current one-second window, `bpf_ktime_get_boot_ns()`, host order.
+    pub window_ns: u64,
+    /// Errors sent in the window, host order.
+    pub sent: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<IcmpBudget>() == 16);
+
+impl IcmpBudget {
+    /// Per CPU and second. Enough for every client of a control plane to learn its path
+    /// MTU at once; small against a flood.
+    pub const PER_SECOND: u32 = 100;
 }
 
 /// Key of the connection table: the flow's 5-tuple as it arrives.
@@ -281,6 +440,11 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 /// Value of the connection table: the backend a flow is pinned to, and how it is
 /// forwarded there, so an established flow needs no service lookup. The address is kept
 /// beside the id so that a flow never follows a recycled id to another backend.
+///
+/// A pin holds for the flow as it arrives from the client: `from_mac` is the source MAC
+/// of the frame that pinned it (the client's, or its router's). The same 5-tuple
+/// arriving from another load-balancing node was already balanced there and is never
+/// forwarded again, so no frame makes more than one DSR hop.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
@@ -292,8 +456,12 @@ pub struct Conn {
     pub _pad: u8,
     /// The backend's IPv4 address when the flow was pinned, network order.
     pub backend_ip: [u8; 4],
+    /// Source MAC of the frame that pinned the flow, wire order.
+    pub from_mac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad2: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<Conn>() == 8);
+const _: () = assert!(core::mem::size_of::<Conn>() == 16);
 const _: () = assert!(MAX_BACKENDS <= u16::MAX as u32);
 
 /// Per-backend counters (per CPU), host order.
@@ -308,13 +476,14 @@ const _: () = assert!(core::mem::size_of::<BackendStats>() == 16);
 
 /// The flow hash both sides agree on (the agent uses it in tests and tools to predict
 /// where a flow lands). A Murmur3-style mix of the 5-tuple: cheap in BPF, no tables, and
-/// the same on every node, so every node maps a flow to the same Maglev slot.
+/// the same on every node with the same `seed` ([`Config::hash_seed`]), so every node
+/// maps a flow to the same Maglev slot.
 #[inline(always)]
-pub const fn flow_hash(key: &FlowKey) -> u32 {
+pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
     let a = u32::from_le_bytes(key.src);
     let b = u32::from_le_bytes(key.dst);
     let c = (u16::from_le_bytes(key.sport) as u32) << 16 | u16::from_le_bytes(key.dport) as u32;
-    let mut h: u32 = 0x9747_b28c ^ key.proto as u32;
+    let mut h: u32 = 0x9747_b28c ^ seed ^ key.proto as u32;
     h = mix(h, a);
     h = mix(h, b);
     h = mix(h, c);
@@ -357,7 +526,8 @@ impl VipKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipState {
     /// Deadline of this node's leadership on the `bpf_ktime_get_ns()` clock
-    /// (CLOCK_MONOTONIC, nanoseconds, host order). The program answers ARP for the VIP
+    /// (CLOCK_BOOTTIME, nanoseconds, host order: it keeps counting while the host is
+    /// suspended, so a resumed leader's deadline has passed). The program answers ARP for the VIP
     /// only while `now < leader_until_ns` and [`VipState::F_LEADER`] is set. The agent
     /// pushes it forward on every successful lease renewal, so an agent that crashes,
     /// hangs or is cut off stops answering by itself before its lease can expire.
@@ -365,8 +535,11 @@ pub struct VipState {
     pub leader_until_ns: u64,
     /// Bit set of `F_*` flags, host order.
     pub flags: u32,
+    /// The L2 segment the VIP lives on ([`segment_of`]; 0: untagged), host order. ARP
+    /// for the VIP on any other segment is not answered, nor dropped: it is not ours.
+    pub segment: u16,
     /// Explicit padding to an 8-byte multiple; always zero.
-    pub _pad: u32,
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<VipState>() == 16);
 
@@ -378,15 +551,21 @@ impl VipState {
 
     /// A VIP this node leads until `until_ns` on the kernel's monotonic clock.
     pub const fn leader_until(until_ns: u64) -> Self {
-        Self { leader_until_ns: until_ns, flags: Self::F_LEADER, _pad: 0 }
+        Self { leader_until_ns: until_ns, flags: Self::F_LEADER, segment: 0, _pad: 0 }
     }
 
     /// A VIP this node serves but does not lead: ARP requests for it are dropped.
     pub const fn follower() -> Self {
-        Self { leader_until_ns: 0, flags: 0, _pad: 0 }
+        Self { leader_until_ns: 0, flags: 0, segment: 0, _pad: 0 }
     }
 
-    /// Whether this node answers ARP for the VIP at `now_ns` (kernel monotonic clock).
+    /// The same state for a VIP on VLAN `segment` (see [`segment_of`]).
+    pub const fn on_segment(mut self, segment: u16) -> Self {
+        self.segment = segment;
+        self
+    }
+
+    /// Whether this node answers ARP for the VIP at `now_ns` (kernel boot-time clock).
     #[inline(always)]
     pub const fn leads_at(&self, now_ns: u64) -> bool {
         self.flags & Self::F_LEADER != 0 && now_ns < self.leader_until_ns
@@ -446,23 +625,53 @@ pub enum Reason {
     ForwardedDsr = 19,
     /// Forwarded in IPIP: `XDP_TX`.
     ForwardedIpip = 20,
-    /// IPIP forwarding failed (no route or neighbour, no room for the header):
-    /// `XDP_PASS` to the local stack.
+    /// IPIP forwarding failed before the FIB was asked (no node address configured, no
+    /// room for the header): `XDP_PASS` to the local stack, or `XDP_DROP` if the frame
+    /// was already half rewritten.
     IpipFailed = 21,
-    /// IPIP packet whose inner destination is a VIP: outer header stripped, `XDP_PASS`.
+    /// IPIP from a peer to this node whose inner packet is for a VIP service: outer
+    /// header stripped, `XDP_PASS`.
     IpipDecap = 22,
     /// TCP to a VIP service on a node that does not balance it (a follower receiving
     /// DSR traffic from the leader): `XDP_PASS` to the local stack.
     NotBalancing = 23,
+    /// A frame for a VIP (ARP or IPv4) addressed to another host's MAC, seen because the
+    /// NIC is promiscuous or the switch flooded it: `XDP_PASS` untouched (the kernel
+    /// drops it as `PACKET_OTHERHOST`). Never answered, never forwarded: what we send
+    /// carries our own MAC, and only for frames sent to us.
+    NotForUs = 24,
+    /// ARP or traffic for a VIP arriving on another L2 segment (VLAN) than the VIP's:
+    /// `XDP_PASS`, not ours.
+    OtherSegment = 25,
+    /// A new flow to a VIP service from another load-balancing node's MAC: that node
+    /// already balanced it (DSR), so it goes up the local stack, never out again.
+    BalancedByPeer = 26,
+    /// IPIP that is not ours to decapsulate (outer source not a peer, outer destination
+    /// not this node, inner packet not for a VIP service): `XDP_PASS` untouched.
+    IpipNotOurs = 27,
+    /// Too big for the egress MTU once encapsulated, DF set: answered with ICMP
+    /// fragmentation needed (next-hop MTU = MTU − 20), `XDP_TX`.
+    IpipFragNeeded = 28,
+    /// Too big once encapsulated, and DF clear or the ICMP budget spent: `XDP_DROP`
+    /// (handing it to the local stack, which holds the VIP, would reset the connection).
+    IpipTooBig = 29,
+    /// IPIP: the FIB has a route but no neighbour entry for the next hop yet:
+    /// `XDP_PASS` (the kernel resolves it; the agent's checks keep it resolved).
+    IpipNoNeigh = 30,
+    /// IPIP: no usable route to the backend (unreachable, blackhole, prohibited): `XDP_PASS`.
+    IpipNoRoute = 31,
+    /// IPIP: forwarding is disabled on the interface, so the FIB refuses output
+    /// lookups: `XDP_PASS` (the agent enables it in IPIP mode).
+    IpipForwardingDisabled = 32,
 }
 
 impl Reason {
     /// Number of counter slots. Larger than the number of reasons so later reasons do not
     /// resize the map.
-    pub const SLOTS: u32 = 32;
+    pub const SLOTS: u32 = 64;
 
     /// Every reason, in index order: what the agent's status and metrics iterate over.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 33] = [
         Reason::ArpReplied,
         Reason::ArpFollowerDropped,
         Reason::ArpGratuitous,
@@ -487,6 +696,15 @@ impl Reason {
         Reason::IpipFailed,
         Reason::IpipDecap,
         Reason::NotBalancing,
+        Reason::NotForUs,
+        Reason::OtherSegment,
+        Reason::BalancedByPeer,
+        Reason::IpipNotOurs,
+        Reason::IpipFragNeeded,
+        Reason::IpipTooBig,
+        Reason::IpipNoNeigh,
+        Reason::IpipNoRoute,
+        Reason::IpipForwardingDisabled,
     ];
 
     /// Stable name for logs, metrics labels and `vip-agent status`.
@@ -516,6 +734,15 @@ impl Reason {
             Reason::IpipFailed => "ipip_failed",
             Reason::IpipDecap => "ipip_decap",
             Reason::NotBalancing => "not_balancing",
+            Reason::NotForUs => "not_for_us",
+            Reason::OtherSegment => "other_segment",
+            Reason::BalancedByPeer => "balanced_by_peer",
+            Reason::IpipNotOurs => "ipip_not_ours",
+            Reason::IpipFragNeeded => "ipip_frag_needed",
+            Reason::IpipTooBig => "ipip_too_big",
+            Reason::IpipNoNeigh => "ipip_no_neigh",
+            Reason::IpipNoRoute => "ipip_no_route",
+            Reason::IpipForwardingDisabled => "ipip_forwarding_disabled",
         }
     }
 }
@@ -537,4 +764,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::IcmpBudget {}
 }

@@ -2,15 +2,18 @@
 //!
 //! The leader answers ARP requests for its VIPs in place (`XDP_TX`); a follower drops
 //! them, because every node holds the VIPs on `lo` and its kernel would answer otherwise.
-//! Gratuitous ARPs, replies, and ARP for other addresses pass to the kernel.
+//! Only requests on the VIP's own segment (VLAN), sent to us (broadcast, or unicast to
+//! our MAC, as a cache refresh is), are ours. Gratuitous ARPs, replies, and ARP for
+//! other addresses pass to the kernel (and to the agent, which watches for other hosts
+//! claiming a VIP).
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
 use network_types::arp::ArpHdr;
 use vip_common::{Reason, VipKey};
 
 use crate::{
     maps::{CONFIG, VIPS},
-    parse::{ptr_at, L2},
+    parse::{is_group, ptr_at, L2},
     verdict::Verdict,
 };
 
@@ -44,26 +47,38 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     if arp.spa == tpa {
         return Verdict::pass(Reason::ArpGratuitous);
     }
+    if l2.segment != state.segment {
+        return Verdict::pass(Reason::OtherSegment);
+    }
+    // An all-zero MAC means "not configured yet" and matches no frame's destination.
+    let mac = CONFIG.get(0).map_or([0; 6], |cfg| cfg.mac);
+    // SAFETY: l2.eth was bounds-checked by the L2 parser.
+    let eth = unsafe { &mut *l2.eth };
+    // Linux's arp_rcv() ignores requests addressed to another host's MAC
+    // (PACKET_OTHERHOST); so do we, leader or follower.
+    if !is_group(&eth.dst_addr) && eth.dst_addr != mac {
+        return Verdict::pass(Reason::NotForUs);
+    }
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
     if !state.leads_at(now) {
         return Verdict::drop(Reason::ArpFollowerDropped);
     }
-    let mac = match CONFIG.get(0) {
-        Some(cfg) if cfg.mac != [0; 6] => cfg.mac,
-        _ => return Verdict::drop(Reason::ArpNoConfig),
-    };
-    // SAFETY: l2.eth was bounds-checked by the L2 parser.
-    let eth = unsafe { &mut *l2.eth };
+    if mac == [0; 6] {
+        return Verdict::drop(Reason::ArpNoConfig);
+    }
     reply_in_place(eth, arp, mac, tpa);
     Verdict::tx(Reason::ArpReplied)
 }
 
 /// Turns a request for `vip` into the reply from `mac`, reusing the frame (and any VLAN
-/// tags, so the reply leaves on the VLAN the request came from).
+/// tags, so the reply leaves on the VLAN the request came from). As Linux's
+/// arp_process() does, the reply goes to the sender hardware address of the request,
+/// and a probe (sender IP 0.0.0.0, RFC 5227 §2.1.1) gets a reply whose target IP is
+/// 0.0.0.0.
 #[inline(always)]
 fn reply_in_place(eth: &mut network_types::eth::EthHdr, arp: &mut ArpHdr, mac: [u8; 6], vip: [u8; 4]) {
-    eth.dst_addr = eth.src_addr;
+    eth.dst_addr = arp.sha;
     eth.src_addr = mac;
     arp.oper = ARPOP_REPLY;
     arp.tha = arp.sha;

@@ -26,3 +26,27 @@ pub fn ipv4_header(h: &Ipv4Hdr) -> [u8; 2] {
     sum = (sum & 0xffff) + (sum >> 16);
     (!(sum as u16)).to_be_bytes()
 }
+
+/// The one's-complement sum of `data` as 16-bit big-endian words, unfolded (an odd
+/// last byte is padded with zero).
+#[inline(always)]
+pub fn sum16(data: &[u8]) -> u32 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i + 1 < data.len() {
+        sum += u16::from_be_bytes([data[i], data[i + 1]]) as u32;
+        i += 2;
+    }
+    if i < data.len() {
+        sum += (data[i] as u32) << 8;
+    }
+    sum
+}
+
+/// Folds a sum from [`sum16`] into the checksum to store (host order).
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -1,22 +1,31 @@
 //! IPIP: encapsulate VIP traffic towards a backend on another subnet, and strip the
 //! outer header of IPIP traffic for a VIP arriving at this node as a backend. No kernel
 //! tunnel device is needed on either side.
+//!
+//! Only what this project encapsulated is decapsulated: from a peer (another
+//! load-balancing node), to this node's address, carrying a TCP segment for a VIP
+//! service. Anything else would let any host on the segment reach every wildcard
+//! listener of the node through the VIP, with a spoofed inner source.
 
 use core::mem;
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT},
+    bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+    },
     helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
     EbpfContext,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, vlan::VlanHdr};
-use vip_common::{Backend, Reason};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, vlan::VlanHdr};
+use vip_common::{Backend, PeerKey, Reason, ServiceKey, IPPROTO_TCP};
 
 use crate::{
     csum,
-    forward::IPPROTO_IPIP,
-    maps::{is_vip, CONFIG},
+    forward::{IPPROTO_IPIP, IP_MF_AND_OFFSET},
+    icmp,
+    maps::{is_peer, vip, CONFIG, SERVICES},
     parse::{ptr_at, L2},
     verdict::Verdict,
 };
@@ -103,8 +112,18 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     // SAFETY: ctx is the program's context; fib is a valid, writable parameter block.
     let rc =
         unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT) };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return fail;
+    // Every FIB answer has its own handling and counter. Nothing too big is handed to
+    // the local stack: it holds the VIP and would reset the connection.
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: on FRAG_NEEDED the kernel stored the route's MTU in the union.
+            let mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+            return icmp::frag_needed(ctx, l2, mtu.saturating_sub(Ipv4Hdr::LEN as u16));
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Verdict::pass(Reason::IpipNoNeigh),
+        BPF_FIB_LKUP_RET_FWD_DISABLED => return Verdict::pass(Reason::IpipForwardingDisabled),
+        _ => return Verdict::pass(Reason::IpipNoRoute),
     }
     let Some(saved) = save_l2(ctx, l2) else {
         return fail;
@@ -137,24 +156,54 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     Verdict::tx(Reason::ForwardedIpip)
 }
 
-/// Strips the outer header of an IPIP packet whose inner destination is one of our VIPs
-/// and passes the inner packet to the local stack (this node is the backend). IPIP for
-/// anything else passes untouched.
+/// Strips the outer header of an IPIP packet that this project's encapsulation made —
+/// outer source a peer, outer destination this node, inner a TCP segment (first or
+/// only fragment, complete header) for a VIP service — and passes the inner packet to
+/// the local stack (this node is the backend). Every other IPIP packet passes untouched.
 #[inline(always)]
 pub fn decap(ctx: &XdpContext, l2: &L2, outer_ihl: usize) -> Verdict {
-    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off + outer_ihl) else {
-        return Verdict::pass(Reason::IpMalformed);
+    let not_ours = Verdict::pass(Reason::IpipNotOurs);
+    let (Some(outer), Some(cfg)) = (ptr_at::<Ipv4Hdr>(ctx, l2.l3_off), CONFIG.get(0)) else {
+        return not_ours;
+    };
+    // SAFETY: bounds-checked by ptr_at; l2.eth by the L2 parser.
+    let (outer_src, outer_dst, outer_frags, eth_dst) =
+        unsafe { ((*outer).src_addr, (*outer).dst_addr, (*outer).frags, (*l2.eth).dst_addr) };
+    // Ours is never fragmented (DF), always to our address and MAC.
+    if eth_dst != cfg.mac
+        || outer_dst != cfg.ip
+        || u16::from_be_bytes(outer_frags) & IP_MF_AND_OFFSET != 0
+        || !is_peer(&PeerKey::ipv4(outer_src))
+    {
+        return not_ours;
+    }
+    let inner_off = l2.l3_off + outer_ihl;
+    let Some(inner) = ptr_at::<Ipv4Hdr>(ctx, inner_off) else {
+        return not_ours;
     };
     // SAFETY: bounds-checked by ptr_at.
-    let (version, inner_dst) = unsafe { ((*inner).vihl >> 4, (*inner).dst_addr) };
-    if version != 4 {
-        return Verdict::pass(Reason::IpMalformed);
+    let (vihl, proto, frags, inner_dst) = unsafe { ((*inner).vihl, (*inner).proto, (*inner).frags, (*inner).dst_addr) };
+    let inner_ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || inner_ihl < Ipv4Hdr::LEN || proto != IPPROTO_TCP {
+        return not_ours;
     }
-    if !is_vip(inner_dst) {
-        return Verdict::pass(Reason::NotVip);
+    // What we encapsulate are first fragments at most (fragments to a VIP are never
+    // forwarded), with the whole TCP header.
+    if u16::from_be_bytes(frags) & IP_MF_AND_OFFSET != 0 {
+        return not_ours;
+    }
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, inner_off + inner_ihl) else {
+        return not_ours;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let dport = unsafe { (*tcp).dest };
+    let key = ServiceKey { vip: inner_dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
+    // SAFETY: only presence is read.
+    if unsafe { SERVICES.get(key) }.is_none() || vip(inner_dst).is_none_or(|v| v.segment != l2.segment) {
+        return not_ours;
     }
     let Some(saved) = save_l2(ctx, l2) else {
-        return Verdict::pass(Reason::IpMalformed);
+        return not_ours;
     };
     // SAFETY: shrinking the head by the outer header; on failure the frame is unchanged.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_ihl as i32) } != 0 {

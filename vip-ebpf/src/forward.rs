@@ -1,12 +1,18 @@
 //! IPv4: classify the packet, and forward VIP service traffic to its backend.
+//!
+//! At most one load-balancing hop: a node forwards a VIP frame only if it came from a
+//! client (or its router), never one another load-balancing node (a peer) already
+//! balanced to it. Peers are known by MAC (the agent fills [`crate::maps::PEERS`]); a
+//! pin records the MAC of the frame that made it, so a pinned flow arriving from a peer
+//! is delivered here instead of being sent on, even if the pin names another node.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
-use vip_common::{Backend, FlowKey, ForwardMode, Reason, ServiceKey, VipState, IPPROTO_TCP};
+use vip_common::{Backend, FlowKey, ForwardMode, PeerKey, Reason, ServiceKey, VipState, IPPROTO_TCP};
 
 use crate::{
     encap, lb,
-    maps::{vip_balance_until, SERVICES},
+    maps::{is_peer, vip, CONFIG, SERVICES},
     parse::{ptr_at, L2},
     stats,
     verdict::Verdict,
@@ -16,7 +22,7 @@ const IPPROTO_ICMP: u8 = 1;
 /// IPv4-in-IPv4.
 pub const IPPROTO_IPIP: u8 = 4;
 /// The "more fragments" flag and the fragment offset, in host order of the `frags` field.
-const IP_MF_AND_OFFSET: u16 = 0x3fff;
+pub const IP_MF_AND_OFFSET: u16 = 0x3fff;
 
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
@@ -33,7 +39,7 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
         return encap::decap(ctx, l2, ihl);
     }
     let dst = iph.dst_addr;
-    let Some(balance_until) = vip_balance_until(dst) else {
+    let Some(vip) = vip(dst) else {
         return Verdict::pass(Reason::NotVip);
     };
     if u16::from_be_bytes(iph.frags) & IP_MF_AND_OFFSET != 0 {
@@ -49,21 +55,38 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     };
     // SAFETY: ptr_at checked the 20-byte TCP header is inside the frame.
     let (sport, dport) = unsafe { ((*tcp).source, (*tcp).dest) };
+    let Some(cfg) = CONFIG.get(0) else {
+        return Verdict::pass(Reason::NotForUs);
+    };
+    // SAFETY: l2.eth was bounds-checked by the L2 parser.
+    let eth = unsafe { &mut *l2.eth };
+    // Only frames sent to us are ours to forward (a promiscuous NIC or a flooding switch
+    // shows us others'), and only on the VIP's own segment.
+    if eth.dst_addr != cfg.mac {
+        return Verdict::pass(Reason::NotForUs);
+    }
+    if l2.segment != vip.segment {
+        return Verdict::pass(Reason::OtherSegment);
+    }
     let flow = FlowKey { src: iph.src_addr, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] };
+    let src_mac = eth.src_addr;
     // A flow this node pinned keeps its backend, which holds the connection, even after
     // this node stopped balancing (a leader whose deadline passed, or that handed over):
-    // clients that have not moved yet keep their connections.
+    // clients that have not moved yet keep their connections. The pin holds for the flow
+    // as the client sends it; the same flow from a peer was balanced there already.
     let (id, backend, mode) = match lb::pinned(&flow) {
-        Some(hit) => hit,
+        Some(pin) if pin.from_mac == src_mac || !is_peer(&PeerKey::mac(src_mac)) => (pin.id, pin.backend, pin.mode),
+        Some(_) => return Verdict::pass(Reason::BalancedByPeer),
         None => {
             // New flow on a node that does not balance this VIP (a follower): the leader
             // sent it here by DSR; deliver it rather than balance it with a table that
-            // may be stale. The coarse clock (same base, tick resolution) is enough
-            // against a deadline with 400 ms of fencing margin; a deadline that never
-            // passes skips the clock.
+            // may be stale. A deadline that never passes skips the clock.
             // SAFETY: helper without preconditions.
-            if balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_coarse_ns() } >= balance_until {
+            if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
                 return Verdict::pass(Reason::NotBalancing);
+            }
+            if is_peer(&PeerKey::mac(src_mac)) {
+                return Verdict::pass(Reason::BalancedByPeer);
             }
             let key = ServiceKey { vip: dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
             // SAFETY: copied out at once.
@@ -73,7 +96,7 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
             if svc.mode == ForwardMode::Local as u8 {
                 return Verdict::pass(Reason::LocalMode);
             }
-            let Some((id, backend)) = lb::choose(&flow, &svc) else {
+            let Some((id, backend)) = lb::choose(&flow, &svc, cfg.hash_seed, src_mac) else {
                 return Verdict::pass(Reason::NoBackend);
             };
             (id, backend, svc.mode)
@@ -86,11 +109,9 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     if mode == ForwardMode::Ipip as u8 {
         return encap::ipip(ctx, l2, &backend);
     }
-    // DSR: the frame was addressed to us, so its destination MAC is ours and becomes the
-    // source; the backend's MAC becomes the destination. IP and TCP stay as they are.
-    // SAFETY: l2.eth was bounds-checked by the L2 parser.
-    let eth = unsafe { &mut *l2.eth };
-    eth.src_addr = eth.dst_addr;
+    // DSR: our MAC as the source, the backend's as the destination. IP and TCP stay as
+    // they are.
+    eth.src_addr = cfg.mac;
     eth.dst_addr = backend.mac;
     Verdict::tx(Reason::ForwardedDsr)
 }

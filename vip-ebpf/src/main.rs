@@ -11,6 +11,7 @@ mod arp;
 mod csum;
 mod encap;
 mod forward;
+mod icmp;
 mod lb;
 mod maps;
 mod parse;

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use vip_common::{
-    Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey, VipSet, VipState,
-    MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_SERVICES, MAX_VIPS,
+    Backend, BackendStats, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason, Service, ServiceKey, VipKey,
+    VipSet, VipState, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS,
 };
 
 /// This node's MAC on the attached interface. One entry (index 0). An array, not a hash,
@@ -52,17 +52,35 @@ pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(MAX_C
 #[map(name = "VIP_BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-/// Whether `addr` is one of this node's VIPs (the IPv4 path's membership test).
-#[inline(always)]
-pub fn is_vip(addr: [u8; 4]) -> bool {
-    VIP_SET.get(0).is_some_and(|set| set.contains(addr))
+/// The other load-balancing nodes of the segment, by MAC and by IPv4 address. A hash:
+/// looked up only off the established-flow path (new flows, IPIP decapsulation).
+#[map(name = "VIP_PEERS")]
+pub static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(MAX_PEERS, 0);
+
+/// The budget of generated ICMP errors, per CPU (one entry).
+#[map(name = "VIP_ICMP_BUDGET")]
+pub static ICMP_BUDGET: PerCpuArray<IcmpBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the IPv4 path needs to know about a VIP.
+#[derive(Clone, Copy)]
+pub struct VipInfo {
+    /// Until when (kernel boot-time ns) this node load-balances the VIP's new flows.
+    pub balance_until: u64,
+    /// The L2 segment the VIP lives on.
+    pub segment: u16,
 }
 
-/// For a VIP: `Some(until)`, the time (kernel monotonic ns) until which this node
-/// load-balances it. `None` if `addr` is not a VIP.
+/// The VIP `addr`, if it is one of this node's (the IPv4 path's membership test).
 #[inline(always)]
-pub fn vip_balance_until(addr: [u8; 4]) -> Option<u64> {
+pub fn vip(addr: [u8; 4]) -> Option<VipInfo> {
     let set = VIP_SET.get(0)?;
     let i = set.slot(addr)?;
-    set.balance_until_ns.get(i).copied()
+    Some(VipInfo { balance_until: *set.balance_until_ns.get(i)?, segment: *set.segments.get(i)? })
+}
+
+/// Whether `key` is another load-balancing node.
+#[inline(always)]
+pub fn is_peer(key: &PeerKey) -> bool {
+    // SAFETY: only the presence of the key is read.
+    unsafe { PEERS.get(key) }.is_some()
 }

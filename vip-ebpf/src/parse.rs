@@ -7,7 +7,7 @@ use core::mem;
 
 use aya_ebpf::programs::XdpContext;
 use network_types::{eth::EthHdr, vlan::VlanHdr};
-use vip_common::Reason;
+use vip_common::{segment_of, Reason};
 
 /// EtherType of ARP, network order on the wire.
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -20,6 +20,13 @@ const ETH_P_8021AD: u16 = 0x88A8;
 /// How many VLAN tags we look through. Two covers QinQ; a frame with more is passed to
 /// the kernel untouched rather than parsed in a loop the verifier would have to unroll.
 const MAX_VLAN_TAGS: usize = 2;
+
+/// Whether `dst` is a group address (broadcast or multicast: the I/G bit of the first
+/// octet, IEEE 802-2014 §8.2).
+#[inline(always)]
+pub fn is_group(dst: &[u8; 6]) -> bool {
+    dst[0] & 1 != 0
+}
 
 /// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` if any byte of
 /// it lies past the end of the frame.
@@ -49,6 +56,8 @@ pub struct L2 {
     pub l3_off: usize,
     /// Number of VLAN tags between the Ethernet header and L3 (0..=2).
     pub tags: usize,
+    /// The segment the frame arrived on (`vip_common::segment_of`): 0 untagged.
+    pub segment: u16,
     pub kind: EtherKind,
 }
 
@@ -60,13 +69,18 @@ pub fn ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
     let mut proto = u16::from_be(unsafe { (*eth).ether_type });
     let mut off = EthHdr::LEN;
     let mut tags = 0;
+    let mut outer_vid = 0;
     for _ in 0..MAX_VLAN_TAGS {
         if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
             break;
         }
         let vlan: *const VlanHdr = ptr_at(ctx, off).ok_or(Reason::EthMalformed)?;
         // SAFETY: as above.
-        proto = u16::from_be(unsafe { (*vlan).ether_type });
+        let (tci, next) = unsafe { ((*vlan).tci, (*vlan).ether_type) };
+        if tags == 0 {
+            outer_vid = u16::from_be_bytes(tci);
+        }
+        proto = u16::from_be(next);
         off += VlanHdr::LEN;
         tags += 1;
     }
@@ -75,5 +89,5 @@ pub fn ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
         ETH_P_IP => EtherKind::Ipv4,
         _ => EtherKind::Other,
     };
-    Ok(L2 { eth, l3_off: off, tags, kind })
+    Ok(L2 { eth, l3_off: off, tags, segment: segment_of(tags, outer_vid), kind })
 }

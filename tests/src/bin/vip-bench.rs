@@ -97,12 +97,11 @@ fn repeated(runner: &Runner<'_>, row: &Row) -> Result<Option<f64>, String> {
 
 fn backends(n: u8, mac_base: u8) -> Vec<BackendSpec> {
     (1..=n)
-        .map(|i| BackendSpec {
-            ip: if mac_base == 0 { Ipv4Addr::new(10, 77, 0, 10 + i) } else { Ipv4Addr::new(10, 0, 0, 10 + i) },
-            mac: [0x02, 0, 0, 0, 0, mac_base + i],
-            weight: 1,
-            local: false,
-            healthy: true,
+        .map(|i| {
+            BackendSpec::up(
+                if mac_base == 0 { Ipv4Addr::new(10, 77, 0, 10 + i) } else { Ipv4Addr::new(10, 0, 0, 10 + i) },
+                [0x02, 0, 0, 0, 0, mac_base + i],
+            )
         })
         .collect()
 }
@@ -118,7 +117,7 @@ fn xdp_table() -> Result<(), String> {
         maps.set_vip(VIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
         maps.set_vip(FOLLOWED, VipState::follower()).map_err(e)?;
         maps.set_vip(VIP_IPIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
-        let hour_from_now = vip_agent::metrics::monotonic_ns() + 3_600_000_000_000;
+        let hour_from_now = vip_agent::clock::boot_ns() + 3_600_000_000_000;
         maps.set_vip(VIP_LEASED, VipState::leader_until(hour_from_now)).map_err(e)?;
         let mut lb = Balancer::default();
         let dsr = ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends: backends(3, 0x10) };

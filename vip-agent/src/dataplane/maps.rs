@@ -9,8 +9,8 @@ use aya::{
     Ebpf,
 };
 use vip_common::{
-    map_names, Backend, BackendStats, Config, Conn, FlowKey, MaglevRow, Reason, Service, ServiceKey, VipKey, VipSet,
-    VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
+    map_names, Backend, BackendStats, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason, Service,
+    ServiceKey, VipKey, VipSet, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +53,9 @@ pub enum MapError {
 /// Every map: name, key size, value size, max entries. A pinned map left by another
 /// version of the agent is adopted only if it matches; `layouts_match_the_object` (a
 /// kernel test) keeps this table honest against the ELF object.
-pub const LAYOUTS: [(&str, u32, u32, u32); 9] = {
+pub const LAYOUTS: [(&str, u32, u32, u32); 11] = {
     use std::mem::size_of;
-    use vip_common::{MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_SERVICES, MAX_VIPS};
+    use vip_common::{MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS};
     [
         (map_names::CONFIG, 4, size_of::<Config>() as u32, 1),
         (map_names::VIPS, size_of::<VipKey>() as u32, size_of::<VipState>() as u32, MAX_VIPS),
@@ -66,6 +66,8 @@ pub const LAYOUTS: [(&str, u32, u32, u32); 9] = {
         (map_names::MAGLEV, 4, size_of::<MaglevRow>() as u32, MAGLEV_ROWS),
         (map_names::CONNS, size_of::<FlowKey>() as u32, size_of::<Conn>() as u32, MAX_CONNS),
         (map_names::BACKEND_STATS, 4, size_of::<BackendStats>() as u32, MAX_BACKENDS),
+        (map_names::PEERS, size_of::<PeerKey>() as u32, 4, MAX_PEERS),
+        (map_names::ICMP_BUDGET, 4, size_of::<IcmpBudget>() as u32, 1),
     ]
 };
 
@@ -93,6 +95,7 @@ pub struct Maps {
     maglev: Array<MapData, MaglevRow>,
     conns: HashMap<MapData, FlowKey, Conn>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
+    peers: HashMap<MapData, PeerKey, u32>,
 }
 
 fn op(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
@@ -126,6 +129,7 @@ impl Maps {
             conns: HashMap::try_from(open(dir, map_names::CONNS)?).map_err(ty(map_names::CONNS))?,
             backend_stats: PerCpuArray::try_from(open(dir, map_names::BACKEND_STATS)?)
                 .map_err(ty(map_names::BACKEND_STATS))?,
+            peers: HashMap::try_from(open(dir, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
         })
     }
 
@@ -143,6 +147,7 @@ impl Maps {
             conns: HashMap::try_from(take(ebpf, map_names::CONNS)?).map_err(ty(map_names::CONNS))?,
             backend_stats: PerCpuArray::try_from(take(ebpf, map_names::BACKEND_STATS)?)
                 .map_err(ty(map_names::BACKEND_STATS))?,
+            peers: HashMap::try_from(take(ebpf, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
         })
     }
 
@@ -158,6 +163,20 @@ impl Maps {
     /// VIP enters the membership list first, so the data plane never holds state for a
     /// VIP it would not recognise.
     pub fn set_vip(&mut self, vip: Ipv4Addr, state: VipState) -> Result<(), MapError> {
+        // The leader balances until its fencing deadline; a follower never.
+        let until = if state.flags & VipState::F_LEADER != 0 { state.leader_until_ns } else { 0 };
+        self.set_vip_with_balancing(vip, state, until)
+    }
+
+    /// Inserts or replaces the state of `vip`, balancing its new flows until
+    /// `balance_until_ns` (kernel boot-time clock; [`VipState::FOREVER`]: always)
+    /// whatever the ARP role: in BGP mode every node balances and none answers ARP.
+    pub fn set_vip_with_balancing(
+        &mut self,
+        vip: Ipv4Addr,
+        state: VipState,
+        balance_until_ns: u64,
+    ) -> Result<(), MapError> {
         let mut set = self.vip_set()?;
         let slot = match set.slot(vip.octets()) {
             Some(i) => i,
@@ -167,21 +186,35 @@ impl Maps {
                 .position(|a| *a == [0; 4])
                 .ok_or(MapError::VipsFull { vip, max: vip_common::MAX_VIPS })?,
         };
-        // The leader balances until its fencing deadline; a follower never.
-        let until = if state.flags & VipState::F_LEADER != 0 { state.leader_until_ns } else { 0 };
-        if set.addrs[slot] != vip.octets() || set.balance_until_ns[slot] != until {
+        if set.addrs[slot] != vip.octets()
+            || set.balance_until_ns[slot] != balance_until_ns
+            || set.segments[slot] != state.segment
+        {
             set.addrs[slot] = vip.octets();
-            set.balance_until_ns[slot] = until;
+            set.balance_until_ns[slot] = balance_until_ns;
+            set.segments[slot] = state.segment;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
         self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))
+    }
+
+    /// The state of `vip`, if it is in the map.
+    pub fn vip(&self, vip: Ipv4Addr) -> Result<Option<VipState>, MapError> {
+        match self.vips.get(&VipKey::new(vip.octets()), 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(MapError::Op { name: map_names::VIPS, op: "get", source }),
+        }
     }
 
     /// Hands `vip` over: stop answering ARP for it, but keep balancing the traffic that
     /// still reaches this node until `balance_until_ns` (kernel monotonic clock), while
     /// clients move to the new leader. `vip` must already be set.
     pub fn hand_over_vip(&mut self, vip: Ipv4Addr, balance_until_ns: u64) -> Result<(), MapError> {
-        self.vips.insert(VipKey::new(vip.octets()), VipState::follower(), 0).map_err(op(map_names::VIPS, "insert"))?;
+        let segment = self.vip(vip)?.map_or(0, |s| s.segment);
+        self.vips
+            .insert(VipKey::new(vip.octets()), VipState::follower().on_segment(segment), 0)
+            .map_err(op(map_names::VIPS, "insert"))?;
         let mut set = self.vip_set()?;
         if let Some(slot) = set.slot(vip.octets()) {
             set.balance_until_ns[slot] = balance_until_ns;
@@ -201,6 +234,7 @@ impl Maps {
         if let Some(slot) = set.slot(vip.octets()) {
             set.addrs[slot] = [0; 4];
             set.balance_until_ns[slot] = 0;
+            set.segments[slot] = 0;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
         Ok(())
@@ -240,6 +274,42 @@ impl Maps {
     /// atomic for readers.
     pub fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError> {
         self.services.insert(key, svc, 0).map_err(op(map_names::SERVICES, "insert"))
+    }
+
+    /// Removes a service; removing one that is not there is not an error.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        match self.services.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "remove", source }),
+        }
+    }
+
+    /// Makes the peer map hold exactly `peers` (other load-balancing nodes by MAC and by
+    /// address): new ones are inserted before stale ones are removed.
+    pub fn set_peers(&mut self, peers: &std::collections::BTreeSet<PeerKey>) -> Result<(), MapError> {
+        for p in peers {
+            self.peers.insert(p, 1, 0).map_err(op(map_names::PEERS, "insert"))?;
+        }
+        let stale: Vec<PeerKey> = self
+            .peers
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(op(map_names::PEERS, "iterate"))?
+            .into_iter()
+            .filter(|k| !peers.contains(k))
+            .collect();
+        for k in stale {
+            match self.peers.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(MapError::Op { name: map_names::PEERS, op: "remove", source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// The peer map's keys.
+    pub fn peers(&self) -> Result<Vec<PeerKey>, MapError> {
+        self.peers.keys().collect::<Result<_, _>>().map_err(op(map_names::PEERS, "iterate"))
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), MapError> {

@@ -152,7 +152,19 @@ fn find_os_error<'a>(err: &'a (dyn std::error::Error + 'static), errnos: &[i32])
 
 /// Maps a load failure to [`DataplaneError::PermissionDenied`] when the kernel said
 /// `EPERM`/`EACCES`: the caller lacks the capabilities to create maps or load programs.
+/// A program the verifier rejected also fails with `EACCES`, but with a verifier log:
+/// that is a bug in the program, reported as such (with the log), never as missing
+/// privileges.
 fn permission_denied(err: &(dyn std::error::Error + 'static)) -> Option<DataplaneError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(ProgramError::LoadError { verifier_log, .. }) = e.downcast_ref::<ProgramError>() {
+            if !verifier_log.to_string().trim().is_empty() {
+                return None;
+            }
+        }
+        cur = e.source();
+    }
     find_os_error(err, &[libc::EPERM, libc::EACCES])
         .map(|io| DataplaneError::PermissionDenied { what: "loading the XDP program", detail: format!("bpf(2): {io}") })
 }
