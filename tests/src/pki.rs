@@ -1,5 +1,6 @@
 //! A throw-away PKI for the lab: one CA, and a server certificate per apiserver
-//! stand-in whose SANs name its node's address, the VIP and loopback, as kubeadm's do.
+//! stand-in whose SANs name its node's address, the VIP and loopback, and the
+//! `kubernetes.default.svc` names, as kubeadm's do.
 
 use std::{
     net::IpAddr,
@@ -30,11 +31,23 @@ impl Pki {
         self.dir.join("ca.pem")
     }
 
-    /// Issues a server certificate for `ips`; writes `<name>.pem` and `<name>-key.pem`
-    /// and returns their paths.
+    /// The DNS names every kube-apiserver serving certificate lists.
+    pub const APISERVER_NAMES: [&'static str; 4] =
+        ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"];
+
+    /// Issues a server certificate for `ips` and the apiserver names; writes
+    /// `<name>.pem` and `<name>-key.pem` and returns their paths.
     pub fn server(&self, name: &str, ips: &[IpAddr]) -> Result<(PathBuf, PathBuf), String> {
+        self.server_for(name, ips, &Self::APISERVER_NAMES)
+    }
+
+    /// Issues a server certificate for exactly `ips` and `dns`.
+    pub fn server_for(&self, name: &str, ips: &[IpAddr], dns: &[&str]) -> Result<(PathBuf, PathBuf), String> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
         params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        for d in dns {
+            params.subject_alt_names.push(SanType::DnsName((*d).try_into().map_err(|e: rcgen::Error| e.to_string())?));
+        }
         params.distinguished_name.push(rcgen::DnType::CommonName, name);
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
         let cert = params.signed_by(&key, &self.issuer).map_err(|e| e.to_string())?;

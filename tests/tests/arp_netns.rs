@@ -146,6 +146,8 @@ fn agent_answers_arp_until_sigterm_then_detaches() {
         wait_until(Duration::from_secs(10), || lab.node.has_xdp(NODE_DEV).unwrap_or(false)),
         "agent never attached"
     );
+    // It claims the VIP once its ARP probe found nobody else answering.
+    assert!(wait_until(Duration::from_secs(5), || status_json(&lab.node, &pins)["vips"][0]["leader"] == true));
     assert_eq!(arping(&lab.client, CLIENT_DEV, VIP, 3, 3).unwrap(), vec![node_mac; 3]);
 
     assert!(lab.node.addrs("lo").unwrap().contains(VIP), "VIP not on lo while serving");
@@ -265,6 +267,7 @@ fn flags_come_from_the_environment() {
     let lab = lab(false);
     let node_mac = mac_of(&lab.node, NODE_DEV).unwrap();
     let bin = tests::agent::agent_bin();
+    let pins = pin_dir(&lab.node.name).unwrap();
     let mut child = lab
         .node
         .cmd(bin.to_str().unwrap())
@@ -274,11 +277,13 @@ fn flags_come_from_the_environment() {
         .env("VIP_ELECTION", "none")
         .env("VIP_XDP_MODE", "skb")
         .env("VIP_FORWARD", "local")
-        .env("VIP_PIN_PATH", pin_dir(&lab.node.name).unwrap())
+        .env("VIP_PIN_PATH", &pins)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let attached = wait_until(Duration::from_secs(10), || lab.node.has_xdp(NODE_DEV).unwrap_or(false));
+    let attached = wait_until(Duration::from_secs(10), || {
+        lab.node.has_xdp(NODE_DEV).unwrap_or(false) && status_json(&lab.node, &pins)["vips"][0]["leader"] == true
+    });
     let replies = arping(&lab.client, CLIENT_DEV, VIP, 1, 2).unwrap();
     let _ = child.kill();
     let _ = child.wait();

@@ -26,17 +26,30 @@ pub enum ApiClientError {
     NoCredentials,
     #[error("--apiserver {url:?} is not a valid URL")]
     Url { url: String },
+    #[error("API server {url}: plain HTTP would send the credentials in clear; use https://")]
+    PlainHttp { url: String },
     #[error("building the Kubernetes client")]
     Client(#[source] kube::Error),
 }
 
+/// How long requests may take: the Lease calls of the election are bounded by the renew
+/// deadline; watches stream for minutes and end when the server's `timeoutSeconds`
+/// says (with no read timeout of their own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeouts {
+    /// Connect, read and write each bounded by this.
+    Bounded(Duration),
+    /// Connect bounded by this; reads unbounded (watches).
+    Watch(Duration),
+}
+
 /// Builds the client: `--kubeconfig` (its server kept unless `--apiserver` is given),
 /// else the pod's service-account token and CA against this node's apiserver, else an
-/// error. Every request has `timeout` for connecting and for the response.
+/// error. Refuses plain HTTP: the credentials would travel in clear.
 pub async fn client(
     kubeconfig: Option<&Path>,
     apiserver: Option<&str>,
-    timeout: Duration,
+    timeouts: Timeouts,
 ) -> Result<kube::Client, ApiClientError> {
     let mut config = if apiserver == Some("in-cluster") {
         kube::Config::incluster().map_err(ApiClientError::InCluster)?
@@ -61,9 +74,16 @@ pub async fn client(
     if let Some(url) = apiserver.filter(|u| *u != "in-cluster") {
         config.cluster_url = url.parse().map_err(|_| ApiClientError::Url { url: url.to_owned() })?;
     }
-    config.connect_timeout = Some(timeout);
-    config.read_timeout = Some(timeout);
-    config.write_timeout = Some(timeout);
+    if config.cluster_url.scheme_str() != Some("https") {
+        return Err(ApiClientError::PlainHttp { url: config.cluster_url.to_string() });
+    }
+    let (connect, read) = match timeouts {
+        Timeouts::Bounded(t) => (t, Some(t)),
+        Timeouts::Watch(t) => (t, None),
+    };
+    config.connect_timeout = Some(connect);
+    config.read_timeout = read;
+    config.write_timeout = Some(connect);
     config.reset_reader_on_write = true;
     // A retried request could renew a Lease after the fencing deadline assumed it failed.
     config.default_retry = false;

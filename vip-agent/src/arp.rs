@@ -1,64 +1,112 @@
-//! Gratuitous ARP: on becoming leader (and when the link comes back), announce that the
-//! VIP is at this node's MAC so switches and clients move at once instead of waiting for
-//! their caches to expire.
+//! ARP on the wire, as the agent speaks it: gratuitous ARP when this node starts
+//! answering for a VIP, the probe before it claims one (RFC 5227 §2.1), and the watch
+//! for other hosts claiming a VIP this node leads (RFC 5227 §2.4).
 //!
-//! Both forms are sent, since implementations differ in which they honour: a request
-//! (who-has VIP tell VIP) and a reply (VIP is-at MAC), each to the broadcast address.
-//! First a burst, then spaced repeats for hosts that missed it (a switch port that was
-//! still coming up, a client that was busy).
+//! Gratuitous ARP: both forms are sent, since implementations differ in which they
+//! honour: a request (who-has VIP tell VIP) and a reply (VIP is-at MAC), each to the
+//! broadcast address. First a burst, then spaced repeats for hosts that missed it (a
+//! switch port that was still coming up, a client that was busy). Every announcement
+//! re-checks, right before it is sent, that this node still answers for the VIP in the
+//! data plane: a leader paused in the middle of its repeats and resumed after another
+//! node took over must not pull clients back.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    future::Future,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
+use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::{debug, warn};
 
-use crate::rawsock::RawSocket;
+use crate::{netdev, rawsock::RawSocket};
 
 /// Sends of each form in the initial burst, and the gap between them.
 pub const BURST: usize = 3;
 pub const BURST_GAP: Duration = Duration::from_millis(50);
 /// Delays of the repeats after the burst.
 pub const REPEATS: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)];
+/// How long a claim probe listens for an answer. RFC 5227 allows seconds; a host on the
+/// segment answers within a millisecond, and failover time counts every millisecond.
+pub const PROBE_WAIT: Duration = Duration::from_millis(100);
 
 const ETH_P_ARP: u16 = 0x0806;
+const ARPOP_REQUEST: u16 = 1;
+const ARPOP_REPLY: u16 = 2;
 
-/// The two gratuitous ARP frames for `vip` at `mac`: request form, then reply form.
-pub fn frames(mac: [u8; 6], vip: Ipv4Addr) -> [[u8; 42]; 2] {
-    let mut out = [[0u8; 42]; 2];
-    for (op, f) in [1u16, 2].into_iter().zip(out.iter_mut()) {
-        f[0..6].copy_from_slice(&[0xff; 6]);
-        f[6..12].copy_from_slice(&mac);
-        f[12..14].copy_from_slice(&ETH_P_ARP.to_be_bytes());
-        f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
-        f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
-        f[18] = 6;
-        f[19] = 4;
-        f[20..22].copy_from_slice(&op.to_be_bytes());
-        f[22..28].copy_from_slice(&mac);
-        f[28..32].copy_from_slice(&vip.octets());
-        // Target MAC: zero in a request, broadcast in the reply form (RFC 5227 §3).
-        f[32..38].copy_from_slice(if op == 1 { &[0; 6] } else { &[0xff; 6] });
-        f[38..42].copy_from_slice(&vip.octets());
-    }
-    out
+/// An Ethernet/IPv4 ARP frame: `op` from `sha`/`spa` to `tha`/`tpa`, in an Ethernet
+/// frame to `dst` from `sha`.
+fn frame(dst: [u8; 6], op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> [u8; 42] {
+    let mut f = [0u8; 42];
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&sha);
+    f[12..14].copy_from_slice(&ETH_P_ARP.to_be_bytes());
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&op.to_be_bytes());
+    f[22..28].copy_from_slice(&sha);
+    f[28..32].copy_from_slice(&spa.octets());
+    f[32..38].copy_from_slice(&tha);
+    f[38..42].copy_from_slice(&tpa.octets());
+    f
 }
 
-/// Sends one round (both forms) for every VIP.
-pub fn announce_once(sock: &RawSocket, mac: [u8; 6], vips: &[Ipv4Addr]) -> std::io::Result<()> {
+/// The two gratuitous ARP frames for `vip` at `mac`: request form, then reply form
+/// (target MAC zero in the request, broadcast in the reply, RFC 5227 §3).
+pub fn frames(mac: [u8; 6], vip: Ipv4Addr) -> [[u8; 42]; 2] {
+    [frame([0xff; 6], ARPOP_REQUEST, mac, vip, [0; 6], vip), frame([0xff; 6], ARPOP_REPLY, mac, vip, [0xff; 6], vip)]
+}
+
+/// An ARP probe for `vip` from `mac` (RFC 5227 §2.1.1: sender IP 0.0.0.0, broadcast).
+pub fn probe_frame(mac: [u8; 6], vip: Ipv4Addr) -> [u8; 42] {
+    frame([0xff; 6], ARPOP_REQUEST, mac, Ipv4Addr::UNSPECIFIED, [0; 6], vip)
+}
+
+/// A host other than `mine` saying it has one of `vips`: a request or reply whose sender
+/// IP is a VIP (a gratuitous ARP, an answer). Returns the VIP and the sender's MAC.
+pub fn foreign_claim(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4Addr, [u8; 6])> {
+    if f.len() < 42 || f[12..14] != ETH_P_ARP.to_be_bytes() || f[14..20] != [0, 1, 8, 0, 6, 4] {
+        return None;
+    }
+    let op = u16::from_be_bytes([f[20], f[21]]);
+    if op != ARPOP_REQUEST && op != ARPOP_REPLY {
+        return None;
+    }
+    let sha: [u8; 6] = f[22..28].try_into().ok()?;
+    let spa = Ipv4Addr::new(f[28], f[29], f[30], f[31]);
+    (sha != mine && f[6..12] != mine && vips.contains(&spa)).then_some((spa, sha))
+}
+
+/// Sends one round (both forms) for every VIP for which `leads` still holds.
+fn announce_once(sock: &RawSocket, mac: [u8; 6], vips: &[Ipv4Addr], leads: &dyn Fn(Ipv4Addr) -> bool) -> usize {
+    let mut sent = 0;
     for &vip in vips {
+        if !leads(vip) {
+            continue;
+        }
         for f in frames(mac, vip) {
-            sock.send(&f)?;
+            match sock.send(&f) {
+                Ok(()) => sent += 1,
+                Err(error) => warn!(%error, %vip, "gratuitous ARP failed"),
+            }
         }
     }
-    Ok(())
+    sent
 }
 
-/// The burst and the repeats, as a task. Errors are logged, not fatal: a missed
-/// announcement only delays how soon clients move.
-pub async fn announce(ifindex: u32, mac: [u8; 6], vips: Vec<Ipv4Addr>) {
-    let sock = match RawSocket::open(ifindex, ETH_P_ARP, None) {
+/// The burst and the repeats, as a task, on interface `interface` (resolved now, so a
+/// recreated interface is found). `leads` is asked before every send. Errors are
+/// logged, not fatal: a missed announcement only delays how soon clients move.
+pub async fn announce(interface: String, vips: Vec<Ipv4Addr>, leads: impl Fn(Ipv4Addr) -> bool) {
+    let (sock, mac) = match netdev::lookup(&interface)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|dev| Ok((RawSocket::open(dev.ifindex, ETH_P_ARP, None)?, dev.mac.0)))
+    {
         Ok(s) => s,
         Err(error) => {
-            warn!(%error, ifindex, "cannot open a raw socket for gratuitous ARP");
+            warn!(%error, %interface, "cannot open a raw socket for gratuitous ARP");
             return;
         }
     };
@@ -67,40 +115,123 @@ pub async fn announce(ifindex: u32, mac: [u8; 6], vips: Vec<Ipv4Addr>) {
         if i > 0 {
             tokio::time::sleep(BURST_GAP).await;
         }
-        match announce_once(&sock, mac, &vips) {
-            Ok(()) => sent += 1,
-            Err(error) => warn!(%error, "gratuitous ARP failed"),
-        }
+        sent += announce_once(&sock, mac, &vips, &leads);
     }
     debug!(?vips, sent, "gratuitous ARP burst sent");
     let mut elapsed = Duration::ZERO;
     for at in REPEATS {
         tokio::time::sleep(at - elapsed).await;
         elapsed = at;
-        if let Err(error) = announce_once(&sock, mac, &vips) {
-            warn!(%error, "gratuitous ARP repeat failed");
+        announce_once(&sock, mac, &vips, &leads);
+    }
+}
+
+/// One gratuitous ARP round for `vip`, if `leads` (a defence, RFC 5227 §2.4 (b)).
+pub fn defend(interface: &str, vip: Ipv4Addr, leads: impl Fn(Ipv4Addr) -> bool) -> std::io::Result<usize> {
+    let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, None)?;
+    Ok(announce_once(&sock, dev.mac.0, &[vip], &leads))
+}
+
+/// Probes every VIP (RFC 5227 §2.1.1) from `interface` and listens for `wait`: `Err` with
+/// the first VIP another host answers for (any ARP whose sender IP is that VIP and whose
+/// sender MAC is not ours). Blocking: run it on a blocking thread.
+pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Result<Result<(), (Ipv4Addr, [u8; 6])>> {
+    let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, Some(Duration::from_millis(10)))?;
+    for &vip in vips {
+        sock.send(&probe_frame(dev.mac.0, vip))?;
+    }
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 128];
+    while Instant::now() < deadline {
+        if let Some(n) = sock.recv(&mut buf)? {
+            if let Some(claim) = foreign_claim(&buf[..n], vips, dev.mac.0) {
+                return Ok(Err(claim));
+            }
         }
     }
+    Ok(Ok(()))
+}
+
+/// Watches `interface` for other hosts claiming one of `vips` and sends each claim
+/// (VIP, MAC) on `tx`, until the receiver is dropped. Frames the data plane answers or
+/// drops never get here; gratuitous ARPs and replies pass to the kernel and to this.
+pub fn watch_claims(
+    interface: String,
+    vips: Vec<Ipv4Addr>,
+    tx: mpsc::Sender<(Ipv4Addr, [u8; 6])>,
+) -> std::io::Result<impl Future<Output = ()>> {
+    let dev = netdev::lookup(&interface).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, None)?;
+    sock.set_nonblocking()?;
+    // SAFETY: the socket owns its descriptor and moves into the AsyncFd, so it stays
+    // open for as long as the registration.
+    let fd = unsafe { AsyncFd::register(sock) }?;
+    let mac = dev.mac.0;
+    Ok(async move {
+        let mut buf = [0u8; 128];
+        loop {
+            let Ok(mut ready) = fd.readable().await else { return };
+            match ready.get_inner().recv(&mut buf) {
+                Ok(Some(n)) => {
+                    if let Some(claim) = foreign_claim(&buf[..n], &vips, mac) {
+                        if tx.send(claim).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => ready.clear_ready(),
+                Err(error) => {
+                    warn!(%error, %interface, "ARP watch failed");
+                    return;
+                }
+            }
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 9];
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+
     #[test]
     fn frames_are_gratuitous_requests_and_replies() {
-        let mac = [2, 0, 0, 0, 0, 9];
-        let vip = Ipv4Addr::new(10, 0, 0, 100);
-        let [req, rep] = frames(mac, vip);
+        let [req, rep] = frames(MAC, VIP);
         for f in [&req, &rep] {
             assert_eq!(f[0..6], [0xff; 6], "broadcast");
-            assert_eq!(f[6..12], mac);
+            assert_eq!(f[6..12], MAC);
             assert_eq!(f[12..14], [0x08, 0x06]);
-            assert_eq!(f[22..28], mac, "sender MAC");
-            assert_eq!(f[28..32], vip.octets(), "sender IP");
-            assert_eq!(f[38..42], vip.octets(), "target IP = sender IP");
+            assert_eq!(f[22..28], MAC, "sender MAC");
+            assert_eq!(f[28..32], VIP.octets(), "sender IP");
+            assert_eq!(f[38..42], VIP.octets(), "target IP = sender IP");
         }
         assert_eq!(req[20..22], [0, 1]);
         assert_eq!(rep[20..22], [0, 2]);
+    }
+
+    #[test]
+    fn a_probe_has_sender_ip_zero_and_asks_for_the_vip() {
+        let p = probe_frame(MAC, VIP);
+        assert_eq!(p[20..22], [0, 1]);
+        assert_eq!(p[28..32], [0; 4]);
+        assert_eq!(p[32..38], [0; 6]);
+        assert_eq!(p[38..42], VIP.octets());
+    }
+
+    #[test]
+    fn only_other_hosts_claiming_a_vip_are_claims() {
+        let other = [2, 0, 0, 0, 0, 0x66];
+        let [garp, reply] = frames(other, VIP);
+        assert_eq!(foreign_claim(&garp, &[VIP], MAC), Some((VIP, other)));
+        assert_eq!(foreign_claim(&reply, &[VIP], MAC), Some((VIP, other)));
+        let [ours, _] = frames(MAC, VIP);
+        assert_eq!(foreign_claim(&ours, &[VIP], MAC), None, "our own announcement");
+        assert_eq!(foreign_claim(&probe_frame(other, VIP), &[VIP], MAC), None, "a probe claims nothing");
+        assert_eq!(foreign_claim(&garp, &[Ipv4Addr::new(10, 0, 0, 101)], MAC), None, "another address");
+        assert_eq!(foreign_claim(&garp[..41], &[VIP], MAC), None, "truncated");
     }
 }

@@ -242,6 +242,10 @@ pub struct RunArgs {
     /// PEM file of the CA that signs the backends' certificates.
     #[arg(long, env = "VIP_HEALTH_CA", value_name = "PATH")]
     pub health_ca: Option<PathBuf>,
+    /// Name the apiservers' certificates are verified against. Every kube-apiserver
+    /// serving certificate lists `kubernetes.default.svc`; its node IP is optional.
+    #[arg(long, env = "VIP_HEALTH_SERVER_NAME", default_value = "kubernetes.default.svc")]
+    pub health_server_name: String,
     /// Do not verify backend certificates (only when asked: prefer --health-ca).
     #[arg(long, env = "VIP_HEALTH_INSECURE")]
     pub health_insecure: bool,
@@ -261,6 +265,10 @@ pub struct RunArgs {
     /// Maglev table size (a prime up to 65537).
     #[arg(long, env = "VIP_MAGLEV_SIZE", default_value_t = maglev::DEFAULT_M)]
     pub maglev_size: u32,
+    /// Seed of the flow hash (32 bits, decimal or 0x-hex), the same on every node. By
+    /// default derived from the cluster CA, which every node has and outsiders do not.
+    #[arg(long, env = "VIP_FLOW_HASH_SEED", value_name = "SEED", value_parser = parse_seed)]
+    pub flow_hash_seed: Option<u32>,
     /// Log format.
     #[arg(long, env = "VIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -297,6 +305,7 @@ pub struct RunConfig {
     pub pin_path: PathBuf,
     pub keep_forwarding_on_exit: bool,
     pub maglev_size: u32,
+    pub flow_hash_seed: Option<u32>,
     pub log_format: LogFormat,
 }
 
@@ -320,6 +329,8 @@ pub struct HealthConfig {
     pub fall: u32,
     pub ca: Option<PathBuf>,
     pub insecure: bool,
+    /// The name certificates are verified against.
+    pub server_name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,14 +349,22 @@ pub enum ConfigError {
     BackendIsVip { ip: Ipv4Addr },
     #[error("--maglev-size: {0}")]
     Maglev(#[from] maglev::MaglevError),
-    #[error("--{flag} {value} must be greater than zero")]
-    Zero { flag: &'static str, value: String },
     #[error("--health-path {path:?} must start with '/'")]
     HealthPath { path: String },
     #[error("{why}")]
     Timing { why: String },
     #[error("--apiserver {url:?}: expected an https:// URL or in-cluster")]
     Apiserver { url: String },
+    #[error("--apiserver {url:?}: plain HTTP would send the service account token in clear; use https://")]
+    PlainHttp { url: String },
+    #[error("--{flag} {value}: must be {range}")]
+    Range { flag: &'static str, value: String, range: &'static str },
+    #[error(
+        "--node-name {name:?}: {why} (a Kubernetes node name: lowercase letters, digits, '-' and '.', at most 253)"
+    )]
+    NodeName { name: String, why: &'static str },
+    #[error("--health-server-name {name:?}: not a DNS name or IP address")]
+    ServerName { name: String },
     #[error("--interface: {0}")]
     Interface(#[from] netdev::NetdevError),
     #[error("--config {path}: {why}")]
@@ -380,21 +399,27 @@ impl TryFrom<RunArgs> for RunConfig {
             }
         }
         maglev::validate_size(args.maglev_size)?;
-        for (flag, value, zero) in [
-            ("health-interval", args.health_interval.to_string(), args.health_interval.0.is_zero()),
-            ("health-timeout", args.health_timeout.to_string(), args.health_timeout.0.is_zero()),
-            ("rise", args.rise.to_string(), args.rise == 0),
-            ("fall", args.fall.to_string(), args.fall == 0),
+        for (flag, value, ok, range) in [
+            ("health-interval", args.health_interval, in_range(args.health_interval, 10, 3_600_000), "10ms to 1h"),
+            ("health-timeout", args.health_timeout, in_range(args.health_timeout, 10, 3_600_000), "10ms to 1h"),
+            ("lease-duration", args.lease_duration, in_range(args.lease_duration, 1_000, 300_000), "1s to 300s"),
+            ("renew-deadline", args.renew_deadline, in_range(args.renew_deadline, 100, 300_000), "100ms to 300s"),
+            ("retry-period", args.retry_period, in_range(args.retry_period, 10, 60_000), "10ms to 60s"),
         ] {
-            if zero {
-                return Err(ConfigError::Zero { flag, value });
+            if !ok {
+                return Err(ConfigError::Range { flag, value: value.to_string(), range });
+            }
+        }
+        for (flag, value) in [("rise", args.rise), ("fall", args.fall)] {
+            if !(1..=100).contains(&value) {
+                return Err(ConfigError::Range { flag, value: value.to_string(), range: "1 to 100" });
             }
         }
         let (lease, renew, retry) = (args.lease_duration.0, args.renew_deadline.0, args.retry_period.0);
-        if lease < Duration::from_secs(1) {
+        if lease.subsec_millis() != 0 {
             return Err(ConfigError::Timing {
                 why: format!(
-                    "--lease-duration {}: the Lease API counts whole seconds, at least 1s",
+                    "--lease-duration {}: the Lease API counts whole seconds (write e.g. 1s, 2s)",
                     args.lease_duration
                 ),
             });
@@ -407,19 +432,30 @@ impl TryFrom<RunArgs> for RunConfig {
                 ),
             });
         }
-        if retry.is_zero() || retry >= renew {
+        if retry >= renew {
             return Err(ConfigError::Timing {
                 why: format!(
-                    "--retry-period {} must be above zero and shorter than --renew-deadline {}",
+                    "--retry-period {} must be shorter than --renew-deadline {}",
                     args.retry_period, args.renew_deadline
                 ),
             });
         }
         if let Some(url) = &args.apiserver {
-            if url != "in-cluster" && !url.starts_with("https://") && !url.starts_with("http://") {
+            if url.starts_with("http://") {
+                return Err(ConfigError::PlainHttp { url: url.clone() });
+            }
+            if url != "in-cluster" && !url.starts_with("https://") {
                 return Err(ConfigError::Apiserver { url: url.clone() });
             }
         }
+        if rustls::pki_types::ServerName::try_from(args.health_server_name.as_str()).is_err() {
+            return Err(ConfigError::ServerName { name: args.health_server_name });
+        }
+        let node_name = match (&args.node_name, args.election) {
+            (Some(name), _) => Some(validate_node_name(name)?),
+            (None, Election::Kubernetes) => Some(validate_node_name(&hostname())?),
+            (None, Election::None) => None,
+        };
         if !args.health_path.starts_with('/') {
             return Err(ConfigError::HealthPath { path: args.health_path });
         }
@@ -431,7 +467,7 @@ impl TryFrom<RunArgs> for RunConfig {
             discover: args.discover.is_some(),
             forward: args.forward.into(),
             election: args.election,
-            node_name: args.node_name,
+            node_name,
             kubeconfig: args.kubeconfig,
             apiserver: args.apiserver,
             lease: LeaseTiming {
@@ -450,15 +486,59 @@ impl TryFrom<RunArgs> for RunConfig {
                 fall: args.fall,
                 ca: args.health_ca,
                 insecure: args.health_insecure,
+                server_name: args.health_server_name,
             },
             xdp_mode: args.xdp_mode,
             metrics_addr: args.metrics_addr,
             pin_path: args.pin_path,
             keep_forwarding_on_exit: args.keep_forwarding_on_exit,
             maglev_size: args.maglev_size,
+            flow_hash_seed: args.flow_hash_seed,
             log_format: args.log_format,
         })
     }
+}
+
+/// Whether `d` lies in `[min_ms, max_ms]`.
+fn in_range(d: Dur, min_ms: u64, max_ms: u64) -> bool {
+    (Duration::from_millis(min_ms)..=Duration::from_millis(max_ms)).contains(&d.0)
+}
+
+/// `--flow-hash-seed`: decimal or `0x` hexadecimal, 32 bits.
+fn parse_seed(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not a 32-bit number (decimal or 0x-hex)"))
+}
+
+/// This host's name, as the kernel has it (empty if unreadable).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+}
+
+/// A node name as Kubernetes accepts it (RFC 1123 subdomain): the Lease holder. An empty
+/// one would read as "nobody holds the Lease".
+pub fn validate_node_name(name: &str) -> Result<String, ConfigError> {
+    let err = |why| Err(ConfigError::NodeName { name: name.to_owned(), why });
+    if name.is_empty() {
+        return err("empty (is the hostname set?)");
+    }
+    if name.len() > 253 {
+        return err("longer than 253 characters");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !name.split('.').all(label_ok) {
+        return err("not a valid name");
+    }
+    Ok(name.to_owned())
 }
 
 /// A VIP must be a unicast address a client can ARP for.
@@ -669,19 +749,33 @@ mod tests {
             (&["--backend", "10.0.0.12:0"], "port 0"),
             (&["--backend", "10.0.0.x"], "not an IPv4 address"),
             (&["--maglev-size", "65536"], "--maglev-size: Maglev table size 65536 is not prime"),
-            (&["--rise", "0"], "--rise 0 must be greater than zero"),
-            (&["--health-interval", "0s"], "--health-interval 0ms must be greater than zero"),
+            (&["--rise", "0"], "--rise 0: must be 1 to 100"),
+            (&["--fall", "1000"], "--fall 1000: must be 1 to 100"),
+            (&["--health-interval", "0s"], "--health-interval 0ms: must be 10ms to 1h"),
+            (&["--health-interval", "0.001ms"], "--health-interval 0ms: must be 10ms to 1h"),
+            (&["--health-timeout", "61m"], "--health-timeout 3660000ms: must be 10ms to 1h"),
             (&["--health-path", "readyz"], "must start with '/'"),
-            (&["--lease-duration", "500ms"], "--lease-duration 500ms: the Lease API counts whole seconds"),
+            (&["--lease-duration", "500ms"], "--lease-duration 500ms: must be 1s to 300s"),
+            (&["--lease-duration", "1500ms"], "--lease-duration 1500ms: the Lease API counts whole seconds"),
+            (&["--lease-duration", "4294967297s"], "--lease-duration 4294967297000ms: must be 1s to 300s"),
+            (&["--lease-duration", "3000000000s"], "must be 1s to 300s"),
             (&["--renew-deadline", "1s"], "--renew-deadline 1000ms must be shorter than --lease-duration 1000ms"),
-            (&["--retry-period", "700ms"], "--retry-period 700ms must be above zero and shorter"),
+            (&["--retry-period", "700ms"], "--retry-period 700ms must be shorter"),
+            (&["--retry-period", "0.001ms"], "--retry-period 0ms: must be 10ms to 60s"),
             (&["--apiserver", "10.0.0.1:6443"], "expected an https:// URL"),
+            (&["--apiserver", "http://127.0.0.1:8080"], "plain HTTP would send the service account token in clear"),
+            (&["--node-name", ""], "--node-name \"\": empty"),
+            (&["--node-name", "Node_1"], "--node-name \"Node_1\": not a valid name"),
+            (&["--health-server-name", "not a name"], "--health-server-name \"not a name\""),
+            (&["--flow-hash-seed", "0x1_0000_0000"], "is not a 32-bit number"),
             (&["--election", "maybe"], "'maybe'"),
             (&["--xdp-mode", "turbo"], "'turbo'"),
         ] {
             let err = parse(&with(extra)).unwrap_err();
             assert!(err.contains(needle), "{extra:?}: {err}");
         }
+        assert_eq!(parse(&with(&["--flow-hash-seed", "0xdeadbeef"])).unwrap().flow_hash_seed, Some(0xdead_beef));
+        assert_eq!(parse(&with(&["--node-name", "cp-1.example"])).unwrap().node_name.as_deref(), Some("cp-1.example"));
         // No backend: ARP only, VIP traffic to this node's own stack.
         assert!(parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none"])
             .unwrap()

@@ -9,17 +9,30 @@
 //! - Every request is bounded in time, and kube's client does not retry, so a hung API
 //!   call cannot keep a stale leader answering.
 //! - Fencing: a successful renew that *started* at `t` makes this node leader until
-//!   `t + renew_deadline` in the XDP map. Another node can acquire only `lease_duration`
-//!   after it observed that renew, which happened after `t`; since `renew_deadline <
-//!   lease_duration`, a crashed, hung or partitioned leader stops answering ARP before
-//!   anyone else can start. Two nodes never answer at once.
-//! - Graceful stop, or the local apiserver turning unready, releases the Lease (holder
-//!   cleared): a follower takes over at its next try instead of waiting for expiry.
+//!   `t + renew_deadline` in the XDP map, written by the election itself through a
+//!   [`Fence`] (so stepping down always happens before a release). Another node can
+//!   acquire only `lease_duration` after it observed that renew, which happened after
+//!   `t`; since `renew_deadline < lease_duration`, a crashed, hung or partitioned leader
+//!   stops answering ARP before anyone else can start.
+//! - Whatever happens to the Lease object (deleted and recreated, holder rewritten or
+//!   cleared by hand), a node starts answering only when every earlier holder's fence has
+//!   surely passed: at once only after an observed expiry, a clean release (the releaser
+//!   stopped answering first and said so), or its own renewal; after any other
+//!   acquisition it waits out a lease duration first.
+//! - Identity: the holder is the node name, and the holder's process is named by an
+//!   instance id in the annotation [`ANNOTATION_INSTANCE`]. Two processes under one name
+//!   (a cloned VM that kept its hostname) are told apart and never both lead; each logs
+//!   the duplicate. A restarted agent on the same node, which knows its predecessor's
+//!   instance from the pinned data plane, takes its own Lease over at once.
+//! - Graceful stop, or this node turning ineligible (apiserver unready, link down, a
+//!   foreign MAC answering for the VIP), steps down and releases the Lease (holder
+//!   cleared, [`ANNOTATION_RELEASED`] set): a follower takes over at its next try instead
+//!   of waiting for expiry.
 //!
 //! kube-lease-manager 0.13 is not used: it compares the holder's clock with the local
 //! one, steals and renews without preconditions, has no fencing and whole-second timers.
 
-use std::{future::Future, time::Duration};
+use std::{collections::BTreeMap, future::Future, time::Duration};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -31,14 +44,33 @@ use tokio::{
     sync::{mpsc, watch},
     time::Instant,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
+
+/// The instance id of the process holding the Lease (beside `holderIdentity`, which is
+/// the node name).
+pub const ANNOTATION_INSTANCE: &str = "vip.dev/holder-instance";
+/// Set by a clean release to the releasing instance: it stopped answering before it
+/// released, so the next holder need not wait for its fence.
+pub const ANNOTATION_RELEASED: &str = "vip.dev/released-by";
+/// Written by a process that found another process renewing the Lease under its own
+/// node name: `<its instance> <count>`. The holder reads it as "a duplicate is alive".
+pub const ANNOTATION_DUPLICATE: &str = "vip.dev/duplicate-instance";
+/// How often a duplicate re-announces itself in [`ANNOTATION_DUPLICATE`].
+pub const DUPLICATE_REFRESH: Duration = Duration::from_secs(5);
 
 /// Election timing and identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ElectionConfig {
     pub lease_name: String,
     pub lease_namespace: String,
+    /// The node name: `holderIdentity`.
     pub identity: String,
+    /// This process's instance id (random per start).
+    pub instance: String,
+    /// The instance of the agent that ran on this node before (from the pinned data
+    /// plane), whose Lease this one may take over at once. `Some("")`: an agent that
+    /// predates instance ids.
+    pub predecessor: Option<String>,
     /// How long a Lease stays valid after a change was observed. Written to the Lease
     /// rounded up to whole seconds (the API's unit); kept in milliseconds inside.
     pub lease_duration: Duration,
@@ -52,8 +84,22 @@ pub struct ElectionConfig {
 impl ElectionConfig {
     /// `leaseDurationSeconds` as written to the Lease.
     pub fn lease_seconds(&self) -> i32 {
-        self.lease_duration.as_millis().div_ceil(1000).max(1) as i32
+        i32::try_from(self.lease_duration.as_millis().div_ceil(1000).max(1)).unwrap_or(i32::MAX)
     }
+}
+
+/// A fresh instance id: 64 random bits from the kernel, in hex.
+pub fn new_instance_id() -> String {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom fills at most b.len() bytes of b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // Never seen on Linux ≥ 3.17 for 8 bytes; the pid and the clock still make two
+        // processes differ.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        b = (t ^ u64::from(std::process::id()).rotate_left(32)).to_be_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,13 +166,25 @@ impl LeaseApi for KubeLeases {
     async fn replace(&self, lease: &Lease) -> Result<Option<Lease>, ElectionError> {
         match self.api.replace(&self.name, &PostParams::default(), lease).await {
             Ok(l) => Ok(Some(l)),
-            Err(e) if is_code(&e, 409) => Ok(None),
+            // 404: deleted under us; the next try creates it.
+            Err(e) if is_code(&e, 409) || is_code(&e, 404) => Ok(None),
             Err(e) => Err(api_err(e)),
         }
     }
 }
 
-/// client-go's tryAcquireOrRenew, on an observed state.
+/// What one try to acquire or renew found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Try {
+    /// This node holds the Lease as of the moment the try started. `fenced_until`: an
+    /// earlier holder's fence may still run until then (the Lease was created afresh, or
+    /// taken without an observed expiry or a clean release): do not answer before.
+    Held { fenced_until: Option<Instant> },
+    /// Another node (or another process under this name) holds it.
+    Following,
+}
+
+/// client-go's tryAcquireOrRenew, on an observed state, with instance ids and fences.
 pub struct Elector<A> {
     api: A,
     cfg: ElectionConfig,
@@ -134,6 +192,16 @@ pub struct Elector<A> {
     observed: Option<(String, Instant)>,
     /// The Lease as last seen (for release).
     last: Option<Lease>,
+    /// The longest lease duration seen written: how long an unknown earlier holder's
+    /// fence can last.
+    longest_duration: Duration,
+    /// Another process renewing under our name: its instance and the resourceVersions
+    /// at which it was seen holding.
+    duplicate: Option<(String, Vec<String>)>,
+    /// The duplicate announcement last written (ours) or read (the holder's view), and
+    /// when.
+    duplicate_written: Option<(u64, Instant)>,
+    duplicate_seen: Option<String>,
 }
 
 fn now_micro() -> MicroTime {
@@ -144,9 +212,56 @@ fn holder_of(lease: &Lease) -> Option<&str> {
     lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()).filter(|h| !h.is_empty())
 }
 
+fn annotation<'a>(lease: &'a Lease, key: &str) -> Option<&'a str> {
+    lease.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str)
+}
+
+fn set_annotation(lease: &mut Lease, key: &str, value: Option<String>) {
+    let annotations = lease.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    match value {
+        Some(v) => {
+            annotations.insert(key.to_owned(), v);
+        }
+        None => {
+            annotations.remove(key);
+        }
+    }
+}
+
+fn lease_duration_of(lease: &Lease) -> Duration {
+    Duration::from_secs(lease.spec.as_ref().and_then(|s| s.lease_duration_seconds).unwrap_or(0).max(0) as u64)
+}
+
+/// Whose the Lease is, from this process's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Owner {
+    /// This process.
+    Me,
+    /// The agent that ran on this node before this one (sequential restart).
+    Predecessor,
+    /// Another process under this node's name: a duplicate identity.
+    Duplicate,
+    /// Another node.
+    Other,
+    /// Nobody, after a clean release.
+    Released,
+    /// Nobody, without a clean release (holder cleared by hand, or a fresh Lease).
+    Vacant,
+}
+
 impl<A: LeaseApi> Elector<A> {
     pub fn new(api: A, cfg: ElectionConfig) -> Self {
-        Self { api, cfg, observed: None, last: None }
+        let longest_duration = cfg.lease_duration;
+        Self {
+            api,
+            cfg,
+            observed: None,
+            last: None,
+            longest_duration,
+            duplicate: None,
+            duplicate_written: None,
+            duplicate_seen: None,
+        }
     }
 
     pub fn config(&self) -> &ElectionConfig {
@@ -158,81 +273,184 @@ impl<A: LeaseApi> Elector<A> {
         self.last.as_ref().and_then(holder_of)
     }
 
+    /// Another process seen renewing the Lease under this node's name (its instance),
+    /// or announcing itself in [`ANNOTATION_DUPLICATE`] while this one holds it.
+    pub fn duplicate(&self) -> Option<&str> {
+        self.duplicate
+            .as_ref()
+            .filter(|(_, rvs)| rvs.len() >= 2)
+            .map(|(i, _)| i.as_str())
+            .or(self.duplicate_seen.as_deref())
+    }
+
     fn observe(&mut self, lease: &Lease, now: Instant) {
         let rv = lease.metadata.resource_version.clone().unwrap_or_default();
         if self.observed.as_ref().map(|(r, _)| r) != Some(&rv) {
             self.observed = Some((rv, now));
         }
+        self.longest_duration = self.longest_duration.max(lease_duration_of(lease));
         self.last = Some(lease.clone());
     }
 
-    /// One try to acquire or renew. `Ok(true)`: this node holds the Lease as of the
-    /// moment the try started.
-    pub async fn try_acquire_or_renew(&mut self) -> Result<bool, ElectionError> {
-        let me = self.cfg.identity.clone();
-        let Some(current) = self.api.get().await? else {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.cfg.lease_name.clone()),
-                    namespace: Some(self.cfg.lease_namespace.clone()),
-                    ..Default::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(me),
-                    lease_duration_seconds: Some(self.cfg.lease_seconds()),
-                    acquire_time: Some(now_micro()),
-                    renew_time: Some(now_micro()),
-                    lease_transitions: Some(0),
-                    ..Default::default()
-                }),
-            };
-            return match self.api.create(&lease).await? {
-                Some(created) => {
-                    self.observe(&created, Instant::now());
-                    Ok(true)
+    fn owner(&self, lease: &Lease) -> Owner {
+        let instance = annotation(lease, ANNOTATION_INSTANCE);
+        match holder_of(lease) {
+            Some(h) if h == self.cfg.identity => {
+                if instance == Some(self.cfg.instance.as_str()) {
+                    Owner::Me
+                } else if self.cfg.predecessor.as_deref().is_some_and(|p| instance.unwrap_or("") == p) {
+                    Owner::Predecessor
+                } else {
+                    Owner::Duplicate
                 }
-                None => Ok(false),
-            };
-        };
-        let now = Instant::now();
-        self.observe(&current, now);
-        let spec = current.spec.clone().unwrap_or_default();
-        let holder = holder_of(&current).map(str::to_owned);
-        let held_by_me = holder.as_deref() == Some(me.as_str());
-        if let (Some(other), false) = (&holder, held_by_me) {
-            let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
-            let observed_at = self.observed.as_ref().map_or(now, |(_, t)| *t);
-            if observed_at + duration > now {
-                debug!(holder = %other, "Lease held by another node and not expired");
-                return Ok(false);
             }
-        }
-        let mut next = current.clone();
-        let mut new_spec = spec.clone();
-        new_spec.holder_identity = Some(me);
-        new_spec.lease_duration_seconds = Some(self.cfg.lease_seconds());
-        new_spec.renew_time = Some(now_micro());
-        if !held_by_me {
-            new_spec.acquire_time = Some(now_micro());
-            if holder.is_some() {
-                new_spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            Some(_) => Owner::Other,
+            None => {
+                let released = annotation(lease, ANNOTATION_RELEASED);
+                if released.is_some() && released == instance {
+                    Owner::Released
+                } else {
+                    Owner::Vacant
+                }
             }
-        }
-        next.spec = Some(new_spec);
-        match self.api.replace(&next).await? {
-            Some(updated) => {
-                self.observe(&updated, Instant::now());
-                Ok(true)
-            }
-            None => Ok(false),
         }
     }
 
-    /// Gives the Lease up if this node holds it: holder cleared, duration 1 s, as
-    /// client-go's ReleaseOnCancel does. Conditional on the resourceVersion.
+    /// The Lease this process writes when it takes `base` (or creates one).
+    fn claimed(&self, base: Option<&Lease>) -> Lease {
+        let mut lease = base.cloned().unwrap_or_else(|| Lease {
+            metadata: ObjectMeta {
+                name: Some(self.cfg.lease_name.clone()),
+                namespace: Some(self.cfg.lease_namespace.clone()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec { lease_transitions: Some(0), ..Default::default() }),
+        });
+        let old = lease.spec.clone().unwrap_or_default();
+        let mut spec = old.clone();
+        let continuing = base.is_some_and(|b| matches!(self.owner(b), Owner::Me | Owner::Predecessor));
+        spec.holder_identity = Some(self.cfg.identity.clone());
+        spec.lease_duration_seconds = Some(self.cfg.lease_seconds());
+        spec.renew_time = Some(now_micro());
+        if !continuing {
+            spec.acquire_time = Some(now_micro());
+            if base.is_some_and(|b| holder_of(b).is_some()) {
+                spec.lease_transitions = Some(old.lease_transitions.unwrap_or(0) + 1);
+            }
+            set_annotation(&mut lease, ANNOTATION_DUPLICATE, None);
+        }
+        set_annotation(&mut lease, ANNOTATION_INSTANCE, Some(self.cfg.instance.clone()));
+        set_annotation(&mut lease, ANNOTATION_RELEASED, None);
+        lease.spec = Some(spec);
+        lease
+    }
+
+    /// One try to acquire or renew.
+    pub async fn try_acquire_or_renew(&mut self) -> Result<Try, ElectionError> {
+        let Some(current) = self.api.get().await? else {
+            // Created afresh: whoever held a Lease that was deleted may still be inside
+            // its fence.
+            return Ok(match self.api.create(&self.claimed(None)).await? {
+                Some(created) => {
+                    self.observe(&created, Instant::now());
+                    Try::Held { fenced_until: Some(Instant::now() + self.longest_duration) }
+                }
+                None => Try::Following,
+            });
+        };
+        let now = Instant::now();
+        self.observe(&current, now);
+        let owner = self.owner(&current);
+        let observed_at = self.observed.as_ref().map_or(now, |(_, t)| *t);
+        let expired = observed_at + lease_duration_of(&current) <= now;
+        if owner == Owner::Duplicate {
+            self.note_duplicate(&current).await;
+        }
+        if owner == Owner::Me {
+            self.note_duplicate_announcement(&current);
+        }
+        let fenced_until = match owner {
+            Owner::Me | Owner::Predecessor | Owner::Released => None,
+            Owner::Other | Owner::Duplicate if !expired => {
+                debug!(holder = ?holder_of(&current), "Lease held by another process and not expired");
+                return Ok(Try::Following);
+            }
+            Owner::Other | Owner::Duplicate => None,
+            Owner::Vacant if expired => None,
+            Owner::Vacant => Some(Instant::now() + self.longest_duration),
+        };
+        match self.api.replace(&self.claimed(Some(&current))).await? {
+            Some(updated) => {
+                if owner == Owner::Predecessor {
+                    info!(identity = %self.cfg.identity, "took over the Lease of the previous agent on this node");
+                }
+                self.observe(&updated, Instant::now());
+                // Another window for the fence to pass, counted from now.
+                Ok(Try::Held { fenced_until: fenced_until.map(|_| Instant::now() + self.longest_duration) })
+            }
+            None => Ok(Try::Following),
+        }
+    }
+
+    /// Another process holds the Lease under our name. Two renewals seen (two
+    /// resourceVersions) make it a live duplicate, not a one-off edit: log it and let
+    /// the holder know through the Lease (a conditional write, every
+    /// [`DUPLICATE_REFRESH`]).
+    async fn note_duplicate(&mut self, lease: &Lease) {
+        let instance = annotation(lease, ANNOTATION_INSTANCE).unwrap_or("").to_owned();
+        let rv = lease.metadata.resource_version.clone().unwrap_or_default();
+        let entry = self.duplicate.get_or_insert_with(|| (instance.clone(), Vec::new()));
+        if entry.0 != instance {
+            *entry = (instance.clone(), Vec::new());
+        }
+        if !entry.1.contains(&rv) {
+            entry.1.push(rv);
+            if entry.1.len() == 2 {
+                error!(
+                    identity = %self.cfg.identity, other_instance = %instance, instance = %self.cfg.instance,
+                    "another vip-agent runs under this node name (a cloned host?): it leads, this one will not \
+                     while it renews; give each node a unique --node-name"
+                );
+            }
+        }
+        if entry.1.len() < 2 {
+            return;
+        }
+        let due = self.duplicate_written.is_none_or(|(_, at)| at.elapsed() >= DUPLICATE_REFRESH);
+        if !due {
+            return;
+        }
+        let count = self.duplicate_written.map_or(1, |(n, _)| n + 1);
+        let mut next = lease.clone();
+        set_annotation(&mut next, ANNOTATION_DUPLICATE, Some(format!("{} {count}", self.cfg.instance)));
+        if let Ok(Some(updated)) = self.api.replace(&next).await {
+            self.duplicate_written = Some((count, Instant::now()));
+            self.observe(&updated, Instant::now());
+        }
+    }
+
+    /// The holder's side: a duplicate announced itself in the Lease.
+    fn note_duplicate_announcement(&mut self, lease: &Lease) {
+        let Some(value) = annotation(lease, ANNOTATION_DUPLICATE) else { return };
+        let other = value.split_whitespace().next().unwrap_or("").to_owned();
+        if other == self.cfg.instance || self.duplicate_seen.as_deref() == Some(value) {
+            return;
+        }
+        if self.duplicate_seen.is_none() {
+            error!(
+                identity = %self.cfg.identity, other_instance = %other, instance = %self.cfg.instance,
+                "another vip-agent runs under this node name (a cloned host?); give each node a unique --node-name"
+            );
+        }
+        self.duplicate_seen = Some(value.to_owned());
+    }
+
+    /// Gives the Lease up if this process holds it: holder cleared, duration 1 s (as
+    /// client-go's ReleaseOnCancel does), [`ANNOTATION_RELEASED`] set to this instance.
+    /// Conditional on the resourceVersion. The caller must have stopped answering.
     pub async fn release(&mut self) -> Result<bool, ElectionError> {
         let Some(current) = self.api.get().await? else { return Ok(false) };
-        if holder_of(&current) != Some(self.cfg.identity.as_str()) {
+        if !matches!(self.owner(&current), Owner::Me | Owner::Predecessor) {
             return Ok(false);
         }
         let mut next = current.clone();
@@ -241,100 +459,195 @@ impl<A: LeaseApi> Elector<A> {
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(now_micro());
         next.spec = Some(spec);
+        set_annotation(&mut next, ANNOTATION_INSTANCE, Some(self.cfg.instance.clone()));
+        set_annotation(&mut next, ANNOTATION_RELEASED, Some(self.cfg.instance.clone()));
         Ok(self.api.replace(&next).await?.is_some())
     }
 }
 
+/// How the election holds the data plane to its word. Called synchronously from the
+/// election task, so a step-down is in the kernel before the release is sent.
+pub trait Fence {
+    /// Answer ARP (and balance new flows) until `until`, and no longer.
+    fn lead_until(&mut self, until: Instant);
+    /// Stop answering at once.
+    fn step_down(&mut self);
+    /// Before claiming the VIP: check nobody else answers for it (RFC 5227 probe).
+    /// `Err(mac)`: a foreign host at `mac` does.
+    fn claim(&mut self) -> impl Future<Output = Result<(), [u8; 6]>> + Send;
+}
+
 /// What the election tells the agent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Leadership {
-    /// Lead until this local instant (the XDP deadline); sent on every successful renew.
-    Leading { until: Instant },
-    /// Do not lead (lost, stepped down, or never had it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ElectionEvent {
+    /// This node leads (the fence already answers): announce the VIP.
+    Leading,
+    /// This node stopped leading (lost, stepped down, or never had it).
     Following,
+    /// The claim probe found a foreign host answering for the VIP at this MAC; the
+    /// Lease was released.
+    ClaimRefused { mac: [u8; 6] },
+    /// Another process runs under this node's name.
+    DuplicateIdentity { other_instance: String },
+}
+
+/// The state of one election run.
+struct Run<A, F> {
+    elector: Elector<A>,
+    fence: F,
+    cfg: ElectionConfig,
+    tx: mpsc::Sender<ElectionEvent>,
+    leading: bool,
+    last_renew: Instant,
+    /// An earlier holder's fence may run until then: claim no earlier.
+    safe_from: Instant,
+    duplicate_reported: Option<String>,
+}
+
+impl<A: LeaseApi, F: Fence> Run<A, F> {
+    async fn send(&self, event: ElectionEvent) {
+        let _ = self.tx.send(event).await;
+    }
+
+    async fn step_down(&mut self, why: &str) {
+        if self.leading {
+            self.fence.step_down();
+            self.leading = false;
+            warn!(why, "stepped down");
+            self.send(ElectionEvent::Following).await;
+        }
+    }
+
+    async fn release(&mut self) {
+        match tokio::time::timeout(self.cfg.renew_deadline, self.elector.release()).await {
+            Ok(Ok(true)) => info!("released the Lease"),
+            Ok(Ok(false)) => debug!("Lease not held: nothing to release"),
+            Ok(Err(e)) => warn!(error = %e, "releasing the Lease failed (it will expire)"),
+            Err(_) => warn!("releasing the Lease timed out (it will expire)"),
+        }
+    }
+
+    /// One try, while eligible.
+    async fn try_once(&mut self) {
+        let start = Instant::now();
+        // A leader's try may use what is left of its renew deadline; a follower's, one
+        // retry period.
+        let budget = if self.leading {
+            (self.last_renew + self.cfg.renew_deadline).saturating_duration_since(start)
+        } else {
+            self.cfg.retry_period
+        }
+        .max(Duration::from_millis(50));
+        let outcome = match tokio::time::timeout(budget, self.elector.try_acquire_or_renew()).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                debug!(error = %e, "Lease try failed");
+                Try::Following
+            }
+            Err(_) => {
+                debug!(?budget, "Lease try timed out");
+                Try::Following
+            }
+        };
+        self.report_duplicate().await;
+        match outcome {
+            Try::Held { fenced_until } => self.on_held(start, fenced_until).await,
+            Try::Following if self.leading && Instant::now() >= self.last_renew + self.cfg.renew_deadline => {
+                self.step_down("could not renew the Lease in time").await;
+            }
+            Try::Following => debug!(holder = ?self.elector.observed_holder(), "following"),
+        }
+    }
+
+    async fn on_held(&mut self, start: Instant, fenced_until: Option<Instant>) {
+        self.last_renew = start;
+        if let Some(t) = fenced_until {
+            // Someone may still be inside a fence this node cannot see: stop answering
+            // and wait it out, renewing meanwhile.
+            self.step_down("the Lease was recreated or rewritten; waiting out earlier fences").await;
+            self.safe_from = self.safe_from.max(t);
+            info!(wait = ?t.saturating_duration_since(Instant::now()), "holding the Lease; answering once earlier fences have passed");
+        }
+        if !self.leading {
+            if Instant::now() < self.safe_from {
+                return;
+            }
+            if let Err(mac) = self.fence.claim().await {
+                warn!(mac = %crate::netdev::MacAddr(mac), "another host answers for the VIP: not claiming it");
+                self.release().await;
+                self.send(ElectionEvent::ClaimRefused { mac }).await;
+                return;
+            }
+            self.leading = true;
+            info!(identity = %self.cfg.identity, instance = %self.cfg.instance, "acquired the Lease: leading");
+            self.fence.lead_until(start + self.cfg.renew_deadline);
+            self.send(ElectionEvent::Leading).await;
+            return;
+        }
+        self.fence.lead_until(start + self.cfg.renew_deadline);
+    }
+
+    async fn report_duplicate(&mut self) {
+        let Some(other) = self.elector.duplicate().map(str::to_owned) else { return };
+        if self.duplicate_reported.as_deref() != Some(other.as_str()) {
+            self.duplicate_reported = Some(other.clone());
+            self.send(ElectionEvent::DuplicateIdentity { other_instance: other }).await;
+        }
+    }
 }
 
 /// Runs the election until `stop` turns true: tries every `retry_period`, only while
-/// `ready` (the local apiserver) is true; steps down (and releases) as soon as it turns
-/// false; on stop, releases the Lease if held. Sends [`Leadership`] changes and renewals.
-pub async fn run<A: LeaseApi>(
-    mut elector: Elector<A>,
-    mut ready: watch::Receiver<bool>,
+/// `eligible` (this node can carry the VIP: apiserver ready, link up, no foreign
+/// claimant); steps down (and releases) as soon as it turns false; on stop, steps down
+/// and releases if leading. The [`Fence`] is driven from here; `tx` gets the changes.
+/// `initially_leading`: the data plane already answers (adopted from the previous agent
+/// on this node, whose Lease this one takes over): no probe, the adopted deadline is the
+/// fence until the first renewal.
+pub async fn run<A: LeaseApi, F: Fence>(
+    elector: Elector<A>,
+    fence: F,
+    mut eligible: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
-    tx: mpsc::Sender<Leadership>,
+    tx: mpsc::Sender<ElectionEvent>,
+    initially_leading: bool,
 ) {
     let cfg = elector.config().clone();
-    let mut leading_since: Option<Instant> = None;
-    let mut last_renew = Instant::now();
+    let mut run = Run {
+        elector,
+        fence,
+        cfg: cfg.clone(),
+        tx,
+        leading: initially_leading,
+        last_renew: Instant::now(),
+        safe_from: Instant::now(),
+        duplicate_reported: None,
+    };
     let mut ticker = tokio::time::interval(cfg.retry_period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            _ = ready.changed() => {}
+            _ = eligible.changed() => {}
             _ = stop.changed() => {}
         }
         if *stop.borrow() {
             break;
         }
-        let is_ready = *ready.borrow();
-        if leading_since.is_some() && !is_ready {
-            warn!("local apiserver not ready: stepping down and releasing the Lease");
-            leading_since = None;
-            let _ = tx.send(Leadership::Following).await;
-            release(&mut elector, cfg.renew_deadline).await;
+        if !*eligible.borrow() {
+            if run.leading {
+                run.step_down("this node can no longer carry the VIP").await;
+                run.release().await;
+            }
             continue;
         }
-        if !is_ready {
-            continue;
-        }
-        let start = Instant::now();
-        // A leader's try may use what is left of its renew deadline; a follower's, one
-        // retry period.
-        let budget = match leading_since {
-            Some(_) => (last_renew + cfg.renew_deadline).saturating_duration_since(start),
-            None => cfg.retry_period,
-        }
-        .max(Duration::from_millis(50));
-        let held = match tokio::time::timeout(budget, elector.try_acquire_or_renew()).await {
-            Ok(Ok(held)) => held,
-            Ok(Err(e)) => {
-                debug!(error = %e, "Lease try failed");
-                false
-            }
-            Err(_) => {
-                debug!(?budget, "Lease try timed out");
-                false
-            }
-        };
-        if held {
-            last_renew = start;
-            if leading_since.is_none() {
-                info!(identity = %cfg.identity, "acquired the Lease: leading");
-                leading_since = Some(start);
-            }
-            let _ = tx.send(Leadership::Leading { until: start + cfg.renew_deadline }).await;
-        } else if leading_since.is_some() && Instant::now() >= last_renew + cfg.renew_deadline {
-            warn!(since_renew = ?last_renew.elapsed(), "could not renew the Lease in time: stepping down");
-            leading_since = None;
-            let _ = tx.send(Leadership::Following).await;
-        } else if leading_since.is_none() {
-            debug!(holder = ?elector.observed_holder(), "following");
-        }
+        run.try_once().await;
     }
-    if leading_since.is_some() {
+    if run.leading {
+        run.fence.step_down();
+        run.leading = false;
         // The agent is stopping and may no longer read the channel: never wait on it.
-        let _ = tx.try_send(Leadership::Following);
-        release(&mut elector, cfg.renew_deadline).await;
-    }
-}
-
-async fn release<A: LeaseApi>(elector: &mut Elector<A>, budget: Duration) {
-    match tokio::time::timeout(budget, elector.release()).await {
-        Ok(Ok(true)) => info!("released the Lease"),
-        Ok(Ok(false)) => debug!("Lease not held: nothing to release"),
-        Ok(Err(e)) => warn!(error = %e, "releasing the Lease failed (it will expire)"),
-        Err(_) => warn!("releasing the Lease timed out (it will expire)"),
+        let _ = run.tx.try_send(ElectionEvent::Following);
+        run.release().await;
     }
 }
 
@@ -347,6 +660,21 @@ mod tests {
     /// An in-memory Lease store with the API server's resourceVersion semantics.
     #[derive(Clone, Default)]
     struct Store(Arc<Mutex<(u64, Option<Lease>)>>);
+
+    impl Store {
+        fn edit(&self, f: impl FnOnce(&mut Lease)) {
+            let mut g = self.0.lock().unwrap();
+            g.0 += 1;
+            let rv = g.0.to_string();
+            let l = g.1.as_mut().unwrap();
+            f(l);
+            l.metadata.resource_version = Some(rv);
+        }
+
+        fn delete(&self) {
+            self.0.lock().unwrap().1 = None;
+        }
+    }
 
     impl LeaseApi for Store {
         async fn get(&self) -> Result<Option<Lease>, ElectionError> {
@@ -384,6 +712,8 @@ mod tests {
             lease_name: "vip".into(),
             lease_namespace: "kube-system".into(),
             identity: id.into(),
+            instance: format!("{id}-1"),
+            predecessor: None,
             lease_duration: Duration::from_secs(1),
             renew_deadline: Duration::from_millis(600),
             retry_period: Duration::from_millis(200),
@@ -394,41 +724,48 @@ mod tests {
         store.0.lock().unwrap().1.as_ref().and_then(|l| holder_of(l).map(str::to_owned))
     }
 
+    const HELD: Try = Try::Held { fenced_until: None };
+
+    fn fenced(t: Try) -> bool {
+        matches!(t, Try::Held { fenced_until: Some(_) })
+    }
+
     #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn first_node_creates_and_holds_the_lease_others_follow() {
+    async fn first_node_creates_the_lease_and_waits_out_unknown_fences() {
         let store = Store::default();
         let mut a = Elector::new(store.clone(), cfg("a"));
         let mut b = Elector::new(store.clone(), cfg("b"));
-        assert!(a.try_acquire_or_renew().await.unwrap());
-        assert!(!b.try_acquire_or_renew().await.unwrap());
-        assert!(a.try_acquire_or_renew().await.unwrap(), "renew");
+        let t = a.try_acquire_or_renew().await.unwrap();
+        assert_eq!(t, Try::Held { fenced_until: Some(Instant::now() + Duration::from_secs(1)) });
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), Try::Following);
+        assert_eq!(a.try_acquire_or_renew().await.unwrap(), HELD, "a renewal needs no wait");
         assert_eq!(holder(&store).as_deref(), Some("a"));
     }
 
     /// Expiry counts from when the follower *observed* the last change, not from the
-    /// renewTime written by the holder's clock.
+    /// renewTime written by the holder's clock; an observed expiry needs no wait.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn expiry_is_judged_by_local_observation_time() {
         let store = Store::default();
         let mut a = Elector::new(store.clone(), cfg("a"));
         let mut b = Elector::new(store.clone(), cfg("b"));
-        assert!(a.try_acquire_or_renew().await.unwrap());
-        // Skew a's renewTime a day into the past: b must not care.
+        a.try_acquire_or_renew().await.unwrap();
+        // Skew a's renewTime a day into the past (without a new resourceVersion): b must
+        // not care.
         {
             let mut g = store.0.lock().unwrap();
             let l = g.1.as_mut().unwrap();
             l.spec.as_mut().unwrap().renew_time = Some(MicroTime("2000-01-01T00:00:00Z".parse().unwrap()));
         }
-        assert!(!b.try_acquire_or_renew().await.unwrap(), "b first observes the lease now");
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), Try::Following, "b first observes the lease now");
         tokio::time::advance(Duration::from_millis(900)).await;
-        assert!(!b.try_acquire_or_renew().await.unwrap(), "not expired 900 ms after observation");
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), Try::Following, "not expired 900 ms after observation");
         tokio::time::advance(Duration::from_millis(150)).await;
-        assert!(b.try_acquire_or_renew().await.unwrap(), "expired 1050 ms after observation");
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), HELD, "expired 1050 ms after observation: no wait");
         assert_eq!(holder(&store).as_deref(), Some("b"));
         let transitions = store.0.lock().unwrap().1.as_ref().unwrap().spec.as_ref().unwrap().lease_transitions;
         assert_eq!(transitions, Some(1));
-        // And a renewal by the holder resets the follower's clock.
-        assert!(!a.try_acquire_or_renew().await.unwrap());
+        assert_eq!(a.try_acquire_or_renew().await.unwrap(), Try::Following);
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -436,25 +773,102 @@ mod tests {
         let store = Store::default();
         let mut a = Elector::new(store.clone(), cfg("a"));
         let mut b = Elector::new(store.clone(), cfg("b"));
-        assert!(a.try_acquire_or_renew().await.unwrap());
-        assert!(!b.try_acquire_or_renew().await.unwrap());
+        a.try_acquire_or_renew().await.unwrap();
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), Try::Following);
         tokio::time::advance(Duration::from_millis(800)).await;
-        assert!(a.try_acquire_or_renew().await.unwrap());
-        assert!(!b.try_acquire_or_renew().await.unwrap(), "b sees a new resourceVersion");
+        assert_eq!(a.try_acquire_or_renew().await.unwrap(), HELD);
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), Try::Following, "b sees a new resourceVersion");
         tokio::time::advance(Duration::from_millis(800)).await;
-        assert!(!b.try_acquire_or_renew().await.unwrap(), "only 800 ms since b observed the renewal");
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), Try::Following, "only 800 ms since the renewal");
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn release_lets_a_follower_take_over_at_once() {
+    async fn a_clean_release_lets_a_follower_take_over_at_once() {
         let store = Store::default();
         let mut a = Elector::new(store.clone(), cfg("a"));
         let mut b = Elector::new(store.clone(), cfg("b"));
-        assert!(a.try_acquire_or_renew().await.unwrap());
-        assert!(!b.try_acquire_or_renew().await.unwrap());
+        a.try_acquire_or_renew().await.unwrap();
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), Try::Following);
         assert!(a.release().await.unwrap());
-        assert!(b.try_acquire_or_renew().await.unwrap(), "no waiting for expiry after a release");
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), HELD, "no waiting after a clean release");
         assert!(!a.release().await.unwrap(), "a no longer holds it");
+    }
+
+    /// Deleting the Lease by hand while a leader's fence runs: whoever recreates it must
+    /// wait a lease duration before answering.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_deleted_lease_recreated_is_held_only_after_earlier_fences_passed() {
+        let store = Store::default();
+        let mut a = Elector::new(store.clone(), cfg("a"));
+        let mut b = Elector::new(store.clone(), cfg("b"));
+        a.try_acquire_or_renew().await.unwrap();
+        assert_eq!(a.try_acquire_or_renew().await.unwrap(), HELD);
+        store.delete();
+        assert!(fenced(b.try_acquire_or_renew().await.unwrap()), "b recreated it: fenced");
+        assert_eq!(a.try_acquire_or_renew().await.unwrap(), Try::Following, "a sees b's Lease");
+        // And a holder that recreates it itself is fenced too (someone else may have led
+        // between the deletion and now).
+        store.delete();
+        assert!(fenced(a.try_acquire_or_renew().await.unwrap()));
+    }
+
+    /// The holder cleared or rewritten by hand: the leader may still be inside its fence.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_holder_rewritten_by_hand_is_not_taken_without_a_wait() {
+        let store = Store::default();
+        let mut a = Elector::new(store.clone(), cfg("a"));
+        let mut b = Elector::new(store.clone(), cfg("b"));
+        a.try_acquire_or_renew().await.unwrap();
+        a.try_acquire_or_renew().await.unwrap();
+        // Cleared: vacant but not released.
+        store.edit(|l| l.spec.as_mut().unwrap().holder_identity = None);
+        assert!(fenced(b.try_acquire_or_renew().await.unwrap()), "a cleared holder is not a release");
+        // An empty string is no holder either, and no release.
+        let mut c = Elector::new(store.clone(), cfg("c"));
+        store.edit(|l| l.spec.as_mut().unwrap().holder_identity = Some(String::new()));
+        assert!(fenced(c.try_acquire_or_renew().await.unwrap()), "holder \"\" is not a release");
+        // Rewritten to another node's name: that node sees someone else's instance and
+        // waits for expiry like anyone else.
+        let t = c.try_acquire_or_renew().await.unwrap();
+        assert!(matches!(t, Try::Held { .. }));
+        store.edit(|l| l.spec.as_mut().unwrap().holder_identity = Some("b".into()));
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), Try::Following, "b's name, c's instance: not b's");
+        tokio::time::advance(Duration::from_millis(1050)).await;
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), HELD, "taken after an observed expiry");
+    }
+
+    /// A restarted agent on the same node (sequential, not concurrent) takes its
+    /// predecessor's Lease at once.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_restart_on_the_same_node_takes_its_own_lease_over_at_once() {
+        let store = Store::default();
+        let mut old = Elector::new(store.clone(), cfg("a"));
+        old.try_acquire_or_renew().await.unwrap();
+        old.try_acquire_or_renew().await.unwrap();
+        let mut new = Elector::new(
+            store.clone(),
+            ElectionConfig { instance: "a-2".into(), predecessor: Some("a-1".into()), ..cfg("a") },
+        );
+        assert_eq!(new.try_acquire_or_renew().await.unwrap(), HELD);
+        assert_eq!(old.try_acquire_or_renew().await.unwrap(), Try::Following, "the old instance's Lease is gone");
+    }
+
+    /// Two processes under one node name (a cloned VM): the second never takes the
+    /// Lease while the first renews, and both learn of the other.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn two_processes_under_one_name_never_both_hold_and_both_notice() {
+        let store = Store::default();
+        let mut first = Elector::new(store.clone(), cfg("a"));
+        let mut clone = Elector::new(store.clone(), ElectionConfig { instance: "a-clone".into(), ..cfg("a") });
+        first.try_acquire_or_renew().await.unwrap();
+        for _ in 0..10 {
+            assert_eq!(first.try_acquire_or_renew().await.unwrap(), HELD);
+            assert_eq!(clone.try_acquire_or_renew().await.unwrap(), Try::Following, "same name, other instance");
+            tokio::time::advance(Duration::from_millis(200)).await;
+        }
+        assert_eq!(clone.duplicate(), Some("a-1"), "the clone saw the first renewing");
+        assert_eq!(first.try_acquire_or_renew().await.unwrap(), HELD);
+        assert_eq!(first.duplicate().map(|d| d.split_whitespace().next().unwrap_or("")), Some("a-clone"));
     }
 
     /// Two nodes racing on the same resourceVersion: exactly one wins (the other gets a
@@ -463,9 +877,8 @@ mod tests {
     async fn a_lost_race_is_a_conflict_not_a_second_leader() {
         let store = Store::default();
         let mut a = Elector::new(store.clone(), cfg("a"));
-        assert!(a.try_acquire_or_renew().await.unwrap());
+        a.try_acquire_or_renew().await.unwrap();
         assert!(a.release().await.unwrap());
-        // b and c both read the released lease, then both try to take it.
         let lease = store.get().await.unwrap().unwrap();
         let take = |id: &str| {
             let mut l = lease.clone();
@@ -478,11 +891,101 @@ mod tests {
     }
 
     #[test]
-    fn lease_seconds_round_up() {
+    fn lease_seconds_round_up_and_never_wrap() {
         let mut c = cfg("a");
         c.lease_duration = Duration::from_millis(1500);
         assert_eq!(c.lease_seconds(), 2);
         c.lease_duration = Duration::from_millis(1000);
         assert_eq!(c.lease_seconds(), 1);
+        c.lease_duration = Duration::from_secs(4_294_967_297);
+        assert_eq!(c.lease_seconds(), i32::MAX);
+    }
+
+    #[test]
+    fn instance_ids_differ() {
+        assert_ne!(new_instance_id(), new_instance_id());
+        assert_eq!(new_instance_id().len(), 16);
+    }
+
+    /// A fence that records what the election asked of it, in order.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        log: Arc<Mutex<Vec<String>>>,
+        refuse: Option<[u8; 6]>,
+    }
+
+    impl Fence for Recorder {
+        fn lead_until(&mut self, _until: Instant) {
+            self.log.lock().unwrap().push("lead".into());
+        }
+        fn step_down(&mut self) {
+            self.log.lock().unwrap().push("step_down".into());
+        }
+        async fn claim(&mut self) -> Result<(), [u8; 6]> {
+            self.log.lock().unwrap().push("claim".into());
+            self.refuse.map_or(Ok(()), Err)
+        }
+    }
+
+    /// A store that logs releases into the fence's log, to check the order.
+    #[derive(Clone)]
+    struct LoggingStore(Store, Arc<Mutex<Vec<String>>>);
+
+    impl LeaseApi for LoggingStore {
+        async fn get(&self) -> Result<Option<Lease>, ElectionError> {
+            self.0.get().await
+        }
+        async fn create(&self, lease: &Lease) -> Result<Option<Lease>, ElectionError> {
+            self.0.create(lease).await
+        }
+        async fn replace(&self, lease: &Lease) -> Result<Option<Lease>, ElectionError> {
+            if lease.spec.as_ref().and_then(|s| s.holder_identity.as_ref()).is_none() {
+                self.1.lock().unwrap().push("release".into());
+            }
+            self.0.replace(lease).await
+        }
+    }
+
+    /// Stepping down is written to the data plane before the release is sent, so no
+    /// follower can acquire while this node still answers.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn the_fence_steps_down_before_the_release_is_sent() {
+        let fence = Recorder::default();
+        let log = fence.log.clone();
+        let store = LoggingStore(Store::default(), log.clone());
+        let (eligible_tx, eligible) = watch::channel(true);
+        let (_stop_tx, stop) = watch::channel(false);
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = tokio::spawn(run(Elector::new(store, cfg("a")), fence, eligible, stop, tx, false));
+        // Created afresh: a lease duration of waiting, then a claim, then leading.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(rx.recv().await, Some(ElectionEvent::Leading));
+        eligible_tx.send(false).unwrap();
+        assert_eq!(rx.recv().await, Some(ElectionEvent::Following));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let log = log.lock().unwrap().clone();
+        let claim = log.iter().position(|e| e == "claim").unwrap();
+        assert_eq!(log[claim + 1], "lead");
+        let down = log.iter().position(|e| e == "step_down").expect("stepped down");
+        let release = log.iter().position(|e| e == "release").expect("released");
+        assert!(down < release, "{log:?}");
+        task.abort();
+    }
+
+    /// A foreign host answering the claim probe: the Lease is released, nothing led.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_refused_claim_releases_the_lease_and_never_leads() {
+        let fence = Recorder { refuse: Some([2, 0, 0, 0, 0, 0x66]), ..Default::default() };
+        let log = fence.log.clone();
+        let store = Store::default();
+        let (_e, eligible) = watch::channel(true);
+        let (_s, stop) = watch::channel(false);
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = tokio::spawn(run(Elector::new(store.clone(), cfg("a")), fence, eligible, stop, tx, false));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(rx.recv().await, Some(ElectionEvent::ClaimRefused { mac: [2, 0, 0, 0, 0, 0x66] }));
+        assert!(!log.lock().unwrap().contains(&"lead".to_string()));
+        assert_eq!(holder(&store), None, "released");
+        task.abort();
     }
 }

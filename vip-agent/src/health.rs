@@ -24,6 +24,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 use tracing::debug;
+use vip_common::HealthReason;
 
 /// A backend's health as the agent acts on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +104,8 @@ pub enum TlsError {
     NoCa,
     #[error("building the TLS client")]
     Rustls(#[from] rustls::Error),
+    #[error("--health-server-name {name:?}: not a DNS name or IP address")]
+    ServerName { name: String },
 }
 
 /// Where the CA comes from.
@@ -135,6 +138,17 @@ pub fn tls_config(ca: CaSource<'_>) -> Result<Arc<ClientConfig>, TlsError> {
         }
     };
     Ok(Arc::new(config))
+}
+
+/// SHA-256 of the first certificate (DER) of the CA: the same on every node whatever
+/// file or kubeconfig it came from. `None` for [`CaSource::Insecure`] or an unreadable CA.
+pub fn ca_fingerprint(ca: &CaSource<'_>) -> Option<[u8; 32]> {
+    let first = match ca {
+        CaSource::Insecure => return None,
+        CaSource::PemFile(path) => CertificateDer::pem_file_iter(path).ok()?.next()?.ok()?,
+        CaSource::PemBytes { pem, .. } => CertificateDer::pem_slice_iter(pem).next()?.ok()?,
+    };
+    ring::digest::digest(&ring::digest::SHA256, first.as_ref()).as_ref().try_into().ok()
 }
 
 fn roots(certs: Vec<CertificateDer<'static>>, origin: &str) -> Result<RootCertStore, TlsError> {
@@ -189,7 +203,13 @@ impl ServerCertVerifier for NoVerify {
 /// What a check does.
 #[derive(Clone)]
 pub enum Probe {
-    Https { path: String, tls: Arc<ClientConfig> },
+    /// `GET path` over TLS, the certificate verified for `server_name` (by default
+    /// `kubernetes.default.svc`, which every kube-apiserver certificate lists).
+    Https {
+        path: String,
+        tls: Arc<ClientConfig>,
+        server_name: ServerName<'static>,
+    },
     Tcp,
 }
 
@@ -211,6 +231,20 @@ pub enum CheckError {
     VipPath(String),
 }
 
+impl CheckError {
+    /// The reason `status` and the metrics show for a backend that failed this way.
+    pub fn reason(&self) -> HealthReason {
+        match self {
+            CheckError::Timeout(_) => HealthReason::Timeout,
+            CheckError::Connect(_) | CheckError::Io(_) => HealthReason::Connect,
+            CheckError::Tls(_) => HealthReason::Tls,
+            CheckError::Status(_) => HealthReason::NotReady,
+            CheckError::Malformed => HealthReason::Protocol,
+            CheckError::VipPath(_) => HealthReason::VipPath,
+        }
+    }
+}
+
 /// One check of `addr`, bounded by `timeout`.
 pub async fn check(probe: &Probe, addr: SocketAddr, timeout: Duration) -> Result<(), CheckError> {
     tokio::time::timeout(timeout, check_inner(probe, addr)).await.map_err(|_| CheckError::Timeout(timeout))?
@@ -218,12 +252,11 @@ pub async fn check(probe: &Probe, addr: SocketAddr, timeout: Duration) -> Result
 
 async fn check_inner(probe: &Probe, addr: SocketAddr) -> Result<(), CheckError> {
     let tcp = TcpStream::connect(addr).await.map_err(CheckError::Connect)?;
-    let (path, tls) = match probe {
+    let (path, tls, name) = match probe {
         Probe::Tcp => return Ok(()),
-        Probe::Https { path, tls } => (path, tls),
+        Probe::Https { path, tls, server_name } => (path, tls, server_name.clone()),
     };
     let _ = tcp.set_nodelay(true);
-    let name = ServerName::IpAddress(addr.ip().into());
     let mut stream = TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(CheckError::Tls)?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vip-agent\r\nAccept: */*\r\nConnection: close\r\n\r\n"

@@ -3,8 +3,11 @@
 //! One module per concern: [`config`] turns flags into a validated configuration,
 //! [`netdev`] resolves interfaces, [`dataplane`] loads and attaches the XDP program and
 //! (in [`dataplane::maps`], the only place that touches `aya::maps`) reads and writes its
-//! maps, and [`run`] ties them into the daemon.
+//! maps, [`announce`] makes the VIP known (ARP, with [`election`]), and [`agent`] ties
+//! them into the daemon.
 
+pub mod agent;
+pub mod announce;
 pub mod apiclient;
 pub mod arp;
 pub mod balancer;
@@ -20,6 +23,5 @@ pub mod metrics;
 pub mod netdev;
 pub mod netlink;
 pub mod rawsock;
-pub mod run;
 pub mod status;
 pub mod vipprobe;

@@ -39,7 +39,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = RunConfig::try_from(*args)?;
             logging(cfg.log_format);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(vip_agent::run::run(cfg))?;
+            rt.block_on(vip_agent::agent::run(cfg))?;
             Ok(())
         }
         Command::Status(args) => {

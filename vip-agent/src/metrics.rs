@@ -17,7 +17,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, Histogram},
         MetricType,
     },
@@ -28,20 +28,40 @@ use tokio::{
     net::TcpListener,
 };
 use tracing::{debug, warn};
-use vip_common::{Backend, VipState};
+use vip_common::{Backend, HealthReason, VipState};
 
 use crate::dataplane::Maps;
+
+type Labels = Vec<(String, String)>;
 
 /// The agent-side metrics.
 #[derive(Clone)]
 pub struct AgentMetrics {
-    pub health_latency: Family<Vec<(String, String)>, Histogram>,
+    pub health_latency: Family<Labels, Histogram>,
     pub table_rebuilds: Counter,
+    /// Host state put back after something else changed it, by what.
+    pub host_repairs: Family<Labels, Counter>,
+    /// Another host claiming a VIP while this node led it, or answering its claim probe.
+    pub arp_conflicts: Family<Labels, Counter>,
+    /// 1 while another agent process is seen running under this node's name.
+    pub duplicate_identity: Gauge,
 }
 
 impl AgentMetrics {
     pub fn observe_check(&self, backend: Ipv4Addr, seconds: f64) {
         self.health_latency.get_or_create(&vec![("backend".to_owned(), backend.to_string())]).observe(seconds);
+    }
+
+    pub fn repaired(&self, what: &str) {
+        self.host_repairs.get_or_create(&vec![("what".to_owned(), what.to_owned())]).inc();
+    }
+
+    pub fn arp_conflict(&self, vip: Ipv4Addr) {
+        self.arp_conflicts.get_or_create(&vec![("vip".to_owned(), vip.to_string())]).inc();
+    }
+
+    pub fn duplicate_identity(&self, seen: bool) {
+        self.duplicate_identity.set(i64::from(seen));
     }
 }
 
@@ -51,6 +71,9 @@ pub fn registry(maps: Maps) -> (Registry, AgentMetrics) {
     let metrics = AgentMetrics {
         health_latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))),
         table_rebuilds: Counter::default(),
+        host_repairs: Family::default(),
+        arp_conflicts: Family::default(),
+        duplicate_identity: Gauge::default(),
     };
     registry.register(
         "vip_health_check_duration_seconds",
@@ -58,6 +81,21 @@ pub fn registry(maps: Maps) -> (Registry, AgentMetrics) {
         metrics.health_latency.clone(),
     );
     registry.register("vip_table_rebuilds", "Maglev tables rebuilt and made live", metrics.table_rebuilds.clone());
+    registry.register(
+        "vip_host_repairs",
+        "Host state (VIP on lo, ARP sysctls, forwarding) put back after something else changed it",
+        metrics.host_repairs.clone(),
+    );
+    registry.register(
+        "vip_arp_conflicts",
+        "Another host claimed a VIP this node leads, or answered its claim probe",
+        metrics.arp_conflicts.clone(),
+    );
+    registry.register(
+        "vip_duplicate_identity",
+        "1 while another vip-agent process is seen running under this node's name",
+        metrics.duplicate_identity.clone(),
+    );
     registry.register_collector(Box::new(MapsCollector { maps: Mutex::new(maps) }));
     (registry, metrics)
 }
@@ -107,6 +145,22 @@ impl Collector for MapsCollector {
             }
         }
         {
+            let mut f = family(
+                &mut encoder,
+                "vip_backend_state",
+                "1 for the backend's state (up, draining, down) and the reason it is not up",
+                MetricType::Gauge,
+            )?;
+            for (_, b) in &backends {
+                let labels = [
+                    ("backend", Ipv4Addr::from(b.ip).to_string()),
+                    ("state", backend_state(b).to_owned()),
+                    ("reason", HealthReason::from_u8(b.reason).name().to_owned()),
+                ];
+                ConstGauge::new(1).encode(f.encode_family(&labels)?)?;
+            }
+        }
+        {
             let mut f =
                 family(&mut encoder, "vip_backend_packets", "Packets sent to the backend", MetricType::Counter)?;
             for (id, b) in &backends {
@@ -140,13 +194,30 @@ impl Collector for MapsCollector {
     }
 }
 
+/// A backend's state as the data plane has it: up (takes new flows), draining (keeps
+/// its pinned flows only), down.
+pub fn backend_state(b: &Backend) -> &'static str {
+    if b.flags & Backend::F_UP != 0 {
+        "up"
+    } else if b.flags & Backend::F_SERVING != 0 {
+        "draining"
+    } else {
+        "down"
+    }
+}
+
 /// Binds the metrics listener (before anything else is set up, so a taken port fails
 /// the start cleanly).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `GET /metrics` until the task is dropped.
+/// How long a scraper may take to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `GET /metrics` until the task is dropped. A scrape reads the pinned maps (up
+/// to a thousand syscalls): it runs on a blocking thread, never on the runtime the
+/// election shares, and a client that does not send its request in time is dropped.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     loop {
         let (mut stream, peer) = match listener.accept().await {
@@ -158,24 +229,20 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
         };
         let registry = registry.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            while len < buf.len() {
-                match stream.read(&mut buf[len..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => len += n,
-                }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let Ok(Some(head)) = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await else {
+                debug!(%peer, "metrics request incomplete or too slow");
+                return;
+            };
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
             let (status, ctype, body) = if path == "/metrics" || path.starts_with("/metrics?") {
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
-                    Err(_) => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
+                let encoded = tokio::task::spawn_blocking(move || {
+                    let mut body = String::new();
+                    prometheus_client::encoding::text::encode(&mut body, &registry).map(|()| body)
+                })
+                .await;
+                match encoded {
+                    Ok(Ok(body)) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
+                    _ => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
                 }
             } else {
                 ("404 Not Found", "text/plain", "try /metrics\n".into())
@@ -189,4 +256,20 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
             }
         });
     }
+}
+
+/// Reads an HTTP request head (up to 4 KiB); `None` if the client closed first.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    while len < buf.len() {
+        match stream.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => len += n,
+        }
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
 }

@@ -103,6 +103,19 @@ pub fn lookup(name: &str) -> Result<Netdev, NetdevError> {
     Ok(Netdev { name: name.to_owned(), ifindex, mac: MacAddr(mac), ipv4 })
 }
 
+/// Whether interface `name` is administratively up and has carrier (`IFF_UP` and
+/// `IFF_RUNNING`, the operational state). `false` if it does not exist.
+pub fn is_up(name: &str) -> bool {
+    match ifreq_ioctl(name, libc::SIOCGIFFLAGS) {
+        // SAFETY: SIOCGIFFLAGS fills the ifru_flags member of the union.
+        Ok(Some(r)) => {
+            let flags = unsafe { r.ifr_ifru.ifru_flags } as libc::c_int;
+            flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0
+        }
+        _ => false,
+    }
+}
+
 /// Runs an `ifreq` ioctl for `name` on an AF_INET socket. `Ok(None)` when the kernel says
 /// the interface is gone (`ENODEV`) or has no such address (`EADDRNOTAVAIL`).
 fn ifreq_ioctl(name: &str, request: libc::Ioctl) -> Result<Option<libc::ifreq>, NetdevError> {

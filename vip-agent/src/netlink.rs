@@ -1,11 +1,9 @@
-//! The host's network configuration through rtnetlink: the VIP on `lo`, the MAC of a
-//! backend from the neighbour table, link state changes; and the ARP sysctls DSR needs.
-//!
-//! Everything this module changes it records, so that stopping undoes exactly what was
-//! done and nothing an operator had configured before.
+//! The host's network configuration through rtnetlink: the VIP on `lo`, the addresses
+//! of the host, the MAC of a backend from the neighbour table, and the changes of the
+//! watched interface and of the VIP addresses.
 
 use std::{
-    fs, io,
+    io,
     net::{IpAddr, Ipv4Addr},
 };
 
@@ -35,12 +33,6 @@ pub enum NetlinkError {
     },
     #[error("interface \"lo\" not found")]
     NoLoopback,
-    #[error("writing sysctl {path} failed")]
-    Sysctl {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// The label of the VIP addresses vip-agent puts on `lo` (labels must start with the
@@ -84,6 +76,11 @@ impl Netlink {
         Ok(Some(label.unwrap_or_default()))
     }
 
+    /// Whether `lo` holds `vip`.
+    pub async fn has_vip_on_lo(&self, vip: Ipv4Addr) -> Result<bool, NetlinkError> {
+        Ok(self.vip_label_on_lo(vip).await?.is_some())
+    }
+
     /// Makes sure `lo` holds `vip`/32. An address vip-agent adds carries the label
     /// [`VIP_LABEL`], so that whichever agent stops last (after a hitless restart, not
     /// the one that added it) knows it may remove it, and an address an operator put
@@ -120,6 +117,38 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+
+    /// The interfaces (index, and the address's label) that hold `ip`.
+    pub async fn holders_of(&self, ip: Ipv4Addr) -> Result<Vec<(u32, String)>, NetlinkError> {
+        let mut addrs = self.handle.address().get().set_address_filter(IpAddr::V4(ip)).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = addrs.try_next().await.map_err(request(format!("looking up local address {ip}")))? {
+            let label = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Label(l) => Some(l.clone()),
+                _ => None,
+            });
+            out.push((msg.header.index, label.unwrap_or_default()));
+        }
+        Ok(out)
+    }
+
+    /// The IPv4 addresses on `lo` that carry vip-agent's label [`VIP_LABEL`].
+    pub async fn labelled_vips(&self) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+        let lo = loopback_index()?;
+        let mut addrs = self.handle.address().get().set_link_index_filter(lo).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = addrs.try_next().await.map_err(request("listing addresses of lo"))? {
+            let labelled = msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Label(l) if l == VIP_LABEL));
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(a)) => Some(*a),
+                _ => None,
+            });
+            if let (true, Some(a)) = (labelled, addr) {
+                out.push(a);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether `ip` is an address of this host (on any interface): a backend with such an
@@ -175,12 +204,24 @@ pub enum LinkEvent {
     Gone,
 }
 
-/// Watches the interface named `name` and sends a [`LinkEvent`] on every change of its
-/// usable state (not on every netlink message). Ends when the receiver is dropped.
-pub fn watch_link(name: String) -> Result<mpsc::Receiver<LinkEvent>, NetlinkError> {
+/// A change the agent watches the host for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostEvent {
+    /// The watched interface's usable state changed.
+    Link(LinkEvent),
+    /// An IPv4 address was removed from `lo` (a network manager, an operator).
+    LoAddressRemoved(Ipv4Addr),
+}
+
+/// Watches the interface named `name` (a [`HostEvent::Link`] on every change of its
+/// usable state, not on every netlink message) and the IPv4 addresses removed from
+/// `lo`. Ends when the receiver is dropped.
+pub fn watch_host(name: String) -> Result<mpsc::Receiver<HostEvent>, NetlinkError> {
     let (conn, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(NetlinkError::Socket)?;
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
+            .map_err(NetlinkError::Socket)?;
     tokio::spawn(conn);
+    let lo = loopback_index()?;
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let mut last: Option<LinkEvent> = None;
@@ -190,24 +231,34 @@ pub fn watch_link(name: String) -> Result<mpsc::Receiver<LinkEvent>, NetlinkErro
                 RouteNetlinkMessage::NewLink(link) if link_name(link) == Some(name.as_str()) => {
                     let up =
                         link.header.flags.contains(LinkFlags::Up) && link.header.flags.contains(LinkFlags::LowerUp);
-                    if up {
-                        LinkEvent::Up { ifindex: link.header.index }
-                    } else {
-                        LinkEvent::Down
+                    let e = if up { LinkEvent::Up { ifindex: link.header.index } } else { LinkEvent::Down };
+                    if last.as_ref() == Some(&e) {
+                        continue;
                     }
+                    last = Some(e.clone());
+                    HostEvent::Link(e)
                 }
-                RouteNetlinkMessage::DelLink(link) if link_name(link) == Some(name.as_str()) => LinkEvent::Gone,
+                RouteNetlinkMessage::DelLink(link) if link_name(link) == Some(name.as_str()) => {
+                    last = Some(LinkEvent::Gone);
+                    HostEvent::Link(LinkEvent::Gone)
+                }
+                RouteNetlinkMessage::DelAddress(a) if a.header.index == lo => {
+                    let Some(addr) = a.attributes.iter().find_map(|x| match x {
+                        AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                        _ => None,
+                    }) else {
+                        continue;
+                    };
+                    HostEvent::LoAddressRemoved(addr)
+                }
                 _ => continue,
             };
-            if last.as_ref() != Some(&event) {
-                debug!(interface = %name, ?event, "link state changed");
-                last = Some(event.clone());
-                if tx.send(event).await.is_err() {
-                    return;
-                }
+            debug!(interface = %name, ?event, "host changed");
+            if tx.send(event).await.is_err() {
+                return;
             }
         }
-        warn!(interface = %name, "link watch ended");
+        warn!(interface = %name, "host watch ended");
     });
     Ok(rx)
 }
@@ -217,39 +268,4 @@ fn link_name(link: &LinkMessage) -> Option<&str> {
         LinkAttribute::IfName(n) => Some(n.as_str()),
         _ => None,
     })
-}
-
-/// ARP sysctls set for DSR, with the values they replaced.
-#[derive(Debug, Default)]
-pub struct ArpSysctls {
-    saved: Vec<(String, String)>,
-}
-
-impl ArpSysctls {
-    /// Sets `arp_ignore=1` and `arp_announce=2` for `all` and `interface`, so the kernel
-    /// never answers ARP for (or announces) the VIP it holds on `lo`: only the data
-    /// plane's leader does. Records the previous values.
-    pub fn apply(interface: &str) -> Result<Self, NetlinkError> {
-        let mut me = Self::default();
-        for scope in ["all", interface] {
-            for (key, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
-                let path = format!("/proc/sys/net/ipv4/conf/{scope}/{key}");
-                let err = |source| NetlinkError::Sysctl { path: path.clone(), source };
-                let old = fs::read_to_string(&path).map_err(err)?.trim().to_owned();
-                if old != value {
-                    fs::write(&path, value).map_err(err)?;
-                    me.saved.push((path.clone(), old));
-                }
-            }
-        }
-        Ok(me)
-    }
-
-    /// Puts back what [`ArpSysctls::apply`] changed.
-    pub fn restore(&mut self) -> Result<(), NetlinkError> {
-        for (path, old) in self.saved.drain(..).rev() {
-            fs::write(&path, &old).map_err(|source| NetlinkError::Sysctl { path: path.clone(), source })?;
-        }
-        Ok(())
-    }
 }

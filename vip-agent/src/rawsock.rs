@@ -53,6 +53,17 @@ impl RawSocket {
         Ok(me)
     }
 
+    /// Makes [`RawSocket::recv`] return `Ok(None)` at once when no frame is queued, for
+    /// use with [`tokio::io::unix::AsyncFd`].
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        // SAFETY: fcntl on a descriptor we own.
+        let flags = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 || unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     fn addr(&self, dst: [u8; 6]) -> libc::sockaddr_ll {
         // SAFETY: sockaddr_ll is plain data; all-zero is valid before we fill it.
         let mut a: libc::sockaddr_ll = unsafe { mem::zeroed() };
@@ -98,6 +109,12 @@ impl RawSocket {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => Ok(None),
             _ => Err(e),
         }
+    }
+}
+
+impl AsRawFd for RawSocket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use serde_json::{json, Value};
-use vip_common::{Backend, ForwardMode, MAGLEV_MAX_M, NO_BACKEND};
+use vip_common::{Backend, ForwardMode, HealthReason, MAGLEV_MAX_M, NO_BACKEND};
 
 use crate::{
     clock::boot_ns,
@@ -49,6 +49,8 @@ pub fn collect(pin_path: &Path) -> Result<Value, StatusError> {
             shares.push(json!({
                 "backend": Ipv4Addr::from(b.ip).to_string(),
                 "healthy": b.flags & Backend::F_UP != 0,
+                "state": crate::metrics::backend_state(b),
+                "reason": HealthReason::from_u8(b.reason).name(),
                 "local": b.flags & Backend::F_LOCAL != 0,
                 "table_share": slots as f64 / f64::from(m.max(1)),
                 "packets": stats.packets,
@@ -102,17 +104,19 @@ pub fn render(s: &Value) -> String {
             str_of(&svc["forward"]),
             svc["table_size"]
         );
-        let _ = writeln!(out, "  {:<16} {:<8} {:>7} {:>12} {:>14}", "BACKEND", "HEALTH", "SHARE", "PACKETS", "BYTES");
+        let _ = writeln!(out, "  {:<16} {:<20} {:>7} {:>12} {:>14}", "BACKEND", "HEALTH", "SHARE", "PACKETS", "BYTES");
         for b in svc["backends"].as_array().into_iter().flatten() {
-            let health = match (b["healthy"].as_bool(), b["local"].as_bool()) {
-                (Some(true), Some(true)) => "up,local",
-                (Some(true), _) => "up",
-                _ => "DOWN",
+            let state = str_of(&b["state"]);
+            let health = match (state.as_str(), b["local"].as_bool(), b["reason"].as_str()) {
+                ("up", Some(true), _) => "up,local".to_owned(),
+                ("up", _, _) => "up".to_owned(),
+                (s, _, Some(r)) if !r.is_empty() => format!("{}({r})", s.to_uppercase()),
+                (s, _, _) => s.to_uppercase(),
             };
             let share = b["table_share"].as_f64().unwrap_or(0.0) * 100.0;
             let _ = writeln!(
                 out,
-                "  {:<16} {:<8} {:>6.1}% {:>12} {:>14}",
+                "  {:<16} {:<20} {:>6.1}% {:>12} {:>14}",
                 str_of(&b["backend"]),
                 health,
                 share,

@@ -3,8 +3,10 @@
 //! and DSR delivers VIP traffic there unchanged: it would be dropped. So, for DSR
 //! backends that are not this node, health also requires this probe: a TCP SYN to
 //! VIP:port, from this node's address, sent in a frame addressed to the backend's MAC
-//! (exactly what the data plane does), answered by a SYN-ACK from VIP:port. The
-//! half-open connection is reset by this node's kernel, which owns no such socket.
+//! (exactly what the data plane does), answered by a SYN-ACK from VIP:port. The probe
+//! then resets the half-open connection itself: the SYN-ACK comes from the VIP, which
+//! this node also holds on `lo`, so its kernel drops it silently instead of resetting,
+//! and every probe would leave a SYN-RECV socket on the backend.
 
 use std::{
     io,
@@ -16,6 +18,7 @@ use crate::rawsock::RawSocket;
 
 const ETH_P_IP: u16 = 0x0800;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// Everything a probe needs.
@@ -53,12 +56,23 @@ fn fold(mut acc: u32) -> u16 {
 
 /// The SYN frame: Ethernet to `dst_mac`, IPv4 `p.src_ip` → VIP, TCP `sport` → port.
 pub fn syn_frame(p: &VipProbe, dst_mac: [u8; 6], sport: u16, seq: u32) -> Vec<u8> {
+    segment(p, dst_mac, sport, seq, TCP_SYN)
+}
+
+/// The RST that closes the probe's half-open connection: sequence number = the
+/// SYN-ACK's acknowledgement (our SYN's + 1), RFC 9293 §3.10.7.3.
+pub fn rst_frame(p: &VipProbe, dst_mac: [u8; 6], sport: u16, seq: u32) -> Vec<u8> {
+    segment(p, dst_mac, sport, seq.wrapping_add(1), TCP_RST)
+}
+
+fn segment(p: &VipProbe, dst_mac: [u8; 6], sport: u16, seq: u32, flags: u8) -> Vec<u8> {
     let mut tcp = Vec::with_capacity(20);
     tcp.extend(sport.to_be_bytes());
     tcp.extend(p.port.to_be_bytes());
     tcp.extend(seq.to_be_bytes());
     tcp.extend(0u32.to_be_bytes());
-    tcp.extend([0x50, TCP_SYN, 0xfa, 0xf0, 0, 0, 0, 0]);
+    let window: [u8; 2] = if flags == TCP_RST { [0, 0] } else { [0xfa, 0xf0] };
+    tcp.extend([0x50, flags, window[0], window[1], 0, 0, 0, 0]);
     let mut pseudo = Vec::with_capacity(12);
     pseudo.extend(p.src_ip.octets());
     pseudo.extend(p.vip.octets());
@@ -94,8 +108,8 @@ pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
         && tcp[13] & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
 }
 
-/// Sends the SYN to `backend_mac` and waits up to `timeout` for the SYN-ACK. Blocking:
-/// run it on a blocking thread.
+/// Sends the SYN to `backend_mac`, waits up to `timeout` for the SYN-ACK, and resets
+/// the connection it opened. Blocking: run it on a blocking thread.
 pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Duration) -> Result<(), VipProbeError> {
     let sock = RawSocket::open(p.ifindex, ETH_P_IP, Some(Duration::from_millis(20))).map_err(VipProbeError::Socket)?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
@@ -108,6 +122,7 @@ pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Dur
     while Instant::now() < deadline {
         if let Some(n) = sock.recv(&mut buf).map_err(VipProbeError::Socket)? {
             if is_syn_ack(&buf[..n], p, sport, seq) {
+                sock.send(&rst_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
                 return Ok(());
             }
         }
@@ -140,6 +155,18 @@ mod tests {
         pseudo.extend([0, 6, 0, 20]);
         assert_eq!(fold(sum16(&f[34..54], sum16(&pseudo, 0))), 0, "TCP checksum");
         assert_eq!(f[47], TCP_SYN);
+    }
+
+    #[test]
+    fn the_reset_follows_the_syn_with_valid_checksums() {
+        let p = probe_cfg();
+        let f = rst_frame(&p, [2, 0, 0, 0, 0, 0x12], 40001, 7);
+        assert_eq!(f[47], TCP_RST);
+        assert_eq!(f[38..42], 8u32.to_be_bytes(), "seq = SYN's + 1");
+        assert_eq!(fold(sum16(&f[14..34], 0)), 0, "IPv4 header checksum");
+        let mut pseudo = f[26..34].to_vec();
+        pseudo.extend([0, 6, 0, 20]);
+        assert_eq!(fold(sum16(&f[34..54], sum16(&pseudo, 0))), 0, "TCP checksum");
     }
 
     #[test]

@@ -129,12 +129,16 @@ pub struct Config {
     /// node maps a flow to the same Maglev slot) and unknown outside it (so nobody can
     /// aim connections at one backend by choosing ports).
     pub hash_seed: u32,
+    /// The instance id of the agent process that wrote this (8 bytes, as in the Lease
+    /// annotation `vip.dev/holder-instance` in hex): the next agent on this node takes
+    /// over the Lease that instance holds. Not read by the data plane.
+    pub agent_instance: [u8; 8],
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
 
 impl Config {
     pub const fn new(mac: [u8; 6], ip: [u8; 4]) -> Self {
-        Self { mac, _pad: [0; 2], ip, hash_seed: 0 }
+        Self { mac, _pad: [0; 2], ip, hash_seed: 0, agent_instance: [0; 8] }
     }
 
     pub const fn with_seed(mut self, hash_seed: u32) -> Self {

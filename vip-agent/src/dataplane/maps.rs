@@ -84,6 +84,27 @@ pub fn check_pinned_layout(name: &'static str, path: &std::path::Path) -> Result
     Ok(())
 }
 
+/// Only the VIP map of a pinned data plane, read-only: whether this node answers for a
+/// VIP right now. What every gratuitous ARP checks before it is sent.
+pub struct VipStates {
+    vips: HashMap<MapData, VipKey, VipState>,
+}
+
+impl VipStates {
+    pub fn from_pins(dir: &std::path::Path) -> Result<Self, MapError> {
+        let path = dir.join(map_names::VIPS);
+        check_pinned_layout(map_names::VIPS, &path)?;
+        let pin = |source| MapError::Pin { path: path.display().to_string(), source };
+        let map = Map::from_map_data(MapData::from_pin(&path).map_err(pin)?).map_err(pin)?;
+        Ok(Self { vips: HashMap::try_from(map).map_err(|source| MapError::Type { name: map_names::VIPS, source })? })
+    }
+
+    /// Whether the data plane answers ARP for `vip` now.
+    pub fn leads(&self, vip: Ipv4Addr) -> bool {
+        self.vips.get(&VipKey::new(vip.octets()), 0).is_ok_and(|s| s.leads_at(crate::clock::boot_ns()))
+    }
+}
+
 /// The data plane's maps, owned.
 pub struct Maps {
     config: Array<MapData, Config>,
@@ -205,6 +226,16 @@ impl Maps {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(MapError::Op { name: map_names::VIPS, op: "get", source }),
         }
+    }
+
+    /// Stops answering ARP for `vip` at once; new flows keep being balanced until the
+    /// balancing deadline already set (at most the renew deadline of the last renewal),
+    /// for clients that have not moved yet.
+    pub fn stop_answering(&mut self, vip: Ipv4Addr) -> Result<(), MapError> {
+        let segment = self.vip(vip)?.map_or(0, |s| s.segment);
+        self.vips
+            .insert(VipKey::new(vip.octets()), VipState::follower().on_segment(segment), 0)
+            .map_err(op(map_names::VIPS, "insert"))
     }
 
     /// Hands `vip` over: stop answering ARP for it, but keep balancing the traffic that

@@ -22,7 +22,7 @@ use aya::{
 use tracing::{debug, info, warn};
 use vip_common::program_names;
 
-pub use self::maps::{MapError, Maps};
+pub use self::maps::{MapError, Maps, VipStates};
 use crate::netdev::Netdev;
 
 /// The XDP object built from `vip-ebpf` by the build script.

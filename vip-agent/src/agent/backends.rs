@@ -1,0 +1,334 @@
+//! The backends the agent tracks: the static `--backend`s and the apiservers discovery
+//! finds, each with its health checker, its health (rise/fall hysteresis and the reason
+//! of its last failure), and its MAC for DSR. Also this node's own apiserver readiness,
+//! which gates leadership.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+};
+
+use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::{info, warn};
+use vip_common::{Backend, ForwardMode, HealthReason, PeerKey};
+
+use crate::{
+    balancer::BackendSpec,
+    config::{Election, RunConfig},
+    discovery::Endpoint,
+    health::{self, Health, Hysteresis, Probe, Report},
+    metrics::AgentMetrics,
+    netdev::Netdev,
+    netlink::{Netlink, NetlinkError},
+    vipprobe::VipProbe,
+};
+
+/// One backend as the agent tracks it.
+struct Tracked {
+    /// Stable key: health reports name their backend by it.
+    key: usize,
+    checker: Option<JoinHandle<()>>,
+    ip: Ipv4Addr,
+    check_addr: SocketAddr,
+    /// The backend is this node.
+    local: bool,
+    mac: Option<[u8; 6]>,
+    health: Hysteresis,
+    /// Why its last check failed; `None` after a success.
+    reason: HealthReason,
+    warned_no_mac: bool,
+}
+
+/// What every checker shares.
+#[derive(Clone)]
+struct Checks {
+    probe: Probe,
+    /// The VIP-path probe of DSR backends (needs this node's IPv4 address).
+    dsr: Option<health::DsrCheck>,
+}
+
+impl Checks {
+    fn new(probe: Probe, dev: &Netdev, nl: &Netlink, cfg: &RunConfig) -> Self {
+        let dsr = dev.ipv4.zip(cfg.vips.first()).map(|(src_ip, &vip)| health::DsrCheck {
+            netlink: nl.clone(),
+            probe: VipProbe { ifindex: dev.ifindex, src_mac: dev.mac.0, src_ip, vip, port: cfg.port },
+        });
+        Self { probe, dsr }
+    }
+}
+
+/// Whether this node's own apiserver is ready: a gate on leadership. It drops on the
+/// first failed check (a leader must stop answering at once) and comes back after
+/// `rise` successes. It watches the backend that is this node, or, if none is (or
+/// backends are discovered), a dedicated check of the apiserver on this node's address.
+struct Gate {
+    key: Option<usize>,
+    health: Hysteresis,
+    checker: Option<JoinHandle<()>>,
+}
+
+/// What a health report changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReportOutcome {
+    /// The data plane's view of the backend changed: push the table.
+    pub table_changed: bool,
+    /// The local apiserver's readiness changed to this.
+    pub readiness: Option<bool>,
+}
+
+/// The tracked backends and the readiness gate.
+pub struct Backends {
+    list: Vec<Tracked>,
+    next_key: usize,
+    gate: Gate,
+    checks: Option<Checks>,
+    tx: mpsc::Sender<Report>,
+}
+
+impl Backends {
+    /// The static backends. `previous`: the backend entries of an adopted data plane, so
+    /// a restart keeps healthy backends in the table while the first checks run.
+    pub async fn new(
+        cfg: &RunConfig,
+        dev: &Netdev,
+        nl: &Netlink,
+        previous: &[(u32, Backend)],
+        probe: Option<Probe>,
+        tx: mpsc::Sender<Report>,
+    ) -> Result<Self, NetlinkError> {
+        let mut list = Vec::new();
+        for b in &cfg.backends {
+            let local = Some(b.ip) == dev.ipv4 || nl.has_address(b.ip).await?;
+            let old = previous.iter().find(|(_, e)| e.ip == b.ip.octets()).map(|(_, e)| *e);
+            let initial = match old {
+                Some(e) if e.flags & Backend::F_UP != 0 => Health::Up,
+                _ => Health::Unknown,
+            };
+            list.push(Tracked {
+                key: list.len(),
+                checker: None,
+                ip: b.ip,
+                check_addr: SocketAddr::from((b.ip, b.port.unwrap_or(cfg.port))),
+                local,
+                mac: old.map(|e| e.mac).filter(|m| *m != [0; 6]),
+                health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
+                reason: HealthReason::None,
+                warned_no_mac: false,
+            });
+        }
+        // Keys 0..len are the static backends; key len is the gate's own check;
+        // discovered backends take keys from len + 1 on.
+        let next_key = list.len() + 1;
+        let gate = Gate { key: None, health: Hysteresis::new(cfg.health.rise, 1, Health::Unknown), checker: None };
+        let checks = probe.map(|p| Checks::new(p, dev, nl, cfg));
+        Ok(Self { list, next_key, gate, checks, tx })
+    }
+
+    /// Whether leadership waits for this node's apiserver: with an election and
+    /// something to check it with.
+    pub fn gated(&self) -> bool {
+        self.gate.key.is_some()
+    }
+
+    /// Starts every checker, and the readiness gate's.
+    pub fn start_checks(&mut self, cfg: &RunConfig, dev: &Netdev) {
+        let Some(checks) = self.checks.clone() else {
+            if cfg.election == Election::Kubernetes {
+                warn!("no --backend: leadership is not gated on apiserver health");
+            }
+            return;
+        };
+        for b in self.list.iter_mut() {
+            spawn_checker(b, &checks, cfg, &self.tx);
+        }
+        if cfg.election != Election::Kubernetes {
+            return;
+        }
+        if let (Some(b), false) = (self.list.iter().find(|b| b.local), cfg.discover) {
+            self.gate.key = Some(b.key);
+            return;
+        }
+        // Discovered backends come and go: the gate gets a check of its own, on this
+        // node's address, else loopback.
+        let key = self.list.len();
+        let addr = SocketAddr::from((dev.ipv4.unwrap_or(Ipv4Addr::LOCALHOST), cfg.port));
+        info!(%addr, "checking this node's apiserver for the leadership gate");
+        self.gate.key = Some(key);
+        self.gate.checker = Some(tokio::spawn(health::run_checker(
+            key,
+            addr,
+            checks.probe,
+            cfg.health.interval,
+            cfg.health.timeout,
+            None,
+            self.tx.clone(),
+        )));
+    }
+
+    /// The interface was recreated (new index, maybe a new MAC): checkers start over.
+    pub fn relink(&mut self, cfg: &RunConfig, dev: &Netdev, nl: &Netlink) {
+        let Some(checks) = self.checks.as_mut() else { return };
+        *checks = Checks::new(checks.probe.clone(), dev, nl, cfg);
+        let checks = checks.clone();
+        for b in self.list.iter_mut() {
+            if let Some(c) = b.checker.take() {
+                c.abort();
+            }
+            spawn_checker(b, &checks, cfg, &self.tx);
+        }
+    }
+
+    /// Records a health report.
+    pub fn on_report(&mut self, cfg: &RunConfig, dev: &Netdev, report: Report, m: &AgentMetrics) -> ReportOutcome {
+        let mut out = ReportOutcome::default();
+        if Some(report.backend) == self.gate.key {
+            out.readiness = self.gate.health.observe(report.result.is_ok()).map(|h| h == Health::Up);
+        }
+        let Some(i) = self.list.iter().position(|b| b.key == report.backend) else { return out };
+        let before = spec_of(&self.list[i], cfg);
+        let b = &mut self.list[i];
+        m.observe_check(b.ip, report.latency.as_secs_f64());
+        if let Some(mac) = report.mac {
+            b.mac = Some(mac);
+        } else if report.result.is_ok()
+            && cfg.forward == ForwardMode::Dsr
+            && !b.local
+            && b.mac.is_none()
+            && !b.warned_no_mac
+        {
+            warn!(backend = %b.ip, interface = %dev.name, "no neighbour entry: is the backend on this L2? (else use --forward ipip)");
+            b.warned_no_mac = true;
+        }
+        b.reason = report.result.as_ref().err().map_or(HealthReason::None, |e| e.reason());
+        if let Some(new) = b.health.observe(report.result.is_ok()) {
+            match &report.result {
+                Err(e) => warn!(backend = %b.ip, state = ?new, error = %e, "backend health changed"),
+                Ok(()) => info!(backend = %b.ip, state = ?new, "backend health changed"),
+            }
+        }
+        out.table_changed = spec_of(&self.list[i], cfg) != before;
+        out
+    }
+
+    /// Makes the list the static `--backend`s plus the discovered apiservers: new ones
+    /// start unknown with a checker of their own, gone ones lose theirs. Returns
+    /// whether the list changed.
+    pub async fn merge_discovered(&mut self, cfg: &RunConfig, nl: &Netlink, found: &BTreeSet<Endpoint>) -> bool {
+        let wanted: Vec<(Ipv4Addr, u16)> = cfg
+            .backends
+            .iter()
+            .map(|b| (b.ip, b.port.unwrap_or(cfg.port)))
+            .chain(found.iter().map(|e| (e.ip, e.port)))
+            .filter(|(ip, _)| !cfg.vips.contains(ip))
+            .collect();
+        let before = self.list.len();
+        self.list.retain_mut(|b| {
+            let keep = wanted.iter().any(|(ip, _)| *ip == b.ip);
+            if !keep {
+                info!(backend = %b.ip, "apiserver no longer registered: removing it");
+                if let Some(c) = b.checker.take() {
+                    c.abort();
+                }
+            }
+            keep
+        });
+        let mut changed = self.list.len() != before;
+        for (ip, port) in wanted {
+            if self.list.iter().any(|b| b.ip == ip) {
+                continue;
+            }
+            let local = nl.has_address(ip).await.unwrap_or(false);
+            let mut b = Tracked {
+                key: self.next_key,
+                checker: None,
+                ip,
+                check_addr: SocketAddr::from((ip, port)),
+                local,
+                mac: None,
+                health: Hysteresis::new(cfg.health.rise, cfg.health.fall, Health::Unknown),
+                reason: HealthReason::None,
+                warned_no_mac: false,
+            };
+            self.next_key += 1;
+            if let Some(c) = &self.checks {
+                spawn_checker(&mut b, c, cfg, &self.tx);
+            }
+            info!(backend = %ip, local, "apiserver discovered");
+            self.list.push(b);
+            changed = true;
+        }
+        changed
+    }
+
+    /// What the balancer installs.
+    pub fn specs(&self, cfg: &RunConfig) -> Vec<BackendSpec> {
+        self.list.iter().map(|b| spec_of(b, cfg)).collect()
+    }
+
+    /// Every other node, by address and (when known) MAC: what they balanced is never
+    /// balanced again here, and only their IPIP is decapsulated.
+    pub fn peers(&self) -> BTreeSet<PeerKey> {
+        self.list
+            .iter()
+            .filter(|b| !b.local)
+            .flat_map(|b| std::iter::once(PeerKey::ipv4(b.ip.octets())).chain(b.mac.map(PeerKey::mac)))
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Stops every checker.
+    pub fn stop(&mut self) {
+        for b in self.list.iter_mut() {
+            if let Some(c) = b.checker.take() {
+                c.abort();
+            }
+        }
+        if let Some(c) = self.gate.checker.take() {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spec_of(b: &Tracked, cfg: &RunConfig) -> BackendSpec {
+    let up = b.health.state() == Health::Up;
+    let reachable = b.local || cfg.forward != ForwardMode::Dsr || b.mac.is_some();
+    let healthy = up && reachable;
+    let reason = match (healthy, up) {
+        (true, _) => HealthReason::None,
+        (false, true) => HealthReason::NoMac,
+        (false, false) => b.reason,
+    };
+    BackendSpec {
+        ip: b.ip,
+        mac: b.mac.unwrap_or_default(),
+        weight: 1,
+        local: b.local,
+        healthy,
+        // Its apiserver answered "not ready": it drains, serving what it holds.
+        draining: !healthy && reason == HealthReason::NotReady,
+        reason,
+    }
+}
+
+fn spawn_checker(b: &mut Tracked, checks: &Checks, cfg: &RunConfig, tx: &mpsc::Sender<Report>) {
+    // DSR backends on other nodes must also accept VIP traffic (hold the VIP).
+    let dsr = (cfg.forward == ForwardMode::Dsr && !b.local).then(|| checks.dsr.clone()).flatten();
+    b.checker = Some(tokio::spawn(health::run_checker(
+        b.key,
+        b.check_addr,
+        checks.probe.clone(),
+        cfg.health.interval,
+        cfg.health.timeout,
+        dsr,
+        tx.clone(),
+    )));
+}

@@ -1,0 +1,268 @@
+//! Host state the agent sets up and owns: the VIPs on `lo` (every node delivers VIP
+//! traffic through its own stack), the interface's ARP sysctls (the kernel must never
+//! answer ARP for the VIPs it holds: only the data plane's leader does), and forwarding
+//! on the interface in IPIP mode (the FIB refuses output lookups without it).
+//!
+//! Applied at start, watched (netlink) and re-checked (every tick), and put back when
+//! something else changed it — a network manager removing addresses, a sysctl reset —
+//! each repair logged and counted; undone on stop, leaving what an operator had
+//! configured before.
+
+use std::{fs, io, net::Ipv4Addr};
+
+use tracing::{error, info, warn};
+
+use crate::netlink::{Netlink, NetlinkError, VIP_LABEL};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("sysctl {path}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "--vip {vip} is already an address of interface {interface} on this host: a VIP must be an address no host has"
+    )]
+    VipIsHostAddress { vip: Ipv4Addr, interface: String },
+    #[error(
+        "net.ipv4.conf.all.arp_ignore is {value}: the kernel would answer ARP for the VIPs it holds on lo; \
+         set it to 0, 1 or 2"
+    )]
+    ArpIgnoreAll { value: String },
+}
+
+/// What a repair put back: the label of `vip_host_repairs_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repair {
+    VipAddress,
+    ArpSysctl,
+    Forwarding,
+}
+
+impl Repair {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Repair::VipAddress => "vip_address",
+            Repair::ArpSysctl => "arp_sysctl",
+            Repair::Forwarding => "forwarding",
+        }
+    }
+}
+
+/// A sysctl rule: which values of (`all`, the interface) are acceptable, and what to
+/// write to the interface's when they are not.
+struct Rule {
+    key: &'static str,
+    ok: fn(u32, u32) -> bool,
+    want: &'static str,
+    repair: Repair,
+}
+
+/// `arp_ignore`: the kernel uses max(all, interface). 1 (reply only for addresses of the
+/// interface), 2 (and only from its subnet) and 8 (never) all keep it from answering for
+/// the VIPs on `lo`; 0, 3 (any global address) and the reserved 4–7 do not.
+const ARP_IGNORE: Rule =
+    Rule { key: "arp_ignore", ok: |all, dev| matches!(all.max(dev), 1 | 2 | 8), want: "1", repair: Repair::ArpSysctl };
+/// `arp_announce`: max(all, interface) must be 2, so requests the node sends never
+/// carry a VIP as their source.
+const ARP_ANNOUNCE: Rule =
+    Rule { key: "arp_announce", ok: |all, dev| all.max(dev) >= 2, want: "2", repair: Repair::ArpSysctl };
+/// `forwarding` of the interface (IPIP): `bpf_fib_lookup` answers FWD_DISABLED without it.
+const FORWARDING: Rule = Rule { key: "forwarding", ok: |_, dev| dev == 1, want: "1", repair: Repair::Forwarding };
+
+fn path(scope: &str, key: &str) -> String {
+    format!("/proc/sys/net/ipv4/conf/{scope}/{key}")
+}
+
+fn read(path: &str) -> Result<String, HostError> {
+    fs::read_to_string(path)
+        .map(|v| v.trim().to_owned())
+        .map_err(|source| HostError::Sysctl { path: path.to_owned(), source })
+}
+
+fn write(path: &str, value: &str) -> Result<(), HostError> {
+    fs::write(path, value).map_err(|source| HostError::Sysctl { path: path.to_owned(), source })
+}
+
+/// The name of interface `ifindex`.
+fn ifname(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("#{ifindex}");
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+/// The host state the agent owns.
+pub struct Host {
+    nl: Netlink,
+    interface: String,
+    vips: Vec<Ipv4Addr>,
+    ipip: bool,
+    /// VIPs on `lo` under vip-agent's label: removed on stop.
+    owned: Vec<Ipv4Addr>,
+    /// Sysctls this agent changed, with the values they replaced.
+    saved: Vec<(String, String)>,
+}
+
+impl Host {
+    pub fn new(nl: Netlink, interface: &str, vips: &[Ipv4Addr], ipip: bool) -> Self {
+        Self { nl, interface: interface.to_owned(), vips: vips.to_vec(), ipip, owned: Vec::new(), saved: Vec::new() }
+    }
+
+    /// Refuses, before anything changes, what would take a host's address or leave the
+    /// kernel answering for the VIPs: a VIP that is an address of this host (but a VIP
+    /// vip-agent itself put on `lo`), an `all.arp_ignore` no interface value can fix.
+    pub async fn preflight(&self) -> Result<(), HostError> {
+        let lo = crate::netdev::ifindex("lo");
+        for &vip in &self.vips {
+            for (ifindex, label) in self.nl.holders_of(vip).await? {
+                if Some(ifindex) == lo && label == VIP_LABEL {
+                    continue;
+                }
+                return Err(HostError::VipIsHostAddress { vip, interface: ifname(ifindex) });
+            }
+        }
+        let all = read(&path("all", ARP_IGNORE.key))?;
+        if !(ARP_IGNORE.ok)(all.parse().unwrap_or(0), 1) {
+            return Err(HostError::ArpIgnoreAll { value: all });
+        }
+        Ok(())
+    }
+
+    fn rules(&self) -> Vec<&'static Rule> {
+        let mut r = vec![&ARP_IGNORE, &ARP_ANNOUNCE];
+        if self.ipip {
+            r.push(&FORWARDING);
+        }
+        r
+    }
+
+    /// Puts `rule` right; returns whether it had to write.
+    fn ensure(&mut self, rule: &Rule) -> Result<bool, HostError> {
+        let all: u32 = read(&path("all", rule.key))?.parse().unwrap_or(0);
+        let p = path(&self.interface, rule.key);
+        let old = read(&p)?;
+        if (rule.ok)(all, old.parse().unwrap_or(0)) {
+            return Ok(false);
+        }
+        write(&p, rule.want)?;
+        if !self.saved.iter().any(|(s, _)| *s == p) {
+            self.saved.push((p.clone(), old.clone()));
+        }
+        info!(sysctl = %p, from = %old, to = rule.want, "sysctl set");
+        Ok(true)
+    }
+
+    /// Sets the sysctls, then makes sure `lo` holds every VIP (recording which are
+    /// vip-agent's to remove on stop). Records what it changed before any later step can
+    /// fail, so a failed start undoes exactly that.
+    pub async fn apply(&mut self) -> Result<(), HostError> {
+        for rule in self.rules() {
+            if self.ensure(rule)? && rule.repair == Repair::Forwarding {
+                info!(interface = %self.interface, "IPIP: forwarding enabled on the interface (the FIB refuses output lookups without it)");
+            }
+        }
+        for vip in self.vips.clone() {
+            if self.nl.add_vip_to_lo(vip).await? && !self.owned.contains(&vip) {
+                self.owned.push(vip);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes VIPs a previous agent put on `lo` that this one does not serve.
+    pub async fn remove_stale_vips(&mut self) -> Result<(), HostError> {
+        for addr in self.nl.labelled_vips().await? {
+            if !self.vips.contains(&addr) {
+                info!(vip = %addr, "VIP on lo no longer configured: removing it");
+                self.nl.remove_vip_from_lo(addr).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks everything this agent set up and puts back what changed.
+    pub async fn repair(&mut self) -> Vec<Repair> {
+        let mut done = Vec::new();
+        for rule in self.rules() {
+            match self.ensure(rule) {
+                Ok(true) => {
+                    warn!(sysctl = %path(&self.interface, rule.key), "sysctl was changed behind the agent: put back");
+                    done.push(rule.repair);
+                }
+                Ok(false) => {}
+                Err(e) => error!(error = %e, "checking a sysctl failed"),
+            }
+        }
+        for vip in self.owned.clone() {
+            if let Some(r) = self.restore_vip(vip).await {
+                done.push(r);
+            }
+        }
+        done
+    }
+
+    /// `addr` left `lo`: if it is one of our VIPs, put it back at once.
+    pub async fn on_lo_address_removed(&mut self, addr: Ipv4Addr) -> Option<Repair> {
+        if !self.owned.contains(&addr) {
+            return None;
+        }
+        self.restore_vip(addr).await
+    }
+
+    async fn restore_vip(&mut self, vip: Ipv4Addr) -> Option<Repair> {
+        match self.nl.has_vip_on_lo(vip).await {
+            Ok(true) => None,
+            Ok(false) => match self.nl.add_vip_to_lo(vip).await {
+                Ok(_) => {
+                    warn!(%vip, "the VIP was removed from lo behind the agent: put back");
+                    Some(Repair::VipAddress)
+                }
+                Err(e) => {
+                    error!(error = %e, %vip, "putting the VIP back on lo failed");
+                    None
+                }
+            },
+            Err(e) => {
+                error!(error = %e, %vip, "checking the VIP on lo failed");
+                None
+            }
+        }
+    }
+
+    /// Undoes what [`Host::apply`] did: VIPs it added, sysctls it changed.
+    pub async fn undo(&mut self) {
+        for vip in std::mem::take(&mut self.owned) {
+            if let Err(e) = self.nl.remove_vip_from_lo(vip).await {
+                error!(error = %e, %vip, "removing the VIP from lo failed");
+            }
+        }
+        for (p, old) in std::mem::take(&mut self.saved).into_iter().rev() {
+            if let Err(e) = write(&p, &old) {
+                error!(error = %e, "restoring a sysctl failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arp_ignore_values_that_keep_the_kernel_quiet() {
+        for (all, dev, ok) in [(0, 0, false), (0, 1, true), (2, 0, true), (0, 8, true), (3, 1, false), (5, 0, false)] {
+            assert_eq!((ARP_IGNORE.ok)(all, dev), ok, "all={all} dev={dev}");
+        }
+        assert!((ARP_ANNOUNCE.ok)(2, 0));
+        assert!(!(ARP_ANNOUNCE.ok)(1, 1));
+    }
+}

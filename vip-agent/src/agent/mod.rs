@@ -1,0 +1,207 @@
+//! `vip-agent run`: the daemon for one node.
+//!
+//! Start-up is ordered so that bad input changes nothing: everything that can fail on a
+//! wrong value (interface, CA, metrics address, a VIP that is a host's address) is
+//! checked before the data plane is touched; then the maps are filled before the
+//! program is attached, so it never runs on empty state. Every change to the host is
+//! recorded and undone on stop (or on a failed start) — except with
+//! `--keep-forwarding-on-exit`, which leaves the data plane attached and pinned, and the
+//! VIP in place, for the next agent to adopt.
+//!
+//! Then an event loop: each source of events — health reports, host changes (link,
+//! addresses), discovery, the announcer, a periodic tick, signals — is dispatched to a
+//! named handler of [`node::Node`], which holds the node's state. The concerns live in
+//! their own modules: [`backends`] (tracked backends and the readiness gate), [`host`]
+//! (host state the agent owns, repaired when changed), [`crate::announce`] (how clients
+//! find the VIP).
+
+mod backends;
+mod host;
+mod node;
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+use tracing::{info_span, warn, Instrument};
+use vip_common::ForwardMode;
+
+pub use self::host::HostError;
+use self::{
+    host::Host,
+    node::{Node, Start},
+};
+use crate::{
+    apiclient::{self, ApiClientError, Timeouts},
+    balancer::BalancerError,
+    config::{Election, HealthCheck, RunConfig},
+    dataplane::{Dataplane, DataplaneError, MapError},
+    health::{self, CaSource, Probe, TlsError},
+    kubeconfig, metrics,
+    netdev::{self, NetdevError},
+    netlink::{self, Netlink, NetlinkError},
+};
+
+/// Where a pod finds its service account's CA.
+const SERVICE_ACCOUNT_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+/// How often host state is re-checked (and repaired) and eligibility re-evaluated.
+const TICK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Netdev(#[from] NetdevError),
+    /// Boxed: aya's errors are large, and this is returned on every path.
+    #[error(transparent)]
+    Dataplane(Box<DataplaneError>),
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Balancer(#[from] BalancerError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    ApiClient(#[from] ApiClientError),
+    #[error("--metrics-addr {addr}: cannot listen")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing the {signal} handler failed")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<DataplaneError> for RunError {
+    fn from(e: DataplaneError) -> Self {
+        RunError::Dataplane(Box::new(e))
+    }
+}
+
+/// Where the HTTPS checks' CA comes from: `--health-insecure`, `--health-ca`, the
+/// kubeconfig's cluster CA, or the pod's service account.
+fn ca_source(cfg: &RunConfig) -> Result<CaSource<'_>, TlsError> {
+    if cfg.health.insecure {
+        Ok(CaSource::Insecure)
+    } else if let Some(ca) = &cfg.health.ca {
+        Ok(CaSource::PemFile(ca))
+    } else if let Some(kc) = &cfg.kubeconfig {
+        kubeconfig::cluster_ca(kc)
+    } else if Path::new(SERVICE_ACCOUNT_CA).exists() {
+        Ok(CaSource::PemFile(Path::new(SERVICE_ACCOUNT_CA)))
+    } else {
+        Err(TlsError::NoCa)
+    }
+}
+
+/// The health probe (`None` when there is nothing to check), and the flow-hash seed:
+/// `--flow-hash-seed`, else derived from the cluster CA.
+fn probe_and_seed(cfg: &RunConfig) -> Result<(Option<Probe>, u32), TlsError> {
+    let balancing = !cfg.backends.is_empty() || cfg.discover;
+    let probe = match (balancing, cfg.health.check) {
+        (false, _) => None,
+        (true, HealthCheck::Tcp) => Some(Probe::Tcp),
+        (true, HealthCheck::Https) => {
+            let server_name = rustls::pki_types::ServerName::try_from(cfg.health.server_name.clone())
+                .map_err(|_| TlsError::ServerName { name: cfg.health.server_name.clone() })?;
+            Some(Probe::Https { path: cfg.health.path.clone(), tls: health::tls_config(ca_source(cfg)?)?, server_name })
+        }
+    };
+    let derived = ca_source(cfg)
+        .ok()
+        .and_then(|ca| health::ca_fingerprint(&ca))
+        .map(|d| u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
+    let seed = match (cfg.flow_hash_seed, derived) {
+        (Some(s), _) | (None, Some(s)) => s,
+        (None, None) => {
+            if balancing {
+                warn!("no cluster CA to derive the flow-hash seed from: flows are predictable; give --flow-hash-seed");
+            }
+            0
+        }
+    };
+    Ok((probe, seed))
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
+    let span = info_span!("run", interface = %cfg.interface);
+    async move {
+        // Nothing below touches the host until the data plane is opened.
+        let mut sigterm =
+            signal(SignalKind::terminate()).map_err(|source| RunError::Signal { signal: "SIGTERM", source })?;
+        let mut sigint =
+            signal(SignalKind::interrupt()).map_err(|source| RunError::Signal { signal: "SIGINT", source })?;
+        let dev = netdev::lookup(&cfg.interface)?;
+        let (probe, hash_seed) = probe_and_seed(&cfg)?;
+        let metrics_listener = metrics::bind(cfg.metrics_addr)
+            .await
+            .map_err(|source| RunError::Metrics { addr: cfg.metrics_addr, source })?;
+        let nl = Netlink::connect()?;
+        let host = Host::new(nl.clone(), &cfg.interface, &cfg.vips, cfg.forward == ForwardMode::Ipip);
+        host.preflight().await?;
+        let host_events = netlink::watch_host(cfg.interface.clone())?;
+        let (kc, api) = (cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref());
+        let lease_client = match cfg.election {
+            Election::Kubernetes => {
+                Some(apiclient::client(kc, api, Timeouts::Bounded(cfg.lease.renew_deadline)).await?)
+            }
+            Election::None => None,
+        };
+        let watch_client = match cfg.discover {
+            true => Some(apiclient::client(kc, api, Timeouts::Watch(cfg.lease.renew_deadline)).await?),
+            false => None,
+        };
+
+        let (dp, adopted) = Dataplane::open_pinned(&cfg.pin_path)?;
+        let start = Start {
+            dev,
+            nl,
+            dp,
+            adopted,
+            host,
+            probe,
+            hash_seed,
+            lease_client,
+            watch_client,
+            metrics_listener,
+            host_events,
+        };
+        let (mut node, mut inputs) = Node::start(cfg, start).await?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let signal = loop {
+            tokio::select! {
+                Some(report) = inputs.reports.recv() => node.on_health_report(report),
+                Some(event) = inputs.host.recv() => node.on_host_event(event).await,
+                Some(found) = recv(&mut inputs.discovered) => node.on_discovered(found).await,
+                Some(event) = inputs.announce.recv() => node.on_announce_event(event),
+                _ = tick.tick() => node.on_tick().await,
+                _ = sigterm.recv() => break "SIGTERM",
+                _ = sigint.recv() => break "SIGINT",
+            }
+        };
+        node.stop(signal).await;
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+/// Receives from an optional channel (pending forever without one).
+async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}

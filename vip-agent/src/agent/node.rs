@@ -1,0 +1,446 @@
+//! The node: everything the agent holds for one node, and one named handler per kind of
+//! event. The event loop in [`super::run`] only dispatches.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
+use tracing::{error, info, warn};
+use vip_common::{Config, VipState};
+
+use super::{backends::Backends, host::Host, RunError};
+use crate::{
+    announce::{
+        arp::{ArpAnnounce, ArpStart},
+        AnnounceEvent,
+    },
+    balancer::{Balancer, ServiceSpec, DEFAULT_GRACE},
+    clock::boot_ns,
+    config::{Election, RunConfig},
+    dataplane::{Attached, Dataplane, Maps},
+    discovery::{self, Endpoint},
+    election::{new_instance_id, ElectionConfig, ElectionEvent},
+    health::{Probe, Report},
+    metrics::{self, AgentMetrics},
+    netdev::{self, Netdev},
+    netlink::{HostEvent, LinkEvent, Netlink},
+};
+
+/// After a foreign host answered the claim probe, how long before probing again.
+pub const CONFLICT_HOLDOFF: Duration = Duration::from_secs(5);
+/// How long the duplicate-identity gauge stays up after the last sign of a duplicate.
+const DUPLICATE_MEMORY: Duration = Duration::from_secs(30);
+
+/// Whether this node can carry the VIPs: every condition, not only its apiserver.
+#[derive(Clone, Debug)]
+struct Eligibility {
+    /// Leadership waits for this node's apiserver.
+    gated: bool,
+    apiserver_ready: bool,
+    /// The interface is up with carrier.
+    link_up: bool,
+    /// A foreign host answered for a VIP: no claim before then.
+    conflict_until: Option<Instant>,
+}
+
+impl Eligibility {
+    fn eligible(&self) -> bool {
+        (!self.gated || self.apiserver_ready) && self.link_up && self.conflict_until.is_none_or(|t| Instant::now() >= t)
+    }
+}
+
+/// The event sources the loop waits on.
+pub struct Inputs {
+    pub reports: mpsc::Receiver<Report>,
+    pub host: mpsc::Receiver<HostEvent>,
+    pub discovered: Option<mpsc::Receiver<BTreeSet<Endpoint>>>,
+    pub announce: mpsc::Receiver<AnnounceEvent>,
+}
+
+/// What start-up needs besides the configuration.
+pub struct Start {
+    pub dev: Netdev,
+    pub nl: Netlink,
+    pub dp: Dataplane,
+    pub adopted: bool,
+    pub host: Host,
+    pub probe: Option<Probe>,
+    pub hash_seed: u32,
+    pub lease_client: Option<kube::Client>,
+    pub watch_client: Option<kube::Client>,
+    pub metrics_listener: tokio::net::TcpListener,
+    pub host_events: mpsc::Receiver<HostEvent>,
+}
+
+/// The node's state.
+pub struct Node {
+    cfg: RunConfig,
+    dev: Netdev,
+    nl: Netlink,
+    dp: Dataplane,
+    balancer: Balancer,
+    backends: Backends,
+    host: Host,
+    announce: ArpAnnounce,
+    eligibility: Eligibility,
+    metrics: AgentMetrics,
+    metrics_task: JoinHandle<()>,
+    duplicate_seen: Option<Instant>,
+}
+
+impl Node {
+    /// Fills the maps, sets up the host and attaches, then starts checks, discovery and
+    /// the announcer. On failure, undoes what it did: a fresh data plane is removed
+    /// whole; an adopted one keeps forwarding (a failed restart must not take it down).
+    pub async fn start(cfg: RunConfig, s: Start) -> Result<(Self, Inputs), RunError> {
+        let Start { dev, nl, mut dp, adopted, mut host, probe, hash_seed, .. } = s;
+        let (tx, reports) = mpsc::channel(64);
+        let staged = stage(&cfg, &dev, &nl, &mut dp, adopted, &mut host, probe, hash_seed, tx).await;
+        let (balancer, backends, instance, predecessor, initially_leading) = match staged {
+            Ok(x) => x,
+            Err(e) => {
+                error!(error = %e, "start-up failed; undoing");
+                undo(dp, &mut host, &cfg.vips, adopted).await;
+                return Err(e);
+            }
+        };
+        let pinned = match Maps::from_pins(&cfg.pin_path) {
+            Ok(m) => m,
+            Err(e) => {
+                error!(error = %e, "opening the pinned maps for metrics failed; undoing");
+                undo(dp, &mut host, &cfg.vips, adopted).await;
+                return Err(e.into());
+            }
+        };
+        let (registry, metrics) = metrics::registry(pinned);
+        let metrics_task = tokio::spawn(metrics::serve(s.metrics_listener, Arc::new(registry)));
+        info!(addr = %cfg.metrics_addr, "metrics served");
+
+        let mut backends = backends;
+        backends.start_checks(&cfg, &dev);
+        let discovered = s.watch_client.filter(|_| cfg.discover).map(discovery::watch);
+        let (events, announce_rx) = mpsc::channel(32);
+        let election = s.lease_client.filter(|_| cfg.election == Election::Kubernetes).map(|client| {
+            let e = ElectionConfig {
+                lease_name: cfg.lease.name.clone(),
+                lease_namespace: cfg.lease.namespace.clone(),
+                identity: cfg.node_name.clone().unwrap_or_default(),
+                instance: instance.clone(),
+                predecessor: predecessor.clone(),
+                lease_duration: cfg.lease.duration,
+                renew_deadline: cfg.lease.renew_deadline,
+                retry_period: cfg.lease.retry_period,
+            };
+            (client, e)
+        });
+        let announce = match ArpAnnounce::start(ArpStart {
+            interface: cfg.interface.clone(),
+            vips: cfg.vips.clone(),
+            pin_path: cfg.pin_path.clone(),
+            election,
+            initially_leading,
+            events,
+        }) {
+            Ok(a) => a,
+            Err(e) => {
+                error!(error = %e, "starting the announcer failed; undoing");
+                metrics_task.abort();
+                undo(dp, &mut host, &cfg.vips, adopted).await;
+                return Err(e.into());
+            }
+        };
+        let eligibility = Eligibility {
+            gated: backends.gated(),
+            apiserver_ready: false,
+            link_up: netdev::is_up(&cfg.interface),
+            conflict_until: None,
+        };
+        let mut node = Self {
+            cfg,
+            dev,
+            nl,
+            dp,
+            balancer,
+            backends,
+            host,
+            announce,
+            eligibility,
+            metrics,
+            metrics_task,
+            duplicate_seen: None,
+        };
+        node.push_eligibility();
+        let inputs = Inputs { reports, host: s.host_events, discovered, announce: announce_rx };
+        Ok((node, inputs))
+    }
+
+    fn push_eligibility(&mut self) {
+        self.announce.set_eligible(self.eligibility.eligible());
+    }
+
+    /// A health check's result.
+    pub fn on_health_report(&mut self, report: Report) {
+        let out = self.backends.on_report(&self.cfg, &self.dev, report, &self.metrics);
+        if let Some(ready) = out.readiness {
+            info!(ready, "local apiserver readiness changed");
+            self.eligibility.apiserver_ready = ready;
+            self.push_eligibility();
+        }
+        if out.table_changed {
+            self.update_table();
+        }
+    }
+
+    /// The interface or the host's addresses changed.
+    pub async fn on_host_event(&mut self, event: HostEvent) {
+        match event {
+            HostEvent::Link(LinkEvent::Up { ifindex }) => {
+                if ifindex != self.dev.ifindex {
+                    self.on_interface_recreated(ifindex);
+                }
+                info!("link up");
+                self.eligibility.link_up = true;
+                self.push_eligibility();
+                self.announce.on_link_up();
+            }
+            HostEvent::Link(LinkEvent::Down) => {
+                warn!("link down: this node cannot carry the VIP");
+                self.eligibility.link_up = false;
+                self.push_eligibility();
+            }
+            HostEvent::Link(LinkEvent::Gone) => {
+                warn!("interface deleted; waiting for it to come back");
+                self.eligibility.link_up = false;
+                self.push_eligibility();
+            }
+            HostEvent::LoAddressRemoved(addr) => {
+                if let Some(r) = self.host.on_lo_address_removed(addr).await {
+                    self.metrics.repaired(r.name());
+                }
+            }
+        }
+    }
+
+    fn on_interface_recreated(&mut self, ifindex: u32) {
+        let new_dev = match netdev::lookup(&self.cfg.interface) {
+            Ok(d) => d,
+            Err(e) => {
+                error!(error = %e, "interface came back but cannot be resolved");
+                return;
+            }
+        };
+        warn!(old = self.dev.ifindex, new = ifindex, "interface was recreated; attaching again");
+        if let Err(e) = self.dp.attach_pinned(&new_dev, self.cfg.xdp_mode) {
+            error!(error = %e, "re-attaching failed");
+        }
+        // Its MAC (ARP replies, DSR source) and index (probes) may be new.
+        let mut config = self.dp.maps().config().unwrap_or_default();
+        config.mac = new_dev.mac.0;
+        config.ip = new_dev.ipv4.map(|a| a.octets()).unwrap_or_default();
+        if let Err(e) = self.dp.maps_mut().set_config(&config) {
+            error!(error = %e, "updating the interface in the data plane failed");
+        }
+        self.backends.relink(&self.cfg, &new_dev, &self.nl);
+        self.dev = new_dev;
+    }
+
+    /// Discovery's set of registered apiservers changed.
+    pub async fn on_discovered(&mut self, found: BTreeSet<Endpoint>) {
+        if self.backends.merge_discovered(&self.cfg, &self.nl, &found).await {
+            self.update_table();
+        }
+    }
+
+    /// The announcer reported.
+    pub fn on_announce_event(&mut self, event: AnnounceEvent) {
+        match event {
+            AnnounceEvent::Election(e) => {
+                self.announce.on_election(&e);
+                match e {
+                    ElectionEvent::Leading | ElectionEvent::Following => {}
+                    ElectionEvent::ClaimRefused { mac } => {
+                        warn!(
+                            foreign_mac = %netdev::MacAddr(mac), holdoff = ?CONFLICT_HOLDOFF,
+                            "a foreign host answers for the VIP: not leading while it does"
+                        );
+                        for &vip in &self.cfg.vips {
+                            self.metrics.arp_conflict(vip);
+                        }
+                        self.eligibility.conflict_until = Some(Instant::now() + CONFLICT_HOLDOFF);
+                        self.push_eligibility();
+                    }
+                    ElectionEvent::DuplicateIdentity { other_instance } => {
+                        error!(
+                            identity = ?self.cfg.node_name, %other_instance,
+                            "duplicate node identity: another agent runs under this node name"
+                        );
+                        self.metrics.duplicate_identity(true);
+                        self.duplicate_seen = Some(Instant::now());
+                    }
+                }
+            }
+            AnnounceEvent::ForeignClaim { vip, mac } => {
+                let (conflict, defended) = self.announce.on_foreign_claim(vip, mac);
+                if conflict {
+                    self.metrics.arp_conflict(vip);
+                    if defended {
+                        info!(%vip, "defended the VIP with a gratuitous ARP");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every tick: re-check the host, expire conflicts and the duplicate memory.
+    pub async fn on_tick(&mut self) {
+        for r in self.host.repair().await {
+            self.metrics.repaired(r.name());
+        }
+        if self.eligibility.conflict_until.is_some_and(|t| Instant::now() >= t) {
+            self.eligibility.conflict_until = None;
+            info!("conflict hold-off over: probing the VIP again");
+        }
+        self.push_eligibility();
+        if self.duplicate_seen.is_some_and(|t| t.elapsed() >= DUPLICATE_MEMORY) {
+            self.duplicate_seen = None;
+            self.metrics.duplicate_identity(false);
+        }
+    }
+
+    /// Pushes the backend set into the data plane, counting rebuilds; errors are logged
+    /// (the previous table stays live).
+    fn update_table(&mut self) {
+        match apply(&self.cfg, &mut self.dp, &mut self.balancer, &self.backends) {
+            Ok(true) => self.metrics.table_rebuilds.inc(),
+            Ok(false) => 0,
+            Err(e) => {
+                error!(error = %e, "updating the data plane failed");
+                0
+            }
+        };
+    }
+
+    /// Stops on `signal`: the announcer first (hand-over, unless keeping forwarding),
+    /// then checks, then the data plane and the host state.
+    pub async fn stop(mut self, signal: &'static str) {
+        let keep = self.cfg.keep_forwarding_on_exit;
+        info!(signal, keep_forwarding = keep, "stopping");
+        let drain = self.cfg.lease.retry_period * 2 + Duration::from_millis(300);
+        let release_budget = self.cfg.lease.renew_deadline * 2;
+        self.announce.stop(keep, &mut self.dp, release_budget, drain).await;
+        self.backends.stop();
+        self.metrics_task.abort();
+        undo(self.dp, &mut self.host, &self.cfg.vips, keep).await;
+        info!("stopped cleanly");
+    }
+}
+
+/// Start-up up to the attach: config, backends, balancer (reconciled with an adopted
+/// data plane), VIP states, host state, attach. Returns the balancer, the backends, this
+/// process's instance id, the predecessor's (when adopting) and whether the adopted
+/// data plane already answers for every VIP.
+#[allow(clippy::too_many_arguments)]
+async fn stage(
+    cfg: &RunConfig,
+    dev: &Netdev,
+    nl: &Netlink,
+    dp: &mut Dataplane,
+    adopted: bool,
+    host: &mut Host,
+    probe: Option<Probe>,
+    hash_seed: u32,
+    tx: mpsc::Sender<Report>,
+) -> Result<(Balancer, Backends, String, Option<String>, bool), RunError> {
+    let instance = new_instance_id();
+    let previous = if adopted { Some(dp.maps().config()?) } else { None };
+    let predecessor = previous.map(|c| {
+        if c.agent_instance == [0; 8] {
+            String::new()
+        } else {
+            c.agent_instance.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    });
+    let mut config = Config::new(dev.mac.0, dev.ipv4.map(|a| a.octets()).unwrap_or_default()).with_seed(hash_seed);
+    for (i, chunk) in instance.as_bytes().chunks(2).enumerate().take(8) {
+        config.agent_instance[i] =
+            std::str::from_utf8(chunk).ok().and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
+    }
+    dp.maps_mut().set_config(&config)?;
+
+    // Backends: health from a previous agent's maps when adopting (so a restart does
+    // not drop them from the table while the first checks run), unknown otherwise.
+    let previous_backends = if adopted { dp.maps().backends()? } else { Vec::new() };
+    let backends = Backends::new(cfg, dev, nl, &previous_backends, probe, tx).await?;
+    let mut balancer = if adopted { Balancer::adopt(dp.maps(), DEFAULT_GRACE)? } else { Balancer::new(DEFAULT_GRACE) };
+    apply(cfg, dp, &mut balancer, &backends)?;
+    // Reconcile what a previous agent left that this configuration does not have.
+    let keys: Vec<_> = cfg.vips.iter().map(|&vip| vip_common::ServiceKey::tcp(vip.octets(), cfg.port)).collect();
+    balancer.retain(dp.maps_mut(), &keys)?;
+    for (vip, _) in dp.maps().vips()? {
+        if !cfg.vips.contains(&vip) {
+            info!(%vip, "VIP no longer configured: removed from the data plane");
+            dp.maps_mut().remove_vip(vip)?;
+        }
+    }
+    // A node starts as a follower; an adopted leader state is kept as the fence of the
+    // Lease this agent takes over (or, without an election, as the permanent leader).
+    let now = boot_ns();
+    let mut initially_leading = true;
+    for &vip in &cfg.vips {
+        let leads = adopted && dp.maps().vip(vip)?.is_some_and(|s| s.leads_at(now));
+        if !leads {
+            dp.maps_mut().set_vip(vip, VipState::follower())?;
+            initially_leading = false;
+        }
+    }
+
+    // Every mode delivers VIP traffic for this node through its own stack, so the VIP
+    // goes on lo; the sysctls keep the kernel from ever answering ARP for it.
+    host.apply().await?;
+    if adopted {
+        host.remove_stale_vips().await?;
+    }
+    match dp.attach_pinned(dev, cfg.xdp_mode)? {
+        Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
+        Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
+    }
+    Ok((balancer, backends, instance, predecessor, initially_leading))
+}
+
+/// Undoes start-up; with `keep`, leaves forwarding (and the host state) as it is for
+/// the next agent.
+async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::Ipv4Addr], keep: bool) {
+    if keep {
+        if let Err(e) = dp.shutdown(true) {
+            error!(error = %e, "leaving the data plane pinned failed");
+        }
+        return;
+    }
+    let mut dp = dp;
+    // Stop answering ARP first, then detach: the kernel must not answer in between.
+    for &vip in vips {
+        if let Err(e) = dp.maps_mut().set_vip(vip, VipState::follower()) {
+            warn!(error = %e, %vip, "could not stop answering ARP before detaching");
+        }
+    }
+    if let Err(e) = dp.shutdown(false) {
+        error!(error = %e, "detaching failed");
+    }
+    host.undo().await;
+}
+
+/// Pushes the current backend set into the data plane: one service per VIP, and the
+/// peers. Returns whether a table flipped.
+fn apply(cfg: &RunConfig, dp: &mut Dataplane, balancer: &mut Balancer, backends: &Backends) -> Result<bool, RunError> {
+    let specs = backends.specs(cfg);
+    let healthy = specs.iter().filter(|b| b.healthy).count();
+    dp.maps_mut().set_peers(&backends.peers())?;
+    let mut flipped = false;
+    for &vip in &cfg.vips {
+        let spec = ServiceSpec { vip, port: cfg.port, mode: cfg.forward, m: cfg.maglev_size, backends: specs.clone() };
+        flipped |= balancer.apply(dp.maps_mut(), &spec)?.flipped;
+    }
+    if flipped && healthy == 0 && !backends.is_empty() {
+        warn!("no healthy backend: VIP traffic goes to this node's own stack (local apiserver, if any)");
+    }
+    Ok(flipped)
+}

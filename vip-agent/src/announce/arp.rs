@@ -1,0 +1,357 @@
+//! ARP mode: one node answers ARP for the VIPs. With `--election kubernetes` the Lease
+//! elects it ([`crate::election`]); with `--election none` this node holds the VIPs
+//! whenever it can carry them. Either way:
+//!
+//! - the data plane's VIP state is the fence: [`MapFence`] writes it, from the task that
+//!   decides leadership, so a step-down is in the kernel before anything else happens;
+//! - before claiming a VIP the node probes ARP for it (RFC 5227 §2.1) and refuses to
+//!   lead while another host answers;
+//! - when it starts answering, gratuitous ARP moves clients at once; each announcement
+//!   re-checks the data plane first;
+//! - while it leads, a foreign host claiming a VIP is counted, logged and answered with
+//!   one gratuitous ARP at most every [`DEFEND_INTERVAL`] (RFC 5227 §2.4 (b)).
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+use tracing::{error, info, warn};
+use vip_common::VipState;
+
+use super::AnnounceEvent;
+use crate::{
+    arp,
+    clock::kernel_deadline,
+    dataplane::{Dataplane, Maps, VipStates},
+    election::{self, ElectionConfig, ElectionEvent, Elector, Fence, KubeLeases},
+    netdev::MacAddr,
+};
+
+/// RFC 5227 §2.4: at most one defence per this interval.
+pub const DEFEND_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The fence in the data plane: the VIP state in the pinned maps.
+pub struct MapFence {
+    maps: Maps,
+    interface: String,
+    vips: Vec<Ipv4Addr>,
+}
+
+impl MapFence {
+    pub fn open(
+        pin_path: &std::path::Path,
+        interface: &str,
+        vips: &[Ipv4Addr],
+    ) -> Result<Self, crate::dataplane::MapError> {
+        Ok(Self { maps: Maps::from_pins(pin_path)?, interface: interface.to_owned(), vips: vips.to_vec() })
+    }
+
+    fn set_all(&mut self, state: VipState) {
+        for &vip in &self.vips {
+            if let Err(e) = self.maps.set_vip(vip, state) {
+                error!(error = %e, %vip, "writing the VIP state failed");
+            }
+        }
+    }
+
+    /// Answer with no deadline (`--election none`).
+    pub fn lead_forever(&mut self) {
+        self.set_all(VipState::leader_until(VipState::FOREVER));
+    }
+}
+
+impl Fence for MapFence {
+    fn lead_until(&mut self, until: Instant) {
+        self.set_all(VipState::leader_until(kernel_deadline(until)));
+    }
+
+    fn step_down(&mut self) {
+        for &vip in &self.vips {
+            if let Err(e) = self.maps.stop_answering(vip) {
+                error!(error = %e, %vip, "could not stop answering ARP");
+            }
+        }
+    }
+
+    async fn claim(&mut self) -> Result<(), [u8; 6]> {
+        let (interface, vips) = (self.interface.clone(), self.vips.clone());
+        match tokio::task::spawn_blocking(move || arp::probe(&interface, &vips, arp::PROBE_WAIT)).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err((vip, mac)))) => {
+                warn!(%vip, mac = %MacAddr(mac), "ARP probe answered: another host has the VIP");
+                Err(mac)
+            }
+            // A probe that cannot be sent proves nothing either way; the watch catches a
+            // conflict later.
+            Ok(Err(e)) => {
+                warn!(error = %e, "ARP probe failed; claiming without it");
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "ARP probe task failed; claiming without it");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Holds the VIPs without an election: leads whenever eligible (after a clean probe),
+/// steps down when not.
+async fn hold(
+    mut fence: MapFence,
+    mut eligible: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    tx: mpsc::Sender<AnnounceEvent>,
+    mut leading: bool,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let want = *eligible.borrow();
+        if want && !leading {
+            match fence.claim().await {
+                Ok(()) => {
+                    fence.lead_forever();
+                    leading = true;
+                    info!("leading the VIP (no election)");
+                    let _ = tx.send(AnnounceEvent::Election(ElectionEvent::Leading)).await;
+                }
+                Err(mac) => {
+                    let _ = tx.send(AnnounceEvent::Election(ElectionEvent::ClaimRefused { mac })).await;
+                }
+            }
+        } else if !want && leading {
+            fence.step_down();
+            leading = false;
+            warn!("stepped down: this node can no longer carry the VIP");
+            let _ = tx.send(AnnounceEvent::Election(ElectionEvent::Following)).await;
+        }
+        tokio::select! {
+            r = eligible.changed() => if r.is_err() { return },
+            r = stop.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Forwards election events into the agent's announce channel.
+async fn forward(mut rx: mpsc::Receiver<ElectionEvent>, tx: mpsc::Sender<AnnounceEvent>) {
+    while let Some(e) = rx.recv().await {
+        if tx.send(AnnounceEvent::Election(e)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How ARP mode starts.
+pub struct ArpStart {
+    pub interface: String,
+    pub vips: Vec<Ipv4Addr>,
+    pub pin_path: PathBuf,
+    /// The Lease election, or `None` to hold the VIPs without one.
+    pub election: Option<(kube::Client, ElectionConfig)>,
+    /// The adopted data plane already answers for the VIPs (a restart of a leader).
+    pub initially_leading: bool,
+    pub events: mpsc::Sender<AnnounceEvent>,
+}
+
+/// ARP mode's state: the leadership task, the gratuitous ARP and the conflict watch.
+pub struct ArpAnnounce {
+    interface: String,
+    vips: Vec<Ipv4Addr>,
+    pin_path: PathBuf,
+    eligible: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+    elected: bool,
+    leading: bool,
+    garp: Option<JoinHandle<()>>,
+    watch: Option<JoinHandle<()>>,
+    events: mpsc::Sender<AnnounceEvent>,
+    last_defence: BTreeMap<Ipv4Addr, Instant>,
+}
+
+impl ArpAnnounce {
+    pub fn start(s: ArpStart) -> Result<Self, crate::dataplane::MapError> {
+        let fence = MapFence::open(&s.pin_path, &s.interface, &s.vips)?;
+        let (eligible, eligible_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
+        let elected = s.election.is_some();
+        let task = match s.election {
+            Some((client, cfg)) => {
+                info!(
+                    lease = %cfg.lease_name, namespace = %cfg.lease_namespace, identity = %cfg.identity,
+                    instance = %cfg.instance, "joining the election"
+                );
+                let leases = KubeLeases::new(client, &cfg.lease_namespace, &cfg.lease_name);
+                let (tx, rx) = mpsc::channel(16);
+                tokio::spawn(forward(rx, s.events.clone()));
+                tokio::spawn(election::run(
+                    Elector::new(leases, cfg),
+                    fence,
+                    eligible_rx,
+                    stop_rx,
+                    tx,
+                    s.initially_leading,
+                ))
+            }
+            None => tokio::spawn(hold(fence, eligible_rx, stop_rx, s.events.clone(), s.initially_leading)),
+        };
+        let mut me = Self {
+            interface: s.interface,
+            vips: s.vips,
+            pin_path: s.pin_path,
+            eligible,
+            stop,
+            task: Some(task),
+            elected,
+            leading: s.initially_leading,
+            garp: None,
+            watch: None,
+            events: s.events,
+            last_defence: BTreeMap::new(),
+        };
+        me.restart_watch();
+        Ok(me)
+    }
+
+    pub fn leading(&self) -> bool {
+        self.leading
+    }
+
+    /// Whether this node can carry the VIPs now.
+    pub fn set_eligible(&mut self, eligible: bool) {
+        self.eligible.send_if_modified(|e| std::mem::replace(e, eligible) != eligible);
+    }
+
+    pub fn on_election(&mut self, event: &ElectionEvent) {
+        match event {
+            ElectionEvent::Leading => {
+                self.leading = true;
+                self.announce();
+            }
+            ElectionEvent::Following | ElectionEvent::ClaimRefused { .. } => {
+                self.leading = false;
+                if let Some(g) = self.garp.take() {
+                    g.abort();
+                }
+            }
+            ElectionEvent::DuplicateIdentity { .. } => {}
+        }
+    }
+
+    /// The link is back (possibly as a new interface): only a leader announces again.
+    pub fn on_link_up(&mut self) {
+        self.restart_watch();
+        if self.leading {
+            info!("link up: announcing the VIPs again");
+            self.announce();
+        }
+    }
+
+    /// A foreign host claimed `vip`. Returns whether it was a conflict (this node leads)
+    /// and whether it was defended.
+    pub fn on_foreign_claim(&mut self, vip: Ipv4Addr, mac: [u8; 6]) -> (bool, bool) {
+        if !self.leading {
+            return (false, false);
+        }
+        warn!(%vip, foreign_mac = %MacAddr(mac), "another host claims the VIP this node leads");
+        let due = self.last_defence.get(&vip).is_none_or(|t| t.elapsed() >= DEFEND_INTERVAL);
+        if !due {
+            return (true, false);
+        }
+        self.last_defence.insert(vip, Instant::now());
+        let leads = self.leader_check();
+        match arp::defend(&self.interface, vip, leads) {
+            Ok(n) => (true, n > 0),
+            Err(error) => {
+                warn!(%error, %vip, "defending the VIP failed");
+                (true, false)
+            }
+        }
+    }
+
+    /// What every announcement asks first: does the data plane answer for the VIP now?
+    fn leader_check(&self) -> impl Fn(Ipv4Addr) -> bool + Send + 'static {
+        let states = VipStates::from_pins(&self.pin_path);
+        if let Err(e) = &states {
+            error!(error = %e, "cannot read the VIP state: not announcing");
+        }
+        move |vip| states.as_ref().is_ok_and(|s| s.leads(vip))
+    }
+
+    fn announce(&mut self) {
+        if let Some(g) = self.garp.take() {
+            g.abort();
+        }
+        let leads = self.leader_check();
+        self.garp = Some(tokio::spawn(arp::announce(self.interface.clone(), self.vips.clone(), leads)));
+    }
+
+    fn restart_watch(&mut self) {
+        if let Some(w) = self.watch.take() {
+            w.abort();
+        }
+        let (tx, mut rx) = mpsc::channel(16);
+        let events = self.events.clone();
+        match arp::watch_claims(self.interface.clone(), self.vips.clone(), tx) {
+            Ok(watch) => {
+                self.watch = Some(tokio::spawn(async move {
+                    let pump = async move {
+                        while let Some((vip, mac)) = rx.recv().await {
+                            if events.send(AnnounceEvent::ForeignClaim { vip, mac }).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::join!(watch, pump);
+                }));
+            }
+            Err(error) => warn!(%error, interface = %self.interface, "cannot watch ARP for conflicting claims"),
+        }
+    }
+
+    /// Stops announcing. With `keep_forwarding` the data plane keeps answering as it is
+    /// (the next agent adopts it; a Lease stays held for it). Otherwise, if elected,
+    /// hands over: stop answering, release the Lease, and keep balancing what still
+    /// arrives for `drain` while clients move to the new leader; without an election,
+    /// just stop answering.
+    pub async fn stop(mut self, keep_forwarding: bool, dp: &mut Dataplane, release_budget: Duration, drain: Duration) {
+        for t in [self.garp.take(), self.watch.take()].into_iter().flatten() {
+            t.abort();
+        }
+        let Some(task) = self.task.take() else { return };
+        if keep_forwarding {
+            task.abort();
+            return;
+        }
+        let was_leading = self.leading;
+        if self.elected && was_leading {
+            let balance_until = kernel_deadline(Instant::now() + release_budget + drain);
+            for &vip in &self.vips {
+                if let Err(e) = dp.maps_mut().hand_over_vip(vip, balance_until) {
+                    warn!(error = %e, %vip, "could not hand the VIP over");
+                }
+            }
+        }
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(release_budget, task).await.is_err() {
+            warn!("the election did not stop in time");
+        }
+        if self.elected && was_leading {
+            info!(?drain, "released the VIP; draining before detaching");
+            tokio::time::sleep(drain).await;
+        }
+    }
+}
+
+impl Drop for ArpAnnounce {
+    fn drop(&mut self) {
+        for t in [self.garp.take(), self.watch.take(), self.task.take()].into_iter().flatten() {
+            t.abort();
+        }
+    }
+}
