@@ -78,6 +78,11 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the agent is still running (it has not exited on its own).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
+    }
+
     /// Sends `signal` and waits (at most `timeout`) for the exit; returns the status and
     /// everything the agent logged.
     pub fn stop(&mut self, signal: i32, timeout: Duration) -> Result<(ExitStatus, String), String> {

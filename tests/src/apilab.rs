@@ -87,6 +87,37 @@ impl ApiLab {
 
     /// Starts node `i`'s apiserver stand-in and waits until it answers on its address.
     pub fn start_apiserver(&mut self, i: usize) -> Result<(), String> {
+        self.spawn_apiserver(i)?;
+        let addr = SocketAddr::from((self.nodes[i].ip, 6443));
+        let client = self.client.clone();
+        let up = wait_until(Duration::from_secs(10), || {
+            self.client_ns().within(|| client.get(addr, "/readyz").is_ok()).unwrap_or(false)
+        });
+        if up {
+            Ok(())
+        } else {
+            Err(format!("the {} stand-in never answered", self.nodes[i].name))
+        }
+    }
+
+    /// Starts node `i`'s apiserver stand-in with a certificate the lab does not trust;
+    /// waits until it accepts connections.
+    pub fn start_apiserver_untrusted(&mut self, i: usize) -> Result<(), String> {
+        self.spawn_apiserver(i)?;
+        let addr = SocketAddr::from((self.nodes[i].ip, 6443));
+        let up = wait_until(Duration::from_secs(10), || {
+            self.client_ns()
+                .within(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+                .unwrap_or(false)
+        });
+        if up {
+            Ok(())
+        } else {
+            Err(format!("the {} stand-in never listened", self.nodes[i].name))
+        }
+    }
+
+    fn spawn_apiserver(&mut self, i: usize) -> Result<(), String> {
         let name = self.nodes[i].name.clone();
         let (cert, key) = (self.pki.dir.join(format!("{name}.pem")), self.pki.dir.join(format!("{name}-key.pem")));
         let unready = self.unready_file(i);
@@ -104,16 +135,7 @@ impl ApiLab {
             .spawn()
             .map_err(|e| format!("starting the {name} stand-in: {e}"))?;
         self.nodes[i].standin = Some(child);
-        let addr = SocketAddr::from((self.nodes[i].ip, 6443));
-        let client = self.client.clone();
-        let up = wait_until(Duration::from_secs(10), || {
-            self.client_ns().within(|| client.get(addr, "/readyz").is_ok()).unwrap_or(false)
-        });
-        if up {
-            Ok(())
-        } else {
-            Err(format!("the {name} stand-in never answered"))
-        }
+        Ok(())
     }
 
     /// Kills node `i`'s apiserver stand-in (connections to it are then refused).
@@ -144,6 +166,62 @@ impl ApiLab {
         std::fs::rename(&tmp, self.endpoints_file()).map_err(|e| e.to_string())
     }
 
+    /// The file the Lease API stand-in logs every request to (`METHOD PATH` lines).
+    pub fn requests_log(&self) -> PathBuf {
+        self.pki.dir.join("requests.log")
+    }
+
+    /// The Lease as the API stand-in has it (`None` if it does not exist).
+    pub fn lease(&self) -> Result<Option<serde_json::Value>, String> {
+        let (status, body) = self.lease_call("GET", &[])?;
+        match status {
+            200 => serde_json::from_str(&body).map(Some).map_err(|e| e.to_string()),
+            404 => Ok(None),
+            s => Err(format!("GET lease: status {s}: {body}")),
+        }
+    }
+
+    /// Deletes the Lease (as an operator would with kubectl).
+    pub fn delete_lease(&self) -> Result<u16, String> {
+        self.lease_call("DELETE", &[]).map(|(s, _)| s)
+    }
+
+    /// Replaces the Lease with `lease` (conditional on its resourceVersion, as kubectl
+    /// edit does); returns the status.
+    pub fn put_lease(&self, lease: &serde_json::Value) -> Result<u16, String> {
+        self.lease_call("PUT", lease.to_string().as_bytes()).map(|(s, _)| s)
+    }
+
+    fn lease_call(&self, method: &str, body: &[u8]) -> Result<(u16, String), String> {
+        let addr = SocketAddr::from((self.lease_api_ip(), 6443));
+        let path = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/vip-control-plane";
+        let client = self.client.clone();
+        let (method, body) = (method.to_owned(), body.to_vec());
+        self.client_ns().within(move || client.connect(addr)?.request(&method, path, &body))?
+    }
+
+    /// The Prometheus text of node `i`'s agent (its metrics address on loopback).
+    pub fn metrics(&self, i: usize) -> Result<String, String> {
+        self.ns(i).within(|| {
+            use std::io::{Read, Write};
+            let mut s =
+                std::net::TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 9469)), Duration::from_secs(2))
+                    .map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+            Ok(out)
+        })?
+    }
+
+    /// The value of the metric line starting with `prefix` (name and labels) in node
+    /// `i`'s metrics, if present.
+    pub fn metric(&self, i: usize, prefix: &str) -> Option<f64> {
+        let text = self.metrics(i).ok()?;
+        text.lines().find(|l| l.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
+    }
+
     /// The file the Lease API stand-in reads its injected faults from.
     pub fn faults_file(&self) -> PathBuf {
         self.pki.dir.join("faults.json")
@@ -168,6 +246,8 @@ impl ApiLab {
             .arg(self.faults_file())
             .arg("--endpoints")
             .arg(self.endpoints_file())
+            .arg("--requests-log")
+            .arg(self.requests_log())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -201,6 +281,25 @@ impl ApiLab {
             .iter()
             .map(|s| s.to_string())
             .collect()
+    }
+
+    /// Gives every node a path to the Lease API that does not cross the switch (a link of
+    /// its own to the API host, as an apiserver on loopback would be): losing the
+    /// segment then leaves a node's Lease calls working.
+    pub fn reach_api_out_of_band(&self) -> Result<(), String> {
+        let api = &self.lab.host("api").ns;
+        let api_ip = self.lease_api_ip();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let ns = self.ns(i);
+            let (mine, theirs) = (format!("10.250.{i}.1"), format!("10.250.{i}.2"));
+            let api_dev = format!("mg{i}");
+            crate::netns::veth(ns, "mg0", api, &api_dev)?;
+            ns.ip(&["addr", "add", &format!("{mine}/30"), "dev", "mg0"])?;
+            api.ip(&["addr", "add", &format!("{theirs}/30"), "dev", &api_dev])?;
+            ns.ip(&["route", "add", &format!("{api_ip}/32"), "via", &theirs, "dev", "mg0", "src", &n.ip.to_string()])?;
+            api.ip(&["route", "add", &format!("{}/32", n.ip), "via", &mine, "dev", &api_dev])?;
+        }
+        Ok(())
     }
 
     /// Cuts node `i` off from the Lease API (packets from it dropped), or heals it.
@@ -282,12 +381,14 @@ impl ApiLab {
         Ok(dir)
     }
 
-    /// Starts vip-agent on node `i` (without waiting for it).
+    /// Starts vip-agent on node `i` (without waiting for it). `extra` comes last, so it
+    /// overrides any default (a flag given twice takes its last value).
     pub fn spawn_agent(&self, i: usize, extra: &[&str]) -> Result<Agent, String> {
-        let mut args = self.agent_args(i, extra)?;
+        let mut args = self.agent_args(i, &[])?;
         if self.lease_api.is_some() {
             args.extend(self.election_args(i));
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         Agent::spawn(self.ns(i), &args)
     }
 

@@ -61,10 +61,20 @@ pub struct Conn {
 impl Conn {
     /// One request on this connection: `(status, body)`.
     pub fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        self.request("GET", path, &[])
+    }
+
+    /// One request with a body (`Content-Length` set when `body` is not empty).
+    pub fn request(&mut self, method: &str, path: &str, body: &[u8]) -> Result<(u16, String), String> {
         let addr = self.addr;
         let err = |what: &str, e: std::io::Error| format!("{what} {addr}{path}: {e}");
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: keep-alive\r\n\r\n");
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: keep-alive\r\n");
+        if !body.is_empty() {
+            req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
         self.stream.get_mut().write_all(req.as_bytes()).map_err(|e| err("write", e))?;
+        self.stream.get_mut().write_all(body).map_err(|e| err("write", e))?;
         let mut line = String::new();
         self.stream.read_line(&mut line).map_err(|e| err("read", e))?;
         let status: u16 = line

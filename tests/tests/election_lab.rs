@@ -5,80 +5,19 @@
 //!
 //! Needs root.
 
-use std::{
-    net::Ipv4Addr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use tests::{
     agent::{wait_until, Agent},
     apilab::ApiLab,
-    netns::arp_probe,
+    sampler::{first_answer_by, Sampler},
 };
 
 /// Default timers (lease 1 s, renew deadline 600 ms, retry 200 ms).
 const LEASE: Duration = Duration::from_secs(1);
 
-struct Sampler {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Vec<(Instant, Vec<[u8; 6]>)>>>,
-}
-
-impl Sampler {
-    fn start(lab: &ApiLab) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (flag, ns, vip) = (stop.clone(), lab.client_ns().name.clone(), lab.vip);
-        let src = Ipv4Addr::new(vip.octets()[0], vip.octets()[1], vip.octets()[2], 2);
-        let handle = std::thread::spawn(move || {
-            let mut samples = Vec::new();
-            while !flag.load(Ordering::SeqCst) {
-                let t = Instant::now();
-                if let Ok(macs) = arp_probe(&ns, "eth0", src, vip, Duration::from_millis(30)) {
-                    samples.push((t, macs));
-                }
-            }
-            samples
-        });
-        Self { stop, handle: Some(handle) }
-    }
-
-    /// Stops sampling; fails if any sample saw two answerers. Returns the samples.
-    fn finish(mut self) -> Vec<(Instant, Vec<[u8; 6]>)> {
-        self.stop.store(true, Ordering::SeqCst);
-        let samples = self.handle.take().and_then(|h| h.join().ok()).unwrap_or_default();
-        let overlaps: Vec<_> = samples.iter().filter(|(_, m)| m.len() > 1).collect();
-        assert!(
-            overlaps.is_empty(),
-            "{} of {} samples saw two answerers: {:?}",
-            overlaps.len(),
-            samples.len(),
-            overlaps.first()
-        );
-        assert!(samples.len() >= 8, "only {} ARP samples", samples.len());
-        samples
-    }
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 fn mac_of_node(lab: &ApiLab, i: usize) -> [u8; 6] {
     tests::netns::mac_of(lab.ns(i), "eth0").unwrap()
-}
-
-/// The first instant after `from` at which the sampler saw `mac` answer.
-fn first_answer_by(samples: &[(Instant, Vec<[u8; 6]>)], mac: [u8; 6], from: Instant) -> Option<Duration> {
-    samples.iter().find(|(t, m)| *t >= from && m.contains(&mac)).map(|(t, _)| *t - from)
 }
 
 fn lab_with_agents(prefix: [u8; 3]) -> (ApiLab, Vec<Option<Agent>>) {

@@ -17,8 +17,10 @@
 //! Faults: `--faults FILE`, read on every request, holds JSON `{"latency_ms": N,
 //! "status": S}`: each request is delayed N ms, and answered with status S if S > 0.
 //!
+//! `--requests-log FILE`: every request's method and path is appended, one per line.
+//!
 //! usage: vip-leaseapi --listen ADDR:PORT --tls-cert PEM --tls-key PEM [--faults FILE]
-//!                     [--endpoints FILE]
+//!                     [--endpoints FILE] [--requests-log FILE]
 
 use std::{
     collections::HashMap,
@@ -199,11 +201,21 @@ fn faults(file: &Option<PathBuf>) -> (u64, u16) {
     (v["latency_ms"].as_u64().unwrap_or(0), v["status"].as_u64().unwrap_or(0) as u16)
 }
 
+/// Appends `method path` to the requests log, if any.
+fn log_request(log: &Option<PathBuf>, method: &str, path: &str) {
+    if let Some(f) = log {
+        if let Ok(mut out) = std::fs::OpenOptions::new().create(true).append(true).open(f) {
+            let _ = writeln!(out, "{method} {path}");
+        }
+    }
+}
+
 fn serve<S: Read + Write>(
     stream: S,
     store: &Mutex<Store>,
     fault_file: &Option<PathBuf>,
     endpoints: &Option<PathBuf>,
+    requests_log: &Option<PathBuf>,
 ) -> std::io::Result<()> {
     let mut stream = BufReader::new(stream);
     loop {
@@ -231,6 +243,7 @@ fn serve<S: Read + Write>(
         }
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body)?;
+        log_request(requests_log, &method, &path);
         let (latency, forced) = faults(fault_file);
         if latency > 0 {
             std::thread::sleep(Duration::from_millis(latency));
@@ -271,6 +284,7 @@ fn main() -> Result<(), String> {
     let (cert, key) = (flag("--tls-cert").ok_or(usage)?, flag("--tls-key").ok_or(usage)?);
     let fault_file = flag("--faults").map(PathBuf::from);
     let endpoints = flag("--endpoints").map(PathBuf::from);
+    let requests_log = flag("--requests-log").map(PathBuf::from);
     let certs = CertificateDer::pem_file_iter(&cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("{cert}: {e}"))?;
@@ -288,11 +302,11 @@ fn main() -> Result<(), String> {
     let listener = TcpListener::bind(&listen).map_err(|e| format!("bind {listen}: {e}"))?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let (config, store, fault_file, endpoints) =
-            (config.clone(), store.clone(), fault_file.clone(), endpoints.clone());
+        let (config, store, fault_file, endpoints, requests_log) =
+            (config.clone(), store.clone(), fault_file.clone(), endpoints.clone(), requests_log.clone());
         std::thread::spawn(move || -> std::io::Result<()> {
             let conn = ServerConnection::new(config).map_err(std::io::Error::other)?;
-            serve(StreamOwned::new(conn, stream), &store, &fault_file, &endpoints)
+            serve(StreamOwned::new(conn, stream), &store, &fault_file, &endpoints, &requests_log)
         });
     }
     Ok(())

@@ -2,8 +2,9 @@
 //! - plain TCP (default): greets every connection with its name on one line, then echoes
 //!   each line it receives;
 //! - HTTPS (`--tls-cert`/`--tls-key`): an apiserver stand-in. `GET /readyz` answers 200
-//!   `ok` (500 while `--unready-file` exists); any other path answers 200 with the name.
-//!   Connections are kept alive.
+//!   `ok` (500 while `--unready-file` exists); a request with a body answers 200 with
+//!   the name and the body's length (`n2 1048576`); any other answers 200 with the
+//!   name. Connections are kept alive.
 //!
 //! usage: vip-standin --name NAME [--listen ADDR:PORT] [--tls-cert PEM --tls-key PEM]
 //!                    [--unready-file PATH]
@@ -37,6 +38,7 @@ fn serve_http<S: Read + Write>(stream: S, name: &str, unready: &Option<PathBuf>)
             return Ok(());
         }
         let mut close = false;
+        let mut len = 0usize;
         loop {
             let mut h = String::new();
             if stream.read_line(&mut h)? == 0 {
@@ -49,9 +51,17 @@ fn serve_http<S: Read + Write>(stream: S, name: &str, unready: &Option<PathBuf>)
             if h == "connection: close" {
                 close = true;
             }
+            if let Some(v) = h.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        if len > 0 {
+            std::io::copy(&mut (&mut stream).take(len as u64), &mut std::io::sink())?;
         }
         let path = request.split_whitespace().nth(1).unwrap_or("/");
-        let (status, body) = if path == "/readyz" {
+        let (status, body) = if len > 0 {
+            ("200 OK", format!("{name} {len}\n"))
+        } else if path == "/readyz" {
             if unready.as_ref().is_some_and(|f| f.exists()) {
                 ("500 Internal Server Error", "not ready\n".to_string())
             } else {

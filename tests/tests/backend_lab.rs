@@ -1,0 +1,196 @@
+//! Backends as the agent checks and uses them: the VIP-path probe cleans up after
+//! itself, certificates are verified as clients verify them, a draining apiserver keeps
+//! its connections, IPIP carries full-size segments, discovery keeps one watch.
+//!
+//! Needs root.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use tests::{agent::wait_until, apilab::ApiLab, pki::Pki};
+
+fn backend<'a>(s: &'a serde_json::Value, ip: &str) -> Option<&'a serde_json::Value> {
+    s["services"][0]["backends"].as_array()?.iter().find(|b| b["backend"] == ip)
+}
+
+/// The VIP-path probe's SYN-ACK comes from the VIP, which the probing node holds too, so
+/// its kernel drops it silently: the probe must reset the connection itself, or every
+/// check leaves a SYN-RECV socket on the backend.
+#[test]
+fn vip_path_probes_leave_no_half_open_connections_on_the_backends() {
+    let lab = ApiLab::new([10, 91, 0], 3, &[0, 1, 2]).unwrap();
+    let _agents = lab.start_agents(&[0, 1, 2]).unwrap();
+    let syn_recv = |i: usize| {
+        let out = lab.ns(i).cmd("ss").args(["-Htn", "state", "syn-recv"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    // Each agent probes the two other nodes five times a second.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 0..3 {
+            assert_eq!(syn_recv(i), 0, "half-open connections on n{}", i + 1);
+        }
+    }
+    let s = lab.status(0).unwrap();
+    assert!(s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["state"] == "up"), "{s}");
+}
+
+/// Apiserver certificates are verified for `kubernetes.default.svc`, as clients do: one
+/// that does not list the node's address is fine. One from another CA takes the backend
+/// down with reason `tls`, in `status` and in the metrics.
+#[test]
+fn apiserver_certificates_are_verified_by_name_and_a_wrong_ca_shows_as_tls() {
+    let mut lab = ApiLab::new([10, 92, 0], 3, &[0]).unwrap();
+    let n2 = lab.nodes[1].ip.to_string();
+    // n2's certificate without its node address: only the VIP and the service names.
+    lab.stop_apiserver(1);
+    lab.pki.server_for("n2", &[lab.vip.into()], &Pki::APISERVER_NAMES).unwrap();
+    // (The lab's own client verifies node addresses, so it cannot wait for this one.)
+    lab.start_apiserver_untrusted(1).unwrap();
+    let _agent = lab.start_agent(0, &[]).unwrap();
+
+    // Now from a CA the agent does not trust.
+    let other = Pki::new(&std::env::temp_dir().join(format!("vip-other-ca-{}", lab.lab.tag))).unwrap();
+    let (cert, key) = other.server("n2", &[lab.nodes[1].ip.into(), lab.vip.into()]).unwrap();
+    lab.stop_apiserver(1);
+    std::fs::copy(&cert, lab.pki.dir.join("n2.pem")).unwrap();
+    std::fs::copy(&key, lab.pki.dir.join("n2-key.pem")).unwrap();
+    lab.start_apiserver_untrusted(1).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || lab
+            .status(0)
+            .is_ok_and(|s| backend(&s, &n2).is_some_and(|b| b["state"] == "down" && b["reason"] == "tls"))),
+        "{:?}",
+        lab.status(0)
+    );
+    let line = format!("vip_backend_state{{backend=\"{n2}\",state=\"down\",reason=\"tls\"}}");
+    assert_eq!(lab.metric(0, &line), Some(1.0), "{:?}", lab.metrics(0));
+}
+
+/// An apiserver whose /readyz fails while it still serves (`--shutdown-delay-duration`)
+/// drains: no new flow goes to it, a connection already on it keeps working. Once it is
+/// gone (connection refused), its flows are dropped at once: the client gets a reset,
+/// not a hang.
+#[test]
+fn a_draining_apiserver_keeps_its_connections_and_takes_no_new_ones() {
+    let mut lab = ApiLab::new([10, 93, 0], 3, &[0]).unwrap();
+    let _agent = lab.start_agent(0, &[]).unwrap();
+    let vip = SocketAddr::from((lab.vip, 6443));
+    let client = lab.client.clone();
+    // A kept-alive connection on a node other than n1 (the leader serves its own share
+    // locally either way).
+    let (mut conn, node) = lab
+        .client_ns()
+        .within(|| {
+            (0..50)
+                .find_map(|_| {
+                    let mut c = client.connect(vip).ok()?;
+                    let (_, body) = c.get("/").ok()?;
+                    (body.trim() != "n1").then(|| (c, body.trim().to_owned()))
+                })
+                .expect("a connection to n2 or n3")
+        })
+        .unwrap();
+    let i = lab.nodes.iter().position(|n| n.name == node).unwrap();
+    let ip = lab.nodes[i].ip.to_string();
+    std::fs::write(lab.unready_file(i), b"").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab
+        .status(0)
+        .is_ok_and(|s| backend(&s, &ip).is_some_and(|b| b["state"] == "draining" && b["reason"] == "not_ready"))));
+    let ns = lab.client_ns().name.clone();
+    let kept = std::thread::scope(|s| {
+        s.spawn(|| {
+            tests::netns::enter_by_name(&ns).unwrap();
+            (0..5).map(|_| conn.get("/").map(|(_, b)| b.trim().to_owned())).collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(kept.iter().all(|r| r.as_deref() == Ok(node.as_str())), "the pinned connection broke: {kept:?}");
+    let (counts, errors) = lab.requests(40);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(!counts.contains_key(&node), "a new connection went to the draining {node}: {counts:?}");
+
+    lab.stop_apiserver(i);
+    assert!(wait_until(Duration::from_secs(5), || lab
+        .status(0)
+        .is_ok_and(|s| backend(&s, &ip).is_some_and(|b| b["state"] == "down"))));
+    let t = Instant::now();
+    let after = std::thread::scope(|s| {
+        s.spawn(|| {
+            tests::netns::enter_by_name(&ns).unwrap();
+            conn.get("/")
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(after.is_err(), "a request to a stopped apiserver succeeded: {after:?}");
+    assert!(t.elapsed() < Duration::from_secs(1), "the client hung {:?} instead of getting a reset", t.elapsed());
+}
+
+/// `--forward ipip` with the interfaces' `forwarding` sysctl at 0: the agent enables it
+/// (the FIB refuses output lookups otherwise), and uploads of 1 MiB — full-size
+/// segments that no longer fit once encapsulated — go through with no reset: the leader
+/// answers with ICMP fragmentation needed and the client lowers its path MTU.
+#[test]
+fn ipip_carries_full_size_uploads_without_resets() {
+    let lab = ApiLab::new([10, 94, 0], 3, &[0, 1, 2]).unwrap();
+    for i in 0..3 {
+        lab.ns(i).sysctl("net.ipv4.conf.eth0.forwarding", "0").unwrap();
+        lab.ns(i).sysctl("net.ipv4.conf.all.forwarding", "0").unwrap();
+    }
+    // A real NIC hands XDP MTU-sized frames: no segmentation offload on the client.
+    tests::netns::run(lab.client_ns().cmd("ethtool").args(["-K", "eth0", "tso", "off", "gso", "off"])).unwrap();
+    let agents: Vec<_> = (0..3).map(|i| lab.spawn_agent(i, &["--forward", "ipip"]).unwrap()).collect();
+    for i in 0..3 {
+        lab.wait_all_healthy(i).unwrap();
+    }
+    let forwarding = |i: usize| {
+        lab.ns(i).within(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/eth0/forwarding").unwrap()).unwrap()
+    };
+    assert_eq!(forwarding(0).trim(), "1", "forwarding not enabled for IPIP");
+    let vip = SocketAddr::from((lab.vip, 6443));
+    let client = lab.client.clone();
+    let body = vec![b'x'; 1 << 20];
+    let results = lab
+        .client_ns()
+        .within(move || {
+            (0..6)
+                .map(|_| client.connect(vip).and_then(|mut c| c.request("POST", "/upload", &body)))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let mut nodes = std::collections::BTreeSet::new();
+    for r in &results {
+        let (status, body) = r.as_ref().unwrap_or_else(|e| panic!("an upload failed: {e} ({results:?})"));
+        assert_eq!(*status, 200);
+        let (node, len) = body.trim().split_once(' ').expect("name and length");
+        assert_eq!(len, "1048576", "{body}");
+        nodes.insert(node.to_owned());
+    }
+    let s = lab.status(0).unwrap();
+    let counters = &s["counters"];
+    eprintln!("uploads reached {nodes:?}; counters {counters}");
+    assert!(counters["forwarded_ipip"].as_u64().unwrap_or(0) > 0, "{s}");
+    drop(agents);
+}
+
+/// Discovery's watch of the EndpointSlices lasts: the agent does not re-list and re-watch
+/// every few hundred milliseconds (the Lease calls' timeout must not apply to it).
+#[test]
+fn the_endpointslice_watch_is_not_restarted_every_few_seconds() {
+    let mut lab = ApiLab::new([10, 95, 0], 3, &[0]).unwrap();
+    lab.static_backends = false;
+    let lab = lab.with_lease_api().unwrap();
+    lab.register_apiservers(&[0, 1, 2]).unwrap();
+    let _agent = lab.spawn_agent(0, &["--discover", "kubernetes", "--election", "none"]).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || lab
+        .status(0)
+        .is_ok_and(|s| s["services"][0]["backends"].as_array().is_some_and(|b| b.len() == 3))));
+    std::thread::sleep(Duration::from_secs(6));
+    let log = std::fs::read_to_string(lab.requests_log()).unwrap_or_default();
+    let watches = log.lines().filter(|l| l.contains("endpointslices") && l.contains("watch=")).count();
+    assert!(watches <= 2, "{watches} watch requests in ~8 s:\n{log}");
+}

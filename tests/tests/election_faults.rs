@@ -1,0 +1,189 @@
+//! Leader election under the faults operators meet in the field, each replayed in the
+//! three-node lab with the Lease API stand-in and the client's ARP sampler asserting at
+//! every moment that at most one node answers for the VIP:
+//! - two agents under one node name (a cloned VM);
+//! - the Lease deleted, its holder rewritten or cleared, by hand;
+//! - the leader's switch port losing carrier;
+//! - a Lease API that turns slow, then very slow;
+//! - a leader paused in the middle of its gratuitous-ARP repeats.
+//!
+//! Needs root.
+
+use std::time::{Duration, Instant};
+
+use tests::{
+    agent::{wait_until, Agent},
+    apilab::ApiLab,
+    netns::{capture_arp, is_garp, mac_of},
+    sampler::{first_answer_by, Sampler},
+};
+
+fn lab(prefix: [u8; 3]) -> ApiLab {
+    ApiLab::new(prefix, 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap()
+}
+
+fn single_leader(lab: &ApiLab) -> usize {
+    assert!(wait_until(Duration::from_secs(10), || lab.leaders().len() == 1), "no single leader: {:?}", lab.leaders());
+    lab.leaders()[0]
+}
+
+/// A cloned host that kept its name: two agents with one `--node-name`. They are told
+/// apart by their instance ids: never two answerers, and within 10 s both say so, in the
+/// log and in `vip_duplicate_identity`.
+#[test]
+fn two_agents_under_one_node_name_never_both_answer_and_both_say_so() {
+    let lab = lab([10, 81, 0]);
+    let mut first = lab.spawn_agent(0, &[]).unwrap();
+    assert_eq!(single_leader(&lab), 0);
+    let sampler = Sampler::start(&lab);
+    let mut clone = lab.spawn_agent(1, &["--node-name", "n1"]).unwrap();
+    let _other = lab.spawn_agent(2, &[]).unwrap();
+    let t = Instant::now();
+    for i in 0..3 {
+        lab.wait_all_healthy(i).unwrap();
+    }
+    let both_know = wait_until(Duration::from_secs(10), || {
+        lab.metric(0, "vip_duplicate_identity ") == Some(1.0) && lab.metric(1, "vip_duplicate_identity ") == Some(1.0)
+    });
+    let took = t.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = sampler.finish();
+    let clone_mac = mac_of(lab.ns(1), "eth0").unwrap();
+    assert!(samples.iter().all(|(_, m)| !m.contains(&clone_mac)), "the clone answered while the first one led");
+    assert!(both_know, "duplicate not reported by both within 10 s");
+    eprintln!("duplicate identity detected by both after {took:?}");
+    for (name, agent) in [("first", &mut first), ("clone", &mut clone)] {
+        let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+        assert!(
+            log.lines().any(|l| l.contains("ERROR") && l.contains("runs under this node name") && l.contains("n1")),
+            "{name} did not log the duplicate identity:\n{log}"
+        );
+    }
+}
+
+/// The Lease deleted six times, then its holder rewritten to another node's name, then
+/// cleared, by hand while the agents run: at no moment two answerers, and a leader in
+/// the end.
+#[test]
+fn deleting_or_rewriting_the_lease_never_makes_two_answerers() {
+    let lab = lab([10, 82, 0]);
+    let _agents = lab.start_agents(&[0, 1, 2]).unwrap();
+    single_leader(&lab);
+    let sampler = Sampler::start(&lab);
+    for _ in 0..6 {
+        assert_eq!(lab.delete_lease().unwrap(), 200);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let leader = single_leader(&lab);
+    for holder in [Some(lab.nodes[(leader + 1) % 3].name.clone()), None, Some(String::new())] {
+        // As `kubectl edit` does: read, change, write back conditionally; a renewal in
+        // between is a conflict, so try again.
+        let edited = (0..50).any(|_| {
+            let mut lease = lab.lease().unwrap().expect("a Lease");
+            lease["spec"]["holderIdentity"] = holder.clone().map_or(serde_json::Value::Null, serde_json::Value::String);
+            lab.put_lease(&lease).unwrap() == 200
+        });
+        assert!(edited, "could not edit the Lease");
+        std::thread::sleep(Duration::from_millis(2000));
+    }
+    single_leader(&lab);
+    std::thread::sleep(Duration::from_millis(500));
+    let samples = sampler.finish();
+    assert!(samples.iter().filter(|(_, m)| !m.is_empty()).count() > samples.len() / 2, "mostly nobody answered");
+}
+
+/// The leader's switch port loses carrier while its agent still reaches the Lease API
+/// (each node has a path to it that does not cross the switch, as its own apiserver on
+/// loopback would be): it must stop answering within 1 s of the event and release the
+/// Lease, and another node must answer within 2 s. When the link returns, it does not
+/// take the VIP back.
+#[test]
+fn a_leader_whose_link_loses_carrier_hands_over_and_does_not_take_it_back() {
+    let lab = lab([10, 83, 0]);
+    lab.reach_api_out_of_band().unwrap();
+    let _agents = lab.start_agents(&[0, 1, 2]).unwrap();
+    let old = single_leader(&lab);
+    let sampler = Sampler::start(&lab);
+    std::thread::sleep(Duration::from_millis(300));
+    let port = format!("p{}", 11 + old);
+    let t = Instant::now();
+    lab.lab.switch.ip(&["link", "set", &port, "down"]).unwrap();
+    let stopped = wait_until(Duration::from_secs(1), || !lab.leaders().contains(&old));
+    let stopped_after = t.elapsed();
+    assert!(wait_until(Duration::from_secs(3), || lab.leaders().iter().any(|&l| l != old)));
+    let new = lab.leaders().into_iter().find(|&l| l != old).unwrap();
+    lab.lab.switch.ip(&["link", "set", &port, "up"]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let samples = sampler.finish();
+    assert!(stopped, "the leader still led 1 s after losing carrier");
+    let took =
+        first_answer_by(&samples, mac_of(lab.ns(new), "eth0").unwrap(), t).expect("the new leader never answered");
+    eprintln!("carrier lost: old leader stopped after {stopped_after:?}, new leader answered after {took:?}");
+    assert!(took <= Duration::from_secs(2), "another node answered {took:?} after the carrier loss");
+    assert_eq!(lab.leaders(), vec![new], "leadership moved back when the link returned");
+    let old_mac = mac_of(lab.ns(old), "eth0").unwrap();
+    let back = t + Duration::from_millis(500);
+    assert!(
+        samples.iter().filter(|(s, _)| *s > back).all(|(_, m)| !m.contains(&old_mac)),
+        "the old leader answered again"
+    );
+}
+
+/// A Lease API that takes 100 ms per call changes nothing; one that takes 2 s (past the
+/// renew deadline) makes the leader step down by the fencing rules — no agent exits,
+/// nobody answers twice — and leadership comes back when the API does.
+#[test]
+fn a_slow_lease_api_never_makes_an_agent_exit_or_flap() {
+    let lab = lab([10, 84, 0]);
+    let mut agents: Vec<Agent> = lab.start_agents(&[0, 1, 2]).unwrap();
+    let leader = single_leader(&lab);
+    let sampler = Sampler::start(&lab);
+    std::fs::write(lab.faults_file(), r#"{"latency_ms": 100}"#).unwrap();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(lab.leaders(), vec![leader], "100 ms of API latency moved leadership");
+    }
+    std::fs::write(lab.faults_file(), r#"{"latency_ms": 2000}"#).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().is_empty()), "a leader led without renewing");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(lab.leaders().is_empty(), "a node led although no call could finish in time");
+    std::fs::remove_file(lab.faults_file()).unwrap();
+    assert!(wait_until(Duration::from_secs(8), || lab.leaders().len() == 1), "no leader after the API recovered");
+    sampler.finish();
+    for (i, a) in agents.iter_mut().enumerate() {
+        assert!(a.running(), "agent {i} exited");
+    }
+}
+
+/// A leader paused (SIGSTOP) in the middle of its gratuitous-ARP repeats, and resumed
+/// after another node took over, must not announce the VIP again: every announcement
+/// re-checks the data plane first.
+#[test]
+fn a_leader_paused_mid_announcement_sends_nothing_once_resumed() {
+    let lab = lab([10, 85, 0]);
+    let mut agents: Vec<Option<Agent>> = lab.start_agents(&[0, 1, 2]).unwrap().into_iter().map(Some).collect();
+    let first = single_leader(&lab);
+    if let Some(mut a) = agents[first].take() {
+        a.stop(libc::SIGKILL, Duration::from_secs(5)).unwrap();
+    }
+    // The next leader starts its announcements (a burst, then repeats at 1, 2, 4 s):
+    // pause it inside the first second.
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().iter().any(|&l| l != first)));
+    let paused = lab.leaders().into_iter().find(|&l| l != first).unwrap();
+    let pid = agents[paused].as_ref().and_then(Agent::pid).unwrap() as i32;
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let third = (0..3).find(|&i| i != first && i != paused).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(6), || lab.status(third).is_ok_and(|s| s["vips"][0]["leader"] == true)),
+        "nobody took over from the paused leader"
+    );
+    let capture = capture_arp(lab.client_ns(), "eth0", Duration::from_secs(6));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let frames = capture.join().unwrap().unwrap();
+    let mac = mac_of(lab.ns(paused), "eth0").unwrap();
+    let garps = frames.iter().filter(|f| is_garp(f, lab.vip, mac)).count();
+    assert_eq!(garps, 0, "the resumed former leader announced the VIP {garps} times");
+    assert!(lab.status(third).is_ok_and(|s| s["vips"][0]["leader"] == true));
+}
