@@ -78,6 +78,14 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `signal` without waiting for the agent to exit.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
     /// Whether the agent is still running (it has not exited on its own).
     pub fn running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))

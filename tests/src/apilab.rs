@@ -50,8 +50,47 @@ impl ApiLab {
     /// `prefix.100`. `agent_nodes` lists (by index) the nodes that will run vip-agent.
     pub fn new(prefix: [u8; 3], n: usize, agent_nodes: &[usize]) -> Result<Self, String> {
         let mut lab = Lab::new(prefix)?;
-        let vip = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 100);
         lab.add_host("cli", 2)?;
+        Self::with_nodes(lab, prefix, n, agent_nodes, None)
+    }
+
+    /// The BGP lab: `n` nodes (all running vip-agent) at `prefix.11`, … on the switch
+    /// with a router at `prefix.1` (host `rtr`, forwarding, layer-4 multipath hashing)
+    /// that is their default gateway, and the client behind the router on a subnet of
+    /// its own (`a.b.(c+100).2`, gateway `.1`), so it reaches the VIP (`prefix.100`) by
+    /// routing only: the router's routes for it are what the nodes advertise.
+    pub fn routed(prefix: [u8; 3], n: usize) -> Result<Self, String> {
+        let mut lab = Lab::new(prefix)?;
+        lab.add_host("rtr", 1)?;
+        let rtr = &lab.host("rtr").ns;
+        rtr.sysctl("net.ipv4.ip_forward", "1")?;
+        rtr.sysctl("net.ipv4.fib_multipath_hash_policy", "1")?;
+        let cli = crate::netns::Netns::new(&lab.tag, "cli")?;
+        crate::netns::veth(&cli, "eth0", rtr, "eth1")?;
+        let cnet = [prefix[0], prefix[1], prefix[2] + 100];
+        rtr.ip(&["addr", "add", &format!("{}.{}.{}.1/24", cnet[0], cnet[1], cnet[2]), "dev", "eth1"])?;
+        let cli_ip = Ipv4Addr::new(cnet[0], cnet[1], cnet[2], 2);
+        cli.ip(&["addr", "add", &format!("{cli_ip}/24"), "dev", "eth0"])?;
+        cli.ip(&["route", "add", "default", "via", &format!("{}.{}.{}.1", cnet[0], cnet[1], cnet[2])])?;
+        let mac = crate::netns::mac_of(&cli, "eth0")?;
+        lab.hosts.push(crate::lab::Host { ns: cli, dev: "eth0".into(), ip: cli_ip, mac });
+        let gw = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 1);
+        Self::with_nodes(lab, prefix, n, &(0..n).collect::<Vec<_>>(), Some(gw))
+    }
+
+    /// The router host of [`ApiLab::routed`].
+    pub fn router_ns(&self) -> &crate::netns::Netns {
+        &self.lab.host("rtr").ns
+    }
+
+    fn with_nodes(
+        mut lab: Lab,
+        prefix: [u8; 3],
+        n: usize,
+        agent_nodes: &[usize],
+        gateway: Option<Ipv4Addr>,
+    ) -> Result<Self, String> {
+        let vip = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 100);
         let pki = Pki::new(&std::env::temp_dir().join(format!("vip-lab-{}", lab.tag)))?;
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -59,6 +98,9 @@ impl ApiLab {
             let host = lab.add_host(&name, 11 + i as u8)?;
             if !agent_nodes.contains(&i) {
                 host.hold_vip_quietly(vip)?;
+            }
+            if let Some(gw) = gateway {
+                host.ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
             }
             let ip = host.ip;
             pki.server(&name, &[IpAddr::V4(ip), IpAddr::V4(vip), IpAddr::V4(Ipv4Addr::LOCALHOST)])?;

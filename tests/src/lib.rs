@@ -10,6 +10,7 @@ pub mod https;
 pub mod lab;
 pub mod netns;
 pub mod pki;
+pub mod routers;
 pub mod sampler;
 
 /// The XDP actions, as the kernel numbers them.

@@ -58,8 +58,48 @@ pub enum Discover {
 /// How clients find the VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// The leader answers ARP for the VIP.
+    /// One node (the Lease leader, or this one without an election) answers ARP for the
+    /// VIP.
     Arp,
+    /// Every node whose apiserver is ready advertises VIP/32 to its BGP routers, which
+    /// spread clients over the nodes (ECMP); no election.
+    Bgp,
+}
+
+/// `--bgp-peer IP:AS[:PASSWORD]`: a router, its AS, and an optional TCP-MD5 password
+/// (everything after the second colon).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BgpPeerArg {
+    pub ip: Ipv4Addr,
+    pub asn: u32,
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for BgpPeerArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The password is never printed.
+        write!(f, "{}:{}{}", self.ip, self.asn, if self.password.is_some() { ":<password>" } else { "" })
+    }
+}
+
+impl FromStr for BgpPeerArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.splitn(3, ':');
+        let (ip, asn) = (parts.next().unwrap_or(""), parts.next());
+        let ip = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 address (write IP:AS[:PASSWORD])"))?;
+        let asn = asn.ok_or_else(|| format!("{s:?}: the peer's AS is missing (write IP:AS[:PASSWORD])"))?;
+        let asn: u32 = asn.parse().map_err(|_| format!("AS {asn:?} is not a number from 1 to 4294967294"))?;
+        if asn == 0 || asn == u32::MAX {
+            return Err(format!("AS {asn} is reserved"));
+        }
+        let password = parts.next().map(str::to_owned);
+        if password.as_ref().is_some_and(|p| p.is_empty() || p.len() > 80) {
+            return Err("a TCP-MD5 password has 1 to 80 characters".into());
+        }
+        Ok(Self { ip, asn, password })
+    }
 }
 
 /// `--forward`, as the user writes it.
@@ -184,9 +224,27 @@ pub struct RunArgs {
     /// Discover the apiservers (merged with any --backend).
     #[arg(long, env = "VIP_DISCOVER", value_enum)]
     pub discover: Option<Discover>,
-    /// How clients find the VIP. Only `arp` is available yet.
+    /// How clients find the VIP: `arp` (one node answers ARP) or `bgp` (every ready node
+    /// advertises VIP/32 to its routers).
     #[arg(long, env = "VIP_MODE", value_enum, default_value_t = Mode::Arp)]
     pub mode: Mode,
+    /// BGP mode: this node's AS.
+    #[arg(long, env = "VIP_BGP_LOCAL_AS", value_name = "AS")]
+    pub bgp_local_as: Option<u32>,
+    /// BGP mode: the BGP identifier (default: the interface's IPv4 address).
+    #[arg(long, env = "VIP_BGP_ROUTER_ID", value_name = "IP")]
+    pub bgp_router_id: Option<Ipv4Addr>,
+    /// BGP mode: a router to advertise to, its AS, and an optional TCP-MD5 password.
+    /// Repeat the flag (or separate with commas) for several.
+    #[arg(long = "bgp-peer", env = "VIP_BGP_PEER", value_name = "IP:AS[:PASSWORD]", value_delimiter = ',')]
+    pub bgp_peers: Vec<BgpPeerArg>,
+    /// BGP mode: the hold time proposed to the routers (0, or 3s to 65535s, whole
+    /// seconds): how long a router keeps the routes of a node that went silent.
+    #[arg(long, env = "VIP_BGP_HOLD_TIME", default_value = "9s")]
+    pub bgp_hold_time: Dur,
+    /// BGP mode: time between KEEPALIVEs (default: a third of the hold time).
+    #[arg(long, env = "VIP_BGP_KEEPALIVE")]
+    pub bgp_keepalive: Option<Dur>,
     /// How VIP traffic reaches a backend on another node.
     #[arg(long, env = "VIP_FORWARD", value_enum, default_value_t = Forward::Dsr)]
     pub forward: Forward,
@@ -279,6 +337,10 @@ pub struct StatusArgs {
     /// bpffs directory of the agent's pinned maps.
     #[arg(long, env = "VIP_PIN_PATH", default_value = "/sys/fs/bpf/vip")]
     pub pin_path: PathBuf,
+    /// The agent's metrics address, where its live state (mode, eligibility, BGP
+    /// sessions) is read from.
+    #[arg(long, env = "VIP_METRICS_ADDR", default_value = "127.0.0.1:9469")]
+    pub metrics_addr: SocketAddr,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -307,6 +369,20 @@ pub struct RunConfig {
     pub maglev_size: u32,
     pub flow_hash_seed: Option<u32>,
     pub log_format: LogFormat,
+    pub mode: Mode,
+    /// BGP mode's settings (`None` in ARP mode).
+    pub bgp: Option<BgpConfig>,
+}
+
+/// BGP mode's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgpConfig {
+    pub local_as: u32,
+    /// `None`: the interface's IPv4 address.
+    pub router_id: Option<Ipv4Addr>,
+    pub peers: Vec<BgpPeerArg>,
+    pub hold_time: Duration,
+    pub keepalive: Option<Duration>,
 }
 
 /// Lease name and timers.
@@ -365,6 +441,10 @@ pub enum ConfigError {
     NodeName { name: String, why: &'static str },
     #[error("--health-server-name {name:?}: not a DNS name or IP address")]
     ServerName { name: String },
+    #[error("--mode bgp: {why}")]
+    Bgp { why: String },
+    #[error("--bgp-* flags given without --mode bgp")]
+    BgpWithoutMode,
     #[error("--interface: {0}")]
     Interface(#[from] netdev::NetdevError),
     #[error("--config {path}: {why}")]
@@ -451,6 +531,7 @@ impl TryFrom<RunArgs> for RunConfig {
         if rustls::pki_types::ServerName::try_from(args.health_server_name.as_str()).is_err() {
             return Err(ConfigError::ServerName { name: args.health_server_name });
         }
+        let bgp = bgp_config(&args)?;
         let node_name = match (&args.node_name, args.election) {
             (Some(name), _) => Some(validate_node_name(name)?),
             (None, Election::Kubernetes) => Some(validate_node_name(&hostname())?),
@@ -495,8 +576,58 @@ impl TryFrom<RunArgs> for RunConfig {
             maglev_size: args.maglev_size,
             flow_hash_seed: args.flow_hash_seed,
             log_format: args.log_format,
+            mode: args.mode,
+            bgp,
         })
     }
+}
+
+/// BGP mode's settings, checked: an AS, at least one peer (each once), a hold time of 0
+/// or 3 to 65535 whole seconds (RFC 4271 §4.2), a keepalive within a third of it. BGP
+/// flags without `--mode bgp` are refused rather than ignored.
+fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
+    let err = |why: String| ConfigError::Bgp { why };
+    if args.mode != Mode::Bgp {
+        if args.bgp_local_as.is_some() || !args.bgp_peers.is_empty() || args.bgp_router_id.is_some() {
+            return Err(ConfigError::BgpWithoutMode);
+        }
+        return Ok(None);
+    }
+    let local_as = args.bgp_local_as.ok_or_else(|| err("--bgp-local-as is required".into()))?;
+    if local_as == 0 || local_as == u32::MAX || local_as == 23456 {
+        return Err(err(format!("--bgp-local-as {local_as} is reserved")));
+    }
+    if args.bgp_peers.is_empty() {
+        return Err(err("at least one --bgp-peer IP:AS is required".into()));
+    }
+    let mut seen = BTreeSet::new();
+    for p in &args.bgp_peers {
+        if !seen.insert(p.ip) {
+            return Err(err(format!("--bgp-peer {} is given twice", p.ip)));
+        }
+    }
+    let hold = args.bgp_hold_time.0;
+    let whole = hold.subsec_nanos() == 0 && (hold.is_zero() || (3..=65535).contains(&hold.as_secs()));
+    if !whole {
+        return Err(err(format!("--bgp-hold-time {}: 0 or 3s to 65535s, whole seconds", args.bgp_hold_time)));
+    }
+    let keepalive = args.bgp_keepalive.map(|k| k.0);
+    if let Some(k) = keepalive {
+        if !hold.is_zero() && (k.is_zero() || k > hold / 3) {
+            return Err(err(format!(
+                "--bgp-keepalive {}: above zero and at most a third of --bgp-hold-time {}",
+                Dur(k),
+                args.bgp_hold_time
+            )));
+        }
+    }
+    Ok(Some(BgpConfig {
+        local_as,
+        router_id: args.bgp_router_id,
+        peers: args.bgp_peers.clone(),
+        hold_time: hold,
+        keepalive,
+    }))
 }
 
 /// Whether `d` lies in `[min_ms, max_ms]`.
@@ -768,6 +899,19 @@ mod tests {
             (&["--node-name", "Node_1"], "--node-name \"Node_1\": not a valid name"),
             (&["--health-server-name", "not a name"], "--health-server-name \"not a name\""),
             (&["--flow-hash-seed", "0x1_0000_0000"], "is not a 32-bit number"),
+            (&["--bgp-peer", "10.0.0.254:65001"], "--bgp-* flags given without --mode bgp"),
+            (&["--mode", "bgp", "--bgp-peer", "10.0.0.254:65001"], "--mode bgp: --bgp-local-as is required"),
+            (&["--mode", "bgp", "--bgp-local-as", "65000"], "--mode bgp: at least one --bgp-peer IP:AS is required"),
+            (&["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.254"], "the peer's AS is missing"),
+            (&["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.x:1"], "is not an IPv4 address"),
+            (
+                &["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.254:1", "--bgp-hold-time", "2s"],
+                "--bgp-hold-time 2000ms: 0 or 3s to 65535s",
+            ),
+            (
+                &["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.254:1", "--bgp-keepalive", "4s"],
+                "--bgp-keepalive 4000ms: above zero and at most a third",
+            ),
             (&["--election", "maybe"], "'maybe'"),
             (&["--xdp-mode", "turbo"], "'turbo'"),
         ] {
@@ -775,6 +919,21 @@ mod tests {
             assert!(err.contains(needle), "{extra:?}: {err}");
         }
         assert_eq!(parse(&with(&["--flow-hash-seed", "0xdeadbeef"])).unwrap().flow_hash_seed, Some(0xdead_beef));
+        let bgp = parse(&with(&[
+            "--mode",
+            "bgp",
+            "--bgp-local-as",
+            "65000",
+            "--bgp-peer",
+            "10.0.0.254:65001:s3cr:et,10.0.0.253:4200000000",
+        ]))
+        .unwrap()
+        .bgp
+        .unwrap();
+        assert_eq!(bgp.peers[0].password.as_deref(), Some("s3cr:et"));
+        assert_eq!(bgp.peers[1].asn, 4_200_000_000);
+        assert_eq!(bgp.hold_time, Duration::from_secs(9));
+        assert!(!format!("{:?}", bgp.peers[0]).contains("s3cr"), "passwords are never printed");
         assert_eq!(parse(&with(&["--node-name", "cp-1.example"])).unwrap().node_name.as_deref(), Some("cp-1.example"));
         // No backend: ARP only, VIP traffic to this node's own stack.
         assert!(parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none"])

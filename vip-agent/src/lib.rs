@@ -18,6 +18,7 @@ pub mod discovery;
 pub mod election;
 pub mod health;
 pub mod kubeconfig;
+pub mod live;
 pub mod maglev;
 pub mod metrics;
 pub mod netdev;

@@ -43,7 +43,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status(args) => {
-            let status = vip_agent::status::collect(&args.pin_path)?;
+            let status = vip_agent::status::collect(&args.pin_path, args.metrics_addr)?;
             match args.output {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
                 OutputFormat::Table => print!("{}", vip_agent::status::render(&status)),

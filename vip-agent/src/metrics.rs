@@ -30,7 +30,10 @@ use tokio::{
 use tracing::{debug, warn};
 use vip_common::{Backend, HealthReason, VipState};
 
-use crate::dataplane::Maps;
+use crate::{
+    dataplane::Maps,
+    live::{snapshot, SharedView},
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -66,7 +69,7 @@ impl AgentMetrics {
 }
 
 /// Builds the registry: agent metrics plus a collector over the pinned maps.
-pub fn registry(maps: Maps) -> (Registry, AgentMetrics) {
+pub fn registry(maps: Maps, live: SharedView) -> (Registry, AgentMetrics) {
     let mut registry = Registry::default();
     let metrics = AgentMetrics {
         health_latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))),
@@ -97,6 +100,7 @@ pub fn registry(maps: Maps) -> (Registry, AgentMetrics) {
         metrics.duplicate_identity.clone(),
     );
     registry.register_collector(Box::new(MapsCollector { maps: Mutex::new(maps) }));
+    registry.register_collector(Box::new(LiveCollector { live }));
     (registry, metrics)
 }
 
@@ -194,6 +198,72 @@ impl Collector for MapsCollector {
     }
 }
 
+/// The agent's live state: eligibility, and in BGP mode the announcement and sessions.
+struct LiveCollector {
+    live: SharedView,
+}
+
+impl fmt::Debug for LiveCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LiveCollector")
+    }
+}
+
+impl Collector for LiveCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let v = snapshot(&self.live);
+        ConstGauge::new(i64::from(v.eligible)).encode(family(
+            &mut encoder,
+            "vip_eligible",
+            "1 if this node can carry the VIPs (apiserver ready, link up, no foreign claimant)",
+            MetricType::Gauge,
+        )?)?;
+        if let Some(adv) = v.advertised {
+            ConstGauge::new(i64::from(adv)).encode(family(
+                &mut encoder,
+                "vip_bgp_advertised",
+                "1 if this node advertises the VIPs to its BGP peers",
+                MetricType::Gauge,
+            )?)?;
+        }
+        if v.bgp_peers.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut f = family(
+                &mut encoder,
+                "vip_bgp_session_state",
+                "1 for the BGP session's current state (RFC 4271 FSM)",
+                MetricType::Gauge,
+            )?;
+            for p in &v.bgp_peers {
+                ConstGauge::new(1)
+                    .encode(f.encode_family(&[("peer", p.address.clone()), ("state", p.state.clone())])?)?;
+            }
+        }
+        let counters: [(&str, &str, fn(&crate::live::PeerView) -> u64); 2] = [
+            ("vip_bgp_messages_received", "BGP messages received from the peer", |p| p.messages_received),
+            ("vip_bgp_messages_sent", "BGP messages sent to the peer", |p| p.messages_sent),
+        ];
+        for (name, help, get) in counters {
+            let mut f = family(&mut encoder, name, help, MetricType::Counter)?;
+            for p in &v.bgp_peers {
+                ConstCounter::new(get(p)).encode(f.encode_family(&[("peer", p.address.clone())])?)?;
+            }
+        }
+        let mut f = family(
+            &mut encoder,
+            "vip_bgp_session_uptime_seconds",
+            "How long the BGP session has been Established (0 when it is not)",
+            MetricType::Gauge,
+        )?;
+        for p in &v.bgp_peers {
+            ConstGauge::new(p.uptime_s.unwrap_or(0) as i64).encode(f.encode_family(&[("peer", p.address.clone())])?)?;
+        }
+        Ok(())
+    }
+}
+
 /// A backend's state as the data plane has it: up (takes new flows), draining (keeps
 /// its pinned flows only), down.
 pub fn backend_state(b: &Backend) -> &'static str {
@@ -218,7 +288,7 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Serves `GET /metrics` until the task is dropped. A scrape reads the pinned maps (up
 /// to a thousand syscalls): it runs on a blocking thread, never on the runtime the
 /// election shares, and a client that does not send its request in time is dropped.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, live: SharedView) {
     loop {
         let (mut stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -228,6 +298,7 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
             }
         };
         let registry = registry.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let Ok(Some(head)) = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await else {
                 debug!(%peer, "metrics request incomplete or too slow");
@@ -244,8 +315,13 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
                     Ok(Ok(body)) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
                     _ => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
                 }
+            } else if path == "/status" {
+                match serde_json::to_string(&snapshot(&live)) {
+                    Ok(json) => ("200 OK", "application/json", json),
+                    Err(_) => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
+                }
             } else {
-                ("404 Not Found", "text/plain", "try /metrics\n".into())
+                ("404 Not Found", "text/plain", "try /metrics or /status\n".into())
             };
             let response = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -1,7 +1,12 @@
 //! `vip-agent status`: what the data plane is doing, from the pinned maps, readable at a
 //! glance (or as JSON).
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::Path,
+    time::Duration,
+};
 
 use serde_json::{json, Value};
 use vip_common::{Backend, ForwardMode, HealthReason, MAGLEV_MAX_M, NO_BACKEND};
@@ -19,8 +24,22 @@ pub enum StatusError {
     Map(#[from] MapError),
 }
 
-/// Everything `status` shows, as JSON (the table is rendered from it).
-pub fn collect(pin_path: &Path) -> Result<Value, StatusError> {
+/// The running agent's live state from its metrics address (`/status`), or why not.
+fn live(addr: SocketAddr) -> Result<Value, String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(1);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: vip-agent\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).ok_or("malformed answer")?;
+    serde_json::from_str(body).map_err(|e| e.to_string())
+}
+
+/// Everything `status` shows, as JSON (the table is rendered from it): the pinned maps,
+/// and the running agent's live state from `agent_addr` when it answers.
+pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusError> {
     if !pin_path.join(vip_common::map_names::CONFIG).exists() {
         return Err(StatusError::NotRunning { path: pin_path.display().to_string() });
     }
@@ -70,7 +89,13 @@ pub fn collect(pin_path: &Path) -> Result<Value, StatusError> {
     let counters: serde_json::Map<String, Value> =
         maps.counters()?.into_iter().filter(|(_, n)| *n > 0).map(|(r, n)| (r.name().to_owned(), json!(n))).collect();
     let mac = config.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let (agent, agent_error) = match live(agent_addr) {
+        Ok(v) => (v, Value::Null),
+        Err(e) => (Value::Null, json!(e)),
+    };
     Ok(json!({
+        "agent": agent,
+        "agent_error": agent_error,
         "pin_path": pin_path.display().to_string(),
         "mac": mac,
         "node_ip": Ipv4Addr::from(config.ip).to_string(),
@@ -87,6 +112,40 @@ pub fn render(s: &Value) -> String {
     let str_of = |v: &Value| v.as_str().unwrap_or("?").to_owned();
     let _ =
         writeln!(out, "node      {} {}   (pins {})", str_of(&s["node_ip"]), str_of(&s["mac"]), str_of(&s["pin_path"]));
+    match (&s["agent"], s["agent_error"].as_str()) {
+        (Value::Object(a), _) => {
+            let why: Vec<&str> =
+                a["not_eligible_because"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let eligible =
+                if why.is_empty() { "can carry the VIPs".to_owned() } else { format!("cannot: {}", why.join(", ")) };
+            let _ = writeln!(out, "agent     mode {}, {eligible}", str_of(&a["mode"]));
+            if let Some(adv) = a["advertised"].as_bool() {
+                let _ = writeln!(
+                    out,
+                    "bgp       {}",
+                    if adv { "advertising the VIPs" } else { "NOT advertising the VIPs" }
+                );
+            }
+            for p in a["bgp_peers"].as_array().into_iter().flatten() {
+                let up = p["uptime_s"].as_u64().map_or(String::new(), |s| format!(" for {s}s"));
+                let err = p["last_error"].as_str().map_or(String::new(), |e| format!("  (last error: {e})"));
+                let _ = writeln!(
+                    out,
+                    "  peer {:<16} AS {:<10} {}{up}  msgs in/out {}/{}  advertised {}{err}",
+                    str_of(&p["address"]),
+                    p["remote_as"],
+                    str_of(&p["state"]),
+                    p["messages_received"],
+                    p["messages_sent"],
+                    p["advertised"].as_array().map_or(0, Vec::len),
+                );
+            }
+        }
+        (_, Some(e)) => {
+            let _ = writeln!(out, "agent     not reachable ({e}): showing the pinned data plane only");
+        }
+        _ => {}
+    }
     for v in s["vips"].as_array().into_iter().flatten() {
         let role = match (v["leader"].as_bool(), v["lease_deadline_ms"].as_u64()) {
             (Some(true), Some(ms)) => format!("LEADER (lease valid {ms} ms more)"),

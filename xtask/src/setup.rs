@@ -19,6 +19,9 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "util-linux",
     "nftables",
+    // The BGP lab's routers.
+    "frr",
+    "bird2",
 ];
 
 /// The LLVM major version bpf-linker is built against. The nightly that compiles the

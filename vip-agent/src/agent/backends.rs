@@ -14,7 +14,7 @@ use vip_common::{Backend, ForwardMode, HealthReason, PeerKey};
 
 use crate::{
     balancer::BackendSpec,
-    config::{Election, RunConfig},
+    config::{Election, Mode, RunConfig},
     discovery::Endpoint,
     health::{self, Health, Hysteresis, Probe, Report},
     metrics::AgentMetrics,
@@ -130,18 +130,20 @@ impl Backends {
         self.gate.key.is_some()
     }
 
-    /// Starts every checker, and the readiness gate's.
+    /// Starts every checker, and the readiness gate's: with an election (ARP mode) and
+    /// in BGP mode, this node carries the VIP only while its own apiserver is ready.
     pub fn start_checks(&mut self, cfg: &RunConfig, dev: &Netdev) {
+        let gated = cfg.mode == Mode::Bgp || cfg.election == Election::Kubernetes;
         let Some(checks) = self.checks.clone() else {
-            if cfg.election == Election::Kubernetes {
-                warn!("no --backend: leadership is not gated on apiserver health");
+            if gated {
+                warn!("no --backend: announcing the VIP is not gated on apiserver health");
             }
             return;
         };
         for b in self.list.iter_mut() {
             spawn_checker(b, &checks, cfg, &self.tx);
         }
-        if cfg.election != Election::Kubernetes {
+        if !gated {
             return;
         }
         if let (Some(b), false) = (self.list.iter().find(|b| b.local), cfg.discover) {

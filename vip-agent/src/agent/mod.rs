@@ -36,7 +36,7 @@ use self::{
 use crate::{
     apiclient::{self, ApiClientError, Timeouts},
     balancer::BalancerError,
-    config::{Election, HealthCheck, RunConfig},
+    config::{Election, HealthCheck, Mode, RunConfig},
     dataplane::{Dataplane, DataplaneError, MapError},
     health::{self, CaSource, Probe, TlsError},
     kubeconfig, metrics,
@@ -68,6 +68,8 @@ pub enum RunError {
     Host(#[from] HostError),
     #[error(transparent)]
     ApiClient(#[from] ApiClientError),
+    #[error(transparent)]
+    Bgp(#[from] crate::announce::bgp::BgpError),
     #[error("--metrics-addr {addr}: cannot listen")]
     Metrics {
         addr: SocketAddr,
@@ -152,11 +154,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         host.preflight().await?;
         let host_events = netlink::watch_host(cfg.interface.clone())?;
         let (kc, api) = (cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref());
-        let lease_client = match cfg.election {
-            Election::Kubernetes => {
+        let lease_client = match (cfg.mode, cfg.election) {
+            (Mode::Arp, Election::Kubernetes) => {
                 Some(apiclient::client(kc, api, Timeouts::Bounded(cfg.lease.renew_deadline)).await?)
             }
-            Election::None => None,
+            _ => None,
         };
         let watch_client = match cfg.discover {
             true => Some(apiclient::client(kc, api, Timeouts::Watch(cfg.lease.renew_deadline)).await?),

@@ -11,15 +11,17 @@ use super::{backends::Backends, host::Host, RunError};
 use crate::{
     announce::{
         arp::{ArpAnnounce, ArpStart},
-        AnnounceEvent,
+        bgp::BgpAnnounce,
+        AnnounceEvent, Announcer,
     },
     balancer::{Balancer, ServiceSpec, DEFAULT_GRACE},
     clock::boot_ns,
-    config::{Election, RunConfig},
+    config::{Election, Mode, RunConfig},
     dataplane::{Attached, Dataplane, Maps},
     discovery::{self, Endpoint},
     election::{new_instance_id, ElectionConfig, ElectionEvent},
     health::{Probe, Report},
+    live::{LiveView, SharedView},
     metrics::{self, AgentMetrics},
     netdev::{self, Netdev},
     netlink::{HostEvent, LinkEvent, Netlink},
@@ -43,8 +45,23 @@ struct Eligibility {
 }
 
 impl Eligibility {
+    /// Why this node cannot carry the VIPs now (empty: it can).
+    fn obstacles(&self) -> Vec<&'static str> {
+        let mut why = Vec::new();
+        if self.gated && !self.apiserver_ready {
+            why.push("apiserver not ready");
+        }
+        if !self.link_up {
+            why.push("link down");
+        }
+        if self.conflict_until.is_some_and(|t| Instant::now() < t) {
+            why.push("foreign host answers for the VIP");
+        }
+        why
+    }
+
     fn eligible(&self) -> bool {
-        (!self.gated || self.apiserver_ready) && self.link_up && self.conflict_until.is_none_or(|t| Instant::now() >= t)
+        self.obstacles().is_empty()
     }
 }
 
@@ -80,8 +97,9 @@ pub struct Node {
     balancer: Balancer,
     backends: Backends,
     host: Host,
-    announce: ArpAnnounce,
+    announce: Announcer,
     eligibility: Eligibility,
+    live: SharedView,
     metrics: AgentMetrics,
     metrics_task: JoinHandle<()>,
     duplicate_seen: Option<Instant>,
@@ -111,8 +129,9 @@ impl Node {
                 return Err(e.into());
             }
         };
-        let (registry, metrics) = metrics::registry(pinned);
-        let metrics_task = tokio::spawn(metrics::serve(s.metrics_listener, Arc::new(registry)));
+        let live = SharedView::default();
+        let (registry, metrics) = metrics::registry(pinned, live.clone());
+        let metrics_task = tokio::spawn(metrics::serve(s.metrics_listener, Arc::new(registry), live.clone()));
         info!(addr = %cfg.metrics_addr, "metrics served");
 
         let mut backends = backends;
@@ -132,20 +151,13 @@ impl Node {
             };
             (client, e)
         });
-        let announce = match ArpAnnounce::start(ArpStart {
-            interface: cfg.interface.clone(),
-            vips: cfg.vips.clone(),
-            pin_path: cfg.pin_path.clone(),
-            election,
-            initially_leading,
-            events,
-        }) {
+        let announce = match start_announcer(&cfg, &dev, election, initially_leading, events) {
             Ok(a) => a,
             Err(e) => {
                 error!(error = %e, "starting the announcer failed; undoing");
                 metrics_task.abort();
                 undo(dp, &mut host, &cfg.vips, adopted).await;
-                return Err(e.into());
+                return Err(e);
             }
         };
         let eligibility = Eligibility {
@@ -164,6 +176,7 @@ impl Node {
             host,
             announce,
             eligibility,
+            live,
             metrics,
             metrics_task,
             duplicate_seen: None,
@@ -175,6 +188,24 @@ impl Node {
 
     fn push_eligibility(&mut self) {
         self.announce.set_eligible(self.eligibility.eligible());
+        self.publish();
+    }
+
+    /// Refreshes the live view (`/status`, metrics).
+    fn publish(&self) {
+        let view = LiveView {
+            mode: match self.cfg.mode {
+                Mode::Arp => "arp",
+                Mode::Bgp => "bgp",
+            },
+            eligible: self.eligibility.eligible(),
+            not_eligible_because: self.eligibility.obstacles(),
+            advertised: self.announce.advertised(),
+            bgp_peers: self.announce.peers(),
+        };
+        if let Ok(mut v) = self.live.lock() {
+            *v = view;
+        }
     }
 
     /// A health check's result.
@@ -229,8 +260,9 @@ impl Node {
             }
         };
         warn!(old = self.dev.ifindex, new = ifindex, "interface was recreated; attaching again");
-        if let Err(e) = self.dp.attach_pinned(&new_dev, self.cfg.xdp_mode) {
-            error!(error = %e, "re-attaching failed");
+        match self.dp.attach_pinned(&new_dev, self.cfg.xdp_mode) {
+            Ok(_) => self.metrics.repaired("xdp_attachment"),
+            Err(e) => error!(error = %e, "re-attaching failed"),
         }
         // Its MAC (ARP replies, DSR source) and index (probes) may be new.
         let mut config = self.dp.maps().config().unwrap_or_default();
@@ -304,6 +336,7 @@ impl Node {
             self.duplicate_seen = None;
             self.metrics.duplicate_identity(false);
         }
+        self.publish();
     }
 
     /// Pushes the backend set into the data plane, counting rebuilds; errors are logged
@@ -384,12 +417,18 @@ async fn stage(
     // A node starts as a follower; an adopted leader state is kept as the fence of the
     // Lease this agent takes over (or, without an election, as the permanent leader).
     let now = boot_ns();
-    let mut initially_leading = true;
+    let mut initially_leading = cfg.mode == Mode::Arp;
     for &vip in &cfg.vips {
-        let leads = adopted && dp.maps().vip(vip)?.is_some_and(|s| s.leads_at(now));
-        if !leads {
-            dp.maps_mut().set_vip(vip, VipState::follower())?;
-            initially_leading = false;
+        match cfg.mode {
+            Mode::Arp => {
+                let leads = adopted && dp.maps().vip(vip)?.is_some_and(|s| s.leads_at(now));
+                if !leads {
+                    dp.maps_mut().set_vip(vip, VipState::follower())?;
+                    initially_leading = false;
+                }
+            }
+            // Reached by routing: nobody answers ARP, every node balances.
+            Mode::Bgp => dp.maps_mut().set_vip_with_balancing(vip, VipState::follower(), VipState::FOREVER)?,
         }
     }
 
@@ -404,6 +443,27 @@ async fn stage(
         Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
     }
     Ok((balancer, backends, instance, predecessor, initially_leading))
+}
+
+/// The announcer of the configured mode.
+fn start_announcer(
+    cfg: &RunConfig,
+    dev: &Netdev,
+    election: Option<(kube::Client, ElectionConfig)>,
+    initially_leading: bool,
+    events: mpsc::Sender<AnnounceEvent>,
+) -> Result<Announcer, RunError> {
+    match (&cfg.mode, &cfg.bgp) {
+        (Mode::Bgp, Some(bgp)) => Ok(Announcer::Bgp(BgpAnnounce::start(bgp, dev.ipv4, &cfg.vips)?)),
+        _ => Ok(Announcer::Arp(ArpAnnounce::start(ArpStart {
+            interface: cfg.interface.clone(),
+            vips: cfg.vips.clone(),
+            pin_path: cfg.pin_path.clone(),
+            election,
+            initially_leading,
+            events,
+        })?)),
+    }
 }
 
 /// Undoes start-up; with `keep`, leaves forwarding (and the host state) as it is for
