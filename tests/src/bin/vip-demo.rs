@@ -11,6 +11,7 @@ use tests::{
     agent::wait_until,
     apilab::{ApiLab, FALL, HEALTH_INTERVAL, RISE},
     netns::{arping, mac_of},
+    routers::{nexthops, Frr, Neighbor},
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -220,7 +221,110 @@ fn failover() -> Result<(), String> {
     let (counts, errors) = lab.requests(30);
     print!("    30 requests:");
     show_counts(&counts, &errors);
-    step(14, "removing the lab")?;
+    drop(agents);
+    drop(lab);
+    bgp_scene()?;
+    step(19, "removing the lab")?;
+    Ok(())
+}
+
+/// BGP mode: a router in front of the nodes, every ready node advertising the VIP, and
+/// kept-alive connections surviving a node leaving.
+fn bgp_scene() -> Result<(), String> {
+    step(
+        14,
+        "BGP mode: a router (FRR bgpd, AS 65001, ECMP) in front of n1..n3 (10.64.0.11-13, AS 65000); the client (10.64.100.2) reaches the VIP only through it",
+    )?;
+    let lab = ApiLab::routed([10, 64, 0], 3)?;
+    let router = std::net::Ipv4Addr::new(10, 64, 0, 1);
+    let neighbors: Vec<Neighbor> =
+        lab.nodes.iter().map(|n| Neighbor { ip: n.ip, asn: 65000, password: None }).collect();
+    let frr = Frr::start(
+        lab.router_ns(),
+        &std::env::temp_dir().join(format!("vip-demo-frr-{}", lab.lab.tag)),
+        65001,
+        router,
+        &neighbors,
+    )?;
+    let args = ["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.64.0.1:65001", "--bgp-hold-time", "3s"];
+    let mut agents: Vec<Option<tests::agent::Agent>> =
+        (0..3).map(|i| lab.spawn_agent(i, &args).map(Some)).collect::<Result<_, _>>()?;
+    if !wait_until(Duration::from_secs(15), || nexthops(lab.router_ns(), lab.vip).len() == 3) {
+        return Err(format!("the router never got three paths: {:?}", nexthops(lab.router_ns(), lab.vip)));
+    }
+    for n in &lab.nodes {
+        println!("    router: session with {} {}", n.ip, frr.state(n.ip));
+    }
+    println!("    router: {} via {:?}", lab.vip, nexthops(lab.router_ns(), lab.vip));
+
+    step(15, "100 HTTPS requests through the VIP: the router spreads them over the nodes, each node's Maglev over the apiservers")?;
+    for i in 0..3 {
+        lab.wait_all_healthy(i)?;
+    }
+    let (counts, errors) = lab.requests(100);
+    show_counts(&counts, &errors);
+
+    step(16, "30 kept-alive connections through the VIP, then SIGTERM to n2's agent: it withdraws, sends a Cease, and the router moves its flows")?;
+    let vip = std::net::SocketAddr::from((lab.vip, 6443));
+    let client = lab.client.clone();
+    let ns = lab.client_ns().name.clone();
+    let mut conns = std::thread::scope(|s| {
+        s.spawn(|| {
+            tests::netns::enter_by_name(&ns)?;
+            (0..30)
+                .map(|_| {
+                    let mut c = client.connect(vip)?;
+                    let (_, body) = c.get("/")?;
+                    Ok((c, body.trim().to_owned()))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .join()
+        .map_err(|_| "client thread panicked".to_string())?
+    })?;
+    let t = Instant::now();
+    if let Some(a) = agents[1].as_ref() {
+        a.signal(libc::SIGTERM);
+    }
+    if !wait_until(Duration::from_secs(3), || nexthops(lab.router_ns(), lab.vip).len() == 2) {
+        return Err("n2 was never withdrawn".into());
+    }
+    println!(
+        "    router: {} via {:?}, {} ms after the SIGTERM",
+        lab.vip,
+        nexthops(lab.router_ns(), lab.vip),
+        t.elapsed().as_millis()
+    );
+    if let Some(mut a) = agents[1].take() {
+        a.stop(libc::SIGTERM, Duration::from_secs(10))?;
+    }
+
+    step(17, "one more request on each kept-alive connection whose apiserver is not n2's")?;
+    let results = std::thread::scope(|s| {
+        s.spawn(|| {
+            tests::netns::enter_by_name(&ns)?;
+            Ok::<_, String>(
+                conns
+                    .iter_mut()
+                    .filter(|(_, b)| b != "n2")
+                    .map(|(c, b)| (b.clone(), c.get("/").map(|(_, got)| got.trim().to_owned())))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .join()
+        .map_err(|_| "client thread panicked".to_string())?
+    })?;
+    let ok = results.iter().filter(|(b, r)| r.as_ref().is_ok_and(|got| got == b)).count();
+    println!(
+        "    {ok} of {} kept-alive connections answered by the same apiserver as before (every node has the same Maglev table and forwards by DSR)",
+        results.len()
+    );
+    step(18, "the remaining nodes still serve new connections")?;
+    let (counts, errors) = lab.requests(30);
+    print!("    30 requests:");
+    show_counts(&counts, &errors);
+    drop(agents);
+    drop(frr);
     Ok(())
 }
 
