@@ -53,14 +53,6 @@ impl Frr {
         router_id: Ipv4Addr,
         neighbors: &[Neighbor],
     ) -> Result<Self, String> {
-        if !Path::new(FRR_DIR).join("bgpd").exists() {
-            return Err(format!("FRR is not installed ({FRR_DIR}/bgpd missing): cargo xtask setup installs it"));
-        }
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        run("chown", &["frr:frr", &dir.to_string_lossy()])?;
-        let mut me = Self { dir: dir.to_owned(), daemons: Vec::new() };
-        me.start_daemon(ns, "zebra")?;
-        me.start_daemon(ns, "bgpd")?;
         let mut commands = vec![
             format!("router bgp {asn}"),
             format!("bgp router-id {router_id}"),
@@ -74,8 +66,29 @@ impl Frr {
             }
         }
         commands.extend(["address-family ipv4 unicast".to_owned(), "maximum-paths 16".to_owned()]);
-        me.configure(&commands)?;
+        Self::start_with(ns, dir, &commands)
+    }
+
+    /// Starts zebra and bgpd in `ns` and applies `commands` in configure mode.
+    pub fn start_with(ns: &Netns, dir: &Path, commands: &[String]) -> Result<Self, String> {
+        if !Path::new(FRR_DIR).join("bgpd").exists() {
+            return Err(format!("FRR is not installed ({FRR_DIR}/bgpd missing): cargo xtask setup installs it"));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        run("chown", &["frr:frr", &dir.to_string_lossy()])?;
+        let mut me = Self { dir: dir.to_owned(), daemons: Vec::new() };
+        me.start_daemon(ns, "zebra")?;
+        me.start_daemon(ns, "bgpd")?;
+        me.configure(commands)?;
         Ok(me)
+    }
+
+    /// Sends `signal` to bgpd (as a node speaker's stop or death).
+    pub fn signal_bgpd(&self, signal: i32) {
+        if let Some(bgpd) = self.daemons.get(1) {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(bgpd.id() as i32, signal) };
+        }
     }
 
     fn start_daemon(&mut self, ns: &Netns, name: &str) -> Result<(), String> {

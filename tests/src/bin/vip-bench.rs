@@ -415,9 +415,169 @@ fn failover_table() -> Result<(), String> {
     Ok(())
 }
 
+/// One node's BGP speaker in the BGP bench: vip-agent, or FRR's bgpd announcing the
+/// VIP with local delivery only (what kube-vip and MetalLB do in BGP mode).
+enum NodeSpeaker {
+    Vip(tests::agent::Agent),
+    Plain(tests::routers::Frr),
+}
+
+impl NodeSpeaker {
+    fn terminate(&self) {
+        match self {
+            NodeSpeaker::Vip(a) => a.signal(libc::SIGTERM),
+            NodeSpeaker::Plain(f) => f.signal_bgpd(libc::SIGTERM),
+        }
+    }
+}
+
+fn start_speaker(lab: &tests::apilab::ApiLab, i: usize, vip_agent: bool) -> Result<NodeSpeaker, String> {
+    let peer = "10.65.0.1";
+    if vip_agent {
+        let args =
+            ["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.65.0.1:65001", "--bgp-hold-time", "3s"];
+        return lab.spawn_agent(i, &args).map(NodeSpeaker::Vip);
+    }
+    let commands: Vec<String> = [
+        "router bgp 65000".to_owned(),
+        format!("bgp router-id {}", lab.nodes[i].ip),
+        "no bgp ebgp-requires-policy".to_owned(),
+        format!("neighbor {peer} remote-as 65001"),
+        format!("neighbor {peer} timers 1 3"),
+        "address-family ipv4 unicast".to_owned(),
+        format!("network {}/32", lab.vip),
+    ]
+    .into();
+    let dir = std::env::temp_dir().join(format!("vip-bench-frr-{}-{i}", lab.lab.tag));
+    tests::routers::Frr::start_with(lab.ns(i), &dir, &commands).map(NodeSpeaker::Plain)
+}
+
+/// BGP mode beside a plain speaker, in one run: withdraw time at the router after a
+/// speaker's SIGTERM and after the apiserver turns unready, and what clients see when a
+/// node is cut off (requests failing while the router waits for the hold time, kept-alive
+/// connections to surviving apiservers broken).
+fn bgp_table() -> Result<(), String> {
+    use tests::{
+        agent::wait_until,
+        apilab::ApiLab,
+        routers::{nexthops, Frr, Neighbor},
+    };
+    println!(
+        "
+BGP: FRR 8.4 router (ECMP, layer-4 hash) in front of 3 nodes, hold time 3 s; 40 kept-alive connections"
+    );
+    println!(
+        "{:<44} {:>10} {:>10} {:>10} {:>8} {:>14}",
+        "node speaker", "SIGTERM", "unready", "node lost", "failed", "broken (alive)"
+    );
+    for vip_agent in [true, false] {
+        let lab = ApiLab::routed([10, 65, 0], 3)?;
+        let neighbors: Vec<Neighbor> =
+            lab.nodes.iter().map(|n| Neighbor { ip: n.ip, asn: 65000, password: None }).collect();
+        let router_dir = std::env::temp_dir().join(format!("vip-bench-router-{}", lab.lab.tag));
+        let router = Frr::start(lab.router_ns(), &router_dir, 65001, Ipv4Addr::new(10, 65, 0, 1), &neighbors)?;
+        if !vip_agent {
+            for n in &lab.nodes {
+                lab.lab.host(&n.name).hold_vip_quietly(lab.vip)?;
+            }
+        }
+        let mut speakers: Vec<Option<NodeSpeaker>> =
+            (0..3).map(|i| start_speaker(&lab, i, vip_agent).map(Some)).collect::<Result<_, _>>()?;
+        let hops = |n: usize, within: Duration| wait_until(within, || nexthops(lab.router_ns(), lab.vip).len() == n);
+        if !hops(3, Duration::from_secs(20)) {
+            return Err(format!(
+                "three paths never came up: {:?}\n{}",
+                nexthops(lab.router_ns(), lab.vip),
+                router.vtysh(&["show ip bgp summary".to_owned(), "show ip bgp".to_owned()]).unwrap_or_else(|e| e)
+            ));
+        }
+        if vip_agent {
+            for i in 0..3 {
+                lab.wait_all_healthy(i)?;
+            }
+        }
+        // Unready apiserver: only vip-agent gates its announcement on it.
+        let unready = if vip_agent {
+            let t = Instant::now();
+            std::fs::write(lab.unready_file(0), b"").map_err(|e| e.to_string())?;
+            let took = hops(2, Duration::from_secs(5)).then(|| format!("{} ms", t.elapsed().as_millis()));
+            std::fs::remove_file(lab.unready_file(0)).map_err(|e| e.to_string())?;
+            hops(3, Duration::from_secs(10));
+            took.unwrap_or_else(|| "never".into())
+        } else {
+            "not gated".to_owned()
+        };
+        // SIGTERM of node 1's speaker.
+        let t = Instant::now();
+        if let Some(s) = &speakers[1] {
+            s.terminate();
+        }
+        let sigterm = hops(2, Duration::from_secs(5)).then(|| t.elapsed().as_millis());
+        speakers[1] = None;
+        std::thread::sleep(Duration::from_millis(500));
+        speakers[1] = Some(start_speaker(&lab, 1, vip_agent)?);
+        hops(3, Duration::from_secs(20));
+        if vip_agent {
+            lab.wait_all_healthy(1)?;
+        }
+        // Node 2 cut off: kept-alive connections and a stream of new ones.
+        let vip = std::net::SocketAddr::from((lab.vip, 6443));
+        let mut client = lab.client.clone();
+        client.timeout = Duration::from_secs(10);
+        let ns = lab.client_ns().name.clone();
+        let mut conns = std::thread::scope(|s| {
+            s.spawn(|| -> Result<Vec<_>, String> {
+                tests::netns::enter_by_name(&ns)?;
+                (0..40)
+                    .map(|_| {
+                        let mut c = client.connect(vip)?;
+                        let (_, body) = c.get("/")?;
+                        Ok((c, body.trim().to_owned()))
+                    })
+                    .collect()
+            })
+            .join()
+            .map_err(|_| "client thread panicked".to_string())?
+        })?;
+        let stream = lab.stream();
+        let t = Instant::now();
+        lab.lab.switch.ip(&["link", "set", "p13", "down"])?;
+        let lost = hops(2, Duration::from_secs(8)).then(|| t.elapsed().as_millis());
+        std::thread::sleep(Duration::from_millis(1000));
+        let failed = stream.stop().errors.len();
+        let results = std::thread::scope(|s| {
+            s.spawn(|| -> Result<Vec<bool>, String> {
+                tests::netns::enter_by_name(&ns)?;
+                Ok(conns
+                    .iter_mut()
+                    .filter(|(_, b)| b != "n3")
+                    .map(|(c, b)| c.get("/").is_ok_and(|(_, got)| got.trim() == b))
+                    .collect())
+            })
+            .join()
+            .map_err(|_| "client thread panicked".to_string())?
+        })?;
+        let broken = results.iter().filter(|ok| !**ok).count();
+        let name = if vip_agent {
+            "vip-agent --mode bgp (DSR, same Maglev everywhere)"
+        } else {
+            "FRR bgpd per node (local delivery)"
+        };
+        let ms = |v: Option<u128>| v.map_or("never".to_owned(), |m| format!("{m} ms"));
+        println!(
+            "{name:<44} {:>10} {unready:>10} {:>10} {failed:>8} {:>14}",
+            ms(sigterm),
+            ms(lost),
+            format!("{broken} of {}", results.len())
+        );
+        drop(speakers);
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), String> {
-    // `cargo xtask bench -- [xdp] [maglev] [agent] [failover]`: the sections to run (all
-    // by default).
+    // `cargo xtask bench -- [xdp] [maglev] [agent] [failover] [bgp]`: the sections to run
+    // (all by default).
     let only: Vec<String> = std::env::args().skip(1).collect();
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     if run("xdp") {
@@ -431,6 +591,9 @@ fn main() -> Result<(), String> {
     }
     if run("failover") {
         failover_table()?;
+    }
+    if run("bgp") {
+        bgp_table()?;
     }
     Ok(())
 }
