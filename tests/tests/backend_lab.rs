@@ -143,10 +143,15 @@ fn ipip_carries_full_size_uploads_without_resets() {
     }
     // A real NIC hands XDP MTU-sized frames: no segmentation offload on the client.
     tests::netns::run(lab.client_ns().cmd("ethtool").args(["-K", "eth0", "tso", "off", "gso", "off"])).unwrap();
-    let agents: Vec<_> = (0..3).map(|i| lab.spawn_agent(i, &["--forward", "ipip"]).unwrap()).collect();
+    // n1 claims the VIP first; the two others then find it answered (their claim probe)
+    // and only serve as backends.
+    let mut agents = vec![lab.spawn_agent(0, &["--forward", "ipip"]).unwrap()];
+    assert!(wait_until(Duration::from_secs(5), || lab.status(0).is_ok_and(|s| s["vips"][0]["leader"] == true)));
+    agents.extend((1..3).map(|i| lab.spawn_agent(i, &["--forward", "ipip"]).unwrap()));
     for i in 0..3 {
         lab.wait_all_healthy(i).unwrap();
     }
+    assert_eq!(lab.leaders(), vec![0], "one answerer");
     let forwarding = |i: usize| {
         lab.ns(i).within(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/eth0/forwarding").unwrap()).unwrap()
     };
