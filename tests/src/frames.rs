@@ -197,14 +197,13 @@ pub fn flow_of(frame: &[u8]) -> Option<vip_common::FlowKey> {
     let ip = frame.get(off..off + 20)?;
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let tcp = frame.get(off + ihl..off + ihl + 4)?;
-    Some(vip_common::FlowKey {
-        src: ip[12..16].try_into().ok()?,
-        dst: ip[16..20].try_into().ok()?,
-        sport: [tcp[0], tcp[1]],
-        dport: [tcp[2], tcp[3]],
-        proto: ip[9],
-        _pad: [0; 3],
-    })
+    Some(vip_common::FlowKey::new(
+        ip[12..16].try_into().ok()?,
+        ip[16..20].try_into().ok()?,
+        [tcp[0], tcp[1]],
+        [tcp[2], tcp[3]],
+        ip[9],
+    ))
 }
 
 /// Where the Maglev `table` sends `flow` with the flow hash seeded by `seed`
@@ -389,24 +388,75 @@ pub fn forward_model(frame: &[u8], st: &ForwardState<'_>) -> Option<Expected> {
             None => Expected::Pass,
         });
     }
-    if !st.vips.contains(&dst) || frags(ip) != 0 || ip[9] != 6 {
+    if !st.vips.contains(&dst) || frags(ip) != 0 || !for_us || segment != 0 {
         return Some(Expected::Pass);
     }
-    let Some(tcp) = frame.get(off + ihl..off + ihl + 20) else {
-        return Some(Expected::Pass);
-    };
     let src_mac: Mac = frame[6..12].try_into().ok()?;
-    if (dst, u16::from_be_bytes([tcp[2], tcp[3]])) != st.service
-        || !for_us
-        || segment != 0
-        || st.peer_macs.contains(&src_mac)
-    {
-        return Some(Expected::Pass);
+    let dsr_to = |flow: &vip_common::FlowKey| {
+        let mut out = frame.to_vec();
+        out[0..6].copy_from_slice(&(st.mac_of)(predict(st.table, flow)));
+        out[6..12].copy_from_slice(&st.node_mac);
+        Expected::Tx(out)
+    };
+    match ip[9] {
+        6 => {
+            let Some(tcp) = frame.get(off + ihl..off + ihl + 20) else {
+                return Some(Expected::Pass);
+            };
+            if (dst, u16::from_be_bytes([tcp[2], tcp[3]])) != st.service || st.peer_macs.contains(&src_mac) {
+                return Some(Expected::Pass);
+            }
+            Some(dsr_to(&flow_of(frame)?))
+        }
+        1 => Some(icmp_error_model(frame, off + ihl, dst, src_mac, st, dsr_to)),
+        _ => Some(Expected::Pass),
     }
-    let flow = flow_of(frame)?;
-    let id = predict(st.table, &flow);
-    let mut out = frame.to_vec();
-    out[0..6].copy_from_slice(&(st.mac_of)(id));
-    out[6..12].copy_from_slice(&st.node_mac);
-    Some(Expected::Tx(out))
+}
+
+/// ICMP to a VIP: a destination unreachable quoting the VIP service's own TCP segment to
+/// a client (IPv4 header and at least the ports) goes by DSR to the flow's backend, the
+/// Maglev owner of the reversed tuple; a quote too short to name a flow is dropped;
+/// anything else (echo, other quotes, from a peer) goes to the local stack.
+fn icmp_error_model(
+    frame: &[u8],
+    icmp_off: usize,
+    vip: Ipv4Addr,
+    src_mac: Mac,
+    st: &ForwardState<'_>,
+    dsr_to: impl Fn(&vip_common::FlowKey) -> Expected,
+) -> Expected {
+    let Some(icmp) = frame.get(icmp_off..icmp_off + 8) else { return Expected::Pass };
+    if icmp[0] != 3 {
+        return Expected::Pass;
+    }
+    let quote = icmp_off + 8;
+    let Some(q) = frame.get(quote..quote + 20) else { return Expected::Drop };
+    let q_ihl = usize::from(q[0] & 0x0f) * 4;
+    let q_src = Ipv4Addr::new(q[12], q[13], q[14], q[15]);
+    if q[0] >> 4 != 4 || q_ihl < 20 || q[9] != 6 || q_src != vip {
+        return Expected::Pass;
+    }
+    let Some(ports) = frame.get(quote + q_ihl..quote + q_ihl + 4) else { return Expected::Drop };
+    if (q_src, u16::from_be_bytes([ports[0], ports[1]])) != st.service || st.peer_macs.contains(&src_mac) {
+        return Expected::Pass;
+    }
+    let flow = vip_common::FlowKey::new(
+        [q[16], q[17], q[18], q[19]],
+        vip.octets(),
+        [ports[2], ports[3]],
+        [ports[0], ports[1]],
+        6,
+    );
+    dsr_to(&flow)
+}
+
+/// An ICMP destination unreachable (code `code`, next-hop MTU `mtu`) quoting `quote`,
+/// with a correct checksum.
+pub fn icmp_unreachable(code: u8, mtu: u16, quote: &[u8]) -> Vec<u8> {
+    let mut m = vec![3, code, 0, 0, 0, 0];
+    m.extend(mtu.to_be_bytes());
+    m.extend(quote);
+    let c = inet_checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
 }

@@ -378,11 +378,19 @@ fn fixture_table() -> Vec<Fixture> {
             None,
         ),
         fx(
-            "802.1Q-tagged IPv4 UDP to the VIP",
+            "802.1Q-tagged IPv4 UDP to the untagged VIP: another segment",
             Leader,
             Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT_IP, VIP, 17, &[0; 8]))
                 .vlan(ETH_P_8021Q, 5)
                 .bytes(),
+            xdp::PASS,
+            OtherSegment,
+            None,
+        ),
+        fx(
+            "IPv4 UDP to the VIP",
+            Leader,
+            Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT_IP, VIP, 17, &[0; 8])).bytes(),
             xdp::PASS,
             VipNotTcp,
             None,

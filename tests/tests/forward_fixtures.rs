@@ -14,7 +14,8 @@ use std::{
 
 use tests::{
     frames::{
-        flow_of, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, TCP_ACK, TCP_SYN,
+        flow_of, icmp_unreachable, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
+        TCP_ACK, TCP_SYN,
     },
     lab::FibLab,
     xdp,
@@ -332,6 +333,65 @@ fn forwarding_fixture_table() {
         "pinned flow from another non-peer MAC (a second router): still by its pin",
         moved_client.bytes(),
         Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&moved_client, owner)) },
+    );
+
+    // ICMP errors about VIP flows go to the flow's backend: a router between a backend
+    // and a client tells the VIP (the source of the backend's DSR answers) that the path
+    // MTU is lower; the backend holding the connection must learn it.
+    let answer = |sport: u16, dport: u16| ipv4(VIP, CLIENT_IP, 6, &tcp(sport, dport, TCP_ACK));
+    let icmp_from_router = |quote: &[u8]| {
+        Frame::new(
+            NODE_MAC,
+            [0x02, 0, 0, 0, 0, 0xfe],
+            ETH_P_IPV4,
+            ipv4(Ipv4Addr::new(10, 0, 0, 254), VIP, 1, &icmp_unreachable(4, 1400, quote)),
+        )
+    };
+    let pinned_error = icmp_from_router(&answer(PORT, 40032)[..28]);
+    check(
+        &dp,
+        "frag-needed quoting a pinned flow (IP header + 8 bytes): to its backend",
+        pinned_error.bytes(),
+        Expect { action: xdp::TX, reason: IcmpToBackend, output: Some(dsr_to(&pinned_error, owner)) },
+    );
+    let unpinned = icmp_from_router(&answer(PORT, 40777)[..28]);
+    let reversed = flow_of(&tcp_frame(CLIENT_IP, 40777, VIP, PORT, TCP_ACK).bytes()).unwrap();
+    let maglev_owner = index_of(&lb, predict(&table, &reversed));
+    check(
+        &dp,
+        "frag-needed quoting an unpinned flow: Maglev on the reversed tuple",
+        unpinned.bytes(),
+        Expect { action: xdp::TX, reason: IcmpToBackend, output: Some(dsr_to(&unpinned, maglev_owner)) },
+    );
+    check(
+        &dp,
+        "frag-needed with a quote of 20 bytes: dropped",
+        icmp_from_router(&answer(PORT, 40032)[..20]).bytes(),
+        Expect { action: xdp::DROP, reason: IcmpQuoteTruncated, output: None },
+    );
+    check(
+        &dp,
+        "frag-needed with a quote of 24 bytes (no ports): dropped",
+        icmp_from_router(&answer(PORT, 40032)[..23]).bytes(),
+        Expect { action: xdp::DROP, reason: IcmpQuoteTruncated, output: None },
+    );
+    check(
+        &dp,
+        "unreachable quoting another port of the VIP: local stack",
+        icmp_from_router(&answer(22, 40032)[..28]).bytes(),
+        pass(VipIcmp),
+    );
+    check(
+        &dp,
+        "unreachable quoting a packet not from the VIP: local stack",
+        icmp_from_router(&ipv4(CLIENT_IP, VIP, 6, &tcp(40032, PORT, TCP_ACK))[..28]).bytes(),
+        pass(VipIcmp),
+    );
+    check(
+        &dp,
+        "frag-needed for a VIP flow sent by a peer (it balanced it here): local stack",
+        Frame { src: PEER_MAC, ..pinned_error.clone() }.bytes(),
+        pass(BalancedByPeer),
     );
 
     // The chosen backend is this node.
@@ -773,4 +833,56 @@ fn table_flips_are_atomic_for_readers() {
     });
     assert!(checked > 1000, "only {checked} packets ran during the flips");
     eprintln!("{checked} packets checked across {FLIPS} flips ({straddled} straddled a flip)");
+}
+
+/// Moves the calling thread to `cpu` (BPF_PROG_RUN runs the program there).
+fn run_on_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity only changes this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU {cpu}");
+    }
+}
+
+/// The per-CPU flow cache never sends a flow back to a backend the connection table no
+/// longer names for it: pinned to B on CPU 0, re-pinned to another backend on CPU 1
+/// while B was down, the flow stays there on CPU 0 once B is back (a backend's state
+/// change invalidates every CPU's cache).
+#[test]
+fn a_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
+    assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
+    let (mut dp, mut lb) = load();
+    let three = || vec![backend(1), backend(2), backend(3)];
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, three()));
+    let f = syn(47000);
+    let b = index_of(&lb, predict(&table, &flow_of(&f.bytes()).unwrap()));
+    let ack = tcp_frame(CLIENT_IP, 47000, VIP, PORT, TCP_ACK);
+    let to = |dp: &Dataplane, frame: &Frame| dp.test_run(Program::Vip, &frame.bytes()).unwrap().frame[0..6].to_vec();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            run_on_cpu(0);
+            assert_eq!(to(&dp, &f), backend_mac(b).to_vec());
+            assert_eq!(to(&dp, &ack), backend_mac(b).to_vec(), "cached on CPU 0");
+        });
+    });
+    let down: Vec<BackendSpec> =
+        (1..=3u8).map(|i| if i == b { BackendSpec { healthy: false, ..backend(i) } } else { backend(i) }).collect();
+    lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, down)).unwrap();
+    let moved = std::thread::scope(|s| {
+        s.spawn(|| {
+            run_on_cpu(1);
+            to(&dp, &ack)
+        })
+        .join()
+        .unwrap()
+    });
+    assert_ne!(moved, backend_mac(b).to_vec(), "re-pinned away from the down backend");
+    lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, three())).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            run_on_cpu(0);
+            assert_eq!(to(&dp, &ack), moved, "CPU 0's cache sent the flow back to its old backend");
+        });
+    });
 }

@@ -167,3 +167,31 @@ fn a_restart_with_another_vip_serves_only_the_new_one() {
         .unwrap()
         .is_empty()));
 }
+
+/// Another program already on the interface's XDP hook (Cilium's acceleration, say): the
+/// agent refuses at once, naming the program, and leaves it attached.
+#[test]
+fn a_foreign_xdp_program_is_named_and_left_alone() {
+    let lab = ApiLab::new([10, 103, 0], 3, &[0]).unwrap();
+    let ns = lab.ns(0).name.clone();
+    let (attached_tx, attached) = std::sync::mpsc::channel();
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        tests::netns::enter_by_name(&ns).unwrap();
+        let mut dp = vip_agent::dataplane::Dataplane::load().unwrap();
+        let dev = vip_agent::netdev::lookup("eth0").unwrap();
+        dp.attach(vip_agent::dataplane::Program::Pass, &dev, vip_agent::dataplane::AttachMode::Skb).unwrap();
+        attached_tx.send(()).unwrap();
+        let _ = done.recv();
+    });
+    attached.recv_timeout(Duration::from_secs(10)).unwrap();
+    let args = lab.agent_args(0, &[]).unwrap();
+    let (status, log) = run_to_exit(lab.ns(0), &args, Duration::from_secs(10)).unwrap();
+    assert!(!status.success());
+    let first = log.lines().next().unwrap_or("");
+    assert!(first.contains("eth0") && first.contains("\"xdp_pass\"") && first.contains("id "), "{log}");
+    assert!(lab.ns(0).has_xdp("eth0").unwrap(), "the foreign program was detached");
+    assert!(!lab.ns(0).addrs("lo").unwrap().contains("10.103.0.100"), "the VIP was added");
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
+}

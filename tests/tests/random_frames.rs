@@ -17,8 +17,8 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use tests::{
     frames::{
-        arp_model, forward_model, ipip, ipv6, is_group, tcp, Arp, Expected, ForwardState, Frame, Ip4, Mac, Role,
-        BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
+        arp_model, forward_model, icmp_unreachable, ipip, ipv6, is_group, tcp, Arp, Expected, ForwardState, Frame, Ip4,
+        Mac, Role, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
     },
     xdp, SplitMix64,
 };
@@ -92,7 +92,15 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
             let outer_src = [PEER_IP, PEER_IP, PEER_IP, OTHER_IP][rng.below(4)];
             Frame::new(dst, PEER_MAC, ETH_P_IPV4, ipip(outer_src, outer_dst, &tcp_packet(rng)))
         }
-        9 => Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(17, &[0; 8])),
+        9 if rng.below(2) == 0 => Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(17, &[0; 8])),
+        9 => {
+            // An ICMP error about one of the VIP's answers (or about something else).
+            let (qsrc, sport) = [(VIP, PORT), (VIP, PORT), (VIP, 22), (OTHER_IP, PORT)][rng.below(4)];
+            let quote = Ip4::new(qsrc, CLIENT_IP, 6).packet(&tcp(sport, 1024 + rng.below(60000) as u16, TCP_ACK));
+            let cut = [28, 28, 40, 20, 24][rng.below(5)];
+            let error = icmp_unreachable([4, 3, 1][rng.below(3)], 1400, &quote[..cut]);
+            Frame::new(dst, src, ETH_P_IPV4, Ip4::new(OTHER_IP, VIP, 1).packet(&error))
+        }
         10 => {
             let ethertypes = [ETH_P_ARP, ETH_P_8021Q, ETH_P_8021AD, ETH_P_IPV4, rng.next_u64() as u16];
             let mut payload = vec![0u8; rng.below(80)];

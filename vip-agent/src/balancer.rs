@@ -117,6 +117,9 @@ struct Installed {
 pub struct Balancer {
     services: BTreeMap<ServiceKey, Installed>,
     ids: BTreeMap<Ipv4Addr, u32>,
+    /// The flags last written per backend: a change invalidates the data plane's
+    /// per-CPU flow caches.
+    flags: BTreeMap<Ipv4Addr, u16>,
     grace: Duration,
 }
 
@@ -128,7 +131,7 @@ impl Default for Balancer {
 
 impl Balancer {
     pub fn new(grace: Duration) -> Self {
-        Self { services: BTreeMap::new(), ids: BTreeMap::new(), grace }
+        Self { services: BTreeMap::new(), ids: BTreeMap::new(), flags: BTreeMap::new(), grace }
     }
 
     /// Rebuilds the bookkeeping from maps a previous agent left pinned: backend ids,
@@ -140,6 +143,7 @@ impl Balancer {
         for (id, b) in maps.backends()? {
             let ip = Ipv4Addr::from(b.ip);
             me.ids.insert(ip, id);
+            me.flags.insert(ip, b.flags);
             by_id.insert(id, ip);
         }
         for (key, svc) in maps.services()? {
@@ -192,11 +196,12 @@ impl Balancer {
 
         // 1. Ids for every backend; healthy ones marked up before any table names them.
         let mut ids = Vec::with_capacity(spec.backends.len());
+        let mut flags_changed = false;
         for b in &spec.backends {
             let id = self.id_for(maps, b.ip)?;
             ids.push(id);
             if b.healthy {
-                maps.set_backend(id, &entry(b, true))?;
+                flags_changed |= self.write_backend(maps, id, &entry(b, true))?;
             }
         }
 
@@ -244,8 +249,12 @@ impl Balancer {
         }
         for (b, &id) in spec.backends.iter().zip(&ids) {
             if !b.healthy {
-                maps.set_backend(id, &entry(b, false))?;
+                flags_changed |= self.write_backend(maps, id, &entry(b, false))?;
             }
+        }
+        // A flow cached on some CPU must not go to a backend whose state changed since.
+        if flags_changed {
+            maps.invalidate_flow_cache()?;
         }
         let last_flip = if flipped { Some(Instant::now()) } else { self.services.get(&key).and_then(|s| s.last_flip) };
         let active = match self.services.get(&key) {
@@ -289,6 +298,13 @@ impl Balancer {
         Ok(gone)
     }
 
+    /// Writes a backend entry; returns whether its flags changed.
+    fn write_backend(&mut self, maps: &mut Maps, id: u32, b: &Backend) -> Result<bool, BalancerError> {
+        maps.set_backend(id, b)?;
+        let ip = Ipv4Addr::from(b.ip);
+        Ok(self.flags.insert(ip, b.flags) != Some(b.flags))
+    }
+
     fn free_slot(&self) -> Option<u16> {
         let used: BTreeSet<u16> = self.services.values().map(|s| s.slot).collect();
         (0..MAX_SERVICES as u16).find(|s| !used.contains(s))
@@ -313,7 +329,9 @@ impl Balancer {
             return Ok(());
         }
         if let Some(id) = self.ids.remove(&ip) {
+            self.flags.remove(&ip);
             maps.set_backend(id, &Backend::default())?;
+            maps.invalidate_flow_cache()?;
             debug!(%ip, id, "backend id released");
         }
         Ok(())

@@ -12,7 +12,7 @@ use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkFlags, LinkMessage},
+        link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         AddressFamily, RouteNetlinkMessage,
     },
@@ -149,6 +149,20 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+
+    /// The id of the XDP program attached to interface `ifindex`, if any (any mode).
+    pub async fn xdp_program(&self, ifindex: u32) -> Result<Option<u32>, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let op = || format!("reading the XDP attachment of interface #{ifindex}");
+        let Some(link) = links.try_next().await.map_err(request(op()))? else { return Ok(None) };
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::ProgId(id) if *id != 0 => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        }))
     }
 
     /// Whether `ip` is an address of this host (on any interface): a backend with such an

@@ -42,6 +42,9 @@ pub mod map_names {
     /// `PerCpuArray<IcmpBudget>`, one entry: the rate limit of the ICMP errors the data
     /// plane generates.
     pub const ICMP_BUDGET: &str = "VIP_ICMP_BUDGET";
+    /// `PerCpuArray<CachedFlow>` of [`crate::FLOW_CACHE_SLOTS`] entries: a direct-mapped
+    /// per-CPU cache in front of the connection table.
+    pub const FLOW_CACHE: &str = "VIP_FLOW_CACHE";
 }
 
 /// Program names in the ELF object.
@@ -114,7 +117,9 @@ impl VipSet {
 ///
 /// Written by the agent before any VIP is marked as led, read by the XDP program for
 /// every ARP reply and every forwarded frame it builds.
-#[repr(C)]
+// 8-byte aligned, so the data plane reads the MAC with word loads rather than byte by
+// byte (the same for the other hot-path values below); the layout is unchanged.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// MAC address of the attached interface, in wire order. All zero means "not
@@ -133,12 +138,17 @@ pub struct Config {
     /// annotation `vip.dev/holder-instance` in hex): the next agent on this node takes
     /// over the Lease that instance holds. Not read by the data plane.
     pub agent_instance: [u8; 8],
+    /// Bumped by the agent whenever a backend's flags change: per-CPU flow-cache
+    /// entries ([`CachedFlow`]) from an older generation are not trusted. Host order.
+    pub generation: u32,
+    /// Explicit padding; always zero.
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 24);
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
 
 impl Config {
     pub const fn new(mac: [u8; 6], ip: [u8; 4]) -> Self {
-        Self { mac, _pad: [0; 2], ip, hash_seed: 0, agent_instance: [0; 8] }
+        Self { mac, _pad: [0; 2], ip, hash_seed: 0, agent_instance: [0; 8], generation: 1, _pad2: 0 }
     }
 
     pub const fn with_seed(mut self, hash_seed: u32) -> Self {
@@ -280,7 +290,7 @@ pub struct MaglevRow {
 const _: () = assert!(core::mem::size_of::<MaglevRow>() == 1024);
 
 /// Value of the [`map_names::BACKENDS`] array.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     /// Backend IPv4 address, network order.
@@ -425,7 +435,7 @@ impl IcmpBudget {
 }
 
 /// Key of the connection table: the flow's 5-tuple as it arrives.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// Source and destination IPv4, network order.
@@ -436,10 +446,19 @@ pub struct FlowKey {
     pub dport: [u8; 2],
     /// IP protocol.
     pub proto: u8,
-    /// Explicit padding; always zero.
-    pub _pad: [u8; 3],
+    /// Explicit padding; always zero. Two scalar fields rather than `[u8; 3]`, so building
+    /// a key on the data plane's hot path is plain stores, not a call into `memset`.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+impl FlowKey {
+    #[inline(always)]
+    pub const fn new(src: [u8; 4], dst: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto: u8) -> Self {
+        Self { src, dst, sport, dport, proto, _pad: 0, _pad2: 0 }
+    }
+}
 
 /// Value of the connection table: the backend a flow is pinned to, and how it is
 /// forwarded there, so an established flow needs no service lookup. The address is kept
@@ -449,7 +468,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 /// of the frame that pinned it (the client's, or its router's). The same 5-tuple
 /// arriving from another load-balancing node was already balanced there and is never
 /// forwarded again, so no frame makes more than one DSR hop.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
     /// Backend id (< [`MAX_BACKENDS`]), host order.
@@ -467,6 +486,29 @@ pub struct Conn {
 }
 const _: () = assert!(core::mem::size_of::<Conn>() == 16);
 const _: () = assert!(MAX_BACKENDS <= u16::MAX as u32);
+
+/// Entries of the per-CPU flow cache, a power of two (the flow hash is masked). An
+/// established flow's packets arrive on one CPU (RSS), so each CPU caches its own flows:
+/// a hit costs an inlined array lookup and a key compare instead of a hash-table lookup
+/// that also writes the shared LRU state.
+pub const FLOW_CACHE_SLOTS: u32 = 4096;
+
+/// One per-CPU flow-cache entry: a connection-table entry and the flow it is for, valid
+/// while [`Config::generation`] is unchanged (a backend's flags changing invalidates
+/// every entry, so a flow is never sent to a backend the connection table no longer
+/// names for it).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow {
+    pub key: FlowKey,
+    pub conn: Conn,
+    /// [`Config::generation`] when cached, host order; entries start invalid because the
+    /// agent's first generation is 1.
+    pub generation: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CachedFlow>() == 40);
 
 /// Per-backend counters (per CPU), host order.
 #[repr(C)]
@@ -610,7 +652,8 @@ pub enum Reason {
     /// Fragment (first or not) to a VIP: `XDP_PASS`. Non-first fragments carry no ports
     /// to hash, so all fragments go to the local stack, which reassembles them.
     Fragment = 11,
-    /// ICMP to a VIP: `XDP_PASS` to the local stack.
+    /// ICMP to a VIP that is not an error about a VIP service flow (echo, …): `XDP_PASS`
+    /// to the local stack.
     VipIcmp = 12,
     /// Other non-TCP protocols to a VIP: `XDP_PASS`.
     VipNotTcp = 13,
@@ -667,6 +710,14 @@ pub enum Reason {
     /// IPIP: forwarding is disabled on the interface, so the FIB refuses output
     /// lookups: `XDP_PASS` (the agent enables it in IPIP mode).
     IpipForwardingDisabled = 32,
+    /// ICMP destination unreachable (fragmentation needed, …) quoting a VIP service flow
+    /// (the VIP's answer to a client, sent by a backend by DSR): forwarded to the backend
+    /// that holds the flow, by its forward mode, so path MTU discovery works through the
+    /// VIP.
+    IcmpToBackend = 33,
+    /// ICMP destination unreachable to a VIP whose quote is too short to name a flow
+    /// (less than an IPv4 header and 8 bytes of TCP): `XDP_DROP`.
+    IcmpQuoteTruncated = 34,
 }
 
 impl Reason {
@@ -675,7 +726,7 @@ impl Reason {
     pub const SLOTS: u32 = 64;
 
     /// Every reason, in index order: what the agent's status and metrics iterate over.
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 35] = [
         Reason::ArpReplied,
         Reason::ArpFollowerDropped,
         Reason::ArpGratuitous,
@@ -709,6 +760,8 @@ impl Reason {
         Reason::IpipNoNeigh,
         Reason::IpipNoRoute,
         Reason::IpipForwardingDisabled,
+        Reason::IcmpToBackend,
+        Reason::IcmpQuoteTruncated,
     ];
 
     /// Stable name for logs, metrics labels and `vip-agent status`.
@@ -747,6 +800,8 @@ impl Reason {
             Reason::IpipNoNeigh => "ipip_no_neigh",
             Reason::IpipNoRoute => "ipip_no_route",
             Reason::IpipForwardingDisabled => "ipip_forwarding_disabled",
+            Reason::IcmpToBackend => "icmp_to_backend",
+            Reason::IcmpQuoteTruncated => "icmp_quote_truncated",
         }
     }
 }
@@ -770,4 +825,5 @@ mod pod {
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::IcmpBudget {}
+    unsafe impl aya::Pod for super::CachedFlow {}
 }

@@ -9,11 +9,11 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
 use network_types::arp::ArpHdr;
-use vip_common::{Reason, VipKey};
+use vip_common::{Reason, VipKey, VipState};
 
 use crate::{
     maps::{CONFIG, VIPS},
-    parse::{is_group, ptr_at, L2},
+    parse::{is_group, load_mac, ptr_at, store_mac, L2},
     verdict::Verdict,
 };
 
@@ -51,20 +51,23 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
         return Verdict::pass(Reason::OtherSegment);
     }
     // An all-zero MAC means "not configured yet" and matches no frame's destination.
-    let mac = CONFIG.get(0).map_or([0; 6], |cfg| cfg.mac);
-    // SAFETY: l2.eth was bounds-checked by the L2 parser.
-    let eth = unsafe { &mut *l2.eth };
+    // SAFETY: a map value's field, 8-byte aligned.
+    let mac = CONFIG.get(0).map_or(0, |cfg| unsafe { load_mac(&cfg.mac) });
+    // SAFETY: l2.eth was bounds-checked by the L2 parser; headers are 2-byte aligned.
+    let (eth, dst) = unsafe { (&mut *l2.eth, load_mac(&(*l2.eth).dst_addr)) };
     // Linux's arp_rcv() ignores requests addressed to another host's MAC
     // (PACKET_OTHERHOST); so do we, leader or follower.
-    if !is_group(&eth.dst_addr) && eth.dst_addr != mac {
+    if !is_group(dst) && dst != mac {
         return Verdict::pass(Reason::NotForUs);
     }
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    if !state.leads_at(now) {
+    // A follower needs no clock; a leader with a deadline reads it.
+    // SAFETY (the helper): no preconditions.
+    if state.flags & VipState::F_LEADER == 0
+        || (state.leader_until_ns != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= state.leader_until_ns)
+    {
         return Verdict::drop(Reason::ArpFollowerDropped);
     }
-    if mac == [0; 6] {
+    if mac == 0 {
         return Verdict::drop(Reason::ArpNoConfig);
     }
     reply_in_place(eth, arp, mac, tpa);
@@ -77,12 +80,16 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
 /// and a probe (sender IP 0.0.0.0, RFC 5227 §2.1.1) gets a reply whose target IP is
 /// 0.0.0.0.
 #[inline(always)]
-fn reply_in_place(eth: &mut network_types::eth::EthHdr, arp: &mut ArpHdr, mac: [u8; 6], vip: [u8; 4]) {
-    eth.dst_addr = arp.sha;
-    eth.src_addr = mac;
+fn reply_in_place(eth: &mut network_types::eth::EthHdr, arp: &mut ArpHdr, mac: u64, vip: [u8; 4]) {
+    // SAFETY: every field is inside the bounds-checked headers, 2-byte aligned.
+    unsafe {
+        let sha = load_mac(&arp.sha);
+        store_mac(&mut eth.dst_addr, sha);
+        store_mac(&mut eth.src_addr, mac);
+        store_mac(&mut arp.tha, sha);
+        store_mac(&mut arp.sha, mac);
+    }
     arp.oper = ARPOP_REPLY;
-    arp.tha = arp.sha;
     arp.tpa = arp.spa;
-    arp.sha = mac;
     arp.spa = vip;
 }

@@ -26,7 +26,7 @@ use crate::{
     forward::{IPPROTO_IPIP, IP_MF_AND_OFFSET},
     icmp,
     maps::{is_peer, vip, CONFIG, SERVICES},
-    parse::{ptr_at, L2},
+    parse::{load_mac, ptr_at, L2},
     verdict::Verdict,
 };
 
@@ -166,11 +166,12 @@ pub fn decap(ctx: &XdpContext, l2: &L2, outer_ihl: usize) -> Verdict {
     let (Some(outer), Some(cfg)) = (ptr_at::<Ipv4Hdr>(ctx, l2.l3_off), CONFIG.get(0)) else {
         return not_ours;
     };
-    // SAFETY: bounds-checked by ptr_at; l2.eth by the L2 parser.
-    let (outer_src, outer_dst, outer_frags, eth_dst) =
-        unsafe { ((*outer).src_addr, (*outer).dst_addr, (*outer).frags, (*l2.eth).dst_addr) };
+    // SAFETY: bounds-checked by ptr_at; l2.eth by the L2 parser; 2-byte aligned fields.
+    let (outer_src, outer_dst, outer_frags, eth_dst, our_mac) = unsafe {
+        ((*outer).src_addr, (*outer).dst_addr, (*outer).frags, load_mac(&(*l2.eth).dst_addr), load_mac(&cfg.mac))
+    };
     // Ours is never fragmented (DF), always to our address and MAC.
-    if eth_dst != cfg.mac
+    if eth_dst != our_mac
         || outer_dst != cfg.ip
         || u16::from_be_bytes(outer_frags) & IP_MF_AND_OFFSET != 0
         || !is_peer(&PeerKey::ipv4(outer_src))

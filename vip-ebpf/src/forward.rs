@@ -8,17 +8,18 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
-use vip_common::{Backend, FlowKey, ForwardMode, PeerKey, Reason, ServiceKey, VipState, IPPROTO_TCP};
+use vip_common::{flow_hash, Backend, FlowKey, ForwardMode, PeerKey, Reason, ServiceKey, VipState, IPPROTO_TCP};
 
 use crate::{
-    encap, lb,
+    encap, icmp, lb,
     maps::{is_peer, vip, CONFIG, SERVICES},
-    parse::{ptr_at, L2},
+    parse::{load_ipv4, load_mac, ptr_at, store_mac, L2},
     stats,
     verdict::Verdict,
 };
 
-const IPPROTO_ICMP: u8 = 1;
+/// ICMP, whose errors about VIP flows are steered to the flow's backend.
+pub const IPPROTO_ICMP: u8 = 1;
 /// IPv4-in-IPv4.
 pub const IPPROTO_IPIP: u8 = 4;
 /// The "more fragments" flag and the fragment offset, in host order of the `frags` field.
@@ -38,44 +39,55 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     if iph.proto == IPPROTO_IPIP {
         return encap::decap(ctx, l2, ihl);
     }
-    let dst = iph.dst_addr;
+    // SAFETY: inside the bounds-checked header, 2-byte aligned.
+    let dst = unsafe { load_ipv4(&iph.dst_addr) };
     let Some(vip) = vip(dst) else {
         return Verdict::pass(Reason::NotVip);
     };
     if u16::from_be_bytes(iph.frags) & IP_MF_AND_OFFSET != 0 {
         return Verdict::pass(Reason::Fragment);
     }
-    match iph.proto {
-        IPPROTO_TCP => {}
-        IPPROTO_ICMP => return Verdict::pass(Reason::VipIcmp),
-        _ => return Verdict::pass(Reason::VipNotTcp),
-    }
-    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l2.l3_off + ihl) else {
-        return Verdict::pass(Reason::TcpMalformed);
-    };
-    // SAFETY: ptr_at checked the 20-byte TCP header is inside the frame.
-    let (sport, dport) = unsafe { ((*tcp).source, (*tcp).dest) };
     let Some(cfg) = CONFIG.get(0) else {
         return Verdict::pass(Reason::NotForUs);
     };
-    // SAFETY: l2.eth was bounds-checked by the L2 parser.
-    let eth = unsafe { &mut *l2.eth };
+    // SAFETY: l2.eth was bounds-checked by the L2 parser; every header is 2-byte
+    // aligned (see `load_mac`); `cfg` is a map value.
+    let (eth, our_mac, dst_mac, src_mac) =
+        unsafe { (&mut *l2.eth, load_mac(&cfg.mac), load_mac(&(*l2.eth).dst_addr), load_mac(&(*l2.eth).src_addr)) };
     // Only frames sent to us are ours to forward (a promiscuous NIC or a flooding switch
     // shows us others'), and only on the VIP's own segment.
-    if eth.dst_addr != cfg.mac {
+    if dst_mac != our_mac {
         return Verdict::pass(Reason::NotForUs);
     }
     if l2.segment != vip.segment {
         return Verdict::pass(Reason::OtherSegment);
     }
-    let flow = FlowKey { src: iph.src_addr, dst, sport, dport, proto: IPPROTO_TCP, _pad: [0; 3] };
-    let src_mac = eth.src_addr;
+    match iph.proto {
+        IPPROTO_TCP => {}
+        IPPROTO_ICMP => return icmp::to_backend(ctx, l2, ihl, dst, &vip, src_mac, our_mac),
+        _ => return Verdict::pass(Reason::VipNotTcp),
+    }
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l2.l3_off + ihl) else {
+        return Verdict::pass(Reason::TcpMalformed);
+    };
+    // SAFETY: ptr_at checked the 20-byte IPv4 and TCP headers are inside the frame;
+    // 2-byte aligned fields.
+    let flow = unsafe {
+        FlowKey::new(
+            load_ipv4(&iph.src_addr),
+            dst,
+            (*((*tcp).source.as_ptr() as *const u16)).to_ne_bytes(),
+            (*((*tcp).dest.as_ptr() as *const u16)).to_ne_bytes(),
+            IPPROTO_TCP,
+        )
+    };
     // A flow this node pinned keeps its backend, which holds the connection, even after
     // this node stopped balancing (a leader whose deadline passed, or that handed over):
     // clients that have not moved yet keep their connections. The pin holds for the flow
     // as the client sends it; the same flow from a peer was balanced there already.
-    let (id, backend, mode) = match lb::pinned(&flow) {
-        Some(pin) if pin.from_mac == src_mac || !is_peer(&PeerKey::mac(src_mac)) => (pin.id, pin.backend, pin.mode),
+    let hash = flow_hash(&flow, cfg.hash_seed);
+    let (id, backend, mode) = match lb::pinned(&flow, hash, cfg.generation) {
+        Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
         Some(_) => return Verdict::pass(Reason::BalancedByPeer),
         None => {
             // New flow on a node that does not balance this VIP (a follower): the leader
@@ -85,10 +97,10 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
             if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
                 return Verdict::pass(Reason::NotBalancing);
             }
-            if is_peer(&PeerKey::mac(src_mac)) {
+            if is_peer_mac(src_mac) {
                 return Verdict::pass(Reason::BalancedByPeer);
             }
-            let key = ServiceKey { vip: dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
+            let key = ServiceKey { vip: dst, port: flow.dport, proto: IPPROTO_TCP, _pad: 0 };
             // SAFETY: copied out at once.
             let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
                 return Verdict::pass(Reason::VipOtherPort);
@@ -96,7 +108,7 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
             if svc.mode == ForwardMode::Local as u8 {
                 return Verdict::pass(Reason::LocalMode);
             }
-            let Some((id, backend)) = lb::choose(&flow, &svc, cfg.hash_seed, src_mac) else {
+            let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac) else {
                 return Verdict::pass(Reason::NoBackend);
             };
             (id, backend, svc.mode)
@@ -109,9 +121,24 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     if mode == ForwardMode::Ipip as u8 {
         return encap::ipip(ctx, l2, &backend);
     }
-    // DSR: our MAC as the source, the backend's as the destination. IP and TCP stay as
-    // they are.
-    eth.src_addr = cfg.mac;
-    eth.dst_addr = backend.mac;
+    dsr(eth, our_mac, &backend);
     Verdict::tx(Reason::ForwardedDsr)
+}
+
+/// DSR: our MAC as the source, the backend's as the destination. IP and what it carries
+/// stay as they are.
+#[inline(always)]
+pub fn dsr(eth: &mut network_types::eth::EthHdr, our_mac: u64, backend: &Backend) {
+    // SAFETY: 2-byte aligned header fields and map values (see `load_mac`).
+    unsafe {
+        store_mac(&mut eth.src_addr, our_mac);
+        store_mac(&mut eth.dst_addr, load_mac(&backend.mac));
+    }
+}
+
+/// Whether `mac` ([`load_mac`]'s form) is another load-balancing node's.
+#[inline(always)]
+pub fn is_peer_mac(mac: u64) -> bool {
+    let b = mac.to_le_bytes();
+    is_peer(&PeerKey::mac([b[0], b[1], b[2], b[3], b[4], b[5]]))
 }

@@ -1,19 +1,25 @@
-//! ICMP errors the data plane sends itself: "fragmentation needed" for a VIP packet that
-//! no longer fits the egress MTU once encapsulated (RFC 792, RFC 1191 §4), so the
-//! client lowers its path MTU instead of the connection stalling or being reset. As
-//! Katran does; rate-limited per CPU (RFC 1812 §4.3.2.8).
+//! ICMP for VIP flows, both ways:
+//! - errors the data plane sends itself: "fragmentation needed" for a VIP packet that no
+//!   longer fits the egress MTU once encapsulated (RFC 792, RFC 1191 §4), so the client
+//!   lowers its path MTU instead of the connection stalling or being reset. As Katran
+//!   does; rate-limited per CPU (RFC 1812 §4.3.2.8);
+//! - errors routers send to the VIP about its answers (which backends send straight to
+//!   the clients, by DSR): steered to the backend holding the flow, which is the one
+//!   whose TCP must lower its path MTU (Katran does the same).
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_tail},
+    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use network_types::ip::Ipv4Hdr;
-use vip_common::{IcmpBudget, Reason};
+use vip_common::{flow_hash, Backend, FlowKey, ForwardMode, IcmpBudget, Reason, ServiceKey, VipState, IPPROTO_TCP};
 
 use crate::{
-    csum,
-    maps::{CONFIG, ICMP_BUDGET},
-    parse::{ptr_at, L2},
+    csum, encap,
+    forward::{dsr, is_peer_mac},
+    lb,
+    maps::{VipInfo, CONFIG, ICMP_BUDGET, SERVICES},
+    parse::{load_mac, ptr_at, store_mac, L2},
     verdict::Verdict,
 };
 
@@ -68,10 +74,12 @@ pub fn frag_needed(ctx: &XdpContext, l2: &L2, mtu: u16) -> Verdict {
     let sum = csum::fold(csum::sum16(&icmp));
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
 
-    // SAFETY: l2.eth was bounds-checked by the L2 parser.
-    let eth = unsafe { &mut *l2.eth };
-    eth.dst_addr = eth.src_addr;
-    eth.src_addr = cfg.mac;
+    // SAFETY: l2.eth was bounds-checked by the L2 parser; 2-byte aligned fields.
+    unsafe {
+        let eth = &mut *l2.eth;
+        store_mac(&mut eth.dst_addr, load_mac(&eth.src_addr));
+        store_mac(&mut eth.src_addr, load_mac(&cfg.mac));
+    }
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
         return too_big;
     };
@@ -104,6 +112,90 @@ pub fn frag_needed(ctx: &XdpContext, l2: &L2, mtu: u16) -> Verdict {
         return too_big;
     }
     Verdict::tx(Reason::IpipFragNeeded)
+}
+
+/// Steers an ICMP destination-unreachable to the VIP `vip_addr` whose quote is a VIP
+/// service's answer to a client (the VIP's TCP segment: only its first 8 bytes, the
+/// ports, are needed) to the backend holding that flow: the connection table first,
+/// then — on a node that balances — the live Maglev table on the reversed tuple (never
+/// pinned: an error makes no flow). Forwarded by the flow's mode (DSR or IPIP); a flow
+/// whose backend is this node goes up the local stack. Echo requests and errors about
+/// anything else go to the local stack too; a quote too short to name a flow is dropped.
+/// `src_mac`/`our_mac` are in `load_mac`'s form; the frame is known to be for us.
+#[inline(always)]
+pub fn to_backend(
+    ctx: &XdpContext,
+    l2: &L2,
+    ihl: usize,
+    vip_addr: [u8; 4],
+    vip: &VipInfo,
+    src_mac: u64,
+    our_mac: u64,
+) -> Verdict {
+    let local = Verdict::pass(Reason::VipIcmp);
+    let Some(icmp) = ptr_at::<[u8; ICMP_HDR_LEN]>(ctx, l2.l3_off + ihl) else {
+        return local;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    if unsafe { (*icmp)[0] } != ICMP_DEST_UNREACH {
+        return local;
+    }
+    let quote = l2.l3_off + ihl + ICMP_HDR_LEN;
+    let Some(q) = ptr_at::<[u8; Ipv4Hdr::LEN]>(ctx, quote) else {
+        return Verdict::drop(Reason::IcmpQuoteTruncated);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let q = unsafe { *q };
+    let q_ihl = ((q[0] & 0x0f) as usize) * 4;
+    let (q_src, q_dst) = ([q[12], q[13], q[14], q[15]], [q[16], q[17], q[18], q[19]]);
+    // Ours: the VIP's own TCP segment, sent from this VIP.
+    if q[0] >> 4 != 4 || q_ihl < Ipv4Hdr::LEN || q[9] != IPPROTO_TCP || q_src != vip_addr {
+        return local;
+    }
+    let Some(ports) = ptr_at::<[u8; 4]>(ctx, quote + q_ihl) else {
+        return Verdict::drop(Reason::IcmpQuoteTruncated);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let ports = unsafe { *ports };
+    let (svc_port, client_port) = ([ports[0], ports[1]], [ports[2], ports[3]]);
+    let key = ServiceKey { vip: vip_addr, port: svc_port, proto: IPPROTO_TCP, _pad: 0 };
+    // SAFETY: copied out at once.
+    let Some(svc) = (unsafe { SERVICES.get(key) }).copied() else {
+        return local;
+    };
+    if svc.mode == ForwardMode::Local as u8 {
+        return Verdict::pass(Reason::LocalMode);
+    }
+    // A peer sent it here (it balanced the error to this node, the backend): ours.
+    if is_peer_mac(src_mac) {
+        return Verdict::pass(Reason::BalancedByPeer);
+    }
+    // The flow as the client sends it.
+    let flow = FlowKey::new(q_dst, vip_addr, client_port, svc_port, IPPROTO_TCP);
+    let Some(cfg) = CONFIG.get(0) else { return local };
+    let (backend, mode) = match lb::pinned(&flow, flow_hash(&flow, cfg.hash_seed), cfg.generation) {
+        Some(pin) => (pin.backend, pin.mode),
+        None => {
+            // SAFETY: helper without preconditions.
+            if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
+                return Verdict::pass(Reason::NotBalancing);
+            }
+            let Some((_, backend)) = lb::maglev(&flow, &svc, cfg.hash_seed) else {
+                return Verdict::pass(Reason::NoBackend);
+            };
+            (backend, svc.mode)
+        }
+    };
+    if backend.flags & Backend::F_LOCAL != 0 {
+        return Verdict::pass(Reason::LocalBackend);
+    }
+    if mode == ForwardMode::Ipip as u8 {
+        let v = encap::ipip(ctx, l2, &backend);
+        return if v.reason == Reason::ForwardedIpip { Verdict::tx(Reason::IcmpToBackend) } else { v };
+    }
+    // SAFETY: l2.eth was bounds-checked by the L2 parser.
+    dsr(unsafe { &mut *l2.eth }, our_mac, &backend);
+    Verdict::tx(Reason::IcmpToBackend)
 }
 
 /// Takes one error from this CPU's budget of [`IcmpBudget::PER_SECOND`]; `false` when

@@ -1,8 +1,13 @@
 //! Backend selection: the connection table first, Maglev on a miss.
 
-use vip_common::{flow_hash, Backend, Conn, FlowKey, Service, MAGLEV_MAX_M, MAGLEV_ROW, NO_BACKEND};
+use vip_common::{
+    flow_hash, Backend, CachedFlow, Conn, FlowKey, Service, FLOW_CACHE_SLOTS, MAGLEV_MAX_M, MAGLEV_ROW, NO_BACKEND,
+};
 
-use crate::maps::{BACKENDS, CONNS, MAGLEV};
+use crate::{
+    maps::{BACKENDS, CONNS, FLOW_CACHE, MAGLEV},
+    parse::{load_mac, store_mac},
+};
 
 /// A pinned flow: its backend and how it was pinned.
 pub struct Pin {
@@ -10,36 +15,82 @@ pub struct Pin {
     pub backend: Backend,
     /// The forward mode the flow was pinned under.
     pub mode: u8,
-    /// Source MAC of the frame that pinned it.
-    pub from_mac: [u8; 6],
+    /// Source MAC of the frame that pinned it (`load_mac`'s form).
+    pub from_mac: u64,
+}
+
+/// Whether two flow keys are equal, as two 8-byte compares (a byte-wise compare of the
+/// `[u8; N]` fields would be a call into a byte loop).
+#[inline(always)]
+fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    // SAFETY: FlowKey is 16 bytes, 8-byte aligned, all bytes initialised.
+    unsafe {
+        let (a, b) = (a as *const FlowKey as *const u64, b as *const FlowKey as *const u64);
+        *a == *b && *a.add(1) == *b.add(1)
+    }
 }
 
 /// The backend `flow` is pinned to, while that backend still serves its connections and
-/// has the same address. One hash lookup and one array lookup: an established flow
-/// needs nothing else.
+/// has the same address: this CPU's flow cache first (`hash` is the flow's hash,
+/// `generation` the config's), then the connection table, whose answer is cached.
 #[inline(always)]
-pub fn pinned(flow: &FlowKey) -> Option<Pin> {
-    // SAFETY: the value is copied out at once; LRU elements are replaced whole.
-    let conn = unsafe { CONNS.get(flow) }.copied()?;
+pub fn pinned(flow: &FlowKey, hash: u32, generation: u32) -> Option<Pin> {
+    let cached = FLOW_CACHE.get_ptr_mut(hash & (FLOW_CACHE_SLOTS - 1));
+    // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
+    let conn = match cached.map(|c| unsafe { &mut *c }) {
+        Some(c) if c.generation == generation && same_flow(&c.key, flow) => c.conn,
+        slot => {
+            // SAFETY: the value is copied out at once; LRU elements are replaced whole.
+            let conn = unsafe { CONNS.get(flow) }.copied()?;
+            if let Some(c) = slot {
+                *c = CachedFlow { key: *flow, conn, generation, _pad: 0 };
+            }
+            conn
+        }
+    };
+    validate(conn)
+}
+
+#[inline(always)]
+fn validate(conn: Conn) -> Option<Pin> {
     let id = conn.backend as u32;
     let b = BACKENDS.get(id)?;
     if b.ip == conn.backend_ip && b.flags & Backend::F_SERVING != 0 {
-        Some(Pin { id, backend: *b, mode: conn.mode, from_mac: conn.from_mac })
+        // SAFETY: a field of an 8-byte aligned value, at offset 8.
+        Some(Pin { id, backend: *b, mode: conn.mode, from_mac: unsafe { load_mac(&conn.from_mac) } })
     } else {
         None
     }
 }
 
-/// The live Maglev table's backend for `flow` of service `svc` (hash seeded with
-/// `seed`), which is then pinned for frames from `from_mac`. `None`: the table has no
-/// (healthy) backend for this flow.
+/// The live Maglev table's backend for `flow` of service `svc` (`hash`: the flow's hash
+/// with the cluster seed), which is then pinned for frames from `from_mac`. `None`: the
+/// table has no (healthy) backend for this flow.
 #[inline(always)]
-pub fn choose(flow: &FlowKey, svc: &Service, seed: u32, from_mac: [u8; 6]) -> Option<(u32, Backend)> {
+pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
+    let (id, backend) = maglev_slot(hash, svc)?;
+    let mut conn = Conn { backend: id as u16, mode: svc.mode, backend_ip: backend.ip, ..Conn::default() };
+    // SAFETY: a field of an 8-byte aligned value, at offset 8.
+    unsafe { store_mac(&mut conn.from_mac, from_mac) };
+    // A failed insert only means the next packet looks the flow up again.
+    let _ = CONNS.insert(flow, &conn, 0);
+    Some((id, backend))
+}
+
+/// The live Maglev table's healthy backend for `flow` (hashed with `seed`), without
+/// pinning it.
+#[inline(always)]
+pub fn maglev(flow: &FlowKey, svc: &Service, seed: u32) -> Option<(u32, Backend)> {
+    maglev_slot(flow_hash(flow, seed), svc)
+}
+
+#[inline(always)]
+fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, Backend)> {
     let m = svc.m;
     if m == 0 || m > MAGLEV_MAX_M {
         return None;
     }
-    let slot = flow_hash(flow, seed) % m;
+    let slot = hash % m;
     let row = Service::first_row(svc.slot, svc.active) + slot / MAGLEV_ROW;
     let id = MAGLEV.get(row)?.ids[(slot % MAGLEV_ROW) as usize];
     if id == NO_BACKEND {
@@ -49,8 +100,5 @@ pub fn choose(flow: &FlowKey, svc: &Service, seed: u32, from_mac: [u8; 6]) -> Op
     if backend.flags & Backend::F_UP == 0 {
         return None;
     }
-    let conn = Conn { backend: id as u16, mode: svc.mode, _pad: 0, backend_ip: backend.ip, from_mac, _pad2: [0; 2] };
-    // A failed insert only means the next packet looks the flow up again.
-    let _ = CONNS.insert(flow, &conn, 0);
     Some((id, backend))
 }

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use vip_common::{
-    Backend, BackendStats, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason, Service, ServiceKey, VipKey,
-    VipSet, VipState, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS,
+    Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason, Service,
+    ServiceKey, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS,
+    MAX_SERVICES, MAX_VIPS,
 };
 
 /// This node's MAC on the attached interface. One entry (index 0). An array, not a hash,
@@ -56,6 +57,10 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entr
 /// looked up only off the established-flow path (new flows, IPIP decapsulation).
 #[map(name = "VIP_PEERS")]
 pub static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(MAX_PEERS, 0);
+
+/// The per-CPU direct-mapped cache in front of [`CONNS`].
+#[map(name = "VIP_FLOW_CACHE")]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 /// The budget of generated ICMP errors, per CPU (one entry).
 #[map(name = "VIP_ICMP_BUDGET")]

@@ -21,11 +21,47 @@ const ETH_P_8021AD: u16 = 0x88A8;
 /// the kernel untouched rather than parsed in a loop the verifier would have to unroll.
 const MAX_VLAN_TAGS: usize = 2;
 
+/// A MAC address as a number: its 6 bytes, in memory order, in the low 48 bits. Read
+/// with three 2-byte loads: every MAC the program handles (in a frame's Ethernet header,
+/// in an ARP body after it, in a map value) is at least 2-byte aligned, and byte-wise
+/// copies and compares of `[u8; 6]` would each cost a call into a byte loop.
+///
+/// # Safety
+/// `p` points to 6 readable bytes, 2-byte aligned.
+#[inline(always)]
+pub unsafe fn load_mac(p: *const [u8; 6]) -> u64 {
+    let w = p as *const u16;
+    u64::from(*w) | u64::from(*w.add(1)) << 16 | u64::from(*w.add(2)) << 32
+}
+
+/// Writes a MAC from [`load_mac`]'s form.
+///
+/// # Safety
+/// `p` points to 6 writable bytes, 2-byte aligned.
+#[inline(always)]
+pub unsafe fn store_mac(p: *mut [u8; 6], mac: u64) {
+    let w = p as *mut u16;
+    *w = mac as u16;
+    *w.add(1) = (mac >> 16) as u16;
+    *w.add(2) = (mac >> 32) as u16;
+}
+
+/// An IPv4 address read with two 2-byte loads (headers are 2-byte aligned).
+///
+/// # Safety
+/// `p` points to 4 readable bytes, 2-byte aligned.
+#[inline(always)]
+pub unsafe fn load_ipv4(p: *const [u8; 4]) -> [u8; 4] {
+    let w = p as *const u16;
+    let (a, b) = ((*w).to_ne_bytes(), (*w.add(1)).to_ne_bytes());
+    [a[0], a[1], b[0], b[1]]
+}
+
 /// Whether `dst` is a group address (broadcast or multicast: the I/G bit of the first
 /// octet, IEEE 802-2014 §8.2).
 #[inline(always)]
-pub fn is_group(dst: &[u8; 6]) -> bool {
-    dst[0] & 1 != 0
+pub fn is_group(dst: u64) -> bool {
+    dst & 1 != 0
 }
 
 /// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` if any byte of

@@ -76,6 +76,12 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "interface {interface} already has an XDP program attached (id {id}, {name:?}) that vip-agent did not pin \
+         at {pin_path}: it never replaces another program's XDP hook; detach that one \
+         (ip link set dev {interface} xdp off) or use another interface"
+    )]
+    ForeignXdp { interface: String, id: u32, name: String, pin_path: String },
     #[error("installing the {signal} handler failed")]
     Signal {
         signal: &'static str,
@@ -152,6 +158,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         let nl = Netlink::connect()?;
         let host = Host::new(nl.clone(), &cfg.interface, &cfg.vips, cfg.forward == ForwardMode::Ipip);
         host.preflight().await?;
+        refuse_foreign_xdp(&nl, &dev, &cfg).await?;
         let host_events = netlink::watch_host(cfg.interface.clone())?;
         let (kc, api) = (cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref());
         let lease_client = match (cfg.mode, cfg.election) {
@@ -198,6 +205,22 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     }
     .instrument(span)
     .await
+}
+
+/// Refuses an interface whose XDP hook holds a program this agent (or its predecessor,
+/// through the pinned link) did not attach: replacing it would silently disable, say,
+/// Cilium's XDP acceleration.
+async fn refuse_foreign_xdp(nl: &Netlink, dev: &netdev::Netdev, cfg: &RunConfig) -> Result<(), RunError> {
+    let Some(id) = nl.xdp_program(dev.ifindex).await? else { return Ok(()) };
+    if Dataplane::link_pin(&cfg.pin_path, &cfg.interface).exists() {
+        return Ok(());
+    }
+    Err(RunError::ForeignXdp {
+        interface: cfg.interface.clone(),
+        id,
+        name: crate::dataplane::program_name(id).unwrap_or_else(|| "?".into()),
+        pin_path: cfg.pin_path.display().to_string(),
+    })
 }
 
 /// Receives from an optional channel (pending forever without one).

@@ -393,6 +393,8 @@ async fn stage(
         }
     });
     let mut config = Config::new(dev.mac.0, dev.ipv4.map(|a| a.octets()).unwrap_or_default()).with_seed(hash_seed);
+    // A new generation: flow-cache entries of the previous agent are not trusted.
+    config.generation = previous.map_or(1, |c| c.generation.wrapping_add(1).max(1));
     for (i, chunk) in instance.as_bytes().chunks(2).enumerate().take(8) {
         config.agent_instance[i] =
             std::str::from_utf8(chunk).ok().and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);

@@ -9,8 +9,8 @@ use aya::{
     Ebpf,
 };
 use vip_common::{
-    map_names, Backend, BackendStats, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason, Service,
-    ServiceKey, VipKey, VipSet, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
+    map_names, Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason,
+    Service, ServiceKey, VipKey, VipSet, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +53,9 @@ pub enum MapError {
 /// Every map: name, key size, value size, max entries. A pinned map left by another
 /// version of the agent is adopted only if it matches; `layouts_match_the_object` (a
 /// kernel test) keeps this table honest against the ELF object.
-pub const LAYOUTS: [(&str, u32, u32, u32); 11] = {
+pub const LAYOUTS: [(&str, u32, u32, u32); 12] = {
     use std::mem::size_of;
-    use vip_common::{MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS};
+    use vip_common::{FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS};
     [
         (map_names::CONFIG, 4, size_of::<Config>() as u32, 1),
         (map_names::VIPS, size_of::<VipKey>() as u32, size_of::<VipState>() as u32, MAX_VIPS),
@@ -68,6 +68,7 @@ pub const LAYOUTS: [(&str, u32, u32, u32); 11] = {
         (map_names::BACKEND_STATS, 4, size_of::<BackendStats>() as u32, MAX_BACKENDS),
         (map_names::PEERS, size_of::<PeerKey>() as u32, 4, MAX_PEERS),
         (map_names::ICMP_BUDGET, 4, size_of::<IcmpBudget>() as u32, 1),
+        (map_names::FLOW_CACHE, 4, size_of::<CachedFlow>() as u32, FLOW_CACHE_SLOTS),
     ]
 };
 
@@ -178,6 +179,14 @@ impl Maps {
 
     pub fn config(&self) -> Result<Config, MapError> {
         self.config.get(&0, 0).map_err(|source| MapError::Op { name: map_names::CONFIG, op: "get", source })
+    }
+
+    /// Invalidates every per-CPU flow-cache entry (bumps [`Config::generation`]): after a
+    /// backend's flags changed, or the connection table was cleared.
+    pub fn invalidate_flow_cache(&mut self) -> Result<(), MapError> {
+        let mut c = self.config()?;
+        c.generation = c.generation.wrapping_add(1).max(1);
+        self.set_config(&c)
     }
 
     /// Inserts or replaces the state of `vip`. The kernel swaps the element whole. A new
@@ -403,8 +412,9 @@ impl Maps {
         }
     }
 
-    /// Forgets every pinned flow.
+    /// Forgets every pinned flow (and every cached one).
     pub fn clear_conns(&mut self) -> Result<(), MapError> {
+        self.invalidate_flow_cache()?;
         let keys: Vec<FlowKey> =
             self.conns.keys().collect::<Result<_, _>>().map_err(op(map_names::CONNS, "iterate"))?;
         for k in keys {

@@ -198,6 +198,14 @@ pub enum Attached {
     Replaced,
 }
 
+/// The name of loaded program `id`, if it is loaded and named.
+pub fn program_name(id: u32) -> Option<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned))
+}
+
 /// The `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
