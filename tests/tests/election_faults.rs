@@ -191,3 +191,44 @@ fn a_leader_paused_mid_announcement_sends_nothing_once_resumed() {
     assert_eq!(garps, 0, "the resumed former leader announced the VIP {garps} times");
     assert!(lab.status(third).is_ok_and(|s| s["vips"][0]["leader"] == true));
 }
+
+/// `kubeadm init`: the Lease API refuses every call (403: RBAC not there yet). The node
+/// started with `--bootstrap` — here two of them at once, the worst case — holds the VIP
+/// after its ARP probe: exactly one answers, the others wait. When the API answers, the
+/// Lease decides, and still at most one node answers at any moment.
+#[test]
+fn bootstrap_holds_the_vip_before_the_lease_api_answers_and_hands_it_to_the_lease() {
+    let lab = lab([10, 104, 0]);
+    std::fs::write(lab.faults_file(), r#"{"status": 403}"#).unwrap();
+    let sampler = Sampler::start(&lab);
+    let _agents: Vec<Agent> = [(0, true), (1, true), (2, false)]
+        .iter()
+        .map(|&(i, bootstrap)| lab.spawn_agent(i, if bootstrap { &["--bootstrap"] } else { &[] }).unwrap())
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(15), || lab.leaders().len() == 1),
+        "no bootstrap holder: {:?}",
+        lab.leaders()
+    );
+    let holder = lab.leaders()[0];
+    assert_ne!(holder, 2, "a node without --bootstrap held the VIP without a Lease");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(lab.leaders(), vec![holder], "the bootstrap holder changed while the API refused");
+    assert!(lab.lease().is_err(), "the API was supposed to refuse");
+    std::fs::remove_file(lab.faults_file()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .lease()
+            .ok()
+            .flatten()
+            .is_some_and(|l| l["spec"]["holderIdentity"].as_str().is_some_and(|h| !h.is_empty()))),
+        "nobody took the Lease after the API answered"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let leader = single_leader(&lab);
+    let samples = sampler.finish();
+    let lease = lab.lease().unwrap().unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], lab.nodes[leader].name.as_str());
+    let answered = samples.iter().filter(|(_, m)| !m.is_empty()).count();
+    assert!(answered > samples.len() / 2, "the VIP went unanswered most of the time: {answered} of {}", samples.len());
+}

@@ -133,9 +133,21 @@ pub fn defend(interface: &str, vip: Ipv4Addr, leads: impl Fn(Ipv4Addr) -> bool) 
     Ok(announce_once(&sock, dev.mac.0, &[vip], &leads))
 }
 
+/// Another host probing for one of `vips` (RFC 5227 §2.1.1: sender IP 0.0.0.0, target
+/// the VIP): it is about to claim it too.
+pub fn foreign_probe(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4Addr, [u8; 6])> {
+    if f.len() < 42 || f[12..14] != ETH_P_ARP.to_be_bytes() || f[14..22] != [0, 1, 8, 0, 6, 4, 0, 1] {
+        return None;
+    }
+    let sha: [u8; 6] = f[22..28].try_into().ok()?;
+    let tpa = Ipv4Addr::new(f[38], f[39], f[40], f[41]);
+    (sha != mine && f[28..32] == [0; 4] && vips.contains(&tpa)).then_some((tpa, sha))
+}
+
 /// Probes every VIP (RFC 5227 §2.1.1) from `interface` and listens for `wait`: `Err` with
 /// the first VIP another host answers for (any ARP whose sender IP is that VIP and whose
-/// sender MAC is not ours). Blocking: run it on a blocking thread.
+/// sender MAC is not ours), or probes for at the same time (both then back off).
+/// Blocking: run it on a blocking thread.
 pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Result<Result<(), (Ipv4Addr, [u8; 6])>> {
     let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
     let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, Some(Duration::from_millis(10)))?;
@@ -146,7 +158,9 @@ pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Res
     let mut buf = [0u8; 128];
     while Instant::now() < deadline {
         if let Some(n) = sock.recv(&mut buf)? {
-            if let Some(claim) = foreign_claim(&buf[..n], vips, dev.mac.0) {
+            let frame = &buf[..n];
+            if let Some(claim) = foreign_claim(frame, vips, dev.mac.0).or_else(|| foreign_probe(frame, vips, dev.mac.0))
+            {
                 return Ok(Err(claim));
             }
         }
@@ -233,5 +247,13 @@ mod tests {
         assert_eq!(foreign_claim(&probe_frame(other, VIP), &[VIP], MAC), None, "a probe claims nothing");
         assert_eq!(foreign_claim(&garp, &[Ipv4Addr::new(10, 0, 0, 101)], MAC), None, "another address");
         assert_eq!(foreign_claim(&garp[..41], &[VIP], MAC), None, "truncated");
+    }
+
+    #[test]
+    fn another_hosts_probe_for_a_vip_is_seen_and_ours_is_not() {
+        let other = [2, 0, 0, 0, 0, 0x66];
+        assert_eq!(foreign_probe(&probe_frame(other, VIP), &[VIP], MAC), Some((VIP, other)));
+        assert_eq!(foreign_probe(&probe_frame(MAC, VIP), &[VIP], MAC), None);
+        assert_eq!(foreign_probe(&frames(other, VIP)[0], &[VIP], MAC), None, "an announcement is no probe");
     }
 }

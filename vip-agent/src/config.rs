@@ -275,6 +275,11 @@ pub struct RunArgs {
     /// This node's name (defaults to the hostname).
     #[arg(long, env = "VIP_NODE_NAME")]
     pub node_name: Option<String>,
+    /// For the node that runs `kubeadm init`: until the Lease API first answers (the
+    /// apiserver is not up, or its RBAC not there yet), hold the VIP if no other host
+    /// answers for it, then let the Lease decide. Needs --election kubernetes.
+    #[arg(long, env = "VIP_BOOTSTRAP")]
+    pub bootstrap: bool,
     /// Kubeconfig whose cluster CA verifies the health checks (when --health-ca is not
     /// given).
     #[arg(long, env = "VIP_KUBECONFIG", value_name = "PATH")]
@@ -358,6 +363,8 @@ pub struct RunConfig {
     pub forward: ForwardMode,
     pub election: Election,
     pub node_name: Option<String>,
+    /// Hold the VIP until the Lease API first answers (see [`RunArgs::bootstrap`]).
+    pub bootstrap: bool,
     pub kubeconfig: Option<PathBuf>,
     pub apiserver: Option<String>,
     pub lease: LeaseTiming,
@@ -445,6 +452,8 @@ pub enum ConfigError {
     Bgp { why: String },
     #[error("--bgp-* flags given without --mode bgp")]
     BgpWithoutMode,
+    #[error("--bootstrap needs --mode arp --election kubernetes (it bridges the time before the Lease API answers)")]
+    Bootstrap,
     #[error("--interface: {0}")]
     Interface(#[from] netdev::NetdevError),
     #[error("--config {path}: {why}")]
@@ -532,6 +541,9 @@ impl TryFrom<RunArgs> for RunConfig {
             return Err(ConfigError::ServerName { name: args.health_server_name });
         }
         let bgp = bgp_config(&args)?;
+        if args.bootstrap && (args.election != Election::Kubernetes || args.mode != Mode::Arp) {
+            return Err(ConfigError::Bootstrap);
+        }
         let node_name = match (&args.node_name, args.election) {
             (Some(name), _) => Some(validate_node_name(name)?),
             (None, Election::Kubernetes) => Some(validate_node_name(&hostname())?),
@@ -549,6 +561,7 @@ impl TryFrom<RunArgs> for RunConfig {
             forward: args.forward.into(),
             election: args.election,
             node_name,
+            bootstrap: args.bootstrap,
             kubeconfig: args.kubeconfig,
             apiserver: args.apiserver,
             lease: LeaseTiming {
@@ -899,6 +912,7 @@ mod tests {
             (&["--node-name", "Node_1"], "--node-name \"Node_1\": not a valid name"),
             (&["--health-server-name", "not a name"], "--health-server-name \"not a name\""),
             (&["--flow-hash-seed", "0x1_0000_0000"], "is not a 32-bit number"),
+            (&["--bootstrap"], "--bootstrap needs --mode arp --election kubernetes"),
             (&["--bgp-peer", "10.0.0.254:65001"], "--bgp-* flags given without --mode bgp"),
             (&["--mode", "bgp", "--bgp-peer", "10.0.0.254:65001"], "--mode bgp: --bgp-local-as is required"),
             (&["--mode", "bgp", "--bgp-local-as", "65000"], "--mode bgp: at least one --bgp-peer IP:AS is required"),

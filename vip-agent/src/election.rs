@@ -79,6 +79,9 @@ pub struct ElectionConfig {
     pub renew_deadline: Duration,
     /// Time between two tries, for leader and followers alike.
     pub retry_period: Duration,
+    /// Bootstrap (`kubeadm init`): until the Lease API first answers this process, hold
+    /// the VIP without a Lease if no other host answers for it (see [`run`]).
+    pub bootstrap: bool,
 }
 
 impl ElectionConfig {
@@ -502,6 +505,8 @@ struct Run<A, F> {
     /// An earlier holder's fence may run until then: claim no earlier.
     safe_from: Instant,
     duplicate_reported: Option<String>,
+    /// Still bootstrapping: the Lease API has not answered this process yet.
+    bootstrapping: bool,
 }
 
 impl<A: LeaseApi, F: Fence> Run<A, F> {
@@ -530,6 +535,12 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
     /// One try, while eligible.
     async fn try_once(&mut self) {
         let start = Instant::now();
+        if self.bootstrapping && self.leading {
+            // The bootstrap holder's fence runs a renew deadline from each try, as a
+            // leader's does from each renewal: a hung agent stops answering by itself.
+            self.last_renew = start;
+            self.fence.lead_until(start + self.cfg.renew_deadline);
+        }
         // A leader's try may use what is left of its renew deadline; a follower's, one
         // retry period.
         let budget = if self.leading {
@@ -538,16 +549,22 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
             self.cfg.retry_period
         }
         .max(Duration::from_millis(50));
-        let outcome = match tokio::time::timeout(budget, self.elector.try_acquire_or_renew()).await {
-            Ok(Ok(t)) => t,
+        let answered = match tokio::time::timeout(budget, self.elector.try_acquire_or_renew()).await {
+            Ok(Ok(t)) => Some(t),
             Ok(Err(e)) => {
                 debug!(error = %e, "Lease try failed");
-                Try::Following
+                None
             }
             Err(_) => {
                 debug!(?budget, "Lease try timed out");
-                Try::Following
+                None
             }
+        };
+        let outcome = match (answered, self.bootstrapping) {
+            (None, true) => return self.bootstrap_hold().await,
+            (Some(t), true) => self.end_bootstrap(t).await,
+            (Some(t), false) => t,
+            (None, false) => Try::Following,
         };
         self.report_duplicate().await;
         match outcome {
@@ -556,6 +573,45 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
                 self.step_down("could not renew the Lease in time").await;
             }
             Try::Following => debug!(holder = ?self.elector.observed_holder(), "following"),
+        }
+    }
+
+    /// Bootstrap, while the Lease API does not answer (not up yet, or RBAC not there yet
+    /// during `kubeadm init`): hold the VIP if no other host answers for it. Safe without
+    /// a Lease because every claim — a bootstrapping node's and an elected one's — first
+    /// probes ARP and refuses a VIP another host answers for, and two nodes probing at
+    /// once see each other's probes and both back off.
+    async fn bootstrap_hold(&mut self) {
+        if self.leading {
+            return;
+        }
+        match self.fence.claim().await {
+            Ok(()) => {
+                let now = Instant::now();
+                self.leading = true;
+                self.last_renew = now;
+                self.fence.lead_until(now + self.cfg.renew_deadline);
+                warn!("bootstrap: the Lease API does not answer yet and nobody answers for the VIP: holding it");
+                self.send(ElectionEvent::Leading).await;
+            }
+            Err(mac) => self.send(ElectionEvent::ClaimRefused { mac }).await,
+        }
+    }
+
+    /// The Lease API answered for the first time: from now on only the Lease decides. A
+    /// bootstrap holder that created the Lease, or took a free one, keeps answering: it
+    /// was the only answerer (its probe and everyone else's say so), so there is no
+    /// earlier fence to wait out. Anyone else holding it means stepping down at once.
+    async fn end_bootstrap(&mut self, t: Try) -> Try {
+        self.bootstrapping = false;
+        info!("the Lease API answers: bootstrap over, the Lease decides from now on");
+        match t {
+            Try::Held { .. } if self.leading => Try::Held { fenced_until: None },
+            Try::Following if self.leading => {
+                self.step_down("bootstrap over and another node holds the Lease").await;
+                Try::Following
+            }
+            other => other,
         }
     }
 
@@ -621,6 +677,7 @@ pub async fn run<A: LeaseApi, F: Fence>(
         last_renew: Instant::now(),
         safe_from: Instant::now(),
         duplicate_reported: None,
+        bootstrapping: cfg.bootstrap,
     };
     let mut ticker = tokio::time::interval(cfg.retry_period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -717,6 +774,7 @@ mod tests {
             lease_duration: Duration::from_secs(1),
             renew_deadline: Duration::from_millis(600),
             retry_period: Duration::from_millis(200),
+            bootstrap: false,
         }
     }
 
@@ -969,6 +1027,77 @@ mod tests {
         let down = log.iter().position(|e| e == "step_down").expect("stepped down");
         let release = log.iter().position(|e| e == "release").expect("released");
         assert!(down < release, "{log:?}");
+        task.abort();
+    }
+
+    /// A Lease API that refuses (403, as during `kubeadm init` before RBAC exists), then
+    /// answers.
+    #[derive(Clone)]
+    struct Refusing(Store, Arc<Mutex<bool>>);
+
+    impl Refusing {
+        fn check(&self) -> Result<(), ElectionError> {
+            if *self.1.lock().unwrap() {
+                return Err(ElectionError::Status { code: 403, message: "forbidden".into() });
+            }
+            Ok(())
+        }
+    }
+
+    impl LeaseApi for Refusing {
+        async fn get(&self) -> Result<Option<Lease>, ElectionError> {
+            self.check()?;
+            self.0.get().await
+        }
+        async fn create(&self, lease: &Lease) -> Result<Option<Lease>, ElectionError> {
+            self.check()?;
+            self.0.create(lease).await
+        }
+        async fn replace(&self, lease: &Lease) -> Result<Option<Lease>, ElectionError> {
+            self.check()?;
+            self.0.replace(lease).await
+        }
+    }
+
+    /// Bootstrap: while the API refuses, the node holds the VIP after a clean probe;
+    /// when the API answers, it takes the Lease and keeps answering without a gap.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn bootstrap_holds_the_vip_until_the_lease_api_answers_then_keeps_it() {
+        let fence = Recorder::default();
+        let log = fence.log.clone();
+        let refusing = Arc::new(Mutex::new(true));
+        let store = Store::default();
+        let api = Refusing(store.clone(), refusing.clone());
+        let (_e, eligible) = watch::channel(true);
+        let (_s, stop) = watch::channel(false);
+        let (tx, mut rx) = mpsc::channel(16);
+        let cfg = ElectionConfig { bootstrap: true, ..cfg("a") };
+        let task = tokio::spawn(run(Elector::new(api, cfg), fence, eligible, stop, tx, false));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(rx.recv().await, Some(ElectionEvent::Leading), "held while the API refuses");
+        assert_eq!(holder(&store), None);
+        *refusing.lock().unwrap() = false;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(holder(&store).as_deref(), Some("a"), "took the Lease once the API answered");
+        assert!(rx.try_recv().is_err(), "no step-down in between");
+        let log = log.lock().unwrap().clone();
+        assert!(!log.contains(&"step_down".to_string()), "{log:?}");
+        assert_eq!(log.iter().filter(|e| *e == "claim").count(), 1, "{log:?}");
+        task.abort();
+    }
+
+    /// Without `--bootstrap`, a refusing API means nobody leads (a cut-off node must not).
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn without_bootstrap_a_refusing_api_means_no_leader() {
+        let fence = Recorder::default();
+        let log = fence.log.clone();
+        let api = Refusing(Store::default(), Arc::new(Mutex::new(true)));
+        let (_e, eligible) = watch::channel(true);
+        let (_s, stop) = watch::channel(false);
+        let (tx, _rx) = mpsc::channel(16);
+        let task = tokio::spawn(run(Elector::new(api, cfg("a")), fence, eligible, stop, tx, false));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(log.lock().unwrap().is_empty(), "{:?}", log.lock().unwrap());
         task.abort();
     }
 

@@ -148,6 +148,7 @@ impl Node {
                 lease_duration: cfg.lease.duration,
                 renew_deadline: cfg.lease.renew_deadline,
                 retry_period: cfg.lease.retry_period,
+                bootstrap: cfg.bootstrap,
             };
             (client, e)
         });
@@ -297,7 +298,11 @@ impl Node {
                         for &vip in &self.cfg.vips {
                             self.metrics.arp_conflict(vip);
                         }
-                        self.eligibility.conflict_until = Some(Instant::now() + CONFLICT_HOLDOFF);
+                        // Jittered, so that two nodes that saw each other's probes do
+                        // not probe in step again (RFC 5227 §2.1.1).
+                        let jitter =
+                            Duration::from_millis(u64::from(crate::election::new_instance_id().as_bytes()[0]) * 8);
+                        self.eligibility.conflict_until = Some(Instant::now() + CONFLICT_HOLDOFF + jitter);
                         self.push_eligibility();
                     }
                     ElectionEvent::DuplicateIdentity { other_instance } => {
