@@ -37,6 +37,18 @@ pub enum Command {
     /// Show leadership, VIPs, backends with health, table share and counters, from the
     /// pinned maps of a running (or kept-forwarding) agent.
     Status(StatusArgs),
+    /// Print Kubernetes YAML: a DaemonSet with its RBAC, a kubeadm static pod, a K3s
+    /// auto-deploy manifest, the RBAC alone, or Cilium values pointing at the VIP.
+    Manifest(Box<ManifestCommand>),
+}
+
+#[derive(Debug, Args)]
+pub struct ManifestCommand {
+    /// What to render.
+    #[arg(value_enum)]
+    pub kind: vip_deploy::Kind,
+    #[command(flatten)]
+    pub args: vip_deploy::ManifestArgs,
 }
 
 /// How this node decides whether it leads the VIP.

@@ -11,6 +11,7 @@ pub mod announce;
 pub mod apiclient;
 pub mod arp;
 pub mod balancer;
+pub mod caps;
 pub mod clock;
 pub mod config;
 pub mod dataplane;

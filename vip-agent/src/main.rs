@@ -42,6 +42,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(vip_agent::agent::run(cfg))?;
             Ok(())
         }
+        Command::Manifest(m) => {
+            print!("{}", vip_deploy::render(m.kind, &m.args)?);
+            Ok(())
+        }
         Command::Status(args) => {
             let status = vip_agent::status::collect(&args.pin_path, args.metrics_addr)?;
             match args.output {

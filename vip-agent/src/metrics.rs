@@ -241,7 +241,9 @@ impl Collector for LiveCollector {
                     .encode(f.encode_family(&[("peer", p.address.clone()), ("state", p.state.clone())])?)?;
             }
         }
-        let counters: [(&str, &str, fn(&crate::live::PeerView) -> u64); 2] = [
+        /// A per-peer counter: metric name, help, and how to read it.
+        type PeerCounter = (&'static str, &'static str, fn(&crate::live::PeerView) -> u64);
+        let counters: [PeerCounter; 2] = [
             ("vip_bgp_messages_received", "BGP messages received from the peer", |p| p.messages_received),
             ("vip_bgp_messages_sent", "BGP messages sent to the peer", |p| p.messages_sent),
         ];

@@ -8,15 +8,16 @@ use std::{
 };
 
 use futures::{StreamExt, TryStreamExt};
+use rtnetlink::packet_core::DefaultNla;
 use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
+        link::{AfSpecInet, AfSpecUnspec, LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         AddressFamily, RouteNetlinkMessage,
     },
-    Handle, MulticastGroup,
+    Handle, LinkUnspec, MulticastGroup,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -163,6 +164,28 @@ impl Netlink {
             }),
             _ => None,
         }))
+    }
+
+    /// Sets one IPv4 setting of interface `ifindex` (`net.ipv4.conf.<if>.*`, index from
+    /// the kernel's `IPV4_DEVCONF_*`) through rtnetlink: `RTM_SETLINK` with
+    /// `IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF`, which needs only CAP_NET_ADMIN — the way
+    /// when `/proc/sys` is read-only, as it is in a container.
+    pub async fn set_ipv4_devconf(&self, ifindex: u32, index: u16, value: u32) -> Result<(), NetlinkError> {
+        /// `IFLA_INET_CONF` (include/uapi/linux/if_link.h), nested.
+        const IFLA_INET_CONF_NESTED: u16 = 1 | 0x8000;
+        let mut inner = Vec::with_capacity(8);
+        inner.extend(8u16.to_ne_bytes());
+        inner.extend(index.to_ne_bytes());
+        inner.extend(value.to_ne_bytes());
+        let conf = DefaultNla::new(IFLA_INET_CONF_NESTED, inner);
+        let attr = LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![AfSpecInet::Other(conf)])]);
+        let msg = LinkUnspec::new_with_index(ifindex).append_extra_attribute(attr).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(request(format!("setting IPv4 setting {index} of interface #{ifindex} to {value}")))
     }
 
     /// Whether `ip` is an address of this host (on any interface): a backend with such an

@@ -4,7 +4,8 @@
 //! cargo xtask setup          install what a fresh machine lacks (idempotent)
 //! cargo xtask build          build the XDP object and the agent (release)
 //! cargo xtask run -- ARGS    build and run vip-agent ARGS on this machine
-//! cargo xtask test           setup, then every test
+//! cargo xtask test           setup, then the image, then every test
+//! cargo xtask image          a static vip-agent in a reproducible OCI archive
 //! cargo xtask bench          setup, then the benchmarks
 //! cargo xtask demo           setup, then the lab demo
 //! ```
@@ -12,6 +13,7 @@
 //! Plain std, no dependencies: it has to compile quickly on a machine that has nothing
 //! else yet.
 
+mod image;
 mod setup;
 
 use std::{
@@ -29,8 +31,9 @@ fn main() -> ExitCode {
         Some("test") => setup::run().and_then(|tc| test(&tc, &args[1..])),
         Some("bench") => setup::run().and_then(|tc| bench(&tc, &args[1..])),
         Some("demo") => setup::run().and_then(|tc| demo(&tc)),
+        Some("image") => setup::run().and_then(|tc| image::image(&tc)).map(|_| ()),
         _ => {
-            eprintln!("usage: cargo xtask setup | build | run -- ARGS | test [FILTER] | bench | demo");
+            eprintln!("usage: cargo xtask setup | build | run -- ARGS | test [FILTER] | bench | demo | image");
             return ExitCode::from(2);
         }
     };
@@ -89,12 +92,13 @@ fn run_agent(toolchain: &str, args: &[String]) -> Result<()> {
 
 /// Every test: unit tests, kernel fixture tests (BPF_PROG_RUN) and the network-namespace
 /// tests. The end-to-end tests drive the agent binary, so it is built first and its path
-/// handed to them.
+/// handed to them; vip-deploy's image tests inspect the OCI archive, so it is built too.
 fn test(toolchain: &str, filter: &[String]) -> Result<()> {
     status(cargo(toolchain).args(["build", "-p", "vip-agent"]))?;
+    let archive = image::image(toolchain)?;
     let agent = root().join("target/debug/vip-agent");
     let mut cmd = cargo(toolchain);
-    cmd.env("VIP_AGENT_BIN", &agent).args(["test", "--no-fail-fast"]).args(filter);
+    cmd.env("VIP_AGENT_BIN", &agent).env("VIP_IMAGE_ARCHIVE", &archive).args(["test", "--no-fail-fast"]).args(filter);
     let (passed, failed, ok) = run_counting_tests(&mut cmd)?;
     // One closing line over every test binary, so the total is what a reader sees last.
     println!("\nsummary: {passed} passed, {failed} failed");

@@ -6,8 +6,11 @@ use std::{fs, process::Command};
 
 use crate::{status, Result};
 
-/// Debian packages: LLVM 22 for bpf-linker (it links against the system libLLVM), and
-/// the tools the network tests and the demo drive.
+/// Debian packages: LLVM 22 for bpf-linker (it links against the system libLLVM), the
+/// tools the network tests and the demo drive, and for the deployment side: the static
+/// C library (`cargo xtask image` links the agent with `+crt-static`), skopeo (the image
+/// tests inspect the OCI archive with it) and python3-venv (the schema validator's
+/// virtualenv).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -19,9 +22,11 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "util-linux",
     "nftables",
-    // The BGP lab's routers.
     "frr",
     "bird2",
+    "libc6-dev",
+    "skopeo",
+    "python3-venv",
 ];
 
 /// The LLVM major version bpf-linker is built against. The nightly that compiles the
@@ -32,6 +37,10 @@ const FALLBACK_NIGHTLY: &str = "nightly-2026-05-19";
 /// bpf-linker release, pinned.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
+/// The offline Kubernetes schema validator (PyPI; it bundles the schemas of every
+/// Kubernetes release it knows), pinned so that a new release cannot change a verdict.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 /// Runs every step; returns the rustup toolchain to build the eBPF crate with.
 pub fn run() -> Result<String> {
@@ -40,6 +49,7 @@ pub fn run() -> Result<String> {
     rust_src(&toolchain)?;
     bpf_linker()?;
     bpffs()?;
+    validator()?;
     println!("setup: ready (eBPF toolchain {toolchain})");
     Ok(toolchain)
 }
@@ -157,4 +167,26 @@ fn bpffs() -> Result<()> {
     println!("setup: mounting bpffs at {BPFFS}");
     fs::create_dir_all(BPFFS).map_err(|e| format!("creating {BPFFS}: {e}"))?;
     status(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
+
+/// `kubernetes-validate` in a project-local virtualenv (`target/tools/venv`), so nothing
+/// is installed into the system Python.
+fn validator() -> Result<()> {
+    let venv = crate::root().join("target/tools/venv");
+    let bin = venv.join("bin").join(KUBERNETES_VALIDATE);
+    let found = output(Command::new(&bin).arg("--version")).unwrap_or_default();
+    if found.trim() == KUBERNETES_VALIDATE_VERSION {
+        println!("setup: {KUBERNETES_VALIDATE} {KUBERNETES_VALIDATE_VERSION} present ({})", bin.display());
+        return Ok(());
+    }
+    if !venv.join("bin/pip").exists() {
+        println!("setup: creating the virtualenv {}", venv.display());
+        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    println!("setup: installing {KUBERNETES_VALIDATE} {KUBERNETES_VALIDATE_VERSION} into {}", venv.display());
+    status(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("{KUBERNETES_VALIDATE}=={KUBERNETES_VALIDATE_VERSION}")),
+    )
 }

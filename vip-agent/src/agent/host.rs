@@ -57,6 +57,9 @@ impl Repair {
 /// write to the interface's when they are not.
 struct Rule {
     key: &'static str,
+    /// The setting's `IPV4_DEVCONF_*` index (include/uapi/linux/ip.h), for writing it over
+    /// rtnetlink when `/proc/sys` is read-only.
+    devconf: u16,
     ok: fn(u32, u32) -> bool,
     want: &'static str,
     repair: Repair,
@@ -65,14 +68,20 @@ struct Rule {
 /// `arp_ignore`: the kernel uses max(all, interface). 1 (reply only for addresses of the
 /// interface), 2 (and only from its subnet) and 8 (never) all keep it from answering for
 /// the VIPs on `lo`; 0, 3 (any global address) and the reserved 4–7 do not.
-const ARP_IGNORE: Rule =
-    Rule { key: "arp_ignore", ok: |all, dev| matches!(all.max(dev), 1 | 2 | 8), want: "1", repair: Repair::ArpSysctl };
+const ARP_IGNORE: Rule = Rule {
+    key: "arp_ignore",
+    devconf: 19,
+    ok: |all, dev| matches!(all.max(dev), 1 | 2 | 8),
+    want: "1",
+    repair: Repair::ArpSysctl,
+};
 /// `arp_announce`: max(all, interface) must be 2, so requests the node sends never
 /// carry a VIP as their source.
 const ARP_ANNOUNCE: Rule =
-    Rule { key: "arp_announce", ok: |all, dev| all.max(dev) >= 2, want: "2", repair: Repair::ArpSysctl };
+    Rule { key: "arp_announce", devconf: 18, ok: |all, dev| all.max(dev) >= 2, want: "2", repair: Repair::ArpSysctl };
 /// `forwarding` of the interface (IPIP): `bpf_fib_lookup` answers FWD_DISABLED without it.
-const FORWARDING: Rule = Rule { key: "forwarding", ok: |_, dev| dev == 1, want: "1", repair: Repair::Forwarding };
+const FORWARDING: Rule =
+    Rule { key: "forwarding", devconf: 1, ok: |_, dev| dev == 1, want: "1", repair: Repair::Forwarding };
 
 fn path(scope: &str, key: &str) -> String {
     format!("/proc/sys/net/ipv4/conf/{scope}/{key}")
@@ -82,10 +91,6 @@ fn read(path: &str) -> Result<String, HostError> {
     fs::read_to_string(path)
         .map(|v| v.trim().to_owned())
         .map_err(|source| HostError::Sysctl { path: path.to_owned(), source })
-}
-
-fn write(path: &str, value: &str) -> Result<(), HostError> {
-    fs::write(path, value).map_err(|source| HostError::Sysctl { path: path.to_owned(), source })
 }
 
 /// The name of interface `ifindex`.
@@ -108,8 +113,9 @@ pub struct Host {
     ipip: bool,
     /// VIPs on `lo` under vip-agent's label: removed on stop.
     owned: Vec<Ipv4Addr>,
-    /// Sysctls this agent changed, with the values they replaced.
-    saved: Vec<(String, String)>,
+    /// Sysctls this agent changed (path, `IPV4_DEVCONF_*` index), with the values they
+    /// replaced.
+    saved: Vec<(String, u16, String)>,
 }
 
 impl Host {
@@ -146,19 +152,34 @@ impl Host {
     }
 
     /// Puts `rule` right; returns whether it had to write.
-    fn ensure(&mut self, rule: &Rule) -> Result<bool, HostError> {
+    async fn ensure(&mut self, rule: &Rule) -> Result<bool, HostError> {
         let all: u32 = read(&path("all", rule.key))?.parse().unwrap_or(0);
         let p = path(&self.interface, rule.key);
         let old = read(&p)?;
         if (rule.ok)(all, old.parse().unwrap_or(0)) {
             return Ok(false);
         }
-        write(&p, rule.want)?;
-        if !self.saved.iter().any(|(s, _)| *s == p) {
-            self.saved.push((p.clone(), old.clone()));
+        self.set(&p, rule.devconf, rule.want).await?;
+        if !self.saved.iter().any(|(s, ..)| *s == p) {
+            self.saved.push((p.clone(), rule.devconf, old.clone()));
         }
         info!(sysctl = %p, from = %old, to = rule.want, "sysctl set");
         Ok(true)
+    }
+
+    /// Writes the interface's setting at `path` (`devconf` index): through `/proc/sys`,
+    /// or, where that is read-only (a container), through rtnetlink.
+    async fn set(&self, path: &str, devconf: u16, value: &str) -> Result<(), HostError> {
+        match fs::write(path, value) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+                let ifindex = crate::netdev::ifindex(&self.interface)
+                    .ok_or_else(|| HostError::Sysctl { path: path.to_owned(), source: e })?;
+                let v: u32 = value.parse().unwrap_or(0);
+                Ok(self.nl.set_ipv4_devconf(ifindex, devconf, v).await?)
+            }
+            Err(source) => Err(HostError::Sysctl { path: path.to_owned(), source }),
+        }
     }
 
     /// Sets the sysctls, then makes sure `lo` holds every VIP (recording which are
@@ -166,7 +187,7 @@ impl Host {
     /// fail, so a failed start undoes exactly that.
     pub async fn apply(&mut self) -> Result<(), HostError> {
         for rule in self.rules() {
-            if self.ensure(rule)? && rule.repair == Repair::Forwarding {
+            if self.ensure(rule).await? && rule.repair == Repair::Forwarding {
                 info!(interface = %self.interface, "IPIP: forwarding enabled on the interface (the FIB refuses output lookups without it)");
             }
         }
@@ -193,7 +214,7 @@ impl Host {
     pub async fn repair(&mut self) -> Vec<Repair> {
         let mut done = Vec::new();
         for rule in self.rules() {
-            match self.ensure(rule) {
+            match self.ensure(rule).await {
                 Ok(true) => {
                     warn!(sysctl = %path(&self.interface, rule.key), "sysctl was changed behind the agent: put back");
                     done.push(rule.repair);
@@ -245,8 +266,8 @@ impl Host {
                 error!(error = %e, %vip, "removing the VIP from lo failed");
             }
         }
-        for (p, old) in std::mem::take(&mut self.saved).into_iter().rev() {
-            if let Err(e) = write(&p, &old) {
+        for (p, devconf, old) in std::mem::take(&mut self.saved).into_iter().rev() {
+            if let Err(e) = self.set(&p, devconf, &old).await {
                 error!(error = %e, "restoring a sysctl failed");
             }
         }

@@ -52,6 +52,8 @@ const TICK: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
+    Caps(#[from] crate::caps::CapsError),
+    #[error(transparent)]
     Netdev(#[from] NetdevError),
     /// Boxed: aya's errors are large, and this is returned on every path.
     #[error(transparent)]
@@ -146,6 +148,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let span = info_span!("run", interface = %cfg.interface);
     async move {
         // Nothing below touches the host until the data plane is opened.
+        crate::caps::check(cfg.mode == Mode::Arp)?;
         let mut sigterm =
             signal(SignalKind::terminate()).map_err(|source| RunError::Signal { signal: "SIGTERM", source })?;
         let mut sigint =

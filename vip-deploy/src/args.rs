@@ -1,0 +1,315 @@
+//! The flags of `vip-agent manifest KIND`: what a user says about their cluster, as clap
+//! parses it. Nothing here is checked against the kind being rendered; `render`
+//! does that and resolves the per-kind defaults.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    str::FromStr,
+    time::Duration,
+};
+
+use clap::{ArgAction, Args, ValueEnum};
+
+/// The image the manifests run unless `--image` says otherwise: the project's registry
+/// path, tagged with this crate's version (the workspace version, so the agent and its
+/// manifests move together). `docs/install.md` says how to push an image there.
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/vip-project/vip-agent:", env!("CARGO_PKG_VERSION"));
+
+/// How clients find the VIP (the agent's `--mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// The elected leader answers ARP for the VIP.
+    Arp,
+    /// Every healthy node advertises the VIP /32 to its BGP peers.
+    Bgp,
+}
+
+/// How VIP traffic reaches a backend on another node (the agent's `--forward`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Forward {
+    /// Direct server return: rewrite the destination MAC (backends share the L2).
+    Dsr,
+    /// Encapsulate in IPv4 to the backend (routed backends).
+    Ipip,
+    /// No load balancing: the leader's own apiserver takes all traffic.
+    Local,
+}
+
+/// Leader election (the agent's `--election`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Election {
+    /// A coordination.k8s.io/v1 Lease elects the node that answers ARP.
+    Kubernetes,
+    /// No election: every node running the agent leads (single node only).
+    None,
+}
+
+/// Where backends come from besides `--backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Discover {
+    /// The EndpointSlices of `default/kubernetes`, where the apiservers register.
+    Kubernetes,
+    /// Only the `--backend` list (the agent's flag is then left out).
+    None,
+}
+
+/// The flags of `vip-agent manifest`. None reads the environment: a `VIP_*` variable
+/// meant for the agent must not leak into the manifests rendered on an operator's shell.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+pub struct ManifestArgs {
+    /// Virtual IP to serve. Repeat the flag (or separate with commas) for several.
+    /// Needed by every kind but `rbac`.
+    #[arg(long = "vip", value_name = "IP", value_delimiter = ',')]
+    pub vips: Vec<IpAddr>,
+    /// Interface that faces the clients, the same name on every control-plane node.
+    /// Needed by `daemonset`, `pod` and `k3s`.
+    #[arg(long, value_name = "IF")]
+    pub interface: Option<String>,
+    /// TCP port of the apiservers behind the VIP.
+    #[arg(long, default_value_t = 6443)]
+    pub port: u16,
+    /// How clients find the VIP.
+    #[arg(long, value_enum, default_value_t = Mode::Arp)]
+    pub mode: Mode,
+    /// How VIP traffic reaches a backend on another node.
+    #[arg(long, value_enum, default_value_t = Forward::Dsr)]
+    pub forward: Forward,
+    /// Leader election: a Kubernetes Lease, or none (single node).
+    #[arg(long, value_enum, default_value_t = Election::Kubernetes)]
+    pub election: Election,
+    /// Static backend (an apiserver): IPv4, and optionally the port its health check
+    /// uses. Repeat the flag (or separate with commas).
+    #[arg(long = "backend", value_name = "IP[:PORT]", value_delimiter = ',')]
+    pub backends: Vec<Backend>,
+    /// Discover the apiservers from `default/kubernetes` (default: kubernetes).
+    #[arg(long, value_enum)]
+    pub discover: Option<Discover>,
+    /// BGP: this node's AS number (`--mode bgp`).
+    #[arg(long, value_name = "AS")]
+    pub bgp_local_as: Option<u32>,
+    /// BGP: the router id (default: chosen by the agent).
+    #[arg(long, value_name = "IP")]
+    pub bgp_router_id: Option<Ipv4Addr>,
+    /// BGP peer: address, AS and an optional TCP-MD5 password (no commas in it). Repeat
+    /// the flag (or separate with commas). A password is refused in the objects stored
+    /// in the API (`daemonset`, `k3s`): use --bgp-peer-secret there.
+    #[arg(long = "bgp-peer", value_name = "IP:AS[:PASSWORD]", value_delimiter = ',')]
+    pub bgp_peers: Vec<BgpPeer>,
+    /// BGP hold time, whole seconds (e.g. `9s`).
+    #[arg(long, value_name = "DUR")]
+    pub bgp_hold_time: Option<Dur>,
+    /// BGP keepalive interval, whole seconds (e.g. `3s`).
+    #[arg(long, value_name = "DUR")]
+    pub bgp_keepalive: Option<Dur>,
+    /// Take the BGP peers (`IP:AS[:PASSWORD]`, comma-separated) from the key `bgp-peer`
+    /// of this Secret in --namespace instead of --bgp-peer.
+    #[arg(long, value_name = "NAME", conflicts_with = "bgp_peers")]
+    pub bgp_peer_secret: Option<String>,
+    /// Container image of the agent.
+    #[arg(long, value_name = "NAME:TAG", default_value = DEFAULT_IMAGE)]
+    pub image: String,
+    /// Namespace of the agent, its ServiceAccount and its Lease.
+    #[arg(long, default_value = "kube-system")]
+    pub namespace: String,
+    /// Name of the Lease that elects the leader.
+    #[arg(long, default_value = "vip-control-plane")]
+    pub lease_name: String,
+    /// Kubeconfig on the host that the static pod mounts (`pod` only). During `kubeadm
+    /// init` on 1.29 and later, `/etc/kubernetes/super-admin.conf` (see docs/install.md).
+    #[arg(long, value_name = "PATH", default_value = "/etc/kubernetes/admin.conf")]
+    pub kubeconfig_path: String,
+    /// Where the agent serves Prometheus metrics; the readiness probe asks there.
+    #[arg(long, default_value = "127.0.0.1:9469")]
+    pub metrics_addr: SocketAddr,
+    /// Leave the data plane attached and pinned when the agent stops, so the next pod
+    /// adopts it without a gap (see docs/install.md for the trade-off).
+    #[arg(long, value_name = "BOOL", action = ArgAction::Set, default_value_t = true)]
+    pub keep_forwarding_on_exit: bool,
+}
+
+/// `--backend IP[:PORT]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub ip: Ipv4Addr,
+    /// The port its health check uses (traffic keeps the VIP's port).
+    pub port: Option<u16>,
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, port) = match s.split_once(':') {
+            Some((ip, port)) => match port.parse::<u16>() {
+                Ok(0) | Err(_) => return Err(format!("{s:?}: bad port {port:?}")),
+                Ok(port) => (ip, Some(port)),
+            },
+            None => (s, None),
+        };
+        let ip = ip.parse().map_err(|_| format!("{s:?}: {ip:?} is not an IPv4 address"))?;
+        Ok(Self { ip, port })
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{}:{port}", self.ip),
+            None => write!(f, "{}", self.ip),
+        }
+    }
+}
+
+/// The longest TCP-MD5 key Linux accepts (`TCP_MD5SIG_MAXKEYLEN`), as the agent checks.
+const TCP_MD5_MAX_KEY: usize = 80;
+
+/// `--bgp-peer IP:AS[:PASSWORD]`; an IPv6 address goes in brackets (`[2001:db8::1]:65000`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BgpPeer {
+    pub ip: IpAddr,
+    pub asn: u32,
+    /// TCP-MD5 password (RFC 2385); never printed by `Debug`.
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for BgpPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BgpPeer")
+            .field("ip", &self.ip)
+            .field("asn", &self.asn)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl FromStr for BgpPeer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        // Never echo the input: it may hold a password.
+        let (ip, rest) = match s.strip_prefix('[') {
+            Some(v6) => v6.split_once("]:").ok_or("a bracketed IPv6 peer is written [IP]:AS[:PASSWORD]")?,
+            None => s.split_once(':').ok_or("a BGP peer is written IP:AS[:PASSWORD]")?,
+        };
+        let ip: IpAddr = ip.parse().map_err(|_| format!("BGP peer: {ip:?} is not an IP address"))?;
+        let (asn, password) = match rest.split_once(':') {
+            Some((asn, password)) => (asn, Some(password.to_owned())),
+            None => (rest, None),
+        };
+        let asn: u32 = asn.parse().map_err(|_| format!("BGP peer {ip}: {asn:?} is not an AS number"))?;
+        if asn == 0 || asn == u32::MAX {
+            return Err(format!("BGP peer {ip}: AS {asn} is reserved (RFC 7607, RFC 7300)"));
+        }
+        if password.as_deref() == Some("") {
+            return Err(format!("BGP peer {ip}: empty password (leave out the second ':' for none)"));
+        }
+        if password.as_ref().is_some_and(|p| p.len() > TCP_MD5_MAX_KEY) {
+            return Err(format!("BGP peer {ip}: a TCP-MD5 password has at most {TCP_MD5_MAX_KEY} bytes"));
+        }
+        Ok(Self { ip, asn, password })
+    }
+}
+
+impl fmt::Display for BgpPeer {
+    /// The form the agent parses back: `IP:AS[:PASSWORD]`, IPv6 in brackets.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.asn)?,
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.asn)?,
+        }
+        match &self.password {
+            Some(password) => write!(f, ":{password}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A duration with a unit, as the agent writes them: `500ms`, `2s`, `1.5s`, `1m`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("{s:?} has no unit (write e.g. 500ms, 2s, 1m)"))?;
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
+        let secs = match unit {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        };
+        Duration::try_from_secs_f64(secs).map(Dur).map_err(|_| format!("{s:?} is out of range"))
+    }
+}
+
+impl fmt::Display for Dur {
+    /// Whole seconds as `9s`, anything else in milliseconds; both parse back unchanged.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.subsec_nanos() == 0 {
+            write!(f, "{}s", self.0.as_secs())
+        } else {
+            write!(f, "{}ms", self.0.as_millis())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bgp_peers_parse_with_and_without_password_and_print_back() {
+        for text in ["192.0.2.1:65001", "192.0.2.1:4200000000:s3cr:et", "[2001:db8::1]:65001:pw"] {
+            let peer: BgpPeer = text.parse().unwrap();
+            assert_eq!(peer.to_string(), text);
+        }
+        let peer: BgpPeer = "192.0.2.1:65001:s3cr:et".parse().unwrap();
+        assert_eq!(peer.password.as_deref(), Some("s3cr:et"));
+        assert!(!format!("{peer:?}").contains("s3cr"), "Debug must not show the password");
+        let long = format!("192.0.2.1:65001:{}", "x".repeat(81));
+        assert!(long.parse::<BgpPeer>().unwrap_err().contains("at most 80 bytes"));
+    }
+
+    #[test]
+    fn bad_bgp_peers_are_refused_without_echoing_the_password() {
+        for (text, needle) in [
+            ("192.0.2.1", "IP:AS[:PASSWORD]"),
+            ("192.0.2.x:65001:hunter2", "not an IP address"),
+            ("192.0.2.1:AS1:hunter2", "not an AS number"),
+            ("192.0.2.1:0:hunter2", "AS 0 is reserved"),
+            ("192.0.2.1:4294967295:hunter2", "AS 4294967295 is reserved"),
+            ("192.0.2.1:65001:", "empty password"),
+            ("[2001:db8::1:65001", "[IP]:AS"),
+        ] {
+            let err = text.parse::<BgpPeer>().unwrap_err();
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(!err.contains("hunter2"), "{text}: the error shows the password: {err}");
+        }
+    }
+
+    #[test]
+    fn durations_print_in_a_form_that_parses_back() {
+        for (text, shown) in [("9s", "9s"), ("1m", "60s"), ("1.5s", "1500ms"), ("250ms", "250ms")] {
+            let d: Dur = text.parse().unwrap();
+            assert_eq!(d.to_string(), shown);
+            assert_eq!(shown.parse::<Dur>().unwrap(), d);
+        }
+        assert!("9".parse::<Dur>().unwrap_err().contains("no unit"));
+        assert!("9h".parse::<Dur>().unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn backends_take_an_optional_port() {
+        assert_eq!("10.0.0.11".parse::<Backend>().unwrap(), Backend { ip: Ipv4Addr::new(10, 0, 0, 11), port: None });
+        assert_eq!("10.0.0.11:8443".parse::<Backend>().unwrap().to_string(), "10.0.0.11:8443");
+        assert!("10.0.0.11:0".parse::<Backend>().unwrap_err().contains("bad port"));
+        assert!("fe80::1".parse::<Backend>().is_err());
+    }
+}

@@ -1,0 +1,49 @@
+//! Why a manifest cannot be rendered. Every variant names the flag and the value at
+//! fault (never a BGP password), so the one-line message is enough to fix the command.
+
+use std::net::IpAddr;
+
+use crate::Kind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("`{kind}` needs {flag}")]
+    Missing { kind: Kind, flag: &'static str },
+    #[error("--vip {vip}: {why}")]
+    BadVip { vip: IpAddr, why: &'static str },
+    #[error("--vip {vip} is given twice")]
+    DuplicateVip { vip: IpAddr },
+    #[error("{count} VIPs given, the data plane serves at most {max}")]
+    TooManyVips { count: usize, max: u32 },
+    #[error("--backend {backend} {why}")]
+    BadBackend { backend: String, why: &'static str },
+    #[error("--port 0: the service needs a port")]
+    PortZero,
+    #[error("--{flag} {value:?}: {why}")]
+    BadName { flag: &'static str, value: String, why: &'static str },
+    #[error("--{flag} is for --mode bgp")]
+    BgpFlagWithoutBgp { flag: &'static str },
+    #[error("--bgp-local-as {asn}: reserved (RFC 7607, RFC 6793, RFC 7300)")]
+    ReservedAs { asn: u32 },
+    #[error("--bgp-peer {peer}: {why}")]
+    BgpPeer { peer: IpAddr, why: &'static str },
+    #[error("--mode bgp needs {flag}")]
+    BgpMissing { flag: &'static str },
+    #[error("--{flag} {value}: {why}")]
+    BgpTimer { flag: &'static str, value: String, why: &'static str },
+    #[error(
+        "--bgp-peer {peer}: a password in a `{kind}` manifest is readable by anyone who can read the \
+         DaemonSet; put the peers in a Secret and give --bgp-peer-secret"
+    )]
+    PasswordInApiObject { kind: Kind, peer: IpAddr },
+    #[error("--bgp-peer-secret: a static pod cannot reference a Secret (the kubelet refuses); give --bgp-peer")]
+    SecretInStaticPod,
+    #[error("--kubeconfig-path {path:?}: must be an absolute path on the host")]
+    RelativeKubeconfig { path: String },
+    #[error("rendering {what} as YAML")]
+    Yaml {
+        what: &'static str,
+        #[source]
+        source: serde_yaml::Error,
+    },
+}

@@ -1,0 +1,295 @@
+//! [`ManifestArgs`] checked for one [`Kind`] and resolved into [`Settings`]: what every
+//! object builder reads. The checks are the agent's own where a wrong value would only
+//! show up as a crash-looping pod on every control-plane node (a bad VIP, a duplicate
+//! backend), plus what only a manifest can get wrong (a password stored in the API).
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::{
+    args::{Backend, BgpPeer, Discover, Dur, Election, Forward, ManifestArgs, Mode},
+    error::RenderError,
+    Kind,
+};
+
+/// The longest interface name Linux accepts (`IFNAMSIZ` - 1).
+const IFNAME_MAX: usize = 15;
+/// RFC 4271 §4.2: a hold time is 0 (no keepalives) or 3 to 65535 seconds (16 bits).
+const BGP_HOLD_SECS: std::ops::RangeInclusive<u64> = 3..=65535;
+/// The agent's `--bgp-hold-time` default, which a `--bgp-keepalive` alone is checked against.
+const DEFAULT_HOLD: std::time::Duration = std::time::Duration::from_secs(9);
+/// AS numbers no speaker may use as its own: 0 (RFC 7607), AS_TRANS (RFC 6793), 2³²-1
+/// (RFC 7300). The agent refuses them too.
+const RESERVED_AS: [u32; 3] = [0, 23456, u32::MAX];
+
+/// Everything the builders need, validated for one kind.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub kind: Kind,
+    pub vips: Vec<IpAddr>,
+    /// `None` only for kinds that do not run the agent (`rbac`, `cilium-values`).
+    pub interface: Option<String>,
+    pub port: u16,
+    pub mode: Mode,
+    pub forward: Forward,
+    pub election: Election,
+    pub backends: Vec<Backend>,
+    /// Follow `default/kubernetes` (and grant the RBAC for it).
+    pub discover: bool,
+    pub bgp: Option<Bgp>,
+    pub image: String,
+    pub namespace: String,
+    pub lease_name: String,
+    pub kubeconfig_path: String,
+    pub metrics_addr: SocketAddr,
+    pub keep_forwarding_on_exit: bool,
+}
+
+/// The BGP settings of `--mode bgp`.
+#[derive(Clone, Debug)]
+pub struct Bgp {
+    pub local_as: u32,
+    pub router_id: Option<std::net::Ipv4Addr>,
+    pub peers: BgpPeers,
+    pub hold_time: Option<Dur>,
+    pub keepalive: Option<Dur>,
+}
+
+/// Where the agent's `VIP_BGP_PEER` comes from.
+#[derive(Clone, Debug)]
+pub enum BgpPeers {
+    /// Written into the manifest.
+    Inline(Vec<BgpPeer>),
+    /// The `bgp-peer` key of this Secret (in the agent's namespace).
+    Secret(String),
+}
+
+impl Settings {
+    /// Checks `args` for `kind`. Errors name the flag and value at fault.
+    pub fn new(kind: Kind, args: &ManifestArgs) -> Result<Self, RenderError> {
+        let runs_agent = kind.runs_agent();
+        if args.vips.is_empty() && kind != Kind::Rbac {
+            return Err(RenderError::Missing { kind, flag: "--vip" });
+        }
+        check_vips(&args.vips)?;
+        let interface = match (&args.interface, runs_agent) {
+            (Some(name), _) => Some(check_interface(name)?),
+            (None, true) => return Err(RenderError::Missing { kind, flag: "--interface" }),
+            (None, false) => None,
+        };
+        if args.port == 0 {
+            return Err(RenderError::PortZero);
+        }
+        check_backends(&args.backends, &args.vips)?;
+        check_name("namespace", &args.namespace, NameRule::Label)?;
+        check_name("lease-name", &args.lease_name, NameRule::Subdomain)?;
+        check_image(&args.image)?;
+        if !args.kubeconfig_path.starts_with('/') {
+            return Err(RenderError::RelativeKubeconfig { path: args.kubeconfig_path.clone() });
+        }
+        let bgp = bgp(kind, args)?;
+        Ok(Self {
+            kind,
+            vips: args.vips.clone(),
+            interface,
+            port: args.port,
+            mode: args.mode,
+            forward: args.forward,
+            election: args.election,
+            backends: args.backends.clone(),
+            // On unless asked otherwise, for every kind: every control-plane node can read
+            // `default/kubernetes` (the RBAC here grants it to the DaemonSet; a static pod
+            // reads it with its admin kubeconfig), and without it the agent balances only
+            // over --backend.
+            discover: args.discover != Some(Discover::None),
+            bgp,
+            image: args.image.clone(),
+            namespace: args.namespace.clone(),
+            lease_name: args.lease_name.clone(),
+            kubeconfig_path: args.kubeconfig_path.clone(),
+            metrics_addr: args.metrics_addr,
+            keep_forwarding_on_exit: args.keep_forwarding_on_exit,
+        })
+    }
+
+    /// The interface, for kinds that run the agent (checked present by [`Settings::new`]).
+    pub fn interface(&self) -> &str {
+        self.interface.as_deref().unwrap_or_default()
+    }
+
+    /// Whether the agent needs a Lease (and so the RBAC for one): elected ARP mode. In
+    /// BGP mode every ready node advertises the VIP and the agent never reads a Lease.
+    pub fn elects(&self) -> bool {
+        self.election == Election::Kubernetes && self.mode == Mode::Arp
+    }
+}
+
+fn check_vips(vips: &[IpAddr]) -> Result<(), RenderError> {
+    if vips.len() > vip_common::MAX_VIPS as usize {
+        return Err(RenderError::TooManyVips { count: vips.len(), max: vip_common::MAX_VIPS });
+    }
+    for (i, &vip) in vips.iter().enumerate() {
+        let why = match vip {
+            // The agent's --vip is IPv4 today; IPv6 (NDP) is designed but not built, and a
+            // manifest it cannot start with would crash-loop on every node.
+            IpAddr::V6(_) => Some("IPv6 VIPs are not supported by the agent yet"),
+            IpAddr::V4(v4) if v4.is_unspecified() => Some("the unspecified address cannot be a VIP"),
+            IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address cannot be a VIP"),
+            IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address cannot be a VIP"),
+            IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address cannot be a VIP"),
+            IpAddr::V4(_) => None,
+        };
+        if let Some(why) = why {
+            return Err(RenderError::BadVip { vip, why });
+        }
+        if vips[..i].contains(&vip) {
+            return Err(RenderError::DuplicateVip { vip });
+        }
+    }
+    Ok(())
+}
+
+fn check_interface(name: &str) -> Result<String, RenderError> {
+    let why = if name.is_empty() || name.len() > IFNAME_MAX {
+        "an interface name has 1 to 15 bytes"
+    } else if name == "." || name == ".." || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace()) {
+        "not a valid interface name"
+    } else {
+        return Ok(name.to_owned());
+    };
+    Err(RenderError::BadName { flag: "interface", value: name.to_owned(), why })
+}
+
+fn check_backends(backends: &[Backend], vips: &[IpAddr]) -> Result<(), RenderError> {
+    for (i, b) in backends.iter().enumerate() {
+        let why = if vips.contains(&IpAddr::V4(b.ip)) {
+            "is a VIP"
+        } else if backends[..i].iter().any(|o| o.ip == b.ip) {
+            "is given twice"
+        } else {
+            continue;
+        };
+        return Err(RenderError::BadBackend { backend: b.to_string(), why });
+    }
+    Ok(())
+}
+
+/// Kubernetes object-name rules (apimachinery's `IsDNS1123Label`/`IsDNS1123Subdomain`).
+#[derive(Clone, Copy)]
+enum NameRule {
+    /// Namespaces: one label, at most 63 characters.
+    Label,
+    /// Most object names: dot-separated labels, at most 253 characters.
+    Subdomain,
+}
+
+fn check_name(flag: &'static str, value: &str, rule: NameRule) -> Result<(), RenderError> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let ok = match rule {
+        NameRule::Label => label_ok(value),
+        NameRule::Subdomain => value.len() <= 253 && value.split('.').all(label_ok),
+    };
+    if ok {
+        return Ok(());
+    }
+    let why = match rule {
+        NameRule::Label => "not a DNS-1123 label (lowercase letters, digits and '-', at most 63)",
+        NameRule::Subdomain => "not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', at most 253)",
+    };
+    Err(RenderError::BadName { flag, value: value.to_owned(), why })
+}
+
+fn check_image(image: &str) -> Result<(), RenderError> {
+    if image.is_empty() || image.contains(char::is_whitespace) {
+        return Err(RenderError::BadName {
+            flag: "image",
+            value: image.to_owned(),
+            why: "an image reference has no whitespace",
+        });
+    }
+    Ok(())
+}
+
+fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {
+    let given: [(&'static str, bool); 6] = [
+        ("bgp-local-as", args.bgp_local_as.is_some()),
+        ("bgp-router-id", args.bgp_router_id.is_some()),
+        ("bgp-peer", !args.bgp_peers.is_empty()),
+        ("bgp-hold-time", args.bgp_hold_time.is_some()),
+        ("bgp-keepalive", args.bgp_keepalive.is_some()),
+        ("bgp-peer-secret", args.bgp_peer_secret.is_some()),
+    ];
+    if args.mode != Mode::Bgp {
+        return match given.iter().find(|(_, set)| *set) {
+            Some((flag, _)) => Err(RenderError::BgpFlagWithoutBgp { flag }),
+            None => Ok(None),
+        };
+    }
+    let local_as = match args.bgp_local_as {
+        Some(asn) if RESERVED_AS.contains(&asn) => return Err(RenderError::ReservedAs { asn }),
+        Some(asn) => asn,
+        None => return Err(RenderError::BgpMissing { flag: "--bgp-local-as" }),
+    };
+    let peers = match (&args.bgp_peer_secret, args.bgp_peers.as_slice()) {
+        (Some(_), _) if kind == Kind::Pod => return Err(RenderError::SecretInStaticPod),
+        (Some(secret), _) => {
+            check_name("bgp-peer-secret", secret, NameRule::Subdomain)?;
+            BgpPeers::Secret(secret.clone())
+        }
+        (None, []) => return Err(RenderError::BgpMissing { flag: "--bgp-peer or --bgp-peer-secret" }),
+        (None, peers) => {
+            for (i, p) in peers.iter().enumerate() {
+                if p.ip.is_ipv6() {
+                    return Err(RenderError::BgpPeer {
+                        peer: p.ip,
+                        why: "IPv6 peers are not supported by the agent yet",
+                    });
+                }
+                if peers[..i].iter().any(|o| o.ip == p.ip) {
+                    return Err(RenderError::BgpPeer { peer: p.ip, why: "is given twice" });
+                }
+            }
+            if kind.stored_in_api() {
+                if let Some(p) = peers.iter().find(|p| p.password.is_some()) {
+                    return Err(RenderError::PasswordInApiObject { kind, peer: p.ip });
+                }
+            }
+            BgpPeers::Inline(peers.to_vec())
+        }
+    };
+    for (flag, d) in [("bgp-hold-time", args.bgp_hold_time), ("bgp-keepalive", args.bgp_keepalive)] {
+        if let Some(d) = d {
+            if d.0.subsec_nanos() != 0 {
+                let why = "BGP timers are whole seconds on the wire";
+                return Err(RenderError::BgpTimer { flag, value: d.to_string(), why });
+            }
+        }
+    }
+    if let Some(hold) = args.bgp_hold_time {
+        let secs = hold.0.as_secs();
+        if secs != 0 && !BGP_HOLD_SECS.contains(&secs) {
+            let why = "a hold time is 0 or 3s to 65535s (RFC 4271)";
+            return Err(RenderError::BgpTimer { flag: "bgp-hold-time", value: hold.to_string(), why });
+        }
+    }
+    // RFC 4271 §10 suggests a third of the hold time; the agent insists on it.
+    let hold = args.bgp_hold_time.map_or(DEFAULT_HOLD, |h| h.0);
+    if let Some(keepalive) = args.bgp_keepalive {
+        if !hold.is_zero() && (keepalive.0.is_zero() || keepalive.0 > hold / 3) {
+            let why = "must be above zero and at most a third of the hold time";
+            return Err(RenderError::BgpTimer { flag: "bgp-keepalive", value: keepalive.to_string(), why });
+        }
+    }
+    Ok(Some(Bgp {
+        local_as,
+        router_id: args.bgp_router_id,
+        peers,
+        hold_time: args.bgp_hold_time,
+        keepalive: args.bgp_keepalive,
+    }))
+}

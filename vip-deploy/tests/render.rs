@@ -1,0 +1,294 @@
+//! `render` as a user meets it: what each kind holds, which flags each needs, what is
+//! refused, and that every document is a complete k8s-openapi object (it parses back
+//! into its type and re-serializes to the same value, so no field is unknown or lost).
+
+mod common;
+
+use common::{all_lines, documents, parse, render};
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{Pod, ServiceAccount},
+        rbac::v1::{Role, RoleBinding},
+    },
+    serde::{de::DeserializeOwned, Serialize},
+};
+use serde_yaml::Value;
+use vip_deploy::{cilium::CiliumValues, Kind};
+
+fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Value {
+    let typed: T = serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| panic!("{e}: {doc:?}"));
+    serde_yaml::to_value(&typed).unwrap()
+}
+
+fn kind_of(doc: &Value) -> &str {
+    doc.get("kind").and_then(Value::as_str).unwrap_or("")
+}
+
+#[test]
+fn every_document_parses_back_into_its_type_unchanged() {
+    for line in all_lines() {
+        let line: Vec<&str> = line.iter().map(String::as_str).collect();
+        let yaml = render(&line);
+        for doc in documents(&yaml) {
+            let back = match kind_of(&doc) {
+                "DaemonSet" => round_trip::<DaemonSet>(&doc),
+                "Pod" => round_trip::<Pod>(&doc),
+                "ServiceAccount" => round_trip::<ServiceAccount>(&doc),
+                "Role" => round_trip::<Role>(&doc),
+                "RoleBinding" => round_trip::<RoleBinding>(&doc),
+                "" if line[0] == "cilium-values" => round_trip::<CiliumValues>(&doc),
+                other => panic!("{line:?}: unexpected kind {other:?}"),
+            };
+            assert_eq!(back, doc, "{line:?}: a field was lost or changed in the round trip");
+        }
+    }
+}
+
+#[test]
+fn each_kind_holds_its_objects_in_apply_order() {
+    let kinds = |line: &[&str]| documents(&render(line)).iter().map(|d| kind_of(d).to_owned()).collect::<Vec<_>>();
+    let rbac = ["ServiceAccount", "Role", "RoleBinding", "Role", "RoleBinding"];
+    let mut daemonset = rbac.to_vec();
+    daemonset.push("DaemonSet");
+    assert_eq!(kinds(&["daemonset", "--vip=192.0.2.100", "--interface=eth0"]), daemonset);
+    assert_eq!(kinds(&["k3s", "--vip=192.0.2.100", "--interface=eth0"]), daemonset);
+    assert_eq!(kinds(&["rbac"]), rbac);
+    assert_eq!(kinds(&["pod", "--vip=192.0.2.100", "--interface=eth0"]), ["Pod"]);
+    // No election, no Lease Role; no discovery, no EndpointSlice Role.
+    assert_eq!(kinds(&["rbac", "--election=none", "--discover=none"]), ["ServiceAccount"]);
+    // BGP mode has no election: every ready node advertises the VIP.
+    let bgp = ["rbac", "--mode=bgp", "--bgp-local-as=65010", "--bgp-peer=10.0.0.1:65000", "--discover=none"];
+    assert_eq!(kinds(&bgp), ["ServiceAccount"]);
+}
+
+#[test]
+fn rbac_grants_one_lease_and_the_default_endpointslices_only() {
+    let docs = documents(&render(&["rbac", "--namespace=vip-system", "--lease-name=cp-vip"]));
+    let roles: Vec<Role> =
+        docs.iter().filter(|d| kind_of(d) == "Role").map(|d| serde_yaml::from_value(d.clone()).unwrap()).collect();
+    let lease = &roles[0];
+    assert_eq!(lease.metadata.namespace.as_deref(), Some("vip-system"));
+    let rules = lease.rules.as_ref().unwrap();
+    assert_eq!(rules[0].verbs, ["get", "update"]);
+    assert_eq!(rules[0].resource_names.as_deref(), Some(&["cp-vip".to_owned()][..]));
+    assert_eq!(rules[1].verbs, ["create"]);
+    assert_eq!(rules[1].resource_names, None);
+    let discovery = &roles[1];
+    assert_eq!(discovery.metadata.namespace.as_deref(), Some("default"));
+    let rule = &discovery.rules.as_ref().unwrap()[0];
+    assert_eq!(rule.api_groups.as_deref(), Some(&["discovery.k8s.io".to_owned()][..]));
+    assert_eq!(rule.verbs, ["list", "watch"]);
+    for doc in docs.iter().filter(|d| kind_of(d) == "RoleBinding") {
+        let binding: RoleBinding = serde_yaml::from_value(doc.clone()).unwrap();
+        let subject = &binding.subjects.unwrap()[0];
+        assert_eq!((subject.name.as_str(), subject.namespace.as_deref()), ("vip-agent", Some("vip-system")));
+    }
+    let yaml = render(&["rbac"]);
+    assert!(!yaml.contains("ClusterRole"), "no cluster-wide rights: {yaml}");
+}
+
+#[test]
+fn cilium_values_point_at_the_first_vip() {
+    let docs = documents(&render(&["cilium-values", "--vip=192.0.2.100,192.0.2.101", "--port=8443"]));
+    let values: CiliumValues = serde_yaml::from_value(docs[0].clone()).unwrap();
+    assert!(values.kube_proxy_replacement);
+    assert_eq!(values.k8s_service_host, "192.0.2.100");
+    assert_eq!(values.k8s_service_port, 8443);
+    assert_eq!(values.load_balancer.acceleration, "disabled");
+}
+
+#[test]
+fn output_starts_with_a_comment_saying_what_it_is() {
+    let yaml = render(&["k3s", "--vip=192.0.2.100", "--interface=eth0"]);
+    assert!(yaml.starts_with("# vip-agent for K3s"), "{yaml}");
+    assert!(yaml.contains("/var/lib/rancher/k3s/server/manifests/vip.yaml"));
+}
+
+/// Renders and returns the error message.
+fn refused(line: &[&str]) -> String {
+    let (kind, args) = parse(line);
+    match vip_deploy::render(kind, &args) {
+        Ok(yaml) => panic!("{line:?} rendered:\n{yaml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_and_bad_values_are_named() {
+    for (line, needle) in [
+        (&["daemonset", "--interface=eth0"][..], "`daemonset` needs --vip"),
+        (&["cilium-values"], "`cilium-values` needs --vip"),
+        (&["pod", "--vip=192.0.2.100"], "`pod` needs --interface"),
+        (&["daemonset", "--vip=224.0.0.1", "--interface=eth0"], "--vip 224.0.0.1: a multicast address"),
+        (&["daemonset", "--vip=127.0.0.1", "--interface=eth0"], "loopback"),
+        (&["daemonset", "--vip=192.0.2.1,192.0.2.1", "--interface=eth0"], "--vip 192.0.2.1 is given twice"),
+        (&["daemonset", "--vip=2001:db8::1", "--interface=eth0"], "IPv6 VIPs are not supported by the agent yet"),
+        (&["daemonset", "--vip=192.0.2.1", "--interface=eth0/1"], "--interface \"eth0/1\""),
+        (&["daemonset", "--vip=192.0.2.1", "--interface=averyveryverylongname"], "1 to 15 bytes"),
+        (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--port=0"], "--port 0"),
+        (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--backend=192.0.2.1"], "--backend 192.0.2.1 is a VIP"),
+        (
+            &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--backend=10.0.0.1,10.0.0.1:6443"],
+            "--backend 10.0.0.1:6443 is given twice",
+        ),
+        (&["rbac", "--namespace=Kube_System"], "--namespace \"Kube_System\": not a DNS-1123 label"),
+        (&["rbac", "--lease-name=-x"], "--lease-name \"-x\""),
+        (&["pod", "--vip=192.0.2.1", "--interface=eth0", "--kubeconfig-path=admin.conf"], "must be an absolute path"),
+        (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--image=a b"], "--image \"a b\""),
+        (
+            &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--bgp-local-as=65000"],
+            "--bgp-local-as is for --mode bgp",
+        ),
+        (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--mode=bgp"], "--mode bgp needs --bgp-local-as"),
+        (
+            &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--mode=bgp", "--bgp-local-as=65000"],
+            "--mode bgp needs --bgp-peer or --bgp-peer-secret",
+        ),
+        (
+            &[
+                "daemonset",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=0",
+                "--bgp-peer=10.0.0.1:1",
+            ],
+            "--bgp-local-as 0: reserved",
+        ),
+        (
+            &[
+                "daemonset",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=23456",
+                "--bgp-peer=10.0.0.1:1",
+            ],
+            "--bgp-local-as 23456: reserved",
+        ),
+        (
+            &[
+                "daemonset",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65000",
+                "--bgp-peer=[2001:db8::1]:65001",
+            ],
+            "--bgp-peer 2001:db8::1: IPv6 peers are not supported by the agent yet",
+        ),
+        (
+            &[
+                "daemonset",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65000",
+                "--bgp-peer=10.0.0.1:65001,10.0.0.1:65002",
+            ],
+            "--bgp-peer 10.0.0.1: is given twice",
+        ),
+        (
+            &[
+                "daemonset",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65000",
+                "--bgp-peer=10.0.0.1:1",
+                "--bgp-hold-time=2s",
+            ],
+            "--bgp-hold-time 2s: a hold time is 0 or 3s to 65535s",
+        ),
+        (
+            &[
+                "daemonset",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65000",
+                "--bgp-peer=10.0.0.1:1",
+                "--bgp-hold-time=9s",
+                "--bgp-keepalive=4s",
+            ],
+            "--bgp-keepalive 4s: must be above zero and at most a third of the hold time",
+        ),
+        (
+            &[
+                "daemonset",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65000",
+                "--bgp-peer=10.0.0.1:1",
+                "--bgp-keepalive=1500ms",
+            ],
+            "whole seconds",
+        ),
+        (
+            &[
+                "pod",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65000",
+                "--bgp-peer-secret=vip-bgp",
+            ],
+            "a static pod cannot reference a Secret",
+        ),
+    ] {
+        let err = refused(line);
+        assert!(err.contains(needle), "{line:?}: {err}");
+    }
+}
+
+#[test]
+fn a_bgp_password_is_never_stored_in_the_api() {
+    for kind in ["daemonset", "k3s"] {
+        let err = refused(&[
+            kind,
+            "--vip=192.0.2.1",
+            "--interface=eth0",
+            "--mode=bgp",
+            "--bgp-local-as=65000",
+            "--bgp-peer=10.0.0.1:65001:hunter2",
+        ]);
+        assert!(err.contains("--bgp-peer-secret"), "{err}");
+        assert!(!err.contains("hunter2"), "the error shows the password: {err}");
+    }
+    // A static pod's file stays on the node (root-only): the password may go there.
+    let yaml = render(&[
+        "pod",
+        "--vip=192.0.2.1",
+        "--interface=eth0",
+        "--mode=bgp",
+        "--bgp-local-as=65000",
+        "--bgp-peer=10.0.0.1:65001:hunter2",
+    ]);
+    assert!(yaml.contains("10.0.0.1:65001:hunter2"));
+}
+
+#[test]
+fn the_peer_list_and_the_peer_secret_exclude_each_other() {
+    let err = common::clap_error(&[
+        "daemonset",
+        "--vip=192.0.2.1",
+        "--interface=eth0",
+        "--mode=bgp",
+        "--bgp-peer=10.0.0.1:1",
+        "--bgp-peer-secret=vip-bgp",
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+#[test]
+fn kind_names_are_the_cli_contract() {
+    use clap::ValueEnum;
+    let names: Vec<String> =
+        Kind::value_variants().iter().map(|k| k.to_possible_value().unwrap().get_name().to_owned()).collect();
+    assert_eq!(names, ["daemonset", "pod", "k3s", "rbac", "cilium-values"]);
+    for k in Kind::value_variants() {
+        assert_eq!(k.to_string(), k.to_possible_value().unwrap().get_name());
+    }
+}
