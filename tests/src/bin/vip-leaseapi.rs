@@ -19,8 +19,11 @@
 //!
 //! `--requests-log FILE`: every request's method and path is appended, one per line.
 //!
+//! `--token TOKEN`: every request must carry `Authorization: Bearer TOKEN`, else 401
+//! Unauthorized (a `Status`, as the real API answers a bad service-account token).
+//!
 //! usage: vip-leaseapi --listen ADDR:PORT --tls-cert PEM --tls-key PEM [--faults FILE]
-//!                     [--endpoints FILE] [--requests-log FILE]
+//!                     [--endpoints FILE] [--requests-log FILE] [--token TOKEN]
 
 use std::{
     collections::HashMap,
@@ -210,13 +213,17 @@ fn log_request(log: &Option<PathBuf>, method: &str, path: &str) {
     }
 }
 
-fn serve<S: Read + Write>(
-    stream: S,
-    store: &Mutex<Store>,
-    fault_file: &Option<PathBuf>,
-    endpoints: &Option<PathBuf>,
-    requests_log: &Option<PathBuf>,
-) -> std::io::Result<()> {
+/// What every connection shares: the store and the flags.
+struct Shared {
+    store: Mutex<Store>,
+    fault_file: Option<PathBuf>,
+    endpoints: Option<PathBuf>,
+    requests_log: Option<PathBuf>,
+    token: Option<String>,
+}
+
+fn serve<S: Read + Write>(stream: S, shared: &Shared) -> std::io::Result<()> {
+    let Shared { store, fault_file, endpoints, requests_log, token } = shared;
     let mut stream = BufReader::new(stream);
     loop {
         let mut line = String::new();
@@ -226,6 +233,7 @@ fn serve<S: Read + Write>(
         let mut it = line.split_whitespace();
         let (method, path) = (it.next().unwrap_or("").to_owned(), it.next().unwrap_or("/").to_owned());
         let mut len = 0usize;
+        let mut bearer = None;
         loop {
             let mut h = String::new();
             if stream.read_line(&mut h)? == 0 {
@@ -239,6 +247,9 @@ fn serve<S: Read + Write>(
                 if k.eq_ignore_ascii_case("content-length") {
                     len = v.trim().parse().unwrap_or(0);
                 }
+                if k.eq_ignore_ascii_case("authorization") {
+                    bearer = v.trim().strip_prefix("Bearer ").map(str::to_owned);
+                }
             }
         }
         let mut body = vec![0u8; len];
@@ -249,12 +260,16 @@ fn serve<S: Read + Write>(
             std::thread::sleep(Duration::from_millis(latency));
         }
         if forced == 0
+            && (token.is_none() || bearer == *token)
             && path.starts_with("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?")
             && matches!(query_param(&path, "watch"), Some("true") | Some("1"))
         {
             return watch_slices(stream.get_mut(), store, endpoints, &path);
         }
-        let (code, value) = if forced > 0 {
+        let authorized = token.is_none() || bearer == *token;
+        let (code, value) = if !authorized {
+            status(401, "Unauthorized", "Unauthorized")
+        } else if forced > 0 {
             status(forced, "InternalError", "injected fault")
         } else {
             handle(store, &method, &path, &body, endpoints)
@@ -263,6 +278,7 @@ fn serve<S: Read + Write>(
         let reason = match code {
             200 => "OK",
             201 => "Created",
+            401 => "Unauthorized",
             404 => "Not Found",
             409 => "Conflict",
             _ => "Error",
@@ -285,6 +301,7 @@ fn main() -> Result<(), String> {
     let fault_file = flag("--faults").map(PathBuf::from);
     let endpoints = flag("--endpoints").map(PathBuf::from);
     let requests_log = flag("--requests-log").map(PathBuf::from);
+    let token = flag("--token");
     let certs = CertificateDer::pem_file_iter(&cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("{cert}: {e}"))?;
@@ -298,15 +315,14 @@ fn main() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let config = Arc::new(config);
-    let store = Arc::new(Mutex::new(Store::default()));
+    let shared = Arc::new(Shared { store: Mutex::new(Store::default()), fault_file, endpoints, requests_log, token });
     let listener = TcpListener::bind(&listen).map_err(|e| format!("bind {listen}: {e}"))?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let (config, store, fault_file, endpoints, requests_log) =
-            (config.clone(), store.clone(), fault_file.clone(), endpoints.clone(), requests_log.clone());
+        let (config, shared) = (config.clone(), shared.clone());
         std::thread::spawn(move || -> std::io::Result<()> {
             let conn = ServerConnection::new(config).map_err(std::io::Error::other)?;
-            serve(StreamOwned::new(conn, stream), &store, &fault_file, &endpoints, &requests_log)
+            serve(StreamOwned::new(conn, stream), &shared)
         });
     }
     Ok(())
