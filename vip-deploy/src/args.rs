@@ -13,7 +13,7 @@ use clap::{ArgAction, Args, ValueEnum};
 
 /// The image the manifests run unless `--image` says otherwise: the project's registry
 /// path, tagged with this crate's version (the workspace version, so the agent and its
-/// manifests move together). `docs/install.md` says how to push an image there.
+/// manifests move together). The README ("Before any install") says how to push an image there.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/vip-project/vip-agent:", env!("CARGO_PKG_VERSION"));
 
 /// How clients find the VIP (the agent's `--mode`).
@@ -115,15 +115,16 @@ pub struct ManifestArgs {
     /// Name of the Lease that elects the leader.
     #[arg(long, default_value = "vip-control-plane")]
     pub lease_name: String,
-    /// Kubeconfig on the host that the static pod mounts (`pod` only). During `kubeadm
-    /// init` on 1.29 and later, `/etc/kubernetes/super-admin.conf` (see docs/install.md).
+    /// Kubeconfig on the host that the static pod mounts (`pod` only). `admin.conf` works
+    /// during `kubeadm init` too: the static pod runs with `--bootstrap` (README, "Install
+    /// on kubeadm").
     #[arg(long, value_name = "PATH", default_value = "/etc/kubernetes/admin.conf")]
     pub kubeconfig_path: String,
     /// Where the agent serves Prometheus metrics; the readiness probe asks there.
     #[arg(long, default_value = "127.0.0.1:9469")]
     pub metrics_addr: SocketAddr,
     /// Leave the data plane attached and pinned when the agent stops, so the next pod
-    /// adopts it without a gap (see docs/install.md for the trade-off).
+    /// adopts it without a gap (the README's "Upgrades" section gives the trade-off).
     #[arg(long, value_name = "BOOL", action = ArgAction::Set, default_value_t = true)]
     pub keep_forwarding_on_exit: bool,
 }
