@@ -6,6 +6,7 @@
 //! cargo xtask run -- ARGS    build and run vip-agent ARGS on this machine
 //! cargo xtask test           setup, then the image, then every test
 //! cargo xtask image          a static vip-agent in a reproducible OCI archive
+//! cargo xtask fuzz [SECONDS] a bounded fuzz run of the BGP decoder (60 s by default)
 //! cargo xtask bench          setup, then the benchmarks
 //! cargo xtask demo           setup, then the lab demo
 //! ```
@@ -13,6 +14,7 @@
 //! Plain std, no dependencies: it has to compile quickly on a machine that has nothing
 //! else yet.
 
+mod fuzz;
 mod image;
 mod setup;
 
@@ -32,8 +34,9 @@ fn main() -> ExitCode {
         Some("bench") => setup::run().and_then(|tc| bench(&tc, &args[1..])),
         Some("demo") => setup::run().and_then(|tc| demo(&tc)),
         Some("image") => setup::run().and_then(|tc| image::image(&tc)).map(|_| ()),
+        Some("fuzz") => setup::run().and_then(|tc| fuzz::fuzz(&tc, &args[1..])),
         _ => {
-            eprintln!("usage: cargo xtask setup | build | run -- ARGS | test [FILTER] | bench | demo | image");
+            eprintln!("usage: cargo xtask setup | build | run -- ARGS | test [FILTER] | bench | demo | image | fuzz [SECONDS]");
             return ExitCode::from(2);
         }
     };
