@@ -179,6 +179,17 @@ fn ipip_carries_full_size_uploads_without_resets() {
     let counters = &s["counters"];
     eprintln!("uploads reached {nodes:?}; counters {counters}");
     assert!(counters["forwarded_ipip"].as_u64().unwrap_or(0) > 0, "{s}");
+    // The leader's checks resolved each remote backend's next hop (here the backend
+    // itself, on the segment), so established flows skip the FIB lookup.
+    let backends = s["services"][0]["backends"].as_array().unwrap();
+    for b in backends.iter().filter(|b| b["local"] == false) {
+        let ip: std::net::Ipv4Addr = b["backend"].as_str().unwrap().parse().unwrap();
+        let node = lab.nodes.iter().position(|n| n.ip == ip).unwrap();
+        let mac = tests::netns::mac_of(lab.ns(node), "eth0").unwrap();
+        let want = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        assert_eq!(b["nexthop"]["mac"], want.as_str(), "{b}");
+        assert_eq!(b["nexthop"]["mtu"], 1500, "{b}");
+    }
     drop(agents);
 }
 

@@ -695,6 +695,51 @@ fn ipip_encapsulates_towards_the_fib_next_hop() {
     .unwrap();
 }
 
+/// IPIP with the next hop the agent resolved (`Netlink::nexthop`: `ip route get`, then
+/// the neighbour table) kept in the backend entry: encapsulated towards that MAC with no
+/// FIB lookup (the backend here has no route at all, so a lookup would pass the frame);
+/// a packet larger than the entry's MTU still takes the FIB path and is answered with
+/// fragmentation needed.
+#[test]
+fn ipip_uses_the_agent_resolved_next_hop_without_a_fib_lookup() {
+    use vip_agent::netlink::{Netlink, Nexthop};
+    let fib = FibLab::new().unwrap();
+    let lbns = &fib.lb;
+    lbns.ip(&["route", "add", "10.78.0.0/24", "via", "10.0.0.253"]).unwrap();
+    lbns.within(|| {
+        let ifindex = vip_agent::netdev::lookup("lb0").unwrap().ifindex;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let resolve =
+            |ip: Ipv4Addr| rt.block_on(async { Netlink::connect().unwrap().nexthop(ifindex, ip).await.unwrap() });
+        let gateway = Nexthop { mac: FibLab::GATEWAY_MAC, mtu: 1500 };
+        assert_eq!(resolve(FibLab::FAR), Some(gateway), "behind the gateway: its MAC, the interface's MTU");
+        assert_eq!(resolve(Ipv4Addr::new(10, 78, 0, 12)), None, "gateway without a neighbour entry");
+        assert_eq!(resolve(Ipv4Addr::new(192, 0, 2, 9)), None, "no route");
+
+        let (mut dp, mut lb) = load();
+        let run = |dp: &Dataplane, frame: &[u8]| dp.runner().run_opts(Program::Vip, frame, 1, Some(ifindex)).unwrap();
+        let unroutable = Ipv4Addr::new(192, 0, 2, 9);
+        let cached = |ip| BackendSpec { nexthop: Some(gateway), ..BackendSpec::up(ip, [0; 6]) };
+        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![cached(unroutable)]));
+        let inner = Ip4::new(CLIENT_IP, VIP, 6).packet(&tcp(43100, PORT, TCP_SYN));
+        let out = run(&dp, &Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone()).bytes());
+        assert_eq!(xdp::name(out.action), "XDP_TX");
+        assert_eq!(
+            out.frame,
+            Frame::new(FibLab::GATEWAY_MAC, NODE_MAC, ETH_P_IPV4, ipip(NODE_IP, unroutable, &inner)).bytes()
+        );
+        assert_eq!(dp.maps().counter(Reason::ForwardedIpip).unwrap(), 1);
+        assert_eq!(dp.maps().counter(Reason::IpipNoRoute).unwrap(), 0, "no FIB lookup");
+
+        install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![cached(FibLab::FAR)]));
+        let big_inner = Ip4::new(CLIENT_IP, VIP, 6).packet(&[tcp(43101, PORT, TCP_ACK), vec![0xab; 1460]].concat());
+        let out = run(&dp, &Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, big_inner).bytes());
+        assert_eq!(xdp::name(out.action), "XDP_TX", "too big for the cached MTU: the FIB answers");
+        assert_eq!(dp.maps().counter(Reason::IpipFragNeeded).unwrap(), 1);
+    })
+    .unwrap();
+}
+
 /// The flow hash is seeded per cluster: with a seed configured, flows land where the
 /// seeded hash says, and a different seed moves them.
 #[test]

@@ -31,6 +31,7 @@ use vip_common::{Backend, ForwardMode, HealthReason, Service, ServiceKey, MAX_BA
 use crate::{
     dataplane::{MapError, Maps},
     maglev::{self, MaglevError, Weighted},
+    netlink::Nexthop,
 };
 
 /// Minimum time between a flip and the next write into the half it left.
@@ -42,6 +43,9 @@ pub struct BackendSpec {
     pub ip: Ipv4Addr,
     /// MAC for DSR (the backend's, on the shared segment); unused by IPIP and local.
     pub mac: [u8; 6],
+    /// IPIP: the next hop towards the backend, when resolved (else the data plane asks
+    /// the FIB per packet).
+    pub nexthop: Option<Nexthop>,
     pub weight: u32,
     /// This backend is this node: packets for it go to the local stack.
     pub local: bool,
@@ -57,7 +61,16 @@ pub struct BackendSpec {
 impl BackendSpec {
     /// A healthy remote backend of weight 1.
     pub fn up(ip: Ipv4Addr, mac: [u8; 6]) -> Self {
-        Self { ip, mac, weight: 1, local: false, healthy: true, draining: false, reason: HealthReason::None }
+        Self {
+            ip,
+            mac,
+            nexthop: None,
+            weight: 1,
+            local: false,
+            healthy: true,
+            draining: false,
+            reason: HealthReason::None,
+        }
     }
 }
 
@@ -349,5 +362,6 @@ fn entry(b: &BackendSpec, up: bool) -> Backend {
         flags |= Backend::F_LOCAL;
     }
     let reason = if up { HealthReason::None } else { b.reason };
-    Backend { ip: b.ip.octets(), mac: b.mac, flags, reason: reason as u8, _pad: [0; 3] }
+    let (nh_mac, nh_mtu) = b.nexthop.map_or(([0; 6], 0), |n| (n.mac, n.mtu));
+    Backend { ip: b.ip.octets(), mac: b.mac, flags, reason: reason as u8, _pad: [0; 3], nh_mac, nh_mtu }
 }

@@ -6,7 +6,7 @@
 //! state changes, which the agent feeds into the Maglev table.
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -291,6 +291,8 @@ pub struct Report {
     pub latency: Duration,
     /// The backend's MAC, for DSR backends, when the neighbour table has it.
     pub mac: Option<[u8; 6]>,
+    /// The next hop towards the backend, for IPIP backends, when resolved.
+    pub nexthop: Option<crate::netlink::Nexthop>,
 }
 
 /// For a DSR backend that is not this node: check, after the apiserver answered, that
@@ -301,6 +303,16 @@ pub struct DsrCheck {
     pub probe: crate::vipprobe::VipProbe,
 }
 
+/// What a checker does beyond asking the apiserver, by how the backend is reached.
+#[derive(Clone)]
+pub enum PathCheck {
+    /// DSR to another node: the VIP-path probe.
+    Dsr(DsrCheck),
+    /// IPIP: resolve the next hop towards the backend after every successful check, so
+    /// the data plane's copy follows route and neighbour changes within one interval.
+    Ipip { netlink: crate::netlink::Netlink, ifindex: u32 },
+}
+
 /// Checks backend `backend` at `addr` every `interval` until the receiver goes away.
 pub async fn run_checker(
     backend: usize,
@@ -308,7 +320,7 @@ pub async fn run_checker(
     probe: Probe,
     interval: Duration,
     timeout: Duration,
-    dsr: Option<DsrCheck>,
+    path: Option<PathCheck>,
     tx: mpsc::Sender<Report>,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -320,21 +332,22 @@ pub async fn run_checker(
         ticker.tick().await;
         let start = Instant::now();
         let mut result = check(&probe, addr, timeout).await;
-        if let (Ok(()), Some(dsr), std::net::IpAddr::V4(ip)) = (&result, &dsr, addr.ip()) {
-            if mac.is_none() {
-                mac = dsr.netlink.neighbour_mac(dsr.probe.ifindex, ip).await.ok().flatten();
-            }
-            if let Some(m) = mac {
-                let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
-                let p = dsr.probe;
-                let r = tokio::task::spawn_blocking(move || crate::vipprobe::probe(&p, ip, m, left)).await;
-                let failed = match r {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(e) => Some(e.to_string()),
-                };
-                if let Some(e) = failed {
-                    result = Err(CheckError::VipPath(e));
+        let mut nexthop = None;
+        if let (Ok(()), Some(path), std::net::IpAddr::V4(ip)) = (&result, &path, addr.ip()) {
+            match path {
+                PathCheck::Dsr(dsr) => {
+                    if mac.is_none() {
+                        mac = dsr.netlink.neighbour_mac(dsr.probe.ifindex, ip).await.ok().flatten();
+                    }
+                    if let Some(m) = mac {
+                        let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
+                        if let Err(e) = vip_path(dsr.probe, ip, m, left).await {
+                            result = Err(CheckError::VipPath(e));
+                        }
+                    }
+                }
+                PathCheck::Ipip { netlink, ifindex } => {
+                    nexthop = netlink.nexthop(*ifindex, ip).await.ok().flatten();
                 }
             }
         }
@@ -344,12 +357,21 @@ pub async fn run_checker(
         }
         // After a failed VIP-path probe, look the MAC up again next time.
         let forget_mac = matches!(result, Err(CheckError::VipPath(_)));
-        if tx.send(Report { backend, result, latency, mac }).await.is_err() {
+        if tx.send(Report { backend, result, latency, mac, nexthop }).await.is_err() {
             return;
         }
         if forget_mac {
             mac = None;
         }
+    }
+}
+
+/// The VIP-path probe of a DSR backend, off the runtime (it blocks on a raw socket).
+async fn vip_path(probe: crate::vipprobe::VipProbe, ip: Ipv4Addr, mac: [u8; 6], left: Duration) -> Result<(), String> {
+    match tokio::task::spawn_blocking(move || crate::vipprobe::probe(&probe, ip, mac, left)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

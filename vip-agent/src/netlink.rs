@@ -15,9 +15,10 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{AfSpecInet, AfSpecUnspec, LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteMetric},
         AddressFamily, RouteNetlinkMessage,
     },
-    Handle, LinkUnspec, MulticastGroup,
+    Handle, LinkUnspec, MulticastGroup, RouteMessageBuilder,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -226,6 +227,68 @@ impl Netlink {
             }
         }
         Ok(None)
+    }
+}
+
+/// Where this node sends packets for an IPIP backend: the next hop's MAC on the
+/// interface (the backend's, or its router's) and the route's MTU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nexthop {
+    pub mac: [u8; 6],
+    /// The route's `mtu` metric, else the interface's MTU.
+    pub mtu: u16,
+}
+
+impl Netlink {
+    /// The next hop towards `ip` out of interface `ifindex`, as `ip route get IP oif IF`
+    /// and the neighbour table say: `None` when the route leaves by another interface or
+    /// the next hop's MAC is not resolved (yet).
+    pub async fn nexthop(&self, ifindex: u32, ip: Ipv4Addr) -> Result<Option<Nexthop>, NetlinkError> {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(ip, 32).output_interface(ifindex).build();
+        let mut routes = self.handle.route().get(query).execute();
+        let Some(route) = routes.try_next().await.map_err(request(format!("looking up the route to {ip}")))? else {
+            return Ok(None);
+        };
+        let mut via = ip;
+        let (mut oif, mut mtu) = (None, None);
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = *g,
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Metrics(m) => {
+                    mtu = m.iter().find_map(|m| match m {
+                        RouteMetric::Mtu(v) if *v > 0 => Some(*v),
+                        _ => None,
+                    })
+                }
+                _ => {}
+            }
+        }
+        if oif != Some(ifindex) {
+            return Ok(None);
+        }
+        let mtu = match mtu {
+            Some(m) => m,
+            None => match self.link_mtu(ifindex).await? {
+                Some(m) => m,
+                None => return Ok(None),
+            },
+        };
+        let Some(mac) = self.neighbour_mac(ifindex, via).await? else { return Ok(None) };
+        Ok(Some(Nexthop { mac, mtu: u16::try_from(mtu).unwrap_or(u16::MAX) }))
+    }
+
+    /// The MTU of interface `ifindex`.
+    async fn link_mtu(&self, ifindex: u32) -> Result<Option<u32>, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let Some(link) = links.try_next().await.map_err(request(format!("reading the MTU of interface #{ifindex}")))?
+        else {
+            return Ok(None);
+        };
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        }))
     }
 }
 

@@ -71,6 +71,8 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
                 "state": crate::metrics::backend_state(b),
                 "reason": HealthReason::from_u8(b.reason).name(),
                 "local": b.flags & Backend::F_LOCAL != 0,
+                // IPIP: the next hop the agent resolved (else the data plane asks the FIB).
+                "nexthop": (b.nh_mtu != 0).then(|| json!({ "mac": mac_string(&b.nh_mac), "mtu": b.nh_mtu })),
                 "table_share": slots as f64 / f64::from(m.max(1)),
                 "packets": stats.packets,
                 "bytes": stats.bytes,
@@ -88,7 +90,7 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
     }
     let counters: serde_json::Map<String, Value> =
         maps.counters()?.into_iter().filter(|(_, n)| *n > 0).map(|(r, n)| (r.name().to_owned(), json!(n))).collect();
-    let mac = config.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let mac = mac_string(&config.mac);
     let (agent, agent_error) = match live(agent_addr) {
         Ok(v) => (v, Value::Null),
         Err(e) => (Value::Null, json!(e)),
@@ -104,6 +106,10 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
         "counters": counters,
         "connections_tracked": maps.conn_count(),
     }))
+}
+
+fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// The human-readable table.

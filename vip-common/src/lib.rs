@@ -304,8 +304,19 @@ pub struct Backend {
     pub reason: u8,
     /// Explicit padding; always zero.
     pub _pad: [u8; 3],
+    /// IPIP: the MAC of the next hop towards the backend (the backend's own, or its
+    /// router's), wire order, resolved by the agent from the kernel's route and neighbour
+    /// tables and refreshed on every health check. Valid while [`Backend::nh_mtu`] is
+    /// non-zero; it spares the data plane a `bpf_fib_lookup` per packet (Katran keeps its
+    /// gateway MAC the same way).
+    pub nh_mac: [u8; 6],
+    /// IPIP: the MTU of the route to the backend (its `mtu` metric, else the interface's),
+    /// host order; 0 when the next hop is not known, and for every other mode. An
+    /// encapsulated packet larger than this takes the FIB path, which answers
+    /// fragmentation-needed.
+    pub nh_mtu: u16,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 16);
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 
 impl Backend {
     /// The backend takes new flows (the live Maglev table may name it).

@@ -26,7 +26,7 @@ use crate::{
     forward::{IPPROTO_IPIP, IP_MF_AND_OFFSET},
     icmp,
     maps::{is_peer, vip, CONFIG, SERVICES},
-    parse::{load_mac, ptr_at, L2},
+    parse::{load_mac, ptr_at, store_mac, L2},
     verdict::Verdict,
 };
 
@@ -58,15 +58,13 @@ fn save_l2(ctx: &XdpContext, l2: &L2) -> Option<SavedL2> {
     Some(SavedL2 { eth, vlans })
 }
 
-/// Writes `saved` at the (new) start of the frame with the given MACs.
+/// Writes `saved` at the (new) start of the frame; returns its Ethernet header.
 #[inline(always)]
-fn restore_l2(ctx: &XdpContext, saved: &SavedL2, dst: [u8; 6], src: [u8; 6]) -> Option<()> {
+fn restore_l2(ctx: &XdpContext, saved: &SavedL2) -> Option<*mut EthHdr> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: every pointer below was bounds-checked by ptr_at.
     unsafe {
         *eth = saved.eth;
-        (*eth).dst_addr = dst;
-        (*eth).src_addr = src;
         if let Some(tag) = saved.vlans[0] {
             *ptr_at::<VlanHdr>(ctx, EthHdr::LEN)? = tag;
         }
@@ -74,13 +72,15 @@ fn restore_l2(ctx: &XdpContext, saved: &SavedL2, dst: [u8; 6], src: [u8; 6]) -> 
             *ptr_at::<VlanHdr>(ctx, EthHdr::LEN + VlanHdr::LEN)? = tag;
         }
     }
-    Some(())
+    Some(eth)
 }
 
 /// Encapsulates the frame in IPv4 from this node to `backend` and sends it back out the
-/// interface it came in on. The next hop and both MACs come from the kernel's FIB and
-/// neighbour tables (`bpf_fib_lookup`, output lookup restricted to this interface);
-/// until the lookup succeeds nothing is modified, so a failure passes the frame intact.
+/// interface it came in on. The next hop's MAC is the one the agent resolved into the
+/// backend entry when the packet fits that route's MTU; otherwise (not resolved yet, or
+/// too big) the kernel's FIB and neighbour tables decide (`bpf_fib_lookup`, output
+/// lookup restricted to this interface). Until a next hop is known nothing is modified,
+/// so a failure passes the frame intact.
 #[inline(always)]
 pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     let fail = Verdict::pass(Reason::IpipFailed);
@@ -99,32 +99,15 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     let Some(outer_len) = inner_len.checked_add(Ipv4Hdr::LEN as u16) else {
         return fail;
     };
-
-    // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
-    let mut fib: FibParams = unsafe { mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_IPIP;
-    fib.__bindgen_anon_1.tot_len = outer_len;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_2.tos = tos;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(node_ip);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(backend.ip);
-    // SAFETY: ctx is the program's context; fib is a valid, writable parameter block.
-    let rc =
-        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT) };
-    // Every FIB answer has its own handling and counter. Nothing too big is handed to
-    // the local stack: it holds the VIP and would reset the connection.
-    match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            // SAFETY: on FRAG_NEEDED the kernel stored the route's MTU in the union.
-            let mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
-            return icmp::frag_needed(ctx, l2, mtu.saturating_sub(Ipv4Hdr::LEN as u16));
+    let (dmac, smac) = if backend.nh_mtu != 0 && outer_len <= backend.nh_mtu {
+        // SAFETY: both fields are 2-byte aligned in their align(8) map values.
+        unsafe { (load_mac(&backend.nh_mac), load_mac(&cfg.mac)) }
+    } else {
+        match fib_next_hop(ctx, l2, node_ip, backend.ip, outer_len, tos) {
+            Ok(macs) => macs,
+            Err(verdict) => return verdict,
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Verdict::pass(Reason::IpipNoNeigh),
-        BPF_FIB_LKUP_RET_FWD_DISABLED => return Verdict::pass(Reason::IpipForwardingDisabled),
-        _ => return Verdict::pass(Reason::IpipNoRoute),
-    }
+    };
     let Some(saved) = save_l2(ctx, l2) else {
         return fail;
     };
@@ -134,8 +117,14 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     }
     // From here on the frame is half-built: a failure can only drop it.
     let broken = Verdict::drop(Reason::IpipFailed);
-    if restore_l2(ctx, &saved, fib.dmac, fib.smac).is_none() {
+    let Some(eth) = restore_l2(ctx, &saved) else {
         return broken;
+    };
+    // SAFETY: bounds-checked by ptr_at in restore_l2; the frame's start and both MAC
+    // fields are 2-byte aligned.
+    unsafe {
+        store_mac(&mut (*eth).dst_addr, dmac);
+        store_mac(&mut (*eth).src_addr, smac);
     }
     let Some(outer) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
         return broken;
@@ -154,6 +143,46 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
     outer.dst_addr = backend.ip;
     outer.check = csum::ipv4_header(outer);
     Verdict::tx(Reason::ForwardedIpip)
+}
+
+/// The next hop's and this interface's MACs from the kernel (`bpf_fib_lookup`, output
+/// lookup on the ingress interface), or the verdict for a packet the FIB will not route:
+/// every answer has its own counter, and nothing too big is handed to the local stack
+/// (it holds the VIP and would reset the connection).
+#[inline(always)]
+fn fib_next_hop(
+    ctx: &XdpContext,
+    l2: &L2,
+    src: [u8; 4],
+    dst: [u8; 4],
+    outer_len: u16,
+    tos: u8,
+) -> Result<(u64, u64), Verdict> {
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented initial state.
+    let mut fib: FibParams = unsafe { mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_IPIP;
+    fib.__bindgen_anon_1.tot_len = outer_len;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.__bindgen_anon_2.tos = tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: ctx is the program's context; fib is a valid, writable parameter block.
+    let rc =
+        unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut fib, mem::size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT) };
+    match rc as u32 {
+        // SAFETY: dmac and smac are at offsets 58 and 52 of the parameter block: 2-byte
+        // aligned.
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(unsafe { (load_mac(&fib.dmac), load_mac(&fib.smac)) }),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: on FRAG_NEEDED the kernel stored the route's MTU in the union.
+            let mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+            Err(icmp::frag_needed(ctx, l2, mtu.saturating_sub(Ipv4Hdr::LEN as u16)))
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Verdict::pass(Reason::IpipNoNeigh)),
+        BPF_FIB_LKUP_RET_FWD_DISABLED => Err(Verdict::pass(Reason::IpipForwardingDisabled)),
+        _ => Err(Verdict::pass(Reason::IpipNoRoute)),
+    }
 }
 
 /// Strips the outer header of an IPIP packet that this project's encapsulation made —
@@ -210,7 +239,7 @@ pub fn decap(ctx: &XdpContext, l2: &L2, outer_ihl: usize) -> Verdict {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_ihl as i32) } != 0 {
         return Verdict::pass(Reason::IpipFailed);
     }
-    if restore_l2(ctx, &saved, saved.eth.dst_addr, saved.eth.src_addr).is_none() {
+    if restore_l2(ctx, &saved).is_none() {
         return Verdict::drop(Reason::IpipFailed);
     }
     Verdict::pass(Reason::IpipDecap)

@@ -34,6 +34,8 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const FOLLOWED: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
 /// A second led VIP, whose service forwards by IPIP.
 const VIP_IPIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 102);
+/// A led VIP forwarding by IPIP to backends whose next hop the agent resolved.
+const VIP_IPIP_NH: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 104);
 /// A VIP led through a Lease: a finite deadline, so the data plane checks the clock.
 const VIP_LEASED: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 103);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
@@ -125,6 +127,7 @@ fn xdp_table() -> Result<(), String> {
         maps.set_vip(VIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
         maps.set_vip(FOLLOWED, VipState::follower()).map_err(e)?;
         maps.set_vip(VIP_IPIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
+        maps.set_vip(VIP_IPIP_NH, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
         let hour_from_now = vip_agent::clock::boot_ns() + 3_600_000_000_000;
         maps.set_vip(VIP_LEASED, VipState::leader_until(hour_from_now)).map_err(e)?;
         let mut lb = Balancer::default();
@@ -137,6 +140,18 @@ fn xdp_table() -> Result<(), String> {
         let ipip =
             ServiceSpec { vip: VIP_IPIP, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: backends(3, 0) };
         lb.apply(maps, &ipip).map_err(|e| e.to_string())?;
+        // The same backends with their next hop resolved (as the agent's checks do): no
+        // FIB lookup per packet. Other addresses, since backend entries are per address.
+        let gateway = vip_agent::netlink::Nexthop { mac: FibLab::GATEWAY_MAC, mtu: 1500 };
+        let resolved = (1..=3)
+            .map(|i| BackendSpec {
+                nexthop: Some(gateway),
+                ..BackendSpec::up(Ipv4Addr::new(10, 77, 0, 20 + i), [0; 6])
+            })
+            .collect();
+        let ipip_nh =
+            ServiceSpec { vip: VIP_IPIP_NH, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: resolved };
+        lb.apply(maps, &ipip_nh).map_err(|e| e.to_string())?;
         let leased = ServiceSpec { vip: VIP_LEASED, ..dsr.clone() };
         lb.apply(maps, &leased).map_err(|e| e.to_string())?;
 
@@ -207,9 +222,17 @@ fn xdp_table() -> Result<(), String> {
                 ingress: None,
             },
             Row {
-                name: "IPIP encapsulation",
+                name: "IPIP, FIB lookup",
                 program: Program::Vip,
                 frames: Frames::Same(to(VIP_IPIP, TCP_ACK)),
+                fixed_point: false,
+                expect_action: 3,
+                ingress: Some(ifindex),
+            },
+            Row {
+                name: "IPIP, resolved next hop",
+                program: Program::Vip,
+                frames: Frames::Same(to(VIP_IPIP_NH, TCP_ACK)),
                 fixed_point: false,
                 expect_action: 3,
                 ingress: Some(ifindex),

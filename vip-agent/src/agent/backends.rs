@@ -19,7 +19,7 @@ use crate::{
     health::{self, Health, Hysteresis, Probe, Report},
     metrics::AgentMetrics,
     netdev::Netdev,
-    netlink::{Netlink, NetlinkError},
+    netlink::{Netlink, NetlinkError, Nexthop},
     vipprobe::VipProbe,
 };
 
@@ -33,6 +33,8 @@ struct Tracked {
     /// The backend is this node.
     local: bool,
     mac: Option<[u8; 6]>,
+    /// IPIP: the next hop towards it, as its last successful check resolved it.
+    nexthop: Option<Nexthop>,
     health: Hysteresis,
     /// Why its last check failed; `None` after a success.
     reason: HealthReason,
@@ -45,6 +47,8 @@ struct Checks {
     probe: Probe,
     /// The VIP-path probe of DSR backends (needs this node's IPv4 address).
     dsr: Option<health::DsrCheck>,
+    /// The next-hop lookup of IPIP backends.
+    ipip: health::PathCheck,
 }
 
 impl Checks {
@@ -53,7 +57,7 @@ impl Checks {
             netlink: nl.clone(),
             probe: VipProbe { ifindex: dev.ifindex, src_mac: dev.mac.0, src_ip, vip, port: cfg.port },
         });
-        Self { probe, dsr }
+        Self { probe, dsr, ipip: health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex } }
     }
 }
 
@@ -111,6 +115,7 @@ impl Backends {
                 check_addr: SocketAddr::from((b.ip, b.port.unwrap_or(cfg.port))),
                 local,
                 mac: old.map(|e| e.mac).filter(|m| *m != [0; 6]),
+                nexthop: None,
                 health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
                 reason: HealthReason::None,
                 warned_no_mac: false,
@@ -190,6 +195,10 @@ impl Backends {
         let before = spec_of(&self.list[i], cfg);
         let b = &mut self.list[i];
         m.observe_check(b.ip, report.latency.as_secs_f64());
+        if report.result.is_ok() {
+            // Resolved, or not (any more): the data plane falls back to its FIB lookup.
+            b.nexthop = report.nexthop;
+        }
         if let Some(mac) = report.mac {
             b.mac = Some(mac);
         } else if report.result.is_ok()
@@ -247,6 +256,7 @@ impl Backends {
                 check_addr: SocketAddr::from((ip, port)),
                 local,
                 mac: None,
+                nexthop: None,
                 health: Hysteresis::new(cfg.health.rise, cfg.health.fall, Health::Unknown),
                 reason: HealthReason::None,
                 warned_no_mac: false,
@@ -312,6 +322,7 @@ fn spec_of(b: &Tracked, cfg: &RunConfig) -> BackendSpec {
     BackendSpec {
         ip: b.ip,
         mac: b.mac.unwrap_or_default(),
+        nexthop: b.nexthop.filter(|_| cfg.forward == ForwardMode::Ipip && !b.local),
         weight: 1,
         local: b.local,
         healthy,
@@ -322,15 +333,21 @@ fn spec_of(b: &Tracked, cfg: &RunConfig) -> BackendSpec {
 }
 
 fn spawn_checker(b: &mut Tracked, checks: &Checks, cfg: &RunConfig, tx: &mpsc::Sender<Report>) {
-    // DSR backends on other nodes must also accept VIP traffic (hold the VIP).
-    let dsr = (cfg.forward == ForwardMode::Dsr && !b.local).then(|| checks.dsr.clone()).flatten();
+    // DSR backends on other nodes must also accept VIP traffic (hold the VIP); IPIP
+    // backends get their next hop resolved.
+    let path = match (cfg.forward, b.local) {
+        (_, true) => None,
+        (ForwardMode::Dsr, false) => checks.dsr.clone().map(health::PathCheck::Dsr),
+        (ForwardMode::Ipip, false) => Some(checks.ipip.clone()),
+        (ForwardMode::Local, false) => None,
+    };
     b.checker = Some(tokio::spawn(health::run_checker(
         b.key,
         b.check_addr,
         checks.probe.clone(),
         cfg.health.interval,
         cfg.health.timeout,
-        dsr,
+        path,
         tx.clone(),
     )));
 }
