@@ -300,6 +300,6 @@ fn missing_privileges_fail_cleanly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("refused") && stderr.contains("CAP_BPF"), "{stderr}");
+    assert!(stderr.contains("missing capabilities") && stderr.contains("CAP_BPF"), "{stderr}");
     assert!(!lab.node.has_xdp(NODE_DEV).unwrap());
 }
