@@ -156,35 +156,9 @@ pub enum OutputFormat {
     Json,
 }
 
-/// A duration written with a unit: `250ms`, `2s`, `1.5s`, `1m`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl FromStr for Dur {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{s:?} has no unit (write e.g. 500ms, 2s, 1m)"))?;
-        let (num, unit) = s.split_at(split);
-        let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
-        let secs = match unit {
-            "ms" => n / 1000.0,
-            "s" => n,
-            "m" => n * 60.0,
-            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
-        };
-        Duration::try_from_secs_f64(secs).map(Dur).map_err(|_| format!("{s:?} is out of range"))
-    }
-}
-
-impl fmt::Display for Dur {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}ms", self.0.as_millis())
-    }
-}
+/// A duration written with a unit: `250ms`, `2s`, `1.5s`, `1m`; the manifests write
+/// them, so both sides share one parser.
+pub use vip_deploy::args::Dur;
 
 /// `--backend IP[:PORT]`: the address traffic is sent to, and the port its health check
 /// uses (traffic keeps the VIP's port: DSR and IPIP do not rewrite it).
@@ -907,15 +881,15 @@ mod tests {
             (&["--maglev-size", "65536"], "--maglev-size: Maglev table size 65536 is not prime"),
             (&["--rise", "0"], "--rise 0: must be 1 to 100"),
             (&["--fall", "1000"], "--fall 1000: must be 1 to 100"),
-            (&["--health-interval", "0s"], "--health-interval 0ms: must be 10ms to 1h"),
+            (&["--health-interval", "0s"], "--health-interval 0s: must be 10ms to 1h"),
             (&["--health-interval", "0.001ms"], "--health-interval 0ms: must be 10ms to 1h"),
-            (&["--health-timeout", "61m"], "--health-timeout 3660000ms: must be 10ms to 1h"),
+            (&["--health-timeout", "61m"], "--health-timeout 3660s: must be 10ms to 1h"),
             (&["--health-path", "readyz"], "must start with '/'"),
             (&["--lease-duration", "500ms"], "--lease-duration 500ms: must be 1s to 300s"),
             (&["--lease-duration", "1500ms"], "--lease-duration 1500ms: the Lease API counts whole seconds"),
-            (&["--lease-duration", "4294967297s"], "--lease-duration 4294967297000ms: must be 1s to 300s"),
+            (&["--lease-duration", "4294967297s"], "--lease-duration 4294967297s: must be 1s to 300s"),
             (&["--lease-duration", "3000000000s"], "must be 1s to 300s"),
-            (&["--renew-deadline", "1s"], "--renew-deadline 1000ms must be shorter than --lease-duration 1000ms"),
+            (&["--renew-deadline", "1s"], "--renew-deadline 1s must be shorter than --lease-duration 1s"),
             (&["--retry-period", "700ms"], "--retry-period 700ms must be shorter"),
             (&["--retry-period", "0.001ms"], "--retry-period 0ms: must be 10ms to 60s"),
             (&["--apiserver", "10.0.0.1:6443"], "expected an https:// URL"),
@@ -932,11 +906,11 @@ mod tests {
             (&["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.x:1"], "is not an IPv4 address"),
             (
                 &["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.254:1", "--bgp-hold-time", "2s"],
-                "--bgp-hold-time 2000ms: 0 or 3s to 65535s",
+                "--bgp-hold-time 2s: 0 or 3s to 65535s",
             ),
             (
                 &["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.254:1", "--bgp-keepalive", "4s"],
-                "--bgp-keepalive 4000ms: above zero and at most a third",
+                "--bgp-keepalive 4s: above zero and at most a third",
             ),
             (&["--election", "maybe"], "'maybe'"),
             (&["--xdp-mode", "turbo"], "'turbo'"),
