@@ -62,9 +62,23 @@ pub struct Agent {
 impl Agent {
     /// Starts `vip-agent ARGS` in `ns`, logging to a pipe read back by [`Agent::stop`].
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(ns: &Netns, args: &[S]) -> Result<Self, String> {
+        Self::spawn_with_log_filter(ns, args, None)
+    }
+
+    /// [`Agent::spawn`] with `RUST_LOG` set to `filter`, or removed (the agent's default
+    /// filter) for `None`.
+    pub fn spawn_with_log_filter<S: AsRef<std::ffi::OsStr>>(
+        ns: &Netns,
+        args: &[S],
+        filter: Option<&str>,
+    ) -> Result<Self, String> {
         let bin = agent_bin();
-        let child = ns
-            .cmd(bin.to_str().ok_or("agent path is not UTF-8")?)
+        let mut cmd = ns.cmd(bin.to_str().ok_or("agent path is not UTF-8")?);
+        match filter {
+            Some(f) => cmd.env("RUST_LOG", f),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -235,6 +235,15 @@ pub fn is_garp(frame: &[u8], ip: std::net::Ipv4Addr, mac: [u8; 6]) -> bool {
         && frame[38..42] == ip.octets()
 }
 
+/// Sends `frame` (a whole Ethernet frame, its source MAC included) out of `dev` in `ns`
+/// through a raw socket: for frames no tool would build, such as malformed ones.
+pub fn send_raw_frame(ns: &str, dev: &str, frame: &[u8]) -> Result<(), String> {
+    enter(ns)?;
+    let (sock, _) = arp_socket(dev, std::time::Duration::from_millis(10))?;
+    sock.send(frame).map_err(|e| format!("sending a frame on {dev}: {e}"))?;
+    Ok(())
+}
+
 /// Sends one ARP request for `target` from `dev` in `ns` (sender `src_ip`, the
 /// interface's MAC) and returns the MAC of every host that answered within `wait`.
 pub fn arp_probe(

@@ -303,3 +303,48 @@ fn missing_privileges_fail_cleanly() {
     assert!(stderr.contains("missing capabilities") && stderr.contains("CAP_BPF"), "{stderr}");
     assert!(!lab.node.has_xdp(NODE_DEV).unwrap());
 }
+
+/// The data plane's debug log: with `RUST_LOG` enabling debug for `vip_ebpf`, a rare
+/// event (here an ARP request for the VIP with a protocol address length of 6) reaches
+/// the agent's log, named by kind; with the default filter the program is loaded with its
+/// log off and nothing is logged (the frame is still counted).
+#[test]
+fn rare_data_plane_events_reach_the_agent_log_only_when_asked() {
+    for debug in [true, false] {
+        let lab = lab(false);
+        let pins = pin_dir(&lab.node.name).unwrap();
+        let filter = debug.then_some("info,vip_ebpf=debug");
+        let mut agent = Agent::spawn_with_log_filter(&lab.node, &agent_args(&pins), filter).unwrap();
+        let leads = wait_until(Duration::from_secs(10), || {
+            agent.running()
+                && pins.join("VIP_CONFIG").exists()
+                && status_json(&lab.node, &pins)["vips"][0]["leader"] == true
+        });
+        if !leads {
+            let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap_or_default();
+            panic!("never led (debug log {debug}):\n{log}");
+        }
+        let client_mac = mac_of(&lab.client, CLIENT_DEV).unwrap();
+        let vip: std::net::Ipv4Addr = VIP.parse().unwrap();
+        let mut frame = vec![0xff; 6];
+        frame.extend(client_mac);
+        // ARP, Ethernet/IPv4, hlen 6, plen 6 (wrong), request.
+        frame.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 6, 0, 1]);
+        frame.extend(client_mac);
+        frame.extend([10, 31, 0, 2, 0, 0]);
+        frame.extend([0; 6]);
+        frame.extend(vip.octets());
+        frame.extend([0, 0]);
+        let (ns, dev) = (lab.client.name.clone(), CLIENT_DEV);
+        std::thread::spawn(move || tests::netns::send_raw_frame(&ns, dev, &frame)).join().unwrap().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(2), || status_json(&lab.node, &pins)["counters"]["arp_malformed"] == 1),
+            "the malformed request was not counted"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+        let logged = log.lines().any(|l| l.contains("frame arp_malformed on ifindex"));
+        assert_eq!(logged, debug, "debug log {debug}:\n{log}");
+        assert!(log.contains(&format!("debug_log={debug}")), "{log}");
+    }
+}

@@ -113,7 +113,7 @@ fn a_leader_partitioned_from_the_lease_api_stops_before_another_starts() {
     let new = lab.leaders().into_iter().find(|&l| l != old).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let samples = sampler.finish();
-    let last_old = samples.iter().filter(|(s, m)| *s >= t && m.contains(&old_mac)).map(|(s, _)| *s).last();
+    let last_old = samples.iter().filter(|(s, m)| *s >= t && m.contains(&old_mac)).map(|(s, _)| *s).next_back();
     let first_new = samples.iter().find(|(s, m)| *s >= t && m.contains(&mac_of_node(&lab, new))).map(|(s, _)| *s);
     if let (Some(last_old), Some(first_new)) = (last_old, first_new) {
         assert!(last_old < first_new, "the old leader still answered after the new one started");

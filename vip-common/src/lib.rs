@@ -736,6 +736,31 @@ impl Reason {
     /// resize the map.
     pub const SLOTS: u32 = 64;
 
+    /// Reasons worth a log line when the data plane's debug log is on: malformed frames,
+    /// a missing configuration or backend, every IPIP failure and refusal, truncated ICMP
+    /// quotes. Each is off the established-flow path and, on a healthy node, rare; the
+    /// frequent ones (replies, forwards, frames for others) never log.
+    const RARE: u64 = 1 << Reason::ArpMalformed as u64
+        | 1 << Reason::ArpNoConfig as u64
+        | 1 << Reason::EthMalformed as u64
+        | 1 << Reason::IpMalformed as u64
+        | 1 << Reason::TcpMalformed as u64
+        | 1 << Reason::NoBackend as u64
+        | 1 << Reason::IpipFailed as u64
+        | 1 << Reason::IpipNotOurs as u64
+        | 1 << Reason::IpipFragNeeded as u64
+        | 1 << Reason::IpipTooBig as u64
+        | 1 << Reason::IpipNoNeigh as u64
+        | 1 << Reason::IpipNoRoute as u64
+        | 1 << Reason::IpipForwardingDisabled as u64
+        | 1 << Reason::IcmpQuoteTruncated as u64;
+
+    /// Whether a frame with this verdict is logged at debug level (see [`Reason::RARE`]).
+    #[inline(always)]
+    pub const fn is_rare(self) -> bool {
+        Self::RARE & (1 << self as u64) != 0
+    }
+
     /// Every reason, in index order: what the agent's status and metrics iterate over.
     pub const ALL: [Reason; 35] = [
         Reason::ArpReplied,

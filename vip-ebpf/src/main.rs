@@ -13,6 +13,7 @@ mod encap;
 mod forward;
 mod icmp;
 mod lb;
+mod log;
 mod maps;
 mod parse;
 mod stats;
@@ -29,6 +30,7 @@ use crate::{parse::EtherKind, verdict::Verdict};
 pub fn vip_xdp(ctx: XdpContext) -> u32 {
     let verdict = process(&ctx);
     stats::count(verdict.reason);
+    log::rare(&ctx, verdict.reason);
     verdict.action
 }
 

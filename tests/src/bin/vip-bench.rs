@@ -42,6 +42,7 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const PORT: u16 = 6443;
 
 /// How a row produces its frames.
+#[derive(Clone)]
 enum Frames {
     /// The same frame every run.
     Same(Vec<u8>),
@@ -49,6 +50,7 @@ enum Frames {
     NewFlows,
 }
 
+#[derive(Clone)]
 struct Row {
     name: &'static str,
     program: Program,
@@ -116,45 +118,49 @@ fn backends(n: u8, mac_base: u8) -> Vec<BackendSpec> {
         .collect()
 }
 
+/// Fills `dp`'s maps for the rows: this node's config, led and followed VIPs, a DSR
+/// service, IPIP services with and without resolved next hops, a Lease-led VIP.
+fn seed(dp: &mut Dataplane) -> Result<(), String> {
+    let maps = dp.maps_mut();
+    let e = |e: vip_agent::dataplane::MapError| e.to_string();
+    maps.set_config(&Config::new(FibLab::LB_MAC, FibLab::LB_IP.octets())).map_err(e)?;
+    maps.set_vip(VIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
+    maps.set_vip(FOLLOWED, VipState::follower()).map_err(e)?;
+    maps.set_vip(VIP_IPIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
+    maps.set_vip(VIP_IPIP_NH, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
+    let hour_from_now = vip_agent::clock::boot_ns() + 3_600_000_000_000;
+    maps.set_vip(VIP_LEASED, VipState::leader_until(hour_from_now)).map_err(e)?;
+    let mut lb = Balancer::default();
+    // The DSR backends' MAC is this node's own, so that an established flow's output,
+    // run again, is the same frame through the same path: a fixed point for `repeat`
+    // (the data plane forwards only frames addressed to it).
+    let dsr_backends = backends(3, 0x10).into_iter().map(|b| BackendSpec { mac: FibLab::LB_MAC, ..b }).collect();
+    let dsr = ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends: dsr_backends };
+    lb.apply(maps, &dsr).map_err(|e| e.to_string())?;
+    let ipip = ServiceSpec { vip: VIP_IPIP, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: backends(3, 0) };
+    lb.apply(maps, &ipip).map_err(|e| e.to_string())?;
+    // The same backends with their next hop resolved (as the agent's checks do): no
+    // FIB lookup per packet. Other addresses, since backend entries are per address.
+    let gateway = vip_agent::netlink::Nexthop { mac: FibLab::GATEWAY_MAC, mtu: 1500 };
+    let resolved = (1..=3)
+        .map(|i| BackendSpec { nexthop: Some(gateway), ..BackendSpec::up(Ipv4Addr::new(10, 77, 0, 20 + i), [0; 6]) })
+        .collect();
+    let ipip_nh = ServiceSpec { vip: VIP_IPIP_NH, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: resolved };
+    lb.apply(maps, &ipip_nh).map_err(|e| e.to_string())?;
+    let leased = ServiceSpec { vip: VIP_LEASED, ..dsr };
+    lb.apply(maps, &leased).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// One result row: name, single ns, repeat ns.
+type Measured = (&'static str, f64, Option<f64>);
+
 fn xdp_table() -> Result<(), String> {
     let fib = FibLab::new()?;
-    let out = fib.lb.within(|| -> Result<Vec<(&'static str, f64, Option<f64>)>, String> {
+    let (out, logged) = fib.lb.within(|| -> Result<(Vec<Measured>, Vec<Measured>), String> {
         let ifindex = vip_agent::netdev::lookup("lb0").map_err(|e| e.to_string())?.ifindex;
         let mut dp = Dataplane::load().map_err(|e| format!("{e:#?} (the benchmark needs root)"))?;
-        let maps = dp.maps_mut();
-        let e = |e: vip_agent::dataplane::MapError| e.to_string();
-        maps.set_config(&Config::new(FibLab::LB_MAC, FibLab::LB_IP.octets())).map_err(e)?;
-        maps.set_vip(VIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
-        maps.set_vip(FOLLOWED, VipState::follower()).map_err(e)?;
-        maps.set_vip(VIP_IPIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
-        maps.set_vip(VIP_IPIP_NH, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
-        let hour_from_now = vip_agent::clock::boot_ns() + 3_600_000_000_000;
-        maps.set_vip(VIP_LEASED, VipState::leader_until(hour_from_now)).map_err(e)?;
-        let mut lb = Balancer::default();
-        // The DSR backends' MAC is this node's own, so that an established flow's output,
-        // run again, is the same frame through the same path: a fixed point for `repeat`
-        // (the data plane forwards only frames addressed to it).
-        let dsr_backends = backends(3, 0x10).into_iter().map(|b| BackendSpec { mac: FibLab::LB_MAC, ..b }).collect();
-        let dsr = ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends: dsr_backends };
-        lb.apply(maps, &dsr).map_err(|e| e.to_string())?;
-        let ipip =
-            ServiceSpec { vip: VIP_IPIP, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: backends(3, 0) };
-        lb.apply(maps, &ipip).map_err(|e| e.to_string())?;
-        // The same backends with their next hop resolved (as the agent's checks do): no
-        // FIB lookup per packet. Other addresses, since backend entries are per address.
-        let gateway = vip_agent::netlink::Nexthop { mac: FibLab::GATEWAY_MAC, mtu: 1500 };
-        let resolved = (1..=3)
-            .map(|i| BackendSpec {
-                nexthop: Some(gateway),
-                ..BackendSpec::up(Ipv4Addr::new(10, 77, 0, 20 + i), [0; 6])
-            })
-            .collect();
-        let ipip_nh =
-            ServiceSpec { vip: VIP_IPIP_NH, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: resolved };
-        lb.apply(maps, &ipip_nh).map_err(|e| e.to_string())?;
-        let leased = ServiceSpec { vip: VIP_LEASED, ..dsr.clone() };
-        lb.apply(maps, &leased).map_err(|e| e.to_string())?;
-
+        seed(&mut dp)?;
         let arp_for = |tpa| Frame::arp(BROADCAST, CLIENT_MAC, &Arp::request(CLIENT_MAC, CLIENT, tpa)).padded();
         let to = |dst, flags| {
             Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT, dst, 6, &tcp(40000, PORT, flags))).bytes()
@@ -243,7 +249,64 @@ fn xdp_table() -> Result<(), String> {
         for row in &rows {
             results.push((row.name, single(&runner, row)?, repeated(&runner, row)?));
         }
-        Ok(results)
+        // The same program loaded with its debug log on, a reader draining the records:
+        // the established path has no log call, a rare verdict writes one record.
+        let mut dp_log = Dataplane::load_with_log(true).map_err(|e| format!("{e:#?}"))?;
+        seed(&mut dp_log)?;
+        let mut log = dp_log.take_log().ok_or("the data plane's debug log is not available")?;
+        let malformed = {
+            let mut f = to(VIP, TCP_ACK);
+            f.truncate(14 + 20 + 10);
+            f[16..18].copy_from_slice(&30u16.to_be_bytes());
+            let c = tests::frames::inet_checksum(&{
+                let mut h = f[14..34].to_vec();
+                h[10..12].copy_from_slice(&[0, 0]);
+                h
+            });
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+            f
+        };
+        let log_rows = [
+            Row {
+                name: "established (DSR), log on",
+                program: Program::Vip,
+                frames: Frames::Same(established(VIP)),
+                fixed_point: true,
+                expect_action: 3,
+                ingress: None,
+            },
+            Row {
+                name: "TCP malformed, log off",
+                program: Program::Vip,
+                frames: Frames::Same(malformed.clone()),
+                fixed_point: true,
+                expect_action: 2,
+                ingress: None,
+            },
+        ];
+        let mut logged = Vec::new();
+        for row in &log_rows[1..] {
+            logged.push((row.name, single(&runner, row)?, repeated(&runner, row)?));
+        }
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| -> Result<(), String> {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    log.flush();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            });
+            let runner = dp_log.runner();
+            let result = (|| {
+                logged.push((log_rows[0].name, single(&runner, &log_rows[0])?, repeated(&runner, &log_rows[0])?));
+                let on = Row { name: "TCP malformed, log on", fixed_point: false, ..log_rows[1].clone() };
+                logged.push((on.name, single(&runner, &on)?, None));
+                Ok(())
+            })();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            result
+        })?;
+        Ok((results, logged))
     })??;
 
     let (floor_single, floor_repeat) = (out[0].1, out[0].2.unwrap_or(f64::NAN));
@@ -252,7 +315,7 @@ fn xdp_table() -> Result<(), String> {
         "single = median of {SINGLE_RUNS} one-frame runs; repeat = kernel average over {REPEAT} runs of one frame"
     );
     println!("{:<26} {:>10} {:>8} {:>10} {:>8}", "path", "single ns", "x floor", "repeat ns", "x floor");
-    for (name, single, repeat) in &out {
+    for (name, single, repeat) in out.iter().chain(&logged) {
         let (rep, ratio) = match repeat {
             Some(r) => (format!("{r:.1}"), format!("{:.2}", r / floor_repeat)),
             None => ("-".into(), "-".into()),

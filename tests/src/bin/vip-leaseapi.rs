@@ -5,6 +5,7 @@
 //! - `PUT .../namespaces/NS/leases/NAME`: 200 if `metadata.resourceVersion` matches the
 //!   stored one, else 409 Conflict; 404 if missing;
 //! - `DELETE .../namespaces/NS/leases/NAME`: 200, or 404.
+//!
 //! Every write gets a new, cluster-wide increasing resourceVersion. Errors are `Status`
 //! objects, as the real API returns them.
 //!

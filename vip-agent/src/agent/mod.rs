@@ -175,7 +175,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             false => None,
         };
 
-        let (dp, adopted) = Dataplane::open_pinned(&cfg.pin_path)?;
+        let (mut dp, adopted) = Dataplane::open_pinned(&cfg.pin_path)?;
+        if let Some(log) = dp.take_log() {
+            tokio::spawn(log.run());
+        }
         let start = Start {
             dev,
             nl,

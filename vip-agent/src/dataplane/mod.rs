@@ -3,6 +3,7 @@
 //!
 //! Map access lives in [`maps`]; this module touches only programs and links.
 
+pub mod log;
 pub mod maps;
 
 use std::{
@@ -17,7 +18,7 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
         ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
     },
-    Ebpf, EbpfError, EbpfLoader,
+    Ebpf, EbpfError,
 };
 use tracing::{debug, info, warn};
 use vip_common::program_names;
@@ -217,13 +218,20 @@ pub struct Dataplane {
     maps: Maps,
     attached: Option<Attachment>,
     pin_dir: Option<PathBuf>,
+    /// The program's debug log, until [`Dataplane::take_log`] hands it to a reader.
+    log: Option<log::DataplaneLog>,
 }
 
 impl Dataplane {
     /// Loads the embedded object and both of its programs into the kernel. Nothing is
     /// attached yet.
     pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_with_log(false)
+    }
+
+    /// [`Dataplane::load`], with the program's debug log on or off (see [`log`]).
+    pub fn load_with_log(debug_log: bool) -> Result<Self, DataplaneError> {
+        let mut ebpf = log::loader(debug_log)
             .load(EBPF_OBJECT)
             .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::Load { source }))?;
         for program in [Program::Vip, Program::Pass] {
@@ -233,8 +241,9 @@ impl Dataplane {
                 .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::LoadProgram { name, source }))?;
         }
         let maps = Maps::take_from(&mut ebpf)?;
+        let log = log::reader(&mut ebpf, debug_log);
         debug!("data plane loaded");
-        Ok(Self { ebpf, maps, attached: None, pin_dir: None })
+        Ok(Self { ebpf, maps, attached: None, pin_dir: None, log })
     }
 
     /// Loads the data plane with its maps pinned under `dir` (on bpffs): maps a previous
@@ -261,7 +270,8 @@ impl Dataplane {
         }
         let adopted = existed.contains(&vip_common::map_names::CONFIG);
         let paths: Vec<(&str, PathBuf)> = maps::LAYOUTS.iter().map(|l| (l.0, dir.join(l.0))).collect();
-        let mut loader = EbpfLoader::new();
+        let debug_log = log::wanted();
+        let mut loader = log::loader(debug_log);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -288,8 +298,15 @@ impl Dataplane {
             loaded.map_err(cleanup)?;
         }
         let maps = Maps::take_from(&mut ebpf).map_err(|e| cleanup(e.into()))?;
-        info!(pin_path = %shown, adopted, "data plane loaded");
-        Ok((Self { ebpf, maps, attached: None, pin_dir: Some(dir.to_owned()) }, adopted))
+        let log = log::reader(&mut ebpf, debug_log);
+        info!(pin_path = %shown, adopted, debug_log, "data plane loaded");
+        Ok((Self { ebpf, maps, attached: None, pin_dir: Some(dir.to_owned()), log }, adopted))
+    }
+
+    /// The program's debug log, if it was loaded with it on: the caller reads it
+    /// ([`log::DataplaneLog::run`]).
+    pub fn take_log(&mut self) -> Option<log::DataplaneLog> {
+        self.log.take()
     }
 
     /// Where the link to `interface` is pinned.

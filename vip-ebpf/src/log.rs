@@ -1,0 +1,24 @@
+//! Rare data-plane events, logged through aya-log into the agent's tracing output at
+//! debug level: malformed frames by kind, a missing backend or configuration, every IPIP
+//! failure or refusal, truncated ICMP quotes (`Reason::is_rare`).
+//!
+//! Zero cost when off: the level is a global the agent fixes when it loads the program
+//! (`AYA_LOG_LEVEL`, 0 unless `RUST_LOG` enables debug for `vip_ebpf`), so the verifier
+//! sees the check below as constant and removes the logging code altogether. When on,
+//! only frames with a rare verdict pay for a record in the ring buffer.
+
+use aya_ebpf::programs::XdpContext;
+use aya_log_ebpf::{
+    debug,
+    macro_support::{level_enabled, Level},
+};
+use vip_common::Reason;
+
+/// Logs the frame's verdict if it is a rare one and debug logging is on.
+#[inline(always)]
+pub fn rare(ctx: &XdpContext, reason: Reason) {
+    if !level_enabled(Level::Debug) || !reason.is_rare() {
+        return;
+    }
+    debug!(ctx, "frame {} on ifindex {}", reason.name(), ctx.ingress_ifindex() as u32);
+}
