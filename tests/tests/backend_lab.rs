@@ -37,6 +37,34 @@ fn vip_path_probes_leave_no_half_open_connections_on_the_backends() {
     assert!(s["services"][0]["backends"].as_array().unwrap().iter().all(|b| b["state"] == "up"), "{s}");
 }
 
+/// A DSR backend whose node stops taking VIP traffic (its agent stopped for good and
+/// took the VIP off `lo`, while its apiserver still answers) gets no new flows from the
+/// first failed VIP-path probe on, without waiting for `fall` failures: it drains, with
+/// reason `vip_path`, and is back in the table once it holds the VIP again.
+#[test]
+fn a_backend_that_stops_taking_vip_traffic_gets_no_new_flows_at_its_first_failed_probe() {
+    let lab = ApiLab::new([10, 96, 0], 3, &[0]).unwrap();
+    let _agent = lab.start_agent(0, &[]).unwrap();
+    let n3 = lab.nodes[2].ip.to_string();
+    let vip_on_lo = format!("{}/32", lab.vip);
+    lab.ns(2).ip(&["addr", "del", &vip_on_lo, "dev", "lo"]).unwrap();
+    let t = Instant::now();
+    // One interval to the next check, its timeout, and a margin for the table update.
+    let bound = tests::apilab::HEALTH_INTERVAL + tests::apilab::HEALTH_TIMEOUT + Duration::from_millis(150);
+    let drained = wait_until(Duration::from_secs(3), || {
+        lab.status(0).is_ok_and(|s| backend(&s, &n3).is_some_and(|b| b["state"] == "draining"))
+    });
+    let took = t.elapsed();
+    let s = lab.status(0).unwrap();
+    assert!(drained, "{s}");
+    assert_eq!(backend(&s, &n3).unwrap()["reason"], "vip_path", "{s}");
+    assert!(took <= bound, "no new flows only after {took:?} (bound {bound:?})");
+    let (_, errors) = lab.requests(30);
+    assert!(errors.is_empty(), "requests failed while n3 drained: {errors:?}");
+    lab.ns(2).ip(&["addr", "add", &vip_on_lo, "dev", "lo"]).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || lab.backend_healthy(0, 2) == Some(true)), "n3 never came back");
+}
+
 /// Apiserver certificates are verified for `kubernetes.default.svc`, as clients do: one
 /// that does not list the node's address is fine. One from another CA takes the backend
 /// down with reason `tls`, in `status` and in the metrics.

@@ -35,6 +35,12 @@ struct Tracked {
     mac: Option<[u8; 6]>,
     /// IPIP: the next hop towards it, as its last successful check resolved it.
     nexthop: Option<Nexthop>,
+    /// Its last check found the apiserver answering but VIP traffic not accepted (the
+    /// VIP-path probe failed: the node no longer holds the VIP, e.g. its agent stopped
+    /// for good). New flows stop at once, without waiting for `fall` failures: each one
+    /// sent there would be refused. Pinned flows stay (draining), so a lost probe costs
+    /// no connection.
+    vip_path_failed: bool,
     health: Hysteresis,
     /// Why its last check failed; `None` after a success.
     reason: HealthReason,
@@ -116,6 +122,7 @@ impl Backends {
                 local,
                 mac: old.map(|e| e.mac).filter(|m| *m != [0; 6]),
                 nexthop: None,
+                vip_path_failed: false,
                 health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
                 reason: HealthReason::None,
                 warned_no_mac: false,
@@ -211,6 +218,7 @@ impl Backends {
             b.warned_no_mac = true;
         }
         b.reason = report.result.as_ref().err().map_or(HealthReason::None, |e| e.reason());
+        b.vip_path_failed = b.reason == HealthReason::VipPath;
         if let Some(new) = b.health.observe(report.result.is_ok()) {
             match &report.result {
                 Err(e) => warn!(backend = %b.ip, state = ?new, error = %e, "backend health changed"),
@@ -257,6 +265,7 @@ impl Backends {
                 local,
                 mac: None,
                 nexthop: None,
+                vip_path_failed: false,
                 health: Hysteresis::new(cfg.health.rise, cfg.health.fall, Health::Unknown),
                 reason: HealthReason::None,
                 warned_no_mac: false,
@@ -313,9 +322,10 @@ impl Drop for Backends {
 fn spec_of(b: &Tracked, cfg: &RunConfig) -> BackendSpec {
     let up = b.health.state() == Health::Up;
     let reachable = b.local || cfg.forward != ForwardMode::Dsr || b.mac.is_some();
-    let healthy = up && reachable;
+    let healthy = up && reachable && !b.vip_path_failed;
     let reason = match (healthy, up) {
         (true, _) => HealthReason::None,
+        (false, true) if b.vip_path_failed => HealthReason::VipPath,
         (false, true) => HealthReason::NoMac,
         (false, false) => b.reason,
     };
@@ -326,8 +336,9 @@ fn spec_of(b: &Tracked, cfg: &RunConfig) -> BackendSpec {
         weight: 1,
         local: b.local,
         healthy,
-        // Its apiserver answered "not ready": it drains, serving what it holds.
-        draining: !healthy && reason == HealthReason::NotReady,
+        // Its apiserver answered "not ready", or it stopped taking VIP traffic: it drains,
+        // serving what it holds.
+        draining: !healthy && matches!(reason, HealthReason::NotReady | HealthReason::VipPath),
         reason,
     }
 }
