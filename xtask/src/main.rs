@@ -7,7 +7,7 @@
 //! cargo xtask test           setup, then the image, then every test
 //! cargo xtask image          a static vip-agent in a reproducible OCI archive
 //! cargo xtask fuzz [SECONDS] a bounded fuzz run of the BGP decoder (60 s by default)
-//! cargo xtask bench          setup, then the benchmarks
+//! cargo xtask bench [-- SECTION...]  setup, then the benchmarks (xdp maglev agent failover bgp peers)
 //! cargo xtask demo           setup, then the lab demo
 //! ```
 //!
@@ -139,16 +139,48 @@ fn count_before(text: &str, word: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The benchmark sections: `vip-bench` measures vip alone (`xdp`, `maglev`, `agent`,
+/// `failover`, `bgp`); `vip-peers` measures it beside its peers (`peers`: HAProxy,
+/// nftables DNAT, direct; `failover`: keepalived). No section named: all of them.
+const VIP_BENCH_SECTIONS: &[&str] = &["xdp", "maglev", "agent", "failover", "bgp"];
+const VIP_PEERS_SECTIONS: &[&str] = &["peers", "failover"];
+
 fn bench(toolchain: &str, args: &[String]) -> Result<()> {
+    // Section names, then vip-peers' flags (`--rounds N`, ...), passed through.
+    let args = rest_after_dashes(args);
+    let first_flag = args.iter().position(|a| a.starts_with("--")).unwrap_or(args.len());
+    let (sections, flags) = args.split_at(first_flag);
+    if let Some(bad) =
+        sections.iter().find(|s| !VIP_BENCH_SECTIONS.contains(&s.as_str()) && !VIP_PEERS_SECTIONS.contains(&s.as_str()))
+    {
+        return Err(format!(
+            "cargo xtask bench: unknown section {bad:?} (sections: xdp, maglev, agent, failover, bgp, peers)"
+        ));
+    }
+    let wants = |list: &[&str]| sections.is_empty() || sections.iter().any(|s| list.contains(&s.as_str()));
+    let pick = |list: &[&str]| -> Vec<String> {
+        sections.iter().filter(|s| list.contains(&s.as_str())).map(|s| s.to_string()).collect()
+    };
     status(cargo(toolchain).args(["build", "--release", "-p", "vip-agent", "-p", "tests", "--bins"]))?;
     let release = root().join("target/release");
-    status(
-        Command::new(release.join("vip-bench"))
-            .env("VIP_AGENT_BIN", release.join("vip-agent"))
+    let with_bins = |cmd: &mut Command| {
+        cmd.env("VIP_AGENT_BIN", release.join("vip-agent"))
             .env("VIP_STANDIN_BIN", release.join("vip-standin"))
             .env("VIP_LEASEAPI_BIN", release.join("vip-leaseapi"))
-            .args(args),
-    )
+            .env("VIP_RESPONDER_BIN", release.join("vip-responder"));
+    };
+    if wants(VIP_BENCH_SECTIONS) {
+        let mut cmd = Command::new(release.join("vip-bench"));
+        with_bins(&mut cmd);
+        status(cmd.args(pick(VIP_BENCH_SECTIONS)))?;
+    }
+    if wants(VIP_PEERS_SECTIONS) {
+        setup::apt_install(setup::BENCH_PACKAGES)?;
+        let mut cmd = Command::new(release.join("vip-peers"));
+        with_bins(&mut cmd);
+        status(cmd.args(pick(VIP_PEERS_SECTIONS)).args(flags))?;
+    }
+    Ok(())
 }
 
 fn demo(toolchain: &str) -> Result<()> {

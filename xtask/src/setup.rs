@@ -59,8 +59,18 @@ fn output(cmd: &mut Command) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What `cargo xtask bench` needs beyond the tests' tools: the peers it measures vip
+/// beside (`vip-peers`). Installed only when a bench section asks for them, so that
+/// `cargo xtask test` stays lean.
+pub const BENCH_PACKAGES: &[&str] = &["haproxy", "keepalived", "nftables", "ethtool"];
+
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES)
+}
+
+/// Installs whichever of `packages` are missing (idempotent).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {
