@@ -80,6 +80,35 @@ fn sigterm_of_the_leader_hands_over_without_waiting_for_expiry() {
     assert!(wait_until(Duration::from_secs(5), || lab.request().is_ok()));
 }
 
+/// An agent that stops for good (SIGTERM without `--keep-forwarding-on-exit`) on a node
+/// whose apiserver keeps serving: the leader keeps it as a DSR backend until its
+/// VIP-path probe fails, so the stopping agent refuses those probes first and removes the
+/// VIP from `lo` only after the leader has drained it. No request through the VIP fails.
+#[test]
+fn a_follower_stopping_for_good_loses_no_request() {
+    let (lab, mut agents) = lab_with_agents([10, 105, 0]);
+    let leader = current_leader(&lab);
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    lab.wait_all_healthy(leader).unwrap();
+    let stream = lab.stream();
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, log) = agents[follower].take().unwrap().stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    std::thread::sleep(Duration::from_millis(700));
+    let result = stream.stop();
+    let name = &lab.nodes[follower].name;
+    assert!(result.counts.get(name).is_some_and(|&n| n > 0), "the follower served nothing before: {:?}", result.counts);
+    assert!(
+        result.errors.is_empty(),
+        "{} of {} requests failed: {:?}",
+        result.errors.len(),
+        result.total(),
+        result.errors
+    );
+    assert!(log.contains("waiting for the other nodes to drain this backend"), "{log}");
+    assert_eq!(lab.backend_healthy(leader, follower), Some(false), "the leader still balances to the stopped node");
+}
+
 #[test]
 fn a_leader_whose_apiserver_turns_unready_steps_down() {
     let (lab, _agents) = lab_with_agents([10, 73, 0]);

@@ -201,6 +201,25 @@ fn forwarding_fixture_table() {
         Frame { src: PEER_MAC, ..syn(40055) }.bytes(),
         pass(BalancedByPeer),
     );
+    // This node's agent is leaving: the peers' VIP-path probes (SYNs from their own
+    // address) are refused so they drain it; clients are served as before.
+    let mut leaving = dp.maps().config().unwrap();
+    leaving.flags |= Config::F_LEAVING;
+    dp.maps_mut().set_config(&leaving).unwrap();
+    check(
+        &dp,
+        "leaving: a peer's VIP-path probe is dropped",
+        Frame { src: PEER_MAC, ..tcp_frame(PEER_IP, 40056, VIP, PORT, TCP_SYN) }.bytes(),
+        Expect { action: xdp::DROP, reason: ProbeRefusedLeaving, output: None },
+    );
+    let s = syn(40057);
+    check(
+        &dp,
+        "leaving: a client's SYN is still forwarded",
+        s.bytes(),
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&s, 1)) },
+    );
+    dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
     // IPv4 options do not change where a packet goes: forwarded like any other.
     let opts = Frame::new(
         NODE_MAC,

@@ -141,15 +141,21 @@ pub struct Config {
     /// Bumped by the agent whenever a backend's flags change: per-CPU flow-cache
     /// entries ([`CachedFlow`]) from an older generation are not trusted. Host order.
     pub generation: u32,
-    /// Explicit padding; always zero.
-    pub _pad2: u32,
+    /// `F_*` flags, host order.
+    pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 32);
 
 impl Config {
     pub const fn new(mac: [u8; 6], ip: [u8; 4]) -> Self {
-        Self { mac, _pad: [0; 2], ip, hash_seed: 0, agent_instance: [0; 8], generation: 1, _pad2: 0 }
+        Self { mac, _pad: [0; 2], ip, hash_seed: 0, agent_instance: [0; 8], generation: 1, flags: 0 }
     }
+
+    /// This node's agent is stopping for good (the VIP will leave `lo`): VIP-path probes
+    /// from the other load-balancing nodes (SYNs to a VIP from a peer's own address) are
+    /// dropped, so those nodes stop sending this one new flows while it still serves
+    /// them; clients' flows are served as before.
+    pub const F_LEAVING: u32 = 1 << 0;
 
     pub const fn with_seed(mut self, hash_seed: u32) -> Self {
         self.hash_seed = hash_seed;
@@ -729,6 +735,9 @@ pub enum Reason {
     /// ICMP destination unreachable to a VIP whose quote is too short to name a flow
     /// (less than an IPv4 header and 8 bytes of TCP): `XDP_DROP`.
     IcmpQuoteTruncated = 34,
+    /// A VIP-path probe from another node while this node's agent leaves
+    /// ([`Config::F_LEAVING`]): dropped, so that node drains this one.
+    ProbeRefusedLeaving = 35,
 }
 
 impl Reason {
@@ -754,6 +763,7 @@ impl Reason {
         | 1 << Reason::IpipNoRoute as u64
         | 1 << Reason::IpipForwardingDisabled as u64
         | 1 << Reason::IcmpQuoteTruncated as u64;
+    // (ProbeRefusedLeaving is expected while an agent stops: not logged.)
 
     /// Whether a frame with this verdict is logged at debug level (see [`Reason::RARE`]).
     #[inline(always)]
@@ -762,7 +772,7 @@ impl Reason {
     }
 
     /// Every reason, in index order: what the agent's status and metrics iterate over.
-    pub const ALL: [Reason; 35] = [
+    pub const ALL: [Reason; 36] = [
         Reason::ArpReplied,
         Reason::ArpFollowerDropped,
         Reason::ArpGratuitous,
@@ -798,6 +808,7 @@ impl Reason {
         Reason::IpipForwardingDisabled,
         Reason::IcmpToBackend,
         Reason::IcmpQuoteTruncated,
+        Reason::ProbeRefusedLeaving,
     ];
 
     /// Stable name for logs, metrics labels and `vip-agent status`.
@@ -838,6 +849,7 @@ impl Reason {
             Reason::IpipForwardingDisabled => "ipip_forwarding_disabled",
             Reason::IcmpToBackend => "icmp_to_backend",
             Reason::IcmpQuoteTruncated => "icmp_quote_truncated",
+            Reason::ProbeRefusedLeaving => "probe_refused_leaving",
         }
     }
 }

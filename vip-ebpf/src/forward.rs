@@ -8,7 +8,9 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
-use vip_common::{flow_hash, Backend, FlowKey, ForwardMode, PeerKey, Reason, ServiceKey, VipState, IPPROTO_TCP};
+use vip_common::{
+    flow_hash, Backend, Config, FlowKey, ForwardMode, PeerKey, Reason, ServiceKey, VipState, IPPROTO_TCP,
+};
 
 use crate::{
     encap, icmp, lb,
@@ -90,6 +92,11 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
         Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
         Some(_) => return Verdict::pass(Reason::BalancedByPeer),
         None => {
+            // A leaving node refuses the other nodes' VIP-path probes (from their own
+            // addresses), so they drain it before its VIP leaves `lo`.
+            if cfg.flags & Config::F_LEAVING != 0 && is_peer(&PeerKey::ipv4(flow.src)) {
+                return Verdict::drop(Reason::ProbeRefusedLeaving);
+            }
             // New flow on a node that does not balance this VIP (a follower): the leader
             // sent it here by DSR; deliver it rather than balance it with a table that
             // may be stale. A deadline that never passes skips the clock.

@@ -192,6 +192,12 @@ impl Backends {
         }
     }
 
+    /// Whether other nodes likely balance to this one: it is a backend itself (its
+    /// apiserver is in the table) beside remote ones.
+    pub fn serves_peers(&self) -> bool {
+        self.list.iter().any(|b| b.local) && self.list.iter().any(|b| !b.local)
+    }
+
     /// Records a health report.
     pub fn on_report(&mut self, cfg: &RunConfig, dev: &Netdev, report: Report, m: &AgentMetrics) -> ReportOutcome {
         let mut out = ReportOutcome::default();

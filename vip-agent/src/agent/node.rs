@@ -362,9 +362,26 @@ impl Node {
     pub async fn stop(mut self, signal: &'static str) {
         let keep = self.cfg.keep_forwarding_on_exit;
         info!(signal, keep_forwarding = keep, "stopping");
+        let started = tokio::time::Instant::now();
+        // Leaving for good: the other nodes balance to this one as a backend until their
+        // VIP-path probe to it fails. Refuse those probes now, while the VIP is still on
+        // `lo` and clients' flows are still served, and remove it only once every other
+        // node has probed since (one check interval and timeout): no new flow is sent
+        // here after the VIP is gone.
+        let backend_drain = (!keep && self.backends.serves_peers())
+            .then(|| self.cfg.health.interval + self.cfg.health.timeout + Duration::from_millis(100));
+        if backend_drain.is_some() {
+            if let Err(e) = self.dp.maps_mut().set_leaving() {
+                warn!(error = %e, "could not refuse the other nodes' probes; they notice at their next check");
+            }
+        }
         let drain = self.cfg.lease.retry_period * 2 + Duration::from_millis(300);
         let release_budget = self.cfg.lease.renew_deadline * 2;
         self.announce.stop(keep, &mut self.dp, release_budget, drain).await;
+        if let Some(d) = backend_drain {
+            info!(wait = ?d.saturating_sub(started.elapsed()), "waiting for the other nodes to drain this backend");
+            tokio::time::sleep_until(started + d).await;
+        }
         self.backends.stop();
         self.metrics_task.abort();
         undo(self.dp, &mut self.host, &self.cfg.vips, keep).await;

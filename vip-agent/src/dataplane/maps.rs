@@ -181,6 +181,14 @@ impl Maps {
         self.config.get(&0, 0).map_err(|source| MapError::Op { name: map_names::CONFIG, op: "get", source })
     }
 
+    /// Marks this node as leaving ([`Config::F_LEAVING`]): the other nodes' VIP-path
+    /// probes are refused from now on, so they drain it.
+    pub fn set_leaving(&mut self) -> Result<(), MapError> {
+        let mut c = self.config()?;
+        c.flags |= Config::F_LEAVING;
+        self.set_config(&c)
+    }
+
     /// Invalidates every per-CPU flow-cache entry (bumps [`Config::generation`]): after a
     /// backend's flags changed, or the connection table was cleared.
     pub fn invalidate_flow_cache(&mut self) -> Result<(), MapError> {
