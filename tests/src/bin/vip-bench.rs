@@ -346,6 +346,50 @@ fn maglev_table() {
     }
 }
 
+/// The control plane at the data plane's limits: 16 services (the maximum) over N
+/// backends, written by the Balancer into a loaded data plane (Maglev build, table write,
+/// flip, grace periods: what the agent pays on a change), first from empty, then after
+/// one backend went down (every service rebuilt).
+fn scale_table() -> Result<(), String> {
+    println!(
+        "\nScale: 16 services x N backends through the Balancer into the maps (M = 65537, default grace; release)"
+    );
+    println!("{:>9} {:>16} {:>22} {:>14}", "backends", "first apply ms", "one backend down ms", "per service ms");
+    for n in [3u32, 100, 1000] {
+        let mut dp = Dataplane::load().map_err(|e| format!("{e:#?} (the benchmark needs root)"))?;
+        let mut lb = Balancer::default();
+        let mut backends: Vec<BackendSpec> = (0..n)
+            .map(|i| {
+                let ip = Ipv4Addr::new(10, 200, (i / 256) as u8, (i % 256) as u8);
+                BackendSpec::up(ip, [0x02, 0, 0, 0, (i / 256) as u8, (i % 256) as u8])
+            })
+            .collect();
+        let services = |backends: &[BackendSpec]| -> Vec<ServiceSpec> {
+            (0..16u8)
+                .map(|s| ServiceSpec {
+                    vip: Ipv4Addr::new(10, 255, 0, 1 + s),
+                    port: PORT,
+                    mode: ForwardMode::Dsr,
+                    m: 65537,
+                    backends: backends.to_vec(),
+                })
+                .collect()
+        };
+        let apply_all = |dp: &mut Dataplane, lb: &mut Balancer, specs: &[ServiceSpec]| -> Result<f64, String> {
+            let t = Instant::now();
+            for spec in specs {
+                lb.apply(dp.maps_mut(), spec).map_err(|e| e.to_string())?;
+            }
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        };
+        let first = apply_all(&mut dp, &mut lb, &services(&backends))?;
+        backends[0].healthy = false;
+        let change = apply_all(&mut dp, &mut lb, &services(&backends))?;
+        println!("{n:>9} {first:>16.1} {change:>22.1} {:>14.1}", change / 16.0);
+    }
+    Ok(())
+}
+
 /// Resident memory (KiB) and CPU ticks (user + system) of process `pid`.
 fn proc_usage(pid: u32) -> Result<(u64, u64), String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
@@ -679,7 +723,7 @@ BGP: FRR 8.4 router (ECMP, layer-4 hash) in front of 3 nodes, hold time 3 s; 40 
 }
 
 fn main() -> Result<(), String> {
-    // `cargo xtask bench -- [xdp] [maglev] [agent] [failover] [bgp]`: the sections to run
+    // `cargo xtask bench -- [xdp] [maglev] [agent] [failover] [bgp] [scale]`: the sections to run
     // (all by default).
     let only: Vec<String> = std::env::args().skip(1).collect();
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
@@ -697,6 +741,9 @@ fn main() -> Result<(), String> {
     }
     if run("bgp") {
         bgp_table()?;
+    }
+    if run("scale") {
+        scale_table()?;
     }
     Ok(())
 }
