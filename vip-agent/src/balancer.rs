@@ -126,6 +126,20 @@ struct Installed {
     backends: BTreeSet<Ipv4Addr>,
 }
 
+/// One service's part of an update, before anything is written.
+struct Plan {
+    key: ServiceKey,
+    slot: u16,
+    /// Backend id of each backend of the spec, in spec order.
+    ids: Vec<u32>,
+    table: Vec<u32>,
+    /// The table (or mode, or size) changed: write the inactive half and flip.
+    flipped: bool,
+    /// Backends the previous version of the service had and this one has not.
+    removed: Vec<Ipv4Addr>,
+    healthy: usize,
+}
+
 /// Owns the service, backend and table maps' contents.
 pub struct Balancer {
     services: BTreeMap<ServiceKey, Installed>,
@@ -190,6 +204,106 @@ impl Balancer {
     /// Installs or updates a service. Idempotent: applying the same spec twice writes the
     /// backends' flags again but neither rebuilds nor flips the table.
     pub fn apply(&mut self, maps: &mut Maps, spec: &ServiceSpec) -> Result<Applied, BalancerError> {
+        let mut applied = self.apply_all(maps, std::slice::from_ref(spec))?;
+        Ok(applied.remove(0))
+    }
+
+    /// Installs or updates several services at once, in the steps of the module docs,
+    /// each step for every service before the next: the grace periods are waited out once
+    /// for all of them, not once per service (16 services would otherwise wait 16 times
+    /// on a backend going down). Returns one [`Applied`] per spec, in order.
+    pub fn apply_all(&mut self, maps: &mut Maps, specs: &[ServiceSpec]) -> Result<Vec<Applied>, BalancerError> {
+        let mut plans = Vec::with_capacity(specs.len());
+        let mut flags_changed = false;
+        for spec in specs {
+            let plan = self.plan(maps, spec)?;
+            // 1. Healthy backends marked up before any table names them.
+            for (b, &id) in spec.backends.iter().zip(&plan.ids) {
+                if b.healthy {
+                    flags_changed |= self.write_backend(maps, id, &entry(b, true))?;
+                }
+            }
+            plans.push(plan);
+        }
+        // 2. Grace: readers that saw a half we are about to write as live are gone.
+        let wait = plans
+            .iter()
+            .filter(|p| p.flipped)
+            .filter_map(|p| self.services.get(&p.key).and_then(|s| s.last_flip))
+            .map(|last| self.grace.saturating_sub(last.elapsed()))
+            .max()
+            .unwrap_or_default();
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        // 3. Write the inactive halves, 4. flip.
+        for (spec, plan) in specs.iter().zip(&plans) {
+            if plan.flipped {
+                let next_half = self.services.get(&plan.key).map_or(0, |s| s.active ^ 1);
+                maps.write_table(plan.slot, next_half, &plan.table)?;
+                maps.set_service(
+                    plan.key,
+                    Service { slot: plan.slot, active: next_half, mode: spec.mode as u8, m: spec.m },
+                )?;
+                info!(
+                    vip = %spec.vip, port = spec.port, slot = plan.slot, half = next_half, m = spec.m,
+                    healthy = plan.healthy, backends = spec.backends.len(), "Maglev table flipped"
+                );
+            }
+        }
+        // 5. Down and removed backends, now that no live table names them. A packet that
+        //    read an old table just before its flip may still be about to look its
+        //    backend up: wait out the grace period first (once), so it finds it up.
+        let downs = specs
+            .iter()
+            .zip(&plans)
+            .any(|(spec, p)| p.flipped && (spec.backends.iter().any(|b| !b.healthy) || !p.removed.is_empty()));
+        if downs {
+            std::thread::sleep(self.grace);
+        }
+        for (spec, plan) in specs.iter().zip(&plans) {
+            for (b, &id) in spec.backends.iter().zip(&plan.ids) {
+                if !b.healthy {
+                    flags_changed |= self.write_backend(maps, id, &entry(b, false))?;
+                }
+            }
+        }
+        // A flow cached on some CPU must not go to a backend whose state changed since.
+        if flags_changed {
+            maps.invalidate_flow_cache()?;
+        }
+        let mut out = Vec::with_capacity(specs.len());
+        for (spec, plan) in specs.iter().zip(plans) {
+            let prev = self.services.get(&plan.key);
+            let (active, last_flip) = match (prev, plan.flipped) {
+                (Some(s), false) => (s.active, s.last_flip),
+                (Some(s), true) => (s.active ^ 1, Some(Instant::now())),
+                (None, _) => (0, Some(Instant::now())),
+            };
+            let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
+            self.services.insert(
+                plan.key,
+                Installed {
+                    slot: plan.slot,
+                    active,
+                    mode: spec.mode,
+                    m: spec.m,
+                    last_flip,
+                    table: plan.table.clone(),
+                    backends: now,
+                },
+            );
+            for ip in plan.removed {
+                self.release_if_unused(maps, ip)?;
+            }
+            out.push(Applied { flipped: plan.flipped, table: plan.table, ids: plan.ids });
+        }
+        Ok(out)
+    }
+
+    /// Validates `spec`, assigns its slot and backend ids, and builds its table: what
+    /// [`Balancer::apply_all`] then writes.
+    fn plan(&mut self, maps: &mut Maps, spec: &ServiceSpec) -> Result<Plan, BalancerError> {
         maglev::validate_size(spec.m)?;
         let key = spec.key();
         let mut seen = BTreeSet::new();
@@ -206,18 +320,7 @@ impl Balancer {
                 max: MAX_SERVICES,
             })?,
         };
-
-        // 1. Ids for every backend; healthy ones marked up before any table names them.
-        let mut ids = Vec::with_capacity(spec.backends.len());
-        let mut flags_changed = false;
-        for b in &spec.backends {
-            let id = self.id_for(maps, b.ip)?;
-            ids.push(id);
-            if b.healthy {
-                flags_changed |= self.write_backend(maps, id, &entry(b, true))?;
-            }
-        }
-
+        let ids = spec.backends.iter().map(|b| self.id_for(maps, b.ip)).collect::<Result<Vec<u32>, _>>()?;
         // The table over healthy backends, by address (the name every node agrees on).
         let healthy: Vec<(usize, String)> =
             spec.backends.iter().enumerate().filter(|(_, b)| b.healthy).map(|(i, b)| (i, b.ip.to_string())).collect();
@@ -227,62 +330,11 @@ impl Balancer {
             .into_iter()
             .map(|e| if e == maglev::NONE { NO_BACKEND } else { ids[healthy[e as usize].0] })
             .collect();
-
-        let unchanged =
-            self.services.get(&key).is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
-        let flipped = !unchanged;
-        if flipped {
-            let prev = self.services.get(&key);
-            let next_half = prev.map_or(0, |s| s.active ^ 1);
-            // 2. Grace: readers that saw the half we are about to write as live are gone.
-            if let Some(last) = prev.and_then(|s| s.last_flip) {
-                let since = last.elapsed();
-                if since < self.grace {
-                    std::thread::sleep(self.grace - since);
-                }
-            }
-            // 3. Write the inactive half, 4. flip.
-            maps.write_table(slot, next_half, &table)?;
-            maps.set_service(key, Service { slot, active: next_half, mode: spec.mode as u8, m: spec.m })?;
-            info!(
-                vip = %spec.vip, port = spec.port, slot, half = next_half, m = spec.m,
-                healthy = healthy.len(), backends = spec.backends.len(), "Maglev table flipped"
-            );
-        }
-
-        // 5. Down and removed backends, now that no live table names them. A packet that
-        //    read the old table just before the flip may still be about to look its
-        //    backend up: wait out the grace period first, so it finds the backend up.
+        let prev = self.services.get(&key);
+        let flipped = !prev.is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
         let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
-        let removed: Vec<Ipv4Addr> =
-            self.services.get(&key).map(|s| s.backends.difference(&now).copied().collect()).unwrap_or_default();
-        let downs = spec.backends.iter().any(|b| !b.healthy);
-        if flipped && (downs || !removed.is_empty()) {
-            std::thread::sleep(self.grace);
-        }
-        for (b, &id) in spec.backends.iter().zip(&ids) {
-            if !b.healthy {
-                flags_changed |= self.write_backend(maps, id, &entry(b, false))?;
-            }
-        }
-        // A flow cached on some CPU must not go to a backend whose state changed since.
-        if flags_changed {
-            maps.invalidate_flow_cache()?;
-        }
-        let last_flip = if flipped { Some(Instant::now()) } else { self.services.get(&key).and_then(|s| s.last_flip) };
-        let active = match self.services.get(&key) {
-            Some(s) if !flipped => s.active,
-            Some(s) => s.active ^ 1,
-            None => 0,
-        };
-        self.services.insert(
-            key,
-            Installed { slot, active, mode: spec.mode, m: spec.m, last_flip, table: table.clone(), backends: now },
-        );
-        for ip in removed {
-            self.release_if_unused(maps, ip)?;
-        }
-        Ok(Applied { flipped, table, ids })
+        let removed = prev.map(|s| s.backends.difference(&now).copied().collect()).unwrap_or_default();
+        Ok(Plan { key, slot, ids, table, flipped, removed, healthy: healthy.len() })
     }
 
     /// Removes every service not in `keep` (and frees the backends only they used): what

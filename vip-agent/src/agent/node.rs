@@ -518,11 +518,12 @@ fn apply(cfg: &RunConfig, dp: &mut Dataplane, balancer: &mut Balancer, backends:
     let specs = backends.specs(cfg);
     let healthy = specs.iter().filter(|b| b.healthy).count();
     dp.maps_mut().set_peers(&backends.peers())?;
-    let mut flipped = false;
-    for &vip in &cfg.vips {
-        let spec = ServiceSpec { vip, port: cfg.port, mode: cfg.forward, m: cfg.maglev_size, backends: specs.clone() };
-        flipped |= balancer.apply(dp.maps_mut(), &spec)?.flipped;
-    }
+    let services: Vec<ServiceSpec> = cfg
+        .vips
+        .iter()
+        .map(|&vip| ServiceSpec { vip, port: cfg.port, mode: cfg.forward, m: cfg.maglev_size, backends: specs.clone() })
+        .collect();
+    let flipped = balancer.apply_all(dp.maps_mut(), &services)?.iter().any(|a| a.flipped);
     if flipped && healthy == 0 && !backends.is_empty() {
         warn!("no healthy backend: VIP traffic goes to this node's own stack (local apiserver, if any)");
     }
