@@ -20,8 +20,12 @@ pub enum ApiClientError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("in-cluster configuration")]
-    InCluster(#[source] kube::config::InClusterError),
+    #[error(
+        "--apiserver in-cluster: not in a pod (KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, and the service \
+         account under {SA_DIR}, are needed)"
+    )]
+    // No #[source]: kube's own chain repeats "environment variable not found" twice.
+    InCluster(kube::config::InClusterError),
     #[error("no credentials for the API server: give --kubeconfig, or run in a pod with a service account ({SA_DIR})")]
     NoCredentials,
     #[error("--apiserver {url:?} is not a valid URL")]

@@ -15,7 +15,8 @@
 pub enum Capability {
     /// Attach XDP, add the VIP to `lo`, set interface sysctls over netlink.
     NetAdmin,
-    /// Raw ARP socket: the RFC 5227 claim probe and gratuitous ARP.
+    /// Raw packet sockets: the RFC 5227 claim probe and gratuitous ARP (ARP mode), and
+    /// the VIP-path probe of DSR backends (any mode).
     NetRaw,
     /// Load the XDP program and create its maps.
     Bpf,
@@ -66,10 +67,11 @@ pub enum CapsError {
     Unreadable,
 }
 
-/// What `run` needs: everything, except CAP_NET_RAW when no ARP is sent (BGP mode).
-pub fn needed(sends_arp: bool) -> Vec<Capability> {
+/// What `run` needs: everything, except CAP_NET_RAW when it opens no raw socket (BGP
+/// mode forwarding by IPIP or locally: no ARP, no VIP-path probe).
+pub fn needed(raw_sockets: bool) -> Vec<Capability> {
     let mut caps = vec![Capability::NetAdmin, Capability::Bpf, Capability::Perfmon];
-    if sends_arp {
+    if raw_sockets {
         caps.insert(1, Capability::NetRaw);
     }
     caps
@@ -95,10 +97,10 @@ pub fn parse_cap_eff(status: &str) -> Option<u64> {
 }
 
 /// Checks this process's effective capabilities against [`needed`].
-pub fn check(sends_arp: bool) -> Result<(), CapsError> {
+pub fn check(raw_sockets: bool) -> Result<(), CapsError> {
     let status = std::fs::read_to_string("/proc/self/status").map_err(|_| CapsError::Unreadable)?;
     let eff = parse_cap_eff(&status).ok_or(CapsError::Unreadable)?;
-    let needed = needed(sends_arp);
+    let needed = needed(raw_sockets);
     let missing = missing(eff, &needed);
     match missing.is_empty() {
         true => Ok(()),
@@ -132,7 +134,7 @@ mod tests {
     }
 
     #[test]
-    fn bgp_mode_does_not_need_net_raw() {
+    fn without_raw_sockets_net_raw_is_not_needed() {
         assert!(missing(mask(&[12, 38, 39]), &needed(false)).is_empty());
         assert_eq!(missing(mask(&[12, 38, 39]), &needed(true)), vec![Capability::NetRaw]);
     }

@@ -225,9 +225,10 @@ pub struct RunArgs {
     #[arg(long = "bgp-peer", env = "VIP_BGP_PEER", value_name = "IP:AS[:PASSWORD]", value_delimiter = ',')]
     pub bgp_peers: Vec<BgpPeerArg>,
     /// BGP mode: the hold time proposed to the routers (0, or 3s to 65535s, whole
-    /// seconds): how long a router keeps the routes of a node that went silent.
-    #[arg(long, env = "VIP_BGP_HOLD_TIME", default_value = "9s")]
-    pub bgp_hold_time: Dur,
+    /// seconds; default 9s): how long a router keeps the routes of a node that went
+    /// silent.
+    #[arg(long, env = "VIP_BGP_HOLD_TIME")]
+    pub bgp_hold_time: Option<Dur>,
     /// BGP mode: time between KEEPALIVEs (default: a third of the hold time).
     #[arg(long, env = "VIP_BGP_KEEPALIVE")]
     pub bgp_keepalive: Option<Dur>,
@@ -309,7 +310,17 @@ pub struct RunArgs {
     pub pin_path: PathBuf,
     /// On exit, leave the data plane attached and pinned (and the VIP in place), so a
     /// restarted or upgraded agent takes over without interrupting forwarding.
-    #[arg(long, env = "VIP_KEEP_FORWARDING_ON_EXIT")]
+    /// `--keep-forwarding-on-exit`, `=true` or `=false`.
+    #[arg(
+        long,
+        env = "VIP_KEEP_FORWARDING_ON_EXIT",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        default_value_t = false
+    )]
     pub keep_forwarding_on_exit: bool,
     /// Maglev table size (a prime up to 65537).
     #[arg(long, env = "VIP_MAGLEV_SIZE", default_value_t = maglev::DEFAULT_M)]
@@ -416,8 +427,9 @@ pub enum ConfigError {
     DuplicateBackend { ip: Ipv4Addr },
     #[error("--backend {ip} is the VIP itself")]
     BackendIsVip { ip: Ipv4Addr },
+    // Not a #[source]: the message already says it all, and a chain would repeat it.
     #[error("--maglev-size: {0}")]
-    Maglev(#[from] maglev::MaglevError),
+    Maglev(maglev::MaglevError),
     #[error("--health-path {path:?} must start with '/'")]
     HealthPath { path: String },
     #[error("{why}")]
@@ -436,8 +448,8 @@ pub enum ConfigError {
     ServerName { name: String },
     #[error("--mode bgp: {why}")]
     Bgp { why: String },
-    #[error("--bgp-* flags given without --mode bgp")]
-    BgpWithoutMode,
+    #[error("{flag} given without --mode bgp")]
+    BgpWithoutMode { flag: &'static str },
     #[error("--bootstrap needs --mode arp --election kubernetes (it bridges the time before the Lease API answers)")]
     Bootstrap,
     #[error("--interface: {0}")]
@@ -473,7 +485,7 @@ impl TryFrom<RunArgs> for RunConfig {
                 return Err(ConfigError::DuplicateBackend { ip: b.ip });
             }
         }
-        maglev::validate_size(args.maglev_size)?;
+        maglev::validate_size(args.maglev_size).map_err(ConfigError::Maglev)?;
         for (flag, value, ok, range) in [
             ("health-interval", args.health_interval, in_range(args.health_interval, 10, 3_600_000), "10ms to 1h"),
             ("health-timeout", args.health_timeout, in_range(args.health_timeout, 10, 3_600_000), "10ms to 1h"),
@@ -584,11 +596,22 @@ impl TryFrom<RunArgs> for RunConfig {
 /// BGP mode's settings, checked: an AS, at least one peer (each once), a hold time of 0
 /// or 3 to 65535 whole seconds (RFC 4271 §4.2), a keepalive within a third of it. BGP
 /// flags without `--mode bgp` are refused rather than ignored.
+/// The hold time offered when `--bgp-hold-time` is not given (RFC 4271 suggests 90 s; a
+/// control-plane VIP wants a dead node's routes gone sooner).
+const DEFAULT_BGP_HOLD_TIME: Duration = Duration::from_secs(9);
+
 fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
     let err = |why: String| ConfigError::Bgp { why };
     if args.mode != Mode::Bgp {
-        if args.bgp_local_as.is_some() || !args.bgp_peers.is_empty() || args.bgp_router_id.is_some() {
-            return Err(ConfigError::BgpWithoutMode);
+        let given = [
+            ("--bgp-local-as", args.bgp_local_as.is_some()),
+            ("--bgp-peer", !args.bgp_peers.is_empty()),
+            ("--bgp-router-id", args.bgp_router_id.is_some()),
+            ("--bgp-hold-time", args.bgp_hold_time.is_some()),
+            ("--bgp-keepalive", args.bgp_keepalive.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+            return Err(ConfigError::BgpWithoutMode { flag });
         }
         return Ok(None);
     }
@@ -605,10 +628,10 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
             return Err(err(format!("--bgp-peer {} is given twice", p.ip)));
         }
     }
-    let hold = args.bgp_hold_time.0;
+    let hold = args.bgp_hold_time.map_or(DEFAULT_BGP_HOLD_TIME, |h| h.0);
     let whole = hold.subsec_nanos() == 0 && (hold.is_zero() || (3..=65535).contains(&hold.as_secs()));
     if !whole {
-        return Err(err(format!("--bgp-hold-time {}: 0 or 3s to 65535s, whole seconds", args.bgp_hold_time)));
+        return Err(err(format!("--bgp-hold-time {}: 0 or 3s to 65535s, whole seconds", Dur(hold))));
     }
     let keepalive = args.bgp_keepalive.map(|k| k.0);
     if let Some(k) = keepalive {
@@ -616,7 +639,7 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
             return Err(err(format!(
                 "--bgp-keepalive {}: above zero and at most a third of --bgp-hold-time {}",
                 Dur(k),
-                args.bgp_hold_time
+                Dur(hold)
             )));
         }
     }
@@ -845,7 +868,8 @@ mod tests {
         assert_eq!("1.5s".parse::<Dur>().unwrap().0, Duration::from_millis(1500));
         assert_eq!("1m".parse::<Dur>().unwrap().0, Duration::from_secs(60));
         assert!("5".parse::<Dur>().unwrap_err().contains("no unit"));
-        assert!("5h".parse::<Dur>().unwrap_err().contains("unknown unit"));
+        assert!("5d".parse::<Dur>().unwrap_err().contains("unknown unit"));
+        assert_eq!("1h".parse::<Dur>().unwrap().0, Duration::from_secs(3600));
         let cfg = parse(&with(&["--health-interval", "250ms", "--health-timeout", "100ms"])).unwrap();
         assert_eq!(cfg.health.interval, Duration::from_millis(250));
     }
@@ -899,7 +923,9 @@ mod tests {
             (&["--health-server-name", "not a name"], "--health-server-name \"not a name\""),
             (&["--flow-hash-seed", "0x1_0000_0000"], "is not a 32-bit number"),
             (&["--bootstrap"], "--bootstrap needs --mode arp --election kubernetes"),
-            (&["--bgp-peer", "10.0.0.254:65001"], "--bgp-* flags given without --mode bgp"),
+            (&["--bgp-peer", "10.0.0.254:65001"], "--bgp-peer given without --mode bgp"),
+            (&["--bgp-hold-time", "10s"], "--bgp-hold-time given without --mode bgp"),
+            (&["--bgp-keepalive", "3s"], "--bgp-keepalive given without --mode bgp"),
             (&["--mode", "bgp", "--bgp-peer", "10.0.0.254:65001"], "--mode bgp: --bgp-local-as is required"),
             (&["--mode", "bgp", "--bgp-local-as", "65000"], "--mode bgp: at least one --bgp-peer IP:AS is required"),
             (&["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.254"], "the peer's AS is missing"),

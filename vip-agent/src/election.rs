@@ -507,7 +507,13 @@ struct Run<A, F> {
     duplicate_reported: Option<String>,
     /// Still bootstrapping: the Lease API has not answered this process yet.
     bootstrapping: bool,
+    /// When a failed Lease call was last logged at warn level: at most one line per
+    /// [`UNANSWERED_LOG_EVERY`] while the API does not answer.
+    unanswered_logged: Option<Instant>,
 }
+
+/// How often an unanswering Lease API is logged (each try is logged at debug).
+const UNANSWERED_LOG_EVERY: Duration = Duration::from_secs(30);
 
 impl<A: LeaseApi, F: Fence> Run<A, F> {
     async fn send(&self, event: ElectionEvent) {
@@ -532,6 +538,17 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         }
     }
 
+    /// Logs a failed Lease call: at debug each time, at warn once per
+    /// [`UNANSWERED_LOG_EVERY`] (an API that is down, as during `kubeadm init`, would
+    /// otherwise fill the log five times a second).
+    fn log_unanswered(&mut self, error: &str) {
+        debug!(error, "Lease try failed");
+        if self.unanswered_logged.is_none_or(|t| t.elapsed() >= UNANSWERED_LOG_EVERY) {
+            warn!(error, every = ?UNANSWERED_LOG_EVERY, "the Lease API does not answer (logged again while it lasts)");
+            self.unanswered_logged = Some(Instant::now());
+        }
+    }
+
     /// One try, while eligible.
     async fn try_once(&mut self) {
         let start = Instant::now();
@@ -552,14 +569,17 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         let answered = match tokio::time::timeout(budget, self.elector.try_acquire_or_renew()).await {
             Ok(Ok(t)) => Some(t),
             Ok(Err(e)) => {
-                debug!(error = %e, "Lease try failed");
+                self.log_unanswered(&e.to_string());
                 None
             }
             Err(_) => {
-                debug!(?budget, "Lease try timed out");
+                self.log_unanswered(&format!("no answer within {budget:?}"));
                 None
             }
         };
+        if answered.is_some() {
+            self.unanswered_logged = None;
+        }
         let outcome = match (answered, self.bootstrapping) {
             (None, true) => return self.bootstrap_hold().await,
             (Some(t), true) => self.end_bootstrap(t).await,
@@ -678,6 +698,7 @@ pub async fn run<A: LeaseApi, F: Fence>(
         safe_from: Instant::now(),
         duplicate_reported: None,
         bootstrapping: cfg.bootstrap,
+        unanswered_logged: None,
     };
     let mut ticker = tokio::time::interval(cfg.retry_period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

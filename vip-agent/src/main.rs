@@ -9,9 +9,17 @@ use vip_agent::config::{self, Cli, Command, LogFormat, OutputFormat, ParseError,
 fn main() -> ExitCode {
     let cli = match config::parse_args(std::env::args_os().collect(), &|k| std::env::var(k).ok()) {
         Ok(cli) => cli,
-        Err(ParseError::Clap(e)) => e.exit(),
+        Err(ParseError::Clap(e)) if !e.use_stderr() => e.exit(),
+        Err(ParseError::Clap(e)) => {
+            // One line, like every other error: clap's own message, without its blank
+            // line and "For more information" footer.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("vip-agent: {first} (see --help)");
+            return ExitCode::from(2);
+        }
         Err(ParseError::Config(e)) => {
-            eprintln!("vip-agent: error: {e}");
+            eprintln!("vip-agent: error: {:#}", anyhow::Error::from(e));
             return ExitCode::FAILURE;
         }
     };
@@ -25,7 +33,9 @@ fn main() -> ExitCode {
 }
 
 fn logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // kube's client logs every failed request at ERROR, with no URL: the agent says what
+    // failed itself (once per 30 s while the Lease API does not answer).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube_client=off"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

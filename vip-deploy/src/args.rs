@@ -226,7 +226,7 @@ impl fmt::Display for BgpPeer {
     }
 }
 
-/// A duration with a unit, as the agent writes them: `500ms`, `2s`, `1.5s`, `1m`.
+/// A duration with a unit, as the agent writes them: `500ms`, `2s`, `1.5s`, `1m`, `1h`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
@@ -244,7 +244,8 @@ impl FromStr for Dur {
             "ms" => n / 1000.0,
             "s" => n,
             "m" => n * 60.0,
-            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+            "h" => n * 3600.0,
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
         };
         Duration::try_from_secs_f64(secs).map(Dur).map_err(|_| format!("{s:?} is out of range"))
     }
@@ -303,7 +304,7 @@ mod tests {
             assert_eq!(shown.parse::<Dur>().unwrap(), d);
         }
         assert!("9".parse::<Dur>().unwrap_err().contains("no unit"));
-        assert!("9h".parse::<Dur>().unwrap_err().contains("unknown unit"));
+        assert!("9d".parse::<Dur>().unwrap_err().contains("unknown unit"));
     }
 
     #[test]

@@ -286,7 +286,8 @@ fn joined<T: ToString>(items: &[T]) -> String {
 
 /// The agent's flags as its `VIP_*` variables, values written as its `run` parses them
 /// (lists comma-separated). Settings that tie objects together (the Lease's name and
-/// namespace, which the RBAC names) are always written, defaults included.
+/// namespace, which the RBAC names) are always written in ARP mode, defaults included;
+/// BGP mode has no Lease.
 fn agent_env(s: &Settings) -> Vec<EnvVar> {
     let mut vars = vec![
         env("VIP_INTERFACE", s.interface()),
@@ -307,15 +308,6 @@ fn agent_env(s: &Settings) -> Vec<EnvVar> {
                 Forward::Local => "local",
             },
         ),
-        env(
-            "VIP_ELECTION",
-            match s.election {
-                Election::Kubernetes => "kubernetes",
-                Election::None => "none",
-            },
-        ),
-        env("VIP_LEASE_NAME", &s.lease_name),
-        env("VIP_LEASE_NAMESPACE", &s.namespace),
         // The Lease holder: the node's name as the API knows it (the hostname may differ).
         env_from(
             "VIP_NODE_NAME",
@@ -325,6 +317,16 @@ fn agent_env(s: &Settings) -> Vec<EnvVar> {
             },
         ),
     ];
+    // BGP mode has no election: no Lease settings.
+    if s.mode == Mode::Arp {
+        let election = match s.election {
+            Election::Kubernetes => "kubernetes",
+            Election::None => "none",
+        };
+        vars.insert(5, env("VIP_ELECTION", election));
+        vars.insert(6, env("VIP_LEASE_NAME", &s.lease_name));
+        vars.insert(7, env("VIP_LEASE_NAMESPACE", &s.namespace));
+    }
     if s.discover {
         vars.push(env("VIP_DISCOVER", discover_value(Discover::Kubernetes)));
     }

@@ -148,7 +148,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let span = info_span!("run", interface = %cfg.interface);
     async move {
         // Nothing below touches the host until the data plane is opened.
-        crate::caps::check(cfg.mode == Mode::Arp)?;
+        crate::caps::check(cfg.mode == Mode::Arp || cfg.forward == ForwardMode::Dsr)?;
         let mut sigterm =
             signal(SignalKind::terminate()).map_err(|source| RunError::Signal { signal: "SIGTERM", source })?;
         let mut sigint =

@@ -253,15 +253,31 @@ impl Dataplane {
     pub fn open_pinned(dir: &Path) -> Result<(Self, bool), DataplaneError> {
         let shown = dir.display().to_string();
         let pin_err = |why: String| DataplaneError::PinPath { path: shown.clone(), why };
-        std::fs::create_dir_all(dir).map_err(|e| match e.kind() {
-            io::ErrorKind::PermissionDenied => {
-                DataplaneError::PermissionDenied { what: "creating the pin path", detail: format!("{shown}: {e}") }
+        // Only the last component is created, and only on a bpffs: a wrong path must not
+        // leave directories behind on another file system.
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("/"));
+        let mount_hint =
+            |at: &Path| format!("not on a bpf filesystem (mount one with: mount -t bpf bpf {})", at.display());
+        if !parent.is_dir() {
+            return Err(pin_err(format!("{} does not exist; {}", parent.display(), mount_hint(parent))));
+        }
+        if !is_bpffs(parent) && !is_bpffs(dir) {
+            return Err(pin_err(mount_hint(parent)));
+        }
+        if let Err(e) = std::fs::create_dir(dir) {
+            match e.kind() {
+                io::ErrorKind::AlreadyExists => {}
+                io::ErrorKind::PermissionDenied => {
+                    return Err(DataplaneError::PermissionDenied {
+                        what: "creating the pin path",
+                        detail: format!("{shown}: {e}"),
+                    })
+                }
+                _ => return Err(pin_err(format!("cannot create it: {e}"))),
             }
-            _ => pin_err(format!("cannot create it: {e}")),
-        })?;
+        }
         if !is_bpffs(dir) {
-            let _ = std::fs::remove_dir(dir);
-            return Err(pin_err("not on a bpf filesystem (mount one with: mount -t bpf bpf <dir>)".into()));
+            return Err(pin_err(mount_hint(parent)));
         }
         let existed: Vec<&str> = maps::LAYOUTS.iter().map(|l| l.0).filter(|name| dir.join(name).exists()).collect();
         for name in &existed {
