@@ -265,14 +265,20 @@ fn a_recreated_interface_is_attached_again() {
     node.ip(&["addr", "add", "10.57.0.11/24", "dev", "eth0"]).unwrap();
     node.ip(&["link", "set", "eth0", "up"]).unwrap();
 
+    // Until the agent has attached again the new interface has the kernel's default ARP
+    // settings, and the kernel itself may answer for the VIP on `lo`: wait for the
+    // attachment first, then check the answer is ours.
+    assert!(
+        wait_until(Duration::from_secs(10), || node.has_xdp("eth0").unwrap_or(false)),
+        "no XDP program on the new eth0"
+    );
     let new_mac = [0x02, 0, 0, 0, 0, 0xaa];
     assert!(
-        wait_until(Duration::from_secs(10), || {
+        wait_until(Duration::from_secs(5), || {
             tests::netns::arping(lab.client_ns(), "eth0", "10.57.0.100", 1, 1).is_ok_and(|m| m == vec![new_mac])
         }),
         "the VIP is not answered with the new MAC"
     );
-    assert!(node.has_xdp("eth0").unwrap());
     lab.wait_all_healthy(0).unwrap();
     let (counts, errors) = lab.requests(60);
     assert!(errors.is_empty(), "{errors:?}");

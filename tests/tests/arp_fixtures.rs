@@ -42,6 +42,8 @@ enum State {
     LeaderOnVlan100,
     /// Follows VIP, which lives on VLAN 100.
     FollowerOnVlan100,
+    /// Follows VIP while its agent probes for it before claiming it.
+    FollowerProbing,
 }
 
 fn load() -> Dataplane {
@@ -80,6 +82,7 @@ fn setup(dp: &mut Dataplane, state: State) {
         }
         State::LeaderOnVlan100 => seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER).on_segment(100)),
         State::FollowerOnVlan100 => seed_vip(dp, VIP, VipState::follower().on_segment(100)),
+        State::FollowerProbing => seed_vip(dp, VIP, VipState::follower().probing()),
     }
 }
 
@@ -344,6 +347,22 @@ fn fixture_table() -> Vec<Fixture> {
             "ARP probe (sender 0.0.0.0) for the VIP, follower",
             Follower,
             Frame::arp(BROADCAST, OTHER_MAC, &Arp::request(OTHER_MAC, Ipv4Addr::UNSPECIFIED, VIP)).bytes(),
+            xdp::DROP,
+            ArpFollowerDropped,
+            None,
+        ),
+        fx(
+            "ARP probe (sender 0.0.0.0) for the VIP from another host while our agent probes: passed to it",
+            FollowerProbing,
+            Frame::arp(BROADCAST, OTHER_MAC, &Arp::request(OTHER_MAC, Ipv4Addr::UNSPECIFIED, VIP)).bytes(),
+            xdp::PASS,
+            ArpProbeWhileProbing,
+            None,
+        ),
+        fx(
+            "request for the VIP while our agent probes: still dropped",
+            FollowerProbing,
+            req.bytes(),
             xdp::DROP,
             ArpFollowerDropped,
             None,

@@ -33,16 +33,30 @@ fn agent_args(pins: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-/// `vip-agent status --output json` against the pins of an agent in `ns`.
-fn status_json(ns: &Netns, pins: &std::path::Path) -> serde_json::Value {
+/// `vip-agent status --output json` against the pins of an agent in `ns`: the JSON, or
+/// status's error.
+fn try_status_json(ns: &Netns, pins: &std::path::Path) -> Result<serde_json::Value, String> {
     let out = ns
         .cmd(tests::agent::agent_bin().to_str().unwrap())
         .args(["status", "--output", "json", "--pin-path"])
         .arg(pins)
         .output()
-        .unwrap();
-    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// [`try_status_json`] once the agent is up.
+fn status_json(ns: &Netns, pins: &std::path::Path) -> serde_json::Value {
+    try_status_json(ns, pins).unwrap_or_else(|e| panic!("status failed: {e}"))
+}
+
+/// Whether the agent in `ns` has pinned all its maps and leads. (While it starts, its
+/// maps are pinned one after the other and status may find only some of them.)
+fn leads(ns: &Netns, pins: &std::path::Path) -> bool {
+    try_status_json(ns, pins).is_ok_and(|s| s["vips"][0]["leader"] == true)
 }
 
 struct Lab {
@@ -147,7 +161,7 @@ fn agent_answers_arp_until_sigterm_then_detaches() {
         "agent never attached"
     );
     // It claims the VIP once its ARP probe found nobody else answering.
-    assert!(wait_until(Duration::from_secs(5), || status_json(&lab.node, &pins)["vips"][0]["leader"] == true));
+    assert!(wait_until(Duration::from_secs(5), || leads(&lab.node, &pins)));
     assert_eq!(arping(&lab.client, CLIENT_DEV, VIP, 3, 3).unwrap(), vec![node_mac; 3]);
 
     assert!(lab.node.addrs("lo").unwrap().contains(VIP), "VIP not on lo while serving");
@@ -281,9 +295,8 @@ fn flags_come_from_the_environment() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let attached = wait_until(Duration::from_secs(10), || {
-        lab.node.has_xdp(NODE_DEV).unwrap_or(false) && status_json(&lab.node, &pins)["vips"][0]["leader"] == true
-    });
+    let attached =
+        wait_until(Duration::from_secs(10), || lab.node.has_xdp(NODE_DEV).unwrap_or(false) && leads(&lab.node, &pins));
     let replies = arping(&lab.client, CLIENT_DEV, VIP, 1, 2).unwrap();
     let _ = child.kill();
     let _ = child.wait();
@@ -315,11 +328,7 @@ fn rare_data_plane_events_reach_the_agent_log_only_when_asked() {
         let pins = pin_dir(&lab.node.name).unwrap();
         let filter = debug.then_some("info,vip_ebpf=debug");
         let mut agent = Agent::spawn_with_log_filter(&lab.node, &agent_args(&pins), filter).unwrap();
-        let leads = wait_until(Duration::from_secs(10), || {
-            agent.running()
-                && pins.join("VIP_CONFIG").exists()
-                && status_json(&lab.node, &pins)["vips"][0]["leader"] == true
-        });
+        let leads = wait_until(Duration::from_secs(10), || agent.running() && leads(&lab.node, &pins));
         if !leads {
             let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap_or_default();
             panic!("never led (debug log {debug}):\n{log}");

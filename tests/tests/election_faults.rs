@@ -9,7 +9,10 @@
 //!
 //! Needs root.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use tests::{
     agent::{wait_until, Agent},
@@ -190,6 +193,50 @@ fn a_leader_paused_mid_announcement_sends_nothing_once_resumed() {
     let garps = frames.iter().filter(|f| is_garp(f, lab.vip, mac)).count();
     assert_eq!(garps, 0, "the resumed former leader announced the VIP {garps} times");
     assert!(lab.status(third).is_ok_and(|s| s["vips"][0]["leader"] == true));
+}
+
+/// RFC 5227 §2.1.1: a node probing for the VIP while another host probes for it too
+/// does not claim it. Its data plane drops ARP for the VIP while it follows (its kernel
+/// would answer otherwise), so it must let other hosts' probes through while its own
+/// agent probes, or two nodes claiming at the same moment both hold the VIP. Here
+/// another host probes every 20 ms: the bootstrapping agent counts the conflict and never
+/// answers; once that host is gone it holds the VIP after its hold-off.
+#[test]
+fn a_node_probing_at_the_same_moment_as_another_host_does_not_claim_the_vip() {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    let lab = lab([10, 106, 0]);
+    std::fs::write(lab.faults_file(), r#"{"status": 403}"#).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (ns, vip, stop) = (lab.client_ns().name.clone(), lab.vip, stop.clone());
+        std::thread::spawn(move || {
+            let mut answered = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let probe = tests::netns::arp_probe(&ns, "eth0", Ipv4Addr::UNSPECIFIED, vip, Duration::from_millis(20));
+                answered.extend(probe.unwrap_or_default());
+            }
+            answered
+        })
+    };
+    let mut agent = lab.spawn_agent(0, &["--bootstrap"]).unwrap();
+    let counted =
+        wait_until(Duration::from_secs(6), || lab.metric(0, "vip_arp_conflicts_total").is_some_and(|v| v >= 1.0));
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let answered = prober.join().unwrap();
+    if !counted {
+        let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap_or_default();
+        panic!("the other host's probes were never seen:\n{log}");
+    }
+    assert!(answered.is_empty(), "probes answered while another host claimed the VIP: {answered:?}");
+    assert!(
+        wait_until(Duration::from_secs(12), || lab.leaders() == vec![0]),
+        "never held the VIP once the other host was gone: {:?}",
+        lab.leaders()
+    );
 }
 
 /// `kubeadm init`: the Lease API refuses every call (403: RBAC not there yet). The node

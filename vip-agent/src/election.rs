@@ -93,16 +93,24 @@ impl ElectionConfig {
 
 /// A fresh instance id: 64 random bits from the kernel, in hex.
 pub fn new_instance_id() -> String {
-    let mut b = [0u8; 8];
+    random_bytes::<8>().iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `N` random bytes from the kernel (`getrandom(2)`); if it fails (never seen on
+/// Linux ≥ 3.17 for so few bytes), the clock and the pid, which still make two processes
+/// differ.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
     // SAFETY: getrandom fills at most b.len() bytes of b.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != b.len() as isize {
-        // Never seen on Linux ≥ 3.17 for 8 bytes; the pid and the clock still make two
-        // processes differ.
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        b = (t ^ u64::from(std::process::id()).rotate_left(32)).to_be_bytes();
+        let mix = (t ^ u64::from(std::process::id()).rotate_left(32)).to_be_bytes();
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = mix[i % 8];
+        }
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    b
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -483,8 +491,12 @@ pub trait Fence {
 /// What the election tells the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ElectionEvent {
-    /// This node leads (the fence already answers): announce the VIP.
-    Leading,
+    /// This node leads (the fence already answers): announce the VIP. `bootstrap`: it
+    /// holds the VIP without a Lease ([`ElectionConfig::bootstrap`], the API not
+    /// answering yet), so nothing but its ARP probe backs the claim and it yields to
+    /// another host claiming the VIP. Sent again with `bootstrap: false` when the Lease
+    /// takes over a bootstrap hold.
+    Leading { bootstrap: bool },
     /// This node stopped leading (lost, stepped down, or never had it).
     Following,
     /// The claim probe found a foreign host answering for the VIP at this MAC; the
@@ -612,7 +624,7 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
                 self.last_renew = now;
                 self.fence.lead_until(now + self.cfg.renew_deadline);
                 warn!("bootstrap: the Lease API does not answer yet and nobody answers for the VIP: holding it");
-                self.send(ElectionEvent::Leading).await;
+                self.send(ElectionEvent::Leading { bootstrap: true }).await;
             }
             Err(mac) => self.send(ElectionEvent::ClaimRefused { mac }).await,
         }
@@ -626,7 +638,10 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         self.bootstrapping = false;
         info!("the Lease API answers: bootstrap over, the Lease decides from now on");
         match t {
-            Try::Held { .. } if self.leading => Try::Held { fenced_until: None },
+            Try::Held { .. } if self.leading => {
+                self.send(ElectionEvent::Leading { bootstrap: false }).await;
+                Try::Held { fenced_until: None }
+            }
             Try::Following if self.leading => {
                 self.step_down("bootstrap over and another node holds the Lease").await;
                 Try::Following
@@ -657,7 +672,7 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
             self.leading = true;
             info!(identity = %self.cfg.identity, instance = %self.cfg.instance, "acquired the Lease: leading");
             self.fence.lead_until(start + self.cfg.renew_deadline);
-            self.send(ElectionEvent::Leading).await;
+            self.send(ElectionEvent::Leading { bootstrap: false }).await;
             return;
         }
         self.fence.lead_until(start + self.cfg.renew_deadline);
@@ -1038,7 +1053,7 @@ mod tests {
         let task = tokio::spawn(run(Elector::new(store, cfg("a")), fence, eligible, stop, tx, false));
         // Created afresh: a lease duration of waiting, then a claim, then leading.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(rx.recv().await, Some(ElectionEvent::Leading));
+        assert_eq!(rx.recv().await, Some(ElectionEvent::Leading { bootstrap: false }));
         eligible_tx.send(false).unwrap();
         assert_eq!(rx.recv().await, Some(ElectionEvent::Following));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1095,11 +1110,12 @@ mod tests {
         let cfg = ElectionConfig { bootstrap: true, ..cfg("a") };
         let task = tokio::spawn(run(Elector::new(api, cfg), fence, eligible, stop, tx, false));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(rx.recv().await, Some(ElectionEvent::Leading), "held while the API refuses");
+        assert_eq!(rx.recv().await, Some(ElectionEvent::Leading { bootstrap: true }), "held while the API refuses");
         assert_eq!(holder(&store), None);
         *refusing.lock().unwrap() = false;
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(holder(&store).as_deref(), Some("a"), "took the Lease once the API answered");
+        assert_eq!(rx.try_recv().ok(), Some(ElectionEvent::Leading { bootstrap: false }), "the Lease backs the hold");
         assert!(rx.try_recv().is_err(), "no step-down in between");
         let log = log.lock().unwrap().clone();
         assert!(!log.contains(&"step_down".to_string()), "{log:?}");

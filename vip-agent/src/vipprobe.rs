@@ -109,7 +109,10 @@ pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
 }
 
 /// Sends the SYN to `backend_mac`, waits up to `timeout` for the SYN-ACK, and resets
-/// the connection it opened. Blocking: run it on a blocking thread.
+/// the connection it opened. The reset goes out on a timeout too: a SYN-ACK that comes
+/// late (a loaded backend) still left a SYN-RECV socket there, and a reset with
+/// sequence number ISN+1 closes it; where there is none, a reset is never answered.
+/// Blocking: run it on a blocking thread.
 pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Duration) -> Result<(), VipProbeError> {
     let sock = RawSocket::open(p.ifindex, ETH_P_IP, Some(Duration::from_millis(20))).map_err(VipProbeError::Socket)?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
@@ -127,6 +130,7 @@ pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Dur
             }
         }
     }
+    sock.send(&rst_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
     Err(VipProbeError::NoAnswer { vip: p.vip, port: p.port, backend, timeout })
 }
 

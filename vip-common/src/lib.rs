@@ -609,6 +609,12 @@ const _: () = assert!(core::mem::size_of::<VipState>() == 16);
 impl VipState {
     /// This node leads the VIP: answer ARP requests for it (until the deadline).
     pub const F_LEADER: u32 = 1 << 0;
+    /// This node's agent is probing for the VIP before claiming it (RFC 5227 §2.1.1): a
+    /// follower passes other hosts' ARP probes for it (sender IP 0.0.0.0) instead of
+    /// dropping them, so the agent sees a node that probes at the same time and both back
+    /// off. (The kernel does not answer them: the VIP is on `lo` and the agent sets
+    /// `arp_ignore` on the interface.) Cleared when the probe ends.
+    pub const F_PROBING: u32 = 1 << 1;
     /// Deadline that never passes.
     pub const FOREVER: u64 = u64::MAX;
 
@@ -620,6 +626,12 @@ impl VipState {
     /// A VIP this node serves but does not lead: ARP requests for it are dropped.
     pub const fn follower() -> Self {
         Self { leader_until_ns: 0, flags: 0, segment: 0, _pad: 0 }
+    }
+
+    /// The same state with [`VipState::F_PROBING`] set.
+    pub const fn probing(mut self) -> Self {
+        self.flags |= Self::F_PROBING;
+        self
     }
 
     /// The same state for a VIP on VLAN `segment` (see [`segment_of`]).
@@ -738,6 +750,10 @@ pub enum Reason {
     /// A VIP-path probe from another node while this node's agent leaves
     /// ([`Config::F_LEAVING`]): dropped, so that node drains this one.
     ProbeRefusedLeaving = 35,
+    /// Another host's ARP probe (sender IP 0.0.0.0) for a VIP this node does not lead,
+    /// while this node's agent probes for it too ([`VipState::F_PROBING`]): `XDP_PASS`,
+    /// so the agent sees the simultaneous claim and backs off.
+    ArpProbeWhileProbing = 36,
 }
 
 impl Reason {
@@ -772,7 +788,7 @@ impl Reason {
     }
 
     /// Every reason, in index order: what the agent's status and metrics iterate over.
-    pub const ALL: [Reason; 36] = [
+    pub const ALL: [Reason; 37] = [
         Reason::ArpReplied,
         Reason::ArpFollowerDropped,
         Reason::ArpGratuitous,
@@ -809,6 +825,7 @@ impl Reason {
         Reason::IcmpToBackend,
         Reason::IcmpQuoteTruncated,
         Reason::ProbeRefusedLeaving,
+        Reason::ArpProbeWhileProbing,
     ];
 
     /// Stable name for logs, metrics labels and `vip-agent status`.
@@ -850,6 +867,7 @@ impl Reason {
             Reason::IcmpToBackend => "icmp_to_backend",
             Reason::IcmpQuoteTruncated => "icmp_quote_truncated",
             Reason::ProbeRefusedLeaving => "probe_refused_leaving",
+            Reason::ArpProbeWhileProbing => "arp_probe_while_probing",
         }
     }
 }

@@ -59,11 +59,13 @@ const LOCAL_APISERVER: &str = "https://127.0.0.1:6443";
 /// client in the pod (a `kubectl exec` tool, `--apiserver in-cluster`) off the Service.
 const SERVICE_HOST: &str = "127.0.0.1";
 const SERVICE_PORT: &str = "6443";
-/// SIGTERM to SIGKILL. The agent's stop with the default timers takes about 2 s: stop
+/// SIGTERM to SIGKILL. The agent's stop with the default timers takes about 2.5 s: stop
 /// answering ARP, release the Lease (bounded by 2 × renew-deadline = 1.2 s), drain while
 /// clients follow the new leader's gratuitous ARP (2 × retry-period + 300 ms = 0.7 s),
-/// detach or leave the pinned data plane. 10 s is five times that, for a loaded API
-/// server, and still short enough not to slow a rolling update.
+/// and meanwhile let the other nodes drain it as a backend (health interval + timeout +
+/// half an interval = 2.5 s); then detach or leave the pinned data plane. 10 s is four
+/// times that, for a loaded API server, and still short enough not to slow a rolling
+/// update.
 const TERMINATION_GRACE_SECONDS: i64 = 10;
 /// A new pod counts as available this long after it is ready, before the DaemonSet
 /// restarts the next node's: time to adopt the pinned data plane, pass `--rise` (2)

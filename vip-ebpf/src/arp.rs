@@ -1,7 +1,9 @@
 //! The ARP responder.
 //!
 //! The leader answers ARP requests for its VIPs in place (`XDP_TX`); a follower drops
-//! them, because every node holds the VIPs on `lo` and its kernel would answer otherwise.
+//! them, because every node holds the VIPs on `lo` and its kernel would answer otherwise,
+//! except other hosts' ARP probes while its own agent probes for the VIP (the agent must
+//! see them: two nodes claiming at once both back off).
 //! Only requests on the VIP's own segment (VLAN), sent to us (broadcast, or unicast to
 //! our MAC, as a cache refresh is), are ours. Gratuitous ARPs, replies, and ARP for
 //! other addresses pass to the kernel (and to the agent, which watches for other hosts
@@ -65,6 +67,10 @@ pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
     if state.flags & VipState::F_LEADER == 0
         || (state.leader_until_ns != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= state.leader_until_ns)
     {
+        // Our agent probes for the VIP too: let it see another host's probe.
+        if state.flags & VipState::F_PROBING != 0 && arp.spa == [0; 4] {
+            return Verdict::pass(Reason::ArpProbeWhileProbing);
+        }
         return Verdict::drop(Reason::ArpFollowerDropped);
     }
     if mac == 0 {

@@ -228,6 +228,9 @@ impl Node {
             HostEvent::Link(LinkEvent::Up { ifindex }) => {
                 if ifindex != self.dev.ifindex {
                     self.on_interface_recreated(ifindex);
+                    // The new interface has the kernel's default ARP sysctls: put ours
+                    // back now rather than at the next tick.
+                    self.repair_host().await;
                 }
                 info!("link up");
                 self.eligibility.link_up = true;
@@ -289,7 +292,7 @@ impl Node {
             AnnounceEvent::Election(e) => {
                 self.announce.on_election(&e);
                 match e {
-                    ElectionEvent::Leading | ElectionEvent::Following => {}
+                    ElectionEvent::Leading { .. } | ElectionEvent::Following => {}
                     ElectionEvent::ClaimRefused { mac } => {
                         warn!(
                             foreign_mac = %netdev::MacAddr(mac), holdoff = ?CONFLICT_HOLDOFF,
@@ -298,12 +301,7 @@ impl Node {
                         for &vip in &self.cfg.vips {
                             self.metrics.arp_conflict(vip);
                         }
-                        // Jittered, so that two nodes that saw each other's probes do
-                        // not probe in step again (RFC 5227 §2.1.1).
-                        let jitter =
-                            Duration::from_millis(u64::from(crate::election::new_instance_id().as_bytes()[0]) * 8);
-                        self.eligibility.conflict_until = Some(Instant::now() + CONFLICT_HOLDOFF + jitter);
-                        self.push_eligibility();
+                        self.hold_off_after_conflict();
                     }
                     ElectionEvent::DuplicateIdentity { other_instance } => {
                         error!(
@@ -314,6 +312,14 @@ impl Node {
                         self.duplicate_seen = Some(Instant::now());
                     }
                 }
+            }
+            AnnounceEvent::ForeignClaim { vip, mac } if self.announce.yields_to_claims() => {
+                warn!(
+                    %vip, foreign_mac = %netdev::MacAddr(mac), holdoff = ?CONFLICT_HOLDOFF,
+                    "another host claims the VIP this node holds without a Lease (bootstrap): yielding"
+                );
+                self.metrics.arp_conflict(vip);
+                self.hold_off_after_conflict();
             }
             AnnounceEvent::ForeignClaim { vip, mac } => {
                 let (conflict, defended) = self.announce.on_foreign_claim(vip, mac);
@@ -327,11 +333,25 @@ impl Node {
         }
     }
 
-    /// Every tick: re-check the host, expire conflicts and the duplicate memory.
-    pub async fn on_tick(&mut self) {
+    /// Not eligible for [`CONFLICT_HOLDOFF`] plus a jitter of up to 2 s, so that two
+    /// nodes that saw each other's probes or claims do not probe in step again
+    /// (RFC 5227 §2.1.1).
+    fn hold_off_after_conflict(&mut self) {
+        let jitter = Duration::from_millis(u64::from(crate::election::random_bytes::<1>()[0]) * 8);
+        self.eligibility.conflict_until = Some(Instant::now() + CONFLICT_HOLDOFF + jitter);
+        self.push_eligibility();
+    }
+
+    /// Puts back whatever host state changed behind the agent, counting each repair.
+    async fn repair_host(&mut self) {
         for r in self.host.repair().await {
             self.metrics.repaired(r.name());
         }
+    }
+
+    /// Every tick: re-check the host, expire conflicts and the duplicate memory.
+    pub async fn on_tick(&mut self) {
+        self.repair_host().await;
         if self.eligibility.conflict_until.is_some_and(|t| Instant::now() >= t) {
             self.eligibility.conflict_until = None;
             info!("conflict hold-off over: probing the VIP again");
@@ -366,10 +386,13 @@ impl Node {
         // Leaving for good: the other nodes balance to this one as a backend until their
         // VIP-path probe to it fails. Refuse those probes now, while the VIP is still on
         // `lo` and clients' flows are still served, and remove it only once every other
-        // node has probed since (one check interval and timeout): no new flow is sent
-        // here after the VIP is gone.
+        // node has probed since (one check interval and timeout) and updated its table:
+        // no new flow is sent here after the VIP is gone. The last part, a report
+        // crossing the peer's runtime and a table rebuild, is not bounded by any setting:
+        // half an interval, at least 250 ms, covers a loaded node.
+        let health = &self.cfg.health;
         let backend_drain = (!keep && self.backends.serves_peers())
-            .then(|| self.cfg.health.interval + self.cfg.health.timeout + Duration::from_millis(100));
+            .then(|| health.interval + health.timeout + (health.interval / 2).max(Duration::from_millis(250)));
         if backend_drain.is_some() {
             if let Err(e) = self.dp.maps_mut().set_leaving() {
                 warn!(error = %e, "could not refuse the other nodes' probes; they notice at their next check");

@@ -49,6 +49,14 @@ impl MapFence {
         Ok(Self { maps: Maps::from_pins(pin_path)?, interface: interface.to_owned(), vips: vips.to_vec() })
     }
 
+    fn set_probing(&mut self, probing: bool) {
+        for &vip in &self.vips {
+            if let Err(e) = self.maps.set_probing(vip, probing) {
+                error!(error = %e, %vip, probing, "writing the VIP's probing flag failed");
+            }
+        }
+    }
+
     fn set_all(&mut self, state: VipState) {
         for &vip in &self.vips {
             if let Err(e) = self.maps.set_vip(vip, state) {
@@ -78,7 +86,12 @@ impl Fence for MapFence {
 
     async fn claim(&mut self) -> Result<(), [u8; 6]> {
         let (interface, vips) = (self.interface.clone(), self.vips.clone());
-        match tokio::task::spawn_blocking(move || arp::probe(&interface, &vips, arp::PROBE_WAIT)).await {
+        // Without it our own data plane would drop the probe of a node claiming at the
+        // same moment, and both would lead.
+        self.set_probing(true);
+        let probed = tokio::task::spawn_blocking(move || arp::probe(&interface, &vips, arp::PROBE_WAIT)).await;
+        self.set_probing(false);
+        match probed {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err((vip, mac)))) => {
                 warn!(%vip, mac = %MacAddr(mac), "ARP probe answered: another host has the VIP");
@@ -118,7 +131,7 @@ async fn hold(
                     fence.lead_forever();
                     leading = true;
                     info!("leading the VIP (no election)");
-                    let _ = tx.send(AnnounceEvent::Election(ElectionEvent::Leading)).await;
+                    let _ = tx.send(AnnounceEvent::Election(ElectionEvent::Leading { bootstrap: false })).await;
                 }
                 Err(mac) => {
                     let _ = tx.send(AnnounceEvent::Election(ElectionEvent::ClaimRefused { mac })).await;
@@ -168,6 +181,8 @@ pub struct ArpAnnounce {
     task: Option<JoinHandle<()>>,
     elected: bool,
     leading: bool,
+    /// Leading without a Lease (bootstrap): yields to another host's claim.
+    bootstrap_hold: bool,
     garp: Option<JoinHandle<()>>,
     watch: Option<JoinHandle<()>>,
     events: mpsc::Sender<AnnounceEvent>,
@@ -209,6 +224,7 @@ impl ArpAnnounce {
             task: Some(task),
             elected,
             leading: s.initially_leading,
+            bootstrap_hold: false,
             garp: None,
             watch: None,
             events: s.events,
@@ -228,19 +244,33 @@ impl ArpAnnounce {
     }
 
     pub fn on_election(&mut self, event: &ElectionEvent) {
-        match event {
-            ElectionEvent::Leading => {
+        match *event {
+            // The Lease now backs a bootstrap hold: nothing changes on the wire.
+            ElectionEvent::Leading { bootstrap: false } if self.leading && self.bootstrap_hold => {
+                self.bootstrap_hold = false;
+            }
+            ElectionEvent::Leading { bootstrap } => {
                 self.leading = true;
+                self.bootstrap_hold = bootstrap;
                 self.announce();
             }
             ElectionEvent::Following | ElectionEvent::ClaimRefused { .. } => {
                 self.leading = false;
+                self.bootstrap_hold = false;
                 if let Some(g) = self.garp.take() {
                     g.abort();
                 }
             }
             ElectionEvent::DuplicateIdentity { .. } => {}
         }
+    }
+
+    /// Whether a foreign claim makes this node stop answering (RFC 5227 §2.4 (a)) rather
+    /// than defend: it holds the VIP without a Lease (bootstrap), so only its probe
+    /// backs the claim, and two nodes that probed at the same moment may both hold it.
+    /// Both yield, and their jittered hold-offs let one claim first.
+    pub fn yields_to_claims(&self) -> bool {
+        self.leading && self.bootstrap_hold
     }
 
     /// The link is back (possibly as a new interface): only a leader announces again.
@@ -253,10 +283,14 @@ impl ArpAnnounce {
     }
 
     /// A foreign host claimed `vip`. Returns whether it was a conflict (this node leads)
-    /// and whether it was defended.
+    /// and whether it was defended. A bootstrap holder does not defend: see
+    /// [`ArpAnnounce::yields_to_claims`].
     pub fn on_foreign_claim(&mut self, vip: Ipv4Addr, mac: [u8; 6]) -> (bool, bool) {
         if !self.leading {
             return (false, false);
+        }
+        if self.bootstrap_hold {
+            return (true, false);
         }
         warn!(%vip, foreign_mac = %MacAddr(mac), "another host claims the VIP this node leads");
         let due = self.last_defence.get(&vip).is_none_or(|t| t.elapsed() >= DEFEND_INTERVAL);

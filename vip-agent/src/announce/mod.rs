@@ -62,6 +62,15 @@ impl Announcer {
         }
     }
 
+    /// ARP mode: whether a foreign claim makes this node yield rather than defend (it
+    /// holds the VIP without a Lease).
+    pub fn yields_to_claims(&self) -> bool {
+        match self {
+            Announcer::Arp(a) => a.yields_to_claims(),
+            Announcer::Bgp(_) => false,
+        }
+    }
+
     /// BGP mode: whether the VIPs are advertised.
     pub fn advertised(&self) -> Option<bool> {
         match self {

@@ -255,6 +255,19 @@ impl Maps {
             .map_err(op(map_names::VIPS, "insert"))
     }
 
+    /// Sets or clears [`VipState::F_PROBING`] on `vip`, keeping the rest of its state: while
+    /// set, a follower passes other hosts' ARP probes for it to the agent's probe. A VIP
+    /// not in the map is left alone.
+    pub fn set_probing(&mut self, vip: Ipv4Addr, probing: bool) -> Result<(), MapError> {
+        let Some(mut state) = self.vip(vip)? else { return Ok(()) };
+        if probing {
+            state.flags |= VipState::F_PROBING;
+        } else {
+            state.flags &= !VipState::F_PROBING;
+        }
+        self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))
+    }
+
     /// Hands `vip` over: stop answering ARP for it, but keep balancing the traffic that
     /// still reaches this node until `balance_until_ns` (kernel monotonic clock), while
     /// clients move to the new leader. `vip` must already be set.
