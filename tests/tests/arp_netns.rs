@@ -251,6 +251,16 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
             1,
             "--metrics-addr 10.99.99.99:1",
         ),
+        (
+            &["--interface", NODE_DEV, "--vip", VIP, "--lease-name", "VIP"],
+            1,
+            "--lease-name \"VIP\": not a DNS-1123 subdomain",
+        ),
+        (
+            &["--interface", NODE_DEV, "--vip", VIP, "--lease-namespace", "kube_system"],
+            1,
+            "--lease-namespace \"kube_system\": not a DNS-1123 label",
+        ),
     ];
     for (args, code, needle) in cases {
         let mut full: Vec<&str> = vec!["run"];
@@ -272,6 +282,33 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
         assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "{args:?} changed lo");
         assert!(!pins.exists(), "{args:?} left pins behind");
     }
+    // BGP needs the interface's IPv4 address as next hop: refused before anything changes.
+    lab.node.ip(&["addr", "del", "10.31.0.1/24", "dev", NODE_DEV]).unwrap();
+    let bgp = [
+        "run",
+        "--interface",
+        NODE_DEV,
+        "--vip",
+        VIP,
+        "--mode",
+        "bgp",
+        "--bgp-local-as",
+        "65000",
+        "--bgp-peer",
+        "10.31.0.2:65001",
+        "--forward",
+        "local",
+        "--pin-path",
+        &pins_s,
+    ];
+    let (status, stderr) = run_to_exit(&lab.node, &bgp, Duration::from_secs(10)).unwrap();
+    lab.node.ip(&["addr", "add", "10.31.0.1/24", "dev", NODE_DEV]).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no IPv4 address to use as next hop"), "{stderr}");
+    assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "BGP without IPv4 left XDP attached");
+    assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "BGP without IPv4 changed lo");
+    assert!(!pins.exists(), "BGP without IPv4 left pins behind");
 }
 
 /// Every flag reads `VIP_<FLAG>` too (manifests configure the agent that way): with the
@@ -356,4 +393,48 @@ fn rare_data_plane_events_reach_the_agent_log_only_when_asked() {
         assert_eq!(logged, debug, "debug log {debug}:\n{log}");
         assert!(log.contains(&format!("debug_log={debug}")), "{log}");
     }
+}
+
+/// At tcx the kernel has already moved a frame's outer VLAN tag into the skb when the
+/// program runs: a request for the (untagged) VIP that arrived tagged 100 must still be
+/// seen as VLAN 100's, counted as another segment's and never answered (read from the
+/// frame alone it would look untagged, and be answered on VLAN 100).
+#[test]
+fn at_tcx_a_request_tagged_for_another_vlan_is_not_answered() {
+    let lab = lab(false);
+    let pins = pin_dir(&lab.node.name).unwrap();
+    let mut args = agent_args(&pins);
+    args.extend(["--attach".into(), "tcx".into()]);
+    let mut agent = Agent::spawn(&lab.node, &args).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || leads(&lab.node, &pins)), "never led");
+    let node_mac = mac_of(&lab.node, NODE_DEV).unwrap();
+    assert_eq!(arping(&lab.client, CLIENT_DEV, VIP, 1, 1).unwrap(), vec![node_mac], "untagged request not answered");
+
+    let client_mac = mac_of(&lab.client, CLIENT_DEV).unwrap();
+    let vip: std::net::Ipv4Addr = VIP.parse().unwrap();
+    let mut frame = vec![0xff; 6];
+    frame.extend(client_mac);
+    // 802.1Q, VID 100, then an ARP request for the VIP from the client.
+    frame.extend([0x81, 0x00, 0x00, 100, 0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend(client_mac);
+    frame.extend([10, 31, 0, 2]);
+    frame.extend([0; 6]);
+    frame.extend(vip.octets());
+    let capture = tests::netns::capture_arp(&lab.client, CLIENT_DEV, Duration::from_millis(800));
+    std::thread::sleep(Duration::from_millis(100));
+    let (ns, dev) = (lab.client.name.clone(), CLIENT_DEV);
+    std::thread::spawn(move || tests::netns::send_raw_frame(&ns, dev, &frame)).join().unwrap().unwrap();
+    // Replies from the node to the client (its gratuitous ARPs go to broadcast).
+    let replies: Vec<_> = capture
+        .join()
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.len() >= 12 && f[0..6] == client_mac && f[6..12] == node_mac)
+        .collect();
+    assert!(replies.is_empty(), "answered a request tagged 100: {replies:02x?}");
+    let status = status_json(&lab.node, &pins);
+    assert_eq!(status["counters"]["other_segment"], 1, "{status}");
+    let (exit, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(exit.success(), "{log}");
 }

@@ -18,7 +18,10 @@ use std::{
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use vip_common::ForwardMode;
 
-use crate::{dataplane::AttachMode, maglev, netdev};
+use crate::{
+    dataplane::{AttachMode, Hook},
+    maglev, netdev,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "vip-agent", version, about = "Highly-available VIP for the Kubernetes control plane")]
@@ -159,6 +162,7 @@ pub enum OutputFormat {
 /// A duration written with a unit: `250ms`, `2s`, `1.5s`, `1m`; the manifests write
 /// them, so both sides share one parser.
 pub use vip_deploy::args::Dur;
+use vip_deploy::names::NameRule;
 
 /// `--backend IP[:PORT]`: the address traffic is sent to, and the port its health check
 /// uses (traffic keeps the VIP's port: DSR and IPIP do not rewrite it).
@@ -299,9 +303,14 @@ pub struct RunArgs {
     /// Do not verify backend certificates (only when asked: prefer --health-ca).
     #[arg(long, env = "VIP_HEALTH_INSECURE")]
     pub health_insecure: bool,
-    /// XDP attach mode.
+    /// XDP attach mode (with --attach xdp).
     #[arg(long, env = "VIP_XDP_MODE", value_enum, default_value_t = AttachMode::Auto)]
     pub xdp_mode: AttachMode,
+    /// The hook the data plane runs at: xdp (fastest; needs the interface's XDP hook to
+    /// itself) or tcx (first in the tc ingress chain, beside another program's XDP, such
+    /// as Cilium's XDP acceleration; DSR and local forwarding only).
+    #[arg(long, env = "VIP_ATTACH", value_enum, default_value_t = Hook::Xdp)]
+    pub attach: Hook,
     /// Where Prometheus metrics are served.
     #[arg(long, env = "VIP_METRICS_ADDR", default_value = "127.0.0.1:9469")]
     pub metrics_addr: SocketAddr,
@@ -367,6 +376,7 @@ pub struct RunConfig {
     pub lease: LeaseTiming,
     pub health: HealthConfig,
     pub xdp_mode: AttachMode,
+    pub attach: Hook,
     pub metrics_addr: SocketAddr,
     pub pin_path: PathBuf,
     pub keep_forwarding_on_exit: bool,
@@ -440,16 +450,18 @@ pub enum ConfigError {
     PlainHttp { url: String },
     #[error("--{flag} {value}: must be {range}")]
     Range { flag: &'static str, value: String, range: &'static str },
-    #[error(
-        "--node-name {name:?}: {why} (a Kubernetes node name: lowercase letters, digits, '-' and '.', at most 253)"
-    )]
+    #[error("--node-name {name:?}: {why}")]
     NodeName { name: String, why: &'static str },
+    #[error("--{flag} {name:?}: {why}")]
+    ObjectName { flag: &'static str, name: String, why: &'static str },
     #[error("--health-server-name {name:?}: not a DNS name or IP address")]
     ServerName { name: String },
     #[error("--mode bgp: {why}")]
     Bgp { why: String },
     #[error("{flag} given without --mode bgp")]
     BgpWithoutMode { flag: &'static str },
+    #[error("--attach tcx cannot --forward ipip (encapsulation grows the frame, which only XDP does here): use --forward dsr, or --attach xdp")]
+    TcxIpip,
     #[error("--bootstrap needs --mode arp --election kubernetes (it bridges the time before the Lease API answers)")]
     Bootstrap,
     #[error("--interface: {0}")]
@@ -539,9 +551,14 @@ impl TryFrom<RunArgs> for RunConfig {
             return Err(ConfigError::ServerName { name: args.health_server_name });
         }
         let bgp = bgp_config(&args)?;
+        if args.attach == Hook::Tcx && args.forward == Forward::Ipip {
+            return Err(ConfigError::TcxIpip);
+        }
         if args.bootstrap && (args.election != Election::Kubernetes || args.mode != Mode::Arp) {
             return Err(ConfigError::Bootstrap);
         }
+        check_object_name("lease-name", &args.lease_name, NameRule::Subdomain)?;
+        check_object_name("lease-namespace", &args.lease_namespace, NameRule::Label)?;
         let node_name = match (&args.node_name, args.election) {
             (Some(name), _) => Some(validate_node_name(name)?),
             (None, Election::Kubernetes) => Some(validate_node_name(&hostname())?),
@@ -581,6 +598,7 @@ impl TryFrom<RunArgs> for RunConfig {
                 server_name: args.health_server_name,
             },
             xdp_mode: args.xdp_mode,
+            attach: args.attach,
             metrics_addr: args.metrics_addr,
             pin_path: args.pin_path,
             keep_forwarding_on_exit: args.keep_forwarding_on_exit,
@@ -678,20 +696,16 @@ pub fn validate_node_name(name: &str) -> Result<String, ConfigError> {
     if name.is_empty() {
         return err("empty (is the hostname set?)");
     }
-    if name.len() > 253 {
-        return err("longer than 253 characters");
+    match NameRule::Subdomain.check(name) {
+        Err(why) => err(why),
+        Ok(()) => Ok(name.to_owned()),
     }
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    if !name.split('.').all(label_ok) {
-        return err("not a valid name");
-    }
-    Ok(name.to_owned())
+}
+
+/// `--lease-name` and `--lease-namespace` as the API will check them, so a bad one is
+/// refused at start instead of by every Lease call.
+fn check_object_name(flag: &'static str, name: &str, rule: NameRule) -> Result<(), ConfigError> {
+    rule.check(name).map_err(|why| ConfigError::ObjectName { flag, name: name.to_owned(), why })
 }
 
 /// A VIP must be a unicast address a client can ARP for.
@@ -919,10 +933,15 @@ mod tests {
             (&["--apiserver", "10.0.0.1:6443"], "expected an https:// URL"),
             (&["--apiserver", "http://127.0.0.1:8080"], "plain HTTP would send the service account token in clear"),
             (&["--node-name", ""], "--node-name \"\": empty"),
-            (&["--node-name", "Node_1"], "--node-name \"Node_1\": not a valid name"),
+            (&["--node-name", "Node_1"], "--node-name \"Node_1\": not a DNS-1123 subdomain"),
+            (&["--lease-name", "VIP"], "--lease-name \"VIP\": not a DNS-1123 subdomain"),
+            (&["--lease-name", ""], "--lease-name \"\": not a DNS-1123 subdomain"),
+            (&["--lease-namespace", "kube.system"], "--lease-namespace \"kube.system\": not a DNS-1123 label"),
             (&["--health-server-name", "not a name"], "--health-server-name \"not a name\""),
             (&["--flow-hash-seed", "0x1_0000_0000"], "is not a 32-bit number"),
             (&["--bootstrap"], "--bootstrap needs --mode arp --election kubernetes"),
+            (&["--attach", "tcx", "--forward", "ipip"], "--attach tcx cannot --forward ipip"),
+            (&["--attach", "tc"], "'tc'"),
             (&["--bgp-peer", "10.0.0.254:65001"], "--bgp-peer given without --mode bgp"),
             (&["--bgp-hold-time", "10s"], "--bgp-hold-time given without --mode bgp"),
             (&["--bgp-keepalive", "3s"], "--bgp-keepalive given without --mode bgp"),

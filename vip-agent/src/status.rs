@@ -98,6 +98,7 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
     Ok(json!({
         "agent": agent,
         "agent_error": agent_error,
+        "attached": attached(pin_path),
         "pin_path": pin_path.display().to_string(),
         "mac": mac,
         "node_ip": Ipv4Addr::from(config.ip).to_string(),
@@ -106,6 +107,20 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
         "counters": counters,
         "connections_tracked": maps.conn_count(),
     }))
+}
+
+/// Where the data plane is attached, from the links pinned beside the maps:
+/// `[{"interface": "eth0", "hook": "xdp"}]`.
+fn attached(pin_path: &std::path::Path) -> Value {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(pin_path).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let hook = [("link_", "xdp"), ("tcx_", "tcx")].into_iter().find_map(|(prefix, hook)| {
+            name.strip_prefix(prefix).map(|interface| json!({ "interface": interface, "hook": hook }))
+        });
+        out.extend(hook);
+    }
+    Value::Array(out)
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
@@ -118,6 +133,9 @@ pub fn render(s: &Value) -> String {
     let str_of = |v: &Value| v.as_str().unwrap_or("?").to_owned();
     let _ =
         writeln!(out, "node      {} {}   (pins {})", str_of(&s["node_ip"]), str_of(&s["mac"]), str_of(&s["pin_path"]));
+    for a in s["attached"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "attached  {} at {}", str_of(&a["interface"]), str_of(&a["hook"]));
+    }
     match (&s["agent"], s["agent_error"].as_str()) {
         (Value::Object(a), _) => {
             let why: Vec<&str> =

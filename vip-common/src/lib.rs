@@ -55,6 +55,11 @@ pub mod program_names {
     /// measure against, and the program a test attaches to the peer of a veth so that
     /// native-mode `XDP_TX` is delivered (veth drops it otherwise).
     pub const PASS: &str = "xdp_pass";
+    /// The same data plane as [`VIP`], at tcx ingress (`--attach tcx`).
+    pub const TCX: &str = "vip_tcx";
+    /// A tcx program that drops ICMP over IPv4 and hands everything else on: tests attach
+    /// it after [`TCX`] as the stand-in for another project's tcx program.
+    pub const TCX_DROP_ICMP: &str = "tcx_drop_icmp";
 }
 
 /// How many VIPs a node serves.

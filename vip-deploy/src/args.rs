@@ -36,6 +36,16 @@ pub enum Forward {
     Local,
 }
 
+/// The hook the data plane runs at (the agent's `--attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Attach {
+    /// XDP: the fast path; needs the interface's XDP hook to itself.
+    #[default]
+    Xdp,
+    /// tcx ingress, first: beside another program's XDP (Cilium's acceleration).
+    Tcx,
+}
+
 /// Leader election (the agent's `--election`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Election {
@@ -75,6 +85,10 @@ pub struct ManifestArgs {
     /// How VIP traffic reaches a backend on another node.
     #[arg(long, value_enum, default_value_t = Forward::Dsr)]
     pub forward: Forward,
+    /// The hook the data plane runs at: xdp, or tcx to share the interface with Cilium's
+    /// XDP acceleration (`cilium-values` then turns it on).
+    #[arg(long, value_enum, default_value_t = Attach::Xdp)]
+    pub attach: Attach,
     /// Leader election: a Kubernetes Lease, or none (single node).
     #[arg(long, value_enum, default_value_t = Election::Kubernetes)]
     pub election: Election,

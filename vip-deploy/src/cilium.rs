@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::settings::Settings;
+use crate::{args::Attach, settings::Settings};
 
 /// The values vip needs set; everything else stays Cilium's default.
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,11 +26,14 @@ pub struct CiliumValues {
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
-    /// `disabled`: Cilium's service load balancing stays at tc. An interface has one XDP
-    /// slot and vip's program holds it on the client-facing interface; Cilium's
-    /// `native` acceleration would fail to attach there (vip refuses to replace a
-    /// foreign program in the same way). Said explicitly so that nobody turns it on
-    /// without reading this.
+    /// With vip at XDP (`--attach xdp`, the default): `disabled`, so Cilium's service
+    /// load balancing stays at tc. An interface has one XDP slot and vip's program holds
+    /// it on the client-facing interface; Cilium's `native` acceleration would fail to
+    /// attach there (vip refuses to replace a foreign program in the same way). Said
+    /// explicitly so that nobody turns it on without reading this.
+    ///
+    /// With `--attach tcx`: `native`. vip runs first at tcx ingress, after Cilium's XDP
+    /// program, which passes the VIP's traffic (not a Cilium service) up to it.
     pub acceleration: String,
 }
 
@@ -41,6 +44,12 @@ pub fn values(s: &Settings) -> CiliumValues {
         // `Settings` guarantees at least one VIP for this kind.
         k8s_service_host: s.vips.first().map(ToString::to_string).unwrap_or_default(),
         k8s_service_port: s.port,
-        load_balancer: LoadBalancer { acceleration: "disabled".into() },
+        load_balancer: LoadBalancer {
+            acceleration: match s.attach {
+                Attach::Xdp => "disabled",
+                Attach::Tcx => "native",
+            }
+            .into(),
+        },
     }
 }

@@ -17,6 +17,8 @@ pub enum RenderError {
     TooManyVips { count: usize, max: u32 },
     #[error("--backend {backend} {why}")]
     BadBackend { backend: String, why: &'static str },
+    #[error("--attach tcx cannot --forward ipip (encapsulation needs XDP): use --forward dsr, or --attach xdp")]
+    TcxIpip,
     #[error("--port 0: the service needs a port")]
     PortZero,
     #[error("--{flag} {value:?}: {why}")]

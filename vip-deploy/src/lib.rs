@@ -15,6 +15,7 @@
 pub mod args;
 pub mod cilium;
 pub mod error;
+pub mod names;
 mod rbac;
 mod settings;
 mod workload;

@@ -6,8 +6,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::{
-    args::{Backend, BgpPeer, Discover, Dur, Election, Forward, ManifestArgs, Mode},
+    args::{Attach, Backend, BgpPeer, Discover, Dur, Election, Forward, ManifestArgs, Mode},
     error::RenderError,
+    names::NameRule,
     Kind,
 };
 
@@ -31,6 +32,7 @@ pub struct Settings {
     pub port: u16,
     pub mode: Mode,
     pub forward: Forward,
+    pub attach: Attach,
     pub election: Election,
     pub backends: Vec<Backend>,
     /// Follow `default/kubernetes` (and grant the RBAC for it).
@@ -86,6 +88,9 @@ impl Settings {
         if !args.kubeconfig_path.starts_with('/') {
             return Err(RenderError::RelativeKubeconfig { path: args.kubeconfig_path.clone() });
         }
+        if args.attach == Attach::Tcx && args.forward == Forward::Ipip {
+            return Err(RenderError::TcxIpip);
+        }
         let bgp = bgp(kind, args)?;
         Ok(Self {
             kind,
@@ -94,6 +99,7 @@ impl Settings {
             port: args.port,
             mode: args.mode,
             forward: args.forward,
+            attach: args.attach,
             election: args.election,
             backends: args.backends.clone(),
             // On unless asked otherwise, for every kind: every control-plane node can read
@@ -173,35 +179,8 @@ fn check_backends(backends: &[Backend], vips: &[IpAddr]) -> Result<(), RenderErr
     Ok(())
 }
 
-/// Kubernetes object-name rules (apimachinery's `IsDNS1123Label`/`IsDNS1123Subdomain`).
-#[derive(Clone, Copy)]
-enum NameRule {
-    /// Namespaces: one label, at most 63 characters.
-    Label,
-    /// Most object names: dot-separated labels, at most 253 characters.
-    Subdomain,
-}
-
 fn check_name(flag: &'static str, value: &str, rule: NameRule) -> Result<(), RenderError> {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    let ok = match rule {
-        NameRule::Label => label_ok(value),
-        NameRule::Subdomain => value.len() <= 253 && value.split('.').all(label_ok),
-    };
-    if ok {
-        return Ok(());
-    }
-    let why = match rule {
-        NameRule::Label => "not a DNS-1123 label (lowercase letters, digits and '-', at most 63)",
-        NameRule::Subdomain => "not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', at most 253)",
-    };
-    Err(RenderError::BadName { flag, value: value.to_owned(), why })
+    rule.check(value).map_err(|why| RenderError::BadName { flag, value: value.to_owned(), why })
 }
 
 fn check_image(image: &str) -> Result<(), RenderError> {

@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    args::{Discover, Election, Forward, Mode},
+    args::{Attach, Discover, Election, Forward, Mode},
     rbac::{labels, NAME},
     settings::{BgpPeers, Settings},
 };
@@ -319,6 +319,10 @@ fn agent_env(s: &Settings) -> Vec<EnvVar> {
             },
         ),
     ];
+    // Only when not the default, so manifests rendered before the flag existed stay the same.
+    if s.attach == Attach::Tcx {
+        vars.push(env("VIP_ATTACH", "tcx"));
+    }
     // BGP mode has no election: no Lease settings.
     if s.mode == Mode::Arp {
         let election = match s.election {

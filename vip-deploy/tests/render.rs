@@ -98,6 +98,18 @@ fn cilium_values_point_at_the_first_vip() {
     assert_eq!(values.load_balancer.acceleration, "disabled");
 }
 
+/// With vip at tcx, Cilium's XDP acceleration may have the interface's XDP hook.
+#[test]
+fn cilium_values_turn_acceleration_on_only_with_attach_tcx() {
+    let docs = documents(&render(&["cilium-values", "--vip=192.0.2.100", "--attach=tcx"]));
+    let values: CiliumValues = serde_yaml::from_value(docs[0].clone()).unwrap();
+    assert_eq!(values.load_balancer.acceleration, "native");
+    let yaml = render(&["daemonset", "--vip=192.0.2.100", "--interface=eth0", "--attach=tcx"]);
+    assert!(yaml.contains("name: VIP_ATTACH\n          value: tcx"), "{yaml}");
+    let yaml = render(&["daemonset", "--vip=192.0.2.100", "--interface=eth0"]);
+    assert!(!yaml.contains("VIP_ATTACH"), "the default is not written: {yaml}");
+}
+
 #[test]
 fn output_starts_with_a_comment_saying_what_it_is() {
     let yaml = render(&["k3s", "--vip=192.0.2.100", "--interface=eth0"]);
@@ -127,6 +139,10 @@ fn missing_and_bad_values_are_named() {
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0/1"], "--interface \"eth0/1\""),
         (&["daemonset", "--vip=192.0.2.1", "--interface=averyveryverylongname"], "1 to 15 bytes"),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--port=0"], "--port 0"),
+        (
+            &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--attach=tcx", "--forward=ipip"],
+            "--attach tcx cannot --forward ipip",
+        ),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--backend=192.0.2.1"], "--backend 192.0.2.1 is a VIP"),
         (
             &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--backend=10.0.0.1,10.0.0.1:6443"],

@@ -9,11 +9,12 @@
 //! other addresses pass to the kernel (and to the agent, which watches for other hosts
 //! claiming a VIP).
 
-use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
+use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use network_types::arp::ArpHdr;
 use vip_common::{Reason, VipKey, VipState};
 
 use crate::{
+    ctx::Packet,
     maps::{CONFIG, VIPS},
     parse::{is_group, load_mac, ptr_at, store_mac, L2},
     verdict::Verdict,
@@ -28,7 +29,7 @@ const ARPOP_REQUEST: [u8; 2] = 1u16.to_be_bytes();
 const ARPOP_REPLY: [u8; 2] = 2u16.to_be_bytes();
 
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
+pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     let Some(arp) = ptr_at::<ArpHdr>(ctx, l2.l3_off) else {
         return Verdict::pass(Reason::ArpMalformed);
     };

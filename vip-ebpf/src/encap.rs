@@ -14,15 +14,14 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
     },
-    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head},
-    programs::XdpContext,
-    EbpfContext,
+    helpers::bpf_fib_lookup,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, vlan::VlanHdr};
 use vip_common::{Backend, PeerKey, Reason, ServiceKey, IPPROTO_TCP};
 
 use crate::{
     csum,
+    ctx::Packet,
     forward::{IPPROTO_IPIP, IP_MF_AND_OFFSET},
     icmp,
     maps::{is_peer, vip, CONFIG, SERVICES},
@@ -45,7 +44,7 @@ struct SavedL2 {
 }
 
 #[inline(always)]
-fn save_l2(ctx: &XdpContext, l2: &L2) -> Option<SavedL2> {
+fn save_l2(ctx: &impl Packet, l2: &L2) -> Option<SavedL2> {
     // SAFETY: l2.eth was bounds-checked by the parser; the tags by ptr_at.
     let eth = unsafe { *l2.eth };
     let mut vlans = [None, None];
@@ -60,7 +59,7 @@ fn save_l2(ctx: &XdpContext, l2: &L2) -> Option<SavedL2> {
 
 /// Writes `saved` at the (new) start of the frame; returns its Ethernet header.
 #[inline(always)]
-fn restore_l2(ctx: &XdpContext, saved: &SavedL2) -> Option<*mut EthHdr> {
+fn restore_l2(ctx: &impl Packet, saved: &SavedL2) -> Option<*mut EthHdr> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: every pointer below was bounds-checked by ptr_at.
     unsafe {
@@ -82,7 +81,7 @@ fn restore_l2(ctx: &XdpContext, saved: &SavedL2) -> Option<*mut EthHdr> {
 /// lookup restricted to this interface). Until a next hop is known nothing is modified,
 /// so a failure passes the frame intact.
 #[inline(always)]
-pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
+pub fn ipip(ctx: &impl Packet, l2: &L2, backend: &Backend) -> Verdict {
     let fail = Verdict::pass(Reason::IpipFailed);
     let Some(cfg) = CONFIG.get(0) else {
         return fail;
@@ -112,7 +111,7 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
         return fail;
     };
     // SAFETY: growing the head by one IPv4 header; on failure the frame is unchanged.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(Ipv4Hdr::LEN as i32)) } != 0 {
+    if ctx.adjust_head(-(Ipv4Hdr::LEN as i32)).is_err() {
         return fail;
     }
     // From here on the frame is half-built: a failure can only drop it.
@@ -151,7 +150,7 @@ pub fn ipip(ctx: &XdpContext, l2: &L2, backend: &Backend) -> Verdict {
 /// (it holds the VIP and would reset the connection).
 #[inline(always)]
 fn fib_next_hop(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     l2: &L2,
     src: [u8; 4],
     dst: [u8; 4],
@@ -163,7 +162,7 @@ fn fib_next_hop(
     fib.family = AF_INET;
     fib.l4_protocol = IPPROTO_IPIP;
     fib.__bindgen_anon_1.tot_len = outer_len;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.ifindex = ctx.ingress_ifindex();
     fib.__bindgen_anon_2.tos = tos;
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
@@ -190,7 +189,7 @@ fn fib_next_hop(
 /// only fragment, complete header) for a VIP service — and passes the inner packet to
 /// the local stack (this node is the backend). Every other IPIP packet passes untouched.
 #[inline(always)]
-pub fn decap(ctx: &XdpContext, l2: &L2, outer_ihl: usize) -> Verdict {
+pub fn decap(ctx: &impl Packet, l2: &L2, outer_ihl: usize) -> Verdict {
     let not_ours = Verdict::pass(Reason::IpipNotOurs);
     let (Some(outer), Some(cfg)) = (ptr_at::<Ipv4Hdr>(ctx, l2.l3_off), CONFIG.get(0)) else {
         return not_ours;
@@ -236,7 +235,7 @@ pub fn decap(ctx: &XdpContext, l2: &L2, outer_ihl: usize) -> Verdict {
         return not_ours;
     };
     // SAFETY: shrinking the head by the outer header; on failure the frame is unchanged.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_ihl as i32) } != 0 {
+    if ctx.adjust_head(outer_ihl as i32).is_err() {
         return Verdict::pass(Reason::IpipFailed);
     }
     if restore_l2(ctx, &saved).is_none() {

@@ -6,13 +6,14 @@
 //! pin records the MAC of the frame that made it, so a pinned flow arriving from a peer
 //! is delivered here instead of being sent on, even if the pin names another node.
 
-use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
+use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
 use vip_common::{
     flow_hash, Backend, Config, FlowKey, ForwardMode, PeerKey, Reason, ServiceKey, VipState, IPPROTO_TCP,
 };
 
 use crate::{
+    ctx::Packet,
     encap, icmp, lb,
     maps::{is_peer, vip, CONFIG, SERVICES},
     parse::{load_ipv4, load_mac, ptr_at, store_mac, L2},
@@ -28,7 +29,7 @@ pub const IPPROTO_IPIP: u8 = 4;
 pub const IP_MF_AND_OFFSET: u16 = 0x3fff;
 
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, l2: &L2) -> Verdict {
+pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     let Some(iph) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
         return Verdict::pass(Reason::IpMalformed);
     };

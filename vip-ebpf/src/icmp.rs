@@ -7,15 +7,14 @@
 //!   the clients, by DSR): steered to the backend holding the flow, which is the one
 //!   whose TCP must lower its path MTU (Katran does the same).
 
-use aya_ebpf::{
-    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
+use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns};
 use network_types::ip::Ipv4Hdr;
 use vip_common::{flow_hash, Backend, FlowKey, ForwardMode, IcmpBudget, Reason, ServiceKey, VipState, IPPROTO_TCP};
 
 use crate::{
-    csum, encap,
+    csum,
+    ctx::Packet,
+    encap,
     forward::{dsr, is_peer_mac},
     lb,
     maps::{VipInfo, CONFIG, ICMP_BUDGET, SERVICES},
@@ -49,7 +48,7 @@ const SECOND_NS: u64 = 1_000_000_000;
 /// per-CPU budget, are dropped (the local stack, which holds the VIP, would reset the
 /// connection).
 #[inline(always)]
-pub fn frag_needed(ctx: &XdpContext, l2: &L2, mtu: u16) -> Verdict {
+pub fn frag_needed(ctx: &impl Packet, l2: &L2, mtu: u16) -> Verdict {
     let too_big = Verdict::drop(Reason::IpipTooBig);
     let Some(orig) = ptr_at::<[u8; QUOTE_LEN]>(ctx, l2.l3_off) else {
         return too_big;
@@ -108,7 +107,7 @@ pub fn frag_needed(ctx: &XdpContext, l2: &L2, mtu: u16) -> Verdict {
     let delta = new_len as i64 - len as i64;
     // SAFETY: shrinking the tail; on failure the frame keeps its length, which only
     // leaves trailing bytes after the complete error.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta as i32) } != 0 {
+    if ctx.adjust_tail(delta as i32).is_err() {
         return too_big;
     }
     Verdict::tx(Reason::IpipFragNeeded)
@@ -124,7 +123,7 @@ pub fn frag_needed(ctx: &XdpContext, l2: &L2, mtu: u16) -> Verdict {
 /// `src_mac`/`our_mac` are in `load_mac`'s form; the frame is known to be for us.
 #[inline(always)]
 pub fn to_backend(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     l2: &L2,
     ihl: usize,
     vip_addr: [u8; 4],

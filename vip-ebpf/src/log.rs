@@ -7,18 +7,19 @@
 //! sees the check below as constant and removes the logging code altogether. When on,
 //! only frames with a rare verdict pay for a record in the ring buffer.
 
-use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::{
     debug,
     macro_support::{level_enabled, Level},
 };
 use vip_common::Reason;
 
+use crate::ctx::Packet;
+
 /// Logs the frame's verdict if it is a rare one and debug logging is on.
 #[inline(always)]
-pub fn rare(ctx: &XdpContext, reason: Reason) {
+pub fn rare(ctx: &impl Packet, reason: Reason) {
     if !level_enabled(Level::Debug) || !reason.is_rare() {
         return;
     }
-    debug!(ctx, "frame {} on ifindex {}", reason.name(), ctx.ingress_ifindex() as u32);
+    debug!(ctx, "frame {} on ifindex {}", reason.name(), ctx.ingress_ifindex());
 }

@@ -1,4 +1,4 @@
-//! vip's XDP data plane.
+//! vip's data plane, at XDP (or, with `--attach tcx`, at tcx ingress).
 //!
 //! The entry point is deliberately thin: parse the L2 header, hand the frame to the
 //! handler for its protocol, count the verdict under its reason, return it. Every module
@@ -9,6 +9,7 @@
 
 mod arp;
 mod csum;
+mod ctx;
 mod encap;
 mod forward;
 mod icmp;
@@ -19,10 +20,15 @@ mod parse;
 mod stats;
 mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{tcx_action_base::TCX_NEXT, xdp_action, TC_ACT_SHOT},
+    helpers::bpf_redirect,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use vip_common::Reason;
 
-use crate::{parse::EtherKind, verdict::Verdict};
+use crate::{ctx::Packet, parse::EtherKind, verdict::Verdict};
 
 /// The data plane: ARP for the VIPs, load balancing of VIP services, everything else
 /// passes.
@@ -34,6 +40,35 @@ pub fn vip_xdp(ctx: XdpContext) -> u32 {
     verdict.action
 }
 
+/// How much of a frame tcx makes linear before parsing: Ethernet, two VLAN tags, IPv4
+/// with options, TCP, and the 28-byte quote of an ICMP error: every header a handler
+/// reads. (An skb from a NIC that splits headers may start with less in its linear part;
+/// XDP always sees the first buffer whole.)
+const TCX_PULL: u32 = 128;
+
+/// The same data plane at tcx ingress (`--attach tcx`), for interfaces whose XDP hook
+/// belongs to another program. Ordered first by the agent; what is not ours goes on to
+/// the next program (`TCX_NEXT`: never `TC_ACT_OK`, which would skip the programs after
+/// ours, Cilium's among them). A frame answered or forwarded leaves again by the same
+/// interface (`bpf_redirect` to its egress: tc's `XDP_TX`).
+#[classifier]
+pub fn vip_tcx(ctx: TcContext) -> i32 {
+    // A pull that fails (a frame shorter than TCX_PULL) leaves the frame as it is; the
+    // parsers bound every read by what is linear.
+    let _ = ctx.pull_data(TCX_PULL.min(ctx.len()));
+    let verdict = process(&ctx);
+    stats::count(verdict.reason);
+    log::rare(&ctx, verdict.reason);
+    match verdict.action {
+        xdp_action::XDP_TX => {
+            // SAFETY: helper without pointer arguments; returns TC_ACT_REDIRECT.
+            unsafe { bpf_redirect(ctx.ingress_ifindex(), 0) as i32 }
+        }
+        xdp_action::XDP_DROP => TC_ACT_SHOT as i32,
+        _ => TCX_NEXT,
+    }
+}
+
 /// Returns `XDP_PASS` and does nothing else: the benchmark floor, and the program tests
 /// attach to the peer of a veth so that native-mode `XDP_TX` gets delivered.
 #[xdp]
@@ -41,8 +76,25 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Drops ICMP over untagged IPv4 and hands everything else on: the stand-in tests attach
+/// after `vip_tcx` for another project's tcx program (Cilium's). A ping to the node's own
+/// address is not ours, so it must reach this program (and be dropped), while VIP
+/// traffic keeps being answered and forwarded before it.
+#[classifier]
+pub fn tcx_drop_icmp(ctx: TcContext) -> i32 {
+    const IPPROTO_ICMP: u8 = 1;
+    match parse::ethernet(&ctx) {
+        Ok(l2) if l2.kind == EtherKind::Ipv4 => match parse::ptr_at::<network_types::ip::Ipv4Hdr>(&ctx, l2.l3_off) {
+            // SAFETY: ptr_at checked the header lies inside the frame.
+            Some(ip) if unsafe { (*ip).proto } == IPPROTO_ICMP => TC_ACT_SHOT as i32,
+            _ => TCX_NEXT,
+        },
+        _ => TCX_NEXT,
+    }
+}
+
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Verdict {
+fn process(ctx: &impl Packet) -> Verdict {
     let l2 = match parse::ethernet(ctx) {
         Ok(l2) => l2,
         Err(reason) => return Verdict::pass(reason),

@@ -5,9 +5,10 @@
 
 use core::mem;
 
-use aya_ebpf::programs::XdpContext;
 use network_types::{eth::EthHdr, vlan::VlanHdr};
 use vip_common::{segment_of, Reason};
+
+use crate::ctx::Packet;
 
 /// EtherType of ARP, network order on the wire.
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -67,7 +68,7 @@ pub fn is_group(dst: u64) -> bool {
 /// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` if any byte of
 /// it lies past the end of the frame.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + mem::size_of::<T>() > end {
@@ -90,16 +91,17 @@ pub struct L2 {
     pub eth: *mut EthHdr,
     /// Offset of the L3 header (after any VLAN tags).
     pub l3_off: usize,
-    /// Number of VLAN tags between the Ethernet header and L3 (0..=2).
+    /// Number of VLAN tags in the frame between the Ethernet header and L3 (0..=2).
     pub tags: usize,
-    /// The segment the frame arrived on (`vip_common::segment_of`): 0 untagged.
+    /// The segment the frame arrived on (`vip_common::segment_of`), counting a tag the
+    /// kernel moved into metadata ([`Packet::offloaded_vid`]): 0 untagged.
     pub segment: u16,
     pub kind: EtherKind,
 }
 
 /// Parses the Ethernet header and up to [`MAX_VLAN_TAGS`] VLAN tags.
 #[inline(always)]
-pub fn ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
+pub fn ethernet(ctx: &impl Packet) -> Result<L2, Reason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::EthMalformed)?;
     // SAFETY: ptr_at checked the header is inside the frame.
     let mut proto = u16::from_be(unsafe { (*eth).ether_type });
@@ -125,5 +127,10 @@ pub fn ethernet(ctx: &XdpContext) -> Result<L2, Reason> {
         ETH_P_IP => EtherKind::Ipv4,
         _ => EtherKind::Other,
     };
-    Ok(L2 { eth, l3_off: off, tags, segment: segment_of(tags, outer_vid), kind })
+    // A tag the kernel took out of the frame (tc) was the outermost one.
+    let segment = match ctx.offloaded_vid() {
+        Some(vid) => segment_of(tags + 1, vid),
+        None => segment_of(tags, outer_vid),
+    };
+    Ok(L2 { eth, l3_off: off, tags, segment, kind })
 }

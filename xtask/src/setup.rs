@@ -7,7 +7,8 @@ use std::{fs, process::Command};
 use crate::{status, Result};
 
 /// Debian packages: LLVM 22 for bpf-linker (it links against the system libLLVM), the
-/// tools the network tests and the demo drive, and for the deployment side: the static
+/// tools the network tests and the demo drive (ping is the tcx lab's traffic that is not
+/// the data plane's), and for the deployment side: the static
 /// C library (`cargo xtask image` links the agent with `+crt-static`), skopeo (the image
 /// tests inspect the OCI archive with it) and python3-venv (the schema validator's
 /// virtualenv).
@@ -18,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "iputils-arping",
+    "iputils-ping",
     "tcpdump",
     "ethtool",
     "util-linux",

@@ -80,8 +80,8 @@ pub enum RunError {
     },
     #[error(
         "interface {interface} already has an XDP program attached (id {id}, {name:?}) that vip-agent did not pin \
-         at {pin_path}: it never replaces another program's XDP hook; detach that one \
-         (ip link set dev {interface} xdp off) or use another interface"
+         at {pin_path}: it never replaces another program's XDP hook; run beside it with --attach tcx, \
+         detach that one (ip link set dev {interface} xdp off), or use another interface"
     )]
     ForeignXdp { interface: String, id: u32, name: String, pin_path: String },
     #[error("installing the {signal} handler failed")]
@@ -154,6 +154,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         let mut sigint =
             signal(SignalKind::interrupt()).map_err(|source| RunError::Signal { signal: "SIGINT", source })?;
         let dev = netdev::lookup(&cfg.interface)?;
+        if cfg.mode == Mode::Bgp && dev.ipv4.is_none() {
+            return Err(crate::announce::bgp::BgpError::NoNextHop.into());
+        }
         let (probe, hash_seed) = probe_and_seed(&cfg)?;
         let metrics_listener = metrics::bind(cfg.metrics_addr)
             .await
@@ -217,6 +220,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
 /// through the pinned link) did not attach: replacing it would silently disable, say,
 /// Cilium's XDP acceleration.
 async fn refuse_foreign_xdp(nl: &Netlink, dev: &netdev::Netdev, cfg: &RunConfig) -> Result<(), RunError> {
+    // At tcx the data plane shares the interface with whatever runs at XDP.
+    if cfg.attach == crate::dataplane::Hook::Tcx {
+        return Ok(());
+    }
     let Some(id) = nl.xdp_program(dev.ifindex).await? else { return Ok(()) };
     if Dataplane::link_pin(&cfg.pin_path, &cfg.interface).exists() {
         return Ok(());

@@ -264,7 +264,7 @@ impl Node {
             }
         };
         warn!(old = self.dev.ifindex, new = ifindex, "interface was recreated; attaching again");
-        match self.dp.attach_pinned(&new_dev, self.cfg.xdp_mode) {
+        match self.dp.attach_pinned(&new_dev, self.cfg.attach, self.cfg.xdp_mode) {
             Ok(_) => self.metrics.repaired("xdp_attachment"),
             Err(e) => error!(error = %e, "re-attaching failed"),
         }
@@ -485,8 +485,9 @@ async fn stage(
     if adopted {
         host.remove_stale_vips().await?;
     }
-    match dp.attach_pinned(dev, cfg.xdp_mode)? {
+    match dp.attach_pinned(dev, cfg.attach, cfg.xdp_mode)? {
         Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
+        Attached::NewTcx => info!(hook = "tcx", mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
         Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
     }
     Ok((balancer, backends, instance, predecessor, initially_leading))

@@ -19,7 +19,7 @@ use crate::{config::BgpConfig, live::PeerView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BgpError {
-    #[error("--mode bgp: the interface has no IPv4 address to use as next hop (and router id)")]
+    #[error("--mode bgp: the interface has no IPv4 address to use as next hop (and router id); add one or choose another --interface")]
     NoNextHop,
     #[error("--mode bgp: starting the BGP speaker")]
     Start(#[source] StartError),

@@ -14,9 +14,10 @@ use std::{
 
 use aya::{
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::{XdpLink, XdpLinkId},
-        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfError,
 };
@@ -39,6 +40,28 @@ pub enum AttachMode {
     Native,
     /// Generic (SKB) mode only: works on any interface, slower.
     Skb,
+}
+
+/// The kernel hook the data plane runs at (`--attach`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hook {
+    /// XDP: the fast path, before the kernel allocates anything for the frame. Needs the
+    /// interface's XDP hook to itself.
+    #[default]
+    Xdp,
+    /// tcx ingress, first in the chain, handing everything not ours to the next program:
+    /// for an interface whose XDP hook another program owns (Cilium's XDP acceleration).
+    /// DSR and local forwarding; IPIP needs XDP.
+    Tcx,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::Xdp => "xdp",
+            Hook::Tcx => "tcx",
+        })
+    }
 }
 
 /// The mode a program actually got attached in.
@@ -74,6 +97,10 @@ pub enum Program {
     Vip,
     /// The trivial `XDP_PASS` program (benchmark floor, veth peer).
     Pass,
+    /// The data plane at tcx ingress.
+    Tcx,
+    /// The tcx stand-in for another project's program (tests): drops ICMP.
+    TcxDropIcmp,
 }
 
 impl Program {
@@ -81,6 +108,8 @@ impl Program {
         match self {
             Program::Vip => program_names::VIP,
             Program::Pass => program_names::PASS,
+            Program::Tcx => program_names::TCX,
+            Program::TcxDropIcmp => program_names::TCX_DROP_ICMP,
         }
     }
 }
@@ -110,6 +139,12 @@ pub enum DataplaneError {
         interface: String,
         mode: AttachMode,
         hint: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attaching the tcx ingress program to interface {interface:?} failed")]
+    AttachTcx {
+        interface: String,
         #[source]
         source: ProgramError,
     },
@@ -187,16 +222,25 @@ enum Attachment {
     Owned { interface: String, link: XdpLinkId },
     /// Pinned on bpffs: outlives the agent; [`Dataplane::shutdown`] decides whether to
     /// detach.
-    Pinned { interface: String, link: FdLink, pin: PathBuf },
+    Pinned { interface: String, hook: Hook, link: FdLink, pin: PathBuf },
 }
 
 /// What [`Dataplane::attach_pinned`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attached {
-    /// Attached afresh in this mode, and pinned.
+    /// Attached afresh at XDP in this mode, and pinned.
     New(AttachedMode),
+    /// Attached afresh at tcx ingress, first, and pinned.
+    NewTcx,
     /// Took over the link a previous agent pinned, replacing its program atomically.
     Replaced,
+}
+
+/// The names of the programs in `interface`'s tcx ingress chain (resolved in the calling
+/// thread's network namespace), in the order they run.
+pub fn tcx_ingress_programs(interface: &str) -> Result<Vec<String>, ProgramError> {
+    let (_, programs) = SchedClassifier::query_tcx(interface, TcAttachType::Ingress)?;
+    Ok(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_owned()).collect())
 }
 
 /// The name of loaded program `id`, if it is loaded and named.
@@ -325,31 +369,43 @@ impl Dataplane {
         self.log.take()
     }
 
-    /// Where the link to `interface` is pinned.
+    /// Where the XDP link to `interface` is pinned.
     pub fn link_pin(dir: &Path, interface: &str) -> PathBuf {
-        dir.join(format!("link_{interface}"))
+        Self::hook_pin(dir, interface, Hook::Xdp)
     }
 
-    /// Attaches the data plane to `dev` through a pinned link. If a previous agent left a
-    /// link pinned for this interface, its program is replaced atomically
-    /// (`bpf_link_update`): the interface is never without a program. Otherwise the
-    /// program is attached in `mode` and the new link pinned.
-    pub fn attach_pinned(&mut self, dev: &Netdev, mode: AttachMode) -> Result<Attached, DataplaneError> {
+    /// Where the link of `hook` on `interface` is pinned.
+    pub fn hook_pin(dir: &Path, interface: &str, hook: Hook) -> PathBuf {
+        match hook {
+            Hook::Xdp => dir.join(format!("link_{interface}")),
+            Hook::Tcx => dir.join(format!("tcx_{interface}")),
+        }
+    }
+
+    /// Attaches the data plane to `dev` at `hook` through a pinned link. If a previous
+    /// agent left a link pinned for this interface and hook, its program is replaced
+    /// atomically (`bpf_link_update`): the interface is never without a program.
+    /// Otherwise the program is attached (XDP in `mode`; tcx first in the ingress chain)
+    /// and the new link pinned. A link a previous agent pinned at the other hook is
+    /// removed only then, so switching hooks leaves no gap either.
+    pub fn attach_pinned(&mut self, dev: &Netdev, hook: Hook, mode: AttachMode) -> Result<Attached, DataplaneError> {
         let dir = self.pin_dir.clone().ok_or_else(|| DataplaneError::PinPath {
             path: String::new(),
             why: "the data plane was not opened with a pin path".into(),
         })?;
-        let pin = Self::link_pin(&dir, &dev.name);
+        let pin = Self::hook_pin(&dir, &dev.name, hook);
         let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::PinLink {
             path: pin.display().to_string(),
             source,
         };
+        let mut done = None;
         if pin.exists() {
-            match self.replace_pinned(&pin) {
+            match self.replace_pinned(&pin, hook) {
                 Ok(link) => {
-                    info!(interface = %dev.name, pin = %pin.display(), "took over the pinned XDP link (program replaced atomically)");
-                    self.attached = Some(Attachment::Pinned { interface: dev.name.clone(), link, pin });
-                    return Ok(Attached::Replaced);
+                    info!(interface = %dev.name, %hook, pin = %pin.display(), "took over the pinned link (program replaced atomically)");
+                    self.attached =
+                        Some(Attachment::Pinned { interface: dev.name.clone(), hook, link, pin: pin.clone() });
+                    done = Some(Attached::Replaced);
                 }
                 Err(error) => {
                     // The old link is unusable (its interface was deleted, say): start over.
@@ -358,23 +414,96 @@ impl Dataplane {
                 }
             }
         }
-        let mode = self.attach(Program::Vip, dev, mode)?;
-        let Some(Attachment::Owned { link: id, .. }) = self.attached.take() else {
-            return Err(pin_err("attach left no link".into()));
+        let attached = match done {
+            Some(replaced) => replaced,
+            None => {
+                let (fd_link, attached) = match hook {
+                    Hook::Xdp => {
+                        let mode = self.attach(Program::Vip, dev, mode)?;
+                        let Some(Attachment::Owned { link: id, .. }) = self.attached.take() else {
+                            return Err(pin_err("attach left no link".into()));
+                        };
+                        let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
+                        let link = xdp.take_link(id).map_err(|e| pin_err(Box::new(e)))?;
+                        (FdLink::try_from(link).map_err(|e| pin_err(Box::new(e)))?, Attached::New(mode))
+                    }
+                    Hook::Tcx => (self.attach_tcx_first(dev, &pin)?, Attached::NewTcx),
+                };
+                let pinned = fd_link.pin(&pin).map_err(|e| pin_err(Box::new(e)))?;
+                let link = FdLink::from(pinned);
+                self.attached = Some(Attachment::Pinned { interface: dev.name.clone(), hook, link, pin });
+                attached
+            }
         };
-        let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
-        let link = xdp.take_link(id).map_err(|e| pin_err(Box::new(e)))?;
-        let fd_link = FdLink::try_from(link).map_err(|e| pin_err(Box::new(e)))?;
-        let pinned = fd_link.pin(&pin).map_err(|e| pin_err(Box::new(e)))?;
-        self.attached = Some(Attachment::Pinned { interface: dev.name.clone(), link: FdLink::from(pinned), pin });
-        Ok(Attached::New(mode))
+        let other = match hook {
+            Hook::Xdp => Hook::Tcx,
+            Hook::Tcx => Hook::Xdp,
+        };
+        let stale = Self::hook_pin(&dir, &dev.name, other);
+        if stale.exists() {
+            // Unpinning the only reference to the link detaches its program.
+            let _ = std::fs::remove_file(&stale);
+            info!(interface = %dev.name, from = %other, to = %hook, "moved the data plane to the other hook");
+        }
+        Ok(attached)
     }
 
-    fn replace_pinned(&mut self, pin: &Path) -> Result<FdLink, Box<dyn std::error::Error + Send + Sync>> {
+    /// The tcx program, loaded into the kernel on first use (only `--attach tcx` and
+    /// tests pay for its verification).
+    fn tcx_program(&mut self, program: Program) -> Result<&mut SchedClassifier, DataplaneError> {
+        let name = program.name();
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
+            .try_into()
+            .map_err(|_| DataplaneError::MissingProgram { name })?;
+        if tc.fd().is_err() {
+            tc.load()
+                .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::LoadProgram { name, source }))?;
+        }
+        Ok(tc)
+    }
+
+    /// Attaches the tcx data plane first in `dev`'s ingress chain and returns its link
+    /// (to be pinned at `pin`).
+    fn attach_tcx_first(&mut self, dev: &Netdev, pin: &Path) -> Result<FdLink, DataplaneError> {
+        let link_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::PinLink {
+            path: pin.display().to_string(),
+            source,
+        };
+        let tc = self.tcx_program(Program::Tcx)?;
+        let id = tc
+            .attach_with_options(&dev.name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .map_err(|source| DataplaneError::AttachTcx { interface: dev.name.clone(), source })?;
+        let link = tc.take_link(id).map_err(|e| link_err(Box::new(e)))?;
+        info!(interface = %dev.name, ifindex = dev.ifindex, program = Program::Tcx.name(), "tcx ingress attached (first)");
+        FdLink::try_from(link).map_err(|e| link_err(Box::new(e)))
+    }
+
+    /// Attaches `program` last in `dev`'s tcx ingress chain, for as long as this
+    /// [`Dataplane`] lives (tests: the stand-in for another project's program).
+    pub fn attach_tcx_last(&mut self, program: Program, dev: &Netdev) -> Result<(), DataplaneError> {
+        let tc = self.tcx_program(program)?;
+        tc.attach_with_options(&dev.name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))
+            .map_err(|source| DataplaneError::AttachTcx { interface: dev.name.clone(), source })?;
+        Ok(())
+    }
+
+    fn replace_pinned(&mut self, pin: &Path, hook: Hook) -> Result<FdLink, Box<dyn std::error::Error + Send + Sync>> {
         let old: FdLink = PinnedLink::from_pin(pin)?.into();
-        let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
-        let id = xdp.attach_to_link(XdpLink::try_from(old)?)?;
-        Ok(FdLink::try_from(xdp.take_link(id)?)?)
+        match hook {
+            Hook::Xdp => {
+                let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
+                let id = xdp.attach_to_link(XdpLink::try_from(old)?)?;
+                Ok(FdLink::try_from(xdp.take_link(id)?)?)
+            }
+            Hook::Tcx => {
+                let tc = self.tcx_program(Program::Tcx)?;
+                let id = tc.attach_to_link(SchedClassifierLink::try_from(old)?)?;
+                Ok(FdLink::try_from(tc.take_link(id)?)?)
+            }
+        }
     }
 
     /// Stops the data plane. With `keep_forwarding`, the program stays attached and the
@@ -382,13 +511,17 @@ impl Dataplane {
     /// unpinned (which detaches the program) and the maps are unpinned.
     pub fn shutdown(mut self, keep_forwarding: bool) -> Result<(), DataplaneError> {
         match self.attached.take() {
-            Some(Attachment::Pinned { interface, link, pin }) => {
+            Some(Attachment::Pinned { interface, hook, link, pin }) => {
                 if keep_forwarding {
-                    info!(%interface, pin = %pin.display(), "leaving XDP attached and pinned");
+                    info!(%interface, %hook, pin = %pin.display(), "leaving the data plane attached and pinned");
                 } else {
                     let _ = std::fs::remove_file(&pin);
                     drop(link);
-                    info!(%interface, "XDP detached");
+                    if hook == Hook::Xdp {
+                        info!(%interface, "XDP detached");
+                    } else {
+                        info!(%interface, "tcx detached");
+                    }
                 }
             }
             Some(owned @ Attachment::Owned { .. }) => {

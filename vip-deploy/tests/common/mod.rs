@@ -40,7 +40,7 @@ pub fn render(line: &[&str]) -> String {
 }
 
 /// Flag sets covering every option: defaults, several VIPs with static backends and no
-/// discovery or election, and BGP with peers inline or from a Secret.
+/// discovery or election, and BGP with peers inline or from a Secret, at tcx.
 pub const FLAG_SETS: &[&[&str]] = &[
     &["--vip", "192.0.2.100", "--interface", "eth0"],
     &[
@@ -67,6 +67,7 @@ pub const FLAG_SETS: &[&[&str]] = &[
         "--bgp-peer-secret=vip-bgp",
         "--bgp-hold-time=9s",
         "--bgp-keepalive=3s",
+        "--attach=tcx",
     ],
 ];
 

@@ -1,0 +1,117 @@
+//! The frame and its metadata, whichever hook runs the data plane: XDP (the fast path,
+//! before the kernel allocates anything) or tcx ingress (`--attach tcx`, beside programs
+//! such as Cilium's that own the interface's XDP hook). Every handler is written once,
+//! against [`Packet`]; each entry point maps the [`crate::verdict::Verdict`] to its own
+//! return codes.
+//!
+//! What differs between the hooks, and why:
+//! - at tc ingress the kernel has already moved the outer VLAN tag out of the frame into
+//!   `skb->vlan_tci` (`skb_vlan_untag()` in `__netif_receive_skb_core`), so the segment a
+//!   frame arrived on comes partly from metadata ([`Packet::offloaded_vid`]); a frame
+//!   sent back keeps that metadata and leaves on the same VLAN;
+//! - growing or shrinking the frame (IPIP encapsulation, decapsulation, the ICMP
+//!   error we build) is written for XDP's `bpf_xdp_adjust_head`/`_tail` only: under tcx
+//!   those paths fail cleanly ([`Packet::adjust_head`] refuses) and the agent refuses
+//!   `--forward ipip` with `--attach tcx`.
+
+use aya_ebpf::{
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+
+/// The frame as the handlers see it.
+pub trait Packet: EbpfContext {
+    /// Address of the first byte of the frame (its Ethernet header).
+    fn data(&self) -> usize;
+    /// Address one past the last byte of the frame's linear part.
+    fn data_end(&self) -> usize;
+    /// The interface the frame arrived on.
+    fn ingress_ifindex(&self) -> u32;
+    /// The VLAN ID the kernel already took out of the frame (tc), if any.
+    fn offloaded_vid(&self) -> Option<u16>;
+    /// Moves the start of the frame by `delta` bytes (negative: grow). Every packet
+    /// pointer is invalid afterwards.
+    fn adjust_head(&self, delta: i32) -> Result<(), ()>;
+    /// Moves the end of the frame by `delta` bytes (negative: shrink).
+    fn adjust_tail(&self, delta: i32) -> Result<(), ()>;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        XdpContext::ingress_ifindex(self) as u32
+    }
+
+    /// XDP sees the frame as it came off the wire: a tag the NIC stripped would need the
+    /// rx-metadata kfunc of a device-bound program, which this program is not.
+    #[inline(always)]
+    fn offloaded_vid(&self) -> Option<u16> {
+        None
+    }
+
+    #[inline(always)]
+    fn adjust_head(&self, delta: i32) -> Result<(), ()> {
+        // SAFETY: the helper checks the new head lies within the frame's headroom.
+        if unsafe { bpf_xdp_adjust_head(self.ctx, delta) } == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    #[inline(always)]
+    fn adjust_tail(&self, delta: i32) -> Result<(), ()> {
+        // SAFETY: the helper checks the new tail lies within the frame's buffer.
+        if unsafe { bpf_xdp_adjust_tail(self.ctx, delta) } == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the context is the kernel's __sk_buff for this run.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn offloaded_vid(&self) -> Option<u16> {
+        // SAFETY: as above.
+        let (present, tci) = unsafe { ((*self.skb.skb).vlan_present, (*self.skb.skb).vlan_tci) };
+        (present != 0).then_some((tci & 0x0fff) as u16)
+    }
+
+    #[inline(always)]
+    fn adjust_head(&self, _delta: i32) -> Result<(), ()> {
+        Err(())
+    }
+
+    #[inline(always)]
+    fn adjust_tail(&self, _delta: i32) -> Result<(), ()> {
+        Err(())
+    }
+}
