@@ -35,6 +35,7 @@ fn at_tcx_the_data_plane_runs_first_and_hands_everything_else_on() {
     assert_eq!(tcx_chain(&lab, 0), vec!["vip_tcx"]);
     let status = lab.status(0).unwrap();
     assert_eq!(status["attached"], serde_json::json!([{ "interface": "eth0", "hook": "tcx" }]), "{status}");
+    assert_eq!(lab.metric(0, "vip_attached{hook=\"tcx\"}"), Some(1.0));
     let (counts, errors) = lab.requests(60);
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(counts.len(), 3, "requests did not reach every apiserver: {counts:?}");

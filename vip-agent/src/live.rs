@@ -30,6 +30,8 @@ pub struct PeerView {
 pub struct LiveView {
     /// `arp` or `bgp`.
     pub mode: &'static str,
+    /// The hook the data plane runs at: `xdp` or `tcx`.
+    pub hook: &'static str,
     /// This node can carry the VIPs now.
     pub eligible: bool,
     /// Why not, when not: `apiserver not ready`, `link down`, `foreign host answers`.

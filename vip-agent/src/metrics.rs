@@ -218,6 +218,15 @@ impl Collector for LiveCollector {
             "1 if this node can carry the VIPs (apiserver ready, link up, no foreign claimant)",
             MetricType::Gauge,
         )?)?;
+        if !v.hook.is_empty() {
+            let mut f = family(
+                &mut encoder,
+                "vip_attached",
+                "1 for the hook the data plane runs at (xdp or tcx)",
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(1).encode(f.encode_family(&[("hook", v.hook.to_owned())])?)?;
+        }
         if let Some(adv) = v.advertised {
             ConstGauge::new(i64::from(adv)).encode(family(
                 &mut encoder,

@@ -448,6 +448,14 @@ impl Dataplane {
         Ok(attached)
     }
 
+    /// Loads the tcx programs (the data plane and the test stand-in) into the kernel, for
+    /// [`Runner::run`] (attaching loads them by itself).
+    pub fn load_tcx(&mut self) -> Result<(), DataplaneError> {
+        self.tcx_program(Program::Tcx)?;
+        self.tcx_program(Program::TcxDropIcmp)?;
+        Ok(())
+    }
+
     /// The tcx program, loaded into the kernel on first use (only `--attach tcx` and
     /// tests pay for its verification).
     fn tcx_program(&mut self, program: Program) -> Result<&mut SchedClassifier, DataplaneError> {
@@ -643,6 +651,9 @@ impl Runner<'_> {
         ingress_ifindex: Option<u32>,
     ) -> Result<RunOutcome, DataplaneError> {
         let name = program.name();
+        if matches!(program, Program::Tcx | Program::TcxDropIcmp) {
+            return self.run_tc(program, frame, repeat);
+        }
         let xdp: &Xdp = self
             .ebpf
             .program(name)
@@ -666,7 +677,39 @@ impl Runner<'_> {
         out.truncate(res.data_size_out as usize);
         Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration })
     }
+
+    /// Runs a tcx program (loaded with [`Dataplane::load_tcx`]) on `frame` as an skb,
+    /// and reports its verdict in XDP's terms so that one fixture table checks both
+    /// hooks: `TCX_NEXT` as `XDP_PASS`, `TC_ACT_SHOT` as `XDP_DROP`, `TC_ACT_REDIRECT`
+    /// (what `bpf_redirect` returns; the run does not send) as `XDP_TX`. Any other
+    /// return value `v` comes back as [`TC_UNMAPPED`] + `v`, which matches no XDP
+    /// action (`TC_ACT_OK`, say, would skip the programs after ours).
+    fn run_tc(&self, program: Program, frame: &[u8], repeat: u32) -> Result<RunOutcome, DataplaneError> {
+        let name = program.name();
+        let tc: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DataplaneError::LoadProgram { name, source })?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
+        let res = tc.test_run(opts).map_err(|source| DataplaneError::TestRun { program: name, source })?;
+        out.truncate(res.data_size_out as usize);
+        // linux/bpf.h: TCX_NEXT = -1, TC_ACT_SHOT = 2, TC_ACT_REDIRECT = 7; XDP_DROP = 1,
+        // XDP_PASS = 2, XDP_TX = 3.
+        let action = match res.return_value as i32 {
+            -1 => 2,
+            2 => 1,
+            7 => 3,
+            other => TC_UNMAPPED.wrapping_add(other as u32),
+        };
+        Ok(RunOutcome { action, frame: out, duration: res.duration })
+    }
 }
+
+/// Base of a tcx return value [`Runner`] has no XDP name for.
+pub const TC_UNMAPPED: u32 = 0x1000;
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
