@@ -160,6 +160,7 @@ fn xdp_table() -> Result<(), String> {
     let (out, logged) = fib.lb.within(|| -> Result<(Vec<Measured>, Vec<Measured>), String> {
         let ifindex = vip_agent::netdev::lookup("lb0").map_err(|e| e.to_string())?.ifindex;
         let mut dp = Dataplane::load().map_err(|e| format!("{e:#?} (the benchmark needs root)"))?;
+        dp.load_tcx().map_err(|e| format!("{e:#?}"))?;
         seed(&mut dp)?;
         let arp_for = |tpa| Frame::arp(BROADCAST, CLIENT_MAC, &Arp::request(CLIENT_MAC, CLIENT, tpa)).padded();
         let to = |dst, flags| {
@@ -223,6 +224,31 @@ fn xdp_table() -> Result<(), String> {
                 name: "established (Lease leader)",
                 program: Program::Vip,
                 frames: Frames::Same(established(VIP_LEASED)),
+                fixed_point: true,
+                expect_action: 3,
+                ingress: None,
+            },
+            // The same paths through the tcx program (`--attach tcx`), run as an skb.
+            Row {
+                name: "ARP reply (leader), tcx",
+                program: Program::Tcx,
+                frames: Frames::Same(arp_for(VIP)),
+                fixed_point: false,
+                expect_action: 3,
+                ingress: None,
+            },
+            Row {
+                name: "TCP pass, not a VIP, tcx",
+                program: Program::Tcx,
+                frames: Frames::Same(to(Ipv4Addr::new(10, 0, 0, 1), TCP_ACK)),
+                fixed_point: true,
+                expect_action: 2,
+                ingress: None,
+            },
+            Row {
+                name: "established (DSR), tcx",
+                program: Program::Tcx,
+                frames: Frames::Same(established(VIP)),
                 fixed_point: true,
                 expect_action: 3,
                 ingress: None,
