@@ -134,6 +134,9 @@ pub struct ManifestArgs {
     /// on kubeadm").
     #[arg(long, value_name = "PATH", default_value = "/etc/kubernetes/admin.conf")]
     pub kubeconfig_path: String,
+    /// The agent's binary on the host (`systemd` only).
+    #[arg(long, value_name = "PATH", default_value = "/usr/local/bin/vip-agent")]
+    pub binary: String,
     /// Where the agent serves Prometheus metrics; the readiness probe asks there.
     #[arg(long, default_value = "127.0.0.1:9469")]
     pub metrics_addr: SocketAddr,

@@ -38,8 +38,10 @@ pub enum RenderError {
          DaemonSet; put the peers in a Secret and give --bgp-peer-secret"
     )]
     PasswordInApiObject { kind: Kind, peer: IpAddr },
-    #[error("--bgp-peer-secret: a static pod cannot reference a Secret (the kubelet refuses); give --bgp-peer")]
+    #[error("--bgp-peer-secret: a static pod or a systemd unit cannot reference a Secret; give --bgp-peer")]
     SecretInStaticPod,
+    #[error("--binary {path:?}: must be an absolute path on the host")]
+    RelativeBinary { path: String },
     #[error("--kubeconfig-path {path:?}: must be an absolute path on the host")]
     RelativeKubeconfig { path: String },
     #[error("rendering {what} as YAML")]

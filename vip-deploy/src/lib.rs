@@ -18,6 +18,7 @@ pub mod error;
 pub mod names;
 mod rbac;
 mod settings;
+mod systemd;
 mod workload;
 mod yaml;
 
@@ -44,12 +45,15 @@ pub enum Kind {
     Rbac,
     /// Helm values that point Cilium's kube-proxy replacement at the VIP.
     CiliumValues,
+    /// A systemd unit (`/etc/systemd/system/vip-agent.service`) for a host whose vip is
+    /// not run by the kubelet: the static pod's settings, as a service.
+    Systemd,
 }
 
 impl Kind {
     /// Whether the output runs the agent (and so needs `--interface`).
     fn runs_agent(self) -> bool {
-        matches!(self, Kind::Daemonset | Kind::Pod | Kind::K3s)
+        matches!(self, Kind::Daemonset | Kind::Pod | Kind::K3s | Kind::Systemd)
     }
 
     /// Whether the objects end up in the API, readable by whoever may read them there
@@ -67,6 +71,7 @@ impl fmt::Display for Kind {
             Kind::K3s => "k3s",
             Kind::Rbac => "rbac",
             Kind::CiliumValues => "cilium-values",
+            Kind::Systemd => "systemd",
         })
     }
 }
@@ -82,6 +87,10 @@ impl fmt::Display for Kind {
 /// password in the API.
 pub fn render(kind: Kind, args: &ManifestArgs) -> Result<String, RenderError> {
     let s = Settings::new(kind, args)?;
+    if kind == Kind::Systemd {
+        let comment: String = header(&s).lines().map(|l| format!("# {l}\n")).collect();
+        return Ok(comment + &systemd::unit(&s));
+    }
     let mut out = yaml::Documents::new(&header(&s));
     match kind {
         Kind::Daemonset | Kind::K3s => {
@@ -91,6 +100,7 @@ pub fn render(kind: Kind, args: &ManifestArgs) -> Result<String, RenderError> {
         Kind::Pod => out.push("Pod", &workload::static_pod(&s))?,
         Kind::Rbac => rbac::push(&s, &mut out)?,
         Kind::CiliumValues => out.push("Cilium values", &cilium::values(&s))?,
+        Kind::Systemd => {}
     }
     Ok(out.finish())
 }
@@ -115,6 +125,11 @@ fn header(s: &Settings) -> String {
         Kind::Rbac => {
             "RBAC of vip-agent: the Lease it is elected with, and the EndpointSlices of\n\
              default/kubernetes it discovers the apiservers from. Nothing else."
+        }
+        Kind::Systemd => {
+            "vip-agent as a systemd service: save as /etc/systemd/system/vip-agent.service on each\n\
+             control-plane node, then `systemctl daemon-reload && systemctl enable --now vip-agent`.\n\
+             It reaches the API with the host's kubeconfig on 127.0.0.1:6443, so it runs before RBAC exists."
         }
         Kind::CiliumValues => {
             "Helm values for Cilium without kube-proxy: its agents reach the API through the VIP.\n\

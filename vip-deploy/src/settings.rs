@@ -42,6 +42,8 @@ pub struct Settings {
     pub namespace: String,
     pub lease_name: String,
     pub kubeconfig_path: String,
+    /// The agent's binary on the host (systemd unit).
+    pub binary: String,
     pub metrics_addr: SocketAddr,
     pub keep_forwarding_on_exit: bool,
 }
@@ -88,6 +90,9 @@ impl Settings {
         if !args.kubeconfig_path.starts_with('/') {
             return Err(RenderError::RelativeKubeconfig { path: args.kubeconfig_path.clone() });
         }
+        if !args.binary.starts_with('/') {
+            return Err(RenderError::RelativeBinary { path: args.binary.clone() });
+        }
         if args.attach == Attach::Tcx && args.forward == Forward::Ipip {
             return Err(RenderError::TcxIpip);
         }
@@ -112,6 +117,7 @@ impl Settings {
             namespace: args.namespace.clone(),
             lease_name: args.lease_name.clone(),
             kubeconfig_path: args.kubeconfig_path.clone(),
+            binary: args.binary.clone(),
             metrics_addr: args.metrics_addr,
             keep_forwarding_on_exit: args.keep_forwarding_on_exit,
         })
@@ -215,7 +221,7 @@ fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {
         None => return Err(RenderError::BgpMissing { flag: "--bgp-local-as" }),
     };
     let peers = match (&args.bgp_peer_secret, args.bgp_peers.as_slice()) {
-        (Some(_), _) if kind == Kind::Pod => return Err(RenderError::SecretInStaticPod),
+        (Some(_), _) if matches!(kind, Kind::Pod | Kind::Systemd) => return Err(RenderError::SecretInStaticPod),
         (Some(secret), _) => {
             check_name("bgp-peer-secret", secret, NameRule::Subdomain)?;
             BgpPeers::Secret(secret.clone())

@@ -66,7 +66,7 @@ const SERVICE_PORT: &str = "6443";
 /// half an interval = 2.5 s); then detach or leave the pinned data plane. 10 s is four
 /// times that, for a loaded API server, and still short enough not to slow a rolling
 /// update.
-const TERMINATION_GRACE_SECONDS: i64 = 10;
+pub(crate) const TERMINATION_GRACE_SECONDS: i64 = 10;
 /// A new pod counts as available this long after it is ready, before the DaemonSet
 /// restarts the next node's: time to adopt the pinned data plane, pass `--rise` (2)
 /// health checks at `--health-interval` (1 s) and join the election, so the nodes left

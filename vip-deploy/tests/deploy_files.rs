@@ -17,6 +17,7 @@ const FILES: &[(&str, &[&str])] = &[
     ("kubeadm/vip-agent.yaml", &["pod", "--vip", "192.0.2.100", "--interface", "eth0"]),
     ("k3s/vip.yaml", &["k3s", "--vip", "192.0.2.100", "--interface", "eth0"]),
     ("cilium-values.yaml", &["cilium-values", "--vip", "192.0.2.100"]),
+    ("systemd/vip-agent.service", &["systemd", "--vip", "192.0.2.100", "--interface", "eth0"]),
 ];
 
 /// The file's content: a line saying how it was made, then the generator's output.

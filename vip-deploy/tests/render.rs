@@ -251,7 +251,7 @@ fn missing_and_bad_values_are_named() {
                 "--bgp-local-as=65000",
                 "--bgp-peer-secret=vip-bgp",
             ],
-            "a static pod cannot reference a Secret",
+            "a static pod or a systemd unit cannot reference a Secret",
         ),
     ] {
         let err = refused(line);
@@ -303,7 +303,7 @@ fn kind_names_are_the_cli_contract() {
     use clap::ValueEnum;
     let names: Vec<String> =
         Kind::value_variants().iter().map(|k| k.to_possible_value().unwrap().get_name().to_owned()).collect();
-    assert_eq!(names, ["daemonset", "pod", "k3s", "rbac", "cilium-values"]);
+    assert_eq!(names, ["daemonset", "pod", "k3s", "rbac", "cilium-values", "systemd"]);
     for k in Kind::value_variants() {
         assert_eq!(k.to_string(), k.to_possible_value().unwrap().get_name());
     }
