@@ -247,20 +247,21 @@ pub struct RunArgs {
     /// for the `kubernetes` Service (only if asked: it needs the CNI).
     #[arg(long, env = "VIP_APISERVER", value_name = "URL")]
     pub apiserver: Option<String>,
-    /// Name of the Lease.
+    /// Name of the Lease (a Kubernetes object name).
     #[arg(long, env = "VIP_LEASE_NAME", default_value = "vip-control-plane")]
     pub lease_name: String,
     /// Namespace of the Lease.
     #[arg(long, env = "VIP_LEASE_NAMESPACE", default_value = "kube-system")]
     pub lease_namespace: String,
-    /// How long the Lease stays valid after a change was observed (whole seconds in the
-    /// Lease object, rounded up).
+    /// How long the Lease stays valid after a change was observed: 1s to 300s, whole
+    /// seconds (the Lease object counts seconds).
     #[arg(long, env = "VIP_LEASE_DURATION", default_value = "1s")]
     pub lease_duration: Dur,
-    /// A leader that cannot renew for this long stops answering (fencing deadline).
+    /// A leader that cannot renew for this long stops answering (fencing deadline): 100ms
+    /// to 300s, below --lease-duration.
     #[arg(long, env = "VIP_RENEW_DEADLINE", default_value = "600ms")]
     pub renew_deadline: Dur,
-    /// Time between two tries to acquire or renew.
+    /// Time between two tries to acquire or renew: 10ms to 60s, below --renew-deadline.
     #[arg(long, env = "VIP_RETRY_PERIOD", default_value = "200ms")]
     pub retry_period: Dur,
     /// This node's name (defaults to the hostname).
@@ -281,16 +282,16 @@ pub struct RunArgs {
     /// Path the HTTPS health check requests.
     #[arg(long, env = "VIP_HEALTH_PATH", default_value = "/readyz")]
     pub health_path: String,
-    /// Time between two checks of a backend.
+    /// Time between two checks of a backend: 10ms to 1h.
     #[arg(long, env = "VIP_HEALTH_INTERVAL", default_value = "1s")]
     pub health_interval: Dur,
-    /// Time a check may take before it counts as failed.
+    /// Time a check may take before it counts as failed: 10ms to 1h.
     #[arg(long, env = "VIP_HEALTH_TIMEOUT", default_value = "1s")]
     pub health_timeout: Dur,
-    /// Consecutive successes that bring a down backend back.
+    /// Consecutive successes that bring a down backend back: 1 to 100.
     #[arg(long, env = "VIP_RISE", default_value_t = 2)]
     pub rise: u32,
-    /// Consecutive failures that take a backend out.
+    /// Consecutive failures that take a backend out: 1 to 100.
     #[arg(long, env = "VIP_FALL", default_value_t = 3)]
     pub fall: u32,
     /// PEM file of the CA that signs the backends' certificates.
