@@ -1017,3 +1017,21 @@ fn several_services_wait_out_the_grace_period_once() {
     let flags = dp.maps().backends().unwrap().into_iter().find(|(id, _)| *id == down).unwrap().1.flags;
     assert_eq!(flags & vip_common::Backend::F_UP, 0, "the backend is not marked down");
 }
+
+/// An agent moving to tcx forgets the flows a previous one pinned under IPIP (XDP's
+/// alone), and only those: a DSR flow keeps its pin.
+#[test]
+fn flows_pinned_under_ipip_are_forgotten_and_only_those() {
+    let (mut dp, mut lb) = load();
+    // Two services of the VIP: PORT by IPIP, PORT + 1 by DSR.
+    install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![backend(1)]));
+    install(&mut dp, &mut lb, &ServiceSpec { port: PORT + 1, ..service(ForwardMode::Dsr, vec![backend(1)]) });
+    dp.test_run(Program::Vip, &syn(41000).bytes()).unwrap();
+    dp.test_run(Program::Vip, &tcp_frame(CLIENT_IP, 41001, VIP, PORT + 1, TCP_SYN).bytes()).unwrap();
+    assert_eq!(dp.maps().conn_count(), 2, "both flows pinned");
+    assert_eq!(dp.maps_mut().remove_conns_with_mode(ForwardMode::Ipip).unwrap(), 1);
+    assert_eq!(dp.maps().conn_count(), 1);
+    let flow =
+        vip_common::FlowKey::new(CLIENT_IP.octets(), VIP.octets(), 41001u16.to_be_bytes(), (PORT + 1).to_be_bytes(), 6);
+    assert_eq!(dp.maps().conn(&flow).unwrap().map(|c| c.mode), Some(ForwardMode::Dsr as u8), "the DSR pin went too");
+}

@@ -188,7 +188,7 @@ pub const SEGMENT_NONE: u16 = 0xffff;
 /// (`MAX_SERVICES * 2 * MAGLEV_MAX_M * 4` bytes, 8.4 MB at the defaults).
 pub const MAX_SERVICES: u32 = 16;
 /// How many backends (across all services). Backend ids index arrays, so this is their
-/// size; 1024 is far more than any control plane has and costs 16 KiB.
+/// size; 1024 is far more than any control plane has and costs 24 KiB.
 pub const MAX_BACKENDS: u32 = 1024;
 /// How many peers (other load-balancing nodes) the peer map holds, by MAC and by
 /// address: two entries per node, for far more nodes than a control plane has.

@@ -14,16 +14,19 @@ pub enum NameRule {
 impl NameRule {
     /// `Err` with what the name should be if `name` breaks the rule.
     pub fn check(self, name: &str) -> Result<(), &'static str> {
-        let label_ok = |l: &str| {
+        // One dot-separated part: lowercase alphanumerics and '-', alphanumeric at both
+        // ends. A label is one such part of at most 63; a subdomain limits only its whole
+        // length (apimachinery's regex has no per-part limit).
+        let part_ok = |l: &str| {
             !l.is_empty()
-                && l.len() <= 63
                 && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         };
+        let label_ok = |l: &str| l.len() <= 63 && part_ok(l);
         let ok = match self {
             NameRule::Label => label_ok(name),
-            NameRule::Subdomain => name.len() <= 253 && name.split('.').all(label_ok),
+            NameRule::Subdomain => name.len() <= 253 && name.split('.').all(part_ok),
         };
         if ok {
             return Ok(());
@@ -47,7 +50,8 @@ mod tests {
         for bad in ["", "Kube", "kube.system", "-a", "a-", "a_b", &"a".repeat(64)] {
             assert!(NameRule::Label.check(bad).is_err(), "{bad}");
         }
-        for ok in ["vip-control-plane", "node-1.example.com", &format!("{}.{}", "a".repeat(63), "b".repeat(63))] {
+        // A part longer than 63 is fine in a subdomain (only the whole is limited).
+        for ok in ["vip-control-plane", "node-1.example.com", &format!("{}.{}", "a".repeat(63), "b".repeat(100))] {
             assert_eq!(NameRule::Subdomain.check(ok), Ok(()), "{ok}");
         }
         for bad in ["", "a..b", ".a", "VIP", "a_b", &["a"; 128].join(".")] {

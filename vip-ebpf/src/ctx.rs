@@ -30,6 +30,9 @@ pub trait Packet: EbpfContext {
     fn ingress_ifindex(&self) -> u32;
     /// The VLAN ID the kernel already took out of the frame (tc), if any.
     fn offloaded_vid(&self) -> Option<u16>;
+    /// What the frame stands for on the wire: packets and bytes. One frame at XDP; at tc
+    /// a GRO skb holds several segments, of which the linear part is only the start.
+    fn wire_size(&self) -> (u64, u64);
     /// Moves the start of the frame by `delta` bytes (negative: grow). Every packet
     /// pointer is invalid afterwards.
     fn adjust_head(&self, delta: i32) -> Result<(), ()>;
@@ -58,6 +61,11 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn offloaded_vid(&self) -> Option<u16> {
         None
+    }
+
+    #[inline(always)]
+    fn wire_size(&self) -> (u64, u64) {
+        (1, (XdpContext::data_end(self) - XdpContext::data(self)) as u64)
     }
 
     #[inline(always)]
@@ -103,6 +111,13 @@ impl Packet for TcContext {
         // SAFETY: as above.
         let (present, tci) = unsafe { ((*self.skb.skb).vlan_present, (*self.skb.skb).vlan_tci) };
         (present != 0).then_some((tci & 0x0fff) as u16)
+    }
+
+    #[inline(always)]
+    fn wire_size(&self) -> (u64, u64) {
+        // SAFETY: the context is the kernel's __sk_buff for this run.
+        let (len, segs) = unsafe { ((*self.skb.skb).len, (*self.skb.skb).gso_segs) };
+        (u64::from(segs.max(1)), u64::from(len))
     }
 
     #[inline(always)]

@@ -122,7 +122,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
             (id, backend, svc.mode)
         }
     };
-    stats::count_backend(id, (ctx.data_end() - ctx.data()) as u64);
+    stats::count_backend(id, ctx.wire_size());
     if backend.flags & Backend::F_LOCAL != 0 {
         return Verdict::pass(Reason::LocalBackend);
     }

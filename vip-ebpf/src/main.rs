@@ -40,11 +40,12 @@ pub fn vip_xdp(ctx: XdpContext) -> u32 {
     verdict.action
 }
 
-/// How much of a frame tcx makes linear before parsing: Ethernet, two VLAN tags, IPv4
-/// with options, TCP, and the 28-byte quote of an ICMP error: every header a handler
-/// reads. (An skb from a NIC that splits headers may start with less in its linear part;
-/// XDP always sees the first buffer whole.)
-const TCX_PULL: u32 = 128;
+/// How much of a frame tcx makes linear before parsing: Ethernet, two VLAN tags, then
+/// the longest header chain a handler reads, an ICMP error quoting a VIP flow (IPv4 with
+/// options, ICMP, the quoted IPv4 with options and 8 bytes of TCP: 14 + 8 + 60 + 8 + 60
+/// + 8 = 158). An skb from a NIC that splits headers may hold less in its linear part;
+/// XDP always sees the first buffer whole.
+const TCX_PULL: u32 = 160;
 
 /// The same data plane at tcx ingress (`--attach tcx`), for interfaces whose XDP hook
 /// belongs to another program. Ordered first by the agent; what is not ours goes on to
@@ -53,8 +54,8 @@ const TCX_PULL: u32 = 128;
 /// interface (`bpf_redirect` to its egress: tc's `XDP_TX`).
 #[classifier]
 pub fn vip_tcx(ctx: TcContext) -> i32 {
-    // A pull that fails (a frame shorter than TCX_PULL) leaves the frame as it is; the
-    // parsers bound every read by what is linear.
+    // Never more than the skb holds; a pull that fails anyway (no memory) leaves the
+    // frame as it is, and the parsers bound every read by what is linear.
     let _ = ctx.pull_data(TCX_PULL.min(ctx.len()));
     let verdict = process(&ctx);
     stats::count(verdict.reason);

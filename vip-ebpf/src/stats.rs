@@ -16,11 +16,11 @@ pub fn count(reason: Reason) {
 
 /// Counts one frame of `bytes` bytes sent to backend `id`.
 #[inline(always)]
-pub fn count_backend(id: u32, bytes: u64) {
+pub fn count_backend(id: u32, (packets, bytes): (u64, u64)) {
     if let Some(slot) = BACKEND_STATS.get_ptr_mut(id) {
         // SAFETY: per-CPU value from a successful lookup, touched only by this CPU.
         unsafe {
-            (*slot).packets += 1;
+            (*slot).packets += packets;
             (*slot).bytes += bytes;
         }
     }

@@ -7,7 +7,7 @@
 //! cargo xtask test           setup, then the image, then every test
 //! cargo xtask image          a static vip-agent in a reproducible OCI archive
 //! cargo xtask fuzz [SECONDS] a bounded fuzz run of the BGP decoder (60 s by default)
-//! cargo xtask bench [-- SECTION...]  setup, then the benchmarks (xdp maglev agent failover bgp scale peers)
+//! cargo xtask bench [-- SECTION...]  setup, then the benchmarks (xdp maglev agent failover bgp scale discovery peers)
 //! cargo xtask demo           setup, then the lab demo
 //! ```
 //!
@@ -142,7 +142,7 @@ fn count_before(text: &str, word: &str) -> u64 {
 /// The benchmark sections: `vip-bench` measures vip alone (`xdp`, `maglev`, `agent`,
 /// `failover`, `bgp`, `scale`); `vip-peers` measures it beside its peers (`peers`: HAProxy,
 /// nftables DNAT, direct; `failover`: keepalived). No section named: all of them.
-const VIP_BENCH_SECTIONS: &[&str] = &["xdp", "maglev", "agent", "failover", "bgp", "scale"];
+const VIP_BENCH_SECTIONS: &[&str] = &["xdp", "maglev", "agent", "failover", "bgp", "scale", "discovery"];
 const VIP_PEERS_SECTIONS: &[&str] = &["peers", "failover"];
 
 fn bench(toolchain: &str, args: &[String]) -> Result<()> {
@@ -154,7 +154,7 @@ fn bench(toolchain: &str, args: &[String]) -> Result<()> {
         sections.iter().find(|s| !VIP_BENCH_SECTIONS.contains(&s.as_str()) && !VIP_PEERS_SECTIONS.contains(&s.as_str()))
     {
         return Err(format!(
-            "cargo xtask bench: unknown section {bad:?} (sections: xdp, maglev, agent, failover, bgp, scale, peers)"
+            "cargo xtask bench: unknown section {bad:?} (sections: xdp, maglev, agent, failover, bgp, scale, discovery, peers)"
         ));
     }
     let wants = |list: &[&str]| sections.is_empty() || sections.iter().any(|s| list.contains(&s.as_str()));

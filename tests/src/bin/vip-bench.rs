@@ -480,6 +480,102 @@ fn agent_table() -> Result<(), String> {
     Ok(())
 }
 
+/// The agent with many discovered apiservers: `n` endpoints in the EndpointSlice of
+/// `default/kubernetes`, every one healthy (node n2 answers on `n - 2` extra addresses of
+/// a second subnet besides the three nodes'), HTTPS checks every second with their
+/// VIP-path probes, DSR. Reports the time from the slice to a live table holding them
+/// all, the agent's memory and CPU in that steady state, and the time a change to the
+/// slice (one endpoint out, one in) takes to reach the live table.
+fn discovery_table(n: usize) -> Result<(), String> {
+    use tests::{agent::wait_until, apilab::ApiLab};
+    println!("\nvip-agent with {n} discovered apiservers (HTTPS checks every 1 s, rise 2, DSR; release build)");
+    let mut lab = ApiLab::new([10, 63, 0], 3, &[0])?.with_lease_api()?;
+    lab.static_backends = false;
+    // 10.63.4.0/22 beside the lab's /24 on every node; n2 holds the extra addresses.
+    for i in 0..3 {
+        lab.ns(i).ip(&["addr", "add", &format!("10.63.4.{}/22", i + 1), "dev", "eth0"])?;
+    }
+    let extra: Vec<std::net::Ipv4Addr> = (0..n.saturating_sub(3))
+        .map(|k| std::net::Ipv4Addr::from(u32::from_be_bytes([10, 63, 4, 10]) + k as u32))
+        .collect();
+    let batch: String = extra.iter().map(|a| format!("addr add {a}/32 dev eth0\n")).collect();
+    let batch_file = lab.pki.dir.join("extra-addrs.batch");
+    std::fs::write(&batch_file, batch).map_err(|e| e.to_string())?;
+    lab.ns(1).ip(&["-batch", &batch_file.display().to_string()])?;
+    let write_slice = |addrs: &[std::net::Ipv4Addr]| -> Result<(), String> {
+        let eps: Vec<serde_json::Value> = lab
+            .nodes
+            .iter()
+            .map(|node| node.ip)
+            .chain(addrs.iter().copied())
+            .map(|ip| serde_json::json!({"ip": ip.to_string(), "ready": true}))
+            .collect();
+        let tmp = lab.pki.dir.join("endpoints.json.tmp");
+        std::fs::write(&tmp, serde_json::json!({"port": 6443, "endpoints": eps}).to_string())
+            .map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, lab.endpoints_file()).map_err(|e| e.to_string())
+    };
+    let healthy = |lab: &ApiLab| -> Vec<String> {
+        lab.status(0)
+            .ok()
+            .and_then(|s| {
+                s["services"][0]["backends"].as_array().map(|bs| {
+                    bs.iter()
+                        .filter(|b| b["healthy"] == true)
+                        .filter_map(|b| b["backend"].as_str().map(str::to_owned))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    write_slice(&extra)?;
+    let kc = lab.pki.dir.join("n1.kubeconfig").display().to_string();
+    let args = lab.agent_args(
+        0,
+        &["--discover", "kubernetes", "--kubeconfig", &kc, "--health-interval", "1s", "--health-timeout", "1s"],
+    )?;
+    let t = Instant::now();
+    let mut agent = tests::agent::Agent::spawn(lab.ns(0), &args)?;
+    let pid = agent.pid().ok_or("no pid")?;
+    if !wait_until(Duration::from_secs(120), || healthy(&lab).len() == n) {
+        return Err(format!("only {} of {n} backends healthy after 120 s", healthy(&lab).len()));
+    }
+    let all_in = t.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, t0) = proc_usage(pid)?;
+    let window = Duration::from_secs(20);
+    std::thread::sleep(window);
+    let (rss, t1) = proc_usage(pid)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
+    // One endpoint leaves the slice, then a new one joins it.
+    let gone = extra[0].to_string();
+    let t = Instant::now();
+    write_slice(&extra[1..])?;
+    if !wait_until(Duration::from_secs(30), || !healthy(&lab).contains(&gone)) {
+        return Err("the deregistered endpoint never left the table".into());
+    }
+    let out_ms = t.elapsed().as_millis();
+    let t = Instant::now();
+    write_slice(&extra)?;
+    if !wait_until(Duration::from_secs(30), || healthy(&lab).contains(&gone)) {
+        return Err("the registered endpoint never joined the table".into());
+    }
+    let in_ms = t.elapsed().as_millis();
+    agent.stop(libc::SIGTERM, Duration::from_secs(10))?;
+    println!(
+        "{:<52} {:>10}",
+        "slice written -> all in the live table (start, rise 2)",
+        format!("{:.1} s", all_in.as_secs_f64())
+    );
+    println!("{:<52} {:>10}", "resident memory (VmRSS)", format!("{:.1} MiB", rss as f64 / 1024.0));
+    println!("{:<52} {:>10}", format!("CPU over {} s ({n} checks/s)", window.as_secs()), format!("{cpu:.1} %"));
+    println!("{:<52} {:>10}", "endpoint removed from the slice -> out of the table", format!("{out_ms} ms"));
+    println!("{:<52} {:>10}", "endpoint added to the slice -> healthy in the table", format!("{in_ms} ms"));
+    Ok(())
+}
+
 /// The first time `mac` answered ARP for `vip` from the client, polling from `from`.
 fn wait_arp_answer(lab: &tests::apilab::ApiLab, mac: [u8; 6], from: Instant) -> Option<Duration> {
     let ns = lab.client_ns().name.clone();
@@ -748,7 +844,7 @@ BGP: FRR 8.4 router (ECMP, layer-4 hash) in front of 3 nodes, hold time 3 s; 40 
 }
 
 fn main() -> Result<(), String> {
-    // `cargo xtask bench -- [xdp] [maglev] [agent] [failover] [bgp] [scale]`: the sections to run
+    // `cargo xtask bench -- [xdp] [maglev] [agent] [failover] [bgp] [scale] [discovery]`: the sections to run
     // (all by default).
     let only: Vec<String> = std::env::args().skip(1).collect();
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
@@ -769,6 +865,9 @@ fn main() -> Result<(), String> {
     }
     if run("scale") {
         scale_table()?;
+    }
+    if run("discovery") {
+        discovery_table(1000)?;
     }
     Ok(())
 }

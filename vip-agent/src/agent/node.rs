@@ -269,7 +269,10 @@ impl Node {
         };
         warn!(old = self.dev.ifindex, new = ifindex, "interface was recreated; attaching again");
         match self.dp.attach_pinned(&new_dev, self.cfg.attach, self.cfg.xdp_mode) {
-            Ok(_) => self.metrics.repaired("xdp_attachment"),
+            Ok(_) => self.metrics.repaired(match self.cfg.attach {
+                crate::dataplane::Hook::Xdp => "xdp_attachment",
+                crate::dataplane::Hook::Tcx => "tcx_attachment",
+            }),
             Err(e) => error!(error = %e, "re-attaching failed"),
         }
         // Its MAC (ARP replies, DSR source) and index (probes) may be new.
@@ -455,6 +458,14 @@ async fn stage(
     let previous_backends = if adopted { dp.maps().backends()? } else { Vec::new() };
     let backends = Backends::new(cfg, dev, nl, &previous_backends, probe, tx).await?;
     let mut balancer = if adopted { Balancer::adopt(dp.maps(), DEFAULT_GRACE)? } else { Balancer::new(DEFAULT_GRACE) };
+    if adopted && cfg.attach == crate::dataplane::Hook::Tcx {
+        // IPIP is XDP's: flows a previous agent pinned under it would be reset at tcx.
+        // Forgotten, they re-hash to a backend by this agent's forward mode.
+        let forgotten = dp.maps_mut().remove_conns_with_mode(vip_common::ForwardMode::Ipip)?;
+        if forgotten > 0 {
+            warn!(flows = forgotten, "moving to tcx: flows pinned under IPIP forgotten (IPIP needs XDP)");
+        }
+    }
     apply(cfg, dp, &mut balancer, &backends)?;
     // Reconcile what a previous agent left that this configuration does not have.
     let keys: Vec<_> = cfg.vips.iter().map(|&vip| vip_common::ServiceKey::tcp(vip.octets(), cfg.port)).collect();

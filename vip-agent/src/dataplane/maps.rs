@@ -447,6 +447,29 @@ impl Maps {
         Ok(())
     }
 
+    /// Forgets the flows pinned under forward mode `mode` (and the flow caches); returns
+    /// how many. A flow that changes backend later re-hashes as a new one would.
+    pub fn remove_conns_with_mode(&mut self, mode: vip_common::ForwardMode) -> Result<usize, MapError> {
+        let mut doomed = Vec::new();
+        for entry in self.conns.iter() {
+            let (key, conn) = entry.map_err(op(map_names::CONNS, "iterate"))?;
+            if conn.mode == mode as u8 {
+                doomed.push(key);
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        self.invalidate_flow_cache()?;
+        for k in &doomed {
+            match self.conns.remove(k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(MapError::Op { name: map_names::CONNS, op: "remove", source }),
+            }
+        }
+        Ok(doomed.len())
+    }
+
     /// How many flows are pinned.
     pub fn conn_count(&self) -> usize {
         self.conns.keys().filter(Result::is_ok).count()

@@ -142,7 +142,7 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
-    #[error("attaching the tcx ingress program to interface {interface:?} failed")]
+    #[error("attaching the tcx ingress program to interface {interface:?} failed (tcx needs Linux 6.6 or later)")]
     AttachTcx {
         interface: String,
         #[source]
@@ -234,6 +234,22 @@ pub enum Attached {
     NewTcx,
     /// Took over the link a previous agent pinned, replacing its program atomically.
     Replaced,
+}
+
+/// `LinkOrder::first()` puts the program first when it is attached, not for good: a
+/// program attached later at the head runs before it, and one that returns `TC_ACT_OK`
+/// hides VIP traffic from it. Said in the log, naming the programs ahead (Cilium attaches
+/// its own at the tail).
+fn warn_unless_first(interface: &str) {
+    match tcx_ingress_programs(interface) {
+        Ok(chain) if chain.first().map(String::as_str) == Some(program_names::TCX) => {}
+        Ok(chain) => warn!(
+            interface,
+            ?chain,
+            "another tcx program runs before vip's: if it ends processing (TC_ACT_OK), VIP traffic never reaches vip"
+        ),
+        Err(error) => warn!(interface, %error, "cannot list the tcx ingress programs"),
+    }
 }
 
 /// The names of the programs in `interface`'s tcx ingress chain (resolved in the calling
@@ -398,6 +414,12 @@ impl Dataplane {
             path: pin.display().to_string(),
             source,
         };
+        // The program must be in the kernel before any pin is touched: a program the
+        // verifier refuses must fail the start with the previous agent's link (and its
+        // program) still attached. (The XDP program was loaded with the object.)
+        if hook == Hook::Tcx {
+            self.tcx_program(Program::Tcx)?;
+        }
         let mut done = None;
         if pin.exists() {
             match self.replace_pinned(&pin, hook) {
@@ -435,6 +457,9 @@ impl Dataplane {
                 attached
             }
         };
+        if hook == Hook::Tcx {
+            warn_unless_first(&dev.name);
+        }
         let other = match hook {
             Hook::Xdp => Hook::Tcx,
             Hook::Tcx => Hook::Xdp,
