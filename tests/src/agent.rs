@@ -57,6 +57,9 @@ pub fn pin_dir(name: &str) -> Result<PathBuf, String> {
 /// A `vip-agent` process inside a namespace; killed on drop if still running.
 pub struct Agent {
     child: Option<Child>,
+    /// The agent's log as read so far: a thread drains its stderr as it comes, so an
+    /// agent that logs more than a pipe holds (64 KiB) never blocks on a write.
+    log: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Agent {
@@ -78,14 +81,21 @@ impl Agent {
             Some(f) => cmd.env("RUST_LOG", f),
             None => cmd.env_remove("RUST_LOG"),
         };
-        let child = cmd
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
-        Ok(Self { child: Some(child) })
+        let log = child.stderr.take().map(|mut err| {
+            std::thread::spawn(move || {
+                let mut log = String::new();
+                let _ = err.read_to_string(&mut log);
+                log
+            })
+        });
+        Ok(Self { child: Some(child), log })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -115,10 +125,7 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                let mut log = String::new();
-                if let Some(mut err) = child.stderr.take() {
-                    let _ = err.read_to_string(&mut log);
-                }
+                let log = self.log.take().and_then(|t| t.join().ok()).unwrap_or_default();
                 return Ok((status, log));
             }
             if Instant::now() > deadline {

@@ -1035,3 +1035,24 @@ fn flows_pinned_under_ipip_are_forgotten_and_only_those() {
         vip_common::FlowKey::new(CLIENT_IP.octets(), VIP.octets(), 41001u16.to_be_bytes(), (PORT + 1).to_be_bytes(), 6);
     assert_eq!(dp.maps().conn(&flow).unwrap().map(|c| c.mode), Some(ForwardMode::Dsr as u8), "the DSR pin went too");
 }
+
+/// Every backend the data plane can hold may be a peer, by address and by MAC: the peer
+/// map takes them all, and then a wholly different set (a full map replaced, not added
+/// to). It once held 256 keys, and 130 discovered apiservers failed every table update.
+#[test]
+fn the_peer_map_holds_a_peer_for_every_backend_and_takes_a_new_set() {
+    let (mut dp, _) = load();
+    let set = |base: u8| -> std::collections::BTreeSet<PeerKey> {
+        (0..vip_common::MAX_BACKENDS)
+            .flat_map(|i| {
+                let [_, _, a, b] = i.to_be_bytes();
+                [PeerKey::ipv4([10, base, a, b]), PeerKey::mac([0x02, base, 0, 0, a, b])]
+            })
+            .collect()
+    };
+    let first = set(1);
+    assert_eq!(first.len() as u32, vip_common::MAX_PEERS);
+    dp.maps_mut().set_peers(&first).unwrap();
+    dp.maps_mut().set_peers(&set(2)).expect("a full map takes a wholly new set");
+    assert_eq!(dp.maps().peers().unwrap().len() as u32, vip_common::MAX_PEERS);
+}

@@ -146,9 +146,14 @@ pub fn foreign_probe(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4
 
 /// Probes every VIP (RFC 5227 §2.1.1) from `interface` and listens for `wait`: `Err` with
 /// the first VIP another host answers for (any ARP whose sender IP is that VIP and whose
-/// sender MAC is not ours), or probes for at the same time (both then back off).
+/// sender MAC is not ours), or probes for at the same time (both then back off; the
+/// `bool` says which).
 /// Blocking: run it on a blocking thread.
-pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Result<Result<(), (Ipv4Addr, [u8; 6])>> {
+pub fn probe(
+    interface: &str,
+    vips: &[Ipv4Addr],
+    wait: Duration,
+) -> std::io::Result<Result<(), (Ipv4Addr, [u8; 6], bool)>> {
     let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
     let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, Some(Duration::from_millis(10)))?;
     for &vip in vips {
@@ -159,9 +164,11 @@ pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Res
     while Instant::now() < deadline {
         if let Some(n) = sock.recv(&mut buf)? {
             let frame = &buf[..n];
-            if let Some(claim) = foreign_claim(frame, vips, dev.mac.0).or_else(|| foreign_probe(frame, vips, dev.mac.0))
-            {
-                return Ok(Err(claim));
+            if let Some((vip, mac)) = foreign_claim(frame, vips, dev.mac.0) {
+                return Ok(Err((vip, mac, false)));
+            }
+            if let Some((vip, mac)) = foreign_probe(frame, vips, dev.mac.0) {
+                return Ok(Err((vip, mac, true)));
             }
         }
     }

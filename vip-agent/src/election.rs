@@ -485,7 +485,16 @@ pub trait Fence {
     fn step_down(&mut self);
     /// Before claiming the VIP: check nobody else answers for it (RFC 5227 probe).
     /// `Err(mac)`: a foreign host at `mac` does.
-    fn claim(&mut self) -> impl Future<Output = Result<(), [u8; 6]>> + Send;
+    fn claim(&mut self) -> impl Future<Output = Result<(), ClaimConflict>> + Send;
+}
+
+/// Why a claim was refused: another host at `mac` answers for the VIP, or (with
+/// `simultaneous`) probes for it at the same moment (RFC 5227 §2.1.1), which calls for a
+/// short random wait rather than the hold-off of an address in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimConflict {
+    pub mac: [u8; 6],
+    pub simultaneous: bool,
 }
 
 /// What the election tells the agent.
@@ -501,7 +510,7 @@ pub enum ElectionEvent {
     Following,
     /// The claim probe found a foreign host answering for the VIP at this MAC; the
     /// Lease was released.
-    ClaimRefused { mac: [u8; 6] },
+    ClaimRefused { mac: [u8; 6], simultaneous: bool },
     /// Another process runs under this node's name.
     DuplicateIdentity { other_instance: String },
 }
@@ -626,7 +635,7 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
                 warn!("bootstrap: the Lease API does not answer yet and nobody answers for the VIP: holding it");
                 self.send(ElectionEvent::Leading { bootstrap: true }).await;
             }
-            Err(mac) => self.send(ElectionEvent::ClaimRefused { mac }).await,
+            Err(c) => self.send(ElectionEvent::ClaimRefused { mac: c.mac, simultaneous: c.simultaneous }).await,
         }
     }
 
@@ -663,10 +672,10 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
             if Instant::now() < self.safe_from {
                 return;
             }
-            if let Err(mac) = self.fence.claim().await {
+            if let Err(ClaimConflict { mac, simultaneous }) = self.fence.claim().await {
                 warn!(mac = %crate::netdev::MacAddr(mac), "another host answers for the VIP: not claiming it");
                 self.release().await;
-                self.send(ElectionEvent::ClaimRefused { mac }).await;
+                self.send(ElectionEvent::ClaimRefused { mac, simultaneous }).await;
                 return;
             }
             self.leading = true;
@@ -1015,9 +1024,9 @@ mod tests {
         fn step_down(&mut self) {
             self.log.lock().unwrap().push("step_down".into());
         }
-        async fn claim(&mut self) -> Result<(), [u8; 6]> {
+        async fn claim(&mut self) -> Result<(), ClaimConflict> {
             self.log.lock().unwrap().push("claim".into());
-            self.refuse.map_or(Ok(()), Err)
+            self.refuse.map_or(Ok(()), |mac| Err(ClaimConflict { mac, simultaneous: false }))
         }
     }
 
@@ -1149,7 +1158,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let task = tokio::spawn(run(Elector::new(store.clone(), cfg("a")), fence, eligible, stop, tx, false));
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(rx.recv().await, Some(ElectionEvent::ClaimRefused { mac: [2, 0, 0, 0, 0, 0x66] }));
+        assert_eq!(
+            rx.recv().await,
+            Some(ElectionEvent::ClaimRefused { mac: [2, 0, 0, 0, 0, 0x66], simultaneous: false })
+        );
         assert!(!log.lock().unwrap().contains(&"lead".to_string()));
         assert_eq!(holder(&store), None, "released");
         task.abort();

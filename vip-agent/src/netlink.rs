@@ -35,7 +35,16 @@ pub enum NetlinkError {
     },
     #[error("interface \"lo\" not found")]
     NoLoopback,
+    #[error("{op}: no answer within {timeout:?}")]
+    Timeout { op: String, timeout: std::time::Duration },
 }
+
+/// Dumps (neighbour, route, address tables) in flight at once on one connection. Each
+/// health check may ask for one; with hundreds of backends they would all be answered
+/// at once into one socket buffer (whose overflow loses answers).
+const MAX_DUMPS: usize = 4;
+/// How long one request may take before it fails instead of hanging its caller.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The label of the VIP addresses vip-agent puts on `lo` (labels must start with the
 /// interface name).
@@ -45,6 +54,8 @@ pub const VIP_LABEL: &str = "lo:vip";
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+    /// Bounds the dumps in flight ([`MAX_DUMPS`]).
+    dumps: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 fn request(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
@@ -60,7 +71,22 @@ impl Netlink {
     pub fn connect() -> Result<Self, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self { handle, dumps: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_DUMPS)) })
+    }
+
+    /// Runs the dump `fut` once fewer than [`MAX_DUMPS`] are in flight, failing after
+    /// [`REQUEST_TIMEOUT`].
+    async fn bounded<T>(
+        &self,
+        op: impl Fn() -> String,
+        fut: impl std::future::Future<Output = Result<T, NetlinkError>>,
+    ) -> Result<T, NetlinkError> {
+        let timeout = REQUEST_TIMEOUT;
+        let run = async {
+            let _permit = self.dumps.acquire().await.map_err(|_| NetlinkError::Timeout { op: op(), timeout })?;
+            fut.await
+        };
+        tokio::time::timeout(timeout, run).await.map_err(|_| NetlinkError::Timeout { op: op(), timeout })?
     }
 
     /// The label (if any) of `vip`/32 on `lo`, or `None` if `lo` does not hold it.
@@ -192,13 +218,22 @@ impl Netlink {
     /// Whether `ip` is an address of this host (on any interface): a backend with such an
     /// address is this node.
     pub async fn has_address(&self, ip: Ipv4Addr) -> Result<bool, NetlinkError> {
-        let mut addrs = self.handle.address().get().set_address_filter(IpAddr::V4(ip)).execute();
-        Ok(addrs.try_next().await.map_err(request(format!("looking up local address {ip}")))?.is_some())
+        let op = || format!("looking up local address {ip}");
+        self.bounded(op, async {
+            let mut addrs = self.handle.address().get().set_address_filter(IpAddr::V4(ip)).execute();
+            Ok(addrs.try_next().await.map_err(request(op()))?.is_some())
+        })
+        .await
     }
 
     /// The MAC address the neighbour table holds for `ip` on interface `ifindex`, if it
     /// has a usable entry (not failed or incomplete).
     pub async fn neighbour_mac(&self, ifindex: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>, NetlinkError> {
+        self.bounded(|| format!("reading the neighbour table for {ip}"), self.neighbour_mac_unbounded(ifindex, ip))
+            .await
+    }
+
+    async fn neighbour_mac_unbounded(&self, ifindex: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>, NetlinkError> {
         let mut neighbours = self.handle.neighbours().get().set_address_family(AddressFamily::Inet).execute();
         while let Some(msg) =
             neighbours.try_next().await.map_err(request(format!("reading the neighbour table for {ip}")))?
@@ -244,6 +279,10 @@ impl Netlink {
     /// and the neighbour table say: `None` when the route leaves by another interface or
     /// the next hop's MAC is not resolved (yet).
     pub async fn nexthop(&self, ifindex: u32, ip: Ipv4Addr) -> Result<Option<Nexthop>, NetlinkError> {
+        self.bounded(|| format!("resolving the next hop to {ip}"), self.nexthop_unbounded(ifindex, ip)).await
+    }
+
+    async fn nexthop_unbounded(&self, ifindex: u32, ip: Ipv4Addr) -> Result<Option<Nexthop>, NetlinkError> {
         let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(ip, 32).output_interface(ifindex).build();
         let mut routes = self.handle.route().get(query).execute();
         let Some(route) = routes.try_next().await.map_err(request(format!("looking up the route to {ip}")))? else {

@@ -53,6 +53,31 @@ impl RawSocket {
         Ok(me)
     }
 
+    /// Attaches a classic BPF filter (`SO_ATTACH_FILTER`, kernel
+    /// Documentation/networking/filter.rst): the socket then queues only the frames the
+    /// program accepts. Frames queued before the call stay queued.
+    pub fn attach_filter(&self, program: &[libc::sock_filter]) -> io::Result<()> {
+        let prog = libc::sock_fprog {
+            len: u16::try_from(program.len()).map_err(|_| io::ErrorKind::InvalidInput)?,
+            filter: program.as_ptr().cast_mut(),
+        };
+        // SAFETY: valid fd; prog points to `len` instructions that outlive the call (the
+        // kernel copies them).
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_FILTER,
+                (&prog as *const libc::sock_fprog).cast(),
+                mem::size_of::<libc::sock_fprog>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Makes [`RawSocket::recv`] return `Ok(None)` at once when no frame is queued, for
     /// use with [`tokio::io::unix::AsyncFd`].
     pub fn set_nonblocking(&self) -> io::Result<()> {

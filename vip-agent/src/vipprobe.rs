@@ -108,6 +108,48 @@ pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
         && tcp[13] & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
 }
 
+/// Classic BPF opcodes (linux/bpf_common.h): instruction classes, sizes, modes.
+mod cbpf {
+    pub const LD: u16 = 0x00;
+    pub const LDX: u16 = 0x01;
+    pub const JMP: u16 = 0x05;
+    pub const RET: u16 = 0x06;
+    pub const W: u16 = 0x00;
+    pub const H: u16 = 0x08;
+    pub const B: u16 = 0x10;
+    pub const ABS: u16 = 0x20;
+    pub const IND: u16 = 0x40;
+    pub const MSH: u16 = 0xa0;
+    pub const JEQ: u16 = 0x10;
+    pub const K: u16 = 0x00;
+}
+
+fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// The filter of a probe's socket: IPv4 TCP from `vip` to port `sport`, nothing else.
+/// Without it every probe's socket copies every IPv4 frame of the interface, which with
+/// hundreds of backends probed at once is most of the node's CPU. `is_syn_ack` still
+/// checks the rest.
+pub fn syn_ack_filter(vip: Ipv4Addr, sport: u16) -> [libc::sock_filter; 11] {
+    use cbpf::*;
+    const DROP: u8 = 10;
+    [
+        insn(LD | H | ABS, 0, 0, 12),                          // 0: EtherType
+        insn(JMP | JEQ | K, 0, DROP - 2, u32::from(ETH_P_IP)), // 1
+        insn(LD | B | ABS, 0, 0, 14 + 9),                      // 2: IPv4 protocol
+        insn(JMP | JEQ | K, 0, DROP - 4, 6),                   // 3: TCP
+        insn(LD | W | ABS, 0, 0, 14 + 12),                     // 4: IPv4 source
+        insn(JMP | JEQ | K, 0, DROP - 6, u32::from(vip)),      // 5
+        insn(LDX | B | MSH, 0, 0, 14),                         // 6: X = IPv4 header length
+        insn(LD | H | IND, 0, 0, 14 + 2),                      // 7: TCP destination port
+        insn(JMP | JEQ | K, 0, DROP - 9, u32::from(sport)),    // 8
+        insn(RET | K, 0, 0, 0xffff),                           // 9: accept
+        insn(RET | K, 0, 0, 0),                                // 10: drop
+    ]
+}
+
 /// Sends the SYN to `backend_mac`, waits up to `timeout` for the SYN-ACK, and resets
 /// the connection it opened. The reset goes out on a timeout too: a SYN-ACK that comes
 /// late (a loaded backend) still left a SYN-RECV socket there, and a reset with
@@ -119,6 +161,7 @@ pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Dur
         ^ std::process::id();
     let sport = 40000 + (nanos % 20000) as u16;
     let seq = nanos.rotate_left(13) ^ 0x5eed_0001;
+    sock.attach_filter(&syn_ack_filter(p.vip, sport)).map_err(VipProbeError::Socket)?;
     sock.send(&syn_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 256];

@@ -191,8 +191,9 @@ pub const MAX_SERVICES: u32 = 16;
 /// size; 1024 is far more than any control plane has and costs 24 KiB.
 pub const MAX_BACKENDS: u32 = 1024;
 /// How many peers (other load-balancing nodes) the peer map holds, by MAC and by
-/// address: two entries per node, for far more nodes than a control plane has.
-pub const MAX_PEERS: u32 = 256;
+/// address: two entries per backend that is not this node, so every backend the data
+/// plane can hold fits (a peer map that overflows would fail the whole table update).
+pub const MAX_PEERS: u32 = 2 * MAX_BACKENDS;
 /// Largest Maglev table size. The agent accepts any prime up to it; 65537 is the default
 /// from the Maglev paper (small disruption, ≤ 1 % imbalance for hundreds of backends).
 pub const MAGLEV_MAX_M: u32 = 65537;

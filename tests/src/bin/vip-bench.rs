@@ -538,7 +538,19 @@ fn discovery_table(n: usize) -> Result<(), String> {
     let mut agent = tests::agent::Agent::spawn(lab.ns(0), &args)?;
     let pid = agent.pid().ok_or("no pid")?;
     if !wait_until(Duration::from_secs(120), || healthy(&lab).len() == n) {
-        return Err(format!("only {} of {n} backends healthy after 120 s", healthy(&lab).len()));
+        let count = healthy(&lab).len();
+        let mut reasons = std::collections::BTreeMap::<String, usize>::new();
+        if let Ok(s) = lab.status(0) {
+            for b in s["services"][0]["backends"].as_array().into_iter().flatten() {
+                *reasons.entry(format!("{}/{}", b["state"], b["reason"])).or_default() += 1;
+            }
+        }
+        let stopped = Instant::now();
+        let exit = agent.stop(libc::SIGTERM, Duration::from_secs(60)).map(|(st, _)| st);
+        return Err(format!(
+            "only {count} of {n} backends healthy after 120 s: {reasons:?}; stop took {:?} ({exit:?})",
+            stopped.elapsed()
+        ));
     }
     let all_in = t.elapsed();
     std::thread::sleep(Duration::from_secs(3));
@@ -570,7 +582,11 @@ fn discovery_table(n: usize) -> Result<(), String> {
         format!("{:.1} s", all_in.as_secs_f64())
     );
     println!("{:<52} {:>10}", "resident memory (VmRSS)", format!("{:.1} MiB", rss as f64 / 1024.0));
-    println!("{:<52} {:>10}", format!("CPU over {} s ({n} checks/s)", window.as_secs()), format!("{cpu:.1} %"));
+    println!(
+        "{:<52} {:>10}",
+        format!("CPU over {} s ({n} checks/s, % of one core)", window.as_secs()),
+        format!("{cpu:.1} %")
+    );
     println!("{:<52} {:>10}", "endpoint removed from the slice -> out of the table", format!("{out_ms} ms"));
     println!("{:<52} {:>10}", "endpoint added to the slice -> healthy in the table", format!("{in_ms} ms"));
     Ok(())
@@ -867,7 +883,8 @@ fn main() -> Result<(), String> {
         scale_table()?;
     }
     if run("discovery") {
-        discovery_table(1000)?;
+        let n = std::env::var("VIP_BENCH_DISCOVERED").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+        discovery_table(n)?;
     }
     Ok(())
 }

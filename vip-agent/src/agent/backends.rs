@@ -262,6 +262,12 @@ impl Backends {
             if self.list.iter().any(|b| b.ip == ip) {
                 continue;
             }
+            // The data plane holds MAX_BACKENDS: one more would fail every table update,
+            // taking all the others out with it.
+            if self.list.len() >= vip_common::MAX_BACKENDS as usize {
+                warn!(backend = %ip, max = vip_common::MAX_BACKENDS, "more apiservers registered than the data plane holds: not balancing to this one");
+                continue;
+            }
             let local = nl.has_address(ip).await.unwrap_or(false);
             let mut b = Tracked {
                 key: self.next_key,
@@ -349,6 +355,28 @@ fn spec_of(b: &Tracked, cfg: &RunConfig) -> BackendSpec {
     }
 }
 
+/// Worker threads of the checks' runtime.
+const CHECK_THREADS: usize = 2;
+
+/// The runtime health checks run on: their own, multi-threaded, so that their TLS
+/// handshakes and probes never delay the election's renewals, the table updates or a
+/// SIGTERM on the agent's (single-threaded) runtime, however many backends there are
+/// (1,000 apiservers checked every second take half a core here: `cargo xtask bench --
+/// discovery`). If it cannot be built, the agent's own runtime.
+fn check_runtime() -> tokio::runtime::Handle {
+    static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    let rt = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(CHECK_THREADS)
+            .thread_name("vip-checks")
+            .enable_all()
+            .build()
+            .inspect_err(|error| warn!(%error, "no runtime of their own for the health checks"))
+            .ok()
+    });
+    rt.as_ref().map_or_else(tokio::runtime::Handle::current, |rt| rt.handle().clone())
+}
+
 fn spawn_checker(b: &mut Tracked, checks: &Checks, cfg: &RunConfig, tx: &mpsc::Sender<Report>) {
     // DSR backends on other nodes must also accept VIP traffic (hold the VIP); IPIP
     // backends get their next hop resolved.
@@ -358,7 +386,7 @@ fn spawn_checker(b: &mut Tracked, checks: &Checks, cfg: &RunConfig, tx: &mpsc::S
         (ForwardMode::Ipip, false) => Some(checks.ipip.clone()),
         (ForwardMode::Local, false) => None,
     };
-    b.checker = Some(tokio::spawn(health::run_checker(
+    b.checker = Some(check_runtime().spawn(health::run_checker(
         b.key,
         b.check_addr,
         checks.probe.clone(),

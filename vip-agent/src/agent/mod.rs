@@ -200,7 +200,18 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let signal = loop {
             tokio::select! {
-                Some(report) = inputs.reports.recv() => node.on_health_report(report),
+                Some(report) = inputs.reports.recv() => {
+                    // Every report already queued, then one table update for them all:
+                    // with many backends, a rebuild per report would fall behind them.
+                    let mut batch = vec![report];
+                    while batch.len() < REPORT_BATCH {
+                        match inputs.reports.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    node.on_health_reports(batch);
+                }
                 Some(event) = inputs.host.recv() => node.on_host_event(event).await,
                 Some(found) = recv(&mut inputs.discovered) => node.on_discovered(found).await,
                 Some(event) = inputs.announce.recv() => node.on_announce_event(event),
@@ -215,6 +226,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     .instrument(span)
     .await
 }
+
+/// The most health reports handled before the table is updated once for them.
+const REPORT_BATCH: usize = 1024;
 
 /// Refuses an interface whose XDP hook holds a program this agent (or its predecessor,
 /// through the pinned link) did not attach: replacing it would silently disable, say,

@@ -213,15 +213,20 @@ impl Node {
         }
     }
 
-    /// A health check's result.
-    pub fn on_health_report(&mut self, report: Report) {
-        let out = self.backends.on_report(&self.cfg, &self.dev, report, &self.metrics);
-        if let Some(ready) = out.readiness {
-            info!(ready, "local apiserver readiness changed");
-            self.eligibility.apiserver_ready = ready;
-            self.push_eligibility();
+    /// Health checks' results, in the order they came: the table is updated once, after
+    /// all of them.
+    pub fn on_health_reports(&mut self, reports: Vec<Report>) {
+        let mut table_changed = false;
+        for report in reports {
+            let out = self.backends.on_report(&self.cfg, &self.dev, report, &self.metrics);
+            if let Some(ready) = out.readiness {
+                info!(ready, "local apiserver readiness changed");
+                self.eligibility.apiserver_ready = ready;
+                self.push_eligibility();
+            }
+            table_changed |= out.table_changed;
         }
-        if out.table_changed {
+        if table_changed {
             self.update_table();
         }
     }
@@ -300,15 +305,24 @@ impl Node {
                 self.announce.on_election(&e);
                 match e {
                     ElectionEvent::Leading { .. } | ElectionEvent::Following => {}
-                    ElectionEvent::ClaimRefused { mac } => {
-                        warn!(
-                            foreign_mac = %netdev::MacAddr(mac), holdoff = ?CONFLICT_HOLDOFF,
-                            "a foreign host answers for the VIP: not leading while it does"
-                        );
+                    ElectionEvent::ClaimRefused { mac, simultaneous } => {
                         for &vip in &self.cfg.vips {
                             self.metrics.arp_conflict(vip);
                         }
-                        self.hold_off_after_conflict();
+                        if simultaneous {
+                            // RFC 5227 §2.1.1: both claimants back off a random while and
+                            // probe again; the first back wins, the other finds it answering.
+                            let wait = Duration::from_millis(u64::from(crate::election::random_bytes::<1>()[0]) * 4);
+                            info!(foreign_mac = %netdev::MacAddr(mac), ?wait, "another host claims the VIP at the same moment: probing again after a random wait");
+                            self.eligibility.conflict_until = Some(Instant::now() + wait);
+                            self.push_eligibility();
+                        } else {
+                            warn!(
+                                foreign_mac = %netdev::MacAddr(mac), holdoff = ?CONFLICT_HOLDOFF,
+                                "a foreign host answers for the VIP: not leading while it does"
+                            );
+                            self.hold_off_after_conflict();
+                        }
                     }
                     ElectionEvent::DuplicateIdentity { other_instance } => {
                         error!(

@@ -26,7 +26,7 @@ use crate::{
     arp,
     clock::kernel_deadline,
     dataplane::{Dataplane, Maps, VipStates},
-    election::{self, ElectionConfig, ElectionEvent, Elector, Fence, KubeLeases},
+    election::{self, ClaimConflict, ElectionConfig, ElectionEvent, Elector, Fence, KubeLeases},
     netdev::MacAddr,
 };
 
@@ -84,7 +84,7 @@ impl Fence for MapFence {
         }
     }
 
-    async fn claim(&mut self) -> Result<(), [u8; 6]> {
+    async fn claim(&mut self) -> Result<(), ClaimConflict> {
         let (interface, vips) = (self.interface.clone(), self.vips.clone());
         // Without it our own data plane would drop the probe of a node claiming at the
         // same moment, and both would lead.
@@ -93,9 +93,13 @@ impl Fence for MapFence {
         self.set_probing(false);
         match probed {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err((vip, mac)))) => {
+            Ok(Ok(Err((vip, mac, true)))) => {
+                warn!(%vip, mac = %MacAddr(mac), "another host probes for the VIP at the same moment: backing off");
+                Err(ClaimConflict { mac, simultaneous: true })
+            }
+            Ok(Ok(Err((vip, mac, false)))) => {
                 warn!(%vip, mac = %MacAddr(mac), "ARP probe answered: another host has the VIP");
-                Err(mac)
+                Err(ClaimConflict { mac, simultaneous: false })
             }
             // A probe that cannot be sent proves nothing either way; the watch catches a
             // conflict later.
@@ -133,8 +137,9 @@ async fn hold(
                     info!("leading the VIP (no election)");
                     let _ = tx.send(AnnounceEvent::Election(ElectionEvent::Leading { bootstrap: false })).await;
                 }
-                Err(mac) => {
-                    let _ = tx.send(AnnounceEvent::Election(ElectionEvent::ClaimRefused { mac })).await;
+                Err(ClaimConflict { mac, simultaneous }) => {
+                    let event = ElectionEvent::ClaimRefused { mac, simultaneous };
+                    let _ = tx.send(AnnounceEvent::Election(event)).await;
                 }
             }
         } else if !want && leading {

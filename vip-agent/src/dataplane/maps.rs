@@ -348,9 +348,7 @@ impl Maps {
     /// Makes the peer map hold exactly `peers` (other load-balancing nodes by MAC and by
     /// address): new ones are inserted before stale ones are removed.
     pub fn set_peers(&mut self, peers: &std::collections::BTreeSet<PeerKey>) -> Result<(), MapError> {
-        for p in peers {
-            self.peers.insert(p, 1, 0).map_err(op(map_names::PEERS, "insert"))?;
-        }
+        // Stale keys go first, so that a full map can take a new set.
         let stale: Vec<PeerKey> = self
             .peers
             .keys()
@@ -364,6 +362,9 @@ impl Maps {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(source) => return Err(MapError::Op { name: map_names::PEERS, op: "remove", source }),
             }
+        }
+        for p in peers {
+            self.peers.insert(p, 1, 0).map_err(op(map_names::PEERS, "insert"))?;
         }
         Ok(())
     }
