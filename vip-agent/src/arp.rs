@@ -144,16 +144,21 @@ pub fn foreign_probe(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4
     (sha != mine && f[28..32] == [0; 4] && vips.contains(&tpa)).then_some((tpa, sha))
 }
 
+/// What a claim probe found: another host at `mac` answers for `vip`, or (with
+/// `simultaneous`) probes for it too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeConflict {
+    pub vip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub simultaneous: bool,
+}
+
 /// Probes every VIP (RFC 5227 §2.1.1) from `interface` and listens for `wait`: `Err` with
 /// the first VIP another host answers for (any ARP whose sender IP is that VIP and whose
 /// sender MAC is not ours), or probes for at the same time (both then back off; the
 /// `bool` says which).
 /// Blocking: run it on a blocking thread.
-pub fn probe(
-    interface: &str,
-    vips: &[Ipv4Addr],
-    wait: Duration,
-) -> std::io::Result<Result<(), (Ipv4Addr, [u8; 6], bool)>> {
+pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Result<Result<(), ProbeConflict>> {
     let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
     let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, Some(Duration::from_millis(10)))?;
     for &vip in vips {
@@ -165,10 +170,10 @@ pub fn probe(
         if let Some(n) = sock.recv(&mut buf)? {
             let frame = &buf[..n];
             if let Some((vip, mac)) = foreign_claim(frame, vips, dev.mac.0) {
-                return Ok(Err((vip, mac, false)));
+                return Ok(Err(ProbeConflict { vip, mac, simultaneous: false }));
             }
             if let Some((vip, mac)) = foreign_probe(frame, vips, dev.mac.0) {
-                return Ok(Err((vip, mac, true)));
+                return Ok(Err(ProbeConflict { vip, mac, simultaneous: true }));
             }
         }
     }

@@ -93,11 +93,11 @@ impl Fence for MapFence {
         self.set_probing(false);
         match probed {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err((vip, mac, true)))) => {
+            Ok(Ok(Err(arp::ProbeConflict { vip, mac, simultaneous: true }))) => {
                 warn!(%vip, mac = %MacAddr(mac), "another host probes for the VIP at the same moment: backing off");
                 Err(ClaimConflict { mac, simultaneous: true })
             }
-            Ok(Ok(Err((vip, mac, false)))) => {
+            Ok(Ok(Err(arp::ProbeConflict { vip, mac, simultaneous: false }))) => {
                 warn!(%vip, mac = %MacAddr(mac), "ARP probe answered: another host has the VIP");
                 Err(ClaimConflict { mac, simultaneous: false })
             }
