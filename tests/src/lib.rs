@@ -56,3 +56,22 @@ impl SplitMix64 {
         }
     }
 }
+
+/// Whether the running kernel is at least `major.minor` (from `/proc/sys/kernel/osrelease`):
+/// tests of a kernel feature newer than the project's floor (tcx: 6.6) skip, saying so,
+/// on an older one.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (ma, mi) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (ma, mi) >= (major, minor)
+}
+
+/// [`kernel_at_least`] for tcx (Linux 6.6), with the skip said on stderr.
+pub fn kernel_has_tcx() -> bool {
+    let ok = kernel_at_least(6, 6);
+    if !ok {
+        eprintln!("tcx needs Linux 6.6 or later: skipped");
+    }
+    ok
+}

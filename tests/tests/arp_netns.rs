@@ -401,6 +401,9 @@ fn rare_data_plane_events_reach_the_agent_log_only_when_asked() {
 /// frame alone it would look untagged, and be answered on VLAN 100).
 #[test]
 fn at_tcx_a_request_tagged_for_another_vlan_is_not_answered() {
+    if !tests::kernel_has_tcx() {
+        return;
+    }
     let lab = lab(false);
     let pins = pin_dir(&lab.node.name).unwrap();
     let mut args = agent_args(&pins);

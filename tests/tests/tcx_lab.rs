@@ -29,6 +29,9 @@ fn tcx_chain(lab: &ApiLab, i: usize) -> Vec<String> {
 /// instead of `TCX_NEXT` the ping would skip it and be answered.
 #[test]
 fn at_tcx_the_data_plane_runs_first_and_hands_everything_else_on() {
+    if !tests::kernel_has_tcx() {
+        return;
+    }
     let lab = ApiLab::new([10, 107, 0], 3, &[0]).unwrap();
     let mut agent = lab.start_agent(0, &["--attach", "tcx"]).unwrap();
     assert!(!lab.ns(0).has_xdp("eth0").unwrap(), "--attach tcx attached XDP");
@@ -71,6 +74,9 @@ fn at_tcx_the_data_plane_runs_first_and_hands_everything_else_on() {
 /// refuse with `--attach tcx`: the agent serves beside it and leaves it attached.
 #[test]
 fn at_tcx_another_xdp_program_is_left_alone() {
+    if !tests::kernel_has_tcx() {
+        return;
+    }
     let lab = ApiLab::new([10, 108, 0], 3, &[0]).unwrap();
     let _foreign = lab
         .ns(0)
@@ -101,6 +107,9 @@ fn at_tcx_another_xdp_program_is_left_alone() {
 /// link, and requests keep being served.
 #[test]
 fn a_restart_moves_the_data_plane_from_xdp_to_tcx() {
+    if !tests::kernel_has_tcx() {
+        return;
+    }
     let lab = ApiLab::new([10, 109, 0], 3, &[0]).unwrap();
     let mut first = lab.start_agent(0, &["--keep-forwarding-on-exit"]).unwrap();
     assert!(lab.ns(0).has_xdp("eth0").unwrap());

@@ -40,8 +40,9 @@ pub enum Command {
     /// Show leadership, VIPs, backends with health, table share and counters, from the
     /// pinned maps of a running (or kept-forwarding) agent.
     Status(StatusArgs),
-    /// Print Kubernetes YAML: a DaemonSet with its RBAC, a kubeadm static pod, a K3s
-    /// auto-deploy manifest, the RBAC alone, or Cilium values pointing at the VIP.
+    /// Print Kubernetes YAML (a DaemonSet with its RBAC, a kubeadm static pod, a K3s
+    /// auto-deploy manifest, the RBAC alone, Cilium values pointing at the VIP) or a
+    /// systemd unit.
     Manifest(Box<ManifestCommand>),
 }
 

@@ -73,7 +73,7 @@ pub struct ManifestArgs {
     #[arg(long = "vip", value_name = "IP", value_delimiter = ',')]
     pub vips: Vec<IpAddr>,
     /// Interface that faces the clients, the same name on every control-plane node.
-    /// Needed by `daemonset`, `pod` and `k3s`.
+    /// Needed by `daemonset`, `pod`, `k3s` and `systemd`.
     #[arg(long, value_name = "IF")]
     pub interface: Option<String>,
     /// TCP port of the apiservers behind the VIP.

@@ -1,5 +1,5 @@
 //! Kubernetes manifests for `vip-agent`, rendered from typed k8s-openapi objects (never
-//! from string templates), for `vip-agent manifest daemonset|pod|k3s|rbac|cilium-values`.
+//! from string templates), for `vip-agent manifest daemonset|pod|k3s|rbac|cilium-values|systemd`.
 //!
 //! ```text
 //! ManifestArgs ──Settings::new(kind)──▶ Settings ──▶ rbac / workload / cilium ──▶ yaml ──▶ String

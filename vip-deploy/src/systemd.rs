@@ -38,6 +38,10 @@ pub fn unit(s: &Settings) -> String {
     line("Description=vip: the control plane's virtual IP and load balancer");
     line("Wants=network-online.target");
     line("After=network-online.target");
+    // Restarted as long as it takes: before `kubeadm init` or `join` writes the
+    // kubeconfig the agent cannot start, and systemd's default (5 starts in 10 s) would
+    // give up for good.
+    line("StartLimitIntervalSec=0");
     line("");
     line("[Service]");
     line("Type=exec");

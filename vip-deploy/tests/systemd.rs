@@ -33,6 +33,7 @@ fn the_unit_carries_the_static_pods_settings() {
     assert!(!env.iter().any(|e| e.starts_with("VIP_NODE_NAME")), "the node name is the hostname here: {env:?}");
     assert!(unit.contains("\nCapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF CAP_PERFMON\n"), "{unit}");
     assert!(unit.contains("\nTimeoutStopSec=10s\n"), "{unit}");
+    assert!(unit.contains("\nStartLimitIntervalSec=0\n"), "restarts until the kubeconfig exists: {unit}");
 }
 
 #[test]

@@ -481,7 +481,7 @@ fn agent_table() -> Result<(), String> {
 }
 
 /// The agent with many discovered apiservers: `n` endpoints in the EndpointSlice of
-/// `default/kubernetes`, every one healthy (node n2 answers on `n - 2` extra addresses of
+/// `default/kubernetes`, every one healthy (node n2 answers on `n - 3` extra addresses of
 /// a second subnet besides the three nodes'), HTTPS checks every second with their
 /// VIP-path probes, DSR. Reports the time from the slice to a live table holding them
 /// all, the agent's memory and CPU in that steady state, and the time a change to the
