@@ -236,4 +236,77 @@ mod tests {
         rst[47] = 0x14;
         assert!(!is_syn_ack(&rst, &p, 40001, 7), "RST is no answer");
     }
+
+    /// A classic BPF interpreter for the instructions [`syn_ack_filter`] uses (kernel
+    /// Documentation/networking/filter.rst semantics: loads are big-endian, out of
+    /// bounds rejects): the filter's accepted length for `frame`.
+    fn run_cbpf(prog: &[libc::sock_filter], frame: &[u8]) -> u32 {
+        use cbpf::*;
+        let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
+        let load = |off: usize, n: usize| -> Option<u32> {
+            frame.get(off..off + n).map(|b| b.iter().fold(0u32, |acc, &v| acc << 8 | u32::from(v)))
+        };
+        loop {
+            let i = prog[pc];
+            let size = match i.code & 0x18 {
+                H => 2,
+                B => 1,
+                _ => 4,
+            };
+            match (i.code & 0x07, i.code & 0xe0) {
+                (LD, ABS) => match load(i.k as usize, size) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                (LD, IND) => match load(x as usize + i.k as usize, size) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                (LDX, MSH) => match load(i.k as usize, 1) {
+                    Some(v) => x = (v & 0xf) * 4,
+                    None => return 0,
+                },
+                (JMP, _) if i.code & 0xf0 == JEQ => {
+                    pc += usize::from(if a == i.k { i.jt } else { i.jf });
+                }
+                (RET, _) => return i.k,
+                other => panic!("instruction {other:?} not interpreted"),
+            }
+            pc += 1;
+        }
+    }
+
+    #[test]
+    fn the_socket_filter_passes_only_the_probes_syn_ack() {
+        let p = probe_cfg();
+        let prog = syn_ack_filter(p.vip, 40001);
+        let syn = syn_frame(&p, [2; 6], 40001, 7);
+        let mut ack = syn.clone();
+        ack[26..30].copy_from_slice(&p.vip.octets());
+        ack[30..34].copy_from_slice(&p.src_ip.octets());
+        ack[34..36].copy_from_slice(&6443u16.to_be_bytes());
+        ack[36..38].copy_from_slice(&40001u16.to_be_bytes());
+        ack[47] = TCP_SYN | TCP_ACK;
+        assert!(run_cbpf(&prog, &ack) > 0, "the SYN-ACK");
+        // The same with 4 bytes of IPv4 options (IHL 6): the port is found after them.
+        let mut with_options = ack[..34].to_vec();
+        with_options[14] = 0x46;
+        with_options.extend([1, 1, 1, 0]);
+        with_options.extend(&ack[34..]);
+        assert!(run_cbpf(&prog, &with_options) > 0, "the SYN-ACK with IPv4 options");
+        let mut other_port = ack.clone();
+        other_port[36..38].copy_from_slice(&40002u16.to_be_bytes());
+        assert_eq!(run_cbpf(&prog, &other_port), 0, "another probe's port");
+        let mut other_src = ack.clone();
+        other_src[26..30].copy_from_slice(&[10, 0, 0, 99]);
+        assert_eq!(run_cbpf(&prog, &other_src), 0, "not from the VIP");
+        let mut udp = ack.clone();
+        udp[23] = 17;
+        assert_eq!(run_cbpf(&prog, &udp), 0, "UDP");
+        let mut arp = ack.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(run_cbpf(&prog, &arp), 0, "ARP");
+        assert_eq!(run_cbpf(&prog, &ack[..30]), 0, "truncated");
+        assert_eq!(run_cbpf(&prog, &syn), 0, "our own SYN (from us, to the VIP)");
+    }
 }
