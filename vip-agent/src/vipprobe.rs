@@ -216,18 +216,24 @@ mod tests {
         assert_eq!(fold(sum16(&f[34..54], sum16(&pseudo, 0))), 0, "TCP checksum");
     }
 
+    /// The backend's answer to our SYN from `sport` with sequence number 7: its
+    /// addresses and ports swapped, acknowledging 8.
+    fn syn_ack_to(p: &VipProbe, sport: u16) -> Vec<u8> {
+        let mut ack = syn_frame(p, [2; 6], sport, 7);
+        ack[26..30].copy_from_slice(&p.vip.octets());
+        ack[30..34].copy_from_slice(&p.src_ip.octets());
+        ack[34..36].copy_from_slice(&p.port.to_be_bytes());
+        ack[36..38].copy_from_slice(&sport.to_be_bytes());
+        ack[42..46].copy_from_slice(&8u32.to_be_bytes());
+        ack[47] = TCP_SYN | TCP_ACK;
+        ack
+    }
+
     #[test]
     fn recognises_only_the_matching_syn_ack() {
         let p = probe_cfg();
-        // Build the answer by swapping our SYN's addresses and ports.
         let syn = syn_frame(&p, [2; 6], 40001, 7);
-        let mut ack = syn.clone();
-        ack[26..30].copy_from_slice(&p.vip.octets());
-        ack[30..34].copy_from_slice(&p.src_ip.octets());
-        ack[34..36].copy_from_slice(&6443u16.to_be_bytes());
-        ack[36..38].copy_from_slice(&40001u16.to_be_bytes());
-        ack[42..46].copy_from_slice(&8u32.to_be_bytes());
-        ack[47] = TCP_SYN | TCP_ACK;
+        let ack = syn_ack_to(&p, 40001);
         assert!(is_syn_ack(&ack, &p, 40001, 7));
         assert!(!is_syn_ack(&ack, &p, 40002, 7), "other port");
         assert!(!is_syn_ack(&ack, &p, 40001, 8), "other sequence");
@@ -281,12 +287,7 @@ mod tests {
         let p = probe_cfg();
         let prog = syn_ack_filter(p.vip, 40001);
         let syn = syn_frame(&p, [2; 6], 40001, 7);
-        let mut ack = syn.clone();
-        ack[26..30].copy_from_slice(&p.vip.octets());
-        ack[30..34].copy_from_slice(&p.src_ip.octets());
-        ack[34..36].copy_from_slice(&6443u16.to_be_bytes());
-        ack[36..38].copy_from_slice(&40001u16.to_be_bytes());
-        ack[47] = TCP_SYN | TCP_ACK;
+        let ack = syn_ack_to(&p, 40001);
         assert!(run_cbpf(&prog, &ack) > 0, "the SYN-ACK");
         // The same with 4 bytes of IPv4 options (IHL 6): the port is found after them.
         let mut with_options = ack[..34].to_vec();

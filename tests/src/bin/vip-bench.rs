@@ -431,6 +431,18 @@ fn proc_usage(pid: u32) -> Result<(u64, u64), String> {
     Ok((rss, ticks))
 }
 
+/// Process `pid`'s resident memory (KiB) at the end of `window`, and its CPU over the
+/// window in % of one core, after `settle`.
+fn steady_usage(pid: u32, settle: Duration, window: Duration) -> Result<(u64, f64), String> {
+    std::thread::sleep(settle);
+    let (_, t0) = proc_usage(pid)?;
+    std::thread::sleep(window);
+    let (rss, t1) = proc_usage(pid)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((rss, (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0))
+}
+
 fn agent_table() -> Result<(), String> {
     use tests::{
         agent::wait_until,
@@ -441,14 +453,8 @@ fn agent_table() -> Result<(), String> {
     // Default timing (1 s interval, rise 2, fall 3) for the idle figures.
     let mut agent = lab.start_agent(0, &["--health-interval", "1s", "--health-timeout", "1s", "--fall", "3"])?;
     let pid = agent.pid().ok_or("no pid")?;
-    std::thread::sleep(Duration::from_secs(2));
-    let (_, t0) = proc_usage(pid)?;
     let window = Duration::from_secs(20);
-    std::thread::sleep(window);
-    let (rss, t1) = proc_usage(pid)?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
+    let (rss, cpu) = steady_usage(pid, Duration::from_secs(2), window)?;
     println!("{:<44} {:>10}", "resident memory (VmRSS)", format!("{:.1} MiB", rss as f64 / 1024.0));
     println!("{:<44} {:>10}", format!("idle CPU over {} s (1 s checks)", window.as_secs()), format!("{cpu:.2} %"));
     agent.stop(libc::SIGTERM, Duration::from_secs(5))?;
@@ -553,14 +559,8 @@ fn discovery_table(n: usize) -> Result<(), String> {
         ));
     }
     let all_in = t.elapsed();
-    std::thread::sleep(Duration::from_secs(3));
-    let (_, t0) = proc_usage(pid)?;
     let window = Duration::from_secs(20);
-    std::thread::sleep(window);
-    let (rss, t1) = proc_usage(pid)?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
+    let (rss, cpu) = steady_usage(pid, Duration::from_secs(3), window)?;
     // One endpoint leaves the slice, then a new one joins it.
     let gone = extra[0].to_string();
     let t = Instant::now();

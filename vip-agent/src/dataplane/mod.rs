@@ -657,7 +657,7 @@ pub struct Runner<'a> {
     ebpf: &'a Ebpf,
 }
 
-impl Runner<'_> {
+impl<'a> Runner<'a> {
     /// Runs `program` once on `frame`.
     pub fn run(&self, program: Program, frame: &[u8]) -> Result<RunOutcome, DataplaneError> {
         self.run_opts(program, frame, 1, None)
@@ -679,12 +679,7 @@ impl Runner<'_> {
         if matches!(program, Program::Tcx | Program::TcxDropIcmp) {
             return self.run_tc(program, frame, repeat);
         }
-        let xdp: &Xdp = self
-            .ebpf
-            .program(name)
-            .ok_or(DataplaneError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DataplaneError::LoadProgram { name, source })?;
+        let xdp: &Xdp = self.program(name)?;
         // Room for encapsulation headers the program may push.
         let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
@@ -703,6 +698,18 @@ impl Runner<'_> {
         Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration })
     }
 
+    /// The program `name` as its type `T` (`Xdp`, `SchedClassifier`).
+    fn program<T>(&self, name: &'static str) -> Result<&'a T, DataplaneError>
+    where
+        &'a T: TryFrom<&'a aya::programs::Program, Error = ProgramError>,
+    {
+        self.ebpf
+            .program(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DataplaneError::LoadProgram { name, source })
+    }
+
     /// Runs a tcx program (loaded with [`Dataplane::load_tcx`]) on `frame` as an skb,
     /// and reports its verdict in XDP's terms so that one fixture table checks both
     /// hooks: `TCX_NEXT` as `XDP_PASS`, `TC_ACT_SHOT` as `XDP_DROP`, `TC_ACT_REDIRECT`
@@ -711,12 +718,7 @@ impl Runner<'_> {
     /// action (`TC_ACT_OK`, say, would skip the programs after ours).
     fn run_tc(&self, program: Program, frame: &[u8], repeat: u32) -> Result<RunOutcome, DataplaneError> {
         let name = program.name();
-        let tc: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or(DataplaneError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DataplaneError::LoadProgram { name, source })?;
+        let tc: &SchedClassifier = self.program(name)?;
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
         let res = tc.test_run(opts).map_err(|source| DataplaneError::TestRun { program: name, source })?;
