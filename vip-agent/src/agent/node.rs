@@ -199,10 +199,7 @@ impl Node {
                 Mode::Arp => "arp",
                 Mode::Bgp => "bgp",
             },
-            hook: match self.cfg.attach {
-                crate::dataplane::Hook::Xdp => "xdp",
-                crate::dataplane::Hook::Tcx => "tcx",
-            },
+            hook: self.cfg.attach.name(),
             eligible: self.eligibility.eligible(),
             not_eligible_because: self.eligibility.obstacles(),
             advertised: self.announce.advertised(),

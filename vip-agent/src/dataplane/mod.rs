@@ -55,12 +55,19 @@ pub enum Hook {
     Tcx,
 }
 
-impl fmt::Display for Hook {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Hook {
+    /// The name `--attach`, `status` and the metrics use.
+    pub const fn name(self) -> &'static str {
+        match self {
             Hook::Xdp => "xdp",
             Hook::Tcx => "tcx",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
