@@ -1,7 +1,7 @@
 //! Frame builders, and a reference model of the ARP responder written from the RFC
 //! rather than from the XDP code, used as the oracle of the random-frame test.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub type Mac = [u8; 6];
 
@@ -459,4 +459,122 @@ pub fn icmp_unreachable(code: u8, mtu: u16, quote: &[u8]) -> Vec<u8> {
     let c = inet_checksum(&m);
     m[2..4].copy_from_slice(&c.to_be_bytes());
     m
+}
+
+// ---- IPv6 Neighbor Discovery (RFC 4861) --------------------------------------------------
+
+/// ICMPv6 types of a Neighbor Solicitation and a Neighbor Advertisement.
+pub const ND_NS: u8 = 135;
+pub const ND_NA: u8 = 136;
+/// All-nodes multicast, and its Ethernet group.
+pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+pub const ALL_NODES_MAC: Mac = [0x33, 0x33, 0, 0, 0, 1];
+
+/// The solicited-node group of `addr` (RFC 4291 §2.7.1) and its Ethernet group (RFC 2464
+/// §7).
+pub fn solicited_node(addr: Ipv6Addr) -> Ipv6Addr {
+    let o = addr.octets();
+    Ipv6Addr::from([0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15]])
+}
+
+pub fn ipv6_multicast_mac(group: Ipv6Addr) -> Mac {
+    let o = group.octets();
+    [0x33, 0x33, o[12], o[13], o[14], o[15]]
+}
+
+/// An IPv6 packet from `src` to `dst` with hop limit `hop`, carrying `message` as ICMPv6
+/// with its checksum computed over the pseudo-header (RFC 8200 §8.1) by
+/// [`inet_checksum`].
+pub fn icmpv6(src: Ipv6Addr, dst: Ipv6Addr, hop: u8, message: &[u8]) -> Vec<u8> {
+    let mut pseudo = Vec::with_capacity(40 + message.len());
+    pseudo.extend(src.octets());
+    pseudo.extend(dst.octets());
+    pseudo.extend((message.len() as u32).to_be_bytes());
+    pseudo.extend([0, 0, 0, 58]);
+    pseudo.extend(message);
+    let sum = inet_checksum(&pseudo);
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend((message.len() as u16).to_be_bytes());
+    p.extend([58, hop]);
+    p.extend(src.octets());
+    p.extend(dst.octets());
+    p.extend(message);
+    p[40 + 2..40 + 4].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+/// A Neighbor Solicitation message for `target`, with the given options (each a full
+/// option: type, length in 8-byte units, value).
+pub fn ns_message(target: Ipv6Addr, options: &[&[u8]]) -> Vec<u8> {
+    let mut m = vec![ND_NS, 0, 0, 0, 0, 0, 0, 0];
+    m.extend(target.octets());
+    for o in options {
+        m.extend(*o);
+    }
+    m
+}
+
+/// A source (type 1) or target (type 2) link-layer address option.
+pub fn ll_option(kind: u8, mac: Mac) -> [u8; 8] {
+    [kind, 1, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]
+}
+
+/// A Neighbor Advertisement message for `target` at `mac`, with the Solicited and
+/// Override flags as given (Router clear), and the target link-layer option.
+pub fn na_message(target: Ipv6Addr, mac: Mac, solicited: bool) -> Vec<u8> {
+    let flags = if solicited { 0x60 } else { 0x20 };
+    let mut m = vec![ND_NA, 0, 0, 0, flags, 0, 0, 0];
+    m.extend(target.octets());
+    m.extend(ll_option(2, mac));
+    m
+}
+
+/// The Neighbor Discovery responder as specified (RFC 4861 §7.1.1, §7.2.4), for the
+/// model tests: `None` unless the frame is IPv6 (after at most two tags). For a complete
+/// version-6 header carrying ICMPv6 whose message is a solicitation (24 bytes present)
+/// for one of `vips`, valid (hop limit 255, code 0, payload length ≥ 24; a DAD probe,
+/// from `::`, sent to the target's solicited-node group and whose first option is not a
+/// source link-layer address), on the untagged segment and sent to us (group or our
+/// MAC): the leader answers in place — to the sender's MAC and address, Solicited and
+/// Override set; a DAD probe to all-nodes, Override only — and a follower drops.
+/// Everything else IPv6 passes unchanged.
+pub fn ndp_model(frame: &[u8], vips: &[(Ipv6Addr, Role)], node_mac: Mac) -> Option<Expected> {
+    let (off, et, segment) = l2_of(frame)?;
+    if et != ETH_P_IPV6 {
+        return None;
+    }
+    let pass = Some(Expected::Pass);
+    let Some(ip) = frame.get(off..off + 40) else { return pass };
+    if ip[0] >> 4 != 6 || ip[6] != 58 {
+        return pass;
+    }
+    let Some(ns) = frame.get(off + 40..off + 64) else { return pass };
+    if ns[0] != ND_NS {
+        return pass;
+    }
+    let target = Ipv6Addr::from(<[u8; 16]>::try_from(&ns[8..24]).expect("16 bytes"));
+    let Some(&(_, role)) = vips.iter().find(|(v, _)| *v == target) else { return pass };
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).expect("16 bytes"));
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).expect("16 bytes"));
+    let dad = src.is_unspecified();
+    if ip[7] != 255 || ns[1] != 0 || payload_len < 24 {
+        return pass;
+    }
+    let first_option_is_sllao = payload_len > 24 && frame.get(off + 64) == Some(&1);
+    if dad && (dst != solicited_node(target) || first_option_is_sllao) {
+        return pass;
+    }
+    if segment != 0 || (!is_group(&frame[0..6]) && frame[0..6] != node_mac) {
+        return pass;
+    }
+    if role == Role::Follower {
+        return Some(Expected::Drop);
+    }
+    let (to, to_mac) = if dad { (ALL_NODES, ALL_NODES_MAC) } else { (src, frame[6..12].try_into().expect("6 bytes")) };
+    let mut out = frame[..off].to_vec();
+    out[0..6].copy_from_slice(&to_mac);
+    out[6..12].copy_from_slice(&node_mac);
+    out.extend(icmpv6(target, to, 255, &na_message(target, node_mac, !dad)));
+    Some(Expected::Tx(out))
 }

@@ -59,7 +59,7 @@ fn requests_spread_over_every_apiserver_and_are_reported() {
     // /metrics on the node's loopback.
     let metrics = http_get_plain(lab.ns(0), "127.0.0.1:9469", "/metrics");
     for needle in [
-        "vip_is_leader{vip=\"10.51.0.100\"} 1",
+        "vip_is_leader{vip=\"10.51.0.100\",family=\"ipv4\"} 1",
         "vip_backend_up{backend=\"10.51.0.12\"} 1",
         "vip_packets_total{reason=\"forwarded_dsr\"}",
         "vip_backend_packets_total{backend=\"10.51.0.13\"}",

@@ -80,7 +80,7 @@ fn lab(vip_on_lo: bool) -> Lab {
 }
 
 fn set_role(dp: &mut Dataplane, role: VipState) {
-    dp.maps_mut().set_vip(VIP.parse().unwrap(), role).unwrap();
+    dp.maps_mut().set_vip(VIP.parse::<std::net::IpAddr>().unwrap(), role).unwrap();
 }
 
 /// Loads the data plane in-process, attaches it to the node's veth in `mode` (and, for

@@ -1,11 +1,13 @@
 //! Seeded random frames through the real XDP program, each checked against the
 //! reference models in `tests::frames` (written from the protocol rules, not from the XDP
-//! code): ARP requests and replies, IPv4/TCP to the service and elsewhere, fragments,
-//! options, IPIP, VLAN tags, then mutated, truncated or replaced by noise.
+//! code): ARP requests and replies, IPv6 Neighbor Solicitations (and other ICMPv6),
+//! IPv4/TCP to the service and elsewhere, fragments, options, IPIP, VLAN tags, then
+//! mutated, truncated or replaced by noise.
 //!
-//! Invariants: never `XDP_ABORTED`; `XDP_TX` only for a well-formed ARP request for a led
-//! VIP (with exactly the model's reply) or a complete TCP segment to the service (sent to
-//! exactly the model's backend); `XDP_DROP` only for a request for a followed VIP; every
+//! Invariants: never `XDP_ABORTED`; `XDP_TX` only for a well-formed ARP request or
+//! Neighbor Solicitation for a led VIP (with exactly the model's reply) or a complete
+//! TCP segment to the service (sent to exactly the model's backend); `XDP_DROP` only for
+//! a request or solicitation for a followed VIP; every
 //! other frame passes unchanged, but IPIP from a peer for the service, which passes
 //! decapsulated. Beside the models, checked on their own: never `XDP_TX` a frame whose
 //! destination MAC is not ours (or a group address), never send one whose source MAC is
@@ -13,12 +15,16 @@
 //!
 //! `VIP_RANDOM_FRAMES` (default 100,000) and `VIP_RANDOM_SEED` override. Needs root.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use tests::{
     frames::{
-        arp_model, forward_model, icmp_unreachable, ipip, ipv6, is_group, tcp, Arp, Expected, ForwardState, Frame, Ip4,
-        Mac, Role, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
+        arp_model, forward_model, icmp_unreachable, icmpv6, ipip, ipv6, ipv6_multicast_mac, is_group, ll_option,
+        ndp_model, ns_message, solicited_node, tcp, Arp, Expected, ForwardState, Frame, Ip4, Mac, Role, ALL_NODES,
+        BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
     },
     xdp, SplitMix64,
 };
@@ -37,6 +43,12 @@ const VIP2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const OTHER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 51);
 const PORT: u16 = 6443;
+
+/// IPv6 VIPs: one led, one followed, and other addresses of the segment.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+const VIP6_2: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x101);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x50);
 
 fn backend_mac(i: u8) -> Mac {
     [0x02, 0, 0, 0, 0, 0x10 + i]
@@ -63,6 +75,32 @@ fn arp_frame(rng: &mut SplitMix64) -> Frame {
     Frame::arp(macs[rng.below(macs.len())], sha, &arp)
 }
 
+/// A solicitation (or, sometimes, another ICMPv6 message) for a VIP or another address:
+/// ordinary or DAD, to the solicited-node group, all-nodes or unicast, with the option
+/// combinations hosts send, and sometimes a hop limit that crossed a router.
+fn nd_frame(rng: &mut SplitMix64) -> Frame {
+    let targets = [VIP6, VIP6, VIP6_2, OTHER6];
+    let target = targets[rng.below(targets.len())];
+    let dad = rng.below(4) == 0;
+    let src = if dad { Ipv6Addr::UNSPECIFIED } else { CLIENT6 };
+    let dst = [solicited_node(target), solicited_node(target), ALL_NODES, target][rng.below(4)];
+    let dst_mac = if dst.is_multicast() { ipv6_multicast_mac(dst) } else { [NODE_MAC, OTHER_MAC][rng.below(2)] };
+    let sllao = ll_option(1, CLIENT_MAC);
+    let nonce = [14, 1, 1, 2, 3, 4, 5, 6];
+    let options: &[&[u8]] = match rng.below(4) {
+        0 => &[],
+        1 => &[&sllao],
+        2 => &[&sllao, &nonce],
+        _ => &[&nonce],
+    };
+    let mut msg = ns_message(target, options);
+    if rng.below(8) == 0 {
+        msg[0] = [128, 129, 136, 133][rng.below(4)];
+    }
+    let hop = [255, 255, 255, 64][rng.below(4)];
+    Frame::new(dst_mac, CLIENT_MAC, ETH_P_IPV6, icmpv6(src, dst, hop, &msg))
+}
+
 fn tcp_packet(rng: &mut SplitMix64) -> Vec<u8> {
     let dsts = [VIP, VIP, VIP, VIP2, OTHER_IP, NODE_IP];
     let ports = [PORT, PORT, PORT, 22, 443];
@@ -84,8 +122,9 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
     let dst = [NODE_MAC, NODE_MAC, NODE_MAC, OTHER_MAC][rng.below(4)];
     // Mostly from clients, sometimes from a peer that already balanced the flow.
     let src = [CLIENT_MAC, CLIENT_MAC, OTHER_MAC, PEER_MAC][rng.below(4)];
-    let mut f = match rng.below(12) {
+    let mut f = match rng.below(14) {
         0..=3 => arp_frame(rng),
+        12..=13 => nd_frame(rng),
         4..=6 => Frame::new(dst, src, ETH_P_IPV4, tcp_packet(rng)),
         7..=8 => {
             let outer_dst = [NODE_IP, NODE_IP, NODE_IP, OTHER_IP][rng.below(4)];
@@ -134,6 +173,17 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
     frame
 }
 
+/// The EtherType after up to two VLAN tags.
+fn ethertype(frame: &[u8]) -> Option<u16> {
+    let mut off = 12;
+    for _ in 0..2 {
+        if matches!(frame.get(off..off + 2), Some([0x81, 0x00]) | Some([0x88, 0xa8])) {
+            off += 4;
+        }
+    }
+    frame.get(off..off + 2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+}
+
 /// The outer source address of an IPv4 frame (after up to two VLAN tags).
 fn flow_of_outer_src(frame: &[u8]) -> Option<Ipv4Addr> {
     let mut off = 12;
@@ -170,6 +220,8 @@ fn random_frames_through(program: Program, count: usize) {
     dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
     dp.maps_mut().set_vip(VIP2, VipState::follower()).unwrap();
+    dp.maps_mut().set_vip(VIP6, VipState::leader_until(VipState::FOREVER)).unwrap();
+    dp.maps_mut().set_vip(VIP6_2, VipState::follower()).unwrap();
     let mut lb = Balancer::new(Duration::ZERO);
     let backends = (1..=3u8).map(|i| BackendSpec::up(Ipv4Addr::new(10, 0, 0, 10 + i), backend_mac(i))).collect();
     dp.maps_mut().set_peers(&[PeerKey::mac(PEER_MAC), PeerKey::ipv4(PEER_IP.octets())].into()).unwrap();
@@ -189,6 +241,7 @@ fn random_frames_through(program: Program, count: usize) {
         mac_of: &mac_of,
     };
     let arp_vips = [(VIP, Role::Leader), (VIP2, Role::Follower)];
+    let nd_vips = [(VIP6, Role::Leader), (VIP6_2, Role::Follower)];
 
     let mut rng = SplitMix64(seed);
     let mut seen = std::collections::BTreeMap::<&str, usize>::new();
@@ -211,7 +264,9 @@ fn random_frames_through(program: Program, count: usize) {
             Err(e) => panic!("frame {i} {frame:02x?}: {e:?}"),
         };
         assert_ne!(out.action, xdp::ABORTED, "frame {i} (seed {seed:#x}) aborted: {frame:02x?}");
-        let mut expected = forward_model(&frame, &state).unwrap_or_else(|| arp_model(&frame, &arp_vips, NODE_MAC));
+        let mut expected = forward_model(&frame, &state)
+            .or_else(|| ndp_model(&frame, &nd_vips, NODE_MAC))
+            .unwrap_or_else(|| arp_model(&frame, &arp_vips, NODE_MAC));
         if program == Program::Tcx && matches!(expected, Expected::PassAs(_)) {
             expected = Expected::Pass;
         }
@@ -240,17 +295,19 @@ fn random_frames_through(program: Program, count: usize) {
             let outer_src = flow_of_outer_src(&frame);
             assert_eq!(outer_src, Some(PEER_IP), "frame {i}: decapsulated from an unknown source");
         }
-        let kind = match (kind, frame.get(12..14)) {
-            ("tx", Some([0x08, 0x06])) => "arp reply",
+        let kind = match (kind, ethertype(&frame)) {
+            ("tx", Some(0x0806)) => "arp reply",
+            ("tx", Some(0x86dd)) => "nd reply",
             ("tx", _) => "forwarded",
+            ("drop", Some(0x86dd)) => "nd drop",
             (k, _) => k,
         };
         *seen.entry(kind).or_default() += 1;
     }
     // The generator must reach every verdict often, or the test proves little.
     let kinds: &[&str] = match program {
-        Program::Tcx => &["arp reply", "forwarded", "drop", "pass"],
-        _ => &["arp reply", "forwarded", "drop", "pass", "decap"],
+        Program::Tcx => &["arp reply", "nd reply", "nd drop", "forwarded", "drop", "pass"],
+        _ => &["arp reply", "nd reply", "nd drop", "forwarded", "drop", "pass", "decap"],
     };
     for &kind in kinds {
         let n = seen.get(kind).copied().unwrap_or(0);

@@ -1,14 +1,11 @@
-//! ARP on the wire, as the agent speaks it: gratuitous ARP when this node starts
-//! answering for a VIP, the probe before it claims one (RFC 5227 §2.1), and the watch
-//! for other hosts claiming a VIP this node leads (RFC 5227 §2.4).
+//! ARP on the wire, as the agent speaks it for IPv4 VIPs: the gratuitous ARP frames
+//! ([`crate::announcement`] sends them), the probe before it claims one (RFC 5227 §2.1),
+//! and the watch for other hosts claiming a VIP this node leads (RFC 5227 §2.4). The IPv6
+//! twin is [`crate::ndp`].
 //!
 //! Gratuitous ARP: both forms are sent, since implementations differ in which they
 //! honour: a request (who-has VIP tell VIP) and a reply (VIP is-at MAC), each to the
-//! broadcast address. First a burst, then spaced repeats for hosts that missed it (a
-//! switch port that was still coming up, a client that was busy). Every announcement
-//! re-checks, right before it is sent, that this node still answers for the VIP in the
-//! data plane: a leader paused in the middle of its repeats and resumed after another
-//! node took over must not pull clients back.
+//! broadcast address.
 
 use std::{
     future::Future,
@@ -17,20 +14,15 @@ use std::{
 };
 
 use tokio::{io::unix::AsyncFd, sync::mpsc};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::{netdev, rawsock::RawSocket};
 
-/// Sends of each form in the initial burst, and the gap between them.
-pub const BURST: usize = 3;
-pub const BURST_GAP: Duration = Duration::from_millis(50);
-/// Delays of the repeats after the burst.
-pub const REPEATS: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)];
 /// How long a claim probe listens for an answer. RFC 5227 allows seconds; a host on the
 /// segment answers within a millisecond, and failover time counts every millisecond.
 pub const PROBE_WAIT: Duration = Duration::from_millis(100);
 
-const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_ARP: u16 = 0x0806;
 const ARPOP_REQUEST: u16 = 1;
 const ARPOP_REPLY: u16 = 2;
 
@@ -79,60 +71,6 @@ pub fn foreign_claim(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4
     (sha != mine && f[6..12] != mine && vips.contains(&spa)).then_some((spa, sha))
 }
 
-/// Sends one round (both forms) for every VIP for which `leads` still holds.
-fn announce_once(sock: &RawSocket, mac: [u8; 6], vips: &[Ipv4Addr], leads: &dyn Fn(Ipv4Addr) -> bool) -> usize {
-    let mut sent = 0;
-    for &vip in vips {
-        if !leads(vip) {
-            continue;
-        }
-        for f in frames(mac, vip) {
-            match sock.send(&f) {
-                Ok(()) => sent += 1,
-                Err(error) => warn!(%error, %vip, "gratuitous ARP failed"),
-            }
-        }
-    }
-    sent
-}
-
-/// The burst and the repeats, as a task, on interface `interface` (resolved now, so a
-/// recreated interface is found). `leads` is asked before every send. Errors are
-/// logged, not fatal: a missed announcement only delays how soon clients move.
-pub async fn announce(interface: String, vips: Vec<Ipv4Addr>, leads: impl Fn(Ipv4Addr) -> bool) {
-    let (sock, mac) = match netdev::lookup(&interface)
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .and_then(|dev| Ok((RawSocket::open(dev.ifindex, ETH_P_ARP, None)?, dev.mac.0)))
-    {
-        Ok(s) => s,
-        Err(error) => {
-            warn!(%error, %interface, "cannot open a raw socket for gratuitous ARP");
-            return;
-        }
-    };
-    let mut sent = 0;
-    for i in 0..BURST {
-        if i > 0 {
-            tokio::time::sleep(BURST_GAP).await;
-        }
-        sent += announce_once(&sock, mac, &vips, &leads);
-    }
-    debug!(?vips, sent, "gratuitous ARP burst sent");
-    let mut elapsed = Duration::ZERO;
-    for at in REPEATS {
-        tokio::time::sleep(at - elapsed).await;
-        elapsed = at;
-        announce_once(&sock, mac, &vips, &leads);
-    }
-}
-
-/// One gratuitous ARP round for `vip`, if `leads` (a defence, RFC 5227 §2.4 (b)).
-pub fn defend(interface: &str, vip: Ipv4Addr, leads: impl Fn(Ipv4Addr) -> bool) -> std::io::Result<usize> {
-    let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, None)?;
-    Ok(announce_once(&sock, dev.mac.0, &[vip], &leads))
-}
-
 /// Another host probing for one of `vips` (RFC 5227 §2.1.1: sender IP 0.0.0.0, target
 /// the VIP): it is about to claim it too.
 pub fn foreign_probe(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4Addr, [u8; 6])> {
@@ -148,7 +86,7 @@ pub fn foreign_probe(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4
 /// `simultaneous`) probes for it too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProbeConflict {
-    pub vip: Ipv4Addr,
+    pub vip: std::net::IpAddr,
     pub mac: [u8; 6],
     pub simultaneous: bool,
 }
@@ -170,10 +108,10 @@ pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Res
         if let Some(n) = sock.recv(&mut buf)? {
             let frame = &buf[..n];
             if let Some((vip, mac)) = foreign_claim(frame, vips, dev.mac.0) {
-                return Ok(Err(ProbeConflict { vip, mac, simultaneous: false }));
+                return Ok(Err(ProbeConflict { vip: vip.into(), mac, simultaneous: false }));
             }
             if let Some((vip, mac)) = foreign_probe(frame, vips, dev.mac.0) {
-                return Ok(Err(ProbeConflict { vip, mac, simultaneous: true }));
+                return Ok(Err(ProbeConflict { vip: vip.into(), mac, simultaneous: true }));
             }
         }
     }
@@ -186,7 +124,7 @@ pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Res
 pub fn watch_claims(
     interface: String,
     vips: Vec<Ipv4Addr>,
-    tx: mpsc::Sender<(Ipv4Addr, [u8; 6])>,
+    tx: mpsc::Sender<(std::net::IpAddr, [u8; 6])>,
 ) -> std::io::Result<impl Future<Output = ()>> {
     let dev = netdev::lookup(&interface).map_err(|e| std::io::Error::other(e.to_string()))?;
     let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, None)?;
@@ -201,8 +139,8 @@ pub fn watch_claims(
             let Ok(mut ready) = fd.readable().await else { return };
             match ready.get_inner().recv(&mut buf) {
                 Ok(Some(n)) => {
-                    if let Some(claim) = foreign_claim(&buf[..n], &vips, mac) {
-                        if tx.send(claim).await.is_err() {
+                    if let Some((vip, mac)) = foreign_claim(&buf[..n], &vips, mac) {
+                        if tx.send((vip.into(), mac)).await.is_err() {
                             return;
                         }
                     }

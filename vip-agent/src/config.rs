@@ -9,7 +9,7 @@ use std::{
     collections::BTreeSet,
     ffi::OsString,
     fmt,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     str::FromStr,
     time::Duration,
@@ -201,9 +201,11 @@ pub struct RunArgs {
     /// Interface that faces the clients (the one ARP for the VIP arrives on).
     #[arg(long, env = "VIP_INTERFACE", value_name = "IF")]
     pub interface: String,
-    /// Virtual IP to serve. Repeat the flag (or separate with commas) for several.
+    /// Virtual IP to serve, IPv4 or IPv6. Repeat the flag (or separate with commas) for
+    /// several, of both families. IPv6 VIPs are announced (Neighbor Discovery) and served
+    /// by the leader's own stack; only IPv4 VIPs are load-balanced.
     #[arg(long = "vip", env = "VIP_VIP", value_name = "IP", required = true, value_delimiter = ',')]
-    pub vips: Vec<Ipv4Addr>,
+    pub vips: Vec<IpAddr>,
     /// TCP port of the service behind the VIP.
     #[arg(long, env = "VIP_PORT", default_value_t = 6443)]
     pub port: u16,
@@ -363,7 +365,9 @@ pub struct StatusArgs {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunConfig {
     pub interface: String,
-    pub vips: Vec<Ipv4Addr>,
+    /// Every VIP, in the order given; [`RunConfig::vips4`] and [`RunConfig::vips6`] split
+    /// them by family.
+    pub vips: Vec<IpAddr>,
     pub port: u16,
     pub backends: Vec<BackendArg>,
     /// Follow the apiservers registered in `default/kubernetes`.
@@ -388,6 +392,30 @@ pub struct RunConfig {
     pub mode: Mode,
     /// BGP mode's settings (`None` in ARP mode).
     pub bgp: Option<BgpConfig>,
+}
+
+impl RunConfig {
+    /// The IPv4 VIPs: ARP, load balancing, BGP.
+    pub fn vips4(&self) -> Vec<Ipv4Addr> {
+        self.vips
+            .iter()
+            .filter_map(|v| match v {
+                IpAddr::V4(v) => Some(*v),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// The IPv6 VIPs: Neighbor Discovery, served by the leader's own stack.
+    pub fn vips6(&self) -> Vec<Ipv6Addr> {
+        self.vips
+            .iter()
+            .filter_map(|v| match v {
+                IpAddr::V6(v) => Some(*v),
+                IpAddr::V4(_) => None,
+            })
+            .collect()
+    }
 }
 
 /// BGP mode's settings.
@@ -428,9 +456,9 @@ pub struct HealthConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--vip {vip}: {why}")]
-    BadVip { vip: Ipv4Addr, why: &'static str },
+    BadVip { vip: IpAddr, why: &'static str },
     #[error("--vip {vip} is given twice")]
-    DuplicateVip { vip: Ipv4Addr },
+    DuplicateVip { vip: IpAddr },
     #[error("{count} VIPs given, at most {max} are supported")]
     TooManyVips { count: usize, max: u32 },
     #[error("--port 0: the service needs a port")]
@@ -492,7 +520,7 @@ impl TryFrom<RunArgs> for RunConfig {
         }
         let mut backends = BTreeSet::new();
         for b in &args.backends {
-            if args.vips.contains(&b.ip) {
+            if args.vips.contains(&IpAddr::V4(b.ip)) {
                 return Err(ConfigError::BackendIsVip { ip: b.ip });
             }
             if !backends.insert(b.ip) {
@@ -635,6 +663,9 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
         }
         return Ok(None);
     }
+    if let Some(v6) = args.vips.iter().find(|v| v.is_ipv6()) {
+        return Err(err(format!("--vip {v6}: BGP mode advertises IPv4 VIPs only (IPv6 VIPs need --mode arp)")));
+    }
     let local_as = args.bgp_local_as.ok_or_else(|| err("--bgp-local-as is required".into()))?;
     if local_as == 0 || local_as == u32::MAX || local_as == 23456 {
         return Err(err(format!("--bgp-local-as {local_as} is reserved")));
@@ -710,8 +741,17 @@ fn check_object_name(flag: &'static str, name: &str, rule: NameRule) -> Result<(
     rule.check(name).map_err(|why| ConfigError::ObjectName { flag, name: name.to_owned(), why })
 }
 
-/// A VIP must be a unicast address a client can ARP for.
-fn check_vip(vip: Ipv4Addr) -> Result<(), ConfigError> {
+/// A VIP must be a unicast address a client can resolve (ARP, or Neighbor Discovery)
+/// from beyond the link's own addresses.
+fn check_vip(vip: IpAddr) -> Result<(), ConfigError> {
+    let v4 = match vip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => return check_vip6(v6),
+    };
+    check_vip4(v4).map_err(|why| ConfigError::BadVip { vip, why })
+}
+
+fn check_vip4(vip: Ipv4Addr) -> Result<(), &'static str> {
     let why = if vip.is_unspecified() {
         "the unspecified address cannot be a VIP"
     } else if vip.is_loopback() {
@@ -723,7 +763,27 @@ fn check_vip(vip: Ipv4Addr) -> Result<(), ConfigError> {
     } else {
         return Ok(());
     };
-    Err(ConfigError::BadVip { vip, why })
+    Err(why)
+}
+
+/// IPv6 adds three refusals: a link-local VIP (fe80::/10) is ambiguous without a zone and
+/// every interface already has one; an IPv4-mapped address (::ffff:0:0/96) is IPv4 on
+/// the wire, so write the IPv4 VIP itself.
+fn check_vip6(vip: Ipv6Addr) -> Result<(), ConfigError> {
+    let why = if vip.is_unspecified() {
+        "the unspecified address cannot be a VIP"
+    } else if vip.is_loopback() {
+        "a loopback address cannot be a VIP"
+    } else if vip.is_multicast() {
+        "a multicast address cannot be a VIP"
+    } else if vip.is_unicast_link_local() {
+        "a link-local address cannot be a VIP (use a global or unique local address)"
+    } else if vip.to_ipv4_mapped().is_some() {
+        "an IPv4-mapped address cannot be a VIP (give the IPv4 address itself)"
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::BadVip { vip: vip.into(), why })
 }
 
 /// Parses the command line, folding in the `--config` file: each key of the file

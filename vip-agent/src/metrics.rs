@@ -59,7 +59,7 @@ impl AgentMetrics {
         self.host_repairs.get_or_create(&vec![("what".to_owned(), what.to_owned())]).inc();
     }
 
-    pub fn arp_conflict(&self, vip: Ipv4Addr) {
+    pub fn arp_conflict(&self, vip: std::net::IpAddr) {
         self.arp_conflicts.get_or_create(&vec![("vip".to_owned(), vip.to_string())]).inc();
     }
 
@@ -128,11 +128,17 @@ impl Collector for MapsCollector {
         let Ok(maps) = self.maps.lock() else { return Ok(()) };
         let now = crate::clock::boot_ns();
         if let Ok(vips) = maps.vips() {
-            let mut f =
-                family(&mut encoder, "vip_is_leader", "1 if this node answers ARP for the VIP", MetricType::Gauge)?;
+            let mut f = family(
+                &mut encoder,
+                "vip_is_leader",
+                "1 if this node answers for the VIP (ARP, or Neighbor Discovery for IPv6)",
+                MetricType::Gauge,
+            )?;
             for (vip, state) in vips {
                 let v = i64::from(VipState::leads_at(&state, now));
-                ConstGauge::new(v).encode(f.encode_family(&[("vip", vip.to_string())])?)?;
+                let family = if vip.is_ipv4() { "ipv4" } else { "ipv6" };
+                ConstGauge::new(v)
+                    .encode(f.encode_family(&[("vip", vip.to_string()), ("family", family.to_owned())])?)?;
             }
         }
         let backends = maps.backends().unwrap_or_default();

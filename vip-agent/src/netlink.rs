@@ -12,7 +12,7 @@ use rtnetlink::packet_core::DefaultNla;
 use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressProtocol},
         link::{AfSpecInet, AfSpecUnspec, LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteMetric},
@@ -49,6 +49,31 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The label of the VIP addresses vip-agent puts on `lo` (labels must start with the
 /// interface name).
 pub const VIP_LABEL: &str = "lo:vip";
+
+/// The address protocol (`IFA_PROTO`, Linux 6.1) vip-agent marks its IPv6 VIPs on `lo`
+/// with: IPv6 addresses have no labels. `ip address` shows it as `proto 0xa7`; the
+/// kernel's own values are 1 to 3 (`IFAPROT_KERNEL_*`), and iproute2 leaves the rest to
+/// users.
+pub const VIP_ADDR_PROTO: u8 = 0xa7;
+
+/// Whether an address's attributes carry vip-agent's mark: the label [`VIP_LABEL`]
+/// (IPv4) or the protocol [`VIP_ADDR_PROTO`] (IPv6).
+fn is_ours(attributes: &[AddressAttribute]) -> bool {
+    attributes.iter().any(|a| match a {
+        AddressAttribute::Label(l) => l == VIP_LABEL,
+        AddressAttribute::Protocol(p) => u8::from(*p) == VIP_ADDR_PROTO,
+        _ => false,
+    })
+}
+
+/// The prefix length of a host address: /32 or /128.
+fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
 
 /// A connection to rtnetlink (its I/O runs as a task on the current runtime).
 #[derive(Clone)]
@@ -89,90 +114,85 @@ impl Netlink {
         tokio::time::timeout(timeout, run).await.map_err(|_| NetlinkError::Timeout { op: op(), timeout })?
     }
 
-    /// The label (if any) of `vip`/32 on `lo`, or `None` if `lo` does not hold it.
-    async fn vip_label_on_lo(&self, vip: Ipv4Addr) -> Result<Option<String>, NetlinkError> {
+    /// Whether `lo` holds `vip` (`None`: it does not), and if so whether vip-agent put
+    /// it there ([`is_ours`]).
+    async fn vip_on_lo(&self, vip: IpAddr) -> Result<Option<bool>, NetlinkError> {
         let lo = loopback_index()?;
-        let mut addrs =
-            self.handle.address().get().set_link_index_filter(lo).set_address_filter(IpAddr::V4(vip)).execute();
+        let mut addrs = self.handle.address().get().set_link_index_filter(lo).set_address_filter(vip).execute();
         let Some(msg) = addrs.try_next().await.map_err(request(format!("listing addresses of lo for {vip}")))? else {
             return Ok(None);
         };
-        let label = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Label(l) => Some(l.clone()),
-            _ => None,
-        });
-        Ok(Some(label.unwrap_or_default()))
+        Ok(Some(is_ours(&msg.attributes)))
     }
 
     /// Whether `lo` holds `vip`.
-    pub async fn has_vip_on_lo(&self, vip: Ipv4Addr) -> Result<bool, NetlinkError> {
-        Ok(self.vip_label_on_lo(vip).await?.is_some())
+    pub async fn has_vip_on_lo(&self, vip: IpAddr) -> Result<bool, NetlinkError> {
+        Ok(self.vip_on_lo(vip).await?.is_some())
     }
 
-    /// Makes sure `lo` holds `vip`/32. An address vip-agent adds carries the label
-    /// [`VIP_LABEL`], so that whichever agent stops last (after a hitless restart, not
-    /// the one that added it) knows it may remove it, and an address an operator put
-    /// there (no such label) is never touched. Returns whether the VIP is vip-agent's.
-    pub async fn add_vip_to_lo(&self, vip: Ipv4Addr) -> Result<bool, NetlinkError> {
-        if let Some(label) = self.vip_label_on_lo(vip).await? {
-            debug!(%vip, %label, "VIP already on lo");
-            return Ok(label == VIP_LABEL);
+    /// Makes sure `lo` holds `vip` as a host address (/32, /128). An address vip-agent
+    /// adds carries its mark ([`VIP_LABEL`] on IPv4, [`VIP_ADDR_PROTO`] on IPv6), so that
+    /// whichever agent stops last (after a hitless restart, not the one that added it)
+    /// knows it may remove it, and an address an operator put there (unmarked) is never
+    /// touched. Returns whether the VIP is vip-agent's.
+    pub async fn add_vip_to_lo(&self, vip: IpAddr) -> Result<bool, NetlinkError> {
+        if let Some(ours) = self.vip_on_lo(vip).await? {
+            debug!(%vip, ours, "VIP already on lo");
+            return Ok(ours);
         }
         let lo = loopback_index()?;
-        let mut add = self.handle.address().add(lo, IpAddr::V4(vip), 32);
-        add.message_mut().attributes.push(AddressAttribute::Label(VIP_LABEL.to_owned()));
-        add.execute().await.map_err(request(format!("adding {vip}/32 to lo")))?;
+        let mut add = self.handle.address().add(lo, vip, host_prefix(vip));
+        let mark = match vip {
+            IpAddr::V4(_) => AddressAttribute::Label(VIP_LABEL.to_owned()),
+            IpAddr::V6(_) => AddressAttribute::Protocol(AddressProtocol::Other(VIP_ADDR_PROTO)),
+        };
+        add.message_mut().attributes.push(mark);
+        add.execute().await.map_err(request(format!("adding {vip}/{} to lo", host_prefix(vip))))?;
         info!(%vip, "VIP added to lo");
         Ok(true)
     }
 
-    /// Removes `vip`/32 from `lo` if it is there.
-    pub async fn remove_vip_from_lo(&self, vip: Ipv4Addr) -> Result<(), NetlinkError> {
+    /// Removes `vip` (as a host address) from `lo` if it is there.
+    pub async fn remove_vip_from_lo(&self, vip: IpAddr) -> Result<(), NetlinkError> {
         let lo = loopback_index()?;
-        let mut addrs =
-            self.handle.address().get().set_link_index_filter(lo).set_address_filter(IpAddr::V4(vip)).execute();
+        let prefix = host_prefix(vip);
+        let mut addrs = self.handle.address().get().set_link_index_filter(lo).set_address_filter(vip).execute();
         while let Some(msg) = addrs.try_next().await.map_err(request(format!("listing addresses of lo for {vip}")))? {
-            let is_vip =
-                msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == vip));
-            if is_vip && msg.header.prefix_len == 32 {
+            let is_vip = msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(a) if *a == vip));
+            if is_vip && msg.header.prefix_len == prefix {
                 self.handle
                     .address()
                     .del(msg)
                     .execute()
                     .await
-                    .map_err(request(format!("removing {vip}/32 from lo")))?;
+                    .map_err(request(format!("removing {vip}/{prefix} from lo")))?;
                 info!(%vip, "VIP removed from lo");
             }
         }
         Ok(())
     }
 
-    /// The interfaces (index, and the address's label) that hold `ip`.
-    pub async fn holders_of(&self, ip: Ipv4Addr) -> Result<Vec<(u32, String)>, NetlinkError> {
-        let mut addrs = self.handle.address().get().set_address_filter(IpAddr::V4(ip)).execute();
+    /// The interfaces that hold `ip` (index), and whether vip-agent put it there.
+    pub async fn holders_of(&self, ip: IpAddr) -> Result<Vec<(u32, bool)>, NetlinkError> {
+        let mut addrs = self.handle.address().get().set_address_filter(ip).execute();
         let mut out = Vec::new();
         while let Some(msg) = addrs.try_next().await.map_err(request(format!("looking up local address {ip}")))? {
-            let label = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Label(l) => Some(l.clone()),
-                _ => None,
-            });
-            out.push((msg.header.index, label.unwrap_or_default()));
+            out.push((msg.header.index, is_ours(&msg.attributes)));
         }
         Ok(out)
     }
 
-    /// The IPv4 addresses on `lo` that carry vip-agent's label [`VIP_LABEL`].
-    pub async fn labelled_vips(&self) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+    /// The addresses on `lo` that carry vip-agent's mark ([`is_ours`]).
+    pub async fn labelled_vips(&self) -> Result<Vec<IpAddr>, NetlinkError> {
         let lo = loopback_index()?;
         let mut addrs = self.handle.address().get().set_link_index_filter(lo).execute();
         let mut out = Vec::new();
         while let Some(msg) = addrs.try_next().await.map_err(request("listing addresses of lo"))? {
-            let labelled = msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Label(l) if l == VIP_LABEL));
             let addr = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(a)) => Some(*a),
+                AddressAttribute::Address(a) => Some(*a),
                 _ => None,
             });
-            if let (true, Some(a)) = (labelled, addr) {
+            if let (true, Some(a)) = (is_ours(&msg.attributes), addr) {
                 out.push(a);
             }
         }
@@ -348,17 +368,19 @@ pub enum LinkEvent {
 pub enum HostEvent {
     /// The watched interface's usable state changed.
     Link(LinkEvent),
-    /// An IPv4 address was removed from `lo` (a network manager, an operator).
-    LoAddressRemoved(Ipv4Addr),
+    /// An address was removed from `lo` (a network manager, an operator).
+    LoAddressRemoved(IpAddr),
 }
 
 /// Watches the interface named `name` (a [`HostEvent::Link`] on every change of its
-/// usable state, not on every netlink message) and the IPv4 addresses removed from
-/// `lo`. Ends when the receiver is dropped.
+/// usable state, not on every netlink message) and the addresses removed from `lo`. Ends when the receiver is dropped.
 pub fn watch_host(name: String) -> Result<mpsc::Receiver<HostEvent>, NetlinkError> {
-    let (conn, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
-            .map_err(NetlinkError::Socket)?;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+    ])
+    .map_err(NetlinkError::Socket)?;
     tokio::spawn(conn);
     let lo = loopback_index()?;
     let (tx, rx) = mpsc::channel(16);
@@ -383,7 +405,7 @@ pub fn watch_host(name: String) -> Result<mpsc::Receiver<HostEvent>, NetlinkErro
                 }
                 RouteNetlinkMessage::DelAddress(a) if a.header.index == lo => {
                     let Some(addr) = a.attributes.iter().find_map(|x| match x {
-                        AddressAttribute::Address(IpAddr::V4(v)) => Some(*v),
+                        AddressAttribute::Address(v) => Some(*v),
                         _ => None,
                     }) else {
                         continue;

@@ -53,7 +53,16 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
             let leader = st.leads_at(now);
             let deadline_ms = (leader && st.leader_until_ns != vip_common::VipState::FOREVER)
                 .then(|| (st.leader_until_ns - now) / 1_000_000);
-            json!({ "vip": vip.to_string(), "leader": leader, "lease_deadline_ms": deadline_ms })
+            // IPv6 VIPs are announced by Neighbor Discovery and served by the leader's own
+            // stack, never load-balanced.
+            let (family, served_by) = if vip.is_ipv4() { ("ipv4", "services") } else { ("ipv6", "leader_stack") };
+            json!({
+                "vip": vip.to_string(),
+                "family": family,
+                "served_by": served_by,
+                "leader": leader,
+                "lease_deadline_ms": deadline_ms,
+            })
         })
         .collect();
     let backends = maps.backends()?;
@@ -176,7 +185,9 @@ pub fn render(s: &Value) -> String {
             (Some(true), None) => "LEADER".to_owned(),
             _ => "follower".to_owned(),
         };
-        let _ = writeln!(out, "vip       {:<16} {role}", str_of(&v["vip"]));
+        let served =
+            if v["served_by"].as_str() == Some("leader_stack") { "  (served by the leader's stack)" } else { "" };
+        let _ = writeln!(out, "vip       {:<24} {:<5} {role}{served}", str_of(&v["vip"]), str_of(&v["family"]));
     }
     for svc in s["services"].as_array().into_iter().flatten() {
         let _ = writeln!(

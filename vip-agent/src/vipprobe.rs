@@ -109,7 +109,7 @@ pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
 }
 
 /// Classic BPF opcodes (linux/bpf_common.h): instruction classes, sizes, modes.
-mod cbpf {
+pub(crate) mod cbpf {
     pub const LD: u16 = 0x00;
     pub const LDX: u16 = 0x01;
     pub const JMP: u16 = 0x05;
@@ -124,7 +124,7 @@ mod cbpf {
     pub const K: u16 = 0x00;
 }
 
-fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+pub(crate) fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
@@ -178,7 +178,7 @@ pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Dur
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn probe_cfg() -> VipProbe {
@@ -246,7 +246,7 @@ mod tests {
     /// A classic BPF interpreter for the instructions [`syn_ack_filter`] uses (kernel
     /// Documentation/networking/filter.rst semantics: loads are big-endian, out of
     /// bounds rejects): the filter's accepted length for `frame`.
-    fn run_cbpf(prog: &[libc::sock_filter], frame: &[u8]) -> u32 {
+    pub(crate) fn run_cbpf(prog: &[libc::sock_filter], frame: &[u8]) -> u32 {
         use cbpf::*;
         let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
         let load = |off: usize, n: usize| -> Option<u32> {

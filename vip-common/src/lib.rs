@@ -19,6 +19,10 @@ pub mod map_names {
     pub const CONFIG: &str = "VIP_CONFIG";
     /// `HashMap<VipKey, VipState>`: the VIPs this node serves and whether it leads them.
     pub const VIPS: &str = "VIP_VIPS";
+    /// `HashMap<Vip6Key, VipState>`: the IPv6 VIPs this node serves and whether it leads
+    /// them (what the Neighbor Discovery responder reads). A map of its own, so the IPv4
+    /// key stays 4 bytes and maps pinned by an IPv4-only agent are adopted unchanged.
+    pub const VIPS6: &str = "VIP_VIPS6";
     /// `Array<VipSet>`, one entry: the same VIPs as a flat list, for the IPv4 path's
     /// membership test.
     pub const VIP_SET: &str = "VIP_VIP_SET";
@@ -589,8 +593,24 @@ impl VipKey {
     }
 }
 
-/// Value of the [`map_names::VIPS`] map: whether this node answers for the VIP, and
-/// until when.
+/// Key of the [`map_names::VIPS6`] map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Vip6Key {
+    /// The VIP's IPv6 address in network byte order (as in the IPv6 header and the
+    /// Neighbor Solicitation's target field).
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Vip6Key>() == 16);
+
+impl Vip6Key {
+    pub const fn new(addr: [u8; 16]) -> Self {
+        Self { addr }
+    }
+}
+
+/// Value of the [`map_names::VIPS`] and [`map_names::VIPS6`] maps: whether this node
+/// answers for the VIP (ARP, or Neighbor Solicitations for an IPv6 VIP), and until when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipState {
@@ -674,11 +694,12 @@ pub enum Reason {
     /// ARP that is truncated or not Ethernet/IPv4 (htype, ptype, hlen, plen): `XDP_PASS`,
     /// the kernel's own ARP code validates and drops it.
     ArpMalformed = 5,
-    /// ARP request for a led VIP while no MAC is configured: `XDP_DROP`.
+    /// ARP request or Neighbor Solicitation for a led VIP while no MAC is configured:
+    /// `XDP_DROP`.
     ArpNoConfig = 6,
     /// Frame shorter than its Ethernet (and VLAN) headers: `XDP_PASS`.
     EthMalformed = 7,
-    /// Anything that is neither ARP nor IPv4: `XDP_PASS`.
+    /// Anything that is neither ARP nor IP: `XDP_PASS`.
     NotArpPassed = 8,
     /// IPv4 to an address that is not a VIP: `XDP_PASS`.
     NotVip = 9,
@@ -760,6 +781,27 @@ pub enum Reason {
     /// while this node's agent probes for it too ([`VipState::F_PROBING`]): `XDP_PASS`,
     /// so the agent sees the simultaneous claim and backs off.
     ArpProbeWhileProbing = 36,
+    /// Neighbor Solicitation for an IPv6 VIP this node leads: answered in place with a
+    /// Neighbor Advertisement (RFC 4861 §7.2.4), `XDP_TX`.
+    NsReplied = 37,
+    /// Neighbor Solicitation for an IPv6 VIP this node does not lead (or whose deadline
+    /// passed): `XDP_DROP`, as for ARP.
+    NsFollowerDropped = 38,
+    /// Neighbor Solicitation for an address that is not a VIP: `XDP_PASS`.
+    NsNotVip = 39,
+    /// Neighbor Solicitation for a VIP that fails RFC 4861 §7.1.1 validation (hop limit
+    /// not 255, code not 0, truncated, multicast target, a DAD probe not sent to the
+    /// solicited-node group or carrying a source link-layer option) or follows extension
+    /// headers: `XDP_PASS`, the kernel validates and drops it.
+    NdpMalformed = 40,
+    /// Another host's Duplicate Address Detection probe (source `::`) for a VIP this node
+    /// does not lead, while this node's agent probes for it too ([`VipState::F_PROBING`]):
+    /// `XDP_PASS`, so the agent sees the simultaneous claim (the IPv6 twin of
+    /// [`Reason::ArpProbeWhileProbing`]).
+    NsProbeWhileProbing = 41,
+    /// IPv6 that is not a Neighbor Solicitation for a VIP: `XDP_PASS`. Traffic to an IPv6
+    /// VIP is among it: the leader's own stack serves it (IPv6 is not load-balanced).
+    Ipv6Passed = 42,
 }
 
 impl Reason {
@@ -784,7 +826,8 @@ impl Reason {
         | 1 << Reason::IpipNoNeigh as u64
         | 1 << Reason::IpipNoRoute as u64
         | 1 << Reason::IpipForwardingDisabled as u64
-        | 1 << Reason::IcmpQuoteTruncated as u64;
+        | 1 << Reason::IcmpQuoteTruncated as u64
+        | 1 << Reason::NdpMalformed as u64;
     // (ProbeRefusedLeaving is expected while an agent stops: not logged.)
 
     /// Whether a frame with this verdict is logged at debug level (see [`Reason::RARE`]).
@@ -794,7 +837,7 @@ impl Reason {
     }
 
     /// Every reason, in index order: what the agent's status and metrics iterate over.
-    pub const ALL: [Reason; 37] = [
+    pub const ALL: [Reason; 43] = [
         Reason::ArpReplied,
         Reason::ArpFollowerDropped,
         Reason::ArpGratuitous,
@@ -832,6 +875,12 @@ impl Reason {
         Reason::IcmpQuoteTruncated,
         Reason::ProbeRefusedLeaving,
         Reason::ArpProbeWhileProbing,
+        Reason::NsReplied,
+        Reason::NsFollowerDropped,
+        Reason::NsNotVip,
+        Reason::NdpMalformed,
+        Reason::NsProbeWhileProbing,
+        Reason::Ipv6Passed,
     ];
 
     /// Stable name for logs, metrics labels and `vip-agent status`.
@@ -874,6 +923,12 @@ impl Reason {
             Reason::IcmpQuoteTruncated => "icmp_quote_truncated",
             Reason::ProbeRefusedLeaving => "probe_refused_leaving",
             Reason::ArpProbeWhileProbing => "arp_probe_while_probing",
+            Reason::NsReplied => "ns_replied",
+            Reason::NsFollowerDropped => "ns_follower_dropped",
+            Reason::NsNotVip => "ns_not_vip",
+            Reason::NdpMalformed => "ndp_malformed",
+            Reason::NsProbeWhileProbing => "ns_probe_while_probing",
+            Reason::Ipv6Passed => "ipv6_passed",
         }
     }
 }
@@ -886,6 +941,7 @@ mod pod {
     // uninitialised bytes.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::Vip6Key {}
     unsafe impl aya::Pod for super::VipState {}
     unsafe impl aya::Pod for super::VipSet {}
     unsafe impl aya::Pod for super::ServiceKey {}

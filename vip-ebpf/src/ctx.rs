@@ -9,13 +9,14 @@
 //!   `skb->vlan_tci` (`skb_vlan_untag()` in `__netif_receive_skb_core`), so the segment a
 //!   frame arrived on comes partly from metadata ([`Packet::offloaded_vid`]); a frame
 //!   sent back keeps that metadata and leaves on the same VLAN;
-//! - growing or shrinking the frame (IPIP encapsulation, decapsulation, the ICMP
-//!   error we build) is written for XDP's `bpf_xdp_adjust_head`/`_tail` only: under tcx
-//!   those paths fail cleanly ([`Packet::adjust_head`] refuses) and the agent refuses
-//!   `--forward ipip` with `--attach tcx`.
+//! - moving the start of the frame (IPIP encapsulation, decapsulation) is written for
+//!   XDP's `bpf_xdp_adjust_head` only: under tcx those paths fail cleanly
+//!   ([`Packet::adjust_head`] refuses) and the agent refuses `--forward ipip` with
+//!   `--attach tcx`; moving its end (the Neighbor Advertisement, the ICMP error we
+//!   build) works at both, through `bpf_skb_change_tail` at tc.
 
 use aya_ebpf::{
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -36,7 +37,8 @@ pub trait Packet: EbpfContext {
     /// Moves the start of the frame by `delta` bytes (negative: grow). Every packet
     /// pointer is invalid afterwards.
     fn adjust_head(&self, delta: i32) -> Result<(), ()>;
-    /// Moves the end of the frame by `delta` bytes (negative: shrink).
+    /// Moves the end of the frame's linear part by `delta` bytes (negative: shrink). Every
+    /// packet pointer is invalid afterwards.
     fn adjust_tail(&self, delta: i32) -> Result<(), ()>;
 }
 
@@ -126,7 +128,17 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn adjust_tail(&self, _delta: i32) -> Result<(), ()> {
-        Err(())
+    fn adjust_tail(&self, delta: i32) -> Result<(), ()> {
+        // From the linear part, which is what the caller measured (the handlers resize
+        // only frames they parsed whole): the skb's length may count more.
+        let linear = core::hint::black_box(TcContext::data_end(self) - TcContext::data(self));
+        let new_len = (linear as i64 + i64::from(delta)) as u32;
+        // SAFETY: the helper checks the new length; it makes the skb writable and linear
+        // up to its end first, and recomputes the data pointers.
+        if unsafe { bpf_skb_change_tail(self.skb.skb, new_len, 0) } == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
     }
 }

@@ -16,6 +16,7 @@ mod icmp;
 mod lb;
 mod log;
 mod maps;
+mod ndp;
 mod parse;
 mod stats;
 mod verdict;
@@ -103,6 +104,7 @@ fn process(ctx: &impl Packet) -> Verdict {
     match l2.kind {
         EtherKind::Arp => arp::handle(ctx, &l2),
         EtherKind::Ipv4 => forward::handle(ctx, &l2),
+        EtherKind::Ipv6 => ndp::handle(ctx, &l2),
         EtherKind::Other => Verdict::pass(Reason::NotArpPassed),
     }
 }

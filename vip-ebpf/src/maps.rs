@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use vip_common::{
     Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason, Service,
-    ServiceKey, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS,
+    ServiceKey, Vip6Key, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS,
     MAX_SERVICES, MAX_VIPS,
 };
 
@@ -21,6 +21,11 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// state of a VIP, never a mix.
 #[map(name = "VIP_VIPS")]
 pub static VIPS: HashMap<VipKey, VipState> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// IPv6 VIP → leadership state: what the Neighbor Discovery responder reads, with the
+/// same semantics as [`VIPS`]. Apart from it so the IPv4 key stays 4 bytes.
+#[map(name = "VIP_VIPS6")]
+pub static VIPS6: HashMap<Vip6Key, VipState> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// The VIPs as a flat list (one entry), for the IPv4 path's membership test.
 #[map(name = "VIP_VIP_SET")]

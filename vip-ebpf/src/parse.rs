@@ -14,6 +14,8 @@ use crate::ctx::Packet;
 pub const ETH_P_ARP: u16 = 0x0806;
 /// EtherType of IPv4.
 pub const ETH_P_IP: u16 = 0x0800;
+/// EtherType of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86DD;
 /// 802.1Q VLAN tag.
 const ETH_P_8021Q: u16 = 0x8100;
 /// 802.1ad service tag (QinQ outer tag).
@@ -82,6 +84,7 @@ pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Option<*mut T> {
 pub enum EtherKind {
     Arp,
     Ipv4,
+    Ipv6,
     Other,
 }
 
@@ -125,6 +128,7 @@ pub fn ethernet(ctx: &impl Packet) -> Result<L2, Reason> {
     let kind = match proto {
         ETH_P_ARP => EtherKind::Arp,
         ETH_P_IP => EtherKind::Ipv4,
+        ETH_P_IPV6 => EtherKind::Ipv6,
         _ => EtherKind::Other,
     };
     // A tag the kernel took out of the frame (tc) was the outermost one.

@@ -8,7 +8,9 @@ use crate::{status, Result};
 
 /// Debian packages: LLVM 22 for bpf-linker (it links against the system libLLVM), the
 /// tools the network tests and the demo drive (ping is the tcx lab's traffic that is not
-/// the data plane's), and for the deployment side: the static
+/// the data plane's; ndisc6 and curl are the IPv6 lab's client; scapy builds the IPv6
+/// fixtures' expected frames, an implementation independent of ours), and for the
+/// deployment side: the static
 /// C library (`cargo xtask image` links the agent with `+crt-static`), skopeo (the image
 /// tests inspect the OCI archive with it) and python3-venv (the schema validator's
 /// virtualenv).
@@ -20,6 +22,9 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-arping",
     "iputils-ping",
+    "ndisc6",
+    "curl",
+    "python3-scapy",
     "tcpdump",
     "ethtool",
     "util-linux",

@@ -59,7 +59,7 @@ struct Checks {
 
 impl Checks {
     fn new(probe: Probe, dev: &Netdev, nl: &Netlink, cfg: &RunConfig) -> Self {
-        let dsr = dev.ipv4.zip(cfg.vips.first()).map(|(src_ip, &vip)| health::DsrCheck {
+        let dsr = dev.ipv4.zip(cfg.vips4().first().copied()).map(|(src_ip, vip)| health::DsrCheck {
             netlink: nl.clone(),
             probe: VipProbe { ifindex: dev.ifindex, src_mac: dev.mac.0, src_ip, vip, port: cfg.port },
         });
@@ -244,7 +244,7 @@ impl Backends {
             .iter()
             .map(|b| (b.ip, b.port.unwrap_or(cfg.port)))
             .chain(found.iter().map(|e| (e.ip, e.port)))
-            .filter(|(ip, _)| !cfg.vips.contains(ip))
+            .filter(|(ip, _)| !cfg.vips.contains(&(*ip).into()))
             .collect();
         let before = self.list.len();
         self.list.retain_mut(|b| {

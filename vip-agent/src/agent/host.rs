@@ -8,11 +8,11 @@
 //! each repair logged and counted; undone on stop, leaving what an operator had
 //! configured before.
 
-use std::{fs, io, net::Ipv4Addr};
+use std::{fs, io, net::IpAddr};
 
 use tracing::{error, info, warn};
 
-use crate::netlink::{Netlink, NetlinkError, VIP_LABEL};
+use crate::netlink::{Netlink, NetlinkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -27,7 +27,7 @@ pub enum HostError {
     #[error(
         "--vip {vip} is already an address of interface {interface} on this host: a VIP must be an address no host has"
     )]
-    VipIsHostAddress { vip: Ipv4Addr, interface: String },
+    VipIsHostAddress { vip: IpAddr, interface: String },
     #[error(
         "net.ipv4.conf.all.arp_ignore is {value}: the kernel would answer ARP for the VIPs it holds on lo; \
          set it to 0, 1 or 2"
@@ -109,17 +109,17 @@ fn ifname(ifindex: u32) -> String {
 pub struct Host {
     nl: Netlink,
     interface: String,
-    vips: Vec<Ipv4Addr>,
+    vips: Vec<IpAddr>,
     ipip: bool,
-    /// VIPs on `lo` under vip-agent's label: removed on stop.
-    owned: Vec<Ipv4Addr>,
+    /// VIPs on `lo` under vip-agent's mark: removed on stop.
+    owned: Vec<IpAddr>,
     /// Sysctls this agent changed (path, `IPV4_DEVCONF_*` index), with the values they
     /// replaced.
     saved: Vec<(String, u16, String)>,
 }
 
 impl Host {
-    pub fn new(nl: Netlink, interface: &str, vips: &[Ipv4Addr], ipip: bool) -> Self {
+    pub fn new(nl: Netlink, interface: &str, vips: &[IpAddr], ipip: bool) -> Self {
         Self { nl, interface: interface.to_owned(), vips: vips.to_vec(), ipip, owned: Vec::new(), saved: Vec::new() }
     }
 
@@ -129,8 +129,8 @@ impl Host {
     pub async fn preflight(&self) -> Result<(), HostError> {
         let lo = crate::netdev::ifindex("lo");
         for &vip in &self.vips {
-            for (ifindex, label) in self.nl.holders_of(vip).await? {
-                if Some(ifindex) == lo && label == VIP_LABEL {
+            for (ifindex, ours) in self.nl.holders_of(vip).await? {
+                if Some(ifindex) == lo && ours {
                     continue;
                 }
                 return Err(HostError::VipIsHostAddress { vip, interface: ifname(ifindex) });
@@ -232,14 +232,14 @@ impl Host {
     }
 
     /// `addr` left `lo`: if it is one of our VIPs, put it back at once.
-    pub async fn on_lo_address_removed(&mut self, addr: Ipv4Addr) -> Option<Repair> {
+    pub async fn on_lo_address_removed(&mut self, addr: IpAddr) -> Option<Repair> {
         if !self.owned.contains(&addr) {
             return None;
         }
         self.restore_vip(addr).await
     }
 
-    async fn restore_vip(&mut self, vip: Ipv4Addr) -> Option<Repair> {
+    async fn restore_vip(&mut self, vip: IpAddr) -> Option<Repair> {
         match self.nl.has_vip_on_lo(vip).await {
             Ok(true) => None,
             Ok(false) => match self.nl.add_vip_to_lo(vip).await {

@@ -479,7 +479,7 @@ async fn stage(
     }
     apply(cfg, dp, &mut balancer, &backends)?;
     // Reconcile what a previous agent left that this configuration does not have.
-    let keys: Vec<_> = cfg.vips.iter().map(|&vip| vip_common::ServiceKey::tcp(vip.octets(), cfg.port)).collect();
+    let keys: Vec<_> = cfg.vips4().iter().map(|&vip| vip_common::ServiceKey::tcp(vip.octets(), cfg.port)).collect();
     balancer.retain(dp.maps_mut(), &keys)?;
     for (vip, _) in dp.maps().vips()? {
         if !cfg.vips.contains(&vip) {
@@ -528,7 +528,7 @@ fn start_announcer(
     events: mpsc::Sender<AnnounceEvent>,
 ) -> Result<Announcer, RunError> {
     match (&cfg.mode, &cfg.bgp) {
-        (Mode::Bgp, Some(bgp)) => Ok(Announcer::Bgp(BgpAnnounce::start(bgp, dev.ipv4, &cfg.vips)?)),
+        (Mode::Bgp, Some(bgp)) => Ok(Announcer::Bgp(BgpAnnounce::start(bgp, dev.ipv4, &cfg.vips4())?)),
         _ => Ok(Announcer::Arp(ArpAnnounce::start(ArpStart {
             interface: cfg.interface.clone(),
             vips: cfg.vips.clone(),
@@ -542,7 +542,7 @@ fn start_announcer(
 
 /// Undoes start-up; with `keep`, leaves forwarding (and the host state) as it is for
 /// the next agent.
-async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::Ipv4Addr], keep: bool) {
+async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::IpAddr], keep: bool) {
     if keep {
         if let Err(e) = dp.shutdown(true) {
             error!(error = %e, "leaving the data plane pinned failed");
@@ -562,14 +562,15 @@ async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::Ipv4Addr], keep:
     host.undo().await;
 }
 
-/// Pushes the current backend set into the data plane: one service per VIP, and the
-/// peers. Returns whether a table flipped.
+/// Pushes the current backend set into the data plane: one service per IPv4 VIP (IPv6
+/// VIPs are served by the leader's own stack), and the peers. Returns whether a table
+/// flipped.
 fn apply(cfg: &RunConfig, dp: &mut Dataplane, balancer: &mut Balancer, backends: &Backends) -> Result<bool, RunError> {
     let specs = backends.specs(cfg);
     let healthy = specs.iter().filter(|b| b.healthy).count();
     dp.maps_mut().set_peers(&backends.peers())?;
     let services: Vec<ServiceSpec> = cfg
-        .vips
+        .vips4()
         .iter()
         .map(|&vip| ServiceSpec { vip, port: cfg.port, mode: cfg.forward, m: cfg.maglev_size, backends: specs.clone() })
         .collect();

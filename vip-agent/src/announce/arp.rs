@@ -1,17 +1,24 @@
-//! ARP mode: one node answers ARP for the VIPs. With `--election kubernetes` the Lease
-//! elects it ([`crate::election`]); with `--election none` this node holds the VIPs
-//! whenever it can carry them. Either way:
+//! ARP mode: one node answers ARP for the VIPs (and Neighbor Solicitations for the IPv6
+//! ones). With `--election kubernetes` the Lease elects it ([`crate::election`]); with
+//! `--election none` this node holds the VIPs whenever it can carry them. Either way:
 //!
 //! - the data plane's VIP state is the fence: [`MapFence`] writes it, from the task that
 //!   decides leadership, so a step-down is in the kernel before anything else happens;
-//! - before claiming a VIP the node probes ARP for it (RFC 5227 §2.1) and refuses to
-//!   lead while another host answers;
-//! - when it starts answering, gratuitous ARP moves clients at once; each announcement
-//!   re-checks the data plane first;
+//! - before claiming a VIP the node probes for it (ARP, RFC 5227 §2.1; DAD, RFC 4862
+//!   §5.4) and refuses to lead while another host answers;
+//! - when it starts answering, gratuitous ARP (an unsolicited NA for IPv6) moves clients
+//!   at once; each announcement re-checks the data plane first;
+//! - every node joins the IPv6 VIPs' solicited-node groups on the interface, so that
+//!   solicitations reach it at all ([`ndp::SolicitedNodeGroups`]);
 //! - while it leads, a foreign host claiming a VIP is counted, logged and answered with
 //!   one gratuitous ARP at most every [`DEFEND_INTERVAL`] (RFC 5227 §2.4 (b)).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use tokio::{
     sync::{mpsc, watch},
@@ -23,11 +30,12 @@ use vip_common::VipState;
 
 use super::AnnounceEvent;
 use crate::{
-    arp,
+    announcement, arp,
     clock::kernel_deadline,
     dataplane::{Dataplane, Maps, VipStates},
     election::{self, ClaimConflict, ElectionConfig, ElectionEvent, Elector, Fence, KubeLeases},
-    netdev::MacAddr,
+    ndp,
+    netdev::{self, MacAddr},
 };
 
 /// RFC 5227 §2.4: at most one defence per this interval.
@@ -37,14 +45,14 @@ pub const DEFEND_INTERVAL: Duration = Duration::from_secs(10);
 pub struct MapFence {
     maps: Maps,
     interface: String,
-    vips: Vec<Ipv4Addr>,
+    vips: Vec<IpAddr>,
 }
 
 impl MapFence {
     pub fn open(
         pin_path: &std::path::Path,
         interface: &str,
-        vips: &[Ipv4Addr],
+        vips: &[IpAddr],
     ) -> Result<Self, crate::dataplane::MapError> {
         Ok(Self { maps: Maps::from_pins(pin_path)?, interface: interface.to_owned(), vips: vips.to_vec() })
     }
@@ -85,12 +93,19 @@ impl Fence for MapFence {
     }
 
     async fn claim(&mut self) -> Result<(), ClaimConflict> {
-        let (interface, vips) = (self.interface.clone(), self.vips.clone());
+        let (v4, v6) = split(&self.vips);
         // Without it our own data plane would drop the probe of a node claiming at the
         // same moment, and both would lead.
         self.set_probing(true);
-        let probed = tokio::task::spawn_blocking(move || arp::probe(&interface, &vips, arp::PROBE_WAIT)).await;
+        // Both families at once: the claim waits one probe time, not two.
+        let (i4, i6) = (self.interface.clone(), self.interface.clone());
+        let arp = tokio::task::spawn_blocking(move || arp::probe(&i4, &v4, arp::PROBE_WAIT));
+        let dad = tokio::task::spawn_blocking(move || ndp::probe(&i6, &v6, arp::PROBE_WAIT));
+        let (arp, dad) = tokio::join!(arp, dad);
         self.set_probing(false);
+        // A conflict in either family is the answer; otherwise the first failure.
+        let conflict = |r: &Result<std::io::Result<Result<(), arp::ProbeConflict>>, _>| matches!(r, Ok(Ok(Err(_))));
+        let probed = if conflict(&dad) && !conflict(&arp) { dad } else { arp };
         match probed {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(arp::ProbeConflict { vip, mac, simultaneous: true }))) => {
@@ -98,21 +113,28 @@ impl Fence for MapFence {
                 Err(ClaimConflict { mac, simultaneous: true })
             }
             Ok(Ok(Err(arp::ProbeConflict { vip, mac, simultaneous: false }))) => {
-                warn!(%vip, mac = %MacAddr(mac), "ARP probe answered: another host has the VIP");
+                warn!(%vip, mac = %MacAddr(mac), "probe answered: another host has the VIP");
                 Err(ClaimConflict { mac, simultaneous: false })
             }
             // A probe that cannot be sent proves nothing either way; the watch catches a
             // conflict later.
             Ok(Err(e)) => {
-                warn!(error = %e, "ARP probe failed; claiming without it");
+                warn!(error = %e, "probe failed; claiming without it");
                 Ok(())
             }
             Err(e) => {
-                warn!(error = %e, "ARP probe task failed; claiming without it");
+                warn!(error = %e, "probe task failed; claiming without it");
                 Ok(())
             }
         }
     }
+}
+
+/// The VIPs by family.
+fn split(vips: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let v4 = vips.iter().filter_map(|v| if let IpAddr::V4(v) = v { Some(*v) } else { None }).collect();
+    let v6 = vips.iter().filter_map(|v| if let IpAddr::V6(v) = v { Some(*v) } else { None }).collect();
+    (v4, v6)
 }
 
 /// Holds the VIPs without an election: leads whenever eligible (after a clean probe),
@@ -167,7 +189,7 @@ async fn forward(mut rx: mpsc::Receiver<ElectionEvent>, tx: mpsc::Sender<Announc
 /// How ARP mode starts.
 pub struct ArpStart {
     pub interface: String,
-    pub vips: Vec<Ipv4Addr>,
+    pub vips: Vec<IpAddr>,
     pub pin_path: PathBuf,
     /// The Lease election, or `None` to hold the VIPs without one.
     pub election: Option<(kube::Client, ElectionConfig)>,
@@ -179,7 +201,7 @@ pub struct ArpStart {
 /// ARP mode's state: the leadership task, the gratuitous ARP and the conflict watch.
 pub struct ArpAnnounce {
     interface: String,
-    vips: Vec<Ipv4Addr>,
+    vips: Vec<IpAddr>,
     pin_path: PathBuf,
     eligible: watch::Sender<bool>,
     stop: watch::Sender<bool>,
@@ -190,8 +212,11 @@ pub struct ArpAnnounce {
     bootstrap_hold: bool,
     garp: Option<JoinHandle<()>>,
     watch: Option<JoinHandle<()>>,
+    /// The IPv6 VIPs' solicited-node groups, joined on the interface (none without IPv6
+    /// VIPs); joined again with the watch when the link comes back.
+    groups: Option<ndp::SolicitedNodeGroups>,
     events: mpsc::Sender<AnnounceEvent>,
-    last_defence: BTreeMap<Ipv4Addr, Instant>,
+    last_defence: BTreeMap<IpAddr, Instant>,
 }
 
 impl ArpAnnounce {
@@ -232,6 +257,7 @@ impl ArpAnnounce {
             bootstrap_hold: false,
             garp: None,
             watch: None,
+            groups: None,
             events: s.events,
             last_defence: BTreeMap::new(),
         };
@@ -290,7 +316,7 @@ impl ArpAnnounce {
     /// A foreign host claimed `vip`. Returns whether it was a conflict (this node leads)
     /// and whether it was defended. A bootstrap holder does not defend: see
     /// [`ArpAnnounce::yields_to_claims`].
-    pub fn on_foreign_claim(&mut self, vip: Ipv4Addr, mac: [u8; 6]) -> (bool, bool) {
+    pub fn on_foreign_claim(&mut self, vip: IpAddr, mac: [u8; 6]) -> (bool, bool) {
         if !self.leading {
             return (false, false);
         }
@@ -304,7 +330,7 @@ impl ArpAnnounce {
         }
         self.last_defence.insert(vip, Instant::now());
         let leads = self.leader_check();
-        match arp::defend(&self.interface, vip, leads) {
+        match announcement::defend(&self.interface, vip, leads) {
             Ok(n) => (true, n > 0),
             Err(error) => {
                 warn!(%error, %vip, "defending the VIP failed");
@@ -314,7 +340,7 @@ impl ArpAnnounce {
     }
 
     /// What every announcement asks first: does the data plane answer for the VIP now?
-    fn leader_check(&self) -> impl Fn(Ipv4Addr) -> bool + Send + 'static {
+    fn leader_check(&self) -> impl Fn(IpAddr) -> bool + Send + 'static {
         let states = VipStates::from_pins(&self.pin_path);
         if let Err(e) = &states {
             error!(error = %e, "cannot read the VIP state: not announcing");
@@ -327,29 +353,74 @@ impl ArpAnnounce {
             g.abort();
         }
         let leads = self.leader_check();
-        self.garp = Some(tokio::spawn(arp::announce(self.interface.clone(), self.vips.clone(), leads)));
+        self.garp = Some(tokio::spawn(announcement::announce(self.interface.clone(), self.vips.clone(), leads)));
     }
 
+    /// (Re)starts the conflict watches (ARP, and ND for IPv6 VIPs) and joins the IPv6
+    /// VIPs' solicited-node groups, on the interface as it is now.
     fn restart_watch(&mut self) {
         if let Some(w) = self.watch.take() {
             w.abort();
         }
+        let (v4, v6) = split(&self.vips);
+        self.join_groups(&v6);
         let (tx, mut rx) = mpsc::channel(16);
         let events = self.events.clone();
-        match arp::watch_claims(self.interface.clone(), self.vips.clone(), tx) {
-            Ok(watch) => {
-                self.watch = Some(tokio::spawn(async move {
-                    let pump = async move {
-                        while let Some((vip, mac)) = rx.recv().await {
-                            if events.send(AnnounceEvent::ForeignClaim { vip, mac }).await.is_err() {
-                                return;
-                            }
-                        }
-                    };
-                    tokio::join!(watch, pump);
-                }));
+        let arp = (!v4.is_empty()).then(|| arp::watch_claims(self.interface.clone(), v4, tx.clone()));
+        let nd = (!v6.is_empty()).then(|| ndp::watch_claims(self.interface.clone(), v6, tx));
+        let arp = match arp.transpose() {
+            Ok(w) => w,
+            Err(error) => {
+                warn!(%error, interface = %self.interface, "cannot watch ARP for conflicting claims");
+                None
             }
-            Err(error) => warn!(%error, interface = %self.interface, "cannot watch ARP for conflicting claims"),
+        };
+        let nd = match nd.transpose() {
+            Ok(w) => w,
+            Err(error) => {
+                warn!(%error, interface = %self.interface, "cannot watch Neighbor Discovery for conflicting claims");
+                None
+            }
+        };
+        self.watch = Some(tokio::spawn(async move {
+            let pump = async move {
+                while let Some((vip, mac)) = rx.recv().await {
+                    if events.send(AnnounceEvent::ForeignClaim { vip, mac }).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let arp = async move {
+                if let Some(w) = arp {
+                    w.await
+                }
+            };
+            let nd = async move {
+                if let Some(w) = nd {
+                    w.await
+                }
+            };
+            tokio::join!(arp, nd, pump);
+        }));
+    }
+
+    fn join_groups(&mut self, v6: &[Ipv6Addr]) {
+        self.groups = None;
+        if v6.is_empty() {
+            return;
+        }
+        let joined = netdev::lookup(&self.interface)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|dev| ndp::SolicitedNodeGroups::join(dev.ifindex, v6));
+        match joined {
+            Ok(g) => {
+                info!(interface = %self.interface, groups = ?g.groups, "joined the IPv6 VIPs' solicited-node groups");
+                self.groups = Some(g);
+            }
+            Err(error) => error!(
+                %error, interface = %self.interface,
+                "cannot join the IPv6 VIPs' solicited-node groups: solicitations may not reach this node"
+            ),
         }
     }
 

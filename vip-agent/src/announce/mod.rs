@@ -11,7 +11,7 @@
 pub mod arp;
 pub mod bgp;
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use crate::{dataplane::Dataplane, election::ElectionEvent, live::PeerView};
 
@@ -21,7 +21,7 @@ pub enum AnnounceEvent {
     /// From the election (or the holder of the VIP without one).
     Election(ElectionEvent),
     /// Another host said it has `vip`, at `mac` (a gratuitous ARP, an ARP reply).
-    ForeignClaim { vip: Ipv4Addr, mac: [u8; 6] },
+    ForeignClaim { vip: IpAddr, mac: [u8; 6] },
 }
 
 /// The announcer of this node's mode.
@@ -55,7 +55,7 @@ impl Announcer {
     }
 
     /// A foreign host claimed `vip`: (a conflict, defended).
-    pub fn on_foreign_claim(&mut self, vip: Ipv4Addr, mac: [u8; 6]) -> (bool, bool) {
+    pub fn on_foreign_claim(&mut self, vip: IpAddr, mac: [u8; 6]) -> (bool, bool) {
         match self {
             Announcer::Arp(a) => a.on_foreign_claim(vip, mac),
             Announcer::Bgp(_) => (false, false),

@@ -1,7 +1,7 @@
 //! Typed access to the data plane's maps. This is the only module that touches
 //! `aya::maps`: everything else speaks in `vip-common` types and std addresses.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
@@ -10,7 +10,7 @@ use aya::{
 };
 use vip_common::{
     map_names, Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason,
-    Service, ServiceKey, VipKey, VipSet, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
+    Service, ServiceKey, Vip6Key, VipKey, VipSet, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ pub enum MapError {
         source: aya::maps::MapError,
     },
     #[error("cannot add VIP {vip}: this node already serves {max} VIPs")]
-    VipsFull { vip: Ipv4Addr, max: u32 },
+    VipsFull { vip: IpAddr, max: u32 },
     #[error("counting possible CPUs for a per-CPU map failed")]
     PerCpu {
         #[source]
@@ -53,12 +53,13 @@ pub enum MapError {
 /// Every map: name, key size, value size, max entries. A pinned map left by another
 /// version of the agent is adopted only if it matches; `layouts_match_the_object` (a
 /// kernel test) keeps this table honest against the ELF object.
-pub const LAYOUTS: [(&str, u32, u32, u32); 12] = {
+pub const LAYOUTS: [(&str, u32, u32, u32); 13] = {
     use std::mem::size_of;
     use vip_common::{FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS};
     [
         (map_names::CONFIG, 4, size_of::<Config>() as u32, 1),
         (map_names::VIPS, size_of::<VipKey>() as u32, size_of::<VipState>() as u32, MAX_VIPS),
+        (map_names::VIPS6, size_of::<Vip6Key>() as u32, size_of::<VipState>() as u32, MAX_VIPS),
         (map_names::VIP_SET, 4, size_of::<VipSet>() as u32, 1),
         (map_names::STATS, 4, 8, Reason::SLOTS),
         (map_names::SERVICES, size_of::<ServiceKey>() as u32, size_of::<Service>() as u32, MAX_SERVICES),
@@ -85,24 +86,38 @@ pub fn check_pinned_layout(name: &'static str, path: &std::path::Path) -> Result
     Ok(())
 }
 
-/// Only the VIP map of a pinned data plane, read-only: whether this node answers for a
-/// VIP right now. What every gratuitous ARP checks before it is sent.
+/// Opens one pinned map after checking its layout.
+fn open_pinned(dir: &std::path::Path, name: &'static str) -> Result<Map, MapError> {
+    let path = dir.join(name);
+    check_pinned_layout(name, &path)?;
+    let pin = |source| MapError::Pin { path: path.display().to_string(), source };
+    Map::from_map_data(MapData::from_pin(&path).map_err(pin)?).map_err(pin)
+}
+
+/// Only the VIP maps of a pinned data plane, read-only: whether this node answers for a
+/// VIP right now. What every gratuitous ARP and unsolicited advertisement checks before
+/// it is sent.
 pub struct VipStates {
     vips: HashMap<MapData, VipKey, VipState>,
+    vips6: HashMap<MapData, Vip6Key, VipState>,
 }
 
 impl VipStates {
     pub fn from_pins(dir: &std::path::Path) -> Result<Self, MapError> {
-        let path = dir.join(map_names::VIPS);
-        check_pinned_layout(map_names::VIPS, &path)?;
-        let pin = |source| MapError::Pin { path: path.display().to_string(), source };
-        let map = Map::from_map_data(MapData::from_pin(&path).map_err(pin)?).map_err(pin)?;
-        Ok(Self { vips: HashMap::try_from(map).map_err(|source| MapError::Type { name: map_names::VIPS, source })? })
+        let ty = |name| move |source| MapError::Type { name, source };
+        Ok(Self {
+            vips: HashMap::try_from(open_pinned(dir, map_names::VIPS)?).map_err(ty(map_names::VIPS))?,
+            vips6: HashMap::try_from(open_pinned(dir, map_names::VIPS6)?).map_err(ty(map_names::VIPS6))?,
+        })
     }
 
-    /// Whether the data plane answers ARP for `vip` now.
-    pub fn leads(&self, vip: Ipv4Addr) -> bool {
-        self.vips.get(&VipKey::new(vip.octets()), 0).is_ok_and(|s| s.leads_at(crate::clock::boot_ns()))
+    /// Whether the data plane answers ARP (or Neighbor Solicitations) for `vip` now.
+    pub fn leads(&self, vip: IpAddr) -> bool {
+        let state = match vip {
+            IpAddr::V4(v) => self.vips.get(&VipKey::new(v.octets()), 0),
+            IpAddr::V6(v) => self.vips6.get(&Vip6Key::new(v.octets()), 0),
+        };
+        state.is_ok_and(|s| s.leads_at(crate::clock::boot_ns()))
     }
 }
 
@@ -110,6 +125,7 @@ impl VipStates {
 pub struct Maps {
     config: Array<MapData, Config>,
     vips: HashMap<MapData, VipKey, VipState>,
+    vips6: HashMap<MapData, Vip6Key, VipState>,
     vip_set: Array<MapData, VipSet>,
     stats: PerCpuArray<MapData, u64>,
     services: HashMap<MapData, ServiceKey, Service>,
@@ -132,17 +148,12 @@ impl Maps {
     /// Opens the maps a running (or kept-forwarding) agent pinned under `dir`: what
     /// `vip-agent status` and the metrics endpoint read.
     pub fn from_pins(dir: &std::path::Path) -> Result<Self, MapError> {
-        fn open(dir: &std::path::Path, name: &'static str) -> Result<Map, MapError> {
-            let path = dir.join(name);
-            check_pinned_layout(name, &path)?;
-            let data = MapData::from_pin(&path)
-                .map_err(|source| MapError::Pin { path: path.display().to_string(), source })?;
-            Map::from_map_data(data).map_err(|source| MapError::Pin { path: path.display().to_string(), source })
-        }
+        let open = open_pinned;
         let ty = |name| move |source| MapError::Type { name, source };
         Ok(Self {
             config: Array::try_from(open(dir, map_names::CONFIG)?).map_err(ty(map_names::CONFIG))?,
             vips: HashMap::try_from(open(dir, map_names::VIPS)?).map_err(ty(map_names::VIPS))?,
+            vips6: HashMap::try_from(open(dir, map_names::VIPS6)?).map_err(ty(map_names::VIPS6))?,
             vip_set: Array::try_from(open(dir, map_names::VIP_SET)?).map_err(ty(map_names::VIP_SET))?,
             stats: PerCpuArray::try_from(open(dir, map_names::STATS)?).map_err(ty(map_names::STATS))?,
             services: HashMap::try_from(open(dir, map_names::SERVICES)?).map_err(ty(map_names::SERVICES))?,
@@ -161,6 +172,7 @@ impl Maps {
         Ok(Self {
             config: Array::try_from(take(ebpf, map_names::CONFIG)?).map_err(ty(map_names::CONFIG))?,
             vips: HashMap::try_from(take(ebpf, map_names::VIPS)?).map_err(ty(map_names::VIPS))?,
+            vips6: HashMap::try_from(take(ebpf, map_names::VIPS6)?).map_err(ty(map_names::VIPS6))?,
             vip_set: Array::try_from(take(ebpf, map_names::VIP_SET)?).map_err(ty(map_names::VIP_SET))?,
             stats: PerCpuArray::try_from(take(ebpf, map_names::STATS)?).map_err(ty(map_names::STATS))?,
             services: HashMap::try_from(take(ebpf, map_names::SERVICES)?).map_err(ty(map_names::SERVICES))?,
@@ -200,7 +212,7 @@ impl Maps {
     /// Inserts or replaces the state of `vip`. The kernel swaps the element whole. A new
     /// VIP enters the membership list first, so the data plane never holds state for a
     /// VIP it would not recognise.
-    pub fn set_vip(&mut self, vip: Ipv4Addr, state: VipState) -> Result<(), MapError> {
+    pub fn set_vip(&mut self, vip: impl Into<IpAddr>, state: VipState) -> Result<(), MapError> {
         // The leader balances until its fencing deadline; a follower never.
         let until = if state.flags & VipState::F_LEADER != 0 { state.leader_until_ns } else { 0 };
         self.set_vip_with_balancing(vip, state, until)
@@ -208,13 +220,24 @@ impl Maps {
 
     /// Inserts or replaces the state of `vip`, balancing its new flows until
     /// `balance_until_ns` (kernel boot-time clock; [`VipState::FOREVER`]: always)
-    /// whatever the ARP role: in BGP mode every node balances and none answers ARP.
+    /// whatever the ARP role: in BGP mode every node balances and none answers ARP. An
+    /// IPv6 VIP is never balanced (its traffic goes up the leader's stack): only its
+    /// state is written.
     pub fn set_vip_with_balancing(
         &mut self,
-        vip: Ipv4Addr,
+        vip: impl Into<IpAddr>,
         state: VipState,
         balance_until_ns: u64,
     ) -> Result<(), MapError> {
+        let vip = match vip.into() {
+            IpAddr::V4(vip) => vip,
+            IpAddr::V6(vip) => {
+                if self.vip6(vip)?.is_none() && self.vips6.keys().count() >= vip_common::MAX_VIPS as usize {
+                    return Err(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS });
+                }
+                return self.put_vip6(vip, state);
+            }
+        };
         let mut set = self.vip_set()?;
         let slot = match set.slot(vip.octets()) {
             Some(i) => i,
@@ -222,7 +245,7 @@ impl Maps {
                 .addrs
                 .iter()
                 .position(|a| *a == [0; 4])
-                .ok_or(MapError::VipsFull { vip, max: vip_common::MAX_VIPS })?,
+                .ok_or(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS })?,
         };
         if set.addrs[slot] != vip.octets()
             || set.balance_until_ns[slot] != balance_until_ns
@@ -233,49 +256,72 @@ impl Maps {
             set.segments[slot] = state.segment;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
-        self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))
+        self.put_vip(vip.into(), state)
+    }
+
+    /// Writes the state of `vip` in its family's map, nothing else.
+    fn put_vip(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
+        match vip {
+            IpAddr::V4(v) => self.vips.insert(VipKey::new(v.octets()), state, 0).map_err(op(map_names::VIPS, "insert")),
+            IpAddr::V6(v) => self.put_vip6(v, state),
+        }
+    }
+
+    fn put_vip6(&mut self, vip: Ipv6Addr, state: VipState) -> Result<(), MapError> {
+        self.vips6.insert(Vip6Key::new(vip.octets()), state, 0).map_err(op(map_names::VIPS6, "insert"))
+    }
+
+    fn vip6(&self, vip: Ipv6Addr) -> Result<Option<VipState>, MapError> {
+        match self.vips6.get(&Vip6Key::new(vip.octets()), 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(MapError::Op { name: map_names::VIPS6, op: "get", source }),
+        }
     }
 
     /// The state of `vip`, if it is in the map.
-    pub fn vip(&self, vip: Ipv4Addr) -> Result<Option<VipState>, MapError> {
-        match self.vips.get(&VipKey::new(vip.octets()), 0) {
+    pub fn vip(&self, vip: impl Into<IpAddr>) -> Result<Option<VipState>, MapError> {
+        let v = match vip.into() {
+            IpAddr::V4(v) => v,
+            IpAddr::V6(v) => return self.vip6(v),
+        };
+        match self.vips.get(&VipKey::new(v.octets()), 0) {
             Ok(s) => Ok(Some(s)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(MapError::Op { name: map_names::VIPS, op: "get", source }),
         }
     }
 
-    /// Stops answering ARP for `vip` at once; new flows keep being balanced until the
-    /// balancing deadline already set (at most the renew deadline of the last renewal),
-    /// for clients that have not moved yet.
-    pub fn stop_answering(&mut self, vip: Ipv4Addr) -> Result<(), MapError> {
+    /// Stops answering ARP (or NS) for `vip` at once; new flows keep being balanced until
+    /// the balancing deadline already set (at most the renew deadline of the last
+    /// renewal), for clients that have not moved yet.
+    pub fn stop_answering(&mut self, vip: impl Into<IpAddr>) -> Result<(), MapError> {
+        let vip = vip.into();
         let segment = self.vip(vip)?.map_or(0, |s| s.segment);
-        self.vips
-            .insert(VipKey::new(vip.octets()), VipState::follower().on_segment(segment), 0)
-            .map_err(op(map_names::VIPS, "insert"))
+        self.put_vip(vip, VipState::follower().on_segment(segment))
     }
 
     /// Sets or clears [`VipState::F_PROBING`] on `vip`, keeping the rest of its state: while
-    /// set, a follower passes other hosts' ARP probes for it to the agent's probe. A VIP
-    /// not in the map is left alone.
-    pub fn set_probing(&mut self, vip: Ipv4Addr, probing: bool) -> Result<(), MapError> {
+    /// set, a follower passes other hosts' ARP probes (and DAD probes) for it to the
+    /// agent's probe. A VIP not in the map is left alone.
+    pub fn set_probing(&mut self, vip: impl Into<IpAddr>, probing: bool) -> Result<(), MapError> {
+        let vip = vip.into();
         let Some(mut state) = self.vip(vip)? else { return Ok(()) };
         if probing {
             state.flags |= VipState::F_PROBING;
         } else {
             state.flags &= !VipState::F_PROBING;
         }
-        self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))
+        self.put_vip(vip, state)
     }
 
     /// Hands `vip` over: stop answering ARP for it, but keep balancing the traffic that
     /// still reaches this node until `balance_until_ns` (kernel monotonic clock), while
     /// clients move to the new leader. `vip` must already be set.
-    pub fn hand_over_vip(&mut self, vip: Ipv4Addr, balance_until_ns: u64) -> Result<(), MapError> {
-        let segment = self.vip(vip)?.map_or(0, |s| s.segment);
-        self.vips
-            .insert(VipKey::new(vip.octets()), VipState::follower().on_segment(segment), 0)
-            .map_err(op(map_names::VIPS, "insert"))?;
+    pub fn hand_over_vip(&mut self, vip: impl Into<IpAddr>, balance_until_ns: u64) -> Result<(), MapError> {
+        let vip = vip.into();
+        self.stop_answering(vip)?;
+        let IpAddr::V4(vip) = vip else { return Ok(()) };
         let mut set = self.vip_set()?;
         if let Some(slot) = set.slot(vip.octets()) {
             set.balance_until_ns[slot] = balance_until_ns;
@@ -286,7 +332,16 @@ impl Maps {
 
     /// Removes `vip` (state first, then membership); removing one that is not there is
     /// not an error.
-    pub fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), MapError> {
+    pub fn remove_vip(&mut self, vip: impl Into<IpAddr>) -> Result<(), MapError> {
+        let vip = match vip.into() {
+            IpAddr::V4(v) => v,
+            IpAddr::V6(v) => {
+                return match self.vips6.remove(&Vip6Key::new(v.octets())) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                    Err(source) => Err(MapError::Op { name: map_names::VIPS6, op: "remove", source }),
+                };
+            }
+        };
         match self.vips.remove(&VipKey::new(vip.octets())) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => return Err(MapError::Op { name: map_names::VIPS, op: "remove", source }),
@@ -305,12 +360,17 @@ impl Maps {
         self.vip_set.get(&0, 0).map_err(op(map_names::VIP_SET, "get"))
     }
 
-    /// Every VIP and its state, sorted by address.
-    pub fn vips(&self) -> Result<Vec<(Ipv4Addr, VipState)>, MapError> {
+    /// Every VIP and its state: IPv4 first, each family sorted by address.
+    pub fn vips(&self) -> Result<Vec<(IpAddr, VipState)>, MapError> {
         let mut out = Vec::new();
         for entry in self.vips.iter() {
             let (key, state) = entry.map_err(|source| MapError::Op { name: map_names::VIPS, op: "iterate", source })?;
-            out.push((Ipv4Addr::from(key.addr), state));
+            out.push((IpAddr::V4(Ipv4Addr::from(key.addr)), state));
+        }
+        for entry in self.vips6.iter() {
+            let (key, state) =
+                entry.map_err(|source| MapError::Op { name: map_names::VIPS6, op: "iterate", source })?;
+            out.push((IpAddr::V6(Ipv6Addr::from(key.addr)), state));
         }
         out.sort_by_key(|(addr, _)| *addr);
         Ok(out)

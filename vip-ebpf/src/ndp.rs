@@ -1,0 +1,248 @@
+//! The Neighbor Discovery responder: ARP's IPv6 twin (RFC 4861).
+//!
+//! The leader answers Neighbor Solicitations (NS) for its IPv6 VIPs with a Neighbor
+//! Advertisement (NA) built in place (`XDP_TX`); a follower drops them, except another
+//! host's Duplicate Address Detection probe while its own agent probes for the VIP.
+//! The kernel would not answer them anyway (it answers NS only for addresses on the
+//! receiving interface, and the VIP is on `lo`), but a dropped solicitation makes the
+//! follower's silence explicit and counted. Only solicitations on the VIP's own segment,
+//! sent to us (a multicast group, or unicast to our MAC, as a reachability probe is),
+//! are ours. Every other IPv6 frame passes: IPv6 is not load-balanced, so traffic to an
+//! IPv6 VIP goes up the leader's own stack, which holds the VIP on `lo`.
+//!
+//! A solicitation is validated as RFC 4861 §7.1.1 asks before it is answered (hop
+//! limit 255, code 0, at least 24 bytes, a DAD probe sent to the target's
+//! solicited-node group without a source link-layer option). The ICMPv6 checksum of the
+//! solicitation is not verified: a corrupted one is answered, which costs the sender
+//! one advertisement it will check itself; the advertisement's checksum is computed in
+//! full over the pseudo-header (RFC 4443 §2.3).
+
+use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
+use network_types::ip::Ipv6Hdr;
+use vip_common::{Reason, Vip6Key, VipState};
+
+use crate::{
+    csum,
+    ctx::Packet,
+    maps::{CONFIG, VIPS6},
+    parse::{is_group, load_mac, ptr_at, store_mac, L2},
+    verdict::Verdict,
+};
+
+/// IPv6 next header of ICMPv6.
+const IPPROTO_ICMPV6: u8 = 58;
+/// ICMPv6 types of a solicitation and an advertisement (RFC 4861 §4.3, §4.4).
+const ND_NEIGHBOR_SOLICIT: u8 = 135;
+const ND_NEIGHBOR_ADVERT: u8 = 136;
+/// Option types (RFC 4861 §4.6.1): source and target link-layer address.
+const ND_OPT_SOURCE_LL: u8 = 1;
+const ND_OPT_TARGET_LL: u8 = 2;
+/// Hop limit of every ND message, sent and accepted (RFC 4861 §7.1.1): a packet that
+/// crossed a router cannot have it, so ND cannot be spoofed from off-link.
+const ND_HOP_LIMIT: u8 = 255;
+/// NA flags (first byte of the word after the checksum): Solicited and Override. Router
+/// stays clear: a VIP is a host address.
+const NA_FLAG_SOLICITED: u8 = 0x40;
+const NA_FLAG_OVERRIDE: u8 = 0x20;
+/// Length of an NS or NA without options: type, code, checksum, 4 bytes of flags or
+/// reserved, the 16-byte target.
+const ND_LEN: usize = 24;
+/// The advertisement this module sends: the NA and one target link-layer option (type,
+/// length 1 in units of 8 bytes, the MAC).
+const NA_LEN: usize = ND_LEN + 8;
+/// All-nodes multicast (ff02::1) and its Ethernet group (RFC 2464 §7: 33:33 and the low
+/// 32 bits), where the answer to a DAD probe goes (RFC 4861 §7.2.4).
+const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
+
+/// The fixed part of an NS (and of an NA).
+#[repr(C)]
+struct NdMsg {
+    ty: u8,
+    code: u8,
+    checksum: [u8; 2],
+    /// Reserved in an NS; the R/S/O flags and reserved bits in an NA.
+    flags: [u8; 4],
+    target: [u8; 16],
+}
+
+/// Our advertisement: [`NdMsg`] and the target link-layer option.
+#[repr(C)]
+struct NaMsg {
+    nd: NdMsg,
+    opt_type: u8,
+    opt_len: u8,
+    opt_mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<NaMsg>() == NA_LEN);
+
+/// Whether the 16 bytes at `a` are all zero (`::`), as eight 2-byte loads: a compare of
+/// `[u8; 16]` would be a call into a byte loop.
+///
+/// # Safety
+/// `a` points to 16 readable bytes, 2-byte aligned.
+#[inline(always)]
+unsafe fn is_unspecified(a: *const [u8; 16]) -> bool {
+    let w = a as *const u16;
+    (*w | *w.add(1) | *w.add(2) | *w.add(3) | *w.add(4) | *w.add(5) | *w.add(6) | *w.add(7)) == 0
+}
+
+/// Whether `dst` is the solicited-node group of `target` (RFC 4291 §2.7.1:
+/// ff02::1:ff00:0/104 and the target's low 24 bits).
+#[inline(always)]
+fn is_solicited_node_of(dst: &[u8; 16], target: &[u8; 16]) -> bool {
+    dst[0] == 0xff
+        && dst[1] == 0x02
+        && (dst[2] | dst[3] | dst[4] | dst[5] | dst[6] | dst[7] | dst[8] | dst[9] | dst[10]) == 0
+        && dst[11] == 1
+        && dst[12] == 0xff
+        && dst[13] == target[13]
+        && dst[14] == target[14]
+        && dst[15] == target[15]
+}
+
+#[inline(always)]
+pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_off) else {
+        return Verdict::pass(Reason::Ipv6Passed);
+    };
+    // SAFETY: ptr_at checked the 40-byte header lies inside the frame.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 || ip.next_hdr != IPPROTO_ICMPV6 {
+        return Verdict::pass(Reason::Ipv6Passed);
+    }
+    let icmp_off = l2.l3_off + Ipv6Hdr::LEN;
+    let Some(ty) = ptr_at::<u8>(ctx, icmp_off) else {
+        return Verdict::pass(Reason::Ipv6Passed);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    if unsafe { *ty } != ND_NEIGHBOR_SOLICIT {
+        return Verdict::pass(Reason::Ipv6Passed);
+    }
+    let Some(ns) = ptr_at::<NdMsg>(ctx, icmp_off) else {
+        return Verdict::pass(Reason::NdpMalformed);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let ns = unsafe { &*ns };
+    let target = ns.target;
+    // SAFETY: the value is copied out at once; a concurrent update replaces the element
+    // whole (hash map).
+    let Some(state) = (unsafe { VIPS6.get(&Vip6Key::new(target)) }).copied() else {
+        return Verdict::pass(Reason::NsNotVip);
+    };
+    let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
+    // SAFETY: inside the bounds-checked header, 2-byte aligned.
+    let dad = unsafe { is_unspecified(&ip.src_addr) };
+    if ip.hop_limit != ND_HOP_LIMIT || ns.code != 0 || payload_len < ND_LEN {
+        return Verdict::pass(Reason::NdpMalformed);
+    }
+    if dad && (!is_solicited_node_of(&ip.dst_addr, &target) || carries_source_ll(ctx, icmp_off, payload_len)) {
+        return Verdict::pass(Reason::NdpMalformed);
+    }
+    if l2.segment != state.segment {
+        return Verdict::pass(Reason::OtherSegment);
+    }
+    // An all-zero MAC means "not configured yet" and matches no frame's destination.
+    // SAFETY: a map value's field, 8-byte aligned.
+    let mac = CONFIG.get(0).map_or(0, |cfg| unsafe { load_mac(&cfg.mac) });
+    // SAFETY: l2.eth was bounds-checked by the L2 parser; headers are 2-byte aligned.
+    let (dst, src) = unsafe { (load_mac(&(*l2.eth).dst_addr), load_mac(&(*l2.eth).src_addr)) };
+    if !is_group(dst) && dst != mac {
+        return Verdict::pass(Reason::NotForUs);
+    }
+    // SAFETY (the helper): no preconditions.
+    if state.flags & VipState::F_LEADER == 0
+        || (state.leader_until_ns != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= state.leader_until_ns)
+    {
+        if state.flags & VipState::F_PROBING != 0 && dad {
+            return Verdict::pass(Reason::NsProbeWhileProbing);
+        }
+        return Verdict::drop(Reason::NsFollowerDropped);
+    }
+    if mac == 0 {
+        return Verdict::drop(Reason::ArpNoConfig);
+    }
+    let to = if dad { ALL_NODES } else { ip.src_addr };
+    advertise(ctx, l2, mac, if dad { load_mac_array(&ALL_NODES_MAC) } else { src }, &to, &target, !dad)
+}
+
+/// `load_mac`'s form of a constant MAC.
+#[inline(always)]
+const fn load_mac_array(m: &[u8; 6]) -> u64 {
+    u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
+}
+
+/// Whether the first option of a solicitation is a source link-layer address (what a DAD
+/// probe must not carry, RFC 4861 §7.1.1). Linux puts it first when it sends one.
+#[inline(always)]
+fn carries_source_ll(ctx: &impl Packet, icmp_off: usize, payload_len: usize) -> bool {
+    if payload_len <= ND_LEN {
+        return false;
+    }
+    // SAFETY: bounds-checked by ptr_at.
+    ptr_at::<u8>(ctx, icmp_off + ND_LEN).is_some_and(|t| unsafe { *t } == ND_OPT_SOURCE_LL)
+}
+
+/// Turns the solicitation into the advertisement of `target` at `mac`, to `to` (its
+/// sender, or all-nodes for a DAD probe) at `to_mac`, in place: the frame keeps its
+/// Ethernet header and VLAN tags (so the answer leaves on the segment the question came
+/// from) and is cut or grown to exactly the NA and its target link-layer option.
+#[inline(always)]
+fn advertise(
+    ctx: &impl Packet,
+    l2: &L2,
+    mac: u64,
+    to_mac: u64,
+    to: &[u8; 16],
+    target: &[u8; 16],
+    solicited: bool,
+) -> Verdict {
+    let failed = Verdict::drop(Reason::NdpMalformed);
+    let new_len = l2.l3_off + Ipv6Hdr::LEN + NA_LEN;
+    // The length as a plain number first: the verifier refuses arithmetic on the
+    // packet-end pointer, which the compiler would otherwise fold this into.
+    let len = core::hint::black_box(ctx.data_end() - ctx.data());
+    if len != new_len && ctx.adjust_tail(new_len as i32 - len as i32).is_err() {
+        return failed;
+    }
+    // Every pointer is derived again: resizing invalidates the old ones.
+    let (Some(eth), Some(ip), Some(na)) = (
+        ptr_at::<network_types::eth::EthHdr>(ctx, 0),
+        ptr_at::<Ipv6Hdr>(ctx, l2.l3_off),
+        ptr_at::<NaMsg>(ctx, l2.l3_off + Ipv6Hdr::LEN),
+    ) else {
+        return failed;
+    };
+    // SAFETY: each pointer was bounds-checked just above; headers are 2-byte aligned.
+    unsafe {
+        store_mac(&mut (*eth).dst_addr, to_mac);
+        store_mac(&mut (*eth).src_addr, mac);
+        let ip = &mut *ip;
+        ip.vcf = [0x60, 0, 0, 0];
+        ip.payload_len = (NA_LEN as u16).to_be_bytes();
+        ip.next_hdr = IPPROTO_ICMPV6;
+        ip.hop_limit = ND_HOP_LIMIT;
+        ip.src_addr = *target;
+        ip.dst_addr = *to;
+        let na = &mut *na;
+        na.nd.ty = ND_NEIGHBOR_ADVERT;
+        na.nd.code = 0;
+        na.nd.checksum = [0; 2];
+        na.nd.flags = [if solicited { NA_FLAG_SOLICITED | NA_FLAG_OVERRIDE } else { NA_FLAG_OVERRIDE }, 0, 0, 0];
+        na.nd.target = *target;
+        na.opt_type = ND_OPT_TARGET_LL;
+        na.opt_len = 1;
+        store_mac(&mut na.opt_mac, mac);
+    }
+    // The checksum over the pseudo-header (source, destination, upper-layer length,
+    // next header: RFC 8200 §8.1) and the message: the addresses and the message are
+    // contiguous in the frame, from the source address on.
+    let Some(covered) = ptr_at::<[u8; 32 + NA_LEN]>(ctx, l2.l3_off + 8) else {
+        return failed;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let sum = csum::fold(csum::sum16(unsafe { &*covered }) + NA_LEN as u32 + IPPROTO_ICMPV6 as u32);
+    // SAFETY: `na` is inside `covered`, which was checked.
+    unsafe { (*na).nd.checksum = sum.to_be_bytes() };
+    Verdict::tx(Reason::NsReplied)
+}
