@@ -8,7 +8,7 @@
 //! kills the stand-ins and agents and removes every namespace and file it made.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -35,6 +35,9 @@ pub struct Node {
 
 pub struct ApiLab {
     pub vip: Ipv4Addr,
+    /// The lab's IPv6 VIP, `fd00:a:b:c::100` for prefix `a.b.c` (in the apiservers'
+    /// certificates; on the wire once [`ApiLab::with_ipv6`] gave the hosts addresses).
+    pub vip6: Ipv6Addr,
     pub nodes: Vec<Node>,
     /// The Lease API stand-in, once [`ApiLab::with_lease_api`] started it.
     lease_api: Option<Child>,
@@ -91,6 +94,7 @@ impl ApiLab {
         gateway: Option<Ipv4Addr>,
     ) -> Result<Self, String> {
         let vip = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 100);
+        let vip6 = ipv6_of(prefix, 0x100);
         let pki = Pki::new(&std::env::temp_dir().join(format!("vip-lab-{}", lab.tag)))?;
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -103,11 +107,11 @@ impl ApiLab {
                 host.ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
             }
             let ip = host.ip;
-            pki.server(&name, &[IpAddr::V4(ip), IpAddr::V4(vip), IpAddr::V4(Ipv4Addr::LOCALHOST)])?;
+            pki.server(&name, &[IpAddr::V4(ip), IpAddr::V4(vip), IpAddr::V6(vip6), IpAddr::V4(Ipv4Addr::LOCALHOST)])?;
             nodes.push(Node { name, ip, standin: None });
         }
         let client = https::Client::new(&pki.ca_path())?;
-        let mut me = Self { vip, nodes, lease_api: None, static_backends: true, client, pki, lab };
+        let mut me = Self { vip, vip6, nodes, lease_api: None, static_backends: true, client, pki, lab };
         for i in 0..n {
             me.start_apiserver(i)?;
         }
@@ -120,6 +124,22 @@ impl ApiLab {
 
     pub fn client_ns(&self) -> &crate::netns::Netns {
         &self.lab.host("cli").ns
+    }
+
+    /// Gives every host of the segment an IPv6 address too, `fd00:a:b:c::<last octet of
+    /// its IPv4 address>/64` (without duplicate address detection, so it is usable at
+    /// once).
+    pub fn with_ipv6(self) -> Result<Self, String> {
+        for h in &self.lab.hosts {
+            let ip6 = ipv6_of(self.lab.prefix, u16::from(h.ip.octets()[3]));
+            h.ns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", &h.dev, "nodad"])?;
+        }
+        Ok(self)
+    }
+
+    /// Host `last`'s IPv6 address in the lab (see [`ApiLab::with_ipv6`]).
+    pub fn ipv6_of(&self, last: u8) -> Ipv6Addr {
+        ipv6_of(self.lab.prefix, u16::from(last))
     }
 
     /// The file whose existence makes node `i`'s `/readyz` answer 500.
@@ -166,7 +186,8 @@ impl ApiLab {
         let child = self
             .ns(i)
             .cmd(crate::agent::standin_bin().to_str().ok_or("path")?)
-            .args(["--name", &name, "--listen", "0.0.0.0:6443", "--unready-file"])
+            // Both families (the IPv6 VIP's traffic goes up the leader's stack to it).
+            .args(["--name", &name, "--listen", "[::]:6443", "--unready-file"])
             .arg(&unready)
             .arg("--tls-cert")
             .arg(&cert)
@@ -627,4 +648,9 @@ impl Drop for Stream {
             let _ = h.join();
         }
     }
+}
+
+/// `fd00:a:b:c::<host>` for lab prefix `a.b.c`.
+fn ipv6_of(prefix: [u8; 3], host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, prefix[0].into(), prefix[1].into(), prefix[2].into(), 0, 0, 0, host)
 }

@@ -938,6 +938,29 @@ mod tests {
     }
 
     #[test]
+    fn vips_of_both_families_are_kept_in_order_and_split_by_family() {
+        let cfg = parse(&[
+            "--interface",
+            "eth0",
+            "--vip",
+            "fd00::100,10.0.0.1",
+            "--vip",
+            "2001:db8::5",
+            "--election",
+            "none",
+        ])
+        .unwrap();
+        let v6: Vec<Ipv6Addr> = ["fd00::100", "2001:db8::5"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(cfg.vips4(), ["10.0.0.1".parse::<Ipv4Addr>().unwrap()]);
+        assert_eq!(cfg.vips6(), v6);
+        assert_eq!(cfg.vips[0], v6[0], "the order given");
+        let bgp = ["--mode", "bgp", "--bgp-local-as", "65001", "--bgp-peer", "10.0.0.254:65000"];
+        let err = parse(&[&["--interface", "eth0", "--vip", "fd00::100", "--election", "none"][..], &bgp].concat())
+            .unwrap_err();
+        assert!(err.contains("--vip fd00::100: BGP mode advertises IPv4 VIPs only"), "{err}");
+    }
+
+    #[test]
     fn durations_take_units() {
         assert_eq!("500ms".parse::<Dur>().unwrap().0, Duration::from_millis(500));
         assert_eq!("2s".parse::<Dur>().unwrap().0, Duration::from_secs(2));
@@ -957,6 +980,18 @@ mod tests {
             (
                 &["--interface", "eth0", "--vip", "224.0.0.1", "--election", "none", "--backend", "10.0.0.11"],
                 "--vip 224.0.0.1: a multicast",
+            ),
+            (&["--interface", "eth0", "--vip", "fe80::1", "--election", "none"], "--vip fe80::1: a link-local"),
+            (&["--interface", "eth0", "--vip", "ff02::1", "--election", "none"], "--vip ff02::1: a multicast"),
+            (&["--interface", "eth0", "--vip", "::1", "--election", "none"], "--vip ::1: a loopback"),
+            (&["--interface", "eth0", "--vip", "::", "--election", "none"], "--vip ::: the unspecified"),
+            (
+                &["--interface", "eth0", "--vip", "::ffff:10.0.0.1", "--election", "none"],
+                "--vip ::ffff:10.0.0.1: an IPv4-mapped",
+            ),
+            (
+                &["--interface", "eth0", "--vip", "fd00::1,fd00:0::1", "--election", "none"],
+                "--vip fd00::1 is given twice",
             ),
             (
                 &["--interface", "eth0", "--vip", "10.0.0.1,10.0.0.1", "--election", "none", "--backend", "10.0.0.11"],

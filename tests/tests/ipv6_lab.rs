@@ -1,0 +1,181 @@
+//! IPv6 VIPs end to end: three control-plane nodes electing a leader through the Lease
+//! API stand-in, each serving an IPv4 and an IPv6 VIP, and a client on the segment
+//! using the kernel's own IPv6 stack and Debian's tools (`ndisc6`, `ping`, `curl`).
+//!
+//! The kernel of the client is the independent judge here: it accepts only
+//! advertisements with a valid checksum and hop limit 255, and a neighbour entry it did
+//! not accept sends nothing to the VIP. The lab's bridge snoops MLD (the Linux default),
+//! so a solicitation reaches a node only if that node joined the VIP's solicited-node
+//! group.
+//!
+//! Needs root, ndisc6 and curl (`cargo xtask setup`).
+
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    agent::{wait_until, Agent},
+    apilab::ApiLab,
+};
+
+/// Default timers (lease 1 s).
+const LEASE: Duration = Duration::from_secs(1);
+
+fn lab() -> (ApiLab, Vec<Option<Agent>>) {
+    let lab = ApiLab::new([10, 91, 0], 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap().with_ipv6().unwrap();
+    strict_mld_snooping(&lab);
+    let vip6 = lab.vip6.to_string();
+    let agents = (0..3).map(|i| lab.spawn_agent(i, &["--vip", &vip6]).map(Some)).collect::<Result<Vec<_>, _>>();
+    let agents = agents.unwrap();
+    for i in 0..3 {
+        lab.wait_all_healthy(i).unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(10), || leaders6(&lab).len() == 1), "no single IPv6 leader");
+    (lab, agents)
+}
+
+/// Makes the lab's bridge forward multicast to a node's port only for the groups the
+/// node reported (MLD), as a strict snooping switch does: unregistered multicast is no
+/// longer flooded to the nodes. A node that did not join the VIP's solicited-node group
+/// then never sees a solicitation for it.
+fn strict_mld_snooping(lab: &ApiLab) {
+    for i in 0..lab.nodes.len() {
+        let port = format!("p{}", lab.nodes[i].ip.octets()[3]);
+        lab.lab.switch.cmd("bridge").args(["link", "set", "dev", &port, "mcast_flood", "off"]).status().unwrap();
+    }
+}
+
+/// Which nodes' agents say they lead the IPv6 VIP.
+fn leaders6(lab: &ApiLab) -> Vec<usize> {
+    (0..lab.nodes.len())
+        .filter(|&i| {
+            lab.status(i).is_ok_and(|s| {
+                s["vips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|v| v["family"] == "ipv6" && v["vip"] == lab.vip6.to_string().as_str() && v["leader"] == true)
+            })
+        })
+        .collect()
+}
+
+/// Every MAC that answers one solicitation for the VIP from the client (`ndisc6 -m`
+/// waits for all replies; an unsolicited advertisement arriving meanwhile counts too,
+/// so the list is of distinct MACs).
+fn answerers(lab: &ApiLab) -> Vec<String> {
+    let out = lab
+        .client_ns()
+        .cmd("ndisc6")
+        .args(["-m", "-n", "-r", "1", "-w", "300", &lab.vip6.to_string(), "eth0"])
+        .output()
+        .expect("ndisc6 (cargo xtask setup installs it)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Target link-layer address:"))
+        .map(|m| m.trim().to_ascii_lowercase())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+fn mac_string(lab: &ApiLab, i: usize) -> String {
+    let m = tests::netns::mac_of(lab.ns(i), "eth0").unwrap();
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// One HTTPS request to the IPv6 VIP from the client: the answering node's name.
+fn request6(lab: &ApiLab) -> Result<String, String> {
+    let addr = SocketAddr::from((lab.vip6, 6443));
+    let client = lab.client.clone();
+    lab.client_ns().within(move || match client.get(addr, "/") {
+        Ok((200, body)) => Ok(body.trim().to_owned()),
+        Ok((status, body)) => Err(format!("status {status}: {body}")),
+        Err(e) => Err(e),
+    })?
+}
+
+/// The solicited-node group of `vip`, as `ip -6 maddr` prints it.
+fn solicited_node(vip: Ipv6Addr) -> String {
+    tests::frames::solicited_node(vip).to_string()
+}
+
+fn lo_holds(lab: &ApiLab, i: usize, vip: Ipv6Addr) -> bool {
+    let out = lab.ns(i).ip(&["-6", "addr", "show", "dev", "lo"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(&format!("{vip}/128"))
+}
+
+#[test]
+fn an_ipv6_vip_is_answered_by_the_leader_alone_and_moves_with_it() {
+    let (lab, mut agents) = lab();
+    let leader = leaders6(&lab)[0];
+    let group = solicited_node(lab.vip6);
+    for i in 0..3 {
+        let maddr = lab.ns(i).ip(&["-6", "maddr", "show", "dev", "eth0"]).unwrap();
+        assert!(
+            String::from_utf8_lossy(&maddr.stdout).contains(&group),
+            "node {i} did not join {group}: {}",
+            String::from_utf8_lossy(&maddr.stdout)
+        );
+        assert!(lo_holds(&lab, i, lab.vip6), "node {i} does not hold the VIP on lo");
+    }
+    assert_eq!(answerers(&lab), [mac_string(&lab, leader)], "the leader alone answers solicitations");
+
+    let ping = lab.client_ns().cmd("ping").args(["-6", "-c", "1", "-W", "2", &lab.vip6.to_string()]).output().unwrap();
+    assert!(ping.status.success(), "ping -6 the VIP: {}", String::from_utf8_lossy(&ping.stdout));
+    assert_eq!(request6(&lab).as_deref(), Ok(lab.nodes[leader].name.as_str()), "the leader's stack serves");
+    let url = format!("https://[{}]:6443/", lab.vip6);
+    let ca = lab.pki.ca_path();
+    let curl =
+        lab.client_ns().cmd("curl").args(["-6", "-sS", "--max-time", "3", "--cacert"]).arg(&ca).arg(&url).output();
+    let curl = curl.expect("curl (cargo xtask setup installs it)");
+    assert_eq!(String::from_utf8_lossy(&curl.stdout).trim(), lab.nodes[leader].name, "curl through the IPv6 VIP");
+
+    // The leader's node dies (its agent SIGKILLed, its link down): the next leader
+    // announces itself (unsolicited NA, Override) and the client, whose neighbour entry
+    // names the dead node, follows.
+    let t = Instant::now();
+    agents[leader].take().unwrap().stop(libc::SIGKILL, Duration::from_secs(5)).unwrap();
+    lab.ns(leader).ip(&["link", "set", "eth0", "down"]).unwrap();
+    let mut served = None;
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Ok(name) = request6(&lab) {
+            if name != lab.nodes[leader].name {
+                served = Some((name, t.elapsed()));
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (name, took) = served.expect("no other node served the IPv6 VIP after the leader died");
+    eprintln!("IPv6 VIP: served by {name} {took:?} after the leader's node died");
+    assert!(took <= LEASE + Duration::from_millis(2500), "failover took {took:?}");
+    let new = leaders6(&lab);
+    assert_eq!(new.len(), 1, "leaders after failover: {new:?}");
+    assert_eq!(lab.nodes[new[0]].name, name, "the new leader's stack serves");
+    assert_eq!(answerers(&lab), [mac_string(&lab, new[0])], "only the new leader answers");
+
+    // An agent stopping for good takes its IPv6 VIP off lo; one the operator added stays.
+    let follower = (0..3).find(|&i| i != leader && i != new[0]).unwrap();
+    let (status, log) = agents[follower].take().unwrap().stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(!lo_holds(&lab, follower, lab.vip6), "the stopped agent left its IPv6 VIP on lo");
+}
+
+/// Another host already answering for the IPv6 VIP (an operator's mistake): its
+/// advertisement answers the agent's DAD probe, so the agent never claims the VIP.
+#[test]
+fn an_ipv6_vip_another_host_holds_is_not_claimed() {
+    let lab = ApiLab::new([10, 92, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
+    // The client holds the VIP on its interface: its kernel answers DAD probes for it.
+    lab.client_ns().ip(&["-6", "addr", "add", &format!("{}/64", lab.vip6), "dev", "eth0", "nodad"]).unwrap();
+    let vip6 = lab.vip6.to_string();
+    let mut agent = lab.spawn_agent(0, &["--vip", &vip6]).unwrap();
+    lab.wait_all_healthy(0).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(leaders6(&lab).is_empty(), "claimed an IPv6 VIP another host answers for");
+    let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(log.contains("probe answered: another host has the VIP"), "{log}");
+}
