@@ -663,8 +663,8 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
         }
         return Ok(None);
     }
-    if let Some(v6) = args.vips.iter().find(|v| v.is_ipv6()) {
-        return Err(err(format!("--vip {v6}: BGP mode advertises IPv4 VIPs only (IPv6 VIPs need --mode arp)")));
+    if let Some((vip, why)) = args.vips.iter().find_map(|&v| vip_deploy::vips::bgp_problem(v).map(|w| (v, w))) {
+        return Err(err(format!("--vip {vip}: {why}")));
     }
     let local_as = args.bgp_local_as.ok_or_else(|| err("--bgp-local-as is required".into()))?;
     if local_as == 0 || local_as == u32::MAX || local_as == 23456 {
@@ -741,49 +741,13 @@ fn check_object_name(flag: &'static str, name: &str, rule: NameRule) -> Result<(
     rule.check(name).map_err(|why| ConfigError::ObjectName { flag, name: name.to_owned(), why })
 }
 
-/// A VIP must be a unicast address a client can resolve (ARP, or Neighbor Discovery)
-/// from beyond the link's own addresses.
+/// A VIP must be a unicast address clients can resolve: the rule the manifests share
+/// ([`vip_deploy::vips`]).
 fn check_vip(vip: IpAddr) -> Result<(), ConfigError> {
-    let v4 = match vip {
-        IpAddr::V4(v4) => v4,
-        IpAddr::V6(v6) => return check_vip6(v6),
-    };
-    check_vip4(v4).map_err(|why| ConfigError::BadVip { vip, why })
-}
-
-fn check_vip4(vip: Ipv4Addr) -> Result<(), &'static str> {
-    let why = if vip.is_unspecified() {
-        "the unspecified address cannot be a VIP"
-    } else if vip.is_loopback() {
-        "a loopback address cannot be a VIP"
-    } else if vip.is_multicast() {
-        "a multicast address cannot be a VIP"
-    } else if vip.is_broadcast() {
-        "the broadcast address cannot be a VIP"
-    } else {
-        return Ok(());
-    };
-    Err(why)
-}
-
-/// IPv6 adds three refusals: a link-local VIP (fe80::/10) is ambiguous without a zone and
-/// every interface already has one; an IPv4-mapped address (::ffff:0:0/96) is IPv4 on
-/// the wire, so write the IPv4 VIP itself.
-fn check_vip6(vip: Ipv6Addr) -> Result<(), ConfigError> {
-    let why = if vip.is_unspecified() {
-        "the unspecified address cannot be a VIP"
-    } else if vip.is_loopback() {
-        "a loopback address cannot be a VIP"
-    } else if vip.is_multicast() {
-        "a multicast address cannot be a VIP"
-    } else if vip.is_unicast_link_local() {
-        "a link-local address cannot be a VIP (use a global or unique local address)"
-    } else if vip.to_ipv4_mapped().is_some() {
-        "an IPv4-mapped address cannot be a VIP (give the IPv4 address itself)"
-    } else {
-        return Ok(());
-    };
-    Err(ConfigError::BadVip { vip: vip.into(), why })
+    match vip_deploy::vips::vip_problem(vip) {
+        Some(why) => Err(ConfigError::BadVip { vip, why }),
+        None => Ok(()),
+    }
 }
 
 /// Parses the command line, folding in the `--config` file: each key of the file

@@ -19,6 +19,7 @@ pub mod names;
 mod rbac;
 mod settings;
 mod systemd;
+pub mod vips;
 mod workload;
 mod yaml;
 

@@ -75,6 +75,11 @@ impl Settings {
             return Err(RenderError::Missing { kind, flag: "--vip" });
         }
         check_vips(&args.vips)?;
+        if args.mode == Mode::Bgp {
+            if let Some((vip, why)) = args.vips.iter().find_map(|&v| crate::vips::bgp_problem(v).map(|w| (v, w))) {
+                return Err(RenderError::BadVip { vip, why });
+            }
+        }
         let interface = match (&args.interface, runs_agent) {
             (Some(name), _) => Some(check_interface(name)?),
             (None, true) => return Err(RenderError::Missing { kind, flag: "--interface" }),
@@ -140,17 +145,7 @@ fn check_vips(vips: &[IpAddr]) -> Result<(), RenderError> {
         return Err(RenderError::TooManyVips { count: vips.len(), max: vip_common::MAX_VIPS });
     }
     for (i, &vip) in vips.iter().enumerate() {
-        let why = match vip {
-            // The agent's --vip is IPv4 today; IPv6 (NDP) is designed but not built, and a
-            // manifest it cannot start with would crash-loop on every node.
-            IpAddr::V6(_) => Some("IPv6 VIPs are not supported by the agent yet"),
-            IpAddr::V4(v4) if v4.is_unspecified() => Some("the unspecified address cannot be a VIP"),
-            IpAddr::V4(v4) if v4.is_loopback() => Some("a loopback address cannot be a VIP"),
-            IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address cannot be a VIP"),
-            IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address cannot be a VIP"),
-            IpAddr::V4(_) => None,
-        };
-        if let Some(why) = why {
+        if let Some(why) = crate::vips::vip_problem(vip) {
             return Err(RenderError::BadVip { vip, why });
         }
         if vips[..i].contains(&vip) {

@@ -98,6 +98,18 @@ fn cilium_values_point_at_the_first_vip() {
     assert_eq!(values.load_balancer.acceleration, "disabled");
 }
 
+/// A dual-stack control plane: both VIPs reach the agent, in the order given.
+#[test]
+fn a_daemonset_carries_vips_of_both_families() {
+    let yaml = render(&["daemonset", "--vip=192.0.2.100,2001:db8::100", "--interface=eth0"]);
+    let docs = documents(&yaml);
+    let ds: DaemonSet =
+        serde_yaml::from_value(docs.iter().find(|d| kind_of(d) == "DaemonSet").unwrap().clone()).unwrap();
+    let env = ds.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap_or_default();
+    let vip = env.iter().find(|e| e.name == "VIP_VIP").and_then(|e| e.value.clone());
+    assert_eq!(vip.as_deref(), Some("192.0.2.100,2001:db8::100"), "{yaml}");
+}
+
 /// With vip at tcx, Cilium's XDP acceleration may have the interface's XDP hook.
 #[test]
 fn cilium_values_turn_acceleration_on_only_with_attach_tcx() {
@@ -135,7 +147,18 @@ fn missing_and_bad_values_are_named() {
         (&["daemonset", "--vip=224.0.0.1", "--interface=eth0"], "--vip 224.0.0.1: a multicast address"),
         (&["daemonset", "--vip=127.0.0.1", "--interface=eth0"], "loopback"),
         (&["daemonset", "--vip=192.0.2.1,192.0.2.1", "--interface=eth0"], "--vip 192.0.2.1 is given twice"),
-        (&["daemonset", "--vip=2001:db8::1", "--interface=eth0"], "IPv6 VIPs are not supported by the agent yet"),
+        (&["daemonset", "--vip=fe80::1", "--interface=eth0"], "--vip fe80::1: a link-local address"),
+        (
+            &[
+                "daemonset",
+                "--vip=2001:db8::1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65001",
+                "--bgp-peer=10.0.0.1:65000",
+            ],
+            "--vip 2001:db8::1: BGP mode advertises IPv4 VIPs only",
+        ),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0/1"], "--interface \"eth0/1\""),
         (&["daemonset", "--vip=192.0.2.1", "--interface=averyveryverylongname"], "1 to 15 bytes"),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--port=0"], "--port 0"),
