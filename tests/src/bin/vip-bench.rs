@@ -11,12 +11,15 @@
 //!   output, run again, is rewritten to itself (same flow, same backend MACs).
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
 use tests::{
-    frames::{ipv4, tcp, Arp, Frame, BROADCAST, ETH_P_IPV4, TCP_ACK, TCP_SYN},
+    frames::{
+        icmpv6, ipv4, ipv6_multicast_mac, ll_option, ns_message, solicited_node, tcp, Arp, Frame, BROADCAST,
+        ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
+    },
     lab::FibLab,
 };
 use vip_agent::{
@@ -39,6 +42,10 @@ const VIP_IPIP_NH: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 104);
 /// A VIP led through a Lease: a finite deadline, so the data plane checks the clock.
 const VIP_LEASED: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 103);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+/// IPv6 VIPs, one led and one followed, and the client's IPv6 address.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+const FOLLOWED6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x101);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10);
 const PORT: u16 = 6443;
 
 /// How a row produces its frames.
@@ -126,6 +133,8 @@ fn seed(dp: &mut Dataplane) -> Result<(), String> {
     maps.set_config(&Config::new(FibLab::LB_MAC, FibLab::LB_IP.octets())).map_err(e)?;
     maps.set_vip(VIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
     maps.set_vip(FOLLOWED, VipState::follower()).map_err(e)?;
+    maps.set_vip(VIP6, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
+    maps.set_vip(FOLLOWED6, VipState::follower()).map_err(e)?;
     maps.set_vip(VIP_IPIP, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
     maps.set_vip(VIP_IPIP_NH, VipState::leader_until(VipState::FOREVER)).map_err(e)?;
     let hour_from_now = vip_agent::clock::boot_ns() + 3_600_000_000_000;
@@ -163,6 +172,13 @@ fn xdp_table() -> Result<(), String> {
         dp.load_tcx().map_err(|e| format!("{e:#?}"))?;
         seed(&mut dp)?;
         let arp_for = |tpa| Frame::arp(BROADCAST, CLIENT_MAC, &Arp::request(CLIENT_MAC, CLIENT, tpa)).padded();
+        // A solicitation as hosts send it: to the target's solicited-node group, with the
+        // sender's link-layer address (the advertisement has the same length).
+        let ns_for = |target| {
+            let group = solicited_node(target);
+            let msg = ns_message(target, &[&ll_option(1, CLIENT_MAC)]);
+            Frame::new(ipv6_multicast_mac(group), CLIENT_MAC, ETH_P_IPV6, icmpv6(CLIENT6, group, 255, &msg)).bytes()
+        };
         let to = |dst, flags| {
             Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(CLIENT, dst, 6, &tcp(40000, PORT, flags))).bytes()
         };
@@ -192,6 +208,22 @@ fn xdp_table() -> Result<(), String> {
                 name: "ARP drop (follower)",
                 program: Program::Vip,
                 frames: Frames::Same(arp_for(FOLLOWED)),
+                fixed_point: true,
+                expect_action: 1,
+                ingress: None,
+            },
+            Row {
+                name: "NS reply (IPv6 leader)",
+                program: Program::Vip,
+                frames: Frames::Same(ns_for(VIP6)),
+                fixed_point: false,
+                expect_action: 3,
+                ingress: None,
+            },
+            Row {
+                name: "NS drop (IPv6 follower)",
+                program: Program::Vip,
+                frames: Frames::Same(ns_for(FOLLOWED6)),
                 fixed_point: true,
                 expect_action: 1,
                 ingress: None,
