@@ -578,3 +578,36 @@ pub fn ndp_model(frame: &[u8], vips: &[(Ipv6Addr, Role)], node_mac: Mac) -> Opti
     out.extend(icmpv6(target, to, 255, &na_message(target, node_mac, !dad)));
     Some(Expected::Tx(out))
 }
+
+/// IPv6 VIP forwarding as specified, for the model tests: `None` unless the frame is a
+/// version-6 packet (after at most two tags) whose next header is TCP. A complete TCP
+/// header to the service `(vip6, st.service.1)`, sent to our MAC on the untagged segment
+/// by anyone but a peer, goes by DSR to the Maglev owner of its flow (the flow hash over
+/// the folded tuple); everything else passes unchanged.
+pub fn forward6_model(frame: &[u8], st: &ForwardState<'_>, vip6: Ipv6Addr) -> Option<Expected> {
+    let (off, et, segment) = l2_of(frame)?;
+    let ip = frame.get(off..off + 40)?;
+    if et != ETH_P_IPV6 || ip[0] >> 4 != 6 || ip[6] != 6 {
+        return None;
+    }
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).expect("16 bytes"));
+    let src_mac: Mac = frame[6..12].try_into().ok()?;
+    if dst != vip6 || frame[0..6] != st.node_mac || segment != 0 {
+        return Some(Expected::Pass);
+    }
+    let Some(tcp) = frame.get(off + 40..off + 60) else { return Some(Expected::Pass) };
+    if u16::from_be_bytes([tcp[2], tcp[3]]) != st.service.1 || st.peer_macs.contains(&src_mac) {
+        return Some(Expected::Pass);
+    }
+    let flow = vip_common::FlowKey6::new(
+        ip[8..24].try_into().expect("16 bytes"),
+        dst.octets(),
+        [tcp[0], tcp[1]],
+        [tcp[2], tcp[3]],
+        6,
+    );
+    let mut out = frame.to_vec();
+    out[0..6].copy_from_slice(&(st.mac_of)(predict(st.table, &flow.folded())));
+    out[6..12].copy_from_slice(&st.node_mac);
+    Some(Expected::Tx(out))
+}

@@ -197,12 +197,22 @@ fn ipip_carries_full_size_uploads_without_resets() {
     let vip = SocketAddr::from((lab.vip, 6443));
     let client = lab.client.clone();
     let body = vec![b'x'; 1 << 20];
+    // Six uploads at least, and on until one went to another node (each new connection
+    // lands on one of three backends by its flow hash, and the local one is not IPIP).
+    let names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
     let results = lab
         .client_ns()
         .within(move || {
-            (0..6)
-                .map(|_| client.connect(vip).and_then(|mut c| c.request("POST", "/upload", &body)))
-                .collect::<Vec<_>>()
+            let mut out = Vec::new();
+            while out.len() < 40 {
+                let r = client.connect(vip).and_then(|mut c| c.request("POST", "/upload", &body));
+                let remote = r.as_ref().is_ok_and(|(_, b)| !b.starts_with(&format!("{} ", names[0])));
+                out.push((r, remote));
+                if out.len() >= 6 && out.iter().any(|(_, remote)| *remote) {
+                    break;
+                }
+            }
+            out.into_iter().map(|(r, _)| r).collect::<Vec<_>>()
         })
         .unwrap();
     let mut nodes = std::collections::BTreeSet::new();

@@ -67,7 +67,7 @@ fn load() -> (Dataplane, Balancer) {
 }
 
 fn service(mode: ForwardMode, backends: Vec<BackendSpec>) -> ServiceSpec {
-    ServiceSpec { vip: VIP, port: PORT, mode, m: M, backends }
+    ServiceSpec { vip: VIP.into(), port: PORT, mode, m: M, backends }
 }
 
 /// Installs `spec` and forgets every pinned flow; returns the live table.
@@ -997,7 +997,7 @@ fn several_services_wait_out_the_grace_period_once() {
     let specs = |down: bool| -> Vec<ServiceSpec> {
         (0..8u8)
             .map(|i| ServiceSpec {
-                vip: Ipv4Addr::new(10, 99, 0, 1 + i),
+                vip: Ipv4Addr::new(10, 99, 0, 1 + i).into(),
                 port: PORT,
                 mode: ForwardMode::Dsr,
                 m: M,

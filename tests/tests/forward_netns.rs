@@ -111,7 +111,7 @@ fn spec(down: Option<&str>) -> ServiceSpec {
             ..BackendSpec::up(Ipv4Addr::new(10, 40, 0, last), [0x02, 0, 0, 0, 0, last])
         })
         .collect();
-    ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends }
+    ServiceSpec { vip: VIP.into(), port: PORT, mode: ForwardMode::Dsr, m: 65537, backends }
 }
 
 #[test]

@@ -22,9 +22,9 @@ use std::{
 
 use tests::{
     frames::{
-        arp_model, forward_model, icmp_unreachable, icmpv6, ipip, ipv6, ipv6_multicast_mac, is_group, ll_option,
-        ndp_model, ns_message, solicited_node, tcp, Arp, Expected, ForwardState, Frame, Ip4, Mac, Role, ALL_NODES,
-        BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
+        arp_model, forward6_model, forward_model, icmp_unreachable, icmpv6, ipip, ipv6, ipv6_multicast_mac, is_group,
+        ll_option, ndp_model, ns_message, solicited_node, tcp, Arp, Expected, ForwardState, Frame, Ip4, Mac, Role,
+        ALL_NODES, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
     },
     xdp, SplitMix64,
 };
@@ -101,6 +101,19 @@ fn nd_frame(rng: &mut SplitMix64) -> Frame {
     Frame::new(dst_mac, CLIENT_MAC, ETH_P_IPV6, icmpv6(src, dst, hop, &msg))
 }
 
+/// TCP over IPv6 to the IPv6 VIPs (the led one is a service) and elsewhere.
+fn tcp6_frame(rng: &mut SplitMix64, dst_mac: Mac, src_mac: Mac) -> Frame {
+    let dsts = [VIP6, VIP6, VIP6_2, OTHER6];
+    let ports = [PORT, PORT, 22];
+    let src = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0x63, rng.below(1 << 16) as u16);
+    let mut p = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+    p.extend(src.octets());
+    p.extend(dsts[rng.below(dsts.len())].octets());
+    let flags = [TCP_SYN, TCP_ACK, TCP_ACK | 0x08, 0x11][rng.below(4)];
+    p.extend(tcp(1024 + rng.below(60000) as u16, ports[rng.below(ports.len())], flags));
+    Frame::new(dst_mac, src_mac, ETH_P_IPV6, p)
+}
+
 fn tcp_packet(rng: &mut SplitMix64) -> Vec<u8> {
     let dsts = [VIP, VIP, VIP, VIP2, OTHER_IP, NODE_IP];
     let ports = [PORT, PORT, PORT, 22, 443];
@@ -122,9 +135,10 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
     let dst = [NODE_MAC, NODE_MAC, NODE_MAC, OTHER_MAC][rng.below(4)];
     // Mostly from clients, sometimes from a peer that already balanced the flow.
     let src = [CLIENT_MAC, CLIENT_MAC, OTHER_MAC, PEER_MAC][rng.below(4)];
-    let mut f = match rng.below(14) {
+    let mut f = match rng.below(16) {
         0..=3 => arp_frame(rng),
         12..=13 => nd_frame(rng),
+        14..=15 => tcp6_frame(rng, dst, src),
         4..=6 => Frame::new(dst, src, ETH_P_IPV4, tcp_packet(rng)),
         7..=8 => {
             let outer_dst = [NODE_IP, NODE_IP, NODE_IP, OTHER_IP][rng.below(4)];
@@ -171,6 +185,17 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
         frame.truncate(len);
     }
     frame
+}
+
+/// The IPv6 next header of a frame (after up to two VLAN tags).
+fn ethertype_offset_next(frame: &[u8]) -> Option<u8> {
+    let mut off = 12;
+    for _ in 0..2 {
+        if matches!(frame.get(off..off + 2), Some([0x81, 0x00]) | Some([0x88, 0xa8])) {
+            off += 4;
+        }
+    }
+    frame.get(off + 2 + 6).copied()
 }
 
 /// The EtherType after up to two VLAN tags.
@@ -225,8 +250,11 @@ fn random_frames_through(program: Program, count: usize) {
     let mut lb = Balancer::new(Duration::ZERO);
     let backends = (1..=3u8).map(|i| BackendSpec::up(Ipv4Addr::new(10, 0, 0, 10 + i), backend_mac(i))).collect();
     dp.maps_mut().set_peers(&[PeerKey::mac(PEER_MAC), PeerKey::ipv4(PEER_IP.octets())].into()).unwrap();
-    let spec = ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends };
+    let spec = ServiceSpec { vip: VIP.into(), port: PORT, mode: ForwardMode::Dsr, m: 65537, backends };
     let table = lb.apply(dp.maps_mut(), &spec).unwrap().table;
+    // The same backends behind the led IPv6 VIP: the same names, so the same table.
+    let spec6 = ServiceSpec { vip: VIP6.into(), ..spec.clone() };
+    assert_eq!(lb.apply(dp.maps_mut(), &spec6).unwrap().table, table);
     let mac_of = |id: u32| {
         (1..=3u8).find(|&i| lb.backend_id(Ipv4Addr::new(10, 0, 0, 10 + i)) == Some(id)).map_or([0; 6], backend_mac)
     };
@@ -265,6 +293,7 @@ fn random_frames_through(program: Program, count: usize) {
         };
         assert_ne!(out.action, xdp::ABORTED, "frame {i} (seed {seed:#x}) aborted: {frame:02x?}");
         let mut expected = forward_model(&frame, &state)
+            .or_else(|| forward6_model(&frame, &state, VIP6))
             .or_else(|| ndp_model(&frame, &nd_vips, NODE_MAC))
             .unwrap_or_else(|| arp_model(&frame, &arp_vips, NODE_MAC));
         if program == Program::Tcx && matches!(expected, Expected::PassAs(_)) {
@@ -297,7 +326,10 @@ fn random_frames_through(program: Program, count: usize) {
         }
         let kind = match (kind, ethertype(&frame)) {
             ("tx", Some(0x0806)) => "arp reply",
-            ("tx", Some(0x86dd)) => "nd reply",
+            ("tx", Some(0x86dd)) if out.frame.len() > 14 + 40 && ethertype_offset_next(&out.frame) == Some(58) => {
+                "nd reply"
+            }
+            ("tx", Some(0x86dd)) => "forwarded v6",
             ("tx", _) => "forwarded",
             ("drop", Some(0x86dd)) => "nd drop",
             (k, _) => k,
@@ -306,8 +338,8 @@ fn random_frames_through(program: Program, count: usize) {
     }
     // The generator must reach every verdict often, or the test proves little.
     let kinds: &[&str] = match program {
-        Program::Tcx => &["arp reply", "nd reply", "nd drop", "forwarded", "drop", "pass"],
-        _ => &["arp reply", "nd reply", "nd drop", "forwarded", "drop", "pass", "decap"],
+        Program::Tcx => &["arp reply", "nd reply", "nd drop", "forwarded", "forwarded v6", "drop", "pass"],
+        _ => &["arp reply", "nd reply", "nd drop", "forwarded", "forwarded v6", "drop", "pass", "decap"],
     };
     for &kind in kinds {
         let n = seen.get(kind).copied().unwrap_or(0);

@@ -21,15 +21,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
 use tracing::{debug, info};
-use vip_common::{Backend, ForwardMode, HealthReason, Service, ServiceKey, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND};
+use vip_common::{Backend, ForwardMode, HealthReason, Service, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND};
 
 use crate::{
-    dataplane::{MapError, Maps},
+    dataplane::{MapError, Maps, ServiceId},
     maglev::{self, MaglevError, Weighted},
     netlink::Nexthop,
 };
@@ -77,7 +77,9 @@ impl BackendSpec {
 /// A service: VIP:port (TCP), how to forward, and its backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
-    pub vip: Ipv4Addr,
+    /// The VIP, of either family (an IPv6 service's backends are the same IPv4-known
+    /// entries; DSR reaches them by MAC).
+    pub vip: IpAddr,
     pub port: u16,
     pub mode: ForwardMode,
     /// Maglev table size (prime).
@@ -86,8 +88,8 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
-    pub fn key(&self) -> ServiceKey {
-        ServiceKey::tcp(self.vip.octets(), self.port)
+    pub fn key(&self) -> ServiceId {
+        ServiceId::tcp(self.vip, self.port)
     }
 }
 
@@ -98,11 +100,11 @@ pub enum BalancerError {
     #[error(transparent)]
     Map(#[from] MapError),
     #[error("no free service slot for {vip}:{port} (at most {max} services)")]
-    TooManyServices { vip: Ipv4Addr, port: u16, max: u32 },
+    TooManyServices { vip: IpAddr, port: u16, max: u32 },
     #[error("no free backend id for {ip} (at most {max} backends)")]
     TooManyBackends { ip: Ipv4Addr, max: u32 },
     #[error("backend {ip} is listed twice for {vip}:{port}")]
-    DuplicateBackend { ip: Ipv4Addr, vip: Ipv4Addr, port: u16 },
+    DuplicateBackend { ip: Ipv4Addr, vip: IpAddr, port: u16 },
 }
 
 /// What an update did.
@@ -128,7 +130,7 @@ struct Installed {
 
 /// One service's part of an update, before anything is written.
 struct Plan {
-    key: ServiceKey,
+    key: ServiceId,
     slot: u16,
     /// Backend id of each backend of the spec, in spec order.
     ids: Vec<u32>,
@@ -142,7 +144,7 @@ struct Plan {
 
 /// Owns the service, backend and table maps' contents.
 pub struct Balancer {
-    services: BTreeMap<ServiceKey, Installed>,
+    services: BTreeMap<ServiceId, Installed>,
     ids: BTreeMap<Ipv4Addr, u32>,
     /// The flags last written per backend: a change invalidates the data plane's
     /// per-CPU flow caches.
@@ -340,13 +342,13 @@ impl Balancer {
     /// Removes every service not in `keep` (and frees the backends only they used): what
     /// an agent that adopted a previous agent's maps does with services its own
     /// configuration no longer has. Returns the removed keys.
-    pub fn retain(&mut self, maps: &mut Maps, keep: &[ServiceKey]) -> Result<Vec<ServiceKey>, BalancerError> {
-        let gone: Vec<ServiceKey> = self.services.keys().filter(|k| !keep.contains(k)).copied().collect();
+    pub fn retain(&mut self, maps: &mut Maps, keep: &[ServiceId]) -> Result<Vec<ServiceId>, BalancerError> {
+        let gone: Vec<ServiceId> = self.services.keys().filter(|k| !keep.contains(k)).copied().collect();
         for key in &gone {
             maps.remove_service(key)?;
             if let Some(svc) = self.services.remove(key) {
                 info!(
-                    vip = %Ipv4Addr::from(key.vip), port = u16::from_be_bytes(key.port), slot = svc.slot,
+                    vip = %key.vip(), port = key.port(), slot = svc.slot,
                     "service no longer configured: removed"
                 );
                 for ip in svc.backends {

@@ -202,8 +202,8 @@ pub struct RunArgs {
     #[arg(long, env = "VIP_INTERFACE", value_name = "IF")]
     pub interface: String,
     /// Virtual IP to serve, IPv4 or IPv6. Repeat the flag (or separate with commas) for
-    /// several, of both families. IPv6 VIPs are announced (Neighbor Discovery) and served
-    /// by the leader's own stack; only IPv4 VIPs are load-balanced.
+    /// several, of both families (IPv6: announced by Neighbor Discovery, balanced by DSR
+    /// or local, never IPIP).
     #[arg(long = "vip", env = "VIP_VIP", value_name = "IP", required = true, value_delimiter = ',')]
     pub vips: Vec<IpAddr>,
     /// TCP port of the service behind the VIP.
@@ -395,7 +395,7 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// The IPv4 VIPs: ARP, load balancing, BGP.
+    /// The IPv4 VIPs: ARP, BGP, the VIP-path probe.
     pub fn vips4(&self) -> Vec<Ipv4Addr> {
         self.vips
             .iter()
@@ -406,7 +406,7 @@ impl RunConfig {
             .collect()
     }
 
-    /// The IPv6 VIPs: Neighbor Discovery, served by the leader's own stack.
+    /// The IPv6 VIPs: Neighbor Discovery.
     pub fn vips6(&self) -> Vec<Ipv6Addr> {
         self.vips
             .iter()
@@ -492,6 +492,8 @@ pub enum ConfigError {
     BgpWithoutMode { flag: &'static str },
     #[error("--attach tcx cannot --forward ipip (encapsulation grows the frame, which only XDP does here): use --forward dsr, or --attach xdp")]
     TcxIpip,
+    #[error("--forward ipip cannot carry the IPv6 VIP {vip} (IPIP is IPv4 in IPv4): use --forward dsr or local")]
+    Ipv6Ipip { vip: IpAddr },
     #[error("--bootstrap needs --mode arp --election kubernetes (it bridges the time before the Lease API answers)")]
     Bootstrap,
     #[error("--interface: {0}")]
@@ -583,6 +585,9 @@ impl TryFrom<RunArgs> for RunConfig {
         let bgp = bgp_config(&args)?;
         if args.attach == Hook::Tcx && args.forward == Forward::Ipip {
             return Err(ConfigError::TcxIpip);
+        }
+        if let (Forward::Ipip, Some(&vip)) = (args.forward, args.vips.iter().find(|v| v.is_ipv6())) {
+            return Err(ConfigError::Ipv6Ipip { vip });
         }
         if args.bootstrap && (args.election != Election::Kubernetes || args.mode != Mode::Arp) {
             return Err(ConfigError::Bootstrap);
@@ -922,6 +927,10 @@ mod tests {
         let err = parse(&[&["--interface", "eth0", "--vip", "fd00::100", "--election", "none"][..], &bgp].concat())
             .unwrap_err();
         assert!(err.contains("--vip fd00::100: BGP mode advertises IPv4 VIPs only"), "{err}");
+        let err =
+            parse(&["--interface", "eth0", "--vip", "10.0.0.1,fd00::100", "--election", "none", "--forward", "ipip"])
+                .unwrap_err();
+        assert!(err.contains("--forward ipip cannot carry the IPv6 VIP fd00::100"), "{err}");
     }
 
     #[test]

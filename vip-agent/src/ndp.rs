@@ -252,6 +252,8 @@ pub fn watch_claims(
 /// MLD report to wait for.
 pub struct SolicitedNodeGroups {
     _socket: UdpSocket,
+    /// The interface the groups are joined on.
+    pub ifindex: u32,
     pub groups: Vec<Ipv6Addr>,
 }
 
@@ -265,7 +267,7 @@ impl SolicitedNodeGroups {
         for g in &groups {
             socket.join_multicast_v6(g, ifindex)?;
         }
-        Ok(Self { _socket: socket, groups })
+        Ok(Self { _socket: socket, ifindex, groups })
     }
 }
 

@@ -53,13 +53,10 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
             let leader = st.leads_at(now);
             let deadline_ms = (leader && st.leader_until_ns != vip_common::VipState::FOREVER)
                 .then(|| (st.leader_until_ns - now) / 1_000_000);
-            // IPv6 VIPs are announced by Neighbor Discovery and served by the leader's own
-            // stack, never load-balanced.
-            let (family, served_by) = if vip.is_ipv4() { ("ipv4", "services") } else { ("ipv6", "leader_stack") };
+            let family = if vip.is_ipv4() { "ipv4" } else { "ipv6" };
             json!({
                 "vip": vip.to_string(),
                 "family": family,
-                "served_by": served_by,
                 "leader": leader,
                 "lease_deadline_ms": deadline_ms,
             })
@@ -89,8 +86,8 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
         }
         let empty = table.iter().filter(|&&e| e == NO_BACKEND).count();
         services.push(json!({
-            "vip": Ipv4Addr::from(key.vip).to_string(),
-            "port": u16::from_be_bytes(key.port),
+            "vip": key.vip().to_string(),
+            "port": key.port(),
             "forward": ForwardMode::from_u8(svc.mode).map_or("?", ForwardMode::name),
             "table_size": m,
             "unowned_slots": empty,
@@ -185,16 +182,17 @@ pub fn render(s: &Value) -> String {
             (Some(true), None) => "LEADER".to_owned(),
             _ => "follower".to_owned(),
         };
-        let served =
-            if v["served_by"].as_str() == Some("leader_stack") { "  (served by the leader's stack)" } else { "" };
-        let _ = writeln!(out, "vip       {:<24} {:<5} {role}{served}", str_of(&v["vip"]), str_of(&v["family"]));
+        let _ = writeln!(out, "vip       {:<24} {:<5} {role}", str_of(&v["vip"]), str_of(&v["family"]));
     }
     for svc in s["services"].as_array().into_iter().flatten() {
         let _ = writeln!(
             out,
-            "\nservice   {}:{}  forward={}  maglev M={}",
-            str_of(&svc["vip"]),
-            svc["port"],
+            "\nservice   {}  forward={}  maglev M={}",
+            // `[v6]:port`, as a URL writes it.
+            svc["vip"].as_str().and_then(|v| v.parse::<std::net::IpAddr>().ok()).map_or_else(
+                || format!("{}:{}", str_of(&svc["vip"]), svc["port"]),
+                |ip| std::net::SocketAddr::from((ip, svc["port"].as_u64().unwrap_or(0) as u16)).to_string()
+            ),
             str_of(&svc["forward"]),
             svc["table_size"]
         );

@@ -37,6 +37,11 @@ pub mod map_names {
     pub const MAGLEV: &str = "VIP_MAGLEV";
     /// `LruHashMap<FlowKey, Conn>`: the connection table.
     pub const CONNS: &str = "VIP_CONNS";
+    /// `HashMap<ServiceKey6, Service>`: the IPv6 VIP:port pairs that are load-balanced.
+    /// Their tables are in [`MAGLEV`], in slots shared with the IPv4 services.
+    pub const SERVICES6: &str = "VIP_SERVICES6";
+    /// `LruHashMap<FlowKey6, Conn>`: the connection table of IPv6 flows.
+    pub const CONNS6: &str = "VIP_CONNS6";
     /// `PerCpuArray<BackendStats>` indexed by backend id.
     pub const BACKEND_STATS: &str = "VIP_BACKEND_STATS";
     /// `HashMap<PeerKey, u32>`: the other load-balancing nodes of the segment, by MAC and
@@ -487,6 +492,71 @@ impl FlowKey {
     }
 }
 
+/// Key of the IPv6 connection table: the flow's 5-tuple as it arrives.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey6 {
+    /// Source and destination IPv6, network order.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Source and destination ports, network order.
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    /// IP protocol (the IPv6 next header).
+    pub proto: u8,
+    /// Explicit padding; always zero (two scalars, as in [`FlowKey`]).
+    pub _pad: u8,
+    pub _pad2: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
+
+impl FlowKey6 {
+    #[inline(always)]
+    pub const fn new(src: [u8; 16], dst: [u8; 16], sport: [u8; 2], dport: [u8; 2], proto: u8) -> Self {
+        Self { src, dst, sport, dport, proto, _pad: 0, _pad2: 0 }
+    }
+
+    /// The same flow with each address folded to 4 bytes (the XOR of its four 32-bit
+    /// words): what [`flow_hash6`] hashes. Every node folds alike, so every node maps an
+    /// IPv6 flow to the same Maglev slot.
+    #[inline(always)]
+    pub const fn folded(&self) -> FlowKey {
+        FlowKey::new(fold16(&self.src), fold16(&self.dst), self.sport, self.dport, self.proto)
+    }
+}
+
+#[inline(always)]
+const fn fold16(a: &[u8; 16]) -> [u8; 4] {
+    [a[0] ^ a[4] ^ a[8] ^ a[12], a[1] ^ a[5] ^ a[9] ^ a[13], a[2] ^ a[6] ^ a[10] ^ a[14], a[3] ^ a[7] ^ a[11] ^ a[15]]
+}
+
+/// [`flow_hash`] of an IPv6 flow (over [`FlowKey6::folded`]).
+#[inline(always)]
+pub const fn flow_hash6(key: &FlowKey6, seed: u32) -> u32 {
+    flow_hash(&key.folded(), seed)
+}
+
+/// Key of the [`map_names::SERVICES6`] map: an IPv6 VIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey6 {
+    /// VIP, network order.
+    pub vip: [u8; 16],
+    /// Destination port, network order.
+    pub port: [u8; 2],
+    /// IP protocol; only [`IPPROTO_TCP`] is forwarded.
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
+
+impl ServiceKey6 {
+    pub const fn tcp(vip: [u8; 16], port: u16) -> Self {
+        Self { vip, port: port.to_be_bytes(), proto: IPPROTO_TCP, _pad: 0 }
+    }
+}
+
 /// Value of the connection table: the backend a flow is pinned to, and how it is
 /// forwarded there, so an established flow needs no service lookup. The address is kept
 /// beside the id so that a flow never follows a recycled id to another backend.
@@ -504,7 +574,8 @@ pub struct Conn {
     pub mode: u8,
     /// Explicit padding; always zero.
     pub _pad: u8,
-    /// The backend's IPv4 address when the flow was pinned, network order.
+    /// The backend's IPv4 address when the flow was pinned, network order (for an IPv6
+    /// flow too: backends are known by their IPv4 address).
     pub backend_ip: [u8; 4],
     /// Source MAC of the frame that pinned the flow, wire order.
     pub from_mac: [u8; 6],
@@ -799,8 +870,9 @@ pub enum Reason {
     /// `XDP_PASS`, so the agent sees the simultaneous claim (the IPv6 twin of
     /// [`Reason::ArpProbeWhileProbing`]).
     NsProbeWhileProbing = 41,
-    /// IPv6 that is not a Neighbor Solicitation for a VIP: `XDP_PASS`. Traffic to an IPv6
-    /// VIP is among it: the leader's own stack serves it (IPv6 is not load-balanced).
+    /// IPv6 that is neither a Neighbor Solicitation for a VIP nor TCP to a VIP (ping,
+    /// UDP, extension headers, other addresses): `XDP_PASS`. (TCP to an IPv6 VIP is
+    /// counted under the forwarding reasons, as IPv4's is.)
     Ipv6Passed = 42,
 }
 
@@ -949,6 +1021,8 @@ mod pod {
     unsafe impl aya::Pod for super::MaglevRow {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
+    unsafe impl aya::Pod for super::ServiceKey6 {}
     unsafe impl aya::Pod for super::Conn {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::PeerKey {}

@@ -1,11 +1,12 @@
 //! Backend selection: the connection table first, Maglev on a miss.
 
 use vip_common::{
-    flow_hash, Backend, CachedFlow, Conn, FlowKey, Service, FLOW_CACHE_SLOTS, MAGLEV_MAX_M, MAGLEV_ROW, NO_BACKEND,
+    flow_hash, Backend, CachedFlow, Conn, FlowKey, FlowKey6, Service, FLOW_CACHE_SLOTS, MAGLEV_MAX_M, MAGLEV_ROW,
+    NO_BACKEND,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNS, FLOW_CACHE, MAGLEV},
+    maps::{BACKENDS, CONNS, CONNS6, FLOW_CACHE, MAGLEV},
     parse::{load_mac, store_mac},
 };
 
@@ -74,6 +75,27 @@ pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option
     unsafe { store_mac(&mut conn.from_mac, from_mac) };
     // A failed insert only means the next packet looks the flow up again.
     let _ = CONNS.insert(flow, &conn, 0);
+    Some((id, backend))
+}
+
+/// The backend the IPv6 `flow` is pinned to, while that backend still serves its
+/// connections and has the same address (the connection table alone: no flow cache).
+#[inline(always)]
+pub fn pinned6(flow: &FlowKey6) -> Option<Pin> {
+    // SAFETY: the value is copied out at once; LRU elements are replaced whole.
+    let conn = unsafe { CONNS6.get(flow) }.copied()?;
+    validate(conn)
+}
+
+/// [`choose`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster seed).
+#[inline(always)]
+pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
+    let (id, backend) = maglev_slot(hash, svc)?;
+    let mut conn = Conn { backend: id as u16, mode: svc.mode, backend_ip: backend.ip, ..Conn::default() };
+    // SAFETY: a field of an 8-byte aligned value, at offset 8.
+    unsafe { store_mac(&mut conn.from_mac, from_mac) };
+    // A failed insert only means the next packet looks the flow up again.
+    let _ = CONNS6.insert(flow, &conn, 0);
     Some((id, backend))
 }
 

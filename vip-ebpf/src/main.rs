@@ -12,6 +12,7 @@ mod csum;
 mod ctx;
 mod encap;
 mod forward;
+mod forward6;
 mod icmp;
 mod lb;
 mod log;
@@ -104,7 +105,7 @@ fn process(ctx: &impl Packet) -> Verdict {
     match l2.kind {
         EtherKind::Arp => arp::handle(ctx, &l2),
         EtherKind::Ipv4 => forward::handle(ctx, &l2),
-        EtherKind::Ipv6 => ndp::handle(ctx, &l2),
+        EtherKind::Ipv6 => forward6::handle(ctx, &l2),
         EtherKind::Other => Verdict::pass(Reason::NotArpPassed),
     }
 }

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use vip_common::{
-    Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason, Service,
-    ServiceKey, Vip6Key, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS,
-    MAX_SERVICES, MAX_VIPS,
+    Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow, PeerKey, Reason,
+    Service, ServiceKey, ServiceKey6, Vip6Key, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS,
+    MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS,
 };
 
 /// This node's MAC on the attached interface. One entry (index 0). An array, not a hash,
@@ -53,6 +53,15 @@ pub static MAGLEV: Array<MaglevRow> = Array::with_max_entries(MAGLEV_ROWS, 0);
 /// first, and a forgotten flow re-hashes to the same backend unless the set changed.
 #[map(name = "VIP_CONNS")]
 pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+/// IPv6 VIP:port → service, as [`SERVICES`]; the tables are in [`MAGLEV`].
+#[map(name = "VIP_SERVICES6")]
+pub static SERVICES6: HashMap<ServiceKey6, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// IPv6 flow → backend, as [`CONNS`] (no per-CPU cache in front: IPv6 control-plane
+/// traffic is the rarer family).
+#[map(name = "VIP_CONNS6")]
+pub static CONNS6: LruHashMap<FlowKey6, Conn> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
 /// Packets and bytes per backend, per CPU.
 #[map(name = "VIP_BACKEND_STATS")]

@@ -7,8 +7,8 @@
 //! receiving interface, and the VIP is on `lo`), but a dropped solicitation makes the
 //! follower's silence explicit and counted. Only solicitations on the VIP's own segment,
 //! sent to us (a multicast group, or unicast to our MAC, as a reachability probe is),
-//! are ours. Every other IPv6 frame passes: IPv6 is not load-balanced, so traffic to an
-//! IPv6 VIP goes up the leader's own stack, which holds the VIP on `lo`.
+//! are ours. Every other ICMPv6 message passes (an echo to a VIP goes up the leader's
+//! own stack, which holds the VIP on `lo`).
 //!
 //! A solicitation is validated as RFC 4861 §7.1.1 asks before it is answered (hop
 //! limit 255, code 0, at least 24 bytes, a DAD probe sent to the target's
@@ -101,16 +101,9 @@ fn is_solicited_node_of(dst: &[u8; 16], target: &[u8; 16]) -> bool {
         && dst[15] == target[15]
 }
 
+/// Handles an ICMPv6 packet whose (bounds-checked, version 6) header is `ip`.
 #[inline(always)]
-pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
-    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_off) else {
-        return Verdict::pass(Reason::Ipv6Passed);
-    };
-    // SAFETY: ptr_at checked the 40-byte header lies inside the frame.
-    let ip = unsafe { &*ip };
-    if ip.vcf[0] >> 4 != 6 || ip.next_hdr != IPPROTO_ICMPV6 {
-        return Verdict::pass(Reason::Ipv6Passed);
-    }
+pub fn handle(ctx: &impl Packet, l2: &L2, ip: &Ipv6Hdr) -> Verdict {
     let icmp_off = l2.l3_off + Ipv6Hdr::LEN;
     let Some(ty) = ptr_at::<u8>(ctx, icmp_off) else {
         return Verdict::pass(Reason::Ipv6Passed);

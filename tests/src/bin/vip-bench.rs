@@ -144,9 +144,10 @@ fn seed(dp: &mut Dataplane) -> Result<(), String> {
     // run again, is the same frame through the same path: a fixed point for `repeat`
     // (the data plane forwards only frames addressed to it).
     let dsr_backends = backends(3, 0x10).into_iter().map(|b| BackendSpec { mac: FibLab::LB_MAC, ..b }).collect();
-    let dsr = ServiceSpec { vip: VIP, port: PORT, mode: ForwardMode::Dsr, m: 65537, backends: dsr_backends };
+    let dsr = ServiceSpec { vip: VIP.into(), port: PORT, mode: ForwardMode::Dsr, m: 65537, backends: dsr_backends };
     lb.apply(maps, &dsr).map_err(|e| e.to_string())?;
-    let ipip = ServiceSpec { vip: VIP_IPIP, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: backends(3, 0) };
+    let ipip =
+        ServiceSpec { vip: VIP_IPIP.into(), port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: backends(3, 0) };
     lb.apply(maps, &ipip).map_err(|e| e.to_string())?;
     // The same backends with their next hop resolved (as the agent's checks do): no
     // FIB lookup per packet. Other addresses, since backend entries are per address.
@@ -154,9 +155,12 @@ fn seed(dp: &mut Dataplane) -> Result<(), String> {
     let resolved = (1..=3)
         .map(|i| BackendSpec { nexthop: Some(gateway), ..BackendSpec::up(Ipv4Addr::new(10, 77, 0, 20 + i), [0; 6]) })
         .collect();
-    let ipip_nh = ServiceSpec { vip: VIP_IPIP_NH, port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: resolved };
+    let ipip_nh =
+        ServiceSpec { vip: VIP_IPIP_NH.into(), port: PORT, mode: ForwardMode::Ipip, m: 65537, backends: resolved };
     lb.apply(maps, &ipip_nh).map_err(|e| e.to_string())?;
-    let leased = ServiceSpec { vip: VIP_LEASED, ..dsr };
+    let dsr6 = ServiceSpec { vip: VIP6.into(), ..dsr.clone() };
+    lb.apply(maps, &dsr6).map_err(|e| e.to_string())?;
+    let leased = ServiceSpec { vip: VIP_LEASED.into(), ..dsr };
     lb.apply(maps, &leased).map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -187,6 +191,13 @@ fn xdp_table() -> Result<(), String> {
         // takes the connection-table hit of a flow pinned from that MAC.
         let established =
             |dst| Frame::new(NODE_MAC, NODE_MAC, ETH_P_IPV4, ipv4(CLIENT, dst, 6, &tcp(40000, PORT, TCP_ACK))).bytes();
+        let established6 = {
+            let mut p = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+            p.extend(CLIENT6.octets());
+            p.extend(VIP6.octets());
+            p.extend(tcp(40000, PORT, TCP_ACK));
+            Frame::new(NODE_MAC, NODE_MAC, ETH_P_IPV6, p).bytes()
+        };
         let rows = [
             Row {
                 name: "xdp_pass (floor)",
@@ -248,6 +259,14 @@ fn xdp_table() -> Result<(), String> {
                 name: "established flow (DSR)",
                 program: Program::Vip,
                 frames: Frames::Same(established(VIP)),
+                fixed_point: true,
+                expect_action: 3,
+                ingress: None,
+            },
+            Row {
+                name: "established flow, IPv6 (DSR)",
+                program: Program::Vip,
+                frames: Frames::Same(established6.clone()),
                 fixed_point: true,
                 expect_action: 3,
                 ingress: None,
@@ -425,7 +444,7 @@ fn scale_table() -> Result<(), String> {
         let services = |backends: &[BackendSpec]| -> Vec<ServiceSpec> {
             (0..16u8)
                 .map(|s| ServiceSpec {
-                    vip: Ipv4Addr::new(10, 255, 0, 1 + s),
+                    vip: Ipv4Addr::new(10, 255, 0, 1 + s).into(),
                     port: PORT,
                     mode: ForwardMode::Dsr,
                     m: 65537,

@@ -479,7 +479,7 @@ async fn stage(
     }
     apply(cfg, dp, &mut balancer, &backends)?;
     // Reconcile what a previous agent left that this configuration does not have.
-    let keys: Vec<_> = cfg.vips4().iter().map(|&vip| vip_common::ServiceKey::tcp(vip.octets(), cfg.port)).collect();
+    let keys: Vec<_> = cfg.vips.iter().map(|&vip| crate::dataplane::ServiceId::tcp(vip, cfg.port)).collect();
     balancer.retain(dp.maps_mut(), &keys)?;
     for (vip, _) in dp.maps().vips()? {
         if !cfg.vips.contains(&vip) {
@@ -562,15 +562,14 @@ async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::IpAddr], keep: b
     host.undo().await;
 }
 
-/// Pushes the current backend set into the data plane: one service per IPv4 VIP (IPv6
-/// VIPs are served by the leader's own stack), and the peers. Returns whether a table
-/// flipped.
+/// Pushes the current backend set into the data plane: one service per VIP (of either
+/// family, over the same backends), and the peers. Returns whether a table flipped.
 fn apply(cfg: &RunConfig, dp: &mut Dataplane, balancer: &mut Balancer, backends: &Backends) -> Result<bool, RunError> {
     let specs = backends.specs(cfg);
     let healthy = specs.iter().filter(|b| b.healthy).count();
     dp.maps_mut().set_peers(&backends.peers())?;
     let services: Vec<ServiceSpec> = cfg
-        .vips4()
+        .vips
         .iter()
         .map(|&vip| ServiceSpec { vip, port: cfg.port, mode: cfg.forward, m: cfg.maglev_size, backends: specs.clone() })
         .collect();

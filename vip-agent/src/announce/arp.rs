@@ -404,14 +404,27 @@ impl ArpAnnounce {
         }));
     }
 
+    /// Joins the groups on the interface as it is now. Memberships already held on the
+    /// same interface are kept: leaving and joining again would send an MLD Done, and a
+    /// snooping switch may stop forwarding the group to this node until the next query.
     fn join_groups(&mut self, v6: &[Ipv6Addr]) {
-        self.groups = None;
         if v6.is_empty() {
+            self.groups = None;
             return;
         }
-        let joined = netdev::lookup(&self.interface)
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|dev| ndp::SolicitedNodeGroups::join(dev.ifindex, v6));
+        let ifindex = match netdev::lookup(&self.interface) {
+            Ok(dev) => dev.ifindex,
+            Err(error) => {
+                error!(%error, interface = %self.interface, "cannot join the IPv6 VIPs' solicited-node groups");
+                self.groups = None;
+                return;
+            }
+        };
+        if self.groups.as_ref().is_some_and(|g| g.ifindex == ifindex) {
+            return;
+        }
+        self.groups = None;
+        let joined = ndp::SolicitedNodeGroups::join(ifindex, v6);
         match joined {
             Ok(g) => {
                 info!(interface = %self.interface, groups = ?g.groups, "joined the IPv6 VIPs' solicited-node groups");

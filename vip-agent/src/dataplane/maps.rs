@@ -9,8 +9,9 @@ use aya::{
     Ebpf,
 };
 use vip_common::{
-    map_names, Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, IcmpBudget, MaglevRow, PeerKey, Reason,
-    Service, ServiceKey, Vip6Key, VipKey, VipSet, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
+    map_names, Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow, PeerKey,
+    Reason, Service, ServiceKey, ServiceKey6, Vip6Key, VipKey, VipSet, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE,
+    NO_BACKEND,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +54,7 @@ pub enum MapError {
 /// Every map: name, key size, value size, max entries. A pinned map left by another
 /// version of the agent is adopted only if it matches; `layouts_match_the_object` (a
 /// kernel test) keeps this table honest against the ELF object.
-pub const LAYOUTS: [(&str, u32, u32, u32); 13] = {
+pub const LAYOUTS: [(&str, u32, u32, u32); 15] = {
     use std::mem::size_of;
     use vip_common::{FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS};
     [
@@ -66,6 +67,8 @@ pub const LAYOUTS: [(&str, u32, u32, u32); 13] = {
         (map_names::BACKENDS, 4, size_of::<Backend>() as u32, MAX_BACKENDS),
         (map_names::MAGLEV, 4, size_of::<MaglevRow>() as u32, MAGLEV_ROWS),
         (map_names::CONNS, size_of::<FlowKey>() as u32, size_of::<Conn>() as u32, MAX_CONNS),
+        (map_names::SERVICES6, size_of::<ServiceKey6>() as u32, size_of::<Service>() as u32, MAX_SERVICES),
+        (map_names::CONNS6, size_of::<FlowKey6>() as u32, size_of::<Conn>() as u32, MAX_CONNS),
         (map_names::BACKEND_STATS, 4, size_of::<BackendStats>() as u32, MAX_BACKENDS),
         (map_names::PEERS, size_of::<PeerKey>() as u32, 4, MAX_PEERS),
         (map_names::ICMP_BUDGET, 4, size_of::<IcmpBudget>() as u32, 1),
@@ -84,6 +87,38 @@ pub fn check_pinned_layout(name: &'static str, path: &std::path::Path) -> Result
         return Err(MapError::Incompatible { name, path: path.display().to_string(), found, want: (key, value, max) });
     }
     Ok(())
+}
+
+/// A load-balanced service's key, of either family: the key of [`map_names::SERVICES`]
+/// or of [`map_names::SERVICES6`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceId {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+impl ServiceId {
+    /// TCP to `vip`:`port`.
+    pub fn tcp(vip: IpAddr, port: u16) -> Self {
+        match vip {
+            IpAddr::V4(v) => Self::V4(ServiceKey::tcp(v.octets(), port)),
+            IpAddr::V6(v) => Self::V6(ServiceKey6::tcp(v.octets(), port)),
+        }
+    }
+
+    pub fn vip(&self) -> IpAddr {
+        match self {
+            Self::V4(k) => Ipv4Addr::from(k.vip).into(),
+            Self::V6(k) => Ipv6Addr::from(k.vip).into(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::V4(k) => u16::from_be_bytes(k.port),
+            Self::V6(k) => u16::from_be_bytes(k.port),
+        }
+    }
 }
 
 /// Opens one pinned map after checking its layout.
@@ -132,6 +167,8 @@ pub struct Maps {
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, MaglevRow>,
     conns: HashMap<MapData, FlowKey, Conn>,
+    services6: HashMap<MapData, ServiceKey6, Service>,
+    conns6: HashMap<MapData, FlowKey6, Conn>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     peers: HashMap<MapData, PeerKey, u32>,
 }
@@ -160,6 +197,8 @@ impl Maps {
             backends: Array::try_from(open(dir, map_names::BACKENDS)?).map_err(ty(map_names::BACKENDS))?,
             maglev: Array::try_from(open(dir, map_names::MAGLEV)?).map_err(ty(map_names::MAGLEV))?,
             conns: HashMap::try_from(open(dir, map_names::CONNS)?).map_err(ty(map_names::CONNS))?,
+            services6: HashMap::try_from(open(dir, map_names::SERVICES6)?).map_err(ty(map_names::SERVICES6))?,
+            conns6: HashMap::try_from(open(dir, map_names::CONNS6)?).map_err(ty(map_names::CONNS6))?,
             backend_stats: PerCpuArray::try_from(open(dir, map_names::BACKEND_STATS)?)
                 .map_err(ty(map_names::BACKEND_STATS))?,
             peers: HashMap::try_from(open(dir, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
@@ -179,6 +218,8 @@ impl Maps {
             backends: Array::try_from(take(ebpf, map_names::BACKENDS)?).map_err(ty(map_names::BACKENDS))?,
             maglev: Array::try_from(take(ebpf, map_names::MAGLEV)?).map_err(ty(map_names::MAGLEV))?,
             conns: HashMap::try_from(take(ebpf, map_names::CONNS)?).map_err(ty(map_names::CONNS))?,
+            services6: HashMap::try_from(take(ebpf, map_names::SERVICES6)?).map_err(ty(map_names::SERVICES6))?,
+            conns6: HashMap::try_from(take(ebpf, map_names::CONNS6)?).map_err(ty(map_names::CONNS6))?,
             backend_stats: PerCpuArray::try_from(take(ebpf, map_names::BACKEND_STATS)?)
                 .map_err(ty(map_names::BACKEND_STATS))?,
             peers: HashMap::try_from(take(ebpf, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
@@ -393,15 +434,22 @@ impl Maps {
 
     /// Inserts or replaces a service. Replacing is how tables flip: one element update,
     /// atomic for readers.
-    pub fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError> {
-        self.services.insert(key, svc, 0).map_err(op(map_names::SERVICES, "insert"))
+    pub fn set_service(&mut self, id: ServiceId, svc: Service) -> Result<(), MapError> {
+        match id {
+            ServiceId::V4(key) => self.services.insert(key, svc, 0).map_err(op(map_names::SERVICES, "insert")),
+            ServiceId::V6(key) => self.services6.insert(key, svc, 0).map_err(op(map_names::SERVICES6, "insert")),
+        }
     }
 
     /// Removes a service; removing one that is not there is not an error.
-    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        match self.services.remove(key) {
+    pub fn remove_service(&mut self, id: &ServiceId) -> Result<(), MapError> {
+        let (name, removed) = match id {
+            ServiceId::V4(key) => (map_names::SERVICES, self.services.remove(key)),
+            ServiceId::V6(key) => (map_names::SERVICES6, self.services6.remove(key)),
+        };
+        match removed {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(MapError::Op { name: map_names::SERVICES, op: "remove", source }),
+            Err(source) => Err(MapError::Op { name, op: "remove", source }),
         }
     }
 
@@ -494,7 +542,16 @@ impl Maps {
         }
     }
 
-    /// Forgets every pinned flow (and every cached one).
+    /// The IPv6 flow's pin, if any.
+    pub fn conn6(&self, flow: &FlowKey6) -> Result<Option<Conn>, MapError> {
+        match self.conns6.get(flow, 0) {
+            Ok(c) => Ok(Some(c)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(MapError::Op { name: map_names::CONNS6, op: "get", source }),
+        }
+    }
+
+    /// Forgets every pinned flow of both families (and every cached one).
     pub fn clear_conns(&mut self) -> Result<(), MapError> {
         self.invalidate_flow_cache()?;
         let keys: Vec<FlowKey> =
@@ -503,6 +560,14 @@ impl Maps {
             match self.conns.remove(&k) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(source) => return Err(MapError::Op { name: map_names::CONNS, op: "remove", source }),
+            }
+        }
+        let keys: Vec<FlowKey6> =
+            self.conns6.keys().collect::<Result<_, _>>().map_err(op(map_names::CONNS6, "iterate"))?;
+        for k in keys {
+            match self.conns6.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(MapError::Op { name: map_names::CONNS6, op: "remove", source }),
             }
         }
         Ok(())
@@ -531,15 +596,22 @@ impl Maps {
         Ok(doomed.len())
     }
 
-    /// How many flows are pinned.
+    /// How many flows are pinned, both families.
     pub fn conn_count(&self) -> usize {
-        self.conns.keys().filter(Result::is_ok).count()
+        self.conns.keys().filter(Result::is_ok).count() + self.conns6.keys().filter(Result::is_ok).count()
     }
 
-    /// Every service and its live state.
-    pub fn services(&self) -> Result<Vec<(ServiceKey, Service)>, MapError> {
-        let mut out: Vec<(ServiceKey, Service)> =
-            self.services.iter().collect::<Result<_, _>>().map_err(op(map_names::SERVICES, "iterate"))?;
+    /// Every service and its live state: IPv4 first, each family sorted.
+    pub fn services(&self) -> Result<Vec<(ServiceId, Service)>, MapError> {
+        let mut out = Vec::new();
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(op(map_names::SERVICES, "iterate"))?;
+            out.push((ServiceId::V4(k), v));
+        }
+        for entry in self.services6.iter() {
+            let (k, v) = entry.map_err(op(map_names::SERVICES6, "iterate"))?;
+            out.push((ServiceId::V6(k), v));
+        }
         out.sort_by_key(|(k, _)| *k);
         Ok(out)
     }

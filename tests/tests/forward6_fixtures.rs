@@ -1,0 +1,242 @@
+//! Kernel fixture tests of IPv6 VIP forwarding (DSR): the real XDP object (and the tcx
+//! program) through `BPF_PROG_RUN`, map state installed by the agent's own balancer.
+//! Expected output frames are built field by field; where Maglev picks the backend, the
+//! expectation comes from the agent-side table and the shared flow hash over the folded
+//! IPv6 tuple, so the kernel and the agent are shown to agree on where an IPv6 flow
+//! lands.
+//!
+//! Needs root.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use tests::{
+    frames::{icmpv6, predict, tcp, Frame, Mac, ETH_P_8021Q, ETH_P_IPV6, TCP_ACK, TCP_SYN},
+    xdp,
+};
+use vip_agent::{
+    balancer::{BackendSpec, Balancer, ServiceSpec},
+    dataplane::{Dataplane, Program},
+};
+use vip_common::{Config, FlowKey6, ForwardMode, PeerKey, Reason, VipState, IPPROTO_TCP};
+
+const NODE_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
+const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0xc1];
+const PEER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x0e];
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x50);
+const PORT: u16 = 6443;
+const M: u32 = 65537;
+
+fn backend_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, 10 + i)
+}
+
+fn backend_mac(i: u8) -> Mac {
+    [0x02, 0, 0, 0, 0, 0x10 + i]
+}
+
+fn backend(i: u8) -> BackendSpec {
+    BackendSpec::up(backend_ip(i), backend_mac(i))
+}
+
+// ---- setup ------------------------------------------------------------------------------
+
+fn load(program: Program) -> (Dataplane, Balancer) {
+    let mut dp = Dataplane::load().expect("loading the XDP object (tests need root)");
+    if program == Program::Tcx {
+        dp.load_tcx().expect("loading the tcx program");
+    }
+    dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
+    dp.maps_mut().set_vip(VIP6, VipState::leader_until(VipState::FOREVER)).unwrap();
+    dp.maps_mut().set_peers(&[PeerKey::mac(PEER_MAC)].into()).unwrap();
+    (dp, Balancer::new(Duration::from_millis(1)))
+}
+
+fn service(mode: ForwardMode, backends: Vec<BackendSpec>) -> ServiceSpec {
+    ServiceSpec { vip: VIP6.into(), port: PORT, mode, m: M, backends }
+}
+
+/// Installs `spec` and forgets every pinned flow; returns the live table.
+fn install(dp: &mut Dataplane, lb: &mut Balancer, spec: &ServiceSpec) -> Vec<u32> {
+    let applied = lb.apply(dp.maps_mut(), spec).expect("apply service");
+    dp.maps_mut().clear_conns().unwrap();
+    applied.table
+}
+
+// ---- inputs -----------------------------------------------------------------------------
+
+/// An IPv6 packet (hop limit 64) from `src` to `dst` carrying `payload` as `next`.
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend((payload.len() as u16).to_be_bytes());
+    p.extend([next, 64]);
+    p.extend(src.octets());
+    p.extend(dst.octets());
+    p.extend(payload);
+    p
+}
+
+fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Frame {
+    Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(src, dst, IPPROTO_TCP, &tcp(sport, dport, flags)))
+}
+
+fn syn(sport: u16) -> Frame {
+    tcp6(CLIENT6, sport, VIP6, PORT, TCP_SYN)
+}
+
+fn flow(sport: u16) -> FlowKey6 {
+    FlowKey6::new(CLIENT6.octets(), VIP6.octets(), sport.to_be_bytes(), PORT.to_be_bytes(), IPPROTO_TCP)
+}
+
+/// `frame` as DSR must send it to backend `i`: MACs rewritten, nothing else.
+fn dsr_to(frame: &Frame, i: u8) -> Vec<u8> {
+    Frame { dst: backend_mac(i), src: NODE_MAC, ..frame.clone() }.bytes()
+}
+
+fn index_of(lb: &Balancer, id: u32) -> u8 {
+    (1..=9).find(|&i| lb.backend_id(backend_ip(i)) == Some(id)).expect("id of a known backend")
+}
+
+// ---- check ------------------------------------------------------------------------------
+
+struct Expect {
+    action: u32,
+    reason: Reason,
+    /// `None`: the frame must come out unchanged.
+    output: Option<Vec<u8>>,
+}
+
+fn pass(reason: Reason) -> Expect {
+    Expect { action: xdp::PASS, reason, output: None }
+}
+
+fn tx_to(frame: &Frame, i: u8) -> Expect {
+    Expect { action: xdp::TX, reason: Reason::ForwardedDsr, output: Some(dsr_to(frame, i)) }
+}
+
+fn run_and_check(dp: &Dataplane, program: Program, name: &str, input: &[u8], want: &Expect) -> Result<(), String> {
+    let before = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
+    let out = dp.test_run(program, input).map_err(|e| format!("{name}: {e:?}"))?;
+    let after = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
+    let mut errs = Vec::new();
+    if out.action != want.action {
+        errs.push(format!("action {} want {}", xdp::name(out.action), xdp::name(want.action)));
+    }
+    if after != before + 1 {
+        errs.push(format!("counter {} moved by {} want 1", want.reason.name(), after - before));
+    }
+    let expected = want.output.as_deref().unwrap_or(input);
+    if out.frame != expected {
+        errs.push(format!("output\n   got  {:02x?}\n   want {expected:02x?}", out.frame));
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{name}: {}", errs.join("; ")))
+    }
+}
+
+fn table_of(program: Program) {
+    use Reason::*;
+    let (mut dp, mut lb) = load(program);
+    let mut failures = Vec::new();
+    let mut check = |dp: &Dataplane, name: &str, input: Vec<u8>, want: Expect| {
+        if let Err(e) = run_and_check(dp, program, name, &input, &want) {
+            failures.push(e);
+        }
+    };
+
+    // One backend: the output is fully determined.
+    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1)]));
+    let s = syn(40000);
+    check(&dp, "SYN to the IPv6 VIP, DSR", s.bytes(), tx_to(&s, 1));
+    assert_eq!(dp.maps().conn6(&flow(40000)).unwrap().map(|c| c.backend_ip), Some(backend_ip(1).octets()));
+    let a = tcp6(CLIENT6, 40000, VIP6, PORT, TCP_ACK);
+    check(&dp, "the same flow's ACK: pinned, DSR", a.bytes(), tx_to(&a, 1));
+    let tagged = syn(40001).vlan(ETH_P_8021Q, 42);
+    check(&dp, "SYN tagged 42 for an untagged VIP: another segment", tagged.bytes(), pass(OtherSegment));
+    check(
+        &dp,
+        "SYN addressed to another host's MAC: not ours",
+        Frame { dst: [0x02, 0, 0, 0, 0, 0x77], ..syn(40002) }.bytes(),
+        pass(NotForUs),
+    );
+    check(
+        &dp,
+        "new flow from a peer's MAC (balanced there already): delivered here",
+        Frame { src: PEER_MAC, ..syn(40003) }.bytes(),
+        pass(BalancedByPeer),
+    );
+    check(&dp, "SYN to another port of the VIP", tcp6(CLIENT6, 40004, VIP6, 22, TCP_SYN).bytes(), pass(VipOtherPort));
+    check(
+        &dp,
+        "SYN to an address that is not a VIP",
+        tcp6(CLIENT6, 40005, OTHER6, PORT, TCP_SYN).bytes(),
+        pass(Ipv6Passed),
+    );
+    check(
+        &dp,
+        "UDP to the VIP: the leader's stack",
+        Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(CLIENT6, VIP6, 17, &[0; 8])).bytes(),
+        pass(Ipv6Passed),
+    );
+    check(
+        &dp,
+        "a hop-by-hop header before TCP: passed",
+        Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(CLIENT6, VIP6, 0, &[6, 0, 1, 4, 0, 0, 0, 0])).bytes(),
+        pass(Ipv6Passed),
+    );
+    check(
+        &dp,
+        "echo request to the VIP: the leader's stack",
+        Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, icmpv6(CLIENT6, VIP6, 64, &[128, 0, 0, 0, 0, 1, 0, 1])).bytes(),
+        pass(Ipv6Passed),
+    );
+    check(&dp, "TCP header cut short", syn(40006).bytes()[..14 + 40 + 12].to_vec(), pass(TcpMalformed));
+
+    // A follower (or a leader past its deadline) balances no new flow, but honours pins.
+    dp.maps_mut().set_vip(VIP6, VipState::leader_until(1)).unwrap();
+    check(&dp, "new flow on a leader past its deadline: local stack", syn(40007).bytes(), pass(NotBalancing));
+    check(&dp, "a pinned flow on that node: still to its backend", a.bytes(), tx_to(&a, 1));
+    dp.maps_mut().set_vip(VIP6, VipState::follower()).unwrap();
+    check(&dp, "new flow on a follower (the leader sent it): local stack", syn(40008).bytes(), pass(NotBalancing));
+    dp.maps_mut().set_vip(VIP6, VipState::leader_until(VipState::FOREVER)).unwrap();
+
+    // Local mode, no healthy backend, the backend being this node.
+    install(&mut dp, &mut lb, &service(ForwardMode::Local, vec![backend(1)]));
+    check(&dp, "local mode", syn(40009).bytes(), pass(LocalMode));
+    let down = BackendSpec { healthy: false, ..backend(1) };
+    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![down]));
+    check(&dp, "no healthy backend: local stack", syn(40010).bytes(), pass(NoBackend));
+    let me = BackendSpec { local: true, ..backend(1) };
+    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![me]));
+    check(&dp, "the backend is this node: local stack", syn(40011).bytes(), pass(LocalBackend));
+
+    // Three backends: each flow lands where the agent's table and the folded hash say.
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]));
+    let mut seen = [0usize; 4];
+    for sport in 41000..41300u16 {
+        let want = index_of(&lb, predict(&table, &flow(sport).folded()));
+        seen[usize::from(want)] += 1;
+        let s = syn(sport);
+        check(&dp, &format!("SYN from port {sport}, three backends"), s.bytes(), tx_to(&s, want));
+    }
+    assert!(seen[1..].iter().all(|&n| n > 50), "flows spread unevenly: {seen:?}");
+    assert!(failures.is_empty(), "{} fixtures failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn ipv6_forwarding_fixture_table() {
+    table_of(Program::Vip);
+}
+
+/// The same rows through the tcx program, as skbs.
+#[test]
+fn ipv6_forwarding_fixture_table_at_tcx() {
+    table_of(Program::Tcx);
+}

@@ -1,0 +1,107 @@
+//! IPv6: Neighbor Discovery for the VIPs ([`crate::ndp`]), and forwarding of IPv6 VIP
+//! service traffic to its backend by DSR, as [`crate::forward`] does for IPv4.
+//!
+//! The same rules as IPv4's: frames sent to us, on the VIP's segment; a pinned flow keeps
+//! its backend while it serves (even on a node that stopped balancing); a new flow is
+//! balanced only by the node that leads the VIP (its deadline passed: the local stack),
+//! never when it arrives from another load-balancing node (at most one hop). A backend
+//! is the same entry as for IPv4 (known by its IPv4 address and MAC): DSR needs only its
+//! MAC, and it holds the IPv6 VIP on `lo` as every vip node does. IPv6 is not
+//! encapsulated (the agent refuses `--forward ipip` with an IPv6 VIP). What follows the
+//! fixed header must be TCP or ICMPv6: a packet with extension headers passes.
+
+use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
+use network_types::{ip::Ipv6Hdr, tcp::TcpHdr};
+use vip_common::{flow_hash6, Backend, FlowKey6, ForwardMode, Reason, ServiceKey6, Vip6Key, VipState, IPPROTO_TCP};
+
+use crate::{
+    ctx::Packet,
+    forward::{dsr, is_peer_mac},
+    lb,
+    maps::{CONFIG, SERVICES6, VIPS6},
+    ndp,
+    parse::{load_mac, ptr_at, L2},
+    stats,
+    verdict::Verdict,
+};
+
+/// IPv6 next header of ICMPv6.
+const IPPROTO_ICMPV6: u8 = 58;
+
+#[inline(always)]
+pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l2.l3_off) else {
+        return Verdict::pass(Reason::Ipv6Passed);
+    };
+    // SAFETY: ptr_at checked the 40-byte header lies inside the frame.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Verdict::pass(Reason::Ipv6Passed);
+    }
+    match ip.next_hdr {
+        IPPROTO_ICMPV6 => return ndp::handle(ctx, l2, ip),
+        IPPROTO_TCP => {}
+        _ => return Verdict::pass(Reason::Ipv6Passed),
+    }
+    let dst = ip.dst_addr;
+    // SAFETY: the value is copied out at once (hash map elements are replaced whole).
+    let Some(state) = (unsafe { VIPS6.get(&Vip6Key::new(dst)) }).copied() else {
+        return Verdict::pass(Reason::Ipv6Passed);
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        return Verdict::pass(Reason::NotForUs);
+    };
+    // SAFETY: l2.eth was bounds-checked by the L2 parser; 2-byte aligned fields (see
+    // `load_mac`); `cfg` is a map value.
+    let (eth, our_mac, dst_mac, src_mac) =
+        unsafe { (&mut *l2.eth, load_mac(&cfg.mac), load_mac(&(*l2.eth).dst_addr), load_mac(&(*l2.eth).src_addr)) };
+    if dst_mac != our_mac {
+        return Verdict::pass(Reason::NotForUs);
+    }
+    if l2.segment != state.segment {
+        return Verdict::pass(Reason::OtherSegment);
+    }
+    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l2.l3_off + Ipv6Hdr::LEN) else {
+        return Verdict::pass(Reason::TcpMalformed);
+    };
+    // SAFETY: ptr_at checked the TCP header is inside the frame; 2-byte aligned fields.
+    let (sport, dport) = unsafe {
+        ((*((*tcp).source.as_ptr() as *const u16)).to_ne_bytes(), (*((*tcp).dest.as_ptr() as *const u16)).to_ne_bytes())
+    };
+    let flow = FlowKey6::new(ip.src_addr, dst, sport, dport, IPPROTO_TCP);
+    let (id, backend, mode) = match lb::pinned6(&flow) {
+        Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
+        Some(_) => return Verdict::pass(Reason::BalancedByPeer),
+        None => {
+            // Only the leader balances new flows, until its fencing deadline.
+            // SAFETY (the helper): no preconditions.
+            let leads = state.flags & VipState::F_LEADER != 0
+                && (state.leader_until_ns == VipState::FOREVER
+                    || unsafe { bpf_ktime_get_boot_ns() } < state.leader_until_ns);
+            if !leads {
+                return Verdict::pass(Reason::NotBalancing);
+            }
+            if is_peer_mac(src_mac) {
+                return Verdict::pass(Reason::BalancedByPeer);
+            }
+            let key = ServiceKey6 { vip: dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
+            // SAFETY: copied out at once.
+            let Some(svc) = (unsafe { SERVICES6.get(&key) }).copied() else {
+                return Verdict::pass(Reason::VipOtherPort);
+            };
+            if svc.mode != ForwardMode::Dsr as u8 {
+                return Verdict::pass(Reason::LocalMode);
+            }
+            let Some((id, backend)) = lb::choose6(&flow, flow_hash6(&flow, cfg.hash_seed), &svc, src_mac) else {
+                return Verdict::pass(Reason::NoBackend);
+            };
+            (id, backend, svc.mode)
+        }
+    };
+    stats::count_backend(id, ctx.wire_size());
+    if backend.flags & Backend::F_LOCAL != 0 || mode != ForwardMode::Dsr as u8 {
+        return Verdict::pass(Reason::LocalBackend);
+    }
+    dsr(eth, our_mac, &backend);
+    Verdict::tx(Reason::ForwardedDsr)
+}
