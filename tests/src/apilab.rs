@@ -527,7 +527,13 @@ impl ApiLab {
 
     /// `n` requests through the VIP; the count per answering node, and the errors.
     pub fn requests(&self, n: usize) -> (std::collections::BTreeMap<String, usize>, Vec<String>) {
-        let addr = SocketAddr::from((self.vip, 6443));
+        self.requests_to(self.vip.into(), n)
+    }
+
+    /// `n` requests through `vip` (the IPv4 or the IPv6 VIP); the count per answering
+    /// node, and the errors.
+    pub fn requests_to(&self, vip: IpAddr, n: usize) -> (std::collections::BTreeMap<String, usize>, Vec<String>) {
+        let addr = SocketAddr::from((vip, 6443));
         let client = self.client.clone();
         self.client_ns()
             .within(move || {

@@ -580,34 +580,57 @@ pub fn ndp_model(frame: &[u8], vips: &[(Ipv6Addr, Role)], node_mac: Mac) -> Opti
 }
 
 /// IPv6 VIP forwarding as specified, for the model tests: `None` unless the frame is a
-/// version-6 packet (after at most two tags) whose next header is TCP. A complete TCP
-/// header to the service `(vip6, st.service.1)`, sent to our MAC on the untagged segment
-/// by anyone but a peer, goes by DSR to the Maglev owner of its flow (the flow hash over
-/// the folded tuple); everything else passes unchanged.
-pub fn forward6_model(frame: &[u8], st: &ForwardState<'_>, vip6: Ipv6Addr) -> Option<Expected> {
+/// version-6 packet (after at most two tags) carrying TCP or an ICMPv6 Packet Too Big
+/// (other ICMPv6 is [`ndp_model`]'s). `vips6` are every IPv6 VIP in the VIP map (the
+/// first the led one, the service's; the others followed, without a service).
+///
+/// TCP: a complete TCP header to the service `(vips6[0], st.service.1)`, sent to our MAC
+/// on the untagged segment by anyone but a peer, goes by DSR to the Maglev owner of its
+/// flow (the flow hash over the folded tuple). Packet Too Big to a VIP, sent to us on
+/// the segment: a quote shorter than the IPv6 header and the TCP ports is dropped; one
+/// of the service's own segments (from the VIP and its port, TCP right after the
+/// header), not from a peer, goes by DSR to the owner of the client's flow. Everything
+/// else passes unchanged.
+pub fn forward6_model(frame: &[u8], st: &ForwardState<'_>, vips6: &[Ipv6Addr]) -> Option<Expected> {
     let (off, et, segment) = l2_of(frame)?;
     let ip = frame.get(off..off + 40)?;
-    if et != ETH_P_IPV6 || ip[0] >> 4 != 6 || ip[6] != 6 {
+    if et != ETH_P_IPV6 || ip[0] >> 4 != 6 {
+        return None;
+    }
+    let ptb = ip[6] == 58 && frame.get(off + 40) == Some(&2);
+    if ip[6] != 6 && !ptb {
         return None;
     }
     let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).expect("16 bytes"));
     let src_mac: Mac = frame[6..12].try_into().ok()?;
-    if dst != vip6 || frame[0..6] != st.node_mac || segment != 0 {
+    if !vips6.contains(&dst) || frame[0..6] != st.node_mac || segment != 0 {
         return Some(Expected::Pass);
+    }
+    let dsr_to = |flow: vip_common::FlowKey6| {
+        let mut out = frame.to_vec();
+        out[0..6].copy_from_slice(&(st.mac_of)(predict(st.table, &flow.folded())));
+        out[6..12].copy_from_slice(&st.node_mac);
+        Expected::Tx(out)
+    };
+    if ptb {
+        let Some(q) = frame.get(off + 48..off + 48 + 44) else { return Some(Expected::Drop) };
+        let ours = q[0] >> 4 == 6 && q[6] == 6 && q[8..24] == dst.octets();
+        let port = u16::from_be_bytes([q[40], q[41]]);
+        if !ours || dst != vips6[0] || port != st.service.1 || st.peer_macs.contains(&src_mac) {
+            return Some(Expected::Pass);
+        }
+        let client: [u8; 16] = q[24..40].try_into().expect("16 bytes");
+        return Some(dsr_to(vip_common::FlowKey6::new(client, dst.octets(), [q[42], q[43]], [q[40], q[41]], 6)));
     }
     let Some(tcp) = frame.get(off + 40..off + 60) else { return Some(Expected::Pass) };
-    if u16::from_be_bytes([tcp[2], tcp[3]]) != st.service.1 || st.peer_macs.contains(&src_mac) {
+    if dst != vips6[0] || u16::from_be_bytes([tcp[2], tcp[3]]) != st.service.1 || st.peer_macs.contains(&src_mac) {
         return Some(Expected::Pass);
     }
-    let flow = vip_common::FlowKey6::new(
+    Some(dsr_to(vip_common::FlowKey6::new(
         ip[8..24].try_into().expect("16 bytes"),
         dst.octets(),
         [tcp[0], tcp[1]],
         [tcp[2], tcp[3]],
         6,
-    );
-    let mut out = frame.to_vec();
-    out[0..6].copy_from_slice(&(st.mac_of)(predict(st.table, &flow.folded())));
-    out[6..12].copy_from_slice(&st.node_mac);
-    Some(Expected::Tx(out))
+    )))
 }

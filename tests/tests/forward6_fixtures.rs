@@ -93,6 +93,16 @@ fn flow(sport: u16) -> FlowKey6 {
     FlowKey6::new(CLIENT6.octets(), VIP6.octets(), sport.to_be_bytes(), PORT.to_be_bytes(), IPPROTO_TCP)
 }
 
+/// An ICMPv6 Packet Too Big (MTU 1400) from a router to the VIP quoting the first
+/// `cut` bytes of the VIP's answer from port `vip_port` to the client's port `sport`.
+fn ptb(vip_port: u16, sport: u16, cut: usize) -> Frame {
+    let mut quote = ipv6(VIP6, CLIENT6, IPPROTO_TCP, &tcp(vip_port, sport, TCP_ACK));
+    quote.truncate(cut);
+    let mut msg = vec![2, 0, 0, 0, 0, 0, 0x05, 0x78];
+    msg.extend(quote);
+    Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, icmpv6(OTHER6, VIP6, 64, &msg))
+}
+
 /// `frame` as DSR must send it to backend `i`: MACs rewritten, nothing else.
 fn dsr_to(frame: &Frame, i: u8) -> Vec<u8> {
     Frame { dst: backend_mac(i), src: NODE_MAC, ..frame.clone() }.bytes()
@@ -198,6 +208,38 @@ fn table_of(program: Program) {
         pass(Ipv6Passed),
     );
     check(&dp, "TCP header cut short", syn(40006).bytes()[..14 + 40 + 12].to_vec(), pass(TcpMalformed));
+
+    // Packet Too Big about the VIP's answers: to the flow's backend (path MTU discovery
+    // through the VIP), whole quote or only the ports of TCP.
+    let p = ptb(PORT, 40000, 80);
+    check(
+        &dp,
+        "Packet Too Big quoting a pinned flow's answer: to its backend",
+        p.bytes(),
+        Expect { action: xdp::TX, reason: IcmpToBackend, output: Some(dsr_to(&p, 1)) },
+    );
+    let p = ptb(PORT, 40999, 44);
+    check(
+        &dp,
+        "Packet Too Big quoting only the ports of an unpinned flow: to its Maglev backend",
+        p.bytes(),
+        Expect { action: xdp::TX, reason: IcmpToBackend, output: Some(dsr_to(&p, 1)) },
+    );
+    assert_eq!(dp.maps().conn6(&flow(40999)).unwrap(), None, "an error pinned a flow");
+    let cut = ptb(PORT, 40000, 43);
+    check(
+        &dp,
+        "Packet Too Big whose quote stops inside the ports",
+        cut.bytes(),
+        Expect { action: xdp::DROP, reason: IcmpQuoteTruncated, output: None },
+    );
+    check(&dp, "Packet Too Big quoting another port of the VIP", ptb(22, 40000, 80).bytes(), pass(VipIcmp));
+    check(
+        &dp,
+        "Packet Too Big from a peer (it sent the error on to us, the backend)",
+        Frame { src: PEER_MAC, ..ptb(PORT, 40000, 80) }.bytes(),
+        pass(BalancedByPeer),
+    );
 
     // A follower (or a leader past its deadline) balances no new flow, but honours pins.
     dp.maps_mut().set_vip(VIP6, VipState::leader_until(1)).unwrap();

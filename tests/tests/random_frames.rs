@@ -114,6 +114,21 @@ fn tcp6_frame(rng: &mut SplitMix64, dst_mac: Mac, src_mac: Mac) -> Frame {
     Frame::new(dst_mac, src_mac, ETH_P_IPV6, p)
 }
 
+/// An ICMPv6 Packet Too Big to an IPv6 VIP (or elsewhere) quoting one of the service's
+/// answers to a client (or something else), cut at various lengths.
+fn ptb_frame(rng: &mut SplitMix64, dst_mac: Mac, src_mac: Mac) -> Frame {
+    let (qsrc, sport) = [(VIP6, PORT), (VIP6, PORT), (VIP6, 22), (OTHER6, PORT)][rng.below(4)];
+    let mut quote = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+    quote.extend(qsrc.octets());
+    quote.extend(CLIENT6.octets());
+    quote.extend(tcp(sport, 1024 + rng.below(60000) as u16, TCP_ACK));
+    quote.truncate([60, 60, 48, 44, 40, 30][rng.below(6)]);
+    let mut msg = vec![2, 0, 0, 0, 0, 0, 5, 0x78];
+    msg.extend(quote);
+    let dst = [VIP6, VIP6, VIP6_2, OTHER6][rng.below(4)];
+    Frame::new(dst_mac, src_mac, ETH_P_IPV6, icmpv6(OTHER6, dst, 64, &msg))
+}
+
 fn tcp_packet(rng: &mut SplitMix64) -> Vec<u8> {
     let dsts = [VIP, VIP, VIP, VIP2, OTHER_IP, NODE_IP];
     let ports = [PORT, PORT, PORT, 22, 443];
@@ -138,7 +153,8 @@ fn random_frame(rng: &mut SplitMix64) -> Vec<u8> {
     let mut f = match rng.below(16) {
         0..=3 => arp_frame(rng),
         12..=13 => nd_frame(rng),
-        14..=15 => tcp6_frame(rng, dst, src),
+        14 => tcp6_frame(rng, dst, src),
+        15 => ptb_frame(rng, dst, src),
         4..=6 => Frame::new(dst, src, ETH_P_IPV4, tcp_packet(rng)),
         7..=8 => {
             let outer_dst = [NODE_IP, NODE_IP, NODE_IP, OTHER_IP][rng.below(4)];
@@ -293,7 +309,7 @@ fn random_frames_through(program: Program, count: usize) {
         };
         assert_ne!(out.action, xdp::ABORTED, "frame {i} (seed {seed:#x}) aborted: {frame:02x?}");
         let mut expected = forward_model(&frame, &state)
-            .or_else(|| forward6_model(&frame, &state, VIP6))
+            .or_else(|| forward6_model(&frame, &state, &[VIP6, VIP6_2]))
             .or_else(|| ndp_model(&frame, &nd_vips, NODE_MAC))
             .unwrap_or_else(|| arp_model(&frame, &arp_vips, NODE_MAC));
         if program == Program::Tcx && matches!(expected, Expected::PassAs(_)) {
@@ -331,15 +347,15 @@ fn random_frames_through(program: Program, count: usize) {
             }
             ("tx", Some(0x86dd)) => "forwarded v6",
             ("tx", _) => "forwarded",
-            ("drop", Some(0x86dd)) => "nd drop",
+            ("drop", Some(0x86dd)) => "ipv6 drop",
             (k, _) => k,
         };
         *seen.entry(kind).or_default() += 1;
     }
     // The generator must reach every verdict often, or the test proves little.
     let kinds: &[&str] = match program {
-        Program::Tcx => &["arp reply", "nd reply", "nd drop", "forwarded", "forwarded v6", "drop", "pass"],
-        _ => &["arp reply", "nd reply", "nd drop", "forwarded", "forwarded v6", "drop", "pass", "decap"],
+        Program::Tcx => &["arp reply", "nd reply", "ipv6 drop", "forwarded", "forwarded v6", "drop", "pass"],
+        _ => &["arp reply", "nd reply", "ipv6 drop", "forwarded", "forwarded v6", "drop", "pass", "decap"],
     };
     for &kind in kinds {
         let n = seen.get(kind).copied().unwrap_or(0);

@@ -837,13 +837,13 @@ pub enum Reason {
     /// IPIP: forwarding is disabled on the interface, so the FIB refuses output
     /// lookups: `XDP_PASS` (the agent enables it in IPIP mode).
     IpipForwardingDisabled = 32,
-    /// ICMP destination unreachable (fragmentation needed, …) quoting a VIP service flow
-    /// (the VIP's answer to a client, sent by a backend by DSR): forwarded to the backend
-    /// that holds the flow, by its forward mode, so path MTU discovery works through the
-    /// VIP.
+    /// ICMP destination unreachable (fragmentation needed, …), or ICMPv6 Packet Too Big,
+    /// quoting a VIP service flow (the VIP's answer to a client, sent by a backend by
+    /// DSR): forwarded to the backend that holds the flow, by its forward mode, so path
+    /// MTU discovery works through the VIP.
     IcmpToBackend = 33,
-    /// ICMP destination unreachable to a VIP whose quote is too short to name a flow
-    /// (less than an IPv4 header and 8 bytes of TCP): `XDP_DROP`.
+    /// ICMP destination unreachable (or ICMPv6 Packet Too Big) to a VIP whose quote is too
+    /// short to name a flow (less than the IP header and the TCP ports): `XDP_DROP`.
     IcmpQuoteTruncated = 34,
     /// A VIP-path probe from another node while this node's agent leaves
     /// ([`Config::F_LEAVING`]): dropped, so that node drains this one.
@@ -870,9 +870,9 @@ pub enum Reason {
     /// `XDP_PASS`, so the agent sees the simultaneous claim (the IPv6 twin of
     /// [`Reason::ArpProbeWhileProbing`]).
     NsProbeWhileProbing = 41,
-    /// IPv6 that is neither a Neighbor Solicitation for a VIP nor TCP to a VIP (ping,
-    /// UDP, extension headers, other addresses): `XDP_PASS`. (TCP to an IPv6 VIP is
-    /// counted under the forwarding reasons, as IPv4's is.)
+    /// IPv6 that is neither a Neighbor Solicitation for a VIP, nor TCP or a Packet Too Big
+    /// to a VIP (ping, UDP, extension headers, other addresses): `XDP_PASS`. (Those are
+    /// counted under the forwarding and ICMP reasons, as IPv4's are.)
     Ipv6Passed = 42,
 }
 

@@ -1,5 +1,6 @@
-//! IPv6: Neighbor Discovery for the VIPs ([`crate::ndp`]), and forwarding of IPv6 VIP
-//! service traffic to its backend by DSR, as [`crate::forward`] does for IPv4.
+//! IPv6: Neighbor Discovery for the VIPs ([`crate::ndp`]), forwarding of IPv6 VIP
+//! service traffic to its backend by DSR, as [`crate::forward`] does for IPv4, and
+//! Packet Too Big about those flows to their backends ([`crate::icmp6`]).
 //!
 //! The same rules as IPv4's: frames sent to us, on the VIP's segment; a pinned flow keeps
 //! its backend while it serves (even on a node that stopped balancing); a new flow is
@@ -17,7 +18,7 @@ use vip_common::{flow_hash6, Backend, FlowKey6, ForwardMode, Reason, ServiceKey6
 use crate::{
     ctx::Packet,
     forward::{dsr, is_peer_mac},
-    lb,
+    icmp6, lb,
     maps::{CONFIG, SERVICES6, VIPS6},
     ndp,
     parse::{load_mac, ptr_at, L2},
@@ -38,11 +39,17 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if ip.vcf[0] >> 4 != 6 {
         return Verdict::pass(Reason::Ipv6Passed);
     }
-    match ip.next_hdr {
-        IPPROTO_ICMPV6 => return ndp::handle(ctx, l2, ip),
-        IPPROTO_TCP => {}
+    // A Packet Too Big about a VIP flow takes the same path as the flow's own segments,
+    // with the flow read from its quote.
+    let error = match ip.next_hdr {
+        IPPROTO_TCP => false,
+        IPPROTO_ICMPV6 => match ptr_at::<u8>(ctx, l2.l3_off + Ipv6Hdr::LEN) {
+            // SAFETY: bounds-checked by ptr_at.
+            Some(ty) if unsafe { *ty } == icmp6::ICMPV6_PKT_TOOBIG => true,
+            _ => return ndp::handle(ctx, l2, ip),
+        },
         _ => return Verdict::pass(Reason::Ipv6Passed),
-    }
+    };
     let dst = ip.dst_addr;
     // SAFETY: the value is copied out at once (hash map elements are replaced whole).
     let Some(state) = (unsafe { VIPS6.get(&Vip6Key::new(dst)) }).copied() else {
@@ -61,47 +68,65 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if l2.segment != state.segment {
         return Verdict::pass(Reason::OtherSegment);
     }
-    let Some(tcp) = ptr_at::<TcpHdr>(ctx, l2.l3_off + Ipv6Hdr::LEN) else {
-        return Verdict::pass(Reason::TcpMalformed);
+    let flow = if error {
+        match icmp6::quoted_flow(ctx, l2, &dst) {
+            Ok(flow) => flow,
+            Err(verdict) => return verdict,
+        }
+    } else {
+        let Some(tcp) = ptr_at::<TcpHdr>(ctx, l2.l3_off + Ipv6Hdr::LEN) else {
+            return Verdict::pass(Reason::TcpMalformed);
+        };
+        // SAFETY: ptr_at checked the TCP header is inside the frame; 2-byte aligned fields.
+        let (sport, dport) = unsafe {
+            (
+                (*((*tcp).source.as_ptr() as *const u16)).to_ne_bytes(),
+                (*((*tcp).dest.as_ptr() as *const u16)).to_ne_bytes(),
+            )
+        };
+        FlowKey6::new(ip.src_addr, dst, sport, dport, IPPROTO_TCP)
     };
-    // SAFETY: ptr_at checked the TCP header is inside the frame; 2-byte aligned fields.
-    let (sport, dport) = unsafe {
-        ((*((*tcp).source.as_ptr() as *const u16)).to_ne_bytes(), (*((*tcp).dest.as_ptr() as *const u16)).to_ne_bytes())
-    };
-    let flow = FlowKey6::new(ip.src_addr, dst, sport, dport, IPPROTO_TCP);
-    let (id, backend, mode) = match lb::pinned6(&flow) {
-        Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
-        Some(_) => return Verdict::pass(Reason::BalancedByPeer),
-        None => {
-            // Only the leader balances new flows, until its fencing deadline.
-            // SAFETY (the helper): no preconditions.
-            let leads = state.flags & VipState::F_LEADER != 0
-                && (state.leader_until_ns == VipState::FOREVER
-                    || unsafe { bpf_ktime_get_boot_ns() } < state.leader_until_ns);
-            if !leads {
-                return Verdict::pass(Reason::NotBalancing);
+    // Only the leader balances new flows (errors included), until its fencing deadline.
+    // SAFETY (the helper): no preconditions.
+    let leads = state.flags & VipState::F_LEADER != 0
+        && (state.leader_until_ns == VipState::FOREVER || unsafe { bpf_ktime_get_boot_ns() } < state.leader_until_ns);
+    let (id, backend, mode) = if error {
+        match icmp6::backend_of(&flow, cfg.hash_seed, leads, src_mac) {
+            Ok(b) => b,
+            Err(verdict) => return verdict,
+        }
+    } else {
+        match lb::pinned6(&flow) {
+            Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
+            Some(_) => return Verdict::pass(Reason::BalancedByPeer),
+            None => {
+                if !leads {
+                    return Verdict::pass(Reason::NotBalancing);
+                }
+                if is_peer_mac(src_mac) {
+                    return Verdict::pass(Reason::BalancedByPeer);
+                }
+                let key = ServiceKey6 { vip: dst, port: flow.dport, proto: IPPROTO_TCP, _pad: 0 };
+                // SAFETY: copied out at once.
+                let Some(svc) = (unsafe { SERVICES6.get(&key) }).copied() else {
+                    return Verdict::pass(Reason::VipOtherPort);
+                };
+                if svc.mode != ForwardMode::Dsr as u8 {
+                    return Verdict::pass(Reason::LocalMode);
+                }
+                let Some((id, backend)) = lb::choose6(&flow, flow_hash6(&flow, cfg.hash_seed), &svc, src_mac) else {
+                    return Verdict::pass(Reason::NoBackend);
+                };
+                (id, backend, svc.mode)
             }
-            if is_peer_mac(src_mac) {
-                return Verdict::pass(Reason::BalancedByPeer);
-            }
-            let key = ServiceKey6 { vip: dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
-            // SAFETY: copied out at once.
-            let Some(svc) = (unsafe { SERVICES6.get(&key) }).copied() else {
-                return Verdict::pass(Reason::VipOtherPort);
-            };
-            if svc.mode != ForwardMode::Dsr as u8 {
-                return Verdict::pass(Reason::LocalMode);
-            }
-            let Some((id, backend)) = lb::choose6(&flow, flow_hash6(&flow, cfg.hash_seed), &svc, src_mac) else {
-                return Verdict::pass(Reason::NoBackend);
-            };
-            (id, backend, svc.mode)
         }
     };
-    stats::count_backend(id, ctx.wire_size());
+    if !error {
+        stats::count_backend(id, ctx.wire_size());
+    }
     if backend.flags & Backend::F_LOCAL != 0 || mode != ForwardMode::Dsr as u8 {
         return Verdict::pass(Reason::LocalBackend);
     }
     dsr(eth, our_mac, &backend);
-    Verdict::tx(Reason::ForwardedDsr)
+    Verdict::tx(if error { Reason::IcmpToBackend } else { Reason::ForwardedDsr })
 }

@@ -106,8 +106,9 @@ pub fn maglev(flow: &FlowKey, svc: &Service, seed: u32) -> Option<(u32, Backend)
     maglev_slot(flow_hash(flow, seed), svc)
 }
 
+/// The live Maglev table's healthy backend for the flow hash `hash` of service `svc`.
 #[inline(always)]
-fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, Backend)> {
+pub fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, Backend)> {
     let m = svc.m;
     if m == 0 || m > MAGLEV_MAX_M {
         return None;

@@ -14,6 +14,7 @@ mod encap;
 mod forward;
 mod forward6;
 mod icmp;
+mod icmp6;
 mod lb;
 mod log;
 mod maps;

@@ -146,15 +146,34 @@ fn demo() -> Result<(), String> {
 fn failover() -> Result<(), String> {
     step(
         11,
-        "failover: a new lab with vip-agent on every node, --election kubernetes, a Lease API stand-in at 10.63.0.5",
+        "failover: a new lab with vip-agent on every node, --election kubernetes, a Lease API stand-in at 10.63.0.5, \
+         and a second, IPv6 VIP",
     )?;
-    let lab = ApiLab::new([10, 63, 0], 3, &[0, 1, 2])?.with_lease_api()?;
-    let mut agents: Vec<Option<tests::agent::Agent>> = lab.start_agents(&[0, 1, 2])?.into_iter().map(Some).collect();
+    let lab = ApiLab::new([10, 63, 0], 3, &[0, 1, 2])?.with_lease_api()?.with_ipv6()?;
+    let vip6 = lab.vip6.to_string();
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        agents.push(Some(lab.spawn_agent(i, &["--vip", &vip6])?));
+    }
+    for i in 0..3 {
+        lab.wait_all_healthy(i)?;
+    }
     if !wait_until(Duration::from_secs(10), || lab.leaders().len() == 1) {
         return Err("no single leader".into());
     }
     let leader = lab.leaders()[0];
     println!("    leader: {} (the others follow and drop ARP for the VIP)", lab.nodes[leader].name);
+    let nd = lab.client_ns().cmd("ndisc6").args(["-1", "-n", "-r", "3", "-w", "300", &vip6, "eth0"]).output();
+    let answer = nd.ok().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+    let answer = answer.lines().find_map(|l| l.trim().strip_prefix("Target link-layer address:")).unwrap_or("none");
+    println!(
+        "    IPv6 VIP {vip6}: the client's Neighbor Solicitation is answered by {} ({})",
+        answer.trim(),
+        lab.nodes[leader].name
+    );
+    let (counts, errors) = lab.requests_to(lab.vip6.into(), 30);
+    print!("    30 requests to [{vip6}]:6443:");
+    show_counts(&counts, &errors);
 
     step(12, &format!("SIGKILL to the leader's agent ({})", lab.nodes[leader].name))?;
     let t = Instant::now();
@@ -176,6 +195,9 @@ fn failover() -> Result<(), String> {
     );
     let (counts, errors) = lab.requests(30);
     print!("    30 requests:");
+    show_counts(&counts, &errors);
+    let (counts, errors) = lab.requests_to(lab.vip6.into(), 30);
+    print!("    30 requests to the IPv6 VIP:");
     show_counts(&counts, &errors);
 
     step(
