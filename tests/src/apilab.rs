@@ -186,7 +186,7 @@ impl ApiLab {
         let child = self
             .ns(i)
             .cmd(crate::agent::standin_bin().to_str().ok_or("path")?)
-            // Both families (the IPv6 VIP's traffic goes up the leader's stack to it).
+            // Both families: the IPv6 VIP is balanced to the stand-ins too.
             .args(["--name", &name, "--listen", "[::]:6443", "--unready-file"])
             .arg(&unready)
             .arg("--tls-cert")

@@ -529,12 +529,32 @@ pub fn na_message(target: Ipv6Addr, mac: Mac, solicited: bool) -> Vec<u8> {
     m
 }
 
+/// Whether the ND options from `from` to `end` (or the end of the frame) hold a source
+/// link-layer address option (type 1). Options are type, length in 8-byte units
+/// (RFC 4861 §4.6); a zero length ends the walk.
+fn has_source_ll_option(frame: &[u8], from: usize, end: usize) -> bool {
+    let mut off = from;
+    while off + 2 <= end {
+        let Some(&[ty, len]) = frame.get(off..off + 2).map(|o| <&[u8; 2]>::try_from(o).expect("2 bytes")) else {
+            return false;
+        };
+        if len == 0 {
+            return false;
+        }
+        if ty == 1 {
+            return true;
+        }
+        off += usize::from(len) * 8;
+    }
+    false
+}
+
 /// The Neighbor Discovery responder as specified (RFC 4861 §7.1.1, §7.2.4), for the
 /// model tests: `None` unless the frame is IPv6 (after at most two tags). For a complete
 /// version-6 header carrying ICMPv6 whose message is a solicitation (24 bytes present)
 /// for one of `vips`, valid (hop limit 255, code 0, payload length ≥ 24; a DAD probe,
-/// from `::`, sent to the target's solicited-node group and whose first option is not a
-/// source link-layer address), on the untagged segment and sent to us (group or our
+/// from `::`, sent to the target's solicited-node group and without a source link-layer
+/// address option), on the untagged segment and sent to us (group or our
 /// MAC): the leader answers in place — to the sender's MAC and address, Solicited and
 /// Override set; a DAD probe to all-nodes, Override only — and a follower drops.
 /// Everything else IPv6 passes unchanged.
@@ -561,8 +581,7 @@ pub fn ndp_model(frame: &[u8], vips: &[(Ipv6Addr, Role)], node_mac: Mac) -> Opti
     if ip[7] != 255 || ns[1] != 0 || payload_len < 24 {
         return pass;
     }
-    let first_option_is_sllao = payload_len > 24 && frame.get(off + 64) == Some(&1);
-    if dad && (dst != solicited_node(target) || first_option_is_sllao) {
+    if dad && (dst != solicited_node(target) || has_source_ll_option(frame, off + 64, off + 40 + payload_len)) {
         return pass;
     }
     if segment != 0 || (!is_group(&frame[0..6]) && frame[0..6] != node_mac) {

@@ -389,7 +389,7 @@ fn fixture_table() -> Vec<Fixture> {
             None,
         ),
         fx(
-            "IPv6 TCP to port 6443: passed (IPv6 is not load-balanced)",
+            "IPv6 TCP to an address that is not a VIP: passed",
             Leader,
             Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(6, &tcp(40000, 6443, 0x02))).bytes(),
             xdp::PASS,

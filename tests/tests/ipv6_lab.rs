@@ -174,3 +174,35 @@ fn an_ipv6_vip_another_host_holds_is_not_claimed() {
     let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(log.contains("probe answered: another host has the VIP"), "{log}");
 }
+
+/// The IPv6 VIP across restarts of a node's agent: kept (answered, on `lo`) by a
+/// hitless restart, removed from the data plane and from `lo` by an agent whose
+/// configuration no longer has it — found by vip-agent's address protocol on `lo`, not
+/// by remembering. On `lo` it is deprecated, so the node never uses it as a source.
+#[test]
+fn an_ipv6_vip_survives_a_hitless_restart_and_leaves_with_its_configuration() {
+    let lab = ApiLab::new([10, 93, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
+    let vip6 = lab.vip6.to_string();
+    let mut first = lab.start_agent(0, &["--vip", &vip6, "--keep-forwarding-on-exit"]).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || leaders6(&lab) == [0]), "never led the IPv6 VIP");
+    let node = mac_string(&lab, 0);
+    assert_eq!(answerers(&lab), std::slice::from_ref(&node));
+    let lo = lab.ns(0).ip(&["-6", "addr", "show", "dev", "lo"]).unwrap();
+    let lo = String::from_utf8_lossy(&lo.stdout).to_string();
+    let line = lo.lines().find(|l| l.contains(&format!("{vip6}/128"))).expect("the VIP on lo");
+    // (Debian 12's iproute2 does not print an address's protocol; the agent checked the
+    // mark when it added the VIP, and the second agent below finds the VIP by it.)
+    assert!(line.contains("deprecated"), "{lo}");
+
+    let (status, log) = first.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(lo_holds(&lab, 0, lab.vip6), "a hitless restart took the VIP off lo");
+    assert_eq!(answerers(&lab), std::slice::from_ref(&node), "not answered between the two agents");
+
+    // The next agent serves the IPv4 VIP only.
+    let mut second = lab.start_agent(0, &[]).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || !lo_holds(&lab, 0, lab.vip6)), "the stale IPv6 VIP stayed on lo");
+    assert!(answerers(&lab).is_empty(), "the IPv6 VIP is still answered");
+    let (status, log) = second.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{log}");
+}

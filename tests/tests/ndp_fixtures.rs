@@ -259,6 +259,14 @@ fn fixture_table() -> Vec<Fixture> {
             None,
         ),
         fx(
+            "DAD probe with a nonce, then a source link-layer option",
+            Leader,
+            dad(OTHER_MAC, VIP, &[&NONCE, &ll_option(1, OTHER_MAC)]).bytes(),
+            xdp::PASS,
+            NdpMalformed,
+            None,
+        ),
+        fx(
             "DAD probe with a source link-layer option",
             Leader,
             dad(OTHER_MAC, VIP, &[&ll_option(1, OTHER_MAC)]).bytes(),
@@ -331,7 +339,7 @@ fn fixture_table() -> Vec<Fixture> {
             None,
         ),
         fx(
-            "TCP to the VIP's port 6443: the leader's stack serves it",
+            "TCP over IPv6 to an address that is not a VIP: passed",
             Leader,
             Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, tests::frames::ipv6(6, &tcp(40000, 6443, 0x02))).bytes(),
             xdp::PASS,

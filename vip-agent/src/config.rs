@@ -492,8 +492,6 @@ pub enum ConfigError {
     BgpWithoutMode { flag: &'static str },
     #[error("--attach tcx cannot --forward ipip (encapsulation grows the frame, which only XDP does here): use --forward dsr, or --attach xdp")]
     TcxIpip,
-    #[error("--forward ipip cannot carry the IPv6 VIP {vip} (IPIP is IPv4 in IPv4): use --forward dsr or local")]
-    Ipv6Ipip { vip: IpAddr },
     #[error("--bootstrap needs --mode arp --election kubernetes (it bridges the time before the Lease API answers)")]
     Bootstrap,
     #[error("--interface: {0}")]
@@ -586,8 +584,11 @@ impl TryFrom<RunArgs> for RunConfig {
         if args.attach == Hook::Tcx && args.forward == Forward::Ipip {
             return Err(ConfigError::TcxIpip);
         }
-        if let (Forward::Ipip, Some(&vip)) = (args.forward, args.vips.iter().find(|v| v.is_ipv6())) {
-            return Err(ConfigError::Ipv6Ipip { vip });
+        if args.forward == Forward::Ipip {
+            if let Some((vip, why)) = args.vips.iter().find_map(|&v| vip_deploy::vips::ipip_problem(v).map(|w| (v, w)))
+            {
+                return Err(ConfigError::BadVip { vip, why });
+            }
         }
         if args.bootstrap && (args.election != Election::Kubernetes || args.mode != Mode::Arp) {
             return Err(ConfigError::Bootstrap);
@@ -930,7 +931,7 @@ mod tests {
         let err =
             parse(&["--interface", "eth0", "--vip", "10.0.0.1,fd00::100", "--election", "none", "--forward", "ipip"])
                 .unwrap_err();
-        assert!(err.contains("--forward ipip cannot carry the IPv6 VIP fd00::100"), "{err}");
+        assert!(err.contains("--vip fd00::100: --forward ipip carries IPv4 VIPs only"), "{err}");
     }
 
     #[test]

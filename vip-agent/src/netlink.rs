@@ -12,7 +12,7 @@ use rtnetlink::packet_core::DefaultNla;
 use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
-        address::{AddressAttribute, AddressProtocol},
+        address::{AddressAttribute, AddressProtocol, CacheInfo},
         link::{AfSpecInet, AfSpecUnspec, LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteMetric},
@@ -37,6 +37,11 @@ pub enum NetlinkError {
     NoLoopback,
     #[error("{op}: no answer within {timeout:?}")]
     Timeout { op: String, timeout: std::time::Duration },
+    #[error(
+        "the kernel kept no address protocol on {vip}/128 (IFA_PROTO, Linux 6.1): vip-agent could not tell \
+         its IPv6 VIP from an operator's address later; IPv6 VIPs need Linux 6.1 or later"
+    )]
+    Unmarked { vip: IpAddr },
 }
 
 /// Dumps (neighbour, route, address tables) in flight at once on one connection. Each
@@ -51,9 +56,8 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 pub const VIP_LABEL: &str = "lo:vip";
 
 /// The address protocol (`IFA_PROTO`, Linux 6.1) vip-agent marks its IPv6 VIPs on `lo`
-/// with: IPv6 addresses have no labels. `ip address` shows it as `proto 0xa7`; the
-/// kernel's own values are 1 to 3 (`IFAPROT_KERNEL_*`), and iproute2 leaves the rest to
-/// users.
+/// with: IPv6 addresses have no labels. The kernel's own values are 1 to 3
+/// (`IFAPROT_KERNEL_*`); the rest are left to users.
 pub const VIP_ADDR_PROTO: u8 = 0xa7;
 
 /// Whether an address's attributes carry vip-agent's mark: the label [`VIP_LABEL`]
@@ -142,12 +146,27 @@ impl Netlink {
         }
         let lo = loopback_index()?;
         let mut add = self.handle.address().add(lo, vip, host_prefix(vip));
-        let mark = match vip {
-            IpAddr::V4(_) => AddressAttribute::Label(VIP_LABEL.to_owned()),
-            IpAddr::V6(_) => AddressAttribute::Protocol(AddressProtocol::Other(VIP_ADDR_PROTO)),
-        };
-        add.message_mut().attributes.push(mark);
+        let attributes = &mut add.message_mut().attributes;
+        match vip {
+            IpAddr::V4(_) => attributes.push(AddressAttribute::Label(VIP_LABEL.to_owned())),
+            IpAddr::V6(_) => {
+                attributes.push(AddressAttribute::Protocol(AddressProtocol::Other(VIP_ADDR_PROTO)));
+                // Deprecated from the start (preferred lifetime 0, valid forever): the
+                // node never picks the VIP as the source of its own connections (RFC 6724
+                // rule 3), which on a node whose interface has no global IPv6 address it
+                // otherwise would, and the answers would go to the leader. Traffic to the
+                // VIP, and the answers of connections made to it, are not affected.
+                let mut lifetimes = CacheInfo::default();
+                lifetimes.ifa_preferred = 0;
+                lifetimes.ifa_valid = u32::MAX;
+                attributes.push(AddressAttribute::CacheInfo(lifetimes));
+            }
+        }
         add.execute().await.map_err(request(format!("adding {vip}/{} to lo", host_prefix(vip))))?;
+        if vip.is_ipv6() && self.vip_on_lo(vip).await? != Some(true) {
+            self.remove_vip_from_lo(vip).await?;
+            return Err(NetlinkError::Unmarked { vip });
+        }
         info!(%vip, "VIP added to lo");
         Ok(true)
     }

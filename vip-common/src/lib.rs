@@ -19,8 +19,9 @@ pub mod map_names {
     pub const CONFIG: &str = "VIP_CONFIG";
     /// `HashMap<VipKey, VipState>`: the VIPs this node serves and whether it leads them.
     pub const VIPS: &str = "VIP_VIPS";
-    /// `HashMap<Vip6Key, VipState>`: the IPv6 VIPs this node serves and whether it leads
-    /// them (what the Neighbor Discovery responder reads). A map of its own, so the IPv4
+    /// `HashMap<Vip6Key, Vip6State>`: the IPv6 VIPs this node serves, whether it leads
+    /// them (what the Neighbor Discovery responder reads) and until when it balances their
+    /// new flows. A map of its own, so the IPv4
     /// key stays 4 bytes and maps pinned by an IPv4-only agent are adopted unchanged.
     pub const VIPS6: &str = "VIP_VIPS6";
     /// `Array<VipSet>`, one entry: the same VIPs as a flat list, for the IPv4 path's
@@ -56,6 +57,20 @@ pub mod map_names {
     pub const FLOW_CACHE: &str = "VIP_FLOW_CACHE";
 }
 
+/// Tail-call targets: the IPv6 data plane is a program of its own ([`program_names::VIP6`],
+/// [`program_names::TCX6`]) the IPv4 one jumps to, so that the IPv6 code does not share,
+/// and slow, the IPv4 fast path's one function.
+pub mod tail_calls {
+    /// `ProgramArray` of `vip_xdp`'s targets. Pinned with the maps (the kernel empties a
+    /// program array nothing in user space holds); every agent writes its own IPv6
+    /// program into it when it loads the object, before attaching.
+    pub const PROGS_XDP: &str = "VIP_PROGS_XDP";
+    /// `ProgramArray` of `vip_tcx`'s targets, likewise.
+    pub const PROGS_TCX: &str = "VIP_PROGS_TCX";
+    /// The slot of the IPv6 program in both arrays.
+    pub const IPV6: u32 = 0;
+}
+
 /// Program names in the ELF object.
 pub mod program_names {
     /// The data plane: ARP responder and VIP forwarding.
@@ -66,6 +81,11 @@ pub mod program_names {
     pub const PASS: &str = "xdp_pass";
     /// The same data plane as [`VIP`], at tcx ingress (`--attach tcx`).
     pub const TCX: &str = "vip_tcx";
+    /// The IPv6 part of [`VIP`] (Neighbor Discovery, IPv6 forwarding), which [`VIP`]
+    /// tail-calls for every IPv6 frame.
+    pub const VIP6: &str = "vip_xdp6";
+    /// The IPv6 part of [`TCX`], likewise.
+    pub const TCX6: &str = "vip_tcx6";
     /// A tcx program that drops ICMP over IPv4 and hands everything else on: tests attach
     /// it after [`TCX`] as the stand-in for another project's tcx program.
     pub const TCX_DROP_ICMP: &str = "tcx_drop_icmp";
@@ -680,7 +700,20 @@ impl Vip6Key {
     }
 }
 
-/// Value of the [`map_names::VIPS`] and [`map_names::VIPS6`] maps: whether this node
+/// Value of the [`map_names::VIPS6`] map: an IPv6 VIP's [`VipState`] and, as
+/// [`VipSet::balance_until_ns`] is for IPv4, until when this node load-balances its new
+/// flows (a leader handing over keeps balancing while clients move).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vip6State {
+    pub state: VipState,
+    /// Balance new flows while `bpf_ktime_get_boot_ns() <` this (host order; 0: never,
+    /// [`VipState::FOREVER`]: always).
+    pub balance_until_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<Vip6State>() == 24);
+
+/// Value of the [`map_names::VIPS`] map (and part of [`Vip6State`]): whether this node
 /// answers for the VIP (ARP, or Neighbor Solicitations for an IPv6 VIP), and until when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -861,9 +894,10 @@ pub enum Reason {
     /// Neighbor Solicitation for an address that is not a VIP: `XDP_PASS`.
     NsNotVip = 39,
     /// Neighbor Solicitation for a VIP that fails RFC 4861 §7.1.1 validation (hop limit
-    /// not 255, code not 0, truncated, multicast target, a DAD probe not sent to the
-    /// solicited-node group or carrying a source link-layer option) or follows extension
-    /// headers: `XDP_PASS`, the kernel validates and drops it.
+    /// not 255, code not 0, shorter than 24 bytes, a DAD probe not sent to the
+    /// solicited-node group or carrying a source link-layer option): `XDP_PASS`, the
+    /// kernel validates and drops it. (A solicitation for a multicast target is not for a
+    /// VIP; one after extension headers is not parsed.)
     NdpMalformed = 40,
     /// Another host's Duplicate Address Detection probe (source `::`) for a VIP this node
     /// does not lead, while this node's agent probes for it too ([`VipState::F_PROBING`]):
@@ -874,6 +908,9 @@ pub enum Reason {
     /// to a VIP (ping, UDP, extension headers, other addresses): `XDP_PASS`. (Those are
     /// counted under the forwarding and ICMP reasons, as IPv4's are.)
     Ipv6Passed = 42,
+    /// Neighbor Solicitation for a led VIP that the program could not grow into the
+    /// advertisement (the driver left no tailroom): `XDP_PASS`, unanswered.
+    NsNoTailroom = 43,
 }
 
 impl Reason {
@@ -899,7 +936,8 @@ impl Reason {
         | 1 << Reason::IpipNoRoute as u64
         | 1 << Reason::IpipForwardingDisabled as u64
         | 1 << Reason::IcmpQuoteTruncated as u64
-        | 1 << Reason::NdpMalformed as u64;
+        | 1 << Reason::NdpMalformed as u64
+        | 1 << Reason::NsNoTailroom as u64;
     // (ProbeRefusedLeaving is expected while an agent stops: not logged.)
 
     /// Whether a frame with this verdict is logged at debug level (see [`Reason::RARE`]).
@@ -909,7 +947,7 @@ impl Reason {
     }
 
     /// Every reason, in index order: what the agent's status and metrics iterate over.
-    pub const ALL: [Reason; 43] = [
+    pub const ALL: [Reason; 44] = [
         Reason::ArpReplied,
         Reason::ArpFollowerDropped,
         Reason::ArpGratuitous,
@@ -953,6 +991,7 @@ impl Reason {
         Reason::NdpMalformed,
         Reason::NsProbeWhileProbing,
         Reason::Ipv6Passed,
+        Reason::NsNoTailroom,
     ];
 
     /// Stable name for logs, metrics labels and `vip-agent status`.
@@ -1001,6 +1040,7 @@ impl Reason {
             Reason::NdpMalformed => "ndp_malformed",
             Reason::NsProbeWhileProbing => "ns_probe_while_probing",
             Reason::Ipv6Passed => "ipv6_passed",
+            Reason::NsNoTailroom => "ns_no_tailroom",
         }
     }
 }
@@ -1014,6 +1054,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::Vip6Key {}
+    unsafe impl aya::Pod for super::Vip6State {}
     unsafe impl aya::Pod for super::VipState {}
     unsafe impl aya::Pod for super::VipSet {}
     unsafe impl aya::Pod for super::ServiceKey {}
@@ -1028,4 +1069,29 @@ mod pod {
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::IcmpBudget {}
     unsafe impl aya::Pod for super::CachedFlow {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fold of an IPv6 address is the XOR of its four 32-bit words, worked by hand:
+    /// 2001:db8:0:1::10 is 20010db8 00000001 00000000 00000010, whose XOR is 20010da9.
+    #[test]
+    fn an_ipv6_flow_folds_each_address_to_the_xor_of_its_words() {
+        let src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        let dst = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x00];
+        let flow = FlowKey6::new(src, dst, 40000u16.to_be_bytes(), 6443u16.to_be_bytes(), IPPROTO_TCP);
+        let folded = flow.folded();
+        assert_eq!(folded.src, [0x20, 0x01, 0x0d, 0xa9]);
+        assert_eq!(folded.dst, [0xfd, 0x00, 0x01, 0x00]);
+        assert_eq!((folded.sport, folded.dport, folded.proto), (flow.sport, flow.dport, IPPROTO_TCP));
+        assert_eq!(flow_hash6(&flow, 7), flow_hash(&folded, 7));
+        // Every word counts: clients that differ only in a high word hash apart.
+        for word in 0..4 {
+            let mut other = flow;
+            other.src[word * 4] ^= 0x40;
+            assert_ne!(flow_hash6(&other, 7), flow_hash6(&flow, 7), "word {word} ignored");
+        }
+    }
 }

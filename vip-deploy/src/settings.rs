@@ -75,8 +75,15 @@ impl Settings {
             return Err(RenderError::Missing { kind, flag: "--vip" });
         }
         check_vips(&args.vips)?;
-        if args.mode == Mode::Bgp {
-            if let Some((vip, why)) = args.vips.iter().find_map(|&v| crate::vips::bgp_problem(v).map(|w| (v, w))) {
+        let family_rules = [
+            (args.mode == Mode::Bgp, crate::vips::bgp_problem as fn(IpAddr) -> Option<&'static str>),
+            (args.forward == Forward::Ipip, crate::vips::ipip_problem),
+        ];
+        for (applies, rule) in family_rules {
+            if !applies {
+                continue;
+            }
+            if let Some((vip, why)) = args.vips.iter().find_map(|&v| rule(v).map(|w| (v, w))) {
                 return Err(RenderError::BadVip { vip, why });
             }
         }

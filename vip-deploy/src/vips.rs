@@ -36,6 +36,11 @@ pub fn bgp_problem(vip: IpAddr) -> Option<&'static str> {
     vip.is_ipv6().then_some("BGP mode advertises IPv4 VIPs only (IPv6 VIPs need --mode arp)")
 }
 
+/// Why `vip` cannot be forwarded by IPIP: IPv4 in IPv4 carries IPv4 VIPs only.
+pub fn ipip_problem(vip: IpAddr) -> Option<&'static str> {
+    vip.is_ipv6().then_some("--forward ipip carries IPv4 VIPs only (IPv6 VIPs need --forward dsr or local)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +65,7 @@ mod tests {
         }
         assert!(bgp_problem("fd00::1".parse().unwrap()).is_some());
         assert!(bgp_problem("10.0.0.1".parse().unwrap()).is_none());
+        assert!(ipip_problem("fd00::1".parse().unwrap()).is_some());
+        assert!(ipip_problem("10.0.0.1".parse().unwrap()).is_none());
     }
 }

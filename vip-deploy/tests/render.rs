@@ -159,6 +159,10 @@ fn missing_and_bad_values_are_named() {
             ],
             "--vip 2001:db8::1: BGP mode advertises IPv4 VIPs only",
         ),
+        (
+            &["daemonset", "--vip=10.0.0.1,2001:db8::1", "--interface=eth0", "--forward=ipip"],
+            "--vip 2001:db8::1: --forward ipip carries IPv4 VIPs only",
+        ),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0/1"], "--interface \"eth0/1\""),
         (&["daemonset", "--vip=192.0.2.1", "--interface=averyveryverylongname"], "1 to 15 bytes"),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--port=0"], "--port 0"),

@@ -52,7 +52,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     };
     let dst = ip.dst_addr;
     // SAFETY: the value is copied out at once (hash map elements are replaced whole).
-    let Some(state) = (unsafe { VIPS6.get(&Vip6Key::new(dst)) }).copied() else {
+    let Some(vip) = (unsafe { VIPS6.get(&Vip6Key::new(dst)) }).copied() else {
         return Verdict::pass(Reason::Ipv6Passed);
     };
     let Some(cfg) = CONFIG.get(0) else {
@@ -65,7 +65,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if dst_mac != our_mac {
         return Verdict::pass(Reason::NotForUs);
     }
-    if l2.segment != state.segment {
+    if l2.segment != vip.state.segment {
         return Verdict::pass(Reason::OtherSegment);
     }
     let flow = if error {
@@ -86,10 +86,11 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         };
         FlowKey6::new(ip.src_addr, dst, sport, dport, IPPROTO_TCP)
     };
-    // Only the leader balances new flows (errors included), until its fencing deadline.
+    // Only the leader balances new flows (errors included), until its balancing deadline
+    // (its fencing deadline, or the end of a hand-over). A deadline that never passes
+    // skips the clock.
     // SAFETY (the helper): no preconditions.
-    let leads = state.flags & VipState::F_LEADER != 0
-        && (state.leader_until_ns == VipState::FOREVER || unsafe { bpf_ktime_get_boot_ns() } < state.leader_until_ns);
+    let leads = vip.balance_until_ns == VipState::FOREVER || unsafe { bpf_ktime_get_boot_ns() } < vip.balance_until_ns;
     let (id, backend, mode) = if error {
         match icmp6::backend_of(&flow, cfg.hash_seed, leads, src_mac) {
             Ok(b) => b,

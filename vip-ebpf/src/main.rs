@@ -1,7 +1,9 @@
 //! vip's data plane, at XDP (or, with `--attach tcx`, at tcx ingress).
 //!
 //! The entry point is deliberately thin: parse the L2 header, hand the frame to the
-//! handler for its protocol, count the verdict under its reason, return it. Every module
+//! handler for its protocol, count the verdict under its reason, return it. IPv6 goes to
+//! a second program by a tail call (`vip_xdp6`, `vip_tcx6`), so that its code does not
+//! share the IPv4 fast path's one function (everything is inlined into it). Every module
 //! below returns a [`Verdict`] that carries both the XDP action and the reason, so no
 //! computed verdict is ever replaced by a generic one on the way out.
 #![no_std]
@@ -29,7 +31,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use vip_common::Reason;
+use vip_common::{tail_calls, Reason};
 
 use crate::{ctx::Packet, parse::EtherKind, verdict::Verdict};
 
@@ -37,7 +39,25 @@ use crate::{ctx::Packet, parse::EtherKind, verdict::Verdict};
 /// passes.
 #[xdp]
 pub fn vip_xdp(ctx: XdpContext) -> u32 {
-    let verdict = process(&ctx);
+    let verdict = match process(&ctx) {
+        Next::Done(verdict) => verdict,
+        Next::Ipv6 => {
+            // SAFETY: a tail call to the IPv6 program; it returns only if the slot is
+            // empty (an object whose agent has not filled it), and then the frame passes.
+            unsafe { maps::PROGS_XDP.tail_call(&ctx, tail_calls::IPV6) };
+            Verdict::pass(Reason::Ipv6Passed)
+        }
+    };
+    stats::count(verdict.reason);
+    log::rare(&ctx, verdict.reason);
+    verdict.action
+}
+
+/// The IPv6 data plane at XDP, entered from [`vip_xdp`] by a tail call: a program of its
+/// own, so that its code and stack do not weigh on the IPv4 paths.
+#[xdp]
+pub fn vip_xdp6(ctx: XdpContext) -> u32 {
+    let verdict = process6(&ctx);
     stats::count(verdict.reason);
     log::rare(&ctx, verdict.reason);
     verdict.action
@@ -60,9 +80,30 @@ pub fn vip_tcx(ctx: TcContext) -> i32 {
     // Never more than the skb holds; a pull that fails anyway (no memory) leaves the
     // frame as it is, and the parsers bound every read by what is linear.
     let _ = ctx.pull_data(TCX_PULL.min(ctx.len()));
-    let verdict = process(&ctx);
+    let verdict = match process(&ctx) {
+        Next::Done(verdict) => verdict,
+        Next::Ipv6 => {
+            // SAFETY: as in `vip_xdp`.
+            unsafe { maps::PROGS_TCX.tail_call(&ctx, tail_calls::IPV6) };
+            Verdict::pass(Reason::Ipv6Passed)
+        }
+    };
+    tc_action(&ctx, verdict)
+}
+
+/// The IPv6 data plane at tcx, entered from [`vip_tcx`] by a tail call (the headers are
+/// pulled already).
+#[classifier]
+pub fn vip_tcx6(ctx: TcContext) -> i32 {
+    let verdict = process6(&ctx);
+    tc_action(&ctx, verdict)
+}
+
+/// Counts `verdict` and maps it to tc's return codes.
+#[inline(always)]
+fn tc_action(ctx: &TcContext, verdict: Verdict) -> i32 {
     stats::count(verdict.reason);
-    log::rare(&ctx, verdict.reason);
+    log::rare(ctx, verdict.reason);
     match verdict.action {
         xdp_action::XDP_TX => {
             // SAFETY: helper without pointer arguments; returns TC_ACT_REDIRECT.
@@ -97,17 +138,35 @@ pub fn tcx_drop_icmp(ctx: TcContext) -> i32 {
     }
 }
 
+/// What the entry point does next with a frame.
+enum Next {
+    Done(Verdict),
+    /// An IPv6 frame: the IPv6 program's.
+    Ipv6,
+}
+
 #[inline(always)]
-fn process(ctx: &impl Packet) -> Verdict {
+fn process(ctx: &impl Packet) -> Next {
     let l2 = match parse::ethernet(ctx) {
         Ok(l2) => l2,
-        Err(reason) => return Verdict::pass(reason),
+        Err(reason) => return Next::Done(Verdict::pass(reason)),
     };
-    match l2.kind {
+    Next::Done(match l2.kind {
         EtherKind::Arp => arp::handle(ctx, &l2),
         EtherKind::Ipv4 => forward::handle(ctx, &l2),
-        EtherKind::Ipv6 => forward6::handle(ctx, &l2),
+        EtherKind::Ipv6 => return Next::Ipv6,
         EtherKind::Other => Verdict::pass(Reason::NotArpPassed),
+    })
+}
+
+/// The IPv6 program's body: the L2 headers parsed again (the tail call keeps only the
+/// frame), then Neighbor Discovery and forwarding.
+#[inline(always)]
+fn process6(ctx: &impl Packet) -> Verdict {
+    match parse::ethernet(ctx) {
+        Ok(l2) if l2.kind == EtherKind::Ipv6 => forward6::handle(ctx, &l2),
+        Ok(_) => Verdict::pass(Reason::NotArpPassed),
+        Err(reason) => Verdict::pass(reason),
     }
 }
 

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use vip_common::{
     Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow, PeerKey, Reason,
-    Service, ServiceKey, ServiceKey6, Vip6Key, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS,
-    MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS,
+    Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS, MAGLEV_ROWS,
+    MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS,
 };
 
 /// This node's MAC on the attached interface. One entry (index 0). An array, not a hash,
@@ -22,10 +22,20 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "VIP_VIPS")]
 pub static VIPS: HashMap<VipKey, VipState> = HashMap::with_max_entries(MAX_VIPS, 0);
 
-/// IPv6 VIP → leadership state: what the Neighbor Discovery responder reads, with the
-/// same semantics as [`VIPS`]. Apart from it so the IPv4 key stays 4 bytes.
+/// IPv6 VIP → leadership state (what the Neighbor Discovery responder reads, with the
+/// same semantics as [`VIPS`]) and balancing deadline (as [`VIP_SET`]'s for IPv4). Apart
+/// from [`VIPS`] so the IPv4 key stays 4 bytes.
 #[map(name = "VIP_VIPS6")]
-pub static VIPS6: HashMap<Vip6Key, VipState> = HashMap::with_max_entries(MAX_VIPS, 0);
+pub static VIPS6: HashMap<Vip6Key, Vip6State> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// `vip_xdp`'s tail-call targets (`vip_common::tail_calls`): the IPv6 program. Filled by
+/// the agent when it loads the object; pinned with the other maps.
+#[map(name = "VIP_PROGS_XDP")]
+pub static PROGS_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// `vip_tcx`'s tail-call targets, likewise.
+#[map(name = "VIP_PROGS_TCX")]
+pub static PROGS_TCX: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// The VIPs as a flat list (one entry), for the IPv4 path's membership test.
 #[map(name = "VIP_VIP_SET")]

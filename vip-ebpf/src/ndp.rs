@@ -120,7 +120,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2, ip: &Ipv6Hdr) -> Verdict {
     let target = ns.target;
     // SAFETY: the value is copied out at once; a concurrent update replaces the element
     // whole (hash map).
-    let Some(state) = (unsafe { VIPS6.get(&Vip6Key::new(target)) }).copied() else {
+    let Some(state) = (unsafe { VIPS6.get(&Vip6Key::new(target)) }).map(|v| v.state) else {
         return Verdict::pass(Reason::NsNotVip);
     };
     let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
@@ -165,15 +165,31 @@ const fn load_mac_array(m: &[u8; 6]) -> u64 {
     u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0])
 }
 
-/// Whether the first option of a solicitation is a source link-layer address (what a DAD
-/// probe must not carry, RFC 4861 §7.1.1). Linux puts it first when it sends one.
+/// How many options of a DAD probe are looked through for a source link-layer address.
+/// A probe carries at most a nonce (RFC 7527); more than this many options is no probe
+/// a host sends, and what follows them is not read.
+const MAX_DAD_OPTIONS: usize = 4;
+
+/// Whether a solicitation carries a source link-layer address option (what a DAD probe
+/// must not carry, RFC 4861 §7.1.1) among its first [`MAX_DAD_OPTIONS`] options, within
+/// the payload length and the frame.
 #[inline(always)]
 fn carries_source_ll(ctx: &impl Packet, icmp_off: usize, payload_len: usize) -> bool {
-    if payload_len <= ND_LEN {
-        return false;
+    let end = icmp_off + payload_len;
+    let mut off = icmp_off + ND_LEN;
+    for _ in 0..MAX_DAD_OPTIONS {
+        let Some(opt) = ptr_at::<[u8; 2]>(ctx, off) else { return false };
+        // SAFETY: bounds-checked by ptr_at.
+        let [ty, len] = unsafe { *opt };
+        if off + 2 > end || len == 0 {
+            return false;
+        }
+        if ty == ND_OPT_SOURCE_LL {
+            return true;
+        }
+        off += usize::from(len) * 8;
     }
-    // SAFETY: bounds-checked by ptr_at.
-    ptr_at::<u8>(ctx, icmp_off + ND_LEN).is_some_and(|t| unsafe { *t } == ND_OPT_SOURCE_LL)
+    false
 }
 
 /// Turns the solicitation into the advertisement of `target` at `mac`, to `to` (its
@@ -195,8 +211,10 @@ fn advertise(
     // The length as a plain number first: the verifier refuses arithmetic on the
     // packet-end pointer, which the compiler would otherwise fold this into.
     let len = core::hint::black_box(ctx.data_end() - ctx.data());
+    // Nothing is written yet: a frame that cannot take the advertisement's length goes
+    // on untouched.
     if len != new_len && ctx.adjust_tail(new_len as i32 - len as i32).is_err() {
-        return failed;
+        return Verdict::pass(Reason::NsNoTailroom);
     }
     // Every pointer is derived again: resizing invalidates the old ones.
     let (Some(eth), Some(ip), Some(na)) = (

@@ -10,8 +10,8 @@ use aya::{
 };
 use vip_common::{
     map_names, Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow, PeerKey,
-    Reason, Service, ServiceKey, ServiceKey6, Vip6Key, VipKey, VipSet, VipState, MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE,
-    NO_BACKEND,
+    Reason, Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipState, MAGLEV_ROW,
+    MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -54,13 +54,13 @@ pub enum MapError {
 /// Every map: name, key size, value size, max entries. A pinned map left by another
 /// version of the agent is adopted only if it matches; `layouts_match_the_object` (a
 /// kernel test) keeps this table honest against the ELF object.
-pub const LAYOUTS: [(&str, u32, u32, u32); 15] = {
+pub const LAYOUTS: [(&str, u32, u32, u32); 17] = {
     use std::mem::size_of;
     use vip_common::{FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS};
     [
         (map_names::CONFIG, 4, size_of::<Config>() as u32, 1),
         (map_names::VIPS, size_of::<VipKey>() as u32, size_of::<VipState>() as u32, MAX_VIPS),
-        (map_names::VIPS6, size_of::<Vip6Key>() as u32, size_of::<VipState>() as u32, MAX_VIPS),
+        (map_names::VIPS6, size_of::<Vip6Key>() as u32, size_of::<Vip6State>() as u32, MAX_VIPS),
         (map_names::VIP_SET, 4, size_of::<VipSet>() as u32, 1),
         (map_names::STATS, 4, 8, Reason::SLOTS),
         (map_names::SERVICES, size_of::<ServiceKey>() as u32, size_of::<Service>() as u32, MAX_SERVICES),
@@ -69,6 +69,11 @@ pub const LAYOUTS: [(&str, u32, u32, u32); 15] = {
         (map_names::CONNS, size_of::<FlowKey>() as u32, size_of::<Conn>() as u32, MAX_CONNS),
         (map_names::SERVICES6, size_of::<ServiceKey6>() as u32, size_of::<Service>() as u32, MAX_SERVICES),
         (map_names::CONNS6, size_of::<FlowKey6>() as u32, size_of::<Conn>() as u32, MAX_CONNS),
+        // Program arrays are pinned too: the kernel empties one when no file descriptor or
+        // pin holds it any more, and a data plane left forwarding by an agent that exited
+        // must keep its IPv6 tail call.
+        (vip_common::tail_calls::PROGS_XDP, 4, 4, 1),
+        (vip_common::tail_calls::PROGS_TCX, 4, 4, 1),
         (map_names::BACKEND_STATS, 4, size_of::<BackendStats>() as u32, MAX_BACKENDS),
         (map_names::PEERS, size_of::<PeerKey>() as u32, 4, MAX_PEERS),
         (map_names::ICMP_BUDGET, 4, size_of::<IcmpBudget>() as u32, 1),
@@ -134,7 +139,7 @@ fn open_pinned(dir: &std::path::Path, name: &'static str) -> Result<Map, MapErro
 /// it is sent.
 pub struct VipStates {
     vips: HashMap<MapData, VipKey, VipState>,
-    vips6: HashMap<MapData, Vip6Key, VipState>,
+    vips6: HashMap<MapData, Vip6Key, Vip6State>,
 }
 
 impl VipStates {
@@ -150,7 +155,7 @@ impl VipStates {
     pub fn leads(&self, vip: IpAddr) -> bool {
         let state = match vip {
             IpAddr::V4(v) => self.vips.get(&VipKey::new(v.octets()), 0),
-            IpAddr::V6(v) => self.vips6.get(&Vip6Key::new(v.octets()), 0),
+            IpAddr::V6(v) => self.vips6.get(&Vip6Key::new(v.octets()), 0).map(|v| v.state),
         };
         state.is_ok_and(|s| s.leads_at(crate::clock::boot_ns()))
     }
@@ -160,7 +165,7 @@ impl VipStates {
 pub struct Maps {
     config: Array<MapData, Config>,
     vips: HashMap<MapData, VipKey, VipState>,
-    vips6: HashMap<MapData, Vip6Key, VipState>,
+    vips6: HashMap<MapData, Vip6Key, Vip6State>,
     vip_set: Array<MapData, VipSet>,
     stats: PerCpuArray<MapData, u64>,
     services: HashMap<MapData, ServiceKey, Service>,
@@ -261,9 +266,7 @@ impl Maps {
 
     /// Inserts or replaces the state of `vip`, balancing its new flows until
     /// `balance_until_ns` (kernel boot-time clock; [`VipState::FOREVER`]: always)
-    /// whatever the ARP role: in BGP mode every node balances and none answers ARP. An
-    /// IPv6 VIP is never balanced (its traffic goes up the leader's stack): only its
-    /// state is written.
+    /// whatever the ARP role: in BGP mode every node balances and none answers ARP.
     pub fn set_vip_with_balancing(
         &mut self,
         vip: impl Into<IpAddr>,
@@ -276,7 +279,7 @@ impl Maps {
                 if self.vip6(vip)?.is_none() && self.vips6.keys().count() >= vip_common::MAX_VIPS as usize {
                     return Err(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS });
                 }
-                return self.put_vip6(vip, state);
+                return self.put_vip6(vip, Vip6State { state, balance_until_ns });
             }
         };
         let mut set = self.vip_set()?;
@@ -300,19 +303,23 @@ impl Maps {
         self.put_vip(vip.into(), state)
     }
 
-    /// Writes the state of `vip` in its family's map, nothing else.
+    /// Writes the state of `vip` in its family's map, nothing else (an IPv6 VIP keeps its
+    /// balancing deadline).
     fn put_vip(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
         match vip {
             IpAddr::V4(v) => self.vips.insert(VipKey::new(v.octets()), state, 0).map_err(op(map_names::VIPS, "insert")),
-            IpAddr::V6(v) => self.put_vip6(v, state),
+            IpAddr::V6(v) => {
+                let balance_until_ns = self.vip6(v)?.map_or(0, |s| s.balance_until_ns);
+                self.put_vip6(v, Vip6State { state, balance_until_ns })
+            }
         }
     }
 
-    fn put_vip6(&mut self, vip: Ipv6Addr, state: VipState) -> Result<(), MapError> {
+    fn put_vip6(&mut self, vip: Ipv6Addr, state: Vip6State) -> Result<(), MapError> {
         self.vips6.insert(Vip6Key::new(vip.octets()), state, 0).map_err(op(map_names::VIPS6, "insert"))
     }
 
-    fn vip6(&self, vip: Ipv6Addr) -> Result<Option<VipState>, MapError> {
+    fn vip6(&self, vip: Ipv6Addr) -> Result<Option<Vip6State>, MapError> {
         match self.vips6.get(&Vip6Key::new(vip.octets()), 0) {
             Ok(s) => Ok(Some(s)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
@@ -324,7 +331,7 @@ impl Maps {
     pub fn vip(&self, vip: impl Into<IpAddr>) -> Result<Option<VipState>, MapError> {
         let v = match vip.into() {
             IpAddr::V4(v) => v,
-            IpAddr::V6(v) => return self.vip6(v),
+            IpAddr::V6(v) => return Ok(self.vip6(v)?.map(|s| s.state)),
         };
         match self.vips.get(&VipKey::new(v.octets()), 0) {
             Ok(s) => Ok(Some(s)),
@@ -362,7 +369,13 @@ impl Maps {
     pub fn hand_over_vip(&mut self, vip: impl Into<IpAddr>, balance_until_ns: u64) -> Result<(), MapError> {
         let vip = vip.into();
         self.stop_answering(vip)?;
-        let IpAddr::V4(vip) = vip else { return Ok(()) };
+        let vip = match vip {
+            IpAddr::V4(v) => v,
+            IpAddr::V6(v) => {
+                let state = self.vip6(v)?.map_or(VipState::follower(), |s| s.state);
+                return self.put_vip6(v, Vip6State { state, balance_until_ns });
+            }
+        };
         let mut set = self.vip_set()?;
         if let Some(slot) = set.slot(vip.octets()) {
             set.balance_until_ns[slot] = balance_until_ns;
@@ -411,7 +424,7 @@ impl Maps {
         for entry in self.vips6.iter() {
             let (key, state) =
                 entry.map_err(|source| MapError::Op { name: map_names::VIPS6, op: "iterate", source })?;
-            out.push((IpAddr::V6(Ipv6Addr::from(key.addr)), state));
+            out.push((IpAddr::V6(Ipv6Addr::from(key.addr)), state.state));
         }
         out.sort_by_key(|(addr, _)| *addr);
         Ok(out)

@@ -22,7 +22,7 @@ use aya::{
     Ebpf, EbpfError,
 };
 use tracing::{debug, info, warn};
-use vip_common::program_names;
+use vip_common::{program_names, tail_calls};
 
 pub use self::maps::{MapError, Maps, ServiceId, VipStates};
 use crate::netdev::Netdev;
@@ -169,6 +169,12 @@ pub enum DataplaneError {
     },
     #[error(transparent)]
     Map(#[from] MapError),
+    #[error("installing program {program:?} as the tail call of the data plane failed")]
+    TailCall {
+        program: &'static str,
+        #[source]
+        source: TailCallError,
+    },
     #[error("pin path {path}: {why}")]
     PinPath { path: String, why: String },
     #[error("pinning the XDP link at {path}")]
@@ -307,6 +313,7 @@ impl Dataplane {
             xdp.load()
                 .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::LoadProgram { name, source }))?;
         }
+        install_ipv6_tail_call::<Xdp>(&mut ebpf, program_names::VIP6, tail_calls::PROGS_XDP)?;
         let maps = Maps::take_from(&mut ebpf)?;
         let log = log::reader(&mut ebpf, debug_log);
         debug!("data plane loaded");
@@ -380,6 +387,7 @@ impl Dataplane {
             });
             loaded.map_err(cleanup)?;
         }
+        install_ipv6_tail_call::<Xdp>(&mut ebpf, program_names::VIP6, tail_calls::PROGS_XDP).map_err(cleanup)?;
         let maps = Maps::take_from(&mut ebpf).map_err(|e| cleanup(e.into()))?;
         let log = log::reader(&mut ebpf, debug_log);
         info!(pin_path = %shown, adopted, debug_log, "data plane loaded");
@@ -501,8 +509,15 @@ impl Dataplane {
         if tc.fd().is_err() {
             tc.load()
                 .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::LoadProgram { name, source }))?;
+            if program == Program::Tcx {
+                install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
+            }
         }
-        Ok(tc)
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
+            .try_into()
+            .map_err(|_| DataplaneError::MissingProgram { name })
     }
 
     /// Attaches the tcx data plane first in `dev`'s ingress chain and returns its link
@@ -750,6 +765,72 @@ impl Drop for Dataplane {
         if let Err(err) = self.detach() {
             warn!(error = %err, "detaching on drop failed");
         }
+    }
+}
+
+/// Why a tail-call target could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum TailCallError {
+    #[error("the program is not loaded")]
+    NotLoaded(#[source] ProgramError),
+    #[error("its file descriptor could not be duplicated")]
+    Fd(#[source] io::Error),
+    #[error("the object has no program array {0:?}")]
+    NoArray(&'static str),
+    #[error("writing the program array")]
+    Map(#[source] aya::maps::MapError),
+}
+
+/// Loads the IPv6 program `target` (of the type `T` of its entry point) and makes it
+/// slot [`tail_calls::IPV6`] of the program array `array`, which the entry point jumps
+/// through for every IPv6 frame. With pinned maps the array is the previous agent's,
+/// whose program (still attached until ours replaces it) then jumps to ours: both use
+/// the same maps.
+fn install_ipv6_tail_call<T>(ebpf: &mut Ebpf, target: &'static str, array: &'static str) -> Result<(), DataplaneError>
+where
+    for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+    T: ProgramLoad,
+{
+    let tail = |source| DataplaneError::TailCall { program: target, source };
+    let program = ebpf.program_mut(target).ok_or(DataplaneError::MissingProgram { name: target })?;
+    let typed: &mut T = program.try_into().map_err(|_| DataplaneError::MissingProgram { name: target })?;
+    typed
+        .load_program()
+        .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::LoadProgram { name: target, source }))?;
+    let fd = typed.program_fd().map_err(|e| tail(TailCallError::NotLoaded(e)))?;
+    let fd = fd.try_clone().map_err(|e| tail(TailCallError::Fd(e)))?;
+    let map = ebpf.map_mut(array).ok_or(tail(TailCallError::NoArray(array)))?;
+    let mut progs = aya::maps::ProgramArray::try_from(map).map_err(|e| tail(TailCallError::Map(e)))?;
+    progs.set(tail_calls::IPV6, &fd, 0).map_err(|e| tail(TailCallError::Map(e)))
+}
+
+/// The two program types an IPv6 tail call is loaded as.
+trait ProgramLoad {
+    fn load_program(&mut self) -> Result<(), ProgramError>;
+    fn program_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError>;
+}
+
+impl ProgramLoad for Xdp {
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        if self.fd().is_ok() {
+            return Ok(());
+        }
+        self.load()
+    }
+    fn program_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
+        self.fd()
+    }
+}
+
+impl ProgramLoad for SchedClassifier {
+    fn load_program(&mut self) -> Result<(), ProgramError> {
+        if self.fd().is_ok() {
+            return Ok(());
+        }
+        self.load()
+    }
+    fn program_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
+        self.fd()
     }
 }
 
