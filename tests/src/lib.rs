@@ -1,10 +1,11 @@
 //! Test support for vip: frame builders and a reference model of the data plane
 //! ([`frames`]), network namespaces with cleanup by name ([`netns`]), and helpers to run
-//! the agent binary ([`agent`]). The fixture tests, the namespace tests, the benchmarks
+//! the agent binary ([`agent`]), the fixture tables' check ([`fixture`]). The fixture tests, the namespace tests, the benchmarks
 //! and the demo all build on these.
 
 pub mod agent;
 pub mod apilab;
+pub mod fixture;
 pub mod frames;
 pub mod https;
 pub mod lab;

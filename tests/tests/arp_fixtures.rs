@@ -8,6 +8,7 @@
 use std::net::Ipv4Addr;
 
 use tests::{
+    fixture::{run_and_check, Expect},
     frames::{ipv4, ipv6, tcp, Arp, Frame, Mac, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6},
     xdp,
 };
@@ -128,25 +129,8 @@ fn fx(
 
 fn check(dp: &mut Dataplane, program: Program, f: &Fixture) -> Result<(), String> {
     setup(dp, f.state);
-    let before = dp.maps().counter(f.reason).map_err(|e| e.to_string())?;
-    let out = dp.test_run(program, &f.input).map_err(|e| format!("{}: {e:#?}", f.name))?;
-    let after = dp.maps().counter(f.reason).map_err(|e| e.to_string())?;
-    let mut errs = Vec::new();
-    if out.action != f.action {
-        errs.push(format!("action {} want {}", xdp::name(out.action), xdp::name(f.action)));
-    }
-    if after != before + 1 {
-        errs.push(format!("counter {} moved by {} want 1", f.reason.name(), after - before));
-    }
-    let want = f.output.as_ref().unwrap_or(&f.input);
-    if &out.frame != want {
-        errs.push(format!("output\n   got  {:02x?}\n   want {:02x?}", out.frame, want));
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("{}: {}", f.name, errs.join("; ")))
-    }
+    let want = Expect { action: f.action, reason: f.reason, output: f.output.clone() };
+    run_and_check(dp, program, &f.name, &f.input, &want).map(drop)
 }
 
 fn fixture_table() -> Vec<Fixture> {

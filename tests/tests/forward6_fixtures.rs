@@ -13,6 +13,7 @@ use std::{
 };
 
 use tests::{
+    fixture::{pass, run_and_check, Expect},
     frames::{icmpv6, predict, tcp, Frame, Mac, ETH_P_8021Q, ETH_P_IPV6, TCP_ACK, TCP_SYN},
     xdp,
 };
@@ -114,41 +115,8 @@ fn index_of(lb: &Balancer, id: u32) -> u8 {
 
 // ---- check ------------------------------------------------------------------------------
 
-struct Expect {
-    action: u32,
-    reason: Reason,
-    /// `None`: the frame must come out unchanged.
-    output: Option<Vec<u8>>,
-}
-
-fn pass(reason: Reason) -> Expect {
-    Expect { action: xdp::PASS, reason, output: None }
-}
-
 fn tx_to(frame: &Frame, i: u8) -> Expect {
     Expect { action: xdp::TX, reason: Reason::ForwardedDsr, output: Some(dsr_to(frame, i)) }
-}
-
-fn run_and_check(dp: &Dataplane, program: Program, name: &str, input: &[u8], want: &Expect) -> Result<(), String> {
-    let before = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
-    let out = dp.test_run(program, input).map_err(|e| format!("{name}: {e:?}"))?;
-    let after = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
-    let mut errs = Vec::new();
-    if out.action != want.action {
-        errs.push(format!("action {} want {}", xdp::name(out.action), xdp::name(want.action)));
-    }
-    if after != before + 1 {
-        errs.push(format!("counter {} moved by {} want 1", want.reason.name(), after - before));
-    }
-    let expected = want.output.as_deref().unwrap_or(input);
-    if out.frame != expected {
-        errs.push(format!("output\n   got  {:02x?}\n   want {expected:02x?}", out.frame));
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("{name}: {}", errs.join("; ")))
-    }
 }
 
 fn table_of(program: Program) {
@@ -156,7 +124,7 @@ fn table_of(program: Program) {
     let (mut dp, mut lb) = load(program);
     let mut failures = Vec::new();
     let mut check = |dp: &Dataplane, name: &str, input: Vec<u8>, want: Expect| {
-        if let Err(e) = run_and_check(dp, program, name, &input, &want) {
+        if let Err(e) = run_and_check(dp, program, name, &input, &want).map(drop) {
             failures.push(e);
         }
     };

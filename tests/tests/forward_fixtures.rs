@@ -13,6 +13,7 @@ use std::{
 };
 
 use tests::{
+    fixture::{pass, run_and_check, Expect},
     frames::{
         flow_of, icmp_unreachable, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
         TCP_ACK, TCP_SYN,
@@ -99,39 +100,6 @@ fn index_of(lb: &Balancer, id: u32) -> u8 {
 
 // ---- check ------------------------------------------------------------------------------
 
-struct Expect {
-    action: u32,
-    reason: Reason,
-    /// `None`: the frame must come out unchanged.
-    output: Option<Vec<u8>>,
-}
-
-fn run_and_check(dp: &Dataplane, program: Program, name: &str, input: &[u8], want: &Expect) -> Result<(), String> {
-    let before = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
-    let out = dp.test_run(program, input).map_err(|e| format!("{name}: {e:?}"))?;
-    let after = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
-    let mut errs = Vec::new();
-    if out.action != want.action {
-        errs.push(format!("action {} want {}", xdp::name(out.action), xdp::name(want.action)));
-    }
-    if after != before + 1 {
-        errs.push(format!("counter {} moved by {} want 1", want.reason.name(), after - before));
-    }
-    let expected = want.output.as_deref().unwrap_or(input);
-    if out.frame != expected {
-        errs.push(format!("output\n   got  {:02x?}\n   want {expected:02x?}", out.frame));
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("{name}: {}", errs.join("; ")))
-    }
-}
-
-fn pass(reason: Reason) -> Expect {
-    Expect { action: xdp::PASS, reason, output: None }
-}
-
 /// Verdicts only the XDP program gives: growing or shrinking the frame (IPIP, the ICMP
 /// error it builds) is XDP's, and the agent refuses `--forward ipip` at tcx.
 const XDP_ONLY: [Reason; 8] = [
@@ -173,7 +141,7 @@ fn forwarding_fixture_table_of(program: Program) {
         if program == Program::Tcx && (XDP_ONLY.contains(&want.reason) || runt) {
             return;
         }
-        if let Err(e) = run_and_check(dp, program, name, &input, &want) {
+        if let Err(e) = run_and_check(dp, program, name, &input, &want).map(drop) {
             failures.push(e);
         }
     };

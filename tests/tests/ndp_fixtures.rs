@@ -15,6 +15,7 @@ use std::{
 };
 
 use tests::{
+    fixture::{run_and_check, Expect},
     frames::{
         icmpv6, ipv6_multicast_mac, ll_option, na_message, ns_message, solicited_node, tcp, Frame, Mac, ALL_NODES,
         ALL_NODES_MAC, ETH_P_8021Q, ETH_P_IPV6,
@@ -137,25 +138,8 @@ fn fx(
 /// Runs one row; returns the frame the program produced.
 fn check(dp: &mut Dataplane, program: Program, f: &Fixture) -> Result<Vec<u8>, String> {
     setup(dp, f.state);
-    let before = dp.maps().counter(f.reason).map_err(|e| e.to_string())?;
-    let out = dp.test_run(program, &f.input).map_err(|e| format!("{}: {e:#?}", f.name))?;
-    let after = dp.maps().counter(f.reason).map_err(|e| e.to_string())?;
-    let mut errs = Vec::new();
-    if out.action != f.action {
-        errs.push(format!("action {} want {}", xdp::name(out.action), xdp::name(f.action)));
-    }
-    if after != before + 1 {
-        errs.push(format!("counter {} moved by {} want 1", f.reason.name(), after - before));
-    }
-    let want = f.output.as_ref().unwrap_or(&f.input);
-    if &out.frame != want {
-        errs.push(format!("output\n   got  {:02x?}\n   want {:02x?}", out.frame, want));
-    }
-    if errs.is_empty() {
-        Ok(out.frame)
-    } else {
-        Err(format!("{}: {}", f.name, errs.join("; ")))
-    }
+    let want = Expect { action: f.action, reason: f.reason, output: f.output.clone() };
+    run_and_check(dp, program, f.name, &f.input, &want)
 }
 
 fn fixture_table() -> Vec<Fixture> {

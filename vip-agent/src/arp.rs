@@ -13,8 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{io::unix::AsyncFd, sync::mpsc};
-use tracing::warn;
+use tokio::sync::mpsc;
 
 use crate::{netdev, rawsock::RawSocket};
 
@@ -102,16 +101,27 @@ pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Res
     for &vip in vips {
         sock.send(&probe_frame(dev.mac.0, vip))?;
     }
+    let mine = dev.mac.0;
+    await_conflict(&sock, wait, |frame| {
+        let claim = foreign_claim(frame, vips, mine).map(|(vip, mac)| (vip, mac, false));
+        claim.or_else(|| foreign_probe(frame, vips, mine).map(|(vip, mac)| (vip, mac, true)))
+    })
+}
+
+/// Reads `sock` (opened with a receive timeout) for `wait`: the first conflict `classify`
+/// finds in a frame (the VIP, the other host's MAC, and whether it only probes too), or
+/// `Ok(())` when none came. What both claim probes, ARP and DAD, listen with.
+pub fn await_conflict<A: Into<std::net::IpAddr>>(
+    sock: &RawSocket,
+    wait: Duration,
+    classify: impl Fn(&[u8]) -> Option<(A, [u8; 6], bool)>,
+) -> std::io::Result<Result<(), ProbeConflict>> {
     let deadline = Instant::now() + wait;
-    let mut buf = [0u8; 128];
+    let mut buf = [0u8; 256];
     while Instant::now() < deadline {
         if let Some(n) = sock.recv(&mut buf)? {
-            let frame = &buf[..n];
-            if let Some((vip, mac)) = foreign_claim(frame, vips, dev.mac.0) {
-                return Ok(Err(ProbeConflict { vip: vip.into(), mac, simultaneous: false }));
-            }
-            if let Some((vip, mac)) = foreign_probe(frame, vips, dev.mac.0) {
-                return Ok(Err(ProbeConflict { vip: vip.into(), mac, simultaneous: true }));
+            if let Some((vip, mac, simultaneous)) = classify(&buf[..n]) {
+                return Ok(Err(ProbeConflict { vip: vip.into(), mac, simultaneous }));
             }
         }
     }
@@ -128,31 +138,9 @@ pub fn watch_claims(
 ) -> std::io::Result<impl Future<Output = ()>> {
     let dev = netdev::lookup(&interface).map_err(|e| std::io::Error::other(e.to_string()))?;
     let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, None)?;
-    sock.set_nonblocking()?;
-    // SAFETY: the socket owns its descriptor and moves into the AsyncFd, so it stays
-    // open for as long as the registration.
-    let fd = unsafe { AsyncFd::register(sock) }?;
     let mac = dev.mac.0;
-    Ok(async move {
-        let mut buf = [0u8; 128];
-        loop {
-            let Ok(mut ready) = fd.readable().await else { return };
-            match ready.get_inner().recv(&mut buf) {
-                Ok(Some(n)) => {
-                    if let Some((vip, mac)) = foreign_claim(&buf[..n], &vips, mac) {
-                        if tx.send((vip.into(), mac)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Ok(None) => ready.clear_ready(),
-                Err(error) => {
-                    warn!(%error, %interface, "ARP watch failed");
-                    return;
-                }
-            }
-        }
-    })
+    let parse = move |f: &[u8]| foreign_claim(f, &vips, mac).map(|(vip, mac)| (vip.into(), mac));
+    crate::rawsock::watch(sock, interface, "ARP", parse, tx)
 }
 
 #[cfg(test)]

@@ -11,11 +11,10 @@
 use std::{
     future::Future,
     net::{Ipv6Addr, UdpSocket},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::{io::unix::AsyncFd, sync::mpsc};
-use tracing::warn;
+use tokio::sync::mpsc;
 
 use crate::{
     arp::ProbeConflict,
@@ -188,20 +187,11 @@ pub fn probe(interface: &str, vips: &[Ipv6Addr], wait: Duration) -> std::io::Res
     for &vip in vips {
         sock.send(&dad_probe(dev.mac.0, vip))?;
     }
-    let deadline = Instant::now() + wait;
-    let mut buf = [0u8; 256];
-    while Instant::now() < deadline {
-        if let Some(n) = sock.recv(&mut buf)? {
-            let frame = &buf[..n];
-            if let Some((vip, mac)) = foreign_advert(frame, vips, dev.mac.0) {
-                return Ok(Err(ProbeConflict { vip: vip.into(), mac, simultaneous: false }));
-            }
-            if let Some((vip, mac)) = foreign_probe(frame, vips, dev.mac.0) {
-                return Ok(Err(ProbeConflict { vip: vip.into(), mac, simultaneous: true }));
-            }
-        }
-    }
-    Ok(Ok(()))
+    let mine = dev.mac.0;
+    crate::arp::await_conflict(&sock, wait, |frame| {
+        let claim = foreign_advert(frame, vips, mine).map(|(vip, mac)| (vip, mac, false));
+        claim.or_else(|| foreign_probe(frame, vips, mine).map(|(vip, mac)| (vip, mac, true)))
+    })
 }
 
 /// Watches `interface` for other hosts advertising one of `vips` and sends each claim
@@ -214,31 +204,9 @@ pub fn watch_claims(
 ) -> std::io::Result<impl Future<Output = ()>> {
     let dev = netdev::lookup(&interface).map_err(|e| std::io::Error::other(e.to_string()))?;
     let sock = nd_socket(dev.ifindex, None)?;
-    sock.set_nonblocking()?;
-    // SAFETY: the socket owns its descriptor and moves into the AsyncFd, so it stays
-    // open for as long as the registration.
-    let fd = unsafe { AsyncFd::register(sock) }?;
     let mac = dev.mac.0;
-    Ok(async move {
-        let mut buf = [0u8; 256];
-        loop {
-            let Ok(mut ready) = fd.readable().await else { return };
-            match ready.get_inner().recv(&mut buf) {
-                Ok(Some(n)) => {
-                    if let Some((vip, mac)) = foreign_advert(&buf[..n], &vips, mac) {
-                        if tx.send((vip.into(), mac)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Ok(None) => ready.clear_ready(),
-                Err(error) => {
-                    warn!(%error, %interface, "Neighbor Discovery watch failed");
-                    return;
-                }
-            }
-        }
-    })
+    let parse = move |f: &[u8]| foreign_advert(f, &vips, mac).map(|(vip, mac)| (vip.into(), mac));
+    crate::rawsock::watch(sock, interface, "Neighbor Discovery", parse, tx)
 }
 
 /// Membership of the VIPs' solicited-node groups on one interface, held while the value

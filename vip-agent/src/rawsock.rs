@@ -146,3 +146,39 @@ impl AsRawFd for RawSocket {
 fn sll_len() -> u32 {
     mem::size_of::<libc::sockaddr_ll>() as u32
 }
+
+/// Reads `sock` as frames arrive (it is made non-blocking and registered with the
+/// runtime) and sends what `parse` finds in each on `tx`, until the receiver is dropped
+/// or the socket fails (logged as `what` on `interface`). The future to run the watch.
+pub fn watch<T: Send + 'static>(
+    sock: RawSocket,
+    interface: String,
+    what: &'static str,
+    parse: impl Fn(&[u8]) -> Option<T> + Send + 'static,
+    tx: tokio::sync::mpsc::Sender<T>,
+) -> io::Result<impl std::future::Future<Output = ()>> {
+    sock.set_nonblocking()?;
+    // SAFETY: the socket owns its descriptor and moves into the AsyncFd, so it stays
+    // open for as long as the registration.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register(sock) }?;
+    Ok(async move {
+        let mut buf = [0u8; 256];
+        loop {
+            let Ok(mut ready) = fd.readable().await else { return };
+            match ready.get_inner().recv(&mut buf) {
+                Ok(Some(n)) => {
+                    if let Some(found) = parse(&buf[..n]) {
+                        if tx.send(found).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(None) => ready.clear_ready(),
+                Err(error) => {
+                    tracing::warn!(%error, %interface, "{what} watch failed");
+                    return;
+                }
+            }
+        }
+    })
+}

@@ -810,29 +810,23 @@ trait ProgramLoad {
     fn program_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError>;
 }
 
-impl ProgramLoad for Xdp {
-    fn load_program(&mut self) -> Result<(), ProgramError> {
-        if self.fd().is_ok() {
-            return Ok(());
+/// The same two methods for both program types (aya gives them no common trait).
+macro_rules! program_load {
+    ($($t:ty),*) => {$(
+        impl ProgramLoad for $t {
+            fn load_program(&mut self) -> Result<(), ProgramError> {
+                if self.fd().is_ok() {
+                    return Ok(());
+                }
+                self.load()
+            }
+            fn program_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
+                self.fd()
+            }
         }
-        self.load()
-    }
-    fn program_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
-        self.fd()
-    }
+    )*};
 }
-
-impl ProgramLoad for SchedClassifier {
-    fn load_program(&mut self) -> Result<(), ProgramError> {
-        if self.fd().is_ok() {
-            return Ok(());
-        }
-        self.load()
-    }
-    fn program_fd(&self) -> Result<&aya::programs::ProgramFd, ProgramError> {
-        self.fd()
-    }
-}
+program_load!(Xdp, SchedClassifier);
 
 fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
     ebpf.program_mut(name)

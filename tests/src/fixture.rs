@@ -1,0 +1,51 @@
+//! The check every fixture table runs: one frame through a program of the real object by
+//! `BPF_PROG_RUN`, then the action, the counter of the expected reason and the output
+//! frame compared with the row's.
+
+use vip_agent::dataplane::{Dataplane, Program};
+use vip_common::Reason;
+
+use crate::xdp;
+
+/// What a row expects: the action (in XDP's terms, also for the tcx program), the reason
+/// whose counter moves by exactly one, and the output frame (`None`: the input, unchanged).
+pub struct Expect {
+    pub action: u32,
+    pub reason: Reason,
+    pub output: Option<Vec<u8>>,
+}
+
+/// `XDP_PASS` under `reason`, the frame untouched.
+pub fn pass(reason: Reason) -> Expect {
+    Expect { action: xdp::PASS, reason, output: None }
+}
+
+/// Runs `input` through `program` and compares. `Ok` with the output frame when the row
+/// holds, else one line naming the row (`name`) and every difference.
+pub fn run_and_check(
+    dp: &Dataplane,
+    program: Program,
+    name: &str,
+    input: &[u8],
+    want: &Expect,
+) -> Result<Vec<u8>, String> {
+    let before = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
+    let out = dp.test_run(program, input).map_err(|e| format!("{name}: {e:?}"))?;
+    let after = dp.maps().counter(want.reason).map_err(|e| e.to_string())?;
+    let mut errs = Vec::new();
+    if out.action != want.action {
+        errs.push(format!("action {} want {}", xdp::name(out.action), xdp::name(want.action)));
+    }
+    if after != before + 1 {
+        errs.push(format!("counter {} moved by {} want 1", want.reason.name(), after - before));
+    }
+    let expected = want.output.as_deref().unwrap_or(input);
+    if out.frame != expected {
+        errs.push(format!("output\n   got  {:02x?}\n   want {expected:02x?}", out.frame));
+    }
+    if errs.is_empty() {
+        Ok(out.frame)
+    } else {
+        Err(format!("{name}: {}", errs.join("; ")))
+    }
+}
