@@ -12,7 +12,10 @@ use std::{net::IpAddr, time::Duration};
 
 use tracing::{debug, warn};
 
-use crate::{arp, ndp, netdev, rawsock::RawSocket};
+use crate::{
+    arp, ndp, netdev,
+    rawsock::{tagged, RawSocket, NONE},
+};
 
 /// Sends of each frame in the initial burst, and the gap between them.
 pub const BURST: usize = 3;
@@ -20,9 +23,11 @@ pub const BURST_GAP: Duration = Duration::from_millis(50);
 /// Delays of the repeats after the burst.
 pub const REPEATS: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)];
 
-/// The sockets announcements leave by: one per family with a VIP to announce.
+/// The sockets announcements leave by: one per family with a VIP to announce, each
+/// receiving nothing (they only send); and the VLAN the frames are tagged with.
 struct Wire {
     mac: [u8; 6],
+    vlan: u16,
     arp: Option<RawSocket>,
     ipv6: Option<RawSocket>,
 }
@@ -30,16 +35,18 @@ struct Wire {
 impl Wire {
     /// Opens the sockets `vips` need on `interface` (resolved now, so a recreated
     /// interface is found).
-    fn open(interface: &str, vips: &[IpAddr]) -> std::io::Result<Self> {
+    fn open(interface: &str, vlan: u16, vips: &[IpAddr]) -> std::io::Result<Self> {
         let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let open = |family: fn(&IpAddr) -> bool, ethertype| -> std::io::Result<Option<RawSocket>> {
-            vips.iter().any(family).then(|| RawSocket::open(dev.ifindex, ethertype, None)).transpose()
+        // Send-only: unfiltered, a packet socket would copy every frame of its EtherType
+        // (all the IPv6 traffic) for as long as the announcements last.
+        let open = |ethertype| -> std::io::Result<RawSocket> {
+            let sock = RawSocket::open(dev.ifindex, ethertype, None)?;
+            sock.attach_filter(&NONE)?;
+            Ok(sock)
         };
-        Ok(Self {
-            mac: dev.mac.0,
-            arp: open(IpAddr::is_ipv4, arp::ETH_P_ARP)?,
-            ipv6: open(IpAddr::is_ipv6, ndp::ETH_P_IPV6)?,
-        })
+        let arp = vips.iter().any(IpAddr::is_ipv4).then(|| open(arp::ETH_P_ARP)).transpose()?;
+        let ipv6 = vips.iter().any(IpAddr::is_ipv6).then(|| open(ndp::ETH_P_IPV6)).transpose()?;
+        Ok(Self { mac: dev.mac.0, vlan, arp, ipv6 })
     }
 
     /// Sends one round for every VIP for which `leads` still holds: both gratuitous ARP
@@ -56,7 +63,7 @@ impl Wire {
             };
             let Some(sock) = sock else { continue };
             for f in frames {
-                match sock.send(&f) {
+                match sock.send(&tagged(&f, self.vlan)) {
                     Ok(()) => sent += 1,
                     Err(error) => warn!(%error, %vip, "announcing the VIP failed"),
                 }
@@ -66,11 +73,12 @@ impl Wire {
     }
 }
 
-/// The burst and the repeats, as a task, on interface `interface`. `leads` is asked
+/// The burst and the repeats, as a task, on interface `interface` (tagged with VLAN
+/// `vlan` unless 0). `leads` is asked
 /// before every send. Errors are logged, not fatal: a missed announcement only delays
 /// how soon clients move.
-pub async fn announce(interface: String, vips: Vec<IpAddr>, leads: impl Fn(IpAddr) -> bool) {
-    let wire = match Wire::open(&interface, &vips) {
+pub async fn announce(interface: String, vlan: u16, vips: Vec<IpAddr>, leads: impl Fn(IpAddr) -> bool) {
+    let wire = match Wire::open(&interface, vlan, &vips) {
         Ok(w) => w,
         Err(error) => {
             warn!(%error, %interface, "cannot open a raw socket to announce the VIPs");
@@ -95,6 +103,6 @@ pub async fn announce(interface: String, vips: Vec<IpAddr>, leads: impl Fn(IpAdd
 
 /// One announcement round for `vip`, if `leads` (a defence, RFC 5227 §2.4 (b); for IPv6
 /// the same answer to a conflicting advertisement). Returns the frames sent.
-pub fn defend(interface: &str, vip: IpAddr, leads: impl Fn(IpAddr) -> bool) -> std::io::Result<usize> {
-    Ok(Wire::open(interface, &[vip])?.announce_once(&[vip], &leads))
+pub fn defend(interface: &str, vlan: u16, vip: IpAddr, leads: impl Fn(IpAddr) -> bool) -> std::io::Result<usize> {
+    Ok(Wire::open(interface, vlan, &[vip])?.announce_once(&[vip], &leads))
 }

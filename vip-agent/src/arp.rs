@@ -15,7 +15,10 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::{netdev, rawsock::RawSocket};
+use crate::{
+    netdev,
+    rawsock::{ethertype_only, on_vlan, tagged, RawSocket},
+};
 
 /// How long a claim probe listens for an answer. RFC 5227 allows seconds; a host on the
 /// segment answers within a millisecond, and failover time counts every millisecond.
@@ -70,6 +73,11 @@ pub fn foreign_claim(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4
     (sha != mine && f[6..12] != mine && vips.contains(&spa)).then_some((spa, sha))
 }
 
+/// An ARP socket on `ifindex` that receives the ARP of VLAN `vlan` (0: untagged) only.
+fn arp_socket(ifindex: u32, vlan: u16, recv_timeout: Option<Duration>) -> std::io::Result<RawSocket> {
+    RawSocket::open_filtered(ifindex, &on_vlan(vlan, &ethertype_only(ETH_P_ARP)), recv_timeout)
+}
+
 /// Another host probing for one of `vips` (RFC 5227 §2.1.1: sender IP 0.0.0.0, target
 /// the VIP): it is about to claim it too.
 pub fn foreign_probe(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4Addr, [u8; 6])> {
@@ -95,11 +103,16 @@ pub struct ProbeConflict {
 /// sender MAC is not ours), or probes for at the same time (both then back off; the
 /// `bool` says which).
 /// Blocking: run it on a blocking thread.
-pub fn probe(interface: &str, vips: &[Ipv4Addr], wait: Duration) -> std::io::Result<Result<(), ProbeConflict>> {
+pub fn probe(
+    interface: &str,
+    vlan: u16,
+    vips: &[Ipv4Addr],
+    wait: Duration,
+) -> std::io::Result<Result<(), ProbeConflict>> {
     let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, Some(Duration::from_millis(10)))?;
+    let sock = arp_socket(dev.ifindex, vlan, Some(Duration::from_millis(10)))?;
     for &vip in vips {
-        sock.send(&probe_frame(dev.mac.0, vip))?;
+        sock.send(&tagged(&probe_frame(dev.mac.0, vip), vlan))?;
     }
     let mine = dev.mac.0;
     await_conflict(&sock, wait, |frame| {
@@ -133,11 +146,12 @@ pub fn await_conflict<A: Into<std::net::IpAddr>>(
 /// drops never get here; gratuitous ARPs and replies pass to the kernel and to this.
 pub fn watch_claims(
     interface: String,
+    vlan: u16,
     vips: Vec<Ipv4Addr>,
     tx: mpsc::Sender<(std::net::IpAddr, [u8; 6])>,
 ) -> std::io::Result<impl Future<Output = ()>> {
     let dev = netdev::lookup(&interface).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let sock = RawSocket::open(dev.ifindex, ETH_P_ARP, None)?;
+    let sock = arp_socket(dev.ifindex, vlan, None)?;
     let mac = dev.mac.0;
     let parse = move |f: &[u8]| foreign_claim(f, &vips, mac).map(|(vip, mac)| (vip.into(), mac));
     crate::rawsock::watch(sock, interface, "ARP", parse, tx)

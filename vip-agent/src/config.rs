@@ -315,6 +315,12 @@ pub struct RunArgs {
     /// as Cilium's XDP acceleration; DSR and local forwarding only).
     #[arg(long, env = "VIP_ATTACH", value_enum, default_value_t = Hook::Xdp)]
     pub attach: Hook,
+    /// The VLAN (802.1Q VID, 1 to 4094) the VIPs live on, when --interface is a trunk
+    /// that carries it tagged: ARP and Neighbor Discovery are answered, and VIP traffic
+    /// balanced, only on that VLAN, and the agent's announcements and probes are tagged
+    /// with it. Without it the VIPs live on the untagged segment.
+    #[arg(long, env = "VIP_VLAN", value_name = "VID")]
+    pub vlan: Option<u16>,
     /// Where Prometheus metrics are served.
     #[arg(long, env = "VIP_METRICS_ADDR", default_value = "127.0.0.1:9469")]
     pub metrics_addr: SocketAddr,
@@ -383,6 +389,8 @@ pub struct RunConfig {
     pub health: HealthConfig,
     pub xdp_mode: AttachMode,
     pub attach: Hook,
+    /// The VIPs' VLAN ([`vip_common::segment_of`]'s segment: 0 untagged).
+    pub vlan: u16,
     pub metrics_addr: SocketAddr,
     pub pin_path: PathBuf,
     pub keep_forwarding_on_exit: bool,
@@ -539,6 +547,13 @@ impl TryFrom<RunArgs> for RunConfig {
                 return Err(ConfigError::Range { flag, value: value.to_string(), range });
             }
         }
+        if let Some(vid) = args.vlan.filter(|v| !(1..=4094).contains(v)) {
+            return Err(ConfigError::Range {
+                flag: "vlan",
+                value: vid.to_string(),
+                range: "1 to 4094 (0 and 4095 are reserved)",
+            });
+        }
         for (flag, value) in [("rise", args.rise), ("fall", args.fall)] {
             if !(1..=100).contains(&value) {
                 return Err(ConfigError::Range { flag, value: value.to_string(), range: "1 to 100" });
@@ -635,6 +650,7 @@ impl TryFrom<RunArgs> for RunConfig {
             },
             xdp_mode: args.xdp_mode,
             attach: args.attach,
+            vlan: args.vlan.unwrap_or(0),
             metrics_addr: args.metrics_addr,
             pin_path: args.pin_path,
             keep_forwarding_on_exit: args.keep_forwarding_on_exit,
@@ -956,6 +972,10 @@ mod tests {
                 "--vip 224.0.0.1: a multicast",
             ),
             (&["--interface", "eth0", "--vip", "fe80::1", "--election", "none"], "--vip fe80::1: a link-local"),
+            (
+                &["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none", "--vlan", "0"],
+                "--vlan 0: must be 1 to 4094",
+            ),
             (&["--interface", "eth0", "--vip", "ff02::1", "--election", "none"], "--vip ff02::1: a multicast"),
             (&["--interface", "eth0", "--vip", "::1", "--election", "none"], "--vip ::1: a loopback"),
             (&["--interface", "eth0", "--vip", "::", "--election", "none"], "--vip ::: the unspecified"),

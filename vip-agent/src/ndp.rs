@@ -20,7 +20,7 @@ use crate::{
     arp::ProbeConflict,
     netdev,
     rawsock::RawSocket,
-    vipprobe::{cbpf, insn},
+    rawsock::{cbpf, insn, on_vlan, tagged},
 };
 
 pub const ETH_P_IPV6: u16 = 0x86DD;
@@ -171,21 +171,25 @@ pub fn nd_filter() -> [libc::sock_filter; 9] {
     ]
 }
 
-/// Opens an ND socket on `ifindex` with [`nd_filter`].
-pub fn nd_socket(ifindex: u32, recv_timeout: Option<Duration>) -> std::io::Result<RawSocket> {
-    let sock = RawSocket::open(ifindex, ETH_P_IPV6, recv_timeout)?;
-    sock.attach_filter(&nd_filter())?;
-    Ok(sock)
+/// Opens an ND socket on `ifindex` that receives the ND of VLAN `vlan` (0: untagged)
+/// only ([`nd_filter`]).
+pub fn nd_socket(ifindex: u32, vlan: u16, recv_timeout: Option<Duration>) -> std::io::Result<RawSocket> {
+    RawSocket::open_filtered(ifindex, &on_vlan(vlan, &nd_filter()), recv_timeout)
 }
 
 /// Probes every VIP (RFC 4862 §5.4.2) from `interface` and listens for `wait`: `Err`
 /// with the first VIP another host advertises, or probes for at the same time.
 /// Blocking: run it on a blocking thread.
-pub fn probe(interface: &str, vips: &[Ipv6Addr], wait: Duration) -> std::io::Result<Result<(), ProbeConflict>> {
+pub fn probe(
+    interface: &str,
+    vlan: u16,
+    vips: &[Ipv6Addr],
+    wait: Duration,
+) -> std::io::Result<Result<(), ProbeConflict>> {
     let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let sock = nd_socket(dev.ifindex, Some(Duration::from_millis(10)))?;
+    let sock = nd_socket(dev.ifindex, vlan, Some(Duration::from_millis(10)))?;
     for &vip in vips {
-        sock.send(&dad_probe(dev.mac.0, vip))?;
+        sock.send(&tagged(&dad_probe(dev.mac.0, vip), vlan))?;
     }
     let mine = dev.mac.0;
     crate::arp::await_conflict(&sock, wait, |frame| {
@@ -199,11 +203,12 @@ pub fn probe(interface: &str, vips: &[Ipv6Addr], wait: Duration) -> std::io::Res
 /// plane untouched; solicitations it answers or drops never get here.
 pub fn watch_claims(
     interface: String,
+    vlan: u16,
     vips: Vec<Ipv6Addr>,
     tx: mpsc::Sender<(std::net::IpAddr, [u8; 6])>,
 ) -> std::io::Result<impl Future<Output = ()>> {
     let dev = netdev::lookup(&interface).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let sock = nd_socket(dev.ifindex, None)?;
+    let sock = nd_socket(dev.ifindex, vlan, None)?;
     let mac = dev.mac.0;
     let parse = move |f: &[u8]| foreign_advert(f, &vips, mac).map(|(vip, mac)| (vip.into(), mac));
     crate::rawsock::watch(sock, interface, "Neighbor Discovery", parse, tx)
@@ -242,7 +247,7 @@ impl SolicitedNodeGroups {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vipprobe::tests::run_cbpf;
+    use crate::rawsock::tests::run_cbpf;
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 9];
     const OTHER: [u8; 6] = [2, 0, 0, 0, 0, 0x66];

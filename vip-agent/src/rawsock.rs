@@ -8,6 +8,84 @@ use std::{
     time::Duration,
 };
 
+/// Classic BPF opcodes (linux/bpf_common.h): instruction classes, sizes, modes; and the
+/// ancillary offsets (linux/filter.h) through which a filter reads the VLAN tag the
+/// kernel moved out of the frame.
+pub mod cbpf {
+    pub const LD: u16 = 0x00;
+    pub const LDX: u16 = 0x01;
+    pub const ALU: u16 = 0x04;
+    pub const JMP: u16 = 0x05;
+    pub const RET: u16 = 0x06;
+    pub const W: u16 = 0x00;
+    pub const H: u16 = 0x08;
+    pub const B: u16 = 0x10;
+    pub const ABS: u16 = 0x20;
+    pub const IND: u16 = 0x40;
+    pub const MSH: u16 = 0xa0;
+    pub const JEQ: u16 = 0x10;
+    pub const AND: u16 = 0x50;
+    pub const K: u16 = 0x00;
+    /// `SKF_AD_OFF + SKF_AD_VLAN_TAG`: the frame's VLAN TCI.
+    pub const AD_VLAN_TAG: u32 = 0xffff_f000 + 44;
+    /// `SKF_AD_OFF + SKF_AD_VLAN_TAG_PRESENT`: whether the frame had a tag.
+    pub const AD_VLAN_TAG_PRESENT: u32 = 0xffff_f000 + 48;
+}
+
+pub fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// `rest` (a filter that ends in its own returns), run only for frames on VLAN `vid`
+/// (0: untagged or priority-tagged); others are dropped. A packet socket sees a tagged
+/// frame with its tag moved out by the kernel (`skb_vlan_untag`), so the tag is read
+/// through the ancillary loads and `rest` keeps its untagged offsets.
+pub fn on_vlan(vid: u16, rest: &[libc::sock_filter]) -> Vec<libc::sock_filter> {
+    use cbpf::*;
+    let r = u8::try_from(rest.len()).unwrap_or(u8::MAX);
+    let mut prog = vec![
+        insn(LD | W | ABS, 0, 0, AD_VLAN_TAG_PRESENT),               // 0
+        insn(JMP | JEQ | K, if vid == 0 { 3 } else { 3 + r }, 0, 0), // 1: untagged
+        insn(LD | W | ABS, 0, 0, AD_VLAN_TAG),                       // 2
+        insn(ALU | AND | K, 0, 0, 0x0fff),                           // 3: the VID
+        insn(JMP | JEQ | K, 0, r, u32::from(vid)),                   // 4: else drop
+    ];
+    prog.extend_from_slice(rest);
+    prog.push(insn(RET | K, 0, 0, 0)); // drop
+    prog
+}
+
+/// Accepts every frame (the `rest` of [`on_vlan`] for a socket that wants them all).
+pub const ACCEPT: [libc::sock_filter; 1] = [libc::sock_filter { code: cbpf::RET | cbpf::K, jt: 0, jf: 0, k: 0xffff }];
+/// Accepts the frames of EtherType `ethertype` (the `rest` of [`on_vlan`] for a socket of
+/// one protocol, opened with [`RawSocket::open_filtered`]).
+pub fn ethertype_only(ethertype: u16) -> [libc::sock_filter; 4] {
+    use cbpf::*;
+    [
+        insn(LD | H | ABS, 0, 0, 12),
+        insn(JMP | JEQ | K, 0, 1, u32::from(ethertype)),
+        insn(RET | K, 0, 0, 0xffff),
+        insn(RET | K, 0, 0, 0),
+    ]
+}
+
+/// Accepts none: for a socket that only sends.
+pub const NONE: [libc::sock_filter; 1] = [libc::sock_filter { code: cbpf::RET | cbpf::K, jt: 0, jf: 0, k: 0 }];
+
+/// `frame` (untagged Ethernet) as sent on VLAN `vid`: an 802.1Q tag (priority 0) after
+/// the MAC addresses; unchanged for 0.
+pub fn tagged(frame: &[u8], vid: u16) -> std::borrow::Cow<'_, [u8]> {
+    if vid == 0 || frame.len() < 12 {
+        return std::borrow::Cow::Borrowed(frame);
+    }
+    let mut f = Vec::with_capacity(frame.len() + 4);
+    f.extend_from_slice(&frame[..12]);
+    f.extend_from_slice(&[0x81, 0x00]);
+    f.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    std::borrow::Cow::Owned(f)
+}
+
 /// A raw Ethernet socket on one interface, for one EtherType.
 pub struct RawSocket {
     fd: OwnedFd,
@@ -15,19 +93,65 @@ pub struct RawSocket {
     ethertype: u16,
 }
 
+/// Every EtherType: what a socket that must see VLAN tags binds to (see
+/// [`RawSocket::open_filtered`]).
+const ETH_P_ALL: u16 = 0x0003;
+
 impl RawSocket {
     /// Opens and binds the socket. With `recv_timeout`, [`RawSocket::recv`] returns
     /// `Ok(None)` after that long without a frame.
     pub fn open(ifindex: u32, ethertype: u16, recv_timeout: Option<Duration>) -> io::Result<Self> {
+        Self::open_with(ifindex, ethertype, None, recv_timeout)
+    }
+
+    /// Opens a socket that receives the frames `filter` accepts, of every EtherType (the
+    /// filter checks it; see [`on_vlan`]), bound only once the filter is in place so that
+    /// nothing unfiltered is ever queued.
+    ///
+    /// Why every EtherType: the kernel moves a received VLAN tag out of the frame, and
+    /// clears it before it hands the frame to the sockets of one EtherType; only the
+    /// sockets of all of them still see it, which a socket serving a VIP on a VLAN must.
+    /// What this node sends itself is not received.
+    pub fn open_filtered(
+        ifindex: u32,
+        filter: &[libc::sock_filter],
+        recv_timeout: Option<Duration>,
+    ) -> io::Result<Self> {
+        Self::open_with(ifindex, ETH_P_ALL, Some(filter), recv_timeout)
+    }
+
+    fn open_with(
+        ifindex: u32,
+        ethertype: u16,
+        filter: Option<&[libc::sock_filter]>,
+        recv_timeout: Option<Duration>,
+    ) -> io::Result<Self> {
+        // Protocol 0 until bound: a packet socket receives nothing before.
         // SAFETY: plain socket(2); the result is checked and owned below.
-        let raw =
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(ethertype.to_be())) };
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: raw is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let me = Self { fd, ifindex, ethertype };
+        if let Some(filter) = filter {
+            me.attach_filter(filter)?;
+            let one: libc::c_int = 1;
+            // SAFETY: valid fd; an int option of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    me.fd.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    libc::PACKET_IGNORE_OUTGOING,
+                    (&one as *const libc::c_int).cast(),
+                    mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         let addr = me.addr([0; 6]);
         // SAFETY: valid fd; addr is a properly sized sockaddr_ll.
         if unsafe { libc::bind(me.fd.as_raw_fd(), (&addr as *const libc::sockaddr_ll).cast(), sll_len()) } != 0 {
@@ -90,20 +214,26 @@ impl RawSocket {
     }
 
     fn addr(&self, dst: [u8; 6]) -> libc::sockaddr_ll {
+        self.addr_for(dst, self.ethertype)
+    }
+
+    fn addr_for(&self, dst: [u8; 6], ethertype: u16) -> libc::sockaddr_ll {
         // SAFETY: sockaddr_ll is plain data; all-zero is valid before we fill it.
         let mut a: libc::sockaddr_ll = unsafe { mem::zeroed() };
         a.sll_family = libc::AF_PACKET as u16;
-        a.sll_protocol = self.ethertype.to_be();
+        a.sll_protocol = ethertype.to_be();
         a.sll_ifindex = self.ifindex as i32;
         a.sll_halen = 6;
         a.sll_addr[..6].copy_from_slice(&dst);
         a
     }
 
-    /// Sends a whole Ethernet frame (its first six bytes are the destination MAC).
+    /// Sends a whole Ethernet frame (its first six bytes are the destination MAC), as the
+    /// protocol its own EtherType names (a tagged frame's is 802.1Q's).
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         let dst: [u8; 6] = frame.get(..6).and_then(|d| d.try_into().ok()).ok_or(io::ErrorKind::InvalidInput)?;
-        let addr = self.addr(dst);
+        let ethertype = frame.get(12..14).map_or(self.ethertype, |t| u16::from_be_bytes([t[0], t[1]]));
+        let addr = self.addr_for(dst, ethertype);
         // SAFETY: frame and addr are valid for the lengths given.
         let n = unsafe {
             libc::sendto(
@@ -181,4 +311,83 @@ pub fn watch<T: Send + 'static>(
             }
         }
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A classic BPF interpreter for the instructions the agent's filters use (kernel
+    /// Documentation/networking/filter.rst semantics: loads are big-endian, out of
+    /// bounds rejects; the ancillary VLAN loads read `vlan`, the tag the kernel moved out
+    /// of the frame): the filter's accepted length for `frame`.
+    pub(crate) fn run_cbpf_on(prog: &[libc::sock_filter], frame: &[u8], vlan: Option<u16>) -> u32 {
+        use cbpf::*;
+        let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
+        let load = |off: usize, n: usize| -> Option<u32> {
+            frame.get(off..off + n).map(|b| b.iter().fold(0u32, |acc, &v| acc << 8 | u32::from(v)))
+        };
+        loop {
+            let i = prog[pc];
+            let size = match i.code & 0x18 {
+                H => 2,
+                B => 1,
+                _ => 4,
+            };
+            match (i.code & 0x07, i.code & 0xe0) {
+                (LD, ABS) if i.k == AD_VLAN_TAG_PRESENT => a = u32::from(vlan.is_some()),
+                (LD, ABS) if i.k == AD_VLAN_TAG => a = u32::from(vlan.unwrap_or(0)),
+                (LD, ABS) => match load(i.k as usize, size) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                (LD, IND) => match load(x as usize + i.k as usize, size) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                (LDX, MSH) => match load(i.k as usize, 1) {
+                    Some(v) => x = (v & 0xf) * 4,
+                    None => return 0,
+                },
+                (ALU, _) if i.code & 0xf0 == AND => a &= i.k,
+                (JMP, _) if i.code & 0xf0 == JEQ => {
+                    pc += usize::from(if a == i.k { i.jt } else { i.jf });
+                }
+                (RET, _) => return i.k,
+                other => panic!("instruction {other:?} not interpreted"),
+            }
+            pc += 1;
+        }
+    }
+
+    /// [`run_cbpf_on`] for an untagged frame.
+    pub(crate) fn run_cbpf(prog: &[libc::sock_filter], frame: &[u8]) -> u32 {
+        run_cbpf_on(prog, frame, None)
+    }
+
+    #[test]
+    fn a_vlan_filter_passes_its_vlan_only_and_then_runs_the_rest() {
+        let frame = [0u8; 60];
+        let on_100 = on_vlan(100, &ACCEPT);
+        assert!(run_cbpf_on(&on_100, &frame, Some(100)) > 0);
+        assert!(run_cbpf_on(&on_100, &frame, Some(0x6000 | 100)) > 0, "priority bits are not the VID");
+        assert_eq!(run_cbpf_on(&on_100, &frame, Some(200)), 0, "another VLAN");
+        assert_eq!(run_cbpf_on(&on_100, &frame, None), 0, "untagged");
+        let untagged = on_vlan(0, &ACCEPT);
+        assert!(run_cbpf_on(&untagged, &frame, None) > 0);
+        assert!(run_cbpf_on(&untagged, &frame, Some(0x6000)) > 0, "priority-tagged is untagged");
+        assert_eq!(run_cbpf_on(&untagged, &frame, Some(100)), 0, "a VLAN");
+        // The rest still decides: a rest that refuses.
+        assert_eq!(run_cbpf_on(&on_vlan(100, &NONE), &frame, Some(100)), 0);
+    }
+
+    #[test]
+    fn a_tag_goes_after_the_mac_addresses() {
+        let frame: Vec<u8> = (0..20).collect();
+        let t = tagged(&frame, 100);
+        assert_eq!(t[..12], frame[..12]);
+        assert_eq!(t[12..16], [0x81, 0x00, 0x00, 100]);
+        assert_eq!(t[16..], frame[12..]);
+        assert_eq!(&*tagged(&frame, 0), &frame[..]);
+    }
 }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::rawsock::RawSocket;
+use crate::rawsock::{cbpf, insn, on_vlan, tagged, RawSocket};
 
 const ETH_P_IP: u16 = 0x0800;
 const TCP_SYN: u8 = 0x02;
@@ -29,6 +29,8 @@ pub struct VipProbe {
     pub src_ip: Ipv4Addr,
     pub vip: Ipv4Addr,
     pub port: u16,
+    /// The VIP's VLAN (0: untagged): the probe is sent, and its answer read, there.
+    pub vlan: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,26 +110,6 @@ pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
         && tcp[13] & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
 }
 
-/// Classic BPF opcodes (linux/bpf_common.h): instruction classes, sizes, modes.
-pub(crate) mod cbpf {
-    pub const LD: u16 = 0x00;
-    pub const LDX: u16 = 0x01;
-    pub const JMP: u16 = 0x05;
-    pub const RET: u16 = 0x06;
-    pub const W: u16 = 0x00;
-    pub const H: u16 = 0x08;
-    pub const B: u16 = 0x10;
-    pub const ABS: u16 = 0x20;
-    pub const IND: u16 = 0x40;
-    pub const MSH: u16 = 0xa0;
-    pub const JEQ: u16 = 0x10;
-    pub const K: u16 = 0x00;
-}
-
-pub(crate) fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
-
 /// The filter of a probe's socket: IPv4 TCP from `vip` to port `sport`, nothing else.
 /// Without it every probe's socket copies every IPv4 frame of the interface, which with
 /// hundreds of backends probed at once is most of the node's CPU. `is_syn_ack` still
@@ -156,30 +138,32 @@ pub fn syn_ack_filter(vip: Ipv4Addr, sport: u16) -> [libc::sock_filter; 11] {
 /// sequence number ISN+1 closes it; where there is none, a reset is never answered.
 /// Blocking: run it on a blocking thread.
 pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Duration) -> Result<(), VipProbeError> {
-    let sock = RawSocket::open(p.ifindex, ETH_P_IP, Some(Duration::from_millis(20))).map_err(VipProbeError::Socket)?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
         ^ std::process::id();
     let sport = 40000 + (nanos % 20000) as u16;
     let seq = nanos.rotate_left(13) ^ 0x5eed_0001;
-    sock.attach_filter(&syn_ack_filter(p.vip, sport)).map_err(VipProbeError::Socket)?;
-    sock.send(&syn_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
+    let filter = on_vlan(p.vlan, &syn_ack_filter(p.vip, sport));
+    let sock =
+        RawSocket::open_filtered(p.ifindex, &filter, Some(Duration::from_millis(20))).map_err(VipProbeError::Socket)?;
+    sock.send(&tagged(&syn_frame(p, backend_mac, sport, seq), p.vlan)).map_err(VipProbeError::Socket)?;
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 256];
     while Instant::now() < deadline {
         if let Some(n) = sock.recv(&mut buf).map_err(VipProbeError::Socket)? {
             if is_syn_ack(&buf[..n], p, sport, seq) {
-                sock.send(&rst_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
+                sock.send(&tagged(&rst_frame(p, backend_mac, sport, seq), p.vlan)).map_err(VipProbeError::Socket)?;
                 return Ok(());
             }
         }
     }
-    sock.send(&rst_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
+    sock.send(&tagged(&rst_frame(p, backend_mac, sport, seq), p.vlan)).map_err(VipProbeError::Socket)?;
     Err(VipProbeError::NoAnswer { vip: p.vip, port: p.port, backend, timeout })
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::rawsock::tests::run_cbpf;
 
     fn probe_cfg() -> VipProbe {
         VipProbe {
@@ -188,6 +172,7 @@ pub(crate) mod tests {
             src_ip: Ipv4Addr::new(10, 0, 0, 1),
             vip: Ipv4Addr::new(10, 0, 0, 100),
             port: 6443,
+            vlan: 0,
         }
     }
 
@@ -241,45 +226,6 @@ pub(crate) mod tests {
         let mut rst = ack.clone();
         rst[47] = 0x14;
         assert!(!is_syn_ack(&rst, &p, 40001, 7), "RST is no answer");
-    }
-
-    /// A classic BPF interpreter for the instructions [`syn_ack_filter`] uses (kernel
-    /// Documentation/networking/filter.rst semantics: loads are big-endian, out of
-    /// bounds rejects): the filter's accepted length for `frame`.
-    pub(crate) fn run_cbpf(prog: &[libc::sock_filter], frame: &[u8]) -> u32 {
-        use cbpf::*;
-        let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
-        let load = |off: usize, n: usize| -> Option<u32> {
-            frame.get(off..off + n).map(|b| b.iter().fold(0u32, |acc, &v| acc << 8 | u32::from(v)))
-        };
-        loop {
-            let i = prog[pc];
-            let size = match i.code & 0x18 {
-                H => 2,
-                B => 1,
-                _ => 4,
-            };
-            match (i.code & 0x07, i.code & 0xe0) {
-                (LD, ABS) => match load(i.k as usize, size) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                (LD, IND) => match load(x as usize + i.k as usize, size) {
-                    Some(v) => a = v,
-                    None => return 0,
-                },
-                (LDX, MSH) => match load(i.k as usize, 1) {
-                    Some(v) => x = (v & 0xf) * 4,
-                    None => return 0,
-                },
-                (JMP, _) if i.code & 0xf0 == JEQ => {
-                    pc += usize::from(if a == i.k { i.jt } else { i.jf });
-                }
-                (RET, _) => return i.k,
-                other => panic!("instruction {other:?} not interpreted"),
-            }
-            pc += 1;
-        }
     }
 
     #[test]

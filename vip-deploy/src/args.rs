@@ -89,6 +89,9 @@ pub struct ManifestArgs {
     /// XDP acceleration (`cilium-values` then turns it on).
     #[arg(long, value_enum, default_value_t = Attach::Xdp)]
     pub attach: Attach,
+    /// The VLAN (1 to 4094) the VIPs live on, when the interface is a trunk.
+    #[arg(long, value_name = "VID")]
+    pub vlan: Option<u16>,
     /// Leader election: a Kubernetes Lease, or none (single node).
     #[arg(long, value_enum, default_value_t = Election::Kubernetes)]
     pub election: Election,

@@ -33,6 +33,8 @@ pub struct Settings {
     pub mode: Mode,
     pub forward: Forward,
     pub attach: Attach,
+    /// The VIPs' VLAN, if they live on one.
+    pub vlan: Option<u16>,
     pub election: Election,
     pub backends: Vec<Backend>,
     /// Follow `default/kubernetes` (and grant the RBAC for it).
@@ -105,6 +107,9 @@ impl Settings {
         if !args.binary.starts_with('/') {
             return Err(RenderError::RelativeBinary { path: args.binary.clone() });
         }
+        if let Some(vid) = args.vlan.filter(|v| !(1..=4094).contains(v)) {
+            return Err(RenderError::BadName { flag: "vlan", value: vid.to_string(), why: "must be 1 to 4094" });
+        }
         if args.attach == Attach::Tcx && args.forward == Forward::Ipip {
             return Err(RenderError::TcxIpip);
         }
@@ -117,6 +122,7 @@ impl Settings {
             mode: args.mode,
             forward: args.forward,
             attach: args.attach,
+            vlan: args.vlan,
             election: args.election,
             backends: args.backends.clone(),
             // On unless asked otherwise, for every kind: every control-plane node can read

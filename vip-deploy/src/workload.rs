@@ -323,6 +323,9 @@ fn agent_env(s: &Settings) -> Vec<EnvVar> {
     if s.attach == Attach::Tcx {
         vars.push(env("VIP_ATTACH", "tcx"));
     }
+    if let Some(vid) = s.vlan {
+        vars.push(env("VIP_VLAN", &vid.to_string()));
+    }
     // BGP mode has no election: no Lease settings.
     if s.mode == Mode::Arp {
         let election = match s.election {

@@ -110,6 +110,20 @@ fn a_daemonset_carries_vips_of_both_families() {
     assert_eq!(vip.as_deref(), Some("192.0.2.100,2001:db8::100"), "{yaml}");
 }
 
+/// VIPs on a VLAN of a trunk: the VID reaches the agent; without the flag nothing is set.
+#[test]
+fn a_daemonset_carries_the_vips_vlan() {
+    let vlan_of = |line: &[&str]| {
+        let docs = documents(&render(line));
+        let ds: DaemonSet =
+            serde_yaml::from_value(docs.iter().find(|d| kind_of(d) == "DaemonSet").unwrap().clone()).unwrap();
+        let env = ds.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap_or_default();
+        env.iter().find(|e| e.name == "VIP_VLAN").and_then(|e| e.value.clone())
+    };
+    assert_eq!(vlan_of(&["daemonset", "--vip=192.0.2.100", "--interface=eth0", "--vlan=100"]).as_deref(), Some("100"));
+    assert_eq!(vlan_of(&["daemonset", "--vip=192.0.2.100", "--interface=eth0"]), None);
+}
+
 /// With vip at tcx, Cilium's XDP acceleration may have the interface's XDP hook.
 #[test]
 fn cilium_values_turn_acceleration_on_only_with_attach_tcx() {
@@ -147,6 +161,7 @@ fn missing_and_bad_values_are_named() {
         (&["daemonset", "--vip=224.0.0.1", "--interface=eth0"], "--vip 224.0.0.1: a multicast address"),
         (&["daemonset", "--vip=127.0.0.1", "--interface=eth0"], "loopback"),
         (&["daemonset", "--vip=192.0.2.1,192.0.2.1", "--interface=eth0"], "--vip 192.0.2.1 is given twice"),
+        (&["daemonset", "--vip=10.0.0.1", "--interface=eth0", "--vlan=4095"], "--vlan \"4095\": must be 1 to 4094"),
         (&["daemonset", "--vip=fe80::1", "--interface=eth0"], "--vip fe80::1: a link-local address"),
         (
             &[

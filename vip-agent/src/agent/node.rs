@@ -496,12 +496,15 @@ async fn stage(
             Mode::Arp => {
                 let leads = adopted && dp.maps().vip(vip)?.is_some_and(|s| s.leads_at(now));
                 if !leads {
-                    dp.maps_mut().set_vip(vip, VipState::follower())?;
+                    dp.maps_mut().set_vip(vip, VipState::follower().on_segment(cfg.vlan))?;
                     initially_leading = false;
                 }
             }
             // Reached by routing: nobody answers ARP, every node balances.
-            Mode::Bgp => dp.maps_mut().set_vip_with_balancing(vip, VipState::follower(), VipState::FOREVER)?,
+            Mode::Bgp => {
+                let state = VipState::follower().on_segment(cfg.vlan);
+                dp.maps_mut().set_vip_with_balancing(vip, state, VipState::FOREVER)?
+            }
         }
     }
 
@@ -532,6 +535,7 @@ fn start_announcer(
         _ => Ok(Announcer::Arp(ArpAnnounce::start(ArpStart {
             interface: cfg.interface.clone(),
             vips: cfg.vips.clone(),
+            vlan: cfg.vlan,
             pin_path: cfg.pin_path.clone(),
             election,
             initially_leading,

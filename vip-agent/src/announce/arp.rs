@@ -46,6 +46,8 @@ pub struct MapFence {
     maps: Maps,
     interface: String,
     vips: Vec<IpAddr>,
+    /// The VIPs' VLAN (0: untagged): part of every state written, and of every probe.
+    vlan: u16,
 }
 
 impl MapFence {
@@ -53,8 +55,9 @@ impl MapFence {
         pin_path: &std::path::Path,
         interface: &str,
         vips: &[IpAddr],
+        vlan: u16,
     ) -> Result<Self, crate::dataplane::MapError> {
-        Ok(Self { maps: Maps::from_pins(pin_path)?, interface: interface.to_owned(), vips: vips.to_vec() })
+        Ok(Self { maps: Maps::from_pins(pin_path)?, interface: interface.to_owned(), vips: vips.to_vec(), vlan })
     }
 
     fn set_probing(&mut self, probing: bool) {
@@ -66,6 +69,7 @@ impl MapFence {
     }
 
     fn set_all(&mut self, state: VipState) {
+        let state = state.on_segment(self.vlan);
         for &vip in &self.vips {
             if let Err(e) = self.maps.set_vip(vip, state) {
                 error!(error = %e, %vip, "writing the VIP state failed");
@@ -98,9 +102,9 @@ impl Fence for MapFence {
         // same moment, and both would lead.
         self.set_probing(true);
         // Both families at once: the claim waits one probe time, not two.
-        let (i4, i6) = (self.interface.clone(), self.interface.clone());
-        let arp = tokio::task::spawn_blocking(move || arp::probe(&i4, &v4, arp::PROBE_WAIT));
-        let dad = tokio::task::spawn_blocking(move || ndp::probe(&i6, &v6, arp::PROBE_WAIT));
+        let (i4, i6, vlan) = (self.interface.clone(), self.interface.clone(), self.vlan);
+        let arp = tokio::task::spawn_blocking(move || arp::probe(&i4, vlan, &v4, arp::PROBE_WAIT));
+        let dad = tokio::task::spawn_blocking(move || ndp::probe(&i6, vlan, &v6, arp::PROBE_WAIT));
         let (arp, dad) = tokio::join!(arp, dad);
         self.set_probing(false);
         // A conflict in either family is the answer; otherwise the first failure.
@@ -190,6 +194,8 @@ async fn forward(mut rx: mpsc::Receiver<ElectionEvent>, tx: mpsc::Sender<Announc
 pub struct ArpStart {
     pub interface: String,
     pub vips: Vec<IpAddr>,
+    /// The VIPs' VLAN (0: untagged).
+    pub vlan: u16,
     pub pin_path: PathBuf,
     /// The Lease election, or `None` to hold the VIPs without one.
     pub election: Option<(kube::Client, ElectionConfig)>,
@@ -202,6 +208,7 @@ pub struct ArpStart {
 pub struct ArpAnnounce {
     interface: String,
     vips: Vec<IpAddr>,
+    vlan: u16,
     pin_path: PathBuf,
     eligible: watch::Sender<bool>,
     stop: watch::Sender<bool>,
@@ -221,7 +228,7 @@ pub struct ArpAnnounce {
 
 impl ArpAnnounce {
     pub fn start(s: ArpStart) -> Result<Self, crate::dataplane::MapError> {
-        let fence = MapFence::open(&s.pin_path, &s.interface, &s.vips)?;
+        let fence = MapFence::open(&s.pin_path, &s.interface, &s.vips, s.vlan)?;
         let (eligible, eligible_rx) = watch::channel(false);
         let (stop, stop_rx) = watch::channel(false);
         let elected = s.election.is_some();
@@ -248,6 +255,7 @@ impl ArpAnnounce {
         let mut me = Self {
             interface: s.interface,
             vips: s.vips,
+            vlan: s.vlan,
             pin_path: s.pin_path,
             eligible,
             stop,
@@ -330,7 +338,7 @@ impl ArpAnnounce {
         }
         self.last_defence.insert(vip, Instant::now());
         let leads = self.leader_check();
-        match announcement::defend(&self.interface, vip, leads) {
+        match announcement::defend(&self.interface, self.vlan, vip, leads) {
             Ok(n) => (true, n > 0),
             Err(error) => {
                 warn!(%error, %vip, "defending the VIP failed");
@@ -353,7 +361,8 @@ impl ArpAnnounce {
             g.abort();
         }
         let leads = self.leader_check();
-        self.garp = Some(tokio::spawn(announcement::announce(self.interface.clone(), self.vips.clone(), leads)));
+        let (interface, vips) = (self.interface.clone(), self.vips.clone());
+        self.garp = Some(tokio::spawn(announcement::announce(interface, self.vlan, vips, leads)));
     }
 
     /// (Re)starts the conflict watches (ARP, and ND for IPv6 VIPs) and joins the IPv6
@@ -366,8 +375,8 @@ impl ArpAnnounce {
         self.join_groups(&v6);
         let (tx, mut rx) = mpsc::channel(16);
         let events = self.events.clone();
-        let arp = (!v4.is_empty()).then(|| arp::watch_claims(self.interface.clone(), v4, tx.clone()));
-        let nd = (!v6.is_empty()).then(|| ndp::watch_claims(self.interface.clone(), v6, tx));
+        let arp = (!v4.is_empty()).then(|| arp::watch_claims(self.interface.clone(), self.vlan, v4, tx.clone()));
+        let nd = (!v6.is_empty()).then(|| ndp::watch_claims(self.interface.clone(), self.vlan, v6, tx));
         let arp = match arp.transpose() {
             Ok(w) => w,
             Err(error) => {
