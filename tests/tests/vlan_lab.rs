@@ -105,8 +105,9 @@ fn on_vlan_100(lab: ApiLab, extra: &[&str]) {
     // gratuitous ARPs go out on VLAN 100 alone.
     let lab = std::sync::Arc::new(lab);
     let (l100, l0) = (lab.clone(), lab.clone());
-    let on_100 = std::thread::spawn(move || exchange(&l100, ETH_P_ARP, 100, None, Duration::from_secs(3)));
-    let untagged = std::thread::spawn(move || exchange(&l0, ETH_P_ARP, 0, None, Duration::from_secs(3)));
+    // Long enough for the agent to lead and send its burst (within 5 s, as waited below).
+    let on_100 = std::thread::spawn(move || exchange(&l100, ETH_P_ARP, 100, None, Duration::from_secs(6)));
+    let untagged = std::thread::spawn(move || exchange(&l0, ETH_P_ARP, 0, None, Duration::from_secs(6)));
     std::thread::sleep(Duration::from_millis(300));
     let vip6_arg = vip6.to_string();
     let args: Vec<&str> = ["--vlan", "100", "--vip", &vip6_arg].into_iter().chain(extra.iter().copied()).collect();
@@ -118,6 +119,13 @@ fn on_vlan_100(lab: ApiLab, extra: &[&str]) {
     let (on_100, untagged) = (on_100.join().unwrap(), untagged.join().unwrap());
     assert!(garps(&on_100, vip) > 0, "no gratuitous ARP on VLAN 100");
     assert_eq!(garps(&untagged, vip), 0, "gratuitous ARP on the untagged segment");
+
+    // The untagged listener hears untagged ARP at all: the node's own address is answered
+    // there by its kernel.
+    let node_ip = lab.nodes[0].ip;
+    let for_node = Frame::arp(BROADCAST, client_mac, &Arp::request(client_mac, client_ip, node_ip)).bytes();
+    let heard = exchange(&lab, ETH_P_ARP, 0, Some(for_node), Duration::from_millis(300));
+    assert_eq!(arp_replies(&heard, node_ip), [node_mac], "the untagged listener hears nothing");
 
     // ARP: answered on VLAN 100 (the reply tagged 100), not untagged, not on VLAN 200.
     let request = Frame::arp(BROADCAST, client_mac, &Arp::request(client_mac, client_ip, vip)).bytes();

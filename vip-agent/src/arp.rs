@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     netdev,
-    rawsock::{ethertype_only, on_vlan, tagged, RawSocket},
+    rawsock::{ethertype_only, tagged, RawSocket},
 };
 
 /// How long a claim probe listens for an answer. RFC 5227 allows seconds; a host on the
@@ -75,7 +75,7 @@ pub fn foreign_claim(f: &[u8], vips: &[Ipv4Addr], mine: [u8; 6]) -> Option<(Ipv4
 
 /// An ARP socket on `ifindex` that receives the ARP of VLAN `vlan` (0: untagged) only.
 fn arp_socket(ifindex: u32, vlan: u16, recv_timeout: Option<Duration>) -> std::io::Result<RawSocket> {
-    RawSocket::open_filtered(ifindex, &on_vlan(vlan, &ethertype_only(ETH_P_ARP)), recv_timeout)
+    RawSocket::open_for(ifindex, ETH_P_ARP, vlan, &ethertype_only(ETH_P_ARP), recv_timeout)
 }
 
 /// Another host probing for one of `vips` (RFC 5227 §2.1.1: sender IP 0.0.0.0, target

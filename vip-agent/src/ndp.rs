@@ -5,8 +5,8 @@
 //! makes the NIC (and an MLD-snooping switch) deliver the solicitations at all.
 //!
 //! The IPv4 twin is [`crate::arp`]; the data plane's responder is `vip-ebpf/src/ndp.rs`.
-//! Frames are untagged Ethernet, as an AF_PACKET socket on the interface sends and sees
-//! them.
+//! Frames are built as untagged Ethernet; with `--vlan` they are sent tagged
+//! ([`crate::rawsock::tagged`]), and read untagged, the kernel having moved the tag out.
 
 use std::{
     future::Future,
@@ -20,7 +20,7 @@ use crate::{
     arp::ProbeConflict,
     netdev,
     rawsock::RawSocket,
-    rawsock::{cbpf, insn, on_vlan, tagged},
+    rawsock::{cbpf, insn, tagged},
 };
 
 pub const ETH_P_IPV6: u16 = 0x86DD;
@@ -174,7 +174,7 @@ pub fn nd_filter() -> [libc::sock_filter; 9] {
 /// Opens an ND socket on `ifindex` that receives the ND of VLAN `vlan` (0: untagged)
 /// only ([`nd_filter`]).
 pub fn nd_socket(ifindex: u32, vlan: u16, recv_timeout: Option<Duration>) -> std::io::Result<RawSocket> {
-    RawSocket::open_filtered(ifindex, &on_vlan(vlan, &nd_filter()), recv_timeout)
+    RawSocket::open_for(ifindex, ETH_P_IPV6, vlan, &nd_filter(), recv_timeout)
 }
 
 /// Probes every VIP (RFC 4862 §5.4.2) from `interface` and listens for `wait`: `Err`

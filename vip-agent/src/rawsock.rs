@@ -1,6 +1,6 @@
-//! AF_PACKET sockets bound to one interface and one EtherType: how the agent sends
-//! gratuitous ARPs and VIP-path probes (and reads the answers), and how the tests listen
-//! on the wire.
+//! AF_PACKET sockets bound to one interface (and one EtherType, or every one behind a
+//! filter when a VLAN must be read): how the agent sends gratuitous ARPs, advertisements
+//! and probes (and reads the answers), and how the tests listen on the wire.
 
 use std::{
     io, mem,
@@ -42,16 +42,16 @@ pub fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 /// through the ancillary loads and `rest` keeps its untagged offsets.
 pub fn on_vlan(vid: u16, rest: &[libc::sock_filter]) -> Vec<libc::sock_filter> {
     use cbpf::*;
-    let r = u8::try_from(rest.len()).unwrap_or(u8::MAX);
+    // The drop comes before `rest`, so every jump is a small constant whatever its length.
     let mut prog = vec![
-        insn(LD | W | ABS, 0, 0, AD_VLAN_TAG_PRESENT),               // 0
-        insn(JMP | JEQ | K, if vid == 0 { 3 } else { 3 + r }, 0, 0), // 1: untagged
-        insn(LD | W | ABS, 0, 0, AD_VLAN_TAG),                       // 2
-        insn(ALU | AND | K, 0, 0, 0x0fff),                           // 3: the VID
-        insn(JMP | JEQ | K, 0, r, u32::from(vid)),                   // 4: else drop
+        insn(LD | W | ABS, 0, 0, AD_VLAN_TAG_PRESENT),           // 0
+        insn(JMP | JEQ | K, if vid == 0 { 4 } else { 3 }, 0, 0), // 1: untagged: rest, or drop
+        insn(LD | W | ABS, 0, 0, AD_VLAN_TAG),                   // 2
+        insn(ALU | AND | K, 0, 0, 0x0fff),                       // 3: the VID
+        insn(JMP | JEQ | K, 1, 0, u32::from(vid)),               // 4: ours: rest
+        insn(RET | K, 0, 0, 0),                                  // 5: drop
     ];
     prog.extend_from_slice(rest);
-    prog.push(insn(RET | K, 0, 0, 0)); // drop
     prog
 }
 
@@ -102,6 +102,24 @@ impl RawSocket {
     /// `Ok(None)` after that long without a frame.
     pub fn open(ifindex: u32, ethertype: u16, recv_timeout: Option<Duration>) -> io::Result<Self> {
         Self::open_with(ifindex, ethertype, None, recv_timeout)
+    }
+
+    /// Opens a socket for the frames of EtherType `ethertype` on VLAN `vlan` (0: untagged)
+    /// that `rest` (which checks the EtherType too) accepts: with a VLAN, one of every
+    /// EtherType behind [`on_vlan`] ([`RawSocket::open_filtered`]); without, a socket of
+    /// that EtherType with `rest` alone, which costs the host nothing for other frames.
+    pub fn open_for(
+        ifindex: u32,
+        ethertype: u16,
+        vlan: u16,
+        rest: &[libc::sock_filter],
+        recv_timeout: Option<Duration>,
+    ) -> io::Result<Self> {
+        if vlan == 0 {
+            Self::open_with(ifindex, ethertype, Some(rest), recv_timeout)
+        } else {
+            Self::open_filtered(ifindex, &on_vlan(vlan, rest), recv_timeout)
+        }
     }
 
     /// Opens a socket that receives the frames `filter` accepts, of every EtherType (the
@@ -377,8 +395,19 @@ pub(crate) mod tests {
         assert!(run_cbpf_on(&untagged, &frame, None) > 0);
         assert!(run_cbpf_on(&untagged, &frame, Some(0x6000)) > 0, "priority-tagged is untagged");
         assert_eq!(run_cbpf_on(&untagged, &frame, Some(100)), 0, "a VLAN");
-        // The rest still decides: a rest that refuses.
+        // The rest still decides: a rest that refuses, and a longer one (an EtherType
+        // check) on both sides of its answer and of the VLAN's.
         assert_eq!(run_cbpf_on(&on_vlan(100, &NONE), &frame, Some(100)), 0);
+        let mut arp = [0u8; 60];
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let arp_on_100 = on_vlan(100, &ethertype_only(0x0806));
+        assert!(run_cbpf_on(&arp_on_100, &arp, Some(100)) > 0);
+        assert_eq!(run_cbpf_on(&arp_on_100, &frame, Some(100)), 0, "not ARP");
+        assert_eq!(run_cbpf_on(&arp_on_100, &arp, Some(200)), 0, "ARP on another VLAN");
+        assert_eq!(run_cbpf_on(&arp_on_100, &arp, None), 0, "untagged ARP");
+        let arp_untagged = on_vlan(0, &ethertype_only(0x0806));
+        assert!(run_cbpf_on(&arp_untagged, &arp, None) > 0);
+        assert_eq!(run_cbpf_on(&arp_untagged, &arp, Some(100)), 0, "tagged ARP");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::rawsock::{cbpf, insn, on_vlan, tagged, RawSocket};
+use crate::rawsock::{cbpf, insn, RawSocket};
 
 const ETH_P_IP: u16 = 0x0800;
 const TCP_SYN: u8 = 0x02;
@@ -29,8 +29,6 @@ pub struct VipProbe {
     pub src_ip: Ipv4Addr,
     pub vip: Ipv4Addr,
     pub port: u16,
-    /// The VIP's VLAN (0: untagged): the probe is sent, and its answer read, there.
-    pub vlan: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,21 +140,24 @@ pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Dur
         ^ std::process::id();
     let sport = 40000 + (nanos % 20000) as u16;
     let seq = nanos.rotate_left(13) ^ 0x5eed_0001;
-    let filter = on_vlan(p.vlan, &syn_ack_filter(p.vip, sport));
-    let sock =
-        RawSocket::open_filtered(p.ifindex, &filter, Some(Duration::from_millis(20))).map_err(VipProbeError::Socket)?;
-    sock.send(&tagged(&syn_frame(p, backend_mac, sport, seq), p.vlan)).map_err(VipProbeError::Socket)?;
+    // Untagged even for VIPs on a VLAN (`--vlan`): the probe comes from this node's own
+    // address, which the backend answers by its routes, on the segment of that address;
+    // what it proves is the backend's taking VIP traffic, which the VLAN does not change.
+    let filter = syn_ack_filter(p.vip, sport);
+    let sock = RawSocket::open_for(p.ifindex, ETH_P_IP, 0, &filter, Some(Duration::from_millis(20)))
+        .map_err(VipProbeError::Socket)?;
+    sock.send(&syn_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 256];
     while Instant::now() < deadline {
         if let Some(n) = sock.recv(&mut buf).map_err(VipProbeError::Socket)? {
             if is_syn_ack(&buf[..n], p, sport, seq) {
-                sock.send(&tagged(&rst_frame(p, backend_mac, sport, seq), p.vlan)).map_err(VipProbeError::Socket)?;
+                sock.send(&rst_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
                 return Ok(());
             }
         }
     }
-    sock.send(&tagged(&rst_frame(p, backend_mac, sport, seq), p.vlan)).map_err(VipProbeError::Socket)?;
+    sock.send(&rst_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
     Err(VipProbeError::NoAnswer { vip: p.vip, port: p.port, backend, timeout })
 }
 
@@ -172,7 +173,6 @@ mod tests {
             src_ip: Ipv4Addr::new(10, 0, 0, 1),
             vip: Ipv4Addr::new(10, 0, 0, 100),
             port: 6443,
-            vlan: 0,
         }
     }
 

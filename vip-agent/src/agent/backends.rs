@@ -61,7 +61,7 @@ impl Checks {
     fn new(probe: Probe, dev: &Netdev, nl: &Netlink, cfg: &RunConfig) -> Self {
         let dsr = dev.ipv4.zip(cfg.vips4().first().copied()).map(|(src_ip, vip)| health::DsrCheck {
             netlink: nl.clone(),
-            probe: VipProbe { ifindex: dev.ifindex, src_mac: dev.mac.0, src_ip, vip, port: cfg.port, vlan: cfg.vlan },
+            probe: VipProbe { ifindex: dev.ifindex, src_mac: dev.mac.0, src_ip, vip, port: cfg.port },
         });
         Self { probe, dsr, ipip: health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex } }
     }

@@ -117,7 +117,7 @@ impl Node {
             Ok(x) => x,
             Err(e) => {
                 error!(error = %e, "start-up failed; undoing");
-                undo(dp, &mut host, &cfg.vips, adopted).await;
+                undo(dp, &mut host, &cfg.vips, cfg.vlan, adopted).await;
                 return Err(e);
             }
         };
@@ -125,7 +125,7 @@ impl Node {
             Ok(m) => m,
             Err(e) => {
                 error!(error = %e, "opening the pinned maps for metrics failed; undoing");
-                undo(dp, &mut host, &cfg.vips, adopted).await;
+                undo(dp, &mut host, &cfg.vips, cfg.vlan, adopted).await;
                 return Err(e.into());
             }
         };
@@ -157,7 +157,7 @@ impl Node {
             Err(e) => {
                 error!(error = %e, "starting the announcer failed; undoing");
                 metrics_task.abort();
-                undo(dp, &mut host, &cfg.vips, adopted).await;
+                undo(dp, &mut host, &cfg.vips, cfg.vlan, adopted).await;
                 return Err(e);
             }
         };
@@ -425,7 +425,7 @@ impl Node {
         }
         self.backends.stop();
         self.metrics_task.abort();
-        undo(self.dp, &mut self.host, &self.cfg.vips, keep).await;
+        undo(self.dp, &mut self.host, &self.cfg.vips, self.cfg.vlan, keep).await;
         info!("stopped cleanly");
     }
 }
@@ -488,13 +488,14 @@ async fn stage(
         }
     }
     // A node starts as a follower; an adopted leader state is kept as the fence of the
-    // Lease this agent takes over (or, without an election, as the permanent leader).
+    // Lease this agent takes over (or, without an election, as the permanent leader) —
+    // unless it is on another VLAN than this configuration's.
     let now = boot_ns();
     let mut initially_leading = cfg.mode == Mode::Arp;
     for &vip in &cfg.vips {
         match cfg.mode {
             Mode::Arp => {
-                let leads = adopted && dp.maps().vip(vip)?.is_some_and(|s| s.leads_at(now));
+                let leads = adopted && dp.maps().vip(vip)?.is_some_and(|s| s.leads_at(now) && s.segment == cfg.vlan);
                 if !leads {
                     dp.maps_mut().set_vip(vip, VipState::follower().on_segment(cfg.vlan))?;
                     initially_leading = false;
@@ -546,7 +547,7 @@ fn start_announcer(
 
 /// Undoes start-up; with `keep`, leaves forwarding (and the host state) as it is for
 /// the next agent.
-async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::IpAddr], keep: bool) {
+async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::IpAddr], vlan: u16, keep: bool) {
     if keep {
         if let Err(e) = dp.shutdown(true) {
             error!(error = %e, "leaving the data plane pinned failed");
@@ -556,7 +557,7 @@ async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::IpAddr], keep: b
     let mut dp = dp;
     // Stop answering ARP first, then detach: the kernel must not answer in between.
     for &vip in vips {
-        if let Err(e) = dp.maps_mut().set_vip(vip, VipState::follower()) {
+        if let Err(e) = dp.maps_mut().set_vip(vip, VipState::follower().on_segment(vlan)) {
             warn!(error = %e, %vip, "could not stop answering ARP before detaching");
         }
     }

@@ -387,7 +387,6 @@ impl Dataplane {
             });
             loaded.map_err(cleanup)?;
         }
-        install_ipv6_tail_call::<Xdp>(&mut ebpf, program_names::VIP6, tail_calls::PROGS_XDP).map_err(cleanup)?;
         let maps = Maps::take_from(&mut ebpf).map_err(|e| cleanup(e.into()))?;
         let log = log::reader(&mut ebpf, debug_log);
         info!(pin_path = %shown, adopted, debug_log, "data plane loaded");
@@ -434,6 +433,16 @@ impl Dataplane {
         // program) still attached. (The XDP program was loaded with the object.)
         if hook == Hook::Tcx {
             self.tcx_program(Program::Tcx)?;
+        }
+        // The IPv6 program goes into the pinned program array only now, right before the
+        // link changes (it is verified first, inside): until then the previous agent's
+        // program keeps jumping to its own IPv6 program, and a start that fails earlier
+        // leaves it so.
+        match hook {
+            Hook::Xdp => install_ipv6_tail_call::<Xdp>(&mut self.ebpf, program_names::VIP6, tail_calls::PROGS_XDP)?,
+            Hook::Tcx => {
+                install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?
+            }
         }
         let mut done = None;
         if pin.exists() {
@@ -492,6 +501,7 @@ impl Dataplane {
     /// [`Runner::run`] (attaching loads them by itself).
     pub fn load_tcx(&mut self) -> Result<(), DataplaneError> {
         self.tcx_program(Program::Tcx)?;
+        install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
         self.tcx_program(Program::TcxDropIcmp)?;
         Ok(())
     }
@@ -509,9 +519,6 @@ impl Dataplane {
         if tc.fd().is_err() {
             tc.load()
                 .map_err(|source| permission_denied(&source).unwrap_or(DataplaneError::LoadProgram { name, source }))?;
-            if program == Program::Tcx {
-                install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
-            }
         }
         self.ebpf
             .program_mut(name)
@@ -785,7 +792,8 @@ pub enum TailCallError {
 /// slot [`tail_calls::IPV6`] of the program array `array`, which the entry point jumps
 /// through for every IPv6 frame. With pinned maps the array is the previous agent's,
 /// whose program (still attached until ours replaces it) then jumps to ours: both use
-/// the same maps.
+/// the same maps. Called at load for a data plane of its own, at attach for a pinned one
+/// ([`Dataplane::attach_pinned`]).
 fn install_ipv6_tail_call<T>(ebpf: &mut Ebpf, target: &'static str, array: &'static str) -> Result<(), DataplaneError>
 where
     for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program>,
