@@ -24,15 +24,12 @@ use crate::{
 };
 
 pub const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_ICMPV6: u8 = 58;
-const ND_NEIGHBOR_SOLICIT: u8 = 135;
-const ND_NEIGHBOR_ADVERT: u8 = 136;
-const ND_OPT_TARGET_LL: u8 = 2;
-/// RFC 4861 §7.1: every ND message is sent, and accepted, with hop limit 255.
-const ND_HOP_LIMIT: u8 = 255;
-/// NA flag: Override (RFC 4861 §4.4). An unsolicited advertisement sets it so neighbours
-/// replace the MAC they have cached for the VIP; Solicited and Router stay clear.
-const NA_FLAG_OVERRIDE: u8 = 0x20;
+// An unsolicited advertisement sets Override (RFC 4861 §4.4), so neighbours replace the
+// MAC they have cached for the VIP; Solicited and Router stay clear.
+use vip_common::nd::{
+    HOP_LIMIT as ND_HOP_LIMIT, IPPROTO_ICMPV6, NA_FLAG_OVERRIDE, NEIGHBOR_ADVERT as ND_NEIGHBOR_ADVERT,
+    NEIGHBOR_SOLICIT as ND_NEIGHBOR_SOLICIT, OPT_TARGET_LL as ND_OPT_TARGET_LL,
+};
 /// Offsets in an untagged frame: IPv6 header, its next-header field, the ICMPv6 message.
 const IP6: usize = 14;
 const ICMP6: usize = IP6 + 40;

@@ -71,6 +71,30 @@ pub mod tail_calls {
     pub const IPV6: u32 = 0;
 }
 
+/// Neighbor Discovery's numbers (RFC 4861), for the data plane's responder and the
+/// agent's announcements and probes alike.
+pub mod nd {
+    /// IPv6 next header of ICMPv6.
+    pub const IPPROTO_ICMPV6: u8 = 58;
+    /// ICMPv6 types of a solicitation and an advertisement (§4.3, §4.4).
+    pub const NEIGHBOR_SOLICIT: u8 = 135;
+    pub const NEIGHBOR_ADVERT: u8 = 136;
+    /// Option types (§4.6.1): source and target link-layer address.
+    pub const OPT_SOURCE_LL: u8 = 1;
+    pub const OPT_TARGET_LL: u8 = 2;
+    /// Hop limit of every ND message, sent and accepted (§7.1.1): a packet that crossed
+    /// a router cannot have it, so ND cannot be spoofed from off-link.
+    pub const HOP_LIMIT: u8 = 255;
+    /// NA flags (the first byte after the checksum): Solicited and Override. Router stays
+    /// clear: a VIP is a host address.
+    pub const NA_FLAG_SOLICITED: u8 = 0x40;
+    pub const NA_FLAG_OVERRIDE: u8 = 0x20;
+    /// All-nodes multicast (ff02::1), network order, and its Ethernet group (RFC 2464 §7:
+    /// 33:33 and the low 32 bits).
+    pub const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    pub const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
+}
+
 /// Program names in the ELF object.
 pub mod program_names {
     /// The data plane: ARP responder and VIP forwarding.

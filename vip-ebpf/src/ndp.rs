@@ -29,31 +29,18 @@ use crate::{
     verdict::Verdict,
 };
 
-/// IPv6 next header of ICMPv6.
-const IPPROTO_ICMPV6: u8 = 58;
-/// ICMPv6 types of a solicitation and an advertisement (RFC 4861 §4.3, §4.4).
-const ND_NEIGHBOR_SOLICIT: u8 = 135;
-const ND_NEIGHBOR_ADVERT: u8 = 136;
-/// Option types (RFC 4861 §4.6.1): source and target link-layer address.
-const ND_OPT_SOURCE_LL: u8 = 1;
-const ND_OPT_TARGET_LL: u8 = 2;
-/// Hop limit of every ND message, sent and accepted (RFC 4861 §7.1.1): a packet that
-/// crossed a router cannot have it, so ND cannot be spoofed from off-link.
-const ND_HOP_LIMIT: u8 = 255;
-/// NA flags (first byte of the word after the checksum): Solicited and Override. Router
-/// stays clear: a VIP is a host address.
-const NA_FLAG_SOLICITED: u8 = 0x40;
-const NA_FLAG_OVERRIDE: u8 = 0x20;
+use vip_common::nd::{
+    ALL_NODES, ALL_NODES_MAC, HOP_LIMIT as ND_HOP_LIMIT, IPPROTO_ICMPV6, NA_FLAG_OVERRIDE, NA_FLAG_SOLICITED,
+    NEIGHBOR_ADVERT as ND_NEIGHBOR_ADVERT, NEIGHBOR_SOLICIT as ND_NEIGHBOR_SOLICIT, OPT_SOURCE_LL as ND_OPT_SOURCE_LL,
+    OPT_TARGET_LL as ND_OPT_TARGET_LL,
+};
+
 /// Length of an NS or NA without options: type, code, checksum, 4 bytes of flags or
 /// reserved, the 16-byte target.
 const ND_LEN: usize = 24;
 /// The advertisement this module sends: the NA and one target link-layer option (type,
 /// length 1 in units of 8 bytes, the MAC).
 const NA_LEN: usize = ND_LEN + 8;
-/// All-nodes multicast (ff02::1) and its Ethernet group (RFC 2464 §7: 33:33 and the low
-/// 32 bits), where the answer to a DAD probe goes (RFC 4861 §7.2.4).
-const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const ALL_NODES_MAC: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 
 /// The fixed part of an NS (and of an NA).
 #[repr(C)]
