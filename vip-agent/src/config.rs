@@ -177,6 +177,12 @@ impl FromStr for BackendArg {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
+        // An IPv6 backend (with or without brackets) would otherwise read as a bad port.
+        if s.starts_with('[') || s.matches(':').count() > 1 {
+            return Err(format!(
+                "{s:?}: backends are IPv4 (an IPv6 VIP is balanced to the same IPv4-known apiservers)"
+            ));
+        }
         let (ip, port) = match s.split_once(':') {
             Some((ip, port)) => {
                 let port: u16 = port.parse().map_err(|_| format!("{s:?}: bad port {port:?}"))?;
@@ -198,7 +204,8 @@ pub struct RunArgs {
     /// environment take precedence over it.
     #[arg(long, env = "VIP_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Interface that faces the clients (the one ARP for the VIP arrives on).
+    /// Interface that faces the clients (the one ARP and Neighbor Discovery for the VIPs
+    /// arrive on; with --vlan, the trunk that carries the VLAN).
     #[arg(long, env = "VIP_INTERFACE", value_name = "IF")]
     pub interface: String,
     /// Virtual IP to serve, IPv4 or IPv6. Repeat the flag (or separate with commas) for
@@ -546,6 +553,11 @@ impl TryFrom<RunArgs> for RunConfig {
             if !ok {
                 return Err(ConfigError::Range { flag, value: value.to_string(), range });
             }
+        }
+        if args.vlan.is_some() && args.mode == Mode::Bgp {
+            return Err(ConfigError::Bgp {
+                why: "--vlan is for ARP mode: BGP routes the VIPs to the node's own address".into(),
+            });
         }
         if let Some(vid) = args.vlan.filter(|v| !(1..=4094).contains(v)) {
             return Err(ConfigError::Range {
@@ -975,6 +987,29 @@ mod tests {
             (
                 &["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none", "--vlan", "0"],
                 "--vlan 0: must be 1 to 4094",
+            ),
+            (
+                &["--interface", "eth0", "--vip", "fd00::1", "--election", "none", "--backend", "fd00::11"],
+                "\"fd00::11\": backends are IPv4",
+            ),
+            (
+                &[
+                    "--interface",
+                    "eth0",
+                    "--vip",
+                    "10.0.0.1",
+                    "--election",
+                    "none",
+                    "--vlan",
+                    "100",
+                    "--mode",
+                    "bgp",
+                    "--bgp-local-as",
+                    "65001",
+                    "--bgp-peer",
+                    "10.0.0.254:65000",
+                ],
+                "--vlan is for ARP mode",
             ),
             (&["--interface", "eth0", "--vip", "ff02::1", "--election", "none"], "--vip ff02::1: a multicast"),
             (&["--interface", "eth0", "--vip", "::1", "--election", "none"], "--vip ::1: a loopback"),

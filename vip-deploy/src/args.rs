@@ -68,8 +68,8 @@ pub enum Discover {
 /// meant for the agent must not leak into the manifests rendered on an operator's shell.
 #[derive(Clone, Debug, PartialEq, Eq, Args)]
 pub struct ManifestArgs {
-    /// Virtual IP to serve. Repeat the flag (or separate with commas) for several.
-    /// Needed by every kind but `rbac`.
+    /// Virtual IP to serve, IPv4 or IPv6. Repeat the flag (or separate with commas) for
+    /// several. Needed by every kind but `rbac`.
     #[arg(long = "vip", value_name = "IP", value_delimiter = ',')]
     pub vips: Vec<IpAddr>,
     /// Interface that faces the clients, the same name on every control-plane node.
@@ -161,6 +161,12 @@ impl FromStr for Backend {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
+        // An IPv6 backend (with or without brackets) would otherwise read as a bad port.
+        if s.starts_with('[') || s.matches(':').count() > 1 {
+            return Err(format!(
+                "{s:?}: backends are IPv4 (an IPv6 VIP is balanced to the same IPv4-known apiservers)"
+            ));
+        }
         let (ip, port) = match s.split_once(':') {
             Some((ip, port)) => match port.parse::<u16>() {
                 Ok(0) | Err(_) => return Err(format!("{s:?}: bad port {port:?}")),

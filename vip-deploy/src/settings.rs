@@ -107,6 +107,10 @@ impl Settings {
         if !args.binary.starts_with('/') {
             return Err(RenderError::RelativeBinary { path: args.binary.clone() });
         }
+        if args.vlan.is_some() && args.mode == Mode::Bgp {
+            let why = "is for ARP mode: BGP routes the VIPs to the node's own address";
+            return Err(RenderError::BadName { flag: "vlan", value: args.vlan.unwrap_or(0).to_string(), why });
+        }
         if let Some(vid) = args.vlan.filter(|v| !(1..=4094).contains(v)) {
             return Err(RenderError::BadName { flag: "vlan", value: vid.to_string(), why: "must be 1 to 4094" });
         }

@@ -98,6 +98,13 @@ fn cilium_values_point_at_the_first_vip() {
     assert_eq!(values.load_balancer.acceleration, "disabled");
 }
 
+/// An IPv6 backend is named as such, not taken for an IPv4 address with a bad port.
+#[test]
+fn an_ipv6_backend_is_refused_as_such() {
+    let e = common::clap_error(&["daemonset", "--vip=fd00::1", "--interface=eth0", "--backend=fd00::11"]);
+    assert!(e.contains("\"fd00::11\": backends are IPv4"), "{e}");
+}
+
 /// A dual-stack control plane: both VIPs reach the agent, in the order given.
 #[test]
 fn a_daemonset_carries_vips_of_both_families() {
@@ -162,6 +169,18 @@ fn missing_and_bad_values_are_named() {
         (&["daemonset", "--vip=127.0.0.1", "--interface=eth0"], "loopback"),
         (&["daemonset", "--vip=192.0.2.1,192.0.2.1", "--interface=eth0"], "--vip 192.0.2.1 is given twice"),
         (&["daemonset", "--vip=10.0.0.1", "--interface=eth0", "--vlan=4095"], "--vlan \"4095\": must be 1 to 4094"),
+        (
+            &[
+                "daemonset",
+                "--vip=10.0.0.1",
+                "--interface=eth0",
+                "--vlan=100",
+                "--mode=bgp",
+                "--bgp-local-as=65001",
+                "--bgp-peer=10.0.0.1:65000",
+            ],
+            "--vlan \"100\": is for ARP mode",
+        ),
         (&["daemonset", "--vip=fe80::1", "--interface=eth0"], "--vip fe80::1: a link-local address"),
         (
             &[
