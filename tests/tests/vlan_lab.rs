@@ -151,6 +151,15 @@ fn on_vlan_100(lab: ApiLab, extra: &[&str]) {
         assert_eq!(n > 0, answered, "NS on VLAN {vid}: {n} advertisements");
     }
 
+    // The claim watch reads VLAN 100 only: another host announcing the VIP on VLAN 200 is
+    // not a conflict, on VLAN 100 it is (counted, the foreign MAC logged).
+    let claim = Frame::arp(BROADCAST, client_mac, &Arp::request(client_mac, vip, vip)).bytes();
+    let conflicts = || lab.metric(0, &format!("vip_arp_conflicts_total{{vip=\"{vip}\"}}")).unwrap_or(0.0);
+    exchange(&lab, ETH_P_ARP, 200, Some(tagged(&claim, 200).into_owned()), Duration::from_millis(500));
+    assert_eq!(conflicts(), 0.0, "a claim on VLAN 200 taken for one on VLAN 100");
+    exchange(&lab, ETH_P_ARP, 100, Some(tagged(&claim, 100).into_owned()), Duration::from_millis(100));
+    assert!(wait_until(Duration::from_secs(3), || conflicts() >= 1.0), "a claim on VLAN 100 not seen");
+
     let counters = &lab.status(0).unwrap()["counters"];
     assert!(counters["other_segment"].as_u64().unwrap_or(0) >= 4, "{counters}");
     let (status, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();

@@ -39,11 +39,7 @@ impl Wire {
         let dev = netdev::lookup(interface).map_err(|e| std::io::Error::other(e.to_string()))?;
         // Send-only: unfiltered, a packet socket would copy every frame of its EtherType
         // (all the IPv6 traffic) for as long as the announcements last.
-        let open = |ethertype| -> std::io::Result<RawSocket> {
-            let sock = RawSocket::open(dev.ifindex, ethertype, None)?;
-            sock.attach_filter(&NONE)?;
-            Ok(sock)
-        };
+        let open = |ethertype| RawSocket::open_for(dev.ifindex, ethertype, 0, &NONE, None);
         let arp = vips.iter().any(IpAddr::is_ipv4).then(|| open(arp::ETH_P_ARP)).transpose()?;
         let ipv6 = vips.iter().any(IpAddr::is_ipv6).then(|| open(ndp::ETH_P_IPV6)).transpose()?;
         Ok(Self { mac: dev.mac.0, vlan, arp, ipv6 })

@@ -412,25 +412,25 @@ pub struct RunConfig {
 impl RunConfig {
     /// The IPv4 VIPs: ARP, BGP, the VIP-path probe.
     pub fn vips4(&self) -> Vec<Ipv4Addr> {
-        self.vips
-            .iter()
-            .filter_map(|v| match v {
-                IpAddr::V4(v) => Some(*v),
-                IpAddr::V6(_) => None,
-            })
-            .collect()
+        split_vips(&self.vips).0
     }
 
     /// The IPv6 VIPs: Neighbor Discovery.
     pub fn vips6(&self) -> Vec<Ipv6Addr> {
-        self.vips
-            .iter()
-            .filter_map(|v| match v {
-                IpAddr::V6(v) => Some(*v),
-                IpAddr::V4(_) => None,
-            })
-            .collect()
+        split_vips(&self.vips).1
     }
+}
+
+/// `vips` by family, each in the order given.
+pub fn split_vips(vips: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut split = (Vec::new(), Vec::new());
+    for vip in vips {
+        match *vip {
+            IpAddr::V4(v) => split.0.push(v),
+            IpAddr::V6(v) => split.1.push(v),
+        }
+    }
+    split
 }
 
 /// BGP mode's settings.

@@ -15,7 +15,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
     path::PathBuf,
     time::Duration,
 };
@@ -97,7 +97,7 @@ impl Fence for MapFence {
     }
 
     async fn claim(&mut self) -> Result<(), ClaimConflict> {
-        let (v4, v6) = split(&self.vips);
+        let (v4, v6) = crate::config::split_vips(&self.vips);
         // Without it our own data plane would drop the probe of a node claiming at the
         // same moment, and both would lead.
         self.set_probing(true);
@@ -132,13 +132,6 @@ impl Fence for MapFence {
             }
         }
     }
-}
-
-/// The VIPs by family.
-fn split(vips: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
-    let v4 = vips.iter().filter_map(|v| if let IpAddr::V4(v) = v { Some(*v) } else { None }).collect();
-    let v6 = vips.iter().filter_map(|v| if let IpAddr::V6(v) = v { Some(*v) } else { None }).collect();
-    (v4, v6)
 }
 
 /// Holds the VIPs without an election: leads whenever eligible (after a clean probe),
@@ -371,7 +364,7 @@ impl ArpAnnounce {
         if let Some(w) = self.watch.take() {
             w.abort();
         }
-        let (v4, v6) = split(&self.vips);
+        let (v4, v6) = crate::config::split_vips(&self.vips);
         self.join_groups(&v6);
         let (tx, mut rx) = mpsc::channel(16);
         let events = self.events.clone();
