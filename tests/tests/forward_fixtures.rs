@@ -182,7 +182,7 @@ fn forwarding_fixture_table_of(program: Program) {
         tagged.bytes(),
         Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&tagged, 1)) },
     );
-    check(&dp, "untagged SYN for a VIP on VLAN 42: passed", syn(40052).bytes(), pass(OtherSegment));
+    check(&dp, "untagged SYN for a VIP on VLAN 42: passed", syn(40052).bytes(), pass(UntaggedAtXdp));
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
     // Only frames sent to us; what we send carries our MAC.
     check(

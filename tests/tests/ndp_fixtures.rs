@@ -298,7 +298,7 @@ fn fixture_table() -> Vec<Fixture> {
             NsReplied,
             Some(tagged_na(na_to_client(VIP))),
         ),
-        fx("untagged NS for the VIP on VLAN 100", LeaderOnVlan100, ns_for(VIP).bytes(), xdp::PASS, OtherSegment, None),
+        fx("untagged NS for the VIP on VLAN 100", LeaderOnVlan100, ns_for(VIP).bytes(), xdp::PASS, UntaggedAtXdp, None),
         fx("NS for the VIP, leader without a MAC", LeaderNoMac, ns_for(VIP).bytes(), xdp::DROP, ArpNoConfig, None),
         fx(
             "NA for the VIP from another host: passed (the agent watches it)",

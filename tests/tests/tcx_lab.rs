@@ -37,8 +37,12 @@ fn at_tcx_the_data_plane_runs_first_and_hands_everything_else_on() {
     assert!(!lab.ns(0).has_xdp("eth0").unwrap(), "--attach tcx attached XDP");
     assert_eq!(tcx_chain(&lab, 0), vec!["vip_tcx"]);
     let status = lab.status(0).unwrap();
-    assert_eq!(status["attached"], serde_json::json!([{ "interface": "eth0", "hook": "tcx" }]), "{status}");
-    assert_eq!(lab.metric(0, "vip_attached{hook=\"tcx\"}"), Some(1.0));
+    assert_eq!(
+        status["attached"],
+        serde_json::json!([{ "interface": "eth0", "hook": "tcx", "mode": "ingress" }]),
+        "{status}"
+    );
+    assert_eq!(lab.metric(0, "vip_attached{hook=\"tcx\",mode=\"ingress\"}"), Some(1.0));
     let (counts, errors) = lab.requests(60);
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(counts.len(), 3, "requests did not reach every apiserver: {counts:?}");
@@ -122,7 +126,11 @@ fn a_restart_moves_the_data_plane_from_xdp_to_tcx() {
     );
     assert_eq!(tcx_chain(&lab, 0), vec!["vip_tcx"]);
     let status = lab.status(0).unwrap();
-    assert_eq!(status["attached"], serde_json::json!([{ "interface": "eth0", "hook": "tcx" }]), "{status}");
+    assert_eq!(
+        status["attached"],
+        serde_json::json!([{ "interface": "eth0", "hook": "tcx", "mode": "ingress" }]),
+        "{status}"
+    );
     let (counts, errors) = lab.requests(30);
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(counts.len(), 3, "{counts:?}");

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde_json::json;
 use tests::{
     agent::wait_until,
     apilab::ApiLab,
@@ -79,7 +80,35 @@ fn vips_on_vlan_100_are_answered_and_announced_there_only() {
     let lab = ApiLab::new([10, 97, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
     let port = format!("p{}", lab.nodes[0].ip.octets()[3]);
     tests::netns::run(lab.lab.switch.cmd("ethtool").args(["-K", &port, "txvlan", "off"])).unwrap();
-    on_vlan_100(lab, &[]);
+    let (attached, counters) = on_vlan_100(lab, &[]);
+    assert_eq!(attached, json!([xdp(), companion()]));
+    assert!(counters["other_segment"].as_u64().unwrap_or(0) >= 2, "VLAN 200 not counted: {counters}");
+    assert!(counters["untagged_at_xdp"].as_u64().unwrap_or(0) >= 2, "untagged not counted: {counters}");
+}
+
+/// At XDP, with the tag stripped into the skb (the veth's default, as most NICs'): XDP
+/// cannot read it and passes every untagged frame for a VIP on a VLAN; the tcx companion
+/// beside it reads the tag from the skb and answers on VLAN 100 alone, tagged.
+#[test]
+fn at_xdp_vips_on_vlan_100_are_answered_with_the_tag_stripped_by_the_nic() {
+    if !tests::kernel_has_tcx() {
+        return;
+    }
+    let lab = ApiLab::new([10, 110, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
+    let (attached, counters) = on_vlan_100(lab, &[]);
+    assert_eq!(attached, json!([xdp(), companion()]));
+    // Every request (VLAN 100, 200, untagged) looked untagged at XDP; at tcx, VLAN 200's
+    // were on the other segment and untagged ones were handed on uncounted.
+    assert!(counters["untagged_at_xdp"].as_u64().unwrap_or(0) >= 6, "{counters}");
+    assert!(counters["other_segment"].as_u64().unwrap_or(0) >= 2, "VLAN 200 not counted at tcx: {counters}");
+}
+
+fn xdp() -> serde_json::Value {
+    json!({ "interface": "eth0", "hook": "xdp", "mode": "skb" })
+}
+
+fn companion() -> serde_json::Value {
+    json!({ "interface": "eth0", "hook": "tcx", "mode": "vlan_stripped" })
 }
 
 /// At tcx, with the tag stripped into the skb (the veth's default, as most NICs'): tc
@@ -90,12 +119,15 @@ fn at_tcx_vips_on_vlan_100_are_answered_with_the_tag_stripped_by_the_nic() {
         return;
     }
     let lab = ApiLab::new([10, 98, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
-    on_vlan_100(lab, &["--attach", "tcx"]);
+    let (attached, counters) = on_vlan_100(lab, &["--attach", "tcx"]);
+    assert_eq!(attached, json!([{ "interface": "eth0", "hook": "tcx", "mode": "ingress" }]));
+    assert!(counters["other_segment"].as_u64().unwrap_or(0) >= 4, "{counters}");
 }
 
 /// The agent with `--vlan 100` (and `extra`) on the lab's one node, an IPv4 and an IPv6
-/// VIP: announced, and answered, on VLAN 100 only.
-fn on_vlan_100(lab: ApiLab, extra: &[&str]) {
+/// VIP: announced, and answered, on VLAN 100 only. Returns what `status` says is attached,
+/// and the data plane's counters.
+fn on_vlan_100(lab: ApiLab, extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
     let (vip, vip6) = (lab.vip, lab.vip6);
     let node_mac = tests::netns::mac_of(lab.ns(0), "eth0").unwrap();
     let client_mac = tests::netns::mac_of(lab.client_ns(), "eth0").unwrap();
@@ -160,8 +192,72 @@ fn on_vlan_100(lab: ApiLab, extra: &[&str]) {
     exchange(&lab, ETH_P_ARP, 100, Some(tagged(&claim, 100).into_owned()), Duration::from_millis(100));
     assert!(wait_until(Duration::from_secs(3), || conflicts() >= 1.0), "a claim on VLAN 100 not seen");
 
+    let status = lab.status(0).unwrap();
+    let (exit, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(exit.success(), "{log}");
+    // Stopped for good: nothing left attached at either hook.
+    let chain = lab.ns(0).within(|| vip_agent::dataplane::tcx_ingress_programs("eth0")).unwrap().unwrap();
+    assert!(chain.is_empty(), "left at tcx: {chain:?}");
+    let link = tests::netns::run(lab.ns(0).cmd("ip").args(["link", "show", "eth0"])).unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(!link.contains("xdp"), "left at XDP: {link}");
+    (status["attached"].clone(), status["counters"].clone())
+}
+
+/// `--interface eth0.100`: a VLAN device has no XDP hook of its own, so `--xdp-mode auto`
+/// falls back to generic (SKB) XDP, and `status` and the metrics say so. This kernel has no
+/// 8021q; a bridge, also without a native hook, stands in: the node's address moves from
+/// `eth0` to `br0`, which enslaves `eth0`. The VIP is answered and served through it.
+#[test]
+fn on_an_interface_without_native_xdp_the_agent_falls_back_to_generic_and_says_so() {
+    let lab = ApiLab::new([10, 111, 0], 1, &[0]).unwrap();
+    let node = lab.ns(0);
+    let addr = format!("{}/24", lab.nodes[0].ip);
+    for args in [
+        &["link", "add", "br0", "type", "bridge"][..],
+        &["link", "set", "eth0", "master", "br0"],
+        &["addr", "del", &addr, "dev", "eth0"],
+        &["addr", "add", &addr, "dev", "br0"],
+        &["link", "set", "br0", "up"],
+    ] {
+        tests::netns::run(node.cmd("ip").args(args)).unwrap();
+    }
+    let args: Vec<String> = lab
+        .agent_args(0, &[])
+        .unwrap()
+        .into_iter()
+        .map(|a| match a.as_str() {
+            "eth0" => "br0".to_owned(),
+            "skb" => "auto".to_owned(),
+            _ => a,
+        })
+        .collect();
+    let mut agent = tests::agent::Agent::spawn(node, &args).unwrap();
+    lab.wait_all_healthy(0).unwrap();
+    let status = lab.status(0).unwrap();
+    assert_eq!(status["attached"], json!([{ "interface": "br0", "hook": "xdp", "mode": "skb" }]), "{status}");
+    assert_eq!(lab.metric(0, "vip_attached{hook=\"xdp\",mode=\"skb\"}"), Some(1.0));
+    let text = tests::netns::run(
+        node.cmd(tests::agent::agent_bin().to_str().unwrap())
+            .args(["status", "--pin-path"])
+            .arg(lab.pin_path(0).unwrap()),
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("attached  br0 at xdp (generic/SKB mode"), "{text}");
+
+    let (served, errors) = lab.requests(5);
+    assert_eq!(served.values().sum::<usize>(), 5, "served {served:?}, errors {errors:?}");
+    // ARP for the VIP is answered by the program (the kernel would not: arp_ignore).
+    let (client_mac, client_ip) = (tests::netns::mac_of(lab.client_ns(), "eth0").unwrap(), lab.lab.host("cli").ip);
+    let request = Frame::arp(BROADCAST, client_mac, &Arp::request(client_mac, client_ip, lab.vip)).bytes();
+    let heard = exchange(&lab, ETH_P_ARP, 0, Some(request), Duration::from_millis(300));
+    // (The agent's gratuitous burst may be heard too: replies of the same MAC.)
+    let replies = arp_replies(&heard, lab.vip);
+    let br0 = tests::netns::mac_of(node, "br0").unwrap();
+    assert!(!replies.is_empty() && replies.iter().all(|m| *m == br0), "{replies:02x?}");
     let counters = &lab.status(0).unwrap()["counters"];
-    assert!(counters["other_segment"].as_u64().unwrap_or(0) >= 4, "{counters}");
-    let (status, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
-    assert!(status.success(), "{log}");
+    assert!(counters["arp_replied"].as_u64().unwrap_or(0) >= 1, "not answered at XDP: {counters}");
+    let (exit, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(exit.success(), "{log}");
 }

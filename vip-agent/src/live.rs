@@ -32,6 +32,12 @@ pub struct LiveView {
     pub mode: &'static str,
     /// The hook the data plane runs at: `xdp` or `tcx`.
     pub hook: &'static str,
+    /// At XDP, how the kernel reports the program attached: `native`, or `skb` (generic
+    /// XDP, where the driver has no XDP hook of its own: a VLAN device, a bridge).
+    pub xdp_mode: Option<&'static str>,
+    /// The VIPs are on a VLAN at XDP: the tcx companion for frames whose tag the NIC
+    /// stripped runs too.
+    pub vlan_companion: bool,
     /// This node can carry the VIPs now.
     pub eligible: bool,
     /// Why not, when not: `apiserver not ready`, `link down`, `foreign host answers`.

@@ -228,10 +228,19 @@ impl Collector for LiveCollector {
             let mut f = family(
                 &mut encoder,
                 "vip_attached",
-                "1 for the hook the data plane runs at (xdp or tcx)",
+                "1 for each hook the data plane runs at: xdp (mode native or skb) or tcx (mode ingress), \
+                 and the tcx companion beside XDP for VLAN tags the NIC stripped (mode vlan_stripped)",
                 MetricType::Gauge,
             )?;
-            ConstGauge::new(1).encode(f.encode_family(&[("hook", v.hook.to_owned())])?)?;
+            let mode = match v.hook {
+                "xdp" => v.xdp_mode.unwrap_or("unknown"),
+                _ => "ingress",
+            };
+            ConstGauge::new(1).encode(f.encode_family(&[("hook", v.hook.to_owned()), ("mode", mode.to_owned())])?)?;
+            if v.vlan_companion {
+                ConstGauge::new(1)
+                    .encode(f.encode_family(&[("hook", "tcx".to_owned()), ("mode", "vlan_stripped".to_owned())])?)?;
+            }
         }
         if let Some(adv) = v.advertised {
             ConstGauge::new(i64::from(adv)).encode(family(

@@ -220,14 +220,39 @@ impl Netlink {
 
     /// The id of the XDP program attached to interface `ifindex`, if any (any mode).
     pub async fn xdp_program(&self, ifindex: u32) -> Result<Option<u32>, NetlinkError> {
+        self.xdp_attribute(ifindex, |x| match x {
+            LinkXdp::ProgId(id) if *id != 0 => Some(*id),
+            _ => None,
+        })
+        .await
+    }
+
+    /// How the XDP program on interface `ifindex` is attached (`IFLA_XDP_ATTACHED`):
+    /// `native` (the driver's hook), `skb` (generic XDP: the driver has none, as a VLAN
+    /// device, a bridge or a VXLAN device), `hw`, or `None` with no program.
+    pub async fn xdp_mode(&self, ifindex: u32) -> Result<Option<&'static str>, NetlinkError> {
+        use rtnetlink::packet_route::link::XdpAttached;
+        self.xdp_attribute(ifindex, |x| match x {
+            LinkXdp::Attached(XdpAttached::Driver) => Some("native"),
+            LinkXdp::Attached(XdpAttached::SocketBuffer) => Some("skb"),
+            LinkXdp::Attached(XdpAttached::Hardware) => Some("hw"),
+            LinkXdp::Attached(XdpAttached::Multiple) => Some("multiple"),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The first of interface `ifindex`'s `IFLA_XDP` attributes `pick` maps to a value.
+    async fn xdp_attribute<T>(
+        &self,
+        ifindex: u32,
+        pick: impl Fn(&LinkXdp) -> Option<T>,
+    ) -> Result<Option<T>, NetlinkError> {
         let mut links = self.handle.link().get().match_index(ifindex).execute();
         let op = || format!("reading the XDP attachment of interface #{ifindex}");
         let Some(link) = links.try_next().await.map_err(request(op()))? else { return Ok(None) };
         Ok(link.attributes.iter().find_map(|a| match a {
-            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
-                LinkXdp::ProgId(id) if *id != 0 => Some(*id),
-                _ => None,
-            }),
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(&pick),
             _ => None,
         }))
     }

@@ -104,7 +104,7 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
     Ok(json!({
         "agent": agent,
         "agent_error": agent_error,
-        "attached": attached(pin_path),
+        "attached": attached(pin_path, agent.get("xdp_mode").and_then(Value::as_str)),
         "pin_path": pin_path.display().to_string(),
         "mac": mac,
         "node_ip": Ipv4Addr::from(config.ip).to_string(),
@@ -116,17 +116,39 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
 }
 
 /// Where the data plane is attached, from the links pinned beside the maps:
-/// `[{"interface": "eth0", "hook": "xdp"}]`.
-fn attached(pin_path: &std::path::Path) -> Value {
+/// `[{"interface": "eth0", "hook": "xdp", "mode": "native"}]`. The mode of an XDP link is
+/// the running agent's word (`xdp_mode`: `native` or `skb`), `null` without one; at tcx
+/// it is `ingress`, or `vlan_stripped` for the companion beside XDP that takes the frames
+/// whose VLAN tag the NIC stripped.
+fn attached(pin_path: &std::path::Path, xdp_mode: Option<&str>) -> Value {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(pin_path).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let hook = [("link_", "xdp"), ("tcx_", "tcx")].into_iter().find_map(|(prefix, hook)| {
-            name.strip_prefix(prefix).map(|interface| json!({ "interface": interface, "hook": hook }))
+    let mut names: Vec<String> = std::fs::read_dir(pin_path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    // XDP first, its companion after it, as they run.
+    names.sort_by_key(|n| !n.starts_with("link_"));
+    for name in names {
+        let pins =
+            [("link_", "xdp", xdp_mode), ("tcx_", "tcx", Some("ingress")), ("tcxvlan_", "tcx", Some("vlan_stripped"))];
+        let hook = pins.into_iter().find_map(|(prefix, hook, mode)| {
+            name.strip_prefix(prefix).map(|interface| json!({ "interface": interface, "hook": hook, "mode": mode }))
         });
         out.extend(hook);
     }
     Value::Array(out)
+}
+
+/// How `status` words an attachment's mode.
+fn mode_words(mode: Option<&str>) -> &'static str {
+    match mode {
+        Some("native") => " (native)",
+        Some("skb") => " (generic/SKB mode: the driver has no XDP hook of its own)",
+        Some("vlan_stripped") => " (frames whose VLAN tag the NIC stripped)",
+        _ => "",
+    }
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
@@ -140,7 +162,13 @@ pub fn render(s: &Value) -> String {
     let _ =
         writeln!(out, "node      {} {}   (pins {})", str_of(&s["node_ip"]), str_of(&s["mac"]), str_of(&s["pin_path"]));
     for a in s["attached"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "attached  {} at {}", str_of(&a["interface"]), str_of(&a["hook"]));
+        let _ = writeln!(
+            out,
+            "attached  {} at {}{}",
+            str_of(&a["interface"]),
+            str_of(&a["hook"]),
+            mode_words(a["mode"].as_str())
+        );
     }
     match (&s["agent"], s["agent_error"].as_str()) {
         (Value::Object(a), _) => {

@@ -110,6 +110,10 @@ pub mod program_names {
     pub const VIP6: &str = "vip_xdp6";
     /// The IPv6 part of [`TCX`], likewise.
     pub const TCX6: &str = "vip_tcx6";
+    /// [`TCX`] for the frames whose VLAN tag the NIC stripped, and for those only:
+    /// attached at tcx ingress beside [`VIP`] at XDP when the VIPs are on a VLAN
+    /// (`--vlan`), since XDP cannot read such a tag.
+    pub const TCX_VLAN: &str = "vip_tcx_vlan";
     /// A tcx program that drops ICMP over IPv4 and hands everything else on: tests attach
     /// it after [`TCX`] as the stand-in for another project's tcx program.
     pub const TCX_DROP_ICMP: &str = "tcx_drop_icmp";
@@ -935,6 +939,11 @@ pub enum Reason {
     /// Neighbor Solicitation for a led VIP that the program could not grow into the
     /// advertisement (the driver left no tailroom): `XDP_PASS`, unanswered.
     NsNoTailroom = 43,
+    /// A frame for a VIP on a VLAN (`--vlan`) that arrived at XDP with no tag in it:
+    /// untagged on the wire, or tagged with the tag stripped into metadata by the NIC,
+    /// which XDP cannot read. `XDP_PASS`: the tcx companion (`vip_tcx_vlan`) decides it
+    /// with the tag from the skb (answered on the VIP's VLAN, else `other_segment`).
+    UntaggedAtXdp = 44,
 }
 
 impl Reason {
@@ -971,7 +980,7 @@ impl Reason {
     }
 
     /// Every reason, in index order: what the agent's status and metrics iterate over.
-    pub const ALL: [Reason; 44] = [
+    pub const ALL: [Reason; 45] = [
         Reason::ArpReplied,
         Reason::ArpFollowerDropped,
         Reason::ArpGratuitous,
@@ -1016,6 +1025,7 @@ impl Reason {
         Reason::NsProbeWhileProbing,
         Reason::Ipv6Passed,
         Reason::NsNoTailroom,
+        Reason::UntaggedAtXdp,
     ];
 
     /// Stable name for logs, metrics labels and `vip-agent status`.
@@ -1065,6 +1075,7 @@ impl Reason {
             Reason::NsProbeWhileProbing => "ns_probe_while_probing",
             Reason::Ipv6Passed => "ipv6_passed",
             Reason::NsNoTailroom => "ns_no_tailroom",
+            Reason::UntaggedAtXdp => "untagged_at_xdp",
         }
     }
 }

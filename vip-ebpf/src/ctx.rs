@@ -29,6 +29,10 @@ pub trait Packet: EbpfContext {
     fn data_end(&self) -> usize;
     /// The interface the frame arrived on.
     fn ingress_ifindex(&self) -> u32;
+    /// Whether the hook can read a VLAN tag the NIC or the kernel took out of the frame
+    /// ([`Packet::offloaded_vid`]): tc can, XDP cannot. Where it cannot, an untagged
+    /// frame may have been tagged on the wire.
+    const SEES_OFFLOADED_TAG: bool;
     /// The VLAN ID the kernel already took out of the frame (tc), if any.
     fn offloaded_vid(&self) -> Option<u16>;
     /// What the frame stands for on the wire: packets and bytes. One frame at XDP; at tc
@@ -43,6 +47,8 @@ pub trait Packet: EbpfContext {
 }
 
 impl Packet for XdpContext {
+    const SEES_OFFLOADED_TAG: bool = false;
+
     #[inline(always)]
     fn data(&self) -> usize {
         XdpContext::data(self)
@@ -92,6 +98,8 @@ impl Packet for XdpContext {
 }
 
 impl Packet for TcContext {
+    const SEES_OFFLOADED_TAG: bool = true;
+
     #[inline(always)]
     fn data(&self) -> usize {
         TcContext::data(self)

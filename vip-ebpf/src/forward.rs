@@ -63,7 +63,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         return Verdict::pass(Reason::NotForUs);
     }
     if l2.segment != vip.segment {
-        return Verdict::pass(Reason::OtherSegment);
+        return Verdict::pass(l2.other_segment(ctx, vip.segment));
     }
     match iph.proto {
         IPPROTO_TCP => {}

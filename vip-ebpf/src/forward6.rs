@@ -66,7 +66,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         return Verdict::pass(Reason::NotForUs);
     }
     if l2.segment != vip.state.segment {
-        return Verdict::pass(Reason::OtherSegment);
+        return Verdict::pass(l2.other_segment(ctx, vip.state.segment));
     }
     let flow = if error {
         match icmp6::quoted_flow(ctx, l2, &dst) {

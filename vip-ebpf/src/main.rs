@@ -77,18 +77,37 @@ const TCX_PULL: u32 = 160;
 /// interface (`bpf_redirect` to its egress: tc's `XDP_TX`).
 #[classifier]
 pub fn vip_tcx(ctx: TcContext) -> i32 {
+    tcx(&ctx)
+}
+
+/// The companion of [`vip_xdp`] for VIPs on a VLAN (`--vlan` at XDP), at tcx ingress
+/// after it: the frames whose VLAN tag the NIC stripped into metadata, which XDP cannot
+/// read (it passes them, [`Reason::UntaggedAtXdp`]), are decided here with the tag from
+/// the skb, exactly as [`vip_tcx`] decides them. Every other frame XDP has decided
+/// already: handed on at once, not counted twice.
+#[classifier]
+pub fn vip_tcx_vlan(ctx: TcContext) -> i32 {
+    if ctx.offloaded_vid().is_none() {
+        return TCX_NEXT;
+    }
+    tcx(&ctx)
+}
+
+/// The tcx data plane, for [`vip_tcx`] and [`vip_tcx_vlan`].
+#[inline(always)]
+fn tcx(ctx: &TcContext) -> i32 {
     // Never more than the skb holds; a pull that fails anyway (no memory) leaves the
     // frame as it is, and the parsers bound every read by what is linear.
     let _ = ctx.pull_data(TCX_PULL.min(ctx.len()));
-    let verdict = match process(&ctx) {
+    let verdict = match process(ctx) {
         Next::Done(verdict) => verdict,
         Next::Ipv6 => {
             // SAFETY: as in `vip_xdp`.
-            unsafe { maps::PROGS_TCX.tail_call(&ctx, tail_calls::IPV6) };
+            unsafe { maps::PROGS_TCX.tail_call(ctx, tail_calls::IPV6) };
             Verdict::pass(Reason::Ipv6Passed)
         }
     };
-    tc_action(&ctx, verdict)
+    tc_action(ctx, verdict)
 }
 
 /// The IPv6 data plane at tcx, entered from [`vip_tcx`] by a tail call (the headers are

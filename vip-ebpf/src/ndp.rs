@@ -120,7 +120,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2, ip: &Ipv6Hdr) -> Verdict {
         return Verdict::pass(Reason::NdpMalformed);
     }
     if l2.segment != state.segment {
-        return Verdict::pass(Reason::OtherSegment);
+        return Verdict::pass(l2.other_segment(ctx, state.segment));
     }
     // An all-zero MAC means "not configured yet" and matches no frame's destination.
     // SAFETY: a map value's field, 8-byte aligned.

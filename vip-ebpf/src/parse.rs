@@ -102,6 +102,22 @@ pub struct L2 {
     pub kind: EtherKind,
 }
 
+impl L2 {
+    /// Why a frame for a VIP on segment `vip_segment` is not ours, when this frame's
+    /// segment differs: [`Reason::OtherSegment`], or, at a hook that cannot see a tag the
+    /// NIC stripped (XDP) and for an untagged frame and a VIP on a VLAN,
+    /// [`Reason::UntaggedAtXdp`] (the frame may belong to the VIP's VLAN after all:
+    /// `vip_tcx_vlan` decides it with the tag from the skb).
+    #[inline(always)]
+    pub fn other_segment<P: Packet>(&self, _ctx: &P, vip_segment: u16) -> Reason {
+        if !P::SEES_OFFLOADED_TAG && self.segment == 0 && vip_segment != 0 {
+            Reason::UntaggedAtXdp
+        } else {
+            Reason::OtherSegment
+        }
+    }
+}
+
 /// Parses the Ethernet header and up to [`MAX_VLAN_TAGS`] VLAN tags.
 #[inline(always)]
 pub fn ethernet(ctx: &impl Packet) -> Result<L2, Reason> {

@@ -103,6 +103,9 @@ pub struct Node {
     metrics: AgentMetrics,
     metrics_task: JoinHandle<()>,
     duplicate_seen: Option<Instant>,
+    /// How the kernel reports the XDP program attached (`native`, `skb`), read after
+    /// each attach; `None` at tcx.
+    xdp_mode: Option<&'static str>,
 }
 
 impl Node {
@@ -181,10 +184,29 @@ impl Node {
             metrics,
             metrics_task,
             duplicate_seen: None,
+            xdp_mode: None,
         };
+        node.read_xdp_mode().await;
         node.push_eligibility();
         let inputs = Inputs { reports, host: s.host_events, discovered, announce: announce_rx };
         Ok((node, inputs))
+    }
+
+    /// Reads how the XDP program got attached (a pinned link taken over keeps the mode
+    /// its first agent got), for `status` and the metrics.
+    async fn read_xdp_mode(&mut self) {
+        if self.cfg.attach != crate::dataplane::Hook::Xdp {
+            return;
+        }
+        match self.nl.xdp_mode(self.dev.ifindex).await {
+            Ok(mode) => {
+                if mode == Some("skb") {
+                    info!(interface = %self.dev.name, "XDP runs in generic (SKB) mode: the driver has no XDP hook of its own");
+                }
+                self.xdp_mode = mode;
+            }
+            Err(error) => warn!(%error, "cannot read the XDP attach mode"),
+        }
     }
 
     fn push_eligibility(&mut self) {
@@ -200,6 +222,8 @@ impl Node {
                 Mode::Bgp => "bgp",
             },
             hook: self.cfg.attach.name(),
+            xdp_mode: self.xdp_mode,
+            vlan_companion: self.cfg.attach == crate::dataplane::Hook::Xdp && self.cfg.vlan != 0,
             eligible: self.eligibility.eligible(),
             not_eligible_because: self.eligibility.obstacles(),
             advertised: self.announce.advertised(),
@@ -234,6 +258,8 @@ impl Node {
             HostEvent::Link(LinkEvent::Up { ifindex }) => {
                 if ifindex != self.dev.ifindex {
                     self.on_interface_recreated(ifindex);
+                    self.read_xdp_mode().await;
+                    self.publish();
                     // The new interface has the kernel's default ARP sysctls: put ours
                     // back now rather than at the next tick.
                     self.repair_host().await;
@@ -270,7 +296,7 @@ impl Node {
             }
         };
         warn!(old = self.dev.ifindex, new = ifindex, "interface was recreated; attaching again");
-        match self.dp.attach_pinned(&new_dev, self.cfg.attach, self.cfg.xdp_mode) {
+        match self.dp.attach_pinned(&new_dev, self.cfg.attach, self.cfg.xdp_mode, self.cfg.vlan != 0) {
             Ok(_) => self.metrics.repaired(match self.cfg.attach {
                 crate::dataplane::Hook::Xdp => "xdp_attachment",
                 crate::dataplane::Hook::Tcx => "tcx_attachment",
@@ -515,7 +541,7 @@ async fn stage(
     if adopted {
         host.remove_stale_vips().await?;
     }
-    match dp.attach_pinned(dev, cfg.attach, cfg.xdp_mode)? {
+    match dp.attach_pinned(dev, cfg.attach, cfg.xdp_mode, cfg.vlan != 0)? {
         Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
         Attached::NewTcx => info!(hook = "tcx", mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
         Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),

@@ -106,6 +106,9 @@ pub enum Program {
     Pass,
     /// The data plane at tcx ingress.
     Tcx,
+    /// The data plane at tcx ingress for frames whose VLAN tag the NIC stripped only:
+    /// beside [`Program::Vip`] when the VIPs are on a VLAN.
+    TcxVlan,
     /// The tcx stand-in for another project's program (tests): drops ICMP.
     TcxDropIcmp,
 }
@@ -116,6 +119,7 @@ impl Program {
             Program::Vip => program_names::VIP,
             Program::Pass => program_names::PASS,
             Program::Tcx => program_names::TCX,
+            Program::TcxVlan => program_names::TCX_VLAN,
             Program::TcxDropIcmp => program_names::TCX_DROP_ICMP,
         }
     }
@@ -234,8 +238,8 @@ enum Attachment {
     /// Owned by the program object: detached when the [`Dataplane`] drops (tests).
     Owned { interface: String, link: XdpLinkId },
     /// Pinned on bpffs: outlives the agent; [`Dataplane::shutdown`] decides whether to
-    /// detach.
-    Pinned { interface: String, hook: Hook, link: FdLink, pin: PathBuf },
+    /// detach. `companion`: the tcx link of [`Program::TcxVlan`] beside XDP, and its pin.
+    Pinned { interface: String, hook: Hook, link: FdLink, pin: PathBuf, companion: Option<(FdLink, PathBuf)> },
 }
 
 /// What [`Dataplane::attach_pinned`] did.
@@ -253,9 +257,9 @@ pub enum Attached {
 /// program attached later at the head runs before it, and one that returns `TC_ACT_OK`
 /// hides VIP traffic from it. Said in the log, naming the programs ahead (Cilium attaches
 /// its own at the tail).
-fn warn_unless_first(interface: &str) {
+fn warn_unless_first(interface: &str, program: Program) {
     match tcx_ingress_programs(interface) {
-        Ok(chain) if chain.first().map(String::as_str) == Some(program_names::TCX) => {}
+        Ok(chain) if chain.first().map(String::as_str) == Some(program.name()) => {}
         Ok(chain) => warn!(
             interface,
             ?chain,
@@ -412,13 +416,30 @@ impl Dataplane {
         }
     }
 
+    /// Where the tcx link of the VLAN companion ([`Program::TcxVlan`]) on `interface` is
+    /// pinned.
+    pub fn companion_pin(dir: &Path, interface: &str) -> PathBuf {
+        dir.join(format!("tcxvlan_{interface}"))
+    }
+
     /// Attaches the data plane to `dev` at `hook` through a pinned link. If a previous
     /// agent left a link pinned for this interface and hook, its program is replaced
     /// atomically (`bpf_link_update`): the interface is never without a program.
     /// Otherwise the program is attached (XDP in `mode`; tcx first in the ingress chain)
     /// and the new link pinned. A link a previous agent pinned at the other hook is
     /// removed only then, so switching hooks leaves no gap either.
-    pub fn attach_pinned(&mut self, dev: &Netdev, hook: Hook, mode: AttachMode) -> Result<Attached, DataplaneError> {
+    ///
+    /// With `vlan` (the VIPs are on a VLAN) at XDP, the VLAN companion
+    /// ([`Program::TcxVlan`]) is attached at tcx ingress too, first, and pinned beside
+    /// (taken over the same way): XDP cannot read a tag the NIC stripped, tc can. Without
+    /// `vlan`, or at tcx, a companion a previous agent pinned is removed last.
+    pub fn attach_pinned(
+        &mut self,
+        dev: &Netdev,
+        hook: Hook,
+        mode: AttachMode,
+        vlan: bool,
+    ) -> Result<Attached, DataplaneError> {
         let dir = self.pin_dir.clone().ok_or_else(|| DataplaneError::PinPath {
             path: String::new(),
             why: "the data plane was not opened with a pin path".into(),
@@ -431,8 +452,12 @@ impl Dataplane {
         // The program must be in the kernel before any pin is touched: a program the
         // verifier refuses must fail the start with the previous agent's link (and its
         // program) still attached. (The XDP program was loaded with the object.)
+        let companion = hook == Hook::Xdp && vlan;
         if hook == Hook::Tcx {
             self.tcx_program(Program::Tcx)?;
+        }
+        if companion {
+            self.tcx_program(Program::TcxVlan)?;
         }
         // The IPv6 program goes into the pinned program array only now, right before the
         // link changes (it is verified first, inside): until then the previous agent's
@@ -444,13 +469,21 @@ impl Dataplane {
                 install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?
             }
         }
+        if companion {
+            install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
+        }
         let mut done = None;
         if pin.exists() {
             match self.replace_pinned(&pin, hook) {
                 Ok(link) => {
                     info!(interface = %dev.name, %hook, pin = %pin.display(), "took over the pinned link (program replaced atomically)");
-                    self.attached =
-                        Some(Attachment::Pinned { interface: dev.name.clone(), hook, link, pin: pin.clone() });
+                    self.attached = Some(Attachment::Pinned {
+                        interface: dev.name.clone(),
+                        hook,
+                        link,
+                        pin: pin.clone(),
+                        companion: None,
+                    });
                     done = Some(Attached::Replaced);
                 }
                 Err(error) => {
@@ -473,16 +506,26 @@ impl Dataplane {
                         let link = xdp.take_link(id).map_err(|e| pin_err(Box::new(e)))?;
                         (FdLink::try_from(link).map_err(|e| pin_err(Box::new(e)))?, Attached::New(mode))
                     }
-                    Hook::Tcx => (self.attach_tcx_first(dev, &pin)?, Attached::NewTcx),
+                    Hook::Tcx => (self.attach_tcx_first(Program::Tcx, dev, &pin)?, Attached::NewTcx),
                 };
                 let pinned = fd_link.pin(&pin).map_err(|e| pin_err(Box::new(e)))?;
                 let link = FdLink::from(pinned);
-                self.attached = Some(Attachment::Pinned { interface: dev.name.clone(), hook, link, pin });
+                self.attached =
+                    Some(Attachment::Pinned { interface: dev.name.clone(), hook, link, pin, companion: None });
                 attached
             }
         };
-        if hook == Hook::Tcx {
-            warn_unless_first(&dev.name);
+        let companion_pin = Self::companion_pin(&dir, &dev.name);
+        if companion {
+            let link = self.attach_companion(dev, &companion_pin)?;
+            if let Some(Attachment::Pinned { companion: slot, .. }) = &mut self.attached {
+                *slot = Some((link, companion_pin.clone()));
+            }
+        }
+        match (hook, companion) {
+            (Hook::Tcx, _) => warn_unless_first(&dev.name, Program::Tcx),
+            (Hook::Xdp, true) => warn_unless_first(&dev.name, Program::TcxVlan),
+            (Hook::Xdp, false) => {}
         }
         let other = match hook {
             Hook::Xdp => Hook::Tcx,
@@ -494,7 +537,33 @@ impl Dataplane {
             let _ = std::fs::remove_file(&stale);
             info!(interface = %dev.name, from = %other, to = %hook, "moved the data plane to the other hook");
         }
+        if !companion && companion_pin.exists() {
+            let _ = std::fs::remove_file(&companion_pin);
+            info!(interface = %dev.name, "removed the tcx companion for stripped VLAN tags");
+        }
         Ok(attached)
+    }
+
+    /// Attaches the VLAN companion ([`Program::TcxVlan`]) at tcx ingress, first, pinned at
+    /// `pin`: by taking over the link a previous agent pinned there (atomically), else
+    /// afresh.
+    fn attach_companion(&mut self, dev: &Netdev, pin: &Path) -> Result<FdLink, DataplaneError> {
+        let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::PinLink {
+            path: pin.display().to_string(),
+            source,
+        };
+        if pin.exists() {
+            match self.replace_pinned_tcx(pin, Program::TcxVlan) {
+                Ok(link) => return Ok(link),
+                Err(error) => {
+                    warn!(%error, pin = %pin.display(), "cannot take over the pinned tcx companion; attaching afresh");
+                    let _ = std::fs::remove_file(pin);
+                }
+            }
+        }
+        let link = self.attach_tcx_first(Program::TcxVlan, dev, pin)?;
+        let pinned = link.pin(pin).map_err(|e| pin_err(Box::new(e)))?;
+        Ok(FdLink::from(pinned))
     }
 
     /// Loads the tcx programs (the data plane and the test stand-in) into the kernel, for
@@ -503,6 +572,7 @@ impl Dataplane {
         self.tcx_program(Program::Tcx)?;
         install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
         self.tcx_program(Program::TcxDropIcmp)?;
+        self.tcx_program(Program::TcxVlan)?;
         Ok(())
     }
 
@@ -529,17 +599,17 @@ impl Dataplane {
 
     /// Attaches the tcx data plane first in `dev`'s ingress chain and returns its link
     /// (to be pinned at `pin`).
-    fn attach_tcx_first(&mut self, dev: &Netdev, pin: &Path) -> Result<FdLink, DataplaneError> {
+    fn attach_tcx_first(&mut self, program: Program, dev: &Netdev, pin: &Path) -> Result<FdLink, DataplaneError> {
         let link_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::PinLink {
             path: pin.display().to_string(),
             source,
         };
-        let tc = self.tcx_program(Program::Tcx)?;
+        let tc = self.tcx_program(program)?;
         let id = tc
             .attach_with_options(&dev.name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::first()))
             .map_err(|source| DataplaneError::AttachTcx { interface: dev.name.clone(), source })?;
         let link = tc.take_link(id).map_err(|e| link_err(Box::new(e)))?;
-        info!(interface = %dev.name, ifindex = dev.ifindex, program = Program::Tcx.name(), "tcx ingress attached (first)");
+        info!(interface = %dev.name, ifindex = dev.ifindex, program = program.name(), "tcx ingress attached (first)");
         FdLink::try_from(link).map_err(|e| link_err(Box::new(e)))
     }
 
@@ -553,19 +623,27 @@ impl Dataplane {
     }
 
     fn replace_pinned(&mut self, pin: &Path, hook: Hook) -> Result<FdLink, Box<dyn std::error::Error + Send + Sync>> {
-        let old: FdLink = PinnedLink::from_pin(pin)?.into();
         match hook {
             Hook::Xdp => {
+                let old: FdLink = PinnedLink::from_pin(pin)?.into();
                 let xdp = xdp_mut(&mut self.ebpf, Program::Vip.name())?;
                 let id = xdp.attach_to_link(XdpLink::try_from(old)?)?;
                 Ok(FdLink::try_from(xdp.take_link(id)?)?)
             }
-            Hook::Tcx => {
-                let tc = self.tcx_program(Program::Tcx)?;
-                let id = tc.attach_to_link(SchedClassifierLink::try_from(old)?)?;
-                Ok(FdLink::try_from(tc.take_link(id)?)?)
-            }
+            Hook::Tcx => self.replace_pinned_tcx(pin, Program::Tcx),
         }
+    }
+
+    /// Replaces the program of the tcx link pinned at `pin` with `program` atomically.
+    fn replace_pinned_tcx(
+        &mut self,
+        pin: &Path,
+        program: Program,
+    ) -> Result<FdLink, Box<dyn std::error::Error + Send + Sync>> {
+        let old: FdLink = PinnedLink::from_pin(pin)?.into();
+        let tc = self.tcx_program(program)?;
+        let id = tc.attach_to_link(SchedClassifierLink::try_from(old)?)?;
+        Ok(FdLink::try_from(tc.take_link(id)?)?)
     }
 
     /// Stops the data plane. With `keep_forwarding`, the program stays attached and the
@@ -573,12 +651,17 @@ impl Dataplane {
     /// unpinned (which detaches the program) and the maps are unpinned.
     pub fn shutdown(mut self, keep_forwarding: bool) -> Result<(), DataplaneError> {
         match self.attached.take() {
-            Some(Attachment::Pinned { interface, hook, link, pin }) => {
+            Some(Attachment::Pinned { interface, hook, link, pin, companion }) => {
                 if keep_forwarding {
                     info!(%interface, %hook, pin = %pin.display(), "leaving the data plane attached and pinned");
                 } else {
                     let _ = std::fs::remove_file(&pin);
                     drop(link);
+                    if let Some((link, pin)) = companion {
+                        let _ = std::fs::remove_file(&pin);
+                        drop(link);
+                        info!(%interface, "tcx companion for stripped VLAN tags detached");
+                    }
                     if hook == Hook::Xdp {
                         info!(%interface, "XDP detached");
                     } else {
@@ -705,7 +788,7 @@ impl<'a> Runner<'a> {
         ingress_ifindex: Option<u32>,
     ) -> Result<RunOutcome, DataplaneError> {
         let name = program.name();
-        if matches!(program, Program::Tcx | Program::TcxDropIcmp) {
+        if matches!(program, Program::Tcx | Program::TcxVlan | Program::TcxDropIcmp) {
             return self.run_tc(program, frame, repeat);
         }
         let xdp: &Xdp = self.program(name)?;
