@@ -261,3 +261,43 @@ fn on_an_interface_without_native_xdp_the_agent_falls_back_to_generic_and_says_s
     let (exit, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(exit.success(), "{log}");
 }
+
+/// A hitless restart with `--vlan` at XDP takes the pinned companion over (one
+/// `vip_tcx_vlan` in the chain, not two), and still answers on VLAN 100 with the tag
+/// stripped; an agent started without `--vlan` removes it.
+#[test]
+fn a_restart_takes_the_vlan_companion_over_and_one_without_vlan_removes_it() {
+    if !tests::kernel_has_tcx() {
+        return;
+    }
+    let lab = ApiLab::new([10, 112, 0], 1, &[0]).unwrap();
+    let chain = || lab.ns(0).within(|| vip_agent::dataplane::tcx_ingress_programs("eth0")).unwrap().unwrap();
+    let led = || wait_until(Duration::from_secs(5), || lab.status(0).is_ok_and(|s| s["vips"][0]["leader"] == true));
+    let stop = |mut agent: tests::agent::Agent| {
+        let (exit, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+        assert!(exit.success(), "{log}");
+    };
+    let old = lab.spawn_agent(0, &["--vlan", "100", "--keep-forwarding-on-exit"]).unwrap();
+    assert!(led(), "never led");
+    stop(old);
+    assert_eq!(chain(), ["vip_tcx_vlan"], "the companion did not outlive the agent");
+
+    let new = lab.spawn_agent(0, &["--vlan", "100"]).unwrap();
+    assert!(led(), "never led after the restart");
+    assert_eq!(chain(), ["vip_tcx_vlan"], "the companion was not taken over");
+    let (vip, client_ip) = (lab.vip, lab.lab.host("cli").ip);
+    let client_mac = tests::netns::mac_of(lab.client_ns(), "eth0").unwrap();
+    let request = Frame::arp(BROADCAST, client_mac, &Arp::request(client_mac, client_ip, vip)).bytes();
+    let heard = exchange(&lab, ETH_P_ARP, 100, Some(tagged(&request, 100).into_owned()), Duration::from_millis(300));
+    assert!(!arp_replies(&heard, vip).is_empty(), "not answered on VLAN 100 after the restart");
+    stop(new);
+
+    // An agent without --vlan, on a data plane left attached: the companion goes.
+    let kept = lab.spawn_agent(0, &["--vlan", "100", "--keep-forwarding-on-exit"]).unwrap();
+    assert!(led(), "never led");
+    stop(kept);
+    let untagged = lab.spawn_agent(0, &[]).unwrap();
+    assert!(led(), "never led without --vlan");
+    assert!(chain().is_empty(), "the companion outlived --vlan: {:?}", chain());
+    stop(untagged);
+}
