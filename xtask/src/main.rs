@@ -7,7 +7,7 @@
 //! cargo xtask test           setup, then the image, then every test
 //! cargo xtask image          a static vip-agent in a reproducible OCI archive
 //! cargo xtask fuzz [SECONDS] a bounded fuzz run of the BGP decoder (60 s by default)
-//! cargo xtask bench [-- SECTION...]  setup, then the benchmarks (xdp maglev agent failover bgp scale discovery peers)
+//! cargo xtask bench [-- SECTION...]  setup, then the benchmarks (xdp maglev agent failover bgp scale discovery peers katran)
 //! cargo xtask demo           setup, then the lab demo
 //! ```
 //!
@@ -16,6 +16,7 @@
 
 mod fuzz;
 mod image;
+mod katran;
 mod setup;
 
 use std::{
@@ -144,17 +145,19 @@ fn count_before(text: &str, word: &str) -> u64 {
 /// nftables DNAT, direct; `failover`: keepalived). No section named: all of them.
 const VIP_BENCH_SECTIONS: &[&str] = &["xdp", "maglev", "agent", "failover", "bgp", "scale", "discovery"];
 const VIP_PEERS_SECTIONS: &[&str] = &["peers", "failover"];
+/// `vip-katran`: vip beside Katran's balancer, per packet (Katran fetched and built first).
+const KATRAN_SECTION: &str = "katran";
 
 fn bench(toolchain: &str, args: &[String]) -> Result<()> {
     // Section names, then vip-peers' flags (`--rounds N`, ...), passed through.
     let args = rest_after_dashes(args);
     let first_flag = args.iter().position(|a| a.starts_with("--")).unwrap_or(args.len());
     let (sections, flags) = args.split_at(first_flag);
-    if let Some(bad) =
-        sections.iter().find(|s| !VIP_BENCH_SECTIONS.contains(&s.as_str()) && !VIP_PEERS_SECTIONS.contains(&s.as_str()))
-    {
+    if let Some(bad) = sections.iter().find(|s| {
+        !VIP_BENCH_SECTIONS.contains(&s.as_str()) && !VIP_PEERS_SECTIONS.contains(&s.as_str()) && *s != KATRAN_SECTION
+    }) {
         return Err(format!(
-            "cargo xtask bench: unknown section {bad:?} (sections: xdp, maglev, agent, failover, bgp, scale, discovery, peers)"
+            "cargo xtask bench: unknown section {bad:?} (sections: xdp, maglev, agent, failover, bgp, scale, discovery, peers, katran)"
         ));
     }
     let wants = |list: &[&str]| sections.is_empty() || sections.iter().any(|s| list.contains(&s.as_str()));
@@ -179,6 +182,18 @@ fn bench(toolchain: &str, args: &[String]) -> Result<()> {
         let mut cmd = Command::new(release.join("vip-peers"));
         with_bins(&mut cmd);
         status(cmd.args(pick(VIP_PEERS_SECTIONS)).args(flags))?;
+    }
+    if wants(&[KATRAN_SECTION]) {
+        let object = katran::build()?;
+        // Both programs on one CPU, the last one, as the per-packet figures are taken.
+        let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
+        status(
+            Command::new("taskset")
+                .args(["-c", &cpu.to_string()])
+                .arg(release.join("vip-katran"))
+                .arg(&object)
+                .arg(katran::COMMIT),
+        )?;
     }
     Ok(())
 }

@@ -38,7 +38,7 @@ const APT_PACKAGES: &[&str] = &[
 
 /// The LLVM major version bpf-linker is built against. The nightly that compiles the
 /// eBPF crate must emit bitcode this LLVM reads, so both must agree.
-const LLVM_MAJOR: &str = "22";
+pub const LLVM_MAJOR: &str = "22";
 /// A dated nightly known to ship LLVM 22 (22.1.4), used when `nightly` is not LLVM 22.
 const FALLBACK_NIGHTLY: &str = "nightly-2026-05-19";
 /// bpf-linker release, pinned.

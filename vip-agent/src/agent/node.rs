@@ -223,7 +223,7 @@ impl Node {
             },
             hook: self.cfg.attach.name(),
             xdp_mode: self.xdp_mode,
-            vlan_companion: self.cfg.attach == crate::dataplane::Hook::Xdp && self.cfg.vlan != 0,
+            vlan_companion: self.dp.vlan_companion(),
             eligible: self.eligibility.eligible(),
             not_eligible_because: self.eligibility.obstacles(),
             advertised: self.announce.advertised(),

@@ -517,11 +517,23 @@ impl Dataplane {
         };
         let companion_pin = Self::companion_pin(&dir, &dev.name);
         if companion {
-            let link = self.attach_companion(dev, &companion_pin)?;
-            if let Some(Attachment::Pinned { companion: slot, .. }) = &mut self.attached {
-                *slot = Some((link, companion_pin.clone()));
+            // Without it the VIPs are still answered at XDP when the tag is in the frame:
+            // a kernel without tcx (before 6.6) degrades, it does not fail the start.
+            match self.attach_companion(dev, &companion_pin) {
+                Ok(link) => {
+                    if let Some(Attachment::Pinned { companion: slot, .. }) = &mut self.attached {
+                        *slot = Some((link, companion_pin.clone()));
+                    }
+                }
+                Err(error) => warn!(
+                    interface = %dev.name,
+                    %error,
+                    "no tcx companion: frames whose VLAN tag the NIC stripped go unanswered (turn the NIC's VLAN \
+                     stripping off: ethtool -K IF rxvlan off)"
+                ),
             }
         }
+        let companion = self.vlan_companion();
         match (hook, companion) {
             (Hook::Tcx, _) => warn_unless_first(&dev.name, Program::Tcx),
             (Hook::Xdp, true) => warn_unless_first(&dev.name, Program::TcxVlan),
@@ -542,6 +554,11 @@ impl Dataplane {
             info!(interface = %dev.name, "removed the tcx companion for stripped VLAN tags");
         }
         Ok(attached)
+    }
+
+    /// Whether the VLAN companion ([`Program::TcxVlan`]) runs beside XDP.
+    pub fn vlan_companion(&self) -> bool {
+        matches!(&self.attached, Some(Attachment::Pinned { companion: Some(_), .. }))
     }
 
     /// Attaches the VLAN companion ([`Program::TcxVlan`]) at tcx ingress, first, pinned at
