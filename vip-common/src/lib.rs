@@ -55,6 +55,9 @@ pub mod map_names {
     /// `PerCpuArray<CachedFlow>` of [`crate::FLOW_CACHE_SLOTS`] entries: a direct-mapped
     /// per-CPU cache in front of the connection table.
     pub const FLOW_CACHE: &str = "VIP_FLOW_CACHE";
+    /// `PerCpuArray<CachedFlow6>` of [`crate::FLOW_CACHE_SLOTS`] entries: the same in
+    /// front of [`CONNS6`].
+    pub const FLOW_CACHE6: &str = "VIP_FLOW_CACHE6";
 }
 
 /// Tail-call targets: the IPv6 data plane is a program of its own ([`program_names::VIP6`],
@@ -656,6 +659,20 @@ pub struct CachedFlow {
 }
 const _: () = assert!(core::mem::size_of::<CachedFlow>() == 40);
 
+/// [`CachedFlow`] of an IPv6 flow: an entry of the per-CPU cache in front of the IPv6
+/// connection table, valid while [`Config::generation`] is unchanged.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow6 {
+    pub key: FlowKey6,
+    pub conn: Conn,
+    /// [`Config::generation`] when cached, host order.
+    pub generation: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CachedFlow6>() == 64);
+
 /// Per-backend counters (per CPU), host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1104,6 +1121,7 @@ mod pod {
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::IcmpBudget {}
     unsafe impl aya::Pod for super::CachedFlow {}
+    unsafe impl aya::Pod for super::CachedFlow6 {}
 }
 
 #[cfg(test)]

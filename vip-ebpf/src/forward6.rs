@@ -92,12 +92,13 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     // SAFETY (the helper): no preconditions.
     let leads = vip.balance_until_ns == VipState::FOREVER || unsafe { bpf_ktime_get_boot_ns() } < vip.balance_until_ns;
     let (id, backend, mode) = if error {
-        match icmp6::backend_of(&flow, cfg.hash_seed, leads, src_mac) {
+        match icmp6::backend_of(&flow, cfg.hash_seed, cfg.generation, leads, src_mac) {
             Ok(b) => b,
             Err(verdict) => return verdict,
         }
     } else {
-        match lb::pinned6(&flow) {
+        let hash = flow_hash6(&flow, cfg.hash_seed);
+        match lb::pinned6(&flow, hash, cfg.generation) {
             Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
             Some(_) => return Verdict::pass(Reason::BalancedByPeer),
             None => {
@@ -115,7 +116,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
                 if svc.mode != ForwardMode::Dsr as u8 {
                     return Verdict::pass(Reason::LocalMode);
                 }
-                let Some((id, backend)) = lb::choose6(&flow, flow_hash6(&flow, cfg.hash_seed), &svc, src_mac) else {
+                let Some((id, backend)) = lb::choose6(&flow, hash, &svc, src_mac) else {
                     return Verdict::pass(Reason::NoBackend);
                 };
                 (id, backend, svc.mode)

@@ -59,7 +59,13 @@ pub fn quoted_flow(ctx: &impl Packet, l2: &L2, vip: &[u8; 16]) -> Result<FlowKey
 /// service (local stack), `local` mode, sent by a peer (it steered it here, the
 /// backend), a follower without a pin, no healthy backend.
 #[inline(always)]
-pub fn backend_of(flow: &FlowKey6, seed: u32, leads: bool, src_mac: u64) -> Result<(u32, Backend, u8), Verdict> {
+pub fn backend_of(
+    flow: &FlowKey6,
+    seed: u32,
+    generation: u32,
+    leads: bool,
+    src_mac: u64,
+) -> Result<(u32, Backend, u8), Verdict> {
     let key = ServiceKey6 { vip: flow.dst, port: flow.dport, proto: IPPROTO_TCP, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { SERVICES6.get(&key) }).copied() else {
@@ -71,13 +77,14 @@ pub fn backend_of(flow: &FlowKey6, seed: u32, leads: bool, src_mac: u64) -> Resu
     if is_peer_mac(src_mac) {
         return Err(Verdict::pass(Reason::BalancedByPeer));
     }
-    if let Some(pin) = lb::pinned6(flow) {
+    let hash = flow_hash6(flow, seed);
+    if let Some(pin) = lb::pinned6(flow, hash, generation) {
         return Ok((pin.id, pin.backend, pin.mode));
     }
     if !leads {
         return Err(Verdict::pass(Reason::NotBalancing));
     }
-    match lb::maglev_slot(flow_hash6(flow, seed), &svc) {
+    match lb::maglev_slot(hash, &svc) {
         Some((id, backend)) => Ok((id, backend, svc.mode)),
         None => Err(Verdict::pass(Reason::NoBackend)),
     }

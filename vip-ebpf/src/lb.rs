@@ -1,12 +1,12 @@
 //! Backend selection: the connection table first, Maglev on a miss.
 
 use vip_common::{
-    flow_hash, Backend, CachedFlow, Conn, FlowKey, FlowKey6, Service, FLOW_CACHE_SLOTS, MAGLEV_MAX_M, MAGLEV_ROW,
-    NO_BACKEND,
+    flow_hash, Backend, CachedFlow, CachedFlow6, Conn, FlowKey, FlowKey6, Service, FLOW_CACHE_SLOTS, MAGLEV_MAX_M,
+    MAGLEV_ROW, NO_BACKEND,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNS, CONNS6, FLOW_CACHE, MAGLEV},
+    maps::{BACKENDS, CONNS, CONNS6, FLOW_CACHE, FLOW_CACHE6, MAGLEV},
     parse::{load_mac, store_mac},
 };
 
@@ -78,12 +78,34 @@ pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option
     Some((id, backend))
 }
 
-/// The backend the IPv6 `flow` is pinned to, while that backend still serves its
-/// connections and has the same address (the connection table alone: no flow cache).
+/// Whether two IPv6 flow keys are equal, as five 8-byte compares.
 #[inline(always)]
-pub fn pinned6(flow: &FlowKey6) -> Option<Pin> {
-    // SAFETY: the value is copied out at once; LRU elements are replaced whole.
-    let conn = unsafe { CONNS6.get(flow) }.copied()?;
+fn same_flow6(a: &FlowKey6, b: &FlowKey6) -> bool {
+    // SAFETY: FlowKey6 is 40 bytes, 8-byte aligned, all bytes initialised.
+    unsafe {
+        let (a, b) = (a as *const FlowKey6 as *const u64, b as *const FlowKey6 as *const u64);
+        *a == *b && *a.add(1) == *b.add(1) && *a.add(2) == *b.add(2) && *a.add(3) == *b.add(3) && *a.add(4) == *b.add(4)
+    }
+}
+
+/// [`pinned`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster
+/// seed): this CPU's flow cache first, then the IPv6 connection table, whose answer is
+/// cached.
+#[inline(always)]
+pub fn pinned6(flow: &FlowKey6, hash: u32, generation: u32) -> Option<Pin> {
+    let cached = FLOW_CACHE6.get_ptr_mut(hash & (FLOW_CACHE_SLOTS - 1));
+    // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
+    let conn = match cached.map(|c| unsafe { &mut *c }) {
+        Some(c) if c.generation == generation && same_flow6(&c.key, flow) => c.conn,
+        slot => {
+            // SAFETY: the value is copied out at once; LRU elements are replaced whole.
+            let conn = unsafe { CONNS6.get(flow) }.copied()?;
+            if let Some(c) = slot {
+                *c = CachedFlow6 { key: *flow, conn, generation, _pad: 0 };
+            }
+            conn
+        }
+    };
     validate(conn)
 }
 

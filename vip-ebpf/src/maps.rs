@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use vip_common::{
-    Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow, PeerKey, Reason,
-    Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS, MAGLEV_ROWS,
-    MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS,
+    Backend, BackendStats, CachedFlow, CachedFlow6, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow, PeerKey,
+    Reason, Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS,
+    MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS,
 };
 
 /// This node's MAC on the attached interface. One entry (index 0). An array, not a hash,
@@ -85,6 +85,11 @@ pub static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(MAX_PEERS, 0
 /// The per-CPU direct-mapped cache in front of [`CONNS`].
 #[map(name = "VIP_FLOW_CACHE")]
 pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// The per-CPU direct-mapped cache in front of [`CONNS6`]: an IPv6 flow's key is 40
+/// bytes, whose hash-table lookup costs more than its fold and hash.
+#[map(name = "VIP_FLOW_CACHE6")]
+pub static FLOW_CACHE6: PerCpuArray<CachedFlow6> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 /// The budget of generated ICMP errors, per CPU (one entry).
 #[map(name = "VIP_ICMP_BUDGET")]

@@ -9,8 +9,8 @@ use aya::{
     Ebpf,
 };
 use vip_common::{
-    map_names, Backend, BackendStats, CachedFlow, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow, PeerKey,
-    Reason, Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipState, MAGLEV_ROW,
+    map_names, Backend, BackendStats, CachedFlow, CachedFlow6, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow,
+    PeerKey, Reason, Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipState, MAGLEV_ROW,
     MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
 };
 
@@ -54,7 +54,7 @@ pub enum MapError {
 /// Every map: name, key size, value size, max entries. A pinned map left by another
 /// version of the agent is adopted only if it matches; `layouts_match_the_object` (a
 /// kernel test) keeps this table honest against the ELF object.
-pub const LAYOUTS: [(&str, u32, u32, u32); 17] = {
+pub const LAYOUTS: [(&str, u32, u32, u32); 18] = {
     use std::mem::size_of;
     use vip_common::{FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS};
     [
@@ -78,6 +78,7 @@ pub const LAYOUTS: [(&str, u32, u32, u32); 17] = {
         (map_names::PEERS, size_of::<PeerKey>() as u32, 4, MAX_PEERS),
         (map_names::ICMP_BUDGET, 4, size_of::<IcmpBudget>() as u32, 1),
         (map_names::FLOW_CACHE, 4, size_of::<CachedFlow>() as u32, FLOW_CACHE_SLOTS),
+        (map_names::FLOW_CACHE6, 4, size_of::<CachedFlow6>() as u32, FLOW_CACHE_SLOTS),
     ]
 };
 
