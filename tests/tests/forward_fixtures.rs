@@ -214,6 +214,16 @@ fn forwarding_fixture_table_of(program: Program) {
         Frame { src: PEER_MAC, ..tcp_frame(PEER_IP, 40056, VIP, PORT, TCP_SYN) }.bytes(),
         Expect { action: xdp::DROP, reason: ProbeRefusedLeaving, output: None },
     );
+    // With the VIP on a VLAN the probes still come untagged (from the peers' own
+    // addresses, on their segment): refused all the same.
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER).on_segment(42)).unwrap();
+    check(
+        &dp,
+        "leaving, VIP on VLAN 42: a peer's untagged VIP-path probe is dropped",
+        Frame { src: PEER_MAC, ..tcp_frame(PEER_IP, 40058, VIP, PORT, TCP_SYN) }.bytes(),
+        Expect { action: xdp::DROP, reason: ProbeRefusedLeaving, output: None },
+    );
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
     let s = syn(40057);
     check(
         &dp,

@@ -63,6 +63,13 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         return Verdict::pass(Reason::NotForUs);
     }
     if l2.segment != vip.segment {
+        // A leaving node refuses the peers' VIP-path probes (see below) on any segment:
+        // they come from the peers' own addresses, untagged, when the VIP is on a VLAN.
+        // SAFETY: inside the bounds-checked header, 2-byte aligned.
+        let src = unsafe { load_ipv4(&iph.src_addr) };
+        if cfg.flags & Config::F_LEAVING != 0 && iph.proto == IPPROTO_TCP && is_peer(&PeerKey::ipv4(src)) {
+            return Verdict::drop(Reason::ProbeRefusedLeaving);
+        }
         return Verdict::pass(l2.other_segment(ctx, vip.segment));
     }
     match iph.proto {
