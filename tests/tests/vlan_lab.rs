@@ -80,31 +80,38 @@ fn vips_on_vlan_100_are_answered_and_announced_there_only() {
     let lab = ApiLab::new([10, 97, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
     let port = format!("p{}", lab.nodes[0].ip.octets()[3]);
     tests::netns::run(lab.lab.switch.cmd("ethtool").args(["-K", &port, "txvlan", "off"])).unwrap();
-    let (attached, counters) = on_vlan_100(lab, &[]);
-    assert_eq!(attached, json!([xdp(), companion()]));
-    assert!(counters["other_segment"].as_u64().unwrap_or(0) >= 2, "VLAN 200 not counted: {counters}");
-    assert!(counters["untagged_at_xdp"].as_u64().unwrap_or(0) >= 2, "untagged not counted: {counters}");
+    let (attached, counters) = on_vlan_100(lab, &[], "skb");
+    assert_eq!(attached, json!([xdp("skb"), companion()]));
+    // Exactly once each: XDP decided the tagged requests itself (VLAN 200's on another
+    // segment) and handed the untagged ones, marked, to the companion, which found them
+    // on no VLAN (another segment); it took nothing else.
+    assert_eq!(counters["untagged_at_xdp"], 2, "{counters}");
+    assert_eq!(counters["other_segment"], 4, "{counters}");
+    assert_eq!((&counters["arp_replied"], &counters["ns_replied"]), (&json!(1), &json!(1)), "{counters}");
 }
 
 /// At XDP, with the tag stripped into the skb (the veth's default, as most NICs'): XDP
-/// cannot read it and passes every untagged frame for a VIP on a VLAN; the tcx companion
-/// beside it reads the tag from the skb and answers on VLAN 100 alone, tagged.
+/// cannot read it and passes every untagged frame for a VIP on a VLAN, marked in its
+/// metadata; the tcx companion beside it reads the tag from the skb and answers on VLAN
+/// 100 alone, tagged. Native XDP, as on a NIC (the metadata takes the driver's path).
 #[test]
 fn at_xdp_vips_on_vlan_100_are_answered_with_the_tag_stripped_by_the_nic() {
     if !tests::kernel_has_tcx() {
         return;
     }
     let lab = ApiLab::new([10, 110, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
-    let (attached, counters) = on_vlan_100(lab, &[]);
-    assert_eq!(attached, json!([xdp(), companion()]));
-    // Every request (VLAN 100, 200, untagged) looked untagged at XDP; at tcx, VLAN 200's
-    // were on the other segment and untagged ones were handed on uncounted.
-    assert!(counters["untagged_at_xdp"].as_u64().unwrap_or(0) >= 6, "{counters}");
-    assert!(counters["other_segment"].as_u64().unwrap_or(0) >= 2, "VLAN 200 not counted at tcx: {counters}");
+    let (attached, counters) = on_vlan_100(lab, &[], "native");
+    assert_eq!(attached, json!([xdp("native"), companion()]));
+    // Every request (VLAN 100, 200, untagged; ARP and NS) looked untagged at XDP and was
+    // handed over once: at tcx VLAN 100's were answered, the others were on another
+    // segment.
+    assert_eq!(counters["untagged_at_xdp"], 6, "{counters}");
+    assert_eq!(counters["other_segment"], 4, "{counters}");
+    assert_eq!((&counters["arp_replied"], &counters["ns_replied"]), (&json!(1), &json!(1)), "{counters}");
 }
 
-fn xdp() -> serde_json::Value {
-    json!({ "interface": "eth0", "hook": "xdp", "mode": "skb" })
+fn xdp(mode: &str) -> serde_json::Value {
+    json!({ "interface": "eth0", "hook": "xdp", "mode": mode })
 }
 
 fn companion() -> serde_json::Value {
@@ -119,15 +126,16 @@ fn at_tcx_vips_on_vlan_100_are_answered_with_the_tag_stripped_by_the_nic() {
         return;
     }
     let lab = ApiLab::new([10, 98, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
-    let (attached, counters) = on_vlan_100(lab, &["--attach", "tcx"]);
+    let (attached, counters) = on_vlan_100(lab, &["--attach", "tcx"], "skb");
     assert_eq!(attached, json!([{ "interface": "eth0", "hook": "tcx", "mode": "ingress" }]));
-    assert!(counters["other_segment"].as_u64().unwrap_or(0) >= 4, "{counters}");
+    assert_eq!(counters["other_segment"], 4, "{counters}");
+    assert_eq!(counters["untagged_at_xdp"], json!(null), "{counters}");
 }
 
 /// The agent with `--vlan 100` (and `extra`) on the lab's one node, an IPv4 and an IPv6
-/// VIP: announced, and answered, on VLAN 100 only. Returns what `status` says is attached,
-/// and the data plane's counters.
-fn on_vlan_100(lab: ApiLab, extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
+/// VIP: announced, and answered, on VLAN 100 only, with XDP in `xdp_mode` where it runs.
+/// Returns what `status` says is attached, and the data plane's counters.
+fn on_vlan_100(lab: ApiLab, extra: &[&str], xdp_mode: &str) -> (serde_json::Value, serde_json::Value) {
     let (vip, vip6) = (lab.vip, lab.vip6);
     let node_mac = tests::netns::mac_of(lab.ns(0), "eth0").unwrap();
     let client_mac = tests::netns::mac_of(lab.client_ns(), "eth0").unwrap();
@@ -143,7 +151,14 @@ fn on_vlan_100(lab: ApiLab, extra: &[&str]) -> (serde_json::Value, serde_json::V
     std::thread::sleep(Duration::from_millis(300));
     let vip6_arg = vip6.to_string();
     let args: Vec<&str> = ["--vlan", "100", "--vip", &vip6_arg].into_iter().chain(extra.iter().copied()).collect();
-    let mut agent = lab.spawn_agent(0, &args).unwrap();
+    // The lab's agents run generic XDP (`--xdp-mode skb`); `native` swaps it.
+    let args: Vec<String> = lab
+        .agent_args(0, &args)
+        .unwrap()
+        .into_iter()
+        .map(|a| if a == "skb" { xdp_mode.to_owned() } else { a })
+        .collect();
+    let mut agent = tests::agent::Agent::spawn(lab.ns(0), &args).unwrap();
     assert!(
         wait_until(Duration::from_secs(5), || lab.status(0).is_ok_and(|s| s["vips"][0]["leader"] == true)),
         "never led"

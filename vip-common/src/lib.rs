@@ -58,6 +58,9 @@ pub mod map_names {
     /// `PerCpuArray<CachedFlow6>` of [`crate::FLOW_CACHE_SLOTS`] entries: the same in
     /// front of [`CONNS6`].
     pub const FLOW_CACHE6: &str = "VIP_FLOW_CACHE6";
+    /// `Array<u32>`, one element: raised by XDP when the driver cannot carry the mark it
+    /// leaves for its tcx companion in a frame's metadata.
+    pub const HANDOFF_NO_META: &str = "VIP_HANDOFF_NO_META";
 }
 
 /// Tail-call targets: the IPv6 data plane is a program of its own ([`program_names::VIP6`],
@@ -72,6 +75,12 @@ pub mod tail_calls {
     pub const PROGS_TCX: &str = "VIP_PROGS_TCX";
     /// The slot of the IPv6 program in both arrays.
     pub const IPV6: u32 = 0;
+    /// `ProgramArray` of `vip_tcx_vlan`'s one target, `vip_tcx`, in slot [`TCX`]: the
+    /// companion only reads the frame (see `vip-ebpf/src/handoff.rs`), and jumps to the
+    /// data plane for the frames it takes. Pinned likewise.
+    pub const PROGS_TCX_VLAN: &str = "VIP_PROGS_TCX_VLAN";
+    /// The slot of `vip_tcx` in [`PROGS_TCX_VLAN`].
+    pub const TCX: u32 = 0;
 }
 
 /// Neighbor Discovery's numbers (RFC 4861), for the data plane's responder and the

@@ -15,6 +15,7 @@ mod ctx;
 mod encap;
 mod forward;
 mod forward6;
+mod handoff;
 mod icmp;
 mod icmp6;
 mod lb;
@@ -48,8 +49,18 @@ pub fn vip_xdp(ctx: XdpContext) -> u32 {
             Verdict::pass(Reason::Ipv6Passed)
         }
     };
+    xdp_action(&ctx, verdict)
+}
+
+/// Counts `verdict`, leaves the companion's mark on a frame it must decide, and returns
+/// the action.
+#[inline(always)]
+fn xdp_action(ctx: &XdpContext, verdict: Verdict) -> u32 {
     stats::count(verdict.reason);
-    log::rare(&ctx, verdict.reason);
+    log::rare(ctx, verdict.reason);
+    if verdict.reason == Reason::UntaggedAtXdp {
+        handoff::mark(ctx);
+    }
     verdict.action
 }
 
@@ -58,9 +69,7 @@ pub fn vip_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn vip_xdp6(ctx: XdpContext) -> u32 {
     let verdict = process6(&ctx);
-    stats::count(verdict.reason);
-    log::rare(&ctx, verdict.reason);
-    verdict.action
+    xdp_action(&ctx, verdict)
 }
 
 /// How much of a frame tcx makes linear before parsing: Ethernet, two VLAN tags, then
@@ -81,19 +90,21 @@ pub fn vip_tcx(ctx: TcContext) -> i32 {
 }
 
 /// The companion of [`vip_xdp`] for VIPs on a VLAN (`--vlan` at XDP), at tcx ingress
-/// after it: the frames whose VLAN tag the NIC stripped into metadata, which XDP cannot
-/// read (it passes them, [`Reason::UntaggedAtXdp`]), are decided here with the tag from
-/// the skb, exactly as [`vip_tcx`] decides them. Every other frame XDP has decided
-/// already: handed on at once, not counted twice.
+/// after it: the frames XDP could not decide because their VLAN tag may be in metadata
+/// (it passes them marked, [`Reason::UntaggedAtXdp`]: see [`handoff`]) are decided here
+/// with the tag from the skb, exactly as [`vip_tcx`] decides them. Every other frame XDP
+/// has decided already: handed on at once, not counted twice.
 #[classifier]
 pub fn vip_tcx_vlan(ctx: TcContext) -> i32 {
-    if ctx.offloaded_vid().is_none() {
-        return TCX_NEXT;
+    if handoff::marked(&ctx) || (handoff::no_meta() && ctx.offloaded_vid().is_some()) {
+        // SAFETY: a tail call to `vip_tcx`; it returns only if the slot is empty (an
+        // agent that has not filled it), and then the frame goes on.
+        unsafe { maps::PROGS_TCX_VLAN.tail_call(&ctx, tail_calls::TCX) };
     }
-    tcx(&ctx)
+    TCX_NEXT
 }
 
-/// The tcx data plane, for [`vip_tcx`] and [`vip_tcx_vlan`].
+/// The tcx data plane of [`vip_tcx`].
 #[inline(always)]
 fn tcx(ctx: &TcContext) -> i32 {
     // Never more than the skb holds; a pull that fails anyway (no memory) leaves the

@@ -37,6 +37,10 @@ pub static PROGS_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
 #[map(name = "VIP_PROGS_TCX")]
 pub static PROGS_TCX: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+/// `vip_tcx_vlan`'s jump to `vip_tcx` (`vip_common::tail_calls::PROGS_TCX_VLAN`).
+#[map(name = "VIP_PROGS_TCX_VLAN")]
+pub static PROGS_TCX_VLAN: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 /// The VIPs as a flat list (one entry), for the IPv4 path's membership test.
 #[map(name = "VIP_VIP_SET")]
 pub static VIP_SET: Array<VipSet> = Array::with_max_entries(1, 0);
@@ -85,6 +89,11 @@ pub static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(MAX_PEERS, 0
 /// The per-CPU direct-mapped cache in front of [`CONNS`].
 #[map(name = "VIP_FLOW_CACHE")]
 pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// Raised (1) by XDP when the driver cannot carry the companion's mark in the frame's
+/// metadata (see `handoff`); one element, never lowered while the maps live.
+#[map(name = "VIP_HANDOFF_NO_META")]
+pub static HANDOFF_NO_META: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The per-CPU direct-mapped cache in front of [`CONNS6`]: an IPv6 flow's key is 40
 /// bytes, whose hash-table lookup costs more than its fold and hash.

@@ -166,7 +166,7 @@ impl Katran {
         let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
         let res = self.prog.test_run(opts).map_err(|e| format!("Katran BPF_PROG_RUN: {e:?}"))?;
         out.truncate(res.data_size_out as usize);
-        Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration })
+        Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration, meta: 0 })
     }
 }
 

@@ -54,7 +54,7 @@ pub enum MapError {
 /// Every map: name, key size, value size, max entries. A pinned map left by another
 /// version of the agent is adopted only if it matches; `layouts_match_the_object` (a
 /// kernel test) keeps this table honest against the ELF object.
-pub const LAYOUTS: [(&str, u32, u32, u32); 18] = {
+pub const LAYOUTS: [(&str, u32, u32, u32); 20] = {
     use std::mem::size_of;
     use vip_common::{FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS};
     [
@@ -74,11 +74,13 @@ pub const LAYOUTS: [(&str, u32, u32, u32); 18] = {
         // must keep its IPv6 tail call.
         (vip_common::tail_calls::PROGS_XDP, 4, 4, 1),
         (vip_common::tail_calls::PROGS_TCX, 4, 4, 1),
+        (vip_common::tail_calls::PROGS_TCX_VLAN, 4, 4, 1),
         (map_names::BACKEND_STATS, 4, size_of::<BackendStats>() as u32, MAX_BACKENDS),
         (map_names::PEERS, size_of::<PeerKey>() as u32, 4, MAX_PEERS),
         (map_names::ICMP_BUDGET, 4, size_of::<IcmpBudget>() as u32, 1),
         (map_names::FLOW_CACHE, 4, size_of::<CachedFlow>() as u32, FLOW_CACHE_SLOTS),
         (map_names::FLOW_CACHE6, 4, size_of::<CachedFlow6>() as u32, FLOW_CACHE_SLOTS),
+        (map_names::HANDOFF_NO_META, 4, 4, 1),
     ]
 };
 

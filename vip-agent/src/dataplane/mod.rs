@@ -231,6 +231,8 @@ pub struct RunOutcome {
     pub frame: Vec<u8>,
     /// The kernel's measurement of the run (per run, averaged over `repeat`).
     pub duration: Duration,
+    /// Bytes of metadata the program left in front of the frame (XDP; 0 at tc).
+    pub meta: u32,
 }
 
 /// How the data plane is attached to its interface.
@@ -453,11 +455,9 @@ impl Dataplane {
         // verifier refuses must fail the start with the previous agent's link (and its
         // program) still attached. (The XDP program was loaded with the object.)
         let companion = hook == Hook::Xdp && vlan;
+        // (The companion is loaded when it is attached: a failure there degrades.)
         if hook == Hook::Tcx {
             self.tcx_program(Program::Tcx)?;
-        }
-        if companion {
-            self.tcx_program(Program::TcxVlan)?;
         }
         // The IPv6 program goes into the pinned program array only now, right before the
         // link changes (it is verified first, inside): until then the previous agent's
@@ -468,9 +468,6 @@ impl Dataplane {
             Hook::Tcx => {
                 install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?
             }
-        }
-        if companion {
-            install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
         }
         let mut done = None;
         if pin.exists() {
@@ -565,6 +562,15 @@ impl Dataplane {
     /// `pin`: by taking over the link a previous agent pinned there (atomically), else
     /// afresh.
     fn attach_companion(&mut self, dev: &Netdev, pin: &Path) -> Result<FdLink, DataplaneError> {
+        // The companion, and the tcx data plane it jumps to (with its IPv6 part).
+        self.tcx_program(Program::TcxVlan)?;
+        install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
+        install_tail_call::<SchedClassifier>(
+            &mut self.ebpf,
+            program_names::TCX,
+            tail_calls::PROGS_TCX_VLAN,
+            tail_calls::TCX,
+        )?;
         let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::PinLink {
             path: pin.display().to_string(),
             source,
@@ -590,6 +596,12 @@ impl Dataplane {
         install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
         self.tcx_program(Program::TcxDropIcmp)?;
         self.tcx_program(Program::TcxVlan)?;
+        install_tail_call::<SchedClassifier>(
+            &mut self.ebpf,
+            program_names::TCX,
+            tail_calls::PROGS_TCX_VLAN,
+            tail_calls::TCX,
+        )?;
         Ok(())
     }
 
@@ -812,19 +824,28 @@ impl<'a> Runner<'a> {
         // Room for encapsulation headers the program may push.
         let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex. The kernel wants data_end == the frame's length.
-        let ctx: Option<Vec<u8>> = ingress_ifindex
-            .map(|ifindex| [0u32, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect());
+        // egress_ifindex. The kernel wants data_end == the frame's length, and writes the
+        // context back relative to the metadata area's start.
+        let ctx_in: Vec<u8> = [0u32, frame.len() as u32, 0, ingress_ifindex.unwrap_or(0), 0, 0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let mut ctx_out = vec![0u8; ctx_in.len()];
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
-            ctx_in: ctx.as_deref(),
+            ctx_in: Some(&ctx_in),
+            ctx_out: Some(&mut ctx_out),
             repeat,
             ..Default::default()
         };
         let res = xdp.test_run(opts).map_err(|source| DataplaneError::TestRun { program: name, source })?;
         out.truncate(res.data_size_out as usize);
-        Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration })
+        // The output starts with the metadata area the program left in front of the frame
+        // (the companion's mark): `xdp_md.data` in the context written back is its length.
+        let meta = ctx_out.get(0..4).map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        out.drain(..meta.min(out.len()));
+        Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration, meta: meta as u32 })
     }
 
     /// The program `name` as its type `T` (`Xdp`, `SchedClassifier`).
@@ -860,7 +881,7 @@ impl<'a> Runner<'a> {
             7 => 3,
             other => TC_UNMAPPED.wrapping_add(other as u32),
         };
-        Ok(RunOutcome { action, frame: out, duration: res.duration })
+        Ok(RunOutcome { action, frame: out, duration: res.duration, meta: 0 })
     }
 }
 
@@ -899,6 +920,20 @@ where
     for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program>,
     T: ProgramLoad,
 {
+    install_tail_call::<T>(ebpf, target, array, tail_calls::IPV6)
+}
+
+/// Loads program `target` (of type `T`) and makes it slot `slot` of program array `array`.
+fn install_tail_call<T>(
+    ebpf: &mut Ebpf,
+    target: &'static str,
+    array: &'static str,
+    slot: u32,
+) -> Result<(), DataplaneError>
+where
+    for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+    T: ProgramLoad,
+{
     let tail = |source| DataplaneError::TailCall { program: target, source };
     let program = ebpf.program_mut(target).ok_or(DataplaneError::MissingProgram { name: target })?;
     let typed: &mut T = program.try_into().map_err(|_| DataplaneError::MissingProgram { name: target })?;
@@ -909,7 +944,7 @@ where
     let fd = fd.try_clone().map_err(|e| tail(TailCallError::Fd(e)))?;
     let map = ebpf.map_mut(array).ok_or(tail(TailCallError::NoArray(array)))?;
     let mut progs = aya::maps::ProgramArray::try_from(map).map_err(|e| tail(TailCallError::Map(e)))?;
-    progs.set(tail_calls::IPV6, &fd, 0).map_err(|e| tail(TailCallError::Map(e)))
+    progs.set(slot, &fd, 0).map_err(|e| tail(TailCallError::Map(e)))
 }
 
 /// The two program types an IPv6 tail call is loaded as.
