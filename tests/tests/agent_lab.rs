@@ -242,8 +242,11 @@ fn a_recreated_interface_is_attached_again() {
     let lab = ApiLab::new([10, 57, 0], 3, &[0]).unwrap();
     let _agent = lab.start_agent(0, &[]).unwrap();
     let node = lab.ns(0);
+    let attached = |lab: &ApiLab| lab.metric(0, "vip_attached{hook=\"xdp\",mode=\"skb\"}");
+    assert_eq!(attached(&lab), Some(1.0), "not attached at start");
     node.ip(&["link", "del", "eth0"]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Gone with its interface: the metrics no longer claim an attachment.
+    assert!(wait_until(Duration::from_secs(3), || attached(&lab).is_none()), "still attached to a deleted interface");
     tests::netns::ip(&[
         "link",
         "add",
@@ -279,6 +282,7 @@ fn a_recreated_interface_is_attached_again() {
         }),
         "the VIP is not answered with the new MAC"
     );
+    assert!(wait_until(Duration::from_secs(3), || attached(&lab) == Some(1.0)), "the re-attachment is not shown");
     lab.wait_all_healthy(0).unwrap();
     let (counts, errors) = lab.requests(60);
     assert!(errors.is_empty(), "{errors:?}");

@@ -262,7 +262,7 @@ fn on_an_interface_without_native_xdp_the_agent_falls_back_to_generic_and_says_s
     )
     .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("attached  br0 at xdp (generic/SKB mode"), "{text}");
+    assert!(text.contains("attached  br0 at xdp (generic/SKB mode)"), "{text}");
 
     let (served, errors) = lab.requests(5);
     assert_eq!(served.values().sum::<usize>(), 5, "served {served:?}, errors {errors:?}");

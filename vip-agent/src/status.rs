@@ -145,7 +145,7 @@ fn attached(pin_path: &std::path::Path, xdp_mode: Option<&str>) -> Value {
 fn mode_words(mode: Option<&str>) -> &'static str {
     match mode {
         Some("native") => " (native)",
-        Some("skb") => " (generic/SKB mode: the driver has no XDP hook of its own)",
+        Some("skb") => " (generic/SKB mode)",
         Some("vlan_stripped") => " (frames whose VLAN tag the NIC stripped)",
         _ => "",
     }

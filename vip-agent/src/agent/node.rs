@@ -106,6 +106,9 @@ pub struct Node {
     /// How the kernel reports the XDP program attached (`native`, `skb`), read after
     /// each attach; `None` at tcx.
     xdp_mode: Option<&'static str>,
+    /// The data plane is attached to the interface as it is now: false from the
+    /// interface's deletion until an attach to its successor succeeds.
+    attached: bool,
 }
 
 impl Node {
@@ -185,6 +188,7 @@ impl Node {
             metrics_task,
             duplicate_seen: None,
             xdp_mode: None,
+            attached: true,
         };
         node.read_xdp_mode().await;
         node.push_eligibility();
@@ -195,17 +199,18 @@ impl Node {
     /// Reads how the XDP program got attached (a pinned link taken over keeps the mode
     /// its first agent got), for `status` and the metrics.
     async fn read_xdp_mode(&mut self) {
-        if self.cfg.attach != crate::dataplane::Hook::Xdp {
+        if self.cfg.attach != crate::dataplane::Hook::Xdp || !self.attached {
+            self.xdp_mode = None;
             return;
         }
         match self.nl.xdp_mode(self.dev.ifindex).await {
             Ok(mode) => {
-                if mode == Some("skb") {
+                if mode == Some("skb") && self.cfg.xdp_mode == crate::dataplane::AttachMode::Auto {
                     info!(interface = %self.dev.name, "XDP runs in generic (SKB) mode: the driver has no XDP hook of its own");
                 }
                 self.xdp_mode = mode;
             }
-            Err(error) => warn!(%error, "cannot read the XDP attach mode"),
+            Err(error) => warn!(interface = %self.dev.name, %error, "cannot read the XDP attach mode"),
         }
     }
 
@@ -221,9 +226,9 @@ impl Node {
                 Mode::Arp => "arp",
                 Mode::Bgp => "bgp",
             },
-            hook: self.cfg.attach.name(),
+            hook: if self.attached { self.cfg.attach.name() } else { "" },
             xdp_mode: self.xdp_mode,
-            vlan_companion: self.dp.vlan_companion(),
+            vlan_companion: self.attached && self.dp.vlan_companion(),
             eligible: self.eligibility.eligible(),
             not_eligible_because: self.eligibility.obstacles(),
             advertised: self.announce.advertised(),
@@ -277,6 +282,8 @@ impl Node {
             HostEvent::Link(LinkEvent::Gone) => {
                 warn!("interface deleted; waiting for it to come back");
                 self.eligibility.link_up = false;
+                self.attached = false;
+                self.xdp_mode = None;
                 self.push_eligibility();
             }
             HostEvent::LoAddressRemoved(addr) => {
@@ -297,11 +304,19 @@ impl Node {
         };
         warn!(old = self.dev.ifindex, new = ifindex, "interface was recreated; attaching again");
         match self.dp.attach_pinned(&new_dev, self.cfg.attach, self.cfg.xdp_mode, self.cfg.vlan != 0) {
-            Ok(_) => self.metrics.repaired(match self.cfg.attach {
-                crate::dataplane::Hook::Xdp => "xdp_attachment",
-                crate::dataplane::Hook::Tcx => "tcx_attachment",
-            }),
-            Err(e) => error!(error = %e, "re-attaching failed"),
+            Ok(_) => {
+                self.attached = true;
+                self.metrics.repaired(match self.cfg.attach {
+                    crate::dataplane::Hook::Xdp => "xdp_attachment",
+                    crate::dataplane::Hook::Tcx => "tcx_attachment",
+                })
+            }
+            Err(e) => {
+                // Not attached (status and metrics say so); the next link event retries.
+                error!(interface = %new_dev.name, error = %e, "re-attaching failed");
+                self.attached = false;
+                return;
+            }
         }
         // Its MAC (ARP replies, DSR source) and index (probes) may be new.
         let mut config = self.dp.maps().config().unwrap_or_default();
