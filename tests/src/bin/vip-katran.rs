@@ -63,6 +63,8 @@ const REAL_POS_LRU_LEN: u32 = 16;
 struct Katran {
     dir: PathBuf,
     prog: Xdp,
+    /// The reals configured: every frame Katran sends must be encapsulated to one.
+    reals: Vec<Ipv4Addr>,
 }
 
 impl Drop for Katran {
@@ -83,8 +85,8 @@ fn bpftool(args: &[&str]) -> Result<(), String> {
 }
 
 impl Katran {
-    /// Loads `object` and gives every CPU its connection table of `lru_entries` flows.
-    fn load(object: &Path, cpus: usize, lru_entries: u32) -> Result<Self, String> {
+    /// Loads `object` and gives each of `cpus` its connection table of `lru_entries` flows.
+    fn load(object: &Path, cpus: &[usize], lru_entries: u32) -> Result<Self, String> {
         let dir = PathBuf::from(format!("/sys/fs/bpf/vip-katran-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).map_err(|e| format!("{}: {e} (is bpffs mounted on /sys/fs/bpf?)", dir.display()))?;
@@ -92,7 +94,7 @@ impl Katran {
         let loaded = (|| {
             let object = object.to_str().ok_or("object path is not UTF-8")?;
             bpftool(&["prog", "loadall", object, &path("progs"), "type", "xdp", "pinmaps", &path("maps")])?;
-            for cpu in 0..cpus {
+            for &cpu in cpus {
                 let lru = path(&format!("lru{cpu}"));
                 let (key, value, entries) =
                     (FLOW_KEY_LEN.to_string(), REAL_POS_LRU_LEN.to_string(), lru_entries.to_string());
@@ -113,7 +115,7 @@ impl Katran {
             Xdp::from_pin(path("progs/balancer_ingress"), XdpAttachType::Interface).map_err(|e| format!("{e:?}"))
         })();
         match loaded {
-            Ok(prog) => Ok(Katran { dir, prog }),
+            Ok(prog) => Ok(Katran { dir, prog, reals: Vec::new() }),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
@@ -130,7 +132,14 @@ impl Katran {
     /// (`ctl_array[0]`), each of `vips` as VIP number 0 (one ring), `reals` as real
     /// numbers 1.. (Katran keeps 0 unused), and the ring from `table` (indices into
     /// `reals`).
-    fn configure(&self, gateway: [u8; 6], vips: &[Ipv4Addr], reals: &[Ipv4Addr], table: &[u32]) -> Result<(), String> {
+    fn configure(
+        &mut self,
+        gateway: [u8; 6],
+        vips: &[Ipv4Addr],
+        reals: &[Ipv4Addr],
+        table: &[u32],
+    ) -> Result<(), String> {
+        self.reals = reals.to_vec();
         let e = |e: aya::maps::MapError| format!("{e:?}");
         let mut ctl: Array<_, [u8; 8]> = self.map("ctl_array")?.try_into().map_err(e)?;
         let mut mac = [0u8; 8];
@@ -166,6 +175,17 @@ impl Katran {
         let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..Default::default() };
         let res = self.prog.test_run(opts).map_err(|e| format!("Katran BPF_PROG_RUN: {e:?}"))?;
         out.truncate(res.data_size_out as usize);
+        // What it sends must be what it is measured for: IPv4-in-IPv4 to a real.
+        if res.return_value == XDP_TX {
+            let outer_dst = out.get(30..34).map(|d| Ipv4Addr::new(d[0], d[1], d[2], d[3]));
+            let ipip = out.get(12..14) == Some(&[0x08, 0x00][..]) && out.get(23) == Some(&4);
+            if !ipip || !outer_dst.is_some_and(|d| self.reals.contains(&d)) {
+                return Err(format!(
+                    "Katran sent a frame that is not IPIP to a real: {:02x?}",
+                    &out[..out.len().min(40)]
+                ));
+            }
+        }
         Ok(RunOutcome { action: res.return_value, frame: out, duration: res.duration, meta: 0 })
     }
 }
@@ -195,11 +215,19 @@ enum Frames<'a> {
     Same(&'a [u8]),
     /// A new flow (SYN from another source) to this VIP every run.
     NewFlows(Ipv4Addr),
+    /// The flows [`Frames::NewFlows`] pinned, one after the other (an ACK each): more
+    /// flows than vip's per-CPU flow cache holds, so both sides look their connection
+    /// table up.
+    PinnedFlows(Ipv4Addr),
 }
 
 fn syn_from(i: u32, vip: Ipv4Addr) -> Vec<u8> {
+    segment_from(i, vip, TCP_SYN)
+}
+
+fn segment_from(i: u32, vip: Ipv4Addr, flags: u8) -> Vec<u8> {
     let src = Ipv4Addr::from(0x0a10_0000 + i);
-    let seg = tcp(1024 + (i % 60000) as u16, PORT, TCP_SYN);
+    let seg = tcp(1024 + (i % 60000) as u16, PORT, flags);
     Frame::new(FibLab::LB_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(src, vip, 6, &seg)).bytes()
 }
 
@@ -216,6 +244,10 @@ fn measure(side: Side<'_>, frames: Frames<'_>, want: u32) -> Result<(f64, Option
             Frames::Same(f) => f,
             Frames::NewFlows(vip) => {
                 owned = syn_from(i as u32, vip);
+                &owned[..]
+            }
+            Frames::PinnedFlows(vip) => {
+                owned = segment_from(i as u32, vip, TCP_ACK);
                 &owned[..]
             }
         };
@@ -237,7 +269,7 @@ fn measure(side: Side<'_>, frames: Frames<'_>, want: u32) -> Result<(f64, Option
                 None
             }
         }
-        Frames::NewFlows(_) => None,
+        Frames::NewFlows(_) | Frames::PinnedFlows(_) => None,
     };
     Ok((single, repeat))
 }
@@ -279,19 +311,18 @@ struct Row<'a> {
 fn main() -> Result<(), String> {
     let object = std::env::args().nth(1).ok_or("usage: vip-katran KATRAN_OBJECT [COMMIT]")?;
     let commit = std::env::args().nth(2).unwrap_or_else(|| "?".into());
-    // Every CPU the kernel may run us on (not only those this process is pinned to): a
-    // CPU without its LRU in `lru_mapping` would use Katran's unit-test fallback.
-    // SAFETY: sysconf has no preconditions.
-    let cpus = (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).clamp(1, 128) as usize;
-    // The same connection-table capacity on both sides, split per core on Katran's.
-    let lru_entries = MAX_CONNS / cpus as u32;
+    // The CPUs this process may run on (xtask pins it to one): each gets an LRU in
+    // `lru_mapping` of the capacity of vip's connection table, as KatranLb gives its one
+    // forwarding core; a CPU without one would use Katran's unit-test fallback.
+    let cpus = allowed_cpus()?;
+    let lru_entries = MAX_CONNS;
     let reals: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(10, 0, 0, 10 + i)).collect();
     let far: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(10, 77, 0, 20 + i)).collect();
     let names: Vec<String> = far.iter().map(Ipv4Addr::to_string).collect();
     let weighted: Vec<Weighted<'_>> = names.iter().map(|name| Weighted { name, weight: 1 }).collect();
     let table = maglev::build(&weighted, RING_SIZE).map_err(|e| e.to_string())?;
 
-    let katran = Katran::load(Path::new(&object), cpus, lru_entries)?;
+    let mut katran = Katran::load(Path::new(&object), &cpus, lru_entries)?;
     katran.configure(FibLab::GATEWAY_MAC, &[VIP_DSR, VIP_IPIP], &far, &table)?;
     let fib = FibLab::new()?;
     let rows = fib.lb.within(|| -> Result<Vec<Measured>, String> {
@@ -342,35 +373,71 @@ fn main() -> Result<(), String> {
                 katran: Some(XDP_TX),
                 frames: Frames::Same(&established_ipip),
             },
+            Row {
+                name: "20k pinned flows: vip DSR",
+                vip: (Program::Vip, XDP_TX, None),
+                katran: Some(XDP_TX),
+                frames: Frames::PinnedFlows(VIP_DSR),
+            },
+            Row {
+                name: "20k pinned flows: vip IPIP",
+                vip: (Program::Vip, XDP_TX, Some(ifindex)),
+                katran: Some(XDP_TX),
+                frames: Frames::PinnedFlows(VIP_IPIP),
+            },
         ];
         let runner = dp.runner();
         let mut out = Vec::new();
-        for row in &rows {
+        for (i, row) in rows.iter().enumerate() {
             let (program, want, ingress) = row.vip;
-            let ours = measure(Side::Vip(&runner, program, ingress), row.frames, want)
-                .map_err(|e| format!("{}: vip: {e}", row.name))?;
-            let theirs = match row.katran {
-                Some(want) => Some(
-                    measure(Side::Katran(&katran), row.frames, want)
-                        .map_err(|e| format!("{}: Katran: {e}", row.name))?,
-                ),
-                None => None,
+            let ours = || {
+                measure(Side::Vip(&runner, program, ingress), row.frames, want)
+                    .map_err(|e| format!("{}: vip: {e}", row.name))
+            };
+            let theirs = |want| {
+                measure(Side::Katran(&katran), row.frames, want).map_err(|e| format!("{}: Katran: {e}", row.name))
+            };
+            // Alternate which side goes first, so neither always meets warm caches.
+            let (ours, theirs) = match (row.katran, i % 2) {
+                (None, _) => (ours()?, None),
+                (Some(want), 0) => (ours()?, Some(theirs(want)?)),
+                (Some(want), _) => {
+                    let t = theirs(want)?;
+                    (ours()?, Some(t))
+                }
             };
             out.push((row.name, ours, theirs));
         }
         Ok(out)
     })??;
-    print(&rows, &commit, cpus, lru_entries);
+    print(&rows, &commit, &cpus, lru_entries);
     Ok(())
 }
 
-fn print(rows: &[Measured], commit: &str, cpus: usize, lru: u32) {
+/// The CPUs this process may run on (`sched_getaffinity`).
+fn allowed_cpus() -> Result<Vec<usize>, String> {
+    // SAFETY: cpu_set_t is plain data, filled by the kernel for this thread.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(format!("sched_getaffinity: {}", std::io::Error::last_os_error()));
+        }
+        set
+    };
+    // SAFETY: CPU_ISSET reads the set only.
+    Ok((0..128).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
+}
+
+fn print(rows: &[Measured], commit: &str, cpus: &[usize], lru: u32) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "vip beside Katran ({commit}; IPIP; an LRU of {lru} flows per core, {MAX_CONNS} shared on vip's side), \
-         BPF_PROG_RUN, same frames, one run"
+        "vip beside Katran ({commit}; IPIP; an LRU of {lru} flows on CPU {cpus:?}, as vip's connection table), \
+         BPF_PROG_RUN, same frames, one run, the two sides alternating which goes first"
     );
-    println!("({cpus} CPUs, kernel {}); single = median of {SINGLE_RUNS} one-frame runs, repeat = kernel average over {REPEAT} runs", kernel.trim());
+    println!(
+        "(kernel {}); single = median of {SINGLE_RUNS} one-frame runs, repeat = kernel average over {REPEAT} runs",
+        kernel.trim()
+    );
     println!("net = single minus the floor's single; Katran answers every VIP by IPIP (its only mode)");
     println!(
         "{:<26} {:>10} {:>10} {:>8} {:>12} {:>12} {:>10}",
