@@ -14,6 +14,17 @@ pub mod pki;
 pub mod routers;
 pub mod sampler;
 
+/// Pins the calling thread to CPU `cpu` (the per-CPU flow-cache tests run frames on
+/// chosen CPUs). Panics if the kernel refuses.
+pub fn run_on_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity only changes this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU {cpu}");
+    }
+}
+
 /// The XDP actions, as the kernel numbers them.
 pub mod xdp {
     pub const ABORTED: u32 = 0;

@@ -251,15 +251,6 @@ fn ipv6_forwarding_fixture_table_at_tcx() {
     table_of(Program::Tcx);
 }
 
-fn run_on_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity only changes this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU {cpu}");
-    }
-}
-
 /// The per-CPU IPv6 flow cache never sends a flow back to a backend the connection table
 /// no longer names for it: pinned to B and cached on CPU 0, re-pinned elsewhere on CPU 1
 /// while B was down, the flow stays there on CPU 0 once B is back (a backend's state
@@ -275,7 +266,7 @@ fn an_ipv6_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
     let to = |dp: &Dataplane, frame: &Frame| dp.test_run(Program::Vip, &frame.bytes()).unwrap().frame[0..6].to_vec();
     std::thread::scope(|sc| {
         sc.spawn(|| {
-            run_on_cpu(0);
+            tests::run_on_cpu(0);
             assert_eq!(to(&dp, &s), backend_mac(b).to_vec());
             assert_eq!(to(&dp, &ack), backend_mac(b).to_vec(), "cached on CPU 0");
         });
@@ -285,7 +276,7 @@ fn an_ipv6_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
     lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, down)).unwrap();
     let moved = std::thread::scope(|sc| {
         sc.spawn(|| {
-            run_on_cpu(1);
+            tests::run_on_cpu(1);
             to(&dp, &ack)
         })
         .join()
@@ -295,7 +286,7 @@ fn an_ipv6_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
     lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, three())).unwrap();
     std::thread::scope(|sc| {
         sc.spawn(|| {
-            run_on_cpu(0);
+            tests::run_on_cpu(0);
             assert_eq!(to(&dp, &ack), moved, "CPU 0's cache sent the flow back to its old backend");
         });
     });

@@ -912,14 +912,6 @@ fn table_flips_are_atomic_for_readers() {
 }
 
 /// Moves the calling thread to `cpu` (BPF_PROG_RUN runs the program there).
-fn run_on_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity only changes this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU {cpu}");
-    }
-}
 
 /// The per-CPU flow cache never sends a flow back to a backend the connection table no
 /// longer names for it: pinned to B on CPU 0, re-pinned to another backend on CPU 1
@@ -937,7 +929,7 @@ fn a_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
     let to = |dp: &Dataplane, frame: &Frame| dp.test_run(Program::Vip, &frame.bytes()).unwrap().frame[0..6].to_vec();
     std::thread::scope(|s| {
         s.spawn(|| {
-            run_on_cpu(0);
+            tests::run_on_cpu(0);
             assert_eq!(to(&dp, &f), backend_mac(b).to_vec());
             assert_eq!(to(&dp, &ack), backend_mac(b).to_vec(), "cached on CPU 0");
         });
@@ -947,7 +939,7 @@ fn a_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
     lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, down)).unwrap();
     let moved = std::thread::scope(|s| {
         s.spawn(|| {
-            run_on_cpu(1);
+            tests::run_on_cpu(1);
             to(&dp, &ack)
         })
         .join()
@@ -957,7 +949,7 @@ fn a_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
     lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, three())).unwrap();
     std::thread::scope(|s| {
         s.spawn(|| {
-            run_on_cpu(0);
+            tests::run_on_cpu(0);
             assert_eq!(to(&dp, &ack), moved, "CPU 0's cache sent the flow back to its old backend");
         });
     });

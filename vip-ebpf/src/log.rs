@@ -15,11 +15,15 @@ use vip_common::Reason;
 
 use crate::ctx::Packet;
 
-/// Logs the frame's verdict if it is a rare one and debug logging is on.
+/// Logs the frame's verdict if it is a rare one and debug logging is on. The reason goes
+/// out as its number, which the agent's reader names (`vip_agent::dataplane::log`): a
+/// name is a string of a different length per reason, and copying it into the record
+/// made the verifier walk the copy once per reason on every path that ends here (the
+/// program with its log on outgrew what the kernel verifies without interruption).
 #[inline(always)]
 pub fn rare(ctx: &impl Packet, reason: Reason) {
     if !level_enabled(Level::Debug) || !reason.is_rare() {
         return;
     }
-    debug!(ctx, "frame {} on ifindex {}", reason.name(), ctx.ingress_ifindex());
+    debug!(ctx, "frame reason {} on ifindex {}", reason as u8, ctx.ingress_ifindex());
 }

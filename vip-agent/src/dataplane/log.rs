@@ -6,9 +6,10 @@
 //! `RUST_LOG=info,vip_ebpf=debug`): the level is fixed when the program is loaded
 //! (the `AYA_LOG_LEVEL` global, read-only to the program), so with it off the verifier
 //! removes the logging code and the hot path pays nothing. Records reach `tracing`
-//! through the `log` crate's bridge that tracing-subscriber installs.
+//! through the `log` crate's bridge that tracing-subscriber installs, with the verdict's
+//! reason, which the program sends as its number, named ([`name_reason`]).
 
-use std::os::fd::AsRawFd;
+use std::{borrow::Cow, os::fd::AsRawFd};
 
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
@@ -39,7 +40,7 @@ pub fn reader(ebpf: &mut Ebpf, debug_log: bool) -> Option<DataplaneLog> {
     if !debug_log {
         return None;
     }
-    match EbpfLogger::init(ebpf) {
+    match EbpfLogger::init_with_logger(ebpf, Named) {
         Ok(logger) => Some(DataplaneLog { logger }),
         Err(error) => {
             warn!(%error, "the data plane's debug log is not available");
@@ -50,7 +51,61 @@ pub fn reader(ebpf: &mut Ebpf, debug_log: bool) -> Option<DataplaneLog> {
 
 /// The program's log ring buffer and its reader.
 pub struct DataplaneLog {
-    logger: EbpfLogger<&'static dyn log::Log>,
+    logger: EbpfLogger<Named>,
+}
+
+/// Hands the program's records to the `log` crate's logger with their reason named.
+pub struct Named;
+
+impl log::Log for Named {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        log::logger().enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let text = record.args().to_string();
+        let text = name_reason(&text);
+        log::logger().log(
+            &log::Record::builder()
+                .args(format_args!("{text}"))
+                .level(record.level())
+                .target(record.target())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .build(),
+        );
+    }
+
+    fn flush(&self) {
+        log::logger().flush();
+    }
+}
+
+/// `frame reason N ...` (how the program logs a verdict: see vip-ebpf's `log.rs`) with
+/// `reason N` replaced by the reason's name (`frame arp_malformed ...`); any other text,
+/// or a number no reason has, unchanged.
+pub fn name_reason(text: &str) -> Cow<'_, str> {
+    let Some(rest) = text.strip_prefix("frame reason ") else { return Cow::Borrowed(text) };
+    let (number, tail) = rest.split_once(' ').map_or((rest, ""), |(n, t)| (n, t));
+    match number.parse::<usize>().ok().and_then(|n| vip_common::Reason::ALL.get(n)) {
+        Some(reason) if tail.is_empty() => Cow::Owned(format!("frame {}", reason.name())),
+        Some(reason) => Cow::Owned(format!("frame {} {tail}", reason.name())),
+        None => Cow::Borrowed(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_reason;
+
+    #[test]
+    fn a_logged_reason_number_is_named() {
+        assert_eq!(name_reason("frame reason 5 on ifindex 2"), "frame arp_malformed on ifindex 2");
+        assert_eq!(name_reason("frame reason 44"), "frame untagged_at_xdp");
+        assert_eq!(name_reason("frame reason 200 on ifindex 2"), "frame reason 200 on ifindex 2");
+        assert_eq!(name_reason("something else"), "something else");
+    }
 }
 
 impl DataplaneLog {

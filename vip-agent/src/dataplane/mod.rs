@@ -562,15 +562,7 @@ impl Dataplane {
     /// `pin`: by taking over the link a previous agent pinned there (atomically), else
     /// afresh.
     fn attach_companion(&mut self, dev: &Netdev, pin: &Path) -> Result<FdLink, DataplaneError> {
-        // The companion, and the tcx data plane it jumps to (with its IPv6 part).
-        self.tcx_program(Program::TcxVlan)?;
-        install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
-        install_tail_call::<SchedClassifier>(
-            &mut self.ebpf,
-            program_names::TCX,
-            tail_calls::PROGS_TCX_VLAN,
-            tail_calls::TCX,
-        )?;
+        self.load_companion()?;
         let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::PinLink {
             path: pin.display().to_string(),
             source,
@@ -579,7 +571,7 @@ impl Dataplane {
             match self.replace_pinned_tcx(pin, Program::TcxVlan) {
                 Ok(link) => return Ok(link),
                 Err(error) => {
-                    warn!(%error, pin = %pin.display(), "cannot take over the pinned tcx companion; attaching afresh");
+                    warn!(interface = %dev.name, %error, pin = %pin.display(), "cannot take over the pinned tcx companion; attaching afresh");
                     let _ = std::fs::remove_file(pin);
                 }
             }
@@ -595,14 +587,20 @@ impl Dataplane {
         self.tcx_program(Program::Tcx)?;
         install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
         self.tcx_program(Program::TcxDropIcmp)?;
+        self.load_companion()
+    }
+
+    /// Loads the VLAN companion, and the tcx data plane it jumps to (with its IPv6 part)
+    /// into its program array.
+    fn load_companion(&mut self) -> Result<(), DataplaneError> {
         self.tcx_program(Program::TcxVlan)?;
+        install_ipv6_tail_call::<SchedClassifier>(&mut self.ebpf, program_names::TCX6, tail_calls::PROGS_TCX)?;
         install_tail_call::<SchedClassifier>(
             &mut self.ebpf,
             program_names::TCX,
             tail_calls::PROGS_TCX_VLAN,
             tail_calls::TCX,
-        )?;
-        Ok(())
+        )
     }
 
     /// The tcx program, loaded into the kernel on first use (only `--attach tcx` and
