@@ -911,8 +911,6 @@ fn table_flips_are_atomic_for_readers() {
     eprintln!("{checked} packets checked across {FLIPS} flips ({straddled} straddled a flip)");
 }
 
-/// Moves the calling thread to `cpu` (BPF_PROG_RUN runs the program there).
-
 /// The per-CPU flow cache never sends a flow back to a backend the connection table no
 /// longer names for it: pinned to B on CPU 0, re-pinned to another backend on CPU 1
 /// while B was down, the flow stays there on CPU 0 once B is back (a backend's state

@@ -95,19 +95,6 @@ pub fn name_reason(text: &str) -> Cow<'_, str> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::name_reason;
-
-    #[test]
-    fn a_logged_reason_number_is_named() {
-        assert_eq!(name_reason("frame reason 5 on ifindex 2"), "frame arp_malformed on ifindex 2");
-        assert_eq!(name_reason("frame reason 44"), "frame untagged_at_xdp");
-        assert_eq!(name_reason("frame reason 200 on ifindex 2"), "frame reason 200 on ifindex 2");
-        assert_eq!(name_reason("something else"), "something else");
-    }
-}
-
 impl DataplaneLog {
     /// Forwards every record waiting in the ring buffer (for callers that poll it
     /// themselves, as the benchmark does).
@@ -139,5 +126,18 @@ impl DataplaneLog {
 impl AsRawFd for DataplaneLog {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.logger.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_reason;
+
+    #[test]
+    fn a_logged_reason_number_is_named() {
+        assert_eq!(name_reason("frame reason 5 on ifindex 2"), "frame arp_malformed on ifindex 2");
+        assert_eq!(name_reason("frame reason 44"), "frame untagged_at_xdp");
+        assert_eq!(name_reason("frame reason 200 on ifindex 2"), "frame reason 200 on ifindex 2");
+        assert_eq!(name_reason("something else"), "something else");
     }
 }
