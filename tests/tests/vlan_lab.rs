@@ -208,6 +208,8 @@ fn on_vlan_100(lab: ApiLab, extra: &[&str], xdp_mode: &str) -> (serde_json::Valu
     assert!(wait_until(Duration::from_secs(3), || conflicts() >= 1.0), "a claim on VLAN 100 not seen");
 
     let status = lab.status(0).unwrap();
+    // The veth carries XDP metadata: the mark was never refused.
+    assert_eq!(status["vlan_handoff_no_metadata"], false, "{status}");
     let (exit, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(exit.success(), "{log}");
     // Stopped for good: nothing left attached at either hook (the kernel releases an

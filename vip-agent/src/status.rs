@@ -112,6 +112,7 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
         "services": services,
         "counters": counters,
         "connections_tracked": maps.conn_count(),
+        "vlan_handoff_no_metadata": maps.handoff_no_meta()?,
     }))
 }
 
@@ -168,6 +169,13 @@ pub fn render(s: &Value) -> String {
             str_of(&a["interface"]),
             str_of(&a["hook"]),
             mode_words(a["mode"].as_str())
+        );
+    }
+    if s["vlan_handoff_no_metadata"] == true {
+        let _ = writeln!(
+            out,
+            "warning   the driver carries no XDP metadata: the tcx companion decides every frame whose VLAN \
+             tag the NIC stripped, some twice (turn stripping off: ethtool -K IF rxvlan off)"
         );
     }
     match (&s["agent"], s["agent_error"].as_str()) {
@@ -254,4 +262,32 @@ pub fn render(s: &Value) -> String {
         let _ = writeln!(out, "  {k:<22} {:>12}", v.as_u64().unwrap_or(0));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::render;
+
+    /// The table names each attachment's mode, and warns when the driver carries no XDP
+    /// metadata (the VLAN companion then decides some frames twice).
+    #[test]
+    fn the_table_shows_modes_and_the_metadata_warning() {
+        let status = |no_meta: bool| {
+            json!({
+                "node_ip": "10.0.0.1", "mac": "02:00:00:00:00:01", "pin_path": "/sys/fs/bpf/vip",
+                "attached": [
+                    { "interface": "eth0", "hook": "xdp", "mode": "native" },
+                    { "interface": "eth0", "hook": "tcx", "mode": "vlan_stripped" },
+                ],
+                "vlan_handoff_no_metadata": no_meta,
+            })
+        };
+        let table = render(&status(false));
+        assert!(table.contains("attached  eth0 at xdp (native)\n"), "{table}");
+        assert!(table.contains("attached  eth0 at tcx (frames whose VLAN tag the NIC stripped)\n"), "{table}");
+        assert!(!table.contains("no XDP metadata"), "{table}");
+        assert!(render(&status(true)).contains("warning   the driver carries no XDP metadata"));
+    }
 }

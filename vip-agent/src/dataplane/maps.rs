@@ -179,6 +179,8 @@ pub struct Maps {
     conns6: HashMap<MapData, FlowKey6, Conn>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     peers: HashMap<MapData, PeerKey, u32>,
+    /// `None` for pins an agent older than the VLAN companion left.
+    handoff_no_meta: Option<Array<MapData, u32>>,
 }
 
 fn op(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
@@ -210,6 +212,7 @@ impl Maps {
             backend_stats: PerCpuArray::try_from(open(dir, map_names::BACKEND_STATS)?)
                 .map_err(ty(map_names::BACKEND_STATS))?,
             peers: HashMap::try_from(open(dir, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
+            handoff_no_meta: open(dir, map_names::HANDOFF_NO_META).ok().and_then(|m| Array::try_from(m).ok()),
         })
     }
 
@@ -231,7 +234,20 @@ impl Maps {
             backend_stats: PerCpuArray::try_from(take(ebpf, map_names::BACKEND_STATS)?)
                 .map_err(ty(map_names::BACKEND_STATS))?,
             peers: HashMap::try_from(take(ebpf, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
+            handoff_no_meta: Some(
+                Array::try_from(take(ebpf, map_names::HANDOFF_NO_META)?).map_err(ty(map_names::HANDOFF_NO_META))?,
+            ),
         })
+    }
+
+    /// Whether XDP found the driver cannot carry the mark it leaves its VLAN companion in a
+    /// frame's metadata (`VIP_HANDOFF_NO_META` raised): the companion then decides every
+    /// frame whose tag the NIC stripped, some of them a second time.
+    pub fn handoff_no_meta(&self) -> Result<bool, MapError> {
+        match &self.handoff_no_meta {
+            Some(flag) => Ok(flag.get(&0, 0).map_err(op(map_names::HANDOFF_NO_META, "get"))? != 0),
+            None => Ok(false),
+        }
     }
 
     pub fn set_config(&mut self, config: &Config) -> Result<(), MapError> {
