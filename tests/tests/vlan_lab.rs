@@ -80,7 +80,11 @@ fn vips_on_vlan_100_are_answered_and_announced_there_only() {
     let lab = ApiLab::new([10, 97, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
     let port = format!("p{}", lab.nodes[0].ip.octets()[3]);
     tests::netns::run(lab.lab.switch.cmd("ethtool").args(["-K", &port, "txvlan", "off"])).unwrap();
-    let (attached, counters) = on_vlan_100(lab, &[], "skb");
+    // And the node's "NIC" does not strip either (on a veth it is the sender's choice;
+    // the agent reads the receiver's setting, as it must on a NIC).
+    tests::netns::run(lab.ns(0).cmd("ethtool").args(["-K", "eth0", "rxvlan", "off"])).unwrap();
+    let (attached, counters, log) = on_vlan_100(lab, &[], "skb");
+    assert!(log.contains("the NIC leaves VLAN tags in the frame"), "{log}");
     assert_eq!(attached, json!([xdp("skb"), companion()]));
     // Exactly once each: XDP decided the tagged requests itself (VLAN 200's on another
     // segment) and handed the untagged ones, marked, to the companion, which found them
@@ -100,7 +104,8 @@ fn at_xdp_vips_on_vlan_100_are_answered_with_the_tag_stripped_by_the_nic() {
         return;
     }
     let lab = ApiLab::new([10, 110, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
-    let (attached, counters) = on_vlan_100(lab, &[], "native");
+    let (attached, counters, log) = on_vlan_100(lab, &[], "native");
+    assert!(log.contains("the NIC strips VLAN tags: VIP traffic on the VLAN is handled at tcx"), "{log}");
     assert_eq!(attached, json!([xdp("native"), companion()]));
     // Every request (VLAN 100, 200, untagged; ARP and NS) looked untagged at XDP and was
     // handed over once: at tcx VLAN 100's were answered, the others were on another
@@ -126,7 +131,9 @@ fn at_tcx_vips_on_vlan_100_are_answered_with_the_tag_stripped_by_the_nic() {
         return;
     }
     let lab = ApiLab::new([10, 98, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
-    let (attached, counters) = on_vlan_100(lab, &["--attach", "tcx"], "skb");
+    let (attached, counters, log) = on_vlan_100(lab, &["--attach", "tcx"], "skb");
+    // At tcx every tag is read: nothing to say about the NIC's stripping.
+    assert!(!log.contains("strips VLAN tags") && !log.contains("leaves VLAN tags"), "{log}");
     assert_eq!(attached, json!([{ "interface": "eth0", "hook": "tcx", "mode": "ingress" }]));
     assert_eq!(counters["other_segment"], 4, "{counters}");
     assert_eq!(counters["untagged_at_xdp"], json!(null), "{counters}");
@@ -134,8 +141,8 @@ fn at_tcx_vips_on_vlan_100_are_answered_with_the_tag_stripped_by_the_nic() {
 
 /// The agent with `--vlan 100` (and `extra`) on the lab's one node, an IPv4 and an IPv6
 /// VIP: announced, and answered, on VLAN 100 only, with XDP in `xdp_mode` where it runs.
-/// Returns what `status` says is attached, and the data plane's counters.
-fn on_vlan_100(lab: ApiLab, extra: &[&str], xdp_mode: &str) -> (serde_json::Value, serde_json::Value) {
+/// Returns what `status` says is attached, the data plane's counters and the agent's log.
+fn on_vlan_100(lab: ApiLab, extra: &[&str], xdp_mode: &str) -> (serde_json::Value, serde_json::Value, String) {
     let (vip, vip6) = (lab.vip, lab.vip6);
     let node_mac = tests::netns::mac_of(lab.ns(0), "eth0").unwrap();
     let client_mac = tests::netns::mac_of(lab.client_ns(), "eth0").unwrap();
@@ -221,7 +228,7 @@ fn on_vlan_100(lab: ApiLab, extra: &[&str], xdp_mode: &str) -> (serde_json::Valu
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert!(wait_until(Duration::from_secs(2), || !link().contains("xdp")), "left at XDP: {}", link());
-    (status["attached"].clone(), status["counters"].clone())
+    (status["attached"].clone(), status["counters"].clone(), log)
 }
 
 /// `--interface eth0.100`: a VLAN device has no XDP hook of its own, so `--xdp-mode auto`

@@ -116,9 +116,43 @@ pub fn is_up(name: &str) -> bool {
     }
 }
 
+/// Whether interface `name`'s NIC takes received VLAN tags out of the frame into
+/// metadata (`rxvlan`, `NETIF_F_HW_VLAN_CTAG_RX`), where XDP cannot read them; through
+/// the ethtool ioctl's `ETHTOOL_GFLAGS` (`ETH_FLAG_RXVLAN`, include/uapi/linux/ethtool.h).
+/// `Ok(None)` if the interface is gone or the driver does not say.
+pub fn strips_vlan_tags(name: &str) -> Result<Option<bool>, NetdevError> {
+    /// `struct ethtool_value`: a command and its 32-bit answer.
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    const SIOCETHTOOL: libc::Ioctl = 0x8946;
+    const ETHTOOL_GFLAGS: u32 = 0x25;
+    const ETH_FLAG_RXVLAN: u32 = 1 << 8;
+    let mut value = EthtoolValue { cmd: ETHTOOL_GFLAGS, data: 0 };
+    let ptr = &mut value as *mut EthtoolValue as *mut libc::c_char;
+    // The ioctl writes the answer into `value` through the pointer in ifr_data.
+    let answered = match ifreq_ioctl_with(name, SIOCETHTOOL, |ifr| ifr.ifr_ifru.ifru_data = ptr) {
+        Ok(answer) => answer.is_some(),
+        Err(NetdevError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
+        Err(e) => return Err(e),
+    };
+    Ok(answered.then_some(value.data & ETH_FLAG_RXVLAN != 0))
+}
+
 /// Runs an `ifreq` ioctl for `name` on an AF_INET socket. `Ok(None)` when the kernel says
 /// the interface is gone (`ENODEV`) or has no such address (`EADDRNOTAVAIL`).
 fn ifreq_ioctl(name: &str, request: libc::Ioctl) -> Result<Option<libc::ifreq>, NetdevError> {
+    ifreq_ioctl_with(name, request, |_| {})
+}
+
+/// [`ifreq_ioctl`] with the request's own fields set by `prepare` (the name is set).
+fn ifreq_ioctl_with(
+    name: &str,
+    request: libc::Ioctl,
+    prepare: impl FnOnce(&mut libc::ifreq),
+) -> Result<Option<libc::ifreq>, NetdevError> {
     let io_err = |source| NetdevError::Io { name: name.to_owned(), source };
     // SAFETY: plain socket(2) call; the fd is closed below on every path.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -130,6 +164,7 @@ fn ifreq_ioctl(name: &str, request: libc::Ioctl) -> Result<Option<libc::ifreq>, 
     for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
+    prepare(&mut ifr);
     // SAFETY: fd is a socket, ifr is a properly initialised ifreq with a NUL-terminated
     // name (validate_name bounded its length below IFNAMSIZ).
     let rc = unsafe { libc::ioctl(fd, request, &mut ifr) };

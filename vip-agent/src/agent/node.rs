@@ -561,7 +561,41 @@ async fn stage(
         Attached::NewTcx => info!(hook = "tcx", mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
         Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
     }
+    if cfg.attach == crate::dataplane::Hook::Xdp && cfg.vlan != 0 {
+        say_where_vlan_frames_go(cfg, dev, dp.vlan_companion());
+    }
     Ok((balancer, backends, instance, predecessor, initially_leading))
+}
+
+/// With `--vlan` at XDP: whether the NIC strips VLAN tags decides where the VIPs' frames
+/// are handled (XDP cannot read a stripped tag), which the operator should know: said
+/// once at start.
+fn say_where_vlan_frames_go(cfg: &RunConfig, dev: &Netdev, companion: bool) {
+    let strips = match netdev::strips_vlan_tags(&dev.name) {
+        Ok(Some(strips)) => strips,
+        Ok(None) => return,
+        Err(error) => return warn!(interface = %dev.name, %error, "cannot read whether the NIC strips VLAN tags"),
+    };
+    match (strips, companion) {
+        (false, _) => {
+            info!(interface = %dev.name, vlan = cfg.vlan, "the NIC leaves VLAN tags in the frame: VIP traffic is handled at XDP")
+        }
+        (true, false) => error!(
+            interface = %dev.name,
+            vlan = cfg.vlan,
+            "the NIC strips VLAN tags and there is no tcx companion: the VIPs are unreachable on the VLAN (ethtool -K IF rxvlan off)"
+        ),
+        (true, true) if cfg.forward == vip_common::ForwardMode::Ipip => warn!(
+            interface = %dev.name,
+            vlan = cfg.vlan,
+            "the NIC strips VLAN tags: VIP traffic on the VLAN is handled at tcx, which cannot encapsulate, so it goes up this node's stack unbalanced (ethtool -K IF rxvlan off)"
+        ),
+        (true, true) => info!(
+            interface = %dev.name,
+            vlan = cfg.vlan,
+            "the NIC strips VLAN tags: VIP traffic on the VLAN is handled at tcx, slower than at XDP (ethtool -K IF rxvlan off)"
+        ),
+    }
 }
 
 /// The announcer of the configured mode.
