@@ -10,6 +10,7 @@ pub mod frames;
 pub mod https;
 pub mod lab;
 pub mod netns;
+pub mod perpacket;
 pub mod pki;
 pub mod routers;
 pub mod sampler;

@@ -155,20 +155,7 @@ impl RawSocket {
         let me = Self { fd, ifindex, ethertype };
         if let Some(filter) = filter {
             me.attach_filter(filter)?;
-            let one: libc::c_int = 1;
-            // SAFETY: valid fd; an int option of the size given.
-            let rc = unsafe {
-                libc::setsockopt(
-                    me.fd.as_raw_fd(),
-                    libc::SOL_PACKET,
-                    libc::PACKET_IGNORE_OUTGOING,
-                    (&one as *const libc::c_int).cast(),
-                    mem::size_of::<libc::c_int>() as u32,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            me.set_option(libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &(1 as libc::c_int))?;
         }
         let addr = me.addr([0; 6]);
         // SAFETY: valid fd; addr is a properly sized sockaddr_ll.
@@ -178,19 +165,7 @@ impl RawSocket {
         if let Some(t) = recv_timeout {
             let tv =
                 libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
-            // SAFETY: valid fd; tv is a timeval of the size given.
-            let rc = unsafe {
-                libc::setsockopt(
-                    me.fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    mem::size_of::<libc::timeval>() as u32,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            me.set_option(libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
         }
         Ok(me)
     }
@@ -203,15 +178,21 @@ impl RawSocket {
             len: u16::try_from(program.len()).map_err(|_| io::ErrorKind::InvalidInput)?,
             filter: program.as_ptr().cast_mut(),
         };
-        // SAFETY: valid fd; prog points to `len` instructions that outlive the call (the
-        // kernel copies them).
+        // (prog points to `len` instructions that outlive the call: the kernel copies them.)
+        self.set_option(libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
+    }
+
+    /// `setsockopt(2)` of option `name` at `level` to `value`, a plain C value of the
+    /// type the option takes.
+    fn set_option<T>(&self, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+        // SAFETY: valid fd; value is a live T of the size given, which the kernel copies.
         let rc = unsafe {
             libc::setsockopt(
                 self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                (&prog as *const libc::sock_fprog).cast(),
-                mem::size_of::<libc::sock_fprog>() as u32,
+                level,
+                name,
+                (value as *const T).cast(),
+                mem::size_of::<T>() as libc::socklen_t,
             )
         };
         if rc != 0 {

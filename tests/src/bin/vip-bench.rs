@@ -11,6 +11,7 @@
 //!   output, run again, is rewritten to itself (same flow, same backend MACs).
 
 use std::{
+    borrow::Cow,
     net::{Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
@@ -21,16 +22,15 @@ use tests::{
         ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
     },
     lab::FibLab,
+    perpacket::{fixed_point_repeat, median_single, REPEAT, SINGLE_RUNS},
 };
 use vip_agent::{
     balancer::{BackendSpec, Balancer, ServiceSpec},
-    dataplane::{Dataplane, Program, Runner},
+    dataplane::{Dataplane, Program, RunOutcome, Runner},
     maglev::{self, Weighted},
 };
 use vip_common::{Config, ForwardMode, VipState};
 
-const SINGLE_RUNS: usize = 20_000;
-const REPEAT: u32 = 1_000_000;
 const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
@@ -74,42 +74,27 @@ fn syn_from(i: u32) -> Vec<u8> {
         .bytes()
 }
 
-fn single(runner: &Runner<'_>, row: &Row) -> Result<f64, String> {
-    let mut ns = Vec::with_capacity(SINGLE_RUNS);
-    for i in 0..SINGLE_RUNS {
-        let owned;
-        let frame = match &row.frames {
-            Frames::Same(f) => f,
-            Frames::NewFlows => {
-                owned = syn_from(i as u32);
-                &owned
-            }
-        };
-        let out = runner.run_opts(row.program, frame, 1, row.ingress).map_err(|e| format!("{}: {e:?}", row.name))?;
-        if out.action != row.expect_action {
-            return Err(format!("{}: action {} want {}", row.name, out.action, row.expect_action));
-        }
-        ns.push(out.duration.as_nanos() as u64);
-    }
-    ns.sort_unstable();
-    Ok(ns[ns.len() / 2] as f64)
+/// `row`'s program run on a frame, `repeat` times.
+fn runs<'r>(runner: &'r Runner<'_>, row: &'r Row) -> impl Fn(&[u8], u32) -> Result<RunOutcome, String> + 'r {
+    move |frame, repeat| runner.run_opts(row.program, frame, repeat, row.ingress).map_err(|e| format!("{e:?}"))
 }
 
-/// The kernel's average over `REPEAT` runs of a frame whose output is the frame itself
-/// again: checked here (one run, output in, same action and output), so a row never
-/// silently measures another path on its later runs.
+fn single(runner: &Runner<'_>, row: &Row) -> Result<f64, String> {
+    let frame_at = |i: usize| match &row.frames {
+        Frames::Same(f) => Cow::Borrowed(&f[..]),
+        Frames::NewFlows => Cow::Owned(syn_from(i as u32)),
+    };
+    median_single(runs(runner, row), frame_at, row.expect_action).map_err(|e| format!("{}: {e}", row.name))
+}
+
+/// The kernel's average over `REPEAT` runs of a row whose output is a fixed point; a row
+/// that claims one and is not fails, so it never silently measures another path.
 fn repeated(runner: &Runner<'_>, row: &Row) -> Result<Option<f64>, String> {
     match (&row.frames, row.fixed_point) {
-        (Frames::Same(frame), true) => {
-            let err = |e| format!("{}: {e:?}", row.name);
-            let once = runner.run_opts(row.program, frame, 1, row.ingress).map_err(err)?;
-            let twice = runner.run_opts(row.program, &once.frame, 1, row.ingress).map_err(err)?;
-            if twice.action != row.expect_action || twice.frame != once.frame {
-                return Err(format!("{}: not a fixed point, `repeat` would measure another path", row.name));
-            }
-            let out = runner.run_opts(row.program, frame, REPEAT, row.ingress).map_err(err)?;
-            Ok(Some(out.duration.as_nanos() as f64))
-        }
+        (Frames::Same(frame), true) => fixed_point_repeat(runs(runner, row), frame, row.expect_action)
+            .map_err(|e| format!("{}: {e}", row.name))?
+            .map(Some)
+            .ok_or_else(|| format!("{}: not a fixed point, `repeat` would measure another path", row.name)),
         _ => Ok(None),
     }
 }

@@ -14,6 +14,7 @@
 //! Usage: `vip-katran KATRAN_OBJECT [COMMIT]` (root). Prints one table; asserts nothing.
 
 use std::{
+    borrow::Cow,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
@@ -27,6 +28,7 @@ use aya_obj::programs::XdpAttachType;
 use tests::{
     frames::{ipv4, tcp, Frame, ETH_P_IPV4, TCP_ACK, TCP_SYN},
     lab::FibLab,
+    perpacket::{fixed_point_repeat, median_single, REPEAT, SINGLE_RUNS},
 };
 use vip_agent::{
     balancer::{BackendSpec, Balancer, ServiceSpec},
@@ -39,8 +41,6 @@ use vip_common::{Config, ForwardMode, VipState, MAX_CONNS};
 /// Katran's consistent-hash ring per VIP (`RING_SIZE` in `balancer_consts.h`), which is
 /// also our Maglev table size: M = 65537 on both sides.
 const RING_SIZE: u32 = 65_537;
-const SINGLE_RUNS: usize = 20_000;
-const REPEAT: u32 = 1_000_000;
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 /// A VIP balanced by DSR on vip's side; by IPIP on Katran's, its only mode.
@@ -234,41 +234,18 @@ fn segment_from(i: u32, vip: Ipv4Addr, flags: u8) -> Vec<u8> {
 /// Median ns of single runs, and the kernel's average over [`REPEAT`] runs where the
 /// output is a fixed point (checked: run again, the same output and action).
 fn measure(side: Side<'_>, frames: Frames<'_>, want: u32) -> Result<(f64, Option<f64>), String> {
-    let mut ns = Vec::with_capacity(SINGLE_RUNS);
+    let run = |frame: &[u8], repeat| side.run(frame, repeat);
     if let Frames::Same(frame) = frames {
-        side.run(frame, 1)?;
+        run(frame, 1)?;
     }
-    for i in 0..SINGLE_RUNS {
-        let owned;
-        let frame = match frames {
-            Frames::Same(f) => f,
-            Frames::NewFlows(vip) => {
-                owned = syn_from(i as u32, vip);
-                &owned[..]
-            }
-            Frames::PinnedFlows(vip) => {
-                owned = segment_from(i as u32, vip, TCP_ACK);
-                &owned[..]
-            }
-        };
-        let out = side.run(frame, 1)?;
-        if out.action != want {
-            return Err(format!("action {} want {want}", out.action));
-        }
-        ns.push(out.duration.as_nanos() as u64);
-    }
-    ns.sort_unstable();
-    let single = ns[ns.len() / 2] as f64;
+    let frame_at = |i: usize| match frames {
+        Frames::Same(f) => Cow::Borrowed(f),
+        Frames::NewFlows(vip) => Cow::Owned(syn_from(i as u32, vip)),
+        Frames::PinnedFlows(vip) => Cow::Owned(segment_from(i as u32, vip, TCP_ACK)),
+    };
+    let single = median_single(run, frame_at, want)?;
     let repeat = match frames {
-        Frames::Same(frame) => {
-            let once = side.run(frame, 1)?;
-            let twice = side.run(&once.frame, 1)?;
-            if twice.frame == once.frame && twice.action == want {
-                Some(side.run(frame, REPEAT)?.duration.as_nanos() as f64)
-            } else {
-                None
-            }
-        }
+        Frames::Same(frame) => fixed_point_repeat(run, frame, want)?,
         Frames::NewFlows(_) | Frames::PinnedFlows(_) => None,
     };
     Ok((single, repeat))

@@ -1,0 +1,50 @@
+//! Per-packet figures through `BPF_PROG_RUN`, as `vip-bench` and `vip-katran` take them:
+//!
+//! - *single*: the median of [`SINGLE_RUNS`] one-frame runs (each syscall's own kernel
+//!   timing, timer overhead included, the same for every program). Works for every path.
+//! - *repeat*: the kernel's average over [`REPEAT`] runs of one frame. The kernel does
+//!   not restore the frame between runs, so this is only meaningful where the output is
+//!   a fixed point (drop and pass; an established DSR flow sent from the node's own MAC),
+//!   which [`fixed_point_repeat`] checks first.
+
+use std::borrow::Cow;
+
+use vip_agent::dataplane::RunOutcome;
+
+pub const SINGLE_RUNS: usize = 20_000;
+pub const REPEAT: u32 = 1_000_000;
+
+/// The median ns of [`SINGLE_RUNS`] runs of `run` (a frame, a repeat count → its
+/// outcome), run `i` on `frame_at(i)`; every run must return action `want`.
+pub fn median_single<'f>(
+    run: impl Fn(&[u8], u32) -> Result<RunOutcome, String>,
+    frame_at: impl Fn(usize) -> Cow<'f, [u8]>,
+    want: u32,
+) -> Result<f64, String> {
+    let mut ns = Vec::with_capacity(SINGLE_RUNS);
+    for i in 0..SINGLE_RUNS {
+        let out = run(&frame_at(i), 1)?;
+        if out.action != want {
+            return Err(format!("action {} want {want}", out.action));
+        }
+        ns.push(out.duration.as_nanos() as u64);
+    }
+    ns.sort_unstable();
+    Ok(ns[ns.len() / 2] as f64)
+}
+
+/// The kernel's average ns over [`REPEAT`] runs of `frame`, if its output is a fixed
+/// point: run once, then on that output, the same action `want` and the same output.
+/// `None` otherwise: `repeat` would measure another path on its later runs.
+pub fn fixed_point_repeat(
+    run: impl Fn(&[u8], u32) -> Result<RunOutcome, String>,
+    frame: &[u8],
+    want: u32,
+) -> Result<Option<f64>, String> {
+    let once = run(frame, 1)?;
+    let twice = run(&once.frame, 1)?;
+    if twice.action != want || twice.frame != once.frame {
+        return Ok(None);
+    }
+    Ok(Some(run(frame, REPEAT)?.duration.as_nanos() as f64))
+}
