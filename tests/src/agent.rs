@@ -40,9 +40,48 @@ pub fn leaseapi_bin() -> PathBuf {
 }
 
 /// A bpffs directory for one agent's pins, outside `/sys` (which `ip netns exec`
-/// remounts, hiding `/sys/fs/bpf`): `/run/vip-test-bpffs/<name>`. The bpffs is mounted
-/// on first use.
-pub fn pin_dir(name: &str) -> Result<PathBuf, String> {
+/// remounts, hiding `/sys/fs/bpf`): `/run/vip-test-bpffs/<name>`, emptied now and
+/// removed with everything pinned in it when the guard drops (an agent killed with
+/// SIGKILL, or a test that panics, would otherwise leave its maps and its XDP link
+/// pinned for as long as the machine runs). The bpffs is mounted on first use.
+pub fn pin_dir(name: &str) -> Result<PinDir, String> {
+    pin_dir_path(name).map(PinDir)
+}
+
+/// A pin directory that [`pin_dir`] made: removed on drop. Derefs to its path.
+#[derive(Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    /// Hands the directory's removal over to the caller (a lab that removes its nodes'
+    /// pins itself, across agent restarts).
+    pub fn keep(mut self) -> PathBuf {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl std::ops::Deref for PinDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for PinDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn pin_dir_path(name: &str) -> Result<PathBuf, String> {
     let root = PathBuf::from("/run/vip-test-bpffs");
     let mounts = std::fs::read_to_string("/proc/mounts").map_err(|e| e.to_string())?;
     if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/run/vip-test-bpffs")) {

@@ -439,7 +439,7 @@ impl ApiLab {
         let dir = PathBuf::from("/run/vip-test-bpffs").join(format!("{}-{}", self.lab.tag, self.nodes[i].name));
         if !dir.exists() {
             // Mounts the bpffs if needed (and clears a stale directory of that name).
-            pin_dir(&format!("{}-{}", self.lab.tag, self.nodes[i].name))?;
+            pin_dir(&format!("{}-{}", self.lab.tag, self.nodes[i].name))?.keep();
         }
         Ok(dir)
     }

@@ -337,7 +337,8 @@ impl PeersLab {
     }
 
     fn start_agent(&self, native: bool) -> Result<Agent, String> {
-        let pins = tests::agent::pin_dir(&format!("{}-peers-lb", self.lab.tag))?;
+        // Removed by the agent itself when it stops (SIGTERM), or by the sweep.
+        let pins = tests::agent::pin_dir(&format!("{}-peers-lb", self.lab.tag))?.keep();
         let backends: Vec<String> = self.backends().iter().map(|b| b.to_string()).collect();
         let args = [
             "run",
