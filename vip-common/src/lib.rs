@@ -550,6 +550,43 @@ impl FlowKey {
     pub const fn new(src: [u8; 4], dst: [u8; 4], sport: [u8; 2], dport: [u8; 2], proto: u8) -> Self {
         Self { src, dst, sport, dport, proto, _pad: 0, _pad2: 0 }
     }
+
+    /// The key as its 16 bytes read as two little-endian 64-bit words: `src | dst << 32`
+    /// and `sport | dport << 16 | proto << 32` (each field's bytes in wire order). The data
+    /// plane builds a key in this form, in registers, from 16-bit header loads, and
+    /// compares it with two word compares; building it byte by byte would store bytes the
+    /// word loads after it then read back (a store-forwarding stall each).
+    #[inline(always)]
+    pub const fn words(&self) -> [u64; 2] {
+        #[cfg(target_endian = "little")]
+        // SAFETY: 16 initialised bytes, 8-byte aligned; a little-endian word's memory is
+        // its little-endian bytes. Two word loads, not sixteen byte loads.
+        return unsafe { core::mem::transmute::<FlowKey, [u64; 2]>(*self) };
+        #[cfg(not(target_endian = "little"))]
+        {
+            let (s, d, sp, dp) = (self.src, self.dst, self.sport, self.dport);
+            [
+                u32::from_le_bytes(s) as u64 | (u32::from_le_bytes(d) as u64) << 32,
+                u16::from_le_bytes(sp) as u64 | (u16::from_le_bytes(dp) as u64) << 16 | (self.proto as u64) << 32,
+            ]
+        }
+    }
+
+    /// The key whose [`FlowKey::words`] are `w`; bits 40–63 of `w[1]` (the padding) are
+    /// ignored.
+    #[inline(always)]
+    pub const fn from_words(w: [u64; 2]) -> Self {
+        const FIELDS: u64 = (1 << 40) - 1;
+        #[cfg(target_endian = "little")]
+        // SAFETY: any 16 bytes are a valid FlowKey (integer fields only), the padding
+        // masked to zero; as in `words`. Two word stores.
+        return unsafe { core::mem::transmute::<[u64; 2], FlowKey>([w[0], w[1] & FIELDS]) };
+        #[cfg(not(target_endian = "little"))]
+        {
+            let (a, b) = (w[0].to_le_bytes(), (w[1] & FIELDS).to_le_bytes());
+            Self::new([a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]], [b[0], b[1]], [b[2], b[3]], b[4])
+        }
+    }
 }
 
 /// Key of the IPv6 connection table: the flow's 5-tuple as it arrives.
@@ -643,6 +680,26 @@ pub struct Conn {
     pub _pad2: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<Conn>() == 16);
+
+impl Conn {
+    /// The entry as its 16 bytes read as two little-endian 64-bit words: `backend | mode
+    /// << 16 | backend_ip << 32` and `from_mac` in bits 0–47 (each field's bytes in
+    /// memory order). The data plane reads an entry as two word loads this way.
+    #[inline(always)]
+    pub const fn words(&self) -> [u64; 2] {
+        #[cfg(target_endian = "little")]
+        // SAFETY: 16 initialised bytes, 8-byte aligned (see `FlowKey::words`).
+        return unsafe { core::mem::transmute::<Conn, [u64; 2]>(*self) };
+        #[cfg(not(target_endian = "little"))]
+        {
+            let (ip, m) = (self.backend_ip, self.from_mac);
+            [
+                self.backend as u64 | (self.mode as u64) << 16 | (u32::from_le_bytes(ip) as u64) << 32,
+                u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 0, 0]),
+            ]
+        }
+    }
+}
 const _: () = assert!(MAX_BACKENDS <= u16::MAX as u32);
 
 /// Entries of the per-CPU flow cache, a power of two (the flow hash is masked). An
@@ -698,10 +755,17 @@ const _: () = assert!(core::mem::size_of::<BackendStats>() == 16);
 /// maps a flow to the same Maglev slot.
 #[inline(always)]
 pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
-    let a = u32::from_le_bytes(key.src);
-    let b = u32::from_le_bytes(key.dst);
-    let c = (u16::from_le_bytes(key.sport) as u32) << 16 | u16::from_le_bytes(key.dport) as u32;
-    let mut h: u32 = 0x9747_b28c ^ seed ^ key.proto as u32;
+    flow_hash_words(key.words(), seed)
+}
+
+/// [`flow_hash`] of the key whose [`FlowKey::words`] are `w`: what the data plane
+/// computes, from registers.
+#[inline(always)]
+pub const fn flow_hash_words(w: [u64; 2], seed: u32) -> u32 {
+    let a = w[0] as u32;
+    let b = (w[0] >> 32) as u32;
+    let c = (w[1] as u32) << 16 | (w[1] as u32) >> 16;
+    let mut h: u32 = 0x9747_b28c ^ seed ^ (w[1] >> 32) as u8 as u32;
     h = mix(h, a);
     h = mix(h, b);
     h = mix(h, c);
@@ -1155,5 +1219,41 @@ mod tests {
             other.src[word * 4] ^= 0x40;
             assert_ne!(flow_hash6(&other, 7), flow_hash6(&flow, 7), "word {word} ignored");
         }
+    }
+
+    /// The flow hash never changes between versions: nodes mid-upgrade must map every
+    /// flow to the same Maglev slot. Known answers from the byte-wise definition (the
+    /// data plane now hashes the key's words), worked out independently.
+    #[test]
+    fn the_flow_hash_keeps_its_known_answers() {
+        let cases = [
+            (([10, 0, 0, 1], [10, 0, 0, 100], 40000u16, 6443u16, IPPROTO_TCP, 0u32), 0x38f2_bc28u32),
+            (([192, 168, 1, 20], [192, 168, 1, 5], 51234, 6443, IPPROTO_TCP, 0xdead_beef), 0x80c8_d6ce),
+            (([172, 16, 5, 9], [10, 96, 0, 1], 1, 443, 17, 7), 0x1f0f_3aff),
+        ];
+        for ((src, dst, sport, dport, proto, seed), want) in cases {
+            let key = FlowKey::new(src, dst, sport.to_be_bytes(), dport.to_be_bytes(), proto);
+            assert_eq!(flow_hash(&key, seed), want, "{key:?} seed {seed:#x}");
+            assert_eq!(FlowKey::from_words(key.words()), key);
+            assert_eq!(flow_hash_words(key.words(), seed), want);
+        }
+    }
+
+    /// The words the data plane builds in registers are the key's bytes, field by field.
+    #[test]
+    fn flow_key_and_conn_words_are_their_bytes_in_memory_order() {
+        let key = FlowKey::new([1, 2, 3, 4], [5, 6, 7, 8], [9, 10], [11, 12], 13);
+        assert_eq!(key.words(), [0x0807_0605_0403_0201, 0x0d_0c0b_0a09]);
+        // Padding bits are dropped, not stored.
+        assert_eq!(FlowKey::from_words([0, u64::MAX]).words(), [0, (1 << 40) - 1]);
+        let conn = Conn {
+            backend: 0x0102,
+            mode: 3,
+            _pad: 0,
+            backend_ip: [4, 5, 6, 7],
+            from_mac: [8, 9, 10, 11, 12, 13],
+            _pad2: [0; 2],
+        };
+        assert_eq!(conn.words(), [0x0706_0504_0003_0102, 0x0d0c_0b0a_0908]);
     }
 }

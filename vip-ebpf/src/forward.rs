@@ -9,14 +9,14 @@
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr};
 use vip_common::{
-    flow_hash, Backend, Config, FlowKey, ForwardMode, PeerKey, Reason, ServiceKey, VipState, IPPROTO_TCP,
+    flow_hash_words, Backend, Config, FlowKey, ForwardMode, PeerKey, Reason, ServiceKey, VipState, IPPROTO_TCP,
 };
 
 use crate::{
     ctx::Packet,
     encap, icmp, lb,
     maps::{is_peer, vip, CONFIG, SERVICES},
-    parse::{load_ipv4, load_mac, ptr_at, store_mac, L2},
+    parse::{load_ipv4, load_ipv4_word, load_mac, load_u16_word, ptr_at, store_mac, L2},
     stats,
     verdict::Verdict,
 };
@@ -43,7 +43,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         return encap::decap(ctx, l2, ihl);
     }
     // SAFETY: inside the bounds-checked header, 2-byte aligned.
-    let dst = unsafe { load_ipv4(&iph.dst_addr) };
+    let dst_word = unsafe { load_ipv4_word(&iph.dst_addr) };
+    let dst = dst_word.to_le_bytes();
     let Some(vip) = vip(dst) else {
         return Verdict::pass(Reason::NotVip);
     };
@@ -80,23 +81,24 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, l2.l3_off + ihl) else {
         return Verdict::pass(Reason::TcpMalformed);
     };
+    // The key in registers (see `FlowKey::words`), hashed from there.
     // SAFETY: ptr_at checked the 20-byte IPv4 and TCP headers are inside the frame;
     // 2-byte aligned fields.
-    let flow = unsafe {
-        FlowKey::new(
-            load_ipv4(&iph.src_addr),
-            dst,
-            (*((*tcp).source.as_ptr() as *const u16)).to_ne_bytes(),
-            (*((*tcp).dest.as_ptr() as *const u16)).to_ne_bytes(),
-            IPPROTO_TCP,
-        )
+    let words = unsafe {
+        [
+            u64::from(load_ipv4_word(&iph.src_addr)) | u64::from(dst_word) << 32,
+            u64::from(load_u16_word(&(*tcp).source))
+                | u64::from(load_u16_word(&(*tcp).dest)) << 16
+                | u64::from(IPPROTO_TCP) << 32,
+        ]
     };
+    let flow = FlowKey::from_words(words);
     // A flow this node pinned keeps its backend, which holds the connection, even after
     // this node stopped balancing (a leader whose deadline passed, or that handed over):
     // clients that have not moved yet keep their connections. The pin holds for the flow
     // as the client sends it; the same flow from a peer was balanced there already.
-    let hash = flow_hash(&flow, cfg.hash_seed);
-    let (id, backend, mode) = match lb::pinned(&flow, hash, cfg.generation) {
+    let hash = flow_hash_words(words, cfg.hash_seed);
+    let (id, backend, mode) = match lb::pinned(&flow, words, hash, cfg.generation) {
         Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
         Some(_) => return Verdict::pass(Reason::BalancedByPeer),
         None => {

@@ -172,7 +172,7 @@ pub fn to_backend(
     // The flow as the client sends it.
     let flow = FlowKey::new(q_dst, vip_addr, client_port, svc_port, IPPROTO_TCP);
     let Some(cfg) = CONFIG.get(0) else { return local };
-    let (backend, mode) = match lb::pinned(&flow, flow_hash(&flow, cfg.hash_seed), cfg.generation) {
+    let (backend, mode) = match lb::pinned(&flow, flow.words(), flow_hash(&flow, cfg.hash_seed), cfg.generation) {
         Some(pin) => (pin.backend, pin.mode),
         None => {
             // SAFETY: helper without preconditions.

@@ -7,58 +7,55 @@ use vip_common::{
 
 use crate::{
     maps::{BACKENDS, CONNS, CONNS6, FLOW_CACHE, FLOW_CACHE6, MAGLEV},
-    parse::{load_mac, store_mac},
+    parse::store_mac,
 };
 
 /// A pinned flow: its backend and how it was pinned.
 pub struct Pin {
     pub id: u32,
-    pub backend: Backend,
+    /// The backend's entry, read in place in [`BACKENDS`] (an array's values never move;
+    /// a copy would be as racy against the agent's rewrite of the entry, and slower).
+    pub backend: &'static Backend,
     /// The forward mode the flow was pinned under.
     pub mode: u8,
     /// Source MAC of the frame that pinned it (`load_mac`'s form).
     pub from_mac: u64,
 }
 
-/// Whether two flow keys are equal, as two 8-byte compares (a byte-wise compare of the
-/// `[u8; N]` fields would be a call into a byte loop).
-#[inline(always)]
-fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
-    // SAFETY: FlowKey is 16 bytes, 8-byte aligned, all bytes initialised.
-    unsafe {
-        let (a, b) = (a as *const FlowKey as *const u64, b as *const FlowKey as *const u64);
-        *a == *b && *a.add(1) == *b.add(1)
-    }
-}
+/// Bits 0–47 of [`Conn::words`]' second word: `from_mac`.
+const FROM_MAC: u64 = (1 << 48) - 1;
 
 /// The backend `flow` is pinned to, while that backend still serves its connections and
 /// has the same address: this CPU's flow cache first (`hash` is the flow's hash,
 /// `generation` the config's), then the connection table, whose answer is cached.
+/// `flow` and its [`FlowKey::words`] `key` are the same key: the words for the cache,
+/// which compares and stores them from registers, the key in memory for the table.
 #[inline(always)]
-pub fn pinned(flow: &FlowKey, hash: u32, generation: u32) -> Option<Pin> {
+pub fn pinned(flow: &FlowKey, key: [u64; 2], hash: u32, generation: u32) -> Option<Pin> {
     let cached = FLOW_CACHE.get_ptr_mut(hash & (FLOW_CACHE_SLOTS - 1));
     // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
     let conn = match cached.map(|c| unsafe { &mut *c }) {
-        Some(c) if c.generation == generation && same_flow(&c.key, flow) => c.conn,
+        Some(c) if c.generation == generation && c.key.words() == key => c.conn.words(),
         slot => {
             // SAFETY: the value is copied out at once; LRU elements are replaced whole.
             let conn = unsafe { CONNS.get(flow) }.copied()?;
             if let Some(c) = slot {
-                *c = CachedFlow { key: *flow, conn, generation, _pad: 0 };
+                *c = CachedFlow { key: FlowKey::from_words(key), conn, generation, _pad: 0 };
             }
-            conn
+            conn.words()
         }
     };
     validate(conn)
 }
 
+/// The pin of a connection-table entry (its [`Conn::words`]), if its backend still
+/// serves and has the address the flow was pinned to.
 #[inline(always)]
-fn validate(conn: Conn) -> Option<Pin> {
-    let id = conn.backend as u32;
+fn validate([w0, w1]: [u64; 2]) -> Option<Pin> {
+    let id = u32::from(w0 as u16);
     let b = BACKENDS.get(id)?;
-    if b.ip == conn.backend_ip && b.flags & Backend::F_SERVING != 0 {
-        // SAFETY: a field of an 8-byte aligned value, at offset 8.
-        Some(Pin { id, backend: *b, mode: conn.mode, from_mac: unsafe { load_mac(&conn.from_mac) } })
+    if u32::from_le_bytes(b.ip) == (w0 >> 32) as u32 && b.flags & Backend::F_SERVING != 0 {
+        Some(Pin { id, backend: b, mode: (w0 >> 16) as u8, from_mac: w1 & FROM_MAC })
     } else {
         None
     }
@@ -68,7 +65,7 @@ fn validate(conn: Conn) -> Option<Pin> {
 /// with the cluster seed), which is then pinned for frames from `from_mac`. `None`: the
 /// table has no (healthy) backend for this flow.
 #[inline(always)]
-pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
+pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, &'static Backend)> {
     let (id, backend) = maglev_slot(hash, svc)?;
     let mut conn = Conn { backend: id as u16, mode: svc.mode, backend_ip: backend.ip, ..Conn::default() };
     // SAFETY: a field of an 8-byte aligned value, at offset 8.
@@ -106,12 +103,12 @@ pub fn pinned6(flow: &FlowKey6, hash: u32, generation: u32) -> Option<Pin> {
             conn
         }
     };
-    validate(conn)
+    validate(conn.words())
 }
 
 /// [`choose`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster seed).
 #[inline(always)]
-pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
+pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, &'static Backend)> {
     let (id, backend) = maglev_slot(hash, svc)?;
     let mut conn = Conn { backend: id as u16, mode: svc.mode, backend_ip: backend.ip, ..Conn::default() };
     // SAFETY: a field of an 8-byte aligned value, at offset 8.
@@ -124,13 +121,13 @@ pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Opti
 /// The live Maglev table's healthy backend for `flow` (hashed with `seed`), without
 /// pinning it.
 #[inline(always)]
-pub fn maglev(flow: &FlowKey, svc: &Service, seed: u32) -> Option<(u32, Backend)> {
+pub fn maglev(flow: &FlowKey, svc: &Service, seed: u32) -> Option<(u32, &'static Backend)> {
     maglev_slot(flow_hash(flow, seed), svc)
 }
 
 /// The live Maglev table's healthy backend for the flow hash `hash` of service `svc`.
 #[inline(always)]
-pub fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, Backend)> {
+pub fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, &'static Backend)> {
     let m = svc.m;
     if m == 0 || m > MAGLEV_MAX_M {
         return None;
@@ -141,7 +138,7 @@ pub fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, Backend)> {
     if id == NO_BACKEND {
         return None;
     }
-    let backend = *BACKENDS.get(id)?;
+    let backend = BACKENDS.get(id)?;
     if backend.flags & Backend::F_UP == 0 {
         return None;
     }

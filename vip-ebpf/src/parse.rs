@@ -55,9 +55,27 @@ pub unsafe fn store_mac(p: *mut [u8; 6], mac: u64) {
 /// `p` points to 4 readable bytes, 2-byte aligned.
 #[inline(always)]
 pub unsafe fn load_ipv4(p: *const [u8; 4]) -> [u8; 4] {
+    load_ipv4_word(p).to_le_bytes()
+}
+
+/// An IPv4 address as the little-endian word of its bytes (wire order in memory), read
+/// with two 2-byte loads: the form [`vip_common::FlowKey::words`] is built from.
+///
+/// # Safety
+/// As [`load_ipv4`].
+#[inline(always)]
+pub unsafe fn load_ipv4_word(p: *const [u8; 4]) -> u32 {
     let w = p as *const u16;
-    let (a, b) = ((*w).to_ne_bytes(), (*w.add(1)).to_ne_bytes());
-    [a[0], a[1], b[0], b[1]]
+    u32::from(u16::from_le(*w)) | u32::from(u16::from_le(*w.add(1))) << 16
+}
+
+/// A 2-byte field as the little-endian word of its bytes (a port, wire order in memory).
+///
+/// # Safety
+/// `p` points to 2 readable bytes, 2-byte aligned.
+#[inline(always)]
+pub unsafe fn load_u16_word(p: *const [u8; 2]) -> u16 {
+    u16::from_le(*(p as *const u16))
 }
 
 /// Whether `dst` is a group address (broadcast or multicast: the I/G bit of the first
