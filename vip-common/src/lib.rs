@@ -787,6 +787,32 @@ const fn fmix32(mut h: u32) -> u32 {
     h ^ (h >> 16)
 }
 
+/// Multiplier of Fibonacci hashing, ⌊2⁶⁴/φ⌋ (Knuth, TAOCP vol. 3, §6.4): the top bits of
+/// the product depend on every bit of the multiplicand.
+const FIBONACCI: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The flow-cache slot of the flow whose [`FlowKey::words`] are `key` (`seed`: the
+/// cluster's hash seed, so that nobody outside can aim flows at one slot): one multiply.
+/// Not [`flow_hash`], whose serial Murmur rounds put about 10 ns on every
+/// established packet: a slot needs spread on this CPU, not agreement between nodes
+/// (that is the Maglev slot's job, and only a new flow needs it). A collision only
+/// costs a connection-table lookup; the entry's key is compared whole.
+#[inline(always)]
+pub const fn cache_slot([w0, w1]: [u64; 2], seed: u32) -> u32 {
+    // w1 holds the ports in bits 0–31 and the protocol above; the ports move up to vary
+    // the other half of the product.
+    let x = w0 ^ w1 << 32 ^ w1 >> 32 ^ seed as u64;
+    (x.wrapping_mul(FIBONACCI) >> (64 - FLOW_CACHE_SLOTS.trailing_zeros())) as u32
+}
+
+/// [`cache_slot`] of an IPv6 flow: its address words folded by XOR.
+#[inline(always)]
+pub const fn cache_slot6(flow: &FlowKey6, seed: u32) -> u32 {
+    // SAFETY: FlowKey6 is 40 initialised bytes, 8-byte aligned.
+    let w = unsafe { &*(flow as *const FlowKey6 as *const [u64; 5]) };
+    cache_slot([w[0] ^ w[1] ^ w[2] ^ w[3], w[4]], seed)
+}
+
 /// Key of the [`map_names::VIPS`] map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -1255,5 +1281,40 @@ mod tests {
             _pad2: [0; 2],
         };
         assert_eq!(conn.words(), [0x0706_0504_0003_0102, 0x0d0c_0b0a_0908]);
+    }
+
+    /// The per-CPU flow cache is direct-mapped: flows that vary only where real traffic
+    /// varies (one client's source ports; many clients on one port) must spread over its
+    /// slots, or they would evict each other on every packet.
+    #[test]
+    fn flows_spread_over_the_flow_cache_slots() {
+        let n = FLOW_CACHE_SLOTS as usize;
+        let distinct = |slots: &mut dyn Iterator<Item = u32>| {
+            let mut seen = [false; FLOW_CACHE_SLOTS as usize];
+            slots.filter(|&s| !core::mem::replace(&mut seen[s as usize], true)).count()
+        };
+        let vip = [10, 96, 0, 1];
+        let by_port = (0..n as u32).map(|i| {
+            let key = FlowKey::new([192, 168, 7, 9], vip, ((32768 + i) as u16).to_be_bytes(), 6443u16.to_be_bytes(), 6);
+            cache_slot(key.words(), 0x5eed)
+        });
+        let by_client = (0..n as u32).map(|i| {
+            let src = (0x0a00_0000 + i).to_be_bytes();
+            cache_slot(FlowKey::new(src, vip, 40000u16.to_be_bytes(), 6443u16.to_be_bytes(), 6).words(), 0x5eed)
+        });
+        let by_client6 = (0..n as u32).map(|i| {
+            let mut src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            src[12..].copy_from_slice(&i.to_be_bytes());
+            cache_slot6(&FlowKey6::new(src, [0xfd; 16], 40000u16.to_be_bytes(), 6443u16.to_be_bytes(), 6), 0x5eed)
+        });
+        // n random draws into n slots fill 1 - 1/e of them (63 %).
+        for (what, count) in [
+            ("ports", distinct(&mut by_port.clone())),
+            ("clients", distinct(&mut by_client.clone())),
+            ("clients6", distinct(&mut by_client6.clone())),
+        ] {
+            assert!(count > n / 2, "{what}: {count} of {n} slots");
+        }
+        assert!(by_port.chain(by_client).all(|s| s < FLOW_CACHE_SLOTS));
     }
 }

@@ -97,8 +97,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     // this node stopped balancing (a leader whose deadline passed, or that handed over):
     // clients that have not moved yet keep their connections. The pin holds for the flow
     // as the client sends it; the same flow from a peer was balanced there already.
-    let hash = flow_hash_words(words, cfg.hash_seed);
-    let (id, backend, mode) = match lb::pinned(&flow, words, hash, cfg.generation) {
+    let slot = vip_common::cache_slot(words, cfg.hash_seed);
+    let (id, backend, mode) = match lb::pinned(&flow, words, slot, cfg.generation) {
         Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
         Some(_) => return Verdict::pass(Reason::BalancedByPeer),
         None => {
@@ -125,6 +125,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
             if svc.mode == ForwardMode::Local as u8 {
                 return Verdict::pass(Reason::LocalMode);
             }
+            let hash = flow_hash_words(words, cfg.hash_seed);
             let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac) else {
                 return Verdict::pass(Reason::NoBackend);
             };

@@ -97,8 +97,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
             Err(verdict) => return verdict,
         }
     } else {
-        let hash = flow_hash6(&flow, cfg.hash_seed);
-        match lb::pinned6(&flow, hash, cfg.generation) {
+        match lb::pinned6(&flow, vip_common::cache_slot6(&flow, cfg.hash_seed), cfg.generation) {
             Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
             Some(_) => return Verdict::pass(Reason::BalancedByPeer),
             None => {
@@ -116,6 +115,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
                 if svc.mode != ForwardMode::Dsr as u8 {
                     return Verdict::pass(Reason::LocalMode);
                 }
+                let hash = flow_hash6(&flow, cfg.hash_seed);
                 let Some((id, backend)) = lb::choose6(&flow, hash, &svc, src_mac) else {
                     return Verdict::pass(Reason::NoBackend);
                 };

@@ -9,7 +9,7 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns};
 use network_types::ip::Ipv4Hdr;
-use vip_common::{flow_hash, Backend, FlowKey, ForwardMode, IcmpBudget, Reason, ServiceKey, VipState, IPPROTO_TCP};
+use vip_common::{Backend, FlowKey, ForwardMode, IcmpBudget, Reason, ServiceKey, VipState, IPPROTO_TCP};
 
 use crate::{
     csum,
@@ -172,19 +172,20 @@ pub fn to_backend(
     // The flow as the client sends it.
     let flow = FlowKey::new(q_dst, vip_addr, client_port, svc_port, IPPROTO_TCP);
     let Some(cfg) = CONFIG.get(0) else { return local };
-    let (backend, mode) = match lb::pinned(&flow, flow.words(), flow_hash(&flow, cfg.hash_seed), cfg.generation) {
-        Some(pin) => (pin.backend, pin.mode),
-        None => {
-            // SAFETY: helper without preconditions.
-            if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
-                return Verdict::pass(Reason::NotBalancing);
+    let (backend, mode) =
+        match lb::pinned(&flow, flow.words(), vip_common::cache_slot(flow.words(), cfg.hash_seed), cfg.generation) {
+            Some(pin) => (pin.backend, pin.mode),
+            None => {
+                // SAFETY: helper without preconditions.
+                if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
+                    return Verdict::pass(Reason::NotBalancing);
+                }
+                let Some((_, backend)) = lb::maglev(&flow, &svc, cfg.hash_seed) else {
+                    return Verdict::pass(Reason::NoBackend);
+                };
+                (backend, svc.mode)
             }
-            let Some((_, backend)) = lb::maglev(&flow, &svc, cfg.hash_seed) else {
-                return Verdict::pass(Reason::NoBackend);
-            };
-            (backend, svc.mode)
-        }
-    };
+        };
     if backend.flags & Backend::F_LOCAL != 0 {
         return Verdict::pass(Reason::LocalBackend);
     }

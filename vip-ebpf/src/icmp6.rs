@@ -77,14 +77,13 @@ pub fn backend_of(
     if is_peer_mac(src_mac) {
         return Err(Verdict::pass(Reason::BalancedByPeer));
     }
-    let hash = flow_hash6(flow, seed);
-    if let Some(pin) = lb::pinned6(flow, hash, generation) {
+    if let Some(pin) = lb::pinned6(flow, vip_common::cache_slot6(flow, seed), generation) {
         return Ok((pin.id, pin.backend, pin.mode));
     }
     if !leads {
         return Err(Verdict::pass(Reason::NotBalancing));
     }
-    match lb::maglev_slot(hash, &svc) {
+    match lb::maglev_slot(flow_hash6(flow, seed), &svc) {
         Some((id, backend)) => Ok((id, backend, svc.mode)),
         None => Err(Verdict::pass(Reason::NoBackend)),
     }
