@@ -161,8 +161,16 @@ pub struct VipSet {
     /// Per slot: the L2 segment the VIP lives on, as [`segment_of`] names a frame's
     /// (0: untagged), host order. VIP traffic arriving on another segment is not ours.
     pub segments: [u16; MAX_VIPS as usize],
+    /// Per slot: which of the VIP's [`VipState`] flags may be set ([`VipSet::arp_hint`]).
+    /// A follower's ARP path drops a request for a VIP whose hint is 0 without looking
+    /// its state up in the VIPS hash (a hash lookup is most of that path's cost); any
+    /// other hint defers to the hash, which alone is replaced atomically and decides
+    /// every answer. The agent widens a hint before it writes a state that needs it and
+    /// narrows it only after, so a hint never hides a flag the hash holds: a stale hint
+    /// costs a lookup, never an answer.
+    pub arp: [u8; MAX_VIPS as usize],
 }
-const _: () = assert!(core::mem::size_of::<VipSet>() == 224);
+const _: () = assert!(core::mem::size_of::<VipSet>() == 240);
 
 impl VipSet {
     /// The slot of `addr`, if it is a VIP.
@@ -184,6 +192,13 @@ impl VipSet {
     #[inline(always)]
     pub fn contains(&self, addr: [u8; 4]) -> bool {
         self.slot(addr).is_some()
+    }
+
+    /// The [`VipSet::arp`] hint of a VIP whose [`VipState::flags`] are `flags`: the flags
+    /// the ARP path must read from the hash (leader, probing) as bits of a byte.
+    #[inline(always)]
+    pub const fn arp_hint(flags: u32) -> u8 {
+        (flags & (VipState::F_LEADER | VipState::F_PROBING)) as u8
     }
 }
 

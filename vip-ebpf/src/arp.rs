@@ -15,7 +15,7 @@ use vip_common::{Reason, VipKey, VipState};
 
 use crate::{
     ctx::Packet,
-    maps::{CONFIG, VIPS},
+    maps::{vip, CONFIG, VIPS},
     parse::{is_group, load_mac, ptr_at, store_mac, L2},
     verdict::Verdict,
 };
@@ -39,9 +39,9 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         return Verdict::pass(Reason::ArpMalformed);
     }
     let tpa = arp.tpa;
-    // SAFETY: the value is copied out at once; a concurrent update replaces the element
-    // as a whole (hash map), so we read either the old or the new state.
-    let Some(state) = (unsafe { VIPS.get(VipKey::new(tpa)) }).copied() else {
+    // Membership and segment from the flat list (an inlined array lookup and a scan);
+    // the state in the VIPS hash only when the list's hint says it may be needed.
+    let Some(vip) = vip(tpa) else {
         return Verdict::pass(Reason::ArpNotVip);
     };
     if arp.oper != ARPOP_REQUEST {
@@ -50,8 +50,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if arp.spa == tpa {
         return Verdict::pass(Reason::ArpGratuitous);
     }
-    if l2.segment != state.segment {
-        return Verdict::pass(l2.other_segment(ctx, state.segment));
+    if l2.segment != vip.segment {
+        return Verdict::pass(l2.other_segment(ctx, vip.segment));
     }
     // An all-zero MAC means "not configured yet" and matches no frame's destination.
     // SAFETY: a map value's field, 8-byte aligned.
@@ -63,6 +63,17 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if !is_group(dst) && dst != mac {
         return Verdict::pass(Reason::NotForUs);
     }
+    // Neither leading nor probing (the hint never lacks a flag the hash holds): a
+    // follower drops the request without the hash lookup.
+    if vip.arp == 0 {
+        return Verdict::drop(Reason::ArpFollowerDropped);
+    }
+    // SAFETY: the value is copied out at once; a concurrent update replaces the element
+    // as a whole (hash map), so we read either the old or the new state.
+    let Some(state) = (unsafe { VIPS.get(VipKey::new(tpa)) }).copied() else {
+        // In the list but not (yet, or any more) in the hash: added or removed just now.
+        return Verdict::pass(Reason::ArpNotVip);
+    };
     // A follower needs no clock; a leader with a deadline reads it.
     // SAFETY (the helper): no preconditions.
     if state.flags & VipState::F_LEADER == 0

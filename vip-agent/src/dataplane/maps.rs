@@ -310,23 +310,35 @@ impl Maps {
                 .position(|a| *a == [0; 4])
                 .ok_or(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS })?,
         };
+        // A new VIP's slot may hold a removed one's hint: start it from nothing.
+        let hint = VipSet::arp_hint(state.flags);
+        let arp = if set.addrs[slot] == vip.octets() { set.arp[slot] | hint } else { hint };
         if set.addrs[slot] != vip.octets()
             || set.balance_until_ns[slot] != balance_until_ns
             || set.segments[slot] != state.segment
+            || set.arp[slot] != arp
         {
             set.addrs[slot] = vip.octets();
             set.balance_until_ns[slot] = balance_until_ns;
             set.segments[slot] = state.segment;
+            set.arp[slot] = arp;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
         self.put_vip(vip.into(), state)
     }
 
-    /// Writes the state of `vip` in its family's map, nothing else (an IPv6 VIP keeps its
-    /// balancing deadline).
+    /// Writes the state of `vip` in its family's map, and for IPv4 its ARP hint
+    /// ([`VipSet::arp`]): widened before the state, narrowed after, so the hint never
+    /// lacks a flag the hash holds. Nothing else (an IPv6 VIP keeps its balancing
+    /// deadline).
     fn put_vip(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
         match vip {
-            IpAddr::V4(v) => self.vips.insert(VipKey::new(v.octets()), state, 0).map_err(op(map_names::VIPS, "insert")),
+            IpAddr::V4(v) => {
+                let hint = VipSet::arp_hint(state.flags);
+                self.update_arp_hint(v, |old| old | hint)?;
+                self.vips.insert(VipKey::new(v.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))?;
+                self.update_arp_hint(v, |_| hint)
+            }
             IpAddr::V6(v) => {
                 let balance_until_ns = self.vip6(v)?.map_or(0, |s| s.balance_until_ns);
                 self.put_vip6(v, Vip6State { state, balance_until_ns })
@@ -424,6 +436,26 @@ impl Maps {
             set.addrs[slot] = [0; 4];
             set.balance_until_ns[slot] = 0;
             set.segments[slot] = 0;
+            set.arp[slot] = 0;
+            self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
+        }
+        Ok(())
+    }
+
+    /// The [`VipSet::arp`] hint of `vip`, if it is in the set.
+    pub fn arp_hint(&self, vip: Ipv4Addr) -> Result<Option<u8>, MapError> {
+        let set = self.vip_set()?;
+        Ok(set.slot(vip.octets()).map(|i| set.arp[i]))
+    }
+
+    /// Sets the [`VipSet::arp`] hint of `vip` to `f(hint)`, if `vip` is in the set and the
+    /// hint changes.
+    fn update_arp_hint(&mut self, vip: Ipv4Addr, f: impl FnOnce(u8) -> u8) -> Result<(), MapError> {
+        let mut set = self.vip_set()?;
+        let Some(slot) = set.slot(vip.octets()) else { return Ok(()) };
+        let hint = f(set.arp[slot]);
+        if hint != set.arp[slot] {
+            set.arp[slot] = hint;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
         Ok(())
