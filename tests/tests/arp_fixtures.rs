@@ -489,7 +489,9 @@ fn the_arp_hint_follows_every_state_change() {
     let probe = with_arp(|a| a.spa = Ipv4Addr::UNSPECIFIED);
     let reply = reply_from_node(VIP).bytes();
     let expect = |action, reason, output: Option<Vec<u8>>| Expect { action, reason, output };
-    let steps: Vec<(&str, fn(&mut Dataplane), Option<u8>, Vec<u8>, Expect)> = vec![
+    // (name, the change, the hint after it, a frame, what the program does with it)
+    type Step = (&'static str, fn(&mut Dataplane), Option<u8>, Vec<u8>, Expect);
+    let steps: Vec<Step> = vec![
         ("follower", |_| {}, Some(0), request_for(VIP).bytes(), expect(xdp::DROP, Reason::ArpFollowerDropped, None)),
         (
             "leader",

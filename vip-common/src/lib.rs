@@ -779,7 +779,8 @@ pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
 pub const fn flow_hash_words(w: [u64; 2], seed: u32) -> u32 {
     let a = w[0] as u32;
     let b = (w[0] >> 32) as u32;
-    let c = (w[1] as u32) << 16 | (w[1] as u32) >> 16;
+    // The ports swapped: the source port's bytes in the high half.
+    let c = (w[1] as u32).rotate_left(16);
     let mut h: u32 = 0x9747_b28c ^ seed ^ (w[1] >> 32) as u8 as u32;
     h = mix(h, a);
     h = mix(h, b);
