@@ -236,6 +236,15 @@ pub struct Config {
 const _: () = assert!(core::mem::size_of::<Config>() == 32);
 
 impl Config {
+    /// [`Config::mac`] as a number: its 6 bytes in memory order in the low 48 bits (the
+    /// data plane's form of a MAC), read as one 8-byte word of the aligned value.
+    #[inline(always)]
+    pub fn mac_word(&self) -> u64 {
+        // SAFETY: `mac` and `_pad` are the first 8 bytes of an 8-byte aligned value.
+        let w = unsafe { *(self as *const Config as *const u64) };
+        u64::from_le(w) & ((1 << 48) - 1)
+    }
+
     pub const fn new(mac: [u8; 6], ip: [u8; 4]) -> Self {
         Self { mac, _pad: [0; 2], ip, hash_seed: 0, agent_instance: [0; 8], generation: 1, flags: 0 }
     }

@@ -54,8 +54,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         return Verdict::pass(l2.other_segment(ctx, vip.segment));
     }
     // An all-zero MAC means "not configured yet" and matches no frame's destination.
-    // SAFETY: a map value's field, 8-byte aligned.
-    let mac = CONFIG.get(0).map_or(0, |cfg| unsafe { load_mac(&cfg.mac) });
+    let mac = CONFIG.get(0).map_or(0, |cfg| cfg.mac_word());
     // SAFETY: l2.eth was bounds-checked by the L2 parser; headers are 2-byte aligned.
     let (eth, dst) = unsafe { (&mut *l2.eth, load_mac(&(*l2.eth).dst_addr)) };
     // Linux's arp_rcv() ignores requests addressed to another host's MAC

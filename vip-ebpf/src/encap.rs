@@ -100,7 +100,7 @@ pub fn ipip(ctx: &impl Packet, l2: &L2, backend: &Backend) -> Verdict {
     };
     let (dmac, smac) = if backend.nh_mtu != 0 && outer_len <= backend.nh_mtu {
         // SAFETY: both fields are 2-byte aligned in their align(8) map values.
-        unsafe { (load_mac(&backend.nh_mac), load_mac(&cfg.mac)) }
+        unsafe { (load_mac(&backend.nh_mac), cfg.mac_word()) }
     } else {
         match fib_next_hop(ctx, l2, node_ip, backend.ip, outer_len, tos) {
             Ok(macs) => macs,
@@ -196,7 +196,7 @@ pub fn decap(ctx: &impl Packet, l2: &L2, outer_ihl: usize) -> Verdict {
     };
     // SAFETY: bounds-checked by ptr_at; l2.eth by the L2 parser; 2-byte aligned fields.
     let (outer_src, outer_dst, outer_frags, eth_dst, our_mac) = unsafe {
-        ((*outer).src_addr, (*outer).dst_addr, (*outer).frags, load_mac(&(*l2.eth).dst_addr), load_mac(&cfg.mac))
+        ((*outer).src_addr, (*outer).dst_addr, (*outer).frags, load_mac(&(*l2.eth).dst_addr), cfg.mac_word())
     };
     // Ours is never fragmented (DF), always to our address and MAC.
     if eth_dst != our_mac

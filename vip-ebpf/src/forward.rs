@@ -56,8 +56,10 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     };
     // SAFETY: l2.eth was bounds-checked by the L2 parser; every header is 2-byte
     // aligned (see `load_mac`); `cfg` is a map value.
-    let (eth, our_mac, dst_mac, src_mac) =
-        unsafe { (&mut *l2.eth, load_mac(&cfg.mac), load_mac(&(*l2.eth).dst_addr), load_mac(&(*l2.eth).src_addr)) };
+    let (eth, our_mac, dst_mac) = unsafe { (&mut *l2.eth, cfg.mac_word(), load_mac(&(*l2.eth).dst_addr)) };
+    // Read where it is used: loaded here, it would live (spilled) across the whole path.
+    // SAFETY: as above.
+    let src_mac = || unsafe { load_mac(&(*l2.eth).src_addr) };
     // Only frames sent to us are ours to forward (a promiscuous NIC or a flooding switch
     // shows us others'), and only on the VIP's own segment.
     if dst_mac != our_mac {
@@ -75,7 +77,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     }
     match iph.proto {
         IPPROTO_TCP => {}
-        IPPROTO_ICMP => return icmp::to_backend(ctx, l2, ihl, dst, &vip, src_mac, our_mac),
+        IPPROTO_ICMP => return icmp::to_backend(ctx, l2, ihl, dst, &vip, src_mac(), our_mac),
         _ => return Verdict::pass(Reason::VipNotTcp),
     }
     let Some(tcp) = ptr_at::<TcpHdr>(ctx, l2.l3_off + ihl) else {
@@ -99,7 +101,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     // as the client sends it; the same flow from a peer was balanced there already.
     let slot = vip_common::cache_slot(words, cfg.hash_seed);
     let (id, backend, mode) = match lb::pinned(&flow, words, slot, cfg.generation) {
-        Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
+        Some(pin) if pin.from_mac == src_mac() || !is_peer_mac(src_mac()) => (pin.id, pin.backend, pin.mode),
         Some(_) => return Verdict::pass(Reason::BalancedByPeer),
         None => {
             // A leaving node refuses the other nodes' VIP-path probes (from their own
@@ -114,7 +116,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
             if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
                 return Verdict::pass(Reason::NotBalancing);
             }
-            if is_peer_mac(src_mac) {
+            if is_peer_mac(src_mac()) {
                 return Verdict::pass(Reason::BalancedByPeer);
             }
             let key = ServiceKey { vip: dst, port: flow.dport, proto: IPPROTO_TCP, _pad: 0 };
@@ -126,7 +128,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
                 return Verdict::pass(Reason::LocalMode);
             }
             let hash = flow_hash_words(words, cfg.hash_seed);
-            let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac) else {
+            let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac()) else {
                 return Verdict::pass(Reason::NoBackend);
             };
             (id, backend, svc.mode)

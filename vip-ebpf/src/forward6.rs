@@ -61,7 +61,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     // SAFETY: l2.eth was bounds-checked by the L2 parser; 2-byte aligned fields (see
     // `load_mac`); `cfg` is a map value.
     let (eth, our_mac, dst_mac, src_mac) =
-        unsafe { (&mut *l2.eth, load_mac(&cfg.mac), load_mac(&(*l2.eth).dst_addr), load_mac(&(*l2.eth).src_addr)) };
+        unsafe { (&mut *l2.eth, cfg.mac_word(), load_mac(&(*l2.eth).dst_addr), load_mac(&(*l2.eth).src_addr)) };
     if dst_mac != our_mac {
         return Verdict::pass(Reason::NotForUs);
     }

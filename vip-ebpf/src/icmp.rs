@@ -77,7 +77,7 @@ pub fn frag_needed(ctx: &impl Packet, l2: &L2, mtu: u16) -> Verdict {
     unsafe {
         let eth = &mut *l2.eth;
         store_mac(&mut eth.dst_addr, load_mac(&eth.src_addr));
-        store_mac(&mut eth.src_addr, load_mac(&cfg.mac));
+        store_mac(&mut eth.src_addr, cfg.mac_word());
     }
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
         return too_big;

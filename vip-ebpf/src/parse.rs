@@ -136,12 +136,32 @@ impl L2 {
     }
 }
 
+/// What an EtherType (host order) carries.
+#[inline(always)]
+fn ether_kind(proto: u16) -> EtherKind {
+    match proto {
+        ETH_P_ARP => EtherKind::Arp,
+        ETH_P_IP => EtherKind::Ipv4,
+        ETH_P_IPV6 => EtherKind::Ipv6,
+        _ => EtherKind::Other,
+    }
+}
+
 /// Parses the Ethernet header and up to [`MAX_VLAN_TAGS`] VLAN tags.
 #[inline(always)]
 pub fn ethernet(ctx: &impl Packet) -> Result<L2, Reason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::EthMalformed)?;
     // SAFETY: ptr_at checked the header is inside the frame.
     let mut proto = u16::from_be(unsafe { (*eth).ether_type });
+    // An untagged frame, the common case, skips the tag loop and its bookkeeping.
+    let kind = ether_kind(proto);
+    if kind != EtherKind::Other {
+        let segment = match ctx.offloaded_vid() {
+            Some(vid) => segment_of(1, vid),
+            None => 0,
+        };
+        return Ok(L2 { eth, l3_off: EthHdr::LEN, tags: 0, segment, kind });
+    }
     let mut off = EthHdr::LEN;
     let mut tags = 0;
     let mut outer_vid = 0;
@@ -159,12 +179,7 @@ pub fn ethernet(ctx: &impl Packet) -> Result<L2, Reason> {
         off += VlanHdr::LEN;
         tags += 1;
     }
-    let kind = match proto {
-        ETH_P_ARP => EtherKind::Arp,
-        ETH_P_IP => EtherKind::Ipv4,
-        ETH_P_IPV6 => EtherKind::Ipv6,
-        _ => EtherKind::Other,
-    };
+    let kind = ether_kind(proto);
     // A tag the kernel took out of the frame (tc) was the outermost one.
     let segment = match ctx.offloaded_vid() {
         Some(vid) => segment_of(tags + 1, vid),
