@@ -47,10 +47,75 @@ pub struct LiveView {
     pub bgp_peers: Vec<PeerView>,
 }
 
-/// The view shared between the node and the metrics endpoint.
-pub type SharedView = Arc<Mutex<LiveView>>;
+/// Reads every BGP peer's session as it is at the moment of the call.
+pub type PeersReader = Arc<dyn Fn() -> Vec<PeerView> + Send + Sync>;
 
-/// The view, or its default if a writer panicked while holding it.
-pub fn snapshot(view: &SharedView) -> LiveView {
-    view.lock().map(|v| v.clone()).unwrap_or_default()
+/// What the node publishes: the view, refreshed on the node's events, and the BGP
+/// sessions, read when the view is (a session changes state on its own task, with no
+/// event of the node's: a view refreshed only by the node showed a session in OpenSent
+/// long after it was Established).
+#[derive(Default)]
+pub struct Published {
+    view: LiveView,
+    peers: Option<PeersReader>,
+}
+
+/// The view shared between the node and the metrics endpoint.
+pub type SharedView = Arc<Mutex<Published>>;
+
+/// Replaces the node's part of the view.
+pub fn publish(shared: &SharedView, view: LiveView) {
+    if let Ok(mut p) = shared.lock() {
+        p.view = view;
+    }
+}
+
+/// Sets where the BGP sessions are read from.
+pub fn read_peers_from(shared: &SharedView, reader: PeersReader) {
+    if let Ok(mut p) = shared.lock() {
+        p.peers = Some(reader);
+    }
+}
+
+/// The view with the BGP sessions as they are now, or the default view if a writer
+/// panicked while holding it.
+pub fn snapshot(shared: &SharedView) -> LiveView {
+    let Ok(p) = shared.lock() else { return LiveView::default() };
+    let mut view = p.view.clone();
+    if let Some(read) = &p.peers {
+        view.bgp_peers = read();
+    }
+    view
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    /// A session's state reaches the view when the view is read, without the node
+    /// publishing anything after it changed.
+    #[test]
+    fn bgp_sessions_are_read_when_the_view_is() {
+        let shared = SharedView::default();
+        publish(&shared, LiveView { mode: "bgp", ..LiveView::default() });
+        let received = Arc::new(AtomicU64::new(0));
+        let source = received.clone();
+        read_peers_from(
+            &shared,
+            Arc::new(move || {
+                let n = source.load(Ordering::SeqCst);
+                let state = if n == 0 { "OpenSent" } else { "Established" };
+                vec![PeerView { state: state.into(), messages_received: n, ..PeerView::default() }]
+            }),
+        );
+        assert_eq!(snapshot(&shared).bgp_peers[0].state, "OpenSent");
+        received.store(2, Ordering::SeqCst);
+        let view = snapshot(&shared);
+        assert_eq!(
+            (view.mode, view.bgp_peers[0].state.as_str(), view.bgp_peers[0].messages_received),
+            ("bgp", "Established", 2)
+        );
+    }
 }

@@ -21,7 +21,7 @@ use crate::{
     discovery::{self, Endpoint},
     election::{new_instance_id, ElectionConfig, ElectionEvent},
     health::{Probe, Report},
-    live::{LiveView, SharedView},
+    live::{self, LiveView, SharedView},
     metrics::{self, AgentMetrics},
     netdev::{self, Netdev},
     netlink::{HostEvent, LinkEvent, Netlink},
@@ -167,6 +167,9 @@ impl Node {
                 return Err(e);
             }
         };
+        if let Some(reader) = announce.peers_reader() {
+            live::read_peers_from(&live, reader);
+        }
         let eligibility = Eligibility {
             gated: backends.gated(),
             apiserver_ready: false,
@@ -232,11 +235,10 @@ impl Node {
             eligible: self.eligibility.eligible(),
             not_eligible_because: self.eligibility.obstacles(),
             advertised: self.announce.advertised(),
-            bgp_peers: self.announce.peers(),
+            // Read by the view itself when it is read (`live::read_peers_from`).
+            bgp_peers: Vec::new(),
         };
-        if let Ok(mut v) = self.live.lock() {
-            *v = view;
-        }
+        live::publish(&self.live, view);
     }
 
     /// Health checks' results, in the order they came: the table is updated once, after

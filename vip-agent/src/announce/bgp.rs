@@ -9,13 +9,16 @@
 //! another node still reaches the same backend (DSR), and established connections
 //! survive the loss of a load-balancing node.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
 
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
 use vip_bgp::speaker::{PeerConfig, PeerStatus, Speaker, SpeakerConfig, SpeakerHandle, StartError};
 
-use crate::{config::BgpConfig, live::PeerView};
+use crate::{
+    config::BgpConfig,
+    live::{PeerView, PeersReader},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BgpError {
@@ -75,9 +78,11 @@ impl BgpAnnounce {
         self.advertised
     }
 
-    /// Every peer's session, for status and metrics.
-    pub fn peers(&self) -> Vec<PeerView> {
-        self.speaker.as_ref().map(|s| s.status().iter().map(view).collect()).unwrap_or_default()
+    /// A reader of every peer's session as it is when read, for status and metrics
+    /// (after a stop, what each session reported last).
+    pub fn peers_reader(&self) -> PeersReader {
+        let reader = self.speaker.as_ref().map(|s| s.status_reader());
+        Arc::new(move || reader.as_ref().map(|r| r.status().iter().map(view).collect()).unwrap_or_default())
     }
 
     /// Withdraws, leaves every peer with a Cease, waits for the routers to close (at

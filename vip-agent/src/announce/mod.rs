@@ -13,7 +13,7 @@ pub mod bgp;
 
 use std::{net::IpAddr, time::Duration};
 
-use crate::{dataplane::Dataplane, election::ElectionEvent, live::PeerView};
+use crate::{dataplane::Dataplane, election::ElectionEvent, live::PeersReader};
 
 /// What the announcer's tasks report to the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,11 +79,11 @@ impl Announcer {
         }
     }
 
-    /// BGP mode: every peer's session.
-    pub fn peers(&self) -> Vec<PeerView> {
+    /// BGP mode: a reader of every peer's session, as it is when read.
+    pub fn peers_reader(&self) -> Option<PeersReader> {
         match self {
-            Announcer::Arp(_) => Vec::new(),
-            Announcer::Bgp(b) => b.peers(),
+            Announcer::Arp(_) => None,
+            Announcer::Bgp(b) => Some(b.peers_reader()),
         }
     }
 

@@ -104,6 +104,19 @@ fn jitter_seed(peer: &PeerConfig) -> u64 {
         ^ u64::from(std::process::id())
 }
 
+/// Reads every peer's status as the peer tasks last published it (see
+/// [`SpeakerHandle::status_reader`]); cheap to clone and to read.
+#[derive(Clone, Debug)]
+pub struct StatusReader(Vec<watch::Receiver<PeerSnapshot>>);
+
+impl StatusReader {
+    /// Every peer, in configuration order, as now.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let now = Instant::now();
+        self.0.iter().map(|p| p.borrow().at(now)).collect()
+    }
+}
+
 struct PeerHandle {
     status: watch::Receiver<PeerSnapshot>,
     task: JoinHandle<()>,
@@ -134,8 +147,13 @@ impl SpeakerHandle {
 
     /// Every peer, in configuration order.
     pub fn status(&self) -> Vec<PeerStatus> {
-        let now = Instant::now();
-        self.peers.iter().map(|p| p.status.borrow().at(now)).collect()
+        self.status_reader().status()
+    }
+
+    /// A reader of every peer's status, for code that does not own the handle (a status
+    /// endpoint): it reads the sessions as they are when asked.
+    pub fn status_reader(&self) -> StatusReader {
+        StatusReader(self.peers.iter().map(|p| p.status.clone()).collect())
     }
 
     /// Leaves every peer gracefully, all at once: withdraws our prefixes, sends Cease /
