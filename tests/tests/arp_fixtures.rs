@@ -477,54 +477,54 @@ fn the_vlan_companion_leaves_every_frame_without_a_stripped_tag_to_xdp() {
     }
 }
 
-/// A follower drops a request without reading the VIPS hash when the VIP list's hint
-/// says it neither leads nor probes (`VipSet::arp`). Through every state change the
-/// agent's map layer makes, the hint ends equal to the state's flags (never short of one,
-/// or a leader would drop requests; never wider, or every follower drop would pay the
-/// hash lookup again), and the program answers, passes or drops by the state.
+/// A follower drops a request without reading the VIPS hash when the VIP list says it
+/// neither leads nor probes (`VipSet::ARP_SKIP`). Through every state change the agent's
+/// map layer makes, the bit ends set exactly when the state neither leads nor probes (set
+/// wrongly, a leader would drop requests; missing, every follower drop would pay the hash
+/// lookup again), and the program answers, passes or drops by the state.
 #[test]
-fn the_arp_hint_follows_every_state_change() {
+fn the_arp_skip_bit_follows_every_state_change() {
     let mut dp = load();
     setup(&mut dp, State::Follower);
     let probe = with_arp(|a| a.spa = Ipv4Addr::UNSPECIFIED);
     let reply = reply_from_node(VIP).bytes();
     let expect = |action, reason, output: Option<Vec<u8>>| Expect { action, reason, output };
-    // (name, the change, the hint after it, a frame, what the program does with it)
-    type Step = (&'static str, fn(&mut Dataplane), Option<u8>, Vec<u8>, Expect);
+    // (name, the change, the skip bit after it, a frame, what the program does with it)
+    type Step = (&'static str, fn(&mut Dataplane), Option<bool>, Vec<u8>, Expect);
     let steps: Vec<Step> = vec![
-        ("follower", |_| {}, Some(0), request_for(VIP).bytes(), expect(xdp::DROP, Reason::ArpFollowerDropped, None)),
+        ("follower", |_| {}, Some(true), request_for(VIP).bytes(), expect(xdp::DROP, Reason::ArpFollowerDropped, None)),
         (
             "leader",
             |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
-            Some(1),
+            Some(false),
             request_for(VIP).bytes(),
             expect(xdp::TX, Reason::ArpReplied, Some(reply.clone())),
         ),
         (
             "leader, probing",
             |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(3),
+            Some(false),
             request_for(VIP).bytes(),
             expect(xdp::TX, Reason::ArpReplied, Some(reply.clone())),
         ),
         (
             "stopped answering",
             |dp| dp.maps_mut().stop_answering(VIP).expect("stop"),
-            Some(0),
+            Some(true),
             request_for(VIP).bytes(),
             expect(xdp::DROP, Reason::ArpFollowerDropped, None),
         ),
         (
             "follower, probing",
             |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(2),
+            Some(false),
             probe.clone(),
             expect(xdp::PASS, Reason::ArpProbeWhileProbing, None),
         ),
         (
             "probe over",
             |dp| dp.maps_mut().set_probing(VIP, false).expect("probing"),
-            Some(0),
+            Some(true),
             probe.clone(),
             expect(xdp::DROP, Reason::ArpFollowerDropped, None),
         ),
@@ -534,7 +534,7 @@ fn the_arp_hint_follows_every_state_change() {
                 seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
                 dp.maps_mut().hand_over_vip(VIP, VipState::FOREVER).expect("hand over");
             },
-            Some(0),
+            Some(true),
             request_for(VIP).bytes(),
             expect(xdp::DROP, Reason::ArpFollowerDropped, None),
         ),
@@ -549,6 +549,30 @@ fn the_arp_hint_follows_every_state_change() {
             expect(xdp::PASS, Reason::ArpNotVip, None),
         ),
         (
+            "adopted from an older agent: no skip bit while its program may still run",
+            |dp| {
+                dp.maps_mut().defer_arp_skip();
+                seed_vip(dp, VIP, VipState::follower());
+            },
+            Some(false),
+            request_for(VIP).bytes(),
+            expect(xdp::DROP, Reason::ArpFollowerDropped, None),
+        ),
+        (
+            "this agent's program attached",
+            |dp| dp.maps_mut().resume_arp_skip().expect("resume"),
+            Some(true),
+            request_for(VIP).bytes(),
+            expect(xdp::DROP, Reason::ArpFollowerDropped, None),
+        ),
+        (
+            "removed as a follower",
+            |dp| dp.maps_mut().remove_vip(VIP).expect("remove"),
+            None,
+            request_for(VIP).bytes(),
+            expect(xdp::PASS, Reason::ArpNotVip, None),
+        ),
+        (
             "another VIP in the freed slot, as a follower",
             |dp| seed_vip(dp, VIP2, VipState::follower()),
             None,
@@ -556,12 +580,12 @@ fn the_arp_hint_follows_every_state_change() {
             expect(xdp::DROP, Reason::ArpFollowerDropped, None),
         ),
     ];
-    for (name, step, hint, input, want) in steps {
+    for (name, step, skip, input, want) in steps {
         step(&mut dp);
-        assert_eq!(dp.maps().arp_hint(VIP).expect("hint"), hint, "{name}: hint of {VIP}");
+        assert_eq!(dp.maps().arp_skip(VIP).expect("skip bit"), skip, "{name}: skip bit of {VIP}");
         run_and_check(&dp, Program::Vip, name, &input, &want).unwrap_or_else(|e| panic!("{e}"));
     }
-    assert_eq!(dp.maps().arp_hint(VIP2).expect("hint"), Some(0), "the freed slot kept the old VIP's hint");
+    assert_eq!(dp.maps().arp_skip(VIP2).expect("skip bit"), Some(true), "{VIP2}, a follower in the freed slot");
 }
 
 /// Frames shorter than an Ethernet header never reach an XDP program (drivers drop

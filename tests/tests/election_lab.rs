@@ -109,6 +109,34 @@ fn a_follower_stopping_for_good_loses_no_request() {
     assert_eq!(lab.backend_healthy(leader, follower), Some(false), "the leader still balances to the stopped node");
 }
 
+/// The leader stopping for good (SIGTERM) under a stream of new connections: it hands
+/// the VIP over, keeps balancing what still reaches it, and leaves only once the new
+/// leader has drained it as a backend. No request through the VIP fails.
+#[test]
+fn a_leader_stopping_for_good_loses_no_request() {
+    let (lab, mut agents) = lab_with_agents([10, 106, 0]);
+    let leader = current_leader(&lab);
+    for i in 0..3 {
+        lab.wait_all_healthy(i).unwrap();
+    }
+    let stream = lab.stream();
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, log) = agents[leader].take().unwrap().stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{log}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let result = stream.stop();
+    let new = lab.leaders();
+    assert!(
+        result.errors.is_empty(),
+        "{} of {} requests failed (new leader {new:?}): {:?}\n{log}",
+        result.errors.len(),
+        result.total(),
+        result.errors
+    );
+    assert!(new.len() == 1 && new[0] != leader, "leaders after the stop: {new:?}");
+    assert_eq!(lab.backend_healthy(new[0], leader), Some(false), "the new leader still balances to the stopped node");
+}
+
 #[test]
 fn a_leader_whose_apiserver_turns_unready_steps_down() {
     let (lab, _agents) = lab_with_agents([10, 73, 0]);

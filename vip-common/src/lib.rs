@@ -159,18 +159,11 @@ pub struct VipSet {
     /// (host order; 0: never, [`VipState::FOREVER`]: always).
     pub balance_until_ns: [u64; MAX_VIPS as usize],
     /// Per slot: the L2 segment the VIP lives on, as [`segment_of`] names a frame's
-    /// (0: untagged), host order. VIP traffic arriving on another segment is not ours.
+    /// (0: untagged), host order, in the low 12 bits ([`VipSet::SEGMENT`]); bit 15 is
+    /// [`VipSet::ARP_SKIP`]. VIP traffic arriving on another segment is not ours.
     pub segments: [u16; MAX_VIPS as usize],
-    /// Per slot: which of the VIP's [`VipState`] flags may be set ([`VipSet::arp_hint`]).
-    /// A follower's ARP path drops a request for a VIP whose hint is 0 without looking
-    /// its state up in the VIPS hash (a hash lookup is most of that path's cost); any
-    /// other hint defers to the hash, which alone is replaced atomically and decides
-    /// every answer. The agent widens a hint before it writes a state that needs it and
-    /// narrows it only after, so a hint never hides a flag the hash holds: a stale hint
-    /// costs a lookup, never an answer.
-    pub arp: [u8; MAX_VIPS as usize],
 }
-const _: () = assert!(core::mem::size_of::<VipSet>() == 240);
+const _: () = assert!(core::mem::size_of::<VipSet>() == 224);
 
 impl VipSet {
     /// The slot of `addr`, if it is a VIP.
@@ -194,11 +187,25 @@ impl VipSet {
         self.slot(addr).is_some()
     }
 
-    /// The [`VipSet::arp`] hint of a VIP whose [`VipState::flags`] are `flags`: the flags
-    /// the ARP path must read from the hash (leader, probing) as bits of a byte.
+    /// The segment bits of a [`VipSet::segments`] entry (a VID is 12 bits).
+    pub const SEGMENT: u16 = 0x0fff;
+
+    /// In a [`VipSet::segments`] entry: this node neither leads nor probes for the VIP,
+    /// so a follower's ARP path drops a request for it without looking its state up in
+    /// the VIPS hash (a hash lookup is most of that path's cost). Clear, the hash decides,
+    /// as it alone is replaced atomically and decides every answer. The agent clears the
+    /// bit before it writes a state that leads or probes, and sets it only after writing
+    /// one that does neither, so the bit never hides a flag the hash holds: a stale bit
+    /// costs a lookup, never an answer. Kept in a segment entry's spare bits rather than
+    /// a field of its own so that the list keeps its layout, and a data plane pinned by an
+    /// older agent (which leaves the bit clear: the hash decides) is adopted as it is.
+    pub const ARP_SKIP: u16 = 0x8000;
+
+    /// Whether a VIP whose [`VipState::flags`] are `flags` may carry
+    /// [`VipSet::ARP_SKIP`]: neither leader nor probing.
     #[inline(always)]
-    pub const fn arp_hint(flags: u32) -> u8 {
-        (flags & (VipState::F_LEADER | VipState::F_PROBING)) as u8
+    pub const fn arp_skips(flags: u32) -> bool {
+        flags & (VipState::F_LEADER | VipState::F_PROBING) == 0
     }
 }
 

@@ -40,7 +40,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     }
     let tpa = arp.tpa;
     // Membership and segment from the flat list (an inlined array lookup and a scan);
-    // the state in the VIPS hash only when the list's hint says it may be needed.
+    // the state in the VIPS hash unless the list says it is not needed.
     let Some(vip) = vip(tpa) else {
         return Verdict::pass(Reason::ArpNotVip);
     };
@@ -62,9 +62,9 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if !is_group(dst) && dst != mac {
         return Verdict::pass(Reason::NotForUs);
     }
-    // Neither leading nor probing (the hint never lacks a flag the hash holds): a
-    // follower drops the request without the hash lookup.
-    if vip.arp == 0 {
+    // Neither leading nor probing (`VipSet::ARP_SKIP` never hides a flag the hash
+    // holds): a follower drops the request without the hash lookup.
+    if vip.arp_skip {
         return Verdict::drop(Reason::ArpFollowerDropped);
     }
     // SAFETY: the value is copied out at once; a concurrent update replaces the element

@@ -111,8 +111,8 @@ pub struct VipInfo {
     pub balance_until: u64,
     /// The L2 segment the VIP lives on.
     pub segment: u16,
-    /// Its ARP hint ([`VipSet::arp`]): 0 when this node neither leads nor probes.
-    pub arp: u8,
+    /// [`VipSet::ARP_SKIP`]: this node neither leads nor probes for the VIP.
+    pub arp_skip: bool,
 }
 
 /// The VIP `addr`, if it is one of this node's (the IPv4 path's membership test).
@@ -120,10 +120,11 @@ pub struct VipInfo {
 pub fn vip(addr: [u8; 4]) -> Option<VipInfo> {
     let set = VIP_SET.get(0)?;
     let i = set.slot(addr)?;
+    let segment = *set.segments.get(i)?;
     Some(VipInfo {
         balance_until: *set.balance_until_ns.get(i)?,
-        segment: *set.segments.get(i)?,
-        arp: *set.arp.get(i)?,
+        segment: segment & VipSet::SEGMENT,
+        arp_skip: segment & VipSet::ARP_SKIP != 0,
     })
 }
 

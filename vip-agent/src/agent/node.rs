@@ -535,6 +535,10 @@ async fn stage(
     // unless it is on another VLAN than this configuration's.
     let now = boot_ns();
     let mut initially_leading = cfg.mode == Mode::Arp;
+    if adopted {
+        // The program still running may be an older agent's (see `defer_arp_skip`).
+        dp.maps_mut().defer_arp_skip();
+    }
     for &vip in &cfg.vips {
         match cfg.mode {
             Mode::Arp => {
@@ -562,6 +566,9 @@ async fn stage(
         Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
         Attached::NewTcx => info!(hook = "tcx", mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
         Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
+    }
+    if adopted {
+        dp.maps_mut().resume_arp_skip()?;
     }
     if cfg.attach == crate::dataplane::Hook::Xdp && cfg.vlan != 0 {
         say_where_vlan_frames_go(cfg, dev, dp.vlan_companion());

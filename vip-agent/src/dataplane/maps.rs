@@ -181,6 +181,8 @@ pub struct Maps {
     peers: HashMap<MapData, PeerKey, u32>,
     /// `None` for pins an agent older than the VLAN companion left.
     handoff_no_meta: Option<Array<MapData, u32>>,
+    /// While set, no VIP is given [`VipSet::ARP_SKIP`] ([`Maps::defer_arp_skip`]).
+    arp_skip_deferred: bool,
 }
 
 fn op(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
@@ -213,6 +215,7 @@ impl Maps {
                 .map_err(ty(map_names::BACKEND_STATS))?,
             peers: HashMap::try_from(open(dir, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
             handoff_no_meta: open(dir, map_names::HANDOFF_NO_META).ok().and_then(|m| Array::try_from(m).ok()),
+            arp_skip_deferred: false,
         })
     }
 
@@ -237,6 +240,7 @@ impl Maps {
             handoff_no_meta: Some(
                 Array::try_from(take(ebpf, map_names::HANDOFF_NO_META)?).map_err(ty(map_names::HANDOFF_NO_META))?,
             ),
+            arp_skip_deferred: false,
         })
     }
 
@@ -310,34 +314,38 @@ impl Maps {
                 .position(|a| *a == [0; 4])
                 .ok_or(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS })?,
         };
-        // A new VIP's slot may hold a removed one's hint: start it from nothing.
-        let hint = VipSet::arp_hint(state.flags);
-        let arp = if set.addrs[slot] == vip.octets() { set.arp[slot] | hint } else { hint };
+        // The ARP skip bit stays as it is here (a new VIP starts without it): `put_vip`
+        // sets or clears it around the state.
+        let skip = if set.addrs[slot] == vip.octets() { set.segments[slot] & VipSet::ARP_SKIP } else { 0 };
+        let segment = state.segment & VipSet::SEGMENT | skip;
         if set.addrs[slot] != vip.octets()
             || set.balance_until_ns[slot] != balance_until_ns
-            || set.segments[slot] != state.segment
-            || set.arp[slot] != arp
+            || set.segments[slot] != segment
         {
             set.addrs[slot] = vip.octets();
             set.balance_until_ns[slot] = balance_until_ns;
-            set.segments[slot] = state.segment;
-            set.arp[slot] = arp;
+            set.segments[slot] = segment;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
         self.put_vip(vip.into(), state)
     }
 
-    /// Writes the state of `vip` in its family's map, and for IPv4 its ARP hint
-    /// ([`VipSet::arp`]): widened before the state, narrowed after, so the hint never
-    /// lacks a flag the hash holds. Nothing else (an IPv6 VIP keeps its balancing
-    /// deadline).
+    /// Writes the state of `vip` in its family's map, and for IPv4 its
+    /// [`VipSet::ARP_SKIP`] bit: cleared before a state that leads or probes, set only
+    /// after one that does neither, so the bit never hides a flag the hash holds. Nothing
+    /// else (an IPv6 VIP keeps its balancing deadline).
     fn put_vip(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
         match vip {
             IpAddr::V4(v) => {
-                let hint = VipSet::arp_hint(state.flags);
-                self.update_arp_hint(v, |old| old | hint)?;
+                let skips = VipSet::arp_skips(state.flags);
+                if !skips {
+                    self.set_arp_skip(v, false)?;
+                }
                 self.vips.insert(VipKey::new(v.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))?;
-                self.update_arp_hint(v, |_| hint)
+                if skips && !self.arp_skip_deferred {
+                    self.set_arp_skip(v, true)?;
+                }
+                Ok(())
             }
             IpAddr::V6(v) => {
                 let balance_until_ns = self.vip6(v)?.map_or(0, |s| s.balance_until_ns);
@@ -436,26 +444,47 @@ impl Maps {
             set.addrs[slot] = [0; 4];
             set.balance_until_ns[slot] = 0;
             set.segments[slot] = 0;
-            set.arp[slot] = 0;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
         Ok(())
     }
 
-    /// The [`VipSet::arp`] hint of `vip`, if it is in the set.
-    pub fn arp_hint(&self, vip: Ipv4Addr) -> Result<Option<u8>, MapError> {
-        let set = self.vip_set()?;
-        Ok(set.slot(vip.octets()).map(|i| set.arp[i]))
+    /// Gives no VIP [`VipSet::ARP_SKIP`] until [`Maps::resume_arp_skip`]: while the
+    /// program running is an adopted one, which may be an older agent's that reads a
+    /// segment entry whole (the bit would make it see every VIP frame as another
+    /// segment's).
+    pub fn defer_arp_skip(&mut self) {
+        self.arp_skip_deferred = true;
     }
 
-    /// Sets the [`VipSet::arp`] hint of `vip` to `f(hint)`, if `vip` is in the set and the
-    /// hint changes.
-    fn update_arp_hint(&mut self, vip: Ipv4Addr, f: impl FnOnce(u8) -> u8) -> Result<(), MapError> {
+    /// Ends [`Maps::defer_arp_skip`] once this agent's program runs: every IPv4 VIP whose
+    /// state neither leads nor probes gets its bit.
+    pub fn resume_arp_skip(&mut self) -> Result<(), MapError> {
+        self.arp_skip_deferred = false;
+        for (vip, state) in self.vips()? {
+            if let IpAddr::V4(v) = vip {
+                if VipSet::arp_skips(state.flags) {
+                    self.set_arp_skip(v, true)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `vip` carries [`VipSet::ARP_SKIP`], if it is in the set.
+    pub fn arp_skip(&self, vip: Ipv4Addr) -> Result<Option<bool>, MapError> {
+        let set = self.vip_set()?;
+        Ok(set.slot(vip.octets()).map(|i| set.segments[i] & VipSet::ARP_SKIP != 0))
+    }
+
+    /// Sets or clears the [`VipSet::ARP_SKIP`] bit of `vip`, if it is in the set and the
+    /// bit changes.
+    fn set_arp_skip(&mut self, vip: Ipv4Addr, skip: bool) -> Result<(), MapError> {
         let mut set = self.vip_set()?;
         let Some(slot) = set.slot(vip.octets()) else { return Ok(()) };
-        let hint = f(set.arp[slot]);
-        if hint != set.arp[slot] {
-            set.arp[slot] = hint;
+        let entry = set.segments[slot] & !VipSet::ARP_SKIP | if skip { VipSet::ARP_SKIP } else { 0 };
+        if entry != set.segments[slot] {
+            set.segments[slot] = entry;
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
         }
         Ok(())
