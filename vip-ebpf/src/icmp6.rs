@@ -65,7 +65,7 @@ pub fn backend_of(
     generation: u32,
     leads: bool,
     src_mac: u64,
-) -> Result<(u32, &'static Backend, u8), Verdict> {
+) -> Result<(u32, Backend, u8), Verdict> {
     let key = ServiceKey6 { vip: flow.dst, port: flow.dport, proto: IPPROTO_TCP, _pad: 0 };
     // SAFETY: copied out at once.
     let Some(svc) = (unsafe { SERVICES6.get(&key) }).copied() else {

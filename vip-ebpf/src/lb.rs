@@ -13,9 +13,9 @@ use crate::{
 /// A pinned flow: its backend and how it was pinned.
 pub struct Pin {
     pub id: u32,
-    /// The backend's entry, read in place in [`BACKENDS`] (an array's values never move;
-    /// a copy would be as racy against the agent's rewrite of the entry, and slower).
-    pub backend: &'static Backend,
+    /// The backend's entry as [`backend`] copied it, before it was checked: what was
+    /// checked is what the frame is sent with.
+    pub backend: Backend,
     /// The forward mode the flow was pinned under.
     pub mode: u8,
     /// Source MAC of the frame that pinned it (`load_mac`'s form).
@@ -48,12 +48,29 @@ pub fn pinned(flow: &FlowKey, key: [u64; 2], slot: u32, generation: u32) -> Opti
     validate(conn)
 }
 
+/// Backend `id`'s entry, copied by three volatile word loads. The agent rewrites an
+/// entry in place (a health change, a new next hop, an id released and given to
+/// another backend); a copy taken once, then checked and used, keeps the frame
+/// consistent with the check, where fields read at each use could mix two entries (a
+/// MAC of zeros after a release). Volatile, because the compiler, which assumes no
+/// other writer, could otherwise read a plain copy's fields again where they are used.
+#[inline(always)]
+pub fn backend(id: u32) -> Option<Backend> {
+    let w = BACKENDS.get(id)? as *const Backend as *const u64;
+    // SAFETY: Backend is 24 initialised bytes, 8-byte aligned, and any 24 bytes are a
+    // valid Backend (integer fields only).
+    unsafe {
+        let words = [w.read_volatile(), w.add(1).read_volatile(), w.add(2).read_volatile()];
+        Some(core::mem::transmute::<[u64; 3], Backend>(words))
+    }
+}
+
 /// The pin of a connection-table entry (its [`Conn::words`]), if its backend still
 /// serves and has the address the flow was pinned to.
 #[inline(always)]
 fn validate([w0, w1]: [u64; 2]) -> Option<Pin> {
     let id = u32::from(w0 as u16);
-    let b = BACKENDS.get(id)?;
+    let b = backend(id)?;
     if u32::from_le_bytes(b.ip) == (w0 >> 32) as u32 && b.flags & Backend::F_SERVING != 0 {
         Some(Pin { id, backend: b, mode: (w0 >> 16) as u8, from_mac: w1 & FROM_MAC })
     } else {
@@ -65,7 +82,7 @@ fn validate([w0, w1]: [u64; 2]) -> Option<Pin> {
 /// with the cluster seed), which is then pinned for frames from `from_mac`. `None`: the
 /// table has no (healthy) backend for this flow.
 #[inline(always)]
-pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, &'static Backend)> {
+pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
     let (id, backend) = maglev_slot(hash, svc)?;
     let mut conn = Conn { backend: id as u16, mode: svc.mode, backend_ip: backend.ip, ..Conn::default() };
     // SAFETY: a field of an 8-byte aligned value, at offset 8.
@@ -107,7 +124,7 @@ pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32) -> Option<Pin> {
 
 /// [`choose`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster seed).
 #[inline(always)]
-pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, &'static Backend)> {
+pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
     let (id, backend) = maglev_slot(hash, svc)?;
     let mut conn = Conn { backend: id as u16, mode: svc.mode, backend_ip: backend.ip, ..Conn::default() };
     // SAFETY: a field of an 8-byte aligned value, at offset 8.
@@ -120,13 +137,13 @@ pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Opti
 /// The live Maglev table's healthy backend for `flow` (hashed with `seed`), without
 /// pinning it.
 #[inline(always)]
-pub fn maglev(flow: &FlowKey, svc: &Service, seed: u32) -> Option<(u32, &'static Backend)> {
+pub fn maglev(flow: &FlowKey, svc: &Service, seed: u32) -> Option<(u32, Backend)> {
     maglev_slot(flow_hash(flow, seed), svc)
 }
 
 /// The live Maglev table's healthy backend for the flow hash `hash` of service `svc`.
 #[inline(always)]
-pub fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, &'static Backend)> {
+pub fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, Backend)> {
     let m = svc.m;
     if m == 0 || m > MAGLEV_MAX_M {
         return None;
@@ -137,7 +154,7 @@ pub fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, &'static Backend)> 
     if id == NO_BACKEND {
         return None;
     }
-    let backend = BACKENDS.get(id)?;
+    let backend = backend(id)?;
     if backend.flags & Backend::F_UP == 0 {
         return None;
     }

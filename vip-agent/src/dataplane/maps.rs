@@ -305,28 +305,27 @@ impl Maps {
                 return self.put_vip6(vip, Vip6State { state, balance_until_ns });
             }
         };
-        let mut set = self.vip_set()?;
-        let slot = match set.slot(vip.octets()) {
-            Some(i) => i,
-            None => set
-                .addrs
-                .iter()
-                .position(|a| *a == [0; 4])
-                .ok_or(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS })?,
-        };
-        // The ARP skip bit stays as it is here (a new VIP starts without it): `put_vip`
-        // sets or clears it around the state.
-        let skip = if set.addrs[slot] == vip.octets() { set.segments[slot] & VipSet::ARP_SKIP } else { 0 };
-        let segment = state.segment & VipSet::SEGMENT | skip;
-        if set.addrs[slot] != vip.octets()
-            || set.balance_until_ns[slot] != balance_until_ns
-            || set.segments[slot] != segment
-        {
+        self.update_vip_set(|set| {
+            let slot = match set.slot(vip.octets()) {
+                Some(i) => i,
+                None => set
+                    .addrs
+                    .iter()
+                    .position(|a| *a == [0; 4])
+                    .ok_or(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS })?,
+            };
+            // The ARP skip bit stays as it is here (a new VIP starts without it):
+            // `put_vip` sets or clears it around the state.
+            let skip = if set.addrs[slot] == vip.octets() { set.segments[slot] & VipSet::ARP_SKIP } else { 0 };
+            let segment = state.segment & VipSet::SEGMENT | skip;
+            let changed = set.addrs[slot] != vip.octets()
+                || set.balance_until_ns[slot] != balance_until_ns
+                || set.segments[slot] != segment;
             set.addrs[slot] = vip.octets();
             set.balance_until_ns[slot] = balance_until_ns;
             set.segments[slot] = segment;
-            self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
-        }
+            Ok(changed)
+        })?;
         self.put_vip(vip.into(), state)
     }
 
@@ -415,12 +414,11 @@ impl Maps {
                 return self.put_vip6(v, Vip6State { state, balance_until_ns });
             }
         };
-        let mut set = self.vip_set()?;
-        if let Some(slot) = set.slot(vip.octets()) {
+        self.update_vip_set(|set| {
+            let Some(slot) = set.slot(vip.octets()) else { return Ok(false) };
             set.balance_until_ns[slot] = balance_until_ns;
-            self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
-        }
-        Ok(())
+            Ok(true)
+        })
     }
 
     /// Removes `vip` (state first, then membership); removing one that is not there is
@@ -439,14 +437,13 @@ impl Maps {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => return Err(MapError::Op { name: map_names::VIPS, op: "remove", source }),
         }
-        let mut set = self.vip_set()?;
-        if let Some(slot) = set.slot(vip.octets()) {
+        self.update_vip_set(|set| {
+            let Some(slot) = set.slot(vip.octets()) else { return Ok(false) };
             set.addrs[slot] = [0; 4];
             set.balance_until_ns[slot] = 0;
             set.segments[slot] = 0;
-            self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
-        }
-        Ok(())
+            Ok(true)
+        })
     }
 
     /// Gives no VIP [`VipSet::ARP_SKIP`] until [`Maps::resume_arp_skip`]: while the
@@ -480,18 +477,33 @@ impl Maps {
     /// Sets or clears the [`VipSet::ARP_SKIP`] bit of `vip`, if it is in the set and the
     /// bit changes.
     fn set_arp_skip(&mut self, vip: Ipv4Addr, skip: bool) -> Result<(), MapError> {
-        let mut set = self.vip_set()?;
-        let Some(slot) = set.slot(vip.octets()) else { return Ok(()) };
-        let entry = set.segments[slot] & !VipSet::ARP_SKIP | if skip { VipSet::ARP_SKIP } else { 0 };
-        if entry != set.segments[slot] {
+        self.update_vip_set(|set| {
+            let Some(slot) = set.slot(vip.octets()) else { return Ok(false) };
+            let entry = set.segments[slot] & !VipSet::ARP_SKIP | if skip { VipSet::ARP_SKIP } else { 0 };
+            let changed = entry != set.segments[slot];
             set.segments[slot] = entry;
-            self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
-        }
-        Ok(())
+            Ok(changed)
+        })
     }
 
     fn vip_set(&self) -> Result<VipSet, MapError> {
         self.vip_set.get(&0, 0).map_err(op(map_names::VIP_SET, "get"))
+    }
+
+    /// Reads the VIP list, lets `change` edit it (returning whether it changed), and
+    /// writes it back if so, under one process-wide lock: the node and the election's
+    /// fence each hold a `Maps`, and two read-modify-writes of the one-element list
+    /// interleaved would lose one's change (a deadline, a skip bit).
+    fn update_vip_set(&mut self, change: impl FnOnce(&mut VipSet) -> Result<bool, MapError>) -> Result<(), MapError> {
+        static VIP_SET_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        // A writer that panicked left the list whole (it is written by one syscall): the
+        // lock's poison carries nothing to recover.
+        let _guard = VIP_SET_WRITES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut set = self.vip_set()?;
+        if change(&mut set)? {
+            self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
+        }
+        Ok(())
     }
 
     /// Every VIP and its state: IPv4 first, each family sorted by address.
