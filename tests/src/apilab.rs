@@ -632,6 +632,19 @@ impl StreamResult {
     pub fn total(&self) -> usize {
         self.counts.values().sum::<usize>() + self.errors.len()
     }
+
+    /// Panics, saying how many of how many failed and why (then `context`), if any
+    /// request failed.
+    #[track_caller]
+    pub fn assert_none_failed(&self, context: &str) {
+        assert!(
+            self.errors.is_empty(),
+            "{} of {} requests failed: {:?}\n{context}",
+            self.errors.len(),
+            self.total(),
+            self.errors
+        );
+    }
 }
 
 /// A request stream running in the background.

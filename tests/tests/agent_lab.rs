@@ -145,13 +145,7 @@ fn hitless_restart_drops_no_request() {
     let mut new = lab.start_agent(0, &[]).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let result = stream.stop();
-    assert!(
-        result.errors.is_empty(),
-        "{} of {} requests failed: {:?}",
-        result.errors.len(),
-        result.total(),
-        result.errors
-    );
+    result.assert_none_failed("");
     assert!(result.total() > 50, "only {} requests ran", result.total());
     assert_eq!(held.get("/").unwrap().1, first, "open connection broke across the restart");
 

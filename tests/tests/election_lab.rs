@@ -98,13 +98,7 @@ fn a_follower_stopping_for_good_loses_no_request() {
     let result = stream.stop();
     let name = &lab.nodes[follower].name;
     assert!(result.counts.get(name).is_some_and(|&n| n > 0), "the follower served nothing before: {:?}", result.counts);
-    assert!(
-        result.errors.is_empty(),
-        "{} of {} requests failed: {:?}",
-        result.errors.len(),
-        result.total(),
-        result.errors
-    );
+    result.assert_none_failed("");
     assert!(log.contains("waiting for the other nodes to drain this backend"), "{log}");
     assert_eq!(lab.backend_healthy(leader, follower), Some(false), "the leader still balances to the stopped node");
 }
@@ -126,13 +120,7 @@ fn a_leader_stopping_for_good_loses_no_request() {
     std::thread::sleep(Duration::from_millis(1500));
     let result = stream.stop();
     let new = lab.leaders();
-    assert!(
-        result.errors.is_empty(),
-        "{} of {} requests failed (new leader {new:?}): {:?}\n{log}",
-        result.errors.len(),
-        result.total(),
-        result.errors
-    );
+    result.assert_none_failed(&format!("new leader {new:?}; the old leader's log:\n{log}"));
     assert!(new.len() == 1 && new[0] != leader, "leaders after the stop: {new:?}");
     assert_eq!(lab.backend_healthy(new[0], leader), Some(false), "the new leader still balances to the stopped node");
 }
