@@ -291,3 +291,23 @@ fn an_ipv6_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
         });
     });
 }
+
+/// The IPv6 forwarding path knows its VIPs from the flat list (`VipSet6`), which the
+/// agent's map layer keeps in step with the Neighbor Discovery hash: a VIP added is
+/// forwarded, handed over it is still forwarded (its balancing deadline, not its ND
+/// state, decides), removed it is not, and another VIP that takes its slot is.
+#[test]
+fn the_ipv6_vip_list_follows_the_vips() {
+    let (mut dp, mut lb) = load(Program::Vip);
+    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1)]));
+    let run = |dp: &Dataplane| dp.test_run(Program::Vip, &syn(47100).bytes()).unwrap().action;
+    assert_eq!(run(&dp), xdp::TX, "a VIP led: its new flow forwarded");
+    dp.maps_mut().hand_over_vip(VIP6, VipState::FOREVER).unwrap();
+    assert_eq!(run(&dp), xdp::TX, "handed over, balancing until its deadline");
+    dp.maps_mut().remove_vip(VIP6).unwrap();
+    let before = dp.maps().counter(Reason::Ipv6Passed).unwrap();
+    assert_eq!(run(&dp), xdp::PASS, "removed: not a VIP any more");
+    assert_eq!(dp.maps().counter(Reason::Ipv6Passed).unwrap(), before + 1);
+    dp.maps_mut().set_vip(VIP6, VipState::leader_until(VipState::FOREVER)).unwrap();
+    assert_eq!(run(&dp), xdp::TX, "added again, in the freed slot");
+}

@@ -1024,3 +1024,37 @@ fn the_peer_map_holds_a_peer_for_every_backend_and_takes_a_new_set() {
     dp.maps_mut().set_peers(&set(2)).expect("a full map takes a wholly new set");
     assert_eq!(dp.maps().peers().unwrap().len() as u32, vip_common::MAX_PEERS);
 }
+
+/// The agent's table of map layouts (what it checks a previous agent's pins against
+/// before adopting them, and which maps it pins at all) lists every map of the object it
+/// loads, with the object's key and value sizes and entries: a map missing from it would
+/// be neither pinned nor checked, a changed value size adopted with the old one. (aya-log's
+/// ring buffer and the program's global data are the program's own, never pinned.)
+#[test]
+fn layouts_match_the_object() {
+    use vip_agent::dataplane::maps::{check_pinned_layout, LAYOUTS};
+    let object = aya_obj::Object::parse(vip_agent::dataplane::object()).expect("parsing the object");
+    let mut in_object: Vec<(String, u32, u32, u32)> = object
+        .maps
+        .iter()
+        .filter(|(name, _)| !name.starts_with('.') && !name.starts_with("AYA_"))
+        .map(|(name, m)| (name.clone(), m.key_size(), m.value_size(), m.max_entries()))
+        .collect();
+    in_object.sort();
+    let mut listed: Vec<(String, u32, u32, u32)> =
+        LAYOUTS.iter().map(|&(name, key, value, max)| (name.to_owned(), key, value, max)).collect();
+    listed.sort();
+    assert_eq!(in_object, listed, "the object's maps vs the agent's layout table");
+    // And the loader pins exactly these, with these layouts.
+    let pins = tests::agent::pin_dir(&format!("{}-layouts", tests::netns::unique_tag())).unwrap();
+    let (dp, adopted) = Dataplane::open_pinned(&pins).expect("loading the data plane with pins");
+    assert!(!adopted);
+    let mut pinned: Vec<String> =
+        std::fs::read_dir(&*pins).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    pinned.sort();
+    assert_eq!(pinned, listed.iter().map(|l| l.0.clone()).collect::<Vec<_>>(), "maps pinned by the loader");
+    for (name, ..) in LAYOUTS {
+        check_pinned_layout(name, &pins.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    drop(dp);
+}

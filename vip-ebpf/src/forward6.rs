@@ -13,15 +13,15 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use network_types::{ip::Ipv6Hdr, tcp::TcpHdr};
-use vip_common::{flow_hash6, Backend, FlowKey6, ForwardMode, Reason, ServiceKey6, Vip6Key, VipState, IPPROTO_TCP};
+use vip_common::{flow_hash6, Backend, FlowKey6, ForwardMode, Reason, ServiceKey6, VipState, IPPROTO_TCP};
 
 use crate::{
     ctx::Packet,
     forward::{dsr, is_peer_mac},
     icmp6, lb,
-    maps::{CONFIG, SERVICES6, VIPS6},
+    maps::{vip6, CONFIG, SERVICES6},
     ndp,
-    parse::{load_mac, ptr_at, L2},
+    parse::{load_ipv6_words, load_mac, ptr_at, L2},
     stats,
     verdict::Verdict,
 };
@@ -51,8 +51,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         _ => return Verdict::pass(Reason::Ipv6Passed),
     };
     let dst = ip.dst_addr;
-    // SAFETY: the value is copied out at once (hash map elements are replaced whole).
-    let Some(vip) = (unsafe { VIPS6.get(&Vip6Key::new(dst)) }).copied() else {
+    // SAFETY: inside the bounds-checked header, 2-byte aligned.
+    let Some(vip) = vip6(unsafe { load_ipv6_words(&ip.dst_addr) }) else {
         return Verdict::pass(Reason::Ipv6Passed);
     };
     let Some(cfg) = CONFIG.get(0) else {
@@ -65,8 +65,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if dst_mac != our_mac {
         return Verdict::pass(Reason::NotForUs);
     }
-    if l2.segment != vip.state.segment {
-        return Verdict::pass(l2.other_segment(ctx, vip.state.segment));
+    if l2.segment != vip.segment {
+        return Verdict::pass(l2.other_segment(ctx, vip.segment));
     }
     let flow = if error {
         match icmp6::quoted_flow(ctx, l2, &dst) {
@@ -90,7 +90,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     // (its fencing deadline, or the end of a hand-over). A deadline that never passes
     // skips the clock.
     // SAFETY (the helper): no preconditions.
-    let leads = vip.balance_until_ns == VipState::FOREVER || unsafe { bpf_ktime_get_boot_ns() } < vip.balance_until_ns;
+    let leads = vip.balance_until == VipState::FOREVER || unsafe { bpf_ktime_get_boot_ns() } < vip.balance_until;
     let (id, backend, mode) = if error {
         match icmp6::backend_of(&flow, cfg.hash_seed, cfg.generation, leads, src_mac) {
             Ok(b) => b,

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use vip_common::{
     Backend, BackendStats, CachedFlow, CachedFlow6, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow, PeerKey,
-    Reason, Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipState, FLOW_CACHE_SLOTS,
+    Reason, Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipSet6, VipState, FLOW_CACHE_SLOTS,
     MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS,
 };
 
@@ -86,6 +86,11 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entr
 #[map(name = "VIP_PEERS")]
 pub static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(MAX_PEERS, 0);
 
+/// The IPv6 VIPs as a flat list (one entry), for the IPv6 forwarding path's membership
+/// test; Neighbor Discovery reads [`VIPS6`].
+#[map(name = "VIP_VIP_SET6")]
+pub static VIP_SET6: Array<VipSet6> = Array::with_max_entries(1, 0);
+
 /// The per-CPU direct-mapped cache in front of [`CONNS`].
 #[map(name = "VIP_FLOW_CACHE")]
 pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
@@ -126,6 +131,24 @@ pub fn vip(addr: [u8; 4]) -> Option<VipInfo> {
         segment: segment & VipSet::SEGMENT,
         arp_skip: segment & VipSet::ARP_SKIP != 0,
     })
+}
+
+/// What the IPv6 forwarding path needs to know about a VIP.
+#[derive(Clone, Copy)]
+pub struct Vip6Info {
+    /// Until when (kernel boot-time ns) this node load-balances the VIP's new flows.
+    pub balance_until: u64,
+    /// The L2 segment the VIP lives on.
+    pub segment: u16,
+}
+
+/// The IPv6 VIP whose address is `addr` (`parse::load_ipv6_words`' form), if it is one
+/// of this node's.
+#[inline(always)]
+pub fn vip6(addr: [u64; 2]) -> Option<Vip6Info> {
+    let set = VIP_SET6.get(0)?;
+    let i = set.slot_of_words(addr)?;
+    Some(Vip6Info { balance_until: *set.balance_until_ns.get(i)?, segment: *set.segments.get(i)? })
 }
 
 /// Whether `key` is another load-balancing node.

@@ -69,6 +69,23 @@ pub unsafe fn load_ipv4_word(p: *const [u8; 4]) -> u32 {
     u32::from(u16::from_le(*w)) | u32::from(u16::from_le(*w.add(1))) << 16
 }
 
+/// An IPv6 address as the two little-endian 8-byte words of its bytes (`vip_common::
+/// words16`), read with eight 2-byte loads (headers are 2-byte aligned).
+///
+/// # Safety
+/// `p` points to 16 readable bytes, 2-byte aligned.
+#[inline(always)]
+pub unsafe fn load_ipv6_words(p: *const [u8; 16]) -> [u64; 2] {
+    let w = p as *const u16;
+    let word = |i: usize| {
+        u64::from(u16::from_le(*w.add(i)))
+            | u64::from(u16::from_le(*w.add(i + 1))) << 16
+            | u64::from(u16::from_le(*w.add(i + 2))) << 32
+            | u64::from(u16::from_le(*w.add(i + 3))) << 48
+    };
+    [word(0), word(4)]
+}
+
 /// A 2-byte field as the little-endian word of its bytes (a port, wire order in memory).
 ///
 /// # Safety

@@ -10,8 +10,8 @@ use aya::{
 };
 use vip_common::{
     map_names, Backend, BackendStats, CachedFlow, CachedFlow6, Config, Conn, FlowKey, FlowKey6, IcmpBudget, MaglevRow,
-    PeerKey, Reason, Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipState, MAGLEV_ROW,
-    MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
+    PeerKey, Reason, Service, ServiceKey, ServiceKey6, Vip6Key, Vip6State, VipKey, VipSet, VipSet6, VipState,
+    MAGLEV_ROW, MAGLEV_ROWS_PER_TABLE, NO_BACKEND,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,7 @@ pub enum MapError {
 /// Every map: name, key size, value size, max entries. A pinned map left by another
 /// version of the agent is adopted only if it matches; `layouts_match_the_object` (a
 /// kernel test) keeps this table honest against the ELF object.
-pub const LAYOUTS: [(&str, u32, u32, u32); 20] = {
+pub const LAYOUTS: [(&str, u32, u32, u32); 21] = {
     use std::mem::size_of;
     use vip_common::{FLOW_CACHE_SLOTS, MAGLEV_ROWS, MAX_BACKENDS, MAX_CONNS, MAX_PEERS, MAX_SERVICES, MAX_VIPS};
     [
@@ -81,6 +81,7 @@ pub const LAYOUTS: [(&str, u32, u32, u32); 20] = {
         (map_names::FLOW_CACHE, 4, size_of::<CachedFlow>() as u32, FLOW_CACHE_SLOTS),
         (map_names::FLOW_CACHE6, 4, size_of::<CachedFlow6>() as u32, FLOW_CACHE_SLOTS),
         (map_names::HANDOFF_NO_META, 4, 4, 1),
+        (map_names::VIP_SET6, 4, size_of::<VipSet6>() as u32, 1),
     ]
 };
 
@@ -181,9 +182,15 @@ pub struct Maps {
     peers: HashMap<MapData, PeerKey, u32>,
     /// `None` for pins an agent older than the VLAN companion left.
     handoff_no_meta: Option<Array<MapData, u32>>,
+    /// `None` for pins an agent older than the IPv6 VIP list left (status reads them).
+    vip_set6: Option<Array<MapData, VipSet6>>,
     /// While set, no VIP is given [`VipSet::ARP_SKIP`] ([`Maps::defer_arp_skip`]).
     arp_skip_deferred: bool,
 }
+
+/// Serialises the read-modify-writes of the one-element VIP lists (see
+/// [`Maps::update_vip_set`]).
+static VIP_SET_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn op(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
     move |source| MapError::Op { name, op, source }
@@ -215,6 +222,7 @@ impl Maps {
                 .map_err(ty(map_names::BACKEND_STATS))?,
             peers: HashMap::try_from(open(dir, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
             handoff_no_meta: open(dir, map_names::HANDOFF_NO_META).ok().and_then(|m| Array::try_from(m).ok()),
+            vip_set6: open(dir, map_names::VIP_SET6).ok().and_then(|m| Array::try_from(m).ok()),
             arp_skip_deferred: false,
         })
     }
@@ -240,6 +248,7 @@ impl Maps {
             handoff_no_meta: Some(
                 Array::try_from(take(ebpf, map_names::HANDOFF_NO_META)?).map_err(ty(map_names::HANDOFF_NO_META))?,
             ),
+            vip_set6: Some(Array::try_from(take(ebpf, map_names::VIP_SET6)?).map_err(ty(map_names::VIP_SET6))?),
             arp_skip_deferred: false,
         })
     }
@@ -302,6 +311,22 @@ impl Maps {
                 if self.vip6(vip)?.is_none() && self.vips6.keys().count() >= vip_common::MAX_VIPS as usize {
                     return Err(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS });
                 }
+                // The list first: the forwarding path never meets a VIP Neighbor Discovery
+                // knows and it does not.
+                self.update_vip_set6(|set| {
+                    let slot = match set.slot(&vip.octets()) {
+                        Some(i) => i,
+                        None => set
+                            .addrs
+                            .iter()
+                            .position(|a| *a == [0; 16])
+                            .ok_or(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS })?,
+                    };
+                    let entry = (vip.octets(), balance_until_ns, state.segment);
+                    let changed = (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) != entry;
+                    (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) = entry;
+                    Ok(changed)
+                })?;
                 return self.put_vip6(vip, Vip6State { state, balance_until_ns });
             }
         };
@@ -411,6 +436,11 @@ impl Maps {
             IpAddr::V4(v) => v,
             IpAddr::V6(v) => {
                 let state = self.vip6(v)?.map_or(VipState::follower(), |s| s.state);
+                self.update_vip_set6(|set| {
+                    let Some(slot) = set.slot(&v.octets()) else { return Ok(false) };
+                    set.balance_until_ns[slot] = balance_until_ns;
+                    Ok(true)
+                })?;
                 return self.put_vip6(v, Vip6State { state, balance_until_ns });
             }
         };
@@ -427,10 +457,15 @@ impl Maps {
         let vip = match vip.into() {
             IpAddr::V4(v) => v,
             IpAddr::V6(v) => {
-                return match self.vips6.remove(&Vip6Key::new(v.octets())) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                    Err(source) => Err(MapError::Op { name: map_names::VIPS6, op: "remove", source }),
-                };
+                match self.vips6.remove(&Vip6Key::new(v.octets())) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(source) => return Err(MapError::Op { name: map_names::VIPS6, op: "remove", source }),
+                }
+                return self.update_vip_set6(|set| {
+                    let Some(slot) = set.slot(&v.octets()) else { return Ok(false) };
+                    (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) = ([0; 16], 0, 0);
+                    Ok(true)
+                });
             }
         };
         match self.vips.remove(&VipKey::new(vip.octets())) {
@@ -490,12 +525,23 @@ impl Maps {
         self.vip_set.get(&0, 0).map_err(op(map_names::VIP_SET, "get"))
     }
 
+    /// [`Maps::update_vip_set`] for the IPv6 list (under the same lock). Pins of an agent
+    /// older than the list have none: nothing to keep in step.
+    fn update_vip_set6(&mut self, change: impl FnOnce(&mut VipSet6) -> Result<bool, MapError>) -> Result<(), MapError> {
+        let Some(map) = self.vip_set6.as_mut() else { return Ok(()) };
+        let _guard = VIP_SET_WRITES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut set = map.get(&0, 0).map_err(op(map_names::VIP_SET6, "get"))?;
+        if change(&mut set)? {
+            map.set(0, set, 0).map_err(op(map_names::VIP_SET6, "set"))?;
+        }
+        Ok(())
+    }
+
     /// Reads the VIP list, lets `change` edit it (returning whether it changed), and
     /// writes it back if so, under one process-wide lock: the node and the election's
     /// fence each hold a `Maps`, and two read-modify-writes of the one-element list
     /// interleaved would lose one's change (a deadline, a skip bit).
     fn update_vip_set(&mut self, change: impl FnOnce(&mut VipSet) -> Result<bool, MapError>) -> Result<(), MapError> {
-        static VIP_SET_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
         // A writer that panicked left the list whole (it is written by one syscall): the
         // lock's poison carries nothing to recover.
         let _guard = VIP_SET_WRITES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -30,6 +30,11 @@ use crate::netdev::Netdev;
 /// The XDP object built from `vip-ebpf` by the build script.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vip-ebpf"));
 
+/// The eBPF object this agent loads (ELF), for tools and tests that read its maps.
+pub fn object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 /// XDP attach mode as the user asks for it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
