@@ -276,6 +276,14 @@ fn bootstrap_holds_the_vip_before_the_lease_api_answers_and_hands_it_to_the_leas
     let samples = sampler.finish();
     let lease = lab.lease().unwrap().unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], lab.nodes[leader].name.as_str());
-    let answered = samples.iter().filter(|(_, m)| !m.is_empty()).count();
-    assert!(answered > samples.len() / 2, "the VIP went unanswered most of the time: {answered} of {}", samples.len());
+    // From the bootstrap holder's first answer on (how long the agents take to start and
+    // probe depends on the machine's load, and is not what this checks).
+    let since_claim: Vec<_> = samples.iter().skip_while(|(_, m)| m.is_empty()).collect();
+    let answered = since_claim.iter().filter(|(_, m)| !m.is_empty()).count();
+    assert!(
+        answered > since_claim.len() / 2,
+        "after the first answer the VIP went unanswered most of the time: {answered} of {} samples ({} in all)",
+        since_claim.len(),
+        samples.len()
+    );
 }

@@ -192,6 +192,14 @@ pub struct Maps {
 /// [`Maps::update_vip_set`]).
 static VIP_SET_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The slot of `vip` in a VIP list: `found` (where it is already), else the first free
+/// one (all-zero address).
+fn slot_for<const N: usize>(found: Option<usize>, addrs: &[[u8; N]], vip: IpAddr) -> Result<usize, MapError> {
+    found
+        .or_else(|| addrs.iter().position(|a| *a == [0; N]))
+        .ok_or(MapError::VipsFull { vip, max: vip_common::MAX_VIPS })
+}
+
 fn op(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
     move |source| MapError::Op { name, op, source }
 }
@@ -314,14 +322,7 @@ impl Maps {
                 // The list first: the forwarding path never meets a VIP Neighbor Discovery
                 // knows and it does not.
                 self.update_vip_set6(|set| {
-                    let slot = match set.slot(&vip.octets()) {
-                        Some(i) => i,
-                        None => set
-                            .addrs
-                            .iter()
-                            .position(|a| *a == [0; 16])
-                            .ok_or(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS })?,
-                    };
+                    let slot = slot_for(set.slot(&vip.octets()), &set.addrs, vip.into())?;
                     let entry = (vip.octets(), balance_until_ns, state.segment);
                     let changed = (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) != entry;
                     (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) = entry;
@@ -331,14 +332,7 @@ impl Maps {
             }
         };
         self.update_vip_set(|set| {
-            let slot = match set.slot(vip.octets()) {
-                Some(i) => i,
-                None => set
-                    .addrs
-                    .iter()
-                    .position(|a| *a == [0; 4])
-                    .ok_or(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS })?,
-            };
+            let slot = slot_for(set.slot(vip.octets()), &set.addrs, vip.into())?;
             // The ARP skip bit stays as it is here (a new VIP starts without it):
             // `put_vip` sets or clears it around the state.
             let skip = if set.addrs[slot] == vip.octets() { set.segments[slot] & VipSet::ARP_SKIP } else { 0 };
