@@ -26,8 +26,9 @@ pub struct Pin {
 const FROM_MAC: u64 = (1 << 48) - 1;
 
 /// The backend `flow` is pinned to, while that backend still serves its connections and
-/// has the same address: this CPU's flow cache first (at `slot`, from [`vip_common::cache_slot`];
-/// `generation` the config's), then the connection table, whose answer is cached.
+/// has the same address: this CPU's flow cache first (at `slot`, from
+/// [`vip_common::cache_slot`]; `generation` the config's), then the connection table,
+/// whose answer is cached.
 /// `flow` and its [`FlowKey::words`] `key` are the same key: the words for the cache,
 /// which compares and stores them from registers, the key in memory for the table.
 #[inline(always)]
@@ -102,8 +103,8 @@ fn same_flow6(a: &FlowKey6, b: &FlowKey6) -> bool {
     }
 }
 
-/// [`pinned`] for an IPv6 flow (`slot`: its [`vip_common::cache_slot6`]): this CPU's flow cache
-/// first, then the IPv6 connection table, whose answer is cached.
+/// [`pinned`] for an IPv6 flow (`slot`: its [`vip_common::cache_slot6`]): this CPU's
+/// flow cache first, then the IPv6 connection table, whose answer is cached.
 #[inline(always)]
 pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32) -> Option<Pin> {
     let cached = FLOW_CACHE6.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1));
