@@ -62,3 +62,35 @@ pub fn run_and_check(
         Err(format!("{name}: {}", errs.join("; ")))
     }
 }
+
+/// The per-CPU flow-cache check both families' fixtures run: `syn` then `ack` of one flow
+/// on CPU 0 go to `pinned_mac` (and CPU 0 caches the pin); `set_down(dp, true)` takes
+/// that backend down, and the flow, run on CPU 1, is re-pinned to another backend;
+/// `set_down(dp, false)` brings it back, and CPU 0 follows the re-pin instead of its
+/// cache (a backend's state change invalidates every CPU's cache).
+pub fn check_a_cached_flow_follows_a_re_pin_made_on_another_cpu(
+    dp: &mut Dataplane,
+    syn: &[u8],
+    ack: &[u8],
+    pinned_mac: [u8; 6],
+    mut set_down: impl FnMut(&mut Dataplane, bool),
+) {
+    assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
+    let to = |dp: &Dataplane, cpu: usize, frame: &[u8]| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::run_on_cpu(cpu);
+                dp.test_run(Program::Vip, frame).unwrap().frame[0..6].to_vec()
+            })
+            .join()
+            .unwrap()
+        })
+    };
+    assert_eq!(to(dp, 0, syn), pinned_mac.to_vec());
+    assert_eq!(to(dp, 0, ack), pinned_mac.to_vec(), "cached on CPU 0");
+    set_down(dp, true);
+    let moved = to(dp, 1, ack);
+    assert_ne!(moved, pinned_mac.to_vec(), "re-pinned away from the down backend");
+    set_down(dp, false);
+    assert_eq!(to(dp, 0, ack), moved, "CPU 0's cache sent the flow back to its old backend");
+}

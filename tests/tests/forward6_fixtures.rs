@@ -13,7 +13,7 @@ use std::{
 };
 
 use tests::{
-    fixture::{pass, run_and_check, Expect},
+    fixture::{check_a_cached_flow_follows_a_re_pin_made_on_another_cpu, pass, run_and_check, Expect},
     frames::{icmpv6, predict, tcp, Frame, Mac, ETH_P_8021Q, ETH_P_IPV6, TCP_ACK, TCP_SYN},
     xdp,
 };
@@ -257,39 +257,21 @@ fn ipv6_forwarding_fixture_table_at_tcx() {
 /// change invalidates every CPU's cache of both families).
 #[test]
 fn an_ipv6_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
-    assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
     let (mut dp, mut lb) = load(Program::Vip);
     let three = || vec![backend(1), backend(2), backend(3)];
     let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, three()));
     let b = index_of(&lb, predict(&table, &flow(47000).folded()));
-    let (s, ack) = (syn(47000), tcp6(CLIENT6, 47000, VIP6, PORT, TCP_ACK));
-    let to = |dp: &Dataplane, frame: &Frame| dp.test_run(Program::Vip, &frame.bytes()).unwrap().frame[0..6].to_vec();
-    std::thread::scope(|sc| {
-        sc.spawn(|| {
-            tests::run_on_cpu(0);
-            assert_eq!(to(&dp, &s), backend_mac(b).to_vec());
-            assert_eq!(to(&dp, &ack), backend_mac(b).to_vec(), "cached on CPU 0");
-        });
-    });
-    let down: Vec<BackendSpec> =
-        (1..=3u8).map(|i| if i == b { BackendSpec { healthy: false, ..backend(i) } } else { backend(i) }).collect();
-    lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, down)).unwrap();
-    let moved = std::thread::scope(|sc| {
-        sc.spawn(|| {
-            tests::run_on_cpu(1);
-            to(&dp, &ack)
-        })
-        .join()
-        .unwrap()
-    });
-    assert_ne!(moved, backend_mac(b).to_vec(), "re-pinned away from the down backend");
-    lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, three())).unwrap();
-    std::thread::scope(|sc| {
-        sc.spawn(|| {
-            tests::run_on_cpu(0);
-            assert_eq!(to(&dp, &ack), moved, "CPU 0's cache sent the flow back to its old backend");
-        });
-    });
+    let ack = tcp6(CLIENT6, 47000, VIP6, PORT, TCP_ACK);
+    check_a_cached_flow_follows_a_re_pin_made_on_another_cpu(
+        &mut dp,
+        &syn(47000).bytes(),
+        &ack.bytes(),
+        backend_mac(b),
+        |dp, down| {
+            let specs = (1..=3u8).map(|i| BackendSpec { healthy: !(down && i == b), ..backend(i) }).collect();
+            lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
+        },
+    );
 }
 
 /// The IPv6 forwarding path knows its VIPs from the flat list (`VipSet6`), which the

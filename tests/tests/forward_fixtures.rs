@@ -13,7 +13,7 @@ use std::{
 };
 
 use tests::{
-    fixture::{pass, run_and_check, Expect},
+    fixture::{check_a_cached_flow_follows_a_re_pin_made_on_another_cpu, pass, run_and_check, Expect},
     frames::{
         flow_of, icmp_unreachable, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
         TCP_ACK, TCP_SYN,
@@ -917,40 +917,22 @@ fn table_flips_are_atomic_for_readers() {
 /// change invalidates every CPU's cache).
 #[test]
 fn a_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
-    assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
     let (mut dp, mut lb) = load();
     let three = || vec![backend(1), backend(2), backend(3)];
     let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, three()));
     let f = syn(47000);
     let b = index_of(&lb, predict(&table, &flow_of(&f.bytes()).unwrap()));
     let ack = tcp_frame(CLIENT_IP, 47000, VIP, PORT, TCP_ACK);
-    let to = |dp: &Dataplane, frame: &Frame| dp.test_run(Program::Vip, &frame.bytes()).unwrap().frame[0..6].to_vec();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            tests::run_on_cpu(0);
-            assert_eq!(to(&dp, &f), backend_mac(b).to_vec());
-            assert_eq!(to(&dp, &ack), backend_mac(b).to_vec(), "cached on CPU 0");
-        });
-    });
-    let down: Vec<BackendSpec> =
-        (1..=3u8).map(|i| if i == b { BackendSpec { healthy: false, ..backend(i) } } else { backend(i) }).collect();
-    lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, down)).unwrap();
-    let moved = std::thread::scope(|s| {
-        s.spawn(|| {
-            tests::run_on_cpu(1);
-            to(&dp, &ack)
-        })
-        .join()
-        .unwrap()
-    });
-    assert_ne!(moved, backend_mac(b).to_vec(), "re-pinned away from the down backend");
-    lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, three())).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            tests::run_on_cpu(0);
-            assert_eq!(to(&dp, &ack), moved, "CPU 0's cache sent the flow back to its old backend");
-        });
-    });
+    check_a_cached_flow_follows_a_re_pin_made_on_another_cpu(
+        &mut dp,
+        &f.bytes(),
+        &ack.bytes(),
+        backend_mac(b),
+        |dp, down| {
+            let specs = (1..=3u8).map(|i| BackendSpec { healthy: !(down && i == b), ..backend(i) }).collect();
+            lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
+        },
+    );
 }
 
 /// The agent applies all its services at once: a backend going down waits out the grace

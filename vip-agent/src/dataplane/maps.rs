@@ -331,11 +331,14 @@ impl Maps {
                 return self.put_vip6(vip, Vip6State { state, balance_until_ns });
             }
         };
+        let skips = VipSet::arp_skips(state.flags);
         self.update_vip_set(|set| {
             let slot = slot_for(set.slot(vip.octets()), &set.addrs, vip.into())?;
-            // The ARP skip bit stays as it is here (a new VIP starts without it):
-            // `put_vip` sets or clears it around the state.
-            let skip = if set.addrs[slot] == vip.octets() { set.segments[slot] & VipSet::ARP_SKIP } else { 0 };
+            // The ARP skip bit is cleared here, before the state, when the state leads or
+            // probes; set only after the state (`write_vip_state`). A new VIP starts
+            // without it.
+            let kept = set.addrs[slot] == vip.octets() && skips;
+            let skip = if kept { set.segments[slot] & VipSet::ARP_SKIP } else { 0 };
             let segment = state.segment & VipSet::SEGMENT | skip;
             let changed = set.addrs[slot] != vip.octets()
                 || set.balance_until_ns[slot] != balance_until_ns
@@ -345,7 +348,7 @@ impl Maps {
             set.segments[slot] = segment;
             Ok(changed)
         })?;
-        self.put_vip(vip.into(), state)
+        self.write_vip_state(vip, state)
     }
 
     /// Writes the state of `vip` in its family's map, and for IPv4 its
@@ -355,15 +358,10 @@ impl Maps {
     fn put_vip(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
         match vip {
             IpAddr::V4(v) => {
-                let skips = VipSet::arp_skips(state.flags);
-                if !skips {
+                if !VipSet::arp_skips(state.flags) {
                     self.set_arp_skip(v, false)?;
                 }
-                self.vips.insert(VipKey::new(v.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))?;
-                if skips && !self.arp_skip_deferred {
-                    self.set_arp_skip(v, true)?;
-                }
-                Ok(())
+                self.write_vip_state(v, state)
             }
             IpAddr::V6(v) => {
                 let balance_until_ns = self.vip6(v)?.map_or(0, |s| s.balance_until_ns);
@@ -473,6 +471,16 @@ impl Maps {
             set.segments[slot] = 0;
             Ok(true)
         })
+    }
+
+    /// Writes the VIPS hash state of `vip`, whose skip bit the caller has cleared if
+    /// `state` leads or probes, then sets the bit if it does neither.
+    fn write_vip_state(&mut self, vip: Ipv4Addr, state: VipState) -> Result<(), MapError> {
+        self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))?;
+        if VipSet::arp_skips(state.flags) && !self.arp_skip_deferred {
+            self.set_arp_skip(vip, true)?;
+        }
+        Ok(())
     }
 
     /// Gives no VIP [`VipSet::ARP_SKIP`] until [`Maps::resume_arp_skip`]: while the
