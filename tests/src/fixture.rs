@@ -63,6 +63,22 @@ pub fn run_and_check(
     }
 }
 
+/// One step of a skip-bit walk ([`walk_skip_bit`]): its name, a change made through the
+/// agent's map layer, the watched VIP's skip bit after it (`None`: not in its list), a
+/// frame, and what the program does with that frame.
+pub type SkipStep = (&'static str, fn(&mut Dataplane), Option<bool>, Vec<u8>, Expect);
+
+/// The walk both families' resolution fixtures run (`VipSet::ARP_SKIP`,
+/// `VipSet6::NS_SKIP`): after each step's change, `vip`'s skip bit must be what the step
+/// says, and the program must handle the step's frame as it expects.
+pub fn walk_skip_bit(dp: &mut Dataplane, vip: std::net::IpAddr, steps: Vec<SkipStep>) {
+    for (name, change, skip, input, want) in steps {
+        change(dp);
+        assert_eq!(dp.maps().skip_bit(vip).expect("skip bit"), skip, "{name}: skip bit of {vip}");
+        run_and_check(dp, Program::Vip, name, &input, &want).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 /// The per-CPU flow-cache check both families' fixtures run: `syn` then `ack` of one flow
 /// on CPU 0 go to `pinned_mac` (and CPU 0 caches the pin); `set_down(dp, true)` takes
 /// that backend down, and the flow, run on CPU 1, is re-pinned to another backend;

@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 
 use tests::{
-    fixture::{run_and_check, Expect},
+    fixture::{run_and_check, walk_skip_bit, Expect, SkipStep},
     frames::{ipv4, ipv6, tcp, Arp, Frame, Mac, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6},
     xdp,
 };
@@ -489,9 +489,7 @@ fn the_arp_skip_bit_follows_every_state_change() {
     let probe = with_arp(|a| a.spa = Ipv4Addr::UNSPECIFIED);
     let reply = reply_from_node(VIP).bytes();
     let expect = |action, reason, output: Option<Vec<u8>>| Expect { action, reason, output };
-    // (name, the change, the skip bit after it, a frame, what the program does with it)
-    type Step = (&'static str, fn(&mut Dataplane), Option<bool>, Vec<u8>, Expect);
-    let steps: Vec<Step> = vec![
+    let steps: Vec<SkipStep> = vec![
         ("follower", |_| {}, Some(true), request_for(VIP).bytes(), expect(xdp::DROP, Reason::ArpFollowerDropped, None)),
         (
             "leader",
@@ -551,7 +549,7 @@ fn the_arp_skip_bit_follows_every_state_change() {
         (
             "adopted from an older agent: no skip bit while its program may still run",
             |dp| {
-                dp.maps_mut().defer_arp_skip();
+                dp.maps_mut().defer_skip_bits();
                 seed_vip(dp, VIP, VipState::follower());
             },
             Some(false),
@@ -560,7 +558,7 @@ fn the_arp_skip_bit_follows_every_state_change() {
         ),
         (
             "this agent's program attached",
-            |dp| dp.maps_mut().resume_arp_skip().expect("resume"),
+            |dp| dp.maps_mut().resume_skip_bits().expect("resume"),
             Some(true),
             request_for(VIP).bytes(),
             expect(xdp::DROP, Reason::ArpFollowerDropped, None),
@@ -580,12 +578,8 @@ fn the_arp_skip_bit_follows_every_state_change() {
             expect(xdp::DROP, Reason::ArpFollowerDropped, None),
         ),
     ];
-    for (name, step, skip, input, want) in steps {
-        step(&mut dp);
-        assert_eq!(dp.maps().arp_skip(VIP).expect("skip bit"), skip, "{name}: skip bit of {VIP}");
-        run_and_check(&dp, Program::Vip, name, &input, &want).unwrap_or_else(|e| panic!("{e}"));
-    }
-    assert_eq!(dp.maps().arp_skip(VIP2).expect("skip bit"), Some(true), "{VIP2}, a follower in the freed slot");
+    walk_skip_bit(&mut dp, VIP.into(), steps);
+    assert_eq!(dp.maps().skip_bit(VIP2).expect("skip bit"), Some(true), "{VIP2}, a follower in the freed slot");
 }
 
 /// Frames shorter than an Ethernet header never reach an XDP program (drivers drop

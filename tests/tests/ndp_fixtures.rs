@@ -15,7 +15,7 @@ use std::{
 };
 
 use tests::{
-    fixture::{run_and_check, Expect},
+    fixture::{run_and_check, walk_skip_bit, Expect, SkipStep},
     frames::{
         icmpv6, ipv6_multicast_mac, ll_option, na_message, ns_message, solicited_node, tcp, Frame, Mac, ALL_NODES,
         ALL_NODES_MAC, ETH_P_8021Q, ETH_P_IPV6,
@@ -413,6 +413,112 @@ fn ndp_fixture_table() {
 #[test]
 fn ndp_fixture_table_at_tcx() {
     run_table(Program::Tcx);
+}
+
+/// A follower drops a solicitation without reading the VIPS6 hash when the IPv6 VIP list
+/// says it neither leads nor probes (`VipSet6::NS_SKIP`), under the ARP bit's rules:
+/// through every state change the agent's map layer makes, the bit ends set exactly when
+/// the state neither leads nor probes (set wrongly, a leader would drop solicitations;
+/// missing, every follower drop would pay the hash lookup again), and the program
+/// answers, passes or drops by the state.
+#[test]
+fn the_ns_skip_bit_follows_every_state_change() {
+    let mut dp = Dataplane::load().expect("loading the XDP object (tests need root)");
+    setup(&mut dp, State::Follower);
+    let expect = |action, reason, output: Option<Vec<u8>>| Expect { action, reason, output };
+    let answer = || expect(xdp::TX, Reason::NsReplied, Some(na_to_client(VIP).bytes()));
+    let dropped = || expect(xdp::DROP, Reason::NsFollowerDropped, None);
+    let steps: Vec<SkipStep> = vec![
+        ("follower", |_| {}, Some(true), ns_for(VIP).bytes(), dropped()),
+        (
+            "leader",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
+            Some(false),
+            ns_for(VIP).bytes(),
+            answer(),
+        ),
+        (
+            "leader, probing",
+            |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
+            Some(false),
+            ns_for(VIP).bytes(),
+            answer(),
+        ),
+        (
+            "stopped answering",
+            |dp| dp.maps_mut().stop_answering(VIP).expect("stop"),
+            Some(true),
+            ns_for(VIP).bytes(),
+            dropped(),
+        ),
+        (
+            "follower, probing",
+            |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
+            Some(false),
+            dad(OTHER_MAC, VIP, &[]).bytes(),
+            expect(xdp::PASS, Reason::NsProbeWhileProbing, None),
+        ),
+        (
+            "probe over",
+            |dp| dp.maps_mut().set_probing(VIP, false).expect("probing"),
+            Some(true),
+            dad(OTHER_MAC, VIP, &[]).bytes(),
+            dropped(),
+        ),
+        (
+            "led, then handed over",
+            |dp| {
+                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
+                dp.maps_mut().hand_over_vip(VIP, VipState::FOREVER).expect("hand over");
+            },
+            Some(true),
+            ns_for(VIP).bytes(),
+            dropped(),
+        ),
+        (
+            "removed while leading",
+            |dp| {
+                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
+                dp.maps_mut().remove_vip(VIP).expect("remove");
+            },
+            None,
+            ns_for(VIP).bytes(),
+            expect(xdp::PASS, Reason::NsNotVip, None),
+        ),
+        (
+            "adopted from an older agent: no skip bit while its program may still run",
+            |dp| {
+                dp.maps_mut().defer_skip_bits();
+                seed_vip(dp, VIP, VipState::follower());
+            },
+            Some(false),
+            ns_for(VIP).bytes(),
+            dropped(),
+        ),
+        (
+            "this agent's program attached",
+            |dp| dp.maps_mut().resume_skip_bits().expect("resume"),
+            Some(true),
+            ns_for(VIP).bytes(),
+            dropped(),
+        ),
+        (
+            "removed as a follower",
+            |dp| dp.maps_mut().remove_vip(VIP).expect("remove"),
+            None,
+            ns_for(VIP).bytes(),
+            expect(xdp::PASS, Reason::NsNotVip, None),
+        ),
+        (
+            "another VIP in the freed slot, as a follower",
+            |dp| seed_vip(dp, VIP2, VipState::follower()),
+            None,
+            ns_for(VIP2).bytes(),
+            dropped(),
+        ),
+    ];
+    walk_skip_bit(&mut dp, VIP.into(), steps);
+    assert_eq!(dp.maps().skip_bit(VIP2).expect("skip bit"), Some(true), "{VIP2}, a follower in the freed slot");
 }
 
 /// The checker itself: scapy rejects an advertisement whose checksum is off by one, so

@@ -226,7 +226,8 @@ pub struct VipSet6 {
     /// Per slot: load-balance the VIP's new flows while `bpf_ktime_get_boot_ns() <` this
     /// (host order; 0: never, [`VipState::FOREVER`]: always).
     pub balance_until_ns: [u64; MAX_VIPS as usize],
-    /// Per slot: the L2 segment the VIP lives on ([`segment_of`]; 0: untagged), host order.
+    /// Per slot: the L2 segment the VIP lives on ([`segment_of`]; 0: untagged), host
+    /// order, in the low 12 bits ([`VipSet::SEGMENT`]); bit 15 is [`VipSet6::NS_SKIP`].
     pub segments: [u16; MAX_VIPS as usize],
 }
 const _: () = assert!(core::mem::size_of::<VipSet6>() == 416);
@@ -242,6 +243,14 @@ impl Default for VipSet6 {
 }
 
 impl VipSet6 {
+    /// In a [`VipSet6::segments`] entry: [`VipSet::ARP_SKIP`] for Neighbor Discovery. A
+    /// follower drops a Neighbor Solicitation for the VIP without looking its state up in
+    /// the VIPS6 hash (a 16-byte key: most of that path's cost); clear, the hash decides.
+    /// Kept by the agent under the same rules as the ARP bit. Programs before this bit
+    /// read the segment entry whole, so an agent that adopts one sets no bit until its
+    /// own program runs.
+    pub const NS_SKIP: u16 = VipSet::ARP_SKIP;
+
     /// The slot of the address whose two 8-byte words (its bytes in memory order, read
     /// as little-endian words) are `addr`, if it is a VIP.
     #[inline(always)]

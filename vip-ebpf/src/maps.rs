@@ -140,6 +140,8 @@ pub struct Vip6Info {
     pub balance_until: u64,
     /// The L2 segment the VIP lives on.
     pub segment: u16,
+    /// [`VipSet6::NS_SKIP`]: this node neither leads nor probes for the VIP.
+    pub ns_skip: bool,
 }
 
 /// The IPv6 VIP whose address is `addr` (`parse::load_ipv6_words`' form), if it is one
@@ -148,7 +150,12 @@ pub struct Vip6Info {
 pub fn vip6(addr: [u64; 2]) -> Option<Vip6Info> {
     let set = VIP_SET6.get(0)?;
     let i = set.slot_of_words(addr)?;
-    Some(Vip6Info { balance_until: *set.balance_until_ns.get(i)?, segment: *set.segments.get(i)? })
+    let segment = *set.segments.get(i)?;
+    Some(Vip6Info {
+        balance_until: *set.balance_until_ns.get(i)?,
+        segment: segment & VipSet::SEGMENT,
+        ns_skip: segment & VipSet6::NS_SKIP != 0,
+    })
 }
 
 /// Whether `key` is another load-balancing node.

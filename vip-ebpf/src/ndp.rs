@@ -24,8 +24,8 @@ use vip_common::{Reason, Vip6Key, VipState};
 use crate::{
     csum,
     ctx::Packet,
-    maps::{CONFIG, VIPS6},
-    parse::{is_group, load_mac, ptr_at, store_mac, L2},
+    maps::{vip6, CONFIG, VIPS6},
+    parse::{is_group, load_ipv6_words, load_mac, ptr_at, store_mac, L2},
     verdict::Verdict,
 };
 
@@ -104,12 +104,13 @@ pub fn handle(ctx: &impl Packet, l2: &L2, ip: &Ipv6Hdr) -> Verdict {
     };
     // SAFETY: bounds-checked by ptr_at.
     let ns = unsafe { &*ns };
-    let target = ns.target;
-    // SAFETY: the value is copied out at once; a concurrent update replaces the element
-    // whole (hash map).
-    let Some(state) = (unsafe { VIPS6.get(&Vip6Key::new(target)) }).map(|v| v.state) else {
+    // Membership and segment from the flat list, as for ARP; the state in the VIPS6 hash
+    // unless the list says it is not needed.
+    // SAFETY: inside the bounds-checked message, 2-byte aligned (offset 8 of ICMPv6).
+    let Some(vip) = vip6(unsafe { load_ipv6_words(&ns.target) }) else {
         return Verdict::pass(Reason::NsNotVip);
     };
+    let target = ns.target;
     let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
     // SAFETY: inside the bounds-checked header, 2-byte aligned.
     let dad = unsafe { is_unspecified(&ip.src_addr) };
@@ -119,8 +120,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2, ip: &Ipv6Hdr) -> Verdict {
     if dad && (!is_solicited_node_of(&ip.dst_addr, &target) || carries_source_ll(ctx, icmp_off, payload_len)) {
         return Verdict::pass(Reason::NdpMalformed);
     }
-    if l2.segment != state.segment {
-        return Verdict::pass(l2.other_segment(ctx, state.segment));
+    if l2.segment != vip.segment {
+        return Verdict::pass(l2.other_segment(ctx, vip.segment));
     }
     // An all-zero MAC means "not configured yet" and matches no frame's destination.
     let mac = CONFIG.get(0).map_or(0, |cfg| cfg.mac_word());
@@ -129,6 +130,17 @@ pub fn handle(ctx: &impl Packet, l2: &L2, ip: &Ipv6Hdr) -> Verdict {
     if !is_group(dst) && dst != mac {
         return Verdict::pass(Reason::NotForUs);
     }
+    // Neither leading nor probing (`VipSet6::NS_SKIP` never hides a flag the hash holds):
+    // a follower drops the solicitation without the hash lookup.
+    if vip.ns_skip {
+        return Verdict::drop(Reason::NsFollowerDropped);
+    }
+    // SAFETY: the value is copied out at once; a concurrent update replaces the element
+    // whole (hash map).
+    let Some(state) = (unsafe { VIPS6.get(&Vip6Key::new(target)) }).map(|v| v.state) else {
+        // In the list but not (yet, or any more) in the hash: added or removed just now.
+        return Verdict::pass(Reason::NsNotVip);
+    };
     // SAFETY (the helper): no preconditions.
     if state.flags & VipState::F_LEADER == 0
         || (state.leader_until_ns != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= state.leader_until_ns)

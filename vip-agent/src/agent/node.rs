@@ -536,8 +536,8 @@ async fn stage(
     let now = boot_ns();
     let mut initially_leading = cfg.mode == Mode::Arp;
     if adopted {
-        // The program still running may be an older agent's (see `defer_arp_skip`).
-        dp.maps_mut().defer_arp_skip();
+        // The program still running may be an older agent's (see `defer_skip_bits`).
+        dp.maps_mut().defer_skip_bits();
     }
     for &vip in &cfg.vips {
         match cfg.mode {
@@ -568,7 +568,11 @@ async fn stage(
         Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
     }
     if adopted {
-        dp.maps_mut().resume_arp_skip()?;
+        // A frame the replaced program took before the link update may still be in it
+        // on another CPU: wait out such a run (microseconds; the balancer's table-flip
+        // grace covers it) before setting bits that program would misread.
+        tokio::time::sleep(DEFAULT_GRACE).await;
+        dp.maps_mut().resume_skip_bits()?;
     }
     if cfg.attach == crate::dataplane::Hook::Xdp && cfg.vlan != 0 {
         say_where_vlan_frames_go(cfg, dev, dp.vlan_companion());

@@ -184,8 +184,8 @@ pub struct Maps {
     handoff_no_meta: Option<Array<MapData, u32>>,
     /// `None` for pins an agent older than the IPv6 VIP list left (status reads them).
     vip_set6: Option<Array<MapData, VipSet6>>,
-    /// While set, no VIP is given [`VipSet::ARP_SKIP`] ([`Maps::defer_arp_skip`]).
-    arp_skip_deferred: bool,
+    /// While set, no VIP is given its skip bit ([`Maps::defer_skip_bits`]).
+    skip_bits_deferred: bool,
 }
 
 /// Serialises the read-modify-writes of the one-element VIP lists (see
@@ -231,7 +231,7 @@ impl Maps {
             peers: HashMap::try_from(open(dir, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
             handoff_no_meta: open(dir, map_names::HANDOFF_NO_META).ok().and_then(|m| Array::try_from(m).ok()),
             vip_set6: open(dir, map_names::VIP_SET6).ok().and_then(|m| Array::try_from(m).ok()),
-            arp_skip_deferred: false,
+            skip_bits_deferred: false,
         })
     }
 
@@ -257,7 +257,7 @@ impl Maps {
                 Array::try_from(take(ebpf, map_names::HANDOFF_NO_META)?).map_err(ty(map_names::HANDOFF_NO_META))?,
             ),
             vip_set6: Some(Array::try_from(take(ebpf, map_names::VIP_SET6)?).map_err(ty(map_names::VIP_SET6))?),
-            arp_skip_deferred: false,
+            skip_bits_deferred: false,
         })
     }
 
@@ -320,15 +320,18 @@ impl Maps {
                     return Err(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS });
                 }
                 // The list first: the forwarding path never meets a VIP Neighbor Discovery
-                // knows and it does not.
+                // knows and it does not. Its skip bit as for IPv4 below.
+                let skips = VipSet::arp_skips(state.flags);
                 self.update_vip_set6(|set| {
                     let slot = slot_for(set.slot(&vip.octets()), &set.addrs, vip.into())?;
-                    let entry = (vip.octets(), balance_until_ns, state.segment);
+                    let kept = set.addrs[slot] == vip.octets() && skips;
+                    let skip = if kept { set.segments[slot] & VipSet6::NS_SKIP } else { 0 };
+                    let entry = (vip.octets(), balance_until_ns, state.segment & VipSet::SEGMENT | skip);
                     let changed = (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) != entry;
                     (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) = entry;
                     Ok(changed)
                 })?;
-                return self.put_vip6(vip, Vip6State { state, balance_until_ns });
+                return self.write_vip6_state(vip, Vip6State { state, balance_until_ns });
             }
         };
         let skips = VipSet::arp_skips(state.flags);
@@ -351,21 +354,19 @@ impl Maps {
         self.write_vip_state(vip, state)
     }
 
-    /// Writes the state of `vip` in its family's map, and for IPv4 its
-    /// [`VipSet::ARP_SKIP`] bit: cleared before a state that leads or probes, set only
-    /// after one that does neither, so the bit never hides a flag the hash holds. Nothing
-    /// else (an IPv6 VIP keeps its balancing deadline).
+    /// Writes the state of `vip` in its family's map, and its skip bit
+    /// ([`VipSet::ARP_SKIP`], [`VipSet6::NS_SKIP`]): cleared before a state that leads or
+    /// probes, set only after one that does neither, so the bit never hides a flag the
+    /// hash holds. Nothing else (an IPv6 VIP keeps its balancing deadline).
     fn put_vip(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
+        if !VipSet::arp_skips(state.flags) {
+            self.set_skip_bit(vip, false)?;
+        }
         match vip {
-            IpAddr::V4(v) => {
-                if !VipSet::arp_skips(state.flags) {
-                    self.set_arp_skip(v, false)?;
-                }
-                self.write_vip_state(v, state)
-            }
+            IpAddr::V4(v) => self.write_vip_state(v, state),
             IpAddr::V6(v) => {
                 let balance_until_ns = self.vip6(v)?.map_or(0, |s| s.balance_until_ns);
-                self.put_vip6(v, Vip6State { state, balance_until_ns })
+                self.write_vip6_state(v, Vip6State { state, balance_until_ns })
             }
         }
     }
@@ -477,50 +478,79 @@ impl Maps {
     /// `state` leads or probes, then sets the bit if it does neither.
     fn write_vip_state(&mut self, vip: Ipv4Addr, state: VipState) -> Result<(), MapError> {
         self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))?;
-        if VipSet::arp_skips(state.flags) && !self.arp_skip_deferred {
-            self.set_arp_skip(vip, true)?;
+        self.set_skip_bit_after(vip.into(), state)
+    }
+
+    /// [`Maps::write_vip_state`] for an IPv6 VIP.
+    fn write_vip6_state(&mut self, vip: Ipv6Addr, state: Vip6State) -> Result<(), MapError> {
+        self.put_vip6(vip, state)?;
+        self.set_skip_bit_after(vip.into(), state.state)
+    }
+
+    /// After `state` is written for `vip`: its skip bit, if it neither leads nor probes
+    /// (and no adopted program may still run).
+    fn set_skip_bit_after(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
+        if VipSet::arp_skips(state.flags) && !self.skip_bits_deferred {
+            self.set_skip_bit(vip, true)?;
         }
         Ok(())
     }
 
-    /// Gives no VIP [`VipSet::ARP_SKIP`] until [`Maps::resume_arp_skip`]: while the
-    /// program running is an adopted one, which may be an older agent's that reads a
-    /// segment entry whole (the bit would make it see every VIP frame as another
-    /// segment's).
-    pub fn defer_arp_skip(&mut self) {
-        self.arp_skip_deferred = true;
+    /// Gives no VIP a skip bit ([`VipSet::ARP_SKIP`], [`VipSet6::NS_SKIP`]) until
+    /// [`Maps::resume_skip_bits`]: while the program running is an adopted one, which may
+    /// be an older agent's that reads a segment entry whole (the bit would make it see
+    /// every VIP frame as another segment's).
+    pub fn defer_skip_bits(&mut self) {
+        self.skip_bits_deferred = true;
     }
 
-    /// Ends [`Maps::defer_arp_skip`] once this agent's program runs: every IPv4 VIP whose
+    /// Ends [`Maps::defer_skip_bits`] once this agent's program runs: every VIP whose
     /// state neither leads nor probes gets its bit.
-    pub fn resume_arp_skip(&mut self) -> Result<(), MapError> {
-        self.arp_skip_deferred = false;
+    pub fn resume_skip_bits(&mut self) -> Result<(), MapError> {
+        self.skip_bits_deferred = false;
         for (vip, state) in self.vips()? {
-            if let IpAddr::V4(v) = vip {
-                if VipSet::arp_skips(state.flags) {
-                    self.set_arp_skip(v, true)?;
-                }
+            if VipSet::arp_skips(state.flags) {
+                self.set_skip_bit(vip, true)?;
             }
         }
         Ok(())
     }
 
-    /// Whether `vip` carries [`VipSet::ARP_SKIP`], if it is in the set.
-    pub fn arp_skip(&self, vip: Ipv4Addr) -> Result<Option<bool>, MapError> {
-        let set = self.vip_set()?;
-        Ok(set.slot(vip.octets()).map(|i| set.segments[i] & VipSet::ARP_SKIP != 0))
+    /// Whether `vip` carries its skip bit, if it is in its family's list.
+    pub fn skip_bit(&self, vip: impl Into<IpAddr>) -> Result<Option<bool>, MapError> {
+        let has = |entry: u16| entry & VipSet::ARP_SKIP != 0;
+        match vip.into() {
+            IpAddr::V4(v) => {
+                let set = self.vip_set()?;
+                Ok(set.slot(v.octets()).map(|i| has(set.segments[i])))
+            }
+            IpAddr::V6(v) => {
+                let Some(map) = self.vip_set6.as_ref() else { return Ok(None) };
+                let set = map.get(&0, 0).map_err(op(map_names::VIP_SET6, "get"))?;
+                Ok(set.slot(&v.octets()).map(|i| has(set.segments[i])))
+            }
+        }
     }
 
-    /// Sets or clears the [`VipSet::ARP_SKIP`] bit of `vip`, if it is in the set and the
-    /// bit changes.
-    fn set_arp_skip(&mut self, vip: Ipv4Addr, skip: bool) -> Result<(), MapError> {
-        self.update_vip_set(|set| {
-            let Some(slot) = set.slot(vip.octets()) else { return Ok(false) };
-            let entry = set.segments[slot] & !VipSet::ARP_SKIP | if skip { VipSet::ARP_SKIP } else { 0 };
-            let changed = entry != set.segments[slot];
-            set.segments[slot] = entry;
-            Ok(changed)
-        })
+    /// Sets or clears the skip bit of `vip`, if it is in its family's list and the bit
+    /// changes ([`VipSet6::NS_SKIP`] is the same bit as [`VipSet::ARP_SKIP`]).
+    fn set_skip_bit(&mut self, vip: IpAddr, skip: bool) -> Result<(), MapError> {
+        let with_bit = |entry: u16| entry & !VipSet::ARP_SKIP | if skip { VipSet::ARP_SKIP } else { 0 };
+        // Whether the entry changed.
+        let update = |entry: &mut u16| {
+            let new = with_bit(*entry);
+            let changed = new != *entry;
+            *entry = new;
+            changed
+        };
+        match vip {
+            IpAddr::V4(v) => {
+                self.update_vip_set(|set| Ok(set.slot(v.octets()).is_some_and(|i| update(&mut set.segments[i]))))
+            }
+            IpAddr::V6(v) => {
+                self.update_vip_set6(|set| Ok(set.slot(&v.octets()).is_some_and(|i| update(&mut set.segments[i]))))
+            }
+        }
     }
 
     fn vip_set(&self) -> Result<VipSet, MapError> {
