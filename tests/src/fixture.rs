@@ -110,3 +110,29 @@ pub fn check_a_cached_flow_follows_a_re_pin_made_on_another_cpu(
     set_down(dp, false);
     assert_eq!(to(dp, 0, ack), moved, "CPU 0's cache sent the flow back to its old backend");
 }
+
+/// The check both families' forwarding fixtures run for a reused flow: `syn` is pinned to
+/// backend `pinned_mac` and its `ack` follows (cached on this CPU); `drain(dp, true)`
+/// makes that backend drain (serving what it holds, no new flows) and the `ack` still
+/// goes there; the same `syn` again (a client reusing the addresses and ports of that
+/// old flow) is balanced afresh to another backend, and the `ack` follows the new pin,
+/// not the cached old one. With the backend up again (`drain(dp, false)`), a reused SYN
+/// keeps its pin.
+pub fn check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh(
+    dp: &mut Dataplane,
+    syn: &[u8],
+    ack: &[u8],
+    pinned_mac: [u8; 6],
+    mut drain: impl FnMut(&mut Dataplane, bool),
+) {
+    let to = |dp: &Dataplane, frame: &[u8]| dp.test_run(Program::Vip, frame).unwrap().frame[0..6].to_vec();
+    assert_eq!(to(dp, syn), pinned_mac.to_vec(), "pinned");
+    assert_eq!(to(dp, ack), pinned_mac.to_vec(), "the flow follows its pin");
+    drain(dp, true);
+    assert_eq!(to(dp, ack), pinned_mac.to_vec(), "a draining backend keeps its flows");
+    let moved = to(dp, syn);
+    assert_ne!(moved, pinned_mac.to_vec(), "a reused SYN followed the old pin to the draining backend");
+    assert_eq!(to(dp, ack), moved, "the next packet did not follow the new pin");
+    drain(dp, false);
+    assert_eq!(to(dp, syn), moved, "a reused SYN to a backend that takes new flows keeps its pin");
+}

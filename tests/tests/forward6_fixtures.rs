@@ -13,7 +13,10 @@ use std::{
 };
 
 use tests::{
-    fixture::{check_a_cached_flow_follows_a_re_pin_made_on_another_cpu, pass, run_and_check, Expect},
+    fixture::{
+        check_a_cached_flow_follows_a_re_pin_made_on_another_cpu,
+        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, pass, run_and_check, Expect,
+    },
     frames::{icmpv6, predict, tcp, Frame, Mac, ETH_P_8021Q, ETH_P_IPV6, TCP_ACK, TCP_SYN},
     xdp,
 };
@@ -21,7 +24,7 @@ use vip_agent::{
     balancer::{BackendSpec, Balancer, ServiceSpec},
     dataplane::{Dataplane, Program},
 };
-use vip_common::{Config, FlowKey6, ForwardMode, PeerKey, Reason, VipState, IPPROTO_TCP};
+use vip_common::{Config, FlowKey6, ForwardMode, HealthReason, PeerKey, Reason, VipState, IPPROTO_TCP};
 
 const NODE_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0xc1];
@@ -269,6 +272,27 @@ fn an_ipv6_flow_cached_on_one_cpu_follows_a_re_pin_made_on_another() {
         backend_mac(b),
         |dp, down| {
             let specs = (1..=3u8).map(|i| BackendSpec { healthy: !(down && i == b), ..backend(i) }).collect();
+            lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
+        },
+    );
+}
+
+/// An IPv6 SYN that reuses a flow pinned to a draining backend is balanced afresh, and
+/// the new connection follows the new pin (as for IPv4).
+#[test]
+fn an_ipv6_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh() {
+    let (mut dp, mut lb) = load(Program::Vip);
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=3).map(backend).collect()));
+    let b = index_of(&lb, predict(&table, &flow(47100).folded()));
+    let ack = tcp6(CLIENT6, 47100, VIP6, PORT, TCP_ACK);
+    check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh(
+        &mut dp,
+        &syn(47100).bytes(),
+        &ack.bytes(),
+        backend_mac(b),
+        |dp, draining| {
+            let drained = BackendSpec { healthy: false, draining: true, reason: HealthReason::VipPath, ..backend(b) };
+            let specs = (1..=3u8).map(|i| if draining && i == b { drained.clone() } else { backend(i) }).collect();
             lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
         },
     );

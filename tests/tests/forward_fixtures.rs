@@ -13,7 +13,10 @@ use std::{
 };
 
 use tests::{
-    fixture::{check_a_cached_flow_follows_a_re_pin_made_on_another_cpu, pass, run_and_check, Expect},
+    fixture::{
+        check_a_cached_flow_follows_a_re_pin_made_on_another_cpu,
+        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, pass, run_and_check, Expect,
+    },
     frames::{
         flow_of, icmp_unreachable, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
         TCP_ACK, TCP_SYN,
@@ -830,6 +833,31 @@ fn a_draining_backend_keeps_its_flows_and_takes_no_new_ones() {
     }
     let id = lb.backend_id(backend_ip(2)).unwrap();
     assert_eq!(dp.maps().backend(id).unwrap().reason, HealthReason::Connect as u8);
+}
+
+/// A client that reuses the addresses and ports of a flow pinned to a backend that now
+/// drains opens a new connection: its SYN is balanced afresh (the draining backend would
+/// refuse it once it stops serving), and the rest of the new connection follows the new
+/// pin. Found by the failover benchmark: after thousands of connections the client's
+/// ports wrapped, and SYNs followed pins to the node that had just stopped.
+#[test]
+fn a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh() {
+    let (mut dp, mut lb) = load();
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=3).map(backend).collect()));
+    let f = syn(47100);
+    let b = index_of(&lb, predict(&table, &flow_of(&f.bytes()).unwrap()));
+    let ack = tcp_frame(CLIENT_IP, 47100, VIP, PORT, TCP_ACK);
+    check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh(
+        &mut dp,
+        &f.bytes(),
+        &ack.bytes(),
+        backend_mac(b),
+        |dp, draining| {
+            let drained = BackendSpec { healthy: false, draining: true, reason: HealthReason::VipPath, ..backend(b) };
+            let specs = (1..=3u8).map(|i| if draining && i == b { drained.clone() } else { backend(i) }).collect();
+            lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
+        },
+    );
 }
 
 /// No packet ever sees a mix of two tables. A writer flips the service between tables of

@@ -102,7 +102,12 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     // clients that have not moved yet keep their connections. The pin holds for the flow
     // as the client sends it; the same flow from a peer was balanced there already.
     let slot = vip_common::cache_slot(words, cfg.hash_seed);
-    let (id, backend, mode) = match lb::pinned(&flow, words, slot, cfg.generation) {
+    // SAFETY: the flags byte is inside the bounds-checked TCP header.
+    let opens = || is_syn(unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFFSET) });
+    let pin = lb::pinned(&flow, words, slot, cfg.generation);
+    // A pin the frame does not honour is replaced below, in this CPU's flow cache too.
+    let replaced = pin.is_some().then_some((words, slot, cfg.generation));
+    let (id, backend, mode) = match pin.filter(|p| lb::honours(p, opens)) {
         Some(pin) if pin.from_mac == src_mac() || !is_peer_mac(src_mac()) => (pin.id, pin.backend, pin.mode),
         Some(_) => return Verdict::pass(Reason::BalancedByPeer),
         None => {
@@ -130,7 +135,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
                 return Verdict::pass(Reason::LocalMode);
             }
             let hash = flow_hash_words(words, cfg.hash_seed);
-            let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac()) else {
+            let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac(), replaced) else {
                 return Verdict::pass(Reason::NoBackend);
             };
             (id, backend, svc.mode)
@@ -145,6 +150,18 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     }
     dsr(eth, our_mac, &backend);
     Verdict::tx(Reason::ForwardedDsr)
+}
+
+/// Offset of the flags byte (CWR … FIN) in a TCP header (RFC 9293 §3.1).
+pub const TCP_FLAGS_OFFSET: usize = 13;
+/// SYN and ACK in the flags byte.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Whether TCP flags `flags` open a connection: SYN without ACK.
+#[inline(always)]
+pub fn is_syn(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// DSR: our MAC as the source, the backend's as the destination. IP and what it carries

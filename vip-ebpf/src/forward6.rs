@@ -17,7 +17,7 @@ use vip_common::{flow_hash6, Backend, FlowKey6, ForwardMode, Reason, ServiceKey6
 
 use crate::{
     ctx::Packet,
-    forward::{dsr, is_peer_mac},
+    forward::{dsr, is_peer_mac, is_syn, TCP_FLAGS_OFFSET},
     icmp6, lb,
     maps::{vip6, CONFIG, SERVICES6},
     ndp,
@@ -68,9 +68,10 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if l2.segment != vip.segment {
         return Verdict::pass(l2.other_segment(ctx, vip.segment));
     }
-    let flow = if error {
+    // The flow, and for TCP its flags byte (0 for an ICMP error).
+    let (flow, tcp_flags) = if error {
         match icmp6::quoted_flow(ctx, l2, &dst) {
-            Ok(flow) => flow,
+            Ok(flow) => (flow, 0),
             Err(verdict) => return verdict,
         }
     } else {
@@ -78,13 +79,14 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
             return Verdict::pass(Reason::TcpMalformed);
         };
         // SAFETY: ptr_at checked the TCP header is inside the frame; 2-byte aligned fields.
-        let (sport, dport) = unsafe {
+        let (sport, dport, flags) = unsafe {
             (
                 (*((*tcp).source.as_ptr() as *const u16)).to_ne_bytes(),
                 (*((*tcp).dest.as_ptr() as *const u16)).to_ne_bytes(),
+                *(tcp as *const u8).add(TCP_FLAGS_OFFSET),
             )
         };
-        FlowKey6::new(ip.src_addr, dst, sport, dport, IPPROTO_TCP)
+        (FlowKey6::new(ip.src_addr, dst, sport, dport, IPPROTO_TCP), flags)
     };
     // Only the leader balances new flows (errors included), until its balancing deadline
     // (its fencing deadline, or the end of a hand-over). A deadline that never passes
@@ -97,7 +99,11 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
             Err(verdict) => return verdict,
         }
     } else {
-        match lb::pinned6(&flow, vip_common::cache_slot6(&flow, cfg.hash_seed), cfg.generation) {
+        let slot = vip_common::cache_slot6(&flow, cfg.hash_seed);
+        let pin = lb::pinned6(&flow, slot, cfg.generation);
+        // A pin the frame does not honour is replaced below, in this CPU's flow cache too.
+        let replaced = pin.is_some().then_some((slot, cfg.generation));
+        match pin.filter(|p| lb::honours(p, || is_syn(tcp_flags))) {
             Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
             Some(_) => return Verdict::pass(Reason::BalancedByPeer),
             None => {
@@ -116,7 +122,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
                     return Verdict::pass(Reason::LocalMode);
                 }
                 let hash = flow_hash6(&flow, cfg.hash_seed);
-                let Some((id, backend)) = lb::choose6(&flow, hash, &svc, src_mac) else {
+                let Some((id, backend)) = lb::choose6(&flow, hash, &svc, src_mac, replaced) else {
                     return Verdict::pass(Reason::NoBackend);
                 };
                 (id, backend, svc.mode)

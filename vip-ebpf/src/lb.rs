@@ -79,18 +79,56 @@ fn validate([w0, w1]: [u64; 2]) -> Option<Pin> {
     }
 }
 
+/// Whether a pin may carry this frame: always, unless the frame opens a connection (a
+/// SYN, `opens`) and the pinned backend takes no new flows (it drains). A client that
+/// reuses the addresses and ports of a flow pinned long ago (ports wrap within minutes
+/// at a few hundred connections a second, and pins live until the table evicts them)
+/// opens a new connection; sent to a draining backend, it would be refused once that
+/// backend stops serving. Balanced afresh instead, as IPVS does for reused connections
+/// (`conn_reuse_mode`). `opens` is only called for a draining backend.
+#[inline(always)]
+pub fn honours(pin: &Pin, opens: impl FnOnce() -> bool) -> bool {
+    pin.backend.flags & Backend::F_UP != 0 || !opens()
+}
+
 /// The live Maglev table's backend for `flow` of service `svc` (`hash`: the flow's hash
 /// with the cluster seed), which is then pinned for frames from `from_mac`. `None`: the
-/// table has no (healthy) backend for this flow.
+/// table has no (healthy) backend for this flow. `replaced`: the flow had a pin the
+/// frame did not honour ([`honours`]), which [`pinned`] may have left in this CPU's flow
+/// cache at `slot` (`key`: the flow's words; `generation`: the config's); the cache then
+/// takes the new pin too.
 #[inline(always)]
-pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
+pub fn choose(
+    flow: &FlowKey,
+    hash: u32,
+    svc: &Service,
+    from_mac: u64,
+    replaced: Option<([u64; 2], u32, u32)>,
+) -> Option<(u32, Backend)> {
     let (id, backend) = maglev_slot(hash, svc)?;
-    let mut conn = Conn { backend: id as u16, mode: svc.mode, backend_ip: backend.ip, ..Conn::default() };
-    // SAFETY: a field of an 8-byte aligned value, at offset 8.
-    unsafe { store_mac(&mut conn.from_mac, from_mac) };
+    let conn = new_conn(id, &backend, svc.mode, from_mac);
     // A failed insert only means the next packet looks the flow up again.
     let _ = CONNS.insert(flow, &conn, 0);
+    if let Some((key, slot, generation)) = replaced {
+        if let Some(c) = FLOW_CACHE.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1)) {
+            // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
+            let c = unsafe { &mut *c };
+            if c.key.words() == key {
+                c.conn = conn;
+                c.generation = generation;
+            }
+        }
+    }
     Some((id, backend))
+}
+
+/// The connection-table entry pinning a new flow to backend `id`.
+#[inline(always)]
+fn new_conn(id: u32, backend: &Backend, mode: u8, from_mac: u64) -> Conn {
+    let mut conn = Conn { backend: id as u16, mode, backend_ip: backend.ip, ..Conn::default() };
+    // SAFETY: a field of an 8-byte aligned value, at offset 8.
+    unsafe { store_mac(&mut conn.from_mac, from_mac) };
+    conn
 }
 
 /// Whether two IPv6 flow keys are equal, as five 8-byte compares.
@@ -123,15 +161,31 @@ pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32) -> Option<Pin> {
     validate(conn.words())
 }
 
-/// [`choose`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster seed).
+/// [`choose`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster seed;
+/// `replaced`: its [`vip_common::cache_slot6`] and the config's generation, when it had
+/// a pin the frame did not honour).
 #[inline(always)]
-pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
+pub fn choose6(
+    flow: &FlowKey6,
+    hash: u32,
+    svc: &Service,
+    from_mac: u64,
+    replaced: Option<(u32, u32)>,
+) -> Option<(u32, Backend)> {
     let (id, backend) = maglev_slot(hash, svc)?;
-    let mut conn = Conn { backend: id as u16, mode: svc.mode, backend_ip: backend.ip, ..Conn::default() };
-    // SAFETY: a field of an 8-byte aligned value, at offset 8.
-    unsafe { store_mac(&mut conn.from_mac, from_mac) };
+    let conn = new_conn(id, &backend, svc.mode, from_mac);
     // A failed insert only means the next packet looks the flow up again.
     let _ = CONNS6.insert(flow, &conn, 0);
+    if let Some((slot, generation)) = replaced {
+        if let Some(c) = FLOW_CACHE6.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1)) {
+            // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
+            let c = unsafe { &mut *c };
+            if same_flow6(&c.key, flow) {
+                c.conn = conn;
+                c.generation = generation;
+            }
+        }
+    }
     Some((id, backend))
 }
 
