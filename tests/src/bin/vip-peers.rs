@@ -3,12 +3,12 @@
 //! Section `peers`: a client, a load-balancing node and three backends (network
 //! namespaces on one bridge; see `peers.rs`). The LB node runs in turn vip-agent (DSR,
 //! native XDP, and generic/SKB XDP), HAProxy with the kubeadm HA guide's configuration,
-//! kube-proxy-style nftables DNAT+masquerade, and nothing (`direct`: the client talks to one
-//! backend). The same load generator measures each (one request per new connection):
-//! connections/s at saturation, p50/p99 latency at a fixed offered load and at
-//! saturation, and the LB's CPU time per 1,000 connections: its interface's NAPI kernel
-//! thread (every packet the LB receives is processed there: XDP, netfilter, TCP) plus the
-//! peer's own processes (vip-agent, HAProxy).
+//! kube-proxy-style nftables DNAT+masquerade, and nothing (`direct`: the client talks to
+//! the three backends in turn). The same load generator measures each (one request per
+//! new connection): connections/s at saturation, p50/p99 latency at a fixed offered load
+//! and at saturation, and the LB's CPU time per 1,000 connections: its interface's NAPI
+//! kernel thread (every packet the LB receives is processed there: XDP, netfilter, TCP)
+//! plus the peer's own processes (vip-agent, HAProxy).
 //!
 //! Section `failover`: keepalived beside vip-agent `--election kubernetes`, three nodes,
 //! a paced request stream, the VIP holder struck by SIGKILL, SIGTERM and node loss (see
@@ -52,7 +52,7 @@ const PEERS: [Peer; 5] =
 /// The CSV's rows: exactly these peers.
 const CSV_PEERS: [&str; 4] = ["vip", "haproxy", "nftables", "direct"];
 const PEERS_CSV_HEADER: &str = "peer,connections_per_s,p50_us,p99_us,lb_cpu_ms_per_1k";
-const PEERS_COLUMNS: [&str; 12] = [
+const PEERS_COLUMNS: [&str; 13] = [
     "peer",
     "conn/s (sat.)",
     "p50 µs",
@@ -61,6 +61,7 @@ const PEERS_COLUMNS: [&str; 12] = [
     "p99 µs (sat.)",
     "LB CPU ms/1k conn (sat.)",
     "LB CPU ms/1k (fixed)",
+    "of which XDP program ms/1k (sat.)",
     "LB core busy (sat.)",
     "other cores busy (sat.)",
     "IPIs/conn (sat.)",
@@ -113,6 +114,7 @@ fn peer_rows(r: &PeerResult) -> (Vec<String>, Option<String>, Vec<String>) {
         opt(sat.run.quantile_us(0.99)),
         format!("{:.2}", sat.cpu_ms_per_1k()),
         format!("{:.2}", fixed.cpu_ms_per_1k()),
+        if sat.xdp_ns > 0 { format!("{:.2}", sat.xdp_ms_per_1k()) } else { "-".into() },
         format!("{:.0}%", sat.lb_core_busy * 100.0),
         format!("{:.0}%", sat.rest_busy * 100.0),
         format!("{:.1}", sat.ipis_per_conn()),

@@ -31,6 +31,9 @@ const FIXED_THREADS: usize = 32;
 const WARMUP: Duration = Duration::from_secs(1);
 /// The measured part of each run: ~10,000 requests at the fixed load, enough for a p99.
 const WINDOW: Duration = Duration::from_secs(5);
+/// vip's data-plane programs (IPv4, and IPv6 behind a tail call), whose run time the
+/// kernel counts while [`run`] holds run-time statistics on.
+const VIP_PROGRAMS: [&str; 2] = ["vip_xdp", "vip_xdp6"];
 
 /// One measured run, the LB's CPU time during its window, and how busy the machine's
 /// cores were (fraction of the window; the LB's core, the client's and backends' cores).
@@ -42,11 +45,20 @@ pub struct Measured {
     pub rest_busy: f64,
     /// Inter-processor interrupts during the window.
     pub ipis: u64,
+    /// Run time of vip's XDP programs during the window (kernel statistics), ns: what
+    /// the data plane itself cost, within the LB's CPU time.
+    pub xdp_ns: u64,
 }
 
 impl Measured {
     pub fn ipis_per_conn(&self) -> f64 {
         self.ipis as f64 / self.run.latencies_us.len().max(1) as f64
+    }
+
+    /// vip's XDP programs' run time per 1,000 completed connections, ms (the unit of
+    /// [`Measured::cpu_ms_per_1k`], which includes it).
+    pub fn xdp_ms_per_1k(&self) -> f64 {
+        self.xdp_ns as f64 / 1e3 / self.run.latencies_us.len().max(1) as f64
     }
 
     /// LB CPU milliseconds per 1,000 completed connections.
@@ -84,6 +96,7 @@ impl PeerResult {
             lb_core_busy: 0.0,
             rest_busy: 0.0,
             ipis: 0,
+            xdp_ns: 0,
         };
         for m in runs {
             all.lb_core_busy += m.lb_core_busy / runs.len() as f64;
@@ -94,6 +107,7 @@ impl PeerResult {
             all.run.window += m.run.window;
             all.lb_cpu_ns += m.lb_cpu_ns;
             all.ipis += m.ipis;
+            all.xdp_ns += m.xdp_ns;
             if all.run.first_error.is_none() {
                 all.run.first_error.clone_from(&m.run.first_error);
             }
@@ -110,21 +124,23 @@ fn measured(
 ) -> Result<Measured, String> {
     let window = Window::after(WARMUP, WINDOW);
     std::thread::scope(|s| {
-        let cpu = s.spawn(|| -> Result<(u64, Vec<u64>, u64), String> {
+        let cpu = s.spawn(|| -> Result<(u64, Vec<u64>, u64, u64), String> {
             std::thread::sleep(window.open.saturating_duration_since(Instant::now()));
             let (a, busy_a, ipis_a) = (lab.lb_cpu_ns(pids)?, cpu::busy_ns_per_cpu(), cpu::ipis());
+            let xdp_a = cpu::bpf_run_ns(&VIP_PROGRAMS);
             std::thread::sleep(window.close.saturating_duration_since(Instant::now()));
             let busy: Vec<u64> = cpu::busy_ns_per_cpu().iter().zip(&busy_a).map(|(b, a)| b - a).collect();
-            Ok((lab.lb_cpu_ns(pids)? - a, busy, cpu::ipis() - ipis_a))
+            let xdp_ns = cpu::bpf_run_ns(&VIP_PROGRAMS).saturating_sub(xdp_a);
+            Ok((lab.lb_cpu_ns(pids)? - a, busy, cpu::ipis() - ipis_a, xdp_ns))
         });
         let run = load(window)?;
-        let (lb_cpu_ns, busy, ipis) = cpu.join().map_err(|_| "CPU sampler panicked".to_string())??;
+        let (lb_cpu_ns, busy, ipis, xdp_ns) = cpu.join().map_err(|_| "CPU sampler panicked".to_string())??;
         let share = |cpus: &[usize]| {
             let ns: u64 = cpus.iter().filter_map(|&c| busy.get(c)).sum();
             ns as f64 / (WINDOW.as_nanos() as f64 * cpus.len() as f64)
         };
         let (lb_core_busy, rest_busy) = (share(&[lab.split.lb]), share(&lab.split.rest));
-        Ok(Measured { run, lb_cpu_ns, lb_core_busy, rest_busy, ipis })
+        Ok(Measured { run, lb_cpu_ns, lb_core_busy, rest_busy, ipis, xdp_ns })
     })
 }
 
@@ -132,15 +148,19 @@ fn measured(
 fn round(lab: &PeersLab, peer: Peer, conns: usize) -> Result<(Measured, Measured), String> {
     let running = lab.start(peer)?;
     let client = loadgen::Client { ns: &lab.client().ns.name, cpus: &lab.split.rest };
-    let target = running.target;
-    let sat = measured(lab, &running.pids, |w| loadgen::closed_loop(&client, target, conns, w))?;
-    let fixed = measured(lab, &running.pids, |w| loadgen::open_loop(&client, target, FIXED_RATE, FIXED_THREADS, w))?;
+    let targets = running.targets.clone();
+    let sat = measured(lab, &running.pids, |w| loadgen::closed_loop(&client, &targets, conns, w))?;
+    let fixed = measured(lab, &running.pids, |w| loadgen::open_loop(&client, &targets, FIXED_RATE, FIXED_THREADS, w))?;
     drop(running);
     Ok((sat, fixed))
 }
 
 /// Every peer, `rounds` times round-robin. A peer that fails once is not tried again.
 pub fn run(peers: &[Peer], rounds: usize, conns: usize) -> Result<Vec<PeerResult>, String> {
+    // On while the returned descriptor is open (BPF_ENABLE_STATS): every BPF program run
+    // then also reads the clock twice, tens of ns against the µs a frame costs here.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| format!("turning on BPF run-time statistics: {e}"))?;
     let mut results: Vec<PeerResult> =
         peers.iter().map(|&peer| PeerResult { peer, saturation: vec![], fixed: vec![], error: None }).collect();
     for r in 0..rounds {

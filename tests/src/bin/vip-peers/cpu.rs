@@ -121,6 +121,16 @@ pub fn ipis() -> u64 {
         .sum()
 }
 
+/// Run time (ns) so far of every loaded BPF program named in `names`, as the kernel
+/// counts it while run-time statistics are on ([`aya::sys::enable_stats`]; 0 otherwise).
+pub fn bpf_run_ns(names: &[&str]) -> u64 {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| names.contains(&n)))
+        .map(|p| p.run_time().as_nanos() as u64)
+        .sum()
+}
+
 /// The pids of every threaded-NAPI kernel thread (`napi/<dev>-<id>`) now running.
 pub fn napi_threads() -> BTreeSet<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return BTreeSet::new() };

@@ -156,12 +156,15 @@ fn record(run: &mut Run, window: &Window, started: Instant, outcome: Result<(), 
 }
 
 /// Saturation: `conns` connections in flight at all times until the window closes.
-pub fn closed_loop(client: &Client<'_>, addr: SocketAddr, conns: usize, window: Window) -> Result<Run, String> {
-    on_threads(client, conns, window, |_, stop| {
+pub fn closed_loop(client: &Client<'_>, targets: &[SocketAddr], conns: usize, window: Window) -> Result<Run, String> {
+    on_threads(client, conns, window, |i, stop| {
         let mut run = Run::default();
-        while !stop.load(Ordering::Relaxed) {
+        for n in i.. {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
             let t = Instant::now();
-            record(&mut run, &window, t, request(addr));
+            record(&mut run, &window, t, request(targets[n % targets.len()]));
         }
         run
     })
@@ -171,7 +174,7 @@ pub fn closed_loop(client: &Client<'_>, addr: SocketAddr, conns: usize, window: 
 /// threads (thread `i` takes slots `i`, `i + threads`, …).
 pub fn open_loop(
     client: &Client<'_>,
-    addr: SocketAddr,
+    targets: &[SocketAddr],
     rate: u32,
     threads: usize,
     window: Window,
@@ -193,7 +196,7 @@ pub fn open_loop(
             if t - due > LATE && t >= window.open {
                 run.late += 1;
             }
-            record(&mut run, &window, t, request(addr));
+            record(&mut run, &window, t, request(targets[slot % targets.len()]));
         }
         run
     })

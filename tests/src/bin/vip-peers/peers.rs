@@ -3,7 +3,8 @@
 //! One bridge (`tests::lab::Lab`): the client `.2`, the load-balancing node `lb` at `.10`,
 //! three backends `.11`–`.13` each running `vip-responder` on :6443 and holding the VIP
 //! (`.100`) quietly on `lo` (DSR backends). Every peer is reached at VIP:6443, except
-//! `direct`, which is backend `.11` itself.
+//! `direct`, where the client connects to the three backends in turn (so the backends'
+//! side does the same work as behind a load balancer).
 //!
 //! Lab choices, the same for every peer:
 //! - The client's transmit checksum offload is off (`ethtool -K eth0 tx off`): a veth
@@ -285,7 +286,8 @@ pub fn wait_serving(ns: &str, addr: SocketAddr, n: usize, backends: usize, withi
 /// A peer running on the LB node; stopped (and its state on the LB removed) on drop.
 pub struct Running<'a> {
     pub peer: Peer,
-    pub target: SocketAddr,
+    /// Where the client connects, in turn: the VIP, or (`direct`) each backend.
+    pub targets: Vec<SocketAddr>,
     /// Processes whose CPU counts as the LB's (besides its NAPI thread).
     pub pids: Vec<u32>,
     agent: Option<Agent>,
@@ -298,9 +300,11 @@ impl PeersLab {
     pub fn start(&self, peer: Peer) -> Result<Running<'_>, String> {
         let _ = self.client().ns.ip(&["neigh", "flush", "dev", "eth0"]);
         let vip = SocketAddr::from((VIP, PORT));
-        let mut running = Running { peer, target: vip, pids: Vec::new(), agent: None, haproxy: None, lab: self };
+        let mut running = Running { peer, targets: vec![vip], pids: Vec::new(), agent: None, haproxy: None, lab: self };
         match peer {
-            Peer::Direct => running.target = SocketAddr::from((self.backends()[0], PORT)),
+            Peer::Direct => {
+                running.targets = self.backends().into_iter().map(|b| SocketAddr::from((b, PORT))).collect()
+            }
             Peer::Vip { native } => {
                 let agent = self.start_agent(native)?;
                 running.pids.extend(agent.pid());
@@ -322,12 +326,13 @@ impl PeersLab {
         // Every backend must answer through the peer, and requests keep succeeding, before
         // it is measured.
         let backends = if peer == Peer::Direct { 1 } else { BACKENDS.len() };
-        if !wait_serving(&self.client().ns.name, running.target, READY_STREAK, backends, READY_WITHIN) {
-            return Err(format!(
-                "{} never served {READY_STREAK} requests in a row from all {backends} backends through {}",
-                peer.name(),
-                running.target
-            ));
+        for &target in &running.targets {
+            if !wait_serving(&self.client().ns.name, target, READY_STREAK, backends, READY_WITHIN) {
+                return Err(format!(
+                    "{} never served {READY_STREAK} requests in a row from all {backends} backends through {target}",
+                    peer.name(),
+                ));
+            }
         }
         for &pid in &running.pids {
             cpu::pin_process(pid, &[self.split.lb])?;
