@@ -206,3 +206,28 @@ fn an_ipv6_vip_survives_a_hitless_restart_and_leaves_with_its_configuration() {
     let (status, log) = second.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(status.success(), "{log}");
 }
+
+/// An agent adopting pins from before the IPv6 VIP list (here: that map's pin removed, as
+/// an older agent's pins lack it) creates the list and keeps answering and forwarding its
+/// IPv6 VIP, which the list and Neighbor Discovery both depend on.
+#[test]
+fn an_ipv6_vip_adopted_from_pins_without_the_list_is_still_served() {
+    let lab = ApiLab::new([10, 94, 0], 1, &[0]).unwrap().with_ipv6().unwrap();
+    let vip6 = lab.vip6.to_string();
+    let mut first = lab.start_agent(0, &["--vip", &vip6, "--keep-forwarding-on-exit"]).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || leaders6(&lab) == [0]), "never led the IPv6 VIP");
+    let (status, log) = first.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{log}");
+    std::fs::remove_file(lab.pin_path(0).unwrap().join(vip_common::map_names::VIP_SET6)).unwrap();
+
+    let mut second = lab.start_agent(0, &["--vip", &vip6]).unwrap();
+    let node = mac_string(&lab, 0);
+    assert!(
+        wait_until(Duration::from_secs(5), || answerers(&lab) == std::slice::from_ref(&node)),
+        "the adopted IPv6 VIP is no longer answered: {:?}",
+        answerers(&lab)
+    );
+    assert_eq!(request6(&lab), Ok(lab.nodes[0].name.clone()), "the adopted IPv6 VIP is not forwarded");
+    let (status, log) = second.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{log}");
+}

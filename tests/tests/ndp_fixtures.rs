@@ -521,6 +521,32 @@ fn the_ns_skip_bit_follows_every_state_change() {
     assert_eq!(dp.maps().skip_bit(VIP2).expect("skip bit"), Some(true), "{VIP2}, a follower in the freed slot");
 }
 
+/// Pins of an agent from before the IPv6 VIP list have no list: the loader creates it
+/// empty, and the adopting agent fills it from the Neighbor Discovery hash. An IPv6 VIP
+/// it leads is adopted as it is (never rewritten without an election); missing from the
+/// list, it would be neither answered nor forwarded (both read the list, as the tables
+/// above show). The program is not attached here, so the IPv6 half it reaches by a tail
+/// call at attach is not run: the list itself is checked.
+#[test]
+fn an_ipv6_vip_adopted_from_pins_without_the_list_is_listed_again() {
+    let pins = tests::agent::pin_dir(&format!("{}-list6", tests::netns::unique_tag())).unwrap();
+    {
+        let (mut dp, adopted) = Dataplane::open_pinned(&pins).expect("loading with pins");
+        assert!(!adopted);
+        dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
+        dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
+    }
+    // What an older agent's pins lack.
+    std::fs::remove_file(pins.join(vip_common::map_names::VIP_SET6)).unwrap();
+    let (mut dp, adopted) = Dataplane::open_pinned(&pins).expect("adopting the pins");
+    assert!(adopted);
+    assert_eq!(dp.maps().skip_bit(VIP).unwrap(), None, "the list starts empty");
+    dp.maps_mut().restore_vip_set6().unwrap();
+    assert_eq!(dp.maps().skip_bit(VIP).unwrap(), Some(false), "the leader's VIP is listed again, without a skip bit");
+    dp.maps_mut().restore_vip_set6().unwrap();
+    assert_eq!(dp.maps().skip_bit(VIP).unwrap(), Some(false), "restoring again changes nothing");
+}
+
 /// The checker itself: scapy rejects an advertisement whose checksum is off by one, so
 /// the table's agreement means something.
 #[test]

@@ -538,6 +538,8 @@ async fn stage(
     if adopted {
         // The program still running may be an older agent's (see `defer_skip_bits`).
         dp.maps_mut().defer_skip_bits();
+        // An older agent's pins may have had no IPv6 list (created empty on loading).
+        dp.maps_mut().restore_vip_set6()?;
     }
     for &vip in &cfg.vips {
         match cfg.mode {

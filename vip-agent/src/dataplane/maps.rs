@@ -496,6 +496,32 @@ impl Maps {
         Ok(())
     }
 
+    /// Puts every IPv6 VIP of the Neighbor Discovery hash that the IPv6 list lacks into
+    /// the list, with the hash's balancing deadline and segment (no skip bit). For pins of
+    /// an agent older than the list: the loader creates the list empty, and a VIP this
+    /// agent adopts as it is (a leader keeps its state) is not written again until the
+    /// announcer or the election next writes its state; until then, missing from the
+    /// list, it would be neither answered nor forwarded. Leaves listed VIPs alone.
+    pub fn restore_vip_set6(&mut self) -> Result<(), MapError> {
+        let mut hash = Vec::new();
+        for entry in self.vips6.iter() {
+            hash.push(entry.map_err(op(map_names::VIPS6, "iterate"))?);
+        }
+        for (key, state) in hash {
+            let vip = Ipv6Addr::from(key.addr);
+            self.update_vip_set6(|set| {
+                if set.slot(&key.addr).is_some() {
+                    return Ok(false);
+                }
+                let slot = slot_for(None, &set.addrs, vip.into())?;
+                let entry = (key.addr, state.balance_until_ns, state.state.segment & VipSet::SEGMENT);
+                (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) = entry;
+                Ok(true)
+            })?;
+        }
+        Ok(())
+    }
+
     /// Gives no VIP a skip bit ([`VipSet::ARP_SKIP`], [`VipSet6::NS_SKIP`]) until
     /// [`Maps::resume_skip_bits`]: while the program running is an adopted one, which may
     /// be an older agent's that reads a segment entry whole (the bit would make it see

@@ -47,7 +47,9 @@ impl Context {
     }
 }
 
-/// `git describe`-like: the short commit, `+dirty` when the work tree has changes.
+/// `git describe`-like: the short commit, `+dirty` when the work tree has changes other
+/// than this benchmark's own outputs (`docs/bench/`, which a run of both sections has
+/// already rewritten by the time the second one starts).
 fn commit() -> String {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
@@ -60,7 +62,8 @@ fn commit() -> String {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
     let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else { return "unknown".into() };
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/bench"])
+        .is_some_and(|s| !s.is_empty());
     if dirty {
         format!("{head}+dirty")
     } else {
