@@ -112,12 +112,12 @@ pub fn check_a_cached_flow_follows_a_re_pin_made_on_another_cpu(
 }
 
 /// The check both families' forwarding fixtures run for a reused flow: `syn` is pinned to
-/// backend `pinned_mac` and its `ack` follows (cached on this CPU); `drain(dp, true)`
-/// makes that backend drain (serving what it holds, no new flows) and the `ack` still
-/// goes there; the same `syn` again (a client reusing the addresses and ports of that
-/// old flow) is balanced afresh to another backend, and the `ack` follows the new pin,
-/// not the cached old one. With the backend up again (`drain(dp, false)`), a reused SYN
-/// keeps its pin.
+/// backend `pinned_mac` on CPU 0 and its `ack` follows; `drain(dp, true)` makes that
+/// backend drain (serving what it holds, no new flows), and the `ack` still goes there,
+/// from CPU 0 and CPU 1 (both now cache the pin). The same `syn` again on CPU 0 (a client
+/// reusing the addresses and ports of that old flow) is balanced afresh to another
+/// backend, and the `ack` follows the new pin on both CPUs, not a cached old one. With
+/// the backend up again (`drain(dp, false)`), a reused SYN keeps its pin.
 pub fn check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh(
     dp: &mut Dataplane,
     syn: &[u8],
@@ -125,14 +125,27 @@ pub fn check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afres
     pinned_mac: [u8; 6],
     mut drain: impl FnMut(&mut Dataplane, bool),
 ) {
-    let to = |dp: &Dataplane, frame: &[u8]| dp.test_run(Program::Vip, frame).unwrap().frame[0..6].to_vec();
-    assert_eq!(to(dp, syn), pinned_mac.to_vec(), "pinned");
-    assert_eq!(to(dp, ack), pinned_mac.to_vec(), "the flow follows its pin");
+    assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
+    let to = |dp: &Dataplane, cpu: usize, frame: &[u8]| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::run_on_cpu(cpu);
+                dp.test_run(Program::Vip, frame).unwrap().frame[0..6].to_vec()
+            })
+            .join()
+            .unwrap()
+        })
+    };
+    let pinned = pinned_mac.to_vec();
+    assert_eq!(to(dp, 0, syn), pinned, "pinned");
+    assert_eq!(to(dp, 0, ack), pinned, "the flow follows its pin");
     drain(dp, true);
-    assert_eq!(to(dp, ack), pinned_mac.to_vec(), "a draining backend keeps its flows");
-    let moved = to(dp, syn);
-    assert_ne!(moved, pinned_mac.to_vec(), "a reused SYN followed the old pin to the draining backend");
-    assert_eq!(to(dp, ack), moved, "the next packet did not follow the new pin");
+    assert_eq!(to(dp, 0, ack), pinned, "a draining backend keeps its flows");
+    assert_eq!(to(dp, 1, ack), pinned, "a draining backend keeps its flows, on another CPU too");
+    let moved = to(dp, 0, syn);
+    assert_ne!(moved, pinned, "a reused SYN followed the old pin to the draining backend");
+    assert_eq!(to(dp, 0, ack), moved, "the next packet did not follow the new pin");
+    assert_eq!(to(dp, 1, ack), moved, "another CPU's cache sent the new connection to the old backend");
     drain(dp, false);
-    assert_eq!(to(dp, syn), moved, "a reused SYN to a backend that takes new flows keeps its pin");
+    assert_eq!(to(dp, 0, syn), moved, "a reused SYN to a backend that takes new flows keeps its pin");
 }

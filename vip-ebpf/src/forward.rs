@@ -104,10 +104,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     let slot = vip_common::cache_slot(words, cfg.hash_seed);
     // SAFETY: the flags byte is inside the bounds-checked TCP header.
     let opens = || is_syn(unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFFSET) });
-    let pin = lb::pinned(&flow, words, slot, cfg.generation);
-    // A pin the frame does not honour is replaced below, in this CPU's flow cache too.
-    let replaced = pin.is_some().then_some((words, slot, cfg.generation));
-    let (id, backend, mode) = match pin.filter(|p| lb::honours(p, opens)) {
+    let (id, backend, mode) = match lb::pinned(&flow, words, slot, cfg.generation).filter(|p| lb::honours(p, opens)) {
         Some(pin) if pin.from_mac == src_mac() || !is_peer_mac(src_mac()) => (pin.id, pin.backend, pin.mode),
         Some(_) => return Verdict::pass(Reason::BalancedByPeer),
         None => {
@@ -135,7 +132,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
                 return Verdict::pass(Reason::LocalMode);
             }
             let hash = flow_hash_words(words, cfg.hash_seed);
-            let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac(), replaced) else {
+            let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac()) else {
                 return Verdict::pass(Reason::NoBackend);
             };
             (id, backend, svc.mode)

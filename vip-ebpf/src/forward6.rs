@@ -100,10 +100,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         }
     } else {
         let slot = vip_common::cache_slot6(&flow, cfg.hash_seed);
-        let pin = lb::pinned6(&flow, slot, cfg.generation);
-        // A pin the frame does not honour is replaced below, in this CPU's flow cache too.
-        let replaced = pin.is_some().then_some((slot, cfg.generation));
-        match pin.filter(|p| lb::honours(p, || is_syn(tcp_flags))) {
+        match lb::pinned6(&flow, slot, cfg.generation).filter(|p| lb::honours(p, || is_syn(tcp_flags))) {
             Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
             Some(_) => return Verdict::pass(Reason::BalancedByPeer),
             None => {
@@ -122,7 +119,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
                     return Verdict::pass(Reason::LocalMode);
                 }
                 let hash = flow_hash6(&flow, cfg.hash_seed);
-                let Some((id, backend)) = lb::choose6(&flow, hash, &svc, src_mac, replaced) else {
+                let Some((id, backend)) = lb::choose6(&flow, hash, &svc, src_mac) else {
                     return Verdict::pass(Reason::NoBackend);
                 };
                 (id, backend, svc.mode)

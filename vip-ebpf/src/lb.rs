@@ -31,22 +31,28 @@ const FROM_MAC: u64 = (1 << 48) - 1;
 /// whose answer is cached.
 /// `flow` and its [`FlowKey::words`] `key` are the same key: the words for the cache,
 /// which compares and stores them from registers, the key in memory for the table.
+///
+/// A cached pin to a draining backend is read again from the table: a SYN that reuses
+/// the flow re-pins it there ([`honours`]), on whichever CPU it lands, and this CPU's
+/// copy would otherwise keep sending the new connection to the old backend.
 #[inline(always)]
 pub fn pinned(flow: &FlowKey, key: [u64; 2], slot: u32, generation: u32) -> Option<Pin> {
-    let cached = FLOW_CACHE.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1));
     // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
-    let conn = match cached.map(|c| unsafe { &mut *c }) {
-        Some(c) if c.generation == generation && c.key.words() == key => c.conn.words(),
-        slot => {
-            // SAFETY: the value is copied out at once; LRU elements are replaced whole.
-            let conn = unsafe { CONNS.get(flow) }.copied()?;
-            if let Some(c) = slot {
-                *c = CachedFlow { key: FlowKey::from_words(key), conn, generation, _pad: 0 };
+    let cached = FLOW_CACHE.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1)).map(|c| unsafe { &mut *c });
+    if let Some(c) = cached.as_deref() {
+        if c.generation == generation && c.key.words() == key {
+            let pin = validate(c.conn.words())?;
+            if pin.backend.flags & Backend::F_UP != 0 {
+                return Some(pin);
             }
-            conn.words()
         }
-    };
-    validate(conn)
+    }
+    // SAFETY: the value is copied out at once; LRU elements are replaced whole.
+    let conn = unsafe { CONNS.get(flow) }.copied()?;
+    if let Some(c) = cached {
+        *c = CachedFlow { key: FlowKey::from_words(key), conn, generation, _pad: 0 };
+    }
+    validate(conn.words())
 }
 
 /// Backend `id`'s entry, copied by three volatile word loads. The agent rewrites an
@@ -93,32 +99,14 @@ pub fn honours(pin: &Pin, opens: impl FnOnce() -> bool) -> bool {
 
 /// The live Maglev table's backend for `flow` of service `svc` (`hash`: the flow's hash
 /// with the cluster seed), which is then pinned for frames from `from_mac`. `None`: the
-/// table has no (healthy) backend for this flow. `replaced`: the flow had a pin the
-/// frame did not honour ([`honours`]), which [`pinned`] may have left in this CPU's flow
-/// cache at `slot` (`key`: the flow's words; `generation`: the config's); the cache then
-/// takes the new pin too.
+/// table has no (healthy) backend for this flow. (A pin this replaces may still be in a
+/// CPU's flow cache: only one to a draining backend is replaced, and [`pinned`] reads
+/// such a pin from the table again.)
 #[inline(always)]
-pub fn choose(
-    flow: &FlowKey,
-    hash: u32,
-    svc: &Service,
-    from_mac: u64,
-    replaced: Option<([u64; 2], u32, u32)>,
-) -> Option<(u32, Backend)> {
+pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
     let (id, backend) = maglev_slot(hash, svc)?;
-    let conn = new_conn(id, &backend, svc.mode, from_mac);
     // A failed insert only means the next packet looks the flow up again.
-    let _ = CONNS.insert(flow, &conn, 0);
-    if let Some((key, slot, generation)) = replaced {
-        if let Some(c) = FLOW_CACHE.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1)) {
-            // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
-            let c = unsafe { &mut *c };
-            if c.key.words() == key {
-                c.conn = conn;
-                c.generation = generation;
-            }
-        }
-    }
+    let _ = CONNS.insert(flow, &new_conn(id, &backend, svc.mode, from_mac), 0);
     Some((id, backend))
 }
 
@@ -143,49 +131,33 @@ fn same_flow6(a: &FlowKey6, b: &FlowKey6) -> bool {
 
 /// [`pinned`] for an IPv6 flow (`slot`: its [`vip_common::cache_slot6`]): this CPU's
 /// flow cache first, then the IPv6 connection table, whose answer is cached.
+/// A cached pin to a draining backend is read again from the table, as in [`pinned`].
 #[inline(always)]
 pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32) -> Option<Pin> {
-    let cached = FLOW_CACHE6.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1));
     // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
-    let conn = match cached.map(|c| unsafe { &mut *c }) {
-        Some(c) if c.generation == generation && same_flow6(&c.key, flow) => c.conn,
-        slot => {
-            // SAFETY: the value is copied out at once; LRU elements are replaced whole.
-            let conn = unsafe { CONNS6.get(flow) }.copied()?;
-            if let Some(c) = slot {
-                *c = CachedFlow6 { key: *flow, conn, generation, _pad: 0 };
-            }
-            conn
-        }
-    };
-    validate(conn.words())
-}
-
-/// [`choose`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster seed;
-/// `replaced`: its [`vip_common::cache_slot6`] and the config's generation, when it had
-/// a pin the frame did not honour).
-#[inline(always)]
-pub fn choose6(
-    flow: &FlowKey6,
-    hash: u32,
-    svc: &Service,
-    from_mac: u64,
-    replaced: Option<(u32, u32)>,
-) -> Option<(u32, Backend)> {
-    let (id, backend) = maglev_slot(hash, svc)?;
-    let conn = new_conn(id, &backend, svc.mode, from_mac);
-    // A failed insert only means the next packet looks the flow up again.
-    let _ = CONNS6.insert(flow, &conn, 0);
-    if let Some((slot, generation)) = replaced {
-        if let Some(c) = FLOW_CACHE6.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1)) {
-            // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
-            let c = unsafe { &mut *c };
-            if same_flow6(&c.key, flow) {
-                c.conn = conn;
-                c.generation = generation;
+    let cached = FLOW_CACHE6.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1)).map(|c| unsafe { &mut *c });
+    if let Some(c) = cached.as_deref() {
+        if c.generation == generation && same_flow6(&c.key, flow) {
+            let pin = validate(c.conn.words())?;
+            if pin.backend.flags & Backend::F_UP != 0 {
+                return Some(pin);
             }
         }
     }
+    // SAFETY: the value is copied out at once; LRU elements are replaced whole.
+    let conn = unsafe { CONNS6.get(flow) }.copied()?;
+    if let Some(c) = cached {
+        *c = CachedFlow6 { key: *flow, conn, generation, _pad: 0 };
+    }
+    validate(conn.words())
+}
+
+/// [`choose`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster seed).
+#[inline(always)]
+pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
+    let (id, backend) = maglev_slot(hash, svc)?;
+    // A failed insert only means the next packet looks the flow up again.
+    let _ = CONNS6.insert(flow, &new_conn(id, &backend, svc.mode, from_mac), 0);
     Some((id, backend))
 }
 

@@ -188,9 +188,19 @@ pub struct Maps {
     skip_bits_deferred: bool,
 }
 
-/// Serialises the read-modify-writes of the one-element VIP lists (see
-/// [`Maps::update_vip_set`]).
+/// Serialises every write of a VIP's state, process-wide: the node and the election's
+/// fence each hold a `Maps`. Each write is several steps (the list's read-modify-write, a
+/// hash element, the skip bit, often a read of the state first), and two interleaved
+/// would lose one's change (a deadline, a skip bit) or leave a skip bit over a state
+/// that leads (the fence writing "leader" between the node's "follower" and its bit).
+/// Held by every public method that writes one (see [`vip_writes`]).
 static VIP_SET_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`VIP_SET_WRITES`]. A writer that panicked left each map element whole (each is
+/// written by one syscall): the lock's poison carries nothing to recover.
+fn vip_writes() -> std::sync::MutexGuard<'static, ()> {
+    VIP_SET_WRITES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// The slot of `vip` in a VIP list: `found` (where it is already), else the first free
 /// one (all-zero address).
@@ -313,6 +323,7 @@ impl Maps {
         state: VipState,
         balance_until_ns: u64,
     ) -> Result<(), MapError> {
+        let _writes = vip_writes();
         let vip = match vip.into() {
             IpAddr::V4(vip) => vip,
             IpAddr::V6(vip) => {
@@ -400,7 +411,12 @@ impl Maps {
     /// the balancing deadline already set (at most the renew deadline of the last
     /// renewal), for clients that have not moved yet.
     pub fn stop_answering(&mut self, vip: impl Into<IpAddr>) -> Result<(), MapError> {
-        let vip = vip.into();
+        let _writes = vip_writes();
+        self.stop_answering_locked(vip.into())
+    }
+
+    /// [`Maps::stop_answering`], [`vip_writes`] held.
+    fn stop_answering_locked(&mut self, vip: IpAddr) -> Result<(), MapError> {
         let segment = self.vip(vip)?.map_or(0, |s| s.segment);
         self.put_vip(vip, VipState::follower().on_segment(segment))
     }
@@ -409,6 +425,7 @@ impl Maps {
     /// set, a follower passes other hosts' ARP probes (and DAD probes) for it to the
     /// agent's probe. A VIP not in the map is left alone.
     pub fn set_probing(&mut self, vip: impl Into<IpAddr>, probing: bool) -> Result<(), MapError> {
+        let _writes = vip_writes();
         let vip = vip.into();
         let Some(mut state) = self.vip(vip)? else { return Ok(()) };
         if probing {
@@ -423,8 +440,9 @@ impl Maps {
     /// still reaches this node until `balance_until_ns` (kernel monotonic clock), while
     /// clients move to the new leader. `vip` must already be set.
     pub fn hand_over_vip(&mut self, vip: impl Into<IpAddr>, balance_until_ns: u64) -> Result<(), MapError> {
+        let _writes = vip_writes();
         let vip = vip.into();
-        self.stop_answering(vip)?;
+        self.stop_answering_locked(vip)?;
         let vip = match vip {
             IpAddr::V4(v) => v,
             IpAddr::V6(v) => {
@@ -447,6 +465,7 @@ impl Maps {
     /// Removes `vip` (state first, then membership); removing one that is not there is
     /// not an error.
     pub fn remove_vip(&mut self, vip: impl Into<IpAddr>) -> Result<(), MapError> {
+        let _writes = vip_writes();
         let vip = match vip.into() {
             IpAddr::V4(v) => v,
             IpAddr::V6(v) => {
@@ -503,6 +522,7 @@ impl Maps {
     /// announcer or the election next writes its state; until then, missing from the
     /// list, it would be neither answered nor forwarded. Leaves listed VIPs alone.
     pub fn restore_vip_set6(&mut self) -> Result<(), MapError> {
+        let _writes = vip_writes();
         let mut hash = Vec::new();
         for entry in self.vips6.iter() {
             hash.push(entry.map_err(op(map_names::VIPS6, "iterate"))?);
@@ -533,6 +553,7 @@ impl Maps {
     /// Ends [`Maps::defer_skip_bits`] once this agent's program runs: every VIP whose
     /// state neither leads nor probes gets its bit.
     pub fn resume_skip_bits(&mut self) -> Result<(), MapError> {
+        let _writes = vip_writes();
         self.skip_bits_deferred = false;
         for (vip, state) in self.vips()? {
             if VipSet::arp_skips(state.flags) {
@@ -583,11 +604,10 @@ impl Maps {
         self.vip_set.get(&0, 0).map_err(op(map_names::VIP_SET, "get"))
     }
 
-    /// [`Maps::update_vip_set`] for the IPv6 list (under the same lock). Pins of an agent
-    /// older than the list have none: nothing to keep in step.
+    /// [`Maps::update_vip_set`] for the IPv6 list. Pins of an agent older than the list
+    /// have none: nothing to keep in step.
     fn update_vip_set6(&mut self, change: impl FnOnce(&mut VipSet6) -> Result<bool, MapError>) -> Result<(), MapError> {
         let Some(map) = self.vip_set6.as_mut() else { return Ok(()) };
-        let _guard = VIP_SET_WRITES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut set = map.get(&0, 0).map_err(op(map_names::VIP_SET6, "get"))?;
         if change(&mut set)? {
             map.set(0, set, 0).map_err(op(map_names::VIP_SET6, "set"))?;
@@ -596,13 +616,9 @@ impl Maps {
     }
 
     /// Reads the VIP list, lets `change` edit it (returning whether it changed), and
-    /// writes it back if so, under one process-wide lock: the node and the election's
-    /// fence each hold a `Maps`, and two read-modify-writes of the one-element list
-    /// interleaved would lose one's change (a deadline, a skip bit).
+    /// writes it back if so. The caller holds [`vip_writes`] (a public method writing a
+    /// VIP's state), so no other `Maps` interleaves.
     fn update_vip_set(&mut self, change: impl FnOnce(&mut VipSet) -> Result<bool, MapError>) -> Result<(), MapError> {
-        // A writer that panicked left the list whole (it is written by one syscall): the
-        // lock's poison carries nothing to recover.
-        let _guard = VIP_SET_WRITES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut set = self.vip_set()?;
         if change(&mut set)? {
             self.vip_set.set(0, set, 0).map_err(op(map_names::VIP_SET, "set"))?;
