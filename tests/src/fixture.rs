@@ -2,7 +2,10 @@
 //! `BPF_PROG_RUN`, then the action, the counter of the expected reason and the output
 //! frame compared with the row's.
 
-use vip_agent::dataplane::{Dataplane, Program};
+use vip_agent::{
+    balancer::BackendSpec,
+    dataplane::{Dataplane, Program},
+};
 use vip_common::Reason;
 
 use crate::xdp;
@@ -79,6 +82,29 @@ pub fn walk_skip_bit(dp: &mut Dataplane, vip: std::net::IpAddr, steps: Vec<SkipS
     }
 }
 
+/// The destination MAC of the frame the XDP program returns for `frame` (`BPF_PROG_RUN`),
+/// run on CPU `cpu` (per-CPU maps, the flow cache among them, are that CPU's).
+pub fn dst_mac_on_cpu(dp: &Dataplane, cpu: usize, frame: &[u8]) -> Vec<u8> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            crate::run_on_cpu(cpu);
+            dp.test_run(Program::Vip, frame).unwrap().frame[0..6].to_vec()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// `specs` with the one at `index` draining when `draining` (its VIP-path probe
+/// refused, as when its node leaves: serving what it holds, no new flows).
+pub fn one_draining(mut specs: Vec<BackendSpec>, index: usize, draining: bool) -> Vec<BackendSpec> {
+    if draining {
+        let spec = &mut specs[index];
+        (spec.healthy, spec.draining, spec.reason) = (false, true, vip_common::HealthReason::VipPath);
+    }
+    specs
+}
+
 /// The per-CPU flow-cache check both families' fixtures run: `syn` then `ack` of one flow
 /// on CPU 0 go to `pinned_mac` (and CPU 0 caches the pin); `set_down(dp, true)` takes
 /// that backend down, and the flow, run on CPU 1, is re-pinned to another backend;
@@ -92,23 +118,13 @@ pub fn check_a_cached_flow_follows_a_re_pin_made_on_another_cpu(
     mut set_down: impl FnMut(&mut Dataplane, bool),
 ) {
     assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
-    let to = |dp: &Dataplane, cpu: usize, frame: &[u8]| {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                crate::run_on_cpu(cpu);
-                dp.test_run(Program::Vip, frame).unwrap().frame[0..6].to_vec()
-            })
-            .join()
-            .unwrap()
-        })
-    };
-    assert_eq!(to(dp, 0, syn), pinned_mac.to_vec());
-    assert_eq!(to(dp, 0, ack), pinned_mac.to_vec(), "cached on CPU 0");
+    assert_eq!(dst_mac_on_cpu(dp, 0, syn), pinned_mac.to_vec());
+    assert_eq!(dst_mac_on_cpu(dp, 0, ack), pinned_mac.to_vec(), "cached on CPU 0");
     set_down(dp, true);
-    let moved = to(dp, 1, ack);
+    let moved = dst_mac_on_cpu(dp, 1, ack);
     assert_ne!(moved, pinned_mac.to_vec(), "re-pinned away from the down backend");
     set_down(dp, false);
-    assert_eq!(to(dp, 0, ack), moved, "CPU 0's cache sent the flow back to its old backend");
+    assert_eq!(dst_mac_on_cpu(dp, 0, ack), moved, "CPU 0's cache sent the flow back to its old backend");
 }
 
 /// The check both families' forwarding fixtures run for a reused flow: `syn` is pinned to
@@ -126,26 +142,16 @@ pub fn check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afres
     mut drain: impl FnMut(&mut Dataplane, bool),
 ) {
     assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
-    let to = |dp: &Dataplane, cpu: usize, frame: &[u8]| {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                crate::run_on_cpu(cpu);
-                dp.test_run(Program::Vip, frame).unwrap().frame[0..6].to_vec()
-            })
-            .join()
-            .unwrap()
-        })
-    };
     let pinned = pinned_mac.to_vec();
-    assert_eq!(to(dp, 0, syn), pinned, "pinned");
-    assert_eq!(to(dp, 0, ack), pinned, "the flow follows its pin");
+    assert_eq!(dst_mac_on_cpu(dp, 0, syn), pinned, "pinned");
+    assert_eq!(dst_mac_on_cpu(dp, 0, ack), pinned, "the flow follows its pin");
     drain(dp, true);
-    assert_eq!(to(dp, 0, ack), pinned, "a draining backend keeps its flows");
-    assert_eq!(to(dp, 1, ack), pinned, "a draining backend keeps its flows, on another CPU too");
-    let moved = to(dp, 0, syn);
+    assert_eq!(dst_mac_on_cpu(dp, 0, ack), pinned, "a draining backend keeps its flows");
+    assert_eq!(dst_mac_on_cpu(dp, 1, ack), pinned, "a draining backend keeps its flows, on another CPU too");
+    let moved = dst_mac_on_cpu(dp, 0, syn);
     assert_ne!(moved, pinned, "a reused SYN followed the old pin to the draining backend");
-    assert_eq!(to(dp, 0, ack), moved, "the next packet did not follow the new pin");
-    assert_eq!(to(dp, 1, ack), moved, "another CPU's cache sent the new connection to the old backend");
+    assert_eq!(dst_mac_on_cpu(dp, 0, ack), moved, "the next packet did not follow the new pin");
+    assert_eq!(dst_mac_on_cpu(dp, 1, ack), moved, "another CPU's cache sent the new connection to the old backend");
     drain(dp, false);
-    assert_eq!(to(dp, 0, syn), moved, "a reused SYN to a backend that takes new flows keeps its pin");
+    assert_eq!(dst_mac_on_cpu(dp, 0, syn), moved, "a reused SYN to a backend that takes new flows keeps its pin");
 }

@@ -15,7 +15,8 @@ use std::{
 use tests::{
     fixture::{
         check_a_cached_flow_follows_a_re_pin_made_on_another_cpu,
-        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, pass, run_and_check, Expect,
+        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, one_draining, pass, run_and_check,
+        Expect,
     },
     frames::{
         flow_of, icmp_unreachable, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
@@ -853,8 +854,7 @@ fn a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh() {
         &ack.bytes(),
         backend_mac(b),
         |dp, draining| {
-            let drained = BackendSpec { healthy: false, draining: true, reason: HealthReason::VipPath, ..backend(b) };
-            let specs = (1..=3u8).map(|i| if draining && i == b { drained.clone() } else { backend(i) }).collect();
+            let specs = one_draining((1..=3).map(backend).collect(), usize::from(b - 1), draining);
             lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
         },
     );

@@ -104,7 +104,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     let slot = vip_common::cache_slot(words, cfg.hash_seed);
     // SAFETY: the flags byte is inside the bounds-checked TCP header.
     let opens = || is_syn(unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFFSET) });
-    let (id, backend, mode) = match lb::pinned(&flow, words, slot, cfg.generation).filter(|p| lb::honours(p, opens)) {
+    let (id, backend, mode) = match lb::pinned(&flow, words, slot, cfg.generation, opens) {
         Some(pin) if pin.from_mac == src_mac() || !is_peer_mac(src_mac()) => (pin.id, pin.backend, pin.mode),
         Some(_) => return Verdict::pass(Reason::BalancedByPeer),
         None => {

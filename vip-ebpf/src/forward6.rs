@@ -100,7 +100,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         }
     } else {
         let slot = vip_common::cache_slot6(&flow, cfg.hash_seed);
-        match lb::pinned6(&flow, slot, cfg.generation).filter(|p| lb::honours(p, || is_syn(tcp_flags))) {
+        match lb::pinned6(&flow, slot, cfg.generation, || is_syn(tcp_flags)) {
             Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
             Some(_) => return Verdict::pass(Reason::BalancedByPeer),
             None => {

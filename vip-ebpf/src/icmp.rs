@@ -172,20 +172,21 @@ pub fn to_backend(
     // The flow as the client sends it.
     let flow = FlowKey::new(q_dst, vip_addr, client_port, svc_port, IPPROTO_TCP);
     let Some(cfg) = CONFIG.get(0) else { return local };
-    let (backend, mode) =
-        match lb::pinned(&flow, flow.words(), vip_common::cache_slot(flow.words(), cfg.hash_seed), cfg.generation) {
-            Some(pin) => (pin.backend, pin.mode),
-            None => {
-                // SAFETY: helper without preconditions.
-                if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
-                    return Verdict::pass(Reason::NotBalancing);
-                }
-                let Some((_, backend)) = lb::maglev(&flow, &svc, cfg.hash_seed) else {
-                    return Verdict::pass(Reason::NoBackend);
-                };
-                (backend, svc.mode)
+    let slot = vip_common::cache_slot(flow.words(), cfg.hash_seed);
+    // An ICMP error opens no connection.
+    let (backend, mode) = match lb::pinned(&flow, flow.words(), slot, cfg.generation, || false) {
+        Some(pin) => (pin.backend, pin.mode),
+        None => {
+            // SAFETY: helper without preconditions.
+            if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
+                return Verdict::pass(Reason::NotBalancing);
             }
-        };
+            let Some((_, backend)) = lb::maglev(&flow, &svc, cfg.hash_seed) else {
+                return Verdict::pass(Reason::NoBackend);
+            };
+            (backend, svc.mode)
+        }
+    };
     if backend.flags & Backend::F_LOCAL != 0 {
         return Verdict::pass(Reason::LocalBackend);
     }

@@ -77,7 +77,8 @@ pub fn backend_of(
     if is_peer_mac(src_mac) {
         return Err(Verdict::pass(Reason::BalancedByPeer));
     }
-    if let Some(pin) = lb::pinned6(flow, vip_common::cache_slot6(flow, seed), generation) {
+    // An ICMP error opens no connection.
+    if let Some(pin) = lb::pinned6(flow, vip_common::cache_slot6(flow, seed), generation, || false) {
         return Ok((pin.id, pin.backend, pin.mode));
     }
     if !leads {

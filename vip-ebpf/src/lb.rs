@@ -32,11 +32,17 @@ const FROM_MAC: u64 = (1 << 48) - 1;
 /// `flow` and its [`FlowKey::words`] `key` are the same key: the words for the cache,
 /// which compares and stores them from registers, the key in memory for the table.
 ///
-/// A cached pin to a draining backend is read again from the table: a SYN that reuses
-/// the flow re-pins it there ([`honours`]), on whichever CPU it lands, and this CPU's
-/// copy would otherwise keep sending the new connection to the old backend.
+/// A pin to a draining backend (it takes no new flows) is special twice:
+/// - it does not carry a frame that opens a connection (`opens`: a SYN without ACK;
+///   called only then). A client that reuses the addresses and ports of a flow pinned
+///   long ago (ports wrap within minutes at a few hundred connections a second, and pins
+///   live until the table evicts them) opens a new connection; sent to a draining
+///   backend, it would be refused once that backend stops serving. It is balanced
+///   afresh instead, as IPVS does for reused connections (`conn_reuse_mode`);
+/// - it is read from the table, not this CPU's cache: that re-pin may have been made on
+///   another CPU, and the cached copy would send the new connection to the old backend.
 #[inline(always)]
-pub fn pinned(flow: &FlowKey, key: [u64; 2], slot: u32, generation: u32) -> Option<Pin> {
+pub fn pinned(flow: &FlowKey, key: [u64; 2], slot: u32, generation: u32, opens: impl FnOnce() -> bool) -> Option<Pin> {
     // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
     let cached = FLOW_CACHE.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1)).map(|c| unsafe { &mut *c });
     if let Some(c) = cached.as_deref() {
@@ -52,7 +58,7 @@ pub fn pinned(flow: &FlowKey, key: [u64; 2], slot: u32, generation: u32) -> Opti
     if let Some(c) = cached {
         *c = CachedFlow { key: FlowKey::from_words(key), conn, generation, _pad: 0 };
     }
-    validate(conn.words())
+    validate(conn.words()).filter(|pin| pin.backend.flags & Backend::F_UP != 0 || !opens())
 }
 
 /// Backend `id`'s entry, copied by three volatile word loads. The agent rewrites an
@@ -85,23 +91,11 @@ fn validate([w0, w1]: [u64; 2]) -> Option<Pin> {
     }
 }
 
-/// Whether a pin may carry this frame: always, unless the frame opens a connection (a
-/// SYN, `opens`) and the pinned backend takes no new flows (it drains). A client that
-/// reuses the addresses and ports of a flow pinned long ago (ports wrap within minutes
-/// at a few hundred connections a second, and pins live until the table evicts them)
-/// opens a new connection; sent to a draining backend, it would be refused once that
-/// backend stops serving. Balanced afresh instead, as IPVS does for reused connections
-/// (`conn_reuse_mode`). `opens` is only called for a draining backend.
-#[inline(always)]
-pub fn honours(pin: &Pin, opens: impl FnOnce() -> bool) -> bool {
-    pin.backend.flags & Backend::F_UP != 0 || !opens()
-}
-
 /// The live Maglev table's backend for `flow` of service `svc` (`hash`: the flow's hash
 /// with the cluster seed), which is then pinned for frames from `from_mac`. `None`: the
 /// table has no (healthy) backend for this flow. (A pin this replaces may still be in a
 /// CPU's flow cache: only one to a draining backend is replaced, and [`pinned`] reads
-/// such a pin from the table again.)
+/// such a pin from the table.)
 #[inline(always)]
 pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
     let (id, backend) = maglev_slot(hash, svc)?;
@@ -130,10 +124,10 @@ fn same_flow6(a: &FlowKey6, b: &FlowKey6) -> bool {
 }
 
 /// [`pinned`] for an IPv6 flow (`slot`: its [`vip_common::cache_slot6`]): this CPU's
-/// flow cache first, then the IPv6 connection table, whose answer is cached.
-/// A cached pin to a draining backend is read again from the table, as in [`pinned`].
+/// flow cache first, then the IPv6 connection table, whose answer is cached; a pin to a
+/// draining backend as there.
 #[inline(always)]
-pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32) -> Option<Pin> {
+pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32, opens: impl FnOnce() -> bool) -> Option<Pin> {
     // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
     let cached = FLOW_CACHE6.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1)).map(|c| unsafe { &mut *c });
     if let Some(c) = cached.as_deref() {
@@ -149,7 +143,7 @@ pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32) -> Option<Pin> {
     if let Some(c) = cached {
         *c = CachedFlow6 { key: *flow, conn, generation, _pad: 0 };
     }
-    validate(conn.words())
+    validate(conn.words()).filter(|pin| pin.backend.flags & Backend::F_UP != 0 || !opens())
 }
 
 /// [`choose`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster seed).
