@@ -97,12 +97,59 @@ pub fn dst_mac_on_cpu(dp: &Dataplane, cpu: usize, frame: &[u8]) -> Vec<u8> {
 
 /// `specs` with the one at `index` draining when `draining` (its VIP-path probe
 /// refused, as when its node leaves: serving what it holds, no new flows).
-pub fn one_draining(mut specs: Vec<BackendSpec>, index: usize, draining: bool) -> Vec<BackendSpec> {
-    if draining {
-        let spec = &mut specs[index];
-        (spec.healthy, spec.draining, spec.reason) = (false, true, vip_common::HealthReason::VipPath);
-    }
+pub fn one_draining(specs: Vec<BackendSpec>, index: usize, draining: bool) -> Vec<BackendSpec> {
+    with_health(specs, index, if draining { Health::Draining } else { Health::Up })
+}
+
+/// A backend's health as a fixture sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Up,
+    /// Serving what it holds, no new flows (see [`one_draining`]).
+    Draining,
+    /// Serving nothing.
+    Down,
+}
+
+/// `specs` with the one at `index` in `health`.
+pub fn with_health(mut specs: Vec<BackendSpec>, index: usize, health: Health) -> Vec<BackendSpec> {
+    let spec = &mut specs[index];
+    (spec.healthy, spec.draining, spec.reason) = match health {
+        Health::Up => (true, false, vip_common::HealthReason::None),
+        Health::Draining => (false, true, vip_common::HealthReason::VipPath),
+        Health::Down => (false, false, vip_common::HealthReason::Connect),
+    };
     specs
+}
+
+/// The holder check both families' fixtures run: a draining backend keeps the
+/// connections this node never pinned. `frame(port, flags)` is a client's TCP frame to
+/// the VIP from `port`; the three `ports` are flows the table with every backend up sends
+/// to the backend with MAC `held_mac`; `set(dp, health)` sets that backend's health.
+/// - Draining: a mid-connection packet of a flow this node never saw (its connection
+///   was balanced before the drain, by another node, and the client moved here) goes to
+///   the backend that holds it, and stays pinned there on another CPU; a new flow in the
+///   same slots does not go there.
+/// - Down: it holds nothing more; such a packet goes where new flows go.
+pub fn check_a_draining_backend_keeps_the_connections_this_node_never_pinned(
+    dp: &mut Dataplane,
+    frame: impl Fn(u16, u8) -> Vec<u8>,
+    ports: [u16; 3],
+    held_mac: [u8; 6],
+    mut set: impl FnMut(&mut Dataplane, Health),
+) {
+    use crate::frames::{TCP_ACK, TCP_SYN};
+    assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
+    let held = held_mac.to_vec();
+    let [earlier, new, later] = ports;
+    set(dp, Health::Draining);
+    assert_eq!(dst_mac_on_cpu(dp, 0, &frame(earlier, TCP_ACK)), held, "an earlier connection left its holder");
+    assert_eq!(dst_mac_on_cpu(dp, 1, &frame(earlier, TCP_ACK)), held, "not pinned to its holder");
+    let moved = dst_mac_on_cpu(dp, 0, &frame(new, TCP_SYN));
+    assert_ne!(moved, held, "a new flow went to a draining backend");
+    assert_eq!(dst_mac_on_cpu(dp, 1, &frame(new, TCP_ACK)), moved, "a new flow did not follow its pin");
+    set(dp, Health::Down);
+    assert_ne!(dst_mac_on_cpu(dp, 0, &frame(later, TCP_ACK)), held, "a backend that serves nothing held a flow");
 }
 
 /// The per-CPU flow-cache check both families' fixtures run: `syn` then `ack` of one flow

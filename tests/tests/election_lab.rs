@@ -164,6 +164,61 @@ fn a_reused_port_pinned_to_a_node_that_stopped_is_balanced_afresh() {
     assert!(answer.as_ref().is_ok_and(|n| *n != name), "port {port} again, after {name} stopped: {answer:?}");
 }
 
+/// The MAC the client's neighbour table has for the VIP, if any.
+fn client_mac_for_vip(lab: &ApiLab) -> Option<String> {
+    let vip = lab.vip.to_string();
+    let out = lab.client_ns().within(move || std::process::Command::new("ip").args(["neigh", "show", &vip]).output());
+    let out = String::from_utf8(out.ok()?.ok()?.stdout).ok()?;
+    let mut words = out.split_whitespace();
+    words.find(|&w| w == "lladdr")?;
+    words.next().map(str::to_owned)
+}
+
+/// A connection the leader balanced to its own apiserver outlives the leader's step-down
+/// when that apiserver turns unready (draining: it still serves what it holds). The new
+/// leader never saw the connection, and has drained the old leader as a backend: it must
+/// send the connection's next request to the node that holds it, not to the backend that
+/// now takes the slot's new flows, which would reset it.
+#[test]
+fn a_connection_held_by_a_leader_that_steps_down_to_drain_survives() {
+    let (lab, _agents) = lab_with_agents([10, 113, 0]);
+    let old = current_leader(&lab);
+    for i in 0..3 {
+        lab.wait_all_healthy(i).unwrap();
+    }
+    let name = lab.nodes[old].name.clone();
+    let (vip, client, want) = (SocketAddr::from((lab.vip, 6443)), lab.client.clone(), name.clone());
+    let mut conn = lab
+        .client_ns()
+        .within(move || -> Result<_, String> {
+            for _ in 0..64 {
+                let mut conn = client.connect(vip)?;
+                if conn.get("/")?.1.trim() == want {
+                    return Ok(conn);
+                }
+                conn.reset();
+            }
+            Err(format!("the leader balanced no connection of 64 to itself ({want})"))
+        })
+        .unwrap()
+        .unwrap();
+    std::fs::write(lab.unready_file(old), b"").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().iter().any(|&l| l != old)), "no new leader");
+    let new = lab.leaders().into_iter().find(|&l| l != old).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || lab.backend_healthy(new, old) == Some(false)),
+        "the new leader never drained the old one"
+    );
+    let new_mac = mac_of_node(&lab, new).iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    assert!(
+        wait_until(Duration::from_secs(3), || client_mac_for_vip(&lab).as_deref() == Some(new_mac.as_str())),
+        "the client never moved to the new leader: {:?}",
+        client_mac_for_vip(&lab)
+    );
+    let answer = conn.get("/").map(|(status, body)| (status, body.trim().to_owned()));
+    assert_eq!(answer, Ok((200, name)), "the connection did not survive the move to the new leader");
+}
+
 #[test]
 fn a_leader_whose_apiserver_turns_unready_steps_down() {
     let (lab, _agents) = lab_with_agents([10, 73, 0]);

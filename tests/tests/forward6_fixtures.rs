@@ -15,8 +15,9 @@ use std::{
 use tests::{
     fixture::{
         check_a_cached_flow_follows_a_re_pin_made_on_another_cpu,
+        check_a_draining_backend_keeps_the_connections_this_node_never_pinned,
         check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, one_draining, pass, run_and_check,
-        Expect,
+        with_health, Expect,
     },
     frames::{icmpv6, predict, tcp, Frame, Mac, ETH_P_8021Q, ETH_P_IPV6, TCP_ACK, TCP_SYN},
     xdp,
@@ -293,6 +294,25 @@ fn an_ipv6_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh() 
         backend_mac(b),
         |dp, draining| {
             let specs = one_draining((1..=3).map(backend).collect(), usize::from(b - 1), draining);
+            lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
+        },
+    );
+}
+
+/// IPv6 twin of `a_draining_backend_keeps_the_connections_this_node_never_pinned`.
+#[test]
+fn an_ipv6_draining_backend_keeps_the_connections_this_node_never_pinned() {
+    let (mut dp, mut lb) = load(Program::Vip);
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=3).map(backend).collect()));
+    let b = index_of(&lb, predict(&table, &flow(47100).folded()));
+    let ports = (47100..).filter(|&p| index_of(&lb, predict(&table, &flow(p).folded())) == b);
+    check_a_draining_backend_keeps_the_connections_this_node_never_pinned(
+        &mut dp,
+        |port, flags| tcp6(CLIENT6, port, VIP6, PORT, flags).bytes(),
+        ports.take(3).collect::<Vec<_>>().try_into().unwrap(),
+        backend_mac(b),
+        |dp, health| {
+            let specs = with_health((1..=3).map(backend).collect(), usize::from(b - 1), health);
             lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
         },
     );

@@ -15,8 +15,9 @@ use std::{
 use tests::{
     fixture::{
         check_a_cached_flow_follows_a_re_pin_made_on_another_cpu,
+        check_a_draining_backend_keeps_the_connections_this_node_never_pinned,
         check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, one_draining, pass, run_and_check,
-        Expect,
+        with_health, Expect,
     },
     frames::{
         flow_of, icmp_unreachable, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
@@ -855,6 +856,30 @@ fn a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh() {
         backend_mac(b),
         |dp, draining| {
             let specs = one_draining((1..=3).map(backend).collect(), usize::from(b - 1), draining);
+            lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
+        },
+    );
+}
+
+/// A connection balanced before its backend started draining, by a node that then lost
+/// the VIP, reaches the node that took over with no pin there: it goes to the backend
+/// that holds it, not to the one that now takes its slot's new flows (which would reset
+/// it). Found by `a_leader_stopping_for_good_loses_no_request`, which lost one request in
+/// a few hundred now and then: the new leader had drained the old one while a connection
+/// the old leader served itself was still open.
+#[test]
+fn a_draining_backend_keeps_the_connections_this_node_never_pinned() {
+    let (mut dp, mut lb) = load();
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=3).map(backend).collect()));
+    let b = index_of(&lb, predict(&table, &flow_of(&syn(47100).bytes()).unwrap()));
+    let ports = (47100..).filter(|&p| index_of(&lb, predict(&table, &flow_of(&syn(p).bytes()).unwrap())) == b);
+    check_a_draining_backend_keeps_the_connections_this_node_never_pinned(
+        &mut dp,
+        |port, flags| tcp_frame(CLIENT_IP, port, VIP, PORT, flags).bytes(),
+        ports.take(3).collect::<Vec<_>>().try_into().unwrap(),
+        backend_mac(b),
+        |dp, health| {
+            let specs = with_health((1..=3).map(backend).collect(), usize::from(b - 1), health);
             lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
         },
     );

@@ -26,7 +26,7 @@ use std::{
 };
 
 use tracing::{debug, info};
-use vip_common::{Backend, ForwardMode, HealthReason, Service, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND};
+use vip_common::{Backend, ForwardMode, HealthReason, MaglevSlot, Service, MAX_BACKENDS, MAX_SERVICES, NO_BACKEND};
 
 use crate::{
     dataplane::{MapError, Maps, ServiceId},
@@ -112,7 +112,9 @@ pub enum BalancerError {
 pub struct Applied {
     /// A new table was written and made live.
     pub flipped: bool,
-    /// The live table: backend id per slot.
+    /// The live table: per slot, the backend id that takes its new flows, or
+    /// [`NO_BACKEND`] (the holders of draining backends' slots are in the written
+    /// [`MaglevSlot`]s, not here).
     pub table: Vec<u32>,
     /// Backend id of each backend of the spec, in spec order.
     pub ids: Vec<u32>,
@@ -120,6 +122,7 @@ pub struct Applied {
 
 struct Installed {
     slot: u16,
+    /// The table as written: [`MaglevSlot`] values.
     active: u8,
     mode: ForwardMode,
     m: u32,
@@ -134,6 +137,7 @@ struct Plan {
     slot: u16,
     /// Backend id of each backend of the spec, in spec order.
     ids: Vec<u32>,
+    /// [`MaglevSlot`] values.
     table: Vec<u32>,
     /// The table (or mode, or size) changed: write the inactive half and flip.
     flipped: bool,
@@ -178,7 +182,11 @@ impl Balancer {
         for (key, svc) in maps.services()? {
             let Some(mode) = ForwardMode::from_u8(svc.mode) else { continue };
             let table = maps.read_table(svc.slot, svc.active, svc.m)?;
-            let backends = table.iter().filter_map(|id| by_id.get(id).copied()).collect();
+            let backends = table
+                .iter()
+                .flat_map(|&e| [Some(MaglevSlot(e).id()), MaglevSlot(e).holder()])
+                .filter_map(|id| by_id.get(&id?).copied())
+                .collect();
             // Treat the adoption as a flip just now: the grace period protects readers
             // of the half the previous agent last left.
             me.services.insert(
@@ -298,7 +306,8 @@ impl Balancer {
             for ip in plan.removed {
                 self.release_if_unused(maps, ip)?;
             }
-            out.push(Applied { flipped: plan.flipped, table: plan.table, ids: plan.ids });
+            let table = plan.table.iter().map(|&e| MaglevSlot(e).id()).collect();
+            out.push(Applied { flipped: plan.flipped, table, ids: plan.ids });
         }
         Ok(out)
     }
@@ -323,20 +332,29 @@ impl Balancer {
             })?,
         };
         let ids = spec.backends.iter().map(|b| self.id_for(maps, b.ip)).collect::<Result<Vec<u32>, _>>()?;
-        // The table over healthy backends, by address (the name every node agrees on).
-        let healthy: Vec<(usize, String)> =
-            spec.backends.iter().enumerate().filter(|(_, b)| b.healthy).map(|(i, b)| (i, b.ip.to_string())).collect();
-        let weighted: Vec<Weighted<'_>> =
-            healthy.iter().map(|(i, name)| Weighted { name, weight: spec.backends[*i].weight }).collect();
-        let table: Vec<u32> = maglev::build(&weighted, spec.m)?
-            .into_iter()
-            .map(|e| if e == maglev::NONE { NO_BACKEND } else { ids[healthy[e as usize].0] })
-            .collect();
+        let new_flows = maglev_table(spec, &ids, |b| b.healthy)?;
+        // While a backend drains, the slots it held before keep it as their holder (see
+        // `MaglevSlot`): the table over every backend that still serves is the table from
+        // before the drain (same names, same weights), so a node that takes over the VIP
+        // sends a drained backend's connections, which it never pinned, back to it.
+        let table: Vec<u32> = if spec.backends.iter().any(|b| !b.healthy && b.draining) {
+            let draining: BTreeSet<u32> =
+                spec.backends.iter().zip(&ids).filter(|(b, _)| !b.healthy && b.draining).map(|(_, &id)| id).collect();
+            let serving = maglev_table(spec, &ids, |b| b.healthy || b.draining)?;
+            new_flows
+                .iter()
+                .zip(serving)
+                .map(|(&id, s)| MaglevSlot::new(id, draining.contains(&s).then_some(s)).0)
+                .collect()
+        } else {
+            new_flows
+        };
+        let healthy = spec.backends.iter().filter(|b| b.healthy).count();
         let prev = self.services.get(&key);
         let flipped = !prev.is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
         let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
         let removed = prev.map(|s| s.backends.difference(&now).copied().collect()).unwrap_or_default();
-        Ok(Plan { key, slot, ids, table, flipped, removed, healthy: healthy.len() })
+        Ok(Plan { key, slot, ids, table, flipped, removed, healthy })
     }
 
     /// Removes every service not in `keep` (and frees the backends only they used): what
@@ -403,6 +421,24 @@ impl Balancer {
         }
         Ok(())
     }
+}
+
+/// The Maglev table of `spec` over its backends that `member` selects, by address (the
+/// name every node agrees on): a backend id (`ids`, in spec order) or [`NO_BACKEND`] per
+/// slot.
+fn maglev_table(
+    spec: &ServiceSpec,
+    ids: &[u32],
+    member: impl Fn(&BackendSpec) -> bool,
+) -> Result<Vec<u32>, MaglevError> {
+    let members: Vec<(usize, String)> =
+        spec.backends.iter().enumerate().filter(|(_, b)| member(b)).map(|(i, b)| (i, b.ip.to_string())).collect();
+    let weighted: Vec<Weighted<'_>> =
+        members.iter().map(|(i, name)| Weighted { name, weight: spec.backends[*i].weight }).collect();
+    Ok(maglev::build(&weighted, spec.m)?
+        .into_iter()
+        .map(|e| if e == maglev::NONE { NO_BACKEND } else { ids[members[e as usize].0] })
+        .collect())
 }
 
 fn entry(b: &BackendSpec, up: bool) -> Backend {

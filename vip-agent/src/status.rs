@@ -9,7 +9,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use vip_common::{Backend, ForwardMode, HealthReason, MAGLEV_MAX_M, NO_BACKEND};
+use vip_common::{Backend, ForwardMode, HealthReason, MaglevSlot, MAGLEV_MAX_M, NO_BACKEND};
 
 use crate::{
     clock::boot_ns,
@@ -66,10 +66,12 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
     let mut services = Vec::new();
     for (key, svc) in maps.services()? {
         let m = svc.m.min(MAGLEV_MAX_M);
-        let table = maps.read_table(svc.slot, svc.active, m)?;
+        let table: Vec<MaglevSlot> = maps.read_table(svc.slot, svc.active, m)?.into_iter().map(MaglevSlot).collect();
         let mut shares: Vec<Value> = Vec::new();
         for (id, b) in &backends {
-            let slots = table.iter().filter(|&&e| e == *id).count();
+            let slots = table.iter().filter(|e| e.id() == *id).count();
+            // Slots whose earlier flows it keeps while it drains.
+            let held = table.iter().filter(|e| e.holder() == Some(*id)).count();
             let stats = maps.backend_stats(*id)?;
             shares.push(json!({
                 "backend": Ipv4Addr::from(b.ip).to_string(),
@@ -80,11 +82,12 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
                 // IPIP: the next hop the agent resolved (else the data plane asks the FIB).
                 "nexthop": (b.nh_mtu != 0).then(|| json!({ "mac": mac_string(&b.nh_mac), "mtu": b.nh_mtu })),
                 "table_share": slots as f64 / f64::from(m.max(1)),
+                "held_slots": held,
                 "packets": stats.packets,
                 "bytes": stats.bytes,
             }));
         }
-        let empty = table.iter().filter(|&&e| e == NO_BACKEND).count();
+        let empty = table.iter().filter(|e| e.id() == NO_BACKEND).count();
         services.push(json!({
             "vip": key.vip().to_string(),
             "port": key.port(),

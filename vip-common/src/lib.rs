@@ -392,6 +392,61 @@ pub const MAGLEV_ROWS_PER_TABLE: u32 = MAGLEV_MAX_M.div_ceil(MAGLEV_ROW);
 pub const MAGLEV_ROWS: u32 = MAX_SERVICES * 2 * MAGLEV_ROWS_PER_TABLE;
 /// Table slot value meaning "no backend" (no healthy backend exists).
 pub const NO_BACKEND: u32 = u32::MAX;
+
+/// A Maglev slot's value, host order: the backend that takes the slot's new flows in its
+/// low 16 bits ([`MaglevSlot::NONE`] there: none), and in its high 16 bits the slot's
+/// *holder* plus one (0: none).
+///
+/// The holder is the backend the slot named before that backend started draining (not
+/// ready, or its node leaving): a table built over the backends that still serve, where
+/// that differs from the new-flow table because the slot names a draining one. A packet
+/// that does not open a connection and that no pin on this node covers belongs to a flow
+/// some other node balanced, most likely before the drain (the node that pinned it lost
+/// the VIP, and the client moved here): it goes to the holder, which still serves the
+/// connection, instead of to the new-flow backend, which would reset it. A SYN goes to the
+/// new-flow backend. A slot without a holder is the plain backend id or [`NO_BACKEND`],
+/// the format before holders, so a program from before reads such tables unchanged.
+///
+/// Backend ids are below [`MAX_BACKENDS`], so both fit in 16 bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevSlot(pub u32);
+const _: () = assert!(MAX_BACKENDS < 0xffff);
+
+impl MaglevSlot {
+    /// The low half of a slot without a new-flow backend.
+    pub const NONE: u32 = 0xffff;
+
+    /// A slot whose new flows go to `id` (a backend id, or [`NO_BACKEND`]), held by
+    /// `holder` (a draining backend's id) if any.
+    pub const fn new(id: u32, holder: Option<u32>) -> Self {
+        match holder {
+            None => Self(id),
+            Some(h) => Self((id & Self::NONE) | (h + 1) << 16),
+        }
+    }
+
+    /// The backend that takes the slot's new flows, or [`NO_BACKEND`].
+    #[inline(always)]
+    pub const fn id(self) -> u32 {
+        match self.0 & Self::NONE {
+            Self::NONE => NO_BACKEND,
+            id => id,
+        }
+    }
+
+    /// The draining backend that holds the slot's earlier flows, if any. One compare:
+    /// the high half minus one is below [`MAX_BACKENDS`] only for a holder (0, no holder,
+    /// wraps; `0xffff`, the high half of [`NO_BACKEND`], is far above).
+    #[inline(always)]
+    pub const fn holder(self) -> Option<u32> {
+        let h = (self.0 >> 16).wrapping_sub(1);
+        if h < MAX_BACKENDS {
+            Some(h)
+        } else {
+            None
+        }
+    }
+}
 /// Capacity of the connection table. An LRU: when full, the least recently used flow is
 /// forgotten and re-hashed through Maglev on its next packet, which lands it on the same
 /// backend unless the backend set changed meanwhile.
@@ -1344,6 +1399,22 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Maglev slot keeps the format from before holders when it has none, and both
+    /// halves round-trip for every id, with or without a new-flow backend.
+    #[test]
+    fn a_maglev_slot_holds_a_new_flow_backend_and_a_holder() {
+        assert_eq!(MaglevSlot::new(7, None).0, 7);
+        assert_eq!(MaglevSlot::new(NO_BACKEND, None).0, NO_BACKEND);
+        assert_eq!((MaglevSlot(7).id(), MaglevSlot(7).holder()), (7, None));
+        assert_eq!((MaglevSlot(NO_BACKEND).id(), MaglevSlot(NO_BACKEND).holder()), (NO_BACKEND, None));
+        for id in [0, 1, 512, MAX_BACKENDS - 1, NO_BACKEND] {
+            for holder in [0, 5, MAX_BACKENDS - 1] {
+                let slot = MaglevSlot::new(id, Some(holder));
+                assert_eq!((slot.id(), slot.holder()), (id, Some(holder)), "{id} held by {holder}: {:#x}", slot.0);
+            }
+        }
+    }
 
     /// The fold of an IPv6 address is the XOR of its four 32-bit words, worked by hand:
     /// 2001:db8:0:1::10 is 20010db8 00000001 00000000 00000010, whose XOR is 20010da9.

@@ -132,7 +132,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
                 return Verdict::pass(Reason::LocalMode);
             }
             let hash = flow_hash_words(words, cfg.hash_seed);
-            let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac()) else {
+            let Some((id, backend)) = lb::choose(&flow, hash, &svc, src_mac(), opens) else {
                 return Verdict::pass(Reason::NoBackend);
             };
             (id, backend, svc.mode)

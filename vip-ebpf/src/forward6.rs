@@ -119,7 +119,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
                     return Verdict::pass(Reason::LocalMode);
                 }
                 let hash = flow_hash6(&flow, cfg.hash_seed);
-                let Some((id, backend)) = lb::choose6(&flow, hash, &svc, src_mac) else {
+                let Some((id, backend)) = lb::choose6(&flow, hash, &svc, src_mac, || is_syn(tcp_flags)) else {
                     return Verdict::pass(Reason::NoBackend);
                 };
                 (id, backend, svc.mode)

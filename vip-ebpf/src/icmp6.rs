@@ -84,7 +84,7 @@ pub fn backend_of(
     if !leads {
         return Err(Verdict::pass(Reason::NotBalancing));
     }
-    match lb::maglev_slot(flow_hash6(flow, seed), &svc) {
+    match lb::maglev_slot(flow_hash6(flow, seed), &svc, || false) {
         Some((id, backend)) => Ok((id, backend, svc.mode)),
         None => Err(Verdict::pass(Reason::NoBackend)),
     }

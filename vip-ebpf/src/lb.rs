@@ -1,8 +1,8 @@
 //! Backend selection: the connection table first, Maglev on a miss.
 
 use vip_common::{
-    flow_hash, Backend, CachedFlow, CachedFlow6, Conn, FlowKey, FlowKey6, Service, FLOW_CACHE_SLOTS, MAGLEV_MAX_M,
-    MAGLEV_ROW, NO_BACKEND,
+    flow_hash, Backend, CachedFlow, CachedFlow6, Conn, FlowKey, FlowKey6, MaglevSlot, Service, FLOW_CACHE_SLOTS,
+    MAGLEV_MAX_M, MAGLEV_ROW, NO_BACKEND,
 };
 
 use crate::{
@@ -92,13 +92,19 @@ fn validate([w0, w1]: [u64; 2]) -> Option<Pin> {
 }
 
 /// The live Maglev table's backend for `flow` of service `svc` (`hash`: the flow's hash
-/// with the cluster seed), which is then pinned for frames from `from_mac`. `None`: the
-/// table has no (healthy) backend for this flow. (A pin this replaces may still be in a
-/// CPU's flow cache: only one to a draining backend is replaced, and [`pinned`] reads
-/// such a pin from the table.)
+/// with the cluster seed; `opens`: as [`maglev_slot`]'s), which is then pinned for frames
+/// from `from_mac`. `None`: the table has no (healthy) backend for this flow. (A pin this
+/// replaces may still be in a CPU's flow cache: only one to a draining backend is
+/// replaced, and [`pinned`] reads such a pin from the table.)
 #[inline(always)]
-pub fn choose(flow: &FlowKey, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
-    let (id, backend) = maglev_slot(hash, svc)?;
+pub fn choose(
+    flow: &FlowKey,
+    hash: u32,
+    svc: &Service,
+    from_mac: u64,
+    opens: impl FnOnce() -> bool,
+) -> Option<(u32, Backend)> {
+    let (id, backend) = maglev_slot(hash, svc, opens)?;
     // A failed insert only means the next packet looks the flow up again.
     let _ = CONNS.insert(flow, &new_conn(id, &backend, svc.mode, from_mac), 0);
     Some((id, backend))
@@ -148,30 +154,48 @@ pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32, opens: impl FnOnce()
 
 /// [`choose`] for an IPv6 flow (`hash`: [`vip_common::flow_hash6`] with the cluster seed).
 #[inline(always)]
-pub fn choose6(flow: &FlowKey6, hash: u32, svc: &Service, from_mac: u64) -> Option<(u32, Backend)> {
-    let (id, backend) = maglev_slot(hash, svc)?;
+pub fn choose6(
+    flow: &FlowKey6,
+    hash: u32,
+    svc: &Service,
+    from_mac: u64,
+    opens: impl FnOnce() -> bool,
+) -> Option<(u32, Backend)> {
+    let (id, backend) = maglev_slot(hash, svc, opens)?;
     // A failed insert only means the next packet looks the flow up again.
     let _ = CONNS6.insert(flow, &new_conn(id, &backend, svc.mode, from_mac), 0);
     Some((id, backend))
 }
 
-/// The live Maglev table's healthy backend for `flow` (hashed with `seed`), without
-/// pinning it.
+/// The live Maglev table's backend for a packet about `flow` (hashed with `seed`) that
+/// opens no connection (an ICMP error), without pinning it.
 #[inline(always)]
 pub fn maglev(flow: &FlowKey, svc: &Service, seed: u32) -> Option<(u32, Backend)> {
-    maglev_slot(flow_hash(flow, seed), svc)
+    maglev_slot(flow_hash(flow, seed), svc, || false)
 }
 
-/// The live Maglev table's healthy backend for the flow hash `hash` of service `svc`.
+/// The live Maglev table's backend for the flow hash `hash` of service `svc`: for a
+/// packet that does not open a connection (`opens`: a SYN without ACK; called only for a
+/// held slot), the slot's holder (a draining backend) while it still serves; else the
+/// slot's healthy new-flow backend (see [`MaglevSlot`]).
 #[inline(always)]
-pub fn maglev_slot(hash: u32, svc: &Service) -> Option<(u32, Backend)> {
+pub fn maglev_slot(hash: u32, svc: &Service, opens: impl FnOnce() -> bool) -> Option<(u32, Backend)> {
     let m = svc.m;
     if m == 0 || m > MAGLEV_MAX_M {
         return None;
     }
     let slot = hash % m;
     let row = Service::first_row(svc.slot, svc.active) + slot / MAGLEV_ROW;
-    let id = MAGLEV.get(row)?.ids[(slot % MAGLEV_ROW) as usize];
+    let entry = MaglevSlot(MAGLEV.get(row)?.ids[(slot % MAGLEV_ROW) as usize]);
+    if let Some(holder) = entry.holder() {
+        if !opens() {
+            // Up as well only for the moment around a flip that ends or starts the drain.
+            if let Some(b) = backend(holder).filter(|b| b.flags & Backend::F_SERVING != 0) {
+                return Some((holder, b));
+            }
+        }
+    }
+    let id = entry.id();
     if id == NO_BACKEND {
         return None;
     }
