@@ -124,24 +124,29 @@ pub fn with_health(mut specs: Vec<BackendSpec>, index: usize, health: Health) ->
 
 /// The holder check both families' fixtures run: a draining backend keeps the
 /// connections this node never pinned. `frame(port, flags)` is a client's TCP frame to
-/// the VIP from `port`; the three `ports` are flows the table with every backend up sends
-/// to the backend with MAC `held_mac`; `set(dp, health)` sets that backend's health.
-/// - Draining: a mid-connection packet of a flow this node never saw (its connection
-///   was balanced before the drain, by another node, and the client moved here) goes to
-///   the backend that holds it, and stays pinned there on another CPU; a new flow in the
-///   same slots does not go there.
+/// the VIP from `port`; the four `ports` are flows the installed table, every backend
+/// up, sends to the backend with MAC `held_mac`; `set(dp, health)` sets its health.
+/// - Draining straight from down: it was in no table, so it holds nothing.
+/// - Draining after up: a mid-connection packet of a flow this node never saw (its
+///   connection was balanced before the drain, by another node, and the client moved
+///   here) goes to the backend that holds it, and stays pinned there on another CPU; a
+///   new flow in the same slots does not go there.
 /// - Down: it holds nothing more; such a packet goes where new flows go.
 pub fn check_a_draining_backend_keeps_the_connections_this_node_never_pinned(
     dp: &mut Dataplane,
     frame: impl Fn(u16, u8) -> Vec<u8>,
-    ports: [u16; 3],
+    ports: [u16; 4],
     held_mac: [u8; 6],
     mut set: impl FnMut(&mut Dataplane, Health),
 ) {
     use crate::frames::{TCP_ACK, TCP_SYN};
     assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
     let held = held_mac.to_vec();
-    let [earlier, new, later] = ports;
+    let [starting, earlier, new, later] = ports;
+    set(dp, Health::Down);
+    set(dp, Health::Draining);
+    assert_ne!(dst_mac_on_cpu(dp, 0, &frame(starting, TCP_ACK)), held, "a backend never in the table held a flow");
+    set(dp, Health::Up);
     set(dp, Health::Draining);
     assert_eq!(dst_mac_on_cpu(dp, 0, &frame(earlier, TCP_ACK)), held, "an earlier connection left its holder");
     assert_eq!(dst_mac_on_cpu(dp, 1, &frame(earlier, TCP_ACK)), held, "not pinned to its holder");

@@ -107,6 +107,36 @@ fn apiserver_certificates_are_verified_by_name_and_a_wrong_ca_shows_as_tls() {
     assert_eq!(lab.metric(0, &line), Some(1.0), "{:?}", lab.metrics(0));
 }
 
+/// An agent restarted (hitless) while a backend drains keeps it draining, with the
+/// Maglev slots it holds: the new agent's first table, built before any check has run,
+/// neither takes it down (which would drop its pins) nor forgets its slots (which would
+/// send its connections elsewhere once the VIP moves to a node that never pinned them).
+#[test]
+fn a_restart_keeps_a_draining_backend_and_the_slots_it_holds() {
+    let lab = ApiLab::new([10, 114, 0], 3, &[0]).unwrap();
+    let mut old = lab.start_agent(0, &["--keep-forwarding-on-exit"]).unwrap();
+    let ip = lab.nodes[2].ip.to_string();
+    std::fs::write(lab.unready_file(2), b"").unwrap();
+    let held = |s: &serde_json::Value| backend(s, &ip).map(|b| (b["state"].clone(), b["held_slots"].as_u64()));
+    let draining = || {
+        let s = lab.status(0).ok()?;
+        held(&s).filter(|(state, slots)| state == "draining" && slots.is_some_and(|n| n > 0))
+    };
+    assert!(wait_until(Duration::from_secs(5), || draining().is_some()), "{:?}", lab.status(0));
+    let before = draining().unwrap();
+    let (status, log) = old.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    let _new = lab.spawn_agent(0, &[]).unwrap();
+    let running = |s: &serde_json::Value| s["agent"].is_object();
+    assert!(wait_until(Duration::from_secs(5), || lab.status(0).is_ok_and(|s| running(&s))), "the new agent never ran");
+    // Through the first checks (rise and fall are a few intervals).
+    for _ in 0..10 {
+        let s = lab.status(0).unwrap();
+        assert_eq!(held(&s), Some(before.clone()), "after the restart: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// An apiserver whose /readyz fails while it still serves (`--shutdown-delay-duration`)
 /// drains: no new flow goes to it, a connection already on it keeps working. Once it is
 /// gone (connection refused), its flows are dropped at once: the client gets a reset,

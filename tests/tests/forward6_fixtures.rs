@@ -309,7 +309,7 @@ fn an_ipv6_draining_backend_keeps_the_connections_this_node_never_pinned() {
     check_a_draining_backend_keeps_the_connections_this_node_never_pinned(
         &mut dp,
         |port, flags| tcp6(CLIENT6, port, VIP6, PORT, flags).bytes(),
-        ports.take(3).collect::<Vec<_>>().try_into().unwrap(),
+        ports.take(4).collect::<Vec<_>>().try_into().unwrap(),
         backend_mac(b),
         |dp, health| {
             let specs = with_health((1..=3).map(backend).collect(), usize::from(b - 1), health);

@@ -16,8 +16,8 @@ use tests::{
     fixture::{
         check_a_cached_flow_follows_a_re_pin_made_on_another_cpu,
         check_a_draining_backend_keeps_the_connections_this_node_never_pinned,
-        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, one_draining, pass, run_and_check,
-        with_health, Expect,
+        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, dst_mac_on_cpu, one_draining, pass,
+        run_and_check, with_health, Expect, Health,
     },
     frames::{
         flow_of, icmp_unreachable, ipip, ipv4, predict, tcp, Frame, Ip4, Mac, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4,
@@ -876,13 +876,34 @@ fn a_draining_backend_keeps_the_connections_this_node_never_pinned() {
     check_a_draining_backend_keeps_the_connections_this_node_never_pinned(
         &mut dp,
         |port, flags| tcp_frame(CLIENT_IP, port, VIP, PORT, flags).bytes(),
-        ports.take(3).collect::<Vec<_>>().try_into().unwrap(),
+        ports.take(4).collect::<Vec<_>>().try_into().unwrap(),
         backend_mac(b),
         |dp, health| {
             let specs = with_health((1..=3).map(backend).collect(), usize::from(b - 1), health);
             lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
         },
     );
+}
+
+/// A draining backend holds the slots it had when it started draining, whatever else
+/// changes while it drains: here a backend joins, and the new-flow table moves, but a
+/// connection from before the drain still reaches its holder.
+#[test]
+fn a_draining_backend_keeps_its_slots_while_other_backends_change() {
+    let (mut dp, mut lb) = load();
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=3).map(backend).collect()));
+    let b = index_of(&lb, predict(&table, &flow_of(&syn(47100).bytes()).unwrap()));
+    let draining = with_health((1..=3).map(backend).collect(), usize::from(b - 1), Health::Draining);
+    lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, draining.clone())).unwrap();
+    let joined = lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, [draining, vec![backend(4)]].concat())).unwrap();
+    let port = (47100..)
+        .find(|&p| {
+            let flow = flow_of(&syn(p).bytes()).unwrap();
+            index_of(&lb, predict(&table, &flow)) == b && index_of(&lb, predict(&joined.table, &flow)) == 4
+        })
+        .unwrap();
+    let ack = tcp_frame(CLIENT_IP, port, VIP, PORT, TCP_ACK);
+    assert_eq!(dst_mac_on_cpu(&dp, 0, &ack.bytes()), backend_mac(b).to_vec(), "the holder lost its slot");
 }
 
 /// No packet ever sees a mix of two tables. A writer flips the service between tables of

@@ -227,7 +227,14 @@ fn an_ipv6_vip_adopted_from_pins_without_the_list_is_still_served() {
         "the adopted IPv6 VIP is no longer answered: {:?}",
         answerers(&lab)
     );
-    assert_eq!(request6(&lab), Ok(lab.nodes[0].name.clone()), "the adopted IPv6 VIP is not forwarded");
+    // Within the same bound as the answer: once, under a loaded CI run, the first request
+    // right after the answer timed out (2 s), and it could not be reproduced unloaded.
+    let name = Ok(lab.nodes[0].name.clone());
+    assert!(
+        wait_until(Duration::from_secs(5), || request6(&lab) == name),
+        "the adopted IPv6 VIP is not forwarded: {:?}",
+        request6(&lab)
+    );
     let (status, log) = second.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(status.success(), "{log}");
 }

@@ -122,11 +122,11 @@ pub struct Applied {
 
 struct Installed {
     slot: u16,
-    /// The table as written: [`MaglevSlot`] values.
     active: u8,
     mode: ForwardMode,
     m: u32,
     last_flip: Option<Instant>,
+    /// The table as written: [`MaglevSlot`] values.
     table: Vec<u32>,
     backends: BTreeSet<Ipv4Addr>,
 }
@@ -332,25 +332,9 @@ impl Balancer {
             })?,
         };
         let ids = spec.backends.iter().map(|b| self.id_for(maps, b.ip)).collect::<Result<Vec<u32>, _>>()?;
-        let new_flows = maglev_table(spec, &ids, |b| b.healthy)?;
-        // While a backend drains, the slots it held before keep it as their holder (see
-        // `MaglevSlot`): the table over every backend that still serves is the table from
-        // before the drain (same names, same weights), so a node that takes over the VIP
-        // sends a drained backend's connections, which it never pinned, back to it.
-        let table: Vec<u32> = if spec.backends.iter().any(|b| !b.healthy && b.draining) {
-            let draining: BTreeSet<u32> =
-                spec.backends.iter().zip(&ids).filter(|(b, _)| !b.healthy && b.draining).map(|(_, &id)| id).collect();
-            let serving = maglev_table(spec, &ids, |b| b.healthy || b.draining)?;
-            new_flows
-                .iter()
-                .zip(serving)
-                .map(|(&id, s)| MaglevSlot::new(id, draining.contains(&s).then_some(s)).0)
-                .collect()
-        } else {
-            new_flows
-        };
-        let healthy = spec.backends.iter().filter(|b| b.healthy).count();
         let prev = self.services.get(&key);
+        let table = with_holders(maglev_table(spec, &ids)?, spec, &ids, prev.filter(|p| p.m == spec.m));
+        let healthy = spec.backends.iter().filter(|b| b.healthy).count();
         let flipped = !prev.is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
         let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
         let removed = prev.map(|s| s.backends.difference(&now).copied().collect()).unwrap_or_default();
@@ -423,22 +407,41 @@ impl Balancer {
     }
 }
 
-/// The Maglev table of `spec` over its backends that `member` selects, by address (the
-/// name every node agrees on): a backend id (`ids`, in spec order) or [`NO_BACKEND`] per
-/// slot.
-fn maglev_table(
-    spec: &ServiceSpec,
-    ids: &[u32],
-    member: impl Fn(&BackendSpec) -> bool,
-) -> Result<Vec<u32>, MaglevError> {
+/// The Maglev table of `spec` over its healthy backends, by address (the name every node
+/// agrees on): a backend id (`ids`, in spec order) or [`NO_BACKEND`] per slot.
+fn maglev_table(spec: &ServiceSpec, ids: &[u32]) -> Result<Vec<u32>, MaglevError> {
     let members: Vec<(usize, String)> =
-        spec.backends.iter().enumerate().filter(|(_, b)| member(b)).map(|(i, b)| (i, b.ip.to_string())).collect();
+        spec.backends.iter().enumerate().filter(|(_, b)| b.healthy).map(|(i, b)| (i, b.ip.to_string())).collect();
     let weighted: Vec<Weighted<'_>> =
         members.iter().map(|(i, name)| Weighted { name, weight: spec.backends[*i].weight }).collect();
     Ok(maglev::build(&weighted, spec.m)?
         .into_iter()
         .map(|e| if e == maglev::NONE { NO_BACKEND } else { ids[members[e as usize].0] })
         .collect())
+}
+
+/// The new-flow table `new_flows` as [`MaglevSlot`] values, each slot held by the
+/// draining backend that had its connections: the one the installed table `prev` (same
+/// size) named there, for its new flows or as its holder. So a backend holds the slots it
+/// had when it started draining, for as long as it drains, whatever else changes
+/// meanwhile; a backend that drains without having been in the table (an apiserver
+/// starting, not ready yet) holds nothing. Where both qualify, the one that took the
+/// slot's new flows last holds it.
+fn with_holders(new_flows: Vec<u32>, spec: &ServiceSpec, ids: &[u32], prev: Option<&Installed>) -> Vec<u32> {
+    let draining: BTreeSet<u32> =
+        spec.backends.iter().zip(ids).filter(|(b, _)| !b.healthy && b.draining).map(|(_, &id)| id).collect();
+    let Some(prev) = prev.filter(|_| !draining.is_empty()) else {
+        return new_flows;
+    };
+    new_flows
+        .into_iter()
+        .zip(&prev.table)
+        .map(|(id, &was)| {
+            let was = MaglevSlot(was);
+            let holder = [Some(was.id()), was.holder()].into_iter().flatten().find(|h| draining.contains(h));
+            MaglevSlot::new(id, holder).0
+        })
+        .collect()
 }
 
 fn entry(b: &BackendSpec, up: bool) -> Backend {

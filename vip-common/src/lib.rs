@@ -404,7 +404,11 @@ pub const NO_BACKEND: u32 = u32::MAX;
 /// some other node balanced, most likely before the drain (the node that pinned it lost
 /// the VIP, and the client moved here): it goes to the holder, which still serves the
 /// connection, instead of to the new-flow backend, which would reset it. A SYN goes to the
-/// new-flow backend. A slot without a holder is the plain backend id or [`NO_BACKEND`],
+/// new-flow backend. The agent carries holders from one table to the next: a backend
+/// holds the slots it had when it started draining, for as long as it drains. The cost:
+/// a flow opened during the drain in a held slot whose pin is lost (evicted, or pinned
+/// by a node that then lost the VIP) goes to the holder, which resets it.
+/// A slot without a holder is the plain backend id or [`NO_BACKEND`],
 /// the format before holders, so a program from before reads such tables unchanged.
 ///
 /// Backend ids are below [`MAX_BACKENDS`], so both fit in 16 bits.
@@ -449,7 +453,8 @@ impl MaglevSlot {
 }
 /// Capacity of the connection table. An LRU: when full, the least recently used flow is
 /// forgotten and re-hashed through Maglev on its next packet, which lands it on the same
-/// backend unless the backend set changed meanwhile.
+/// backend unless the backend set changed meanwhile (or, for a flow opened while a
+/// backend drains, in a slot that backend holds: see [`MaglevSlot`]).
 pub const MAX_CONNS: u32 = 131_072;
 /// IP protocol number of TCP, the only protocol services forward.
 pub const IPPROTO_TCP: u8 = 6;

@@ -114,6 +114,13 @@ impl Backends {
                 Some(e) if e.flags & Backend::F_UP != 0 => Health::Up,
                 _ => Health::Unknown,
             };
+            // A backend the previous agent had draining keeps draining (its pins, and the
+            // slots it holds) until a check says otherwise, rather than going down.
+            let reason = old
+                .filter(|e| e.flags & (Backend::F_UP | Backend::F_SERVING) == Backend::F_SERVING)
+                .map(|e| HealthReason::from_u8(e.reason))
+                .filter(|r| matches!(r, HealthReason::NotReady | HealthReason::VipPath))
+                .unwrap_or(HealthReason::None);
             list.push(Tracked {
                 key: list.len(),
                 checker: None,
@@ -124,7 +131,7 @@ impl Backends {
                 nexthop: None,
                 vip_path_failed: false,
                 health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
-                reason: HealthReason::None,
+                reason,
                 warned_no_mac: false,
             });
         }

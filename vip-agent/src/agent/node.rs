@@ -520,6 +520,10 @@ async fn stage(
             warn!(flows = forgotten, "moving to tcx: flows pinned under IPIP forgotten (IPIP needs XDP)");
         }
     }
+    // A held Maglev slot (a backend draining: see `vip_common::MaglevSlot`) reads as no
+    // backend to a program older than holders, still attached until ours replaces it:
+    // for those milliseconds, that slot's unpinned packets go to this node's stack. Only
+    // while a backend drains during an upgrade; pinned flows are not affected.
     apply(cfg, dp, &mut balancer, &backends)?;
     // Reconcile what a previous agent left that this configuration does not have.
     let keys: Vec<_> = cfg.vips.iter().map(|&vip| crate::dataplane::ServiceId::tcp(vip, cfg.port)).collect();
