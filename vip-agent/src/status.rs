@@ -245,9 +245,14 @@ pub fn render(s: &Value) -> String {
                 (s, _, _) => s.to_uppercase(),
             };
             let share = b["table_share"].as_f64().unwrap_or(0.0) * 100.0;
+            // A draining backend's slots from before its drain (see `MaglevSlot`).
+            let held = match b["held_slots"].as_u64().unwrap_or(0) {
+                0 => String::new(),
+                n => format!("  holds {:.1}% of slots", n as f64 * 100.0 / svc["table_size"].as_f64().unwrap_or(1.0)),
+            };
             let _ = writeln!(
                 out,
-                "  {:<16} {:<20} {:>6.1}% {:>12} {:>14}",
+                "  {:<16} {:<20} {:>6.1}% {:>12} {:>14}{held}",
                 str_of(&b["backend"]),
                 health,
                 share,
@@ -292,5 +297,25 @@ mod tests {
         assert!(table.contains("attached  eth0 at tcx (frames whose VLAN tag the NIC stripped)\n"), "{table}");
         assert!(!table.contains("no XDP metadata"), "{table}");
         assert!(render(&status(true)).contains("warning   the driver carries no XDP metadata"));
+    }
+
+    /// A draining backend's row says how much of the table it still holds.
+    #[test]
+    fn a_draining_backend_shows_the_slots_it_holds() {
+        let status = json!({
+            "services": [{
+                "vip": "10.0.0.100", "port": 6443, "forward": "dsr", "table_size": 7, "unowned_slots": 0,
+                "backends": [
+                    { "backend": "10.0.0.11", "state": "up", "reason": "", "local": false,
+                      "table_share": 1.0, "held_slots": 0, "packets": 1, "bytes": 60 },
+                    { "backend": "10.0.0.12", "state": "draining", "reason": "not_ready", "local": false,
+                      "table_share": 0.0, "held_slots": 3, "packets": 2, "bytes": 120 },
+                ],
+            }],
+        });
+        let table = render(&status);
+        let row = |ip: &str| table.lines().find(|l| l.contains(ip)).unwrap_or_default().to_owned();
+        assert!(row("10.0.0.12").ends_with("  holds 42.9% of slots"), "{table}");
+        assert!(!row("10.0.0.11").contains("holds"), "{table}");
     }
 }
