@@ -906,6 +906,33 @@ fn a_draining_backend_keeps_its_slots_while_other_backends_change() {
     assert_eq!(dst_mac_on_cpu(&dp, 0, &ack.bytes()), backend_mac(b).to_vec(), "the holder lost its slot");
 }
 
+/// A draining backend holds its slots for a bounded time only: once its hold is over
+/// (its connections from before the drain are gone), the table is rewritten without it,
+/// and a packet with no pin goes where new flows go. The balancer says when that is due.
+#[test]
+fn a_draining_backend_holds_its_slots_for_a_bounded_time() {
+    let (mut dp, _) = load();
+    let hold = Duration::from_millis(300);
+    let mut lb = Balancer::new(Duration::from_millis(1)).with_hold(hold);
+    let table = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, (1..=3).map(backend).collect()));
+    let b = index_of(&lb, predict(&table, &flow_of(&syn(47100).bytes()).unwrap()));
+    let ports: Vec<u16> = (47100..)
+        .filter(|&p| index_of(&lb, predict(&table, &flow_of(&syn(p).bytes()).unwrap())) == b)
+        .take(2)
+        .collect();
+    let ack = |port| tcp_frame(CLIENT_IP, port, VIP, PORT, TCP_ACK).bytes();
+    let draining =
+        service(ForwardMode::Dsr, with_health((1..=3).map(backend).collect(), usize::from(b - 1), Health::Draining));
+    lb.apply(dp.maps_mut(), &draining).unwrap();
+    assert!(!lb.holds_expired(), "a hold just begun is over");
+    assert_eq!(dst_mac_on_cpu(&dp, 0, &ack(ports[0])), backend_mac(b).to_vec(), "not held");
+    std::thread::sleep(hold);
+    assert!(lb.holds_expired(), "the hold is over, and the balancer does not say so");
+    assert!(lb.apply(dp.maps_mut(), &draining).unwrap().flipped, "the table was not rewritten");
+    assert!(!lb.holds_expired(), "still due after the rewrite");
+    assert_ne!(dst_mac_on_cpu(&dp, 0, &ack(ports[1])), backend_mac(b).to_vec(), "held after its hold");
+}
+
 /// No packet ever sees a mix of two tables. A writer flips the service between tables of
 /// different backend sets *and sizes* as fast as the grace period allows, while this
 /// thread runs a stream of new flows. Each verdict must be the owner of the flow's slot in

@@ -37,6 +37,16 @@ use crate::{
 /// Minimum time between a flip and the next write into the half it left.
 pub const DEFAULT_GRACE: Duration = Duration::from_millis(10);
 
+/// How long a draining backend holds the Maglev slots it had (see [`MaglevSlot`]). What a
+/// holder protects is the connections in flight when the drain began, moving to a node
+/// that never pinned them (the VIP changing hands mid-drain): a leaving node serves them
+/// until its VIP leaves `lo` (seconds), an apiserver that turned not ready until it shuts
+/// down (its shutdown delay, then at most its 60 s request timeout; watches are closed).
+/// A backend may drain far longer (a node whose agent left for good drains as long as
+/// its apiserver answers) while its slots' connections are gone, and a held slot would
+/// only send the pins lost meanwhile to it.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(60);
+
 /// One backend of a service as the agent knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendSpec {
@@ -153,7 +163,11 @@ pub struct Balancer {
     /// The flags last written per backend: a change invalidates the data plane's
     /// per-CPU flow caches.
     flags: BTreeMap<Ipv4Addr, u16>,
+    /// When each draining backend started draining: it holds slots for [`DEFAULT_HOLD`]
+    /// (or `hold`) from then.
+    draining_since: BTreeMap<Ipv4Addr, Instant>,
     grace: Duration,
+    hold: Duration,
 }
 
 impl Default for Balancer {
@@ -164,7 +178,36 @@ impl Default for Balancer {
 
 impl Balancer {
     pub fn new(grace: Duration) -> Self {
-        Self { services: BTreeMap::new(), ids: BTreeMap::new(), flags: BTreeMap::new(), grace }
+        Self {
+            services: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            flags: BTreeMap::new(),
+            draining_since: BTreeMap::new(),
+            grace,
+            hold: DEFAULT_HOLD,
+        }
+    }
+
+    /// The same, with draining backends holding their slots for `hold` instead of
+    /// [`DEFAULT_HOLD`].
+    pub fn with_hold(self, hold: Duration) -> Self {
+        Self { hold, ..self }
+    }
+
+    /// Whether a live table still names a holder whose hold is over: the next
+    /// [`Balancer::apply_all`] then rewrites it without (the agent checks every tick).
+    pub fn holds_expired(&self) -> bool {
+        let expired: BTreeSet<u32> = self
+            .draining_since
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= self.hold)
+            .filter_map(|(ip, _)| self.ids.get(ip).copied())
+            .collect();
+        !expired.is_empty()
+            && self
+                .services
+                .values()
+                .any(|s| s.table.iter().any(|&e| MaglevSlot(e).holder().is_some_and(|h| expired.contains(&h))))
     }
 
     /// Rebuilds the bookkeeping from maps a previous agent left pinned: backend ids,
@@ -332,8 +375,9 @@ impl Balancer {
             })?,
         };
         let ids = spec.backends.iter().map(|b| self.id_for(maps, b.ip)).collect::<Result<Vec<u32>, _>>()?;
+        let holding = self.holding(spec, &ids);
         let prev = self.services.get(&key);
-        let table = with_holders(maglev_table(spec, &ids)?, spec, &ids, prev.filter(|p| p.m == spec.m));
+        let table = with_holders(maglev_table(spec, &ids)?, &holding, prev.filter(|p| p.m == spec.m));
         let healthy = spec.backends.iter().filter(|b| b.healthy).count();
         let flipped = !prev.is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
         let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
@@ -365,6 +409,20 @@ impl Balancer {
             self.release_if_unused(maps, ip)?;
         }
         Ok(gone)
+    }
+
+    /// The ids of `spec`'s backends (`ids`, in spec order) that drain and still hold their
+    /// slots; notes when each started draining.
+    fn holding(&mut self, spec: &ServiceSpec, ids: &[u32]) -> BTreeSet<u32> {
+        let mut holding = BTreeSet::new();
+        for (b, &id) in spec.backends.iter().zip(ids) {
+            if b.healthy || !b.draining {
+                self.draining_since.remove(&b.ip);
+            } else if self.draining_since.entry(b.ip).or_insert_with(Instant::now).elapsed() < self.hold {
+                holding.insert(id);
+            }
+        }
+        holding
     }
 
     /// Writes a backend entry; returns whether its flags changed.
@@ -399,6 +457,7 @@ impl Balancer {
         }
         if let Some(id) = self.ids.remove(&ip) {
             self.flags.remove(&ip);
+            self.draining_since.remove(&ip);
             maps.set_backend(id, &Backend::default())?;
             maps.invalidate_flow_cache()?;
             debug!(%ip, id, "backend id released");
@@ -421,16 +480,14 @@ fn maglev_table(spec: &ServiceSpec, ids: &[u32]) -> Result<Vec<u32>, MaglevError
 }
 
 /// The new-flow table `new_flows` as [`MaglevSlot`] values, each slot held by the
-/// draining backend that had its connections: the one the installed table `prev` (same
-/// size) named there, for its new flows or as its holder. So a backend holds the slots it
-/// had when it started draining, for as long as it drains, whatever else changes
-/// meanwhile; a backend that drains without having been in the table (an apiserver
-/// starting, not ready yet) holds nothing. Where both qualify, the one that took the
-/// slot's new flows last holds it.
-fn with_holders(new_flows: Vec<u32>, spec: &ServiceSpec, ids: &[u32], prev: Option<&Installed>) -> Vec<u32> {
-    let draining: BTreeSet<u32> =
-        spec.backends.iter().zip(ids).filter(|(b, _)| !b.healthy && b.draining).map(|(_, &id)| id).collect();
-    let Some(prev) = prev.filter(|_| !draining.is_empty()) else {
+/// draining backend (among `holding`) that had its connections: the one the installed
+/// table `prev` (same size) named there, for its new flows or as its holder. So a backend
+/// holds the slots it had when it started draining, for as long as it holds, whatever
+/// else changes meanwhile; a backend that drains without having been in the table (an
+/// apiserver starting, not ready yet) holds nothing. Where both qualify, the one that
+/// took the slot's new flows last holds it.
+fn with_holders(new_flows: Vec<u32>, holding: &BTreeSet<u32>, prev: Option<&Installed>) -> Vec<u32> {
+    let Some(prev) = prev.filter(|_| !holding.is_empty()) else {
         return new_flows;
     };
     new_flows
@@ -438,7 +495,7 @@ fn with_holders(new_flows: Vec<u32>, spec: &ServiceSpec, ids: &[u32], prev: Opti
         .zip(&prev.table)
         .map(|(id, &was)| {
             let was = MaglevSlot(was);
-            let holder = [Some(was.id()), was.holder()].into_iter().flatten().find(|h| draining.contains(h));
+            let holder = [Some(was.id()), was.holder()].into_iter().flatten().find(|h| holding.contains(h));
             MaglevSlot::new(id, holder).0
         })
         .collect()

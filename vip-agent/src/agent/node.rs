@@ -410,7 +410,8 @@ impl Node {
         }
     }
 
-    /// Every tick: re-check the host, expire conflicts and the duplicate memory.
+    /// Every tick: re-check the host, expire conflicts, draining backends' holds on
+    /// table slots and the duplicate memory.
     pub async fn on_tick(&mut self) {
         self.repair_host().await;
         if self.eligibility.conflict_until.is_some_and(|t| Instant::now() >= t) {
@@ -418,6 +419,10 @@ impl Node {
             info!("conflict hold-off over: probing the VIP again");
         }
         self.push_eligibility();
+        if self.balancer.holds_expired() {
+            info!("a draining backend's hold on its table slots is over: table rebuilt without it");
+            self.update_table();
+        }
         if self.duplicate_seen.is_some_and(|t| t.elapsed() >= DUPLICATE_MEMORY) {
             self.duplicate_seen = None;
             self.metrics.duplicate_identity(false);
