@@ -129,7 +129,7 @@ pub fn with_health(mut specs: Vec<BackendSpec>, index: usize, health: Health) ->
 /// - Draining straight from down: it was in no table, so it holds nothing.
 /// - Draining after up: a mid-connection packet of a flow this node never saw (its
 ///   connection was balanced before the drain, by another node, and the client moved
-///   here) goes to the backend that holds it, and stays pinned there on another CPU; a
+///   here) goes to the backend that holds it, from another CPU too; a
 ///   new flow in the same slots does not go there.
 /// - Down: it holds nothing more; such a packet goes where new flows go.
 pub fn check_a_draining_backend_keeps_the_connections_this_node_never_pinned(
@@ -149,7 +149,7 @@ pub fn check_a_draining_backend_keeps_the_connections_this_node_never_pinned(
     set(dp, Health::Up);
     set(dp, Health::Draining);
     assert_eq!(dst_mac_on_cpu(dp, 0, &frame(earlier, TCP_ACK)), held, "an earlier connection left its holder");
-    assert_eq!(dst_mac_on_cpu(dp, 1, &frame(earlier, TCP_ACK)), held, "not pinned to its holder");
+    assert_eq!(dst_mac_on_cpu(dp, 1, &frame(earlier, TCP_ACK)), held, "another CPU sent it elsewhere");
     let moved = dst_mac_on_cpu(dp, 0, &frame(new, TCP_SYN));
     assert_ne!(moved, held, "a new flow went to a draining backend");
     assert_eq!(dst_mac_on_cpu(dp, 1, &frame(new, TCP_ACK)), moved, "a new flow did not follow its pin");

@@ -66,3 +66,49 @@ fn discovered_apiservers_follow_the_endpointslices() {
     let (counts, errors) = lab.requests(60);
     assert!(errors.is_empty() && !counts.contains_key("n2"), "{counts:?} {errors:?}");
 }
+
+/// A hitless restart under discovery (the kubeadm and K3s installs): the new agent's first
+/// table, written before discovery answers and while the previous agent's program still
+/// runs, keeps the apiservers the previous agent balanced to, as it had them. Without
+/// that, the table is empty until discovery answers and the checks rise again, and every
+/// pin goes with it: connections on other nodes are reset.
+#[test]
+fn a_hitless_restart_keeps_the_discovered_apiservers() {
+    let mut lab = ApiLab::new([10, 115, 0], 3, &[0]).unwrap().with_lease_api().unwrap();
+    lab.static_backends = false;
+    lab.register_apiservers(&[0, 1, 2]).unwrap();
+    let kc = lab.pki.dir.join("n1.kubeconfig").display().to_string();
+    let args = |extra: &[&str]| {
+        let mut flags = vec!["--discover", "kubernetes", "--kubeconfig", &kc];
+        flags.extend_from_slice(extra);
+        lab.agent_args(0, &flags).unwrap()
+    };
+    let mut old = Agent::spawn(lab.ns(0), &args(&["--keep-forwarding-on-exit"])).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || healthy_set(&lab, &[0, 1, 2])), "{:?}", table_backends(&lab));
+    let vip = std::net::SocketAddr::from((lab.vip, 6443));
+    let client = lab.client.clone();
+    // A kept-alive connection on another node (n1 serves its own share locally).
+    let (mut conn, node) = lab
+        .client_ns()
+        .within(move || {
+            (0..50)
+                .find_map(|_| {
+                    let mut c = client.connect(vip).ok()?;
+                    let (_, body) = c.get("/").ok()?;
+                    (body.trim() != "n1").then(|| (c, body.trim().to_owned()))
+                })
+                .expect("a connection to n2 or n3")
+        })
+        .unwrap();
+    let (status, log) = old.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    let _new = Agent::spawn(lab.ns(0), &args(&[])).unwrap();
+    // From its first table on, through discovery's first answer and the first checks.
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        assert!(healthy_set(&lab, &[0, 1, 2]), "after the restart: {:?}", table_backends(&lab));
+        let answer = conn.get("/").map(|(_, body)| body.trim().to_owned());
+        assert_eq!(answer.as_deref(), Ok(node.as_str()), "the connection on {node} broke across the restart");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -45,6 +45,9 @@ pub const DEFAULT_GRACE: Duration = Duration::from_millis(10);
 /// A backend may drain far longer (a node whose agent left for good drains as long as
 /// its apiserver answers) while its slots' connections are gone, and a held slot would
 /// only send the pins lost meanwhile to it.
+/// An apiserver whose shutdown delay is longer keeps serving past the hold: its
+/// connections then move to the new-flow backend, as before holders, if the VIP moves.
+/// An agent restart starts the hold again.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(60);
 
 /// One backend of a service as the agent knows it.
@@ -138,6 +141,8 @@ struct Installed {
     last_flip: Option<Instant>,
     /// The table as written: [`MaglevSlot`] values.
     table: Vec<u32>,
+    /// The backends that hold slots in it.
+    holders: BTreeSet<u32>,
     backends: BTreeSet<Ipv4Addr>,
 }
 
@@ -203,11 +208,7 @@ impl Balancer {
             .filter(|(_, since)| since.elapsed() >= self.hold)
             .filter_map(|(ip, _)| self.ids.get(ip).copied())
             .collect();
-        !expired.is_empty()
-            && self
-                .services
-                .values()
-                .any(|s| s.table.iter().any(|&e| MaglevSlot(e).holder().is_some_and(|h| expired.contains(&h))))
+        self.services.values().any(|s| !s.holders.is_disjoint(&expired))
     }
 
     /// Rebuilds the bookkeeping from maps a previous agent left pinned: backend ids,
@@ -240,6 +241,7 @@ impl Balancer {
                     mode,
                     m: svc.m,
                     last_flip: Some(Instant::now()),
+                    holders: holders_of(&table),
                     table,
                     backends,
                 },
@@ -268,8 +270,9 @@ impl Balancer {
     pub fn apply_all(&mut self, maps: &mut Maps, specs: &[ServiceSpec]) -> Result<Vec<Applied>, BalancerError> {
         let mut plans = Vec::with_capacity(specs.len());
         let mut flags_changed = false;
+        let at = Instant::now();
         for spec in specs {
-            let plan = self.plan(maps, spec)?;
+            let plan = self.plan(maps, spec, at)?;
             // 1. Healthy backends marked up before any table names them.
             for (b, &id) in spec.backends.iter().zip(&plan.ids) {
                 if b.healthy {
@@ -342,6 +345,7 @@ impl Balancer {
                     mode: spec.mode,
                     m: spec.m,
                     last_flip,
+                    holders: holders_of(&plan.table),
                     table: plan.table.clone(),
                     backends: now,
                 },
@@ -357,7 +361,7 @@ impl Balancer {
 
     /// Validates `spec`, assigns its slot and backend ids, and builds its table: what
     /// [`Balancer::apply_all`] then writes.
-    fn plan(&mut self, maps: &mut Maps, spec: &ServiceSpec) -> Result<Plan, BalancerError> {
+    fn plan(&mut self, maps: &mut Maps, spec: &ServiceSpec, now: Instant) -> Result<Plan, BalancerError> {
         maglev::validate_size(spec.m)?;
         let key = spec.key();
         let mut seen = BTreeSet::new();
@@ -375,7 +379,7 @@ impl Balancer {
             })?,
         };
         let ids = spec.backends.iter().map(|b| self.id_for(maps, b.ip)).collect::<Result<Vec<u32>, _>>()?;
-        let holding = self.holding(spec, &ids);
+        let holding = self.holding(spec, &ids, now);
         let prev = self.services.get(&key);
         let table = with_holders(maglev_table(spec, &ids)?, &holding, prev.filter(|p| p.m == spec.m));
         let healthy = spec.backends.iter().filter(|b| b.healthy).count();
@@ -412,13 +416,14 @@ impl Balancer {
     }
 
     /// The ids of `spec`'s backends (`ids`, in spec order) that drain and still hold their
-    /// slots; notes when each started draining.
-    fn holding(&mut self, spec: &ServiceSpec, ids: &[u32]) -> BTreeSet<u32> {
+    /// slots at `now` (one instant per update, so that every service agrees); notes when
+    /// each started draining.
+    fn holding(&mut self, spec: &ServiceSpec, ids: &[u32], now: Instant) -> BTreeSet<u32> {
         let mut holding = BTreeSet::new();
         for (b, &id) in spec.backends.iter().zip(ids) {
             if b.healthy || !b.draining {
                 self.draining_since.remove(&b.ip);
-            } else if self.draining_since.entry(b.ip).or_insert_with(Instant::now).elapsed() < self.hold {
+            } else if now.saturating_duration_since(*self.draining_since.entry(b.ip).or_insert(now)) < self.hold {
                 holding.insert(id);
             }
         }
@@ -479,13 +484,19 @@ fn maglev_table(spec: &ServiceSpec, ids: &[u32]) -> Result<Vec<u32>, MaglevError
         .collect())
 }
 
+/// The backends that hold slots in `table` ([`MaglevSlot`] values).
+fn holders_of(table: &[u32]) -> BTreeSet<u32> {
+    table.iter().filter_map(|&e| MaglevSlot(e).holder()).collect()
+}
+
 /// The new-flow table `new_flows` as [`MaglevSlot`] values, each slot held by the
 /// draining backend (among `holding`) that had its connections: the one the installed
 /// table `prev` (same size) named there, for its new flows or as its holder. So a backend
 /// holds the slots it had when it started draining, for as long as it holds, whatever
-/// else changes meanwhile; a backend that drains without having been in the table (an
-/// apiserver starting, not ready yet) holds nothing. Where both qualify, the one that
-/// took the slot's new flows last holds it.
+/// the other backends do meanwhile; a backend that drains without having been in the
+/// table (an apiserver starting, not ready yet) holds nothing. Where two qualify (one
+/// started draining while the other held the slot), the one that took the slot's new
+/// flows last holds it. A table of another size holds nothing.
 fn with_holders(new_flows: Vec<u32>, holding: &BTreeSet<u32>, prev: Option<&Installed>) -> Vec<u32> {
     let Some(prev) = prev.filter(|_| !holding.is_empty()) else {
         return new_flows;

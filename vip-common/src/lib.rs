@@ -405,8 +405,8 @@ pub const NO_BACKEND: u32 = u32::MAX;
 /// the VIP, and the client moved here): it goes to the holder, which still serves the
 /// connection, instead of to the new-flow backend, which would reset it. A SYN goes to the
 /// new-flow backend. The agent carries holders from one table to the next: a backend
-/// holds the slots it had when it started draining, while it drains, for at most the
-/// agent's hold (a minute; see `vip_agent::balancer::DEFAULT_HOLD`). The cost:
+/// holds the slots it had when it started draining, while it drains, for the agent's
+/// hold (a minute; see `vip_agent::balancer::DEFAULT_HOLD`). The cost:
 /// a flow opened during the drain in a held slot whose pin is lost (evicted, or pinned
 /// by a node that then lost the VIP) goes to the holder, which resets it.
 /// A slot without a holder is the plain backend id or [`NO_BACKEND`],

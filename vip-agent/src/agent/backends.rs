@@ -47,6 +47,37 @@ struct Tracked {
     warned_no_mac: bool,
 }
 
+impl Tracked {
+    /// Backend `ip`, checked on `port` (key `key`), as a previous agent's data plane
+    /// left it (`old`; `None`: not there, or no previous agent): up if it was up, so a
+    /// restart keeps it in the table while the first checks run; draining if it was
+    /// draining (its pins, and the slots it holds), rather than down; unknown otherwise.
+    fn carried_over(key: usize, ip: Ipv4Addr, port: u16, local: bool, old: Option<Backend>, cfg: &RunConfig) -> Self {
+        let initial = match old {
+            Some(e) if e.flags & Backend::F_UP != 0 => Health::Up,
+            _ => Health::Unknown,
+        };
+        let reason = old
+            .filter(|e| e.flags & (Backend::F_UP | Backend::F_SERVING) == Backend::F_SERVING)
+            .map(|e| HealthReason::from_u8(e.reason))
+            .filter(|r| matches!(r, HealthReason::NotReady | HealthReason::VipPath))
+            .unwrap_or(HealthReason::None);
+        Self {
+            key,
+            checker: None,
+            ip,
+            check_addr: SocketAddr::from((ip, port)),
+            local,
+            mac: old.map(|e| e.mac).filter(|m| *m != [0; 6]),
+            nexthop: None,
+            vip_path_failed: false,
+            health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
+            reason,
+            warned_no_mac: false,
+        }
+    }
+}
+
 /// What every checker shares.
 #[derive(Clone)]
 struct Checks {
@@ -106,38 +137,32 @@ impl Backends {
         probe: Option<Probe>,
         tx: mpsc::Sender<Report>,
     ) -> Result<Self, NetlinkError> {
+        let old = |ip: Ipv4Addr| previous.iter().find(|(_, e)| e.ip == ip.octets()).map(|(_, e)| *e);
         let mut list = Vec::new();
         for b in &cfg.backends {
             let local = Some(b.ip) == dev.ipv4 || nl.has_address(b.ip).await?;
-            let old = previous.iter().find(|(_, e)| e.ip == b.ip.octets()).map(|(_, e)| *e);
-            let initial = match old {
-                Some(e) if e.flags & Backend::F_UP != 0 => Health::Up,
-                _ => Health::Unknown,
-            };
-            // A backend the previous agent had draining keeps draining (its pins, and the
-            // slots it holds) until a check says otherwise, rather than going down.
-            let reason = old
-                .filter(|e| e.flags & (Backend::F_UP | Backend::F_SERVING) == Backend::F_SERVING)
-                .map(|e| HealthReason::from_u8(e.reason))
-                .filter(|r| matches!(r, HealthReason::NotReady | HealthReason::VipPath))
-                .unwrap_or(HealthReason::None);
-            list.push(Tracked {
-                key: list.len(),
-                checker: None,
-                ip: b.ip,
-                check_addr: SocketAddr::from((b.ip, b.port.unwrap_or(cfg.port))),
-                local,
-                mac: old.map(|e| e.mac).filter(|m| *m != [0; 6]),
-                nexthop: None,
-                vip_path_failed: false,
-                health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
-                reason,
-                warned_no_mac: false,
-            });
+            let port = b.port.unwrap_or(cfg.port);
+            list.push(Tracked::carried_over(list.len(), b.ip, port, local, old(b.ip), cfg));
         }
         // Keys 0..len are the static backends; key len is the gate's own check;
         // discovered backends take keys from len + 1 on.
-        let next_key = list.len() + 1;
+        let mut next_key = list.len() + 1;
+        // With discovery, the apiservers a previous agent balanced to stay, as it had
+        // them, until the first discovery snapshot says which are still registered: the
+        // first table, written before discovery answers (and while the previous agent's
+        // program still runs), must not drop them, and their pins with them.
+        if cfg.discover {
+            for &(_, e) in previous {
+                let ip = Ipv4Addr::from(e.ip);
+                if list.iter().any(|b| b.ip == ip) || cfg.vips.contains(&ip.into()) {
+                    continue;
+                }
+                let local = Some(ip) == dev.ipv4 || nl.has_address(ip).await?;
+                info!(backend = %ip, "apiserver kept from the previous agent until discovery answers");
+                list.push(Tracked::carried_over(next_key, ip, cfg.port, local, Some(e), cfg));
+                next_key += 1;
+            }
+        }
         let gate = Gate { key: None, health: Hysteresis::new(cfg.health.rise, 1, Health::Unknown), checker: None };
         let checks = probe.map(|p| Checks::new(p, dev, nl, cfg));
         Ok(Self { list, next_key, gate, checks, tx })
@@ -254,8 +279,10 @@ impl Backends {
             .filter(|(ip, _)| !cfg.vips.contains(&(*ip).into()))
             .collect();
         let before = self.list.len();
+        // By address and port: an apiserver a previous agent left, kept (checked on the
+        // VIP's port) until discovery answers, is checked again on its registered port.
         self.list.retain_mut(|b| {
-            let keep = wanted.iter().any(|(ip, _)| *ip == b.ip);
+            let keep = wanted.iter().any(|&(ip, port)| ip == b.ip && port == b.check_addr.port());
             if !keep {
                 info!(backend = %b.ip, "apiserver no longer registered: removing it");
                 if let Some(c) = b.checker.take() {
