@@ -525,6 +525,26 @@ impl ApiLab {
         })?
     }
 
+    /// A kept-alive HTTPS connection through the VIP from the client, answered by a node
+    /// whose name `wanted` accepts (the first of up to 64 connections; the others are
+    /// reset), and that name.
+    pub fn kept_alive_connection(&self, wanted: impl Fn(&str) -> bool + Send) -> Result<(https::Conn, String), String> {
+        let addr = SocketAddr::from((self.vip, 6443));
+        let client = self.client.clone();
+        self.client_ns().within(move || {
+            for _ in 0..64 {
+                let mut conn = client.connect(addr)?;
+                let (_, body) = conn.get("/")?;
+                let name = body.trim().to_owned();
+                if wanted(&name) {
+                    return Ok((conn, name));
+                }
+                conn.reset();
+            }
+            Err("no connection of 64 was answered by a node wanted".to_owned())
+        })?
+    }
+
     /// `n` requests through the VIP; the count per answering node, and the errors.
     pub fn requests(&self, n: usize) -> (std::collections::BTreeMap<String, usize>, Vec<String>) {
         self.requests_to(self.vip.into(), n)

@@ -145,22 +145,9 @@ fn a_restart_keeps_a_draining_backend_and_the_slots_it_holds() {
 fn a_draining_apiserver_keeps_its_connections_and_takes_no_new_ones() {
     let mut lab = ApiLab::new([10, 93, 0], 3, &[0]).unwrap();
     let _agent = lab.start_agent(0, &[]).unwrap();
-    let vip = SocketAddr::from((lab.vip, 6443));
-    let client = lab.client.clone();
     // A kept-alive connection on a node other than n1 (the leader serves its own share
     // locally either way).
-    let (mut conn, node) = lab
-        .client_ns()
-        .within(|| {
-            (0..50)
-                .find_map(|_| {
-                    let mut c = client.connect(vip).ok()?;
-                    let (_, body) = c.get("/").ok()?;
-                    (body.trim() != "n1").then(|| (c, body.trim().to_owned()))
-                })
-                .expect("a connection to n2 or n3")
-        })
-        .unwrap();
+    let (mut conn, node) = lab.kept_alive_connection(|name| name != "n1").unwrap();
     let i = lab.nodes.iter().position(|n| n.name == node).unwrap();
     let ip = lab.nodes[i].ip.to_string();
     std::fs::write(lab.unready_file(i), b"").unwrap();

@@ -85,21 +85,8 @@ fn a_hitless_restart_keeps_the_discovered_apiservers() {
     };
     let mut old = Agent::spawn(lab.ns(0), &args(&["--keep-forwarding-on-exit"])).unwrap();
     assert!(wait_until(Duration::from_secs(10), || healthy_set(&lab, &[0, 1, 2])), "{:?}", table_backends(&lab));
-    let vip = std::net::SocketAddr::from((lab.vip, 6443));
-    let client = lab.client.clone();
     // A kept-alive connection on another node (n1 serves its own share locally).
-    let (mut conn, node) = lab
-        .client_ns()
-        .within(move || {
-            (0..50)
-                .find_map(|_| {
-                    let mut c = client.connect(vip).ok()?;
-                    let (_, body) = c.get("/").ok()?;
-                    (body.trim() != "n1").then(|| (c, body.trim().to_owned()))
-                })
-                .expect("a connection to n2 or n3")
-        })
-        .unwrap();
+    let (mut conn, node) = lab.kept_alive_connection(|name| name != "n1").unwrap();
     let (status, log) = old.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
     assert!(status.success(), "{log}");
     let _new = Agent::spawn(lab.ns(0), &args(&[])).unwrap();

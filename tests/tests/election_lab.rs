@@ -187,21 +187,8 @@ fn a_connection_held_by_a_leader_that_steps_down_to_drain_survives() {
         lab.wait_all_healthy(i).unwrap();
     }
     let name = lab.nodes[old].name.clone();
-    let (vip, client, want) = (SocketAddr::from((lab.vip, 6443)), lab.client.clone(), name.clone());
-    let mut conn = lab
-        .client_ns()
-        .within(move || -> Result<_, String> {
-            for _ in 0..64 {
-                let mut conn = client.connect(vip)?;
-                if conn.get("/")?.1.trim() == want {
-                    return Ok(conn);
-                }
-                conn.reset();
-            }
-            Err(format!("the leader balanced no connection of 64 to itself ({want})"))
-        })
-        .unwrap()
-        .unwrap();
+    // A kept-alive connection the leader balanced to itself.
+    let (mut conn, _) = lab.kept_alive_connection(|n| n == name).unwrap();
     std::fs::write(lab.unready_file(old), b"").unwrap();
     assert!(wait_until(Duration::from_secs(5), || lab.leaders().iter().any(|&l| l != old)), "no new leader");
     let new = lab.leaders().into_iter().find(|&l| l != old).unwrap();
