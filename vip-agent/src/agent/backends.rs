@@ -120,6 +120,8 @@ pub struct ReportOutcome {
 /// The tracked backends and the readiness gate.
 pub struct Backends {
     list: Vec<Tracked>,
+    /// The key of the gate's own check (see [`Backends::new`]).
+    gate_key: usize,
     next_key: usize,
     gate: Gate,
     checks: Option<Checks>,
@@ -145,8 +147,9 @@ impl Backends {
             list.push(Tracked::carried_over(list.len(), b.ip, port, local, old(b.ip), cfg));
         }
         // Keys 0..len are the static backends; key len is the gate's own check;
-        // discovered backends take keys from len + 1 on.
-        let mut next_key = list.len() + 1;
+        // discovered backends (and those kept below) take keys from len + 1 on.
+        let gate_key = list.len();
+        let mut next_key = gate_key + 1;
         // With discovery, the apiservers a previous agent balanced to stay, as it had
         // them, until the first discovery snapshot says which are still registered: the
         // first table, written before discovery answers (and while the previous agent's
@@ -157,6 +160,11 @@ impl Backends {
                 if list.iter().any(|b| b.ip == ip) || cfg.vips.contains(&ip.into()) {
                     continue;
                 }
+                // As `merge_discovered`: one more than the data plane holds would fail
+                // every table update.
+                if list.len() >= vip_common::MAX_BACKENDS as usize {
+                    break;
+                }
                 let local = Some(ip) == dev.ipv4 || nl.has_address(ip).await?;
                 info!(backend = %ip, "apiserver kept from the previous agent until discovery answers");
                 list.push(Tracked::carried_over(next_key, ip, cfg.port, local, Some(e), cfg));
@@ -165,7 +173,7 @@ impl Backends {
         }
         let gate = Gate { key: None, health: Hysteresis::new(cfg.health.rise, 1, Health::Unknown), checker: None };
         let checks = probe.map(|p| Checks::new(p, dev, nl, cfg));
-        Ok(Self { list, next_key, gate, checks, tx })
+        Ok(Self { list, gate_key, next_key, gate, checks, tx })
     }
 
     /// Whether leadership waits for this node's apiserver: with an election and
@@ -196,7 +204,7 @@ impl Backends {
         }
         // Discovered backends come and go: the gate gets a check of its own, on this
         // node's address, else loopback.
-        let key = self.list.len();
+        let key = self.gate_key;
         let addr = SocketAddr::from((dev.ipv4.unwrap_or(Ipv4Addr::LOCALHOST), cfg.port));
         info!(%addr, "checking this node's apiserver for the leadership gate");
         self.gate.key = Some(key);
@@ -279,10 +287,8 @@ impl Backends {
             .filter(|(ip, _)| !cfg.vips.contains(&(*ip).into()))
             .collect();
         let before = self.list.len();
-        // By address and port: an apiserver a previous agent left, kept (checked on the
-        // VIP's port) until discovery answers, is checked again on its registered port.
         self.list.retain_mut(|b| {
-            let keep = wanted.iter().any(|&(ip, port)| ip == b.ip && port == b.check_addr.port());
+            let keep = wanted.iter().any(|(ip, _)| *ip == b.ip);
             if !keep {
                 info!(backend = %b.ip, "apiserver no longer registered: removing it");
                 if let Some(c) = b.checker.take() {
@@ -292,6 +298,20 @@ impl Backends {
             keep
         });
         let mut changed = self.list.len() != before;
+        // An apiserver a previous agent left, kept (and checked on the VIP's port) until
+        // discovery answered, is checked on its registered port from now on; it keeps its
+        // health, its MAC and its place in the table meanwhile.
+        for b in self.list.iter_mut().filter(|b| b.key > self.gate_key) {
+            let Some(port) = found.iter().find(|e| e.ip == b.ip).map(|e| e.port) else { continue };
+            if port != b.check_addr.port() {
+                info!(backend = %b.ip, port, "checking the apiserver on its registered port");
+                b.check_addr = SocketAddr::from((b.ip, port));
+                if let (Some(c), Some(checks)) = (b.checker.take(), &self.checks) {
+                    c.abort();
+                    spawn_checker(b, checks, cfg, &self.tx);
+                }
+            }
+        }
         for (ip, port) in wanted {
             if self.list.iter().any(|b| b.ip == ip) {
                 continue;
