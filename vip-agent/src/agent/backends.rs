@@ -306,9 +306,11 @@ impl Backends {
             if port != b.check_addr.port() {
                 info!(backend = %b.ip, port, "checking the apiserver on its registered port");
                 b.check_addr = SocketAddr::from((b.ip, port));
-                if let (Some(c), Some(checks)) = (b.checker.take(), &self.checks) {
+                if let Some(c) = b.checker.take() {
                     c.abort();
-                    spawn_checker(b, checks, cfg, &self.tx);
+                    if let Some(checks) = &self.checks {
+                        spawn_checker(b, checks, cfg, &self.tx);
+                    }
                 }
             }
         }
