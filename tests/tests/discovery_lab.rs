@@ -65,6 +65,14 @@ fn discovered_apiservers_follow_the_endpointslices() {
     );
     let (counts, errors) = lab.requests(60);
     assert!(errors.is_empty() && !counts.contains_key("n2"), "{counts:?} {errors:?}");
+
+    // None registered (the slice recreated, or every endpoint briefly not ready): the
+    // agent keeps the ones it has rather than empty its table.
+    lab.register_apiservers(&[]).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(healthy_set(&lab, &[0, 2]), "{:?}", table_backends(&lab));
+    let (counts, errors) = lab.requests(60);
+    assert!(errors.is_empty() && counts.get("n3").copied().unwrap_or(0) > 0, "{counts:?} {errors:?}");
 }
 
 /// A hitless restart under discovery (the kubeadm and K3s installs): the new agent's first

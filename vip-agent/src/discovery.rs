@@ -51,7 +51,8 @@ pub fn endpoints_of(slice: &EndpointSlice) -> Vec<Endpoint> {
         .collect()
 }
 
-/// Watches the slices and sends the union of their ready endpoints on every change.
+/// Watches the slices and sends the union of their ready endpoints on every change,
+/// except to none.
 /// Ends when the receiver is dropped.
 pub fn watch(client: kube::Client) -> mpsc::Receiver<BTreeSet<Endpoint>> {
     let (tx, rx) = mpsc::channel(8);
@@ -89,6 +90,14 @@ pub fn watch(client: kube::Client) -> mpsc::Receiver<BTreeSet<Endpoint>> {
                 continue;
             }
             let now: BTreeSet<Endpoint> = slices.values().flatten().copied().collect();
+            // No ready apiserver at all is a moment of the API (the slice deleted and
+            // recreated, every endpoint briefly not ready), not a cluster without
+            // apiservers: taken literally, it would empty the table and invalidate every
+            // pin to another node. The agent keeps the apiservers it has, health-checked.
+            if now.is_empty() {
+                warn!("no ready apiserver in the EndpointSlices: keeping the ones known");
+                continue;
+            }
             if last.as_ref() != Some(&now) {
                 info!(apiservers = ?now.iter().map(|e| e.ip).collect::<Vec<_>>(), "discovered apiservers");
                 last = Some(now.clone());
