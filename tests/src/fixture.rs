@@ -95,17 +95,12 @@ pub fn dst_mac_on_cpu(dp: &Dataplane, cpu: usize, frame: &[u8]) -> Vec<u8> {
     })
 }
 
-/// `specs` with the one at `index` draining when `draining` (its VIP-path probe
-/// refused, as when its node leaves: serving what it holds, no new flows).
-pub fn one_draining(specs: Vec<BackendSpec>, index: usize, draining: bool) -> Vec<BackendSpec> {
-    with_health(specs, index, if draining { Health::Draining } else { Health::Up })
-}
-
 /// A backend's health as a fixture sets it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
     Up,
-    /// Serving what it holds, no new flows (see [`one_draining`]).
+    /// Serving what it holds, no new flows (its VIP-path probe refused, as when its node
+    /// leaves).
     Draining,
     /// Serving nothing.
     Down,
@@ -180,30 +175,30 @@ pub fn check_a_cached_flow_follows_a_re_pin_made_on_another_cpu(
 }
 
 /// The check both families' forwarding fixtures run for a reused flow: `syn` is pinned to
-/// backend `pinned_mac` on CPU 0 and its `ack` follows; `drain(dp, true)` makes that
-/// backend drain (serving what it holds, no new flows), and the `ack` still goes there,
+/// backend `pinned_mac` on CPU 0 and its `ack` follows; `set(dp, Health::Draining)` makes
+/// that backend drain (serving what it holds, no new flows), and the `ack` still goes there,
 /// from CPU 0 and CPU 1 (both now cache the pin). The same `syn` again on CPU 0 (a client
 /// reusing the addresses and ports of that old flow) is balanced afresh to another
 /// backend, and the `ack` follows the new pin on both CPUs, not a cached old one. With
-/// the backend up again (`drain(dp, false)`), a reused SYN keeps its pin.
+/// the backend up again (`set(dp, Health::Up)`), a reused SYN keeps its pin.
 pub fn check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh(
     dp: &mut Dataplane,
     syn: &[u8],
     ack: &[u8],
     pinned_mac: [u8; 6],
-    mut drain: impl FnMut(&mut Dataplane, bool),
+    mut set: impl FnMut(&mut Dataplane, Health),
 ) {
     assert!(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "needs two CPUs");
     let pinned = pinned_mac.to_vec();
     assert_eq!(dst_mac_on_cpu(dp, 0, syn), pinned, "pinned");
     assert_eq!(dst_mac_on_cpu(dp, 0, ack), pinned, "the flow follows its pin");
-    drain(dp, true);
+    set(dp, Health::Draining);
     assert_eq!(dst_mac_on_cpu(dp, 0, ack), pinned, "a draining backend keeps its flows");
     assert_eq!(dst_mac_on_cpu(dp, 1, ack), pinned, "a draining backend keeps its flows, on another CPU too");
     let moved = dst_mac_on_cpu(dp, 0, syn);
     assert_ne!(moved, pinned, "a reused SYN followed the old pin to the draining backend");
     assert_eq!(dst_mac_on_cpu(dp, 0, ack), moved, "the next packet did not follow the new pin");
     assert_eq!(dst_mac_on_cpu(dp, 1, ack), moved, "another CPU's cache sent the new connection to the old backend");
-    drain(dp, false);
+    set(dp, Health::Up);
     assert_eq!(dst_mac_on_cpu(dp, 0, syn), moved, "a reused SYN to a backend that takes new flows keeps its pin");
 }

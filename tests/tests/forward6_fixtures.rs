@@ -16,8 +16,8 @@ use tests::{
     fixture::{
         check_a_cached_flow_follows_a_re_pin_made_on_another_cpu,
         check_a_draining_backend_keeps_the_connections_this_node_never_pinned,
-        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, one_draining, pass, run_and_check,
-        with_health, Expect,
+        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, pass, run_and_check, with_health,
+        Expect,
     },
     frames::{icmpv6, predict, tcp, Frame, Mac, ETH_P_8021Q, ETH_P_IPV6, TCP_ACK, TCP_SYN},
     xdp,
@@ -292,8 +292,8 @@ fn an_ipv6_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh() 
         &syn(47100).bytes(),
         &ack.bytes(),
         backend_mac(b),
-        |dp, draining| {
-            let specs = one_draining((1..=3).map(backend).collect(), usize::from(b - 1), draining);
+        |dp, health| {
+            let specs = with_health((1..=3).map(backend).collect(), usize::from(b - 1), health);
             lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
         },
     );

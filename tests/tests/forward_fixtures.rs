@@ -16,7 +16,7 @@ use tests::{
     fixture::{
         check_a_cached_flow_follows_a_re_pin_made_on_another_cpu,
         check_a_draining_backend_keeps_the_connections_this_node_never_pinned,
-        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, dst_mac_on_cpu, one_draining, pass,
+        check_a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh, dst_mac_on_cpu, pass,
         run_and_check, with_health, Expect, Health,
     },
     frames::{
@@ -854,8 +854,8 @@ fn a_syn_reusing_a_flow_pinned_to_a_draining_backend_is_balanced_afresh() {
         &f.bytes(),
         &ack.bytes(),
         backend_mac(b),
-        |dp, draining| {
-            let specs = one_draining((1..=3).map(backend).collect(), usize::from(b - 1), draining);
+        |dp, health| {
+            let specs = with_health((1..=3).map(backend).collect(), usize::from(b - 1), health);
             lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, specs)).unwrap();
         },
     );

@@ -66,12 +66,19 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
     let mut services = Vec::new();
     for (key, svc) in maps.services()? {
         let m = svc.m.min(MAGLEV_MAX_M);
-        let table: Vec<MaglevSlot> = maps.read_table(svc.slot, svc.active, m)?.into_iter().map(MaglevSlot).collect();
+        let table = maps.read_table(svc.slot, svc.active, m)?.into_iter().map(MaglevSlot);
+        // Per backend id: the slots whose new flows it takes, and those whose earlier
+        // flows it keeps while it drains. One pass: a table has up to 65537 slots.
+        let mut counts: std::collections::BTreeMap<u32, (usize, usize)> = Default::default();
+        for e in table {
+            counts.entry(e.id()).or_default().0 += 1;
+            if let Some(h) = e.holder() {
+                counts.entry(h).or_default().1 += 1;
+            }
+        }
         let mut shares: Vec<Value> = Vec::new();
         for (id, b) in &backends {
-            let slots = table.iter().filter(|e| e.id() == *id).count();
-            // Slots whose earlier flows it keeps while it drains.
-            let held = table.iter().filter(|e| e.holder() == Some(*id)).count();
+            let (slots, held) = counts.get(id).copied().unwrap_or_default();
             let stats = maps.backend_stats(*id)?;
             shares.push(json!({
                 "backend": Ipv4Addr::from(b.ip).to_string(),
@@ -87,7 +94,7 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
                 "bytes": stats.bytes,
             }));
         }
-        let empty = table.iter().filter(|e| e.id() == NO_BACKEND).count();
+        let empty = counts.get(&NO_BACKEND).map_or(0, |c| c.0);
         services.push(json!({
             "vip": key.vip().to_string(),
             "port": key.port(),

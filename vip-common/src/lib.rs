@@ -397,9 +397,8 @@ pub const NO_BACKEND: u32 = u32::MAX;
 /// low 16 bits ([`MaglevSlot::NONE`] there: none), and in its high 16 bits the slot's
 /// *holder* plus one (0: none).
 ///
-/// The holder is the backend the slot named before that backend started draining (not
-/// ready, or its node leaving): a table built over the backends that still serve, where
-/// that differs from the new-flow table because the slot names a draining one. A packet
+/// The holder is the backend the slot named when that backend started draining (not
+/// ready, or its node leaving), as the agent's table had it then. A packet
 /// that does not open a connection and that no pin on this node covers belongs to a flow
 /// some other node balanced, most likely before the drain (the node that pinned it lost
 /// the VIP, and the client moved here): it goes to the holder, which still serves the
