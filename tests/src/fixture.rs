@@ -4,7 +4,7 @@
 
 use vip_agent::{
     balancer::BackendSpec,
-    dataplane::{Dataplane, Program},
+    dataplane::{Dataplane, FastPath, Program},
 };
 use vip_common::Reason;
 
@@ -66,20 +66,26 @@ pub fn run_and_check(
     }
 }
 
-/// One step of a skip-bit walk ([`walk_skip_bit`]): its name, a change made through the
-/// agent's map layer, the watched VIP's skip bit after it (`None`: not in its list), a
-/// frame, and what the program does with that frame.
-pub type SkipStep = (&'static str, fn(&mut Dataplane), Option<bool>, Vec<u8>, Expect);
+/// One step of a fast-path walk ([`walk_fast_path`]): its name, a change made through the
+/// agent's map layer, the fast path the watched VIP's list entry gives after it (`None`:
+/// not in its list), a frame, and what the program does with that frame.
+pub type FastPathStep = (&'static str, fn(&mut Dataplane), Option<FastPath>, Vec<u8>, Expect);
 
-/// The walk both families' resolution fixtures run (`VipSet::ARP_SKIP`,
-/// `VipSet6::NS_SKIP`): after each step's change, `vip`'s skip bit must be what the step
-/// says, and the program must handle the step's frame as it expects.
-pub fn walk_skip_bit(dp: &mut Dataplane, vip: std::net::IpAddr, steps: Vec<SkipStep>) {
-    for (name, change, skip, input, want) in steps {
+/// The walk both families' resolution fixtures run (`VipSet::ARP_SKIP` and
+/// `VipSet::ARP_ANSWER`, `VipSet6::NS_SKIP` and `VipSet6::NS_ANSWER`): after each step's
+/// change, `vip`'s fast path must be what the step says, and the program must handle the
+/// step's frame as it expects.
+pub fn walk_fast_path(dp: &mut Dataplane, vip: std::net::IpAddr, steps: Vec<FastPathStep>) {
+    for (name, change, fast_path, input, want) in steps {
         change(dp);
-        assert_eq!(dp.maps().skip_bit(vip).expect("skip bit"), skip, "{name}: skip bit of {vip}");
+        assert_eq!(dp.maps().fast_path(vip).expect("fast path"), fast_path, "{name}: fast path of {vip}");
         run_and_check(dp, Program::Vip, name, &input, &want).unwrap_or_else(|e| panic!("{e}"));
     }
+}
+
+/// A Lease deadline `secs` seconds from now (kernel boot-time ns, as the agent writes it).
+pub fn deadline_in(secs: u64) -> u64 {
+    vip_agent::clock::boot_ns() + secs * 1_000_000_000
 }
 
 /// The destination MAC of the frame the XDP program returns for `frame` (`BPF_PROG_RUN`),

@@ -8,11 +8,11 @@
 use std::net::Ipv4Addr;
 
 use tests::{
-    fixture::{run_and_check, walk_skip_bit, Expect, SkipStep},
+    fixture::{deadline_in, run_and_check, walk_fast_path, Expect, FastPathStep},
     frames::{ipv4, ipv6, tcp, Arp, Frame, Mac, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6},
     xdp,
 };
-use vip_agent::dataplane::{Dataplane, Program};
+use vip_agent::dataplane::{Dataplane, FastPath, Program};
 use vip_common::{Config, Reason, VipState};
 
 const NODE_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
@@ -477,54 +477,92 @@ fn the_vlan_companion_leaves_every_frame_without_a_stripped_tag_to_xdp() {
     }
 }
 
-/// A follower drops a request without reading the VIPS hash when the VIP list says it
-/// neither leads nor probes (`VipSet::ARP_SKIP`). Through every state change the agent's
-/// map layer makes, the bit ends set exactly when the state neither leads nor probes (set
-/// wrongly, a leader would drop requests; missing, every follower drop would pay the hash
-/// lookup again), and the program answers, passes or drops by the state.
+/// The ARP path decides from the VIP list alone where it can (`VipSet::ARP_SKIP`: a
+/// follower that does not probe drops a request; `VipSet::ARP_ANSWER`: a leader answers
+/// until the slot's deadline), without the VIPS hash lookup that was most of its cost.
+/// Through every state change the agent's map layer makes, the list's fast path must be
+/// the one that fits the state (a wrong bit drops or answers where the hash would not; a
+/// missing one costs the lookup again), and the program answers, passes or drops by the
+/// state, the clock included: a leader's bit past its deadline answers nothing.
 #[test]
-fn the_arp_skip_bit_follows_every_state_change() {
+fn the_arp_fast_path_follows_every_state_change() {
     let mut dp = load();
     setup(&mut dp, State::Follower);
     let probe = with_arp(|a| a.spa = Ipv4Addr::UNSPECIFIED);
     let reply = reply_from_node(VIP).bytes();
     let expect = |action, reason, output: Option<Vec<u8>>| Expect { action, reason, output };
-    let steps: Vec<SkipStep> = vec![
-        ("follower", |_| {}, Some(true), request_for(VIP).bytes(), expect(xdp::DROP, Reason::ArpFollowerDropped, None)),
+    let answered = || expect(xdp::TX, Reason::ArpReplied, Some(reply.clone()));
+    let dropped = || expect(xdp::DROP, Reason::ArpFollowerDropped, None);
+    let steps: Vec<FastPathStep> = vec![
+        ("follower", |_| {}, Some(FastPath::Drop), request_for(VIP).bytes(), dropped()),
         (
             "leader",
             |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
-            Some(false),
+            Some(FastPath::Answer),
             request_for(VIP).bytes(),
-            expect(xdp::TX, Reason::ArpReplied, Some(reply.clone())),
+            answered(),
         ),
         (
             "leader, probing",
             |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(false),
+            Some(FastPath::Answer),
             request_for(VIP).bytes(),
-            expect(xdp::TX, Reason::ArpReplied, Some(reply.clone())),
+            answered(),
+        ),
+        (
+            "leader until a Lease deadline",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(3600))),
+            Some(FastPath::Answer),
+            request_for(VIP).bytes(),
+            answered(),
+        ),
+        (
+            "renewed",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(7200))),
+            Some(FastPath::Answer),
+            request_for(VIP).bytes(),
+            answered(),
+        ),
+        (
+            "balancing past its ARP deadline: the hash decides",
+            |dp| {
+                let state = VipState::leader_until(deadline_in(3600));
+                dp.maps_mut().set_vip_with_balancing(VIP, state, VipState::FOREVER).expect("set vip");
+            },
+            Some(FastPath::Lookup),
+            request_for(VIP).bytes(),
+            answered(),
+        ),
+        (
+            "leader whose deadline passed: the bit, and no answer",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(1)),
+            Some(FastPath::Answer),
+            request_for(VIP).bytes(),
+            dropped(),
         ),
         (
             "stopped answering",
-            |dp| dp.maps_mut().stop_answering(VIP).expect("stop"),
-            Some(true),
+            |dp| {
+                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
+                dp.maps_mut().stop_answering(VIP).expect("stop");
+            },
+            Some(FastPath::Drop),
             request_for(VIP).bytes(),
-            expect(xdp::DROP, Reason::ArpFollowerDropped, None),
+            dropped(),
         ),
         (
             "follower, probing",
             |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(false),
+            Some(FastPath::Lookup),
             probe.clone(),
             expect(xdp::PASS, Reason::ArpProbeWhileProbing, None),
         ),
         (
             "probe over",
             |dp| dp.maps_mut().set_probing(VIP, false).expect("probing"),
-            Some(true),
+            Some(FastPath::Drop),
             probe.clone(),
-            expect(xdp::DROP, Reason::ArpFollowerDropped, None),
+            dropped(),
         ),
         (
             "led, then handed over",
@@ -532,9 +570,9 @@ fn the_arp_skip_bit_follows_every_state_change() {
                 seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
                 dp.maps_mut().hand_over_vip(VIP, VipState::FOREVER).expect("hand over");
             },
-            Some(true),
+            Some(FastPath::Drop),
             request_for(VIP).bytes(),
-            expect(xdp::DROP, Reason::ArpFollowerDropped, None),
+            dropped(),
         ),
         (
             "removed while leading",
@@ -547,21 +585,35 @@ fn the_arp_skip_bit_follows_every_state_change() {
             expect(xdp::PASS, Reason::ArpNotVip, None),
         ),
         (
-            "adopted from an older agent: no skip bit while its program may still run",
+            "adopted from an older agent: no bit while its program may still run",
             |dp| {
-                dp.maps_mut().defer_skip_bits();
+                dp.maps_mut().defer_fast_path();
                 seed_vip(dp, VIP, VipState::follower());
             },
-            Some(false),
+            Some(FastPath::Lookup),
             request_for(VIP).bytes(),
-            expect(xdp::DROP, Reason::ArpFollowerDropped, None),
+            dropped(),
+        ),
+        (
+            "leading under the adopted program",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
+            Some(FastPath::Lookup),
+            request_for(VIP).bytes(),
+            answered(),
         ),
         (
             "this agent's program attached",
-            |dp| dp.maps_mut().resume_skip_bits().expect("resume"),
-            Some(true),
+            |dp| dp.maps_mut().resume_fast_path().expect("resume"),
+            Some(FastPath::Answer),
             request_for(VIP).bytes(),
-            expect(xdp::DROP, Reason::ArpFollowerDropped, None),
+            answered(),
+        ),
+        (
+            "a follower again",
+            |dp| dp.maps_mut().stop_answering(VIP).expect("stop"),
+            Some(FastPath::Drop),
+            request_for(VIP).bytes(),
+            dropped(),
         ),
         (
             "removed as a follower",
@@ -575,11 +627,15 @@ fn the_arp_skip_bit_follows_every_state_change() {
             |dp| seed_vip(dp, VIP2, VipState::follower()),
             None,
             request_for(VIP2).bytes(),
-            expect(xdp::DROP, Reason::ArpFollowerDropped, None),
+            dropped(),
         ),
     ];
-    walk_skip_bit(&mut dp, VIP.into(), steps);
-    assert_eq!(dp.maps().skip_bit(VIP2).expect("skip bit"), Some(true), "{VIP2}, a follower in the freed slot");
+    walk_fast_path(&mut dp, VIP.into(), steps);
+    assert_eq!(
+        dp.maps().fast_path(VIP2).expect("fast path"),
+        Some(FastPath::Drop),
+        "{VIP2}, a follower in the freed slot"
+    );
 }
 
 /// Frames shorter than an Ethernet header never reach an XDP program (drivers drop

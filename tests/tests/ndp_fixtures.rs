@@ -15,14 +15,14 @@ use std::{
 };
 
 use tests::{
-    fixture::{run_and_check, walk_skip_bit, Expect, SkipStep},
+    fixture::{deadline_in, run_and_check, walk_fast_path, Expect, FastPathStep},
     frames::{
         icmpv6, ipv6_multicast_mac, ll_option, na_message, ns_message, solicited_node, tcp, Frame, Mac, ALL_NODES,
         ALL_NODES_MAC, ETH_P_8021Q, ETH_P_IPV6,
     },
     xdp,
 };
-use vip_agent::dataplane::{Dataplane, Program};
+use vip_agent::dataplane::{Dataplane, FastPath, Program};
 use vip_common::{Config, Reason, VipState};
 
 const NODE_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
@@ -415,53 +415,87 @@ fn ndp_fixture_table_at_tcx() {
     run_table(Program::Tcx);
 }
 
-/// A follower drops a solicitation without reading the VIPS6 hash when the IPv6 VIP list
-/// says it neither leads nor probes (`VipSet6::NS_SKIP`), under the ARP bit's rules:
-/// through every state change the agent's map layer makes, the bit ends set exactly when
-/// the state neither leads nor probes (set wrongly, a leader would drop solicitations;
-/// missing, every follower drop would pay the hash lookup again), and the program
-/// answers, passes or drops by the state.
+/// The Neighbor Discovery path decides from the IPv6 VIP list alone where it can, under
+/// the ARP bits' rules (`VipSet6::NS_SKIP`: a follower that does not probe drops a
+/// solicitation; `VipSet6::NS_ANSWER`: a leader advertises until the slot's deadline):
+/// through every state change the agent's map layer makes, the list's fast path must be
+/// the one that fits the state, and the program answers, passes or drops by the state,
+/// the clock included.
 #[test]
-fn the_ns_skip_bit_follows_every_state_change() {
+fn the_ns_fast_path_follows_every_state_change() {
     let mut dp = Dataplane::load().expect("loading the XDP object (tests need root)");
     setup(&mut dp, State::Follower);
     let expect = |action, reason, output: Option<Vec<u8>>| Expect { action, reason, output };
     let answer = || expect(xdp::TX, Reason::NsReplied, Some(na_to_client(VIP).bytes()));
     let dropped = || expect(xdp::DROP, Reason::NsFollowerDropped, None);
-    let steps: Vec<SkipStep> = vec![
-        ("follower", |_| {}, Some(true), ns_for(VIP).bytes(), dropped()),
+    let steps: Vec<FastPathStep> = vec![
+        ("follower", |_| {}, Some(FastPath::Drop), ns_for(VIP).bytes(), dropped()),
         (
             "leader",
             |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
-            Some(false),
+            Some(FastPath::Answer),
             ns_for(VIP).bytes(),
             answer(),
         ),
         (
             "leader, probing",
             |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(false),
+            Some(FastPath::Answer),
             ns_for(VIP).bytes(),
             answer(),
         ),
         (
+            "leader until a Lease deadline",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(3600))),
+            Some(FastPath::Answer),
+            ns_for(VIP).bytes(),
+            answer(),
+        ),
+        (
+            "renewed",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(7200))),
+            Some(FastPath::Answer),
+            ns_for(VIP).bytes(),
+            answer(),
+        ),
+        (
+            "balancing past its NS deadline: the hash decides",
+            |dp| {
+                let state = VipState::leader_until(deadline_in(3600));
+                dp.maps_mut().set_vip_with_balancing(VIP, state, VipState::FOREVER).expect("set vip");
+            },
+            Some(FastPath::Lookup),
+            ns_for(VIP).bytes(),
+            answer(),
+        ),
+        (
+            "leader whose deadline passed: the bit, and no answer",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(1)),
+            Some(FastPath::Answer),
+            ns_for(VIP).bytes(),
+            dropped(),
+        ),
+        (
             "stopped answering",
-            |dp| dp.maps_mut().stop_answering(VIP).expect("stop"),
-            Some(true),
+            |dp| {
+                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
+                dp.maps_mut().stop_answering(VIP).expect("stop");
+            },
+            Some(FastPath::Drop),
             ns_for(VIP).bytes(),
             dropped(),
         ),
         (
             "follower, probing",
             |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(false),
+            Some(FastPath::Lookup),
             dad(OTHER_MAC, VIP, &[]).bytes(),
             expect(xdp::PASS, Reason::NsProbeWhileProbing, None),
         ),
         (
             "probe over",
             |dp| dp.maps_mut().set_probing(VIP, false).expect("probing"),
-            Some(true),
+            Some(FastPath::Drop),
             dad(OTHER_MAC, VIP, &[]).bytes(),
             dropped(),
         ),
@@ -471,7 +505,7 @@ fn the_ns_skip_bit_follows_every_state_change() {
                 seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
                 dp.maps_mut().hand_over_vip(VIP, VipState::FOREVER).expect("hand over");
             },
-            Some(true),
+            Some(FastPath::Drop),
             ns_for(VIP).bytes(),
             dropped(),
         ),
@@ -486,19 +520,33 @@ fn the_ns_skip_bit_follows_every_state_change() {
             expect(xdp::PASS, Reason::NsNotVip, None),
         ),
         (
-            "adopted from an older agent: no skip bit while its program may still run",
+            "adopted from an older agent: no bit while its program may still run",
             |dp| {
-                dp.maps_mut().defer_skip_bits();
+                dp.maps_mut().defer_fast_path();
                 seed_vip(dp, VIP, VipState::follower());
             },
-            Some(false),
+            Some(FastPath::Lookup),
             ns_for(VIP).bytes(),
             dropped(),
         ),
         (
+            "leading under the adopted program",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
+            Some(FastPath::Lookup),
+            ns_for(VIP).bytes(),
+            answer(),
+        ),
+        (
             "this agent's program attached",
-            |dp| dp.maps_mut().resume_skip_bits().expect("resume"),
-            Some(true),
+            |dp| dp.maps_mut().resume_fast_path().expect("resume"),
+            Some(FastPath::Answer),
+            ns_for(VIP).bytes(),
+            answer(),
+        ),
+        (
+            "a follower again",
+            |dp| dp.maps_mut().stop_answering(VIP).expect("stop"),
+            Some(FastPath::Drop),
             ns_for(VIP).bytes(),
             dropped(),
         ),
@@ -517,8 +565,12 @@ fn the_ns_skip_bit_follows_every_state_change() {
             dropped(),
         ),
     ];
-    walk_skip_bit(&mut dp, VIP.into(), steps);
-    assert_eq!(dp.maps().skip_bit(VIP2).expect("skip bit"), Some(true), "{VIP2}, a follower in the freed slot");
+    walk_fast_path(&mut dp, VIP.into(), steps);
+    assert_eq!(
+        dp.maps().fast_path(VIP2).expect("fast path"),
+        Some(FastPath::Drop),
+        "{VIP2}, a follower in the freed slot"
+    );
 }
 
 /// Pins of an agent from before the IPv6 VIP list have no list: the loader creates it
@@ -540,11 +592,12 @@ fn an_ipv6_vip_adopted_from_pins_without_the_list_is_listed_again() {
     std::fs::remove_file(pins.join(vip_common::map_names::VIP_SET6)).unwrap();
     let (mut dp, adopted) = Dataplane::open_pinned(&pins).expect("adopting the pins");
     assert!(adopted);
-    assert_eq!(dp.maps().skip_bit(VIP).unwrap(), None, "the list starts empty");
+    assert_eq!(dp.maps().fast_path(VIP).unwrap(), None, "the list starts empty");
     dp.maps_mut().restore_vip_set6().unwrap();
-    assert_eq!(dp.maps().skip_bit(VIP).unwrap(), Some(false), "the leader's VIP is listed again, without a skip bit");
+    let again = "the leader's VIP is listed again, without a fast-path bit (the hash decides)";
+    assert_eq!(dp.maps().fast_path(VIP).unwrap(), Some(FastPath::Lookup), "{again}");
     dp.maps_mut().restore_vip_set6().unwrap();
-    assert_eq!(dp.maps().skip_bit(VIP).unwrap(), Some(false), "restoring again changes nothing");
+    assert_eq!(dp.maps().fast_path(VIP).unwrap(), Some(FastPath::Lookup), "restoring again changes nothing");
 }
 
 /// The checker itself: scapy rejects an advertisement whose checksum is off by one, so

@@ -163,7 +163,8 @@ pub struct VipSet {
     pub balance_until_ns: [u64; MAX_VIPS as usize],
     /// Per slot: the L2 segment the VIP lives on, as [`segment_of`] names a frame's
     /// (0: untagged), host order, in the low 12 bits ([`VipSet::SEGMENT`]); bit 15 is
-    /// [`VipSet::ARP_SKIP`]. VIP traffic arriving on another segment is not ours.
+    /// [`VipSet::ARP_SKIP`], bit 14 [`VipSet::ARP_ANSWER`]. VIP traffic arriving on
+    /// another segment is not ours.
     pub segments: [u16; MAX_VIPS as usize],
 }
 const _: () = assert!(core::mem::size_of::<VipSet>() == 224);
@@ -204,11 +205,42 @@ impl VipSet {
     /// older agent (which leaves the bit clear: the hash decides) is adopted as it is.
     pub const ARP_SKIP: u16 = 0x8000;
 
+    /// In a [`VipSet::segments`] entry: this node leads the VIP until the slot's
+    /// [`VipSet::balance_until_ns`], so the leader's ARP path answers a request for it
+    /// without looking its state up in the VIPS hash while the clock is before that
+    /// deadline (the hash lookup was 30 of the 40 ns the answer cost above the
+    /// `XDP_PASS` floor). Past the deadline, the hash decides. The agent sets the bit only
+    /// after writing a leader state whose deadline is the slot's, and clears it before
+    /// writing any state that does not lead (or removing the VIP), so the bit never
+    /// answers where the hash would not; a stale clear bit costs a lookup. Bit 14: a
+    /// program from before it masks the segment with [`VipSet::SEGMENT`] and never sees
+    /// it; one from before [`VipSet::ARP_SKIP`] reads the entry whole, which is why the
+    /// agent gives no bit while such a program may run.
+    pub const ARP_ANSWER: u16 = 0x4000;
+
+    /// Both fast-path bits of a [`VipSet::segments`] entry.
+    pub const FAST_PATH: u16 = Self::ARP_SKIP | Self::ARP_ANSWER;
+
     /// Whether a VIP whose [`VipState::flags`] are `flags` may carry
     /// [`VipSet::ARP_SKIP`]: neither leader nor probing.
     #[inline(always)]
     pub const fn arp_skips(flags: u32) -> bool {
         flags & (VipState::F_LEADER | VipState::F_PROBING) == 0
+    }
+
+    /// The fast-path bits ([`VipSet::FAST_PATH`]) a VIP whose hash state is `state` may
+    /// carry when its slot's deadline is `balance_until_ns`: [`VipSet::ARP_SKIP`] if it
+    /// neither leads nor probes, [`VipSet::ARP_ANSWER`] if it leads until exactly that
+    /// deadline, none otherwise (the hash decides).
+    #[inline(always)]
+    pub const fn fast_path_bits(state: &VipState, balance_until_ns: u64) -> u16 {
+        if Self::arp_skips(state.flags) {
+            Self::ARP_SKIP
+        } else if state.flags & VipState::F_LEADER != 0 && state.leader_until_ns == balance_until_ns {
+            Self::ARP_ANSWER
+        } else {
+            0
+        }
     }
 }
 
@@ -227,7 +259,8 @@ pub struct VipSet6 {
     /// (host order; 0: never, [`VipState::FOREVER`]: always).
     pub balance_until_ns: [u64; MAX_VIPS as usize],
     /// Per slot: the L2 segment the VIP lives on ([`segment_of`]; 0: untagged), host
-    /// order, in the low 12 bits ([`VipSet::SEGMENT`]); bit 15 is [`VipSet6::NS_SKIP`].
+    /// order, in the low 12 bits ([`VipSet::SEGMENT`]); bit 15 is [`VipSet6::NS_SKIP`], bit
+    /// 14 [`VipSet6::NS_ANSWER`].
     pub segments: [u16; MAX_VIPS as usize],
 }
 const _: () = assert!(core::mem::size_of::<VipSet6>() == 416);
@@ -250,6 +283,11 @@ impl VipSet6 {
     /// read the segment entry whole, so an agent that adopts one sets no bit until its
     /// own program runs.
     pub const NS_SKIP: u16 = VipSet::ARP_SKIP;
+
+    /// In a [`VipSet6::segments`] entry: [`VipSet::ARP_ANSWER`] for Neighbor Discovery (the
+    /// leader advertises without the VIPS6 hash lookup while the slot's deadline holds),
+    /// kept by the agent under the same rules.
+    pub const NS_ANSWER: u16 = VipSet::ARP_ANSWER;
 
     /// The slot of the address whose two 8-byte words (its bytes in memory order, read
     /// as little-endian words) are `addr`, if it is a VIP.

@@ -67,27 +67,44 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if vip.arp_skip {
         return Verdict::drop(Reason::ArpFollowerDropped);
     }
+    // Leading until the list's deadline (`VipSet::ARP_ANSWER` never answers where the
+    // hash would not): answered without the hash lookup. Past it, the hash decides.
+    if vip.arp_answer && leads_until(vip.balance_until) {
+        return answer(eth, arp, mac, tpa);
+    }
     // SAFETY: the value is copied out at once; a concurrent update replaces the element
     // as a whole (hash map), so we read either the old or the new state.
     let Some(state) = (unsafe { VIPS.get(VipKey::new(tpa)) }).copied() else {
         // In the list but not (yet, or any more) in the hash: added or removed just now.
         return Verdict::pass(Reason::ArpNotVip);
     };
-    // A follower needs no clock; a leader with a deadline reads it.
-    // SAFETY (the helper): no preconditions.
-    if state.flags & VipState::F_LEADER == 0
-        || (state.leader_until_ns != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= state.leader_until_ns)
-    {
+    // A follower needs no clock.
+    if state.flags & VipState::F_LEADER == 0 || !leads_until(state.leader_until_ns) {
         // Our agent probes for the VIP too: let it see another host's probe.
         if state.flags & VipState::F_PROBING != 0 && arp.spa == [0; 4] {
             return Verdict::pass(Reason::ArpProbeWhileProbing);
         }
         return Verdict::drop(Reason::ArpFollowerDropped);
     }
+    answer(eth, arp, mac, tpa)
+}
+
+/// Whether a leader whose deadline is `until_ns` (kernel boot-time ns) still leads: a
+/// deadline that never passes skips the clock.
+#[inline(always)]
+pub fn leads_until(until_ns: u64) -> bool {
+    // SAFETY (the helper): no preconditions.
+    until_ns == VipState::FOREVER || unsafe { bpf_ktime_get_boot_ns() } < until_ns
+}
+
+/// The leader's answer to a request for `vip`: the reply from `mac`, or a drop while
+/// this node's MAC is not configured.
+#[inline(always)]
+fn answer(eth: &mut network_types::eth::EthHdr, arp: &mut ArpHdr, mac: u64, vip: [u8; 4]) -> Verdict {
     if mac == 0 {
         return Verdict::drop(Reason::ArpNoConfig);
     }
-    reply_in_place(eth, arp, mac, tpa);
+    reply_in_place(eth, arp, mac, vip);
     Verdict::tx(Reason::ArpReplied)
 }
 

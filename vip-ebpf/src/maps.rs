@@ -118,6 +118,8 @@ pub struct VipInfo {
     pub segment: u16,
     /// [`VipSet::ARP_SKIP`]: this node neither leads nor probes for the VIP.
     pub arp_skip: bool,
+    /// [`VipSet::ARP_ANSWER`]: this node leads the VIP until `balance_until`.
+    pub arp_answer: bool,
 }
 
 /// The VIP `addr`, if it is one of this node's (the IPv4 path's membership test).
@@ -130,6 +132,7 @@ pub fn vip(addr: [u8; 4]) -> Option<VipInfo> {
         balance_until: *set.balance_until_ns.get(i)?,
         segment: segment & VipSet::SEGMENT,
         arp_skip: segment & VipSet::ARP_SKIP != 0,
+        arp_answer: segment & VipSet::ARP_ANSWER != 0,
     })
 }
 
@@ -142,6 +145,8 @@ pub struct Vip6Info {
     pub segment: u16,
     /// [`VipSet6::NS_SKIP`]: this node neither leads nor probes for the VIP.
     pub ns_skip: bool,
+    /// [`VipSet6::NS_ANSWER`]: this node leads the VIP until `balance_until`.
+    pub ns_answer: bool,
 }
 
 /// The IPv6 VIP whose address is `addr` (`parse::load_ipv6_words`' form), if it is one
@@ -155,6 +160,7 @@ pub fn vip6(addr: [u64; 2]) -> Option<Vip6Info> {
         balance_until: *set.balance_until_ns.get(i)?,
         segment: segment & VipSet::SEGMENT,
         ns_skip: segment & VipSet6::NS_SKIP != 0,
+        ns_answer: segment & VipSet6::NS_ANSWER != 0,
     })
 }
 

@@ -17,11 +17,11 @@
 //! one advertisement it will check itself; the advertisement's checksum is computed in
 //! full over the pseudo-header (RFC 4443 §2.3).
 
-use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use network_types::ip::Ipv6Hdr;
 use vip_common::{Reason, Vip6Key, VipState};
 
 use crate::{
+    arp::leads_until,
     csum,
     ctx::Packet,
     maps::{vip6, CONFIG, VIPS6},
@@ -135,26 +135,26 @@ pub fn handle(ctx: &impl Packet, l2: &L2, ip: &Ipv6Hdr) -> Verdict {
     if vip.ns_skip {
         return Verdict::drop(Reason::NsFollowerDropped);
     }
+    let to = if dad { ALL_NODES } else { ip.src_addr };
+    let to_mac = if dad { load_mac_array(&ALL_NODES_MAC) } else { src };
+    // Leading until the list's deadline (`VipSet6::NS_ANSWER`, under the ARP bit's
+    // rules): advertised without the hash lookup. Past it, the hash decides.
+    if vip.ns_answer && leads_until(vip.balance_until) {
+        return advertise(ctx, l2, mac, to_mac, &to, &target, !dad);
+    }
     // SAFETY: the value is copied out at once; a concurrent update replaces the element
     // whole (hash map).
     let Some(state) = (unsafe { VIPS6.get(&Vip6Key::new(target)) }).map(|v| v.state) else {
         // In the list but not (yet, or any more) in the hash: added or removed just now.
         return Verdict::pass(Reason::NsNotVip);
     };
-    // SAFETY (the helper): no preconditions.
-    if state.flags & VipState::F_LEADER == 0
-        || (state.leader_until_ns != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= state.leader_until_ns)
-    {
+    if state.flags & VipState::F_LEADER == 0 || !leads_until(state.leader_until_ns) {
         if state.flags & VipState::F_PROBING != 0 && dad {
             return Verdict::pass(Reason::NsProbeWhileProbing);
         }
         return Verdict::drop(Reason::NsFollowerDropped);
     }
-    if mac == 0 {
-        return Verdict::drop(Reason::ArpNoConfig);
-    }
-    let to = if dad { ALL_NODES } else { ip.src_addr };
-    advertise(ctx, l2, mac, if dad { load_mac_array(&ALL_NODES_MAC) } else { src }, &to, &target, !dad)
+    advertise(ctx, l2, mac, to_mac, &to, &target, !dad)
 }
 
 /// `load_mac`'s form of a constant MAC.
@@ -193,7 +193,8 @@ fn carries_source_ll(ctx: &impl Packet, icmp_off: usize, payload_len: usize) -> 
 /// Turns the solicitation into the advertisement of `target` at `mac`, to `to` (its
 /// sender, or all-nodes for a DAD probe) at `to_mac`, in place: the frame keeps its
 /// Ethernet header and VLAN tags (so the answer leaves on the segment the question came
-/// from) and is cut or grown to exactly the NA and its target link-layer option.
+/// from) and is cut or grown to exactly the NA and its target link-layer option. A drop,
+/// the frame untouched, while this node's MAC (`mac`) is not configured (zero).
 #[inline(always)]
 fn advertise(
     ctx: &impl Packet,
@@ -204,6 +205,9 @@ fn advertise(
     target: &[u8; 16],
     solicited: bool,
 ) -> Verdict {
+    if mac == 0 {
+        return Verdict::drop(Reason::ArpNoConfig);
+    }
     let failed = Verdict::drop(Reason::NdpMalformed);
     let new_len = l2.l3_off + Ipv6Hdr::LEN + NA_LEN;
     // The length as a plain number first: the verifier refuses arithmetic on the

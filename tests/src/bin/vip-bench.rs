@@ -3,8 +3,9 @@
 //! Maglev table build time.
 //!
 //! Two per-packet figures:
-//! - *single*: the median of many one-frame runs (each syscall's own kernel timing, which
-//!   includes the timer's overhead, the same for every row). Works for every path.
+//! - *single*: the mean of the middle half of many one-frame runs (each syscall's own
+//!   kernel timing, which includes the timer's overhead, the same for every row; see
+//!   `tests::perpacket`). Works for every path.
 //! - *repeat*: the kernel's average over `REPEAT` runs of one frame. The kernel does not
 //!   restore the frame between runs, so this is only given for paths whose output is a
 //!   fixed point: drop and pass leave the frame alone, and an established DSR flow's
@@ -22,7 +23,7 @@ use tests::{
         ETH_P_IPV4, ETH_P_IPV6, TCP_ACK, TCP_SYN,
     },
     lab::FibLab,
-    perpacket::{fixed_point_repeat, median_single, REPEAT, SINGLE_RUNS},
+    perpacket::{fixed_point_repeat, single_ns, REPEAT, SINGLE_RUNS},
 };
 use vip_agent::{
     balancer::{BackendSpec, Balancer, ServiceSpec},
@@ -84,7 +85,7 @@ fn single(runner: &Runner<'_>, row: &Row) -> Result<f64, String> {
         Frames::Same(f) => Cow::Borrowed(&f[..]),
         Frames::NewFlows => Cow::Owned(syn_from(i as u32)),
     };
-    median_single(runs(runner, row), frame_at, row.expect_action).map_err(|e| format!("{}: {e}", row.name))
+    single_ns(runs(runner, row), frame_at, row.expect_action).map_err(|e| format!("{}: {e}", row.name))
 }
 
 /// The kernel's average over `REPEAT` runs of a row whose output is a fixed point; a row
@@ -374,7 +375,7 @@ fn xdp_table() -> Result<(), String> {
     let (floor_single, floor_repeat) = (out[0].1, out[0].2.unwrap_or(f64::NAN));
     println!("XDP per-packet cost via BPF_PROG_RUN ({} CPUs, kernel {})", nproc(), kernel());
     println!(
-        "single = median of {SINGLE_RUNS} one-frame runs; repeat = kernel average over {REPEAT} runs of one frame"
+        "single = mean of the middle half of {SINGLE_RUNS} one-frame runs; repeat = kernel average over {REPEAT} runs of one frame"
     );
     println!("{:<26} {:>10} {:>8} {:>10} {:>8}", "path", "single ns", "x floor", "repeat ns", "x floor");
     for (name, single, repeat) in out.iter().chain(&logged) {

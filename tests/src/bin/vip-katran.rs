@@ -28,7 +28,7 @@ use aya_obj::programs::XdpAttachType;
 use tests::{
     frames::{ipv4, tcp, Frame, ETH_P_IPV4, TCP_ACK, TCP_SYN},
     lab::FibLab,
-    perpacket::{fixed_point_repeat, median_single, REPEAT, SINGLE_RUNS},
+    perpacket::{fixed_point_repeat, single_ns, REPEAT, SINGLE_RUNS},
 };
 use vip_agent::{
     balancer::{BackendSpec, Balancer, ServiceSpec},
@@ -231,8 +231,9 @@ fn segment_from(i: u32, vip: Ipv4Addr, flags: u8) -> Vec<u8> {
     Frame::new(FibLab::LB_MAC, CLIENT_MAC, ETH_P_IPV4, ipv4(src, vip, 6, &seg)).bytes()
 }
 
-/// Median ns of single runs, and the kernel's average over [`REPEAT`] runs where the
-/// output is a fixed point (checked: run again, the same output and action).
+/// The single figure (`perpacket::single_ns`), and the kernel's average over [`REPEAT`]
+/// runs where the output is a fixed point (checked: run again, the same output and
+/// action).
 fn measure(side: Side<'_>, frames: Frames<'_>, want: u32) -> Result<(f64, Option<f64>), String> {
     let run = |frame: &[u8], repeat| side.run(frame, repeat);
     if let Frames::Same(frame) = frames {
@@ -243,7 +244,7 @@ fn measure(side: Side<'_>, frames: Frames<'_>, want: u32) -> Result<(f64, Option
         Frames::NewFlows(vip) => Cow::Owned(syn_from(i as u32, vip)),
         Frames::PinnedFlows(vip) => Cow::Owned(segment_from(i as u32, vip, TCP_ACK)),
     };
-    let single = median_single(run, frame_at, want)?;
+    let single = single_ns(run, frame_at, want)?;
     let repeat = match frames {
         Frames::Same(frame) => fixed_point_repeat(run, frame, want)?,
         Frames::NewFlows(_) | Frames::PinnedFlows(_) => None,
@@ -412,7 +413,7 @@ fn print(rows: &[Measured], commit: &str, cpus: &[usize], lru: u32) {
          BPF_PROG_RUN, same frames, one run, the two sides alternating which goes first"
     );
     println!(
-        "(kernel {}); single = median of {SINGLE_RUNS} one-frame runs, repeat = kernel average over {REPEAT} runs",
+        "(kernel {}); single = mean of the middle half of {SINGLE_RUNS} one-frame runs, repeat = kernel average over {REPEAT} runs",
         kernel.trim()
     );
     println!("net = single minus the floor's single; Katran answers every VIP by IPIP (its only mode)");

@@ -545,8 +545,8 @@ async fn stage(
     let now = boot_ns();
     let mut initially_leading = cfg.mode == Mode::Arp;
     if adopted {
-        // The program still running may be an older agent's (see `defer_skip_bits`).
-        dp.maps_mut().defer_skip_bits();
+        // The program still running may be an older agent's (see `defer_fast_path`).
+        dp.maps_mut().defer_fast_path();
         // An older agent's pins may have had no IPv6 list (created empty on loading).
         dp.maps_mut().restore_vip_set6()?;
     }
@@ -583,7 +583,7 @@ async fn stage(
         // on another CPU: wait out such a run (microseconds; the balancer's table-flip
         // grace covers it) before setting bits that program would misread.
         tokio::time::sleep(DEFAULT_GRACE).await;
-        dp.maps_mut().resume_skip_bits()?;
+        dp.maps_mut().resume_fast_path()?;
     }
     if cfg.attach == crate::dataplane::Hook::Xdp && cfg.vlan != 0 {
         say_where_vlan_frames_go(cfg, dev, dp.vlan_companion());

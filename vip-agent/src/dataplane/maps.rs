@@ -184,15 +184,16 @@ pub struct Maps {
     handoff_no_meta: Option<Array<MapData, u32>>,
     /// `None` for pins an agent older than the IPv6 VIP list left (status reads them).
     vip_set6: Option<Array<MapData, VipSet6>>,
-    /// While set, no VIP is given its skip bit ([`Maps::defer_skip_bits`]).
-    skip_bits_deferred: bool,
+    /// While set, no VIP is given a fast-path bit ([`Maps::defer_fast_path`]).
+    fast_path_deferred: bool,
 }
 
 /// Serialises every write of a VIP's state, process-wide: the node and the election's
 /// fence each hold a `Maps`. Each write is several steps (the list's read-modify-write, a
-/// hash element, the skip bit, often a read of the state first), and two interleaved
-/// would lose one's change (a deadline, a skip bit) or leave a skip bit over a state
-/// that leads (the fence writing "leader" between the node's "follower" and its bit).
+/// hash element, the fast-path bits, often a read of the state first), and two
+/// interleaved would lose one's change (a deadline, a bit) or leave a bit over a state it
+/// does not fit (the fence writing "leader" between the node's "follower" and its skip
+/// bit).
 /// Held by every public method that writes one (see [`vip_writes`]).
 static VIP_SET_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -200,6 +201,36 @@ static VIP_SET_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// written by one syscall): the lock's poison carries nothing to recover.
 fn vip_writes() -> std::sync::MutexGuard<'static, ()> {
     VIP_SET_WRITES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Which fast path a VIP's list entry gives the ARP (or NS) path: the fast-path bits
+/// ([`VipSet::FAST_PATH`]) as [`Maps::fast_path`] reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPath {
+    /// No bit: the VIPS (VIPS6) hash decides.
+    Lookup,
+    /// [`VipSet::ARP_SKIP`]: neither leading nor probing, a request is dropped.
+    Drop,
+    /// [`VipSet::ARP_ANSWER`]: leading until the slot's deadline, a request is answered.
+    Answer,
+}
+
+/// The fast-path bits a list entry keeps when the state and deadline of its VIP are
+/// rewritten (list first, then the hash): those it has (`entry`, the slot's deadline
+/// `old_until`) if `same` VIP and they fit both the hash's state meanwhile (the old one,
+/// which they fit already) and `state`, under the new deadline `new_until`. An answer
+/// bit fits the old state under the new deadline only if the deadline is unchanged: a
+/// renewal clears it until its hash write, rather than answer until a deadline the hash
+/// does not yet hold.
+fn kept_fast_path(same: bool, entry: u16, old_until: u64, state: &VipState, new_until: u64) -> u16 {
+    let bits = entry & VipSet::FAST_PATH;
+    let fits =
+        bits == VipSet::fast_path_bits(state, new_until) && (bits != VipSet::ARP_ANSWER || old_until == new_until);
+    if same && fits {
+        bits
+    } else {
+        0
+    }
 }
 
 /// The slot of `vip` in a VIP list: `found` (where it is already), else the first free
@@ -241,7 +272,7 @@ impl Maps {
             peers: HashMap::try_from(open(dir, map_names::PEERS)?).map_err(ty(map_names::PEERS))?,
             handoff_no_meta: open(dir, map_names::HANDOFF_NO_META).ok().and_then(|m| Array::try_from(m).ok()),
             vip_set6: open(dir, map_names::VIP_SET6).ok().and_then(|m| Array::try_from(m).ok()),
-            skip_bits_deferred: false,
+            fast_path_deferred: false,
         })
     }
 
@@ -267,7 +298,7 @@ impl Maps {
                 Array::try_from(take(ebpf, map_names::HANDOFF_NO_META)?).map_err(ty(map_names::HANDOFF_NO_META))?,
             ),
             vip_set6: Some(Array::try_from(take(ebpf, map_names::VIP_SET6)?).map_err(ty(map_names::VIP_SET6))?),
-            skip_bits_deferred: false,
+            fast_path_deferred: false,
         })
     }
 
@@ -331,13 +362,13 @@ impl Maps {
                     return Err(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS });
                 }
                 // The list first: the forwarding path never meets a VIP Neighbor Discovery
-                // knows and it does not. Its skip bit as for IPv4 below.
-                let skips = VipSet::arp_skips(state.flags);
+                // knows and it does not. Its fast-path bits as for IPv4 below.
                 self.update_vip_set6(|set| {
                     let slot = slot_for(set.slot(&vip.octets()), &set.addrs, vip.into())?;
-                    let kept = set.addrs[slot] == vip.octets() && skips;
-                    let skip = if kept { set.segments[slot] & VipSet6::NS_SKIP } else { 0 };
-                    let entry = (vip.octets(), balance_until_ns, state.segment & VipSet::SEGMENT | skip);
+                    let same = set.addrs[slot] == vip.octets();
+                    let bits =
+                        kept_fast_path(same, set.segments[slot], set.balance_until_ns[slot], &state, balance_until_ns);
+                    let entry = (vip.octets(), balance_until_ns, state.segment & VipSet::SEGMENT | bits);
                     let changed = (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) != entry;
                     (set.addrs[slot], set.balance_until_ns[slot], set.segments[slot]) = entry;
                     Ok(changed)
@@ -345,15 +376,14 @@ impl Maps {
                 return self.write_vip6_state(vip, Vip6State { state, balance_until_ns });
             }
         };
-        let skips = VipSet::arp_skips(state.flags);
         self.update_vip_set(|set| {
             let slot = slot_for(set.slot(vip.octets()), &set.addrs, vip.into())?;
-            // The ARP skip bit is cleared here, before the state, when the state leads or
-            // probes; set only after the state (`write_vip_state`). A new VIP starts
-            // without it.
-            let kept = set.addrs[slot] == vip.octets() && skips;
-            let skip = if kept { set.segments[slot] & VipSet::ARP_SKIP } else { 0 };
-            let segment = state.segment & VipSet::SEGMENT | skip;
+            // The fast-path bits are cleared here, before the state, unless they fit both
+            // the state the hash holds now and the new one (`kept_fast_path`); set only
+            // after the state (`write_vip_state`). A new VIP starts without them.
+            let same = set.addrs[slot] == vip.octets();
+            let bits = kept_fast_path(same, set.segments[slot], set.balance_until_ns[slot], &state, balance_until_ns);
+            let segment = state.segment & VipSet::SEGMENT | bits;
             let changed = set.addrs[slot] != vip.octets()
                 || set.balance_until_ns[slot] != balance_until_ns
                 || set.segments[slot] != segment;
@@ -365,14 +395,19 @@ impl Maps {
         self.write_vip_state(vip, state)
     }
 
-    /// Writes the state of `vip` in its family's map, and its skip bit
-    /// ([`VipSet::ARP_SKIP`], [`VipSet6::NS_SKIP`]): cleared before a state that leads or
-    /// probes, set only after one that does neither, so the bit never hides a flag the
-    /// hash holds. Nothing else (an IPv6 VIP keeps its balancing deadline).
+    /// Writes the state of `vip` in its family's map, and its fast-path bits
+    /// ([`VipSet::FAST_PATH`]): cleared before the state unless they fit it, set only
+    /// after it, so a bit never drops or answers where the hash would not. Nothing else
+    /// (an IPv6 VIP keeps its balancing deadline).
     fn put_vip(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
-        if !VipSet::arp_skips(state.flags) {
-            self.set_skip_bit(vip, false)?;
-        }
+        self.set_fast_path(vip, |entry, balance_until_ns| {
+            let bits = entry & VipSet::FAST_PATH;
+            if bits == VipSet::fast_path_bits(&state, balance_until_ns) {
+                bits
+            } else {
+                0
+            }
+        })?;
         match vip {
             IpAddr::V4(v) => self.write_vip_state(v, state),
             IpAddr::V6(v) => {
@@ -450,23 +485,31 @@ impl Maps {
                 self.update_vip_set6(|set| {
                     let Some(slot) = set.slot(&v.octets()) else { return Ok(false) };
                     set.balance_until_ns[slot] = balance_until_ns;
+                    set.segments[slot] &= !VipSet6::NS_ANSWER;
                     Ok(true)
                 })?;
                 return self.put_vip6(v, Vip6State { state, balance_until_ns });
             }
         };
+        // The state no longer leads, so the slot has no answer bit to extend; cleared all
+        // the same, as the new deadline is not the state's.
         self.update_vip_set(|set| {
             let Some(slot) = set.slot(vip.octets()) else { return Ok(false) };
             set.balance_until_ns[slot] = balance_until_ns;
+            set.segments[slot] &= !VipSet::ARP_ANSWER;
             Ok(true)
         })
     }
 
-    /// Removes `vip` (state first, then membership); removing one that is not there is
-    /// not an error.
+    /// Removes `vip` (fast-path bits first, then state, then membership); removing one
+    /// that is not there is not an error.
     pub fn remove_vip(&mut self, vip: impl Into<IpAddr>) -> Result<(), MapError> {
         let _writes = vip_writes();
-        let vip = match vip.into() {
+        let vip = vip.into();
+        // A leader's bit would answer for the VIP between its state's removal and its
+        // slot's.
+        self.set_fast_path(vip, |_, _| 0)?;
+        let vip = match vip {
             IpAddr::V4(v) => v,
             IpAddr::V6(v) => {
                 match self.vips6.remove(&Vip6Key::new(v.octets())) {
@@ -493,26 +536,27 @@ impl Maps {
         })
     }
 
-    /// Writes the VIPS hash state of `vip`, whose skip bit the caller has cleared if
-    /// `state` leads or probes, then sets the bit if it does neither.
+    /// Writes the VIPS hash state of `vip`, whose fast-path bits the caller has cleared
+    /// unless they fit `state`, then gives it the bits that do.
     fn write_vip_state(&mut self, vip: Ipv4Addr, state: VipState) -> Result<(), MapError> {
         self.vips.insert(VipKey::new(vip.octets()), state, 0).map_err(op(map_names::VIPS, "insert"))?;
-        self.set_skip_bit_after(vip.into(), state)
+        self.set_fast_path_after(vip.into(), state)
     }
 
     /// [`Maps::write_vip_state`] for an IPv6 VIP.
     fn write_vip6_state(&mut self, vip: Ipv6Addr, state: Vip6State) -> Result<(), MapError> {
         self.put_vip6(vip, state)?;
-        self.set_skip_bit_after(vip.into(), state.state)
+        self.set_fast_path_after(vip.into(), state.state)
     }
 
-    /// After `state` is written for `vip`: its skip bit, if it neither leads nor probes
-    /// (and no adopted program may still run).
-    fn set_skip_bit_after(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
-        if VipSet::arp_skips(state.flags) && !self.skip_bits_deferred {
-            self.set_skip_bit(vip, true)?;
+    /// After `state` is written for `vip`: the fast-path bits that fit it
+    /// ([`VipSet::fast_path_bits`] with the slot's deadline), unless an adopted program may
+    /// still run.
+    fn set_fast_path_after(&mut self, vip: IpAddr, state: VipState) -> Result<(), MapError> {
+        if self.fast_path_deferred {
+            return Ok(());
         }
-        Ok(())
+        self.set_fast_path(vip, |_, balance_until_ns| VipSet::fast_path_bits(&state, balance_until_ns))
     }
 
     /// Puts every IPv6 VIP of the Neighbor Discovery hash that the IPv6 list lacks into
@@ -542,61 +586,64 @@ impl Maps {
         Ok(())
     }
 
-    /// Gives no VIP a skip bit ([`VipSet::ARP_SKIP`], [`VipSet6::NS_SKIP`]) until
-    /// [`Maps::resume_skip_bits`]: while the program running is an adopted one, which may
-    /// be an older agent's that reads a segment entry whole (the bit would make it see
-    /// every VIP frame as another segment's).
-    pub fn defer_skip_bits(&mut self) {
-        self.skip_bits_deferred = true;
+    /// Gives no VIP a fast-path bit ([`VipSet::FAST_PATH`], the same bits in
+    /// [`VipSet6`]) until [`Maps::resume_fast_path`]: while the program running is an
+    /// adopted one, which may be an older agent's that reads a segment entry whole (a bit
+    /// would make it see every VIP frame as another segment's).
+    pub fn defer_fast_path(&mut self) {
+        self.fast_path_deferred = true;
     }
 
-    /// Ends [`Maps::defer_skip_bits`] once this agent's program runs: every VIP whose
-    /// state neither leads nor probes gets its bit.
-    pub fn resume_skip_bits(&mut self) -> Result<(), MapError> {
+    /// Ends [`Maps::defer_fast_path`] once this agent's program runs: every VIP gets the
+    /// bits that fit its state.
+    pub fn resume_fast_path(&mut self) -> Result<(), MapError> {
         let _writes = vip_writes();
-        self.skip_bits_deferred = false;
+        self.fast_path_deferred = false;
         for (vip, state) in self.vips()? {
-            if VipSet::arp_skips(state.flags) {
-                self.set_skip_bit(vip, true)?;
-            }
+            self.set_fast_path_after(vip, state)?;
         }
         Ok(())
     }
 
-    /// Whether `vip` carries its skip bit, if it is in its family's list.
-    pub fn skip_bit(&self, vip: impl Into<IpAddr>) -> Result<Option<bool>, MapError> {
-        let has = |entry: u16| entry & VipSet::ARP_SKIP != 0;
+    /// Which fast path `vip`'s list entry gives its ARP (or NS) answers, if it is in its
+    /// family's list.
+    pub fn fast_path(&self, vip: impl Into<IpAddr>) -> Result<Option<FastPath>, MapError> {
+        let of = |entry: u16| match entry & VipSet::FAST_PATH {
+            VipSet::ARP_SKIP => FastPath::Drop,
+            VipSet::ARP_ANSWER => FastPath::Answer,
+            _ => FastPath::Lookup,
+        };
         match vip.into() {
             IpAddr::V4(v) => {
                 let set = self.vip_set()?;
-                Ok(set.slot(v.octets()).map(|i| has(set.segments[i])))
+                Ok(set.slot(v.octets()).map(|i| of(set.segments[i])))
             }
             IpAddr::V6(v) => {
                 let Some(map) = self.vip_set6.as_ref() else { return Ok(None) };
                 let set = map.get(&0, 0).map_err(op(map_names::VIP_SET6, "get"))?;
-                Ok(set.slot(&v.octets()).map(|i| has(set.segments[i])))
+                Ok(set.slot(&v.octets()).map(|i| of(set.segments[i])))
             }
         }
     }
 
-    /// Sets or clears the skip bit of `vip`, if it is in its family's list and the bit
-    /// changes ([`VipSet6::NS_SKIP`] is the same bit as [`VipSet::ARP_SKIP`]).
-    fn set_skip_bit(&mut self, vip: IpAddr, skip: bool) -> Result<(), MapError> {
-        let with_bit = |entry: u16| entry & !VipSet::ARP_SKIP | if skip { VipSet::ARP_SKIP } else { 0 };
+    /// Replaces the fast-path bits of `vip`'s list entry with `bits(entry, deadline)` (its
+    /// segment entry and the slot's balancing deadline), if it is in its family's list;
+    /// written only if they change ([`VipSet6`]'s bits are [`VipSet`]'s).
+    fn set_fast_path(&mut self, vip: IpAddr, bits: impl Fn(u16, u64) -> u16) -> Result<(), MapError> {
         // Whether the entry changed.
-        let update = |entry: &mut u16| {
-            let new = with_bit(*entry);
+        let update = |entry: &mut u16, balance_until_ns: u64| {
+            let new = *entry & !VipSet::FAST_PATH | bits(*entry, balance_until_ns) & VipSet::FAST_PATH;
             let changed = new != *entry;
             *entry = new;
             changed
         };
         match vip {
-            IpAddr::V4(v) => {
-                self.update_vip_set(|set| Ok(set.slot(v.octets()).is_some_and(|i| update(&mut set.segments[i]))))
-            }
-            IpAddr::V6(v) => {
-                self.update_vip_set6(|set| Ok(set.slot(&v.octets()).is_some_and(|i| update(&mut set.segments[i]))))
-            }
+            IpAddr::V4(v) => self.update_vip_set(|set| {
+                Ok(set.slot(v.octets()).is_some_and(|i| update(&mut set.segments[i], set.balance_until_ns[i])))
+            }),
+            IpAddr::V6(v) => self.update_vip_set6(|set| {
+                Ok(set.slot(&v.octets()).is_some_and(|i| update(&mut set.segments[i], set.balance_until_ns[i])))
+            }),
         }
     }
 

@@ -24,7 +24,7 @@ use aya::{
 use tracing::{debug, info, warn};
 use vip_common::{program_names, tail_calls};
 
-pub use self::maps::{MapError, Maps, ServiceId, VipStates};
+pub use self::maps::{FastPath, MapError, Maps, ServiceId, VipStates};
 use crate::netdev::Netdev;
 
 /// The XDP object built from `vip-ebpf` by the build script.
