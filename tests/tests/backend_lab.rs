@@ -137,6 +137,28 @@ fn a_restart_keeps_a_draining_backend_and_the_slots_it_holds() {
     }
 }
 
+/// A draining backend holds the Maglev slots it had for `--drain-hold`, then gives them
+/// up: with nothing else changing, the agent rewrites the table once the hold is over
+/// (its tick checks), and the backend stays draining (its pins still honoured). Held
+/// for ever, its slots would send every pin lost meanwhile to it, and every connection
+/// opened since in them once the VIP moves, long after its own connections are gone.
+#[test]
+fn a_draining_backend_gives_up_its_held_slots_when_its_hold_ends() {
+    let lab = ApiLab::new([10, 117, 0], 3, &[0]).unwrap();
+    let _agent = lab.start_agent(0, &["--drain-hold", "2s"]).unwrap();
+    let ip = lab.nodes[2].ip.to_string();
+    std::fs::write(lab.unready_file(2), b"").unwrap();
+    let held = || {
+        let s = lab.status(0).ok()?;
+        backend(&s, &ip).filter(|b| b["state"] == "draining").and_then(|b| b["held_slots"].as_u64())
+    };
+    assert!(wait_until(Duration::from_secs(5), || held().is_some_and(|n| n > 0)), "{:?}", lab.status(0));
+    let seen = Instant::now();
+    assert!(wait_until(Duration::from_secs(6), || held() == Some(0)), "still held: {:?}", lab.status(0));
+    // The hold began at most a status poll before `seen`.
+    assert!(seen.elapsed() >= Duration::from_secs(1), "given up after {:?}, not after the hold", seen.elapsed());
+}
+
 /// An apiserver whose /readyz fails while it still serves (`--shutdown-delay-duration`)
 /// drains: no new flow goes to it, a connection already on it keeps working. Once it is
 /// gone (connection refused), its flows are dropped at once: the client gets a reset,

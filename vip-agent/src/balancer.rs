@@ -46,8 +46,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_millis(10);
 /// its apiserver answers) while its slots' connections are gone, and a held slot would
 /// only send the pins lost meanwhile to it.
 /// An apiserver whose shutdown delay is longer keeps serving past the hold: its
-/// connections then move to the new-flow backend, as before holders, if the VIP moves.
-/// An agent restart starts the hold again.
+/// connections then move to the new-flow backend, as before holders, if the VIP moves
+/// (`--drain-hold` sets a longer one). An agent restart starts the hold again.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(60);
 
 /// One backend of a service as the agent knows it.

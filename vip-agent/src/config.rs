@@ -351,6 +351,12 @@ pub struct RunArgs {
     /// Maglev table size (a prime up to 65537).
     #[arg(long, env = "VIP_MAGLEV_SIZE", default_value_t = maglev::DEFAULT_M)]
     pub maglev_size: u32,
+    /// How long a draining backend keeps the table slots it had, so that its connections
+    /// still reach it from a node that never pinned them (the VIP moving mid-drain): 0s
+    /// (never) to 1h. Make it longer than the apiservers' shutdown delay plus their
+    /// request timeout (60s).
+    #[arg(long, env = "VIP_DRAIN_HOLD", default_value = "1m")]
+    pub drain_hold: Dur,
     /// Seed of the flow hash (32 bits, decimal or 0x-hex), the same on every node. By
     /// default derived from the cluster CA, which every node has and outsiders do not.
     #[arg(long, env = "VIP_FLOW_HASH_SEED", value_name = "SEED", value_parser = parse_seed)]
@@ -402,6 +408,9 @@ pub struct RunConfig {
     pub pin_path: PathBuf,
     pub keep_forwarding_on_exit: bool,
     pub maglev_size: u32,
+    /// How long a draining backend holds its Maglev slots (`balancer::DEFAULT_HOLD` by
+    /// default).
+    pub drain_hold: Duration,
     pub flow_hash_seed: Option<u32>,
     pub log_format: LogFormat,
     pub mode: Mode,
@@ -549,6 +558,7 @@ impl TryFrom<RunArgs> for RunConfig {
             ("lease-duration", args.lease_duration, in_range(args.lease_duration, 1_000, 300_000), "1s to 300s"),
             ("renew-deadline", args.renew_deadline, in_range(args.renew_deadline, 100, 300_000), "100ms to 300s"),
             ("retry-period", args.retry_period, in_range(args.retry_period, 10, 60_000), "10ms to 60s"),
+            ("drain-hold", args.drain_hold, in_range(args.drain_hold, 0, 3_600_000), "0s to 1h"),
         ] {
             if !ok {
                 return Err(ConfigError::Range { flag, value: value.to_string(), range });
@@ -667,6 +677,7 @@ impl TryFrom<RunArgs> for RunConfig {
             pin_path: args.pin_path,
             keep_forwarding_on_exit: args.keep_forwarding_on_exit,
             maglev_size: args.maglev_size,
+            drain_hold: args.drain_hold.0,
             flow_hash_seed: args.flow_hash_seed,
             log_format: args.log_format,
             mode: args.mode,
@@ -933,6 +944,7 @@ mod tests {
         assert_eq!(cfg.forward, ForwardMode::Dsr);
         assert_eq!(cfg.health.interval, Duration::from_secs(1));
         assert_eq!(cfg.port, 6443);
+        assert_eq!(cfg.drain_hold, crate::balancer::DEFAULT_HOLD);
     }
 
     #[test]
@@ -1056,6 +1068,7 @@ mod tests {
             (&["--renew-deadline", "1s"], "--renew-deadline 1s must be shorter than --lease-duration 1s"),
             (&["--retry-period", "700ms"], "--retry-period 700ms must be shorter"),
             (&["--retry-period", "0.001ms"], "--retry-period 0ms: must be 10ms to 60s"),
+            (&["--drain-hold", "61m"], "--drain-hold 3660s: must be 0s to 1h"),
             (&["--apiserver", "10.0.0.1:6443"], "expected an https:// URL"),
             (&["--apiserver", "http://127.0.0.1:8080"], "plain HTTP would send the service account token in clear"),
             (&["--node-name", ""], "--node-name \"\": empty"),

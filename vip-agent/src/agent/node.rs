@@ -516,7 +516,8 @@ async fn stage(
     // not drop them from the table while the first checks run), unknown otherwise.
     let previous_backends = if adopted { dp.maps().backends()? } else { Vec::new() };
     let backends = Backends::new(cfg, dev, nl, &previous_backends, probe, tx).await?;
-    let mut balancer = if adopted { Balancer::adopt(dp.maps(), DEFAULT_GRACE)? } else { Balancer::new(DEFAULT_GRACE) };
+    let balancer = if adopted { Balancer::adopt(dp.maps(), DEFAULT_GRACE)? } else { Balancer::new(DEFAULT_GRACE) };
+    let mut balancer = balancer.with_hold(cfg.drain_hold);
     if adopted && cfg.attach == crate::dataplane::Hook::Tcx {
         // IPIP is XDP's: flows a previous agent pinned under it would be reset at tcx.
         // Forgotten, they re-hash to a backend by this agent's forward mode.
