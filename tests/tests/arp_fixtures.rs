@@ -534,6 +534,16 @@ fn the_arp_fast_path_follows_every_state_change() {
             answered(),
         ),
         (
+            "balancing on after its ARP deadline passed: the hash decides, no answer",
+            |dp| {
+                let state = VipState::leader_until(1);
+                dp.maps_mut().set_vip_with_balancing(VIP, state, VipState::FOREVER).expect("set vip");
+            },
+            Some(FastPath::Lookup),
+            request_for(VIP).bytes(),
+            dropped(),
+        ),
+        (
             "leader whose deadline passed: the bit, and no answer",
             |dp| seed_vip(dp, VIP, VipState::leader_until(1)),
             Some(FastPath::Answer),
@@ -595,8 +605,25 @@ fn the_arp_fast_path_follows_every_state_change() {
             dropped(),
         ),
         (
-            "leading under the adopted program",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
+            "this agent's program attached, following",
+            |dp| dp.maps_mut().resume_fast_path().expect("resume"),
+            Some(FastPath::Drop),
+            request_for(VIP).bytes(),
+            dropped(),
+        ),
+        (
+            "adopted again, leading under the adopted program",
+            |dp| {
+                dp.maps_mut().defer_fast_path();
+                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
+            },
+            Some(FastPath::Lookup),
+            request_for(VIP).bytes(),
+            answered(),
+        ),
+        (
+            "leading under the adopted program, renewed",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(3600))),
             Some(FastPath::Lookup),
             request_for(VIP).bytes(),
             answered(),

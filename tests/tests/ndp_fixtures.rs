@@ -469,6 +469,16 @@ fn the_ns_fast_path_follows_every_state_change() {
             answer(),
         ),
         (
+            "balancing on after its NS deadline passed: the hash decides, no answer",
+            |dp| {
+                let state = VipState::leader_until(1);
+                dp.maps_mut().set_vip_with_balancing(VIP, state, VipState::FOREVER).expect("set vip");
+            },
+            Some(FastPath::Lookup),
+            ns_for(VIP).bytes(),
+            dropped(),
+        ),
+        (
             "leader whose deadline passed: the bit, and no answer",
             |dp| seed_vip(dp, VIP, VipState::leader_until(1)),
             Some(FastPath::Answer),
@@ -530,8 +540,25 @@ fn the_ns_fast_path_follows_every_state_change() {
             dropped(),
         ),
         (
-            "leading under the adopted program",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
+            "this agent's program attached, following",
+            |dp| dp.maps_mut().resume_fast_path().expect("resume"),
+            Some(FastPath::Drop),
+            ns_for(VIP).bytes(),
+            dropped(),
+        ),
+        (
+            "adopted again, leading under the adopted program",
+            |dp| {
+                dp.maps_mut().defer_fast_path();
+                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
+            },
+            Some(FastPath::Lookup),
+            ns_for(VIP).bytes(),
+            answer(),
+        ),
+        (
+            "leading under the adopted program, renewed",
+            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(3600))),
             Some(FastPath::Lookup),
             ns_for(VIP).bytes(),
             answer(),

@@ -137,8 +137,8 @@ pub mod program_names {
 /// How many VIPs a node serves.
 ///
 /// A control plane needs one VIP; operators also put the ingress or a second API VIP on
-/// the same nodes. 16 leaves room for that, and keeps [`VipSet`] (scanned for every IPv4
-/// packet) within one 64-byte cache line.
+/// the same nodes. 16 leaves room for that, and keeps the addresses [`VipSet`] scans for
+/// every IPv4 packet within one 64-byte cache line.
 pub const MAX_VIPS: u32 = 16;
 
 /// Every VIP of the node as a flat list, for the IPv4 path: membership by scanning the
@@ -150,8 +150,9 @@ pub const MAX_VIPS: u32 = 16;
 /// identical tables a second balancing would pick this node anyway, but a node whose
 /// agent died keeps a stale table and would bounce traffic to backends that are gone.
 /// The deadline is the leader's fencing deadline, so a dead leader stops balancing when
-/// it stops answering ARP. The agent keeps this list in step with the VIPS hash (which
-/// the ARP path reads, and which alone is replaced atomically).
+/// it stops answering ARP. The agent keeps this list in step with the VIPS hash, which
+/// alone is replaced atomically (the kernel copies an array element in place) and which
+/// the ARP path reads unless a fast-path bit ([`VipSet::FAST_PATH`]) decides.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipSet {
@@ -196,8 +197,8 @@ impl VipSet {
 
     /// In a [`VipSet::segments`] entry: this node neither leads nor probes for the VIP,
     /// so a follower's ARP path drops a request for it without looking its state up in
-    /// the VIPS hash (a hash lookup is most of that path's cost). Clear, the hash decides,
-    /// as it alone is replaced atomically and decides every answer. The agent clears the
+    /// the VIPS hash (a hash lookup is most of that path's cost). Clear, the hash decides
+    /// (or [`VipSet::ARP_ANSWER`], under its own rules). The agent clears the
     /// bit before it writes a state that leads or probes, and sets it only after writing
     /// one that does neither, so the bit never hides a flag the hash holds: a stale bit
     /// costs a lookup, never an answer. Kept in a segment entry's spare bits rather than
@@ -211,8 +212,11 @@ impl VipSet {
     /// deadline (the hash lookup was 30 of the 40 ns the answer cost above the
     /// `XDP_PASS` floor). Past the deadline, the hash decides. The agent sets the bit only
     /// after writing a leader state whose deadline is the slot's, and clears it before
-    /// writing any state that does not lead (or removing the VIP), so the bit never
-    /// answers where the hash would not; a stale clear bit costs a lookup. Bit 14: a
+    /// writing any state that does not lead, before a renewal changes the deadline, and
+    /// before removing the VIP, so the bit never
+    /// answers where the hash would not; a stale clear bit costs a lookup. Cleared in a
+    /// list write of its own, never in the write that changes the deadline: a reader in
+    /// the middle of an in-place copy could see the old bit with the new deadline. Bit 14: a
     /// program from before it masks the segment with [`VipSet::SEGMENT`] and never sees
     /// it; one from before [`VipSet::ARP_SKIP`] reads the entry whole, which is why the
     /// agent gives no bit while such a program may run.

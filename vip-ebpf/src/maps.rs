@@ -87,7 +87,8 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entr
 pub static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(MAX_PEERS, 0);
 
 /// The IPv6 VIPs as a flat list (one entry), for the IPv6 forwarding path's membership
-/// test; Neighbor Discovery reads [`VIPS6`].
+/// test and Neighbor Discovery's fast path; otherwise Neighbor Discovery reads
+/// [`VIPS6`].
 #[map(name = "VIP_VIP_SET6")]
 pub static VIP_SET6: Array<VipSet6> = Array::with_max_entries(1, 0);
 

@@ -355,12 +355,22 @@ impl Maps {
         balance_until_ns: u64,
     ) -> Result<(), MapError> {
         let _writes = vip_writes();
-        let vip = match vip.into() {
+        let addr = vip.into();
+        if let IpAddr::V6(v) = addr {
+            if self.vip6(v)?.is_none() && self.vips6.keys().count() >= vip_common::MAX_VIPS as usize {
+                return Err(MapError::VipsFull { vip: addr, max: vip_common::MAX_VIPS });
+            }
+        }
+        // An answer bit that will not stay goes in a write of its own, under the deadline
+        // it was set for: the kernel copies a list element in place, so a reader in the
+        // middle of the full write below could see the old bit with the new deadline.
+        self.set_fast_path(addr, |entry, until| match entry & VipSet::FAST_PATH {
+            VipSet::ARP_ANSWER => kept_fast_path(true, entry, until, &state, balance_until_ns),
+            bits => bits,
+        })?;
+        let vip = match addr {
             IpAddr::V4(vip) => vip,
             IpAddr::V6(vip) => {
-                if self.vip6(vip)?.is_none() && self.vips6.keys().count() >= vip_common::MAX_VIPS as usize {
-                    return Err(MapError::VipsFull { vip: vip.into(), max: vip_common::MAX_VIPS });
-                }
                 // The list first: the forwarding path never meets a VIP Neighbor Discovery
                 // knows and it does not. Its fast-path bits as for IPv4 below.
                 self.update_vip_set6(|set| {
@@ -485,18 +495,16 @@ impl Maps {
                 self.update_vip_set6(|set| {
                     let Some(slot) = set.slot(&v.octets()) else { return Ok(false) };
                     set.balance_until_ns[slot] = balance_until_ns;
-                    set.segments[slot] &= !VipSet6::NS_ANSWER;
                     Ok(true)
                 })?;
                 return self.put_vip6(v, Vip6State { state, balance_until_ns });
             }
         };
-        // The state no longer leads, so the slot has no answer bit to extend; cleared all
-        // the same, as the new deadline is not the state's.
+        // The state no longer leads: `stop_answering_locked` cleared the slot's answer
+        // bit, in a write of its own, before the new deadline is written here.
         self.update_vip_set(|set| {
             let Some(slot) = set.slot(vip.octets()) else { return Ok(false) };
             set.balance_until_ns[slot] = balance_until_ns;
-            set.segments[slot] &= !VipSet::ARP_ANSWER;
             Ok(true)
         })
     }
@@ -560,7 +568,7 @@ impl Maps {
     }
 
     /// Puts every IPv6 VIP of the Neighbor Discovery hash that the IPv6 list lacks into
-    /// the list, with the hash's balancing deadline and segment (no skip bit). For pins of
+    /// the list, with the hash's balancing deadline and segment (no fast-path bit). For pins of
     /// an agent older than the list: the loader creates the list empty, and a VIP this
     /// agent adopts as it is (a leader keeps its state) is not written again until the
     /// announcer or the election next writes its state; until then, missing from the
@@ -608,8 +616,10 @@ impl Maps {
     /// Which fast path `vip`'s list entry gives its ARP (or NS) answers, if it is in its
     /// family's list.
     pub fn fast_path(&self, vip: impl Into<IpAddr>) -> Result<Option<FastPath>, MapError> {
+        // As the program reads them: the drop bit first (an agent from before the answer
+        // bit, adopting this one's pins, may leave both set).
         let of = |entry: u16| match entry & VipSet::FAST_PATH {
-            VipSet::ARP_SKIP => FastPath::Drop,
+            e if e & VipSet::ARP_SKIP != 0 => FastPath::Drop,
             VipSet::ARP_ANSWER => FastPath::Answer,
             _ => FastPath::Lookup,
         };
@@ -898,5 +908,56 @@ impl Maps {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vip_common::{VipSet, VipState};
+
+    use super::kept_fast_path;
+
+    const T1: u64 = 1_000_000_000;
+    const T2: u64 = 2_000_000_000;
+
+    /// The bits a list entry may carry, by the state its hash holds and the slot's
+    /// deadline: a drop bit for a follower that does not probe, whatever the deadline; an
+    /// answer bit for a leader until exactly the slot's deadline; none otherwise.
+    #[test]
+    fn fast_path_bits_fit_the_state_and_the_slots_deadline() {
+        let probing = VipState { flags: VipState::F_PROBING, ..VipState::follower() };
+        let leader_probing = VipState { flags: VipState::F_LEADER | VipState::F_PROBING, ..VipState::leader_until(T1) };
+        for (name, state, until, want) in [
+            ("follower", VipState::follower(), 0, VipSet::ARP_SKIP),
+            ("follower, balancing (BGP)", VipState::follower(), VipState::FOREVER, VipSet::ARP_SKIP),
+            ("follower, probing", probing, 0, 0),
+            ("leader until the slot's deadline", VipState::leader_until(T1), T1, VipSet::ARP_ANSWER),
+            ("leader, probing", leader_probing, T1, VipSet::ARP_ANSWER),
+            ("leader for ever", VipState::leader_until(VipState::FOREVER), VipState::FOREVER, VipSet::ARP_ANSWER),
+            ("leader balancing past its deadline", VipState::leader_until(T1), VipState::FOREVER, 0),
+            ("leader balancing less", VipState::leader_until(T2), T1, 0),
+        ] {
+            assert_eq!(VipSet::fast_path_bits(&state, until), want, "{name}");
+        }
+    }
+
+    /// What a rewrite of the list (before the hash's) keeps: only bits that fit both the
+    /// state the hash still holds and the new one, which for an answer bit means the
+    /// same deadline (a renewal answers with the hash's deadline or not at all).
+    #[test]
+    fn a_rewrite_keeps_only_the_bits_that_fit_the_old_and_the_new_state() {
+        let (answer, skip) = (VipSet::ARP_ANSWER | 7, VipSet::ARP_SKIP | 7);
+        let leader = |t| VipState::leader_until(t);
+        for (name, same, entry, old_until, state, new_until, want) in [
+            ("leader rewritten as it is", true, answer, T1, leader(T1), T1, VipSet::ARP_ANSWER),
+            ("renewal", true, answer, T1, leader(T2), T2, 0),
+            ("leader to follower", true, answer, T1, VipState::follower(), 0, 0),
+            ("follower to leader", true, skip, 0, leader(T1), T1, 0),
+            ("follower rewritten, a new balancing deadline", true, skip, 0, VipState::follower(), T2, VipSet::ARP_SKIP),
+            ("another VIP's slot", false, skip, 0, VipState::follower(), 0, 0),
+            ("no bit", true, 7, T1, leader(T1), T1, 0),
+        ] {
+            assert_eq!(kept_fast_path(same, entry, old_until, &state, new_until), want, "{name}");
+        }
     }
 }
