@@ -2,11 +2,13 @@
 //! `BPF_PROG_RUN`, then the action, the counter of the expected reason and the output
 //! frame compared with the row's.
 
+use std::net::IpAddr;
+
 use vip_agent::{
     balancer::BackendSpec,
     dataplane::{Dataplane, FastPath, Program},
 };
-use vip_common::Reason;
+use vip_common::{Reason, VipState};
 
 use crate::xdp;
 
@@ -66,21 +68,184 @@ pub fn run_and_check(
     }
 }
 
-/// One step of a fast-path walk ([`walk_fast_path`]): its name, a change made through the
-/// agent's map layer, the fast path the watched VIP's list entry gives after it (`None`:
-/// not in its list), a frame, and what the program does with that frame.
-pub type FastPathStep = (&'static str, fn(&mut Dataplane), Option<FastPath>, Vec<u8>, Expect);
+/// A change the agent's map layer makes, as a fast-path walk step applies it: to the
+/// watched VIP, or ([`VipChange::SetOther`]) to the other one.
+#[derive(Clone, Copy, Debug)]
+pub enum VipChange {
+    Set(VipState),
+    /// A state, balancing until the deadline given (`set_vip_with_balancing`).
+    SetBalancing(VipState, u64),
+    Probing(bool),
+    StopAnswering,
+    /// Hand over, balancing until the deadline given.
+    HandOver(u64),
+    Remove,
+    DeferFastPath,
+    ResumeFastPath,
+    SetOther(VipState),
+}
+
+/// What a fast-path walk step sends, and what the program must do with it, for one
+/// family: the request (ARP request, Neighbor Solicitation) for the watched VIP and for
+/// the other VIP, another host's probe for the watched VIP, and the expected answer,
+/// follower drop, probe pass and not-a-VIP pass.
+pub struct WalkFrames {
+    pub request: Vec<u8>,
+    pub request_other: Vec<u8>,
+    pub probe: Vec<u8>,
+    pub answered: Expect,
+    pub dropped: Expect,
+    pub probe_passed: Expect,
+    pub not_vip: Expect,
+}
+
+/// The frame a walk step sends.
+#[derive(Clone, Copy, Debug)]
+enum Sent {
+    Request,
+    RequestOther,
+    Probe,
+}
+
+/// What the program does with it.
+#[derive(Clone, Copy, Debug)]
+enum Done {
+    Answered,
+    Dropped,
+    ProbePassed,
+    NotVip,
+}
+
+/// One step of [`walk_fast_path`]: its name, its changes, the watched VIP's fast path
+/// after them (`None`: not in its list), the frame sent and what the program does.
+type WalkStep = (&'static str, Vec<VipChange>, Option<FastPath>, Sent, Done);
 
 /// The walk both families' resolution fixtures run (`VipSet::ARP_SKIP` and
-/// `VipSet::ARP_ANSWER`, `VipSet6::NS_SKIP` and `VipSet6::NS_ANSWER`): after each step's
-/// change, `vip`'s fast path must be what the step says, and the program must handle the
-/// step's frame as it expects.
-pub fn walk_fast_path(dp: &mut Dataplane, vip: std::net::IpAddr, steps: Vec<FastPathStep>) {
-    for (name, change, fast_path, input, want) in steps {
-        change(dp);
+/// `VipSet::ARP_ANSWER`, `VipSet6::NS_SKIP` and `VipSet6::NS_ANSWER`), starting with `vip`
+/// a follower: after each step's changes (through the agent's map layer), `vip`'s fast
+/// path must be what the step says (`None`: not in its list), and the program must
+/// handle the step's frame as it says, the clock included (a leader's bit past its
+/// deadline answers nothing). `other` is a second VIP of the same family.
+pub fn walk_fast_path(dp: &mut Dataplane, vip: IpAddr, other: IpAddr, frames: &WalkFrames) {
+    use FastPath::{Answer, Drop, Lookup};
+    use VipChange::*;
+    let leader = VipState::leader_until(VipState::FOREVER);
+    let steps: Vec<WalkStep> = vec![
+        ("follower", vec![], Some(Drop), Sent::Request, Done::Dropped),
+        ("leader", vec![Set(leader)], Some(Answer), Sent::Request, Done::Answered),
+        ("leader, probing", vec![Probing(true)], Some(Answer), Sent::Request, Done::Answered),
+        (
+            "leader until a Lease deadline",
+            vec![Set(VipState::leader_until(deadline_in(3600)))],
+            Some(Answer),
+            Sent::Request,
+            Done::Answered,
+        ),
+        ("renewed", vec![Set(VipState::leader_until(deadline_in(7200)))], Some(Answer), Sent::Request, Done::Answered),
+        (
+            "balancing past its deadline: the hash decides",
+            vec![SetBalancing(VipState::leader_until(deadline_in(3600)), VipState::FOREVER)],
+            Some(Lookup),
+            Sent::Request,
+            Done::Answered,
+        ),
+        (
+            "balancing on after its deadline passed: the hash decides, no answer",
+            vec![SetBalancing(VipState::leader_until(1), VipState::FOREVER)],
+            Some(Lookup),
+            Sent::Request,
+            Done::Dropped,
+        ),
+        (
+            "leader whose deadline passed: the bit, and no answer",
+            vec![Set(VipState::leader_until(1))],
+            Some(Answer),
+            Sent::Request,
+            Done::Dropped,
+        ),
+        ("stopped answering", vec![Set(leader), StopAnswering], Some(Drop), Sent::Request, Done::Dropped),
+        ("follower, probing", vec![Probing(true)], Some(Lookup), Sent::Probe, Done::ProbePassed),
+        ("probe over", vec![Probing(false)], Some(Drop), Sent::Probe, Done::Dropped),
+        (
+            "led, then handed over",
+            vec![Set(leader), HandOver(VipState::FOREVER)],
+            Some(Drop),
+            Sent::Request,
+            Done::Dropped,
+        ),
+        ("removed while leading", vec![Set(leader), Remove], None, Sent::Request, Done::NotVip),
+        (
+            "adopted from an older agent: no bit while its program may still run",
+            vec![DeferFastPath, Set(VipState::follower())],
+            Some(Lookup),
+            Sent::Request,
+            Done::Dropped,
+        ),
+        ("this agent's program attached, following", vec![ResumeFastPath], Some(Drop), Sent::Request, Done::Dropped),
+        (
+            "adopted again, leading under the adopted program",
+            vec![DeferFastPath, Set(leader)],
+            Some(Lookup),
+            Sent::Request,
+            Done::Answered,
+        ),
+        (
+            "leading under the adopted program, renewed",
+            vec![Set(VipState::leader_until(deadline_in(3600)))],
+            Some(Lookup),
+            Sent::Request,
+            Done::Answered,
+        ),
+        ("this agent's program attached", vec![ResumeFastPath], Some(Answer), Sent::Request, Done::Answered),
+        ("a follower again", vec![StopAnswering], Some(Drop), Sent::Request, Done::Dropped),
+        ("removed as a follower", vec![Remove], None, Sent::Request, Done::NotVip),
+        (
+            "another VIP in the freed slot, as a follower",
+            vec![SetOther(VipState::follower())],
+            None,
+            Sent::RequestOther,
+            Done::Dropped,
+        ),
+    ];
+    for (name, changes, fast_path, sent, done) in steps {
+        for change in changes {
+            apply(dp, vip, other, change);
+        }
         assert_eq!(dp.maps().fast_path(vip).expect("fast path"), fast_path, "{name}: fast path of {vip}");
-        run_and_check(dp, Program::Vip, name, &input, &want).unwrap_or_else(|e| panic!("{e}"));
+        let input = match sent {
+            Sent::Request => &frames.request,
+            Sent::RequestOther => &frames.request_other,
+            Sent::Probe => &frames.probe,
+        };
+        let want = match done {
+            Done::Answered => &frames.answered,
+            Done::Dropped => &frames.dropped,
+            Done::ProbePassed => &frames.probe_passed,
+            Done::NotVip => &frames.not_vip,
+        };
+        run_and_check(dp, Program::Vip, name, input, want).unwrap_or_else(|e| panic!("{e}"));
     }
+    assert_eq!(dp.maps().fast_path(other).expect("fast path"), Some(Drop), "{other}, a follower in the freed slot");
+}
+
+/// Makes `change` through the agent's map layer.
+fn apply(dp: &mut Dataplane, vip: IpAddr, other: IpAddr, change: VipChange) {
+    let maps = dp.maps_mut();
+    let done = match change {
+        VipChange::Set(state) => maps.set_vip(vip, state),
+        VipChange::SetBalancing(state, until) => maps.set_vip_with_balancing(vip, state, until),
+        VipChange::Probing(on) => maps.set_probing(vip, on),
+        VipChange::StopAnswering => maps.stop_answering(vip),
+        VipChange::HandOver(until) => maps.hand_over_vip(vip, until),
+        VipChange::Remove => maps.remove_vip(vip),
+        VipChange::DeferFastPath => {
+            maps.defer_fast_path();
+            Ok(())
+        }
+        VipChange::ResumeFastPath => maps.resume_fast_path(),
+        VipChange::SetOther(state) => maps.set_vip(other, state),
+    };
+    done.unwrap_or_else(|e| panic!("{change:?}: {e}"));
 }
 
 /// A Lease deadline `secs` seconds from now (kernel boot-time ns, as the agent writes it).

@@ -8,11 +8,11 @@
 use std::net::Ipv4Addr;
 
 use tests::{
-    fixture::{deadline_in, run_and_check, walk_fast_path, Expect, FastPathStep},
+    fixture::{run_and_check, walk_fast_path, Expect, WalkFrames},
     frames::{ipv4, ipv6, tcp, Arp, Frame, Mac, BROADCAST, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6},
     xdp,
 };
-use vip_agent::dataplane::{Dataplane, FastPath, Program};
+use vip_agent::dataplane::{Dataplane, Program};
 use vip_common::{Config, Reason, VipState};
 
 const NODE_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
@@ -488,181 +488,17 @@ fn the_vlan_companion_leaves_every_frame_without_a_stripped_tag_to_xdp() {
 fn the_arp_fast_path_follows_every_state_change() {
     let mut dp = load();
     setup(&mut dp, State::Follower);
-    let probe = with_arp(|a| a.spa = Ipv4Addr::UNSPECIFIED);
-    let reply = reply_from_node(VIP).bytes();
     let expect = |action, reason, output: Option<Vec<u8>>| Expect { action, reason, output };
-    let answered = || expect(xdp::TX, Reason::ArpReplied, Some(reply.clone()));
-    let dropped = || expect(xdp::DROP, Reason::ArpFollowerDropped, None);
-    let steps: Vec<FastPathStep> = vec![
-        ("follower", |_| {}, Some(FastPath::Drop), request_for(VIP).bytes(), dropped()),
-        (
-            "leader",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
-            Some(FastPath::Answer),
-            request_for(VIP).bytes(),
-            answered(),
-        ),
-        (
-            "leader, probing",
-            |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(FastPath::Answer),
-            request_for(VIP).bytes(),
-            answered(),
-        ),
-        (
-            "leader until a Lease deadline",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(3600))),
-            Some(FastPath::Answer),
-            request_for(VIP).bytes(),
-            answered(),
-        ),
-        (
-            "renewed",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(7200))),
-            Some(FastPath::Answer),
-            request_for(VIP).bytes(),
-            answered(),
-        ),
-        (
-            "balancing past its ARP deadline: the hash decides",
-            |dp| {
-                let state = VipState::leader_until(deadline_in(3600));
-                dp.maps_mut().set_vip_with_balancing(VIP, state, VipState::FOREVER).expect("set vip");
-            },
-            Some(FastPath::Lookup),
-            request_for(VIP).bytes(),
-            answered(),
-        ),
-        (
-            "balancing on after its ARP deadline passed: the hash decides, no answer",
-            |dp| {
-                let state = VipState::leader_until(1);
-                dp.maps_mut().set_vip_with_balancing(VIP, state, VipState::FOREVER).expect("set vip");
-            },
-            Some(FastPath::Lookup),
-            request_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "leader whose deadline passed: the bit, and no answer",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(1)),
-            Some(FastPath::Answer),
-            request_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "stopped answering",
-            |dp| {
-                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
-                dp.maps_mut().stop_answering(VIP).expect("stop");
-            },
-            Some(FastPath::Drop),
-            request_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "follower, probing",
-            |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(FastPath::Lookup),
-            probe.clone(),
-            expect(xdp::PASS, Reason::ArpProbeWhileProbing, None),
-        ),
-        (
-            "probe over",
-            |dp| dp.maps_mut().set_probing(VIP, false).expect("probing"),
-            Some(FastPath::Drop),
-            probe.clone(),
-            dropped(),
-        ),
-        (
-            "led, then handed over",
-            |dp| {
-                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
-                dp.maps_mut().hand_over_vip(VIP, VipState::FOREVER).expect("hand over");
-            },
-            Some(FastPath::Drop),
-            request_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "removed while leading",
-            |dp| {
-                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
-                dp.maps_mut().remove_vip(VIP).expect("remove");
-            },
-            None,
-            request_for(VIP).bytes(),
-            expect(xdp::PASS, Reason::ArpNotVip, None),
-        ),
-        (
-            "adopted from an older agent: no bit while its program may still run",
-            |dp| {
-                dp.maps_mut().defer_fast_path();
-                seed_vip(dp, VIP, VipState::follower());
-            },
-            Some(FastPath::Lookup),
-            request_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "this agent's program attached, following",
-            |dp| dp.maps_mut().resume_fast_path().expect("resume"),
-            Some(FastPath::Drop),
-            request_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "adopted again, leading under the adopted program",
-            |dp| {
-                dp.maps_mut().defer_fast_path();
-                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
-            },
-            Some(FastPath::Lookup),
-            request_for(VIP).bytes(),
-            answered(),
-        ),
-        (
-            "leading under the adopted program, renewed",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(3600))),
-            Some(FastPath::Lookup),
-            request_for(VIP).bytes(),
-            answered(),
-        ),
-        (
-            "this agent's program attached",
-            |dp| dp.maps_mut().resume_fast_path().expect("resume"),
-            Some(FastPath::Answer),
-            request_for(VIP).bytes(),
-            answered(),
-        ),
-        (
-            "a follower again",
-            |dp| dp.maps_mut().stop_answering(VIP).expect("stop"),
-            Some(FastPath::Drop),
-            request_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "removed as a follower",
-            |dp| dp.maps_mut().remove_vip(VIP).expect("remove"),
-            None,
-            request_for(VIP).bytes(),
-            expect(xdp::PASS, Reason::ArpNotVip, None),
-        ),
-        (
-            "another VIP in the freed slot, as a follower",
-            |dp| seed_vip(dp, VIP2, VipState::follower()),
-            None,
-            request_for(VIP2).bytes(),
-            dropped(),
-        ),
-    ];
-    walk_fast_path(&mut dp, VIP.into(), steps);
-    assert_eq!(
-        dp.maps().fast_path(VIP2).expect("fast path"),
-        Some(FastPath::Drop),
-        "{VIP2}, a follower in the freed slot"
-    );
+    let frames = WalkFrames {
+        request: request_for(VIP).bytes(),
+        request_other: request_for(VIP2).bytes(),
+        probe: with_arp(|a| a.spa = Ipv4Addr::UNSPECIFIED),
+        answered: expect(xdp::TX, Reason::ArpReplied, Some(reply_from_node(VIP).bytes())),
+        dropped: expect(xdp::DROP, Reason::ArpFollowerDropped, None),
+        probe_passed: expect(xdp::PASS, Reason::ArpProbeWhileProbing, None),
+        not_vip: expect(xdp::PASS, Reason::ArpNotVip, None),
+    };
+    walk_fast_path(&mut dp, VIP.into(), VIP2.into(), &frames);
 }
 
 /// Frames shorter than an Ethernet header never reach an XDP program (drivers drop

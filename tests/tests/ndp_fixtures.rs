@@ -15,7 +15,7 @@ use std::{
 };
 
 use tests::{
-    fixture::{deadline_in, run_and_check, walk_fast_path, Expect, FastPathStep},
+    fixture::{run_and_check, walk_fast_path, Expect, WalkFrames},
     frames::{
         icmpv6, ipv6_multicast_mac, ll_option, na_message, ns_message, solicited_node, tcp, Frame, Mac, ALL_NODES,
         ALL_NODES_MAC, ETH_P_8021Q, ETH_P_IPV6,
@@ -426,178 +426,16 @@ fn the_ns_fast_path_follows_every_state_change() {
     let mut dp = Dataplane::load().expect("loading the XDP object (tests need root)");
     setup(&mut dp, State::Follower);
     let expect = |action, reason, output: Option<Vec<u8>>| Expect { action, reason, output };
-    let answer = || expect(xdp::TX, Reason::NsReplied, Some(na_to_client(VIP).bytes()));
-    let dropped = || expect(xdp::DROP, Reason::NsFollowerDropped, None);
-    let steps: Vec<FastPathStep> = vec![
-        ("follower", |_| {}, Some(FastPath::Drop), ns_for(VIP).bytes(), dropped()),
-        (
-            "leader",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER)),
-            Some(FastPath::Answer),
-            ns_for(VIP).bytes(),
-            answer(),
-        ),
-        (
-            "leader, probing",
-            |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(FastPath::Answer),
-            ns_for(VIP).bytes(),
-            answer(),
-        ),
-        (
-            "leader until a Lease deadline",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(3600))),
-            Some(FastPath::Answer),
-            ns_for(VIP).bytes(),
-            answer(),
-        ),
-        (
-            "renewed",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(7200))),
-            Some(FastPath::Answer),
-            ns_for(VIP).bytes(),
-            answer(),
-        ),
-        (
-            "balancing past its NS deadline: the hash decides",
-            |dp| {
-                let state = VipState::leader_until(deadline_in(3600));
-                dp.maps_mut().set_vip_with_balancing(VIP, state, VipState::FOREVER).expect("set vip");
-            },
-            Some(FastPath::Lookup),
-            ns_for(VIP).bytes(),
-            answer(),
-        ),
-        (
-            "balancing on after its NS deadline passed: the hash decides, no answer",
-            |dp| {
-                let state = VipState::leader_until(1);
-                dp.maps_mut().set_vip_with_balancing(VIP, state, VipState::FOREVER).expect("set vip");
-            },
-            Some(FastPath::Lookup),
-            ns_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "leader whose deadline passed: the bit, and no answer",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(1)),
-            Some(FastPath::Answer),
-            ns_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "stopped answering",
-            |dp| {
-                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
-                dp.maps_mut().stop_answering(VIP).expect("stop");
-            },
-            Some(FastPath::Drop),
-            ns_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "follower, probing",
-            |dp| dp.maps_mut().set_probing(VIP, true).expect("probing"),
-            Some(FastPath::Lookup),
-            dad(OTHER_MAC, VIP, &[]).bytes(),
-            expect(xdp::PASS, Reason::NsProbeWhileProbing, None),
-        ),
-        (
-            "probe over",
-            |dp| dp.maps_mut().set_probing(VIP, false).expect("probing"),
-            Some(FastPath::Drop),
-            dad(OTHER_MAC, VIP, &[]).bytes(),
-            dropped(),
-        ),
-        (
-            "led, then handed over",
-            |dp| {
-                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
-                dp.maps_mut().hand_over_vip(VIP, VipState::FOREVER).expect("hand over");
-            },
-            Some(FastPath::Drop),
-            ns_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "removed while leading",
-            |dp| {
-                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
-                dp.maps_mut().remove_vip(VIP).expect("remove");
-            },
-            None,
-            ns_for(VIP).bytes(),
-            expect(xdp::PASS, Reason::NsNotVip, None),
-        ),
-        (
-            "adopted from an older agent: no bit while its program may still run",
-            |dp| {
-                dp.maps_mut().defer_fast_path();
-                seed_vip(dp, VIP, VipState::follower());
-            },
-            Some(FastPath::Lookup),
-            ns_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "this agent's program attached, following",
-            |dp| dp.maps_mut().resume_fast_path().expect("resume"),
-            Some(FastPath::Drop),
-            ns_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "adopted again, leading under the adopted program",
-            |dp| {
-                dp.maps_mut().defer_fast_path();
-                seed_vip(dp, VIP, VipState::leader_until(VipState::FOREVER));
-            },
-            Some(FastPath::Lookup),
-            ns_for(VIP).bytes(),
-            answer(),
-        ),
-        (
-            "leading under the adopted program, renewed",
-            |dp| seed_vip(dp, VIP, VipState::leader_until(deadline_in(3600))),
-            Some(FastPath::Lookup),
-            ns_for(VIP).bytes(),
-            answer(),
-        ),
-        (
-            "this agent's program attached",
-            |dp| dp.maps_mut().resume_fast_path().expect("resume"),
-            Some(FastPath::Answer),
-            ns_for(VIP).bytes(),
-            answer(),
-        ),
-        (
-            "a follower again",
-            |dp| dp.maps_mut().stop_answering(VIP).expect("stop"),
-            Some(FastPath::Drop),
-            ns_for(VIP).bytes(),
-            dropped(),
-        ),
-        (
-            "removed as a follower",
-            |dp| dp.maps_mut().remove_vip(VIP).expect("remove"),
-            None,
-            ns_for(VIP).bytes(),
-            expect(xdp::PASS, Reason::NsNotVip, None),
-        ),
-        (
-            "another VIP in the freed slot, as a follower",
-            |dp| seed_vip(dp, VIP2, VipState::follower()),
-            None,
-            ns_for(VIP2).bytes(),
-            dropped(),
-        ),
-    ];
-    walk_fast_path(&mut dp, VIP.into(), steps);
-    assert_eq!(
-        dp.maps().fast_path(VIP2).expect("fast path"),
-        Some(FastPath::Drop),
-        "{VIP2}, a follower in the freed slot"
-    );
+    let frames = WalkFrames {
+        request: ns_for(VIP).bytes(),
+        request_other: ns_for(VIP2).bytes(),
+        probe: dad(OTHER_MAC, VIP, &[]).bytes(),
+        answered: expect(xdp::TX, Reason::NsReplied, Some(na_to_client(VIP).bytes())),
+        dropped: expect(xdp::DROP, Reason::NsFollowerDropped, None),
+        probe_passed: expect(xdp::PASS, Reason::NsProbeWhileProbing, None),
+        not_vip: expect(xdp::PASS, Reason::NsNotVip, None),
+    };
+    walk_fast_path(&mut dp, VIP.into(), VIP2.into(), &frames);
 }
 
 /// Pins of an agent from before the IPv6 VIP list have no list: the loader creates it
