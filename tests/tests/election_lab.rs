@@ -248,6 +248,41 @@ fn a_leader_partitioned_from_the_lease_api_stops_before_another_starts() {
     lab.partition_from_api(old, false).unwrap();
 }
 
+/// A leader restarted with `--keep-forwarding-on-exit` keeps the lead throughout: the
+/// new agent adopts it (the data plane answers, the Lease is its predecessor's) and
+/// never steps down, so no other node answers for the VIP and ARP answers never stop for
+/// longer than the sampler's own jitter. Its eligibility starts out unknown (no check
+/// has run yet), and acting on that at once made it step down, release the Lease and
+/// claim the VIP again a moment later: a failover at every upgrade.
+#[test]
+fn a_leader_restarted_hitlessly_keeps_the_lead_and_the_answers() {
+    let lab = ApiLab::new([10, 118, 0], 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap();
+    let keep = ["--keep-forwarding-on-exit"];
+    let mut agents: Vec<Agent> = (0..3).map(|i| lab.spawn_agent(i, &keep).unwrap()).collect();
+    for i in 0..3 {
+        lab.wait_all_healthy(i).unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(10), || lab.leaders().len() == 1), "no single leader: {:?}", lab.leaders());
+    let leader = current_leader(&lab);
+    let mac = mac_of_node(&lab, leader);
+    let sampler = Sampler::start(&lab);
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, log) = agents[leader].stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    agents[leader] = lab.spawn_agent(leader, &keep).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let samples = sampler.finish();
+    assert_eq!(lab.leaders(), [leader], "the lead moved");
+    let others: Vec<_> = samples.iter().filter(|(_, m)| m.iter().any(|a| *a != mac)).collect();
+    assert!(others.is_empty(), "another node answered for the VIP: {:?}", others.first());
+    // The longest time without an answer from the leader.
+    let answered: Vec<Instant> = samples.iter().filter(|(_, m)| m.contains(&mac)).map(|(t, _)| *t).collect();
+    let gap = answered.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let (_, log) = agents[leader].stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(!log.contains("stepped down"), "the restarted leader stepped down:\n{log}");
+    assert!(gap < Duration::from_millis(100), "ARP went unanswered for {gap:?} across the restart");
+}
+
 /// A node that comes back does not take leadership from the current leader.
 #[test]
 fn a_node_that_rejoins_does_not_steal_leadership() {

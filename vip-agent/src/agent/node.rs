@@ -158,7 +158,18 @@ impl Node {
             };
             (client, e)
         });
-        let announce = match start_announcer(&cfg, &dev, election, initially_leading, events) {
+        // An adopted leader's predecessor could carry the VIP until it stopped, moments
+        // ago: that readiness stands until this node's first gate check (the gate starts
+        // unknown, so its first result is always reported). Taken as not ready, the
+        // announcer would step down, release the Lease and claim it again at once: a
+        // failover at every restart.
+        let eligibility = Eligibility {
+            gated: backends.gated(),
+            apiserver_ready: initially_leading,
+            link_up: netdev::is_up(&cfg.interface),
+            conflict_until: None,
+        };
+        let announce = match start_announcer(&cfg, &dev, election, initially_leading, eligibility.eligible(), events) {
             Ok(a) => a,
             Err(e) => {
                 error!(error = %e, "starting the announcer failed; undoing");
@@ -170,12 +181,6 @@ impl Node {
         if let Some(reader) = announce.peers_reader() {
             live::read_peers_from(&live, reader);
         }
-        let eligibility = Eligibility {
-            gated: backends.gated(),
-            apiserver_ready: false,
-            link_up: netdev::is_up(&cfg.interface),
-            conflict_until: None,
-        };
         let mut node = Self {
             cfg,
             dev,
@@ -629,6 +634,7 @@ fn start_announcer(
     dev: &Netdev,
     election: Option<(kube::Client, ElectionConfig)>,
     initially_leading: bool,
+    eligible: bool,
     events: mpsc::Sender<AnnounceEvent>,
 ) -> Result<Announcer, RunError> {
     match (&cfg.mode, &cfg.bgp) {
@@ -640,6 +646,7 @@ fn start_announcer(
             pin_path: cfg.pin_path.clone(),
             election,
             initially_leading,
+            eligible,
             events,
         })?)),
     }

@@ -194,6 +194,10 @@ pub struct ArpStart {
     pub election: Option<(kube::Client, ElectionConfig)>,
     /// The adopted data plane already answers for the VIPs (a restart of a leader).
     pub initially_leading: bool,
+    /// Whether this node can carry the VIPs as start-up knows it: what the leadership
+    /// task acts on until the node's first update. (Starting from "no", a restarted
+    /// leader stepped down before that update came.)
+    pub eligible: bool,
     pub events: mpsc::Sender<AnnounceEvent>,
 }
 
@@ -222,7 +226,7 @@ pub struct ArpAnnounce {
 impl ArpAnnounce {
     pub fn start(s: ArpStart) -> Result<Self, crate::dataplane::MapError> {
         let fence = MapFence::open(&s.pin_path, &s.interface, &s.vips, s.vlan)?;
-        let (eligible, eligible_rx) = watch::channel(false);
+        let (eligible, eligible_rx) = watch::channel(s.eligible);
         let (stop, stop_rx) = watch::channel(false);
         let elected = s.election.is_some();
         let task = match s.election {
