@@ -145,7 +145,7 @@ fn a_restart_keeps_a_draining_backend_and_the_slots_it_holds() {
 #[test]
 fn a_draining_backend_gives_up_its_held_slots_when_its_hold_ends() {
     let lab = ApiLab::new([10, 117, 0], 3, &[0]).unwrap();
-    let _agent = lab.start_agent(0, &["--drain-hold", "2s"]).unwrap();
+    let mut agent = lab.start_agent(0, &["--drain-hold", "2s"]).unwrap();
     let ip = lab.nodes[2].ip.to_string();
     std::fs::write(lab.unready_file(2), b"").unwrap();
     let held = || {
@@ -157,6 +157,12 @@ fn a_draining_backend_gives_up_its_held_slots_when_its_hold_ends() {
     assert!(wait_until(Duration::from_secs(6), || held() == Some(0)), "still held: {:?}", lab.status(0));
     // The hold began at most a status poll before `seen`.
     assert!(seen.elapsed() >= Duration::from_secs(1), "given up after {:?}, not after the hold", seen.elapsed());
+    // The log names the state as the data plane has it (a "not ready" apiserver drains,
+    // it is not down) and the backend whose hold ended.
+    let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    let logged = |needles: &[&str]| log.lines().any(|l| l.contains(&ip) && needles.iter().all(|n| l.contains(n)));
+    assert!(logged(&["backend state changed", "state=\"draining\"", "was=\"up\"", "not_ready"]), "{log}");
+    assert!(logged(&["hold on its table slots is over"]), "{log}");
 }
 
 /// An apiserver whose /readyz fails while it still serves (`--shutdown-delay-duration`)

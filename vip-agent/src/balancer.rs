@@ -199,16 +199,17 @@ impl Balancer {
         Self { hold, ..self }
     }
 
-    /// Whether a live table still names a holder whose hold is over: the next
-    /// [`Balancer::apply_all`] then rewrites it without (the agent checks every tick).
-    pub fn holds_expired(&self) -> bool {
-        let expired: BTreeSet<u32> = self
-            .draining_since
+    /// The draining backends a live table still names as holders though their hold is
+    /// over: the next [`Balancer::apply_all`] rewrites the table without them (the agent
+    /// checks every tick). Empty: nothing to rewrite.
+    pub fn expired_holds(&self) -> Vec<Ipv4Addr> {
+        self.draining_since
             .iter()
             .filter(|(_, since)| since.elapsed() >= self.hold)
-            .filter_map(|(ip, _)| self.ids.get(ip).copied())
-            .collect();
-        self.services.values().any(|s| !s.holders.is_disjoint(&expired))
+            .filter_map(|(ip, _)| Some((*ip, *self.ids.get(ip)?)))
+            .filter(|(_, id)| self.services.values().any(|s| s.holders.contains(id)))
+            .map(|(ip, _)| ip)
+            .collect()
     }
 
     /// Rebuilds the bookkeeping from maps a previous agent left pinned: backend ids,

@@ -265,13 +265,20 @@ impl Backends {
         }
         b.reason = report.result.as_ref().err().map_or(HealthReason::None, |e| e.reason());
         b.vip_path_failed = b.reason == HealthReason::VipPath;
-        if let Some(new) = b.health.observe(report.result.is_ok()) {
+        let first = b.health.state() == Health::Unknown;
+        b.health.observe(report.result.is_ok());
+        let after = spec_of(&self.list[i], cfg);
+        // The state the data plane gives it (what `status` and the metrics show), not the
+        // check's hysteresis: an apiserver answering "not ready" drains, it is not down.
+        let (was, now) = (if first { "unknown" } else { state_name(&before) }, state_name(&after));
+        if was != now {
+            let (backend, reason) = (after.ip, after.reason.name());
             match &report.result {
-                Err(e) => warn!(backend = %b.ip, state = ?new, error = %e, "backend health changed"),
-                Ok(()) => info!(backend = %b.ip, state = ?new, "backend health changed"),
+                Err(e) => warn!(%backend, state = now, was, reason, error = %e, "backend state changed"),
+                Ok(()) => info!(%backend, state = now, was, "backend state changed"),
             }
         }
-        out.table_changed = spec_of(&self.list[i], cfg) != before;
+        out.table_changed = after != before;
         out
     }
 
@@ -384,6 +391,16 @@ impl Backends {
 impl Drop for Backends {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The data-plane state of a backend as `status` names it: `up` (new flows), `draining`
+/// (its connections only), `down`.
+fn state_name(spec: &BackendSpec) -> &'static str {
+    match (spec.healthy, spec.draining) {
+        (true, _) => "up",
+        (false, true) => "draining",
+        (false, false) => "down",
     }
 }
 

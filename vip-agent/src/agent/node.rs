@@ -424,8 +424,9 @@ impl Node {
             info!("conflict hold-off over: probing the VIP again");
         }
         self.push_eligibility();
-        if self.balancer.holds_expired() {
-            info!("a draining backend's hold on its table slots is over: table rebuilt without it");
+        let expired = self.balancer.expired_holds();
+        if !expired.is_empty() {
+            info!(backends = ?expired, "a draining backend's hold on its table slots is over: table rebuilt without it");
             self.update_table();
         }
         if self.duplicate_seen.is_some_and(|t| t.elapsed() >= DUPLICATE_MEMORY) {
