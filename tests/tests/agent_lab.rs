@@ -286,3 +286,25 @@ fn a_recreated_interface_is_attached_again() {
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(counts.len(), 3, "{counts:?}");
 }
+
+/// On a veth the default `--xdp-mode auto` attaches in SKB mode, and the VIP is served:
+/// native XDP on a veth takes the program, but every frame it sends back (`XDP_TX`: the
+/// ARP answers, the DSR frames) is dropped unless the peer runs XDP as well, so the VIP
+/// looked served (`status` showed the leader, its counters counted answers) and was not.
+#[test]
+fn on_a_veth_auto_mode_attaches_generic_xdp_and_the_vip_is_served() {
+    let lab = ApiLab::new([10, 119, 0], 3, &[0]).unwrap();
+    // The lab's agents run `--xdp-mode skb`; this one runs the default.
+    let args: Vec<String> =
+        lab.agent_args(0, &[]).unwrap().into_iter().map(|a| if a == "skb" { "auto".to_owned() } else { a }).collect();
+    let mut agent = tests::agent::Agent::spawn(lab.ns(0), &args).unwrap();
+    lab.wait_all_healthy(0).unwrap();
+    let s = lab.status(0).unwrap();
+    assert_eq!(s["attached"][0]["mode"], "skb", "{s}");
+    let (counts, errors) = lab.requests(30);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(counts.len() > 1, "not balanced over the nodes by DSR: {counts:?}");
+    let (status, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("a veth: using SKB mode"), "{log}");
+}

@@ -141,6 +141,42 @@ pub fn strips_vlan_tags(name: &str) -> Result<Option<bool>, NetdevError> {
     Ok(answered.then_some(value.data & ETH_FLAG_RXVLAN != 0))
 }
 
+/// The name of interface `name`'s driver (`veth`, `virtio_net`, `mlx5_core`, ...), as
+/// `ethtool -i` shows it: the ethtool ioctl's `ETHTOOL_GDRVINFO` (`struct
+/// ethtool_drvinfo`, include/uapi/linux/ethtool.h). `Ok(None)` if the interface is gone
+/// or has no driver information (a bridge answers `bridge`; some virtual devices
+/// nothing).
+pub fn driver(name: &str) -> Result<Option<String>, NetdevError> {
+    /// `struct ethtool_drvinfo`: the command, then fixed-size strings and counters
+    /// (196 bytes); only `driver` is read.
+    #[repr(C)]
+    struct EthtoolDrvinfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        counts: [u32; 5],
+    }
+    const _: () = assert!(std::mem::size_of::<EthtoolDrvinfo>() == 196);
+    const SIOCETHTOOL: libc::Ioctl = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x03;
+    // SAFETY: integers and byte arrays only: all-zero is a valid value.
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let ptr = &mut info as *mut EthtoolDrvinfo as *mut libc::c_char;
+    // The ioctl writes the answer into `info` through the pointer in ifr_data.
+    let answered = match ifreq_ioctl_with(name, SIOCETHTOOL, |ifr| ifr.ifr_ifru.ifru_data = ptr) {
+        Ok(answer) => answer.is_some(),
+        Err(NetdevError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
+        Err(e) => return Err(e),
+    };
+    let len = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    Ok(answered.then(|| String::from_utf8_lossy(&info.driver[..len]).into_owned()).filter(|d| !d.is_empty()))
+}
+
 /// Runs an `ifreq` ioctl for `name` on an AF_INET socket. `Ok(None)` when the kernel says
 /// the interface is gone (`ENODEV`) or has no such address (`EADDRNOTAVAIL`).
 fn ifreq_ioctl(name: &str, request: libc::Ioctl) -> Result<Option<libc::ifreq>, NetdevError> {

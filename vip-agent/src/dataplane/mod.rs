@@ -732,6 +732,17 @@ impl Dataplane {
         let (link, attached) = match mode {
             AttachMode::Native => (attempt(xdp, XdpMode::Driver), AttachedMode::Native),
             AttachMode::Skb => (attempt(xdp, XdpMode::Skb), AttachedMode::Skb),
+            // A veth takes a native program, but the frames it sends back out with
+            // `XDP_TX` (every ARP answer, every DSR frame) reach the peer only if the peer
+            // runs an XDP program of its own: they are dropped, counted only as the
+            // driver's `xdp_tx_errors`. Generic mode works on a veth as on any device.
+            AttachMode::Auto if crate::netdev::driver(&dev.name).ok().flatten().as_deref() == Some("veth") => {
+                info!(
+                    interface = %dev.name,
+                    "a veth: using SKB mode (native XDP_TX reaches the peer only if the peer runs XDP; --xdp-mode native to force it)"
+                );
+                (attempt(xdp, XdpMode::Skb), AttachedMode::Skb)
+            }
             AttachMode::Auto => match attempt(xdp, XdpMode::Driver) {
                 Ok(link) => (Ok(link), AttachedMode::Native),
                 Err(err) if !is_busy(&err) => {
