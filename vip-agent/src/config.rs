@@ -491,6 +491,8 @@ pub enum ConfigError {
     DuplicateBackend { ip: Ipv4Addr },
     #[error("--backend {ip} is the VIP itself")]
     BackendIsVip { ip: Ipv4Addr },
+    #[error("--backend {ip}: {why}")]
+    BadBackend { ip: Ipv4Addr, why: &'static str },
     // Not a #[source]: the message already says it all, and a chain would repeat it.
     #[error("--maglev-size: {0}")]
     Maglev(maglev::MaglevError),
@@ -546,6 +548,9 @@ impl TryFrom<RunArgs> for RunConfig {
         for b in &args.backends {
             if args.vips.contains(&IpAddr::V4(b.ip)) {
                 return Err(ConfigError::BackendIsVip { ip: b.ip });
+            }
+            if let Some(why) = backend_problem(b.ip) {
+                return Err(ConfigError::BadBackend { ip: b.ip, why });
             }
             if !backends.insert(b.ip) {
                 return Err(ConfigError::DuplicateBackend { ip: b.ip });
@@ -792,6 +797,17 @@ fn check_vip(vip: IpAddr) -> Result<(), ConfigError> {
     match vip_deploy::vips::vip_problem(vip) {
         Some(why) => Err(ConfigError::BadVip { vip, why }),
         None => Ok(()),
+    }
+}
+
+/// Why `ip` cannot be a backend: no host answers it. (A loopback address is left alone:
+/// it names this node.)
+fn backend_problem(ip: Ipv4Addr) -> Option<&'static str> {
+    match ip {
+        _ if ip.is_unspecified() => Some("the unspecified address is no host"),
+        _ if ip.is_broadcast() => Some("the broadcast address is no host"),
+        _ if ip.is_multicast() => Some("a multicast address is no host"),
+        _ => None,
     }
 }
 
@@ -1052,6 +1068,9 @@ mod tests {
             (&["--port", "0"][..], "--port 0"),
             (&["--backend", "10.0.0.11"], "--backend 10.0.0.11 is given twice"),
             (&["--backend", "10.0.0.1"], "--backend 10.0.0.1 is the VIP itself"),
+            (&["--backend", "0.0.0.0"], "--backend 0.0.0.0: the unspecified address is no host"),
+            (&["--backend", "255.255.255.255"], "--backend 255.255.255.255: the broadcast address is no host"),
+            (&["--backend", "224.0.0.1"], "--backend 224.0.0.1: a multicast address is no host"),
             (&["--backend", "10.0.0.12:0"], "port 0"),
             (&["--backend", "10.0.0.x"], "not an IPv4 address"),
             (&["--maglev-size", "65536"], "--maglev-size: Maglev table size 65536 is not prime"),
