@@ -169,10 +169,22 @@ fn a_restart_with_another_vip_serves_only_the_new_one() {
 }
 
 /// Another program already on the interface's XDP hook (Cilium's acceleration, say): the
-/// agent refuses at once, naming the program, and leaves it attached.
+/// agent refuses at once, naming the program, and leaves it attached. Another vip-agent's
+/// program (pinned elsewhere) is named as that, not as a foreign program to detach.
 #[test]
 fn a_foreign_xdp_program_is_named_and_left_alone() {
-    let lab = ApiLab::new([10, 103, 0], 3, &[0]).unwrap();
+    for (program, prefix, named) in [
+        (vip_agent::dataplane::Program::Pass, [10, 103, 0], "\"xdp_pass\""),
+        (vip_agent::dataplane::Program::Vip, [10, 120, 0], "already served by another vip-agent"),
+    ] {
+        refused_beside(program, prefix, named);
+    }
+}
+
+/// Starts an agent on an interface whose XDP hook holds `program`, attached by hand: it
+/// must refuse with a first log line naming it (`named`), and leave it attached.
+fn refused_beside(program: vip_agent::dataplane::Program, prefix: [u8; 3], named: &str) {
+    let lab = ApiLab::new(prefix, 3, &[0]).unwrap();
     let ns = lab.ns(0).name.clone();
     let (attached_tx, attached) = std::sync::mpsc::channel();
     let (done_tx, done) = std::sync::mpsc::channel::<()>();
@@ -180,7 +192,7 @@ fn a_foreign_xdp_program_is_named_and_left_alone() {
         tests::netns::enter_by_name(&ns).unwrap();
         let mut dp = vip_agent::dataplane::Dataplane::load().unwrap();
         let dev = vip_agent::netdev::lookup("eth0").unwrap();
-        dp.attach(vip_agent::dataplane::Program::Pass, &dev, vip_agent::dataplane::AttachMode::Skb).unwrap();
+        dp.attach(program, &dev, vip_agent::dataplane::AttachMode::Skb).unwrap();
         attached_tx.send(()).unwrap();
         let _ = done.recv();
     });
@@ -189,9 +201,9 @@ fn a_foreign_xdp_program_is_named_and_left_alone() {
     let (status, log) = run_to_exit(lab.ns(0), &args, Duration::from_secs(10)).unwrap();
     assert!(!status.success());
     let first = log.lines().next().unwrap_or("");
-    assert!(first.contains("eth0") && first.contains("\"xdp_pass\"") && first.contains("id "), "{log}");
+    assert!(first.contains("eth0") && first.contains(named) && first.contains("id "), "{log}");
     assert!(lab.ns(0).has_xdp("eth0").unwrap(), "the foreign program was detached");
-    assert!(!lab.ns(0).addrs("lo").unwrap().contains("10.103.0.100"), "the VIP was added");
+    assert!(!lab.ns(0).addrs("lo").unwrap().contains(&lab.vip.to_string()), "the VIP was added");
     done_tx.send(()).unwrap();
     holder.join().unwrap();
 }

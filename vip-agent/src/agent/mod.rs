@@ -84,6 +84,11 @@ pub enum RunError {
          detach that one (ip link set dev {interface} xdp off), or use another interface"
     )]
     ForeignXdp { interface: String, id: u32, name: String, pin_path: String },
+    #[error(
+        "interface {interface} is already served by another vip-agent (its XDP program, id {id}, is not pinned at \
+         {pin_path}): stop that agent, or give this one its --pin-path to take over from it"
+    )]
+    OtherAgentXdp { interface: String, id: u32, pin_path: String },
     #[error("installing the {signal} handler failed")]
     Signal {
         signal: &'static str,
@@ -242,12 +247,14 @@ async fn refuse_foreign_xdp(nl: &Netlink, dev: &netdev::Netdev, cfg: &RunConfig)
     if Dataplane::link_pin(&cfg.pin_path, &cfg.interface).exists() {
         return Ok(());
     }
-    Err(RunError::ForeignXdp {
-        interface: cfg.interface.clone(),
-        id,
-        name: crate::dataplane::program_name(id).unwrap_or_else(|| "?".into()),
-        pin_path: cfg.pin_path.display().to_string(),
-    })
+    let (interface, pin_path) = (cfg.interface.clone(), cfg.pin_path.display().to_string());
+    let name = crate::dataplane::program_name(id).unwrap_or_else(|| "?".into());
+    // Ours, under other pins: detaching it (what the foreign case suggests) would cut
+    // that agent's data plane off.
+    if name == vip_common::program_names::VIP {
+        return Err(RunError::OtherAgentXdp { interface, id, pin_path });
+    }
+    Err(RunError::ForeignXdp { interface, id, name, pin_path })
 }
 
 /// Receives from an optional channel (pending forever without one).
