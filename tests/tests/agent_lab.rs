@@ -301,6 +301,8 @@ fn on_a_veth_auto_mode_attaches_generic_xdp_and_the_vip_is_served() {
     lab.wait_all_healthy(0).unwrap();
     let s = lab.status(0).unwrap();
     assert_eq!(s["attached"][0]["mode"], "skb", "{s}");
+    // The live view is this agent's (its instance is the pins'), so it is shown.
+    assert!(s["agent"]["instance"].as_str().is_some_and(|i| i.len() == 16), "{s}");
     let (counts, errors) = lab.requests(30);
     assert!(errors.is_empty(), "{errors:?}");
     assert!(counts.len() > 1, "not balanced over the nodes by DSR: {counts:?}");

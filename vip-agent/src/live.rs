@@ -45,6 +45,11 @@ pub struct LiveView {
     /// BGP mode: the VIPs are being advertised.
     pub advertised: Option<bool>,
     pub bgp_peers: Vec<PeerView>,
+    /// This agent process's instance id (16 hex digits), as it wrote it into the pinned
+    /// configuration (`Config::agent_instance`): `status` shows this view beside the
+    /// pins only if they match, so another agent answering at the address is not taken
+    /// for the pins' own.
+    pub instance: String,
 }
 
 /// Reads every BGP peer's session as it is at the moment of the call.

@@ -37,6 +37,20 @@ fn live(addr: SocketAddr) -> Result<Value, String> {
     serde_json::from_str(body).map_err(|e| e.to_string())
 }
 
+/// The live view `view` answered at `addr`, if it is the agent that wrote the pins
+/// (instance `pinned`): two agents on one host, or a `--metrics-addr` that is another
+/// agent's, would otherwise mix that agent's state into these pins'. A view without an
+/// instance (an agent from before it was published) is taken as it is.
+fn same_agent(view: Value, pinned: &str, addr: SocketAddr) -> Result<Value, String> {
+    match view.get("instance").and_then(Value::as_str) {
+        Some(live) if live != pinned => Err(format!(
+            "{addr} answers for another agent (instance {live}; these pins are instance {pinned}'s): \
+             give status that agent's --metrics-addr"
+        )),
+        _ => Ok(view),
+    }
+}
+
 /// Everything `status` shows, as JSON (the table is rendered from it): the pinned maps,
 /// and the running agent's live state from `agent_addr` when it answers.
 pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusError> {
@@ -107,7 +121,8 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
     let counters: serde_json::Map<String, Value> =
         maps.counters()?.into_iter().filter(|(_, n)| *n > 0).map(|(r, n)| (r.name().to_owned(), json!(n))).collect();
     let mac = mac_string(&config.mac);
-    let (agent, agent_error) = match live(agent_addr) {
+    let pinned_instance: String = config.agent_instance.iter().map(|b| format!("{b:02x}")).collect();
+    let (agent, agent_error) = match live(agent_addr).and_then(|v| same_agent(v, &pinned_instance, agent_addr)) {
         Ok(v) => (v, Value::Null),
         Err(e) => (Value::Null, json!(e)),
     };
@@ -283,7 +298,21 @@ pub fn render(s: &Value) -> String {
 mod tests {
     use serde_json::json;
 
-    use super::render;
+    use super::{render, same_agent};
+
+    /// The live view is shown beside the pins only if the agent answering is the one
+    /// that wrote them; a view from before the instance was published is taken as it is.
+    #[test]
+    fn another_agents_live_view_is_not_shown_beside_these_pins() {
+        let addr = "127.0.0.1:9469".parse().unwrap();
+        let ours = json!({ "mode": "arp", "instance": "00112233445566ff" });
+        assert_eq!(same_agent(ours.clone(), "00112233445566ff", addr), Ok(ours));
+        let theirs = json!({ "mode": "arp", "instance": "aabbccddeeff0011" });
+        let refused = same_agent(theirs, "00112233445566ff", addr).unwrap_err();
+        assert!(refused.contains("127.0.0.1:9469 answers for another agent (instance aabbccddeeff0011"), "{refused}");
+        let older = json!({ "mode": "arp" });
+        assert_eq!(same_agent(older.clone(), "00112233445566ff", addr), Ok(older));
+    }
 
     /// The table names each attachment's mode, and warns when the driver carries no XDP
     /// metadata (the VLAN companion then decides some frames twice).

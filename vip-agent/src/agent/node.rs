@@ -109,6 +109,8 @@ pub struct Node {
     /// The data plane is attached to the interface as it is now: false from the
     /// interface's deletion until an attach to its successor succeeds.
     attached: bool,
+    /// This process's instance id (see [`LiveView::instance`]).
+    instance: String,
 }
 
 impl Node {
@@ -197,6 +199,7 @@ impl Node {
             duplicate_seen: None,
             xdp_mode: None,
             attached: true,
+            instance,
         };
         node.read_xdp_mode().await;
         node.push_eligibility();
@@ -242,6 +245,7 @@ impl Node {
             advertised: self.announce.advertised(),
             // Read by the view itself when it is read (`live::read_peers_from`).
             bgp_peers: Vec::new(),
+            instance: self.instance.clone(),
         };
         live::publish(&self.live, view);
     }
