@@ -549,7 +549,7 @@ impl TryFrom<RunArgs> for RunConfig {
             if args.vips.contains(&IpAddr::V4(b.ip)) {
                 return Err(ConfigError::BackendIsVip { ip: b.ip });
             }
-            if let Some(why) = backend_problem(b.ip) {
+            if let Some(why) = vip_deploy::vips::backend_problem(b.ip) {
                 return Err(ConfigError::BadBackend { ip: b.ip, why });
             }
             if !backends.insert(b.ip) {
@@ -797,17 +797,6 @@ fn check_vip(vip: IpAddr) -> Result<(), ConfigError> {
     match vip_deploy::vips::vip_problem(vip) {
         Some(why) => Err(ConfigError::BadVip { vip, why }),
         None => Ok(()),
-    }
-}
-
-/// Why `ip` cannot be a backend: no host answers it. (A loopback address is left alone:
-/// it names this node.)
-fn backend_problem(ip: Ipv4Addr) -> Option<&'static str> {
-    match ip {
-        _ if ip.is_unspecified() => Some("the unspecified address is no host"),
-        _ if ip.is_broadcast() => Some("the broadcast address is no host"),
-        _ if ip.is_multicast() => Some("a multicast address is no host"),
-        _ => None,
     }
 }
 

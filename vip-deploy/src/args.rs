@@ -55,6 +55,17 @@ pub enum Election {
     None,
 }
 
+/// How the agent checks an apiserver (the agent's `--health-check`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum HealthCheck {
+    /// HTTPS `GET /readyz`, the certificate verified (CA from `--health-ca`, else the
+    /// kubeconfig's cluster CA).
+    #[default]
+    Https,
+    /// A TCP connect only (no CA needed).
+    Tcp,
+}
+
 /// Where backends come from besides `--backend`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Discover {
@@ -102,6 +113,13 @@ pub struct ManifestArgs {
     /// Discover the apiservers from `default/kubernetes` (default: kubernetes).
     #[arg(long, value_enum)]
     pub discover: Option<Discover>,
+    /// How the agent checks the apiservers.
+    #[arg(long, value_enum, default_value_t = HealthCheck::Https)]
+    pub health_check: HealthCheck,
+    /// PEM file on the host of the CA that signs the apiservers' certificates (mounted
+    /// into the pods). Without it the HTTPS checks use the kubeconfig's cluster CA.
+    #[arg(long, value_name = "PATH")]
+    pub health_ca: Option<String>,
     /// BGP: this node's AS number (`--mode bgp`).
     #[arg(long, value_name = "AS")]
     pub bgp_local_as: Option<u32>,

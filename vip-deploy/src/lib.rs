@@ -109,10 +109,15 @@ pub fn render(kind: Kind, args: &ManifestArgs) -> Result<String, RenderError> {
 /// The comment on top of each kind's output: what it is, where it goes, and for the
 /// kinds that run the agent, the host mount it relies on.
 fn header(s: &Settings) -> String {
+    let local = format!("127.0.0.1:{}", s.port);
     let what = match s.kind {
-        Kind::Daemonset => {
+        Kind::Daemonset => &format!(
             "vip-agent on every control-plane node: RBAC, then the DaemonSet.\n\
-             Apply with `kubectl apply -f`; the agent reaches its node's apiserver on 127.0.0.1:6443."
+             Apply with `kubectl apply -f`; the agent reaches its node's apiserver on {local}."
+        ),
+        Kind::Pod if !s.uses_api() => {
+            "vip-agent as a kubeadm static pod: put this file in /etc/kubernetes/manifests/ on each\n\
+             control-plane node. It uses no Kubernetes API (no election, static backends)."
         }
         Kind::Pod => {
             "vip-agent as a kubeadm static pod: put this file in /etc/kubernetes/manifests/ on each\n\
@@ -127,11 +132,16 @@ fn header(s: &Settings) -> String {
             "RBAC of vip-agent: the Lease it is elected with, and the EndpointSlices of\n\
              default/kubernetes it discovers the apiservers from. Nothing else."
         }
-        Kind::Systemd => {
+        Kind::Systemd if !s.uses_api() => {
+            "vip-agent as a systemd service: save as /etc/systemd/system/vip-agent.service on each\n\
+             node, then `systemctl daemon-reload && systemctl enable --now vip-agent`.\n\
+             It uses no Kubernetes API (no election, static backends)."
+        }
+        Kind::Systemd => &format!(
             "vip-agent as a systemd service: save as /etc/systemd/system/vip-agent.service on each\n\
              control-plane node, then `systemctl daemon-reload && systemctl enable --now vip-agent`.\n\
-             It reaches the API with the host's kubeconfig on 127.0.0.1:6443, so it runs before RBAC exists."
-        }
+             It reaches the API with the host's kubeconfig on {local}, so it runs before RBAC exists."
+        ),
         Kind::CiliumValues => {
             "Helm values for Cilium without kube-proxy: its agents reach the API through the VIP.\n\
              Order: vip first (the VIP must answer), then `helm install cilium cilium/cilium -n kube-system -f THIS`.\n\

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::{
-    args::{Attach, Backend, BgpPeer, Discover, Dur, Election, Forward, ManifestArgs, Mode},
+    args::{Attach, Backend, BgpPeer, Discover, Dur, Election, Forward, HealthCheck, ManifestArgs, Mode},
     error::RenderError,
     names::NameRule,
     Kind,
@@ -39,6 +39,9 @@ pub struct Settings {
     pub backends: Vec<Backend>,
     /// Follow `default/kubernetes` (and grant the RBAC for it).
     pub discover: bool,
+    pub health_check: HealthCheck,
+    /// `--health-ca`: an absolute path on the host.
+    pub health_ca: Option<String>,
     pub bgp: Option<Bgp>,
     pub image: String,
     pub namespace: String,
@@ -107,6 +110,10 @@ impl Settings {
         if !args.binary.starts_with('/') {
             return Err(RenderError::RelativeBinary { path: args.binary.clone() });
         }
+        if let Some(ca) = args.health_ca.as_ref().filter(|p| !p.starts_with('/')) {
+            let why = "must be an absolute path on the host";
+            return Err(RenderError::BadName { flag: "health-ca", value: ca.clone(), why });
+        }
         if args.vlan.is_some() && args.mode == Mode::Bgp {
             let why = "is for ARP mode: BGP routes the VIPs to the node's own address";
             return Err(RenderError::BadName { flag: "vlan", value: args.vlan.unwrap_or(0).to_string(), why });
@@ -134,6 +141,8 @@ impl Settings {
             // reads it with its admin kubeconfig), and without it the agent balances only
             // over --backend.
             discover: args.discover != Some(Discover::None),
+            health_check: args.health_check,
+            health_ca: args.health_ca.clone(),
             bgp,
             image: args.image.clone(),
             namespace: args.namespace.clone(),
@@ -154,6 +163,20 @@ impl Settings {
     /// BGP mode every ready node advertises the VIP and the agent never reads a Lease.
     pub fn elects(&self) -> bool {
         self.election == Election::Kubernetes && self.mode == Mode::Arp
+    }
+
+    /// Whether the agent talks to the Kubernetes API: for the Lease, or to discover the
+    /// apiservers. Without either it needs no API server URL.
+    pub fn uses_api(&self) -> bool {
+        self.elects() || self.discover
+    }
+
+    /// Whether the agent needs the host's kubeconfig (static pod, systemd): to reach the
+    /// API, or for the CA its HTTPS checks verify with when `--health-ca` is not given.
+    /// A unit for static backends without a cluster (`--election none --discover none`)
+    /// with TCP checks or its own CA must not name a kubeconfig the host may not have.
+    pub fn needs_kubeconfig(&self) -> bool {
+        self.uses_api() || (self.health_check == HealthCheck::Https && self.health_ca.is_none())
     }
 }
 
@@ -189,6 +212,8 @@ fn check_backends(backends: &[Backend], vips: &[IpAddr]) -> Result<(), RenderErr
             "is a VIP"
         } else if backends[..i].iter().any(|o| o.ip == b.ip) {
             "is given twice"
+        } else if let Some(why) = crate::vips::backend_problem(b.ip) {
+            why
         } else {
             continue;
         };
@@ -202,14 +227,14 @@ fn check_name(flag: &'static str, value: &str, rule: NameRule) -> Result<(), Ren
 }
 
 fn check_image(image: &str) -> Result<(), RenderError> {
-    if image.is_empty() || image.contains(char::is_whitespace) {
-        return Err(RenderError::BadName {
-            flag: "image",
-            value: image.to_owned(),
-            why: "an image reference has no whitespace",
-        });
-    }
-    Ok(())
+    let why = if image.is_empty() {
+        "an image reference is not empty"
+    } else if image.contains(char::is_whitespace) {
+        "an image reference has no whitespace"
+    } else {
+        return Ok(());
+    };
+    Err(RenderError::BadName { flag: "image", value: image.to_owned(), why })
 }
 
 fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {

@@ -18,6 +18,17 @@ pub fn vip_problem(vip: IpAddr) -> Option<&'static str> {
     }
 }
 
+/// Why `ip` cannot be a backend (an apiserver): no host answers it. A loopback address is
+/// left alone: it names the node itself. The rule `vip-agent run` and the manifests share.
+pub fn backend_problem(ip: std::net::Ipv4Addr) -> Option<&'static str> {
+    match ip {
+        _ if ip.is_unspecified() => Some("the unspecified address is no host"),
+        _ if ip.is_broadcast() => Some("the broadcast address is no host"),
+        _ if ip.is_multicast() => Some("a multicast address is no host"),
+        _ => None,
+    }
+}
+
 /// IPv6 adds two refusals: a link-local VIP (fe80::/10) is ambiguous without a zone, and
 /// every interface already has one; an IPv4-mapped address (::ffff:0:0/96) is IPv4 on
 /// the wire, so the IPv4 VIP itself is what to give.

@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 
 use crate::{
-    args::{Attach, Discover, Election, Forward, Mode},
+    args::{Attach, Discover, Election, Forward, HealthCheck, Mode},
     rbac::{labels, NAME},
     settings::{BgpPeers, Settings},
 };
@@ -51,14 +51,16 @@ pub const CAPABILITIES: &[&str] = &["NET_ADMIN", "NET_RAW", "BPF", "PERFMON"];
 /// Where bpffs is mounted on the host and in the container: the agent pins its maps and
 /// XDP link under `/sys/fs/bpf/vip`, so the next pod adopts them.
 const BPFFS: &str = "/sys/fs/bpf";
-/// This node's apiserver, where the agent goes (never the `kubernetes` Service).
-const LOCAL_APISERVER: &str = "https://127.0.0.1:6443";
+/// This node's apiserver, where the agent goes (never the `kubernetes` Service), on the
+/// VIP's port (`--port`: DSR cannot change ports, so the apiservers listen on it).
+fn local_apiserver(s: &Settings) -> String {
+    format!("https://127.0.0.1:{}", s.port)
+}
 /// The kubelet sets `KUBERNETES_SERVICE_HOST`/`_PORT` to the `kubernetes` Service, which
 /// nothing implements before the CNI (Cilium without kube-proxy) is up, and Cilium
 /// needs the VIP first. Pointing them at the local apiserver keeps any in-cluster
 /// client in the pod (a `kubectl exec` tool, `--apiserver in-cluster`) off the Service.
 const SERVICE_HOST: &str = "127.0.0.1";
-const SERVICE_PORT: &str = "6443";
 /// SIGTERM to SIGKILL. The agent's stop with the default timers takes about 2.5 s: stop
 /// answering ARP, release the Lease (bounded by 2 × renew-deadline = 1.2 s), drain while
 /// clients follow the new leader's gratuitous ARP (2 × retry-period + 300 ms = 0.7 s),
@@ -127,34 +129,25 @@ pub fn daemon_set(s: &Settings) -> DaemonSet {
 pub fn static_pod(s: &Settings) -> Pod {
     let mut pod = pod_spec(s);
     let container = &mut pod.containers[0];
-    container.env.get_or_insert_with(Vec::new).extend([
-        env("VIP_KUBECONFIG", &s.kubeconfig_path),
+    if s.needs_kubeconfig() {
+        container.env.get_or_insert_with(Vec::new).push(env("VIP_KUBECONFIG", &s.kubeconfig_path));
+    }
+    if s.uses_api() {
         // The kubeconfig's server is the control-plane endpoint, which is the VIP: the
         // agent that brings the VIP up must not need it.
-        env("VIP_APISERVER", LOCAL_APISERVER),
-    ]);
+        container.env.get_or_insert_with(Vec::new).push(env("VIP_APISERVER", &local_apiserver(s)));
+    }
     if s.election == Election::Kubernetes && s.mode == Mode::Arp {
         // During `kubeadm init` admin.conf has no RBAC yet (1.29+): until the Lease API
         // answers, the agent holds the VIP if its ARP probe finds nobody else answering,
         // so neither super-admin.conf nor a manifest switch is needed.
         container.env.get_or_insert_with(Vec::new).push(env("VIP_BOOTSTRAP", "true"));
     }
-    container.volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
-        name: "kubeconfig".into(),
-        mount_path: s.kubeconfig_path.clone(),
-        read_only: Some(true),
-        ..VolumeMount::default()
-    });
-    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
-        name: "kubeconfig".into(),
-        host_path: Some(HostPathVolumeSource {
-            path: s.kubeconfig_path.clone(),
-            // Not FileOrCreate: an empty file in its place would make kubeadm refuse to
-            // write the real one. The kubelet retries until kubeadm has written it.
-            type_: Some("File".into()),
-        }),
-        ..Volume::default()
-    });
+    if s.needs_kubeconfig() {
+        // Not FileOrCreate: an empty file in its place would make kubeadm refuse to write
+        // the real one. The kubelet retries until kubeadm has written it.
+        mount_host_file(&mut pod, "kubeconfig", &s.kubeconfig_path);
+    }
     Pod {
         metadata: ObjectMeta {
             name: Some(NAME.into()),
@@ -167,8 +160,32 @@ pub fn static_pod(s: &Settings) -> Pod {
     }
 }
 
+/// Mounts the host's file `path` read-only at the same path in the pod's container, as
+/// volume `name` (`File`: the kubelet waits for it rather than create an empty one).
+fn mount_host_file(pod: &mut PodSpec, name: &str, path: &str) {
+    pod.containers[0].volume_mounts.get_or_insert_with(Vec::new).push(VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    });
+    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: name.into(),
+        host_path: Some(HostPathVolumeSource { path: path.into(), type_: Some("File".into()) }),
+        ..Volume::default()
+    });
+}
+
 /// What both forms share.
 fn pod_spec(s: &Settings) -> PodSpec {
+    let mut pod = pod_spec_base(s);
+    if let Some(ca) = &s.health_ca {
+        mount_host_file(&mut pod, "health-ca", ca);
+    }
+    pod
+}
+
+fn pod_spec_base(s: &Settings) -> PodSpec {
     PodSpec {
         containers: vec![container(s)],
         host_network: Some(true),
@@ -339,6 +356,14 @@ fn agent_env(s: &Settings) -> Vec<EnvVar> {
     if s.discover {
         vars.push(env("VIP_DISCOVER", discover_value(Discover::Kubernetes)));
     }
+    // Only when not the default, so manifests rendered before the flags existed stay the
+    // same.
+    if s.health_check == HealthCheck::Tcp {
+        vars.push(env("VIP_HEALTH_CHECK", "tcp"));
+    }
+    if let Some(ca) = &s.health_ca {
+        vars.push(env("VIP_HEALTH_CA", ca));
+    }
     if !s.backends.is_empty() {
         vars.push(env("VIP_BACKEND", &joined(&s.backends)));
     }
@@ -371,7 +396,7 @@ fn agent_env(s: &Settings) -> Vec<EnvVar> {
         }
     }
     vars.push(env("KUBERNETES_SERVICE_HOST", SERVICE_HOST));
-    vars.push(env("KUBERNETES_SERVICE_PORT", SERVICE_PORT));
+    vars.push(env("KUBERNETES_SERVICE_PORT", &s.port.to_string()));
     vars
 }
 

@@ -198,6 +198,19 @@ fn missing_and_bad_values_are_named() {
             "--vip 2001:db8::1: --forward ipip carries IPv4 VIPs only",
         ),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0/1"], "--interface \"eth0/1\""),
+        (
+            &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--backend=0.0.0.0"],
+            "the unspecified address is no host",
+        ),
+        (
+            &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--backend=224.0.0.1"],
+            "a multicast address is no host",
+        ),
+        (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--image="], "an image reference is not empty"),
+        (
+            &["pod", "--vip=192.0.2.1", "--interface=eth0", "--health-ca=ca.pem"],
+            "--health-ca \"ca.pem\": must be an absolute path",
+        ),
         (&["daemonset", "--vip=192.0.2.1", "--interface=averyveryverylongname"], "1 to 15 bytes"),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--port=0"], "--port 0"),
         (

@@ -36,6 +36,40 @@ fn the_unit_carries_the_static_pods_settings() {
     assert!(unit.contains("\nStartLimitIntervalSec=0\n"), "restarts until the kubeconfig exists: {unit}");
 }
 
+/// Static backends without a cluster (`--election none --discover none`): the unit names
+/// no API server, and a kubeconfig only where the HTTPS checks take their CA from it.
+/// With a kubeconfig named the host may not have, the agent refused to start, and
+/// `Restart=always` restarted it for ever. `--port` reaches the API server URL too.
+#[test]
+fn a_unit_without_a_cluster_names_no_kubeconfig_it_does_not_need() {
+    let no_cluster = ["systemd", "--vip=192.0.2.100", "--interface=eth0", "--election=none", "--discover=none"];
+    let with = |extra: &[&str]| {
+        let line: Vec<&str> = no_cluster.iter().chain(extra).copied().collect();
+        let unit = render(&line);
+        (environment(&unit), unit)
+    };
+    let has = |env: &[String], name: &str| env.iter().any(|e| e.starts_with(&format!("{name}=")));
+    for (extra, kubeconfig) in [
+        (&["--backend=10.0.0.11", "--health-check=tcp"][..], false),
+        (&["--backend=10.0.0.11", "--health-ca=/etc/vip/ca.pem"], false),
+        // HTTPS checks with no CA of their own verify with the kubeconfig's.
+        (&["--backend=10.0.0.11"], true),
+    ] {
+        let (env, unit) = with(extra);
+        assert!(!has(&env, "VIP_APISERVER"), "{extra:?}: {env:?}");
+        assert_eq!(has(&env, "VIP_KUBECONFIG"), kubeconfig, "{extra:?}: {env:?}");
+        assert!(unit.contains("It uses no Kubernetes API"), "{unit}");
+    }
+    let (env, _) = with(&["--backend=10.0.0.11", "--health-check=tcp", "--health-ca=/etc/vip/ca.pem"]);
+    for want in ["VIP_HEALTH_CHECK=tcp", "VIP_HEALTH_CA=/etc/vip/ca.pem"] {
+        assert!(env.iter().any(|e| e == want), "{want} missing: {env:?}");
+    }
+    let elected = render(&["systemd", "--vip=192.0.2.100", "--interface=eth0", "--port=7443"]);
+    let env = environment(&elected);
+    assert!(env.iter().any(|e| e == "VIP_APISERVER=https://127.0.0.1:7443"), "{env:?}");
+    assert!(elected.contains("kubeconfig on 127.0.0.1:7443"), "{elected}");
+}
+
 #[test]
 fn a_secret_cannot_be_referenced_and_the_binary_path_is_absolute() {
     let (kind, args) = common::parse(&[

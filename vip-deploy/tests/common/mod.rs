@@ -57,6 +57,7 @@ pub const FLAG_SETS: &[&[&str]] = &[
         "--metrics-addr=0.0.0.0:9470",
         "--keep-forwarding-on-exit=false",
         "--image=registry.example/vip-agent:dev",
+        "--health-ca=/etc/vip/apiserver-ca.pem",
     ],
     &[
         "--vip=192.0.2.100",
@@ -68,6 +69,7 @@ pub const FLAG_SETS: &[&[&str]] = &[
         "--bgp-hold-time=9s",
         "--bgp-keepalive=3s",
         "--attach=tcx",
+        "--health-check=tcp",
     ],
 ];
 
