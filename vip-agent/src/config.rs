@@ -716,6 +716,10 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
     if let Some((vip, why)) = args.vips.iter().find_map(|&v| vip_deploy::vips::bgp_problem(v).map(|w| (v, w))) {
         return Err(err(format!("--vip {vip}: {why}")));
     }
+    if let Some((id, why)) = args.bgp_router_id.and_then(|id| vip_deploy::vips::router_id_problem(id).map(|w| (id, w)))
+    {
+        return Err(err(format!("--bgp-router-id {id}: {why}")));
+    }
     let local_as = args.bgp_local_as.ok_or_else(|| err("--bgp-local-as is required".into()))?;
     if local_as == 0 || local_as == u32::MAX || local_as == 23456 {
         return Err(err(format!("--bgp-local-as {local_as} is reserved")));
@@ -1103,6 +1107,19 @@ mod tests {
             (
                 &["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.254:1", "--bgp-keepalive", "4s"],
                 "--bgp-keepalive 4s: above zero and at most a third",
+            ),
+            (
+                &[
+                    "--mode",
+                    "bgp",
+                    "--bgp-local-as",
+                    "65000",
+                    "--bgp-peer",
+                    "10.0.0.254:1",
+                    "--bgp-router-id",
+                    "0.0.0.0",
+                ],
+                "--mode bgp: --bgp-router-id 0.0.0.0: a BGP identifier is not zero",
             ),
             (&["--election", "maybe"], "'maybe'"),
             (&["--xdp-mode", "turbo"], "'turbo'"),

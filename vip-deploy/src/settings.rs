@@ -257,6 +257,9 @@ fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {
         Some(asn) => asn,
         None => return Err(RenderError::BgpMissing { flag: "--bgp-local-as" }),
     };
+    if let Some((id, why)) = args.bgp_router_id.and_then(|id| crate::vips::router_id_problem(id).map(|w| (id, w))) {
+        return Err(RenderError::BadName { flag: "bgp-router-id", value: id.to_string(), why });
+    }
     let peers = match (&args.bgp_peer_secret, args.bgp_peers.as_slice()) {
         (Some(_), _) if matches!(kind, Kind::Pod | Kind::Systemd) => return Err(RenderError::SecretInStaticPod),
         (Some(secret), _) => {

@@ -29,6 +29,12 @@ pub fn backend_problem(ip: std::net::Ipv4Addr) -> Option<&'static str> {
     }
 }
 
+/// Why `id` cannot be a BGP router id: a BGP Identifier is a non-zero 32-bit number
+/// (RFC 6286 §2.1); peers refuse an OPEN carrying zero.
+pub fn router_id_problem(id: std::net::Ipv4Addr) -> Option<&'static str> {
+    id.is_unspecified().then_some("a BGP identifier is not zero (RFC 6286)")
+}
+
 /// IPv6 adds two refusals: a link-local VIP (fe80::/10) is ambiguous without a zone, and
 /// every interface already has one; an IPv4-mapped address (::ffff:0:0/96) is IPv4 on
 /// the wire, so the IPv4 VIP itself is what to give.

@@ -208,6 +208,18 @@ fn missing_and_bad_values_are_named() {
         ),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--image="], "an image reference is not empty"),
         (
+            &[
+                "daemonset",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65001",
+                "--bgp-peer=10.0.0.1:65000",
+                "--bgp-router-id=0.0.0.0",
+            ],
+            "--bgp-router-id \"0.0.0.0\": a BGP identifier is not zero",
+        ),
+        (
             &["pod", "--vip=192.0.2.1", "--interface=eth0", "--health-ca=ca.pem"],
             "--health-ca \"ca.pem\": must be an absolute path",
         ),
