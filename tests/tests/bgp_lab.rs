@@ -153,7 +153,7 @@ fn a_node_leaves_the_route_on_unready_sigterm_and_sigkill_in_time() {
 }
 
 /// TCP-MD5 (RFC 2385): with the router's password the sessions come up; with a wrong
-/// one they do not, and `status` says so.
+/// one they do not, and `status` and the metrics say so.
 #[test]
 fn tcp_md5_with_the_right_password_establishes_and_a_wrong_one_does_not() {
     let prefix = [10, 98, 0];
@@ -172,6 +172,10 @@ fn tcp_md5_with_the_right_password_establishes_and_a_wrong_one_does_not() {
     assert_ne!(lab.frr.state(lab.node_ip(1)), "Established");
     let s = lab.lab.status(1).unwrap();
     assert_ne!(s["agent"]["bgp_peers"][0]["state"], "Established", "{s}");
+    // Nothing is advertised there, whatever the node wants: an alert on the gauge sees it.
+    assert_eq!(s["agent"]["advertised"], false, "{s}");
+    assert_eq!(lab.lab.metric(1, "vip_bgp_advertised"), Some(0.0));
+    assert_eq!(lab.lab.metric(0, "vip_bgp_advertised"), Some(1.0));
 }
 
 /// A second router running BIRD 2 peers with the same agents and installs the route.

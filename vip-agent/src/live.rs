@@ -42,7 +42,9 @@ pub struct LiveView {
     pub eligible: bool,
     /// Why not, when not: `apiserver not ready`, `link down`, `foreign host answers`.
     pub not_eligible_because: Vec<&'static str>,
-    /// BGP mode: the VIPs are being advertised.
+    /// BGP mode: the VIPs are advertised, as the node publishes it: it wants them
+    /// advertised (eligible, not stopping); [`snapshot`] narrows it to whether a peer
+    /// holds the routes (a session refused by a wrong AS or password advertises nothing).
     pub advertised: Option<bool>,
     pub bgp_peers: Vec<PeerView>,
     /// This agent process's instance id (16 hex digits), as it wrote it into the pinned
@@ -89,6 +91,9 @@ pub fn snapshot(shared: &SharedView) -> LiveView {
     let mut view = p.view.clone();
     if let Some(read) = &p.peers {
         view.bgp_peers = read();
+        if view.advertised == Some(true) {
+            view.advertised = Some(view.bgp_peers.iter().any(|peer| !peer.advertised.is_empty()));
+        }
     }
     view
 }
@@ -122,5 +127,28 @@ mod tests {
             (view.mode, view.bgp_peers[0].state.as_str(), view.bgp_peers[0].messages_received),
             ("bgp", "Established", 2)
         );
+    }
+
+    /// "Advertised" is said only while a peer holds the routes: a node that wants them
+    /// advertised but whose sessions are refused (a wrong AS, a wrong TCP-MD5 password)
+    /// advertises nothing, and an alert on the gauge must see that.
+    #[test]
+    fn advertised_means_a_peer_holds_the_routes() {
+        let shared = SharedView::default();
+        let holds = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let source = holds.clone();
+        read_peers_from(
+            &shared,
+            Arc::new(move || {
+                let routes = if source.load(Ordering::SeqCst) { vec!["192.0.2.100/32".to_owned()] } else { vec![] };
+                vec![PeerView { state: "Idle".into(), advertised: routes, ..PeerView::default() }]
+            }),
+        );
+        publish(&shared, LiveView { mode: "bgp", advertised: Some(true), ..LiveView::default() });
+        assert_eq!(snapshot(&shared).advertised, Some(false), "wanted, but no peer holds the routes");
+        holds.store(true, Ordering::SeqCst);
+        assert_eq!(snapshot(&shared).advertised, Some(true));
+        publish(&shared, LiveView { mode: "bgp", advertised: Some(false), ..LiveView::default() });
+        assert_eq!(snapshot(&shared).advertised, Some(false), "not wanted (withdrawn)");
     }
 }

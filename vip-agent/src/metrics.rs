@@ -246,7 +246,7 @@ impl Collector for LiveCollector {
             ConstGauge::new(i64::from(adv)).encode(family(
                 &mut encoder,
                 "vip_bgp_advertised",
-                "1 if this node advertises the VIPs to its BGP peers",
+                "1 if at least one BGP peer holds this node's routes to the VIPs",
                 MetricType::Gauge,
             )?)?;
         }

@@ -211,11 +211,14 @@ pub fn render(s: &Value) -> String {
                 if why.is_empty() { "can carry the VIPs".to_owned() } else { format!("cannot: {}", why.join(", ")) };
             let _ = writeln!(out, "agent     mode {}, {eligible}", str_of(&a["mode"]));
             if let Some(adv) = a["advertised"].as_bool() {
-                let _ = writeln!(
-                    out,
-                    "bgp       {}",
-                    if adv { "advertising the VIPs" } else { "NOT advertising the VIPs" }
-                );
+                let peers = a["bgp_peers"].as_array().map_or(&[][..], Vec::as_slice);
+                let holding =
+                    peers.iter().filter(|p| p["advertised"].as_array().is_some_and(|r| !r.is_empty())).count();
+                let _ = if adv {
+                    writeln!(out, "bgp       advertising the VIPs to {holding} of {} peers", peers.len())
+                } else {
+                    writeln!(out, "bgp       NOT advertising the VIPs")
+                };
             }
             for p in a["bgp_peers"].as_array().into_iter().flatten() {
                 let up = p["uptime_s"].as_u64().map_or(String::new(), |s| format!(" for {s}s"));
