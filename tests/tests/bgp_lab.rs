@@ -80,6 +80,23 @@ impl BgpLab {
         self.lab.spawn_agent(i, &args).unwrap()
     }
 
+    /// An agent whose peer (the router, with `password`) comes from a root-only file
+    /// (`--bgp-peer-file`), as the manifests set it up.
+    fn spawn_with_peer_file(&self, i: usize, password: &str) -> Agent {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::env::temp_dir().join(format!("vip-bgp-peers-{}-{i}", tests::netns::unique_tag()));
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&file).unwrap();
+        std::io::Write::write_all(
+            &mut f,
+            format!("# the router\n{}:{ROUTER_AS}:{password}\n", Self::router_ip(&self.lab)).as_bytes(),
+        )
+        .unwrap();
+        let (asn, path) = (NODE_AS.to_string(), file.display().to_string());
+        let args = ["--mode", "bgp", "--bgp-local-as", &asn, "--bgp-peer-file", &path, "--bgp-hold-time", "3s"];
+        self.lab.spawn_agent(i, &args).unwrap()
+    }
+
     fn hops(&self) -> Vec<Ipv4Addr> {
         nexthops(self.lab.router_ns(), self.lab.vip)
     }
@@ -162,10 +179,11 @@ fn tcp_md5_with_the_right_password_establishes_and_a_wrong_one_does_not() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(lab.hops().is_empty(), "a session without the password came up: {:?}", lab.hops());
     let mut lab = lab;
-    for (i, password) in [(0, "s3cret"), (1, "wrong")] {
-        lab.agents[i].take();
-        lab.agents[i] = Some(lab.spawn_with_password(i, Some(password), &[]));
-    }
+    // Node 1 reads its peer, the right password with it, from a file (`--bgp-peer-file`).
+    lab.agents[0].take();
+    lab.agents[0] = Some(lab.spawn_with_peer_file(0, "s3cret"));
+    lab.agents[1].take();
+    lab.agents[1] = Some(lab.spawn_with_password(1, Some("wrong"), &[]));
     assert!(wait_until(Duration::from_secs(15), || lab.frr.state(lab.node_ip(0)) == "Established"));
     assert!(lab.wait_hops(1, Duration::from_secs(5)), "{:?}", lab.hops());
     assert_eq!(lab.hops(), vec![lab.node_ip(0)]);

@@ -10,7 +10,7 @@ use std::{
     ffi::OsString,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
 };
@@ -238,6 +238,12 @@ pub struct RunArgs {
     /// Repeat the flag (or separate with commas) for several.
     #[arg(long = "bgp-peer", env = "VIP_BGP_PEER", value_name = "IP:AS[:PASSWORD]", value_delimiter = ',')]
     pub bgp_peers: Vec<BgpPeerArg>,
+    /// BGP mode: the peers, as --bgp-peer writes them (one per line, or separated by
+    /// commas), from a file readable by root alone: where a password must stay out of
+    /// the process's environment, a unit file or a static pod (whose mirror Pod the API
+    /// shows).
+    #[arg(long, env = "VIP_BGP_PEER_FILE", value_name = "PATH", conflicts_with = "bgp_peers")]
+    pub bgp_peer_file: Option<PathBuf>,
     /// BGP mode: the hold time proposed to the routers (0, or 3s to 65535s, whole
     /// seconds; default 9s): how long a router keeps the routes of a node that went
     /// silent.
@@ -704,6 +710,7 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
         let given = [
             ("--bgp-local-as", args.bgp_local_as.is_some()),
             ("--bgp-peer", !args.bgp_peers.is_empty()),
+            ("--bgp-peer-file", args.bgp_peer_file.is_some()),
             ("--bgp-router-id", args.bgp_router_id.is_some()),
             ("--bgp-hold-time", args.bgp_hold_time.is_some()),
             ("--bgp-keepalive", args.bgp_keepalive.is_some()),
@@ -724,11 +731,15 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
     if local_as == 0 || local_as == u32::MAX || local_as == 23456 {
         return Err(err(format!("--bgp-local-as {local_as} is reserved")));
     }
-    if args.bgp_peers.is_empty() {
+    let peers = match &args.bgp_peer_file {
+        Some(path) => peers_from_file(path).map_err(err)?,
+        None => args.bgp_peers.clone(),
+    };
+    if peers.is_empty() {
         return Err(err("at least one --bgp-peer IP:AS is required".into()));
     }
     let mut seen = BTreeSet::new();
-    for p in &args.bgp_peers {
+    for p in &peers {
         if !seen.insert(p.ip) {
             return Err(err(format!("--bgp-peer {} is given twice", p.ip)));
         }
@@ -748,13 +759,26 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
             )));
         }
     }
-    Ok(Some(BgpConfig {
-        local_as,
-        router_id: args.bgp_router_id,
-        peers: args.bgp_peers.clone(),
-        hold_time: hold,
-        keepalive,
-    }))
+    Ok(Some(BgpConfig { local_as, router_id: args.bgp_router_id, peers, hold_time: hold, keepalive }))
+}
+
+/// The peers of `--bgp-peer-file`: `IP:AS[:PASSWORD]` entries, one per line or separated
+/// by commas; blank lines and lines starting with `#` are skipped. Errors name the file
+/// (and the line), never a password.
+fn peers_from_file(path: &Path) -> Result<Vec<BgpPeerArg>, String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--bgp-peer-file {shown}: {e}"))?;
+    let mut peers = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        for entry in line.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            peers.push(entry.parse().map_err(|why| format!("--bgp-peer-file {shown}, line {}: {why}", n + 1))?);
+        }
+    }
+    Ok(peers)
 }
 
 /// Whether `d` lies in `[min_ms, max_ms]`.
@@ -1149,6 +1173,41 @@ mod tests {
             .unwrap()
             .backends
             .is_empty());
+    }
+
+    /// `--bgp-peer-file`: the peers from a root-only file, as `--bgp-peer` writes them;
+    /// errors name the file and the line, never a password; not with `--bgp-peer`.
+    #[test]
+    fn bgp_peers_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("vip-peer-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("peers");
+        let f = file.to_str().unwrap();
+        let bgp_with = |peers: &str| {
+            std::fs::write(&file, peers).unwrap();
+            let line = ["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer-file", f];
+            parse(&with(&line)).map(|c| c.bgp.unwrap())
+        };
+        let bgp = bgp_with("# routers\n10.0.0.254:65001:s3cr:et\n\n10.0.0.253:65002, 10.0.0.252:65003\n").unwrap();
+        let peers: Vec<_> = bgp.peers.iter().map(|p| (p.ip.to_string(), p.asn, p.password.clone())).collect();
+        assert_eq!(
+            peers,
+            [
+                ("10.0.0.254".to_owned(), 65001, Some("s3cr:et".to_owned())),
+                ("10.0.0.253".to_owned(), 65002, None),
+                ("10.0.0.252".to_owned(), 65003, None)
+            ]
+        );
+        let bad = bgp_with("10.0.0.254:65001:s3cret\n10.0.0.x:65002:hunter2\n").unwrap_err();
+        assert!(bad.contains(&format!("--bgp-peer-file {f}, line 2: \"10.0.0.x\" is not an IPv4 address")), "{bad}");
+        assert!(!bad.contains("s3cret") && !bad.contains("hunter2"), "a password in an error: {bad}");
+        assert!(bgp_with("# none yet\n").unwrap_err().contains("at least one --bgp-peer"));
+        std::fs::remove_file(&file).unwrap();
+        let missing = parse(&with(&["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer-file", f])).unwrap_err();
+        assert!(missing.contains(&format!("--bgp-peer-file {f}: No such file")), "{missing}");
+        let both = ["--mode", "bgp", "--bgp-local-as", "1", "--bgp-peer", "10.0.0.1:2", "--bgp-peer-file", f];
+        assert!(parse(&with(&both)).unwrap_err().contains("cannot be used with"));
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]

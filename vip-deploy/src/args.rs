@@ -127,8 +127,9 @@ pub struct ManifestArgs {
     #[arg(long, value_name = "IP")]
     pub bgp_router_id: Option<Ipv4Addr>,
     /// BGP peer: address, AS and an optional TCP-MD5 password (no commas in it). Repeat
-    /// the flag (or separate with commas). A password is refused in the objects stored
-    /// in the API (`daemonset`, `k3s`): use --bgp-peer-secret there.
+    /// the flag (or separate with commas). A password is refused in every kind (each is
+    /// readable by others: the API shows a DaemonSet and a static pod's mirror Pod,
+    /// `systemctl show` a unit's environment): use --bgp-peer-file or --bgp-peer-secret.
     #[arg(long = "bgp-peer", value_name = "IP:AS[:PASSWORD]", value_delimiter = ',')]
     pub bgp_peers: Vec<BgpPeer>,
     /// BGP hold time, whole seconds (e.g. `9s`).
@@ -141,6 +142,10 @@ pub struct ManifestArgs {
     /// of this Secret in --namespace instead of --bgp-peer.
     #[arg(long, value_name = "NAME", conflicts_with = "bgp_peers")]
     pub bgp_peer_secret: Option<String>,
+    /// Take the BGP peers (`IP:AS[:PASSWORD]`, one per line or comma-separated) from this
+    /// root-only file on the host (mounted into the pods) instead of --bgp-peer.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["bgp_peers", "bgp_peer_secret"])]
+    pub bgp_peer_file: Option<String>,
     /// Container image of the agent.
     #[arg(long, value_name = "NAME:TAG", default_value = DEFAULT_IMAGE)]
     pub image: String,

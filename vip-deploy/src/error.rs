@@ -34,11 +34,12 @@ pub enum RenderError {
     #[error("--{flag} {value}: {why}")]
     BgpTimer { flag: &'static str, value: String, why: &'static str },
     #[error(
-        "--bgp-peer {peer}: a password in a `{kind}` manifest is readable by anyone who can read the \
-         DaemonSet; put the peers in a Secret and give --bgp-peer-secret"
+        "--bgp-peer {peer}: a password in a `{kind}` manifest is readable by {by}; put the peers in a \
+         root-only file on each node and give --bgp-peer-file (or, for a DaemonSet, a Secret and \
+         --bgp-peer-secret)"
     )]
-    PasswordInApiObject { kind: Kind, peer: IpAddr },
-    #[error("--bgp-peer-secret: a static pod or a systemd unit cannot reference a Secret; give --bgp-peer")]
+    PasswordReadable { kind: Kind, peer: IpAddr, by: &'static str },
+    #[error("--bgp-peer-secret: a static pod or a systemd unit cannot reference a Secret; give --bgp-peer-file")]
     SecretInStaticPod,
     #[error("--binary {path:?}: must be an absolute path on the host")]
     RelativeBinary { path: String },

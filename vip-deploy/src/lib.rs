@@ -57,10 +57,17 @@ impl Kind {
         matches!(self, Kind::Daemonset | Kind::Pod | Kind::K3s | Kind::Systemd)
     }
 
-    /// Whether the objects end up in the API, readable by whoever may read them there
-    /// (a static pod's spec stays in a root-only file on the node).
-    fn stored_in_api(self) -> bool {
-        matches!(self, Kind::Daemonset | Kind::K3s)
+    /// Who, besides root on the node, can read what the kind's output holds: a
+    /// DaemonSet is in the API; so is a static pod, whose mirror Pod the kubelet creates
+    /// with its whole spec; a unit's `Environment=` lines are shown to every user by
+    /// `systemctl show`.
+    fn readable_by(self) -> &'static str {
+        match self {
+            Kind::Daemonset | Kind::K3s => "anyone who can read the DaemonSet",
+            Kind::Pod => "anyone who can read pods in its namespace (the kubelet's mirror Pod)",
+            Kind::Systemd => "every user on the node (systemctl show)",
+            Kind::Rbac | Kind::CiliumValues => "nobody (it holds no peers)",
+        }
     }
 }
 

@@ -70,6 +70,8 @@ pub enum BgpPeers {
     Inline(Vec<BgpPeer>),
     /// The `bgp-peer` key of this Secret (in the agent's namespace).
     Secret(String),
+    /// This root-only file on the host (an absolute path).
+    File(String),
 }
 
 impl Settings {
@@ -238,13 +240,14 @@ fn check_image(image: &str) -> Result<(), RenderError> {
 }
 
 fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {
-    let given: [(&'static str, bool); 6] = [
+    let given: [(&'static str, bool); 7] = [
         ("bgp-local-as", args.bgp_local_as.is_some()),
         ("bgp-router-id", args.bgp_router_id.is_some()),
         ("bgp-peer", !args.bgp_peers.is_empty()),
         ("bgp-hold-time", args.bgp_hold_time.is_some()),
         ("bgp-keepalive", args.bgp_keepalive.is_some()),
         ("bgp-peer-secret", args.bgp_peer_secret.is_some()),
+        ("bgp-peer-file", args.bgp_peer_file.is_some()),
     ];
     if args.mode != Mode::Bgp {
         return match given.iter().find(|(_, set)| *set) {
@@ -261,12 +264,20 @@ fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {
         return Err(RenderError::BadName { flag: "bgp-router-id", value: id.to_string(), why });
     }
     let peers = match (&args.bgp_peer_secret, args.bgp_peers.as_slice()) {
+        (None, _) if args.bgp_peer_file.is_some() => {
+            let path = args.bgp_peer_file.clone().unwrap_or_default();
+            if !path.starts_with('/') {
+                let why = "must be an absolute path on the host";
+                return Err(RenderError::BadName { flag: "bgp-peer-file", value: path, why });
+            }
+            BgpPeers::File(path)
+        }
         (Some(_), _) if matches!(kind, Kind::Pod | Kind::Systemd) => return Err(RenderError::SecretInStaticPod),
         (Some(secret), _) => {
             check_name("bgp-peer-secret", secret, NameRule::Subdomain)?;
             BgpPeers::Secret(secret.clone())
         }
-        (None, []) => return Err(RenderError::BgpMissing { flag: "--bgp-peer or --bgp-peer-secret" }),
+        (None, []) => return Err(RenderError::BgpMissing { flag: "--bgp-peer, --bgp-peer-file or --bgp-peer-secret" }),
         (None, peers) => {
             for (i, p) in peers.iter().enumerate() {
                 if p.ip.is_ipv6() {
@@ -279,10 +290,8 @@ fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {
                     return Err(RenderError::BgpPeer { peer: p.ip, why: "is given twice" });
                 }
             }
-            if kind.stored_in_api() {
-                if let Some(p) = peers.iter().find(|p| p.password.is_some()) {
-                    return Err(RenderError::PasswordInApiObject { kind, peer: p.ip });
-                }
+            if let Some(p) = peers.iter().find(|p| p.password.is_some()) {
+                return Err(RenderError::PasswordReadable { kind, peer: p.ip, by: kind.readable_by() });
             }
             BgpPeers::Inline(peers.to_vec())
         }

@@ -182,6 +182,9 @@ fn pod_spec(s: &Settings) -> PodSpec {
     if let Some(ca) = &s.health_ca {
         mount_host_file(&mut pod, "health-ca", ca);
     }
+    if let Some(BgpPeers::File(path)) = s.bgp.as_ref().map(|b| &b.peers) {
+        mount_host_file(&mut pod, "bgp-peer", path);
+    }
     pod
 }
 
@@ -376,6 +379,7 @@ fn agent_env(s: &Settings) -> Vec<EnvVar> {
         }
         vars.push(match &bgp.peers {
             BgpPeers::Inline(peers) => env("VIP_BGP_PEER", &joined(peers)),
+            BgpPeers::File(path) => env("VIP_BGP_PEER_FILE", path),
             BgpPeers::Secret(name) => env_from(
                 "VIP_BGP_PEER",
                 EnvVarSource {

@@ -245,7 +245,7 @@ fn missing_and_bad_values_are_named() {
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--mode=bgp"], "--mode bgp needs --bgp-local-as"),
         (
             &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--mode=bgp", "--bgp-local-as=65000"],
-            "--mode bgp needs --bgp-peer or --bgp-peer-secret",
+            "--mode bgp needs --bgp-peer, --bgp-peer-file or --bgp-peer-secret",
         ),
         (
             &[
@@ -345,30 +345,30 @@ fn missing_and_bad_values_are_named() {
     }
 }
 
+/// A TCP-MD5 password is refused in every kind: each output is readable by others (the
+/// API shows a DaemonSet, and a static pod's mirror Pod; `systemctl show` shows a unit's
+/// environment to every user). A root-only file on the node (`--bgp-peer-file`) is
+/// mounted into the pods, and named in the unit.
 #[test]
-fn a_bgp_password_is_never_stored_in_the_api() {
-    for kind in ["daemonset", "k3s"] {
-        let err = refused(&[
-            kind,
-            "--vip=192.0.2.1",
-            "--interface=eth0",
-            "--mode=bgp",
-            "--bgp-local-as=65000",
-            "--bgp-peer=10.0.0.1:65001:hunter2",
-        ]);
-        assert!(err.contains("--bgp-peer-secret"), "{err}");
+fn a_bgp_password_is_never_written_where_others_can_read_it() {
+    let bgp = ["--vip=192.0.2.1", "--interface=eth0", "--mode=bgp", "--bgp-local-as=65000"];
+    for (kind, by) in
+        [("daemonset", "the DaemonSet"), ("k3s", "the DaemonSet"), ("pod", "mirror Pod"), ("systemd", "systemctl show")]
+    {
+        let line: Vec<&str> =
+            [kind].iter().chain(&bgp).chain(&["--bgp-peer=10.0.0.1:65001:hunter2"]).copied().collect();
+        let err = refused(&line);
+        assert!(err.contains("--bgp-peer-file") && err.contains(by), "{kind}: {err}");
         assert!(!err.contains("hunter2"), "the error shows the password: {err}");
     }
-    // A static pod's file stays on the node (root-only): the password may go there.
-    let yaml = render(&[
-        "pod",
-        "--vip=192.0.2.1",
-        "--interface=eth0",
-        "--mode=bgp",
-        "--bgp-local-as=65000",
-        "--bgp-peer=10.0.0.1:65001:hunter2",
-    ]);
-    assert!(yaml.contains("10.0.0.1:65001:hunter2"));
+    let file = "--bgp-peer-file=/etc/vip/bgp-peers";
+    let pod = render(&[&["pod"][..], &bgp, &[file]].concat());
+    assert!(pod.contains("name: VIP_BGP_PEER_FILE") && pod.contains("value: /etc/vip/bgp-peers"), "{pod}");
+    assert!(pod.contains("mountPath: /etc/vip/bgp-peers") && pod.contains("path: /etc/vip/bgp-peers"), "{pod}");
+    let unit = render(&[&["systemd"][..], &bgp, &[file]].concat());
+    assert!(unit.contains("Environment=VIP_BGP_PEER_FILE=/etc/vip/bgp-peers"), "{unit}");
+    let relative = refused(&[&["pod"][..], &bgp, &["--bgp-peer-file=peers"]].concat());
+    assert!(relative.contains("--bgp-peer-file \"peers\": must be an absolute path"), "{relative}");
 }
 
 #[test]

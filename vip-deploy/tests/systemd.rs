@@ -103,7 +103,8 @@ fn systemd_analyze_verifies_the_unit() {
         "--binary=/bin/true",
         "--mode=bgp",
         "--bgp-local-as=65010",
-        "--bgp-peer=10.0.0.1:65000:pa ss%w\"rd",
+        // A value that needs quoting: a space, a `%` specifier, a quote.
+        "--bgp-peer-file=/etc/vip/bgp pe%er\"s",
     ]);
     let dir = std::env::temp_dir().join(format!("vip-systemd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -114,5 +115,5 @@ fn systemd_analyze_verifies_the_unit() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}\n{unit}");
     assert!(!stderr.contains("vip-agent.service:"), "systemd complains about the unit: {stderr}");
-    assert!(environment(&unit).iter().any(|e| e == "VIP_BGP_PEER=10.0.0.1:65000:pa ss%%w\"rd"), "{unit}");
+    assert!(environment(&unit).iter().any(|e| e == "VIP_BGP_PEER_FILE=/etc/vip/bgp pe%%er\"s"), "{unit}");
 }

@@ -83,7 +83,7 @@ pub fn kinds_for(flags: &[&str]) -> Vec<Kind> {
 }
 
 /// Every (kind, flags) line the object tests run over, plus a static pod with inline
-/// BGP peers and a password (allowed there: the file stays on the node).
+/// BGP peers (no password: none is allowed inline) and one with its peers in a file.
 pub fn all_lines() -> Vec<Vec<String>> {
     let mut lines: Vec<Vec<String>> = Vec::new();
     for flags in FLAG_SETS {
@@ -93,18 +93,10 @@ pub fn all_lines() -> Vec<Vec<String>> {
             lines.push(line);
         }
     }
-    lines.push(
-        [
-            "pod",
-            "--vip=192.0.2.100",
-            "--interface=eth0",
-            "--mode=bgp",
-            "--bgp-local-as=65010",
-            "--bgp-peer=10.0.0.1:65000:s3cret,10.0.0.2:65000",
-        ]
-        .map(str::to_owned)
-        .to_vec(),
-    );
+    for peers in ["--bgp-peer=10.0.0.1:65000,10.0.0.2:65000", "--bgp-peer-file=/etc/vip/bgp-peers"] {
+        let line = ["pod", "--vip=192.0.2.100", "--interface=eth0", "--mode=bgp", "--bgp-local-as=65010", peers];
+        lines.push(line.map(str::to_owned).to_vec());
+    }
     lines
 }
 
