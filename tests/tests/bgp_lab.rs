@@ -81,8 +81,8 @@ impl BgpLab {
     }
 
     /// An agent whose peer (the router, with `password`) comes from a root-only file
-    /// (`--bgp-peer-file`), as the manifests set it up.
-    fn spawn_with_peer_file(&self, i: usize, password: &str) -> Agent {
+    /// (`--bgp-peer-file`), as the manifests set it up; the file, for the test to remove.
+    fn spawn_with_peer_file(&self, i: usize, password: &str) -> (Agent, std::path::PathBuf) {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::env::temp_dir().join(format!("vip-bgp-peers-{}-{i}", tests::netns::unique_tag()));
         let mut f =
@@ -94,7 +94,7 @@ impl BgpLab {
         .unwrap();
         let (asn, path) = (NODE_AS.to_string(), file.display().to_string());
         let args = ["--mode", "bgp", "--bgp-local-as", &asn, "--bgp-peer-file", &path, "--bgp-hold-time", "3s"];
-        self.lab.spawn_agent(i, &args).unwrap()
+        (self.lab.spawn_agent(i, &args).unwrap(), file)
     }
 
     fn hops(&self) -> Vec<Ipv4Addr> {
@@ -181,7 +181,8 @@ fn tcp_md5_with_the_right_password_establishes_and_a_wrong_one_does_not() {
     let mut lab = lab;
     // Node 1 reads its peer, the right password with it, from a file (`--bgp-peer-file`).
     lab.agents[0].take();
-    lab.agents[0] = Some(lab.spawn_with_peer_file(0, "s3cret"));
+    let (agent, peer_file) = lab.spawn_with_peer_file(0, "s3cret");
+    lab.agents[0] = Some(agent);
     lab.agents[1].take();
     lab.agents[1] = Some(lab.spawn_with_password(1, Some("wrong"), &[]));
     assert!(wait_until(Duration::from_secs(15), || lab.frr.state(lab.node_ip(0)) == "Established"));
@@ -194,6 +195,7 @@ fn tcp_md5_with_the_right_password_establishes_and_a_wrong_one_does_not() {
     assert_eq!(s["agent"]["advertised"], false, "{s}");
     assert_eq!(lab.lab.metric(1, "vip_bgp_advertised"), Some(0.0));
     assert_eq!(lab.lab.metric(0, "vip_bgp_advertised"), Some(1.0));
+    std::fs::remove_file(peer_file).unwrap();
 }
 
 /// A second router running BIRD 2 peers with the same agents and installs the route.
