@@ -193,6 +193,15 @@ fn tcp_md5_with_the_right_password_establishes_and_a_wrong_one_does_not() {
     assert_ne!(s["agent"]["bgp_peers"][0]["state"], "Established", "{s}");
     // Nothing is advertised there, whatever the node wants: an alert on the gauge sees it.
     assert_eq!(s["agent"]["advertised"], false, "{s}");
+    // The router drops the wrongly signed SYNs without a word: the error names the
+    // password as a cause.
+    let hinted =
+        || lab.lab.status(1).ok().and_then(|s| s["agent"]["bgp_peers"][0]["last_error"].as_str().map(str::to_owned));
+    assert!(
+        wait_until(Duration::from_secs(10), || hinted().is_some_and(|e| e.contains("TCP-MD5 password differs"))),
+        "{:?}",
+        hinted()
+    );
     assert_eq!(lab.lab.metric(1, "vip_bgp_advertised"), Some(0.0));
     assert_eq!(lab.lab.metric(0, "vip_bgp_advertised"), Some(1.0));
     std::fs::remove_file(peer_file).unwrap();

@@ -45,6 +45,10 @@ pub struct SessionConfig {
     pub next_hop: Ipv4Addr,
     /// How long one TCP connection attempt may take.
     pub connect_timeout: Duration,
+    /// The connection is signed (TCP-MD5, RFC 2385): a router whose password differs
+    /// drops every segment without a word, so a connect without answer names it as a
+    /// cause.
+    pub tcp_md5: bool,
 }
 
 /// RFC 4271 §8.2.2 states.
@@ -264,8 +268,21 @@ impl Session {
             return;
         }
         self.out.push(Action::StopTimer(Timer::ConnectRetry));
-        self.last_error = Some(format!("connect: {reason}"));
+        // The kernel's own give-up on an unanswered SYN, as the connect timer's below.
+        let hint = if reason.contains("timed out") { self.silence_hint() } else { "" };
+        self.last_error = Some(format!("connect: {reason}{hint}"));
         self.retry_later(State::Active);
+    }
+
+    /// What a connect that met only silence adds to its error: with TCP-MD5, the router
+    /// drops segments signed with another password without a word (RFC 2385 §3), so
+    /// the password is a cause to name beside an unreachable router.
+    fn silence_hint(&self) -> &'static str {
+        if self.config.tcp_md5 {
+            " (or the router's TCP-MD5 password differs)"
+        } else {
+            ""
+        }
     }
 
     fn on_tcp_connected(&mut self) {
@@ -295,7 +312,8 @@ impl Session {
         match (timer, self.state) {
             (Timer::ConnectRetry, State::Connect) => {
                 self.out.push(Action::Close);
-                self.last_error = Some(format!("connect: no answer within {:?}", self.config.connect_timeout));
+                let (timeout, hint) = (self.config.connect_timeout, self.silence_hint());
+                self.last_error = Some(format!("connect: no answer within {timeout:?}{hint}"));
                 self.retry_later(State::Active);
             }
             (Timer::ConnectRetry, State::Idle | State::Active) if !self.stopped => self.connect(),
@@ -506,6 +524,7 @@ mod tests {
             keepalive: Duration::from_secs(3),
             next_hop: NEXT_HOP,
             connect_timeout: Duration::from_secs(5),
+            tcp_md5: false,
         }
     }
 
@@ -594,6 +613,24 @@ mod tests {
         assert!(retry_delay(&actions).is_some());
         assert_eq!(session.state(), State::Active);
         assert_eq!(session.last_error(), Some("connect: no answer within 5s"));
+        // Signed, the same silence may be a password the router does not share.
+        let mut signed = Session::new(SessionConfig { tcp_md5: true, ..config() }, 1);
+        signed.handle(Event::Start);
+        signed.handle(Event::TimerExpired(Timer::ConnectRetry));
+        assert_eq!(
+            signed.last_error(),
+            Some("connect: no answer within 5s (or the router's TCP-MD5 password differs)")
+        );
+        // The kernel's own timeout says the same; a refusal is an answer.
+        signed.handle(Event::TimerExpired(Timer::ConnectRetry));
+        signed.handle(Event::TcpConnectFailed("connection timed out".into()));
+        assert_eq!(
+            signed.last_error(),
+            Some("connect: connection timed out (or the router's TCP-MD5 password differs)")
+        );
+        signed.handle(Event::TimerExpired(Timer::ConnectRetry));
+        signed.handle(Event::TcpConnectFailed("connection refused".into()));
+        assert_eq!(signed.last_error(), Some("connect: connection refused"));
     }
 
     #[test]

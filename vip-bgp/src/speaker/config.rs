@@ -96,6 +96,7 @@ impl PeerConfig {
             keepalive,
             next_hop: self.next_hop,
             connect_timeout: self.connect_timeout,
+            tcp_md5: self.password.is_some(),
         })
     }
 }
