@@ -91,9 +91,10 @@ impl ElectionConfig {
     }
 }
 
-/// A fresh instance id: 64 random bits from the kernel, in hex.
-pub fn new_instance_id() -> String {
-    random_bytes::<8>().iter().map(|x| format!("{x:02x}")).collect()
+/// An instance id as the Lease annotation and `/status` write it: its 8 bytes in hex
+/// (16 digits).
+pub fn instance_hex(id: &[u8; 8]) -> String {
+    id.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// `N` random bytes from the kernel (`getrandom(2)`); if it fails (never seen on
@@ -1005,9 +1006,9 @@ mod tests {
     }
 
     #[test]
-    fn instance_ids_differ() {
-        assert_ne!(new_instance_id(), new_instance_id());
-        assert_eq!(new_instance_id().len(), 16);
+    fn instance_ids_differ_and_are_written_as_16_hex_digits() {
+        assert_ne!(random_bytes::<8>(), random_bytes::<8>());
+        assert_eq!(instance_hex(&[0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0xff]), "00112233445566ff");
     }
 
     /// A fence that records what the election asked of it, in order.

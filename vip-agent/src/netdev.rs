@@ -127,17 +127,10 @@ pub fn strips_vlan_tags(name: &str) -> Result<Option<bool>, NetdevError> {
         cmd: u32,
         data: u32,
     }
-    const SIOCETHTOOL: libc::Ioctl = 0x8946;
     const ETHTOOL_GFLAGS: u32 = 0x25;
     const ETH_FLAG_RXVLAN: u32 = 1 << 8;
     let mut value = EthtoolValue { cmd: ETHTOOL_GFLAGS, data: 0 };
-    let ptr = &mut value as *mut EthtoolValue as *mut libc::c_char;
-    // The ioctl writes the answer into `value` through the pointer in ifr_data.
-    let answered = match ifreq_ioctl_with(name, SIOCETHTOOL, |ifr| ifr.ifr_ifru.ifru_data = ptr) {
-        Ok(answer) => answer.is_some(),
-        Err(NetdevError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
-        Err(e) => return Err(e),
-    };
+    let answered = ethtool(name, &mut value)?;
     Ok(answered.then_some(value.data & ETH_FLAG_RXVLAN != 0))
 }
 
@@ -161,20 +154,28 @@ pub fn driver(name: &str) -> Result<Option<String>, NetdevError> {
         counts: [u32; 5],
     }
     const _: () = assert!(std::mem::size_of::<EthtoolDrvinfo>() == 196);
-    const SIOCETHTOOL: libc::Ioctl = 0x8946;
     const ETHTOOL_GDRVINFO: u32 = 0x03;
     // SAFETY: integers and byte arrays only: all-zero is a valid value.
     let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
-    let ptr = &mut info as *mut EthtoolDrvinfo as *mut libc::c_char;
-    // The ioctl writes the answer into `info` through the pointer in ifr_data.
-    let answered = match ifreq_ioctl_with(name, SIOCETHTOOL, |ifr| ifr.ifr_ifru.ifru_data = ptr) {
-        Ok(answer) => answer.is_some(),
-        Err(NetdevError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
-        Err(e) => return Err(e),
-    };
+    let answered = ethtool(name, &mut info)?;
     let len = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
     Ok(answered.then(|| String::from_utf8_lossy(&info.driver[..len]).into_owned()).filter(|d| !d.is_empty()))
+}
+
+/// Runs the ethtool ioctl (`SIOCETHTOOL`) for `name` with `command` as its data: a
+/// `#[repr(C)]` ethtool struct whose first field is its `ETHTOOL_*` command, which the
+/// kernel fills in place. Whether it answered: not if the interface is gone or the
+/// driver does not implement the command (`EOPNOTSUPP`).
+fn ethtool<T>(name: &str, command: &mut T) -> Result<bool, NetdevError> {
+    const SIOCETHTOOL: libc::Ioctl = 0x8946;
+    let ptr = command as *mut T as *mut libc::c_char;
+    // The kernel reads the command and writes the answer through the pointer in ifr_data.
+    match ifreq_ioctl_with(name, SIOCETHTOOL, |ifr| ifr.ifr_ifru.ifru_data = ptr) {
+        Ok(answer) => Ok(answer.is_some()),
+        Err(NetdevError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Runs an `ifreq` ioctl for `name` on an AF_INET socket. `Ok(None)` when the kernel says

@@ -121,7 +121,7 @@ pub fn collect(pin_path: &Path, agent_addr: SocketAddr) -> Result<Value, StatusE
     let counters: serde_json::Map<String, Value> =
         maps.counters()?.into_iter().filter(|(_, n)| *n > 0).map(|(r, n)| (r.name().to_owned(), json!(n))).collect();
     let mac = mac_string(&config.mac);
-    let pinned_instance: String = config.agent_instance.iter().map(|b| format!("{b:02x}")).collect();
+    let pinned_instance = crate::election::instance_hex(&config.agent_instance);
     let (agent, agent_error) = match live(agent_addr).and_then(|v| same_agent(v, &pinned_instance, agent_addr)) {
         Ok(v) => (v, Value::Null),
         Err(e) => (Value::Null, json!(e)),

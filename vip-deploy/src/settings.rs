@@ -112,9 +112,8 @@ impl Settings {
         if !args.binary.starts_with('/') {
             return Err(RenderError::RelativeBinary { path: args.binary.clone() });
         }
-        if let Some(ca) = args.health_ca.as_ref().filter(|p| !p.starts_with('/')) {
-            let why = "must be an absolute path on the host";
-            return Err(RenderError::BadName { flag: "health-ca", value: ca.clone(), why });
+        if let Some(ca) = &args.health_ca {
+            check_absolute("health-ca", ca)?;
         }
         if args.vlan.is_some() && args.mode == Mode::Bgp {
             let why = "is for ARP mode: BGP routes the VIPs to the node's own address";
@@ -224,6 +223,14 @@ fn check_backends(backends: &[Backend], vips: &[IpAddr]) -> Result<(), RenderErr
     Ok(())
 }
 
+/// A file the pods mount from the host, and the unit names: an absolute path.
+fn check_absolute(flag: &'static str, path: &str) -> Result<(), RenderError> {
+    if path.starts_with('/') {
+        return Ok(());
+    }
+    Err(RenderError::BadName { flag, value: path.to_owned(), why: "must be an absolute path on the host" })
+}
+
 fn check_name(flag: &'static str, value: &str, rule: NameRule) -> Result<(), RenderError> {
     rule.check(value).map_err(|why| RenderError::BadName { flag, value: value.to_owned(), why })
 }
@@ -263,22 +270,20 @@ fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {
     if let Some((id, why)) = args.bgp_router_id.and_then(|id| crate::vips::router_id_problem(id).map(|w| (id, w))) {
         return Err(RenderError::BadName { flag: "bgp-router-id", value: id.to_string(), why });
     }
-    let peers = match (&args.bgp_peer_secret, args.bgp_peers.as_slice()) {
-        (None, _) if args.bgp_peer_file.is_some() => {
-            let path = args.bgp_peer_file.clone().unwrap_or_default();
-            if !path.starts_with('/') {
-                let why = "must be an absolute path on the host";
-                return Err(RenderError::BadName { flag: "bgp-peer-file", value: path, why });
-            }
-            BgpPeers::File(path)
+    let peers = match (&args.bgp_peer_file, &args.bgp_peer_secret, args.bgp_peers.as_slice()) {
+        (Some(path), _, _) => {
+            check_absolute("bgp-peer-file", path)?;
+            BgpPeers::File(path.clone())
         }
-        (Some(_), _) if matches!(kind, Kind::Pod | Kind::Systemd) => return Err(RenderError::SecretInStaticPod),
-        (Some(secret), _) => {
+        (None, Some(_), _) if matches!(kind, Kind::Pod | Kind::Systemd) => return Err(RenderError::SecretInStaticPod),
+        (None, Some(secret), _) => {
             check_name("bgp-peer-secret", secret, NameRule::Subdomain)?;
             BgpPeers::Secret(secret.clone())
         }
-        (None, []) => return Err(RenderError::BgpMissing { flag: "--bgp-peer, --bgp-peer-file or --bgp-peer-secret" }),
-        (None, peers) => {
+        (None, None, []) => {
+            return Err(RenderError::BgpMissing { flag: "--bgp-peer, --bgp-peer-file or --bgp-peer-secret" })
+        }
+        (None, None, peers) => {
             for (i, p) in peers.iter().enumerate() {
                 if p.ip.is_ipv6() {
                     return Err(RenderError::BgpPeer {

@@ -19,7 +19,7 @@ use crate::{
     config::{Election, Mode, RunConfig},
     dataplane::{Attached, Dataplane, Maps},
     discovery::{self, Endpoint},
-    election::{new_instance_id, ElectionConfig, ElectionEvent},
+    election::{instance_hex, ElectionConfig, ElectionEvent},
     health::{Probe, Report},
     live::{self, LiveView, SharedView},
     metrics::{self, AgentMetrics},
@@ -504,22 +504,16 @@ async fn stage(
     hash_seed: u32,
     tx: mpsc::Sender<Report>,
 ) -> Result<(Balancer, Backends, String, Option<String>, bool), RunError> {
-    let instance = new_instance_id();
+    // A fresh instance id: 64 random bits from the kernel.
+    let id = crate::election::random_bytes::<8>();
+    let instance = instance_hex(&id);
     let previous = if adopted { Some(dp.maps().config()?) } else { None };
-    let predecessor = previous.map(|c| {
-        if c.agent_instance == [0; 8] {
-            String::new()
-        } else {
-            c.agent_instance.iter().map(|b| format!("{b:02x}")).collect()
-        }
-    });
+    let predecessor =
+        previous.map(|c| if c.agent_instance == [0; 8] { String::new() } else { instance_hex(&c.agent_instance) });
     let mut config = Config::new(dev.mac.0, dev.ipv4.map(|a| a.octets()).unwrap_or_default()).with_seed(hash_seed);
     // A new generation: flow-cache entries of the previous agent are not trusted.
     config.generation = previous.map_or(1, |c| c.generation.wrapping_add(1).max(1));
-    for (i, chunk) in instance.as_bytes().chunks(2).enumerate().take(8) {
-        config.agent_instance[i] =
-            std::str::from_utf8(chunk).ok().and_then(|h| u8::from_str_radix(h, 16).ok()).unwrap_or(0);
-    }
+    config.agent_instance = id;
     dp.maps_mut().set_config(&config)?;
 
     // Backends: health from a previous agent's maps when adopting (so a restart does
