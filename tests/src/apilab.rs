@@ -476,17 +476,27 @@ impl ApiLab {
     /// from them, and DSR backends must hold it: start those together with
     /// [`ApiLab::start_agents`].
     pub fn start_agent(&self, i: usize, extra: &[&str]) -> Result<Agent, String> {
-        let agent = self.spawn_agent(i, extra)?;
-        self.wait_all_healthy(i)?;
+        let mut agent = self.spawn_agent(i, extra)?;
+        self.wait_healthy_or_log(i, &mut agent)?;
         Ok(agent)
+    }
+
+    /// [`ApiLab::wait_all_healthy`] for node `i` running `agent`; on failure the error also
+    /// says whether the agent had exited, with everything it logged (it is stopped).
+    pub fn wait_healthy_or_log(&self, i: usize, agent: &mut Agent) -> Result<(), String> {
+        self.wait_all_healthy(i).map_err(|e| {
+            let exited = !agent.running();
+            let log = agent.stop(libc::SIGTERM, Duration::from_secs(5)).map_or_else(|e| e, |(_, log)| log);
+            format!("{e}\nthe agent had {}exited; its log:\n{log}", if exited { "" } else { "not " })
+        })
     }
 
     /// Starts vip-agent on every node in `nodes`, then waits until each sees every
     /// backend healthy.
     pub fn start_agents(&self, nodes: &[usize]) -> Result<Vec<Agent>, String> {
-        let agents = nodes.iter().map(|&i| self.spawn_agent(i, &[])).collect::<Result<Vec<_>, _>>()?;
-        for &i in nodes {
-            self.wait_all_healthy(i)?;
+        let mut agents = nodes.iter().map(|&i| self.spawn_agent(i, &[])).collect::<Result<Vec<_>, _>>()?;
+        for (&i, agent) in nodes.iter().zip(&mut agents) {
+            self.wait_healthy_or_log(i, agent)?;
         }
         Ok(agents)
     }

@@ -231,8 +231,8 @@ fn ipip_carries_full_size_uploads_without_resets() {
     let mut agents = vec![lab.spawn_agent(0, &["--forward", "ipip"]).unwrap()];
     assert!(wait_until(Duration::from_secs(5), || lab.status(0).is_ok_and(|s| s["vips"][0]["leader"] == true)));
     agents.extend((1..3).map(|i| lab.spawn_agent(i, &["--forward", "ipip"]).unwrap()));
-    for i in 0..3 {
-        lab.wait_all_healthy(i).unwrap();
+    for (i, agent) in agents.iter_mut().enumerate() {
+        lab.wait_healthy_or_log(i, agent).unwrap_or_else(|e| panic!("{e}"));
     }
     assert_eq!(lab.leaders(), vec![0], "one answerer");
     let forwarding = |i: usize| {
