@@ -700,10 +700,6 @@ impl TryFrom<RunArgs> for RunConfig {
 /// BGP mode's settings, checked: an AS, at least one peer (each once), a hold time of 0
 /// or 3 to 65535 whole seconds (RFC 4271 §4.2), a keepalive within a third of it. BGP
 /// flags without `--mode bgp` are refused rather than ignored.
-/// The hold time offered when `--bgp-hold-time` is not given (RFC 4271 suggests 90 s; a
-/// control-plane VIP wants a dead node's routes gone sooner).
-const DEFAULT_BGP_HOLD_TIME: Duration = Duration::from_secs(9);
-
 fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
     let err = |why: String| ConfigError::Bgp { why };
     if args.mode != Mode::Bgp {
@@ -744,21 +740,13 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
             return Err(err(format!("--bgp-peer {} is given twice", p.ip)));
         }
     }
-    let hold = args.bgp_hold_time.map_or(DEFAULT_BGP_HOLD_TIME, |h| h.0);
-    let whole = hold.subsec_nanos() == 0 && (hold.is_zero() || (3..=65535).contains(&hold.as_secs()));
-    if !whole {
-        return Err(err(format!("--bgp-hold-time {}: 0 or 3s to 65535s, whole seconds", Dur(hold))));
+    let (hold, keepalive) = (args.bgp_hold_time.map(|d| d.0), args.bgp_keepalive.map(|d| d.0));
+    if let Some(vip_deploy::vips::BgpTimerProblem { flag, value, why }) =
+        vip_deploy::vips::bgp_timers_problem(hold, keepalive)
+    {
+        return Err(err(format!("--{flag} {}: {why}", Dur(value))));
     }
-    let keepalive = args.bgp_keepalive.map(|k| k.0);
-    if let Some(k) = keepalive {
-        if !hold.is_zero() && (k.is_zero() || k > hold / 3) {
-            return Err(err(format!(
-                "--bgp-keepalive {}: above zero and at most a third of --bgp-hold-time {}",
-                Dur(k),
-                Dur(hold)
-            )));
-        }
-    }
+    let hold = hold.unwrap_or(vip_deploy::vips::DEFAULT_BGP_HOLD_TIME);
     Ok(Some(BgpConfig { local_as, router_id: args.bgp_router_id, peers, hold_time: hold, keepalive }))
 }
 
@@ -1094,8 +1082,8 @@ mod tests {
             (&["--rise", "0"], "--rise 0: must be 1 to 100"),
             (&["--fall", "1000"], "--fall 1000: must be 1 to 100"),
             (&["--health-interval", "0s"], "--health-interval 0s: must be 10ms to 1h"),
-            (&["--health-interval", "0.001ms"], "--health-interval 0ms: must be 10ms to 1h"),
-            (&["--health-timeout", "61m"], "--health-timeout 3660s: must be 10ms to 1h"),
+            (&["--health-interval", "0.001ms"], "--health-interval 0.001ms: must be 10ms to 1h"),
+            (&["--health-timeout", "61m"], "--health-timeout 61m: must be 10ms to 1h"),
             (&["--health-path", "readyz"], "must start with '/'"),
             (&["--lease-duration", "500ms"], "--lease-duration 500ms: must be 1s to 300s"),
             (&["--lease-duration", "1500ms"], "--lease-duration 1500ms: the Lease API counts whole seconds"),
@@ -1103,8 +1091,8 @@ mod tests {
             (&["--lease-duration", "3000000000s"], "must be 1s to 300s"),
             (&["--renew-deadline", "1s"], "--renew-deadline 1s must be shorter than --lease-duration 1s"),
             (&["--retry-period", "700ms"], "--retry-period 700ms must be shorter"),
-            (&["--retry-period", "0.001ms"], "--retry-period 0ms: must be 10ms to 60s"),
-            (&["--drain-hold", "61m"], "--drain-hold 3660s: must be 0s to 1h"),
+            (&["--retry-period", "0.001ms"], "--retry-period 0.001ms: must be 10ms to 60s"),
+            (&["--drain-hold", "61m"], "--drain-hold 61m: must be 0s to 1h"),
             (&["--apiserver", "10.0.0.1:6443"], "expected an https:// URL"),
             (&["--apiserver", "http://127.0.0.1:8080"], "plain HTTP would send the service account token in clear"),
             (&["--node-name", ""], "--node-name \"\": empty"),
@@ -1167,6 +1155,11 @@ mod tests {
         assert_eq!(bgp.peers[1].asn, 4_200_000_000);
         assert_eq!(bgp.hold_time, Duration::from_secs(9));
         assert!(!format!("{:?}", bgp.peers[0]).contains("s3cr"), "passwords are never printed");
+        // Only the hold time goes on the wire: a sub-second keepalive is the node's own
+        // (`vip-agent manifest` renders it too).
+        let fast =
+            ["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer", "10.0.0.254:1", "--bgp-keepalive", "500ms"];
+        assert_eq!(parse(&with(&fast)).unwrap().bgp.unwrap().keepalive, Some(Duration::from_millis(500)));
         assert_eq!(parse(&with(&["--node-name", "cp-1.example"])).unwrap().node_name.as_deref(), Some("cp-1.example"));
         // No backend: ARP only, VIP traffic to this node's own stack.
         assert!(parse(&["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none"])

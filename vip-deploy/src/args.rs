@@ -155,14 +155,15 @@ pub struct ManifestArgs {
     /// Name of the Lease that elects the leader.
     #[arg(long, default_value = "vip-control-plane")]
     pub lease_name: String,
-    /// Kubeconfig on the host that the static pod mounts (`pod` only). `admin.conf` works
-    /// during `kubeadm init` too: the static pod runs with `--bootstrap` (README, "Install
-    /// on kubeadm").
-    #[arg(long, value_name = "PATH", default_value = "/etc/kubernetes/admin.conf")]
-    pub kubeconfig_path: String,
-    /// The agent's binary on the host (`systemd` only).
-    #[arg(long, value_name = "PATH", default_value = "/usr/local/bin/vip-agent")]
-    pub binary: String,
+    /// Kubeconfig on the host that the static pod mounts and the unit names (`pod` and
+    /// `systemd`; default `/etc/kubernetes/admin.conf`). `admin.conf` works during
+    /// `kubeadm init` too: the static pod runs with `--bootstrap` (README, "Install on
+    /// kubeadm"). Refused where nothing would read it.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig_path: Option<String>,
+    /// The agent's binary on the host (`systemd` only; default `/usr/local/bin/vip-agent`).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<String>,
     /// Where the agent serves Prometheus metrics; the readiness probe asks there.
     #[arg(long, default_value = "127.0.0.1:9469")]
     pub metrics_addr: SocketAddr,
@@ -301,12 +302,21 @@ impl FromStr for Dur {
 }
 
 impl fmt::Display for Dur {
-    /// Whole seconds as `9s`, anything else in milliseconds; both parse back unchanged.
+    /// In the largest unit that holds it whole (`2h`, `61m`, `90s`, `500ms`), else in
+    /// fractional milliseconds (`0.001ms`): what an operator wrote comes back as written
+    /// (`2h` is not shown as `7200s`, a microsecond not as `0ms`), and parses back
+    /// unchanged.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.subsec_nanos() == 0 {
-            write!(f, "{}s", self.0.as_secs())
-        } else {
-            write!(f, "{}ms", self.0.as_millis())
+        const NS_PER_MS: u128 = 1_000_000;
+        let ns = self.0.as_nanos();
+        if ns == 0 {
+            return f.write_str("0s");
+        }
+        let units =
+            [(3_600_000 * NS_PER_MS, "h"), (60_000 * NS_PER_MS, "m"), (1_000 * NS_PER_MS, "s"), (NS_PER_MS, "ms")];
+        match units.iter().find(|&&(size, _)| ns.is_multiple_of(size)) {
+            Some(&(size, unit)) => write!(f, "{}{unit}", ns / size),
+            None => write!(f, "{}ms", ns as f64 / NS_PER_MS as f64),
         }
     }
 }
@@ -346,11 +356,20 @@ mod tests {
     }
 
     #[test]
-    fn durations_print_in_a_form_that_parses_back() {
-        for (text, shown) in [("9s", "9s"), ("1m", "60s"), ("1.5s", "1500ms"), ("250ms", "250ms")] {
+    fn durations_print_in_the_largest_whole_unit_and_parse_back() {
+        for (text, shown) in [
+            ("2h", "2h"),
+            ("61m", "61m"),
+            ("120s", "2m"),
+            ("90s", "90s"),
+            ("1.5s", "1500ms"),
+            ("500ms", "500ms"),
+            ("0.001ms", "0.001ms"),
+            ("0s", "0s"),
+        ] {
             let d: Dur = text.parse().unwrap();
-            assert_eq!(d.to_string(), shown);
-            assert_eq!(shown.parse::<Dur>().unwrap(), d);
+            assert_eq!(d.to_string(), shown, "{text}");
+            assert_eq!(shown.parse::<Dur>().unwrap(), d, "{shown} parses back");
         }
         assert!("9".parse::<Dur>().unwrap_err().contains("no unit"));
         assert!("9d".parse::<Dur>().unwrap_err().contains("unknown unit"));

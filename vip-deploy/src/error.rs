@@ -32,7 +32,7 @@ pub enum RenderError {
     #[error("--mode bgp needs {flag}")]
     BgpMissing { flag: &'static str },
     #[error("--{flag} {value}: {why}")]
-    BgpTimer { flag: &'static str, value: String, why: &'static str },
+    BgpTimer { flag: &'static str, value: String, why: String },
     #[error(
         "--bgp-peer {peer}: a password in a `{kind}` manifest is readable by {by}; put the peers in a \
          root-only file on each node and give --bgp-peer-file (or, for a DaemonSet, a Secret and \
@@ -41,6 +41,13 @@ pub enum RenderError {
     PasswordReadable { kind: Kind, peer: IpAddr, by: &'static str },
     #[error("--bgp-peer-secret: a static pod or a systemd unit cannot reference a Secret; give --bgp-peer-file")]
     SecretInStaticPod,
+    #[error("--{flag} does not apply to `{kind}` (nothing in its output would read it)")]
+    NotForKind { flag: &'static str, kind: Kind },
+    #[error(
+        "`{kind}` with --election none: the DaemonSet runs on every control-plane node, and each would \
+         answer ARP for the VIP; use --election kubernetes, or run one node alone with `pod` or `systemd`"
+    )]
+    UnelectedEverywhere { kind: Kind },
     #[error("--binary {path:?}: must be an absolute path on the host")]
     RelativeBinary { path: String },
     #[error("--kubeconfig-path {path:?}: must be an absolute path on the host")]

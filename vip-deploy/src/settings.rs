@@ -14,10 +14,11 @@ use crate::{
 
 /// The longest interface name Linux accepts (`IFNAMSIZ` - 1).
 const IFNAME_MAX: usize = 15;
-/// RFC 4271 §4.2: a hold time is 0 (no keepalives) or 3 to 65535 seconds (16 bits).
-const BGP_HOLD_SECS: std::ops::RangeInclusive<u64> = 3..=65535;
-/// The agent's `--bgp-hold-time` default, which a `--bgp-keepalive` alone is checked against.
-const DEFAULT_HOLD: std::time::Duration = std::time::Duration::from_secs(9);
+/// The kubeconfig a static pod mounts and a unit names: kubeadm's, which works from
+/// `kubeadm init` on (`--bootstrap`).
+const DEFAULT_KUBECONFIG: &str = "/etc/kubernetes/admin.conf";
+/// Where the README installs the static binary.
+const DEFAULT_BINARY: &str = "/usr/local/bin/vip-agent";
 /// AS numbers no speaker may use as its own: 0 (RFC 7607), AS_TRANS (RFC 6793), 2³²-1
 /// (RFC 7300). The agent refuses them too.
 const RESERVED_AS: [u32; 3] = [0, 23456, u32::MAX];
@@ -106,11 +107,26 @@ impl Settings {
         check_name("namespace", &args.namespace, NameRule::Label)?;
         check_name("lease-name", &args.lease_name, NameRule::Subdomain)?;
         check_image(&args.image)?;
-        if !args.kubeconfig_path.starts_with('/') {
-            return Err(RenderError::RelativeKubeconfig { path: args.kubeconfig_path.clone() });
+        let kubeconfig_path = args.kubeconfig_path.clone().unwrap_or_else(|| DEFAULT_KUBECONFIG.to_owned());
+        if !kubeconfig_path.starts_with('/') {
+            return Err(RenderError::RelativeKubeconfig { path: kubeconfig_path });
         }
-        if !args.binary.starts_with('/') {
-            return Err(RenderError::RelativeBinary { path: args.binary.clone() });
+        let binary = args.binary.clone().unwrap_or_else(|| DEFAULT_BINARY.to_owned());
+        if !binary.starts_with('/') {
+            return Err(RenderError::RelativeBinary { path: binary });
+        }
+        // A flag the output would silently drop is refused: the operator meant something.
+        let host_files = [
+            ("kubeconfig-path", args.kubeconfig_path.is_some(), matches!(kind, Kind::Pod | Kind::Systemd)),
+            ("binary", args.binary.is_some(), kind == Kind::Systemd),
+        ];
+        if let Some(&(flag, _, _)) = host_files.iter().find(|&&(_, given, applies)| given && !applies) {
+            return Err(RenderError::NotForKind { flag, kind });
+        }
+        // A DaemonSet runs on every control-plane node: unelected, each would answer ARP
+        // for the VIP at once. (BGP mode elects nobody: every ready node advertises.)
+        if matches!(kind, Kind::Daemonset | Kind::K3s) && args.election == Election::None && args.mode == Mode::Arp {
+            return Err(RenderError::UnelectedEverywhere { kind });
         }
         if let Some(ca) = &args.health_ca {
             check_absolute("health-ca", ca)?;
@@ -126,7 +142,7 @@ impl Settings {
             return Err(RenderError::TcxIpip);
         }
         let bgp = bgp(kind, args)?;
-        Ok(Self {
+        let settings = Self {
             kind,
             vips: args.vips.clone(),
             interface,
@@ -148,11 +164,17 @@ impl Settings {
             image: args.image.clone(),
             namespace: args.namespace.clone(),
             lease_name: args.lease_name.clone(),
-            kubeconfig_path: args.kubeconfig_path.clone(),
-            binary: args.binary.clone(),
+            kubeconfig_path,
+            binary,
             metrics_addr: args.metrics_addr,
             keep_forwarding_on_exit: args.keep_forwarding_on_exit,
-        })
+        };
+        if let Some(path) = args.kubeconfig_path.as_ref().filter(|_| !settings.needs_kubeconfig()) {
+            let why =
+                "nothing would read it: no Lease, no discovery, and the checks have their CA (--health-ca) or are TCP";
+            return Err(RenderError::BadName { flag: "kubeconfig-path", value: path.clone(), why });
+        }
+        Ok(settings)
     }
 
     /// The interface, for kinds that run the agent (checked present by [`Settings::new`]).
@@ -301,28 +323,9 @@ fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {
             BgpPeers::Inline(peers.to_vec())
         }
     };
-    for (flag, d) in [("bgp-hold-time", args.bgp_hold_time), ("bgp-keepalive", args.bgp_keepalive)] {
-        if let Some(d) = d {
-            if d.0.subsec_nanos() != 0 {
-                let why = "BGP timers are whole seconds on the wire";
-                return Err(RenderError::BgpTimer { flag, value: d.to_string(), why });
-            }
-        }
-    }
-    if let Some(hold) = args.bgp_hold_time {
-        let secs = hold.0.as_secs();
-        if secs != 0 && !BGP_HOLD_SECS.contains(&secs) {
-            let why = "a hold time is 0 or 3s to 65535s (RFC 4271)";
-            return Err(RenderError::BgpTimer { flag: "bgp-hold-time", value: hold.to_string(), why });
-        }
-    }
-    // RFC 4271 §10 suggests a third of the hold time; the agent insists on it.
-    let hold = args.bgp_hold_time.map_or(DEFAULT_HOLD, |h| h.0);
-    if let Some(keepalive) = args.bgp_keepalive {
-        if !hold.is_zero() && (keepalive.0.is_zero() || keepalive.0 > hold / 3) {
-            let why = "must be above zero and at most a third of the hold time";
-            return Err(RenderError::BgpTimer { flag: "bgp-keepalive", value: keepalive.to_string(), why });
-        }
+    let timers = crate::vips::bgp_timers_problem(args.bgp_hold_time.map(|d| d.0), args.bgp_keepalive.map(|d| d.0));
+    if let Some(crate::vips::BgpTimerProblem { flag, value, why }) = timers {
+        return Err(RenderError::BgpTimer { flag, value: Dur(value).to_string(), why });
     }
     Ok(Some(Bgp {
         local_as,

@@ -2,7 +2,10 @@
 //! `--vip`, so a manifest is never rendered with a VIP the agent would refuse (it would
 //! crash-loop on every node).
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
+};
 
 /// Why `vip` cannot be a VIP, or `None` if it can: it must be a unicast address clients
 /// resolve (ARP, or Neighbor Discovery for IPv6) and reach beyond the link's own
@@ -35,6 +38,40 @@ pub fn router_id_problem(id: std::net::Ipv4Addr) -> Option<&'static str> {
     id.is_unspecified().then_some("a BGP identifier is not zero (RFC 6286)")
 }
 
+/// The hold time the agent offers when `--bgp-hold-time` is not given (RFC 4271 suggests
+/// 90 s; a control-plane VIP wants a dead node's routes gone sooner).
+pub const DEFAULT_BGP_HOLD_TIME: Duration = Duration::from_secs(9);
+
+/// A BGP timer flag the agent would refuse: the flag, its value, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BgpTimerProblem {
+    pub flag: &'static str,
+    pub value: Duration,
+    pub why: String,
+}
+
+/// Why `--bgp-hold-time hold` / `--bgp-keepalive keepalive` cannot be, or `None`: the
+/// hold time goes on the wire in an OPEN as 16-bit seconds, 0 (no keepalives) or 3 to
+/// 65535 (RFC 4271 §4.2); the keepalive interval stays local, so any duration above zero
+/// and at most a third of the hold time (RFC 4271 §10 suggests a third; the agent insists
+/// on it), sub-second ones included. The rule `vip-agent run` and the manifests share.
+pub fn bgp_timers_problem(hold: Option<Duration>, keepalive: Option<Duration>) -> Option<BgpTimerProblem> {
+    let held = hold.unwrap_or(DEFAULT_BGP_HOLD_TIME);
+    let on_the_wire = held.subsec_nanos() == 0 && (held.is_zero() || (3..=65535).contains(&held.as_secs()));
+    if !on_the_wire {
+        let why = "0 or 3s to 65535s, whole seconds (RFC 4271)".to_owned();
+        return Some(BgpTimerProblem { flag: "bgp-hold-time", value: held, why });
+    }
+    match keepalive {
+        Some(k) if !held.is_zero() && (k.is_zero() || k > held / 3) => Some(BgpTimerProblem {
+            flag: "bgp-keepalive",
+            value: k,
+            why: format!("above zero and at most a third of the hold time ({})", crate::args::Dur(held)),
+        }),
+        _ => None,
+    }
+}
+
 /// IPv6 adds two refusals: a link-local VIP (fe80::/10) is ambiguous without a zone, and
 /// every interface already has one; an IPv4-mapped address (::ffff:0:0/96) is IPv4 on
 /// the wire, so the IPv4 VIP itself is what to give.
@@ -61,6 +98,32 @@ pub fn ipip_problem(vip: IpAddr) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bgp_timers_refuse_what_the_wire_cannot_carry_and_allow_sub_second_keepalives() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        for (hold, keepalive) in [
+            (None, None),
+            (Some(s(0)), None),
+            (Some(s(3)), Some(s(1))),
+            (None, Some(ms(500))),
+            (Some(s(0)), Some(s(60))),
+        ] {
+            assert_eq!(bgp_timers_problem(hold, keepalive), None, "{hold:?} {keepalive:?}");
+        }
+        for (hold, keepalive, flag) in [
+            (Some(s(2)), None, "bgp-hold-time"),
+            (Some(s(65536)), None, "bgp-hold-time"),
+            (Some(ms(3500)), None, "bgp-hold-time"),
+            (None, Some(s(4)), "bgp-keepalive"),
+            (Some(s(9)), Some(s(0)), "bgp-keepalive"),
+        ] {
+            assert_eq!(bgp_timers_problem(hold, keepalive).map(|p| p.flag), Some(flag), "{hold:?} {keepalive:?}");
+        }
+        let p = bgp_timers_problem(None, Some(s(4))).unwrap();
+        assert_eq!(p.why, "above zero and at most a third of the hold time (9s)");
+    }
 
     #[test]
     fn unicast_addresses_of_both_families_are_vips_and_the_rest_are_named() {

@@ -237,6 +237,28 @@ fn missing_and_bad_values_are_named() {
         (&["rbac", "--namespace=Kube_System"], "--namespace \"Kube_System\": not a DNS-1123 label"),
         (&["rbac", "--lease-name=-x"], "--lease-name \"-x\""),
         (&["pod", "--vip=192.0.2.1", "--interface=eth0", "--kubeconfig-path=admin.conf"], "must be an absolute path"),
+        // Flags the output would drop are refused, not ignored.
+        (
+            &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--kubeconfig-path=/etc/k.conf"],
+            "--kubeconfig-path does not apply to `daemonset`",
+        ),
+        (&["pod", "--vip=192.0.2.1", "--interface=eth0", "--binary=/bin/vip"], "--binary does not apply to `pod`"),
+        (
+            &[
+                "systemd",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--election=none",
+                "--discover=none",
+                "--backend=10.0.0.11",
+                "--health-check=tcp",
+                "--kubeconfig-path=/etc/k.conf",
+            ],
+            "--kubeconfig-path \"/etc/k.conf\": nothing would read it",
+        ),
+        // Every node of a DaemonSet would answer ARP for the VIP.
+        (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--election=none"], "`daemonset` with --election none"),
+        (&["k3s", "--vip=192.0.2.1", "--interface=eth0", "--election=none"], "`k3s` with --election none"),
         (&["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--image=a b"], "--image \"a b\""),
         (
             &["daemonset", "--vip=192.0.2.1", "--interface=eth0", "--bgp-local-as=65000"],
@@ -301,7 +323,7 @@ fn missing_and_bad_values_are_named() {
                 "--bgp-peer=10.0.0.1:1",
                 "--bgp-hold-time=2s",
             ],
-            "--bgp-hold-time 2s: a hold time is 0 or 3s to 65535s",
+            "--bgp-hold-time 2s: 0 or 3s to 65535s, whole seconds (RFC 4271)",
         ),
         (
             &[
@@ -314,7 +336,7 @@ fn missing_and_bad_values_are_named() {
                 "--bgp-hold-time=9s",
                 "--bgp-keepalive=4s",
             ],
-            "--bgp-keepalive 4s: must be above zero and at most a third of the hold time",
+            "--bgp-keepalive 4s: above zero and at most a third of the hold time (9s)",
         ),
         (
             &[
@@ -324,9 +346,9 @@ fn missing_and_bad_values_are_named() {
                 "--mode=bgp",
                 "--bgp-local-as=65000",
                 "--bgp-peer=10.0.0.1:1",
-                "--bgp-keepalive=1500ms",
+                "--bgp-hold-time=3500ms",
             ],
-            "whole seconds",
+            "--bgp-hold-time 3500ms: 0 or 3s to 65535s, whole seconds",
         ),
         (
             &[
@@ -343,6 +365,25 @@ fn missing_and_bad_values_are_named() {
         let err = refused(line);
         assert!(err.contains(needle), "{line:?}: {err}");
     }
+}
+
+/// The keepalive interval stays on the node (only the hold time goes on the wire), so a
+/// sub-second one renders, as `vip-agent run` accepts it.
+#[test]
+fn a_sub_second_keepalive_is_rendered_as_the_agent_accepts_it() {
+    let (kind, args) = parse(&[
+        "daemonset",
+        "--vip=192.0.2.1",
+        "--interface=eth0",
+        "--mode=bgp",
+        "--bgp-local-as=65000",
+        "--bgp-peer=10.0.0.1:65001",
+        "--bgp-hold-time=3s",
+        "--bgp-keepalive=500ms",
+    ]);
+    let yaml = vip_deploy::render(kind, &args).unwrap();
+    let at = yaml.find("name: VIP_BGP_KEEPALIVE").expect("the keepalive is rendered");
+    assert!(yaml[at..].lines().nth(1).is_some_and(|l| l.trim() == "value: 500ms"), "{}", &yaml[at..at + 80]);
 }
 
 /// A TCP-MD5 password is refused in every kind: each output is readable by others (the

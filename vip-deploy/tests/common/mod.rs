@@ -73,12 +73,15 @@ pub const FLAG_SETS: &[&[&str]] = &[
     ],
 ];
 
-/// Kinds that every flag set renders (the static pod refuses --bgp-peer-secret).
+/// Kinds that every flag set renders (the static pod refuses --bgp-peer-secret; the
+/// DaemonSets refuse --election none, which would make every node answer ARP).
 pub fn kinds_for(flags: &[&str]) -> Vec<Kind> {
     let secret = flags.iter().any(|f| f.starts_with("--bgp-peer-secret"));
+    let unelected = flags.contains(&"--election=none");
     [Kind::Daemonset, Kind::Pod, Kind::K3s, Kind::Rbac, Kind::CiliumValues]
         .into_iter()
         .filter(|k| !(secret && *k == Kind::Pod))
+        .filter(|k| !(unelected && matches!(k, Kind::Daemonset | Kind::K3s)))
         .collect()
 }
 
