@@ -838,6 +838,31 @@ pub fn parse_args(argv: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> 
     Cli::try_parse_from(merged).map_err(ParseError::Clap)
 }
 
+/// Where the value of the flag an error message names first (`--drain-hold 2h: …`) came
+/// from, when not the command line: its `VIP_` variable, or the `--config` file (the
+/// precedence of [`parse_args`]). `None` when the flag is on the command line, or named
+/// nowhere (a default). An operator reading "--drain-hold" looks for it on the command
+/// line; a unit's `Environment=` or a config file is where it is.
+pub fn origin_of(message: &str, argv: &[OsString], env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let at = message.find("--")? + 2;
+    let flag: String =
+        message[at..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-').collect();
+    let long = format!("--{flag}");
+    let on_cli = argv.iter().map(|a| a.to_string_lossy()).any(|a| a == long || a.starts_with(&format!("{long}=")));
+    if flag.is_empty() || on_cli {
+        return None;
+    }
+    let var = format!("VIP_{}", flag.replace('-', "_").to_uppercase());
+    if env(&var).is_some() {
+        return Some(var);
+    }
+    let path = config_flag(argv, env)?;
+    let text = std::fs::read_to_string(&path).ok()?;
+    let serde_yaml::Value::Mapping(map) = serde_yaml::from_str(&text).ok()? else { return None };
+    let in_file = map.keys().filter_map(|k| k.as_str()).any(|k| k.replace('_', "-") == flag);
+    in_file.then(|| format!("--config {}", path.display()))
+}
+
 #[derive(Debug)]
 pub enum ParseError {
     Clap(clap::Error),
@@ -921,12 +946,17 @@ mod tests {
         let argv: Vec<OsString> = ["vip-agent", "run"].iter().chain(args).map(OsString::from).collect();
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let cli = parse_args(argv, &lookup).map_err(|e| match e {
-            ParseError::Clap(e) => e.to_string(),
+        // As main shows them: the value's origin after the message.
+        let shown = |msg: String| match origin_of(&msg, &argv, &lookup) {
+            Some(origin) => format!("{msg} (from {origin})"),
+            None => msg,
+        };
+        let cli = parse_args(argv.clone(), &lookup).map_err(|e| match e {
+            ParseError::Clap(e) => shown(e.to_string()),
             ParseError::Config(e) => e.to_string(),
         })?;
         let Command::Run(run) = cli.command else { return Err("not run".into()) };
-        RunConfig::try_from(*run).map_err(|e| e.to_string())
+        RunConfig::try_from(*run).map_err(|e| shown(e.to_string()))
     }
 
     fn parse(args: &[&str]) -> Result<RunConfig, String> {

@@ -4,10 +4,17 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use tracing_subscriber::EnvFilter;
-use vip_agent::config::{self, Cli, Command, LogFormat, OutputFormat, ParseError, RunConfig};
+use vip_agent::config::{self, Command, LogFormat, OutputFormat, ParseError, RunConfig};
 
 fn main() -> ExitCode {
-    let cli = match config::parse_args(std::env::args_os().collect(), &|k| std::env::var(k).ok()) {
+    let argv: Vec<_> = std::env::args_os().collect();
+    let env = |k: &str| std::env::var(k).ok();
+    // A bad value that came from VIP_* or the --config file says so.
+    let from = |message: &str| match config::origin_of(message, &argv, &env) {
+        Some(origin) => format!(" (from {origin})"),
+        None => String::new(),
+    };
+    let cli = match config::parse_args(argv.clone(), &env) {
         Ok(cli) => cli,
         Err(ParseError::Clap(e)) if !e.use_stderr() => e.exit(),
         Err(ParseError::Clap(e)) => {
@@ -15,7 +22,7 @@ fn main() -> ExitCode {
             // line and "For more information" footer.
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or_default();
-            eprintln!("vip-agent: {first} (see --help)");
+            eprintln!("vip-agent: {first}{} (see --help)", from(first));
             return ExitCode::from(2);
         }
         Err(ParseError::Config(e)) => {
@@ -23,7 +30,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match run(cli) {
+    let result = match cli.command {
+        Command::Run(args) => match RunConfig::try_from(*args) {
+            Ok(cfg) => run(cfg),
+            Err(e) => {
+                let message = e.to_string();
+                eprintln!("vip-agent: error: {message}{}", from(&message));
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Manifest(m) => manifest(&m),
+        Command::Status(args) => status(&args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("vip-agent: error: {err:#}");
@@ -43,26 +62,23 @@ fn logging(format: LogFormat) {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Run(args) => {
-            let cfg = RunConfig::try_from(*args)?;
-            logging(cfg.log_format);
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(vip_agent::agent::run(cfg))?;
-            Ok(())
-        }
-        Command::Manifest(m) => {
-            print!("{}", vip_deploy::render(m.kind, &m.args)?);
-            Ok(())
-        }
-        Command::Status(args) => {
-            let status = vip_agent::status::collect(&args.pin_path, args.metrics_addr)?;
-            match args.output {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-                OutputFormat::Table => print!("{}", vip_agent::status::render(&status)),
-            }
-            Ok(())
-        }
+fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    logging(cfg.log_format);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(vip_agent::agent::run(cfg))?;
+    Ok(())
+}
+
+fn manifest(m: &config::ManifestCommand) -> anyhow::Result<()> {
+    print!("{}", vip_deploy::render(m.kind, &m.args)?);
+    Ok(())
+}
+
+fn status(args: &config::StatusArgs) -> anyhow::Result<()> {
+    let status = vip_agent::status::collect(&args.pin_path, args.metrics_addr)?;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        OutputFormat::Table => print!("{}", vip_agent::status::render(&status)),
     }
+    Ok(())
 }

@@ -1,0 +1,50 @@
+//! The binary's edge: a bad value is refused on one line that names it, and says where it
+//! came from when that is not the command line (a unit's `Environment=`, a config file).
+//! Configuration is checked before anything touches the host, so these run unprivileged.
+
+use std::process::Command;
+
+/// `vip-agent run` with `args` and `env`, expected to be refused: its one line of stderr.
+fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_vip-agent"))
+        .arg("run")
+        .args(["--interface", "eth0", "--vip", "10.0.0.1", "--election", "none"])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("vip-agent runs");
+    assert!(!out.status.success(), "{args:?} {env:?} was accepted");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    stderr.trim().to_owned()
+}
+
+#[test]
+fn a_bad_value_from_the_environment_names_its_variable() {
+    let line = refused(&[], &[("VIP_DRAIN_HOLD", "2h")]);
+    assert_eq!(line, "vip-agent: error: --drain-hold 2h: must be 0s to 1h (from VIP_DRAIN_HOLD)");
+    // One clap cannot parse, too.
+    let line = refused(&[], &[("VIP_HEALTH_INTERVAL", "2x")]);
+    assert!(
+        line.contains("invalid value '2x' for '--health-interval") && line.contains("(from VIP_HEALTH_INTERVAL)"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_bad_value_on_the_command_line_needs_no_origin() {
+    let line = refused(&["--drain-hold", "2h"], &[]);
+    assert_eq!(line, "vip-agent: error: --drain-hold 2h: must be 0s to 1h");
+}
+
+#[test]
+fn a_bad_value_from_the_config_file_names_the_file() {
+    let dir = std::env::temp_dir().join(format!("vip-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("vip.yaml");
+    std::fs::write(&file, "drain_hold: 2h\nrise: 3\n").unwrap();
+    let f = file.to_str().unwrap();
+    let line = refused(&["--config", f], &[]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(line, format!("vip-agent: error: --drain-hold 2h: must be 0s to 1h (from --config {f})"));
+}
