@@ -204,7 +204,9 @@ pub fn render(s: &Value) -> String {
         );
     }
     match (&s["agent"], s["agent_error"].as_str()) {
-        (Value::Object(a), _) => {
+        // Indexed as a Value (a missing key reads as null), never as a Map, which panics:
+        // an older agent's /status lacks newer keys.
+        (a @ Value::Object(_), _) => {
             let why: Vec<&str> =
                 a["not_eligible_because"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
             let eligible =
@@ -240,11 +242,19 @@ pub fn render(s: &Value) -> String {
         }
         _ => {}
     }
+    // BGP mode elects nobody: every ready node advertises, and no node answers ARP, so
+    // "follower" would mislead.
+    let bgp_advertised = match &s["agent"] {
+        Value::Object(a) if a["mode"].as_str() == Some("bgp") => a["advertised"].as_bool(),
+        _ => None,
+    };
     for v in s["vips"].as_array().into_iter().flatten() {
-        let role = match (v["leader"].as_bool(), v["lease_deadline_ms"].as_u64()) {
-            (Some(true), Some(ms)) => format!("LEADER (lease valid {ms} ms more)"),
-            (Some(true), None) => "LEADER".to_owned(),
-            _ => "follower".to_owned(),
+        let role = match (bgp_advertised, v["leader"].as_bool(), v["lease_deadline_ms"].as_u64()) {
+            (Some(true), _, _) => "advertised by BGP".to_owned(),
+            (Some(false), _, _) => "NOT advertised (BGP)".to_owned(),
+            (None, Some(true), Some(ms)) => format!("LEADER (lease valid {ms} ms more)"),
+            (None, Some(true), None) => "LEADER".to_owned(),
+            (None, _, _) => "follower".to_owned(),
         };
         let _ = writeln!(out, "vip       {:<24} {:<5} {role}", str_of(&v["vip"]), str_of(&v["family"]));
     }
@@ -336,6 +346,23 @@ mod tests {
         assert!(table.contains("attached  eth0 at tcx (frames whose VLAN tag the NIC stripped)\n"), "{table}");
         assert!(!table.contains("no XDP metadata"), "{table}");
         assert!(render(&status(true)).contains("warning   the driver carries no XDP metadata"));
+    }
+
+    /// In BGP mode a VIP's row says whether this node advertises it, not "follower".
+    #[test]
+    fn in_bgp_mode_a_vip_is_advertised_or_not_never_a_follower() {
+        let status = |advertised: bool| {
+            json!({
+                "agent": { "mode": "bgp", "advertised": advertised, "bgp_peers": [] },
+                "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }],
+            })
+        };
+        let row = |table: String| table.lines().find(|l| l.starts_with("vip ")).unwrap_or_default().to_owned();
+        assert!(row(render(&status(true))).ends_with("advertised by BGP"), "{}", render(&status(true)));
+        assert!(row(render(&status(false))).ends_with("NOT advertised (BGP)"));
+        let arp =
+            json!({ "agent": { "mode": "arp" }, "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }] });
+        assert!(row(render(&arp)).ends_with("follower"));
     }
 
     /// A draining backend's row says how much of the table it still holds.
