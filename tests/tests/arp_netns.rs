@@ -311,6 +311,45 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
     assert!(!pins.exists(), "BGP without IPv4 left pins behind");
 }
 
+/// BGP routes name the interface's address as their next hop, which a router reached
+/// through another interface may not reach: such a peer is warned of at start, by
+/// address; a peer on the interface's own link is not.
+#[test]
+fn a_bgp_peer_reached_through_another_interface_is_warned_of() {
+    let lab = lab(false);
+    lab.node.ip(&["link", "set", "lo", "up"]).unwrap();
+    lab.node.ip(&["route", "add", "10.99.0.2/32", "dev", "lo"]).unwrap();
+    let pins = pin_dir(&lab.node.name).unwrap();
+    let pins_s = pins.display().to_string();
+    let args = [
+        "run",
+        "--interface",
+        NODE_DEV,
+        "--vip",
+        VIP,
+        "--mode",
+        "bgp",
+        "--bgp-local-as",
+        "65000",
+        "--bgp-peer",
+        "10.99.0.2:65001,10.31.0.2:65002",
+        "--forward",
+        "local",
+        "--xdp-mode",
+        "skb",
+        "--pin-path",
+        &pins_s,
+    ];
+    let mut agent = tests::agent::Agent::spawn(&lab.node, &args).unwrap();
+    // The check runs before the data plane is opened: pins mean it is done.
+    let started = tests::agent::wait_until(Duration::from_secs(10), || pins.exists());
+    let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(started, "the agent never opened its data plane:\n{log}");
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("reached through another interface")).collect();
+    assert_eq!(warned.len(), 1, "one warning, for the off-link peer only:\n{log}");
+    assert!(warned[0].contains("peer=10.99.0.2"), "{}", warned[0]);
+}
+
 /// Every flag reads `VIP_<FLAG>` too (manifests configure the agent that way): with the
 /// interface, VIP, election and mode only in the environment, the agent serves.
 #[test]

@@ -381,6 +381,23 @@ impl Netlink {
         Ok(Some(Nexthop { mac, mtu: u16::try_from(mtu).unwrap_or(u16::MAX) }))
     }
 
+    /// The interface the route to `ip` leaves by (`ip route get IP`'s `dev`), if there is
+    /// a route.
+    pub async fn route_interface(&self, ip: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
+        let lookup = async {
+            let query = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(ip, 32).build();
+            let mut routes = self.handle.route().get(query).execute();
+            let route = routes.try_next().await.map_err(request(format!("looking up the route to {ip}")))?;
+            Ok(route.and_then(|r| {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+            }))
+        };
+        self.bounded(|| format!("looking up the route to {ip}"), lookup).await
+    }
+
     /// The MTU of interface `ifindex`.
     async fn link_mtu(&self, ifindex: u32) -> Result<Option<u32>, NetlinkError> {
         let mut links = self.handle.link().get().match_index(ifindex).execute();

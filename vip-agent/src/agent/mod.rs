@@ -148,6 +148,28 @@ fn probe_and_seed(cfg: &RunConfig) -> Result<(Option<Probe>, u32), TlsError> {
     Ok((probe, seed))
 }
 
+/// Warns of each BGP peer whose route leaves by another interface than `dev`: the
+/// routes name `dev`'s address as their next hop (RFC 4271 §5.1.3: on a shared subnet,
+/// for a single-hop peer), which such a router may not reach directly, and then leaves
+/// unused. A warning, not a refusal: a router reached through another link may still
+/// route to this one.
+async fn warn_off_link_peers(nl: &Netlink, dev: &netdev::Netdev, bgp: &crate::config::BgpConfig) {
+    for peer in &bgp.peers {
+        match nl.route_interface(peer.ip).await {
+            Ok(Some(oif)) if oif != dev.ifindex => warn!(
+                peer = %peer.ip,
+                via_ifindex = oif,
+                interface = %dev.name,
+                next_hop = ?dev.ipv4,
+                "the BGP peer is reached through another interface than --interface; the routes name this \
+                 interface's address as next hop, which the router may not reach directly"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(peer = %peer.ip, error = %e, "could not look up the route to the BGP peer"),
+        }
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let span = info_span!("run", interface = %cfg.interface);
@@ -170,6 +192,9 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         let host = Host::new(nl.clone(), &cfg.interface, &cfg.vips, cfg.forward == ForwardMode::Ipip);
         host.preflight().await?;
         refuse_foreign_xdp(&nl, &dev, &cfg).await?;
+        if let Some(bgp) = &cfg.bgp {
+            warn_off_link_peers(&nl, &dev, bgp).await;
+        }
         let host_events = netlink::watch_host(cfg.interface.clone())?;
         let (kc, api) = (cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref());
         let lease_client = match (cfg.mode, cfg.election) {
