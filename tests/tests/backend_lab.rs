@@ -213,6 +213,51 @@ fn a_draining_apiserver_keeps_its_connections_and_takes_no_new_ones() {
     assert!(t.elapsed() < Duration::from_secs(1), "the client hung {:?} instead of getting a reset", t.elapsed());
 }
 
+/// An apiserver that drained and is ready again serves on: it drains until its checks
+/// have risen (`--rise`), then is up, and is never down in between. Marked down for the
+/// rise, its pins were re-hashed and every connection it kept through the drain was
+/// reset the moment it recovered (found by a new-user trial).
+#[test]
+fn a_recovering_apiserver_keeps_the_connections_it_kept_through_its_drain() {
+    let lab = ApiLab::new([10, 121, 0], 3, &[0]).unwrap();
+    let _agent = lab.start_agent(0, &["--health-interval", "200ms", "--rise", "3"]).unwrap();
+    let (mut conn, node) = lab.kept_alive_connection(|name| name != "n1").unwrap();
+    let i = lab.nodes.iter().position(|n| n.name == node).unwrap();
+    let ip = lab.nodes[i].ip.to_string();
+    let state = || lab.status(0).ok().and_then(|s| backend(&s, &ip).map(|b| b["state"].as_str().map(str::to_owned)))?;
+    std::fs::write(lab.unready_file(i), b"").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || state().as_deref() == Some("draining")), "{:?}", state());
+    let ns = lab.client_ns().name.clone();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (answers, seen) = std::thread::scope(|s| {
+        let requests = s.spawn(|| {
+            tests::netns::enter_by_name(&ns).unwrap();
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                answers.push(conn.get("/").map(|(_, b)| b.trim().to_owned()));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            answers
+        });
+        std::fs::remove_file(lab.unready_file(i)).unwrap();
+        let mut seen = Vec::new();
+        let up = wait_until(Duration::from_secs(5), || {
+            let now = state();
+            if seen.last() != Some(&now) {
+                seen.push(now.clone());
+            }
+            now.as_deref() == Some("up")
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(up, "never up again: {seen:?}");
+        (requests.join().unwrap(), seen)
+    });
+    assert!(!seen.iter().any(|s| s.as_deref() == Some("down")), "down while recovering: {seen:?}");
+    assert!(answers.len() > 10, "{answers:?}");
+    assert!(answers.iter().all(|a| a.as_deref() == Ok(node.as_str())), "the kept connection broke: {answers:?}");
+}
+
 /// `--forward ipip` with the interfaces' `forwarding` sysctl at 0: the agent enables it
 /// (the FIB refuses output lookups otherwise), and uploads of 1 MiB — full-size
 /// segments that no longer fit once encapsulated — go through with no reset: the leader

@@ -653,6 +653,13 @@ pub enum HealthReason {
 }
 
 impl HealthReason {
+    /// Whether a backend failing for this reason still serves the connections it has
+    /// (its apiserver answers "not ready", or it stopped taking VIP traffic): it drains,
+    /// rather than being down.
+    pub const fn serves(self) -> bool {
+        matches!(self, Self::NotReady | Self::VipPath)
+    }
+
     pub const fn from_u8(v: u8) -> Self {
         match v {
             1 => Self::Connect,

@@ -263,10 +263,18 @@ impl Backends {
             warn!(backend = %b.ip, interface = %dev.name, "no neighbour entry: is the backend on this L2? (else use --forward ipip)");
             b.warned_no_mac = true;
         }
-        b.reason = report.result.as_ref().err().map_or(HealthReason::None, |e| e.reason());
-        b.vip_path_failed = b.reason == HealthReason::VipPath;
         let first = b.health.state() == Health::Unknown;
         b.health.observe(report.result.is_ok());
+        b.reason = match report.result.as_ref().err() {
+            Some(e) => e.reason(),
+            // Answering again, not up yet (`--rise`): a backend that drained served all
+            // along, and keeps draining, its pinned flows honoured, until it is up. Marked
+            // down in between, its pins would be re-hashed: every connection it kept
+            // through the drain reset as it recovers.
+            None if b.health.state() != Health::Up && b.reason.serves() => b.reason,
+            None => HealthReason::None,
+        };
+        b.vip_path_failed = b.reason == HealthReason::VipPath;
         let after = spec_of(&self.list[i], cfg);
         // The state the data plane gives it (what `status` and the metrics show), not the
         // check's hysteresis: an apiserver answering "not ready" drains, it is not down.
@@ -423,7 +431,7 @@ fn spec_of(b: &Tracked, cfg: &RunConfig) -> BackendSpec {
         healthy,
         // Its apiserver answered "not ready", or it stopped taking VIP traffic: it drains,
         // serving what it holds.
-        draining: !healthy && matches!(reason, HealthReason::NotReady | HealthReason::VipPath),
+        draining: !healthy && reason.serves(),
         reason,
     }
 }
