@@ -380,6 +380,43 @@ fn flags_come_from_the_environment() {
     assert_eq!(replies, vec![node_mac]);
 }
 
+/// A log reader that goes away (a closed pipe) does not stop the agent: it logs on
+/// into nothing and, on SIGTERM, cleans up as always. It panicked at its next log line
+/// (tracing-subscriber reports a failed write with `eprintln!`), leaving the VIP on
+/// `lo`, the program attached and the pins (found by a new-user trial).
+#[test]
+fn a_closed_log_pipe_neither_stops_the_agent_nor_leaves_anything_behind() {
+    let lab = lab(false);
+    let lo_before = lab.node.addrs("lo").unwrap();
+    let bin = tests::agent::agent_bin();
+    let pins = pin_dir(&lab.node.name).unwrap();
+    let mut child = lab
+        .node
+        .cmd(bin.to_str().unwrap())
+        .args(agent_args(&pins))
+        .args(["--forward", "local"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let serving = wait_until(Duration::from_secs(10), || leads(&lab.node, &pins));
+    drop(child.stderr.take());
+    // Lines it logs now go nowhere: an ARP conflict is one, and SIGTERM's hand-over more.
+    std::thread::sleep(Duration::from_millis(300));
+    let alive = child.try_wait().unwrap().is_none();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exited = wait_until(Duration::from_secs(10), || child.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    assert!(serving, "the agent never led");
+    assert!(alive, "the agent died when its log pipe closed: {status:?}");
+    assert!(status.success(), "{status:?}");
+    assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "left XDP attached");
+    assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "left the VIP on lo");
+    assert!(!pins.exists(), "left pins behind");
+}
+
 #[test]
 fn missing_privileges_fail_cleanly() {
     let lab = lab(false);

@@ -1,7 +1,10 @@
 //! The `vip-agent` binary: parse the command line, set up logging, run. Errors from the
 //! library are typed; this edge prints them on one line and exits non-zero.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::{
+    io::{IsTerminal, Write},
+    process::ExitCode,
+};
 
 use tracing_subscriber::EnvFilter;
 use vip_agent::config::{self, Command, LogFormat, OutputFormat, ParseError, RunConfig};
@@ -45,7 +48,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("vip-agent: error: {err:#}");
+            // Not eprintln!, which panics when stderr is gone.
+            let _ = writeln!(std::io::stderr(), "vip-agent: error: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -55,10 +59,29 @@ fn logging(format: LogFormat) {
     // kube's client logs every failed request at ERROR, with no URL: the agent says what
     // failed itself (once per 30 s while the Lease API does not answer).
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube_client=off"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LossyStderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// Standard error that drops what it cannot write. A log reader that goes away (a pipe
+/// closed, a shipper restarted) must not stop the agent: on a failed write,
+/// tracing-subscriber reports the failure with `eprintln!`, which panics on the same
+/// closed pipe, and the agent died holding the VIP on `lo`, its program attached and its
+/// pins in place.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 
