@@ -59,8 +59,13 @@ pub async fn client(
         kube::Config::incluster().map_err(ApiClientError::InCluster)?
     } else if let Some(path) = kubeconfig {
         let shown = path.display().to_string();
-        let kc = Kubeconfig::read_from(path)
-            .map_err(|e| ApiClientError::Kubeconfig { path: shown.clone(), source: Box::new(e) })?;
+        let kc = Kubeconfig::read_from(path).map_err(|e| match e {
+            // kube's message quotes the path and then repeats its cause: the cause alone.
+            kube::config::KubeconfigError::ReadConfig(io, _) => {
+                ApiClientError::Kubeconfig { path: shown.clone(), source: Box::new(io) }
+            }
+            other => ApiClientError::Kubeconfig { path: shown.clone(), source: Box::new(other) },
+        })?;
         kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
             .map_err(|e| ApiClientError::Kubeconfig { path: shown, source: Box::new(e) })?
@@ -116,5 +121,17 @@ mod tests {
         assert!(matches!(err, ApiClientError::PlainHttp { .. }), "{err}");
         assert!(err.to_string().contains("http://10.0.0.1:8080"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A missing kubeconfig is named once, with its cause once (kube's own message
+    /// quoted the path and repeated the cause).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_missing_kubeconfig_is_named_once_with_its_cause() {
+        let path = Path::new("/nonexistent/kubeconfig");
+        let Err(err) = client(Some(path), None, Timeouts::Bounded(Duration::from_secs(1))).await else {
+            panic!("a missing kubeconfig was accepted");
+        };
+        let shown = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(shown, "--kubeconfig /nonexistent/kubeconfig: No such file or directory (os error 2)");
     }
 }

@@ -198,6 +198,9 @@ impl FromStr for BackendArg {
     }
 }
 
+/// `run`'s flags. Those taking a number, a duration or a name take `allow_hyphen_values`:
+/// `--rise -1` is then refused as a bad value of `--rise`, not as an unknown argument
+/// `-1` that names no flag.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// YAML file with flag values (keys are flag names); the command line and the
@@ -214,7 +217,7 @@ pub struct RunArgs {
     #[arg(long = "vip", env = "VIP_VIP", value_name = "IP", required = true, value_delimiter = ',')]
     pub vips: Vec<IpAddr>,
     /// TCP port of the service behind the VIP.
-    #[arg(long, env = "VIP_PORT", default_value_t = 6443)]
+    #[arg(long, env = "VIP_PORT", allow_hyphen_values = true, default_value_t = 6443)]
     pub port: u16,
     /// Backend (an apiserver): IP, and optionally the port its health check uses.
     /// Repeat the flag (or separate with commas). Without any, the node only answers ARP
@@ -229,7 +232,7 @@ pub struct RunArgs {
     #[arg(long, env = "VIP_MODE", value_enum, default_value_t = Mode::Arp)]
     pub mode: Mode,
     /// BGP mode: this node's AS.
-    #[arg(long, env = "VIP_BGP_LOCAL_AS", value_name = "AS")]
+    #[arg(long, env = "VIP_BGP_LOCAL_AS", allow_hyphen_values = true, value_name = "AS")]
     pub bgp_local_as: Option<u32>,
     /// BGP mode: the BGP identifier (default: the interface's IPv4 address).
     #[arg(long, env = "VIP_BGP_ROUTER_ID", value_name = "IP")]
@@ -247,10 +250,10 @@ pub struct RunArgs {
     /// BGP mode: the hold time proposed to the routers (0, or 3s to 65535s, whole
     /// seconds; default 9s): how long a router keeps the routes of a node that went
     /// silent.
-    #[arg(long, env = "VIP_BGP_HOLD_TIME")]
+    #[arg(long, env = "VIP_BGP_HOLD_TIME", allow_hyphen_values = true)]
     pub bgp_hold_time: Option<Dur>,
     /// BGP mode: time between KEEPALIVEs (default: a third of the hold time).
-    #[arg(long, env = "VIP_BGP_KEEPALIVE")]
+    #[arg(long, env = "VIP_BGP_KEEPALIVE", allow_hyphen_values = true)]
     pub bgp_keepalive: Option<Dur>,
     /// How VIP traffic reaches a backend on another node.
     #[arg(long, env = "VIP_FORWARD", value_enum, default_value_t = Forward::Dsr)]
@@ -264,24 +267,24 @@ pub struct RunArgs {
     #[arg(long, env = "VIP_APISERVER", value_name = "URL")]
     pub apiserver: Option<String>,
     /// Name of the Lease (a Kubernetes object name).
-    #[arg(long, env = "VIP_LEASE_NAME", default_value = "vip-control-plane")]
+    #[arg(long, env = "VIP_LEASE_NAME", allow_hyphen_values = true, default_value = "vip-control-plane")]
     pub lease_name: String,
     /// Namespace of the Lease.
-    #[arg(long, env = "VIP_LEASE_NAMESPACE", default_value = "kube-system")]
+    #[arg(long, env = "VIP_LEASE_NAMESPACE", allow_hyphen_values = true, default_value = "kube-system")]
     pub lease_namespace: String,
     /// How long the Lease stays valid after a change was observed: 1s to 300s, whole
     /// seconds (the Lease object counts seconds).
-    #[arg(long, env = "VIP_LEASE_DURATION", default_value = "1s")]
+    #[arg(long, env = "VIP_LEASE_DURATION", allow_hyphen_values = true, default_value = "1s")]
     pub lease_duration: Dur,
     /// A leader that cannot renew for this long stops answering (fencing deadline): 100ms
     /// to 300s, below --lease-duration.
-    #[arg(long, env = "VIP_RENEW_DEADLINE", default_value = "600ms")]
+    #[arg(long, env = "VIP_RENEW_DEADLINE", allow_hyphen_values = true, default_value = "600ms")]
     pub renew_deadline: Dur,
     /// Time between two tries to acquire or renew: 10ms to 60s, below --renew-deadline.
-    #[arg(long, env = "VIP_RETRY_PERIOD", default_value = "200ms")]
+    #[arg(long, env = "VIP_RETRY_PERIOD", allow_hyphen_values = true, default_value = "200ms")]
     pub retry_period: Dur,
     /// This node's name (defaults to the hostname).
-    #[arg(long, env = "VIP_NODE_NAME")]
+    #[arg(long, env = "VIP_NODE_NAME", allow_hyphen_values = true)]
     pub node_name: Option<String>,
     /// For the node that runs `kubeadm init`: until the Lease API first answers (the
     /// apiserver is not up, or its RBAC not there yet), hold the VIP if no other host
@@ -299,16 +302,16 @@ pub struct RunArgs {
     #[arg(long, env = "VIP_HEALTH_PATH", default_value = "/readyz")]
     pub health_path: String,
     /// Time between two checks of a backend: 10ms to 1h.
-    #[arg(long, env = "VIP_HEALTH_INTERVAL", default_value = "1s")]
+    #[arg(long, env = "VIP_HEALTH_INTERVAL", allow_hyphen_values = true, default_value = "1s")]
     pub health_interval: Dur,
     /// Time a check may take before it counts as failed: 10ms to 1h.
-    #[arg(long, env = "VIP_HEALTH_TIMEOUT", default_value = "1s")]
+    #[arg(long, env = "VIP_HEALTH_TIMEOUT", allow_hyphen_values = true, default_value = "1s")]
     pub health_timeout: Dur,
     /// Consecutive successes that bring a down backend back: 1 to 100.
-    #[arg(long, env = "VIP_RISE", default_value_t = 2)]
+    #[arg(long, env = "VIP_RISE", allow_hyphen_values = true, default_value_t = 2)]
     pub rise: u32,
     /// Consecutive failures that take a backend out: 1 to 100.
-    #[arg(long, env = "VIP_FALL", default_value_t = 3)]
+    #[arg(long, env = "VIP_FALL", allow_hyphen_values = true, default_value_t = 3)]
     pub fall: u32,
     /// PEM file of the CA that signs the backends' certificates.
     #[arg(long, env = "VIP_HEALTH_CA", value_name = "PATH")]
@@ -332,7 +335,7 @@ pub struct RunArgs {
     /// that carries it tagged: ARP and Neighbor Discovery are answered, and VIP traffic
     /// balanced, only on that VLAN, and the agent's announcements and probes are tagged
     /// with it. Without it the VIPs live on the untagged segment.
-    #[arg(long, env = "VIP_VLAN", value_name = "VID")]
+    #[arg(long, env = "VIP_VLAN", allow_hyphen_values = true, value_name = "VID")]
     pub vlan: Option<u16>,
     /// Where Prometheus metrics are served.
     #[arg(long, env = "VIP_METRICS_ADDR", default_value = "127.0.0.1:9469")]
@@ -355,17 +358,17 @@ pub struct RunArgs {
     )]
     pub keep_forwarding_on_exit: bool,
     /// Maglev table size (a prime up to 65537).
-    #[arg(long, env = "VIP_MAGLEV_SIZE", default_value_t = maglev::DEFAULT_M)]
+    #[arg(long, env = "VIP_MAGLEV_SIZE", allow_hyphen_values = true, default_value_t = maglev::DEFAULT_M)]
     pub maglev_size: u32,
     /// How long a draining backend keeps the table slots it had, so that its connections
     /// still reach it from a node that never pinned them (the VIP moving mid-drain): 0s
     /// (never) to 1h. Make it longer than the apiservers' shutdown delay plus their
     /// request timeout (60s).
-    #[arg(long, env = "VIP_DRAIN_HOLD", default_value = "1m")]
+    #[arg(long, env = "VIP_DRAIN_HOLD", allow_hyphen_values = true, default_value = "1m")]
     pub drain_hold: Dur,
     /// Seed of the flow hash (32 bits, decimal or 0x-hex), the same on every node. By
     /// default derived from the cluster CA, which every node has and outsiders do not.
-    #[arg(long, env = "VIP_FLOW_HASH_SEED", value_name = "SEED", value_parser = parse_seed)]
+    #[arg(long, env = "VIP_FLOW_HASH_SEED", allow_hyphen_values = true, value_name = "SEED", value_parser = parse_seed)]
     pub flow_hash_seed: Option<u32>,
     /// Log format.
     #[arg(long, env = "VIP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]

@@ -48,3 +48,15 @@ fn a_bad_value_from_the_config_file_names_the_file() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(line, format!("vip-agent: error: --drain-hold 2h: must be 0s to 1h (from --config {f})"));
 }
+
+/// A value that starts with '-' is a bad value of its flag, named as such (clap took it
+/// for an unknown argument, naming no flag).
+#[test]
+fn a_negative_value_is_named_with_its_flag() {
+    let line = refused(&["--rise", "-1"], &[]);
+    assert!(line.contains("invalid value '-1' for '--rise"), "{line}");
+    let line = refused(&["--drain-hold", "-1s"], &[]);
+    assert!(line.contains("invalid value '-1s' for '--drain-hold"), "{line}");
+    let line = refused(&["--lease-namespace", "-x"], &[]);
+    assert!(line.contains("--lease-namespace \"-x\""), "{line}");
+}

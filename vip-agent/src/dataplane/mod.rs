@@ -341,13 +341,17 @@ impl Dataplane {
         // Only the last component is created, and only on a bpffs: a wrong path must not
         // leave directories behind on another file system.
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("/"));
-        let mount_hint =
-            |at: &Path| format!("not on a bpf filesystem (mount one with: mount -t bpf bpf {})", at.display());
+        // Mounted at the pin path itself: a mount over its parent would hide what the
+        // parent holds.
+        let mount_hint = format!(
+            "not on a bpf filesystem (use a path under /sys/fs/bpf, or mount one there: mkdir -p {shown} && mount -t \
+             bpf bpf {shown})"
+        );
         if !parent.is_dir() {
-            return Err(pin_err(format!("{} does not exist; {}", parent.display(), mount_hint(parent))));
+            return Err(pin_err(format!("{} does not exist; {mount_hint}", parent.display())));
         }
         if !is_bpffs(parent) && !is_bpffs(dir) {
-            return Err(pin_err(mount_hint(parent)));
+            return Err(pin_err(mount_hint));
         }
         if let Err(e) = std::fs::create_dir(dir) {
             match e.kind() {
@@ -362,7 +366,7 @@ impl Dataplane {
             }
         }
         if !is_bpffs(dir) {
-            return Err(pin_err(mount_hint(parent)));
+            return Err(pin_err(mount_hint));
         }
         let existed: Vec<&str> = maps::LAYOUTS.iter().map(|l| l.0).filter(|name| dir.join(name).exists()).collect();
         for name in &existed {
