@@ -25,6 +25,13 @@ fn table_backends(lab: &ApiLab) -> Vec<(String, bool)> {
         .unwrap_or_default()
 }
 
+/// Backend `ip`'s state and reason in the agent's table.
+fn state_of(lab: &ApiLab, ip: &str) -> Option<(String, String)> {
+    let s = lab.status(0).ok()?;
+    let b = s["services"][0]["backends"].as_array()?.iter().find(|b| b["backend"] == ip)?;
+    Some((b["state"].as_str()?.to_owned(), b["reason"].as_str()?.to_owned()))
+}
+
 fn healthy_set(lab: &ApiLab, nodes: &[usize]) -> bool {
     let mut want: Vec<String> = nodes.iter().map(|&i| lab.nodes[i].ip.to_string()).collect();
     want.sort();
@@ -39,7 +46,7 @@ fn discovered_apiservers_follow_the_endpointslices() {
     lab.static_backends = false;
     lab.register_apiservers(&[0, 1]).unwrap();
     let kc = lab.pki.dir.join("n1.kubeconfig").display().to_string();
-    let args = lab.agent_args(0, &["--discover", "kubernetes", "--kubeconfig", &kc]).unwrap();
+    let args = lab.agent_args(0, &["--discover", "kubernetes", "--kubeconfig", &kc, "--drain-hold", "2s"]).unwrap();
     assert!(!args.iter().any(|a| a == "--backend"), "this test relies on discovery alone");
     let _agent = Agent::spawn(lab.ns(0), &args).unwrap();
 
@@ -54,8 +61,15 @@ fn discovered_apiservers_follow_the_endpointslices() {
     let (counts, errors) = lab.requests(60);
     assert!(errors.is_empty() && counts.get("n3").copied().unwrap_or(0) > 0, "{counts:?} {errors:?}");
 
-    // One deregisters: it leaves, though its apiserver is still healthy.
+    // One deregisters, its apiserver still healthy: it drains (no new flows), and leaves
+    // when --drain-hold (2 s here) ends.
     lab.register_apiservers(&[0, 2]).unwrap();
+    let n2 = lab.nodes[1].ip.to_string();
+    assert!(
+        wait_until(Duration::from_secs(5), || state_of(&lab, &n2) == Some(("draining".into(), "deregistered".into()))),
+        "{:?}",
+        state_of(&lab, &n2)
+    );
     assert!(
         wait_until(Duration::from_secs(5), || table_backends(&lab)
             .iter()
@@ -73,6 +87,52 @@ fn discovered_apiservers_follow_the_endpointslices() {
     assert!(healthy_set(&lab, &[0, 2]), "{:?}", table_backends(&lab));
     let (counts, errors) = lab.requests(60);
     assert!(errors.is_empty() && counts.get("n3").copied().unwrap_or(0) > 0, "{counts:?} {errors:?}");
+}
+
+/// An apiserver shutting down deregisters itself at the start of its shutdown delay, and
+/// serves on: it drains (its connections kept, no new flows), and leaves the table once
+/// it stops serving. Removed at once, every connection on it was reset (found by a
+/// new-user trial).
+#[test]
+fn a_deregistered_apiserver_keeps_its_connections_until_it_stops_serving() {
+    let mut lab = ApiLab::new([10, 122, 0], 3, &[0]).unwrap().with_lease_api().unwrap();
+    lab.static_backends = false;
+    lab.register_apiservers(&[0, 1, 2]).unwrap();
+    let args = discovering(&lab, &[], false);
+    let _agent = Agent::spawn(lab.ns(0), &args).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || healthy_set(&lab, &[0, 1, 2])), "{:?}", table_backends(&lab));
+    let (mut conn, node) = lab.kept_alive_connection(|name| name != "n1").unwrap();
+    let i = lab.nodes.iter().position(|n| n.name == node).unwrap();
+    let ip = lab.nodes[i].ip.to_string();
+    let others: Vec<usize> = (0..3).filter(|&j| j != i).collect();
+    lab.register_apiservers(&others).unwrap();
+    let draining = || state_of(&lab, &ip) == Some(("draining".into(), "deregistered".into()));
+    assert!(wait_until(Duration::from_secs(5), draining), "{:?}", state_of(&lab, &ip));
+    let ns = lab.client_ns().name.clone();
+    let kept = std::thread::scope(|s| {
+        s.spawn(|| {
+            tests::netns::enter_by_name(&ns).unwrap();
+            (0..5)
+                .map(|_| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    conn.get("/").map(|(_, b)| b.trim().to_owned())
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(kept.iter().all(|r| r.as_deref() == Ok(node.as_str())), "the kept connection broke: {kept:?}");
+    let (counts, errors) = lab.requests(40);
+    assert!(errors.is_empty() && !counts.contains_key(&node), "a new flow went to {node}: {counts:?} {errors:?}");
+    assert!(draining(), "the drain ended early: {:?}", state_of(&lab, &ip));
+    // It stops serving: it leaves the table.
+    lab.stop_apiserver(i);
+    assert!(
+        wait_until(Duration::from_secs(6), || table_backends(&lab).iter().all(|(b, _)| *b != ip)),
+        "{:?}",
+        table_backends(&lab)
+    );
 }
 
 /// A hitless restart under discovery (the kubeadm and K3s installs): the new agent's first

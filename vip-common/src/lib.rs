@@ -650,14 +650,17 @@ pub enum HealthReason {
     NoMac = 6,
     /// Malformed HTTP answer.
     Protocol = 7,
+    /// No longer registered in the EndpointSlices (an apiserver shutting down removes
+    /// itself), but still serving: it drains.
+    Deregistered = 8,
 }
 
 impl HealthReason {
     /// Whether a backend failing for this reason still serves the connections it has
-    /// (its apiserver answers "not ready", or it stopped taking VIP traffic): it drains,
-    /// rather than being down.
+    /// (its apiserver answers "not ready", it stopped taking VIP traffic, or it left
+    /// the EndpointSlices): it drains, rather than being down.
     pub const fn serves(self) -> bool {
-        matches!(self, Self::NotReady | Self::VipPath)
+        matches!(self, Self::NotReady | Self::VipPath | Self::Deregistered)
     }
 
     pub const fn from_u8(v: u8) -> Self {
@@ -669,6 +672,7 @@ impl HealthReason {
             5 => Self::VipPath,
             6 => Self::NoMac,
             7 => Self::Protocol,
+            8 => Self::Deregistered,
             _ => Self::None,
         }
     }
@@ -683,6 +687,7 @@ impl HealthReason {
             Self::VipPath => "vip_path",
             Self::NoMac => "no_mac",
             Self::Protocol => "protocol",
+            Self::Deregistered => "deregistered",
         }
     }
 }

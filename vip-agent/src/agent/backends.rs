@@ -45,6 +45,12 @@ struct Tracked {
     /// Why its last check failed; `None` after a success.
     reason: HealthReason,
     warned_no_mac: bool,
+    /// When it left the EndpointSlices while still serving: it drains (no new flows, its
+    /// connections kept) until it stops serving or `--drain-hold` ends, then leaves the
+    /// list ([`Backends::expire_deregistered`]). An apiserver shutting down deregisters
+    /// itself at the start of its shutdown delay: removed at once, every connection it
+    /// still served was re-hashed and reset.
+    deregistered: Option<std::time::Instant>,
 }
 
 impl Tracked {
@@ -60,7 +66,7 @@ impl Tracked {
         let reason = old
             .filter(|e| e.flags & (Backend::F_UP | Backend::F_SERVING) == Backend::F_SERVING)
             .map(|e| HealthReason::from_u8(e.reason))
-            .filter(|r| matches!(r, HealthReason::NotReady | HealthReason::VipPath))
+            .filter(|r| r.serves())
             .unwrap_or(HealthReason::None);
         Self {
             key,
@@ -74,6 +80,7 @@ impl Tracked {
             health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
             reason,
             warned_no_mac: false,
+            deregistered: None,
         }
     }
 }
@@ -302,17 +309,34 @@ impl Backends {
             .filter(|(ip, _)| !cfg.vips.contains(&(*ip).into()))
             .collect();
         let before = self.list.len();
+        let mut drained = false;
         self.list.retain_mut(|b| {
-            let keep = wanted.iter().any(|(ip, _)| *ip == b.ip);
-            if !keep {
-                info!(backend = %b.ip, "apiserver no longer registered: removing it");
-                if let Some(c) = b.checker.take() {
-                    c.abort();
+            let registered = wanted.iter().any(|(ip, _)| *ip == b.ip);
+            match (registered, b.deregistered) {
+                (true, None) => true,
+                (true, Some(_)) => {
+                    info!(backend = %b.ip, "apiserver registered again");
+                    b.deregistered = None;
+                    drained = true;
+                    true
+                }
+                (false, Some(_)) => true,
+                (false, None) if serving(b) => {
+                    info!(backend = %b.ip, "apiserver no longer registered: draining it until it stops serving or --drain-hold ends");
+                    b.deregistered = Some(std::time::Instant::now());
+                    drained = true;
+                    true
+                }
+                (false, None) => {
+                    info!(backend = %b.ip, "apiserver no longer registered: removing it");
+                    if let Some(c) = b.checker.take() {
+                        c.abort();
+                    }
+                    false
                 }
             }
-            keep
         });
-        let mut changed = self.list.len() != before;
+        let mut changed = drained || self.list.len() != before;
         // An apiserver a previous agent left, kept (and checked on the VIP's port) until
         // discovery answered, is checked on its registered port from now on; it keeps its
         // health, its MAC and its place in the table meanwhile.
@@ -352,6 +376,7 @@ impl Backends {
                 health: Hysteresis::new(cfg.health.rise, cfg.health.fall, Health::Unknown),
                 reason: HealthReason::None,
                 warned_no_mac: false,
+                deregistered: None,
             };
             self.next_key += 1;
             if let Some(c) = &self.checks {
@@ -362,6 +387,24 @@ impl Backends {
             changed = true;
         }
         changed
+    }
+
+    /// Removes the deregistered backends that stopped serving, or whose drain has lasted
+    /// `hold`; returns their addresses (the table is to be rebuilt without them).
+    pub fn expire_deregistered(&mut self, hold: std::time::Duration) -> Vec<Ipv4Addr> {
+        let mut gone = Vec::new();
+        self.list.retain_mut(|b| {
+            let Some(since) = b.deregistered else { return true };
+            if serving(b) && since.elapsed() < hold {
+                return true;
+            }
+            if let Some(c) = b.checker.take() {
+                c.abort();
+            }
+            gone.push(b.ip);
+            false
+        });
+        gone
     }
 
     /// What the balancer installs.
@@ -402,6 +445,12 @@ impl Drop for Backends {
     }
 }
 
+/// Whether backend `b` still serves the connections it has: up, or draining (see
+/// [`HealthReason::serves`]); not down, and not unknown.
+fn serving(b: &Tracked) -> bool {
+    b.health.state() == Health::Up || b.reason.serves()
+}
+
 /// The data-plane state of a backend as `status` names it: `up` (new flows), `draining`
 /// (its connections only), `down`.
 fn state_name(spec: &BackendSpec) -> &'static str {
@@ -415,10 +464,11 @@ fn state_name(spec: &BackendSpec) -> &'static str {
 fn spec_of(b: &Tracked, cfg: &RunConfig) -> BackendSpec {
     let up = b.health.state() == Health::Up;
     let reachable = b.local || cfg.forward != ForwardMode::Dsr || b.mac.is_some();
-    let healthy = up && reachable && !b.vip_path_failed;
+    let healthy = up && reachable && !b.vip_path_failed && b.deregistered.is_none();
     let reason = match (healthy, up) {
         (true, _) => HealthReason::None,
         (false, true) if b.vip_path_failed => HealthReason::VipPath,
+        (false, true) if b.deregistered.is_some() => HealthReason::Deregistered,
         (false, true) => HealthReason::NoMac,
         (false, false) => b.reason,
     };

@@ -431,6 +431,12 @@ impl Node {
         let expired = self.balancer.expired_holds();
         if !expired.is_empty() {
             info!(backends = ?expired, "a draining backend's hold on its table slots is over: table rebuilt without it");
+        }
+        let gone = self.backends.expire_deregistered(self.cfg.drain_hold);
+        if !gone.is_empty() {
+            info!(backends = ?gone, "deregistered apiservers stopped serving or their drain ended: removed");
+        }
+        if !expired.is_empty() || !gone.is_empty() {
             self.update_table();
         }
         if self.duplicate_seen.is_some_and(|t| t.elapsed() >= DUPLICATE_MEMORY) {
