@@ -303,10 +303,13 @@ fn a_node_that_rejoins_does_not_steal_leadership() {
 
 /// A hung agent (SIGSTOP) cannot step down by itself; its pinned XDP program is still
 /// attached. The deadline in the map is what stops it answering, before another node
-/// can take over: the sampler must never see two answerers.
+/// can take over: the sampler must never see two answerers. Resumed, it steps down, and
+/// takes the new leader's announcements (queued while it hung) for what they are, not
+/// for conflicts: counted, they raised a conflict alert at an ordinary failover (found
+/// by a new-user trial).
 #[test]
 fn a_hung_leader_is_fenced_by_its_xdp_deadline() {
-    let (lab, agents) = lab_with_agents([10, 76, 0]);
+    let (lab, mut agents) = lab_with_agents([10, 76, 0]);
     let sampler = Sampler::start(&lab);
     let old = current_leader(&lab);
     let old_mac = mac_of_node(&lab, old);
@@ -329,6 +332,12 @@ fn a_hung_leader_is_fenced_by_its_xdp_deadline() {
         samples.iter().filter(|(s, _)| *s >= t + Duration::from_millis(700)).all(|(_, m)| !m.contains(&old_mac)),
         "the hung leader still answered ARP after its renew deadline"
     );
+    std::thread::sleep(Duration::from_secs(2));
+    let conflicts = lab.metric(old, "vip_arp_conflicts_total");
+    let (_, log) = agents[old].take().unwrap().stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(log.contains("stepped down"), "the resumed leader never stepped down:\n{log}");
+    assert!(!log.contains("another host claims the VIP this node leads"), "a failover taken for a conflict:\n{log}");
+    assert_eq!(conflicts, None, "conflicts counted at a failover:\n{log}");
 }
 
 /// Only the leader balances. A leader killed with SIGKILL keeps its pinned program and a

@@ -346,7 +346,9 @@ impl<A: LeaseApi> Elector<A> {
         spec.renew_time = Some(now_micro());
         if !continuing {
             spec.acquire_time = Some(now_micro());
-            if base.is_some_and(|b| holder_of(b).is_some()) {
+            // client-go counts every acquisition of an existing Lease by a process that
+            // did not lead, a released one included (a hand-over is a transition).
+            if base.is_some() {
                 spec.lease_transitions = Some(old.lease_transitions.unwrap_or(0) + 1);
             }
             set_annotation(&mut lease, ANNOTATION_DUPLICATE, None);
@@ -534,6 +536,22 @@ struct Run<A, F> {
     unanswered_logged: Option<Instant>,
 }
 
+/// `e` with its causes (`outer: cause: root`), each named once. kube's errors name only
+/// their outermost layer ("client error (Connect)"), which reads the same for a refused
+/// connection and for a certificate the agent does not trust; the cause is deeper.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// How often an unanswering Lease API is logged (each try is logged at debug).
 const UNANSWERED_LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -591,7 +609,7 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         let answered = match tokio::time::timeout(budget, self.elector.try_acquire_or_renew()).await {
             Ok(Ok(t)) => Some(t),
             Ok(Err(e)) => {
-                self.log_unanswered(&e.to_string());
+                self.log_unanswered(&error_chain(&e));
                 None
             }
             Err(_) => {
@@ -760,6 +778,20 @@ mod tests {
 
     use super::*;
 
+    /// A Lease API failure is logged with its root cause: kube's outer message alone
+    /// reads the same for a refused connection and an untrusted certificate.
+    #[test]
+    fn a_failed_lease_call_names_its_root_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error (Connect)")]
+        struct Connect(#[source] Tls);
+        #[derive(Debug, thiserror::Error)]
+        #[error("invalid peer certificate: UnknownIssuer")]
+        struct Tls;
+        let e = ElectionError::Api(Box::new(Connect(Tls)));
+        assert_eq!(error_chain(&e), "Lease API: client error (Connect): invalid peer certificate: UnknownIssuer");
+    }
+
     /// An in-memory Lease store with the API server's resourceVersion semantics.
     #[derive(Clone, Default)]
     struct Store(Arc<Mutex<(u64, Option<Lease>)>>);
@@ -896,6 +928,8 @@ mod tests {
         assert!(a.release().await.unwrap());
         assert_eq!(b.try_acquire_or_renew().await.unwrap(), HELD, "no waiting after a clean release");
         assert!(!a.release().await.unwrap(), "a no longer holds it");
+        let transitions = store.0.lock().unwrap().1.as_ref().unwrap().spec.as_ref().unwrap().lease_transitions;
+        assert_eq!(transitions, Some(1), "a hand-over is a transition, as client-go counts them");
     }
 
     /// Deleting the Lease by hand while a leader's fence runs: whoever recreates it must

@@ -25,7 +25,7 @@ use tokio::{
     task::JoinHandle,
     time::Instant,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use vip_common::VipState;
 
 use super::AnnounceEvent;
@@ -327,6 +327,14 @@ impl ArpAnnounce {
         }
         if self.bootstrap_hold {
             return (true, false);
+        }
+        // Its deadline passed (a leader paused, or cut off from the API, that has not yet
+        // heard the Lease moved): the data plane answers no more, and the claim is the
+        // new leader's, not a conflict. Counted, it raised false conflict alerts at an
+        // ordinary failover (found by a new-user trial: a SIGSTOPped leader resumed).
+        if !self.leader_check()(vip) {
+            debug!(%vip, foreign_mac = %MacAddr(mac), "a claim for a VIP whose lead has lapsed here: the new leader's");
+            return (false, false);
         }
         warn!(%vip, foreign_mac = %MacAddr(mac), "another host claims the VIP this node leads");
         let due = self.last_defence.get(&vip).is_none_or(|t| t.elapsed() >= DEFEND_INTERVAL);
