@@ -320,8 +320,9 @@ pub struct RunArgs {
     /// serving certificate lists `kubernetes.default.svc`; its node IP is optional.
     #[arg(long, env = "VIP_HEALTH_SERVER_NAME", default_value = "kubernetes.default.svc")]
     pub health_server_name: String,
-    /// Do not verify backend certificates (only when asked: prefer --health-ca).
-    #[arg(long, env = "VIP_HEALTH_INSECURE")]
+    /// Do not verify backend certificates (only when asked: prefer --health-ca). Not
+    /// with --health-ca: which of the two was meant is the operator's to say.
+    #[arg(long, env = "VIP_HEALTH_INSECURE", conflicts_with = "health_ca")]
     pub health_insecure: bool,
     /// XDP attach mode (with --attach xdp).
     #[arg(long, env = "VIP_XDP_MODE", value_enum, default_value_t = AttachMode::Auto)]

@@ -60,3 +60,21 @@ fn a_negative_value_is_named_with_its_flag() {
     let line = refused(&["--lease-namespace", "-x"], &[]);
     assert!(line.contains("--lease-namespace \"-x\""), "{line}");
 }
+
+/// Two flags that contradict each other are refused, not one of them silently ignored.
+#[test]
+fn an_insecure_check_with_a_ca_is_refused() {
+    let line = refused(&["--health-insecure", "--health-ca", "/etc/ca.pem"], &[]);
+    assert!(line.contains("'--health-insecure' cannot be used with '--health-ca"), "{line}");
+}
+
+/// A link-local VIP (169.254.0.0/16) is refused, as fe80::/10 is.
+#[test]
+fn a_link_local_vip_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vip-agent"))
+        .args(["run", "--interface", "eth0", "--vip", "169.254.1.1", "--election", "none"])
+        .output()
+        .expect("vip-agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--vip 169.254.1.1: a link-local address"), "{stderr}");
+}

@@ -16,6 +16,9 @@ pub fn vip_problem(vip: IpAddr) -> Option<&'static str> {
         _ if vip.is_loopback() => Some("a loopback address cannot be a VIP"),
         _ if vip.is_multicast() => Some("a multicast address cannot be a VIP"),
         IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address cannot be a VIP"),
+        // As fe80::/10 for IPv6: every host may pick one for itself (RFC 3927), and
+        // routers do not forward it.
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address cannot be a VIP (169.254.0.0/16)"),
         IpAddr::V4(_) => None,
         IpAddr::V6(v6) => ipv6_problem(v6),
     }
@@ -135,6 +138,7 @@ mod tests {
             ("127.0.0.1", "loopback"),
             ("224.0.0.1", "multicast"),
             ("255.255.255.255", "broadcast"),
+            ("169.254.1.1", "link-local"),
             ("::", "unspecified"),
             ("::1", "loopback"),
             ("ff02::1", "multicast"),
