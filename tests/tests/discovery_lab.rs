@@ -154,20 +154,25 @@ fn a_hitless_restart_keeps_the_discovered_apiservers() {
     let (status, log) = old.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
     assert!(status.success(), "{log}");
     std::fs::write(lab.faults_file(), r#"{"status": 503}"#).unwrap();
-    let _new = Agent::spawn(lab.ns(0), &args(&[])).unwrap();
+    let mut new = Agent::spawn(lab.ns(0), &args(&[])).unwrap();
     let mut same = |when: &str| {
         assert!(healthy_set(&lab, &[0, 1, 2]), "{when}: {:?}", table_backends(&lab));
         let answer = conn.get("/").map(|(_, body)| body.trim().to_owned());
         assert_eq!(answer.as_deref(), Ok(node.as_str()), "{when}: the connection on {node} broke");
     };
-    // Through the new agent's first table and its first checks, discovery failing.
-    for _ in 0..20 {
+    // Through the new agent's first table and its first checks, discovery failing (for
+    // 3 s: several of the watcher's retries).
+    for _ in 0..60 {
         same("after the restart, before discovery answered");
         std::thread::sleep(Duration::from_millis(50));
     }
     std::fs::remove_file(lab.faults_file()).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     same("once the API answers again");
+    // The failing watch was logged once, not at each retry.
+    let (_, log) = new.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    let warned = log.lines().filter(|l| l.contains("WARN") && l.contains("EndpointSlices failed")).count();
+    assert_eq!(warned, 1, "{log}");
 }
 
 /// The agent's command line with discovery (and, if `elected`, the Lease election) on

@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -51,6 +52,9 @@ pub fn endpoints_of(slice: &EndpointSlice) -> Vec<Endpoint> {
         .collect()
 }
 
+/// How often a failing watch is logged at warn level.
+const UNANSWERED_LOG_EVERY: Duration = Duration::from_secs(30);
+
 /// Watches the slices and sends the union of their ready endpoints on every change,
 /// except to none.
 /// Ends when the receiver is dropped.
@@ -62,6 +66,7 @@ pub fn watch(client: kube::Client) -> mpsc::Receiver<BTreeSet<Endpoint>> {
         let mut slices: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
         let mut init: Option<BTreeMap<String, Vec<Endpoint>>> = None;
         let mut last: Option<BTreeSet<Endpoint>> = None;
+        let mut failure_logged: Option<Instant> = None;
         while let Some(event) = events.next().await {
             match event {
                 Ok(watcher::Event::Init) => init = Some(BTreeMap::new()),
@@ -82,7 +87,14 @@ pub fn watch(client: kube::Client) -> mpsc::Receiver<BTreeSet<Endpoint>> {
                     slices.remove(&s.metadata.name.clone().unwrap_or_default());
                 }
                 Err(e) => {
-                    warn!(error = %e, "watching the kubernetes EndpointSlices failed; retrying");
+                    // The watcher retries with backoff (about once a second at first):
+                    // an API that is down, as during `kubeadm init`, is logged once per
+                    // UNANSWERED_LOG_EVERY, each try at debug.
+                    debug!(error = %e, "watching the EndpointSlices failed");
+                    if failure_logged.is_none_or(|t: Instant| t.elapsed() >= UNANSWERED_LOG_EVERY) {
+                        warn!(error = %e, every = ?UNANSWERED_LOG_EVERY, "watching the kubernetes EndpointSlices failed; retrying (logged again while it lasts)");
+                        failure_logged = Some(Instant::now());
+                    }
                     continue;
                 }
             }
