@@ -258,6 +258,38 @@ fn a_recovering_apiserver_keeps_the_connections_it_kept_through_its_drain() {
     assert!(answers.iter().all(|a| a.as_deref() == Ok(node.as_str())), "the kept connection broke: {answers:?}");
 }
 
+/// By IPIP too, a node whose agent stops for good (its apiserver serving on) is drained
+/// before it leaves: its VIP-path probe goes encapsulated, the leaving node refuses it,
+/// and no new connection is sent into a node that can no longer decapsulate. Without
+/// the probe, the leader kept the node up and every new flow hashed there timed out
+/// (found by a new-user trial).
+#[test]
+fn by_ipip_a_node_stopping_for_good_is_drained_before_it_leaves() {
+    let lab = ApiLab::new([10, 123, 0], 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap();
+    let mut agents: Vec<Option<tests::agent::Agent>> =
+        (0..3).map(|i| Some(lab.spawn_agent(i, &["--forward", "ipip"]).unwrap())).collect();
+    for (i, agent) in agents.iter_mut().enumerate() {
+        lab.wait_healthy_or_log(i, agent.as_mut().unwrap()).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(wait_until(Duration::from_secs(10), || lab.leaders().len() == 1), "{:?}", lab.leaders());
+    let leader = lab.leaders()[0];
+    let stopping = (0..3).find(|&i| i != leader).unwrap();
+    let stream = lab.stream();
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, log) = agents[stopping].take().unwrap().stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "{log}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let result = stream.stop();
+    let name = &lab.nodes[stopping].name;
+    assert!(result.counts.get(name).is_some_and(|&n| n > 0), "it served nothing before: {:?}", result.counts);
+    result.assert_none_failed("");
+    assert!(log.contains("waiting for the other nodes to drain this backend"), "{log}");
+    let ip = lab.nodes[stopping].ip.to_string();
+    let s = lab.status(leader).unwrap();
+    let b = backend(&s, &ip).unwrap_or_else(|| panic!("{s}"));
+    assert_eq!((b["state"].as_str(), b["reason"].as_str()), (Some("draining"), Some("vip_path")), "{b}");
+}
+
 /// `--forward ipip` with the interfaces' `forwarding` sysctl at 0: the agent enables it
 /// (the FIB refuses output lookups otherwise), and uploads of 1 MiB — full-size
 /// segments that no longer fit once encapsulated — go through with no reset: the leader

@@ -469,6 +469,31 @@ fn forwarding_fixture_table_of(program: Program) {
         },
     );
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
+    // This node's agent is leaving: a peer's VIP-path probe by IPIP (the inner SYN from
+    // the peer's own address) is refused, so the peers drain it as by DSR; a client's
+    // flow is decapsulated as before.
+    let mut leaving = dp.maps().config().unwrap();
+    leaving.flags |= Config::F_LEAVING;
+    dp.maps_mut().set_config(&leaving).unwrap();
+    let probe_inner = ipv4(PEER_IP, VIP, 6, &tcp(40018, PORT, TCP_SYN));
+    check(
+        &dp,
+        "leaving: a peer's VIP-path probe by IPIP is dropped",
+        Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(PEER_IP, NODE_IP, &probe_inner)).bytes(),
+        Expect { action: xdp::DROP, reason: ProbeRefusedLeaving, output: None },
+    );
+    let client_inner = ipv4(CLIENT_IP, VIP, 6, &tcp(40019, PORT, TCP_SYN));
+    check(
+        &dp,
+        "leaving: a client's flow by IPIP is still decapsulated",
+        Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(PEER_IP, NODE_IP, &client_inner)).bytes(),
+        Expect {
+            action: xdp::PASS,
+            reason: IpipDecap,
+            output: Some(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, client_inner.clone()).bytes()),
+        },
+    );
+    dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
     let encap = |outer_src: Ipv4Addr, outer_dst: Ipv4Addr, inner: &[u8]| {
         Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(outer_src, outer_dst, inner))
     };

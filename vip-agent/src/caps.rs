@@ -68,7 +68,7 @@ pub enum CapsError {
 }
 
 /// What `run` needs: everything, except CAP_NET_RAW when it opens no raw socket (BGP
-/// mode forwarding by IPIP or locally: no ARP, no VIP-path probe).
+/// mode forwarding locally: no ARP, no VIP-path probe, which DSR and IPIP both send).
 pub fn needed(raw_sockets: bool) -> Vec<Capability> {
     let mut caps = vec![Capability::NetAdmin, Capability::Bpf, Capability::Perfmon];
     if raw_sockets {

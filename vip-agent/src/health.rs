@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::vipprobe::Via;
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime},
@@ -309,8 +310,10 @@ pub enum PathCheck {
     /// DSR to another node: the VIP-path probe.
     Dsr(DsrCheck),
     /// IPIP: resolve the next hop towards the backend after every successful check, so
-    /// the data plane's copy follows route and neighbour changes within one interval.
-    Ipip { netlink: crate::netlink::Netlink, ifindex: u32 },
+    /// the data plane's copy follows route and neighbour changes within one interval;
+    /// then, with a next hop known, the VIP-path probe through it, encapsulated (`probe`:
+    /// `None` without an IPv4 address or VIP to probe from).
+    Ipip { netlink: crate::netlink::Netlink, ifindex: u32, probe: Option<crate::vipprobe::VipProbe> },
 }
 
 /// Checks backend `backend` at `addr` every `interval` until the receiver goes away.
@@ -341,13 +344,19 @@ pub async fn run_checker(
                     }
                     if let Some(m) = mac {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
-                        if let Err(e) = vip_path(dsr.probe, ip, m, left).await {
+                        if let Err(e) = vip_path(dsr.probe, ip, Via::Dsr { mac: m }, left).await {
                             result = Err(CheckError::VipPath(e));
                         }
                     }
                 }
-                PathCheck::Ipip { netlink, ifindex } => {
+                PathCheck::Ipip { netlink, ifindex, probe } => {
                     nexthop = netlink.nexthop(*ifindex, ip).await.ok().flatten();
+                    if let (Some(p), Some(hop)) = (probe, nexthop) {
+                        let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
+                        if let Err(e) = vip_path(*p, ip, Via::Ipip { nexthop_mac: hop.mac }, left).await {
+                            result = Err(CheckError::VipPath(e));
+                        }
+                    }
                 }
             }
         }
@@ -366,9 +375,10 @@ pub async fn run_checker(
     }
 }
 
-/// The VIP-path probe of a DSR backend, off the runtime (it blocks on a raw socket).
-async fn vip_path(probe: crate::vipprobe::VipProbe, ip: Ipv4Addr, mac: [u8; 6], left: Duration) -> Result<(), String> {
-    match tokio::task::spawn_blocking(move || crate::vipprobe::probe(&probe, ip, mac, left)).await {
+/// The VIP-path probe of a backend on another node, off the runtime (it blocks on a raw
+/// socket).
+async fn vip_path(probe: crate::vipprobe::VipProbe, ip: Ipv4Addr, via: Via, left: Duration) -> Result<(), String> {
+    match tokio::task::spawn_blocking(move || crate::vipprobe::probe(&probe, ip, via, left)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),

@@ -1,12 +1,14 @@
-//! Does a DSR backend accept traffic for the VIP? An apiserver can pass `/readyz` on its
-//! own address while its node no longer holds the VIP on `lo` (its agent was stopped),
-//! and DSR delivers VIP traffic there unchanged: it would be dropped. So, for DSR
-//! backends that are not this node, health also requires this probe: a TCP SYN to
-//! VIP:port, from this node's address, sent in a frame addressed to the backend's MAC
-//! (exactly what the data plane does), answered by a SYN-ACK from VIP:port. The probe
-//! then resets the half-open connection itself: the SYN-ACK comes from the VIP, which
-//! this node also holds on `lo`, so its kernel drops it silently instead of resetting,
-//! and every probe would leave a SYN-RECV socket on the backend.
+//! Does a backend on another node accept traffic for the VIP? An apiserver can pass
+//! `/readyz` on its own address while its node no longer holds the VIP on `lo` (its
+//! agent was stopped), and DSR delivers VIP traffic there unchanged: it would be
+//! dropped. IPIP needs the node's data plane besides, to decapsulate (a node whose
+//! agent stopped, or that runs at tcx, does not). So, for backends that are not this
+//! node, health also requires this probe: a TCP SYN to VIP:port, from this node's
+//! address, sent as the data plane sends VIP traffic there ([`Via`]: in a frame to the
+//! backend's MAC, or encapsulated to its address), answered by a SYN-ACK from VIP:port.
+//! The probe then resets the half-open connection itself: the SYN-ACK comes from the
+//! VIP, which this node also holds on `lo`, so its kernel drops it silently instead of
+//! resetting, and every probe would leave a SYN-RECV socket on the backend.
 
 use std::{
     io,
@@ -17,6 +19,8 @@ use std::{
 use crate::rawsock::{cbpf, insn, RawSocket};
 
 const ETH_P_IP: u16 = 0x0800;
+/// IPv4-in-IPv4 (RFC 2003).
+const IPPROTO_IPIP: u8 = 4;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
@@ -29,6 +33,16 @@ pub struct VipProbe {
     pub src_ip: Ipv4Addr,
     pub vip: Ipv4Addr,
     pub port: u16,
+}
+
+/// How the probe reaches the backend: as the data plane sends it VIP traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// DSR: the SYN in a frame to the backend's MAC.
+    Dsr { mac: [u8; 6] },
+    /// IPIP: the SYN inside an outer IPv4 header (protocol 4, DF) from this node's
+    /// address to the backend's, in a frame to the next hop's MAC.
+    Ipip { nexthop_mac: [u8; 6] },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +107,33 @@ fn segment(p: &VipProbe, dst_mac: [u8; 6], sport: u16, seq: u32, flags: u8) -> V
     f
 }
 
+/// `frame` (Ethernet, then an IPv4 packet) with that packet inside an outer IPv4
+/// header from `p.src_ip` to `backend` (RFC 2003; DF, as the data plane sends).
+pub fn encapsulated(p: &VipProbe, backend: Ipv4Addr, frame: &[u8]) -> Vec<u8> {
+    let (eth, packet) = frame.split_at(14);
+    let total = u16::try_from(20 + packet.len()).unwrap_or(u16::MAX);
+    let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, IPPROTO_IPIP, 0, 0];
+    outer[2..4].copy_from_slice(&total.to_be_bytes());
+    outer.extend(p.src_ip.octets());
+    outer.extend(backend.octets());
+    let csum = fold(sum16(&outer, 0));
+    outer[10..12].copy_from_slice(&csum.to_be_bytes());
+    let mut f = Vec::with_capacity(frame.len() + 20);
+    f.extend(eth);
+    f.extend(outer);
+    f.extend(packet);
+    f
+}
+
+/// The probe's SYN (`rst`: its RST) to `backend`, sent `via`.
+fn probe_frame(p: &VipProbe, backend: Ipv4Addr, via: Via, sport: u16, seq: u32, rst: bool) -> Vec<u8> {
+    let build = if rst { rst_frame } else { syn_frame };
+    match via {
+        Via::Dsr { mac } => build(p, mac, sport, seq),
+        Via::Ipip { nexthop_mac } => encapsulated(p, backend, &build(p, nexthop_mac, sport, seq)),
+    }
+}
+
 /// Whether `frame` is the SYN-ACK answering our SYN from `sport` (acknowledging `seq`).
 pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
     if frame.len() < 54 || frame[12..14] != ETH_P_IP.to_be_bytes() || frame[14] >> 4 != 4 || frame[23] != 6 {
@@ -130,12 +171,13 @@ pub fn syn_ack_filter(vip: Ipv4Addr, sport: u16) -> [libc::sock_filter; 11] {
     ]
 }
 
-/// Sends the SYN to `backend_mac`, waits up to `timeout` for the SYN-ACK, and resets
-/// the connection it opened. The reset goes out on a timeout too: a SYN-ACK that comes
-/// late (a loaded backend) still left a SYN-RECV socket there, and a reset with
-/// sequence number ISN+1 closes it; where there is none, a reset is never answered.
-/// Blocking: run it on a blocking thread.
-pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Duration) -> Result<(), VipProbeError> {
+/// Sends the SYN to `backend` `via` DSR or IPIP, waits up to `timeout` for the SYN-ACK
+/// (which comes back unencapsulated either way: the backend answers the client, here
+/// this node, directly), and resets the connection it opened. The reset goes out on a
+/// timeout too: a SYN-ACK that comes late (a loaded backend) still left a SYN-RECV
+/// socket there, and a reset with sequence number ISN+1 closes it; where there is none,
+/// a reset is never answered. Blocking: run it on a blocking thread.
+pub fn probe(p: &VipProbe, backend: Ipv4Addr, via: Via, timeout: Duration) -> Result<(), VipProbeError> {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
         ^ std::process::id();
     let sport = 40000 + (nanos % 20000) as u16;
@@ -146,18 +188,18 @@ pub fn probe(p: &VipProbe, backend: Ipv4Addr, backend_mac: [u8; 6], timeout: Dur
     let filter = syn_ack_filter(p.vip, sport);
     let sock = RawSocket::open_for(p.ifindex, ETH_P_IP, 0, &filter, Some(Duration::from_millis(20)))
         .map_err(VipProbeError::Socket)?;
-    sock.send(&syn_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
+    sock.send(&probe_frame(p, backend, via, sport, seq, false)).map_err(VipProbeError::Socket)?;
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 256];
     while Instant::now() < deadline {
         if let Some(n) = sock.recv(&mut buf).map_err(VipProbeError::Socket)? {
             if is_syn_ack(&buf[..n], p, sport, seq) {
-                sock.send(&rst_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
+                sock.send(&probe_frame(p, backend, via, sport, seq, true)).map_err(VipProbeError::Socket)?;
                 return Ok(());
             }
         }
     }
-    sock.send(&rst_frame(p, backend_mac, sport, seq)).map_err(VipProbeError::Socket)?;
+    sock.send(&probe_frame(p, backend, via, sport, seq, true)).map_err(VipProbeError::Socket)?;
     Err(VipProbeError::NoAnswer { vip: p.vip, port: p.port, backend, timeout })
 }
 
@@ -199,6 +241,31 @@ mod tests {
         let mut pseudo = f[26..34].to_vec();
         pseudo.extend([0, 6, 0, 20]);
         assert_eq!(fold(sum16(&f[34..54], sum16(&pseudo, 0))), 0, "TCP checksum");
+    }
+
+    /// By IPIP, the probe is the DSR SYN's IPv4 packet inside an outer header from this
+    /// node to the backend (protocol 4, DF, valid checksum), in a frame to the next hop.
+    #[test]
+    fn the_ipip_probe_carries_the_syn_to_the_backends_address() {
+        let p = probe_cfg();
+        let backend = Ipv4Addr::new(10, 0, 0, 12);
+        let hop = [2, 0, 0, 0, 0, 0xfe];
+        let f = probe_frame(&p, backend, Via::Ipip { nexthop_mac: hop }, 40001, 7, false);
+        let inner = syn_frame(&p, hop, 40001, 7);
+        assert_eq!(f.len(), inner.len() + 20);
+        assert_eq!(f[..14], inner[..14], "Ethernet to the next hop, from us");
+        let outer = &f[14..34];
+        assert_eq!(outer[0], 0x45);
+        assert_eq!(u16::from_be_bytes([outer[2], outer[3]]), 60, "total length: 20 + 40");
+        assert_eq!(outer[6], 0x40, "DF");
+        assert_eq!(outer[9], IPPROTO_IPIP);
+        assert_eq!(outer[12..16], p.src_ip.octets());
+        assert_eq!(outer[16..20], backend.octets());
+        assert_eq!(fold(sum16(outer, 0)), 0, "outer header checksum");
+        assert_eq!(f[34..], inner[14..], "the SYN's IPv4 packet, unchanged");
+        let rst = probe_frame(&p, backend, Via::Ipip { nexthop_mac: hop }, 40001, 7, true);
+        assert_eq!(rst[34..], rst_frame(&p, hop, 40001, 7)[14..], "the RST goes the same way");
+        assert_eq!(probe_frame(&p, backend, Via::Dsr { mac: hop }, 40001, 7, false), inner);
     }
 
     /// The backend's answer to our SYN from `sport` with sequence number 7: its

@@ -17,7 +17,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, vlan::VlanHdr};
-use vip_common::{Backend, PeerKey, Reason, ServiceKey, IPPROTO_TCP};
+use vip_common::{Backend, Config, PeerKey, Reason, ServiceKey, IPPROTO_TCP};
 
 use crate::{
     csum,
@@ -211,7 +211,8 @@ pub fn decap(ctx: &impl Packet, l2: &L2, outer_ihl: usize) -> Verdict {
         return not_ours;
     };
     // SAFETY: bounds-checked by ptr_at.
-    let (vihl, proto, frags, inner_dst) = unsafe { ((*inner).vihl, (*inner).proto, (*inner).frags, (*inner).dst_addr) };
+    let (vihl, proto, frags, inner_src, inner_dst) =
+        unsafe { ((*inner).vihl, (*inner).proto, (*inner).frags, (*inner).src_addr, (*inner).dst_addr) };
     let inner_ihl = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || inner_ihl < Ipv4Hdr::LEN || proto != IPPROTO_TCP {
         return not_ours;
@@ -230,6 +231,11 @@ pub fn decap(ctx: &impl Packet, l2: &L2, outer_ihl: usize) -> Verdict {
     // SAFETY: only presence is read.
     if unsafe { SERVICES.get(key) }.is_none() || vip(inner_dst).is_none_or(|v| v.segment != l2.segment) {
         return not_ours;
+    }
+    // A leaving node refuses the peers' VIP-path probes, which IPIP carries too (a SYN
+    // from the peer's own address): they drain it before its VIP leaves `lo`, as by DSR.
+    if cfg.flags & Config::F_LEAVING != 0 && is_peer(&PeerKey::ipv4(inner_src)) {
+        return Verdict::drop(Reason::ProbeRefusedLeaving);
     }
     let Some(saved) = save_l2(ctx, l2) else {
         return not_ours;

@@ -91,17 +91,22 @@ struct Checks {
     probe: Probe,
     /// The VIP-path probe of DSR backends (needs this node's IPv4 address).
     dsr: Option<health::DsrCheck>,
-    /// The next-hop lookup of IPIP backends.
+    /// The next-hop lookup and VIP-path probe of IPIP backends.
     ipip: health::PathCheck,
 }
 
 impl Checks {
     fn new(probe: Probe, dev: &Netdev, nl: &Netlink, cfg: &RunConfig) -> Self {
-        let dsr = dev.ipv4.zip(cfg.vips4().first().copied()).map(|(src_ip, vip)| health::DsrCheck {
-            netlink: nl.clone(),
-            probe: VipProbe { ifindex: dev.ifindex, src_mac: dev.mac.0, src_ip, vip, port: cfg.port },
+        let vip_probe = dev.ipv4.zip(cfg.vips4().first().copied()).map(|(src_ip, vip)| VipProbe {
+            ifindex: dev.ifindex,
+            src_mac: dev.mac.0,
+            src_ip,
+            vip,
+            port: cfg.port,
         });
-        Self { probe, dsr, ipip: health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex } }
+        let dsr = vip_probe.map(|probe| health::DsrCheck { netlink: nl.clone(), probe });
+        let ipip = health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex, probe: vip_probe };
+        Self { probe, dsr, ipip }
     }
 }
 
@@ -509,8 +514,8 @@ fn check_runtime() -> tokio::runtime::Handle {
 }
 
 fn spawn_checker(b: &mut Tracked, checks: &Checks, cfg: &RunConfig, tx: &mpsc::Sender<Report>) {
-    // DSR backends on other nodes must also accept VIP traffic (hold the VIP); IPIP
-    // backends get their next hop resolved.
+    // Backends on other nodes must also accept VIP traffic (hold the VIP, and, by IPIP,
+    // decapsulate it); IPIP backends get their next hop resolved first.
     let path = match (cfg.forward, b.local) {
         (_, true) => None,
         (ForwardMode::Dsr, false) => checks.dsr.clone().map(health::PathCheck::Dsr),

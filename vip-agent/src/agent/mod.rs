@@ -175,7 +175,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let span = info_span!("run", interface = %cfg.interface);
     async move {
         // Nothing below touches the host until the data plane is opened.
-        crate::caps::check(cfg.mode == Mode::Arp || cfg.forward == ForwardMode::Dsr)?;
+        crate::caps::check(cfg.mode == Mode::Arp || cfg.forward != ForwardMode::Local)?;
         let mut sigterm =
             signal(SignalKind::terminate()).map_err(|source| RunError::Signal { signal: "SIGTERM", source })?;
         let mut sigint =
