@@ -372,20 +372,34 @@ fn a_stale_former_leader_does_not_rebalance_what_it_is_sent() {
 
 /// API trouble: added latency well inside the renew deadline changes nothing; a Lease API
 /// that answers 503 makes the leader step down once its renew deadline passes (nobody
-/// leads rather than two); when the API recovers, a leader is elected again.
+/// leads rather than two); when the API recovers, a leader is elected again. Every node
+/// shows the outage in `status` and `vip_lease_api_answering`: "nobody leads" with no
+/// reason given was all an operator saw (found by a new-user trial).
 #[test]
 fn api_latency_is_absorbed_and_api_errors_fence_the_leader() {
     let (lab, _agents) = lab_with_agents([10, 79, 0]);
     let sampler = Sampler::start(&lab);
     let leader = current_leader(&lab);
+    let api = |i: usize| lab.status(i).ok().map(|s| s["agent"]["lease_api"].clone());
+    let answering = |i: usize| lab.metric(i, "vip_lease_api_answering");
+    assert!((0..3).all(|i| answering(i) == Some(1.0)), "{:?}", api(0));
     std::fs::write(lab.faults_file(), r#"{"latency_ms": 100}"#).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(lab.leaders(), vec![leader], "100 ms of API latency moved leadership");
 
     std::fs::write(lab.faults_file(), r#"{"status": 503}"#).unwrap();
     assert!(wait_until(Duration::from_secs(5), || lab.leaders().is_empty()), "a leader kept leading without renewing");
+    assert!(
+        wait_until(Duration::from_secs(3), || (0..3).all(|i| answering(i) == Some(0.0))),
+        "{:?}",
+        (0..3).map(api).collect::<Vec<_>>()
+    );
+    let seen = api(0).unwrap_or_default();
+    assert_eq!(seen["answering"], false, "{seen}");
+    assert!(seen["last_error"].as_str().is_some_and(|e| e.contains("503")), "{seen}");
     std::fs::remove_file(lab.faults_file()).unwrap();
     assert!(wait_until(Duration::from_secs(5), || lab.leaders().len() == 1), "no leader after the API recovered");
+    assert!(wait_until(Duration::from_secs(3), || (0..3).all(|i| answering(i) == Some(1.0))), "{:?}", api(0));
     sampler.finish();
 }
 

@@ -516,6 +516,10 @@ pub enum ElectionEvent {
     ClaimRefused { mac: [u8; 6], simultaneous: bool },
     /// Another process runs under this node's name.
     DuplicateIdentity { other_instance: String },
+    /// The Lease API started or stopped answering this node's tries (sent on each
+    /// change, and at the first try): what `status` and `vip_lease_api_answering` show,
+    /// so an outage is seen without reading the log. `error`: the last failure.
+    LeaseApi { answering: bool, error: Option<String> },
 }
 
 /// The state of one election run.
@@ -534,6 +538,9 @@ struct Run<A, F> {
     /// When a failed Lease call was last logged at warn level: at most one line per
     /// [`UNANSWERED_LOG_EVERY`] while the API does not answer.
     unanswered_logged: Option<Instant>,
+    /// Whether the last try was answered, as last reported ([`ElectionEvent::LeaseApi`]);
+    /// `None` before the first.
+    api_answering: Option<bool>,
 }
 
 /// `e` with its causes (`outer: cause: root`), each named once. kube's errors name only
@@ -578,6 +585,18 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         }
     }
 
+    /// Reports whether the Lease API answered, when that changed.
+    async fn report_api(&mut self, answering: bool, error: Option<String>) {
+        if self.api_answering != Some(answering) {
+            self.api_answering = Some(answering);
+            if answering && self.unanswered_logged.is_some() {
+                info!("the Lease API answers again");
+                self.unanswered_logged = None;
+            }
+            self.send(ElectionEvent::LeaseApi { answering, error }).await;
+        }
+    }
+
     /// Logs a failed Lease call: at debug each time, at warn once per
     /// [`UNANSWERED_LOG_EVERY`] (an API that is down, as during `kubeadm init`, would
     /// otherwise fill the log five times a second).
@@ -607,13 +626,20 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         }
         .max(Duration::from_millis(50));
         let answered = match tokio::time::timeout(budget, self.elector.try_acquire_or_renew()).await {
-            Ok(Ok(t)) => Some(t),
+            Ok(Ok(t)) => {
+                self.report_api(true, None).await;
+                Some(t)
+            }
             Ok(Err(e)) => {
-                self.log_unanswered(&error_chain(&e));
+                let error = error_chain(&e);
+                self.log_unanswered(&error);
+                self.report_api(false, Some(error)).await;
                 None
             }
             Err(_) => {
-                self.log_unanswered(&format!("no answer within {budget:?}"));
+                let error = format!("no answer within {budget:?}");
+                self.log_unanswered(&error);
+                self.report_api(false, Some(error)).await;
                 None
             }
         };
@@ -742,6 +768,7 @@ pub async fn run<A: LeaseApi, F: Fence>(
         duplicate_reported: None,
         bootstrapping: cfg.bootstrap,
         unanswered_logged: None,
+        api_answering: None,
     };
     let mut ticker = tokio::time::interval(cfg.retry_period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1084,6 +1111,27 @@ mod tests {
         }
     }
 
+    /// The next event about leadership; the Lease API's reports met on the way are
+    /// added to `api` (whether it answered).
+    async fn next_role(rx: &mut mpsc::Receiver<ElectionEvent>, api: &mut Vec<bool>) -> Option<ElectionEvent> {
+        loop {
+            match rx.recv().await {
+                Some(ElectionEvent::LeaseApi { answering, .. }) => api.push(answering),
+                other => return other,
+            }
+        }
+    }
+
+    /// [`next_role`] without waiting: `None` if no such event is queued.
+    fn try_next_role(rx: &mut mpsc::Receiver<ElectionEvent>, api: &mut Vec<bool>) -> Option<ElectionEvent> {
+        loop {
+            match rx.try_recv().ok() {
+                Some(ElectionEvent::LeaseApi { answering, .. }) => api.push(answering),
+                other => return other,
+            }
+        }
+    }
+
     /// Stepping down is written to the data plane before the release is sent, so no
     /// follower can acquire while this node still answers.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -1097,9 +1145,11 @@ mod tests {
         let task = tokio::spawn(run(Elector::new(store, cfg("a")), fence, eligible, stop, tx, false));
         // Created afresh: a lease duration of waiting, then a claim, then leading.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(rx.recv().await, Some(ElectionEvent::Leading { bootstrap: false }));
+        let mut api = Vec::new();
+        assert_eq!(next_role(&mut rx, &mut api).await, Some(ElectionEvent::Leading { bootstrap: false }));
         eligible_tx.send(false).unwrap();
-        assert_eq!(rx.recv().await, Some(ElectionEvent::Following));
+        assert_eq!(next_role(&mut rx, &mut api).await, Some(ElectionEvent::Following));
+        assert_eq!(api, [true], "the API answered from the first try, reported once");
         tokio::time::sleep(Duration::from_millis(100)).await;
         let log = log.lock().unwrap().clone();
         let claim = log.iter().position(|e| e == "claim").unwrap();
@@ -1154,13 +1204,17 @@ mod tests {
         let cfg = ElectionConfig { bootstrap: true, ..cfg("a") };
         let task = tokio::spawn(run(Elector::new(api, cfg), fence, eligible, stop, tx, false));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(rx.recv().await, Some(ElectionEvent::Leading { bootstrap: true }), "held while the API refuses");
+        let mut api = Vec::new();
+        let first = next_role(&mut rx, &mut api).await;
+        assert_eq!(first, Some(ElectionEvent::Leading { bootstrap: true }), "held while the API refuses");
         assert_eq!(holder(&store), None);
         *refusing.lock().unwrap() = false;
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(holder(&store).as_deref(), Some("a"), "took the Lease once the API answered");
-        assert_eq!(rx.try_recv().ok(), Some(ElectionEvent::Leading { bootstrap: false }), "the Lease backs the hold");
-        assert!(rx.try_recv().is_err(), "no step-down in between");
+        let backed = try_next_role(&mut rx, &mut api);
+        assert_eq!(backed, Some(ElectionEvent::Leading { bootstrap: false }), "the Lease backs the hold");
+        assert_eq!(try_next_role(&mut rx, &mut api), None, "no step-down in between");
+        assert_eq!(api, [false, true], "the API's outage and its end, each reported once");
         let log = log.lock().unwrap().clone();
         assert!(!log.contains(&"step_down".to_string()), "{log:?}");
         assert_eq!(log.iter().filter(|e| *e == "claim").count(), 1, "{log:?}");
@@ -1194,7 +1248,7 @@ mod tests {
         let task = tokio::spawn(run(Elector::new(store.clone(), cfg("a")), fence, eligible, stop, tx, false));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(
-            rx.recv().await,
+            next_role(&mut rx, &mut Vec::new()).await,
             Some(ElectionEvent::ClaimRefused { mac: [2, 0, 0, 0, 0, 0x66], simultaneous: false })
         );
         assert!(!log.lock().unwrap().contains(&"lead".to_string()));

@@ -25,6 +25,17 @@ pub struct PeerView {
     pub advertised: Vec<String>,
 }
 
+/// Whether the Lease API answers the election (ARP mode with `--election kubernetes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LeaseApiView {
+    pub answering: bool,
+    /// Seconds since it last started or stopped answering (as of the last publication:
+    /// the node publishes on every event and at least once a second).
+    pub since_s: u64,
+    /// The last failure, root cause included.
+    pub last_error: Option<String>,
+}
+
 /// The agent's live state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LiveView {
@@ -52,6 +63,11 @@ pub struct LiveView {
     /// pins only if they match, so another agent answering at the address is not taken
     /// for the pins' own.
     pub instance: String,
+    /// The Lease API, as the election last found it; `None` without an election (or
+    /// before its first try).
+    pub lease_api: Option<LeaseApiView>,
+    /// This node leads without a Lease (`--bootstrap`, the Lease API not answering yet).
+    pub bootstrap_hold: bool,
 }
 
 /// Reads every BGP peer's session as it is at the moment of the call.

@@ -242,6 +242,14 @@ impl Collector for LiveCollector {
                     .encode(f.encode_family(&[("hook", "tcx".to_owned()), ("mode", "vlan_stripped".to_owned())])?)?;
             }
         }
+        if let Some(api) = &v.lease_api {
+            ConstGauge::new(i64::from(api.answering)).encode(family(
+                &mut encoder,
+                "vip_lease_api_answering",
+                "1 while the Lease API answers this node's election (0: no node can take or renew the Lease through it)",
+                MetricType::Gauge,
+            )?)?;
+        }
         if let Some(adv) = v.advertised {
             ConstGauge::new(i64::from(adv)).encode(family(
                 &mut encoder,

@@ -212,6 +212,18 @@ pub fn render(s: &Value) -> String {
             let eligible =
                 if why.is_empty() { "can carry the VIPs".to_owned() } else { format!("cannot: {}", why.join(", ")) };
             let _ = writeln!(out, "agent     mode {}, {eligible}", str_of(&a["mode"]));
+            if let Value::Object(_) = &a["lease_api"] {
+                let api = &a["lease_api"];
+                let since = api["since_s"].as_u64().unwrap_or(0);
+                let _ = match api["answering"].as_bool() {
+                    Some(true) => writeln!(out, "lease API answering"),
+                    _ => writeln!(
+                        out,
+                        "lease API NOT answering for {since}s: {}",
+                        api["last_error"].as_str().unwrap_or("no answer")
+                    ),
+                };
+            }
             if let Some(adv) = a["advertised"].as_bool() {
                 let peers = a["bgp_peers"].as_array().map_or(&[][..], Vec::as_slice);
                 let holding =
@@ -248,10 +260,14 @@ pub fn render(s: &Value) -> String {
         Value::Object(a) if a["mode"].as_str() == Some("bgp") => a["advertised"].as_bool(),
         _ => None,
     };
+    let bootstrap = s["agent"]["bootstrap_hold"].as_bool() == Some(true);
     for v in s["vips"].as_array().into_iter().flatten() {
         let role = match (bgp_advertised, v["leader"].as_bool(), v["lease_deadline_ms"].as_u64()) {
             (Some(true), _, _) => "advertised by BGP".to_owned(),
             (Some(false), _, _) => "NOT advertised (BGP)".to_owned(),
+            (None, Some(true), Some(ms)) if bootstrap => {
+                format!("LEADER (bootstrap: no Lease yet; holding {ms} ms more unless renewed)")
+            }
             (None, Some(true), Some(ms)) => format!("LEADER (lease valid {ms} ms more)"),
             (None, Some(true), None) => "LEADER".to_owned(),
             (None, _, _) => "follower".to_owned(),
@@ -285,9 +301,14 @@ pub fn render(s: &Value) -> String {
                 0 => String::new(),
                 n => format!("  holds {:.1}% of slots", n as f64 * 100.0 / svc["table_size"].as_f64().unwrap_or(1.0)),
             };
+            // IPIP: the next hop the agent resolved (else the data plane's FIB lookup).
+            let via = match (&b["nexthop"]["mac"], &b["nexthop"]["mtu"]) {
+                (Value::String(mac), Value::Number(mtu)) => format!("  via {mac} mtu {mtu}"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "  {:<16} {:<20} {:>6.1}% {:>12} {:>14}{held}",
+                "  {:<16} {:<20} {:>6.1}% {:>12} {:>14}{held}{via}",
                 str_of(&b["backend"]),
                 health,
                 share,
@@ -348,6 +369,24 @@ mod tests {
         assert!(render(&status(true)).contains("warning   the driver carries no XDP metadata"));
     }
 
+    /// The Lease API's state is shown when it does not answer, with its error; a leader
+    /// holding the VIP without a Lease (bootstrap) says so.
+    #[test]
+    fn a_silent_lease_api_and_a_bootstrap_hold_are_shown() {
+        let status = json!({
+            "agent": {
+                "mode": "arp", "not_eligible_because": [], "bootstrap_hold": true,
+                "lease_api": { "answering": false, "since_s": 12, "last_error": "Lease API answered 403: forbidden" },
+            },
+            "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": true, "lease_deadline_ms": 431 }],
+        });
+        let table = render(&status);
+        assert!(table.contains("lease API NOT answering for 12s: Lease API answered 403: forbidden\n"), "{table}");
+        assert!(table.contains("LEADER (bootstrap: no Lease yet;"), "{table}");
+        let answering = json!({ "agent": { "mode": "arp", "lease_api": { "answering": true, "since_s": 3 } } });
+        assert!(render(&answering).contains("lease API answering\n"));
+    }
+
     /// In BGP mode a VIP's row says whether this node advertises it, not "follower".
     #[test]
     fn in_bgp_mode_a_vip_is_advertised_or_not_never_a_follower() {
@@ -383,5 +422,23 @@ mod tests {
         let row = |ip: &str| table.lines().find(|l| l.contains(ip)).unwrap_or_default().to_owned();
         assert!(row("10.0.0.12").ends_with("  holds 42.9% of slots"), "{table}");
         assert!(!row("10.0.0.11").contains("holds"), "{table}");
+        assert!(!row("10.0.0.11").contains("via"), "no next hop by DSR: {table}");
+    }
+
+    /// An IPIP backend's row names the next hop the agent resolved for it.
+    #[test]
+    fn an_ipip_backends_next_hop_is_shown() {
+        let status = json!({
+            "services": [{
+                "vip": "10.0.0.100", "port": 6443, "forward": "ipip", "table_size": 7, "unowned_slots": 0,
+                "backends": [
+                    { "backend": "10.0.0.11", "state": "up", "reason": "", "local": false, "table_share": 1.0,
+                      "held_slots": 0, "packets": 1, "bytes": 60,
+                      "nexthop": { "mac": "02:00:00:00:00:fe", "mtu": 1500 } },
+                ],
+            }],
+        });
+        let table = render(&status);
+        assert!(table.contains("  via 02:00:00:00:00:fe mtu 1500\n"), "{table}");
     }
 }

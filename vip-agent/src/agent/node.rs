@@ -103,6 +103,9 @@ pub struct Node {
     metrics: AgentMetrics,
     metrics_task: JoinHandle<()>,
     duplicate_seen: Option<Instant>,
+    /// Whether the Lease API answers this node's election, since when, and its last
+    /// error; `None` without an election, or before its first try.
+    lease_api: Option<(bool, Instant, Option<String>)>,
     /// How the kernel reports the XDP program attached (`native`, `skb`), read after
     /// each attach; `None` at tcx.
     xdp_mode: Option<&'static str>,
@@ -197,6 +200,7 @@ impl Node {
             metrics,
             metrics_task,
             duplicate_seen: None,
+            lease_api: None,
             xdp_mode: None,
             attached: true,
             instance,
@@ -246,6 +250,13 @@ impl Node {
             // Read by the view itself when it is read (`live::read_peers_from`).
             bgp_peers: Vec::new(),
             instance: self.instance.clone(),
+            lease_api: self.lease_api.as_ref().map(|(answering, since, error)| live::LeaseApiView {
+                answering: *answering,
+                since_s: since.elapsed().as_secs(),
+                last_error: error.clone(),
+            }),
+            // A leader that holds the VIPs on its probe alone, no Lease yet (--bootstrap).
+            bootstrap_hold: self.announce.yields_to_claims(),
         };
         live::publish(&self.live, view);
     }
@@ -372,6 +383,10 @@ impl Node {
                             );
                             self.hold_off_after_conflict();
                         }
+                    }
+                    ElectionEvent::LeaseApi { answering, error } => {
+                        self.lease_api = Some((answering, Instant::now(), error));
+                        self.publish();
                     }
                     ElectionEvent::DuplicateIdentity { other_instance } => {
                         error!(

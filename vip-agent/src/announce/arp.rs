@@ -297,7 +297,7 @@ impl ArpAnnounce {
                     g.abort();
                 }
             }
-            ElectionEvent::DuplicateIdentity { .. } => {}
+            ElectionEvent::DuplicateIdentity { .. } | ElectionEvent::LeaseApi { .. } => {}
         }
     }
 
