@@ -220,6 +220,11 @@ fn table_of(program: Program) {
     check(&dp, "a pinned flow on that node: still to its backend", a.bytes(), tx_to(&a, 1));
     dp.maps_mut().set_vip(VIP6, VipState::follower()).unwrap();
     check(&dp, "new flow on a follower (the leader sent it): local stack", syn(40008).bytes(), pass(NotBalancing));
+    // A deadline that passed 1 s ago with nothing rewriting it (the agent killed): still
+    // balanced, for VipState::BALANCE_GRACE_NS (see forward_fixtures).
+    dp.maps_mut().set_vip(VIP6, VipState::leader_until(vip_agent::clock::boot_ns() - 1_000_000_000)).unwrap();
+    let late = syn(40009);
+    check(&dp, "new flow 1 s past an unrenewed deadline: balanced (grace)", late.bytes(), tx_to(&late, 1));
     dp.maps_mut().set_vip(VIP6, VipState::leader_until(VipState::FOREVER)).unwrap();
 
     // Local mode, no healthy backend, the backend being this node.

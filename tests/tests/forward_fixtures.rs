@@ -318,6 +318,30 @@ fn forwarding_fixture_table_of(program: Program) {
         dp.maps_mut().set_vip(VIP, state).unwrap();
         check(&dp, name, syn(40009).bytes(), pass(NotBalancing));
     }
+    // A leader whose deadline passed with nothing rewriting it (its agent was killed, or
+    // hangs) balances its clients' new flows for VipState::BALANCE_GRACE_NS more, by its
+    // last table, as the next leader will: clients reach it until the next leader's
+    // gratuitous ARP. A frame from a peer is still not balanced again.
+    let second = 1_000_000_000;
+    let lapsed = vip_agent::clock::boot_ns() - second;
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(lapsed)).unwrap();
+    let late = syn(40040);
+    let want = index_of(&lb, predict(&table, &flow_of(&late.bytes()).unwrap()));
+    check(
+        &dp,
+        "SYN 1 s past an unrenewed deadline: balanced by the last table (grace)",
+        late.bytes(),
+        Expect { action: xdp::TX, reason: ForwardedDsr, output: Some(dsr_to(&late, want)) },
+    );
+    check(
+        &dp,
+        "SYN from a peer 1 s past an unrenewed deadline: delivered here",
+        Frame { src: PEER_MAC, ..syn(40041) }.bytes(),
+        pass(BalancedByPeer),
+    );
+    let long_ago = vip_agent::clock::boot_ns() - VipState::BALANCE_GRACE_NS - second;
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(long_ago)).unwrap();
+    check(&dp, "SYN past the deadline and the grace: delivered locally", syn(40042).bytes(), pass(NotBalancing));
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
 
     // A flow pinned while this node balanced keeps its backend after the node stops

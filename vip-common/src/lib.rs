@@ -1122,6 +1122,16 @@ impl VipState {
     pub const F_PROBING: u32 = 1 << 1;
     /// Deadline that never passes.
     pub const FOREVER: u64 = u64::MAX;
+    /// How long past its balancing deadline a node goes on balancing its clients' new
+    /// flows when nothing rewrote the deadline (its agent was killed or hangs; an agent
+    /// that steps down writes a balancing deadline of 0, which ends balancing at once).
+    /// Clients reach the old leader until the new one's gratuitous ARP, about a lease
+    /// duration after the deadline. Delivered to the old leader's own stack unpinned, as
+    /// before, such a flow moved with its client to the new leader, whose Maglev table
+    /// sent it to another backend: reset. Balanced by the old leader's last table, the
+    /// same as the new leader's while their health views agree, it keeps its backend.
+    /// Frames from peers are never balanced again, in the grace as ever.
+    pub const BALANCE_GRACE_NS: u64 = 5_000_000_000;
 
     /// A VIP this node leads until `until_ns` on the kernel's monotonic clock.
     pub const fn leader_until(until_ns: u64) -> Self {

@@ -115,9 +115,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
             }
             // New flow on a node that does not balance this VIP (a follower): the leader
             // sent it here by DSR; deliver it rather than balance it with a table that
-            // may be stale. A deadline that never passes skips the clock.
-            // SAFETY: helper without preconditions.
-            if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
+            // may be stale (see `balances` for a leader whose deadline just passed).
+            if !balances(vip.balance_until) {
                 return Verdict::pass(Reason::NotBalancing);
             }
             if is_peer_mac(src_mac()) {
@@ -147,6 +146,20 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     }
     dsr(eth, our_mac, &backend);
     Verdict::tx(Reason::ForwardedDsr)
+}
+
+/// Whether this node balances a VIP's new flows now, its balancing deadline being
+/// `balance_until` (boot-time ns): always ([`VipState::FOREVER`], which skips the
+/// clock), never (0: a follower, or a leader that stepped down), or until the deadline
+/// plus [`VipState::BALANCE_GRACE_NS`] (a leader whose agent stopped renewing it).
+#[inline(always)]
+pub fn balances(balance_until: u64) -> bool {
+    match balance_until {
+        VipState::FOREVER => true,
+        0 => false,
+        // SAFETY: helper without preconditions.
+        until => (unsafe { bpf_ktime_get_boot_ns() }) < until.saturating_add(VipState::BALANCE_GRACE_NS),
+    }
 }
 
 /// Offset of the flags byte (CWR … FIN) in a TCP header (RFC 9293 §3.1).

@@ -11,13 +11,12 @@
 //! encapsulated (the agent refuses `--forward ipip` with an IPv6 VIP). What follows the
 //! fixed header must be TCP or ICMPv6: a packet with extension headers passes.
 
-use aya_ebpf::helpers::bpf_ktime_get_boot_ns;
 use network_types::{ip::Ipv6Hdr, tcp::TcpHdr};
-use vip_common::{flow_hash6, Backend, FlowKey6, ForwardMode, Reason, ServiceKey6, VipState, IPPROTO_TCP};
+use vip_common::{flow_hash6, Backend, FlowKey6, ForwardMode, Reason, ServiceKey6, IPPROTO_TCP};
 
 use crate::{
     ctx::Packet,
-    forward::{dsr, is_peer_mac, is_syn, TCP_FLAGS_OFFSET},
+    forward::{balances, dsr, is_peer_mac, is_syn, TCP_FLAGS_OFFSET},
     icmp6, lb,
     maps::{vip6, CONFIG, SERVICES6},
     ndp,
@@ -89,10 +88,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         (FlowKey6::new(ip.src_addr, dst, sport, dport, IPPROTO_TCP), flags)
     };
     // Only the leader balances new flows (errors included), until its balancing deadline
-    // (its fencing deadline, or the end of a hand-over). A deadline that never passes
-    // skips the clock.
-    // SAFETY (the helper): no preconditions.
-    let leads = vip.balance_until == VipState::FOREVER || unsafe { bpf_ktime_get_boot_ns() } < vip.balance_until;
+    // (its fencing deadline, or the end of a hand-over; see `forward::balances`).
+    let leads = balances(vip.balance_until);
     let (id, backend, mode) = if error {
         match icmp6::backend_of(&flow, cfg.hash_seed, cfg.generation, leads, src_mac) {
             Ok(b) => b,

@@ -7,15 +7,15 @@
 //!   the clients, by DSR): steered to the backend holding the flow, which is the one
 //!   whose TCP must lower its path MTU (Katran does the same).
 
-use aya_ebpf::helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use network_types::ip::Ipv4Hdr;
-use vip_common::{Backend, FlowKey, ForwardMode, IcmpBudget, Reason, ServiceKey, VipState, IPPROTO_TCP};
+use vip_common::{Backend, FlowKey, ForwardMode, IcmpBudget, Reason, ServiceKey, IPPROTO_TCP};
 
 use crate::{
     csum,
     ctx::Packet,
     encap,
-    forward::{dsr, is_peer_mac},
+    forward::{balances, dsr, is_peer_mac},
     lb,
     maps::{VipInfo, CONFIG, ICMP_BUDGET, SERVICES},
     parse::{load_mac, ptr_at, store_mac, L2},
@@ -177,8 +177,7 @@ pub fn to_backend(
     let (backend, mode) = match lb::pinned(&flow, flow.words(), slot, cfg.generation, || false) {
         Some(pin) => (pin.backend, pin.mode),
         None => {
-            // SAFETY: helper without preconditions.
-            if vip.balance_until != VipState::FOREVER && unsafe { bpf_ktime_get_boot_ns() } >= vip.balance_until {
+            if !balances(vip.balance_until) {
                 return Verdict::pass(Reason::NotBalancing);
             }
             let Some((_, backend)) = lb::maglev(&flow, &svc, cfg.hash_seed) else {
