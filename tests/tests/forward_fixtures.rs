@@ -93,6 +93,24 @@ fn syn(sport: u16) -> Frame {
     tcp_frame(CLIENT_IP, sport, VIP, PORT, TCP_SYN)
 }
 
+/// A leaving node's answer to a peer's VIP-path probe (a SYN from `PEER_IP:sport`, the
+/// `tcp` helper's sequence number 1, in a frame from `PEER_MAC`): a RST from VIP:PORT
+/// acknowledging 2, sequence number 0, no window, the TCP checksum valid, the IPv4
+/// header as the probe's with the addresses swapped, back to the peer's MAC.
+fn refusal(sport: u16) -> Vec<u8> {
+    let mut t = tcp(PORT, sport, 0x14);
+    t[4..8].copy_from_slice(&0u32.to_be_bytes());
+    t[8..12].copy_from_slice(&2u32.to_be_bytes());
+    t[14..16].copy_from_slice(&[0, 0]);
+    let mut pseudo = VIP.octets().to_vec();
+    pseudo.extend(PEER_IP.octets());
+    pseudo.extend([0, 6, 0, 20]);
+    pseudo.extend(&t);
+    let check = tests::frames::inet_checksum(&pseudo);
+    t[16..18].copy_from_slice(&check.to_be_bytes());
+    Frame::new(PEER_MAC, NODE_MAC, ETH_P_IPV4, ipv4(VIP, PEER_IP, 6, &t)).bytes()
+}
+
 /// `frame` as DSR must send it to backend `i`: MACs rewritten, nothing else.
 fn dsr_to(frame: &Frame, i: u8) -> Vec<u8> {
     Frame { dst: backend_mac(i), src: NODE_MAC, ..frame.clone() }.bytes()
@@ -215,8 +233,14 @@ fn forwarding_fixture_table_of(program: Program) {
     dp.maps_mut().set_config(&leaving).unwrap();
     check(
         &dp,
-        "leaving: a peer's VIP-path probe is dropped",
+        "leaving: a peer's VIP-path probe is answered with a RST",
         Frame { src: PEER_MAC, ..tcp_frame(PEER_IP, 40056, VIP, PORT, TCP_SYN) }.bytes(),
+        Expect { action: xdp::TX, reason: ProbeRefusedLeaving, output: Some(refusal(40056)) },
+    );
+    check(
+        &dp,
+        "leaving: other TCP from a peer to the VIP is dropped",
+        Frame { src: PEER_MAC, ..tcp_frame(PEER_IP, 40059, VIP, PORT, TCP_ACK) }.bytes(),
         Expect { action: xdp::DROP, reason: ProbeRefusedLeaving, output: None },
     );
     // With the VIP on a VLAN the probes still come untagged (from the peers' own
@@ -224,9 +248,9 @@ fn forwarding_fixture_table_of(program: Program) {
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER).on_segment(42)).unwrap();
     check(
         &dp,
-        "leaving, VIP on VLAN 42: a peer's untagged VIP-path probe is dropped",
+        "leaving, VIP on VLAN 42: a peer's untagged VIP-path probe is answered with a RST",
         Frame { src: PEER_MAC, ..tcp_frame(PEER_IP, 40058, VIP, PORT, TCP_SYN) }.bytes(),
-        Expect { action: xdp::DROP, reason: ProbeRefusedLeaving, output: None },
+        Expect { action: xdp::TX, reason: ProbeRefusedLeaving, output: Some(refusal(40058)) },
     );
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
     let s = syn(40057);
@@ -500,11 +524,15 @@ fn forwarding_fixture_table_of(program: Program) {
     leaving.flags |= Config::F_LEAVING;
     dp.maps_mut().set_config(&leaving).unwrap();
     let probe_inner = ipv4(PEER_IP, VIP, 6, &tcp(40018, PORT, TCP_SYN));
+    // (At tcx, which cannot strip the outer header, it is dropped: still refused.)
     check(
         &dp,
-        "leaving: a peer's VIP-path probe by IPIP is dropped",
+        "leaving: a peer's VIP-path probe by IPIP is answered with a RST, unencapsulated",
         Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(PEER_IP, NODE_IP, &probe_inner)).bytes(),
-        Expect { action: xdp::DROP, reason: ProbeRefusedLeaving, output: None },
+        match program {
+            Program::Tcx => Expect { action: xdp::DROP, reason: ProbeRefusedLeaving, output: None },
+            _ => Expect { action: xdp::TX, reason: ProbeRefusedLeaving, output: Some(refusal(40018)) },
+        },
     );
     let client_inner = ipv4(CLIENT_IP, VIP, 6, &tcp(40019, PORT, TCP_SYN));
     check(

@@ -228,8 +228,12 @@ pub enum CheckError {
     Status(u16),
     #[error("malformed HTTP response")]
     Malformed,
-    #[error("apiserver ready but VIP traffic not accepted: {0}")]
-    VipPath(String),
+    #[error("apiserver ready but VIP traffic not accepted: {why}")]
+    VipPath {
+        why: String,
+        /// Refused (its node is leaving), rather than unanswered.
+        refused: bool,
+    },
 }
 
 impl CheckError {
@@ -241,7 +245,7 @@ impl CheckError {
             CheckError::Tls(_) => HealthReason::Tls,
             CheckError::Status(_) => HealthReason::NotReady,
             CheckError::Malformed => HealthReason::Protocol,
-            CheckError::VipPath(_) => HealthReason::VipPath,
+            CheckError::VipPath { .. } => HealthReason::VipPath,
         }
     }
 }
@@ -345,7 +349,7 @@ pub async fn run_checker(
                     if let Some(m) = mac {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
                         if let Err(e) = vip_path(dsr.probe, ip, Via::Dsr { mac: m }, left).await {
-                            result = Err(CheckError::VipPath(e));
+                            result = Err(e);
                         }
                     }
                 }
@@ -354,7 +358,7 @@ pub async fn run_checker(
                     if let (Some(p), Some(hop)) = (probe, nexthop) {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
                         if let Err(e) = vip_path(*p, ip, Via::Ipip { nexthop_mac: hop.mac }, left).await {
-                            result = Err(CheckError::VipPath(e));
+                            result = Err(e);
                         }
                     }
                 }
@@ -365,7 +369,7 @@ pub async fn run_checker(
             debug!(%addr, %error, "health check failed");
         }
         // After a failed VIP-path probe, look the MAC up again next time.
-        let forget_mac = matches!(result, Err(CheckError::VipPath(_)));
+        let forget_mac = matches!(result, Err(CheckError::VipPath { .. }));
         if tx.send(Report { backend, result, latency, mac, nexthop }).await.is_err() {
             return;
         }
@@ -377,11 +381,14 @@ pub async fn run_checker(
 
 /// The VIP-path probe of a backend on another node, off the runtime (it blocks on a raw
 /// socket).
-async fn vip_path(probe: crate::vipprobe::VipProbe, ip: Ipv4Addr, via: Via, left: Duration) -> Result<(), String> {
+async fn vip_path(probe: crate::vipprobe::VipProbe, ip: Ipv4Addr, via: Via, left: Duration) -> Result<(), CheckError> {
     match tokio::task::spawn_blocking(move || crate::vipprobe::probe(&probe, ip, via, left)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(Err(e)) => {
+            let refused = matches!(e, crate::vipprobe::VipProbeError::Refused { .. });
+            Err(CheckError::VipPath { why: e.to_string(), refused })
+        }
+        Err(e) => Err(CheckError::VipPath { why: e.to_string(), refused: false }),
     }
 }
 

@@ -51,6 +51,10 @@ pub enum VipProbeError {
     Socket(io::Error),
     #[error("no SYN-ACK from {vip}:{port} through {backend} within {timeout:?}")]
     NoAnswer { vip: Ipv4Addr, port: u16, backend: Ipv4Addr, timeout: Duration },
+    /// The backend's data plane answered with a RST: its agent is leaving (it refuses
+    /// VIP traffic so the others drain it), where silence means no data plane at all.
+    #[error("{vip}:{port} through {backend} refused: its node is leaving")]
+    Refused { vip: Ipv4Addr, port: u16, backend: Ipv4Addr },
 }
 
 /// One's-complement sum of 16-bit words.
@@ -149,6 +153,22 @@ pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
         && tcp[13] & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
 }
 
+/// Whether `frame` is a leaving node's RST refusing our SYN from `sport` (sequence
+/// number `seq`): from VIP:port, acknowledging `seq + 1` (`vip-ebpf`'s `refuse`).
+pub fn is_refusal(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
+    if frame.len() < 54 || frame[12..14] != ETH_P_IP.to_be_bytes() || frame[14] >> 4 != 4 || frame[23] != 6 {
+        return false;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let Some(tcp) = frame.get(14 + ihl..14 + ihl + 20) else { return false };
+    frame[26..30] == p.vip.octets()
+        && frame[30..34] == p.src_ip.octets()
+        && tcp[0..2] == p.port.to_be_bytes()
+        && tcp[2..4] == sport.to_be_bytes()
+        && tcp[8..12] == seq.wrapping_add(1).to_be_bytes()
+        && tcp[13] & TCP_RST != 0
+}
+
 /// The filter of a probe's socket: IPv4 TCP from `vip` to port `sport`, nothing else.
 /// Without it every probe's socket copies every IPv4 frame of the interface, which with
 /// hundreds of backends probed at once is most of the node's CPU. `is_syn_ack` still
@@ -196,6 +216,9 @@ pub fn probe(p: &VipProbe, backend: Ipv4Addr, via: Via, timeout: Duration) -> Re
             if is_syn_ack(&buf[..n], p, sport, seq) {
                 sock.send(&probe_frame(p, backend, via, sport, seq, true)).map_err(VipProbeError::Socket)?;
                 return Ok(());
+            }
+            if is_refusal(&buf[..n], p, sport, seq) {
+                return Err(VipProbeError::Refused { vip: p.vip, port: p.port, backend });
             }
         }
     }
@@ -293,6 +316,10 @@ mod tests {
         let mut rst = ack.clone();
         rst[47] = 0x14;
         assert!(!is_syn_ack(&rst, &p, 40001, 7), "RST is no answer");
+        assert!(is_refusal(&rst, &p, 40001, 7), "but a refusal");
+        assert!(!is_refusal(&rst, &p, 40002, 7), "another probe's");
+        assert!(!is_refusal(&rst, &p, 40001, 8), "another sequence");
+        assert!(!is_refusal(&ack, &p, 40001, 7), "a SYN-ACK is no refusal");
     }
 
     #[test]

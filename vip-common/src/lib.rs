@@ -1264,7 +1264,9 @@ pub enum Reason {
     /// short to name a flow (less than the IP header and the TCP ports): `XDP_DROP`.
     IcmpQuoteTruncated = 34,
     /// A VIP-path probe from another node while this node's agent leaves
-    /// ([`Config::F_LEAVING`]): dropped, so that node drains this one.
+    /// ([`Config::F_LEAVING`]): answered with a TCP RST from the VIP (`XDP_TX`; other TCP
+    /// from that node to the VIP: `XDP_DROP`), so that node drains this one, and knows
+    /// it gone once the answers stop.
     ProbeRefusedLeaving = 35,
     /// Another host's ARP probe (sender IP 0.0.0.0) for a VIP this node does not lead,
     /// while this node's agent probes for it too ([`VipState::F_PROBING`]): `XDP_PASS`,

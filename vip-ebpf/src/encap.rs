@@ -234,8 +234,16 @@ pub fn decap(ctx: &impl Packet, l2: &L2, outer_ihl: usize) -> Verdict {
     }
     // A leaving node refuses the peers' VIP-path probes, which IPIP carries too (a SYN
     // from the peer's own address): they drain it before its VIP leaves `lo`, as by DSR.
+    // The RST goes back unencapsulated, as a backend answers: the outer header goes first.
     if cfg.flags & Config::F_LEAVING != 0 && is_peer(&PeerKey::ipv4(inner_src)) {
-        return Verdict::drop(Reason::ProbeRefusedLeaving);
+        let Some(saved) = save_l2(ctx, l2) else {
+            return Verdict::drop(Reason::ProbeRefusedLeaving);
+        };
+        // SAFETY: shrinking the head by the outer header; on failure the frame is unchanged.
+        if ctx.adjust_head(outer_ihl as i32).is_err() || restore_l2(ctx, &saved).is_none() {
+            return Verdict::drop(Reason::ProbeRefusedLeaving);
+        }
+        return crate::forward::refused(ctx, l2.l3_off);
     }
     let Some(saved) = save_l2(ctx, l2) else {
         return not_ours;

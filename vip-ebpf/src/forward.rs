@@ -17,7 +17,7 @@ use crate::{
     encap, icmp, lb,
     maps::{is_peer, vip, CONFIG, SERVICES},
     parse::{load_ipv4, load_ipv4_word, load_mac, load_u16_word, ptr_at, store_mac, L2},
-    stats,
+    refuse, stats,
     verdict::Verdict,
 };
 
@@ -73,7 +73,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         // SAFETY: inside the bounds-checked header, 2-byte aligned.
         let src = unsafe { load_ipv4(&iph.src_addr) };
         if cfg.flags & Config::F_LEAVING != 0 && iph.proto == IPPROTO_TCP && is_peer(&PeerKey::ipv4(src)) {
-            return Verdict::drop(Reason::ProbeRefusedLeaving);
+            return refused(ctx, l2.l3_off);
         }
         return Verdict::pass(l2.other_segment(ctx, vip.segment));
     }
@@ -111,7 +111,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
             // A leaving node refuses the other nodes' VIP-path probes (from their own
             // addresses), so they drain it before its VIP leaves `lo`.
             if cfg.flags & Config::F_LEAVING != 0 && is_peer(&PeerKey::ipv4(flow.src)) {
-                return Verdict::drop(Reason::ProbeRefusedLeaving);
+                return refused(ctx, l2.l3_off);
             }
             // New flow on a node that does not balance this VIP (a follower): the leader
             // sent it here by DSR; deliver it rather than balance it with a table that
@@ -146,6 +146,17 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     }
     dsr(eth, our_mac, &backend);
     Verdict::tx(Reason::ForwardedDsr)
+}
+
+/// A peer's VIP-path probe to a leaving node: answered with a RST if it is one (see
+/// [`refuse`]), anything else the peer sends the VIP dropped.
+#[inline(always)]
+pub fn refused(ctx: &impl Packet, l3_off: usize) -> Verdict {
+    if refuse::reset(ctx, l3_off) {
+        Verdict::tx(Reason::ProbeRefusedLeaving)
+    } else {
+        Verdict::drop(Reason::ProbeRefusedLeaving)
+    }
 }
 
 /// Whether this node balances a VIP's new flows now, its balancing deadline being

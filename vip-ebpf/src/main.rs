@@ -23,6 +23,7 @@ mod log;
 mod maps;
 mod ndp;
 mod parse;
+mod refuse;
 mod stats;
 mod verdict;
 

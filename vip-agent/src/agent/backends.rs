@@ -16,7 +16,7 @@ use crate::{
     balancer::BackendSpec,
     config::{Election, Mode, RunConfig},
     discovery::Endpoint,
-    health::{self, Health, Hysteresis, Probe, Report},
+    health::{self, CheckError, Health, Hysteresis, Probe, Report},
     metrics::AgentMetrics,
     netdev::Netdev,
     netlink::{Netlink, NetlinkError, Nexthop},
@@ -45,6 +45,14 @@ struct Tracked {
     /// Why its last check failed; `None` after a success.
     reason: HealthReason,
     warned_no_mac: bool,
+    /// Its last VIP-path probe was refused (a RST from its data plane): its agent is
+    /// leaving, and it drains.
+    leaving: bool,
+    /// A probe went unanswered after refusals: the leaving node has gone (its VIP off
+    /// `lo`, its program detached). It is down, so its pinned flows are re-hashed and
+    /// their clients reset by the backend they reach, instead of sending into a node
+    /// that drops them until the clients time out. Cleared by a probe answered again.
+    left: bool,
     /// When it left the EndpointSlices while still serving: it drains (no new flows, its
     /// connections kept) until it stops serving or `--drain-hold` ends, then leaves the
     /// list ([`Backends::expire_deregistered`]). An apiserver shutting down deregisters
@@ -80,6 +88,8 @@ impl Tracked {
             health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
             reason,
             warned_no_mac: false,
+            leaving: false,
+            left: false,
             deregistered: None,
         }
     }
@@ -287,6 +297,15 @@ impl Backends {
             None => HealthReason::None,
         };
         b.vip_path_failed = b.reason == HealthReason::VipPath;
+        match &report.result {
+            Ok(()) => (b.leaving, b.left) = (false, false),
+            Err(CheckError::VipPath { refused: true, .. }) => (b.leaving, b.left) = (true, false),
+            Err(CheckError::VipPath { refused: false, .. }) if b.leaving && !b.left => {
+                info!(backend = %b.ip, "a leaving node answers VIP traffic no more: gone, its connections re-hashed");
+                b.left = true;
+            }
+            Err(_) => {}
+        }
         let after = spec_of(&self.list[i], cfg);
         // The state the data plane gives it (what `status` and the metrics show), not the
         // check's hysteresis: an apiserver answering "not ready" drains, it is not down.
@@ -381,6 +400,8 @@ impl Backends {
                 health: Hysteresis::new(cfg.health.rise, cfg.health.fall, Health::Unknown),
                 reason: HealthReason::None,
                 warned_no_mac: false,
+                leaving: false,
+                left: false,
                 deregistered: None,
             };
             self.next_key += 1;
@@ -486,7 +507,7 @@ fn spec_of(b: &Tracked, cfg: &RunConfig) -> BackendSpec {
         healthy,
         // Its apiserver answered "not ready", or it stopped taking VIP traffic: it drains,
         // serving what it holds.
-        draining: !healthy && reason.serves(),
+        draining: !healthy && reason.serves() && !b.left,
         reason,
     }
 }

@@ -1,0 +1,64 @@
+//! A leaving node's answer to the other nodes' VIP-path probes (`vip-agent`'s
+//! `vipprobe`): a TCP RST from VIP:port, built in place from the probe's SYN. The prober
+//! learns that this node refuses VIP traffic because it is leaving: it drains it, its
+//! connections kept. Silence, once this node has left, then means it is gone: the prober
+//! takes it down and its connections' next packets are reset by the backend they are
+//! hashed to, instead of hanging until the clients time out.
+
+use crate::{csum, ctx::Packet, parse::ptr_at};
+
+/// RST and ACK in the TCP flags byte (RFC 9293 §3.1).
+const TCP_RST_ACK: u8 = 0x14;
+/// SYN and ACK in the TCP flags byte.
+const TCP_SYN_ACK: u8 = 0x12;
+/// SYN alone.
+const TCP_SYN: u8 = 0x02;
+/// The length of a probe: IPv4 and TCP headers without options, no payload.
+const PROBE_LEN: u8 = 40;
+
+/// Turns the frame (Ethernet at the start, the IPv4 header at `l3_off`) into the RST
+/// that answers it, if it is a probe: a SYN without ACK, IPv4 and TCP without options,
+/// no payload. Returns whether it did; anything else is left as it is. The answer, as
+/// a closed port's (RFC 9293 §3.10.7.1): from the probed VIP:port to the prober,
+/// `<SEQ=0><ACK=SEG.SEQ+1><CTL=RST,ACK>`, MACs swapped; the IPv4 checksum is unchanged
+/// (swapping the addresses keeps its sum), the TCP checksum is computed anew.
+#[inline(always)]
+pub fn reset(ctx: &impl Packet, l3_off: usize) -> bool {
+    let (Some(macs), Some(p)) = (ptr_at::<[u8; 12]>(ctx, 0), ptr_at::<[u8; PROBE_LEN as usize]>(ctx, l3_off)) else {
+        return false;
+    };
+    // SAFETY: both bounds-checked by ptr_at; byte arrays, so any alignment will do.
+    let (macs, p) = unsafe { (&mut *macs, &mut *p) };
+    let (ipv4_no_options, tcp_no_options) = (p[0] == 0x45, p[32] >> 4 == 5);
+    if !ipv4_no_options || p[2] != 0 || p[3] != PROBE_LEN || p[9] != 6 || !tcp_no_options {
+        return false;
+    }
+    if p[33] & TCP_SYN_ACK != TCP_SYN {
+        return false;
+    }
+    for i in 0..6 {
+        macs.swap(i, i + 6);
+    }
+    for i in 0..4 {
+        p.swap(12 + i, 16 + i);
+    }
+    for i in 0..2 {
+        p.swap(20 + i, 22 + i);
+    }
+    let ack = u32::from_be_bytes([p[24], p[25], p[26], p[27]]).wrapping_add(1).to_be_bytes();
+    for i in 0..4 {
+        p[24 + i] = 0;
+        p[28 + i] = ack[i];
+    }
+    p[33] = TCP_RST_ACK;
+    // Window, checksum, urgent pointer.
+    for b in p[34..40].iter_mut() {
+        *b = 0;
+    }
+    // The pseudo-header: the addresses, the protocol and the TCP length (20).
+    let sum = csum::sum16(&p[12..20]) + 6 + 20 + csum::sum16(&p[20..40]);
+    let check = csum::fold(sum).to_be_bytes();
+    p[36] = check[0];
+    p[37] = check[1];
+    true
+}
