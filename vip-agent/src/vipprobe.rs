@@ -138,35 +138,31 @@ fn probe_frame(p: &VipProbe, backend: Ipv4Addr, via: Via, sport: u16, seq: u32, 
     }
 }
 
-/// Whether `frame` is the SYN-ACK answering our SYN from `sport` (acknowledging `seq`).
-pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
+/// The TCP flags of `frame` if it answers our SYN from `sport` (sequence number `seq`):
+/// IPv4 TCP from VIP:port to this node's `sport`, acknowledging `seq + 1`.
+fn answer_flags(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> Option<u8> {
     if frame.len() < 54 || frame[12..14] != ETH_P_IP.to_be_bytes() || frame[14] >> 4 != 4 || frame[23] != 6 {
-        return false;
+        return None;
     }
     let ihl = usize::from(frame[14] & 0x0f) * 4;
-    let Some(tcp) = frame.get(14 + ihl..14 + ihl + 20) else { return false };
-    frame[26..30] == p.vip.octets()
+    let tcp = frame.get(14 + ihl..14 + ihl + 20)?;
+    let ours = frame[26..30] == p.vip.octets()
         && frame[30..34] == p.src_ip.octets()
         && tcp[0..2] == p.port.to_be_bytes()
         && tcp[2..4] == sport.to_be_bytes()
-        && tcp[8..12] == seq.wrapping_add(1).to_be_bytes()
-        && tcp[13] & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK)
+        && tcp[8..12] == seq.wrapping_add(1).to_be_bytes();
+    ours.then_some(tcp[13])
+}
+
+/// Whether `frame` is the SYN-ACK answering our SYN from `sport` (acknowledging `seq`).
+pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
+    answer_flags(frame, p, sport, seq).is_some_and(|f| f & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK))
 }
 
 /// Whether `frame` is a leaving node's RST refusing our SYN from `sport` (sequence
 /// number `seq`): from VIP:port, acknowledging `seq + 1` (`vip-ebpf`'s `refuse`).
 pub fn is_refusal(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
-    if frame.len() < 54 || frame[12..14] != ETH_P_IP.to_be_bytes() || frame[14] >> 4 != 4 || frame[23] != 6 {
-        return false;
-    }
-    let ihl = usize::from(frame[14] & 0x0f) * 4;
-    let Some(tcp) = frame.get(14 + ihl..14 + ihl + 20) else { return false };
-    frame[26..30] == p.vip.octets()
-        && frame[30..34] == p.src_ip.octets()
-        && tcp[0..2] == p.port.to_be_bytes()
-        && tcp[2..4] == sport.to_be_bytes()
-        && tcp[8..12] == seq.wrapping_add(1).to_be_bytes()
-        && tcp[13] & TCP_RST != 0
+    answer_flags(frame, p, sport, seq).is_some_and(|f| f & TCP_RST != 0)
 }
 
 /// The filter of a probe's socket: IPv4 TCP from `vip` to port `sport`, nothing else.
