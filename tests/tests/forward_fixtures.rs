@@ -1146,8 +1146,37 @@ fn several_services_wait_out_the_grace_period_once() {
     assert_eq!(flags & vip_common::Backend::F_UP, 0, "the backend is not marked down");
 }
 
-/// An agent moving to tcx forgets the flows a previous one pinned under IPIP (XDP's
-/// alone), and only those: a DSR flow keeps its pin.
+/// An agent moving to tcx by DSR re-pins the flows a previous one pinned under IPIP
+/// (XDP's alone) to the same backend by DSR: the tcx program then sends the flow's next
+/// segment to that backend's MAC, as the table would not if it had changed since.
+#[test]
+fn flows_pinned_under_ipip_move_to_dsr_with_their_backend() {
+    let (mut dp, mut lb) = load();
+    dp.load_tcx().expect("loading the tcx program");
+    // The table after the move: three backends by DSR. A flow it sends elsewhere than
+    // backend 1 is pinned to backend 1 before, by IPIP.
+    let mut after = Balancer::new(Duration::ZERO);
+    let (mut scratch, _) = load();
+    let table = after.apply(scratch.maps_mut(), &service(ForwardMode::Dsr, vec![backend(2), backend(1), backend(3)]));
+    let table = table.unwrap().table;
+    let sport = (41010..41100)
+        .find(|&p| index_of(&after, predict(&table, &flow_of(&syn(p).bytes()).unwrap())) != 1)
+        .expect("a flow the new table sends elsewhere");
+    install(&mut dp, &mut lb, &service(ForwardMode::Ipip, vec![backend(1)]));
+    dp.test_run(Program::Vip, &syn(sport).bytes()).unwrap();
+    // The service moves to DSR with the new table (not `install`, which forgets every pin).
+    lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, vec![backend(2), backend(1), backend(3)])).unwrap();
+    assert_eq!(dp.maps_mut().convert_conns_mode(ForwardMode::Ipip, ForwardMode::Dsr).unwrap(), 1);
+    let flow = vip_common::FlowKey::new(CLIENT_IP.octets(), VIP.octets(), sport.to_be_bytes(), PORT.to_be_bytes(), 6);
+    let pin = dp.maps().conn(&flow).unwrap().expect("still pinned");
+    assert_eq!((pin.mode, pin.backend_ip), (ForwardMode::Dsr as u8, backend_ip(1).octets()));
+    let ack = tcp_frame(CLIENT_IP, sport, VIP, PORT, TCP_ACK);
+    let out = dp.test_run(Program::Tcx, &ack.bytes()).unwrap();
+    assert_eq!((out.action, out.frame), (3, dsr_to(&ack, 1)), "the next segment goes to its backend by DSR");
+}
+
+/// An agent moving to tcx without DSR forgets the flows a previous one pinned under IPIP
+/// (XDP's alone), and only those: a DSR flow keeps its pin.
 #[test]
 fn flows_pinned_under_ipip_are_forgotten_and_only_those() {
     let (mut dp, mut lb) = load();

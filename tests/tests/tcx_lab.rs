@@ -135,3 +135,42 @@ fn a_restart_moves_the_data_plane_from_xdp_to_tcx() {
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(counts.len(), 3, "{counts:?}");
 }
+
+/// A restart from XDP forwarding by IPIP to tcx (DSR: tcx cannot encapsulate) keeps every
+/// connection on its backend, also those whose pin the live table no longer matches (a
+/// third apiserver joined after they were opened): the pins move to DSR with their
+/// backends, whose MACs the new agent reads at start. Forgotten, the pins re-hashed, and
+/// the flows the table now sends to the newcomer were reset (a new-user trial saw 8).
+#[test]
+fn a_move_from_ipip_at_xdp_to_tcx_keeps_every_connection_on_its_backend() {
+    if !tests::kernel_has_tcx() {
+        return;
+    }
+    let mut lab = ApiLab::new([10, 126, 0], 3, &[0, 1, 2]).unwrap();
+    lab.stop_apiserver(2);
+    // n1 claims the VIP first; the others find it answered and serve as backends.
+    let mut first = lab.spawn_agent(0, &["--forward", "ipip", "--keep-forwarding-on-exit"]).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.status(0).is_ok_and(|s| s["vips"][0]["leader"] == true)));
+    let _others: Vec<_> = (1..3).map(|i| lab.spawn_agent(i, &["--forward", "ipip"]).unwrap()).collect();
+    let up = |lab: &ApiLab, node: usize| lab.backend_healthy(0, node) == Some(true);
+    assert!(wait_until(Duration::from_secs(10), || up(&lab, 0) && up(&lab, 1)), "{:?}", lab.status(0));
+    let mut kept: Vec<_> = (0..24).map(|_| lab.kept_alive_connection(|_| true).unwrap()).collect();
+    // n3 joins: the table changes under the pins.
+    lab.start_apiserver(2).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || up(&lab, 2)), "{:?}", lab.status(0));
+    let (status, log) = first.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    let _second = lab.start_agent(0, &["--attach", "tcx"]).unwrap();
+    let ns = lab.client_ns().name.clone();
+    let broken = std::thread::scope(|s| {
+        s.spawn(|| {
+            tests::netns::enter_by_name(&ns).unwrap();
+            let answers = kept.iter_mut().map(|(conn, node)| (conn.get("/").map(|(_, b)| b.trim().to_owned()), node));
+            answers.filter(|(a, node)| a.as_deref() != Ok(node.as_str())).map(|(a, n)| format!("{n}: {a:?}")).collect()
+        })
+        .join()
+        .unwrap()
+    });
+    let broken: Vec<String> = broken;
+    assert!(broken.is_empty(), "{} of 24 kept connections broke: {broken:?}", broken.len());
+}

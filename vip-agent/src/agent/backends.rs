@@ -193,6 +193,15 @@ impl Backends {
                 next_key += 1;
             }
         }
+        // By DSR a backend needs its MAC before it can be in the table. One carried over
+        // without (the previous agent forwarded by IPIP, which does not learn it) is read
+        // from the neighbour table now: else the first table has it down, and every flow
+        // pinned to it re-hashes before its first check.
+        if cfg.forward == ForwardMode::Dsr {
+            for b in list.iter_mut().filter(|b| !b.local && b.mac.is_none()) {
+                b.mac = nl.neighbour_mac(dev.ifindex, b.ip).await.ok().flatten();
+            }
+        }
         let gate = Gate { key: None, health: Hysteresis::new(cfg.health.rise, 1, Health::Unknown), checker: None };
         let checks = probe.map(|p| Checks::new(p, dev, nl, cfg));
         Ok(Self { list, gate_key, next_key, gate, checks, tx })

@@ -544,11 +544,22 @@ async fn stage(
     let balancer = if adopted { Balancer::adopt(dp.maps(), DEFAULT_GRACE)? } else { Balancer::new(DEFAULT_GRACE) };
     let mut balancer = balancer.with_hold(cfg.drain_hold);
     if adopted && cfg.attach == crate::dataplane::Hook::Tcx {
-        // IPIP is XDP's: flows a previous agent pinned under it would be reset at tcx.
-        // Forgotten, they re-hash to a backend by this agent's forward mode.
-        let forgotten = dp.maps_mut().remove_conns_with_mode(vip_common::ForwardMode::Ipip)?;
-        if forgotten > 0 {
-            warn!(flows = forgotten, "moving to tcx: flows pinned under IPIP forgotten (IPIP needs XDP)");
+        // IPIP is XDP's: flows a previous agent pinned under it would be reset at tcx. By
+        // DSR they keep their backend, which must then be on this segment (its MAC known:
+        // one that is not is down, and its flows re-hash); otherwise (local) they are
+        // forgotten, and re-hash. Forgotten under DSR too, each flow whose pin no longer
+        // matched the table was reset (a trial saw 8 of 594).
+        let (ipip, dsr) = (vip_common::ForwardMode::Ipip, vip_common::ForwardMode::Dsr);
+        if cfg.forward == dsr {
+            let moved = dp.maps_mut().convert_conns_mode(ipip, dsr)?;
+            if moved > 0 {
+                info!(flows = moved, "moving to tcx: flows pinned under IPIP keep their backends, by DSR");
+            }
+        } else {
+            let forgotten = dp.maps_mut().remove_conns_with_mode(ipip)?;
+            if forgotten > 0 {
+                warn!(flows = forgotten, "moving to tcx: flows pinned under IPIP forgotten (IPIP needs XDP)");
+            }
         }
     }
     // A held Maglev slot (a backend draining: see `vip_common::MaglevSlot`) reads as no

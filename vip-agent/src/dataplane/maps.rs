@@ -878,6 +878,34 @@ impl Maps {
         Ok(doomed.len())
     }
 
+    /// Re-pins every IPv4 flow pinned under forward mode `from` to the same backend under
+    /// `to` (IPIP only: IPv6 flows are never pinned under it). Returns how many. Each
+    /// entry is rewritten whole, so a reader sees the old pin or the new one.
+    pub fn convert_conns_mode(
+        &mut self,
+        from: vip_common::ForwardMode,
+        to: vip_common::ForwardMode,
+    ) -> Result<usize, MapError> {
+        let mut moved = Vec::new();
+        for entry in self.conns.iter() {
+            let (key, conn) = entry.map_err(op(map_names::CONNS, "iterate"))?;
+            if conn.mode == from as u8 {
+                moved.push((key, Conn { mode: to as u8, ..conn }));
+            }
+        }
+        if moved.is_empty() {
+            return Ok(0);
+        }
+        self.invalidate_flow_cache()?;
+        for (k, conn) in &moved {
+            match self.conns.insert(k, conn, 0) {
+                Ok(()) => {}
+                Err(source) => return Err(MapError::Op { name: map_names::CONNS, op: "update", source }),
+            }
+        }
+        Ok(moved.len())
+    }
+
     /// How many flows are pinned, both families.
     pub fn conn_count(&self) -> usize {
         self.conns.keys().filter(Result::is_ok).count() + self.conns6.keys().filter(Result::is_ok).count()
