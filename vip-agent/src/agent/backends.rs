@@ -93,6 +93,31 @@ impl Tracked {
             deregistered: None,
         }
     }
+
+    /// Records a check's `result`: the health hysteresis, the reason the backend shows,
+    /// and what its VIP-path probe says of a leaving node.
+    fn observe(&mut self, result: &Result<(), CheckError>) {
+        self.health.observe(result.is_ok());
+        self.reason = match result.as_ref().err() {
+            Some(e) => e.reason(),
+            // Answering again, not up yet (`--rise`): a backend that drained served all
+            // along, and keeps draining, its pinned flows honoured, until it is up. Marked
+            // down in between, its pins would be re-hashed: every connection it kept
+            // through the drain reset as it recovers.
+            None if self.health.state() != Health::Up && self.reason.serves() => self.reason,
+            None => HealthReason::None,
+        };
+        self.vip_path_failed = self.reason == HealthReason::VipPath;
+        match result {
+            Ok(()) => (self.leaving, self.left) = (false, false),
+            Err(CheckError::VipPath { refused: true, .. }) => (self.leaving, self.left) = (true, false),
+            Err(CheckError::VipPath { refused: false, .. }) if self.leaving && !self.left => {
+                info!(backend = %self.ip, "a leaving node answers VIP traffic no more: gone, its connections re-hashed");
+                self.left = true;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// What every checker shares.
@@ -295,26 +320,7 @@ impl Backends {
             b.warned_no_mac = true;
         }
         let first = b.health.state() == Health::Unknown;
-        b.health.observe(report.result.is_ok());
-        b.reason = match report.result.as_ref().err() {
-            Some(e) => e.reason(),
-            // Answering again, not up yet (`--rise`): a backend that drained served all
-            // along, and keeps draining, its pinned flows honoured, until it is up. Marked
-            // down in between, its pins would be re-hashed: every connection it kept
-            // through the drain reset as it recovers.
-            None if b.health.state() != Health::Up && b.reason.serves() => b.reason,
-            None => HealthReason::None,
-        };
-        b.vip_path_failed = b.reason == HealthReason::VipPath;
-        match &report.result {
-            Ok(()) => (b.leaving, b.left) = (false, false),
-            Err(CheckError::VipPath { refused: true, .. }) => (b.leaving, b.left) = (true, false),
-            Err(CheckError::VipPath { refused: false, .. }) if b.leaving && !b.left => {
-                info!(backend = %b.ip, "a leaving node answers VIP traffic no more: gone, its connections re-hashed");
-                b.left = true;
-            }
-            Err(_) => {}
-        }
+        b.observe(&report.result);
         let after = spec_of(&self.list[i], cfg);
         // The state the data plane gives it (what `status` and the metrics show), not the
         // check's hysteresis: an apiserver answering "not ready" drains, it is not down.
@@ -561,4 +567,61 @@ fn spawn_checker(b: &mut Tracked, checks: &Checks, cfg: &RunConfig, tx: &mpsc::S
         path,
         tx.clone(),
     )));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An up backend on another node, rise 2, fall 3.
+    fn tracked() -> Tracked {
+        let ip = Ipv4Addr::new(10, 0, 0, 12);
+        Tracked {
+            key: 0,
+            checker: None,
+            ip,
+            check_addr: SocketAddr::from((ip, 6443)),
+            local: false,
+            mac: Some([2, 0, 0, 0, 0, 12]),
+            nexthop: None,
+            vip_path_failed: false,
+            health: Hysteresis::new(2, 3, Health::Up),
+            reason: HealthReason::None,
+            warned_no_mac: false,
+            leaving: false,
+            left: false,
+            deregistered: None,
+        }
+    }
+
+    fn vip_path(refused: bool) -> Result<(), CheckError> {
+        Err(CheckError::VipPath { why: String::new(), refused })
+    }
+
+    #[test]
+    fn a_drained_backend_drains_until_it_has_risen_again() {
+        let mut b = tracked();
+        for _ in 0..3 {
+            b.observe(&Err(CheckError::Status(503)));
+        }
+        assert_eq!((b.health.state(), b.reason), (Health::Down, HealthReason::NotReady));
+        b.observe(&Ok(()));
+        assert_eq!(b.reason, HealthReason::NotReady, "answering again, not risen yet: still draining");
+        assert!(serving(&b));
+        b.observe(&Ok(()));
+        assert_eq!((b.health.state(), b.reason), (Health::Up, HealthReason::None));
+    }
+
+    #[test]
+    fn a_leaving_node_that_falls_silent_has_left() {
+        let mut b = tracked();
+        b.observe(&vip_path(false));
+        assert!(!b.leaving && !b.left, "silence alone is not leaving");
+        b.observe(&vip_path(true));
+        assert!(b.leaving && !b.left, "refused: leaving, draining");
+        b.observe(&vip_path(false));
+        assert!(b.left, "silent after refusals: gone");
+        b.observe(&Ok(()));
+        assert!(!b.leaving && !b.left, "answered again: back");
+    }
 }
