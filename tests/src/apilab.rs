@@ -447,12 +447,18 @@ impl ApiLab {
     /// Starts vip-agent on node `i` (without waiting for it). `extra` comes last, so it
     /// overrides any default (a flag given twice takes its last value).
     pub fn spawn_agent(&self, i: usize, extra: &[&str]) -> Result<Agent, String> {
+        self.spawn_agent_logging(i, extra, None)
+    }
+
+    /// [`ApiLab::spawn_agent`] with `RUST_LOG` set to `filter` (`None`: the agent's
+    /// default filter), e.g. to see what the default filter hides.
+    pub fn spawn_agent_logging(&self, i: usize, extra: &[&str], filter: Option<&str>) -> Result<Agent, String> {
         let mut args = self.agent_args(i, &[])?;
         if self.lease_api.is_some() {
             args.extend(self.election_args(i));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Agent::spawn(self.ns(i), &args)
+        Agent::spawn_with_log_filter(self.ns(i), &args, filter)
     }
 
     /// Waits until node `i`'s agent sees every node as a healthy backend.

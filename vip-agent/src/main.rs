@@ -57,11 +57,8 @@ fn main() -> ExitCode {
 
 fn logging(format: LogFormat) {
     // kube's client logs every failed request at ERROR, with no URL: the agent says what
-    // failed itself (once per 30 s while the Lease API does not answer). netlink-proto
-    // warns of every response left unread after the answer the agent wanted (a route
-    // lookup reads the first route only): noise at every start.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,kube_client=off,netlink_proto=error"));
+    // failed itself (once per 30 s while the Lease API does not answer).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube_client=off"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LossyStderr);
     match format {
         LogFormat::Json => builder.json().init(),

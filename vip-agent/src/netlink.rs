@@ -92,6 +92,26 @@ fn request(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkErr
     move |source| NetlinkError::Request { op, source }
 }
 
+/// The first item of a netlink response `stream` that `pick` maps to a value, the
+/// response read to its end. A response dropped before its end (a dump, or a filtered
+/// one: rtnetlink filters addresses after the kernel dumps them) makes netlink-proto warn
+/// once per message it can no longer deliver ("failed to forward response back to the
+/// handle"): hundreds a minute with the per-check neighbour lookups of IPIP.
+async fn first_match<T, U>(
+    stream: impl futures::Stream<Item = Result<T, rtnetlink::Error>>,
+    op: impl Fn() -> String,
+    mut pick: impl FnMut(T) -> Option<U>,
+) -> Result<Option<U>, NetlinkError> {
+    futures::pin_mut!(stream);
+    let mut found = None;
+    while let Some(item) = stream.try_next().await.map_err(request(op()))? {
+        if found.is_none() {
+            found = pick(item);
+        }
+    }
+    Ok(found)
+}
+
 fn loopback_index() -> Result<u32, NetlinkError> {
     crate::netdev::ifindex("lo").ok_or(NetlinkError::NoLoopback)
 }
@@ -122,11 +142,8 @@ impl Netlink {
     /// it there ([`is_ours`]).
     async fn vip_on_lo(&self, vip: IpAddr) -> Result<Option<bool>, NetlinkError> {
         let lo = loopback_index()?;
-        let mut addrs = self.handle.address().get().set_link_index_filter(lo).set_address_filter(vip).execute();
-        let Some(msg) = addrs.try_next().await.map_err(request(format!("listing addresses of lo for {vip}")))? else {
-            return Ok(None);
-        };
-        Ok(Some(is_ours(&msg.attributes)))
+        let addrs = self.handle.address().get().set_link_index_filter(lo).set_address_filter(vip).execute();
+        first_match(addrs, || format!("listing addresses of lo for {vip}"), |msg| Some(is_ours(&msg.attributes))).await
     }
 
     /// Whether `lo` holds `vip`.
@@ -284,8 +301,8 @@ impl Netlink {
     pub async fn has_address(&self, ip: Ipv4Addr) -> Result<bool, NetlinkError> {
         let op = || format!("looking up local address {ip}");
         self.bounded(op, async {
-            let mut addrs = self.handle.address().get().set_address_filter(IpAddr::V4(ip)).execute();
-            Ok(addrs.try_next().await.map_err(request(op()))?.is_some())
+            let addrs = self.handle.address().get().set_address_filter(IpAddr::V4(ip)).execute();
+            Ok(first_match(addrs, op, Some).await?.is_some())
         })
         .await
     }
@@ -298,34 +315,26 @@ impl Netlink {
     }
 
     async fn neighbour_mac_unbounded(&self, ifindex: u32, ip: Ipv4Addr) -> Result<Option<[u8; 6]>, NetlinkError> {
-        let mut neighbours = self.handle.neighbours().get().set_address_family(AddressFamily::Inet).execute();
-        while let Some(msg) =
-            neighbours.try_next().await.map_err(request(format!("reading the neighbour table for {ip}")))?
-        {
-            if msg.header.ifindex != ifindex
-                || matches!(
+        let neighbours = self.handle.neighbours().get().set_address_family(AddressFamily::Inet).execute();
+        let usable = |msg: &rtnetlink::packet_route::neighbour::NeighbourMessage| {
+            msg.header.ifindex == ifindex
+                && !matches!(
                     msg.header.state,
                     NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
                 )
-            {
-                continue;
-            }
-            let dest = msg.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => Some(*d),
-                _ => None,
-            });
-            if dest != Some(ip) {
-                continue;
-            }
-            let mac = msg.attributes.iter().find_map(|a| match a {
+                && msg
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip))
+        };
+        let mac_of = |msg: rtnetlink::packet_route::neighbour::NeighbourMessage| {
+            msg.attributes.iter().find_map(|a| match a {
                 NeighbourAttribute::LinkLayerAddress(l) => <[u8; 6]>::try_from(l.as_slice()).ok(),
                 _ => None,
-            });
-            if mac.is_some() {
-                return Ok(mac);
-            }
-        }
-        Ok(None)
+            })
+        };
+        let op = || format!("reading the neighbour table for {ip}");
+        first_match(neighbours, op, |msg| if usable(&msg) { mac_of(msg) } else { None }).await
     }
 }
 
