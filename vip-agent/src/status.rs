@@ -320,6 +320,11 @@ pub fn render(s: &Value) -> String {
             let _ = writeln!(out, "  no healthy backend: traffic goes to this node's own stack");
         }
     }
+    if s["services"].as_array().is_some_and(|v| v.len() > 1) {
+        // The data plane counts per backend, not per service (IPv4 and IPv6 VIPs share
+        // their backends): the same figures under each service are not to be added up.
+        let _ = writeln!(out, "\n(packets and bytes: each backend's, over all its services)");
+    }
     let _ = writeln!(out, "\nconnections tracked: {}", s["connections_tracked"]);
     let _ = writeln!(out, "counters:");
     for (k, v) in s["counters"].as_object().into_iter().flatten() {
@@ -423,6 +428,17 @@ mod tests {
         assert!(row("10.0.0.12").ends_with("  holds 42.9% of slots"), "{table}");
         assert!(!row("10.0.0.11").contains("holds"), "{table}");
         assert!(!row("10.0.0.11").contains("via"), "no next hop by DSR: {table}");
+    }
+
+    /// With several services, the table says its per-backend counters are not per
+    /// service (the same figures show under each).
+    #[test]
+    fn per_backend_counters_are_said_to_span_the_services() {
+        let service = |vip: &str| json!({ "vip": vip, "port": 6443, "forward": "dsr", "table_size": 7, "unowned_slots": 0, "backends": [] });
+        let one = json!({ "services": [service("10.0.0.100")] });
+        let two = json!({ "services": [service("10.0.0.100"), service("fd00::100")] });
+        assert!(!render(&one).contains("over all its services"));
+        assert!(render(&two).contains("(packets and bytes: each backend's, over all its services)"));
     }
 
     /// An IPIP backend's row names the next hop the agent resolved for it.
