@@ -502,6 +502,37 @@ fn api_latency_is_absorbed_and_api_errors_fence_the_leader() {
     sampler.finish();
 }
 
+/// One Lease elects the leader of every VIP: a node configured with other VIPs than the
+/// leader (a rolling change of the list, a typo) says so in its log and
+/// `vip_leader_vips_differ`, since a VIP the leader lacks goes unanswered everywhere
+/// (found by a new-user trial, which saw no warning).
+#[test]
+fn a_node_whose_vips_are_not_the_leaders_says_so() {
+    let lab = ApiLab::new([10, 127, 0], 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap();
+    let extra = std::net::Ipv4Addr::new(10, 127, 0, 101).to_string();
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| if i == 2 { lab.spawn_agent(i, &["--vip", &extra]) } else { lab.spawn_agent(i, &[]) }.unwrap())
+        .collect();
+    for (i, agent) in agents.iter_mut().enumerate() {
+        lab.wait_healthy_or_log(i, agent).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(wait_until(Duration::from_secs(10), || lab.leaders().len() == 1), "{:?}", lab.leaders());
+    let leader = lab.leaders()[0];
+    // n3 has one more VIP than n1 and n2: it differs from any leader but itself, and they
+    // from it.
+    let differs = |i: usize| i != leader && (i == 2 || leader == 2);
+    let seen = |i: usize| lab.metric(i, "vip_leader_vips_differ") == Some(if differs(i) { 1.0 } else { 0.0 });
+    assert!(
+        wait_until(Duration::from_secs(5), || (0..3).all(seen)),
+        "leader n{}: {:?}",
+        leader + 1,
+        (0..3).map(|i| lab.metric(i, "vip_leader_vips_differ")).collect::<Vec<_>>()
+    );
+    let follower = (0..3).find(|&i| differs(i)).unwrap();
+    let (_, log) = agents.remove(follower).stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(log.contains("the leader serves other VIPs than this node"), "{log}");
+}
+
 /// Only the leader announces the VIP. A follower whose link flaps must not send
 /// gratuitous ARPs (that would pull clients to a node that drops their ARP and does
 /// not balance).

@@ -55,6 +55,11 @@ pub const ANNOTATION_RELEASED: &str = "vip.dev/released-by";
 /// Written by a process that found another process renewing the Lease under its own
 /// node name: `<its instance> <count>`. The holder reads it as "a duplicate is alive".
 pub const ANNOTATION_DUPLICATE: &str = "vip.dev/duplicate-instance";
+/// The VIPs the holder serves ([`ElectionConfig::vips`]), written with every claim. One
+/// Lease elects the leader of every VIP, so a VIP the followers carry and the leader does
+/// not (a rolling change of the VIP list, a typo on one node) goes unanswered cluster-wide:
+/// followers compare, and say so ([`ElectionEvent::LeaderVips`]).
+pub const ANNOTATION_VIPS: &str = "vip.dev/vips";
 /// How often a duplicate re-announces itself in [`ANNOTATION_DUPLICATE`].
 pub const DUPLICATE_REFRESH: Duration = Duration::from_secs(5);
 
@@ -82,6 +87,8 @@ pub struct ElectionConfig {
     /// Bootstrap (`kubeadm init`): until the Lease API first answers this process, hold
     /// the VIP without a Lease if no other host answers for it (see [`run`]).
     pub bootstrap: bool,
+    /// This node's VIPs, sorted and comma-separated ([`ANNOTATION_VIPS`]).
+    pub vips: String,
 }
 
 impl ElectionConfig {
@@ -285,6 +292,16 @@ impl<A: LeaseApi> Elector<A> {
         self.last.as_ref().and_then(holder_of)
     }
 
+    /// The holder, and the VIPs it serves, when another node holds the Lease and its
+    /// VIPs are not this node's (an agent from before [`ANNOTATION_VIPS`] writes none:
+    /// not compared).
+    pub fn leader_vips_differ(&self) -> Option<(String, String)> {
+        let lease = self.last.as_ref()?;
+        let holder = holder_of(lease).filter(|h| *h != self.cfg.identity)?;
+        let theirs = annotation(lease, ANNOTATION_VIPS).filter(|v| *v != self.cfg.vips)?;
+        Some((holder.to_owned(), theirs.to_owned()))
+    }
+
     /// Another process seen renewing the Lease under this node's name (its instance),
     /// or announcing itself in [`ANNOTATION_DUPLICATE`] while this one holds it.
     pub fn duplicate(&self) -> Option<&str> {
@@ -355,6 +372,7 @@ impl<A: LeaseApi> Elector<A> {
         }
         set_annotation(&mut lease, ANNOTATION_INSTANCE, Some(self.cfg.instance.clone()));
         set_annotation(&mut lease, ANNOTATION_RELEASED, None);
+        set_annotation(&mut lease, ANNOTATION_VIPS, Some(self.cfg.vips.clone()));
         lease.spec = Some(spec);
         lease
     }
@@ -516,6 +534,9 @@ pub enum ElectionEvent {
     ClaimRefused { mac: [u8; 6], simultaneous: bool },
     /// Another process runs under this node's name.
     DuplicateIdentity { other_instance: String },
+    /// Another node leads with other VIPs than this node's (`theirs`), or, `None`, with
+    /// the same again: sent on each change. See [`ANNOTATION_VIPS`].
+    LeaderVips { holder: String, theirs: Option<String> },
     /// The Lease API started or stopped answering this node's tries (sent on each
     /// change, and at the first try): what `status` and `vip_lease_api_answering` show,
     /// so an outage is seen without reading the log. `error`: the last failure.
@@ -538,6 +559,8 @@ struct Run<A, F> {
     /// When a failed Lease call was last logged at warn level: at most one line per
     /// [`UNANSWERED_LOG_EVERY`] while the API does not answer.
     unanswered_logged: Option<Instant>,
+    /// The leader's differing VIPs, as last reported ([`ElectionEvent::LeaderVips`]).
+    vips_reported: Option<(String, String)>,
     /// Whether the last try was answered, as last reported ([`ElectionEvent::LeaseApi`]);
     /// `None` before the first.
     api_answering: Option<bool>,
@@ -653,6 +676,7 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
             (None, false) => Try::Following,
         };
         self.report_duplicate().await;
+        self.report_leader_vips().await;
         match outcome {
             Try::Held { fenced_until } => self.on_held(start, fenced_until).await,
             Try::Following if self.leading && Instant::now() >= self.last_renew + self.cfg.renew_deadline => {
@@ -732,6 +756,22 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         self.fence.lead_until(start + self.cfg.renew_deadline);
     }
 
+    async fn report_leader_vips(&mut self) {
+        let now = self.elector.leader_vips_differ();
+        if now == self.vips_reported {
+            return;
+        }
+        let event = match (&now, &self.vips_reported) {
+            (Some((holder, theirs)), _) => {
+                ElectionEvent::LeaderVips { holder: holder.clone(), theirs: Some(theirs.clone()) }
+            }
+            (None, Some((holder, _))) => ElectionEvent::LeaderVips { holder: holder.clone(), theirs: None },
+            (None, None) => return,
+        };
+        self.vips_reported = now;
+        self.send(event).await;
+    }
+
     async fn report_duplicate(&mut self) {
         let Some(other) = self.elector.duplicate().map(str::to_owned) else { return };
         if self.duplicate_reported.as_deref() != Some(other.as_str()) {
@@ -768,6 +808,7 @@ pub async fn run<A: LeaseApi, F: Fence>(
         duplicate_reported: None,
         bootstrapping: cfg.bootstrap,
         unanswered_logged: None,
+        vips_reported: None,
         api_answering: None,
     };
     let mut ticker = tokio::time::interval(cfg.retry_period);
@@ -880,7 +921,27 @@ mod tests {
             renew_deadline: Duration::from_millis(600),
             retry_period: Duration::from_millis(200),
             bootstrap: false,
+            vips: "10.0.0.100".into(),
         }
+    }
+
+    /// A follower whose VIPs are not the leader's finds out from the Lease; an agent that
+    /// writes no VIPs is not compared.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_follower_sees_that_the_leader_serves_other_vips() {
+        let store = Store::default();
+        let mut a = Elector::new(store.clone(), cfg("a"));
+        let mut b = Elector::new(store.clone(), ElectionConfig { vips: "10.0.0.100,10.0.0.101".into(), ..cfg("b") });
+        let mut c = Elector::new(store.clone(), cfg("c"));
+        a.try_acquire_or_renew().await.unwrap();
+        b.try_acquire_or_renew().await.unwrap();
+        c.try_acquire_or_renew().await.unwrap();
+        assert_eq!(b.leader_vips_differ(), Some(("a".into(), "10.0.0.100".into())));
+        assert_eq!(c.leader_vips_differ(), None, "the same VIPs");
+        assert_eq!(a.leader_vips_differ(), None, "the holder itself");
+        store.edit(|l| set_annotation(l, ANNOTATION_VIPS, None));
+        b.try_acquire_or_renew().await.unwrap();
+        assert_eq!(b.leader_vips_differ(), None, "an older leader writes none");
     }
 
     fn holder(store: &Store) -> Option<String> {

@@ -48,6 +48,8 @@ pub struct AgentMetrics {
     pub arp_conflicts: Family<Labels, Counter>,
     /// 1 while another agent process is seen running under this node's name.
     pub duplicate_identity: Gauge,
+    /// 1 while the Lease holder serves other VIPs than this node.
+    pub leader_vips_differ: Gauge,
 }
 
 impl AgentMetrics {
@@ -66,6 +68,10 @@ impl AgentMetrics {
     pub fn duplicate_identity(&self, seen: bool) {
         self.duplicate_identity.set(i64::from(seen));
     }
+
+    pub fn leader_vips_differ(&self, differ: bool) {
+        self.leader_vips_differ.set(i64::from(differ));
+    }
 }
 
 /// Builds the registry: agent metrics plus a collector over the pinned maps.
@@ -77,6 +83,7 @@ pub fn registry(maps: Maps, live: SharedView) -> (Registry, AgentMetrics) {
         host_repairs: Family::default(),
         arp_conflicts: Family::default(),
         duplicate_identity: Gauge::default(),
+        leader_vips_differ: Gauge::default(),
     };
     registry.register(
         "vip_health_check_duration_seconds",
@@ -98,6 +105,11 @@ pub fn registry(maps: Maps, live: SharedView) -> (Registry, AgentMetrics) {
         "vip_duplicate_identity",
         "1 while another vip-agent process is seen running under this node's name",
         metrics.duplicate_identity.clone(),
+    );
+    registry.register(
+        "vip_leader_vips_differ",
+        "1 while the Lease holder serves other VIPs than this node (a VIP only the followers carry goes unanswered)",
+        metrics.leader_vips_differ.clone(),
     );
     registry.register_collector(Box::new(MapsCollector { maps: Mutex::new(maps) }));
     registry.register_collector(Box::new(LiveCollector { live }));

@@ -160,6 +160,11 @@ impl Node {
                 renew_deadline: cfg.lease.renew_deadline,
                 retry_period: cfg.lease.retry_period,
                 bootstrap: cfg.bootstrap,
+                vips: {
+                    let mut vips: Vec<String> = cfg.vips.iter().map(ToString::to_string).collect();
+                    vips.sort();
+                    vips.join(",")
+                },
             };
             (client, e)
         });
@@ -383,6 +388,15 @@ impl Node {
                             );
                             self.hold_off_after_conflict();
                         }
+                    }
+                    ElectionEvent::LeaderVips { holder, theirs: Some(theirs) } => {
+                        let ours = self.cfg.vips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+                        warn!(%holder, leader_vips = %theirs, our_vips = %ours, "the leader serves other VIPs than this node: a VIP it lacks goes unanswered (one Lease elects the leader of every VIP)");
+                        self.metrics.leader_vips_differ(true);
+                    }
+                    ElectionEvent::LeaderVips { holder, theirs: None } => {
+                        info!(%holder, "the leader serves this node's VIPs again");
+                        self.metrics.leader_vips_differ(false);
                     }
                     ElectionEvent::LeaseApi { answering, error } => {
                         self.lease_api = Some((answering, Instant::now(), error));

@@ -297,7 +297,9 @@ impl ArpAnnounce {
                     g.abort();
                 }
             }
-            ElectionEvent::DuplicateIdentity { .. } | ElectionEvent::LeaseApi { .. } => {}
+            ElectionEvent::DuplicateIdentity { .. }
+            | ElectionEvent::LeaseApi { .. }
+            | ElectionEvent::LeaderVips { .. } => {}
         }
     }
 
