@@ -516,6 +516,26 @@ fn forwarding_fixture_table_of(program: Program) {
             output: Some(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, inner).vlan(ETH_P_8021Q, 7).bytes()),
         },
     );
+    // A peer's VIP-path probe (inner SYN from its own address) comes untagged whatever
+    // the VIP's VLAN, as by DSR: taken. A client's flow untagged for that VIP is not.
+    let vlan_probe = ipv4(PEER_IP, VIP, 6, &tcp(40020, PORT, TCP_SYN));
+    check(
+        &dp,
+        "untagged IPIP probe from a peer for a VIP on VLAN 7: decapsulated",
+        Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(PEER_IP, NODE_IP, &vlan_probe)).bytes(),
+        Expect {
+            action: xdp::PASS,
+            reason: IpipDecap,
+            output: Some(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, vlan_probe.clone()).bytes()),
+        },
+    );
+    let client_untagged = ipv4(CLIENT_IP, VIP, 6, &tcp(40021, PORT, TCP_SYN));
+    check(
+        &dp,
+        "untagged IPIP from a client for a VIP on VLAN 7: untouched",
+        Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(PEER_IP, NODE_IP, &client_untagged)).bytes(),
+        pass(IpipNotOurs),
+    );
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER)).unwrap();
     // This node's agent is leaving: a peer's VIP-path probe by IPIP (the inner SYN from
     // the peer's own address) is refused, so the peers drain it as by DSR; a client's

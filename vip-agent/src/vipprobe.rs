@@ -283,7 +283,8 @@ mod tests {
         assert_eq!(fold(sum16(outer, 0)), 0, "outer header checksum");
         assert_eq!(f[34..], inner[14..], "the SYN's IPv4 packet, unchanged");
         let rst = probe_frame(&p, backend, Via::Ipip { nexthop_mac: hop }, 40001, 7, true);
-        assert_eq!(rst[34..], rst_frame(&p, hop, 40001, 7)[14..], "the RST goes the same way");
+        assert_eq!((rst.len(), rst[23], rst[34 + 9]), (74, IPPROTO_IPIP, 6), "the RST goes the same way");
+        assert_eq!((rst[54 + 13], &rst[58..62]), (TCP_RST, &8u32.to_be_bytes()[..]), "RST, sequence SYN's + 1");
         assert_eq!(probe_frame(&p, backend, Via::Dsr { mac: hop }, 40001, 7, false), inner);
     }
 

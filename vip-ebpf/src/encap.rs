@@ -228,14 +228,18 @@ pub fn decap(ctx: &impl Packet, l2: &L2, outer_ihl: usize) -> Verdict {
     // SAFETY: bounds-checked by ptr_at.
     let dport = unsafe { (*tcp).dest };
     let key = ServiceKey { vip: inner_dst, port: dport, proto: IPPROTO_TCP, _pad: 0 };
+    // A peer's VIP-path probe: the inner SYN from its own (outer, peer) address. It comes
+    // on the segment of the nodes' own addresses whatever the VIP's (a VIP on a VLAN:
+    // untagged), as the DSR probe does, so it is taken on any segment.
+    let probe = inner_src == outer_src;
     // SAFETY: only presence is read.
-    if unsafe { SERVICES.get(key) }.is_none() || vip(inner_dst).is_none_or(|v| v.segment != l2.segment) {
+    if unsafe { SERVICES.get(key) }.is_none() || vip(inner_dst).is_none_or(|v| v.segment != l2.segment && !probe) {
         return not_ours;
     }
-    // A leaving node refuses the peers' VIP-path probes, which IPIP carries too (a SYN
-    // from the peer's own address): they drain it before its VIP leaves `lo`, as by DSR.
-    // The RST goes back unencapsulated, as a backend answers: the outer header goes first.
-    if cfg.flags & Config::F_LEAVING != 0 && is_peer(&PeerKey::ipv4(inner_src)) {
+    // A leaving node refuses the peers' VIP-path probes, which IPIP carries too: they
+    // drain it before its VIP leaves `lo`, as by DSR. The RST goes back unencapsulated,
+    // as a backend answers: the outer header goes first.
+    if cfg.flags & Config::F_LEAVING != 0 && probe {
         let Some(saved) = save_l2(ctx, l2) else {
             return Verdict::drop(Reason::ProbeRefusedLeaving);
         };

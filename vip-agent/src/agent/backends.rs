@@ -48,11 +48,17 @@ struct Tracked {
     /// Its last VIP-path probe was refused (a RST from its data plane): its agent is
     /// leaving, and it drains.
     leaving: bool,
-    /// A probe went unanswered after refusals: the leaving node has gone (its VIP off
-    /// `lo`, its program detached). It is down, so its pinned flows are re-hashed and
-    /// their clients reset by the backend they reach, instead of sending into a node
-    /// that drops them until the clients time out. Cleared by a probe answered again.
+    /// `fall` probes in a row went unanswered after refusals: the leaving node has gone
+    /// (its VIP off `lo`, its program detached). It is down, so its pinned flows are
+    /// re-hashed and their clients reset by the backend they reach, instead of sending
+    /// into a node that drops them until the clients time out. Cleared by a probe
+    /// answered again. Carried over by a restart (a backend the previous agent left down
+    /// for its VIP path), so a new agent does not take it for draining again.
     left: bool,
+    /// Probes unanswered in a row since the last refusal (see `left`).
+    silences: u32,
+    /// `--fall`: how many of them make a leaving node gone, so one lost RST does not.
+    fall: u32,
     /// When it left the EndpointSlices while still serving: it drains (no new flows, its
     /// connections kept) until it stops serving or `--drain-hold` ends, then leaves the
     /// list ([`Backends::expire_deregistered`]). An apiserver shutting down deregisters
@@ -76,6 +82,12 @@ impl Tracked {
             .map(|e| HealthReason::from_u8(e.reason))
             .filter(|r| r.serves())
             .unwrap_or(HealthReason::None);
+        // Down for its VIP path (not serving, reason vip_path) is what a node that left
+        // is, and nothing else: a silent probe otherwise keeps a backend draining.
+        let left = old.is_some_and(|e| {
+            e.flags & (Backend::F_UP | Backend::F_SERVING) == 0
+                && HealthReason::from_u8(e.reason) == HealthReason::VipPath
+        });
         Self {
             key,
             checker: None,
@@ -86,10 +98,12 @@ impl Tracked {
             nexthop: None,
             vip_path_failed: false,
             health: Hysteresis::new(cfg.health.rise, cfg.health.fall, initial),
-            reason,
+            reason: if left { HealthReason::VipPath } else { reason },
             warned_no_mac: false,
-            leaving: false,
-            left: false,
+            leaving: left,
+            left,
+            silences: 0,
+            fall: cfg.health.fall,
             deregistered: None,
         }
     }
@@ -109,11 +123,16 @@ impl Tracked {
         };
         self.vip_path_failed = self.reason == HealthReason::VipPath;
         match result {
-            Ok(()) => (self.leaving, self.left) = (false, false),
-            Err(CheckError::VipPath { refused: true, .. }) => (self.leaving, self.left) = (true, false),
+            Ok(()) => (self.leaving, self.left, self.silences) = (false, false, 0),
+            Err(CheckError::VipPath { refused: true, .. }) => {
+                (self.leaving, self.left, self.silences) = (true, false, 0)
+            }
             Err(CheckError::VipPath { refused: false, .. }) if self.leaving && !self.left => {
-                info!(backend = %self.ip, "a leaving node answers VIP traffic no more: gone, its connections re-hashed");
-                self.left = true;
+                self.silences += 1;
+                if self.silences >= self.fall {
+                    info!(backend = %self.ip, "a leaving node answers VIP traffic no more: gone, its connections re-hashed");
+                    self.left = true;
+                }
             }
             Err(_) => {}
         }
@@ -417,6 +436,8 @@ impl Backends {
                 warned_no_mac: false,
                 leaving: false,
                 left: false,
+                silences: 0,
+                fall: cfg.health.fall,
                 deregistered: None,
             };
             self.next_key += 1;
@@ -590,8 +611,35 @@ mod tests {
             warned_no_mac: false,
             leaving: false,
             left: false,
+            silences: 0,
+            fall: 3,
             deregistered: None,
         }
+    }
+
+    /// `vip-agent run` with its defaults (rise 2, fall 3, DSR).
+    fn cfg() -> RunConfig {
+        let argv = ["vip-agent", "run", "--interface", "eth0", "--vip", "10.0.0.100", "--election", "none"];
+        let cli = crate::config::parse_args(argv.map(std::ffi::OsString::from).to_vec(), &|_| None).unwrap();
+        let crate::config::Command::Run(run) = cli.command else { panic!("not run") };
+        RunConfig::try_from(*run).unwrap()
+    }
+
+    /// A restarted agent takes a backend the previous one left down for its VIP path
+    /// (a node that left) for gone, not for draining: its silent probes keep it down.
+    /// One draining for its VIP path (still serving) stays draining.
+    #[test]
+    fn a_backend_that_left_is_still_gone_after_a_restart() {
+        let ip = Ipv4Addr::new(10, 0, 0, 12);
+        let entry =
+            |flags| Backend { ip: ip.octets(), flags, reason: HealthReason::VipPath as u8, ..Default::default() };
+        let mut gone = Tracked::carried_over(0, ip, 6443, false, Some(entry(0)), &cfg());
+        assert!(gone.left && gone.leaving);
+        gone.observe(&vip_path(false));
+        assert!(gone.left, "a silent probe leaves it gone");
+        let draining = Tracked::carried_over(0, ip, 6443, false, Some(entry(Backend::F_SERVING)), &cfg());
+        assert!(!draining.left && !draining.leaving);
+        assert_eq!(draining.reason, HealthReason::VipPath);
     }
 
     fn vip_path(refused: bool) -> Result<(), CheckError> {
@@ -620,7 +668,14 @@ mod tests {
         b.observe(&vip_path(true));
         assert!(b.leaving && !b.left, "refused: leaving, draining");
         b.observe(&vip_path(false));
-        assert!(b.left, "silent after refusals: gone");
+        b.observe(&vip_path(false));
+        assert!(!b.left, "two silences (fall 3): a lost RST, perhaps");
+        b.observe(&vip_path(true));
+        b.observe(&vip_path(false));
+        b.observe(&vip_path(false));
+        assert!(!b.left, "a refusal in between starts the count again");
+        b.observe(&vip_path(false));
+        assert!(b.left, "fall silences after refusals: gone");
         b.observe(&Ok(()));
         assert!(!b.leaving && !b.left, "answered again: back");
     }

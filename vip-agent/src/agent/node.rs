@@ -557,12 +557,18 @@ async fn stage(
     let backends = Backends::new(cfg, dev, nl, &previous_backends, probe, tx).await?;
     let balancer = if adopted { Balancer::adopt(dp.maps(), DEFAULT_GRACE)? } else { Balancer::new(DEFAULT_GRACE) };
     let mut balancer = balancer.with_hold(cfg.drain_hold);
+    // A held Maglev slot (a backend draining: see `vip_common::MaglevSlot`) reads as no
+    // backend to a program older than holders, still attached until ours replaces it:
+    // for those milliseconds, that slot's unpinned packets go to this node's stack. Only
+    // while a backend drains during an upgrade; pinned flows are not affected.
+    apply(cfg, dp, &mut balancer, &backends)?;
     if adopted && cfg.attach == crate::dataplane::Hook::Tcx {
         // IPIP is XDP's: flows a previous agent pinned under it would be reset at tcx. By
         // DSR they keep their backend, which must then be on this segment (its MAC known:
         // one that is not is down, and its flows re-hash); otherwise (local) they are
         // forgotten, and re-hash. Forgotten under DSR too, each flow whose pin no longer
-        // matched the table was reset (a trial saw 8 of 594).
+        // matched the table was reset (a trial saw 8 of 594). Done after the first table,
+        // whose services are in this agent's mode: no flow is pinned under IPIP after it.
         let (ipip, dsr) = (vip_common::ForwardMode::Ipip, vip_common::ForwardMode::Dsr);
         if cfg.forward == dsr {
             let moved = dp.maps_mut().convert_conns_mode(ipip, dsr)?;
@@ -576,11 +582,6 @@ async fn stage(
             }
         }
     }
-    // A held Maglev slot (a backend draining: see `vip_common::MaglevSlot`) reads as no
-    // backend to a program older than holders, still attached until ours replaces it:
-    // for those milliseconds, that slot's unpinned packets go to this node's stack. Only
-    // while a backend drains during an upgrade; pinned flows are not affected.
-    apply(cfg, dp, &mut balancer, &backends)?;
     // Reconcile what a previous agent left that this configuration does not have.
     let keys: Vec<_> = cfg.vips.iter().map(|&vip| crate::dataplane::ServiceId::tcp(vip, cfg.port)).collect();
     balancer.retain(dp.maps_mut(), &keys)?;
@@ -707,16 +708,20 @@ async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::IpAddr], vlan: u
         return;
     }
     let mut dp = dp;
-    // Stop answering ARP first, then detach: the kernel must not answer in between.
+    // Stop answering ARP first, then take the VIPs off `lo` and detach last: the kernel
+    // must not answer ARP in between, nor (VIP still on `lo`, the program gone) answer a
+    // peer's VIP-path probe that the program refused until then, which would tell the
+    // peer this node serves again, just before it goes (the peer would then never take
+    // it down, and its connections here would hang).
     for &vip in vips {
         if let Err(e) = dp.maps_mut().set_vip(vip, VipState::follower().on_segment(vlan)) {
             warn!(error = %e, %vip, "could not stop answering ARP before detaching");
         }
     }
+    host.undo().await;
     if let Err(e) = dp.shutdown(false) {
         error!(error = %e, "detaching failed");
     }
-    host.undo().await;
 }
 
 /// Pushes the current backend set into the data plane: one service per VIP (of either

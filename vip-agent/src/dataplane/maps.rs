@@ -896,13 +896,15 @@ impl Maps {
         if moved.is_empty() {
             return Ok(0);
         }
-        self.invalidate_flow_cache()?;
         for (k, conn) in &moved {
             match self.conns.insert(k, conn, 0) {
                 Ok(()) => {}
                 Err(source) => return Err(MapError::Op { name: map_names::CONNS, op: "update", source }),
             }
         }
+        // After the rewrite: a CPU that cached an old pin meanwhile (the previous program
+        // still runs) must not keep it.
+        self.invalidate_flow_cache()?;
         Ok(moved.len())
     }
 
