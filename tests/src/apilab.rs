@@ -522,6 +522,14 @@ impl ApiLab {
         serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 
+    /// Backend `ip`'s state (`up`, `draining`, `down`) and reason in the status of
+    /// `agent_node`'s agent.
+    pub fn backend_state(&self, agent_node: usize, ip: &str) -> Option<(String, String)> {
+        let s = self.status(agent_node).ok()?;
+        let b = s["services"][0]["backends"].as_array()?.iter().find(|b| b["backend"] == ip)?;
+        Some((b["state"].as_str()?.to_owned(), b["reason"].as_str()?.to_owned()))
+    }
+
     /// Whether backend `node` is healthy in the status of `agent_node`'s agent.
     pub fn backend_healthy(&self, agent_node: usize, node: usize) -> Option<bool> {
         let s = self.status(agent_node).ok()?;

@@ -33,6 +33,14 @@ fn agent_args(pins: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// `vip-agent run` in BGP mode on the node's veth (AS 65000, `peers` as `--bgp-peer`
+/// takes them), forwarding locally, pins in `pins`.
+fn bgp_args<'a>(peers: &'a str, pins: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["run", "--interface", NODE_DEV, "--vip", VIP, "--mode", "bgp", "--bgp-local-as", "65000"];
+    args.extend(["--bgp-peer", peers, "--forward", "local", "--pin-path", pins]);
+    args
+}
+
 /// `vip-agent status --output json` against the pins of an agent in `ns`: the JSON, or
 /// status's error.
 fn try_status_json(ns: &Netns, pins: &std::path::Path) -> Result<serde_json::Value, String> {
@@ -284,23 +292,7 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
     }
     // BGP needs the interface's IPv4 address as next hop: refused before anything changes.
     lab.node.ip(&["addr", "del", "10.31.0.1/24", "dev", NODE_DEV]).unwrap();
-    let bgp = [
-        "run",
-        "--interface",
-        NODE_DEV,
-        "--vip",
-        VIP,
-        "--mode",
-        "bgp",
-        "--bgp-local-as",
-        "65000",
-        "--bgp-peer",
-        "10.31.0.2:65001",
-        "--forward",
-        "local",
-        "--pin-path",
-        &pins_s,
-    ];
+    let bgp = bgp_args("10.31.0.2:65001", &pins_s);
     let (status, stderr) = run_to_exit(&lab.node, &bgp, Duration::from_secs(10)).unwrap();
     lab.node.ip(&["addr", "add", "10.31.0.1/24", "dev", NODE_DEV]).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
@@ -321,25 +313,8 @@ fn a_bgp_peer_reached_through_another_interface_is_warned_of() {
     lab.node.ip(&["route", "add", "10.99.0.2/32", "dev", "lo"]).unwrap();
     let pins = pin_dir(&lab.node.name).unwrap();
     let pins_s = pins.display().to_string();
-    let args = [
-        "run",
-        "--interface",
-        NODE_DEV,
-        "--vip",
-        VIP,
-        "--mode",
-        "bgp",
-        "--bgp-local-as",
-        "65000",
-        "--bgp-peer",
-        "10.99.0.2:65001,10.31.0.2:65002",
-        "--forward",
-        "local",
-        "--xdp-mode",
-        "skb",
-        "--pin-path",
-        &pins_s,
-    ];
+    let mut args = bgp_args("10.99.0.2:65001,10.31.0.2:65002", &pins_s);
+    args.extend(["--xdp-mode", "skb"]);
     let mut agent = tests::agent::Agent::spawn(&lab.node, &args).unwrap();
     // The check runs before the data plane is opened: pins mean it is done.
     let started = tests::agent::wait_until(Duration::from_secs(10), || pins.exists());

@@ -224,7 +224,7 @@ fn a_recovering_apiserver_keeps_the_connections_it_kept_through_its_drain() {
     let (mut conn, node) = lab.kept_alive_connection(|name| name != "n1").unwrap();
     let i = lab.nodes.iter().position(|n| n.name == node).unwrap();
     let ip = lab.nodes[i].ip.to_string();
-    let state = || lab.status(0).ok().and_then(|s| backend(&s, &ip).map(|b| b["state"].as_str().map(str::to_owned)))?;
+    let state = || lab.backend_state(0, &ip).map(|(state, _)| state);
     std::fs::write(lab.unready_file(i), b"").unwrap();
     assert!(wait_until(Duration::from_secs(5), || state().as_deref() == Some("draining")), "{:?}", state());
     let ns = lab.client_ns().name.clone();
@@ -289,11 +289,7 @@ fn by_ipip_a_node_stopping_for_good_is_drained_before_it_leaves() {
     assert!(log.contains("waiting for the other nodes to drain this backend"), "{log}");
     // Gone (its refusals, then silence): down, so what it still had is reset, not hung.
     let ip = lab.nodes[stopping].ip.to_string();
-    let state = || {
-        let s = lab.status(leader).ok()?;
-        let b = backend(&s, &ip)?;
-        Some((b["state"].as_str()?.to_owned(), b["reason"].as_str()?.to_owned()))
-    };
+    let state = || lab.backend_state(leader, &ip);
     assert!(
         wait_until(Duration::from_secs(5), || state() == Some(("down".into(), "vip_path".into()))),
         "{:?}",

@@ -25,13 +25,6 @@ fn table_backends(lab: &ApiLab) -> Vec<(String, bool)> {
         .unwrap_or_default()
 }
 
-/// Backend `ip`'s state and reason in the agent's table.
-fn state_of(lab: &ApiLab, ip: &str) -> Option<(String, String)> {
-    let s = lab.status(0).ok()?;
-    let b = s["services"][0]["backends"].as_array()?.iter().find(|b| b["backend"] == ip)?;
-    Some((b["state"].as_str()?.to_owned(), b["reason"].as_str()?.to_owned()))
-}
-
 fn healthy_set(lab: &ApiLab, nodes: &[usize]) -> bool {
     let mut want: Vec<String> = nodes.iter().map(|&i| lab.nodes[i].ip.to_string()).collect();
     want.sort();
@@ -66,9 +59,10 @@ fn discovered_apiservers_follow_the_endpointslices() {
     lab.register_apiservers(&[0, 2]).unwrap();
     let n2 = lab.nodes[1].ip.to_string();
     assert!(
-        wait_until(Duration::from_secs(5), || state_of(&lab, &n2) == Some(("draining".into(), "deregistered".into()))),
+        wait_until(Duration::from_secs(5), || lab.backend_state(0, &n2)
+            == Some(("draining".into(), "deregistered".into()))),
         "{:?}",
-        state_of(&lab, &n2)
+        lab.backend_state(0, &n2)
     );
     assert!(
         wait_until(Duration::from_secs(5), || table_backends(&lab)
@@ -106,8 +100,8 @@ fn a_deregistered_apiserver_keeps_its_connections_until_it_stops_serving() {
     let ip = lab.nodes[i].ip.to_string();
     let others: Vec<usize> = (0..3).filter(|&j| j != i).collect();
     lab.register_apiservers(&others).unwrap();
-    let draining = || state_of(&lab, &ip) == Some(("draining".into(), "deregistered".into()));
-    assert!(wait_until(Duration::from_secs(5), draining), "{:?}", state_of(&lab, &ip));
+    let draining = || lab.backend_state(0, &ip) == Some(("draining".into(), "deregistered".into()));
+    assert!(wait_until(Duration::from_secs(5), draining), "{:?}", lab.backend_state(0, &ip));
     let ns = lab.client_ns().name.clone();
     let kept = std::thread::scope(|s| {
         s.spawn(|| {
@@ -125,7 +119,7 @@ fn a_deregistered_apiserver_keeps_its_connections_until_it_stops_serving() {
     assert!(kept.iter().all(|r| r.as_deref() == Ok(node.as_str())), "the kept connection broke: {kept:?}");
     let (counts, errors) = lab.requests(40);
     assert!(errors.is_empty() && !counts.contains_key(&node), "a new flow went to {node}: {counts:?} {errors:?}");
-    assert!(draining(), "the drain ended early: {:?}", state_of(&lab, &ip));
+    assert!(draining(), "the drain ended early: {:?}", lab.backend_state(0, &ip));
     // It stops serving: it leaves the table.
     lab.stop_apiserver(i);
     assert!(

@@ -181,11 +181,7 @@ fn a_connection_left_on_a_node_that_stopped_for_good_is_reset_not_hung() {
     let ip = lab.nodes[i].ip.to_string();
     let (status, log) = agents[i].take().unwrap().stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(status.success(), "{log}");
-    let state = || {
-        let s = lab.status(leader).ok()?;
-        let b = s["services"][0]["backends"].as_array()?.iter().find(|b| b["backend"] == ip.as_str())?.clone();
-        Some((b["state"].as_str()?.to_owned(), b["reason"].as_str()?.to_owned()))
-    };
+    let state = || lab.backend_state(leader, &ip);
     assert!(
         wait_until(Duration::from_secs(5), || state() == Some(("down".into(), "vip_path".into()))),
         "the leader never took the node that left down: {:?}",

@@ -238,26 +238,22 @@ pub fn decap(ctx: &impl Packet, l2: &L2, outer_ihl: usize) -> Verdict {
     }
     // A leaving node refuses the peers' VIP-path probes, which IPIP carries too: they
     // drain it before its VIP leaves `lo`, as by DSR. The RST goes back unencapsulated,
-    // as a backend answers: the outer header goes first.
-    if cfg.flags & Config::F_LEAVING != 0 && probe {
-        let Some(saved) = save_l2(ctx, l2) else {
-            return Verdict::drop(Reason::ProbeRefusedLeaving);
-        };
-        // SAFETY: shrinking the head by the outer header; on failure the frame is unchanged.
-        if ctx.adjust_head(outer_ihl as i32).is_err() || restore_l2(ctx, &saved).is_none() {
-            return Verdict::drop(Reason::ProbeRefusedLeaving);
-        }
-        return crate::forward::refused(ctx, l2.l3_off);
-    }
+    // as a backend answers: from the frame stripped of its outer header, as below. A
+    // probe that cannot be stripped is dropped: refused all the same.
+    let refusing = cfg.flags & Config::F_LEAVING != 0 && probe;
+    let refused = Verdict::drop(Reason::ProbeRefusedLeaving);
     let Some(saved) = save_l2(ctx, l2) else {
-        return not_ours;
+        return if refusing { refused } else { not_ours };
     };
     // SAFETY: shrinking the head by the outer header; on failure the frame is unchanged.
     if ctx.adjust_head(outer_ihl as i32).is_err() {
-        return Verdict::pass(Reason::IpipFailed);
+        return if refusing { refused } else { Verdict::pass(Reason::IpipFailed) };
     }
     if restore_l2(ctx, &saved).is_none() {
-        return Verdict::drop(Reason::IpipFailed);
+        return if refusing { refused } else { Verdict::drop(Reason::IpipFailed) };
+    }
+    if refusing {
+        return crate::forward::refused(ctx, l2.l3_off);
     }
     Verdict::pass(Reason::IpipDecap)
 }
