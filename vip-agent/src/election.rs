@@ -379,6 +379,9 @@ impl<A: LeaseApi> Elector<A> {
 
     /// One try to acquire or renew.
     pub async fn try_acquire_or_renew(&mut self) -> Result<Try, ElectionError> {
+        if let Some(renewed) = self.renew_optimistically().await {
+            return Ok(renewed);
+        }
         let Some(current) = self.api.get().await? else {
             // Created afresh: whoever held a Lease that was deleted may still be inside
             // its fence.
@@ -421,6 +424,36 @@ impl<A: LeaseApi> Elector<A> {
                 Ok(Try::Held { fenced_until: fenced_until.map(|_| Instant::now() + self.longest_duration) })
             }
             None => Ok(Try::Following),
+        }
+    }
+
+    /// The holder's renewal written over the Lease as this process last wrote it, without
+    /// reading it first: one request where a read and a write take two, so a leader
+    /// tolerates twice the API latency within its renew deadline. client-go's fast path
+    /// (`tryAcquireOrRenew`, "update optimistically", since 1.30): taken while this process
+    /// holds the Lease by its last observation and that observation has not expired.
+    /// `None`: not taken, or the write failed (a conflict: someone else wrote the Lease,
+    /// a duplicate's announcement or a hand edit among them; or no answer), and the try
+    /// goes on with the read, as client-go's does.
+    async fn renew_optimistically(&mut self) -> Option<Try> {
+        let last = self.last.as_ref()?;
+        let (_, observed_at) = self.observed.as_ref()?;
+        if self.owner(last) != Owner::Me || *observed_at + lease_duration_of(last) <= Instant::now() {
+            return None;
+        }
+        match self.api.replace(&self.claimed(Some(last))).await {
+            Ok(Some(updated)) => {
+                self.observe(&updated, Instant::now());
+                Some(Try::Held { fenced_until: None })
+            }
+            Ok(None) => {
+                debug!("the Lease changed since this node renewed it: reading it");
+                None
+            }
+            Err(e) => {
+                debug!(error = %error_chain(&e), "renewing the Lease failed: reading it");
+                None
+            }
         }
     }
 
@@ -493,7 +526,11 @@ impl<A: LeaseApi> Elector<A> {
         next.spec = Some(spec);
         set_annotation(&mut next, ANNOTATION_INSTANCE, Some(self.cfg.instance.clone()));
         set_annotation(&mut next, ANNOTATION_RELEASED, Some(self.cfg.instance.clone()));
-        Ok(self.api.replace(&next).await?.is_some())
+        let released = self.api.replace(&next).await?;
+        if let Some(released) = &released {
+            self.observe(released, Instant::now());
+        }
+        Ok(released.is_some())
     }
 }
 
@@ -640,12 +677,13 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
             self.last_renew = start;
             self.fence.lead_until(start + self.cfg.renew_deadline);
         }
-        // A leader's try may use what is left of its renew deadline; a follower's, one
-        // retry period.
+        // A leader's try may use what is left of its renew deadline; a follower's, a
+        // whole renew deadline: its read, and the write that acquires (one retry period,
+        // as before, made a follower give up on an API a leader still renews through).
         let budget = if self.leading {
             (self.last_renew + self.cfg.renew_deadline).saturating_duration_since(start)
         } else {
-            self.cfg.retry_period
+            self.cfg.renew_deadline
         }
         .max(Duration::from_millis(50));
         let answered = match tokio::time::timeout(budget, self.elector.try_acquire_or_renew()).await {
@@ -860,9 +898,10 @@ mod tests {
         assert_eq!(error_chain(&e), "Lease API: client error (Connect): invalid peer certificate: UnknownIssuer");
     }
 
-    /// An in-memory Lease store with the API server's resourceVersion semantics.
+    /// An in-memory Lease store with the API server's resourceVersion semantics; counts
+    /// its reads.
     #[derive(Clone, Default)]
-    struct Store(Arc<Mutex<(u64, Option<Lease>)>>);
+    struct Store(Arc<Mutex<(u64, Option<Lease>)>>, Arc<std::sync::atomic::AtomicUsize>);
 
     impl Store {
         fn edit(&self, f: impl FnOnce(&mut Lease)) {
@@ -881,6 +920,7 @@ mod tests {
 
     impl LeaseApi for Store {
         async fn get(&self) -> Result<Option<Lease>, ElectionError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(self.0.lock().unwrap().1.clone())
         }
 
@@ -952,6 +992,35 @@ mod tests {
 
     fn fenced(t: Try) -> bool {
         matches!(t, Try::Held { fenced_until: Some(_) })
+    }
+
+    /// client-go's optimistic renewal: the holder writes without reading while its last
+    /// observation holds; a conflict (someone else wrote) sends it back to reading, in the
+    /// same try; a follower and an expired observation always read.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_leader_renews_with_one_write_and_reads_after_a_conflict() {
+        let reads = |store: &Store| store.1.load(std::sync::atomic::Ordering::Relaxed);
+        let store = Store::default();
+        let mut a = Elector::new(store.clone(), cfg("a"));
+        let mut b = Elector::new(store.clone(), cfg("b"));
+        a.try_acquire_or_renew().await.unwrap();
+        b.try_acquire_or_renew().await.unwrap();
+        let before = reads(&store);
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_millis(200)).await;
+            assert_eq!(a.try_acquire_or_renew().await.unwrap(), HELD);
+        }
+        assert_eq!(reads(&store), before, "a renewal read the Lease");
+        assert_eq!(b.try_acquire_or_renew().await.unwrap(), Try::Following);
+        assert_eq!(reads(&store), before + 1, "a follower always reads");
+        store.edit(|l| set_annotation(l, "example.com/edited", Some("by hand".into())));
+        assert_eq!(a.try_acquire_or_renew().await.unwrap(), HELD, "renewed after the conflict, in the same try");
+        assert_eq!(reads(&store), before + 2);
+        let lease = store.0.lock().unwrap().1.clone().unwrap();
+        assert_eq!(annotation(&lease, "example.com/edited"), Some("by hand"), "the edit was overwritten");
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        a.try_acquire_or_renew().await.unwrap();
+        assert_eq!(reads(&store), before + 3, "an observation past its duration is read again");
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
