@@ -392,6 +392,36 @@ fn a_closed_log_pipe_neither_stops_the_agent_nor_leaves_anything_behind() {
     assert!(!pins.exists(), "left pins behind");
 }
 
+/// Every signal that would end the agent by default ends it cleanly instead: SIGHUP
+/// (the terminal of an agent run in the foreground closed) and SIGQUIT stop it as
+/// SIGTERM does, leaving nothing behind; SIGUSR1 and SIGUSR2 are logged and ignored. A
+/// new-user trial found SIGHUP killing the agent silently, its VIP left on `lo` and its
+/// program answering ARP with nobody to fence it (`--election none`).
+#[test]
+fn a_hangup_stops_the_agent_cleanly_and_user_signals_are_ignored() {
+    let lab = lab(false);
+    let lo_before = lab.node.addrs("lo").unwrap();
+    for stop in [libc::SIGHUP, libc::SIGQUIT] {
+        let pins = pin_dir(&lab.node.name).unwrap();
+        let mut agent = Agent::spawn(&lab.node, &agent_args(&pins)).unwrap();
+        assert!(wait_until(Duration::from_secs(10), || leads(&lab.node, &pins)), "signal {stop}: never led");
+        for ignored in [libc::SIGUSR1, libc::SIGUSR2] {
+            let pid = agent.pid().unwrap() as i32;
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(pid, ignored) };
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(agent.running() && leads(&lab.node, &pins), "a user signal stopped the agent");
+        let (status, log) = agent.stop(stop, Duration::from_secs(10)).unwrap();
+        assert!(status.success(), "signal {stop}: {status:?}\n{log}");
+        assert_eq!(log.matches("ignored (it has no meaning here)").count(), 2, "{log}");
+        assert!(log.contains("stopping"), "signal {stop}: no clean stop logged:\n{log}");
+        assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "signal {stop}: left XDP attached");
+        assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "signal {stop}: left the VIP on lo");
+        assert!(!pins.exists(), "signal {stop}: left pins behind");
+    }
+}
+
 #[test]
 fn missing_privileges_fail_cleanly() {
     let lab = lab(false);

@@ -22,7 +22,7 @@ mod node;
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use tokio::{
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     sync::mpsc,
 };
 use tracing::{info_span, warn, Instrument};
@@ -170,16 +170,62 @@ async fn warn_off_link_peers(nl: &Netlink, dev: &netdev::Netdev, bgp: &crate::co
     }
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// The signals the agent handles: every one whose default action would end the process
+/// and that can be caught, so that none ends it half-applied (a VIP left on `lo`, the
+/// program attached and answering with nobody to fence it). SIGKILL cannot be caught:
+/// the data plane's deadline fences a killed agent.
+struct Signals {
+    /// Stop as SIGTERM does: SIGTERM, SIGINT (Ctrl-C), SIGHUP (the terminal of an agent
+    /// run in the foreground closed, e.g. a dropped SSH session), SIGQUIT (`Ctrl-\`).
+    stop: [(&'static str, Signal); 4],
+    /// Logged and ignored: SIGUSR1, SIGUSR2 (no meaning here; their default would kill).
+    ignored: [(&'static str, Signal); 2],
+}
+
+/// What [`Signals::next`] received.
+enum Next {
+    Stop(&'static str),
+    Ignored(&'static str),
+}
+
+impl Signals {
+    fn install() -> Result<Self, RunError> {
+        let one = |kind: SignalKind, name: &'static str| {
+            signal(kind).map(|s| (name, s)).map_err(|source| RunError::Signal { signal: name, source })
+        };
+        Ok(Self {
+            stop: [
+                one(SignalKind::terminate(), "SIGTERM")?,
+                one(SignalKind::interrupt(), "SIGINT")?,
+                one(SignalKind::hangup(), "SIGHUP")?,
+                one(SignalKind::quit(), "SIGQUIT")?,
+            ],
+            ignored: [one(SignalKind::user_defined1(), "SIGUSR1")?, one(SignalKind::user_defined2(), "SIGUSR2")?],
+        })
+    }
+
+    /// The next signal received.
+    async fn next(&mut self) -> Next {
+        let [(term, t), (int, i), (hup, h), (quit, q)] = &mut self.stop;
+        let [(usr1, u1), (usr2, u2)] = &mut self.ignored;
+        tokio::select! {
+            _ = t.recv() => Next::Stop(term),
+            _ = i.recv() => Next::Stop(int),
+            _ = h.recv() => Next::Stop(hup),
+            _ = q.recv() => Next::Stop(quit),
+            _ = u1.recv() => Next::Ignored(usr1),
+            _ = u2.recv() => Next::Ignored(usr2),
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM, or another signal that stops it ([`Signals`]).
 pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
     let span = info_span!("run", interface = %cfg.interface);
     async move {
         // Nothing below touches the host until the data plane is opened.
         crate::caps::check(cfg.mode == Mode::Arp || cfg.forward != ForwardMode::Local)?;
-        let mut sigterm =
-            signal(SignalKind::terminate()).map_err(|source| RunError::Signal { signal: "SIGTERM", source })?;
-        let mut sigint =
-            signal(SignalKind::interrupt()).map_err(|source| RunError::Signal { signal: "SIGINT", source })?;
+        let mut signals = Signals::install()?;
         let dev = netdev::lookup(&cfg.interface)?;
         if cfg.mode == Mode::Bgp && dev.ipv4.is_none() {
             return Err(crate::announce::bgp::BgpError::NoNextHop.into());
@@ -246,8 +292,10 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 Some(found) = recv(&mut inputs.discovered) => node.on_discovered(found).await,
                 Some(event) = inputs.announce.recv() => node.on_announce_event(event),
                 _ = tick.tick() => node.on_tick().await,
-                _ = sigterm.recv() => break "SIGTERM",
-                _ = sigint.recv() => break "SIGINT",
+                signal = signals.next() => match signal {
+                    Next::Stop(name) => break name,
+                    Next::Ignored(name) => tracing::info!(signal = name, "ignored (it has no meaning here)"),
+                },
             }
         };
         node.stop(signal).await;
