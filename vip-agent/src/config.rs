@@ -322,7 +322,7 @@ pub struct RunArgs {
     pub health_server_name: String,
     /// Do not verify backend certificates (only when asked: prefer --health-ca). Not
     /// with --health-ca: which of the two was meant is the operator's to say.
-    #[arg(long, env = "VIP_HEALTH_INSECURE", conflicts_with = "health_ca")]
+    #[arg(long, env = "VIP_HEALTH_INSECURE")]
     pub health_insecure: bool,
     /// XDP attach mode (with --attach xdp).
     #[arg(long, env = "VIP_XDP_MODE", value_enum, default_value_t = AttachMode::Auto)]
@@ -534,6 +534,10 @@ pub enum ConfigError {
     Interface(#[from] netdev::NetdevError),
     #[error("--config {path}: {why}")]
     File { path: String, why: String },
+    /// Checked on the values, not by clap's `conflicts_with`, which counts a variable
+    /// set to false (`VIP_HEALTH_INSECURE=false`, as templated units write) as given.
+    #[error("--health-insecure cannot be used with --health-ca: which of the two was meant is the operator's to say")]
+    InsecureWithCa,
 }
 
 impl TryFrom<RunArgs> for RunConfig {
@@ -567,6 +571,9 @@ impl TryFrom<RunArgs> for RunConfig {
             }
         }
         maglev::validate_size(args.maglev_size).map_err(ConfigError::Maglev)?;
+        if args.health_insecure && args.health_ca.is_some() {
+            return Err(ConfigError::InsecureWithCa);
+        }
         for (flag, value, ok, range) in [
             ("health-interval", args.health_interval, in_range(args.health_interval, 10, 3_600_000), "10ms to 1h"),
             ("health-timeout", args.health_timeout, in_range(args.health_timeout, 10, 3_600_000), "10ms to 1h"),
@@ -900,8 +907,11 @@ fn file_args(
     let err = |why: String| ConfigError::File { path: shown.clone(), why };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
-    let serde_yaml::Value::Mapping(map) = doc else {
-        return Err(err("expected a mapping of flag names to values".into()));
+    let map = match doc {
+        serde_yaml::Value::Mapping(map) => map,
+        // An empty file, or one of comments only (every line commented out for now).
+        serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+        _ => return Err(err("expected a mapping of flag names to values".into())),
     };
     let run = Cli::command();
     let run = run.find_subcommand("run").ok_or_else(|| err("no run command".into()))?;
@@ -1235,6 +1245,23 @@ mod tests {
         let both = ["--mode", "bgp", "--bgp-local-as", "1", "--bgp-peer", "10.0.0.1:2", "--bgp-peer-file", f];
         assert!(parse(&with(&both)).unwrap_err().contains("cannot be used with"));
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    /// A file of comments only (everything commented out for now) adds nothing; it is
+    /// not refused as "not a mapping".
+    #[test]
+    fn an_empty_config_file_adds_nothing() {
+        let dir = std::env::temp_dir().join(format!("vip-config-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vip.yaml");
+        for text in ["", "# nothing yet\n", "---\n"] {
+            std::fs::write(&file, text).unwrap();
+            let cfg = parse(&with(&["--config", file.to_str().unwrap()])).unwrap();
+            assert_eq!(cfg.health.rise, 2, "{text:?}");
+        }
+        std::fs::write(&file, "- a list\n").unwrap();
+        assert!(parse(&with(&["--config", file.to_str().unwrap()])).unwrap_err().contains("expected a mapping"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -65,7 +65,38 @@ fn a_negative_value_is_named_with_its_flag() {
 #[test]
 fn an_insecure_check_with_a_ca_is_refused() {
     let line = refused(&["--health-insecure", "--health-ca", "/etc/ca.pem"], &[]);
-    assert!(line.contains("'--health-insecure' cannot be used with '--health-ca"), "{line}");
+    assert!(line.contains("--health-insecure cannot be used with --health-ca"), "{line}");
+    let line = refused(&["--health-ca", "/etc/ca.pem"], &[("VIP_HEALTH_INSECURE", "true")]);
+    assert!(
+        line.contains("--health-insecure cannot be used with --health-ca")
+            && line.contains("(from VIP_HEALTH_INSECURE)"),
+        "{line}"
+    );
+}
+
+/// A variable set to false is not set: `VIP_HEALTH_INSECURE=false` beside a CA is the
+/// CA's check (templated units write every variable). The run then fails on the
+/// interface, past the flags.
+#[test]
+fn a_flag_variable_set_to_false_does_not_conflict() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vip-agent"))
+        .args([
+            "run",
+            "--interface",
+            "nosuch0",
+            "--vip",
+            "10.0.0.1",
+            "--election",
+            "none",
+            "--health-ca",
+            "/etc/ca.pem",
+        ])
+        .env("VIP_HEALTH_INSECURE", "false")
+        .output()
+        .expect("vip-agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("cannot be used with"), "{stderr}");
 }
 
 /// A link-local VIP (169.254.0.0/16) is refused, as fe80::/10 is.
