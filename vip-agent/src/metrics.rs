@@ -266,7 +266,7 @@ impl Collector for LiveCollector {
             ConstGauge::new(i64::from(adv)).encode(family(
                 &mut encoder,
                 "vip_bgp_advertised",
-                "1 if at least one BGP peer holds this node's routes to the VIPs",
+                "1 if this node's routes to the VIPs were sent to at least one Established BGP peer (its import policy may still refuse them)",
                 MetricType::Gauge,
             )?)?;
         }

@@ -484,6 +484,12 @@ impl Backends {
             .collect()
     }
 
+    /// Every backend has had its first check result (or was carried over up from a
+    /// previous agent).
+    pub fn all_checked(&self) -> bool {
+        self.list.iter().all(|b| b.health.state() != Health::Unknown)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }

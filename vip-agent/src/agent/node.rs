@@ -42,6 +42,12 @@ struct Eligibility {
     link_up: bool,
     /// A foreign host answered for a VIP: no claim before then.
     conflict_until: Option<Instant>,
+    /// BGP mode: until every backend has its first check result (and, with discovery,
+    /// the first snapshot is in), or this deadline passes. Every node balances by its
+    /// own table there, and the router moves flows between nodes: advertised with a
+    /// table of itself alone, a node that just started sent the flows it was handed to
+    /// its own stack, which reset connections the other nodes kept on healthy backends.
+    settling_until: Option<Instant>,
 }
 
 impl Eligibility {
@@ -56,6 +62,9 @@ impl Eligibility {
         }
         if self.conflict_until.is_some_and(|t| Instant::now() < t) {
             why.push("foreign host answers for the VIP");
+        }
+        if self.settling_until.is_some() {
+            why.push("first health checks not in yet");
         }
         why
     }
@@ -103,6 +112,8 @@ pub struct Node {
     metrics: AgentMetrics,
     metrics_task: JoinHandle<()>,
     duplicate_seen: Option<Instant>,
+    /// Discovery's first snapshot is in.
+    discovered_once: bool,
     /// Whether the Lease API answers this node's election, since when, and its last
     /// error; `None` without an election, or before its first try.
     lease_api: Option<(bool, Instant, Option<String>)>,
@@ -178,6 +189,8 @@ impl Node {
             apiserver_ready: initially_leading,
             link_up: netdev::is_up(&cfg.interface),
             conflict_until: None,
+            settling_until: (cfg.mode == Mode::Bgp)
+                .then(|| Instant::now() + 2 * (cfg.health.interval + cfg.health.timeout)),
         };
         let announce = match start_announcer(&cfg, &dev, election, initially_leading, eligibility.eligible(), events) {
             Ok(a) => a,
@@ -205,6 +218,7 @@ impl Node {
             metrics,
             metrics_task,
             duplicate_seen: None,
+            discovered_once: false,
             lease_api: None,
             xdp_mode: None,
             attached: true,
@@ -281,6 +295,21 @@ impl Node {
         }
         if table_changed {
             self.update_table();
+        }
+        self.check_settled();
+    }
+
+    /// Ends the BGP mode's wait for the first checks (see [`Eligibility::settling_until`])
+    /// once every backend has a result and discovery (if on) has answered; the table was
+    /// written with them before this runs.
+    fn check_settled(&mut self) {
+        if self.eligibility.settling_until.is_none() {
+            return;
+        }
+        if self.backends.all_checked() && (!self.cfg.discover || self.discovered_once) {
+            info!("every backend checked once: this node can carry the VIPs");
+            self.eligibility.settling_until = None;
+            self.push_eligibility();
         }
     }
 
@@ -361,6 +390,8 @@ impl Node {
         if self.backends.merge_discovered(&self.cfg, &self.nl, &found).await {
             self.update_table();
         }
+        self.discovered_once = true;
+        self.check_settled();
     }
 
     /// The announcer reported.
@@ -455,6 +486,10 @@ impl Node {
         if self.eligibility.conflict_until.is_some_and(|t| Instant::now() >= t) {
             self.eligibility.conflict_until = None;
             info!("conflict hold-off over: probing the VIP again");
+        }
+        if self.eligibility.settling_until.is_some_and(|t| Instant::now() >= t) {
+            warn!("not every backend has answered its first check (or discovery has not): carrying the VIPs anyway");
+            self.eligibility.settling_until = None;
         }
         self.push_eligibility();
         let expired = self.balancer.expired_holds();

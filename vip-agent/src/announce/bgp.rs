@@ -66,7 +66,7 @@ impl BgpAnnounce {
         }
         self.advertised = eligible;
         if eligible {
-            info!(vips = ?self.vips, "advertising the VIPs");
+            info!(vips = ?self.vips, "advertising the VIPs: sent on every session as it reaches Established");
             speaker.set_advertised(self.vips.clone());
         } else {
             warn!(vips = ?self.vips, "withdrawing the VIPs: this node cannot carry them");
