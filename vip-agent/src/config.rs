@@ -118,6 +118,41 @@ impl FromStr for BgpPeerArg {
     }
 }
 
+/// Parses `--bgp-peer` as [`BgpPeerArg`] does, with errors that never show the
+/// password: clap's own error quotes the whole value, and a value from `VIP_BGP_PEER`
+/// (the DaemonSet reads it from a Secret) would put the password in the pod's log.
+#[derive(Clone)]
+struct BgpPeerParser;
+
+impl clap::builder::TypedValueParser for BgpPeerParser {
+    type Value = BgpPeerArg;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<BgpPeerArg, clap::Error> {
+        let invalid = |shown: &str, why: &str| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value '{shown}' for '--bgp-peer <IP:AS[:PASSWORD]>': {why}\n"),
+            )
+        };
+        let text = value.to_str().ok_or_else(|| invalid("(not UTF-8)", "not UTF-8"))?;
+        text.parse().map_err(|why: String| invalid(&without_password(text), &why))
+    }
+}
+
+/// `IP:AS[:PASSWORD]` with the password, if any, replaced by `<password>`.
+fn without_password(peer: &str) -> String {
+    let mut parts = peer.splitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(ip), Some(asn), Some(_)) => format!("{ip}:{asn}:<password>"),
+        _ => peer.to_owned(),
+    }
+}
+
 /// `--forward`, as the user writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Forward {
@@ -239,7 +274,13 @@ pub struct RunArgs {
     pub bgp_router_id: Option<Ipv4Addr>,
     /// BGP mode: a router to advertise to, its AS, and an optional TCP-MD5 password.
     /// Repeat the flag (or separate with commas) for several.
-    #[arg(long = "bgp-peer", env = "VIP_BGP_PEER", value_name = "IP:AS[:PASSWORD]", value_delimiter = ',')]
+    #[arg(
+        long = "bgp-peer",
+        env = "VIP_BGP_PEER",
+        value_name = "IP:AS[:PASSWORD]",
+        value_delimiter = ',',
+        value_parser = BgpPeerParser
+    )]
     pub bgp_peers: Vec<BgpPeerArg>,
     /// BGP mode: the peers, as --bgp-peer writes them (one per line, or separated by
     /// commas), from a file readable by root alone: where a password must stay out of
@@ -1245,6 +1286,26 @@ mod tests {
         let both = ["--mode", "bgp", "--bgp-local-as", "1", "--bgp-peer", "10.0.0.1:2", "--bgp-peer-file", f];
         assert!(parse(&with(&both)).unwrap_err().contains("cannot be used with"));
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    /// A bad `--bgp-peer` is named without its password, wherever it came from (clap's
+    /// own error quoted the whole value, which the DaemonSet reads from a Secret).
+    #[test]
+    fn a_bad_bgp_peer_is_named_without_its_password() {
+        let bgp = ["--mode", "bgp", "--bgp-local-as", "65000", "--bgp-peer"];
+        for (peer, says) in [
+            ("10.0.0.1:6500x:s3cret", "'10.0.0.1:6500x:<password>'"),
+            ("10.0.0.1:65001:", "'10.0.0.1:65001:<password>'"),
+            ("10.0.0.1:0:s3cret", "AS 0 is reserved"),
+            ("host:65001:s3cret", "\"host\" is not an IPv4 address"),
+            ("10.0.0.1", "the peer's AS is missing"),
+        ] {
+            let mut args = bgp.to_vec();
+            args.push(peer);
+            let e = parse(&with(&args)).unwrap_err();
+            assert!(e.contains(says) && e.contains("--bgp-peer"), "{peer}: {e}");
+            assert!(!e.contains("s3cret"), "a password in an error: {e}");
+        }
     }
 
     /// A file of comments only (everything commented out for now) adds nothing; it is

@@ -285,6 +285,11 @@ impl FromStr for Dur {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
+        // Zero is zero in every unit: "0" needs none (as Go's ParseDuration has it), and
+        // the help of `--bgp-hold-time` says "0, or 3s to 65535s".
+        if s == "0" {
+            return Ok(Dur(Duration::ZERO));
+        }
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| format!("{s:?} has no unit (write e.g. 500ms, 2s, 1m)"))?;
@@ -366,6 +371,7 @@ mod tests {
             ("500ms", "500ms"),
             ("0.001ms", "0.001ms"),
             ("0s", "0s"),
+            ("0", "0s"),
         ] {
             let d: Dur = text.parse().unwrap();
             assert_eq!(d.to_string(), shown, "{text}");

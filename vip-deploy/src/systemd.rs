@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use crate::{
     settings::Settings,
-    workload::{static_pod, CAPABILITIES, TERMINATION_GRACE_SECONDS},
+    workload::{capabilities, static_pod, TERMINATION_GRACE_SECONDS},
 };
 
 /// The unit file for `s`, ending in a newline.
@@ -28,7 +28,7 @@ pub fn unit(s: &Settings) -> String {
         .filter(|e| e.name.starts_with("VIP_"))
         .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
         .collect();
-    let caps: Vec<String> = CAPABILITIES.iter().map(|c| format!("CAP_{c}")).collect();
+    let caps: Vec<String> = capabilities(s).iter().map(|c| format!("CAP_{c}")).collect();
     let mut out = String::new();
     let mut line = |l: &str| {
         out.push_str(l);

@@ -48,6 +48,14 @@ use crate::{
 /// to `RLIMIT_MEMLOCK`).
 pub const CAPABILITIES: &[&str] = &["NET_ADMIN", "NET_RAW", "BPF", "PERFMON"];
 
+/// The capabilities the agent needs with `s`: [`CAPABILITIES`], without `NET_RAW` in
+/// BGP mode forwarding to the local stack (nothing to announce by ARP, no backend to
+/// probe): what is not needed is not granted.
+pub fn capabilities(s: &Settings) -> Vec<&'static str> {
+    let raw_unused = s.mode == Mode::Bgp && s.forward == Forward::Local;
+    CAPABILITIES.iter().copied().filter(|c| !(raw_unused && *c == "NET_RAW")).collect()
+}
+
 /// Where bpffs is mounted on the host and in the container: the agent pins its maps and
 /// XDP link under `/sys/fs/bpf/vip`, so the next pod adopts them.
 const BPFFS: &str = "/sys/fs/bpf";
@@ -246,7 +254,7 @@ fn container(s: &Settings) -> Container {
             ])),
             ..ResourceRequirements::default()
         }),
-        security_context: Some(security_context()),
+        security_context: Some(security_context(s)),
         // The agent's last line on a failed start (one line naming the bad value) shows in
         // `kubectl describe pod`.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -262,10 +270,10 @@ fn container(s: &Settings) -> Container {
     }
 }
 
-fn security_context() -> SecurityContext {
+fn security_context(s: &Settings) -> SecurityContext {
     SecurityContext {
         capabilities: Some(Capabilities {
-            add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
+            add: Some(capabilities(s).iter().map(|c| (*c).to_owned()).collect()),
             drop: Some(vec!["ALL".into()]),
         }),
         privileged: Some(false),
@@ -531,6 +539,24 @@ mod tests {
         assert_eq!((key.name.as_str(), key.key.as_str()), ("vip-bgp", BGP_PEER_SECRET_KEY));
         assert_eq!(value_of(&vars, "VIP_BGP_HOLD_TIME"), Some("9s"));
         assert_eq!(value_of(&vars, "VIP_MODE"), Some("bgp"));
+    }
+
+    /// `NET_RAW` only where something uses it: not in BGP mode forwarding to the local
+    /// stack (no ARP, no backend probed), which a new-user trial ran under
+    /// `capsh --drop=cap_net_raw`.
+    #[test]
+    fn net_raw_is_granted_only_where_it_is_used() {
+        let caps = |extra: &[&str]| {
+            let mut flags = vec!["--vip=192.0.2.10", "--interface=eth0"];
+            flags.extend(extra);
+            let s = settings(Kind::Daemonset, &flags);
+            security_context(&s).capabilities.unwrap().add.unwrap()
+        };
+        let bgp = ["--mode=bgp", "--bgp-local-as=65010", "--bgp-peer-secret=vip-bgp"];
+        assert!(caps(&[]).contains(&"NET_RAW".to_owned()));
+        assert!(caps(&bgp).contains(&"NET_RAW".to_owned()), "BGP with DSR probes its backends");
+        let local = caps(&[&bgp[..], &["--forward=local"]].concat());
+        assert_eq!(local, ["NET_ADMIN", "BPF", "PERFMON"]);
     }
 
     #[test]
