@@ -301,6 +301,13 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
     assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "BGP without IPv4 left XDP attached");
     assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "BGP without IPv4 changed lo");
     assert!(!pins.exists(), "BGP without IPv4 left pins behind");
+    // A BGP peer that is this node's own address: refused, not retried for ever.
+    let bgp = bgp_args("10.31.0.1:65001", &pins_s);
+    let (status, stderr) = run_to_exit(&lab.node, &bgp, Duration::from_secs(10)).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--bgp-peer 10.31.0.1 is an address of this node"), "{stderr}");
+    assert!(!lab.node.has_xdp(NODE_DEV).unwrap() && !pins.exists(), "a peer on this node left state behind");
 }
 
 /// BGP routes name the interface's address as their next hop, which a router reached

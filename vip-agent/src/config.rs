@@ -791,6 +791,13 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
         if !seen.insert(p.ip) {
             return Err(err(format!("--bgp-peer {} is given twice", p.ip)));
         }
+        let ip = p.ip;
+        if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+            return Err(err(format!("--bgp-peer {ip}: not a router's address (loopback, unspecified or multicast)")));
+        }
+        if args.vips.contains(&IpAddr::V4(ip)) {
+            return Err(err(format!("--bgp-peer {ip} is a VIP: a BGP peer is a router")));
+        }
     }
     let (hold, keepalive) = (args.bgp_hold_time.map(|d| d.0), args.bgp_keepalive.map(|d| d.0));
     if let Some(vip_deploy::vips::BgpTimerProblem { flag, value, why }) =
@@ -1299,6 +1306,8 @@ mod tests {
             ("10.0.0.1:0:s3cret", "AS 0 is reserved"),
             ("host:65001:s3cret", "\"host\" is not an IPv4 address"),
             ("10.0.0.1", "the peer's AS is missing"),
+            ("127.0.0.1:65001:s3cret", "--bgp-peer 127.0.0.1: not a router's address"),
+            ("10.0.0.1:65001:s3cret", "--bgp-peer 10.0.0.1 is a VIP"),
         ] {
             let mut args = bgp.to_vec();
             args.push(peer);

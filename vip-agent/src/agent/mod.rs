@@ -239,6 +239,11 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         host.preflight().await?;
         refuse_foreign_xdp(&nl, &dev, &cfg).await?;
         if let Some(bgp) = &cfg.bgp {
+            for peer in &bgp.peers {
+                if nl.has_address(peer.ip).await? {
+                    return Err(crate::announce::bgp::BgpError::PeerIsThisNode { peer: peer.ip }.into());
+                }
+            }
             warn_off_link_peers(&nl, &dev, bgp).await;
         }
         let host_events = netlink::watch_host(cfg.interface.clone())?;

@@ -24,6 +24,8 @@ use crate::{
 pub enum BgpError {
     #[error("--mode bgp: the interface has no IPv4 address to use as next hop (and router id); add one or choose another --interface")]
     NoNextHop,
+    #[error("--bgp-peer {peer} is an address of this node: a BGP peer is a router")]
+    PeerIsThisNode { peer: Ipv4Addr },
     #[error("--mode bgp: starting the BGP speaker")]
     Start(#[source] StartError),
 }
