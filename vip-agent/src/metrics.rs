@@ -6,6 +6,7 @@
 //! and per-reason counters), so a scrape always shows what the kernel is doing.
 
 use std::{
+    collections::BTreeSet,
     fmt,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
@@ -37,6 +38,10 @@ use crate::{
 
 type Labels = Vec<(String, String)>;
 
+fn backend_labels(backend: Ipv4Addr) -> Labels {
+    vec![("backend".to_owned(), backend.to_string())]
+}
+
 /// The agent-side metrics.
 #[derive(Clone)]
 pub struct AgentMetrics {
@@ -50,11 +55,39 @@ pub struct AgentMetrics {
     pub duplicate_identity: Gauge,
     /// 1 while the Lease holder serves other VIPs than this node.
     pub leader_vips_differ: Gauge,
+    /// The backends `health_latency` has a series for, so that a backend that left can
+    /// lose its series (a Family cannot list its labels).
+    checked: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
 }
 
 impl AgentMetrics {
     pub fn observe_check(&self, backend: Ipv4Addr, seconds: f64) {
-        self.health_latency.get_or_create(&vec![("backend".to_owned(), backend.to_string())]).observe(seconds);
+        self.health_latency.get_or_create(&backend_labels(backend)).observe(seconds);
+        if let Ok(mut checked) = self.checked.lock() {
+            checked.insert(backend);
+        }
+    }
+
+    /// Drops the check-duration series of every backend not in `current` (removed from
+    /// the table): with discovery's churn, frozen series of gone apiservers would pile up.
+    pub fn forget_backends_except(&self, current: &BTreeSet<Ipv4Addr>) {
+        let Ok(mut checked) = self.checked.lock() else { return };
+        for gone in checked.iter().filter(|ip| !current.contains(ip)) {
+            self.health_latency.remove(&backend_labels(*gone));
+        }
+        checked.retain(|ip| current.contains(ip));
+    }
+
+    /// Every series this node can count, at 0 before its first event, so that an
+    /// `increase(...) > 0` alert sees the first one: a repair of each kind, a conflict
+    /// for each VIP.
+    pub fn start_at_zero(&self, vips: &[std::net::IpAddr], attachment: &str) {
+        for what in ["vip_address", "arp_sysctl", "forwarding", attachment] {
+            self.host_repairs.get_or_create(&vec![("what".to_owned(), what.to_owned())]);
+        }
+        for vip in vips {
+            self.arp_conflicts.get_or_create(&vec![("vip".to_owned(), vip.to_string())]);
+        }
     }
 
     pub fn repaired(&self, what: &str) {
@@ -84,6 +117,7 @@ pub fn registry(maps: Maps, live: SharedView) -> (Registry, AgentMetrics) {
         arp_conflicts: Family::default(),
         duplicate_identity: Gauge::default(),
         leader_vips_differ: Gauge::default(),
+        checked: Arc::default(),
     };
     registry.register(
         "vip_health_check_duration_seconds",
@@ -394,4 +428,61 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
         }
     }
     Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> (Registry, AgentMetrics) {
+        let m = AgentMetrics {
+            health_latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14))),
+            table_rebuilds: Counter::default(),
+            host_repairs: Family::default(),
+            arp_conflicts: Family::default(),
+            duplicate_identity: Gauge::default(),
+            leader_vips_differ: Gauge::default(),
+            checked: Arc::default(),
+        };
+        let mut r = Registry::default();
+        r.register("check", "", m.health_latency.clone());
+        r.register("repairs", "", m.host_repairs.clone());
+        r.register("conflicts", "", m.arp_conflicts.clone());
+        (r, m)
+    }
+
+    fn text(r: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, r).unwrap();
+        out
+    }
+
+    /// A backend that left the table loses its check-duration series; the others keep
+    /// theirs.
+    #[test]
+    fn a_removed_backend_loses_its_check_series() {
+        let (r, m) = metrics();
+        let (a, b) = (Ipv4Addr::new(10, 0, 0, 11), Ipv4Addr::new(10, 0, 0, 12));
+        m.observe_check(a, 0.001);
+        m.observe_check(b, 0.001);
+        m.forget_backends_except(&BTreeSet::from([a]));
+        let out = text(&r);
+        assert!(out.contains("check_count{backend=\"10.0.0.11\"} 1"), "{out}");
+        assert!(!out.contains("10.0.0.12"), "{out}");
+    }
+
+    /// Every repair kind and every VIP's conflicts are shown at 0 before the first event.
+    #[test]
+    fn counters_exist_at_zero_before_their_first_event() {
+        let (r, m) = metrics();
+        m.start_at_zero(&["10.0.0.100".parse().unwrap()], "xdp_attachment");
+        let out = text(&r);
+        for line in [
+            "repairs_total{what=\"vip_address\"} 0",
+            "repairs_total{what=\"xdp_attachment\"} 0",
+            "conflicts_total{vip=\"10.0.0.100\"} 0",
+        ] {
+            assert!(out.contains(line), "{line} missing:\n{out}");
+        }
+    }
 }

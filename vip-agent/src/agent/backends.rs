@@ -484,6 +484,11 @@ impl Backends {
             .collect()
     }
 
+    /// The addresses of the backends in the list.
+    pub fn ips(&self) -> BTreeSet<Ipv4Addr> {
+        self.list.iter().map(|b| b.ip).collect()
+    }
+
     /// Every backend has had its first check result (or was carried over up from a
     /// previous agent).
     pub fn all_checked(&self) -> bool {

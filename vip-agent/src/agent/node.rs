@@ -153,6 +153,13 @@ impl Node {
         };
         let live = SharedView::default();
         let (registry, metrics) = metrics::registry(pinned, live.clone());
+        metrics.start_at_zero(
+            &cfg.vips,
+            match cfg.attach {
+                crate::dataplane::Hook::Xdp => "xdp_attachment",
+                crate::dataplane::Hook::Tcx => "tcx_attachment",
+            },
+        );
         let metrics_task = tokio::spawn(metrics::serve(s.metrics_listener, Arc::new(registry), live.clone()));
         info!(addr = %cfg.metrics_addr, "metrics served");
 
@@ -389,6 +396,7 @@ impl Node {
     pub async fn on_discovered(&mut self, found: BTreeSet<Endpoint>) {
         if self.backends.merge_discovered(&self.cfg, &self.nl, &found).await {
             self.update_table();
+            self.metrics.forget_backends_except(&self.backends.ips());
         }
         self.discovered_once = true;
         self.check_settled();
@@ -499,6 +507,7 @@ impl Node {
         let gone = self.backends.expire_deregistered(self.cfg.drain_hold);
         if !gone.is_empty() {
             info!(backends = ?gone, "deregistered apiservers stopped serving or their drain ended: removed");
+            self.metrics.forget_backends_except(&self.backends.ips());
         }
         if !expired.is_empty() || !gone.is_empty() {
             self.update_table();
