@@ -427,6 +427,17 @@ impl<A: LeaseApi> Elector<A> {
         }
     }
 
+    /// Reads the Lease and observes it, writing nothing: what a node that cannot carry
+    /// the VIP does each retry period, so that what it reports (the API answering, the
+    /// holder's VIPs) stays true, and its view of the holder's renewals is current when
+    /// it can carry the VIP again (an expiry it watched needs no fresh wait).
+    pub async fn observe_only(&mut self) -> Result<(), ElectionError> {
+        if let Some(current) = self.api.get().await? {
+            self.observe(&current, Instant::now());
+        }
+        Ok(())
+    }
+
     /// The holder's renewal written over the Lease as this process last wrote it, without
     /// reading it first: one request where a read and a write take two, so a leader
     /// tolerates twice the API latency within its renew deadline. client-go's fast path
@@ -810,6 +821,17 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         self.send(event).await;
     }
 
+    /// While this node cannot carry the VIP: the Lease read, not written
+    /// ([`Elector::observe_only`]), within a renew deadline, and what it says reported.
+    async fn observe_only(&mut self) {
+        match tokio::time::timeout(self.cfg.renew_deadline, self.elector.observe_only()).await {
+            Ok(Ok(())) => self.report_api(true, None).await,
+            Ok(Err(e)) => self.report_api(false, Some(error_chain(&e))).await,
+            Err(_) => self.report_api(false, Some(format!("no answer within {:?}", self.cfg.renew_deadline))).await,
+        }
+        self.report_leader_vips().await;
+    }
+
     async fn report_duplicate(&mut self) {
         let Some(other) = self.elector.duplicate().map(str::to_owned) else { return };
         if self.duplicate_reported.as_deref() != Some(other.as_str()) {
@@ -864,6 +886,8 @@ pub async fn run<A: LeaseApi, F: Fence>(
             if run.leading {
                 run.step_down("this node can no longer carry the VIP").await;
                 run.release().await;
+            } else {
+                run.observe_only().await;
             }
             continue;
         }
@@ -1317,6 +1341,30 @@ mod tests {
             self.check()?;
             self.0.replace(lease).await
         }
+    }
+
+    /// A node that cannot carry the VIP still reads the Lease, writing nothing, so
+    /// whether the API answers is reported as it is, not as it was when the node last
+    /// tried (a trial saw "answering" for a node cut off from the API).
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn an_ineligible_node_keeps_reporting_whether_the_api_answers() {
+        let refusing = Arc::new(Mutex::new(false));
+        let store = Refusing(Store::default(), refusing.clone());
+        let (_eligible_tx, eligible) = watch::channel(false);
+        let (_stop_tx, stop) = watch::channel(false);
+        let (tx, mut rx) = mpsc::channel(16);
+        let task =
+            tokio::spawn(run(Elector::new(store.clone(), cfg("a")), Recorder::default(), eligible, stop, tx, false));
+        let mut api = Vec::new();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(try_next_role(&mut rx, &mut api).is_none(), "an ineligible node took a role");
+        assert_eq!(api, [true]);
+        *refusing.lock().unwrap() = true;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(try_next_role(&mut rx, &mut api).is_none());
+        assert_eq!(api, [true, false]);
+        assert!(store.0 .0.lock().unwrap().1.is_none(), "an ineligible node wrote the Lease");
+        task.abort();
     }
 
     /// Bootstrap: while the API refuses, the node holds the VIP after a clean probe;
