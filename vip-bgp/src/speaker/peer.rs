@@ -231,7 +231,7 @@ impl<C: Connector> PeerTask<C> {
                 info!(from = %before, to = %after, "BGP state change");
             }
             // A new reason is worth a warning; the same one again (a router down for a
-            // while, retried every 30 s) only shows in the state changes.
+            // while, retried every few seconds) only shows in the state changes.
             match self.session.last_error() {
                 Some(error) if error_before.as_deref() != Some(error) => warn!(%error, "BGP peer error"),
                 _ => {}
