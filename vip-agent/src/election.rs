@@ -648,6 +648,11 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
     }
 
     async fn release(&mut self) {
+        if self.bootstrapping {
+            // A bootstrap hold never had the Lease (the API has not answered yet).
+            debug!("bootstrap hold: no Lease to release");
+            return;
+        }
         match tokio::time::timeout(self.cfg.renew_deadline, self.elector.release()).await {
             Ok(Ok(true)) => info!("released the Lease"),
             Ok(Ok(false)) => debug!("Lease not held: nothing to release"),
@@ -834,9 +839,13 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
 
     async fn report_duplicate(&mut self) {
         let Some(other) = self.elector.duplicate().map(str::to_owned) else { return };
+        // Sent again on every change: the holder's announcement carries a count it
+        // raises every `DUPLICATE_REFRESH`, which keeps the node's gauge up; the event
+        // names the instance alone.
         if self.duplicate_reported.as_deref() != Some(other.as_str()) {
             self.duplicate_reported = Some(other.clone());
-            self.send(ElectionEvent::DuplicateIdentity { other_instance: other }).await;
+            let other_instance = other.split_whitespace().next().unwrap_or("").to_owned();
+            self.send(ElectionEvent::DuplicateIdentity { other_instance }).await;
         }
     }
 }

@@ -442,10 +442,13 @@ impl Node {
                         self.publish();
                     }
                     ElectionEvent::DuplicateIdentity { other_instance } => {
-                        error!(
-                            identity = ?self.cfg.node_name, %other_instance,
-                            "duplicate node identity: another agent runs under this node name"
-                        );
+                        // Logged when first seen; the repeats only keep the gauge up.
+                        if self.duplicate_seen.is_none() {
+                            error!(
+                                identity = self.cfg.node_name.as_deref().unwrap_or_default(), %other_instance,
+                                "duplicate node identity: another agent runs under this node name"
+                            );
+                        }
                         self.metrics.duplicate_identity(true);
                         self.duplicate_seen = Some(Instant::now());
                     }
@@ -513,6 +516,7 @@ impl Node {
             self.update_table();
         }
         if self.duplicate_seen.is_some_and(|t| t.elapsed() >= DUPLICATE_MEMORY) {
+            info!(after = ?DUPLICATE_MEMORY, "no more sign of another agent under this node name");
             self.duplicate_seen = None;
             self.metrics.duplicate_identity(false);
         }
@@ -556,9 +560,9 @@ impl Node {
         let drain = self.cfg.lease.retry_period * 2 + Duration::from_millis(300);
         let release_budget = self.cfg.lease.renew_deadline * 2;
         self.announce.stop(keep, &mut self.dp, release_budget, drain).await;
-        if let Some(d) = backend_drain {
-            info!(wait = ?d.saturating_sub(started.elapsed()), "waiting for the other nodes to drain this backend");
-            tokio::time::sleep_until(started + d).await;
+        if let Some(wait) = backend_drain.map(|d| d.saturating_sub(started.elapsed())).filter(|w| !w.is_zero()) {
+            info!(?wait, "waiting for the other nodes to drain this backend");
+            tokio::time::sleep(wait).await;
         }
         self.backends.stop();
         self.metrics_task.abort();
@@ -669,9 +673,15 @@ async fn stage(
     if adopted {
         host.remove_stale_vips().await?;
     }
+    // What decides who carries the VIPs: the election (ARP mode), or each node's own
+    // health (BGP mode, which has no election).
+    let carried_by = match cfg.mode {
+        Mode::Arp => format!("election {:?}", cfg.election).to_lowercase(),
+        Mode::Bgp => "bgp".to_owned(),
+    };
     match dp.attach_pinned(dev, cfg.attach, cfg.xdp_mode, cfg.vlan != 0)? {
-        Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
-        Attached::NewTcx => info!(hook = "tcx", mac = %dev.mac, vips = ?cfg.vips, election = ?cfg.election, "serving"),
+        Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, %carried_by, "serving"),
+        Attached::NewTcx => info!(hook = "tcx", mac = %dev.mac, vips = ?cfg.vips, %carried_by, "serving"),
         Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
     }
     if adopted {
