@@ -169,7 +169,16 @@ pub struct ManifestArgs {
     pub metrics_addr: SocketAddr,
     /// Leave the data plane attached and pinned when the agent stops, so the next pod
     /// adopts it without a gap (the README's "Upgrades" section gives the trade-off).
-    #[arg(long, value_name = "BOOL", action = ArgAction::Set, default_value_t = true)]
+    /// Written as `run` takes it: alone for true, `=false` or `=true` with a value.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = ArgAction::Set,
+        default_value_t = true
+    )]
     pub keep_forwarding_on_exit: bool,
 }
 

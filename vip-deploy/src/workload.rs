@@ -541,6 +541,19 @@ mod tests {
         assert_eq!(value_of(&vars, "VIP_MODE"), Some("bgp"));
     }
 
+    /// `--keep-forwarding-on-exit` is written as `run` takes it: alone means true.
+    #[test]
+    fn keep_forwarding_is_written_as_run_takes_it() {
+        let keep = |extra: &[&str]| {
+            let mut flags = vec!["--vip=192.0.2.10", "--interface=eth0"];
+            flags.extend(extra);
+            value_of(&agent_env(&settings(Kind::Daemonset, &flags)), "VIP_KEEP_FORWARDING_ON_EXIT").map(str::to_owned)
+        };
+        assert_eq!(keep(&[]).as_deref(), Some("true"));
+        assert_eq!(keep(&["--keep-forwarding-on-exit"]).as_deref(), Some("true"));
+        assert_eq!(keep(&["--keep-forwarding-on-exit=false"]).as_deref(), Some("false"));
+    }
+
     /// `NET_RAW` only where something uses it: not in BGP mode forwarding to the local
     /// stack (no ARP, no backend probed), which a new-user trial ran under
     /// `capsh --drop=cap_net_raw`.
