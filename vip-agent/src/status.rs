@@ -32,7 +32,14 @@ fn live(addr: SocketAddr) -> Result<Value, String> {
     s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     s.write_all(b"GET /status HTTP/1.1\r\nHost: vip-agent\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
     let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    s.read_to_string(&mut text).map_err(|e| match e.kind() {
+        // A read timeout is EAGAIN on Linux: "Resource temporarily unavailable" says
+        // nothing of a hung (stopped, overloaded) agent.
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("{addr}: no answer within {timeout:?}")
+        }
+        _ => e.to_string(),
+    })?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).ok_or("malformed answer")?;
     serde_json::from_str(body).map_err(|e| e.to_string())
 }
@@ -270,6 +277,8 @@ pub fn render(s: &Value) -> String {
             }
             (None, Some(true), Some(ms)) => format!("LEADER (lease valid {ms} ms more)"),
             (None, Some(true), None) => "LEADER".to_owned(),
+            // Without a running agent the pins say only that this node does not answer.
+            (None, _, _) if s["agent"].is_null() => "not answering ARP (no agent running)".to_owned(),
             (None, _, _) => "follower".to_owned(),
         };
         let _ = writeln!(out, "vip       {:<24} {:<5} {role}", str_of(&v["vip"]), str_of(&v["family"]));
@@ -286,15 +295,17 @@ pub fn render(s: &Value) -> String {
             str_of(&svc["forward"]),
             svc["table_size"]
         );
-        let _ = writeln!(out, "  {:<16} {:<20} {:>7} {:>12} {:>14}", "BACKEND", "HEALTH", "SHARE", "PACKETS", "BYTES");
+        // HEALTH fits the longest, `DRAINING(deregistered),local`.
+        let _ = writeln!(out, "  {:<16} {:<28} {:>7} {:>12} {:>14}", "BACKEND", "HEALTH", "SHARE", "PACKETS", "BYTES");
         for b in svc["backends"].as_array().into_iter().flatten() {
             let state = str_of(&b["state"]);
-            let health = match (state.as_str(), b["local"].as_bool(), b["reason"].as_str()) {
-                ("up", Some(true), _) => "up,local".to_owned(),
-                ("up", _, _) => "up".to_owned(),
-                (s, _, Some(r)) if !r.is_empty() => format!("{}({r})", s.to_uppercase()),
-                (s, _, _) => s.to_uppercase(),
+            let health = match (state.as_str(), b["reason"].as_str()) {
+                ("up", _) => "up".to_owned(),
+                (s, Some(r)) if !r.is_empty() => format!("{}({r})", s.to_uppercase()),
+                (s, _) => s.to_uppercase(),
             };
+            // This node's own apiserver, whatever its state.
+            let health = if b["local"].as_bool() == Some(true) { format!("{health},local") } else { health };
             let share = b["table_share"].as_f64().unwrap_or(0.0) * 100.0;
             // A draining backend's slots from before its drain (see `MaglevSlot`).
             let held = match b["held_slots"].as_u64().unwrap_or(0) {
@@ -308,7 +319,7 @@ pub fn render(s: &Value) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:<16} {:<20} {:>6.1}% {:>12} {:>14}{held}{via}",
+                "  {:<16} {:<28} {:>6.1}% {:>12} {:>14}{held}{via}",
                 str_of(&b["backend"]),
                 health,
                 share,
@@ -407,6 +418,33 @@ mod tests {
         let arp =
             json!({ "agent": { "mode": "arp" }, "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }] });
         assert!(row(render(&arp)).ends_with("follower"));
+        // No agent answering: the pins say only that this node does not answer.
+        let pinned_only = json!({ "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }] });
+        assert!(row(render(&pinned_only)).ends_with("not answering ARP (no agent running)"));
+    }
+
+    /// This node's own apiserver is marked local in every state, and the longest state
+    /// keeps the columns in line.
+    #[test]
+    fn the_local_backend_is_marked_in_every_state() {
+        let backend = |ip: &str, state: &str, reason: &str| {
+            json!({ "backend": ip, "state": state, "reason": reason, "local": true,
+                    "table_share": 0.0, "held_slots": 0, "packets": 0, "bytes": 0 })
+        };
+        let status = json!({
+            "services": [{
+                "vip": "10.0.0.100", "port": 6443, "forward": "dsr", "table_size": 7, "unowned_slots": 0,
+                "backends": [backend("10.0.0.11", "up", ""), backend("10.0.0.12", "draining", "deregistered"),
+                             backend("10.0.0.13", "down", "connect")],
+            }],
+        });
+        let table = render(&status);
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("  10.0.0.1")).collect();
+        for (row, health) in rows.iter().zip(["up,local", "DRAINING(deregistered),local", "DOWN(connect),local"]) {
+            assert!(row.contains(&format!(" {health} ")), "{health}: {table}");
+        }
+        let share_at: Vec<Option<usize>> = rows.iter().map(|r| r.find('%')).collect();
+        assert!(share_at.windows(2).all(|w| w[0] == w[1]), "columns out of line:\n{table}");
     }
 
     /// A draining backend's row says how much of the table it still holds.
