@@ -502,6 +502,8 @@ pub struct BgpConfig {
     pub peers: Vec<BgpPeerArg>,
     pub hold_time: Duration,
     pub keepalive: Option<Duration>,
+    /// `--bgp-peer-file`, if the peers came from one.
+    pub peer_file: Option<PathBuf>,
 }
 
 /// Lease name and timers.
@@ -806,7 +808,14 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
         return Err(err(format!("--{flag} {}: {why}", Dur(value))));
     }
     let hold = hold.unwrap_or(vip_deploy::vips::DEFAULT_BGP_HOLD_TIME);
-    Ok(Some(BgpConfig { local_as, router_id: args.bgp_router_id, peers, hold_time: hold, keepalive }))
+    Ok(Some(BgpConfig {
+        local_as,
+        router_id: args.bgp_router_id,
+        peers,
+        hold_time: hold,
+        keepalive,
+        peer_file: args.bgp_peer_file.clone(),
+    }))
 }
 
 /// The peers of `--bgp-peer-file`: `IP:AS[:PASSWORD]` entries, one per line or separated

@@ -305,7 +305,14 @@ impl Session {
             State::OpenConfirm | State::Established => State::Idle,
             State::Idle | State::Connect | State::Active => return,
         };
-        self.drop_session(None, format!("connection closed: {reason}"), next);
+        // A router closes on a speaker it has no neighbor for, right after its OPEN: the
+        // bare "connection reset" would not say so.
+        let hint = if self.state == State::OpenSent {
+            " (before the router's OPEN: is this node configured as its neighbor, with this address and AS?)"
+        } else {
+            ""
+        };
+        self.drop_session(None, format!("connection closed: {reason}{hint}"), next);
     }
 
     fn on_timer(&mut self, timer: Timer) {
@@ -329,7 +336,17 @@ impl Session {
     fn on_message(&mut self, message: Message) {
         match (self.state, message) {
             (state, Message::Notification(notification)) if state.connected() => {
-                self.drop_session(None, format!("NOTIFICATION received {notification}"), State::Idle);
+                // Bad Peer AS from the router: it expects another AS than the one we
+                // sent, ours (the router's own AS is what our configuration names).
+                let hint = if (notification.code, notification.subcode) == (n::OPEN_MESSAGE_ERROR, n::BAD_PEER_AS) {
+                    format!(
+                        " (the router expects another AS than ours, {}: check --bgp-local-as)",
+                        self.config.local_as
+                    )
+                } else {
+                    String::new()
+                };
+                self.drop_session(None, format!("NOTIFICATION received {notification}{hint}"), State::Idle);
             }
             (State::OpenSent, Message::Open(open)) => self.on_open(&open),
             (State::OpenConfirm, Message::Keepalive) => self.on_established(),
@@ -831,11 +848,23 @@ mod tests {
         );
     }
 
+    /// Bad Peer AS from the router names the AS we sent: the one to check.
+    #[test]
+    fn a_bad_peer_as_from_the_router_names_our_as() {
+        let mut session = in_open_sent(config());
+        let bad_peer_as = Notification::new(n::OPEN_MESSAGE_ERROR, n::BAD_PEER_AS, Vec::new());
+        session.handle(Event::Received(Message::Notification(bad_peer_as)));
+        let error = session.last_error().unwrap_or_default();
+        assert!(error.ends_with("(the router expects another AS than ours, 65000: check --bgp-local-as)"), "{error}");
+    }
+
     #[test]
     fn a_connection_lost_in_open_sent_goes_to_active_and_later_to_idle() {
         let mut session = in_open_sent(config());
         session.handle(Event::TcpClosed("reset by peer".into()));
         assert_eq!(session.state(), State::Active);
+        let error = session.last_error().unwrap_or_default();
+        assert!(error.ends_with("is this node configured as its neighbor, with this address and AS?)"), "{error}");
         let mut session = established(config());
         let actions = session.handle(Event::TcpClosed("reset by peer".into()));
         assert_eq!(session.state(), State::Idle);

@@ -170,6 +170,27 @@ async fn warn_off_link_peers(nl: &Netlink, dev: &netdev::Netdev, bgp: &crate::co
     }
 }
 
+/// The peer file holds the TCP-MD5 passwords, so it should be readable by root alone
+/// (`--bgp-peer-file`'s help says so). A warning, not a refusal: a Secret mounted as a
+/// volume is 0644 unless its `defaultMode` says otherwise.
+fn warn_readable_peer_file(bgp: &crate::config::BgpConfig) {
+    if let Some((path, mode)) = readable_peer_file(bgp) {
+        warn!(
+            file = %path.display(), mode = format!("{mode:04o}"),
+            "the BGP peer file, which holds passwords, is readable by other users than its owner: chmod 600 it"
+        );
+    }
+}
+
+/// The peer file and its mode, if it holds a password and others than its owner may
+/// read it.
+fn readable_peer_file(bgp: &crate::config::BgpConfig) -> Option<(&std::path::Path, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = bgp.peer_file.as_deref()?;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0 && bgp.peers.iter().any(|p| p.password.is_some())).then_some((path, mode))
+}
+
 /// The signals the agent handles: every one whose default action would end the process
 /// and that can be caught, so that none ends it half-applied (a VIP left on `lo`, the
 /// program attached and answering with nobody to fence it). SIGKILL cannot be caught:
@@ -245,6 +266,7 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
                 }
             }
             warn_off_link_peers(&nl, &dev, bgp).await;
+            warn_readable_peer_file(bgp);
         }
         let host_events = netlink::watch_host(cfg.interface.clone())?;
         let (kc, api) = (cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref());
@@ -340,5 +362,45 @@ async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::config::{BgpConfig, BgpPeerArg};
+
+    /// A peer file with a password that others may read is warned of; a root-only one,
+    /// or one without passwords, is not.
+    #[test]
+    fn a_peer_file_others_may_read_is_found_when_it_holds_a_password() {
+        let file = std::env::temp_dir().join(format!("vip-peer-file-test-{}", std::process::id()));
+        std::fs::write(&file, "10.0.0.1:65001:s3cret\n").unwrap();
+        let peer = |password: Option<&str>| BgpPeerArg {
+            ip: [10, 0, 0, 1].into(),
+            asn: 65001,
+            password: password.map(str::to_owned),
+        };
+        let bgp = |password| BgpConfig {
+            local_as: 65000,
+            router_id: None,
+            peers: vec![peer(password)],
+            hold_time: std::time::Duration::from_secs(9),
+            keepalive: None,
+            peer_file: Some(file.clone()),
+        };
+        for (mode, password, found) in
+            [(0o644, Some("s3cret"), true), (0o600, Some("s3cret"), false), (0o644, None, false)]
+        {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(
+                readable_peer_file(&bgp(password)).map(|(_, m)| m),
+                found.then_some(mode),
+                "{mode:o} {password:?}"
+            );
+        }
+        std::fs::remove_file(&file).unwrap();
     }
 }
