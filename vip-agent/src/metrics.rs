@@ -83,10 +83,10 @@ impl AgentMetrics {
     /// for each VIP.
     pub fn start_at_zero(&self, vips: &[std::net::IpAddr], attachment: &str) {
         for what in ["vip_address", "arp_sysctl", "forwarding", attachment] {
-            self.host_repairs.get_or_create(&vec![("what".to_owned(), what.to_owned())]);
+            let _ = self.host_repairs.get_or_create(&vec![("what".to_owned(), what.to_owned())]);
         }
         for vip in vips {
-            self.arp_conflicts.get_or_create(&vec![("vip".to_owned(), vip.to_string())]);
+            let _ = self.arp_conflicts.get_or_create(&vec![("vip".to_owned(), vip.to_string())]);
         }
     }
 
