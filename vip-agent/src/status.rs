@@ -295,6 +295,9 @@ pub fn render(s: &Value) -> String {
             str_of(&svc["forward"]),
             svc["table_size"]
         );
+        if svc["forward"].as_str() == Some("local") {
+            let _ = writeln!(out, "  (every flow goes to this node's own apiserver: the shares below are not used)");
+        }
         // HEALTH fits the longest, `DRAINING(deregistered),local`.
         let _ = writeln!(out, "  {:<16} {:<28} {:>7} {:>12} {:>14}", "BACKEND", "HEALTH", "SHARE", "PACKETS", "BYTES");
         for b in svc["backends"].as_array().into_iter().flatten() {
@@ -421,6 +424,17 @@ mod tests {
         // No agent answering: the pins say only that this node does not answer.
         let pinned_only = json!({ "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }] });
         assert!(row(render(&pinned_only)).ends_with("not answering ARP (no agent running)"));
+    }
+
+    /// With `--forward local` the table's shares are said not to be used.
+    #[test]
+    fn a_local_service_says_its_shares_are_unused() {
+        let service = |forward: &str| {
+            json!({ "services": [{ "vip": "10.0.0.100", "port": 6443, "forward": forward, "table_size": 7,
+                                   "unowned_slots": 0, "backends": [] }] })
+        };
+        assert!(render(&service("local")).contains("the shares below are not used"));
+        assert!(!render(&service("dsr")).contains("not used"));
     }
 
     /// This node's own apiserver is marked local in every state, and the longest state

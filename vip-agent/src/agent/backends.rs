@@ -347,6 +347,9 @@ impl Backends {
         if was != now {
             let (backend, reason) = (after.ip, after.reason.name());
             match &report.result {
+                // A first state is news, not a change: nodes started together see each
+                // other's VIP path not ready yet for a moment.
+                Err(e) if first => info!(%backend, state = now, reason, error = %e, "backend's first state"),
                 Err(e) => warn!(%backend, state = now, was, reason, error = %e, "backend state changed"),
                 Ok(()) => info!(%backend, state = now, was, "backend state changed"),
             }
