@@ -47,6 +47,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is::<Logged>() => ExitCode::FAILURE,
         Err(err) => {
             // Not eprintln!, which panics when stderr is gone.
             let _ = writeln!(std::io::stderr(), "vip-agent: error: {err:#}");
@@ -85,11 +86,28 @@ impl std::io::Write for LossyStderr {
     }
 }
 
+/// An error the agent already wrote to its JSON log: no plain line after it.
+#[derive(Debug, thiserror::Error)]
+#[error("already logged")]
+struct Logged;
+
 fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let json = cfg.log_format == LogFormat::Json;
     logging(cfg.log_format);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(vip_agent::agent::run(cfg))?;
-    Ok(())
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(vip_agent::agent::run(cfg)).map_err(anyhow::Error::from));
+    match result {
+        // With --log-format json a log shipper parses every line: the reason the agent
+        // stopped is one more JSON line, not a plain one.
+        Err(err) if json => {
+            tracing::error!(error = %format!("{err:#}"), "vip-agent stopped on an error");
+            Err(Logged.into())
+        }
+        other => other,
+    }
 }
 
 fn manifest(m: &config::ManifestCommand) -> anyhow::Result<()> {

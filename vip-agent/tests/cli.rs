@@ -109,3 +109,21 @@ fn a_link_local_vip_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--vip 169.254.1.1: a link-local address"), "{stderr}");
 }
+
+/// With `--log-format json` the reason a run stopped is a JSON line too: a log shipper
+/// parses every line. (Errors in the flags themselves come before the format is known,
+/// and stay plain.)
+#[test]
+fn a_run_error_is_one_json_line_in_json_format() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vip-agent"))
+        .args(["run", "--interface", "nosuch0", "--vip", "10.0.0.1", "--election", "none", "--log-format", "json"])
+        .output()
+        .expect("vip-agent runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    let line: serde_json::Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(line["level"], "ERROR", "{stderr}");
+    assert!(line["fields"]["error"].as_str().is_some_and(|e| e.contains("nosuch0")), "{stderr}");
+    assert!(!stderr.contains("vip-agent: error:"), "a plain line besides: {stderr}");
+}
