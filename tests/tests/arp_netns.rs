@@ -429,6 +429,33 @@ fn a_hangup_stops_the_agent_cleanly_and_user_signals_are_ignored() {
     }
 }
 
+/// The ARP sysctls an agent changed are put back by whichever agent stops cleanly, even
+/// after kept restarts in between: the values carried in the pins are the first agent's
+/// originals, not the 1 and 2 the next agent found (a new-user trial saw them left at
+/// 1 and 2 after an uninstall).
+#[test]
+fn the_original_sysctls_come_back_after_a_kept_restart_and_a_clean_stop() {
+    let lab = lab(false);
+    let sysctl = |key: &str| {
+        let path = format!("/proc/sys/net/ipv4/conf/{NODE_DEV}/{key}");
+        lab.node.within(|| std::fs::read_to_string(&path).unwrap().trim().to_owned()).unwrap()
+    };
+    lab.node.sysctl(&format!("net.ipv4.conf.{NODE_DEV}.arp_ignore"), "0").unwrap();
+    lab.node.sysctl(&format!("net.ipv4.conf.{NODE_DEV}.arp_announce"), "1").unwrap();
+    let pins = pin_dir(&lab.node.name).unwrap();
+    let mut kept_args = agent_args(&pins);
+    kept_args.push("--keep-forwarding-on-exit".into());
+    for (args, kept) in [(&kept_args, true), (&kept_args, true), (&agent_args(&pins), false)] {
+        let mut agent = Agent::spawn(&lab.node, args).unwrap();
+        assert!(wait_until(Duration::from_secs(10), || leads(&lab.node, &pins)), "never led");
+        assert_eq!((sysctl("arp_ignore"), sysctl("arp_announce")), ("1".into(), "2".into()));
+        let (status, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+        assert!(status.success(), "{log}");
+        assert_eq!(pins.exists(), kept, "{log}");
+    }
+    assert_eq!((sysctl("arp_ignore"), sysctl("arp_announce")), ("0".into(), "1".into()), "not the originals");
+}
+
 #[test]
 fn missing_privileges_fail_cleanly() {
     let lab = lab(false);

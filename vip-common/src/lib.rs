@@ -348,8 +348,14 @@ pub struct Config {
     /// MAC address of the attached interface, in wire order. All zero means "not
     /// configured yet": the program then answers no ARP at all.
     pub mac: [u8; 6],
+    /// The interface sysctls the agents on this node changed, with the values they
+    /// replaced, packed by the agent (`agent::host::Host::saved_code`), so that across
+    /// kept restarts the last agent restores the values the first one found. Not read by
+    /// the data plane. 0: nothing changed (or written by an agent from before this
+    /// field, when this byte was padding).
+    pub host_saved: u8,
     /// Explicit padding; always zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// This node's IPv4 address on the interface, network order: the outer source of
     /// IPIP-encapsulated frames, and the only outer destination decapsulated.
     pub ip: [u8; 4],
@@ -374,13 +380,14 @@ impl Config {
     /// data plane's form of a MAC), read as one 8-byte word of the aligned value.
     #[inline(always)]
     pub fn mac_word(&self) -> u64 {
-        // SAFETY: `mac` and `_pad` are the first 8 bytes of an 8-byte aligned value.
+        // SAFETY: `mac`, `host_saved` and `_pad` are the first 8 bytes of an 8-byte
+        // aligned value.
         let w = unsafe { *(self as *const Config as *const u64) };
         u64::from_le(w) & ((1 << 48) - 1)
     }
 
     pub const fn new(mac: [u8; 6], ip: [u8; 4]) -> Self {
-        Self { mac, _pad: [0; 2], ip, hash_seed: 0, agent_instance: [0; 8], generation: 1, flags: 0 }
+        Self { mac, host_saved: 0, _pad: 0, ip, hash_seed: 0, agent_instance: [0; 8], generation: 1, flags: 0 }
     }
 
     /// This node's agent is stopping for good (the VIP will leave `lo`): VIP-path probes

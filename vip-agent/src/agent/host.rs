@@ -10,7 +10,7 @@
 
 use std::{fs, io, net::IpAddr};
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::netlink::{Netlink, NetlinkError};
 
@@ -82,6 +82,9 @@ const ARP_ANNOUNCE: Rule =
 /// `forwarding` of the interface (IPIP): `bpf_fib_lookup` answers FWD_DISABLED without it.
 const FORWARDING: Rule =
     Rule { key: "forwarding", devconf: 1, ok: |_, dev| dev == 1, want: "1", repair: Repair::Forwarding };
+
+/// Where each rule's original value sits in [`Host::saved_code`]: shift, width.
+const SAVED_FIELDS: [(u8, u8, &Rule); 3] = [(0, 4, &ARP_IGNORE), (4, 2, &ARP_ANNOUNCE), (6, 2, &FORWARDING)];
 
 fn path(scope: &str, key: &str) -> String {
     format!("/proc/sys/net/ipv4/conf/{scope}/{key}")
@@ -259,6 +262,40 @@ impl Host {
         }
     }
 
+    /// The interface sysctls changed on this node, with the values they replaced, packed
+    /// into one byte for the next agent ([`vip_common::Config::host_saved`]): each rule
+    /// its original value plus one in its field (0: not changed), `arp_ignore` in bits
+    /// 0–3, `arp_announce` in 4–5, `forwarding` in 6–7. Every value a rule replaces fits
+    /// (it replaces only values that fail it: `arp_ignore` 0 or 3–7, `arp_announce` 0–1,
+    /// `forwarding` 0); one that does not is left out, and not restored after a kept
+    /// restart.
+    pub fn saved_code(&self) -> u8 {
+        let mut code = 0u8;
+        for (shift, bits, rule) in SAVED_FIELDS {
+            let p = path(&self.interface, rule.key);
+            let Some((.., old)) = self.saved.iter().find(|(s, ..)| *s == p) else { continue };
+            match old.parse::<u8>().ok().map(|v| v + 1).filter(|v| *v < 1 << bits) {
+                Some(v) => code |= v << shift,
+                None => debug!(sysctl = %p, value = %old, "original value not carried to the next agent"),
+            }
+        }
+        code
+    }
+
+    /// Takes over the originals a previous agent on this interface recorded
+    /// ([`Host::saved_code`]), before [`Host::apply`]: the values it finds were that
+    /// agent's, and a clean stop restores the ones the first agent found.
+    pub fn inherit(&mut self, code: u8) {
+        for (shift, bits, rule) in SAVED_FIELDS {
+            let v = (code >> shift) & ((1 << bits) - 1);
+            let p = path(&self.interface, rule.key);
+            if v != 0 && !self.saved.iter().any(|(s, ..)| *s == p) {
+                info!(sysctl = %p, original = v - 1, "the previous agent's original value, restored on a clean stop");
+                self.saved.push((p, rule.devconf, (v - 1).to_string()));
+            }
+        }
+    }
+
     /// Undoes what [`Host::apply`] did: VIPs it added, sysctls it changed.
     pub async fn undo(&mut self) {
         for vip in std::mem::take(&mut self.owned) {
@@ -277,6 +314,38 @@ impl Host {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host on `eth0` (netlink is not used by the code under test; a handle still
+    /// needs a socket, and a runtime for its connection).
+    fn host() -> Host {
+        Host::new(Netlink::connect().unwrap(), "eth0", &[], true)
+    }
+
+    /// What a kept agent changed reaches the next one whole, which restores the first
+    /// agent's originals: each field round-trips, nothing is invented, and a value that
+    /// does not fit is left out rather than carried wrong.
+    #[tokio::test(flavor = "current_thread")]
+    async fn changed_sysctls_are_carried_to_the_next_agent() {
+        let mut first = host();
+        first.saved = vec![
+            (path("eth0", "arp_ignore"), 19, "0".into()),
+            (path("eth0", "arp_announce"), 18, "1".into()),
+            (path("eth0", "forwarding"), 1, "0".into()),
+        ];
+        let code = first.saved_code();
+        let mut next = host();
+        next.inherit(code);
+        assert_eq!(next.saved, first.saved);
+        assert_eq!(next.saved_code(), code);
+        let mut none = host();
+        none.inherit(0);
+        assert!(none.saved.is_empty(), "nothing changed, nothing restored");
+        first.saved =
+            vec![(path("eth0", "arp_ignore"), 19, "7".into()), (path("eth0", "arp_announce"), 18, "9".into())];
+        let mut next = host();
+        next.inherit(first.saved_code());
+        assert_eq!(next.saved, vec![(path("eth0", "arp_ignore"), 19, "7".into())], "arp_announce 9 does not fit");
+    }
 
     #[test]
     fn arp_ignore_values_that_keep_the_kernel_quiet() {

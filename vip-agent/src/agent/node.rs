@@ -485,8 +485,14 @@ impl Node {
 
     /// Puts back whatever host state changed behind the agent, counting each repair.
     async fn repair_host(&mut self) {
-        for r in self.host.repair().await {
+        let repaired = self.host.repair().await;
+        for r in &repaired {
             self.metrics.repaired(r.name());
+        }
+        if !repaired.is_empty() {
+            if let Err(e) = record_host_saved(&mut self.dp, &self.host) {
+                warn!(error = %e, "recording the changed sysctls for the next agent failed");
+            }
         }
     }
 
@@ -575,6 +581,14 @@ impl Node {
 /// data plane), VIP states, host state, attach. Returns the balancer, the backends, this
 /// process's instance id, the predecessor's (when adopting) and whether the adopted
 /// data plane already answers for every VIP.
+/// Writes what this node's agents changed on the host into the pinned configuration
+/// ([`Config::host_saved`]), for the next agent after a kept restart.
+fn record_host_saved(dp: &mut Dataplane, host: &Host) -> Result<(), crate::dataplane::MapError> {
+    let mut config = dp.maps().config()?;
+    config.host_saved = host.saved_code();
+    dp.maps_mut().set_config(&config)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stage(
     cfg: &RunConfig,
@@ -668,8 +682,13 @@ async fn stage(
     }
 
     // Every mode delivers VIP traffic for this node through its own stack, so the VIP
-    // goes on lo; the sysctls keep the kernel from ever answering ARP for it.
+    // goes on lo; the sysctls keep the kernel from ever answering ARP for it. What a
+    // kept agent on this interface changed is restored by whichever agent stops cleanly.
+    if let Some(prev) = previous.filter(|c| c.mac == dev.mac.0) {
+        host.inherit(prev.host_saved);
+    }
     host.apply().await?;
+    record_host_saved(dp, host)?;
     if adopted {
         host.remove_stale_vips().await?;
     }
