@@ -67,6 +67,14 @@ fn leads(ns: &Netns, pins: &std::path::Path) -> bool {
     try_status_json(ns, pins).is_ok_and(|s| s["vips"][0]["leader"] == true)
 }
 
+/// Nothing of an agent is left on the node: no program attached, `lo` as it was
+/// (`lo_before`), no pins; `what` names the case in a failure.
+fn assert_nothing_left(lab: &Lab, lo_before: &str, pins: &std::path::Path, what: &str) {
+    assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "{what}: left XDP attached");
+    assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "{what}: changed lo");
+    assert!(!pins.exists(), "{what}: left pins behind");
+}
+
 struct Lab {
     // Field order is drop order: namespaces go last.
     client: Netns,
@@ -286,9 +294,7 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
         if *code == 1 {
             assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: error should be one line: {stderr}");
         }
-        assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "{args:?} left XDP attached");
-        assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "{args:?} changed lo");
-        assert!(!pins.exists(), "{args:?} left pins behind");
+        assert_nothing_left(&lab, &lo_before, &pins, &format!("{args:?}"));
     }
     // BGP needs the interface's IPv4 address as next hop: refused before anything changes.
     lab.node.ip(&["addr", "del", "10.31.0.1/24", "dev", NODE_DEV]).unwrap();
@@ -298,9 +304,7 @@ fn bad_input_fails_cleanly_and_leaves_nothing_behind() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("no IPv4 address to use as next hop"), "{stderr}");
-    assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "BGP without IPv4 left XDP attached");
-    assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "BGP without IPv4 changed lo");
-    assert!(!pins.exists(), "BGP without IPv4 left pins behind");
+    assert_nothing_left(&lab, &lo_before, &pins, "BGP without IPv4");
     // A BGP peer that is this node's own address: refused, not retried for ever.
     let bgp = bgp_args("10.31.0.1:65001", &pins_s);
     let (status, stderr) = run_to_exit(&lab.node, &bgp, Duration::from_secs(10)).unwrap();
@@ -394,9 +398,7 @@ fn a_closed_log_pipe_neither_stops_the_agent_nor_leaves_anything_behind() {
     assert!(serving, "the agent never led");
     assert!(alive, "the agent died when its log pipe closed: {status:?}");
     assert!(status.success(), "{status:?}");
-    assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "left XDP attached");
-    assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "left the VIP on lo");
-    assert!(!pins.exists(), "left pins behind");
+    assert_nothing_left(&lab, &lo_before, &pins, "after a closed log pipe");
 }
 
 /// Every signal that would end the agent by default ends it cleanly instead: SIGHUP
@@ -423,9 +425,7 @@ fn a_hangup_stops_the_agent_cleanly_and_user_signals_are_ignored() {
         assert!(status.success(), "signal {stop}: {status:?}\n{log}");
         assert_eq!(log.matches("ignored (it has no meaning here)").count(), 2, "{log}");
         assert!(log.contains("stopping"), "signal {stop}: no clean stop logged:\n{log}");
-        assert!(!lab.node.has_xdp(NODE_DEV).unwrap(), "signal {stop}: left XDP attached");
-        assert_eq!(lab.node.addrs("lo").unwrap(), lo_before, "signal {stop}: left the VIP on lo");
-        assert!(!pins.exists(), "signal {stop}: left pins behind");
+        assert_nothing_left(&lab, &lo_before, &pins, &format!("signal {stop}"));
     }
 }
 
