@@ -48,6 +48,8 @@ fn two_agents_under_one_node_name_never_both_answer_and_both_say_so() {
     let both_know = wait_until(Duration::from_secs(10), || {
         lab.metric(0, "vip_duplicate_identity ") == Some(1.0) && lab.metric(1, "vip_duplicate_identity ") == Some(1.0)
     });
+    let shown = |i: usize| lab.status(i).is_ok_and(|s| s["agent"]["duplicate_instance"].is_string());
+    assert!(shown(0) && shown(1), "status does not show the duplicate: {:?}", lab.status(0));
     let took = t.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let samples = sampler.finish();

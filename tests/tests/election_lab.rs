@@ -529,6 +529,12 @@ fn a_node_whose_vips_are_not_the_leaders_says_so() {
         (0..3).map(|i| lab.metric(i, "vip_leader_vips_differ")).collect::<Vec<_>>()
     );
     let follower = (0..3).find(|&i| differs(i)).unwrap();
+    let status = lab.status(follower).unwrap();
+    assert_eq!(
+        status["agent"]["leader_vips_differ"][0],
+        format!("n{}", leader + 1),
+        "status does not say so: {status}"
+    );
     let (_, log) = agents.remove(follower).stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
     assert!(log.contains("the leader serves other VIPs than this node"), "{log}");
 }

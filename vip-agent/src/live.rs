@@ -68,6 +68,12 @@ pub struct LiveView {
     pub lease_api: Option<LeaseApiView>,
     /// This node leads without a Lease (`--bootstrap`, the Lease API not answering yet).
     pub bootstrap_hold: bool,
+    /// Another agent process runs under this node's name: its instance id (as
+    /// `vip_duplicate_identity`).
+    pub duplicate_instance: Option<String>,
+    /// The Lease holder serves other VIPs than this node: the holder and its VIPs (as
+    /// `vip_leader_vips_differ`).
+    pub leader_vips_differ: Option<(String, String)>,
 }
 
 /// Reads every BGP peer's session as it is at the moment of the call.

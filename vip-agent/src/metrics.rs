@@ -390,8 +390,11 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, live: SharedV
                 debug!(%peer, "metrics request incomplete or too slow");
                 return;
             };
-            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-            let (status, ctype, body) = if path == "/metrics" || path.starts_with("/metrics?") {
+            let mut words = head.split_whitespace();
+            let (method, path) = (words.next().unwrap_or("").to_owned(), words.next().unwrap_or("").to_owned());
+            let (status, ctype, body) = if method != "GET" && method != "HEAD" {
+                ("405 Method Not Allowed\r\nAllow: GET, HEAD", "text/plain", "GET or HEAD only\n".into())
+            } else if path == "/metrics" || path.starts_with("/metrics?") {
                 let encoded = tokio::task::spawn_blocking(move || {
                     let mut body = String::new();
                     prometheus_client::encoding::text::encode(&mut body, &registry).map(|()| body)
@@ -409,8 +412,10 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, live: SharedV
             } else {
                 ("404 Not Found", "text/plain", "try /metrics or /status\n".into())
             };
+            // HEAD: the headers GET would have, without the body (RFC 9110 §9.3.2).
+            let shown = if method == "HEAD" { "" } else { body.as_str() };
             let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{shown}",
                 body.len()
             );
             if let Err(error) = stream.write_all(response.as_bytes()).await {
@@ -467,6 +472,30 @@ mod tests {
         let out = text(&r);
         assert!(out.contains("check_count{backend=\"10.0.0.11\"} 1"), "{out}");
         assert!(!out.contains("10.0.0.12"), "{out}");
+    }
+
+    /// `GET` gets the body, `HEAD` the same headers without it, anything else 405.
+    #[tokio::test(flavor = "current_thread")]
+    async fn only_get_and_head_are_answered() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (registry, m) = metrics();
+        m.start_at_zero(&[], "xdp_attachment");
+        tokio::spawn(serve(listener, Arc::new(registry), SharedView::default()));
+        let ask = |method: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("{method} /metrics HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let get = ask("GET").await;
+        assert!(get.starts_with("HTTP/1.1 200 OK") && get.contains("repairs_total"), "{get}");
+        let head = ask("HEAD").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK") && head.ends_with("\r\n\r\n"), "{head}");
+        let post = ask("POST").await;
+        assert!(post.starts_with("HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD"), "{post}");
     }
 
     /// Every repair kind and every VIP's conflicts are shown at 0 before the first event.

@@ -231,6 +231,20 @@ pub fn render(s: &Value) -> String {
                     ),
                 };
             }
+            if let Some(other) = a["duplicate_instance"].as_str() {
+                let _ = writeln!(
+                    out,
+                    "WARNING   another vip-agent runs under this node's name (instance {other}): give each node a unique --node-name"
+                );
+            }
+            if let (Some(holder), Some(vips)) =
+                (a["leader_vips_differ"][0].as_str(), a["leader_vips_differ"][1].as_str())
+            {
+                let _ = writeln!(
+                    out,
+                    "WARNING   the leader, {holder}, serves other VIPs ({vips}): a VIP it lacks goes unanswered"
+                );
+            }
             if let Some(adv) = a["advertised"].as_bool() {
                 let peers = a["bgp_peers"].as_array().map_or(&[][..], Vec::as_slice);
                 let holding =
@@ -404,6 +418,19 @@ mod tests {
         assert!(table.contains("LEADER (bootstrap: no Lease yet;"), "{table}");
         let answering = json!({ "agent": { "mode": "arp", "lease_api": { "answering": true, "since_s": 3 } } });
         assert!(render(&answering).contains("lease API answering\n"));
+    }
+
+    /// A duplicate identity and a leader serving other VIPs are shown, not only counted.
+    #[test]
+    fn what_the_election_warns_of_is_shown() {
+        let status = json!({ "agent": { "mode": "arp", "duplicate_instance": "5b6f1807159b4094",
+                                        "leader_vips_differ": ["n2", "10.0.0.100,10.0.0.101"] } });
+        let table = render(&status);
+        assert!(table.contains("another vip-agent runs under this node's name (instance 5b6f1807159b4094)"), "{table}");
+        assert!(table.contains("the leader, n2, serves other VIPs (10.0.0.100,10.0.0.101)"), "{table}");
+        let quiet =
+            render(&json!({ "agent": { "mode": "arp", "duplicate_instance": null, "leader_vips_differ": null } }));
+        assert!(!quiet.contains("WARNING"), "{quiet}");
     }
 
     /// In BGP mode a VIP's row says whether this node advertises it, not "follower".

@@ -304,8 +304,9 @@ impl Host {
             }
         }
         for (p, devconf, old) in std::mem::take(&mut self.saved).into_iter().rev() {
-            if let Err(e) = self.set(&p, devconf, &old).await {
-                error!(error = %e, "restoring a sysctl failed");
+            match self.set(&p, devconf, &old).await {
+                Ok(()) => info!(sysctl = %p, to = %old, "sysctl restored"),
+                Err(e) => error!(error = %e, sysctl = %p, "restoring a sysctl failed"),
             }
         }
     }

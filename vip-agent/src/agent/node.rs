@@ -111,7 +111,10 @@ pub struct Node {
     live: SharedView,
     metrics: AgentMetrics,
     metrics_task: JoinHandle<()>,
-    duplicate_seen: Option<Instant>,
+    /// The last sign of another agent under this node's name, and its instance id.
+    duplicate_seen: Option<(Instant, String)>,
+    /// The Lease holder and its VIPs, while they are not this node's.
+    leader_vips_differ: Option<(String, String)>,
     /// Discovery's first snapshot is in.
     discovered_once: bool,
     /// Whether the Lease API answers this node's election, since when, and its last
@@ -225,6 +228,7 @@ impl Node {
             metrics,
             metrics_task,
             duplicate_seen: None,
+            leader_vips_differ: None,
             discovered_once: false,
             lease_api: None,
             xdp_mode: None,
@@ -283,6 +287,8 @@ impl Node {
             }),
             // A leader that holds the VIPs on its probe alone, no Lease yet (--bootstrap).
             bootstrap_hold: self.announce.yields_to_claims(),
+            duplicate_instance: self.duplicate_seen.as_ref().map(|(_, other)| other.clone()),
+            leader_vips_differ: self.leader_vips_differ.clone(),
         };
         live::publish(&self.live, view);
     }
@@ -432,10 +438,14 @@ impl Node {
                         let ours = self.cfg.vips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
                         warn!(%holder, leader_vips = %theirs, our_vips = %ours, "the leader serves other VIPs than this node: a VIP it lacks goes unanswered (one Lease elects the leader of every VIP)");
                         self.metrics.leader_vips_differ(true);
+                        self.leader_vips_differ = Some((holder, theirs));
+                        self.publish();
                     }
                     ElectionEvent::LeaderVips { holder, theirs: None } => {
                         info!(%holder, "the leader serves this node's VIPs again");
                         self.metrics.leader_vips_differ(false);
+                        self.leader_vips_differ = None;
+                        self.publish();
                     }
                     ElectionEvent::LeaseApi { answering, error } => {
                         self.lease_api = Some((answering, Instant::now(), error));
@@ -450,7 +460,11 @@ impl Node {
                             );
                         }
                         self.metrics.duplicate_identity(true);
-                        self.duplicate_seen = Some(Instant::now());
+                        let first = self.duplicate_seen.is_none();
+                        self.duplicate_seen = Some((Instant::now(), other_instance));
+                        if first {
+                            self.publish();
+                        }
                     }
                 }
             }
@@ -521,7 +535,7 @@ impl Node {
         if !expired.is_empty() || !gone.is_empty() {
             self.update_table();
         }
-        if self.duplicate_seen.is_some_and(|t| t.elapsed() >= DUPLICATE_MEMORY) {
+        if self.duplicate_seen.as_ref().is_some_and(|(t, _)| t.elapsed() >= DUPLICATE_MEMORY) {
             info!(after = ?DUPLICATE_MEMORY, "no more sign of another agent under this node name");
             self.duplicate_seen = None;
             self.metrics.duplicate_identity(false);
