@@ -1,6 +1,7 @@
 //! The control-plane lab: a client and N control-plane nodes on one bridge. Every node
 //! runs an HTTPS apiserver stand-in on :6443 (`/readyz`, and a body naming the node),
-//! with a certificate from the lab CA for its address, the VIP and loopback. Nodes that
+//! with a certificate from the lab CA for its address and the VIP, not loopback, as
+//! kubeadm issues them. Nodes that
 //! do not run vip-agent hold the VIP on `lo` quietly, as DSR backends; vip-agent puts it
 //! there itself on the nodes it runs on.
 //!
@@ -107,7 +108,7 @@ impl ApiLab {
                 host.ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
             }
             let ip = host.ip;
-            pki.server(&name, &[IpAddr::V4(ip), IpAddr::V4(vip), IpAddr::V6(vip6), IpAddr::V4(Ipv4Addr::LOCALHOST)])?;
+            pki.server(&name, &[IpAddr::V4(ip), IpAddr::V4(vip), IpAddr::V6(vip6)])?;
             nodes.push(Node { name, ip, standin: None });
         }
         let client = https::Client::new(&pki.ca_path())?;

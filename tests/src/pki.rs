@@ -1,6 +1,7 @@
 //! A throw-away PKI for the lab: one CA, and a server certificate per apiserver
-//! stand-in whose SANs name its node's address, the VIP and loopback, and the
-//! `kubernetes.default.svc` names, as kubeadm's do.
+//! stand-in whose SANs name its node's address, the VIP and the
+//! `kubernetes.default.svc` names, as kubeadm's do (`GetAPIServerAltNames`: never
+//! 127.0.0.1, so a client of the local apiserver must verify it by name).
 
 use std::{
     net::IpAddr,

@@ -15,7 +15,7 @@
 //! Needs root.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -100,7 +100,9 @@ impl Node {
         std::fs::write(&endpoints, format!(r#"{{"port": 6443, "endpoints": [{{"ip": "{NODE_IP}", "ready": true}}]}}"#))
             .unwrap();
         let node_ip: IpAddr = NODE_IP.parse().unwrap();
-        let (cert, key) = pki.server("apiserver", &[node_ip, IpAddr::V4(Ipv4Addr::LOCALHOST)]).unwrap();
+        // kubeadm's SANs: the node's address and the `kubernetes` names, never 127.0.0.1,
+        // where the agent reaches the API (it verifies the apiserver by name there).
+        let (cert, key) = pki.server("apiserver", &[node_ip]).unwrap();
         let apiserver = ns
             .cmd(standin_bin().to_str().unwrap())
             .args(["--name", NODE_NAME, "--listen", &format!("{NODE_IP}:6443"), "--tls-cert"])

@@ -49,12 +49,33 @@ pub enum Timeouts {
 
 /// Builds the client: `--kubeconfig` (its server kept unless `--apiserver` is given),
 /// else the pod's service-account token and CA against this node's apiserver, else an
-/// error. Refuses plain HTTP: the credentials would travel in clear.
+/// error. Refuses plain HTTP: the credentials would travel in clear. `server_name`: the
+/// name the apiserver's certificate is verified against when the server is a loopback
+/// address (see [`config`]).
 pub async fn client(
     kubeconfig: Option<&Path>,
     apiserver: Option<&str>,
+    server_name: &str,
     timeouts: Timeouts,
 ) -> Result<kube::Client, ApiClientError> {
+    kube::Client::try_from(config(kubeconfig, apiserver, server_name, timeouts).await?).map_err(ApiClientError::Client)
+}
+
+/// The client's configuration, as [`client`] describes it. A server on a loopback
+/// address (this node's apiserver, `https://127.0.0.1:6443`, the default) is verified
+/// against `server_name` (`--health-server-name`, by default `kubernetes.default.svc`),
+/// unless the kubeconfig names one (`tls-server-name`): kubeadm's apiserver
+/// certificate lists the node's address, the control-plane endpoint and the
+/// `kubernetes` names, never 127.0.0.1 (`GetAPIServerAltNames`), so verifying the
+/// address failed every call, and the cluster never left its bootstrap hold (a
+/// new-user trial). An IP address sends no SNI, so the apiserver serves that same
+/// certificate.
+async fn config(
+    kubeconfig: Option<&Path>,
+    apiserver: Option<&str>,
+    server_name: &str,
+    timeouts: Timeouts,
+) -> Result<kube::Config, ApiClientError> {
     let mut config = if apiserver == Some("in-cluster") {
         kube::Config::incluster().map_err(ApiClientError::InCluster)?
     } else if let Some(path) = kubeconfig {
@@ -86,6 +107,15 @@ pub async fn client(
     if config.cluster_url.scheme_str() != Some("https") {
         return Err(ApiClientError::PlainHttp { url: config.cluster_url.to_string() });
     }
+    let loopback = config
+        .cluster_url
+        .host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_loopback());
+    if loopback && config.tls_server_name.is_none() {
+        config.tls_server_name = Some(server_name.to_owned());
+    }
     let (connect, read) = match timeouts {
         Timeouts::Bounded(t) => (t, Some(t)),
         Timeouts::Watch(t) => (t, None),
@@ -96,12 +126,51 @@ pub async fn client(
     config.reset_reader_on_write = true;
     // A retried request could renew a Lease after the fencing deadline assumed it failed.
     config.default_retry = false;
-    kube::Client::try_from(config).map_err(ApiClientError::Client)
+    Ok(config)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NAME: &str = "kubernetes.default.svc";
+
+    /// A kubeconfig whose server is `server` (and `extra` under its cluster), with a token.
+    fn kubeconfig(dir: &Path, server: &str, extra: &str) -> std::path::PathBuf {
+        let kc = dir.join("kubeconfig");
+        std::fs::write(
+            &kc,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: '{server}'{extra}}}\n\
+                 users:\n- name: u\n  user: {{token: secret}}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\n\
+                 current-context: x\n"
+            ),
+        )
+        .unwrap();
+        kc
+    }
+
+    /// This node's apiserver on loopback is verified against the apiserver's name, which
+    /// its certificate lists (kubeadm's never lists 127.0.0.1); any other server by its
+    /// own address or name; a name the kubeconfig gives is kept.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_loopback_apiserver_is_verified_by_its_name() {
+        let dir = std::env::temp_dir().join(format!("vip-apiclient-name-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Timeouts::Bounded(Duration::from_secs(1));
+        let name = |kc: &Path, apiserver: Option<&'static str>| {
+            let kc = kc.to_owned();
+            async move { config(Some(&kc), apiserver, NAME, t).await.unwrap().tls_server_name }
+        };
+        let kc = kubeconfig(&dir, "https://10.0.0.100:6443", "");
+        assert_eq!(name(&kc, None).await, None, "the kubeconfig's own server");
+        assert_eq!(name(&kc, Some("https://127.0.0.1:6443")).await.as_deref(), Some(NAME));
+        assert_eq!(name(&kc, Some("https://[::1]:6443")).await.as_deref(), Some(NAME));
+        assert_eq!(name(&kc, Some("https://10.0.0.11:6443")).await, None);
+        let kc = kubeconfig(&dir, "https://127.0.0.1:6443", ", tls-server-name: 'api.example'");
+        assert_eq!(name(&kc, None).await.as_deref(), Some("api.example"), "the kubeconfig's name is kept");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn credentials_never_go_over_plain_http() {
@@ -115,7 +184,7 @@ mod tests {
              current-context: x\n",
         )
         .unwrap();
-        let Err(err) = client(Some(&kc), None, Timeouts::Bounded(Duration::from_secs(1))).await else {
+        let Err(err) = client(Some(&kc), None, NAME, Timeouts::Bounded(Duration::from_secs(1))).await else {
             panic!("a plain-HTTP kubeconfig with a token was accepted");
         };
         assert!(matches!(err, ApiClientError::PlainHttp { .. }), "{err}");
@@ -128,7 +197,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_missing_kubeconfig_is_named_once_with_its_cause() {
         let path = Path::new("/nonexistent/kubeconfig");
-        let Err(err) = client(Some(path), None, Timeouts::Bounded(Duration::from_secs(1))).await else {
+        let Err(err) = client(Some(path), None, NAME, Timeouts::Bounded(Duration::from_secs(1))).await else {
             panic!("a missing kubeconfig was accepted");
         };
         let shown = format!("{:#}", anyhow::Error::from(err));

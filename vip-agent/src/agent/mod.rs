@@ -271,13 +271,16 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         let host_events = netlink::watch_host(cfg.interface.clone())?;
         let (kc, api) = (cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref());
         let lease_client = match (cfg.mode, cfg.election) {
-            (Mode::Arp, Election::Kubernetes) => {
-                Some(apiclient::client(kc, api, Timeouts::Bounded(cfg.lease.renew_deadline)).await?)
-            }
+            (Mode::Arp, Election::Kubernetes) => Some(
+                apiclient::client(kc, api, &cfg.health.server_name, Timeouts::Bounded(cfg.lease.renew_deadline))
+                    .await?,
+            ),
             _ => None,
         };
         let watch_client = match cfg.discover {
-            true => Some(apiclient::client(kc, api, Timeouts::Watch(cfg.lease.renew_deadline)).await?),
+            true => Some(
+                apiclient::client(kc, api, &cfg.health.server_name, Timeouts::Watch(cfg.lease.renew_deadline)).await?,
+            ),
             false => None,
         };
 
