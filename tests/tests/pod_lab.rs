@@ -5,7 +5,8 @@
 //! process runs with exactly the manifest's capabilities, no_new_privs, and /proc/sys
 //! and /sys read-only. The node's namespace has what a control-plane node has: an
 //! apiserver (stand-in) on its address serving `/readyz` with a certificate from the
-//! cluster CA, and the API (the Lease/EndpointSlice stand-in) on `127.0.0.1:6443` only,
+//! cluster CA, only to the service account's bearer token (401 otherwise, as K3s's
+//! apiserver answers), and the API (the Lease/EndpointSlice stand-in) on `127.0.0.1:6443` only,
 //! requiring the service account's bearer token.
 //!
 //! Two deviations from the manifest, both for the lab: the pins go to a directory of the
@@ -105,7 +106,9 @@ impl Node {
         let (cert, key) = pki.server("apiserver", &[node_ip]).unwrap();
         let apiserver = ns
             .cmd(standin_bin().to_str().unwrap())
-            .args(["--name", NODE_NAME, "--listen", &format!("{NODE_IP}:6443"), "--tls-cert"])
+            // As K3s's: anonymous `/readyz` is 401 (`--anonymous-auth=false`), so the
+            // pod's checks must carry its service account's token.
+            .args(["--name", NODE_NAME, "--listen", &format!("{NODE_IP}:6443"), "--token", TOKEN, "--tls-cert"])
             .arg(&cert)
             .arg("--tls-key")
             .arg(&key)

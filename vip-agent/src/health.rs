@@ -205,13 +205,47 @@ impl ServerCertVerifier for NoVerify {
 #[derive(Clone)]
 pub enum Probe {
     /// `GET path` over TLS, the certificate verified for `server_name` (by default
-    /// `kubernetes.default.svc`, which every kube-apiserver certificate lists).
+    /// `kubernetes.default.svc`, which every kube-apiserver certificate lists), with
+    /// `token` as bearer when there is one.
     Https {
         path: String,
         tls: Arc<ClientConfig>,
         server_name: ServerName<'static>,
+        token: Option<Arc<TokenFile>>,
     },
     Tcp,
+}
+
+/// A bearer token read from a file (a pod's service-account token), read again every
+/// [`TokenFile::REREAD`]: the kubelet rotates projected tokens in place. The checks
+/// send it because K3s runs its apiserver with `--anonymous-auth=false`, where an
+/// anonymous `/readyz` is 401 and no node would ever be ready; any authenticated user
+/// may read `/readyz` (`system:public-info-viewer`). Sent only to apiservers of the
+/// cluster, verified by its CA.
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    cached: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+}
+
+impl TokenFile {
+    /// How long a read token is used before the file is read again: well inside the
+    /// kubelet's refresh (at 80 % of a token's lifetime, an hour at the least).
+    pub const REREAD: Duration = Duration::from_secs(60);
+
+    pub fn new(path: &std::path::Path) -> Self {
+        Self { path: path.to_owned(), cached: std::sync::Mutex::new(None) }
+    }
+
+    /// The token, `None` if the file cannot be read (the check goes anonymous).
+    pub fn get(&self) -> Option<String> {
+        let mut cached = self.cached.lock().ok()?;
+        if let Some((_, token)) = cached.as_ref().filter(|(at, _)| at.elapsed() < Self::REREAD) {
+            return Some(token.clone());
+        }
+        let token = std::fs::read_to_string(&self.path).ok()?.trim().to_owned();
+        *cached = Some((std::time::Instant::now(), token.clone()));
+        Some(token)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +258,7 @@ pub enum CheckError {
     Tls(std::io::Error),
     #[error("HTTP: {0}")]
     Io(std::io::Error),
-    #[error("HTTP status {0}")]
+    #[error("HTTP status {0}{hint}", hint = status_hint(*.0))]
     Status(u16),
     #[error("malformed HTTP response")]
     Malformed,
@@ -251,20 +285,30 @@ impl CheckError {
 }
 
 /// One check of `addr`, bounded by `timeout`.
+/// What a status says beyond its number: 401 is an apiserver refusing anonymous checks.
+fn status_hint(status: u16) -> &'static str {
+    match status {
+        401 => " (the apiserver refuses anonymous checks, as K3s's does: run with a service account, or --health-check tcp)",
+        _ => "",
+    }
+}
+
 pub async fn check(probe: &Probe, addr: SocketAddr, timeout: Duration) -> Result<(), CheckError> {
     tokio::time::timeout(timeout, check_inner(probe, addr)).await.map_err(|_| CheckError::Timeout(timeout))?
 }
 
 async fn check_inner(probe: &Probe, addr: SocketAddr) -> Result<(), CheckError> {
     let tcp = TcpStream::connect(addr).await.map_err(CheckError::Connect)?;
-    let (path, tls, name) = match probe {
+    let (path, tls, name, token) = match probe {
         Probe::Tcp => return Ok(()),
-        Probe::Https { path, tls, server_name } => (path, tls, server_name.clone()),
+        Probe::Https { path, tls, server_name, token } => (path, tls, server_name.clone(), token),
     };
     let _ = tcp.set_nodelay(true);
     let mut stream = TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(CheckError::Tls)?;
+    let authorization =
+        token.as_ref().and_then(|t| t.get()).map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vip-agent\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: vip-agent\r\nAccept: */*\r\n{authorization}Connection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.map_err(CheckError::Io)?;
     // The status line is all we need; apiservers answer /readyz in one small segment.

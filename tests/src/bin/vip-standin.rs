@@ -4,10 +4,12 @@
 //! - HTTPS (`--tls-cert`/`--tls-key`): an apiserver stand-in. `GET /readyz` answers 200
 //!   `ok` (500 while `--unready-file` exists); a request with a body answers 200 with
 //!   the name and the body's length (`n2 1048576`); any other answers 200 with the
-//!   name. Connections are kept alive.
+//!   name. Connections are kept alive. With `--token TOKEN`, `/readyz` without
+//!   `Authorization: Bearer TOKEN` answers 401, as K3s's apiserver does (it runs with
+//!   `--anonymous-auth=false`).
 //!
 //! usage: vip-standin --name NAME [--listen ADDR:PORT] [--tls-cert PEM --tls-key PEM]
-//!                    [--unready-file PATH]
+//!                    [--unready-file PATH] [--token TOKEN]
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -30,7 +32,16 @@ fn serve_tcp(stream: TcpStream, name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve_http<S: Read + Write>(stream: S, name: &str, unready: &Option<PathBuf>) -> std::io::Result<()> {
+/// What the HTTPS stand-in answers from: its name, the unready file, the token `/readyz`
+/// requires.
+struct Http {
+    name: String,
+    unready: Option<PathBuf>,
+    token: Option<String>,
+}
+
+fn serve_http<S: Read + Write>(stream: S, http: &Http) -> std::io::Result<()> {
+    let Http { name, unready, token } = http;
     let mut stream = BufReader::new(stream);
     loop {
         let mut request = String::new();
@@ -39,12 +50,19 @@ fn serve_http<S: Read + Write>(stream: S, name: &str, unready: &Option<PathBuf>)
         }
         let mut close = false;
         let mut len = 0usize;
+        let mut bearer = None;
         loop {
             let mut h = String::new();
             if stream.read_line(&mut h)? == 0 {
                 return Ok(());
             }
-            let h = h.trim_end().to_ascii_lowercase();
+            let h = h.trim_end();
+            if let Some(t) =
+                h.strip_prefix("Authorization: Bearer ").or_else(|| h.strip_prefix("authorization: Bearer "))
+            {
+                bearer = Some(t.to_owned());
+            }
+            let h = h.to_ascii_lowercase();
             if h.is_empty() {
                 break;
             }
@@ -62,7 +80,9 @@ fn serve_http<S: Read + Write>(stream: S, name: &str, unready: &Option<PathBuf>)
         let (status, body) = if len > 0 {
             ("200 OK", format!("{name} {len}\n"))
         } else if path == "/readyz" {
-            if unready.as_ref().is_some_and(|f| f.exists()) {
+            if token.is_some() && bearer != *token {
+                ("401 Unauthorized", "Unauthorized\n".to_string())
+            } else if unready.as_ref().is_some_and(|f| f.exists()) {
                 ("500 Internal Server Error", "not ready\n".to_string())
             } else {
                 ("200 OK", "ok".to_string())
@@ -101,7 +121,11 @@ fn main() -> Result<(), String> {
     let name =
         flag("--name").ok_or("usage: vip-standin --name NAME [--listen ADDR:PORT] [--tls-cert PEM --tls-key PEM]")?;
     let listen = flag("--listen").unwrap_or_else(|| "0.0.0.0:6443".into());
-    let unready = flag("--unready-file").map(PathBuf::from);
+    let http = Arc::new(Http {
+        name: name.clone(),
+        unready: flag("--unready-file").map(PathBuf::from),
+        token: flag("--token"),
+    });
     let tls = match (flag("--tls-cert"), flag("--tls-key")) {
         (Some(c), Some(k)) => Some(tls_config(&c, &k)?),
         (None, None) => None,
@@ -110,12 +134,12 @@ fn main() -> Result<(), String> {
     let listener = TcpListener::bind(&listen).map_err(|e| format!("bind {listen}: {e}"))?;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let (name, tls, unready) = (name.clone(), tls.clone(), unready.clone());
+        let (name, tls, http) = (name.clone(), tls.clone(), http.clone());
         std::thread::spawn(move || match tls {
             None => serve_tcp(stream, &name),
             Some(config) => {
                 let conn = ServerConnection::new(config).map_err(std::io::Error::other)?;
-                serve_http(StreamOwned::new(conn, stream), &name, &unready)
+                serve_http(StreamOwned::new(conn, stream), &http)
             }
         });
     }

@@ -46,6 +46,8 @@ use crate::{
 
 /// Where a pod finds its service account's CA.
 const SERVICE_ACCOUNT_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+/// The pod's service-account token: the checks' bearer when the agent runs on it.
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// How often host state is re-checked (and repaired) and eligibility re-evaluated.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -129,7 +131,12 @@ fn probe_and_seed(cfg: &RunConfig) -> Result<(Option<Probe>, u32), TlsError> {
         (true, HealthCheck::Https) => {
             let server_name = rustls::pki_types::ServerName::try_from(cfg.health.server_name.clone())
                 .map_err(|_| TlsError::ServerName { name: cfg.health.server_name.clone() })?;
-            Some(Probe::Https { path: cfg.health.path.clone(), tls: health::tls_config(ca_source(cfg)?)?, server_name })
+            // The pod's service-account token, when the agent runs on it (no kubeconfig):
+            // K3s refuses anonymous checks (see `TokenFile`).
+            let token = (cfg.kubeconfig.is_none() && Path::new(SERVICE_ACCOUNT_TOKEN).exists())
+                .then(|| std::sync::Arc::new(health::TokenFile::new(Path::new(SERVICE_ACCOUNT_TOKEN))));
+            let tls = health::tls_config(ca_source(cfg)?)?;
+            Some(Probe::Https { path: cfg.health.path.clone(), tls, server_name, token })
         }
     };
     let derived = ca_source(cfg)
