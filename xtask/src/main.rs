@@ -29,12 +29,15 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup::run().map(|_| ()),
-        Some("build") => setup::run().and_then(|tc| build(&tc)),
-        Some("run") => setup::run().and_then(|tc| run_agent(&tc, rest_after_dashes(&args[1..]))),
+        Some("build") => setup::build_toolchain().and_then(|tc| build(&tc)),
+        // The agent needs bpffs mounted for its pins, nothing the labs use.
+        Some("run") => setup::build_toolchain()
+            .and_then(|tc| setup::bpffs().map(|()| tc))
+            .and_then(|tc| run_agent(&tc, rest_after_dashes(&args[1..]))),
         Some("test") => setup::run().and_then(|tc| test(&tc, &args[1..])),
         Some("bench") => setup::run().and_then(|tc| bench(&tc, &args[1..])),
         Some("demo") => setup::run().and_then(|tc| demo(&tc)),
-        Some("image") => setup::run().and_then(|tc| image::image(&tc)).map(|_| ()),
+        Some("image") => setup::build_toolchain().and_then(|tc| image::image(&tc)).map(|_| ()),
         Some("fuzz") => setup::run().and_then(|tc| fuzz::fuzz(&tc, &args[1..])),
         _ => {
             eprintln!("usage: cargo xtask setup | build | run -- ARGS | test [FILTER] | bench | demo | image | fuzz [SECONDS]");

@@ -6,19 +6,19 @@ use std::{fs, process::Command};
 
 use crate::{status, Result};
 
-/// Debian packages: LLVM 22 for bpf-linker (it links against the system libLLVM), the
-/// tools the network tests and the demo drive (ping is the tcx lab's traffic that is not
-/// the data plane's; ndisc6 and curl are the IPv6 lab's client; scapy builds the IPv6
-/// fixtures' expected frames, an implementation independent of ours), and for the
-/// deployment side: the static
-/// C library (`cargo xtask image` links the agent with `+crt-static`), skopeo (the image
-/// tests inspect the OCI archive with it) and python3-venv (the schema validator's
-/// virtualenv).
-const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
+/// Debian packages to build the agent: LLVM 22 for bpf-linker (it links against the
+/// system libLLVM), and the static C library (`cargo xtask image` links the agent with
+/// `+crt-static`). All that `build`, `run` and `image` install: they run on the nodes
+/// the agent serves, which need no lab tools.
+const BUILD_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "libc6-dev"];
+
+/// Debian packages the tests, the demo and the fuzzer add: the tools the network tests
+/// and the demo drive (ping is the tcx lab's traffic that is not the data plane's;
+/// ndisc6 and curl are the IPv6 lab's client; scapy builds the IPv6 fixtures' expected
+/// frames, an implementation independent of ours; FRR and BIRD are the BGP labs'
+/// routers), skopeo (the image tests inspect the OCI archive with it) and python3-venv
+/// (the schema validator's virtualenv).
+const LAB_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-arping",
     "iputils-ping",
@@ -31,7 +31,6 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "frr",
     "bird2",
-    "libc6-dev",
     "skopeo",
     "python3-venv",
 ];
@@ -49,15 +48,24 @@ const BPFFS: &str = "/sys/fs/bpf";
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
-/// Runs every step; returns the rustup toolchain to build the eBPF crate with.
+/// Runs every step (what the tests, the demo, the benchmarks and the fuzzer need);
+/// returns the rustup toolchain to build the eBPF crate with.
 pub fn run() -> Result<String> {
-    apt()?;
-    let toolchain = nightly()?;
-    rust_src(&toolchain)?;
-    bpf_linker()?;
+    apt_install(LAB_PACKAGES)?;
+    let toolchain = build_toolchain()?;
     bpffs()?;
     validator()?;
     println!("setup: ready (eBPF toolchain {toolchain})");
+    Ok(toolchain)
+}
+
+/// Only what building the agent needs (`build`, `run`, `image`): no lab tools, routers
+/// or validator on a node that is to run the agent. Returns the eBPF toolchain.
+pub fn build_toolchain() -> Result<String> {
+    apt_install(BUILD_PACKAGES)?;
+    let toolchain = nightly()?;
+    rust_src(&toolchain)?;
+    bpf_linker()?;
     Ok(toolchain)
 }
 
@@ -70,10 +78,6 @@ fn output(cmd: &mut Command) -> Option<String> {
 /// beside (`vip-peers`). Installed only when a bench section asks for them, so that
 /// `cargo xtask test` stays lean.
 pub const BENCH_PACKAGES: &[&str] = &["haproxy", "keepalived", "nftables", "ethtool"];
-
-fn apt() -> Result<()> {
-    apt_install(APT_PACKAGES)
-}
 
 /// Installs whichever of `packages` are missing (idempotent).
 pub fn apt_install(packages: &[&str]) -> Result<()> {
@@ -171,7 +175,7 @@ fn bpf_linker() -> Result<()> {
     )
 }
 
-fn bpffs() -> Result<()> {
+pub fn bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/mounts").map_err(|e| format!("reading /proc/mounts: {e}"))?;
     if mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
