@@ -586,8 +586,10 @@ pub enum ElectionEvent {
     /// the same again: sent on each change. See [`ANNOTATION_VIPS`].
     LeaderVips { holder: String, theirs: Option<String> },
     /// The Lease API started or stopped answering this node's tries (sent on each
-    /// change, and at the first try): what `status` and `vip_lease_api_answering` show,
-    /// so an outage is seen without reading the log. `error`: the last failure.
+    /// change, at the first try, and while it does not answer, when its error changes,
+    /// at most once per [`API_ERROR_REPORT_EVERY`]): what `status` and
+    /// `vip_lease_api_answering` show, so an outage is seen without reading the log.
+    /// `error`: the latest failure.
     LeaseApi { answering: bool, error: Option<String> },
 }
 
@@ -609,10 +611,15 @@ struct Run<A, F> {
     unanswered_logged: Option<Instant>,
     /// The leader's differing VIPs, as last reported ([`ElectionEvent::LeaderVips`]).
     vips_reported: Option<(String, String)>,
-    /// Whether the last try was answered, as last reported ([`ElectionEvent::LeaseApi`]);
-    /// `None` before the first.
-    api_answering: Option<bool>,
+    /// Whether the last try was answered, as last reported ([`ElectionEvent::LeaseApi`]),
+    /// the error then and when; `None` before the first.
+    api_reported: Option<(bool, Option<String>, Instant)>,
 }
+
+/// How often a changed error of a Lease API that still does not answer is reported: an
+/// outage's cause can change (refused, then 403 once it is up without RBAC, then a
+/// certificate error), and status showed the first one for its whole length.
+const API_ERROR_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// `e` with its causes (`outer: cause: root`), each named once. kube's errors name only
 /// their outermost layer ("client error (Connect)"), which reads the same for a refused
@@ -661,16 +668,21 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         }
     }
 
-    /// Reports whether the Lease API answered, when that changed.
+    /// Reports whether the Lease API answered, when that changed, and a new error while
+    /// it does not (see [`ElectionEvent::LeaseApi`]).
     async fn report_api(&mut self, answering: bool, error: Option<String>) {
-        if self.api_answering != Some(answering) {
-            self.api_answering = Some(answering);
-            if answering && self.unanswered_logged.is_some() {
-                info!("the Lease API answers again");
-                self.unanswered_logged = None;
-            }
-            self.send(ElectionEvent::LeaseApi { answering, error }).await;
+        let flipped = self.api_reported.as_ref().is_none_or(|(a, ..)| *a != answering);
+        let new_error =
+            self.api_reported.as_ref().is_some_and(|(_, e, at)| *e != error && at.elapsed() >= API_ERROR_REPORT_EVERY);
+        if !flipped && !new_error {
+            return;
         }
+        if flipped && answering && self.unanswered_logged.is_some() {
+            info!("the Lease API answers again");
+            self.unanswered_logged = None;
+        }
+        self.api_reported = Some((answering, error.clone(), Instant::now()));
+        self.send(ElectionEvent::LeaseApi { answering, error }).await;
     }
 
     /// Logs a failed Lease call: at debug each time, at warn once per
@@ -878,7 +890,7 @@ pub async fn run<A: LeaseApi, F: Fence>(
         bootstrapping: cfg.bootstrap,
         unanswered_logged: None,
         vips_reported: None,
-        api_answering: None,
+        api_reported: None,
     };
     let mut ticker = tokio::time::interval(cfg.retry_period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1326,12 +1338,19 @@ mod tests {
     /// A Lease API that refuses (403, as during `kubeadm init` before RBAC exists), then
     /// answers.
     #[derive(Clone)]
-    struct Refusing(Store, Arc<Mutex<bool>>);
+    struct Refusing(Store, Arc<Mutex<bool>>, Arc<Mutex<u16>>);
 
     impl Refusing {
+        /// A store that answers while `refusing` is false, else with 403 (or the status
+        /// set in the third field).
+        fn new(store: Store, refusing: Arc<Mutex<bool>>) -> Self {
+            Self(store, refusing, Arc::new(Mutex::new(403)))
+        }
+
         fn check(&self) -> Result<(), ElectionError> {
             if *self.1.lock().unwrap() {
-                return Err(ElectionError::Status { code: 403, message: "forbidden".into() });
+                let code = *self.2.lock().unwrap();
+                return Err(ElectionError::Status { code, message: "refused".into() });
             }
             Ok(())
         }
@@ -1352,13 +1371,42 @@ mod tests {
         }
     }
 
+    /// While the API does not answer, a new error is reported (at most once a second),
+    /// so status shows the current cause, not the first one of the outage.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_changed_error_of_a_silent_api_is_reported() {
+        let refusing = Arc::new(Mutex::new(false));
+        let store = Refusing::new(Store::default(), refusing.clone());
+        let (_eligible_tx, eligible) = watch::channel(false);
+        let (_stop_tx, stop) = watch::channel(false);
+        let (tx, mut rx) = mpsc::channel(16);
+        *refusing.lock().unwrap() = true;
+        let task =
+            tokio::spawn(run(Elector::new(store.clone(), cfg("a")), Recorder::default(), eligible, stop, tx, false));
+        let collect = |rx: &mut mpsc::Receiver<ElectionEvent>, errors: &mut Vec<String>| {
+            while let Ok(ElectionEvent::LeaseApi { answering: false, error }) = rx.try_recv() {
+                errors.push(error.unwrap_or_default());
+            }
+        };
+        let mut errors = Vec::new();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        collect(&mut rx, &mut errors);
+        assert_eq!(errors.len(), 1, "the same error reported again: {errors:?}");
+        *store.2.lock().unwrap() = 500;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        collect(&mut rx, &mut errors);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("403") && errors[1].contains("500"), "{errors:?}");
+        task.abort();
+    }
+
     /// A node that cannot carry the VIP still reads the Lease, writing nothing, so
     /// whether the API answers is reported as it is, not as it was when the node last
     /// tried (a trial saw "answering" for a node cut off from the API).
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn an_ineligible_node_keeps_reporting_whether_the_api_answers() {
         let refusing = Arc::new(Mutex::new(false));
-        let store = Refusing(Store::default(), refusing.clone());
+        let store = Refusing::new(Store::default(), refusing.clone());
         let (_eligible_tx, eligible) = watch::channel(false);
         let (_stop_tx, stop) = watch::channel(false);
         let (tx, mut rx) = mpsc::channel(16);
@@ -1384,7 +1432,7 @@ mod tests {
         let log = fence.log.clone();
         let refusing = Arc::new(Mutex::new(true));
         let store = Store::default();
-        let api = Refusing(store.clone(), refusing.clone());
+        let api = Refusing::new(store.clone(), refusing.clone());
         let (_e, eligible) = watch::channel(true);
         let (_s, stop) = watch::channel(false);
         let (tx, mut rx) = mpsc::channel(16);
@@ -1413,7 +1461,7 @@ mod tests {
     async fn without_bootstrap_a_refusing_api_means_no_leader() {
         let fence = Recorder::default();
         let log = fence.log.clone();
-        let api = Refusing(Store::default(), Arc::new(Mutex::new(true)));
+        let api = Refusing::new(Store::default(), Arc::new(Mutex::new(true)));
         let (_e, eligible) = watch::channel(true);
         let (_s, stop) = watch::channel(false);
         let (tx, _rx) = mpsc::channel(16);

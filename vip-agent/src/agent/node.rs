@@ -448,7 +448,12 @@ impl Node {
                         self.publish();
                     }
                     ElectionEvent::LeaseApi { answering, error } => {
-                        self.lease_api = Some((answering, Instant::now(), error));
+                        // "Since" counts from the change of state, not of the error.
+                        let since = match &self.lease_api {
+                            Some((was, since, _)) if *was == answering => *since,
+                            _ => Instant::now(),
+                        };
+                        self.lease_api = Some((answering, since, error));
                         self.publish();
                     }
                     ElectionEvent::DuplicateIdentity { other_instance } => {
