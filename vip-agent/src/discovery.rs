@@ -90,9 +90,12 @@ pub fn watch(client: kube::Client) -> mpsc::Receiver<BTreeSet<Endpoint>> {
                     // The watcher retries with backoff (about once a second at first):
                     // an API that is down, as during `kubeadm init`, is logged once per
                     // UNANSWERED_LOG_EVERY, each try at debug.
-                    debug!(error = %e, "watching the EndpointSlices failed");
+                    // With its causes: kube's outer message alone reads the same for a
+                    // refused connection and an untrusted certificate.
+                    let error = crate::election::error_chain(&e);
+                    debug!(%error, "watching the EndpointSlices failed");
                     if failure_logged.is_none_or(|t: Instant| t.elapsed() >= UNANSWERED_LOG_EVERY) {
-                        warn!(error = %e, every = ?UNANSWERED_LOG_EVERY, "watching the kubernetes EndpointSlices failed; retrying (logged again while it lasts)");
+                        warn!(%error, every = ?UNANSWERED_LOG_EVERY, "watching the kubernetes EndpointSlices failed; retrying (logged again while it lasts)");
                         failure_logged = Some(Instant::now());
                     }
                     continue;

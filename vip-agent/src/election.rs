@@ -624,7 +624,7 @@ const API_ERROR_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// `e` with its causes (`outer: cause: root`), each named once. kube's errors name only
 /// their outermost layer ("client error (Connect)"), which reads the same for a refused
 /// connection and for a certificate the agent does not trust; the cause is deeper.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
