@@ -1,4 +1,5 @@
-//! Every rendered Kubernetes object passes strict schema validation for Kubernetes 1.33,
+//! Every rendered Kubernetes object passes strict schema validation for Kubernetes 1.33
+//! (the API level it is built with) and 1.37 (the newest the pinned validator bundles),
 //! offline: `kubernetes-validate --strict` (PyPI, which bundles the schemas), installed
 //! by `cargo xtask setup` into `target/tools/venv`. Strict means an unknown field fails,
 //! not just a wrong type.
@@ -12,6 +13,9 @@ use common::{all_lines, render, root};
 /// The Kubernetes version the objects are validated for: the API level of the
 /// k8s-openapi feature (`v1_33`) they are built with.
 const KUBERNETES_VERSION: &str = "1.33.0";
+/// The newest release the pinned validator knows: what a cluster installed today runs,
+/// where a field removed since 1.33 would fail.
+const NEWEST_KUBERNETES_VERSION: &str = "1.37.0";
 
 fn validator() -> PathBuf {
     let path = root().join("target/tools/venv/bin/kubernetes-validate");
@@ -20,7 +24,13 @@ fn validator() -> PathBuf {
 }
 
 #[test]
-fn every_rendered_object_passes_strict_validation_for_1_33() {
+fn every_rendered_object_passes_strict_validation_for_1_33_and_1_37() {
+    for version in [KUBERNETES_VERSION, NEWEST_KUBERNETES_VERSION] {
+        validate_every_object(version);
+    }
+}
+
+fn validate_every_object(version: &str) {
     let validator = validator();
     let dir = std::env::temp_dir().join(format!("vip-deploy-schema-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -36,14 +46,14 @@ fn every_rendered_object_passes_strict_validation_for_1_33() {
         files.push(file);
     }
     let out = Command::new(&validator)
-        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+        .args(["--strict", "--kubernetes-version", version])
         .args(&files)
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", validator.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(out.status.success(), "kubernetes-validate failed ({}):\n{stdout}\n{stderr}", out.status);
+    assert!(out.status.success(), "kubernetes-validate {version} failed ({}):\n{stdout}\n{stderr}", out.status);
     // It says "INFO <file> passed" per document; make sure it looked at every one.
     let documents: usize = all_lines()
         .iter()
