@@ -234,7 +234,7 @@ pub fn render(s: &Value) -> String {
             if let Some(other) = a["duplicate_instance"].as_str() {
                 let _ = writeln!(
                     out,
-                    "WARNING   another vip-agent runs under this node's name (instance {other}): give each node a unique --node-name"
+                    "warning   another vip-agent runs under this node's name (instance {other}): give each node a unique --node-name"
                 );
             }
             if let (Some(holder), Some(vips)) =
@@ -242,7 +242,7 @@ pub fn render(s: &Value) -> String {
             {
                 let _ = writeln!(
                     out,
-                    "WARNING   the leader, {holder}, serves other VIPs ({vips}): a VIP it lacks goes unanswered"
+                    "warning   the leader, {holder}, serves other VIPs ({vips}): a VIP it lacks goes unanswered"
                 );
             }
             if let Some(adv) = a["advertised"].as_bool() {
@@ -272,6 +272,7 @@ pub fn render(s: &Value) -> String {
         }
         (_, Some(e)) => {
             let _ = writeln!(out, "agent     not reachable ({e}): showing the pinned data plane only");
+            let _ = writeln!(out, "          (backend states are as the agent last wrote them, not checked since)");
         }
         _ => {}
     }
@@ -430,7 +431,7 @@ mod tests {
         assert!(table.contains("the leader, n2, serves other VIPs (10.0.0.100,10.0.0.101)"), "{table}");
         let quiet =
             render(&json!({ "agent": { "mode": "arp", "duplicate_instance": null, "leader_vips_differ": null } }));
-        assert!(!quiet.contains("WARNING"), "{quiet}");
+        assert!(!quiet.contains("warning"), "{quiet}");
     }
 
     /// In BGP mode a VIP's row says whether this node advertises it, not "follower".
@@ -449,8 +450,10 @@ mod tests {
             json!({ "agent": { "mode": "arp" }, "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }] });
         assert!(row(render(&arp)).ends_with("follower"));
         // No agent answering: the pins say only that this node does not answer.
-        let pinned_only = json!({ "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }] });
+        let pinned_only = json!({ "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }],
+                                  "agent_error": "127.0.0.1:9469: Connection refused" });
         assert!(row(render(&pinned_only)).ends_with("not answering ARP (no agent running)"));
+        assert!(render(&pinned_only).contains("backend states are as the agent last wrote them"));
     }
 
     /// With `--forward local` the table's shares are said not to be used.
