@@ -305,3 +305,22 @@ fn bootstrap_holds_the_vip_before_the_lease_api_answers_and_hands_it_to_the_leas
         samples.len()
     );
 }
+
+/// Credentials renewed on disk while the agent runs (`kubeadm certs renew` rewrites
+/// `admin.conf`): once the API refuses the old ones (401), the agent reads its
+/// kubeconfig again and leads with the new ones, without a restart.
+#[test]
+fn renewed_credentials_are_read_again_after_a_401() {
+    let lab = lab([10, 129, 0]);
+    let mut agent = lab.spawn_agent(0, &[]).unwrap();
+    assert_eq!(single_leader(&lab), 0);
+    std::fs::write(lab.faults_file(), r#"{"token": "renewed"}"#).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || lab.leaders().is_empty()), "led with refused credentials");
+    let kubeconfig = lab.pki.dir.join("n1.kubeconfig");
+    let renewed = std::fs::read_to_string(&kubeconfig).unwrap().replace("token: lab-token", "token: renewed");
+    std::fs::write(&kubeconfig, renewed).unwrap();
+    let back = wait_until(Duration::from_secs(20), || lab.leaders() == vec![0]);
+    let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(back, "the renewed kubeconfig was never read:\n{log}");
+    assert!(log.contains("the kubeconfig was read again"), "{log}");
+}

@@ -47,6 +47,23 @@ pub enum Timeouts {
     Watch(Duration),
 }
 
+/// Where a client comes from, kept so that it can be built again: the kubeconfig is
+/// read anew each time (kubeadm renews `admin.conf`'s client certificate in place).
+#[derive(Clone, Debug)]
+pub struct ClientSource {
+    pub kubeconfig: Option<std::path::PathBuf>,
+    pub apiserver: Option<String>,
+    pub server_name: String,
+    pub timeouts: Timeouts,
+}
+
+impl ClientSource {
+    /// The client, from the sources as they are now (see [`client`]).
+    pub async fn build(&self) -> Result<kube::Client, ApiClientError> {
+        client(self.kubeconfig.as_deref(), self.apiserver.as_deref(), &self.server_name, self.timeouts).await
+    }
+}
+
 /// Builds the client: `--kubeconfig` (its server kept unless `--apiserver` is given),
 /// else the pod's service-account token and CA against this node's apiserver, else an
 /// error. Refuses plain HTTP: the credentials would travel in clear. `server_name`: the

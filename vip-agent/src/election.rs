@@ -142,15 +142,69 @@ pub trait LeaseApi {
     fn replace(&self, lease: &Lease) -> impl Future<Output = Result<Option<Lease>, ElectionError>> + Send;
 }
 
-/// The Lease through kube's client.
+/// The Lease through kube's client. A call refused with 401 (credentials the apiserver
+/// no longer takes: a client certificate renewed on disk by `kubeadm certs renew`, the
+/// old one expired) builds the client again from its source, at most once per
+/// [`KubeLeases::REBUILD_EVERY`], so a fixed kubeconfig is taken without a restart.
 pub struct KubeLeases {
-    api: Api<Lease>,
+    api: std::sync::Mutex<Api<Lease>>,
+    namespace: String,
     name: String,
+    source: Option<crate::apiclient::ClientSource>,
+    rebuilt: std::sync::Mutex<Option<Instant>>,
 }
 
 impl KubeLeases {
-    pub fn new(client: kube::Client, namespace: &str, name: &str) -> Self {
-        Self { api: Api::namespaced(client, namespace), name: name.to_owned() }
+    pub const REBUILD_EVERY: Duration = Duration::from_secs(10);
+
+    /// `source`: where `client` came from, to build it again after a 401; `None`: never.
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        source: Option<crate::apiclient::ClientSource>,
+    ) -> Self {
+        Self {
+            api: std::sync::Mutex::new(Api::namespaced(client, namespace)),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            source,
+            rebuilt: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn api(&self) -> Api<Lease> {
+        // A poisoned lock still holds a usable Api: it is only ever replaced whole.
+        self.api.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After a 401: the client built again from its source, for the next call.
+    async fn rebuild_after_unauthorized(&self) {
+        let Some(source) = &self.source else { return };
+        {
+            let mut rebuilt = self.rebuilt.lock().unwrap_or_else(|p| p.into_inner());
+            if rebuilt.is_some_and(|t| t.elapsed() < Self::REBUILD_EVERY) {
+                return;
+            }
+            *rebuilt = Some(Instant::now());
+        }
+        match source.build().await {
+            Ok(client) => {
+                info!("the Lease API refused this node's credentials (401): the kubeconfig was read again");
+                *self.api.lock().unwrap_or_else(|p| p.into_inner()) = Api::namespaced(client, &self.namespace);
+            }
+            Err(e) => {
+                warn!(error = %error_chain(&e), "the Lease API refused this node's credentials (401), and reading them again failed")
+            }
+        }
+    }
+
+    /// `e`, after building the client again if it is a 401.
+    async fn failed(&self, e: kube::Error) -> ElectionError {
+        if is_code(&e, 401) {
+            self.rebuild_after_unauthorized().await;
+        }
+        api_err(e)
     }
 }
 
@@ -167,27 +221,27 @@ fn is_code(e: &kube::Error, code: u16) -> bool {
 
 impl LeaseApi for KubeLeases {
     async fn get(&self) -> Result<Option<Lease>, ElectionError> {
-        match self.api.get(&self.name).await {
+        match self.api().get(&self.name).await {
             Ok(l) => Ok(Some(l)),
             Err(e) if is_code(&e, 404) => Ok(None),
-            Err(e) => Err(api_err(e)),
+            Err(e) => Err(self.failed(e).await),
         }
     }
 
     async fn create(&self, lease: &Lease) -> Result<Option<Lease>, ElectionError> {
-        match self.api.create(&PostParams::default(), lease).await {
+        match self.api().create(&PostParams::default(), lease).await {
             Ok(l) => Ok(Some(l)),
             Err(e) if is_code(&e, 409) => Ok(None),
-            Err(e) => Err(api_err(e)),
+            Err(e) => Err(self.failed(e).await),
         }
     }
 
     async fn replace(&self, lease: &Lease) -> Result<Option<Lease>, ElectionError> {
-        match self.api.replace(&self.name, &PostParams::default(), lease).await {
+        match self.api().replace(&self.name, &PostParams::default(), lease).await {
             Ok(l) => Ok(Some(l)),
             // 404: deleted under us; the next try creates it.
             Err(e) if is_code(&e, 409) || is_code(&e, 404) => Ok(None),
-            Err(e) => Err(api_err(e)),
+            Err(e) => Err(self.failed(e).await),
         }
     }
 }

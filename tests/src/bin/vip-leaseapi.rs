@@ -16,7 +16,9 @@
 //! change takes a new resourceVersion.
 //!
 //! Faults: `--faults FILE`, read on every request, holds JSON `{"latency_ms": N,
-//! "status": S}`: each request is delayed N ms, and answered with status S if S > 0.
+//! "status": S, "token": T}`: each request is delayed N ms, answered with status S if
+//! S > 0, and with 401 unless it carries `Authorization: Bearer T` if T is given (the
+//! credentials changed under a running client).
 //!
 //! `--requests-log FILE`: every request's method and path is appended, one per line.
 //!
@@ -196,13 +198,18 @@ fn handle(store: &Mutex<Store>, method: &str, path: &str, body: &[u8], endpoints
     }
 }
 
-fn faults(file: &Option<PathBuf>) -> (u64, u16) {
+/// The injected faults: latency (ms), forced status, the token required.
+fn faults(file: &Option<PathBuf>) -> (u64, u16, Option<String>) {
     let Some(v) =
         file.as_ref().and_then(|f| std::fs::read(f).ok()).and_then(|b| serde_json::from_slice::<Value>(&b).ok())
     else {
-        return (0, 0);
+        return (0, 0, None);
     };
-    (v["latency_ms"].as_u64().unwrap_or(0), v["status"].as_u64().unwrap_or(0) as u16)
+    (
+        v["latency_ms"].as_u64().unwrap_or(0),
+        v["status"].as_u64().unwrap_or(0) as u16,
+        v["token"].as_str().map(str::to_owned),
+    )
 }
 
 /// Appends `method path` to the requests log, if any.
@@ -256,7 +263,8 @@ fn serve<S: Read + Write>(stream: S, shared: &Shared) -> std::io::Result<()> {
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body)?;
         log_request(requests_log, &method, &path);
-        let (latency, forced) = faults(fault_file);
+        let (latency, forced, fault_token) = faults(fault_file);
+        let token = &fault_token.or_else(|| token.clone());
         if latency > 0 {
             std::thread::sleep(Duration::from_millis(latency));
         }

@@ -278,10 +278,15 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
         let host_events = netlink::watch_host(cfg.interface.clone())?;
         let (kc, api) = (cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref());
         let lease_client = match (cfg.mode, cfg.election) {
-            (Mode::Arp, Election::Kubernetes) => Some(
-                apiclient::client(kc, api, &cfg.health.server_name, Timeouts::Bounded(cfg.lease.renew_deadline))
-                    .await?,
-            ),
+            (Mode::Arp, Election::Kubernetes) => {
+                let source = apiclient::ClientSource {
+                    kubeconfig: cfg.kubeconfig.clone(),
+                    apiserver: cfg.apiserver.clone(),
+                    server_name: cfg.health.server_name.clone(),
+                    timeouts: Timeouts::Bounded(cfg.lease.renew_deadline),
+                };
+                Some((source.build().await?, source))
+            }
             _ => None,
         };
         let watch_client = match cfg.discover {

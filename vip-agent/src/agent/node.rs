@@ -19,7 +19,7 @@ use crate::{
     config::{Election, Mode, RunConfig},
     dataplane::{Attached, Dataplane, Maps},
     discovery::{self, Endpoint},
-    election::{instance_hex, ElectionConfig, ElectionEvent},
+    election::{instance_hex, ElectionConfig, ElectionEvent, KubeLeases},
     health::{Probe, Report},
     live::{self, LiveView, SharedView},
     metrics::{self, AgentMetrics},
@@ -91,7 +91,8 @@ pub struct Start {
     pub host: Host,
     pub probe: Option<Probe>,
     pub hash_seed: u32,
-    pub lease_client: Option<kube::Client>,
+    /// The Lease API's client, and where it came from (to build it again after a 401).
+    pub lease_client: Option<(kube::Client, crate::apiclient::ClientSource)>,
     pub watch_client: Option<kube::Client>,
     pub metrics_listener: tokio::net::TcpListener,
     pub host_events: mpsc::Receiver<HostEvent>,
@@ -170,7 +171,7 @@ impl Node {
         backends.start_checks(&cfg, &dev);
         let discovered = s.watch_client.filter(|_| cfg.discover).map(discovery::watch);
         let (events, announce_rx) = mpsc::channel(32);
-        let election = s.lease_client.filter(|_| cfg.election == Election::Kubernetes).map(|client| {
+        let election = s.lease_client.filter(|_| cfg.election == Election::Kubernetes).map(|(client, source)| {
             let e = ElectionConfig {
                 lease_name: cfg.lease.name.clone(),
                 lease_namespace: cfg.lease.namespace.clone(),
@@ -187,7 +188,7 @@ impl Node {
                     vips.join(",")
                 },
             };
-            (client, e)
+            (KubeLeases::new(client, &cfg.lease.namespace, &cfg.lease.name, Some(source)), e)
         });
         // An adopted leader's predecessor could carry the VIP until it stopped, moments
         // ago: that readiness stands until this node's first gate check (the gate starts
@@ -770,7 +771,7 @@ fn say_where_vlan_frames_go(cfg: &RunConfig, dev: &Netdev, companion: bool) {
 fn start_announcer(
     cfg: &RunConfig,
     dev: &Netdev,
-    election: Option<(kube::Client, ElectionConfig)>,
+    election: Option<(KubeLeases, ElectionConfig)>,
     initially_leading: bool,
     eligible: bool,
     events: mpsc::Sender<AnnounceEvent>,

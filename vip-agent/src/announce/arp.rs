@@ -191,7 +191,7 @@ pub struct ArpStart {
     pub vlan: u16,
     pub pin_path: PathBuf,
     /// The Lease election, or `None` to hold the VIPs without one.
-    pub election: Option<(kube::Client, ElectionConfig)>,
+    pub election: Option<(KubeLeases, ElectionConfig)>,
     /// The adopted data plane already answers for the VIPs (a restart of a leader).
     pub initially_leading: bool,
     /// Whether this node can carry the VIPs as start-up knows it: what the leadership
@@ -230,12 +230,11 @@ impl ArpAnnounce {
         let (stop, stop_rx) = watch::channel(false);
         let elected = s.election.is_some();
         let task = match s.election {
-            Some((client, cfg)) => {
+            Some((leases, cfg)) => {
                 info!(
                     lease = %cfg.lease_name, namespace = %cfg.lease_namespace, identity = %cfg.identity,
                     instance = %cfg.instance, "joining the election"
                 );
-                let leases = KubeLeases::new(client, &cfg.lease_namespace, &cfg.lease_name);
                 let (tx, rx) = mpsc::channel(16);
                 tokio::spawn(forward(rx, s.events.clone()));
                 tokio::spawn(election::run(
