@@ -180,6 +180,44 @@ fn a_slow_lease_api_never_makes_an_agent_exit_or_flap() {
     }
 }
 
+/// A leader lost while the Lease API takes 200 ms per call is replaced, and the next
+/// leader keeps the lead: its fence counts from its write, not from its read. Counted
+/// from the read, the first renewal after an acquisition (a read, a write and the claim
+/// probe) had under 100 ms left, and every new leader stepped down at once, for as long
+/// as the API stayed slow (a chaos trial saw 9.5 s with nobody answering).
+#[test]
+fn a_leader_lost_while_the_lease_api_is_slow_is_replaced_for_good() {
+    let lab = lab([10, 130, 0]);
+    let mut agents: Vec<Option<Agent>> = lab.start_agents(&[0, 1, 2]).unwrap().into_iter().map(Some).collect();
+    let old = single_leader(&lab);
+    let sampler = Sampler::start(&lab);
+    std::fs::write(lab.faults_file(), r#"{"latency_ms": 200}"#).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    if let Some(mut a) = agents[old].take() {
+        a.stop(libc::SIGKILL, Duration::from_secs(5)).unwrap();
+    }
+    let killed = Instant::now();
+    let replaced = wait_until(Duration::from_secs(6), || lab.leaders().iter().any(|&l| l != old));
+    std::thread::sleep(Duration::from_secs(3));
+    let leaders = lab.leaders();
+    std::fs::remove_file(lab.faults_file()).unwrap();
+    let samples = sampler.finish();
+    assert!(replaced, "nobody took over from the killed leader while the API was slow");
+    assert_eq!(leaders.len(), 1, "{leaders:?}");
+    let new = leaders[0];
+    let mac = mac_of(lab.ns(new), "eth0").unwrap();
+    let first = first_answer_by(&samples, mac, killed).expect("the new leader never answered");
+    let from = killed + first;
+    let answered: Vec<Instant> = samples
+        .iter()
+        .filter(|(t, m)| *t >= from && *t < from + Duration::from_secs(2) && m.contains(&mac))
+        .map(|(t, _)| *t)
+        .collect();
+    let gap = answered.windows(2).map(|w| w[1] - w[0]).max();
+    assert!(gap < Some(Duration::from_millis(300)), "the new leader stopped answering for {gap:?}");
+    eprintln!("a new leader answered {first:?} after the SIGKILL, at 200 ms per API call");
+}
+
 /// A leader paused (SIGSTOP) in the middle of its gratuitous-ARP repeats, and resumed
 /// after another node took over, must not announce the VIP again: every announcement
 /// re-checks the data plane first.

@@ -275,6 +275,9 @@ pub struct Elector<A> {
     /// when.
     duplicate_written: Option<(u64, Instant)>,
     duplicate_seen: Option<String>,
+    /// When the last write that made this process the holder started: the fence counts
+    /// from there, not from the try's read (see [`Elector::written_at`]).
+    written_at: Option<Instant>,
 }
 
 fn now_micro() -> MicroTime {
@@ -334,7 +337,20 @@ impl<A: LeaseApi> Elector<A> {
             duplicate: None,
             duplicate_written: None,
             duplicate_seen: None,
+            written_at: None,
         }
+    }
+
+    /// When the last successful write of this process (create, acquire or renewal)
+    /// started. The renewTime it wrote is no earlier, and every other node counts the
+    /// Lease's duration from when it saw that write, so a fence of the renew deadline
+    /// from here ends before any other node may take over. Counted from the try's start
+    /// instead, an acquisition through a slow API (a read and a write, then the claim
+    /// probe) left the first renewal too little time: at 200 ms per call every new
+    /// leader stepped down within 80 ms, and nobody held the VIP for as long as the
+    /// slowness lasted (a chaos trial).
+    pub fn written_at(&self) -> Option<Instant> {
+        self.written_at
     }
 
     pub fn config(&self) -> &ElectionConfig {
@@ -439,8 +455,10 @@ impl<A: LeaseApi> Elector<A> {
         let Some(current) = self.api.get().await? else {
             // Created afresh: whoever held a Lease that was deleted may still be inside
             // its fence.
+            let writing = Instant::now();
             return Ok(match self.api.create(&self.claimed(None)).await? {
                 Some(created) => {
+                    self.written_at = Some(writing);
                     self.observe(&created, Instant::now());
                     Try::Held { fenced_until: Some(Instant::now() + self.longest_duration) }
                 }
@@ -468,8 +486,10 @@ impl<A: LeaseApi> Elector<A> {
             Owner::Vacant if expired => None,
             Owner::Vacant => Some(Instant::now() + self.longest_duration),
         };
+        let writing = Instant::now();
         match self.api.replace(&self.claimed(Some(&current))).await? {
             Some(updated) => {
+                self.written_at = Some(writing);
                 if owner == Owner::Predecessor {
                     info!(identity = %self.cfg.identity, "took over the Lease of the previous agent on this node");
                 }
@@ -506,8 +526,10 @@ impl<A: LeaseApi> Elector<A> {
         if self.owner(last) != Owner::Me || *observed_at + lease_duration_of(last) <= Instant::now() {
             return None;
         }
+        let writing = Instant::now();
         match self.api.replace(&self.claimed(Some(last))).await {
             Ok(Some(updated)) => {
+                self.written_at = Some(writing);
                 self.observe(&updated, Instant::now());
                 Some(Try::Held { fenced_until: None })
             }
@@ -798,7 +820,10 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         self.report_duplicate().await;
         self.report_leader_vips().await;
         match outcome {
-            Try::Held { fenced_until } => self.on_held(start, fenced_until).await,
+            Try::Held { fenced_until } => {
+                let from = self.elector.written_at().map_or(start, |w| w.max(start));
+                self.on_held(from, fenced_until).await
+            }
             Try::Following if self.leading && Instant::now() >= self.last_renew + self.cfg.renew_deadline => {
                 self.step_down("could not renew the Lease in time").await;
             }
