@@ -1450,18 +1450,25 @@ mod tests {
         }
     }
 
+    /// An election run on `store` by node "a", which cannot carry the VIP: the task, its
+    /// events, and the senders that keep it running.
+    fn ineligible_run(
+        store: Refusing,
+    ) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<ElectionEvent>, [watch::Sender<bool>; 2]) {
+        let (eligible_tx, eligible) = watch::channel(false);
+        let (stop_tx, stop) = watch::channel(false);
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(run(Elector::new(store, cfg("a")), Recorder::default(), eligible, stop, tx, false));
+        (task, rx, [eligible_tx, stop_tx])
+    }
+
     /// While the API does not answer, a new error is reported (at most once a second),
     /// so status shows the current cause, not the first one of the outage.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn a_changed_error_of_a_silent_api_is_reported() {
-        let refusing = Arc::new(Mutex::new(false));
+        let refusing = Arc::new(Mutex::new(true));
         let store = Refusing::new(Store::default(), refusing.clone());
-        let (_eligible_tx, eligible) = watch::channel(false);
-        let (_stop_tx, stop) = watch::channel(false);
-        let (tx, mut rx) = mpsc::channel(16);
-        *refusing.lock().unwrap() = true;
-        let task =
-            tokio::spawn(run(Elector::new(store.clone(), cfg("a")), Recorder::default(), eligible, stop, tx, false));
+        let (task, mut rx, _senders) = ineligible_run(store.clone());
         let collect = |rx: &mut mpsc::Receiver<ElectionEvent>, errors: &mut Vec<String>| {
             while let Ok(ElectionEvent::LeaseApi { answering: false, error }) = rx.try_recv() {
                 errors.push(error.unwrap_or_default());
@@ -1486,11 +1493,7 @@ mod tests {
     async fn an_ineligible_node_keeps_reporting_whether_the_api_answers() {
         let refusing = Arc::new(Mutex::new(false));
         let store = Refusing::new(Store::default(), refusing.clone());
-        let (_eligible_tx, eligible) = watch::channel(false);
-        let (_stop_tx, stop) = watch::channel(false);
-        let (tx, mut rx) = mpsc::channel(16);
-        let task =
-            tokio::spawn(run(Elector::new(store.clone(), cfg("a")), Recorder::default(), eligible, stop, tx, false));
+        let (task, mut rx, _senders) = ineligible_run(store.clone());
         let mut api = Vec::new();
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(try_next_role(&mut rx, &mut api).is_none(), "an ineligible node took a role");
