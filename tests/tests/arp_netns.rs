@@ -329,8 +329,14 @@ fn a_bgp_peer_reached_through_another_interface_is_warned_of() {
     let mut agent = tests::agent::Agent::spawn(&lab.node, &args).unwrap();
     // The check runs before the data plane is opened: pins mean it is done.
     let started = tests::agent::wait_until(Duration::from_secs(10), || pins.exists());
+    // With no backend to check, BGP's wait for the first checks ends at once (within a
+    // second, not at its bound of two intervals and timeouts, 4 s).
+    let eligible = tests::agent::wait_until(Duration::from_secs(1), || {
+        try_status_json(&lab.node, &pins).is_ok_and(|s| s["agent"]["eligible"] == true)
+    });
     let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
     assert!(started, "the agent never opened its data plane:\n{log}");
+    assert!(eligible && !log.contains("carrying the VIPs anyway"), "waited for checks there are none of:\n{log}");
     let warned: Vec<&str> = log.lines().filter(|l| l.contains("reached through another interface")).collect();
     assert_eq!(warned.len(), 1, "one warning, for the off-link peer only:\n{log}");
     assert!(warned[0].contains("peer=10.99.0.2"), "{}", warned[0]);

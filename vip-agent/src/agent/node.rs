@@ -237,6 +237,9 @@ impl Node {
             instance,
         };
         node.read_xdp_mode().await;
+        // Settled at once when nothing is left to check: no backends, or every one
+        // carried over from a previous agent's table (no report would end the wait).
+        node.check_settled();
         node.push_eligibility();
         let inputs = Inputs { reports, host: s.host_events, discovered, announce: announce_rx };
         Ok((node, inputs))
