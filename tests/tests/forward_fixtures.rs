@@ -40,6 +40,12 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 const PORT: u16 = 6443;
 const M: u32 = 65537;
 
+/// The verdict for an IPIP frame whose outer header is stripped: passed up the stack as
+/// `frame`.
+fn decapsulated(frame: Frame) -> Expect {
+    Expect { action: xdp::PASS, reason: Reason::IpipDecap, output: Some(frame.bytes()) }
+}
+
 fn backend_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 0, 10 + i)
 }
@@ -498,11 +504,7 @@ fn forwarding_fixture_table_of(program: Program) {
         &dp,
         "IPIP for a VIP: decapsulated",
         encapsulated.bytes(),
-        Expect {
-            action: xdp::PASS,
-            reason: IpipDecap,
-            output: Some(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, inner.clone()).bytes()),
-        },
+        decapsulated(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, inner.clone())),
     );
     dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER).on_segment(7)).unwrap();
     let tagged_encap = encapsulated.clone().vlan(ETH_P_8021Q, 7);
@@ -510,11 +512,7 @@ fn forwarding_fixture_table_of(program: Program) {
         &dp,
         "IPIP tagged 7 for a VIP on VLAN 7: decapsulated, tag kept",
         tagged_encap.bytes(),
-        Expect {
-            action: xdp::PASS,
-            reason: IpipDecap,
-            output: Some(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, inner).vlan(ETH_P_8021Q, 7).bytes()),
-        },
+        decapsulated(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, inner).vlan(ETH_P_8021Q, 7)),
     );
     // A peer's VIP-path probe (inner SYN from its own address) comes untagged whatever
     // the VIP's VLAN, as by DSR: taken. A client's flow untagged for that VIP is not.
@@ -523,11 +521,7 @@ fn forwarding_fixture_table_of(program: Program) {
         &dp,
         "untagged IPIP probe from a peer for a VIP on VLAN 7: decapsulated",
         Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(PEER_IP, NODE_IP, &vlan_probe)).bytes(),
-        Expect {
-            action: xdp::PASS,
-            reason: IpipDecap,
-            output: Some(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, vlan_probe.clone()).bytes()),
-        },
+        decapsulated(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, vlan_probe.clone())),
     );
     let client_untagged = ipv4(CLIENT_IP, VIP, 6, &tcp(40021, PORT, TCP_SYN));
     check(
@@ -559,11 +553,7 @@ fn forwarding_fixture_table_of(program: Program) {
         &dp,
         "leaving: a client's flow by IPIP is still decapsulated",
         Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, ipip(PEER_IP, NODE_IP, &client_inner)).bytes(),
-        Expect {
-            action: xdp::PASS,
-            reason: IpipDecap,
-            output: Some(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, client_inner.clone()).bytes()),
-        },
+        decapsulated(Frame::new(NODE_MAC, PEER_MAC, ETH_P_IPV4, client_inner.clone())),
     );
     dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
     let encap = |outer_src: Ipv4Addr, outer_dst: Ipv4Addr, inner: &[u8]| {

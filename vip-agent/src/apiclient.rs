@@ -193,14 +193,7 @@ mod tests {
     async fn credentials_never_go_over_plain_http() {
         let dir = std::env::temp_dir().join(format!("vip-apiclient-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let kc = dir.join("kubeconfig");
-        std::fs::write(
-            &kc,
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'http://10.0.0.1:8080'}\n\
-             users:\n- name: u\n  user: {token: secret}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n\
-             current-context: x\n",
-        )
-        .unwrap();
+        let kc = kubeconfig(&dir, "http://10.0.0.1:8080", "");
         let Err(err) = client(Some(&kc), None, NAME, Timeouts::Bounded(Duration::from_secs(1))).await else {
             panic!("a plain-HTTP kubeconfig with a token was accepted");
         };
