@@ -48,14 +48,17 @@ struct Tracked {
     /// Its last VIP-path probe was refused (a RST from its data plane): its agent is
     /// leaving, and it drains.
     leaving: bool,
-    /// `fall` probes in a row went unanswered after refusals: the leaving node has gone
-    /// (its VIP off `lo`, its program detached). It is down, so its pinned flows are
-    /// re-hashed and their clients reset by the backend they reach, instead of sending
-    /// into a node that drops them until the clients time out. Cleared by a probe
-    /// answered again. Carried over by a restart (a backend the previous agent left down
-    /// for its VIP path), so a new agent does not take it for draining again.
+    /// Its VIP path went silent for good: `fall` probes in a row unanswered after
+    /// refusals (the leaving node has gone: its VIP off `lo`, its program detached), or
+    /// [`SILENT_WITHOUT_REFUSAL`] × `fall` with no refusal seen (its refusals were
+    /// missed: this node's probes came late for the leaving node's drain window, or its
+    /// RSTs were lost). It is down, so its pinned flows are re-hashed and their clients
+    /// reset by the backend they reach, instead of sending into a node that drops them
+    /// until the clients time out. Cleared by a probe answered again. Carried over by a
+    /// restart (a backend the previous agent left down for its VIP path), so a new agent
+    /// does not take it for draining again.
     left: bool,
-    /// Probes unanswered in a row since the last refusal (see `left`).
+    /// Probes unanswered in a row (see `left`); a refusal or an answer starts it again.
     silences: u32,
     /// `--fall`: how many of them make a leaving node gone, so one lost RST does not.
     fall: u32,
@@ -127,10 +130,17 @@ impl Tracked {
             Err(CheckError::VipPath { refused: true, .. }) => {
                 (self.leaving, self.left, self.silences) = (true, false, 0)
             }
-            Err(CheckError::VipPath { refused: false, .. }) if self.leaving && !self.left => {
+            Err(CheckError::VipPath { refused: false, .. }) if !self.left => {
                 self.silences += 1;
-                if self.silences >= self.fall {
+                if self.leaving && self.silences >= self.fall {
                     info!(backend = %self.ip, "a leaving node answers VIP traffic no more: gone, its connections re-hashed");
+                    self.left = true;
+                } else if self.silences >= SILENT_WITHOUT_REFUSAL * self.fall {
+                    info!(
+                        backend = %self.ip,
+                        silent_probes = self.silences,
+                        "a node's VIP path stays silent while its apiserver answers: gone, its connections re-hashed"
+                    );
                     self.left = true;
                 }
             }
@@ -138,6 +148,15 @@ impl Tracked {
         }
     }
 }
+
+/// How many times `--fall` VIP-path probes must go unanswered, with no refusal seen, for
+/// a node to count as gone (see `Tracked::left`). Why more than `fall`: without the
+/// refusal that says "leaving", silence is weaker evidence (a probe timing out on a loaded
+/// prober, a VIP being put back on the peer's `lo`), and taking a node down re-hashes
+/// every connection it holds. Why not never: a leaving node whose refusals this node
+/// missed holds its connections in a hole until their clients time out (a loaded CI
+/// run's leader probed too late for a stopping node's 600 ms window).
+const SILENT_WITHOUT_REFUSAL: u32 = 3;
 
 /// What every checker shares.
 #[derive(Clone)]
@@ -692,5 +711,26 @@ mod tests {
         assert!(b.left, "fall silences after refusals: gone");
         b.observe(&Ok(()));
         assert!(!b.leaving && !b.left, "answered again: back");
+    }
+
+    /// A leaving node whose refusals this node missed (its probes came after the drain
+    /// window) is gone after a longer silence, not draining for ever.
+    #[test]
+    fn a_node_silent_without_refusals_has_left_after_a_longer_silence() {
+        let mut b = tracked();
+        let fall = b.fall;
+        for _ in 1..SILENT_WITHOUT_REFUSAL * fall {
+            b.observe(&vip_path(false));
+        }
+        assert!(!b.left, "silence shorter than {SILENT_WITHOUT_REFUSAL} × fall: still draining");
+        assert_eq!(state_name(&spec_of(&b, &cfg())), "draining");
+        b.observe(&Ok(()));
+        for _ in 1..SILENT_WITHOUT_REFUSAL * fall {
+            b.observe(&vip_path(false));
+        }
+        assert!(!b.left, "an answer in between starts the count again");
+        b.observe(&vip_path(false));
+        assert!(b.left, "silent for {SILENT_WITHOUT_REFUSAL} × fall: gone");
+        assert_eq!(state_name(&spec_of(&b, &cfg())), "down");
     }
 }
