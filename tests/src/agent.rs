@@ -9,18 +9,18 @@ use std::{
 
 use crate::netns::Netns;
 
-/// The agent binary: `VIP_AGENT_BIN` (set by `cargo xtask test`), or the workspace's
+/// The agent binary: `VIPLAB_AGENT_BIN` (set by `cargo xtask test`), or the workspace's
 /// debug build.
 pub fn agent_bin() -> PathBuf {
-    std::env::var_os("VIP_AGENT_BIN")
+    std::env::var_os("VIPLAB_AGENT_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/vip-agent"))
 }
 
-/// The `vip-standin` binary: `VIP_STANDIN_BIN`, or next to the running executable (or
+/// The `vip-standin` binary: `VIPLAB_STANDIN_BIN`, or next to the running executable (or
 /// one directory up, for test binaries in `target/*/deps`).
 pub fn standin_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("VIP_STANDIN_BIN") {
+    if let Some(p) = std::env::var_os("VIPLAB_STANDIN_BIN") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().unwrap_or_default();
@@ -33,7 +33,7 @@ pub fn standin_bin() -> PathBuf {
 
 /// The `vip-leaseapi` binary, found like [`standin_bin`].
 pub fn leaseapi_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("VIP_LEASEAPI_BIN") {
+    if let Some(p) = std::env::var_os("VIPLAB_LEASEAPI_BIN") {
         return PathBuf::from(p);
     }
     standin_bin().with_file_name("vip-leaseapi")

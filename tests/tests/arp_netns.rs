@@ -343,13 +343,16 @@ fn a_bgp_peer_reached_through_another_interface_is_warned_of() {
 }
 
 /// Every flag reads `VIP_<FLAG>` too (manifests configure the agent that way): with the
-/// interface, VIP, election and mode only in the environment, the agent serves.
+/// interface, VIP, election and mode only in the environment, the agent serves. A
+/// misspelled `VIP_` variable is warned of, by name (it was ignored without a word).
 #[test]
 fn flags_come_from_the_environment() {
     let lab = lab(false);
     let node_mac = mac_of(&lab.node, NODE_DEV).unwrap();
     let bin = tests::agent::agent_bin();
     let pins = pin_dir(&lab.node.name).unwrap();
+    let log_path = std::env::temp_dir().join(format!("vip-env-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log_path).unwrap();
     let mut child = lab
         .node
         .cmd(bin.to_str().unwrap())
@@ -360,7 +363,8 @@ fn flags_come_from_the_environment() {
         .env("VIP_XDP_MODE", "skb")
         .env("VIP_FORWARD", "local")
         .env("VIP_PIN_PATH", &pins)
-        .stderr(std::process::Stdio::null())
+        .env("VIP_HEALTH_INTERVL", "1s")
+        .stderr(log_file)
         .spawn()
         .unwrap();
     let attached =
@@ -368,8 +372,13 @@ fn flags_come_from_the_environment() {
     let replies = arping(&lab.client, CLIENT_DEV, VIP, 1, 2).unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(attached, "agent configured from the environment never attached");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(attached, "agent configured from the environment never attached:\n{log}");
     assert_eq!(replies, vec![node_mac]);
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("no flag reads this variable")).collect();
+    assert_eq!(warned.len(), 1, "one warning, for the misspelled variable:\n{log}");
+    assert!(warned[0].contains("VIP_HEALTH_INTERVL"), "{}", warned[0]);
 }
 
 /// A log reader that goes away (a closed pipe) does not stop the agent: it logs on

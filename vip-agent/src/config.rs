@@ -906,6 +906,22 @@ pub fn parse_args(argv: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> 
     Cli::try_parse_from(merged).map_err(ParseError::Clap)
 }
 
+/// The `VIP_` variables among `names` that no flag of `run` reads: a misspelled one
+/// (`VIP_HEALTH_INTERVL`) would otherwise be ignored without a word, where a misspelled
+/// key of the `--config` file is refused. (The manifests turn the kubelet's service
+/// links off, so no `VIP_SERVICE_HOST` of a Service named `vip` appears.)
+pub fn unknown_variables(names: impl Iterator<Item = String>) -> Vec<String> {
+    let cli = Cli::command();
+    let known: BTreeSet<String> = cli
+        .find_subcommand("run")
+        .into_iter()
+        .flat_map(|run| run.get_arguments())
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    names.filter(|n| n.starts_with("VIP_") && !known.contains(n)).collect()
+}
+
 /// Where the value of the flag an error message names first (`--drain-hold 2h: …`) came
 /// from, when not the command line: its `VIP_` variable, or the `--config` file (the
 /// precedence of [`parse_args`]). `None` when the flag is on the command line, or named
@@ -1302,6 +1318,13 @@ mod tests {
         let both = ["--mode", "bgp", "--bgp-local-as", "1", "--bgp-peer", "10.0.0.1:2", "--bgp-peer-file", f];
         assert!(parse(&with(&both)).unwrap_err().contains("cannot be used with"));
         std::fs::remove_dir(&dir).unwrap();
+    }
+
+    /// A `VIP_` variable no flag reads is found; the flags' own, and others, are not.
+    #[test]
+    fn a_misspelled_variable_is_found() {
+        let names = ["VIP_HEALTH_INTERVL", "VIP_RISE", "VIP_CONFIG", "VIP_KEEP_FORWARDING_ON_EXIT", "PATH"];
+        assert_eq!(unknown_variables(names.iter().map(|n| n.to_string())), ["VIP_HEALTH_INTERVL"]);
     }
 
     /// A bad `--bgp-peer` is named without its password, wherever it came from (clap's

@@ -94,6 +94,9 @@ struct Logged;
 fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let json = cfg.log_format == LogFormat::Json;
     logging(cfg.log_format);
+    for variable in config::unknown_variables(std::env::vars().map(|(name, _)| name)) {
+        tracing::warn!(%variable, "no flag reads this variable: misspelled? (see --help for the VIP_ names)");
+    }
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

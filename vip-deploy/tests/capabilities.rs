@@ -1,5 +1,5 @@
 //! The capability set the manifests give the agent container ([`vip_deploy::CAPABILITIES`])
-//! is enough, and each capability in it is needed. The real agent binary (`VIP_AGENT_BIN`,
+//! is enough, and each capability in it is needed. The real agent binary (`VIPLAB_AGENT_BIN`,
 //! set by `cargo xtask test`, else the workspace's debug build) runs as a container
 //! runtime would start it: uid 0, exactly those capabilities (bounding and inheritable
 //! sets, so nothing else can be gained), no_new_privs (`allowPrivilegeEscalation:
@@ -25,10 +25,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const VIP: &str = "198.51.100.10";
 
 fn agent() -> PathBuf {
-    let path = std::env::var_os("VIP_AGENT_BIN")
+    let path = std::env::var_os("VIPLAB_AGENT_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| common::root().join("target/debug/vip-agent"));
-    assert!(path.exists(), "{}: no agent binary (run `cargo xtask test`, or set VIP_AGENT_BIN)", path.display());
+    assert!(path.exists(), "{}: no agent binary (run `cargo xtask test`, or set VIPLAB_AGENT_BIN)", path.display());
     path
 }
 

@@ -1,5 +1,5 @@
 //! The OCI archive `cargo xtask image` writes (`cargo xtask test` builds it first and
-//! passes its path in `VIP_IMAGE_ARCHIVE`): the agent alone, statically linked, run as
+//! passes its path in `VIPLAB_IMAGE_ARCHIVE`): the agent alone, statically linked, run as
 //! `/vip-agent run`, and reproducible. Inspected with skopeo, as a registry client would.
 
 mod common;
@@ -13,10 +13,10 @@ use std::{
 use serde_json::Value;
 
 fn archive() -> PathBuf {
-    let path = std::env::var_os("VIP_IMAGE_ARCHIVE")
+    let path = std::env::var_os("VIPLAB_IMAGE_ARCHIVE")
         .map(PathBuf::from)
         .unwrap_or_else(|| common::root().join("target/image/vip-agent-oci.tar"));
-    assert!(path.exists(), "{} is missing: run `cargo xtask image` (or set VIP_IMAGE_ARCHIVE)", path.display());
+    assert!(path.exists(), "{} is missing: run `cargo xtask image` (or set VIPLAB_IMAGE_ARCHIVE)", path.display());
     path
 }
 

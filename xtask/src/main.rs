@@ -71,7 +71,7 @@ fn rest_after_dashes(args: &[String]) -> &[String] {
 /// agent's build script.
 fn cargo(toolchain: &str) -> Command {
     let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root()).env("VIP_EBPF_TOOLCHAIN", toolchain);
+    cmd.current_dir(root()).env("VIPBUILD_EBPF_TOOLCHAIN", toolchain);
     cmd
 }
 
@@ -105,7 +105,7 @@ fn test(toolchain: &str, filter: &[String]) -> Result<()> {
     let archive = image::image(toolchain)?;
     let agent = root().join("target/debug/vip-agent");
     let mut cmd = cargo(toolchain);
-    cmd.env("VIP_AGENT_BIN", &agent).env("VIP_IMAGE_ARCHIVE", &archive).args(["test", "--no-fail-fast"]).args(filter);
+    cmd.env("VIPLAB_AGENT_BIN", &agent).env("VIPLAB_IMAGE_ARCHIVE", &archive).args(["test", "--no-fail-fast"]).args(filter);
     let (passed, failed, ok) = run_counting_tests(&mut cmd)?;
     // One closing line over every test binary, so the total is what a reader sees last.
     println!("\nsummary: {passed} passed, {failed} failed");
@@ -170,10 +170,10 @@ fn bench(toolchain: &str, args: &[String]) -> Result<()> {
     status(cargo(toolchain).args(["build", "--release", "-p", "vip-agent", "-p", "tests", "--bins"]))?;
     let release = root().join("target/release");
     let with_bins = |cmd: &mut Command| {
-        cmd.env("VIP_AGENT_BIN", release.join("vip-agent"))
-            .env("VIP_STANDIN_BIN", release.join("vip-standin"))
-            .env("VIP_LEASEAPI_BIN", release.join("vip-leaseapi"))
-            .env("VIP_RESPONDER_BIN", release.join("vip-responder"));
+        cmd.env("VIPLAB_AGENT_BIN", release.join("vip-agent"))
+            .env("VIPLAB_STANDIN_BIN", release.join("vip-standin"))
+            .env("VIPLAB_LEASEAPI_BIN", release.join("vip-leaseapi"))
+            .env("VIPLAB_RESPONDER_BIN", release.join("vip-responder"));
     };
     if wants(VIP_BENCH_SECTIONS) {
         let mut cmd = Command::new(release.join("vip-bench"));
@@ -216,7 +216,7 @@ fn demo(toolchain: &str) -> Result<()> {
     let standin = root().join("target/debug/vip-standin");
     status(
         Command::new(root().join("target/debug/vip-demo"))
-            .env("VIP_AGENT_BIN", &agent)
-            .env("VIP_STANDIN_BIN", &standin),
+            .env("VIPLAB_AGENT_BIN", &agent)
+            .env("VIPLAB_STANDIN_BIN", &standin),
     )
 }

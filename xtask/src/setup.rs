@@ -111,9 +111,9 @@ fn llvm_major_of(toolchain: &str) -> Option<String> {
 
 /// `nightly` if it is LLVM 22, else the pinned dated nightly (installed if needed).
 fn nightly() -> Result<String> {
-    if let Ok(forced) = std::env::var("VIP_EBPF_TOOLCHAIN") {
+    if let Ok(forced) = std::env::var("VIPBUILD_EBPF_TOOLCHAIN") {
         if !forced.is_empty() {
-            println!("setup: eBPF toolchain {forced} (from VIP_EBPF_TOOLCHAIN)");
+            println!("setup: eBPF toolchain {forced} (from VIPBUILD_EBPF_TOOLCHAIN)");
             return Ok(forced);
         }
     }

@@ -98,9 +98,9 @@ pub fn require(programs: &[&str]) -> Result<(), String> {
     }
 }
 
-/// `vip-responder`: `VIP_RESPONDER_BIN`, or next to this executable.
+/// `vip-responder`: `VIPLAB_RESPONDER_BIN`, or next to this executable.
 fn responder_bin() -> PathBuf {
-    std::env::var_os("VIP_RESPONDER_BIN")
+    std::env::var_os("VIPLAB_RESPONDER_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::current_exe().unwrap_or_default().with_file_name("vip-responder"))
 }
