@@ -400,6 +400,35 @@ fn a_node_that_rejoins_does_not_steal_leadership() {
     assert!(samples.iter().all(|(_, m)| m.is_empty() || m == &vec![leader_mac]), "someone else answered ARP");
 }
 
+/// A node that starts afresh and finds the Lease free (here: every agent stopped, as a
+/// configuration tool restarting them all at once does) takes it only once every backend
+/// has its first check result. Leading with a table of itself alone, it sent every flow
+/// to its own stack: the connections the previous leader had balanced to the other
+/// nodes were reset (found by a new-user trial). Node 0's checks of node 2 go unanswered
+/// until their 1.5 s timeout; node 0 leads only after that.
+#[test]
+fn a_node_that_starts_afresh_leads_only_once_every_backend_is_checked() {
+    let (lab, mut agents) = lab_with_agents([10, 131, 0]);
+    for agent in agents.iter_mut() {
+        let (status, log) = agent.take().unwrap().stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+        assert!(status.success(), "{log}");
+    }
+    let (n2, from) = (lab.ns(2), lab.nodes[0].ip.to_string());
+    let nft = |args: &[&str]| tests::netns::run(n2.cmd("nft").args(args)).unwrap();
+    nft(&["add", "table", "inet", "slow"]);
+    nft(&["add", "chain", "inet", "slow", "input", "{ type filter hook input priority 0 ; }"]);
+    nft(&["add", "rule", "inet", "slow", "input", "ip", "saddr", &from, "tcp", "dport", "6443", "drop"]);
+    let t = Instant::now();
+    let mut fresh = lab.spawn_agent(0, &["--health-interval", "3s", "--health-timeout", "1500ms"]).unwrap();
+    let led = wait_until(Duration::from_secs(10), || lab.leaders() == [0]);
+    let took = t.elapsed();
+    nft(&["delete", "table", "inet", "slow"]);
+    let (_, log) = fresh.stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(led, "node 0 never led:\n{log}");
+    assert!(took >= Duration::from_millis(1400), "led {took:?} after start, before its check of node 2 ended:\n{log}");
+    assert!(log.contains("every backend checked once"), "{log}");
+}
+
 /// A hung agent (SIGSTOP) cannot step down by itself; its pinned XDP program is still
 /// attached. The deadline in the map is what stops it answering, before another node
 /// can take over: the sampler must never see two answerers. Resumed, it steps down, and

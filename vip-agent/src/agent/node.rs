@@ -42,11 +42,14 @@ struct Eligibility {
     link_up: bool,
     /// A foreign host answered for a VIP: no claim before then.
     conflict_until: Option<Instant>,
-    /// BGP mode: until every backend has its first check result (and, with discovery,
-    /// the first snapshot is in), or this deadline passes. Every node balances by its
-    /// own table there, and the router moves flows between nodes: advertised with a
-    /// table of itself alone, a node that just started sent the flows it was handed to
-    /// its own stack, which reset connections the other nodes kept on healthy backends.
+    /// A node that starts afresh (not an adopted leader): until every backend has its
+    /// first check result (and, with discovery, the first snapshot is in), or this
+    /// deadline passes. With a table of itself alone, a node that carries the VIPs sends
+    /// every flow to its own stack, and resets the connections clients keep on the other
+    /// backends: in BGP mode those the router moves to it from the other nodes; in ARP
+    /// mode every connection the previous leader balanced elsewhere, when a node that
+    /// just started finds the Lease free (every agent restarted at once, by a
+    /// configuration tool or a power cut).
     settling_until: Option<Instant>,
 }
 
@@ -200,7 +203,9 @@ impl Node {
             apiserver_ready: initially_leading,
             link_up: netdev::is_up(&cfg.interface),
             conflict_until: None,
-            settling_until: (cfg.mode == Mode::Bgp)
+            // An adopted leader keeps its predecessor's table and lead: waiting, it would
+            // step down and fail over at every restart.
+            settling_until: (!initially_leading)
                 .then(|| Instant::now() + 2 * (cfg.health.interval + cfg.health.timeout)),
         };
         let announce = match start_announcer(&cfg, &dev, election, initially_leading, eligibility.eligible(), events) {
@@ -316,7 +321,7 @@ impl Node {
         self.check_settled();
     }
 
-    /// Ends the BGP mode's wait for the first checks (see [`Eligibility::settling_until`])
+    /// Ends a fresh node's wait for the first checks (see [`Eligibility::settling_until`])
     /// once every backend has a result and discovery (if on) has answered; the table was
     /// written with them before this runs.
     fn check_settled(&mut self) {
