@@ -208,3 +208,26 @@ fn after_a_restart_under_discovery_the_leadership_gate_checks_this_node_alone() 
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(lab.leaders(), [0], "n1 stepped down: its gate saw another apiserver's checks");
 }
+
+/// Credentials renewed on disk while the agent runs (`kubeadm certs renew` rewrites
+/// `admin.conf`): once the API refuses the old ones (401), the discovery watch reads the
+/// kubeconfig again and follows the EndpointSlices with the new ones, without a restart.
+/// With the client it started with, the table stayed as it was for good.
+#[test]
+fn the_discovery_watch_reads_renewed_credentials_after_a_401() {
+    let mut lab = ApiLab::new([10, 132, 0], 3, &[0]).unwrap().with_lease_api().unwrap();
+    lab.static_backends = false;
+    lab.register_apiservers(&[0, 1]).unwrap();
+    let mut agent = Agent::spawn(lab.ns(0), &discovering(&lab, &[], false)).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || healthy_set(&lab, &[0, 1])), "{:?}", table_backends(&lab));
+    std::fs::write(lab.faults_file(), r#"{"token": "renewed"}"#).unwrap();
+    let kubeconfig = lab.pki.dir.join("n1.kubeconfig");
+    let renewed = std::fs::read_to_string(&kubeconfig).unwrap().replace("token: lab-token", "token: renewed");
+    std::fs::write(&kubeconfig, renewed).unwrap();
+    lab.register_apiservers(&[0, 1, 2]).unwrap();
+    let followed = wait_until(Duration::from_secs(20), || healthy_set(&lab, &[0, 1, 2]));
+    let table = table_backends(&lab);
+    let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(followed, "the third apiserver was never discovered: {table:?}\n{log}");
+    assert!(log.contains("the kubeconfig was read again"), "{log}");
+}

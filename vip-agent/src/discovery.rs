@@ -18,6 +18,8 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::apiclient::ClientSource;
+
 /// The label the EndpointSlice controller puts on the slices of a Service.
 const SERVICE_LABEL: &str = "kubernetes.io/service-name=kubernetes";
 
@@ -55,76 +57,150 @@ pub fn endpoints_of(slice: &EndpointSlice) -> Vec<Endpoint> {
 /// How often a failing watch is logged at warn level.
 const UNANSWERED_LOG_EVERY: Duration = Duration::from_secs(30);
 
+/// At most one rebuild of the client per this long (as the Lease client's,
+/// [`crate::election::KubeLeases::REBUILD_EVERY`]): a kubeconfig that is still wrong is
+/// not read again at every retry of the watcher.
+const REBUILD_EVERY: Duration = Duration::from_secs(10);
+
 /// Watches the slices and sends the union of their ready endpoints on every change,
-/// except to none.
-/// Ends when the receiver is dropped.
-pub fn watch(client: kube::Client) -> mpsc::Receiver<BTreeSet<Endpoint>> {
+/// except to none. A watch refused with 401 (credentials the apiserver no longer takes:
+/// `kubeadm certs renew` rewrote `admin.conf` and the old certificate expired) builds
+/// the client again from `source` (where `client` came from) and starts over, as the
+/// Lease client does. Ends when the receiver is dropped.
+pub fn watch(client: kube::Client, source: ClientSource) -> mpsc::Receiver<BTreeSet<Endpoint>> {
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(async move {
-        let api: Api<EndpointSlice> = Api::namespaced(client, "default");
-        let mut events = watcher(api, watcher::Config::default().labels(SERVICE_LABEL)).default_backoff().boxed();
-        let mut slices: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
-        let mut init: Option<BTreeMap<String, Vec<Endpoint>>> = None;
-        let mut last: Option<BTreeSet<Endpoint>> = None;
+        let mut client = client;
+        let mut slices = Slices::default();
         let mut failure_logged: Option<Instant> = None;
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(watcher::Event::Init) => init = Some(BTreeMap::new()),
-                Ok(watcher::Event::InitApply(s)) => {
-                    if let Some(i) = init.as_mut() {
-                        i.insert(s.metadata.name.clone().unwrap_or_default(), endpoints_of(&s));
+        let mut rebuilt: Option<Instant> = None;
+        loop {
+            let api: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+            let mut events = watcher(api, watcher::Config::default().labels(SERVICE_LABEL)).default_backoff().boxed();
+            let unauthorized = loop {
+                let event = match events.next().await {
+                    Some(Ok(event)) => event,
+                    Some(Err(e)) => {
+                        log_failure(&e, &mut failure_logged);
+                        if is_unauthorized(&e) && rebuilt.is_none_or(|t| t.elapsed() >= REBUILD_EVERY) {
+                            break true;
+                        }
+                        continue;
                     }
-                }
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(i) = init.take() {
-                        slices = i;
-                    }
-                }
-                Ok(watcher::Event::Apply(s)) => {
-                    slices.insert(s.metadata.name.clone().unwrap_or_default(), endpoints_of(&s));
-                }
-                Ok(watcher::Event::Delete(s)) => {
-                    slices.remove(&s.metadata.name.clone().unwrap_or_default());
-                }
-                Err(e) => {
-                    // The watcher retries with backoff (about once a second at first):
-                    // an API that is down, as during `kubeadm init`, is logged once per
-                    // UNANSWERED_LOG_EVERY, each try at debug.
-                    // With its causes: kube's outer message alone reads the same for a
-                    // refused connection and an untrusted certificate.
-                    let error = crate::election::error_chain(&e);
-                    debug!(%error, "watching the EndpointSlices failed");
-                    if failure_logged.is_none_or(|t: Instant| t.elapsed() >= UNANSWERED_LOG_EVERY) {
-                        warn!(%error, every = ?UNANSWERED_LOG_EVERY, "watching the kubernetes EndpointSlices failed; retrying (logged again while it lasts)");
-                        failure_logged = Some(Instant::now());
-                    }
-                    continue;
-                }
-            }
-            if init.is_some() {
-                continue;
-            }
-            let now: BTreeSet<Endpoint> = slices.values().flatten().copied().collect();
-            // No ready apiserver at all is a moment of the API (the slice deleted and
-            // recreated, every endpoint briefly not ready), not a cluster without
-            // apiservers: taken literally, it would empty the table and invalidate every
-            // pin to another node. The agent keeps the apiservers it has, health-checked.
-            if now.is_empty() {
-                warn!("no ready apiserver in the EndpointSlices: keeping the ones known");
-                continue;
-            }
-            if last.as_ref() != Some(&now) {
-                info!(apiservers = ?now.iter().map(|e| e.ip).collect::<Vec<_>>(), "discovered apiservers");
-                last = Some(now.clone());
+                    None => break false,
+                };
+                let Some(now) = slices.apply(event) else { continue };
                 if tx.send(now).await.is_err() {
                     return;
                 }
-            } else {
-                debug!("EndpointSlice event without a change of endpoints");
+            };
+            // The watcher's stream never ends by itself; it ends here only on a 401.
+            if !unauthorized {
+                return;
+            }
+            rebuilt = Some(Instant::now());
+            // The new watcher starts with a relist (`Init`), which replaces whatever
+            // relist the refused one had begun.
+            if let Some(fresh) = rebuild(&source).await {
+                client = fresh;
             }
         }
     });
     rx
+}
+
+/// Whether the watcher failed because the API refused this node's credentials.
+fn is_unauthorized(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 401,
+        watcher::Error::WatchError(s) => s.code == 401,
+        _ => false,
+    }
+}
+
+/// The client built again from `source`, after a 401; `None` if that failed (logged:
+/// the watcher goes on retrying with the client it has).
+async fn rebuild(source: &ClientSource) -> Option<kube::Client> {
+    match source.build().await {
+        Ok(client) => {
+            info!("the EndpointSlice watch was refused this node's credentials (401): the kubeconfig was read again");
+            Some(client)
+        }
+        Err(e) => {
+            warn!(error = %crate::election::error_chain(&e), "the EndpointSlice watch was refused this node's credentials (401), and reading them again failed");
+            None
+        }
+    }
+}
+
+/// Logs a failed watch: each try at debug, and at warn once per [`UNANSWERED_LOG_EVERY`]
+/// (the watcher retries with backoff, about once a second at first: an API that is down,
+/// as during `kubeadm init`, would flood the log).
+fn log_failure(e: &watcher::Error, logged: &mut Option<Instant>) {
+    // With its causes: kube's outer message alone reads the same for a refused
+    // connection and an untrusted certificate.
+    let error = crate::election::error_chain(e);
+    debug!(%error, "watching the EndpointSlices failed");
+    if logged.is_none_or(|t: Instant| t.elapsed() >= UNANSWERED_LOG_EVERY) {
+        warn!(%error, every = ?UNANSWERED_LOG_EVERY, "watching the kubernetes EndpointSlices failed; retrying (logged again while it lasts)");
+        *logged = Some(Instant::now());
+    }
+}
+
+/// The slices as the watch has shown them, and the endpoint set last sent.
+#[derive(Default)]
+struct Slices {
+    /// Slice name → its ready endpoints.
+    current: BTreeMap<String, Vec<Endpoint>>,
+    /// A relist in progress (between `Init` and `InitDone`): replaces `current` whole.
+    relist: Option<BTreeMap<String, Vec<Endpoint>>>,
+    last: Option<BTreeSet<Endpoint>>,
+}
+
+impl Slices {
+    /// Takes in one watch event; the set of ready endpoints to send if it changed.
+    fn apply(&mut self, event: watcher::Event<EndpointSlice>) -> Option<BTreeSet<Endpoint>> {
+        match event {
+            watcher::Event::Init => self.relist = Some(BTreeMap::new()),
+            watcher::Event::InitApply(s) => {
+                if let Some(r) = self.relist.as_mut() {
+                    r.insert(s.metadata.name.clone().unwrap_or_default(), endpoints_of(&s));
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(r) = self.relist.take() {
+                    self.current = r;
+                }
+            }
+            watcher::Event::Apply(s) => {
+                self.current.insert(s.metadata.name.clone().unwrap_or_default(), endpoints_of(&s));
+            }
+            watcher::Event::Delete(s) => {
+                self.current.remove(&s.metadata.name.clone().unwrap_or_default());
+            }
+        }
+        if self.relist.is_some() {
+            return None;
+        }
+        let now: BTreeSet<Endpoint> = self.current.values().flatten().copied().collect();
+        // No ready apiserver at all is a moment of the API (the slice deleted and
+        // recreated, every endpoint briefly not ready), not a cluster without
+        // apiservers: taken literally, it would empty the table and invalidate every
+        // pin to another node. The agent keeps the apiservers it has, health-checked.
+        if now.is_empty() {
+            warn!("no ready apiserver in the EndpointSlices: keeping the ones known");
+            return None;
+        }
+        if self.last.as_ref() == Some(&now) {
+            debug!("EndpointSlice event without a change of endpoints");
+            return None;
+        }
+        info!(apiservers = ?now.iter().map(|e| e.ip).collect::<Vec<_>>(), "discovered apiservers");
+        self.last = Some(now.clone());
+        Some(now)
+    }
 }
 
 #[cfg(test)]

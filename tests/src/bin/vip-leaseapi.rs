@@ -18,7 +18,7 @@
 //! Faults: `--faults FILE`, read on every request, holds JSON `{"latency_ms": N,
 //! "status": S, "token": T}`: each request is delayed N ms, answered with status S if
 //! S > 0, and with 401 unless it carries `Authorization: Bearer T` if T is given (the
-//! credentials changed under a running client).
+//! credentials changed under a running client; an open watch without it ends).
 //!
 //! `--requests-log FILE`: every request's method and path is appended, one per line.
 //!
@@ -85,19 +85,24 @@ fn query_param<'a>(path: &'a str, key: &str) -> Option<&'a str> {
     path.split_once('?')?.1.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// Streams watch events for the EndpointSlice until `timeoutSeconds` or the client goes.
+/// Streams watch events for the EndpointSlice until `timeoutSeconds`, the client goes, or
+/// `authorized` says the request's credentials are no longer taken (a fault's new
+/// token). A real apiserver checks credentials when a watch starts, and ends every watch
+/// within minutes (`--min-request-timeout`), after which a client with expired
+/// credentials is refused: ending it at once is that, without the wait.
 fn watch_slices<S: Write>(
     out: &mut S,
     store: &Mutex<Store>,
     file: &Option<PathBuf>,
     path: &str,
+    authorized: &dyn Fn() -> bool,
 ) -> std::io::Result<()> {
     let mut sent: u64 = query_param(path, "resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let timeout = query_param(path, "timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290u64);
     out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")?;
     out.flush()?;
     let end = std::time::Instant::now() + Duration::from_secs(timeout);
-    while std::time::Instant::now() < end {
+    while std::time::Instant::now() < end && authorized() {
         let (rv, slice) = current_slice(store, file);
         if rv > sent {
             let event = match slice {
@@ -273,7 +278,8 @@ fn serve<S: Read + Write>(stream: S, shared: &Shared) -> std::io::Result<()> {
             && path.starts_with("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices?")
             && matches!(query_param(&path, "watch"), Some("true") | Some("1"))
         {
-            return watch_slices(stream.get_mut(), store, endpoints, &path);
+            let authorized = || faults(fault_file).2.is_none_or(|t| bearer.as_ref() == Some(&t));
+            return watch_slices(stream.get_mut(), store, endpoints, &path, &authorized);
         }
         let authorized = token.is_none() || bearer == *token;
         let (code, value) = if !authorized {

@@ -276,7 +276,6 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             warn_readable_peer_file(bgp);
         }
         let host_events = netlink::watch_host(cfg.interface.clone())?;
-        let (kc, api) = (cfg.kubeconfig.as_deref(), cfg.apiserver.as_deref());
         let lease_client = match (cfg.mode, cfg.election) {
             (Mode::Arp, Election::Kubernetes) => {
                 let source = apiclient::ClientSource {
@@ -290,9 +289,15 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             _ => None,
         };
         let watch_client = match cfg.discover {
-            true => Some(
-                apiclient::client(kc, api, &cfg.health.server_name, Timeouts::Watch(cfg.lease.renew_deadline)).await?,
-            ),
+            true => {
+                let source = apiclient::ClientSource {
+                    kubeconfig: cfg.kubeconfig.clone(),
+                    apiserver: cfg.apiserver.clone(),
+                    server_name: cfg.health.server_name.clone(),
+                    timeouts: Timeouts::Watch(cfg.lease.renew_deadline),
+                };
+                Some((source.build().await?, source))
+            }
             false => None,
         };
 

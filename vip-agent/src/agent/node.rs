@@ -96,7 +96,8 @@ pub struct Start {
     pub hash_seed: u32,
     /// The Lease API's client, and where it came from (to build it again after a 401).
     pub lease_client: Option<(kube::Client, crate::apiclient::ClientSource)>,
-    pub watch_client: Option<kube::Client>,
+    /// The EndpointSlice watch's client, and where it came from (as `lease_client`).
+    pub watch_client: Option<(kube::Client, crate::apiclient::ClientSource)>,
     pub metrics_listener: tokio::net::TcpListener,
     pub host_events: mpsc::Receiver<HostEvent>,
 }
@@ -172,7 +173,8 @@ impl Node {
 
         let mut backends = backends;
         backends.start_checks(&cfg, &dev);
-        let discovered = s.watch_client.filter(|_| cfg.discover).map(discovery::watch);
+        let discovered =
+            s.watch_client.filter(|_| cfg.discover).map(|(client, source)| discovery::watch(client, source));
         let (events, announce_rx) = mpsc::channel(32);
         let election = s.lease_client.filter(|_| cfg.election == Election::Kubernetes).map(|(client, source)| {
             let e = ElectionConfig {
