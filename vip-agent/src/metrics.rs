@@ -370,58 +370,88 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// How long a scraper may take to send its request.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long one exchange may take in all, the answer's write included: a client that
+/// sends its request and never reads would otherwise hold its descriptor for ever.
+const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Clients served at once; one more is closed as soon as it is accepted. Why: the
+/// endpoint answers anyone who can reach it (loopback by default: every local user, and
+/// every host-network pod), and the agent's descriptors are the ones its health checks,
+/// Lease calls and raw sockets need. Prometheus scrapes with one connection at a time.
+pub const MAX_CLIENTS: usize = 32;
+/// The pause after a failed accept (out of descriptors, say): without it the loop would
+/// spin on the runtime the election shares.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Serves `GET /metrics` until the task is dropped. A scrape reads the pinned maps (up
-/// to a thousand syscalls): it runs on a blocking thread, never on the runtime the
-/// election shares, and a client that does not send its request in time is dropped.
+/// Serves `GET /metrics` and `GET /status` until the task is dropped, to at most
+/// [`MAX_CLIENTS`] clients at once, each bounded by [`EXCHANGE_TIMEOUT`]. A scrape
+/// reads the pinned maps (up to a thousand syscalls): it runs on a blocking thread,
+/// never on the runtime the election shares.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>, live: SharedView) {
+    serve_at_most(listener, registry, live, MAX_CLIENTS).await
+}
+
+async fn serve_at_most(listener: TcpListener, registry: Arc<Registry>, live: SharedView, clients: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(clients));
     loop {
-        let (mut stream, peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(error) => {
                 warn!(%error, "metrics accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
-        let registry = registry.clone();
-        let live = live.clone();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, limit = clients, "metrics client refused: too many at once");
+            continue;
+        };
+        let (registry, live) = (registry.clone(), live.clone());
         tokio::spawn(async move {
-            let Ok(Some(head)) = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await else {
-                debug!(%peer, "metrics request incomplete or too slow");
-                return;
-            };
-            let mut words = head.split_whitespace();
-            let (method, path) = (words.next().unwrap_or("").to_owned(), words.next().unwrap_or("").to_owned());
-            let (status, ctype, body) = if method != "GET" && method != "HEAD" {
-                ("405 Method Not Allowed\r\nAllow: GET, HEAD", "text/plain", "GET or HEAD only\n".into())
-            } else if path == "/metrics" || path.starts_with("/metrics?") {
-                let encoded = tokio::task::spawn_blocking(move || {
-                    let mut body = String::new();
-                    prometheus_client::encoding::text::encode(&mut body, &registry).map(|()| body)
-                })
-                .await;
-                match encoded {
-                    Ok(Ok(body)) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
-                    _ => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
-                }
-            } else if path == "/status" {
-                match serde_json::to_string(&snapshot(&live)) {
-                    Ok(json) => ("200 OK", "application/json", json),
-                    Err(_) => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
-                }
-            } else {
-                ("404 Not Found", "text/plain", "try /metrics or /status\n".into())
-            };
-            // HEAD: the headers GET would have, without the body (RFC 9110 §9.3.2).
-            let shown = if method == "HEAD" { "" } else { body.as_str() };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{shown}",
-                body.len()
-            );
-            if let Err(error) = stream.write_all(response.as_bytes()).await {
-                debug!(%peer, %error, "metrics write failed");
+            if tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, peer, registry, live)).await.is_err() {
+                debug!(%peer, "metrics exchange too slow: closed");
             }
+            drop(slot);
         });
+    }
+}
+
+/// One client's exchange: its request read (within [`REQUEST_TIMEOUT`]), answered, and
+/// the connection closed.
+async fn answer(mut stream: tokio::net::TcpStream, peer: SocketAddr, registry: Arc<Registry>, live: SharedView) {
+    let Ok(Some(head)) = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await else {
+        debug!(%peer, "metrics request incomplete or too slow");
+        return;
+    };
+    let mut words = head.split_whitespace();
+    let (method, path) = (words.next().unwrap_or("").to_owned(), words.next().unwrap_or("").to_owned());
+    let (status, ctype, body) = if method != "GET" && method != "HEAD" {
+        ("405 Method Not Allowed\r\nAllow: GET, HEAD", "text/plain", "GET or HEAD only\n".into())
+    } else if path == "/metrics" || path.starts_with("/metrics?") {
+        let encoded = tokio::task::spawn_blocking(move || {
+            let mut body = String::new();
+            prometheus_client::encoding::text::encode(&mut body, &registry).map(|()| body)
+        })
+        .await;
+        match encoded {
+            Ok(Ok(body)) => ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", body),
+            _ => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
+        }
+    } else if path == "/status" {
+        match serde_json::to_string(&snapshot(&live)) {
+            Ok(json) => ("200 OK", "application/json", json),
+            Err(_) => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
+        }
+    } else {
+        ("404 Not Found", "text/plain", "try /metrics or /status\n".into())
+    };
+    // HEAD: the headers GET would have, without the body (RFC 9110 §9.3.2).
+    let shown = if method == "HEAD" { "" } else { body.as_str() };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{shown}",
+        body.len()
+    );
+    if let Err(error) = stream.write_all(response.as_bytes()).await {
+        debug!(%peer, %error, "metrics write failed");
     }
 }
 
@@ -458,6 +488,42 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, r).unwrap();
         out
+    }
+
+    /// Clients that connect and send nothing take at most the endpoint's slots: one more
+    /// is closed at once (it held a descriptor for ever, and a thousand of them starved
+    /// the agent's checks and Lease calls), and a scrape is answered again as soon as
+    /// a slot is free.
+    #[tokio::test]
+    async fn idle_clients_beyond_the_limit_are_closed_and_scrapes_go_on() {
+        use tokio::net::TcpStream;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_at_most(listener, Arc::new(Registry::default()), SharedView::default(), 4));
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(2), extra.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the client over the limit was not closed: {read:?}");
+        drop(idle);
+        // The slots come free as the server sees the idle clients go.
+        let mut answer = String::new();
+        for _ in 0..40 {
+            let mut scrape = TcpStream::connect(addr).await.unwrap();
+            answer.clear();
+            if scrape.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.is_ok()
+                && scrape.read_to_string(&mut answer).await.is_ok()
+                && !answer.is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "no scrape answered once the idle clients went: {answer:?}");
+        server.abort();
     }
 
     /// A backend that left the table loses its check-duration series; the others keep

@@ -24,6 +24,10 @@ pub enum StatusError {
     Map(#[from] MapError),
 }
 
+/// The most of an answer `status` reads from the metrics address (a live view is a few
+/// KiB).
+const MAX_ANSWER: u64 = 1 << 20;
+
 /// The running agent's live state from its metrics address (`/status`), or why not.
 fn live(addr: SocketAddr) -> Result<Value, String> {
     use std::io::{Read, Write};
@@ -32,7 +36,8 @@ fn live(addr: SocketAddr) -> Result<Value, String> {
     s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     s.write_all(b"GET /status HTTP/1.1\r\nHost: vip-agent\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
     let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| match e.kind() {
+    // Bounded: whatever listens on that address answers here, perhaps not an agent.
+    s.take(MAX_ANSWER).read_to_string(&mut text).map_err(|e| match e.kind() {
         // A read timeout is EAGAIN on Linux: "Resource temporarily unavailable" says
         // nothing of a hung (stopped, overloaded) agent.
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
