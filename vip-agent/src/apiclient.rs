@@ -133,6 +133,14 @@ async fn config(
     if loopback && config.tls_server_name.is_none() {
         config.tls_server_name = Some(server_name.to_owned());
     }
+    if config.accept_invalid_certs {
+        // Taken from the kubeconfig as kubectl takes it, but said: these credentials
+        // (cluster-admin's, with admin.conf) go to whoever answers at that address.
+        tracing::warn!(
+            server = %config.cluster_url,
+            "the kubeconfig says insecure-skip-tls-verify: the API server's certificate is not verified"
+        );
+    }
     let (connect, read) = match timeouts {
         Timeouts::Bounded(t) => (t, Some(t)),
         Timeouts::Watch(t) => (t, None),

@@ -104,7 +104,10 @@ impl FromStr for BgpPeerArg {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.splitn(3, ':');
         let (ip, asn) = (parts.next().unwrap_or(""), parts.next());
-        let ip = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 address (write IP:AS[:PASSWORD])"))?;
+        let ip = ip.parse().map_err(|_| match address_like(ip) {
+            true => format!("{ip:?} is not an IPv4 address (write IP:AS[:PASSWORD])"),
+            false => NOT_A_PEER.to_owned(),
+        })?;
         let asn = asn.ok_or_else(|| format!("{s:?}: the peer's AS is missing (write IP:AS[:PASSWORD])"))?;
         let asn: u32 = asn.parse().map_err(|_| format!("AS {asn:?} is not a number from 1 to 4294967294"))?;
         if asn == 0 || asn == u32::MAX {
@@ -144,10 +147,25 @@ impl clap::builder::TypedValueParser for BgpPeerParser {
     }
 }
 
-/// `IP:AS[:PASSWORD]` with the password, if any, replaced by `<password>`.
+/// What a peer entry whose first field is no address is called, without showing it:
+/// it may be the tail of a password that held a comma, which separates entries.
+const NOT_A_PEER: &str = "an entry that is not IP:AS[:PASSWORD] (a password may not contain ',': it separates peers)";
+
+/// Whether `field` looks like an address someone meant (a digit first, a dot, letters
+/// and digits: `10.0.0.x`), so an error may show it; anything else may be part of a
+/// password.
+fn address_like(field: &str) -> bool {
+    field.starts_with(|c: char| c.is_ascii_digit())
+        && field.contains('.')
+        && field.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+}
+
+/// `IP:AS[:PASSWORD]` with the password, if any, replaced by `<password>`; an entry
+/// whose first field is no address is not shown at all (see [`NOT_A_PEER`]).
 fn without_password(peer: &str) -> String {
     let mut parts = peer.splitn(3, ':');
     match (parts.next(), parts.next(), parts.next()) {
+        (Some(ip), _, _) if !address_like(ip) => "<not shown>".to_owned(),
         (Some(ip), Some(asn), Some(_)) => format!("{ip}:{asn}:<password>"),
         _ => peer.to_owned(),
     }
@@ -1336,7 +1354,10 @@ mod tests {
             ("10.0.0.1:6500x:s3cret", "'10.0.0.1:6500x:<password>'"),
             ("10.0.0.1:65001:", "'10.0.0.1:65001:<password>'"),
             ("10.0.0.1:0:s3cret", "AS 0 is reserved"),
-            ("host:65001:s3cret", "\"host\" is not an IPv4 address"),
+            ("host:65001:s3cret", "'<not shown>'"),
+            ("10.0.0.300:65001:s3cret", "\"10.0.0.300\" is not an IPv4 address"),
+            // A password with a comma: the tail is taken for the next peer, and not shown.
+            ("10.0.0.2:65001:s3cret,zq9x", "a password may not contain ','"),
             ("10.0.0.1", "the peer's AS is missing"),
             ("127.0.0.1:65001:s3cret", "--bgp-peer 127.0.0.1: not a router's address"),
             ("10.0.0.1:65001:s3cret", "--bgp-peer 10.0.0.1 is a VIP"),
@@ -1345,7 +1366,7 @@ mod tests {
             args.push(peer);
             let e = parse(&with(&args)).unwrap_err();
             assert!(e.contains(says) && e.contains("--bgp-peer"), "{peer}: {e}");
-            assert!(!e.contains("s3cret"), "a password in an error: {e}");
+            assert!(!e.contains("s3cret") && !e.contains("zq9x"), "a password in an error: {e}");
         }
     }
 

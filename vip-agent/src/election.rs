@@ -436,7 +436,8 @@ impl<A: LeaseApi> Elector<A> {
             // client-go counts every acquisition of an existing Lease by a process that
             // did not lead, a released one included (a hand-over is a transition).
             if base.is_some() {
-                spec.lease_transitions = Some(old.lease_transitions.unwrap_or(0) + 1);
+                // Wrapped to 0 rather than past i32::MAX: the API refuses a negative count.
+                spec.lease_transitions = Some(old.lease_transitions.unwrap_or(0).checked_add(1).unwrap_or(0));
             }
             set_annotation(&mut lease, ANNOTATION_DUPLICATE, None);
         }

@@ -284,15 +284,18 @@ impl CheckError {
     }
 }
 
-/// One check of `addr`, bounded by `timeout`.
 /// What a status says beyond its number: 401 is an apiserver refusing anonymous checks.
 fn status_hint(status: u16) -> &'static str {
     match status {
-        401 => " (the apiserver refuses anonymous checks, as K3s's does: run with a service account, or --health-check tcp)",
+        401 => {
+            " (the apiserver refuses anonymous checks, as K3s's does: run with a service account and without \
+             --health-insecure, which sends no credentials, or with --health-check tcp)"
+        }
         _ => "",
     }
 }
 
+/// One check of `addr`, bounded by `timeout`.
 pub async fn check(probe: &Probe, addr: SocketAddr, timeout: Duration) -> Result<(), CheckError> {
     tokio::time::timeout(timeout, check_inner(probe, addr)).await.map_err(|_| CheckError::Timeout(timeout))?
 }

@@ -94,7 +94,7 @@ struct Logged;
 fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let json = cfg.log_format == LogFormat::Json;
     logging(cfg.log_format);
-    for variable in config::unknown_variables(std::env::vars().map(|(name, _)| name)) {
+    for variable in config::unknown_variables(std::env::vars_os().filter_map(|(name, _)| name.into_string().ok())) {
         tracing::warn!(%variable, "no flag reads this variable: misspelled? (see --help for the VIP_ names)");
     }
     let result = tokio::runtime::Builder::new_current_thread()

@@ -194,10 +194,12 @@ pub fn syn_ack_filter(vip: Ipv4Addr, sport: u16) -> [libc::sock_filter; 11] {
 /// socket there, and a reset with sequence number ISN+1 closes it; where there is none,
 /// a reset is never answered. Blocking: run it on a blocking thread.
 pub fn probe(p: &VipProbe, backend: Ipv4Addr, via: Via, timeout: Duration) -> Result<(), VipProbeError> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
-        ^ std::process::id();
-    let sport = 40000 + (nanos % 20000) as u16;
-    let seq = nanos.rotate_left(13) ^ 0x5eed_0001;
+    // Random port and sequence number (RFC 6528's reason): from the time and the pid
+    // (1 in a container), a host on the segment could guess them and answer for a
+    // backend, keeping a dead one up or draining a live one with a forged RST.
+    let [p0, p1, s0, s1, s2, s3] = crate::election::random_bytes::<6>();
+    let sport = 40000 + u16::from_be_bytes([p0, p1]) % 20000;
+    let seq = u32::from_be_bytes([s0, s1, s2, s3]);
     // Untagged even for VIPs on a VLAN (`--vlan`): the probe comes from this node's own
     // address, which the backend answers by its routes, on the segment of that address;
     // what it proves is the backend's taking VIP traffic, which the VLAN does not change.

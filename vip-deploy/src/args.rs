@@ -130,7 +130,7 @@ pub struct ManifestArgs {
     /// the flag (or separate with commas). A password is refused in every kind (each is
     /// readable by others: the API shows a DaemonSet and a static pod's mirror Pod,
     /// `systemctl show` a unit's environment): use --bgp-peer-file or --bgp-peer-secret.
-    #[arg(long = "bgp-peer", value_name = "IP:AS[:PASSWORD]", value_delimiter = ',')]
+    #[arg(long = "bgp-peer", value_name = "IP:AS[:PASSWORD]", value_delimiter = ',', value_parser = BgpPeerParser)]
     pub bgp_peers: Vec<BgpPeer>,
     /// BGP hold time, whole seconds (e.g. `9s`).
     #[arg(long, value_name = "DUR")]
@@ -240,6 +240,27 @@ impl fmt::Debug for BgpPeer {
             .field("asn", &self.asn)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .finish()
+    }
+}
+
+/// Parses `--bgp-peer` as [`BgpPeer`]'s `FromStr` does, with its error alone: clap's own
+/// error quotes the whole value, password included.
+#[derive(Clone)]
+struct BgpPeerParser;
+
+impl clap::builder::TypedValueParser for BgpPeerParser {
+    type Value = BgpPeer;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<BgpPeer, clap::Error> {
+        let invalid = |why: &str| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("invalid --bgp-peer: {why}\n"))
+        };
+        value.to_str().ok_or_else(|| invalid("not UTF-8"))?.parse().map_err(|why: String| invalid(&why))
     }
 }
 
@@ -366,6 +387,23 @@ mod tests {
             let err = text.parse::<BgpPeer>().unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");
             assert!(!err.contains("hunter2"), "{text}: the error shows the password: {err}");
+        }
+    }
+
+    /// Through the command line too: clap's own error quoted the whole value.
+    #[test]
+    fn a_bad_bgp_peer_flag_is_refused_without_echoing_the_password() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ManifestArgs,
+        }
+        for peer in ["192.0.2.x:65001:hunter2", "192.0.2.1:AS1:hunter2"] {
+            let argv = ["manifest", "--vip", "192.0.2.100", "--bgp-peer", peer];
+            let err = Cli::try_parse_from(argv).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("--bgp-peer"), "{peer}: {err}");
+            assert!(!err.contains("hunter2"), "{peer}: the error shows the password: {err}");
         }
     }
 

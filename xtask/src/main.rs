@@ -105,7 +105,10 @@ fn test(toolchain: &str, filter: &[String]) -> Result<()> {
     let archive = image::image(toolchain)?;
     let agent = root().join("target/debug/vip-agent");
     let mut cmd = cargo(toolchain);
-    cmd.env("VIPLAB_AGENT_BIN", &agent).env("VIPLAB_IMAGE_ARCHIVE", &archive).args(["test", "--no-fail-fast"]).args(filter);
+    cmd.env("VIPLAB_AGENT_BIN", &agent)
+        .env("VIPLAB_IMAGE_ARCHIVE", &archive)
+        .args(["test", "--no-fail-fast"])
+        .args(filter);
     let (passed, failed, ok) = run_counting_tests(&mut cmd)?;
     // One closing line over every test binary, so the total is what a reader sees last.
     println!("\nsummary: {passed} passed, {failed} failed");

@@ -132,9 +132,15 @@ fn probe_and_seed(cfg: &RunConfig) -> Result<(Option<Probe>, u32), TlsError> {
             let server_name = rustls::pki_types::ServerName::try_from(cfg.health.server_name.clone())
                 .map_err(|_| TlsError::ServerName { name: cfg.health.server_name.clone() })?;
             // The pod's service-account token, when the agent runs on it (no kubeconfig):
-            // K3s refuses anonymous checks (see `TokenFile`).
+            // K3s refuses anonymous checks (see `TokenFile`). Never to a server whose
+            // certificate is not verified: whoever answers at a backend's address would
+            // get a token that can write the Lease.
             let token = (cfg.kubeconfig.is_none() && Path::new(SERVICE_ACCOUNT_TOKEN).exists())
-                .then(|| std::sync::Arc::new(health::TokenFile::new(Path::new(SERVICE_ACCOUNT_TOKEN))));
+                .then(|| std::sync::Arc::new(health::TokenFile::new(Path::new(SERVICE_ACCOUNT_TOKEN))))
+                .filter(|_| !cfg.health.insecure);
+            if cfg.health.insecure {
+                warn!("--health-insecure: the checks accept any certificate, and send no credentials");
+            }
             let tls = health::tls_config(ca_source(cfg)?)?;
             Some(Probe::Https { path: cfg.health.path.clone(), tls, server_name, token })
         }

@@ -337,11 +337,15 @@ impl ArpAnnounce {
             debug!(%vip, foreign_mac = %MacAddr(mac), "a claim for a VIP whose lead has lapsed here: the new leader's");
             return (false, false);
         }
-        warn!(%vip, foreign_mac = %MacAddr(mac), "another host claims the VIP this node leads");
+        // Logged at warn once per defence, as it is counted every time
+        // (`vip_arp_conflicts_total`): a host claiming it every few milliseconds would
+        // flood the log.
         let due = self.last_defence.get(&vip).is_none_or(|t| t.elapsed() >= DEFEND_INTERVAL);
         if !due {
+            debug!(%vip, foreign_mac = %MacAddr(mac), "another host claims the VIP this node leads (defended lately)");
             return (true, false);
         }
+        warn!(%vip, foreign_mac = %MacAddr(mac), every = ?DEFEND_INTERVAL, "another host claims the VIP this node leads: defending it");
         self.last_defence.insert(vip, Instant::now());
         let leads = self.leader_check();
         match announcement::defend(&self.interface, self.vlan, vip, leads) {
