@@ -31,7 +31,9 @@ pub struct Endpoint {
 }
 
 /// The ready IPv4 endpoints of one slice (`conditions.ready` absent counts as ready, as
-/// the API defines).
+/// the API defines) that are hosts: an unspecified, loopback, multicast or broadcast
+/// address is left out, as `--backend` refuses it (the slice is written by whoever may
+/// update EndpointSlices in `default`, not checked by the API).
 pub fn endpoints_of(slice: &EndpointSlice) -> Vec<Endpoint> {
     if slice.address_type != "IPv4" {
         return Vec::new();
@@ -50,6 +52,7 @@ pub fn endpoints_of(slice: &EndpointSlice) -> Vec<Endpoint> {
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
         .flat_map(|e| e.addresses.iter())
         .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+        .filter(|ip| !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast()))
         .map(|ip| Endpoint { ip, port })
         .collect()
 }
@@ -239,5 +242,11 @@ mod tests {
         let mut v6 = s.clone();
         v6.address_type = "IPv6".into();
         assert!(endpoints_of(&v6).is_empty());
+    }
+
+    #[test]
+    fn addresses_that_are_no_host_are_left_out() {
+        let eps = ["0.0.0.0", "127.0.0.1", "224.0.0.5", "255.255.255.255", "10.0.0.11"].map(|ip| (ip, None));
+        assert_eq!(endpoints_of(&slice(&eps, 6443)), vec![Endpoint { ip: "10.0.0.11".parse().unwrap(), port: 6443 }]);
     }
 }
