@@ -282,26 +282,23 @@ pub async fn run(cfg: RunConfig) -> Result<(), RunError> {
             warn_readable_peer_file(bgp);
         }
         let host_events = netlink::watch_host(cfg.interface.clone())?;
+        // Each API client with where it came from, to build it again after a 401.
+        let source = |timeouts| apiclient::ClientSource {
+            kubeconfig: cfg.kubeconfig.clone(),
+            apiserver: cfg.apiserver.clone(),
+            server_name: cfg.health.server_name.clone(),
+            timeouts,
+        };
         let lease_client = match (cfg.mode, cfg.election) {
             (Mode::Arp, Election::Kubernetes) => {
-                let source = apiclient::ClientSource {
-                    kubeconfig: cfg.kubeconfig.clone(),
-                    apiserver: cfg.apiserver.clone(),
-                    server_name: cfg.health.server_name.clone(),
-                    timeouts: Timeouts::Bounded(cfg.lease.renew_deadline),
-                };
+                let source = source(Timeouts::Bounded(cfg.lease.renew_deadline));
                 Some((source.build().await?, source))
             }
             _ => None,
         };
         let watch_client = match cfg.discover {
             true => {
-                let source = apiclient::ClientSource {
-                    kubeconfig: cfg.kubeconfig.clone(),
-                    apiserver: cfg.apiserver.clone(),
-                    server_name: cfg.health.server_name.clone(),
-                    timeouts: Timeouts::Watch(cfg.lease.renew_deadline),
-                };
+                let source = source(Timeouts::Watch(cfg.lease.renew_deadline));
                 Some((source.build().await?, source))
             }
             false => None,
