@@ -429,6 +429,37 @@ fn a_node_that_starts_afresh_leads_only_once_every_backend_is_checked() {
     assert!(log.contains("every backend checked once"), "{log}");
 }
 
+/// A leader with a VIP its followers lack (a rolling change of the VIP list that reached
+/// the leader first) sends none of that VIP's flows to them: their VIP-path probe for it
+/// goes unanswered, and they drain. Balanced to them by DSR, those flows were dropped (a
+/// new-user trial: 4 of 9 new connections timed out), while `status` showed them up.
+#[test]
+fn followers_without_a_vip_the_leader_has_get_none_of_its_flows() {
+    let lab = ApiLab::new([10, 133, 0], 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap();
+    let second = std::net::Ipv4Addr::new(10, 133, 0, 101);
+    // `--vip` adds up: the lab's VIP, then this one.
+    let mut agents = vec![lab.spawn_agent(0, &["--vip", &second.to_string()]).unwrap()];
+    assert!(wait_until(Duration::from_secs(10), || lab.leaders() == [0]), "{:?}", lab.leaders());
+    agents.extend([1, 2].map(|i| lab.spawn_agent(i, &[]).unwrap()));
+    // Once their agents serve (the first VIP on their `lo`), long enough for their
+    // checks to rise were they taken for up.
+    assert!(wait_until(Duration::from_secs(10), || [1, 2].iter().all(|&i| lab.status(i).is_ok())));
+    std::thread::sleep(Duration::from_millis(2000));
+    let ips: Vec<String> = [1, 2].iter().map(|&i| lab.nodes[i].ip.to_string()).collect();
+    let states: Vec<_> = ips.iter().map(|ip| lab.backend_state(0, ip)).collect();
+    let drained = states.iter().all(|s| *s == Some(("draining".into(), "vip_path".into())));
+    let addr = SocketAddr::from((second, 6443));
+    let connected = lab
+        .client_ns()
+        .within(move || {
+            (0..15).filter(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()).count()
+        })
+        .unwrap();
+    let (_, log) = agents[0].stop(libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    assert!(drained, "the followers without {second} were not drained: {states:?}\n{log}");
+    assert_eq!(connected, 15, "connections to {second} went unanswered");
+}
+
 /// A hung agent (SIGSTOP) cannot step down by itself; its pinned XDP program is still
 /// attached. The deadline in the map is what stops it answering, before another node
 /// can take over: the sampler must never see two answerers. Resumed, it steps down, and

@@ -268,6 +268,9 @@ pub enum CheckError {
         /// Refused (its node is leaving), rather than unanswered.
         refused: bool,
     },
+    /// The first VIP's path is accepted, another VIP's is not (see [`other_vips`]).
+    #[error("apiserver ready but traffic for VIP {vip} not accepted: {why}")]
+    VipMissing { vip: Ipv4Addr, why: String },
 }
 
 impl CheckError {
@@ -279,7 +282,7 @@ impl CheckError {
             CheckError::Tls(_) => HealthReason::Tls,
             CheckError::Status(_) => HealthReason::NotReady,
             CheckError::Malformed => HealthReason::Protocol,
-            CheckError::VipPath { .. } => HealthReason::VipPath,
+            CheckError::VipPath { .. } | CheckError::VipMissing { .. } => HealthReason::VipPath,
         }
     }
 }
@@ -353,6 +356,8 @@ pub struct Report {
 pub struct DsrCheck {
     pub netlink: crate::netlink::Netlink,
     pub probe: crate::vipprobe::VipProbe,
+    /// The other IPv4 VIPs, probed once `probe`'s is accepted (see [`other_vips`]).
+    pub other_vips: Vec<Ipv4Addr>,
 }
 
 /// What a checker does beyond asking the apiserver, by how the backend is reached.
@@ -364,7 +369,13 @@ pub enum PathCheck {
     /// the data plane's copy follows route and neighbour changes within one interval;
     /// then, with a next hop known, the VIP-path probe through it, encapsulated (`probe`:
     /// `None` without an IPv4 address or VIP to probe from).
-    Ipip { netlink: crate::netlink::Netlink, ifindex: u32, probe: Option<crate::vipprobe::VipProbe> },
+    Ipip {
+        netlink: crate::netlink::Netlink,
+        ifindex: u32,
+        probe: Option<crate::vipprobe::VipProbe>,
+        /// As [`DsrCheck::other_vips`].
+        other_vips: Vec<Ipv4Addr>,
+    },
 }
 
 /// Checks backend `backend` at `addr` every `interval` until the receiver goes away.
@@ -395,18 +406,22 @@ pub async fn run_checker(
                     }
                     if let Some(m) = mac {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
-                        if let Err(e) = vip_path(dsr.probe, ip, Via::Dsr { mac: m }, left).await {
-                            result = Err(e);
-                        }
+                        let via = Via::Dsr { mac: m };
+                        result = match vip_path(dsr.probe, ip, via, left).await {
+                            Ok(()) => other_vips(dsr.probe, &dsr.other_vips, ip, via, start + timeout).await,
+                            Err(e) => Err(e),
+                        };
                     }
                 }
-                PathCheck::Ipip { netlink, ifindex, probe } => {
+                PathCheck::Ipip { netlink, ifindex, probe, other_vips: others } => {
                     nexthop = netlink.nexthop(*ifindex, ip).await.ok().flatten();
                     if let (Some(p), Some(hop)) = (probe, nexthop) {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
-                        if let Err(e) = vip_path(*p, ip, Via::Ipip { nexthop_mac: hop.mac }, left).await {
-                            result = Err(e);
-                        }
+                        let via = Via::Ipip { nexthop_mac: hop.mac };
+                        result = match vip_path(*p, ip, via, left).await {
+                            Ok(()) => other_vips(*p, others, ip, via, start + timeout).await,
+                            Err(e) => Err(e),
+                        };
                     }
                 }
             }
@@ -424,6 +439,27 @@ pub async fn run_checker(
             mac = None;
         }
     }
+}
+
+/// The VIP-path probes of a backend's other VIPs (`others`), after the first VIP's was
+/// accepted, each within what is left until `deadline` (at least 50 ms). A node that
+/// lacks one of them (a rolling change of the VIP list that reached this node first)
+/// would get that VIP's flows and drop them: it drains, as for its first VIP, but its
+/// silence there says nothing of its leaving ([`CheckError::VipMissing`]).
+async fn other_vips(
+    probe: crate::vipprobe::VipProbe,
+    others: &[Ipv4Addr],
+    ip: Ipv4Addr,
+    via: Via,
+    deadline: Instant,
+) -> Result<(), CheckError> {
+    for &vip in others {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        if let Err(e) = vip_path(crate::vipprobe::VipProbe { vip, ..probe }, ip, via, left).await {
+            return Err(CheckError::VipMissing { vip, why: e.to_string() });
+        }
+    }
+    Ok(())
 }
 
 /// The VIP-path probe of a backend on another node, off the runtime (it blocks on a raw

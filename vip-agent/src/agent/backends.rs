@@ -126,7 +126,9 @@ impl Tracked {
         };
         self.vip_path_failed = self.reason == HealthReason::VipPath;
         match result {
-            Ok(()) => (self.leaving, self.left, self.silences) = (false, false, 0),
+            // Another VIP's path not accepted: the first one's was, so the node has not
+            // left; it drains (it lacks that VIP).
+            Ok(()) | Err(CheckError::VipMissing { .. }) => (self.leaving, self.left, self.silences) = (false, false, 0),
             Err(CheckError::VipPath { refused: true, .. }) => {
                 (self.leaving, self.left, self.silences) = (true, false, 0)
             }
@@ -177,8 +179,10 @@ impl Checks {
             vip,
             port: cfg.port,
         });
-        let dsr = vip_probe.map(|probe| health::DsrCheck { netlink: nl.clone(), probe });
-        let ipip = health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex, probe: vip_probe };
+        let other_vips: Vec<Ipv4Addr> = cfg.vips4().into_iter().skip(1).collect();
+        let dsr =
+            vip_probe.map(|probe| health::DsrCheck { netlink: nl.clone(), probe, other_vips: other_vips.clone() });
+        let ipip = health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex, probe: vip_probe, other_vips };
         Self { probe, dsr, ipip }
     }
 }
@@ -711,6 +715,14 @@ mod tests {
         assert!(b.left, "fall silences after refusals: gone");
         b.observe(&Ok(()));
         assert!(!b.leaving && !b.left, "answered again: back");
+        b.observe(&vip_path(true));
+        for _ in 0..3 {
+            b.observe(&vip_path(false));
+        }
+        assert!(b.left);
+        b.observe(&Err(CheckError::VipMissing { vip: Ipv4Addr::new(10, 0, 0, 101), why: String::new() }));
+        assert!(!b.left, "its first VIP answered again: back, draining for the VIP it lacks");
+        assert_eq!(state_name(&spec_of(&b, &cfg())), "draining");
     }
 
     /// A leaving node whose refusals this node missed (its probes came after the drain
