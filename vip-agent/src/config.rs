@@ -23,8 +23,12 @@ use crate::{
     maglev, netdev,
 };
 
+/// The version `--version` and the start line show: the crate's version and the commit
+/// it was built from (see build.rs).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("VIP_BUILD_COMMIT"), ")");
+
 #[derive(Debug, Parser)]
-#[command(name = "vip-agent", version, about = "Highly-available VIP for the Kubernetes control plane")]
+#[command(name = "vip-agent", version = VERSION, about = "Highly-available VIP for the Kubernetes control plane")]
 // A flag given twice takes its last value (lists still accumulate): wrappers and
 // manifests can append overrides.
 #[command(args_override_self = true)]

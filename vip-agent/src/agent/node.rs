@@ -728,10 +728,13 @@ async fn stage(
         Mode::Arp => format!("election {:?}", cfg.election).to_lowercase(),
         Mode::Bgp => "bgp".to_owned(),
     };
+    let version = crate::config::VERSION;
     match dp.attach_pinned(dev, cfg.attach, cfg.xdp_mode, cfg.vlan != 0)? {
-        Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, %carried_by, "serving"),
-        Attached::NewTcx => info!(hook = "tcx", mac = %dev.mac, vips = ?cfg.vips, %carried_by, "serving"),
-        Attached::Replaced => info!(mac = %dev.mac, vips = ?cfg.vips, "serving (took over from the previous agent)"),
+        Attached::New(mode) => info!(%mode, mac = %dev.mac, vips = ?cfg.vips, %carried_by, version, "serving"),
+        Attached::NewTcx => info!(hook = "tcx", mac = %dev.mac, vips = ?cfg.vips, %carried_by, version, "serving"),
+        Attached::Replaced => {
+            info!(mac = %dev.mac, vips = ?cfg.vips, version, "serving (took over from the previous agent)")
+        }
     }
     if adopted {
         // A frame the replaced program took before the link update may still be in it
