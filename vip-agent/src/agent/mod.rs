@@ -88,7 +88,8 @@ pub enum RunError {
     ForeignXdp { interface: String, id: u32, name: String, pin_path: String },
     #[error(
         "interface {interface} is already served by another vip-agent (its XDP program, id {id}, is not pinned at \
-         {pin_path}): stop that agent, or give this one its --pin-path to take over from it"
+         {pin_path}): give this one that agent's --pin-path to take over from it (an agent that stopped with \
+         --keep-forwarding-on-exit leaves its program attached), or stop that agent"
     )]
     OtherAgentXdp { interface: String, id: u32, pin_path: String },
     #[error("installing the {signal} handler failed")]
