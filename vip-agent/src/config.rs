@@ -354,8 +354,9 @@ pub struct RunArgs {
     /// answers for it, then let the Lease decide. Needs --election kubernetes.
     #[arg(long, env = "VIP_BOOTSTRAP")]
     pub bootstrap: bool,
-    /// Kubeconfig whose cluster CA verifies the health checks (when --health-ca is not
-    /// given).
+    /// Kubeconfig for the Lease election and discovery (its credentials and server;
+    /// default: the pod's service account), whose cluster CA also verifies the health
+    /// checks when --health-ca is not given.
     #[arg(long, env = "VIP_KUBECONFIG", value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// Health check kind.

@@ -686,6 +686,9 @@ struct Run<A, F> {
     /// When a failed Lease call was last logged at warn level: at most one line per
     /// [`UNANSWERED_LOG_EVERY`] while the API does not answer.
     unanswered_logged: Option<Instant>,
+    /// A warning of an unanswering API was logged since it last answered: its answer
+    /// again is logged too.
+    unanswered_warned: bool,
     /// The leader's differing VIPs, as last reported ([`ElectionEvent::LeaderVips`]).
     vips_reported: Option<(String, String)>,
     /// Whether the last try was answered, as last reported ([`ElectionEvent::LeaseApi`]),
@@ -754,9 +757,9 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         if !flipped && !new_error {
             return;
         }
-        if flipped && answering && self.unanswered_logged.is_some() {
+        if flipped && answering && self.unanswered_warned {
             info!("the Lease API answers again");
-            self.unanswered_logged = None;
+            self.unanswered_warned = false;
         }
         self.api_reported = Some((answering, error.clone(), Instant::now()));
         self.send(ElectionEvent::LeaseApi { answering, error }).await;
@@ -764,12 +767,15 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
 
     /// Logs a failed Lease call: at debug each time, at warn once per
     /// [`UNANSWERED_LOG_EVERY`] (an API that is down, as during `kubeadm init`, would
-    /// otherwise fill the log five times a second).
+    /// otherwise fill the log five times a second). The period holds across answers in
+    /// between: an API that answers now and then (slow, at the edge of the budget) was
+    /// warned of every few seconds.
     fn log_unanswered(&mut self, error: &str) {
         debug!(error, "Lease try failed");
         if self.unanswered_logged.is_none_or(|t| t.elapsed() >= UNANSWERED_LOG_EVERY) {
             warn!(error, every = ?UNANSWERED_LOG_EVERY, "the Lease API does not answer (logged again while it lasts)");
             self.unanswered_logged = Some(Instant::now());
+            self.unanswered_warned = true;
         }
     }
 
@@ -809,9 +815,6 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
                 None
             }
         };
-        if answered.is_some() {
-            self.unanswered_logged = None;
-        }
         let outcome = match (answered, self.bootstrapping) {
             (None, true) => return self.bootstrap_hold().await,
             (Some(t), true) => self.end_bootstrap(t).await,
@@ -969,6 +972,7 @@ pub async fn run<A: LeaseApi, F: Fence>(
         duplicate_reported: None,
         bootstrapping: cfg.bootstrap,
         unanswered_logged: None,
+        unanswered_warned: false,
         vips_reported: None,
         api_reported: None,
     };

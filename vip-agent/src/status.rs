@@ -359,7 +359,14 @@ pub fn render(s: &Value) -> String {
         // their backends): the same figures under each service are not to be added up.
         let _ = writeln!(out, "\n(packets and bytes: each backend's, over all its services)");
     }
-    let _ = writeln!(out, "\nconnections tracked: {}", s["connections_tracked"]);
+    // Pins are forgotten by eviction, not when a connection closes (an LRU, as
+    // Katran's): the count is of flows seen lately, not of open connections.
+    let _ = writeln!(
+        out,
+        "\nflows pinned: {} (closed ones stay until evicted; each family's table holds {})",
+        s["connections_tracked"],
+        vip_common::MAX_CONNS
+    );
     let _ = writeln!(out, "counters:");
     for (k, v) in s["counters"].as_object().into_iter().flatten() {
         let _ = writeln!(out, "  {k:<22} {:>12}", v.as_u64().unwrap_or(0));
