@@ -573,9 +573,16 @@ fn a_node_whose_vips_are_not_the_leaders_says_so() {
     let mut agents: Vec<Agent> = (0..3)
         .map(|i| if i == 2 { lab.spawn_agent(i, &["--vip", &extra]) } else { lab.spawn_agent(i, &[]) }.unwrap())
         .collect();
-    for (i, agent) in agents.iter_mut().enumerate() {
+    for (i, agent) in agents.iter_mut().enumerate().take(2) {
         lab.wait_healthy_or_log(i, agent).unwrap_or_else(|e| panic!("{e}"));
     }
+    // n3 drains n1 and n2 (they take no traffic for its extra VIP: see
+    // `followers_without_a_vip_the_leader_has_get_none_of_its_flows`).
+    let drained_for_the_extra_vip = || {
+        (0..2)
+            .all(|i| lab.backend_state(2, &lab.nodes[i].ip.to_string()) == Some(("draining".into(), "vip_path".into())))
+    };
+    assert!(wait_until(Duration::from_secs(10), drained_for_the_extra_vip), "{:?}", lab.status(2));
     assert!(wait_until(Duration::from_secs(10), || lab.leaders().len() == 1), "{:?}", lab.leaders());
     let leader = lab.leaders()[0];
     // n3 has one more VIP than n1 and n2: it differs from any leader but itself, and they
