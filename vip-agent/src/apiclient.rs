@@ -64,6 +64,50 @@ impl ClientSource {
     }
 }
 
+/// A client's [`ClientSource`] and its rebuilds after a 401 (credentials the apiserver no
+/// longer takes: `kubeadm certs renew` rewrote the kubeconfig, and the old certificate
+/// expired), at most one per [`Rebuilds::EVERY`], so a kubeconfig that is still wrong is
+/// not read again at every retry. The Lease client and the discovery watch each have one.
+pub struct Rebuilds {
+    source: ClientSource,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Rebuilds {
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    pub fn new(source: ClientSource) -> Self {
+        Self { source, last: std::sync::Mutex::new(None) }
+    }
+
+    /// After a 401 to `user` ("the Lease API", "the EndpointSlice watch"): the client
+    /// built again from its source; `None` within [`Rebuilds::EVERY`] of the last
+    /// rebuild, or if building failed (logged).
+    pub async fn after_unauthorized(&self, user: &str) -> Option<kube::Client> {
+        {
+            // A poisoned lock still holds a usable time: it is only ever replaced whole.
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+                return None;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        match self.source.build().await {
+            Ok(client) => {
+                tracing::info!("{user} refused this node's credentials (401): the kubeconfig was read again");
+                Some(client)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %crate::election::error_chain(&e),
+                    "{user} refused this node's credentials (401), and reading them again failed"
+                );
+                None
+            }
+        }
+    }
+}
+
 /// Builds the client: `--kubeconfig` (its server kept unless `--apiserver` is given),
 /// else the pod's service-account token and CA against this node's apiserver, else an
 /// error. Refuses plain HTTP: the credentials would travel in clear. `server_name`: the

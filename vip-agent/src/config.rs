@@ -23,8 +23,8 @@ use crate::{
     maglev, netdev,
 };
 
-/// The version `--version` and the start line show: the crate's version and the commit
-/// it was built from (see build.rs).
+/// The version `--version` and the `serving` log line show: the crate's version and the
+/// commit it was built from (see build.rs).
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("VIP_BUILD_COMMIT"), ")");
 
 #[derive(Debug, Parser)]

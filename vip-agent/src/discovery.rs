@@ -18,7 +18,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::apiclient::ClientSource;
+use crate::apiclient::{ClientSource, Rebuilds};
 
 /// The label the EndpointSlice controller puts on the slices of a Service.
 const SERVICE_LABEL: &str = "kubernetes.io/service-name=kubernetes";
@@ -60,53 +60,44 @@ pub fn endpoints_of(slice: &EndpointSlice) -> Vec<Endpoint> {
 /// How often a failing watch is logged at warn level.
 const UNANSWERED_LOG_EVERY: Duration = Duration::from_secs(30);
 
-/// At most one rebuild of the client per this long (as the Lease client's,
-/// [`crate::election::KubeLeases::REBUILD_EVERY`]): a kubeconfig that is still wrong is
-/// not read again at every retry of the watcher.
-const REBUILD_EVERY: Duration = Duration::from_secs(10);
-
 /// Watches the slices and sends the union of their ready endpoints on every change,
-/// except to none. A watch refused with 401 (credentials the apiserver no longer takes:
-/// `kubeadm certs renew` rewrote `admin.conf` and the old certificate expired) builds
-/// the client again from `source` (where `client` came from) and starts over, as the
-/// Lease client does. Ends when the receiver is dropped.
+/// except to none. A watch refused with 401 builds the client again from `source`
+/// (where `client` came from; see [`Rebuilds`]) and starts over, as the Lease client
+/// does. Ends when the receiver is dropped.
 pub fn watch(client: kube::Client, source: ClientSource) -> mpsc::Receiver<BTreeSet<Endpoint>> {
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(async move {
+        let rebuilds = Rebuilds::new(source);
         let mut client = client;
         let mut slices = Slices::default();
         let mut failure_logged: Option<Instant> = None;
-        let mut rebuilt: Option<Instant> = None;
         loop {
             let api: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
             let mut events = watcher(api, watcher::Config::default().labels(SERVICE_LABEL)).default_backoff().boxed();
-            let unauthorized = loop {
+            // The watcher's stream never ends by itself: the loop ends with a new client
+            // after a 401, or the task when the receiver is gone.
+            client = loop {
                 let event = match events.next().await {
                     Some(Ok(event)) => event,
                     Some(Err(e)) => {
                         log_failure(&e, &mut failure_logged);
-                        if is_unauthorized(&e) && rebuilt.is_none_or(|t| t.elapsed() >= REBUILD_EVERY) {
-                            break true;
+                        if !is_unauthorized(&e) {
+                            continue;
                         }
-                        continue;
+                        match rebuilds.after_unauthorized("the EndpointSlice watch").await {
+                            Some(fresh) => break fresh,
+                            None => continue,
+                        }
                     }
-                    None => break false,
+                    None => return,
                 };
                 let Some(now) = slices.apply(event) else { continue };
                 if tx.send(now).await.is_err() {
                     return;
                 }
             };
-            // The watcher's stream never ends by itself; it ends here only on a 401.
-            if !unauthorized {
-                return;
-            }
-            rebuilt = Some(Instant::now());
             // The new watcher starts with a relist (`Init`), which replaces whatever
             // relist the refused one had begun.
-            if let Some(fresh) = rebuild(&source).await {
-                client = fresh;
-            }
         }
     });
     rx
@@ -120,21 +111,6 @@ fn is_unauthorized(e: &watcher::Error) -> bool {
         | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 401,
         watcher::Error::WatchError(s) => s.code == 401,
         _ => false,
-    }
-}
-
-/// The client built again from `source`, after a 401; `None` if that failed (logged:
-/// the watcher goes on retrying with the client it has).
-async fn rebuild(source: &ClientSource) -> Option<kube::Client> {
-    match source.build().await {
-        Ok(client) => {
-            info!("the EndpointSlice watch was refused this node's credentials (401): the kubeconfig was read again");
-            Some(client)
-        }
-        Err(e) => {
-            warn!(error = %crate::election::error_chain(&e), "the EndpointSlice watch was refused this node's credentials (401), and reading them again failed");
-            None
-        }
     }
 }
 

@@ -142,34 +142,24 @@ pub trait LeaseApi {
     fn replace(&self, lease: &Lease) -> impl Future<Output = Result<Option<Lease>, ElectionError>> + Send;
 }
 
-/// The Lease through kube's client. A call refused with 401 (credentials the apiserver
-/// no longer takes: a client certificate renewed on disk by `kubeadm certs renew`, the
-/// old one expired) builds the client again from its source, at most once per
-/// [`KubeLeases::REBUILD_EVERY`], so a fixed kubeconfig is taken without a restart.
+/// The Lease through kube's client. A call refused with 401 builds the client again
+/// from its source (see [`crate::apiclient::Rebuilds`]), so a renewed kubeconfig is taken
+/// without a restart.
 pub struct KubeLeases {
     api: std::sync::Mutex<Api<Lease>>,
     namespace: String,
     name: String,
-    source: Option<crate::apiclient::ClientSource>,
-    rebuilt: std::sync::Mutex<Option<Instant>>,
+    rebuilds: crate::apiclient::Rebuilds,
 }
 
 impl KubeLeases {
-    pub const REBUILD_EVERY: Duration = Duration::from_secs(10);
-
-    /// `source`: where `client` came from, to build it again after a 401; `None`: never.
-    pub fn new(
-        client: kube::Client,
-        namespace: &str,
-        name: &str,
-        source: Option<crate::apiclient::ClientSource>,
-    ) -> Self {
+    /// `source`: where `client` came from, to build it again after a 401.
+    pub fn new(client: kube::Client, namespace: &str, name: &str, source: crate::apiclient::ClientSource) -> Self {
         Self {
             api: std::sync::Mutex::new(Api::namespaced(client, namespace)),
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-            source,
-            rebuilt: std::sync::Mutex::new(None),
+            rebuilds: crate::apiclient::Rebuilds::new(source),
         }
     }
 
@@ -178,31 +168,12 @@ impl KubeLeases {
         self.api.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// After a 401: the client built again from its source, for the next call.
-    async fn rebuild_after_unauthorized(&self) {
-        let Some(source) = &self.source else { return };
-        {
-            let mut rebuilt = self.rebuilt.lock().unwrap_or_else(|p| p.into_inner());
-            if rebuilt.is_some_and(|t| t.elapsed() < Self::REBUILD_EVERY) {
-                return;
-            }
-            *rebuilt = Some(Instant::now());
-        }
-        match source.build().await {
-            Ok(client) => {
-                info!("the Lease API refused this node's credentials (401): the kubeconfig was read again");
-                *self.api.lock().unwrap_or_else(|p| p.into_inner()) = Api::namespaced(client, &self.namespace);
-            }
-            Err(e) => {
-                warn!(error = %error_chain(&e), "the Lease API refused this node's credentials (401), and reading them again failed")
-            }
-        }
-    }
-
     /// `e`, after building the client again if it is a 401.
     async fn failed(&self, e: kube::Error) -> ElectionError {
         if is_code(&e, 401) {
-            self.rebuild_after_unauthorized().await;
+            if let Some(client) = self.rebuilds.after_unauthorized("the Lease API").await {
+                *self.api.lock().unwrap_or_else(|p| p.into_inner()) = Api::namespaced(client, &self.namespace);
+            }
         }
         api_err(e)
     }

@@ -122,6 +122,15 @@ fn ca_source(cfg: &RunConfig) -> Result<CaSource<'_>, TlsError> {
     }
 }
 
+/// The token the HTTPS checks send: the pod's service-account token at `path`, when the
+/// agent runs on it (no kubeconfig), as K3s refuses anonymous checks (see `TokenFile`).
+/// Never to a server whose certificate is not verified (`--health-insecure`): whoever
+/// answers at a backend's address would get a token that can write the Lease.
+fn check_token(cfg: &RunConfig, path: &Path) -> Option<std::sync::Arc<health::TokenFile>> {
+    (cfg.kubeconfig.is_none() && !cfg.health.insecure && path.exists())
+        .then(|| std::sync::Arc::new(health::TokenFile::new(path)))
+}
+
 /// The health probe (`None` when there is nothing to check), and the flow-hash seed:
 /// `--flow-hash-seed`, else derived from the cluster CA.
 fn probe_and_seed(cfg: &RunConfig) -> Result<(Option<Probe>, u32), TlsError> {
@@ -132,13 +141,7 @@ fn probe_and_seed(cfg: &RunConfig) -> Result<(Option<Probe>, u32), TlsError> {
         (true, HealthCheck::Https) => {
             let server_name = rustls::pki_types::ServerName::try_from(cfg.health.server_name.clone())
                 .map_err(|_| TlsError::ServerName { name: cfg.health.server_name.clone() })?;
-            // The pod's service-account token, when the agent runs on it (no kubeconfig):
-            // K3s refuses anonymous checks (see `TokenFile`). Never to a server whose
-            // certificate is not verified: whoever answers at a backend's address would
-            // get a token that can write the Lease.
-            let token = (cfg.kubeconfig.is_none() && Path::new(SERVICE_ACCOUNT_TOKEN).exists())
-                .then(|| std::sync::Arc::new(health::TokenFile::new(Path::new(SERVICE_ACCOUNT_TOKEN))))
-                .filter(|_| !cfg.health.insecure);
+            let token = check_token(cfg, Path::new(SERVICE_ACCOUNT_TOKEN));
             if cfg.health.insecure {
                 warn!("--health-insecure: the checks accept any certificate, and send no credentials");
             }
@@ -395,6 +398,27 @@ mod tests {
 
     use super::*;
     use crate::config::{BgpConfig, BgpPeerArg};
+
+    /// The checks send the service-account token only where it is verified: not with
+    /// `--health-insecure`, and not with a kubeconfig (its own credentials).
+    #[test]
+    fn the_token_goes_only_to_verified_checks() {
+        let token = std::env::temp_dir().join(format!("vip-check-token-{}", std::process::id()));
+        std::fs::write(&token, "t0ken").unwrap();
+        let cfg = |extra: &[&str]| {
+            let mut argv = vec!["vip-agent", "run", "--interface", "eth0", "--vip", "10.0.0.100", "--election", "none"];
+            argv.extend(extra);
+            let cli =
+                crate::config::parse_args(argv.into_iter().map(std::ffi::OsString::from).collect(), &|_| None).unwrap();
+            let crate::config::Command::Run(run) = cli.command else { panic!("not run") };
+            RunConfig::try_from(*run).unwrap()
+        };
+        assert!(check_token(&cfg(&[]), &token).is_some(), "on a service account");
+        assert!(check_token(&cfg(&["--health-insecure"]), &token).is_none(), "sent unverified");
+        assert!(check_token(&cfg(&["--kubeconfig", "/etc/kubernetes/admin.conf"]), &token).is_none());
+        std::fs::remove_file(&token).unwrap();
+        assert!(check_token(&cfg(&[]), &token).is_none(), "no token file");
+    }
 
     /// A peer file with a password that others may read is warned of; a root-only one,
     /// or one without passwords, is not.

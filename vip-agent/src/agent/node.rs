@@ -193,7 +193,7 @@ impl Node {
                     vips.join(",")
                 },
             };
-            (KubeLeases::new(client, &cfg.lease.namespace, &cfg.lease.name, Some(source)), e)
+            (KubeLeases::new(client, &cfg.lease.namespace, &cfg.lease.name, source), e)
         });
         // An adopted leader's predecessor could carry the VIP until it stopped, moments
         // ago: that readiness stands until this node's first gate check (the gate starts
