@@ -606,6 +606,42 @@ fn a_node_whose_vips_are_not_the_leaders_says_so() {
     assert!(log.contains("the leader serves other VIPs than this node"), "{log}");
 }
 
+/// Every node must place a flow on the same backend: a node with another flow-hash seed
+/// (or Maglev size) resets, when it takes over, the connections the leader balanced, and
+/// nothing in the data path can tell. The leader writes its placement into the Lease; a
+/// node that places flows otherwise says so in its log, `status` and
+/// `vip_leader_flow_placement_differs`, and the others do while it leads.
+#[test]
+fn a_node_that_places_flows_otherwise_than_the_leader_says_so() {
+    let lab = ApiLab::new([10, 134, 0], 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap();
+    // The other nodes derive theirs from the cluster CA.
+    let mut agents: Vec<Agent> = (0..3)
+        .map(|i| if i == 2 { lab.spawn_agent(i, &["--flow-hash-seed", "7"]) } else { lab.spawn_agent(i, &[]) }.unwrap())
+        .collect();
+    for (i, agent) in agents.iter_mut().enumerate() {
+        lab.wait_healthy_or_log(i, agent).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(wait_until(Duration::from_secs(10), || lab.leaders().len() == 1), "{:?}", lab.leaders());
+    let leader = lab.leaders()[0];
+    let differs = |i: usize| i != leader && (i == 2 || leader == 2);
+    let metric = |i: usize| lab.metric(i, "vip_leader_flow_placement_differs");
+    assert!(
+        wait_until(Duration::from_secs(5), || (0..3).all(|i| metric(i) == Some(if differs(i) { 1.0 } else { 0.0 }))),
+        "leader n{}: {:?}",
+        leader + 1,
+        (0..3).map(metric).collect::<Vec<_>>()
+    );
+    // The VIPs are the same everywhere: only the placement differs.
+    assert!((0..3).all(|i| lab.metric(i, "vip_leader_vips_differ") == Some(0.0)));
+    let follower = (0..3).find(|&i| differs(i)).unwrap();
+    let status = lab.status(follower).unwrap();
+    let said = &status["agent"]["leader_flow_placement_differs"];
+    assert_eq!(said[0], format!("n{}", leader + 1), "status does not say so: {status}");
+    assert!(said[1].as_str().is_some_and(|p| p.starts_with("maglev1 m=")), "{status}");
+    let (_, log) = agents.remove(follower).stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(log.contains("the leader places flows otherwise than this node"), "{log}");
+}
+
 /// Only the leader announces the VIP. A follower whose link flaps must not send
 /// gratuitous ARPs (that would pull clients to a node that drops their ARP and does
 /// not balance).

@@ -58,8 +58,14 @@ pub const ANNOTATION_DUPLICATE: &str = "vip.dev/duplicate-instance";
 /// The VIPs the holder serves ([`ElectionConfig::vips`]), written with every claim. One
 /// Lease elects the leader of every VIP, so a VIP the followers carry and the leader does
 /// not (a rolling change of the VIP list, a typo on one node) goes unanswered cluster-wide:
-/// followers compare, and say so ([`ElectionEvent::LeaderVips`]).
+/// followers compare, and say so ([`ElectionEvent::LeaderDiffers`]).
 pub const ANNOTATION_VIPS: &str = "vip.dev/vips";
+/// The holder's flow placement ([`ElectionConfig::flow_placement`]), written with every
+/// claim. Every node must place a flow on the same backend (the same flow-hash seed and
+/// Maglev table size): a node that places flows otherwise resets the connections it is
+/// handed at a failover, and nothing in the data path can tell. Followers compare, and
+/// say so ([`ElectionEvent::LeaderDiffers`]).
+pub const ANNOTATION_FLOW_PLACEMENT: &str = "vip.dev/flow-placement";
 /// How often a duplicate re-announces itself in [`ANNOTATION_DUPLICATE`].
 pub const DUPLICATE_REFRESH: Duration = Duration::from_secs(5);
 
@@ -89,9 +95,48 @@ pub struct ElectionConfig {
     pub bootstrap: bool,
     /// This node's VIPs, sorted and comma-separated ([`ANNOTATION_VIPS`]).
     pub vips: String,
+    /// How this node places flows on backends ([`ANNOTATION_FLOW_PLACEMENT`]; see
+    /// `maglev::placement`).
+    pub flow_placement: String,
+}
+
+/// What a follower compares between its own configuration and the Lease holder's,
+/// written by the holder with every claim. One Lease elects the leader of every VIP, so
+/// the leader's configuration is what the clients get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compared {
+    /// The VIPs ([`ANNOTATION_VIPS`]): a VIP the leader lacks goes unanswered everywhere.
+    Vips,
+    /// The flow placement ([`ANNOTATION_FLOW_PLACEMENT`]): connections the leader
+    /// balanced are reset when a node that places flows otherwise takes over.
+    FlowPlacement,
+}
+
+impl Compared {
+    pub const ALL: [Compared; 2] = [Compared::Vips, Compared::FlowPlacement];
+
+    /// The annotation the holder writes it in.
+    pub fn annotation(self) -> &'static str {
+        match self {
+            Compared::Vips => ANNOTATION_VIPS,
+            Compared::FlowPlacement => ANNOTATION_FLOW_PLACEMENT,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl ElectionConfig {
+    /// This node's value of `what`, as the holder writes it.
+    pub fn ours(&self, what: Compared) -> &str {
+        match what {
+            Compared::Vips => &self.vips,
+            Compared::FlowPlacement => &self.flow_placement,
+        }
+    }
+
     /// `leaseDurationSeconds` as written to the Lease.
     pub fn lease_seconds(&self) -> i32 {
         i32::try_from(self.lease_duration.as_millis().div_ceil(1000).max(1)).unwrap_or(i32::MAX)
@@ -333,13 +378,13 @@ impl<A: LeaseApi> Elector<A> {
         self.last.as_ref().and_then(holder_of)
     }
 
-    /// The holder, and the VIPs it serves, when another node holds the Lease and its
-    /// VIPs are not this node's (an agent from before [`ANNOTATION_VIPS`] writes none:
-    /// not compared).
-    pub fn leader_vips_differ(&self) -> Option<(String, String)> {
+    /// The holder, and its value of `what`, when another node holds the Lease and its
+    /// value is not this node's (an agent from before the annotation writes none: not
+    /// compared).
+    pub fn leader_differs(&self, what: Compared) -> Option<(String, String)> {
         let lease = self.last.as_ref()?;
         let holder = holder_of(lease).filter(|h| *h != self.cfg.identity)?;
-        let theirs = annotation(lease, ANNOTATION_VIPS).filter(|v| *v != self.cfg.vips)?;
+        let theirs = annotation(lease, what.annotation()).filter(|v| *v != self.cfg.ours(what))?;
         Some((holder.to_owned(), theirs.to_owned()))
     }
 
@@ -414,7 +459,9 @@ impl<A: LeaseApi> Elector<A> {
         }
         set_annotation(&mut lease, ANNOTATION_INSTANCE, Some(self.cfg.instance.clone()));
         set_annotation(&mut lease, ANNOTATION_RELEASED, None);
-        set_annotation(&mut lease, ANNOTATION_VIPS, Some(self.cfg.vips.clone()));
+        for what in Compared::ALL {
+            set_annotation(&mut lease, what.annotation(), Some(self.cfg.ours(what).to_owned()));
+        }
         lease.spec = Some(spec);
         lease
     }
@@ -630,9 +677,9 @@ pub enum ElectionEvent {
     ClaimRefused { mac: [u8; 6], simultaneous: bool },
     /// Another process runs under this node's name.
     DuplicateIdentity { other_instance: String },
-    /// Another node leads with other VIPs than this node's (`theirs`), or, `None`, with
-    /// the same again: sent on each change. See [`ANNOTATION_VIPS`].
-    LeaderVips { holder: String, theirs: Option<String> },
+    /// Another node leads with another value of `what` than this node's (`theirs`), or,
+    /// `None`, with the same again: sent on each change. See [`Compared`].
+    LeaderDiffers { what: Compared, holder: String, theirs: Option<String> },
     /// The Lease API started or stopped answering this node's tries (sent on each
     /// change, at the first try, and while it does not answer, when its error changes,
     /// at most once per [`API_ERROR_REPORT_EVERY`]): what `status` and
@@ -660,8 +707,9 @@ struct Run<A, F> {
     /// A warning of an unanswering API was logged since it last answered: its answer
     /// again is logged too.
     unanswered_warned: bool,
-    /// The leader's differing VIPs, as last reported ([`ElectionEvent::LeaderVips`]).
-    vips_reported: Option<(String, String)>,
+    /// The leader and its differing values, as last reported, by [`Compared::index`]
+    /// ([`ElectionEvent::LeaderDiffers`]).
+    differences_reported: [Option<(String, String)>; Compared::ALL.len()],
     /// Whether the last try was answered, as last reported ([`ElectionEvent::LeaseApi`]),
     /// the error then and when; `None` before the first.
     api_reported: Option<(bool, Option<String>, Instant)>,
@@ -793,7 +841,7 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
             (None, false) => Try::Following,
         };
         self.report_duplicate().await;
-        self.report_leader_vips().await;
+        self.report_leader_differences().await;
         match outcome {
             Try::Held { fenced_until } => {
                 let from = self.elector.written_at().map_or(start, |w| w.max(start));
@@ -876,20 +924,27 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         self.fence.lead_until(start + self.cfg.renew_deadline);
     }
 
-    async fn report_leader_vips(&mut self) {
-        let now = self.elector.leader_vips_differ();
-        if now == self.vips_reported {
-            return;
-        }
-        let event = match (&now, &self.vips_reported) {
-            (Some((holder, theirs)), _) => {
-                ElectionEvent::LeaderVips { holder: holder.clone(), theirs: Some(theirs.clone()) }
+    /// Reports each [`Compared`] value on which the holder differs from this node, or
+    /// agrees again, if that changed since the last report.
+    async fn report_leader_differences(&mut self) {
+        for what in Compared::ALL {
+            let now = self.elector.leader_differs(what);
+            let before = &self.differences_reported[what.index()];
+            if now == *before {
+                continue;
             }
-            (None, Some((holder, _))) => ElectionEvent::LeaderVips { holder: holder.clone(), theirs: None },
-            (None, None) => return,
-        };
-        self.vips_reported = now;
-        self.send(event).await;
+            let event = match (&now, before) {
+                (Some((holder, theirs)), _) => {
+                    ElectionEvent::LeaderDiffers { what, holder: holder.clone(), theirs: Some(theirs.clone()) }
+                }
+                (None, Some((holder, _))) => {
+                    ElectionEvent::LeaderDiffers { what, holder: holder.clone(), theirs: None }
+                }
+                (None, None) => continue,
+            };
+            self.differences_reported[what.index()] = now;
+            self.send(event).await;
+        }
     }
 
     /// While this node cannot carry the VIP: the Lease read, not written
@@ -900,7 +955,7 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
             Ok(Err(e)) => self.report_api(false, Some(error_chain(&e))).await,
             Err(_) => self.report_api(false, Some(format!("no answer within {:?}", self.cfg.renew_deadline))).await,
         }
-        self.report_leader_vips().await;
+        self.report_leader_differences().await;
     }
 
     async fn report_duplicate(&mut self) {
@@ -944,7 +999,7 @@ pub async fn run<A: LeaseApi, F: Fence>(
         bootstrapping: cfg.bootstrap,
         unanswered_logged: None,
         unanswered_warned: false,
-        vips_reported: None,
+        differences_reported: Default::default(),
         api_reported: None,
     };
     let mut ticker = tokio::time::interval(cfg.retry_period);
@@ -1062,26 +1117,41 @@ mod tests {
             retry_period: Duration::from_millis(200),
             bootstrap: false,
             vips: "10.0.0.100".into(),
+            flow_placement: "maglev1 m=65537 seed-check=000".into(),
         }
     }
 
-    /// A follower whose VIPs are not the leader's finds out from the Lease; an agent that
-    /// writes no VIPs is not compared.
+    /// A follower whose VIPs or flow placement are not the leader's finds out from the
+    /// Lease, each on its own; an agent that writes neither is not compared.
     #[tokio::test(flavor = "current_thread", start_paused = true)]
-    async fn a_follower_sees_that_the_leader_serves_other_vips() {
+    async fn a_follower_sees_where_the_leader_differs_from_it() {
         let store = Store::default();
         let mut a = Elector::new(store.clone(), cfg("a"));
         let mut b = Elector::new(store.clone(), ElectionConfig { vips: "10.0.0.100,10.0.0.101".into(), ..cfg("b") });
         let mut c = Elector::new(store.clone(), cfg("c"));
+        let mut d = Elector::new(store.clone(), ElectionConfig { flow_placement: "other".into(), ..cfg("d") });
         a.try_acquire_or_renew().await.unwrap();
+        for e in [&mut b, &mut c, &mut d] {
+            e.try_acquire_or_renew().await.unwrap();
+        }
+        assert_eq!(b.leader_differs(Compared::Vips), Some(("a".into(), "10.0.0.100".into())));
+        assert_eq!(b.leader_differs(Compared::FlowPlacement), None, "b places flows as a does");
+        assert_eq!(c.leader_differs(Compared::Vips), None, "the same VIPs");
+        assert_eq!(c.leader_differs(Compared::FlowPlacement), None);
+        assert_eq!(d.leader_differs(Compared::FlowPlacement), Some(("a".into(), cfg("a").flow_placement)));
+        assert_eq!(d.leader_differs(Compared::Vips), None, "d has a's VIPs");
+        for what in Compared::ALL {
+            assert_eq!(a.leader_differs(what), None, "the holder itself");
+        }
+        store.edit(|l| {
+            for what in Compared::ALL {
+                set_annotation(l, what.annotation(), None);
+            }
+        });
         b.try_acquire_or_renew().await.unwrap();
-        c.try_acquire_or_renew().await.unwrap();
-        assert_eq!(b.leader_vips_differ(), Some(("a".into(), "10.0.0.100".into())));
-        assert_eq!(c.leader_vips_differ(), None, "the same VIPs");
-        assert_eq!(a.leader_vips_differ(), None, "the holder itself");
-        store.edit(|l| set_annotation(l, ANNOTATION_VIPS, None));
-        b.try_acquire_or_renew().await.unwrap();
-        assert_eq!(b.leader_vips_differ(), None, "an older leader writes none");
+        d.try_acquire_or_renew().await.unwrap();
+        assert_eq!(b.leader_differs(Compared::Vips), None, "an older leader writes none");
+        assert_eq!(d.leader_differs(Compared::FlowPlacement), None, "an older leader writes none");
     }
 
     fn holder(store: &Store) -> Option<String> {

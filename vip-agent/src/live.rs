@@ -74,6 +74,9 @@ pub struct LiveView {
     /// The Lease holder serves other VIPs than this node: the holder and its VIPs (as
     /// `vip_leader_vips_differ`).
     pub leader_vips_differ: Option<(String, String)>,
+    /// The Lease holder places flows otherwise than this node: the holder and its
+    /// placement (as `vip_leader_flow_placement_differs`; see `maglev::placement`).
+    pub leader_flow_placement_differs: Option<(String, String)>,
 }
 
 /// Reads every BGP peer's session as it is at the moment of the call.

@@ -73,6 +73,27 @@ fn is_prime(n: u32) -> bool {
     true
 }
 
+/// The version of how a flow finds its backend: this module's table and the data plane's
+/// flow hash (`vip_common::flow_hash`). Raised whenever either changes, so that nodes
+/// running both versions say they disagree (see [`placement`]).
+pub const PLACEMENT_VERSION: u32 = 1;
+
+/// How this node places flows on backends, as the nodes compare it
+/// (`election::ANNOTATION_FLOW_PLACEMENT`): `maglev<version> m=<M> seed-check=<3 hex
+/// digits>`. Two nodes with the same backends place every flow alike exactly when these
+/// agree (up to a 1 in 4,096 chance that two seeds share a check).
+///
+/// The check is the first 12 bits of SHA-256 over `"vip flow-hash seed"` and the seed's 4
+/// bytes, little-endian: enough to tell two seeds apart almost always, while a Lease
+/// reader learns 12 of the seed's 32 bits at most (2^20 seeds share each check).
+pub fn placement(seed: u32, m: u32) -> String {
+    let mut input = b"vip flow-hash seed".to_vec();
+    input.extend_from_slice(&seed.to_le_bytes());
+    let d = ring::digest::digest(&ring::digest::SHA256, &input);
+    let check = u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]]) >> 4;
+    format!("maglev{PLACEMENT_VERSION} m={m} seed-check={check:03x}")
+}
+
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
@@ -169,6 +190,20 @@ pub fn shares(table: &[u32], n: usize) -> Vec<usize> {
 
 #[cfg(test)]
 mod tests {
+    /// The placement names the table size and a 12-bit check of the seed: the same for
+    /// the same configuration, different when either differs, never the seed itself.
+    #[test]
+    fn the_placement_tells_table_sizes_and_seeds_apart_without_the_seed() {
+        let p = super::placement(0xdead_beef, 65537);
+        assert_eq!(p, super::placement(0xdead_beef, 65537));
+        assert!(p.starts_with("maglev1 m=65537 seed-check="), "{p}");
+        assert_eq!(p.rsplit('=').next().map(str::len), Some(3), "{p}");
+        assert_ne!(p, super::placement(0xdead_beef, 251), "another table size");
+        let checks: std::collections::HashSet<String> = (0..64).map(|seed| super::placement(seed, 65537)).collect();
+        assert!(checks.len() > 60, "64 seeds gave {} checks", checks.len());
+        assert!(!p.contains("deadbeef"));
+    }
+
     use super::*;
 
     fn names(n: usize) -> Vec<String> {

@@ -5,6 +5,7 @@
 //! pinned maps at scrape time (leadership, backend health and table share, per-backend
 //! and per-reason counters), so a scrape always shows what the kernel is doing.
 
+use crate::election::Compared;
 use std::{
     collections::BTreeSet,
     fmt,
@@ -55,6 +56,7 @@ pub struct AgentMetrics {
     pub duplicate_identity: Gauge,
     /// 1 while the Lease holder serves other VIPs than this node.
     pub leader_vips_differ: Gauge,
+    pub leader_flow_placement_differs: Gauge,
     /// The backends `health_latency` has a series for, so that a backend that left can
     /// lose its series (a Family cannot list its labels).
     checked: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
@@ -71,6 +73,7 @@ impl AgentMetrics {
             arp_conflicts: Family::default(),
             duplicate_identity: Gauge::default(),
             leader_vips_differ: Gauge::default(),
+            leader_flow_placement_differs: Gauge::default(),
             checked: Arc::default(),
         }
     }
@@ -116,8 +119,14 @@ impl AgentMetrics {
         self.duplicate_identity.set(i64::from(seen));
     }
 
-    pub fn leader_vips_differ(&self, differ: bool) {
-        self.leader_vips_differ.set(i64::from(differ));
+    /// Sets the gauge of `what` ([`Compared`]): 1 while the Lease holder differs from
+    /// this node in it.
+    pub fn leader_differs(&self, what: Compared, differ: bool) {
+        let gauge = match what {
+            Compared::Vips => &self.leader_vips_differ,
+            Compared::FlowPlacement => &self.leader_flow_placement_differs,
+        };
+        gauge.set(i64::from(differ));
     }
 }
 
@@ -150,6 +159,11 @@ pub fn registry(maps: Maps, live: SharedView) -> (Registry, AgentMetrics) {
         "vip_leader_vips_differ",
         "1 while the Lease holder serves other VIPs than this node (a VIP only the followers carry goes unanswered)",
         metrics.leader_vips_differ.clone(),
+    );
+    registry.register(
+        "vip_leader_flow_placement_differs",
+        "1 while the Lease holder places flows otherwise than this node (another flow-hash seed or Maglev size): connections it balanced are reset if this node takes over",
+        metrics.leader_flow_placement_differs.clone(),
     );
     registry.register_collector(Box::new(MapsCollector { maps: Mutex::new(maps) }));
     registry.register_collector(Box::new(LiveCollector { live }));

@@ -250,6 +250,14 @@ pub fn render(s: &Value) -> String {
                     "warning   the leader, {holder}, serves other VIPs ({vips}): a VIP it lacks goes unanswered"
                 );
             }
+            if let (Some(holder), Some(placement)) =
+                (a["leader_flow_placement_differs"][0].as_str(), a["leader_flow_placement_differs"][1].as_str())
+            {
+                let _ = writeln!(
+                    out,
+                    "warning   the leader, {holder}, places flows otherwise ({placement}): its connections are reset if this node takes over; give every node the same --flow-hash-seed and --maglev-size"
+                );
+            }
             if let Some(adv) = a["advertised"].as_bool() {
                 let peers = a["bgp_peers"].as_array().map_or(&[][..], Vec::as_slice);
                 let holding =
@@ -433,16 +441,19 @@ mod tests {
         assert!(render(&answering).contains("lease API answering\n"));
     }
 
-    /// A duplicate identity and a leader serving other VIPs are shown, not only counted.
+    /// A duplicate identity and a leader serving other VIPs or placing flows otherwise
+    /// are shown, not only counted.
     #[test]
     fn what_the_election_warns_of_is_shown() {
         let status = json!({ "agent": { "mode": "arp", "duplicate_instance": "5b6f1807159b4094",
-                                        "leader_vips_differ": ["n2", "10.0.0.100,10.0.0.101"] } });
+                                        "leader_vips_differ": ["n2", "10.0.0.100,10.0.0.101"],
+                                        "leader_flow_placement_differs": ["n3", "maglev1 m=251 seed-check=a3f"] } });
         let table = render(&status);
         assert!(table.contains("another vip-agent runs under this node's name (instance 5b6f1807159b4094)"), "{table}");
         assert!(table.contains("the leader, n2, serves other VIPs (10.0.0.100,10.0.0.101)"), "{table}");
-        let quiet =
-            render(&json!({ "agent": { "mode": "arp", "duplicate_instance": null, "leader_vips_differ": null } }));
+        assert!(table.contains("the leader, n3, places flows otherwise (maglev1 m=251 seed-check=a3f)"), "{table}");
+        let quiet = render(&json!({ "agent": { "mode": "arp", "duplicate_instance": null, "leader_vips_differ": null,
+                                               "leader_flow_placement_differs": null } }));
         assert!(!quiet.contains("warning"), "{quiet}");
     }
 

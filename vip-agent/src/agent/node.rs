@@ -19,7 +19,7 @@ use crate::{
     config::{Election, Mode, RunConfig},
     dataplane::{Attached, Dataplane, Maps},
     discovery::{self, Endpoint},
-    election::{instance_hex, ElectionConfig, ElectionEvent, KubeLeases},
+    election::{instance_hex, Compared, ElectionConfig, ElectionEvent, KubeLeases},
     health::{Probe, Report},
     live::{self, LiveView, SharedView},
     metrics::{self, AgentMetrics},
@@ -118,8 +118,11 @@ pub struct Node {
     metrics_task: JoinHandle<()>,
     /// The last sign of another agent under this node's name, and its instance id.
     duplicate_seen: Option<(Instant, String)>,
-    /// The Lease holder and its VIPs, while they are not this node's.
-    leader_vips_differ: Option<(String, String)>,
+    /// The Lease holder and its value, for each [`Compared`] (by position in
+    /// [`Compared::ALL`]) while it is not this node's.
+    leader_differs: [Option<(String, String)>; Compared::ALL.len()],
+    /// This node's own values of each [`Compared`], as written to the Lease when it leads.
+    compared: [String; Compared::ALL.len()],
     /// Discovery's first snapshot is in.
     discovered_once: bool,
     /// Whether the Lease API answers this node's election, since when, and its last
@@ -176,6 +179,15 @@ impl Node {
         let discovered =
             s.watch_client.filter(|_| cfg.discover).map(|(client, source)| discovery::watch(client, source));
         let (events, announce_rx) = mpsc::channel(32);
+        // What the Lease holder writes and the followers compare, in `Compared::ALL`'s order.
+        let compared = [
+            {
+                let mut vips: Vec<String> = cfg.vips.iter().map(ToString::to_string).collect();
+                vips.sort();
+                vips.join(",")
+            },
+            crate::maglev::placement(hash_seed, cfg.maglev_size),
+        ];
         let election = s.lease_client.filter(|_| cfg.election == Election::Kubernetes).map(|(client, source)| {
             let e = ElectionConfig {
                 lease_name: cfg.lease.name.clone(),
@@ -187,11 +199,8 @@ impl Node {
                 renew_deadline: cfg.lease.renew_deadline,
                 retry_period: cfg.lease.retry_period,
                 bootstrap: cfg.bootstrap,
-                vips: {
-                    let mut vips: Vec<String> = cfg.vips.iter().map(ToString::to_string).collect();
-                    vips.sort();
-                    vips.join(",")
-                },
+                vips: compared[Compared::Vips as usize].clone(),
+                flow_placement: compared[Compared::FlowPlacement as usize].clone(),
             };
             (KubeLeases::new(client, &cfg.lease.namespace, &cfg.lease.name, source), e)
         });
@@ -236,7 +245,8 @@ impl Node {
             metrics,
             metrics_task,
             duplicate_seen: None,
-            leader_vips_differ: None,
+            leader_differs: Default::default(),
+            compared,
             discovered_once: false,
             lease_api: None,
             xdp_mode: None,
@@ -299,9 +309,30 @@ impl Node {
             // A leader that holds the VIPs on its probe alone, no Lease yet (--bootstrap).
             bootstrap_hold: self.announce.yields_to_claims(),
             duplicate_instance: self.duplicate_seen.as_ref().map(|(_, other)| other.clone()),
-            leader_vips_differ: self.leader_vips_differ.clone(),
+            leader_vips_differ: self.leader_differs[Compared::Vips as usize].clone(),
+            leader_flow_placement_differs: self.leader_differs[Compared::FlowPlacement as usize].clone(),
         };
         live::publish(&self.live, view);
+    }
+
+    /// The Lease holder differs from this node in `what` (its value `theirs`), or,
+    /// `None`, agrees again: said in the log, the metric and `status`.
+    fn on_leader_differs(&mut self, what: Compared, holder: String, theirs: Option<String>) {
+        match (&theirs, what) {
+            (Some(theirs), Compared::Vips) => warn!(
+                %holder, leader_vips = %theirs, our_vips = %self.compared[what as usize],
+                "the leader serves other VIPs than this node: a VIP it lacks goes unanswered (one Lease elects the leader of every VIP)"
+            ),
+            (Some(theirs), Compared::FlowPlacement) => warn!(
+                %holder, leader_placement = %theirs, our_placement = %self.compared[what as usize],
+                "the leader places flows otherwise than this node (another --flow-hash-seed or --maglev-size): its connections are reset if this node takes over; give every node the same"
+            ),
+            (None, Compared::Vips) => info!(%holder, "the leader serves this node's VIPs again"),
+            (None, Compared::FlowPlacement) => info!(%holder, "the leader places flows as this node again"),
+        }
+        self.metrics.leader_differs(what, theirs.is_some());
+        self.leader_differs[what as usize] = theirs.map(|theirs| (holder, theirs));
+        self.publish();
     }
 
     /// Health checks' results, in the order they came: the table is updated once, after
@@ -445,18 +476,8 @@ impl Node {
                             self.hold_off_after_conflict();
                         }
                     }
-                    ElectionEvent::LeaderVips { holder, theirs: Some(theirs) } => {
-                        let ours = self.cfg.vips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-                        warn!(%holder, leader_vips = %theirs, our_vips = %ours, "the leader serves other VIPs than this node: a VIP it lacks goes unanswered (one Lease elects the leader of every VIP)");
-                        self.metrics.leader_vips_differ(true);
-                        self.leader_vips_differ = Some((holder, theirs));
-                        self.publish();
-                    }
-                    ElectionEvent::LeaderVips { holder, theirs: None } => {
-                        info!(%holder, "the leader serves this node's VIPs again");
-                        self.metrics.leader_vips_differ(false);
-                        self.leader_vips_differ = None;
-                        self.publish();
+                    ElectionEvent::LeaderDiffers { what, holder, theirs } => {
+                        self.on_leader_differs(what, holder, theirs)
                     }
                     ElectionEvent::LeaseApi { answering, error } => {
                         // "Since" counts from the change of state, not of the error.

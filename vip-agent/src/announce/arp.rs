@@ -298,7 +298,7 @@ impl ArpAnnounce {
             }
             ElectionEvent::DuplicateIdentity { .. }
             | ElectionEvent::LeaseApi { .. }
-            | ElectionEvent::LeaderVips { .. } => {}
+            | ElectionEvent::LeaderDiffers { .. } => {}
         }
     }
 
