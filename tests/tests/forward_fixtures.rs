@@ -665,6 +665,45 @@ fn established_flow_stays_on_its_backend_when_the_set_changes() {
     assert_eq!(out.frame[0..6], backend_mac(index_of(&lb, predict(&new_table, &flow)))[..]);
 }
 
+/// A flood of new flows (spoofed SYNs), twice the connection table's size, leaves the pin
+/// of a live connection in place, older than the flood's pins it evicts: the flow's later
+/// packets come from the per-CPU flow cache, but its first ACK read the pin from the
+/// table and so marked it used, and the kernel's LRU evicts entries never used since
+/// they were made (the flood's) first. Were the cache filled when the pin is made (tried:
+/// this test fails), the table would never see the flow used, the flood would evict its
+/// pin, and the connection would move at the next table change. One CPU throughout, as
+/// one NIC queue would have it.
+#[test]
+fn a_flood_of_new_flows_does_not_evict_a_live_connections_pin() {
+    let (mut dp, mut lb) = load();
+    install(&mut dp, &mut lb, &service(ForwardMode::Dsr, vec![backend(1), backend(2), backend(3)]));
+    let live = syn(50000);
+    let flow = flow_of(&live.bytes()).unwrap();
+    let ack = tcp_frame(CLIENT_IP, 50000, VIP, PORT, TCP_ACK).bytes();
+    let flood = 2 * vip_common::MAX_CONNS;
+    let spoofed = |i: u32| tcp_frame(Ipv4Addr::from(0x0b00_0000 + i), 1024 + (i % 60000) as u16, VIP, PORT, TCP_SYN);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tests::run_on_cpu(0);
+            let pinned = dp.test_run(Program::Vip, &live.bytes()).unwrap().frame;
+            for i in 0..flood {
+                if i % 1000 < 2 {
+                    // The connection stays alive: two ACKs every thousand flood frames.
+                    assert_eq!(dp.test_run(Program::Vip, &ack).unwrap().frame[0..6], pinned[0..6]);
+                }
+                assert_eq!(dp.test_run(Program::Vip, &spoofed(i).bytes()).unwrap().action, xdp::TX);
+            }
+        });
+    });
+    let first_pins_kept =
+        (0..1000).filter(|&i| dp.maps().conn(&flow_of(&spoofed(i).bytes()).unwrap()).unwrap().is_some()).count();
+    assert_eq!(
+        first_pins_kept, 0,
+        "the flood's first pins, newer than the live one, were not evicted: not the case this tests"
+    );
+    assert!(dp.maps().conn(&flow).unwrap().is_some(), "the live connection's pin was evicted by {flood} new flows");
+}
+
 fn backend_ip_of(lb: &Balancer, id: u32) -> Ipv4Addr {
     (1..=9).map(backend_ip).find(|ip| lb.backend_id(*ip) == Some(id)).expect("known backend")
 }
