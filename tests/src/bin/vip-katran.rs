@@ -28,7 +28,7 @@ use aya_obj::programs::XdpAttachType;
 use tests::{
     frames::{ipv4, tcp, Frame, ETH_P_IPV4, TCP_ACK, TCP_SYN},
     lab::FibLab,
-    perpacket::{fixed_point_repeat, single_ns, REPEAT, SINGLE_RUNS},
+    perpacket::{fixed_point_repeat, single_ns, REPEAT, REPEAT_ROUNDS, SINGLE_RUNS},
 };
 use vip_agent::{
     balancer::{BackendSpec, Balancer, ServiceSpec},
@@ -413,7 +413,7 @@ fn print(rows: &[Measured], commit: &str, cpus: &[usize], lru: u32) {
          BPF_PROG_RUN, same frames, one run, the two sides alternating which goes first"
     );
     println!(
-        "(kernel {}); single = mean of the middle half of {SINGLE_RUNS} one-frame runs, repeat = kernel average over {REPEAT} runs",
+        "(kernel {}); single = mean of the middle half of {SINGLE_RUNS} one-frame runs, repeat = median of {REPEAT_ROUNDS} kernel averages over {REPEAT} runs",
         kernel.trim()
     );
     println!("net = single minus the floor's single; Katran answers every VIP by IPIP (its only mode)");
