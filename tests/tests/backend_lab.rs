@@ -19,12 +19,16 @@ fn backend<'a>(s: &'a serde_json::Value, ip: &str) -> Option<&'a serde_json::Val
 /// The VIP-path probe's SYN-ACK comes from the VIP, which the probing node holds too, so
 /// its kernel drops it silently: the probe must reset the connection itself, or every
 /// check leaves a SYN-RECV socket on the backend (the kernel keeps one about a minute,
-/// retransmitting its SYN-ACK). A probe's own socket lives at most its timeout, so one
-/// seen in two samples 300 ms apart is left behind.
+/// retransmitting its SYN-ACK), for each VIP it probes. A probe's own socket lives at
+/// most its timeout, so one seen in two samples 300 ms apart is left behind.
 #[test]
 fn vip_path_probes_leave_no_half_open_connections_on_the_backends() {
     let lab = ApiLab::new([10, 91, 0], 3, &[0, 1, 2]).unwrap();
-    let _agents = lab.start_agents(&[0, 1, 2]).unwrap();
+    // Two VIPs: each check probes both at once, and must reset both connections.
+    let mut agents: Vec<_> = (0..3).map(|i| lab.spawn_agent(i, &["--vip", "10.91.0.101"]).unwrap()).collect();
+    for (i, agent) in agents.iter_mut().enumerate() {
+        lab.wait_healthy_or_log(i, agent).unwrap_or_else(|e| panic!("{e}"));
+    }
     let syn_recv = |i: usize| -> HashSet<String> {
         let out = lab.ns(i).cmd("ss").args(["-Htn", "state", "syn-recv"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout)

@@ -268,7 +268,7 @@ pub enum CheckError {
         /// Refused (its node is leaving), rather than unanswered.
         refused: bool,
     },
-    /// The first VIP's path is accepted, another VIP's is not (see [`other_vips`]).
+    /// The first VIP's path is accepted, another VIP's is not (see [`vip_paths`]).
     #[error("apiserver ready but traffic for VIP {vip} not accepted: {why}")]
     VipMissing { vip: Ipv4Addr, why: String },
 }
@@ -356,7 +356,7 @@ pub struct Report {
 pub struct DsrCheck {
     pub netlink: crate::netlink::Netlink,
     pub probe: crate::vipprobe::VipProbe,
-    /// The other IPv4 VIPs, probed once `probe`'s is accepted (see [`other_vips`]).
+    /// The other IPv4 VIPs, probed with `probe`'s (see [`vip_paths`]).
     pub other_vips: Vec<Ipv4Addr>,
 }
 
@@ -407,10 +407,7 @@ pub async fn run_checker(
                     if let Some(m) = mac {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
                         let via = Via::Dsr { mac: m };
-                        result = match vip_path(dsr.probe, ip, via, left).await {
-                            Ok(()) => other_vips(dsr.probe, &dsr.other_vips, ip, via, start + timeout).await,
-                            Err(e) => Err(e),
-                        };
+                        result = vip_paths(dsr.probe, &dsr.other_vips, ip, via, left).await;
                     }
                 }
                 PathCheck::Ipip { netlink, ifindex, probe, other_vips: others } => {
@@ -418,10 +415,7 @@ pub async fn run_checker(
                     if let (Some(p), Some(hop)) = (probe, nexthop) {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
                         let via = Via::Ipip { nexthop_mac: hop.mac };
-                        result = match vip_path(*p, ip, via, left).await {
-                            Ok(()) => other_vips(*p, others, ip, via, start + timeout).await,
-                            Err(e) => Err(e),
-                        };
+                        result = vip_paths(*p, others, ip, via, left).await;
                     }
                 }
             }
@@ -441,37 +435,35 @@ pub async fn run_checker(
     }
 }
 
-/// The VIP-path probes of a backend's other VIPs (`others`), after the first VIP's was
-/// accepted, each within what is left until `deadline` (at least 50 ms). A node that
-/// lacks one of them (a rolling change of the VIP list that reached this node first)
-/// would get that VIP's flows and drop them: it drains, as for its first VIP, but its
-/// silence there says nothing of its leaving ([`CheckError::VipMissing`]).
-async fn other_vips(
+/// The VIP-path probes of a backend on another node, for the first VIP (`probe.vip`) and
+/// each of `others` at once, within `left`, off the runtime (they block on a raw socket).
+/// The first VIP's failure is [`CheckError::VipPath`] (refused: its node is leaving).
+/// A node that accepts the first and lacks another (a rolling change of the VIP list
+/// that reached this node first) would get that VIP's flows and drop them: it drains,
+/// as for its first VIP, but its silence there says nothing of its leaving
+/// ([`CheckError::VipMissing`]).
+async fn vip_paths(
     probe: crate::vipprobe::VipProbe,
     others: &[Ipv4Addr],
     ip: Ipv4Addr,
     via: Via,
-    deadline: Instant,
+    left: Duration,
 ) -> Result<(), CheckError> {
-    for &vip in others {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
-        if let Err(e) = vip_path(crate::vipprobe::VipProbe { vip, ..probe }, ip, via, left).await {
-            return Err(CheckError::VipMissing { vip, why: e.to_string() });
-        }
+    let vips = others.to_vec();
+    let outcome = match tokio::task::spawn_blocking(move || crate::vipprobe::probe(&probe, &vips, ip, via, left)).await
+    {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => return Err(CheckError::VipPath { why: e.to_string(), refused: false }),
+        Err(e) => return Err(CheckError::VipPath { why: e.to_string(), refused: false }),
+    };
+    let mut results = outcome.into_iter();
+    if let Some(Err(e)) = results.next() {
+        let refused = matches!(e, crate::vipprobe::VipProbeError::Refused { .. });
+        return Err(CheckError::VipPath { why: e.to_string(), refused });
     }
-    Ok(())
-}
-
-/// The VIP-path probe of a backend on another node, off the runtime (it blocks on a raw
-/// socket).
-async fn vip_path(probe: crate::vipprobe::VipProbe, ip: Ipv4Addr, via: Via, left: Duration) -> Result<(), CheckError> {
-    match tokio::task::spawn_blocking(move || crate::vipprobe::probe(&probe, ip, via, left)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            let refused = matches!(e, crate::vipprobe::VipProbeError::Refused { .. });
-            Err(CheckError::VipPath { why: e.to_string(), refused })
-        }
-        Err(e) => Err(CheckError::VipPath { why: e.to_string(), refused: false }),
+    match others.iter().zip(results).find_map(|(vip, r)| r.err().map(|e| (*vip, e))) {
+        Some((vip, e)) => Err(CheckError::VipMissing { vip, why: e.to_string() }),
+        None => Ok(()),
     }
 }
 

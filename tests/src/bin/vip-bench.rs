@@ -532,11 +532,21 @@ fn agent_table() -> Result<(), String> {
 /// VIP-path probes, DSR. Reports the time from the slice to a live table holding them
 /// all, the agent's memory and CPU in that steady state, and the time a change to the
 /// slice (one endpoint out, one in) takes to reach the live table.
-fn discovery_table(n: usize) -> Result<(), String> {
+fn discovery_table(n: usize, vips: u8) -> Result<(), String> {
     use tests::{agent::wait_until, apilab::ApiLab};
-    println!("\nvip-agent with {n} discovered apiservers (HTTPS checks every 1 s, rise 2, DSR; release build)");
+    println!(
+        "\nvip-agent with {vips} VIPs and {n} discovered apiservers (HTTPS checks every 1 s, rise 2, DSR; release build)"
+    );
     let mut lab = ApiLab::new([10, 63, 0], 3, &[0])?.with_lease_api()?;
     lab.static_backends = false;
+    // The lab's VIP and 10.63.0.101 on: a service each, and every backend probed on each
+    // VIP's path, so the backends hold them all on `lo`.
+    let more_vips: Vec<String> = (1..vips).map(|k| format!("10.63.0.{}", 100 + k)).collect();
+    for i in 1..3 {
+        for vip in &more_vips {
+            lab.ns(i).ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+        }
+    }
     // 10.63.4.0/22 beside the lab's /24 on every node; n2 holds the extra addresses.
     for i in 0..3 {
         lab.ns(i).ip(&["addr", "add", &format!("10.63.4.{}/22", i + 1), "dev", "eth0"])?;
@@ -576,10 +586,12 @@ fn discovery_table(n: usize) -> Result<(), String> {
     };
     write_slice(&extra)?;
     let kc = lab.pki.dir.join("n1.kubeconfig").display().to_string();
-    let args = lab.agent_args(
-        0,
-        &["--discover", "kubernetes", "--kubeconfig", &kc, "--health-interval", "1s", "--health-timeout", "1s"],
-    )?;
+    let mut flags =
+        vec!["--discover", "kubernetes", "--kubeconfig", &kc, "--health-interval", "1s", "--health-timeout", "1s"];
+    for vip in &more_vips {
+        flags.extend(["--vip", vip.as_str()]);
+    }
+    let args = lab.agent_args(0, &flags)?;
     let t = Instant::now();
     let mut agent = tests::agent::Agent::spawn(lab.ns(0), &args)?;
     let pid = agent.pid().ok_or("no pid")?;
@@ -923,8 +935,10 @@ fn main() -> Result<(), String> {
         scale_table()?;
     }
     if run("discovery") {
-        let n = std::env::var("VIP_BENCH_DISCOVERED").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-        discovery_table(n)?;
+        let n = std::env::var("VIPBENCH_DISCOVERED").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+        // 16: as many as a node serves (`vip_common::MAX_VIPS`).
+        let vips = std::env::var("VIPBENCH_VIPS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+        discovery_table(n, vips)?;
     }
     Ok(())
 }
