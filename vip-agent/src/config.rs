@@ -220,6 +220,7 @@ pub enum OutputFormat {
 /// A duration written with a unit: `250ms`, `2s`, `1.5s`, `1m`; the manifests write
 /// them, so both sides share one parser.
 pub use vip_deploy::args::Dur;
+use vip_deploy::args::{entries, listed, Listed};
 use vip_deploy::names::NameRule;
 
 /// `--backend IP[:PORT]`: the address traffic is sent to, and the port its health check
@@ -271,16 +272,16 @@ pub struct RunArgs {
     /// Virtual IP to serve, IPv4 or IPv6. Repeat the flag (or separate with commas) for
     /// several, of both families (IPv6: announced by Neighbor Discovery, balanced by DSR
     /// or local, never IPIP).
-    #[arg(long = "vip", env = "VIP_VIP", value_name = "IP", required = true, value_delimiter = ',')]
-    pub vips: Vec<IpAddr>,
+    #[arg(long = "vip", env = "VIP_VIP", value_name = "IP", required = true, value_parser = listed::<IpAddr>)]
+    pub vip_values: Vec<Listed<IpAddr>>,
     /// TCP port of the service behind the VIP.
     #[arg(long, env = "VIP_PORT", allow_hyphen_values = true, default_value_t = 6443)]
-    pub port: u16,
+    pub port: i64,
     /// Backend (an apiserver): IP, and optionally the port its health check uses.
     /// Repeat the flag (or separate with commas). Without any, the node only answers ARP
     /// and VIP traffic goes to its own stack.
-    #[arg(long = "backend", env = "VIP_BACKEND", value_name = "IP[:PORT]", value_delimiter = ',')]
-    pub backends: Vec<BackendArg>,
+    #[arg(long = "backend", env = "VIP_BACKEND", value_name = "IP[:PORT]", value_parser = listed::<BackendArg>)]
+    pub backend_values: Vec<Listed<BackendArg>>,
     /// Discover the apiservers (merged with any --backend).
     #[arg(long, env = "VIP_DISCOVER", value_enum)]
     pub discover: Option<Discover>,
@@ -373,10 +374,10 @@ pub struct RunArgs {
     pub health_timeout: Dur,
     /// Consecutive successes that bring a down backend back: 1 to 100.
     #[arg(long, env = "VIP_RISE", allow_hyphen_values = true, default_value_t = 2)]
-    pub rise: u32,
+    pub rise: i64,
     /// Consecutive failures that take a backend out: 1 to 100.
     #[arg(long, env = "VIP_FALL", allow_hyphen_values = true, default_value_t = 3)]
-    pub fall: u32,
+    pub fall: i64,
     /// PEM file of the CA that signs the backends' certificates.
     #[arg(long, env = "VIP_HEALTH_CA", value_name = "PATH")]
     pub health_ca: Option<PathBuf>,
@@ -401,7 +402,7 @@ pub struct RunArgs {
     /// balanced, only on that VLAN, and the agent's announcements and probes are tagged
     /// with it. Without it the VIPs live on the untagged segment.
     #[arg(long, env = "VIP_VLAN", allow_hyphen_values = true, value_name = "VID")]
-    pub vlan: Option<u16>,
+    pub vlan: Option<i64>,
     /// Where Prometheus metrics are served.
     #[arg(long, env = "VIP_METRICS_ADDR", default_value = "127.0.0.1:9469")]
     pub metrics_addr: SocketAddr,
@@ -423,8 +424,8 @@ pub struct RunArgs {
     )]
     pub keep_forwarding_on_exit: bool,
     /// Maglev table size (a prime up to 65537).
-    #[arg(long, env = "VIP_MAGLEV_SIZE", allow_hyphen_values = true, default_value_t = maglev::DEFAULT_M)]
-    pub maglev_size: u32,
+    #[arg(long, env = "VIP_MAGLEV_SIZE", allow_hyphen_values = true, default_value_t = maglev::DEFAULT_M.into())]
+    pub maglev_size: i64,
     /// How long a draining backend keeps the table slots it had, so that its connections
     /// still reach it from a node that never pinned them (the VIP moving mid-drain): 0s
     /// (never) to 1h. Make it longer than the apiservers' shutdown delay plus their
@@ -561,8 +562,6 @@ pub enum ConfigError {
     DuplicateVip { vip: IpAddr },
     #[error("{count} VIPs given, at most {max} are supported")]
     TooManyVips { count: usize, max: u32 },
-    #[error("--port 0: the service needs a port")]
-    PortZero,
     #[error("--backend {ip} is given twice")]
     DuplicateBackend { ip: Ipv4Addr },
     #[error("--backend {ip} is the VIP itself")]
@@ -606,37 +605,55 @@ pub enum ConfigError {
     InsecureWithCa,
 }
 
+/// `value` of integer flag `--{flag}` as a `T`, if it lies in `lo..=hi` (`range`, as the
+/// error says it). Such flags are read as `i64` and checked here, so that a negative or
+/// too large value gets the flag's own range in its error, not the range of the type
+/// that holds it (`--vlan -1` was refused as "not in 0..=65535").
+fn ranged<T: TryFrom<i64>>(
+    flag: &'static str,
+    value: i64,
+    lo: i64,
+    hi: i64,
+    range: &'static str,
+) -> Result<T, ConfigError> {
+    (lo..=hi).contains(&value).then(|| T::try_from(value).ok()).flatten().ok_or_else(|| ConfigError::Range {
+        flag,
+        value: value.to_string(),
+        range,
+    })
+}
+
 impl TryFrom<RunArgs> for RunConfig {
     type Error = ConfigError;
 
     fn try_from(args: RunArgs) -> Result<Self, ConfigError> {
         netdev::validate_name(&args.interface)?;
-        if args.vips.len() > vip_common::MAX_VIPS as usize {
-            return Err(ConfigError::TooManyVips { count: args.vips.len(), max: vip_common::MAX_VIPS });
+        let (vips, backends) = (entries(&args.vip_values), entries(&args.backend_values));
+        if vips.len() > vip_common::MAX_VIPS as usize {
+            return Err(ConfigError::TooManyVips { count: vips.len(), max: vip_common::MAX_VIPS });
         }
         let mut seen = BTreeSet::new();
-        for &vip in &args.vips {
+        for &vip in &vips {
             check_vip(vip)?;
             if !seen.insert(vip) {
                 return Err(ConfigError::DuplicateVip { vip });
             }
         }
-        if args.port == 0 {
-            return Err(ConfigError::PortZero);
-        }
-        let mut backends = BTreeSet::new();
-        for b in &args.backends {
-            if args.vips.contains(&IpAddr::V4(b.ip)) {
+        let port = ranged("port", args.port, 1, 65535, "1 to 65535")?;
+        let mut seen = BTreeSet::new();
+        for b in &backends {
+            if vips.contains(&IpAddr::V4(b.ip)) {
                 return Err(ConfigError::BackendIsVip { ip: b.ip });
             }
             if let Some(why) = vip_deploy::vips::backend_problem(b.ip) {
                 return Err(ConfigError::BadBackend { ip: b.ip, why });
             }
-            if !backends.insert(b.ip) {
+            if !seen.insert(b.ip) {
                 return Err(ConfigError::DuplicateBackend { ip: b.ip });
             }
         }
-        maglev::validate_size(args.maglev_size).map_err(ConfigError::Maglev)?;
+        let maglev_size = ranged("maglev-size", args.maglev_size, 0, u32::MAX.into(), "a prime from 3 to 65537")?;
+        maglev::validate_size(maglev_size).map_err(ConfigError::Maglev)?;
         if args.health_insecure && args.health_ca.is_some() {
             return Err(ConfigError::InsecureWithCa);
         }
@@ -657,18 +674,12 @@ impl TryFrom<RunArgs> for RunConfig {
                 why: "--vlan is for ARP mode: BGP routes the VIPs to the node's own address".into(),
             });
         }
-        if let Some(vid) = args.vlan.filter(|v| !(1..=4094).contains(v)) {
-            return Err(ConfigError::Range {
-                flag: "vlan",
-                value: vid.to_string(),
-                range: "1 to 4094 (0 and 4095 are reserved)",
-            });
-        }
-        for (flag, value) in [("rise", args.rise), ("fall", args.fall)] {
-            if !(1..=100).contains(&value) {
-                return Err(ConfigError::Range { flag, value: value.to_string(), range: "1 to 100" });
-            }
-        }
+        let vlan = match args.vlan {
+            Some(vid) => ranged("vlan", vid, 1, 4094, "1 to 4094 (0 and 4095 are reserved)")?,
+            None => 0,
+        };
+        let rise = ranged("rise", args.rise, 1, 100, "1 to 100")?;
+        let fall = ranged("fall", args.fall, 1, 100, "1 to 100")?;
         let (lease, renew, retry) = (args.lease_duration.0, args.renew_deadline.0, args.retry_period.0);
         if lease.subsec_millis() != 0 {
             return Err(ConfigError::Timing {
@@ -705,13 +716,12 @@ impl TryFrom<RunArgs> for RunConfig {
         if rustls::pki_types::ServerName::try_from(args.health_server_name.as_str()).is_err() {
             return Err(ConfigError::ServerName { name: args.health_server_name });
         }
-        let bgp = bgp_config(&args)?;
+        let bgp = bgp_config(&args, &vips)?;
         if args.attach == Hook::Tcx && args.forward == Forward::Ipip {
             return Err(ConfigError::TcxIpip);
         }
         if args.forward == Forward::Ipip {
-            if let Some((vip, why)) = args.vips.iter().find_map(|&v| vip_deploy::vips::ipip_problem(v).map(|w| (v, w)))
-            {
+            if let Some((vip, why)) = vips.iter().find_map(|&v| vip_deploy::vips::ipip_problem(v).map(|w| (v, w))) {
                 return Err(ConfigError::BadVip { vip, why });
             }
         }
@@ -730,9 +740,9 @@ impl TryFrom<RunArgs> for RunConfig {
         }
         Ok(RunConfig {
             interface: args.interface,
-            vips: args.vips,
-            port: args.port,
-            backends: args.backends,
+            vips,
+            port,
+            backends,
             discover: args.discover.is_some(),
             forward: args.forward.into(),
             election: args.election,
@@ -752,19 +762,19 @@ impl TryFrom<RunArgs> for RunConfig {
                 path: args.health_path,
                 interval: args.health_interval.0,
                 timeout: args.health_timeout.0,
-                rise: args.rise,
-                fall: args.fall,
+                rise,
+                fall,
                 ca: args.health_ca,
                 insecure: args.health_insecure,
                 server_name: args.health_server_name,
             },
             xdp_mode: args.xdp_mode,
             attach: args.attach,
-            vlan: args.vlan.unwrap_or(0),
+            vlan,
             metrics_addr: args.metrics_addr,
             pin_path: args.pin_path,
             keep_forwarding_on_exit: args.keep_forwarding_on_exit,
-            maglev_size: args.maglev_size,
+            maglev_size,
             drain_hold: args.drain_hold.0,
             flow_hash_seed: args.flow_hash_seed,
             log_format: args.log_format,
@@ -777,7 +787,7 @@ impl TryFrom<RunArgs> for RunConfig {
 /// BGP mode's settings, checked: an AS, at least one peer (each once), a hold time of 0
 /// or 3 to 65535 whole seconds (RFC 4271 §4.2), a keepalive within a third of it. BGP
 /// flags without `--mode bgp` are refused rather than ignored.
-fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
+fn bgp_config(args: &RunArgs, vips: &[IpAddr]) -> Result<Option<BgpConfig>, ConfigError> {
     let err = |why: String| ConfigError::Bgp { why };
     if args.mode != Mode::Bgp {
         let given = [
@@ -793,7 +803,7 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
         }
         return Ok(None);
     }
-    if let Some((vip, why)) = args.vips.iter().find_map(|&v| vip_deploy::vips::bgp_problem(v).map(|w| (v, w))) {
+    if let Some((vip, why)) = vips.iter().find_map(|&v| vip_deploy::vips::bgp_problem(v).map(|w| (v, w))) {
         return Err(err(format!("--vip {vip}: {why}")));
     }
     if let Some((id, why)) = args.bgp_router_id.and_then(|id| vip_deploy::vips::router_id_problem(id).map(|w| (id, w)))
@@ -820,7 +830,7 @@ fn bgp_config(args: &RunArgs) -> Result<Option<BgpConfig>, ConfigError> {
         if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
             return Err(err(format!("--bgp-peer {ip}: not a router's address (loopback, unspecified or multicast)")));
         }
-        if args.vips.contains(&IpAddr::V4(ip)) {
+        if vips.contains(&IpAddr::V4(ip)) {
             return Err(err(format!("--bgp-peer {ip} is a VIP: a BGP peer is a router")));
         }
     }

@@ -50,11 +50,20 @@ fn a_bad_value_from_the_config_file_names_the_file() {
 }
 
 /// A value that starts with '-' is a bad value of its flag, named as such (clap took it
-/// for an unknown argument, naming no flag).
+/// for an unknown argument, naming no flag), with the flag's own range, not its type's
+/// (`--vlan -1` was "not in 0..=65535", a new-user trial).
 #[test]
 fn a_negative_value_is_named_with_its_flag() {
     let line = refused(&["--rise", "-1"], &[]);
-    assert!(line.contains("invalid value '-1' for '--rise"), "{line}");
+    assert_eq!(line, "vip-agent: error: --rise -1: must be 1 to 100");
+    let line = refused(&["--vlan", "-1"], &[]);
+    assert_eq!(line, "vip-agent: error: --vlan -1: must be 1 to 4094 (0 and 4095 are reserved)");
+    for (flag, range) in [("--port", "1 to 65535"), ("--maglev-size", "a prime from 3 to 65537")] {
+        let line = refused(&[flag, "-5"], &[]);
+        assert_eq!(line, format!("vip-agent: error: {flag} -5: must be {range}"));
+    }
+    let line = refused(&["--vlan", "70000"], &[("VIP_VLAN", "1")]);
+    assert_eq!(line, "vip-agent: error: --vlan 70000: must be 1 to 4094 (0 and 4095 are reserved)");
     let line = refused(&["--drain-hold", "-1s"], &[]);
     assert!(line.contains("invalid value '-1s' for '--drain-hold"), "{line}");
     let line = refused(&["--lease-namespace", "-x"], &[]);
@@ -126,4 +135,22 @@ fn a_run_error_is_one_json_line_in_json_format() {
     assert_eq!(line["level"], "ERROR", "{stderr}");
     assert!(line["fields"]["error"].as_str().is_some_and(|e| e.contains("nosuch0")), "{stderr}");
     assert!(!stderr.contains("vip-agent: error:"), "a plain line besides: {stderr}");
+}
+
+/// A flag that takes several values separated by commas names the value as given when an
+/// entry is bad: `fd00::101,` was refused as the invalid value `''` (a new-user trial).
+#[test]
+fn a_bad_entry_of_a_comma_separated_value_names_the_whole_value() {
+    let line = refused(&["--vip", "fd00::101,"], &[]);
+    assert_eq!(
+        line,
+        "vip-agent: error: invalid value 'fd00::101,' for '--vip <IP>': an empty entry (a comma with nothing before or after it) (see --help)"
+    );
+    let line = refused(&["--vip", "10.0.0.2,10.0.0.300"], &[]);
+    assert!(line.contains("invalid value '10.0.0.2,10.0.0.300' for '--vip <IP>': 10.0.0.300: "), "{line}");
+    let line = refused(&[], &[("VIP_BACKEND", "10.0.0.11,,10.0.0.12")]);
+    assert!(
+        line.contains("invalid value '10.0.0.11,,10.0.0.12' for '--backend") && line.contains("(from VIP_BACKEND)"),
+        "{line}"
+    );
 }

@@ -81,15 +81,15 @@ pub enum Discover {
 pub struct ManifestArgs {
     /// Virtual IP to serve, IPv4 or IPv6. Repeat the flag (or separate with commas) for
     /// several. Needed by every kind but `rbac`.
-    #[arg(long = "vip", value_name = "IP", value_delimiter = ',')]
-    pub vips: Vec<IpAddr>,
+    #[arg(long = "vip", value_name = "IP", value_parser = listed::<IpAddr>)]
+    pub vip_values: Vec<Listed<IpAddr>>,
     /// Interface that faces the clients, the same name on every control-plane node.
     /// Needed by `daemonset`, `pod`, `k3s` and `systemd`.
     #[arg(long, value_name = "IF")]
     pub interface: Option<String>,
     /// TCP port of the apiservers behind the VIP.
-    #[arg(long, default_value_t = 6443)]
-    pub port: u16,
+    #[arg(long, allow_hyphen_values = true, default_value_t = 6443)]
+    pub port: i64,
     /// How clients find the VIP.
     #[arg(long, value_enum, default_value_t = Mode::Arp)]
     pub mode: Mode,
@@ -101,15 +101,15 @@ pub struct ManifestArgs {
     #[arg(long, value_enum, default_value_t = Attach::Xdp)]
     pub attach: Attach,
     /// The VLAN (1 to 4094) the VIPs live on, when the interface is a trunk.
-    #[arg(long, value_name = "VID")]
-    pub vlan: Option<u16>,
+    #[arg(long, allow_hyphen_values = true, value_name = "VID")]
+    pub vlan: Option<i64>,
     /// Leader election: a Kubernetes Lease, or none (single node).
     #[arg(long, value_enum, default_value_t = Election::Kubernetes)]
     pub election: Election,
     /// Static backend (an apiserver): IPv4, and optionally the port its health check
     /// uses. Repeat the flag (or separate with commas).
-    #[arg(long = "backend", value_name = "IP[:PORT]", value_delimiter = ',')]
-    pub backends: Vec<Backend>,
+    #[arg(long = "backend", value_name = "IP[:PORT]", value_parser = listed::<Backend>)]
+    pub backend_values: Vec<Listed<Backend>>,
     /// Discover the apiservers from `default/kubernetes` (default: kubernetes).
     #[arg(long, value_enum)]
     pub discover: Option<Discover>,
@@ -306,6 +306,45 @@ impl fmt::Display for BgpPeer {
     }
 }
 
+/// The entries of one value of a flag that takes several, separated by commas (`--vip
+/// 10.0.0.100,fd00::100`; the flag may be repeated too). Parsed whole by [`listed`], so
+/// that an error names the value as given: clap's own splitting (`value_delimiter`)
+/// named the piece, and `--vip fd00::1,` was refused as the invalid value `''`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed<T>(pub Vec<T>);
+
+/// Parses `s` as comma-separated entries of `T`. An empty entry (a comma with nothing on
+/// one side) is an error; so is an entry `T` refuses, whose error is prefixed with the
+/// entry when `s` holds several and the error does not already name it.
+pub fn listed<T>(s: &str) -> Result<Listed<T>, String>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let several = s.contains(',');
+    s.split(',')
+        .map(|entry| {
+            if entry.trim().is_empty() {
+                return Err("an empty entry (a comma with nothing before or after it)".to_owned());
+            }
+            entry.parse::<T>().map_err(|e| {
+                let why = e.to_string();
+                if several && !why.contains(entry) {
+                    format!("{entry}: {why}")
+                } else {
+                    why
+                }
+            })
+        })
+        .collect::<Result<Vec<T>, String>>()
+        .map(Listed)
+}
+
+/// Every entry of every value of a repeated, comma-separated flag, in the order given.
+pub fn entries<T: Clone>(values: &[Listed<T>]) -> Vec<T> {
+    values.iter().flat_map(|l| l.0.iter().cloned()).collect()
+}
+
 /// A duration with a unit, as the agent writes them: `500ms`, `2s`, `1.5s`, `1m`, `1h`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dur(pub Duration);
@@ -353,6 +392,18 @@ impl fmt::Display for Dur {
             Some(&(size, unit)) => write!(f, "{}{unit}", ns / size),
             None => write!(f, "{}ms", ns as f64 / NS_PER_MS as f64),
         }
+    }
+}
+
+impl ManifestArgs {
+    /// Every `--vip`, in the order given.
+    pub fn vips(&self) -> Vec<IpAddr> {
+        entries(&self.vip_values)
+    }
+
+    /// Every `--backend`, in the order given.
+    pub fn backends(&self) -> Vec<Backend> {
+        entries(&self.backend_values)
     }
 }
 

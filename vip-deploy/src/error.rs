@@ -19,8 +19,10 @@ pub enum RenderError {
     BadBackend { backend: String, why: &'static str },
     #[error("--attach tcx cannot --forward ipip (encapsulation needs XDP): use --forward dsr, or --attach xdp")]
     TcxIpip,
-    #[error("--port 0: the service needs a port")]
-    PortZero,
+    /// An integer flag out of its range (read as `i64`, so that a negative or too large
+    /// value is told the flag's range, not its type's).
+    #[error("--{flag} {value}: must be {range}")]
+    Range { flag: &'static str, value: i64, range: &'static str },
     #[error("--{flag} {value:?}: {why}")]
     BadName { flag: &'static str, value: String, why: &'static str },
     #[error("--{flag} is for --mode bgp")]

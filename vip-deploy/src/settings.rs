@@ -75,14 +75,31 @@ pub enum BgpPeers {
     File(String),
 }
 
+/// `value` of integer flag `--{flag}` as a `T`, if it lies in `lo..=hi` (`range`, as the
+/// error says it): the agent's rule (`vip_agent::config`), so both refuse alike.
+fn ranged<T: TryFrom<i64>>(
+    flag: &'static str,
+    value: i64,
+    lo: i64,
+    hi: i64,
+    range: &'static str,
+) -> Result<T, RenderError> {
+    (lo..=hi).contains(&value).then(|| T::try_from(value).ok()).flatten().ok_or(RenderError::Range {
+        flag,
+        value,
+        range,
+    })
+}
+
 impl Settings {
     /// Checks `args` for `kind`. Errors name the flag and value at fault.
     pub fn new(kind: Kind, args: &ManifestArgs) -> Result<Self, RenderError> {
         let runs_agent = kind.runs_agent();
-        if args.vips.is_empty() && kind != Kind::Rbac {
+        if args.vip_values.is_empty() && kind != Kind::Rbac {
             return Err(RenderError::Missing { kind, flag: "--vip" });
         }
-        check_vips(&args.vips)?;
+        let vips = args.vips();
+        check_vips(&vips)?;
         let family_rules = [
             (args.mode == Mode::Bgp, crate::vips::bgp_problem as fn(IpAddr) -> Option<&'static str>),
             (args.forward == Forward::Ipip, crate::vips::ipip_problem),
@@ -91,7 +108,7 @@ impl Settings {
             if !applies {
                 continue;
             }
-            if let Some((vip, why)) = args.vips.iter().find_map(|&v| rule(v).map(|w| (v, w))) {
+            if let Some((vip, why)) = vips.iter().find_map(|&v| rule(v).map(|w| (v, w))) {
                 return Err(RenderError::BadVip { vip, why });
             }
         }
@@ -100,10 +117,9 @@ impl Settings {
             (None, true) => return Err(RenderError::Missing { kind, flag: "--interface" }),
             (None, false) => None,
         };
-        if args.port == 0 {
-            return Err(RenderError::PortZero);
-        }
-        check_backends(&args.backends, &args.vips)?;
+        let port = ranged("port", args.port, 1, 65535, "1 to 65535")?;
+        let backends = args.backends();
+        check_backends(&backends, &vips)?;
         check_name("namespace", &args.namespace, NameRule::Label)?;
         check_name("lease-name", &args.lease_name, NameRule::Subdomain)?;
         check_image(&args.image)?;
@@ -131,28 +147,29 @@ impl Settings {
         if let Some(ca) = &args.health_ca {
             check_absolute("health-ca", ca)?;
         }
-        if args.vlan.is_some() && args.mode == Mode::Bgp {
+        if let (Some(vid), Mode::Bgp) = (args.vlan, args.mode) {
             let why = "is for ARP mode: BGP routes the VIPs to the node's own address";
-            return Err(RenderError::BadName { flag: "vlan", value: args.vlan.unwrap_or(0).to_string(), why });
+            return Err(RenderError::BadName { flag: "vlan", value: vid.to_string(), why });
         }
-        if let Some(vid) = args.vlan.filter(|v| !(1..=4094).contains(v)) {
-            return Err(RenderError::BadName { flag: "vlan", value: vid.to_string(), why: "must be 1 to 4094" });
-        }
+        let vlan = match args.vlan {
+            Some(vid) => Some(ranged("vlan", vid, 1, 4094, "1 to 4094 (0 and 4095 are reserved)")?),
+            None => None,
+        };
         if args.attach == Attach::Tcx && args.forward == Forward::Ipip {
             return Err(RenderError::TcxIpip);
         }
         let bgp = bgp(kind, args)?;
         let settings = Self {
             kind,
-            vips: args.vips.clone(),
+            vips,
             interface,
-            port: args.port,
+            port,
             mode: args.mode,
             forward: args.forward,
             attach: args.attach,
-            vlan: args.vlan,
+            vlan,
             election: args.election,
-            backends: args.backends.clone(),
+            backends,
             // On unless asked otherwise, for every kind: every control-plane node can read
             // `default/kubernetes` (the RBAC here grants it to the DaemonSet; a static pod
             // reads it with its admin kubeconfig), and without it the agent balances only

@@ -168,7 +168,10 @@ fn missing_and_bad_values_are_named() {
         (&["daemonset", "--vip=224.0.0.1", "--interface=eth0"], "--vip 224.0.0.1: a multicast address"),
         (&["daemonset", "--vip=127.0.0.1", "--interface=eth0"], "loopback"),
         (&["daemonset", "--vip=192.0.2.1,192.0.2.1", "--interface=eth0"], "--vip 192.0.2.1 is given twice"),
-        (&["daemonset", "--vip=10.0.0.1", "--interface=eth0", "--vlan=4095"], "--vlan \"4095\": must be 1 to 4094"),
+        (&["daemonset", "--vip=10.0.0.1", "--interface=eth0", "--vlan=4095"], "--vlan 4095: must be 1 to 4094 (0 and"),
+        // The flag's range, not its type's (a new-user trial), as the agent says it.
+        (&["daemonset", "--vip=10.0.0.1", "--interface=eth0", "--vlan=-1"], "--vlan -1: must be 1 to 4094 (0 and"),
+        (&["daemonset", "--vip=10.0.0.1", "--interface=eth0", "--port=70000"], "--port 70000: must be 1 to 65535"),
         (
             &[
                 "daemonset",
