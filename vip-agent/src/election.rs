@@ -123,7 +123,8 @@ impl Compared {
         }
     }
 
-    fn index(self) -> usize {
+    /// Its position in [`Compared::ALL`], for arrays kept per value.
+    pub fn index(self) -> usize {
         self as usize
     }
 }

@@ -199,8 +199,8 @@ impl Node {
                 renew_deadline: cfg.lease.renew_deadline,
                 retry_period: cfg.lease.retry_period,
                 bootstrap: cfg.bootstrap,
-                vips: compared[Compared::Vips as usize].clone(),
-                flow_placement: compared[Compared::FlowPlacement as usize].clone(),
+                vips: compared[Compared::Vips.index()].clone(),
+                flow_placement: compared[Compared::FlowPlacement.index()].clone(),
             };
             (KubeLeases::new(client, &cfg.lease.namespace, &cfg.lease.name, source), e)
         });
@@ -309,8 +309,8 @@ impl Node {
             // A leader that holds the VIPs on its probe alone, no Lease yet (--bootstrap).
             bootstrap_hold: self.announce.yields_to_claims(),
             duplicate_instance: self.duplicate_seen.as_ref().map(|(_, other)| other.clone()),
-            leader_vips_differ: self.leader_differs[Compared::Vips as usize].clone(),
-            leader_flow_placement_differs: self.leader_differs[Compared::FlowPlacement as usize].clone(),
+            leader_vips_differ: self.leader_differs[Compared::Vips.index()].clone(),
+            leader_flow_placement_differs: self.leader_differs[Compared::FlowPlacement.index()].clone(),
         };
         live::publish(&self.live, view);
     }
@@ -320,18 +320,18 @@ impl Node {
     fn on_leader_differs(&mut self, what: Compared, holder: String, theirs: Option<String>) {
         match (&theirs, what) {
             (Some(theirs), Compared::Vips) => warn!(
-                %holder, leader_vips = %theirs, our_vips = %self.compared[what as usize],
+                %holder, leader_vips = %theirs, our_vips = %self.compared[what.index()],
                 "the leader serves other VIPs than this node: a VIP it lacks goes unanswered (one Lease elects the leader of every VIP)"
             ),
             (Some(theirs), Compared::FlowPlacement) => warn!(
-                %holder, leader_placement = %theirs, our_placement = %self.compared[what as usize],
+                %holder, leader_placement = %theirs, our_placement = %self.compared[what.index()],
                 "the leader places flows otherwise than this node (another --flow-hash-seed or --maglev-size): its connections are reset if this node takes over; give every node the same"
             ),
             (None, Compared::Vips) => info!(%holder, "the leader serves this node's VIPs again"),
             (None, Compared::FlowPlacement) => info!(%holder, "the leader places flows as this node again"),
         }
         self.metrics.leader_differs(what, theirs.is_some());
-        self.leader_differs[what as usize] = theirs.map(|theirs| (holder, theirs));
+        self.leader_differs[what.index()] = theirs.map(|theirs| (holder, theirs));
         self.publish();
     }
 
