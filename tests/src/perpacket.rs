@@ -53,26 +53,75 @@ pub fn interquartile_mean(values: &mut [u64]) -> f64 {
     middle.iter().sum::<u64>() as f64 / middle.len() as f64
 }
 
+/// Whether `frame`'s output under `run` is a fixed point: run once, then on that output,
+/// the same action `want` and the same output. If not, `repeat` would measure another
+/// path on its later runs.
+fn is_fixed_point(
+    run: &impl Fn(&[u8], u32) -> Result<RunOutcome, String>,
+    frame: &[u8],
+    want: u32,
+) -> Result<bool, String> {
+    let once = run(frame, 1)?;
+    let twice = run(&once.frame, 1)?;
+    Ok(twice.action == want && twice.frame == once.frame)
+}
+
+/// The kernel's average ns over [`REPEAT`] runs of `frame`.
+fn average(run: &impl Fn(&[u8], u32) -> Result<RunOutcome, String>, frame: &[u8]) -> Result<f64, String> {
+    Ok(run(frame, REPEAT)?.duration.as_nanos() as f64)
+}
+
+/// The median of `values` (sorted in place; `NaN` when empty).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_unstable_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// The median of [`REPEAT_ROUNDS`] kernel averages (ns) over [`REPEAT`] runs of `frame`,
-/// if its output is a fixed point: run once, then on that output, the same action `want`
-/// and the same output. `None` otherwise: `repeat` would measure another path on its
-/// later runs.
+/// if its output is a fixed point ([`is_fixed_point`]); `None` otherwise.
 pub fn fixed_point_repeat(
     run: impl Fn(&[u8], u32) -> Result<RunOutcome, String>,
     frame: &[u8],
     want: u32,
 ) -> Result<Option<f64>, String> {
-    let once = run(frame, 1)?;
-    let twice = run(&once.frame, 1)?;
-    if twice.action != want || twice.frame != once.frame {
+    if !is_fixed_point(&run, frame, want)? {
         return Ok(None);
     }
-    let mut averages = Vec::with_capacity(REPEAT_ROUNDS);
-    for _ in 0..REPEAT_ROUNDS {
-        averages.push(run(frame, REPEAT)?.duration.as_nanos() as u64);
+    let mut averages = (0..REPEAT_ROUNDS).map(|_| average(&run, frame)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(median(&mut averages)))
+}
+
+/// A repeat figure taken beside the floor's.
+#[derive(Clone, Copy, Debug)]
+pub struct Beside {
+    /// The median of the row's [`REPEAT_ROUNDS`] averages, ns.
+    pub ns: f64,
+    /// The median of the differences between each of those averages and the floor's
+    /// average taken just before it, ns. The host's speed drifts over seconds on this VM
+    /// (a row measured 40 ns over a floor taken at the start, and 16 over one taken next
+    /// to it): a difference of neighbours leaves the drift out.
+    pub over_floor: f64,
+}
+
+/// [`fixed_point_repeat`], each of its averages taken right after one of `floor` (the
+/// `XDP_PASS` program, on the same frame); `None` if the output is no fixed point.
+pub fn fixed_point_repeat_beside(
+    run: impl Fn(&[u8], u32) -> Result<RunOutcome, String>,
+    floor: impl Fn(&[u8], u32) -> Result<RunOutcome, String>,
+    frame: &[u8],
+    want: u32,
+) -> Result<Option<Beside>, String> {
+    if !is_fixed_point(&run, frame, want)? {
+        return Ok(None);
     }
-    averages.sort_unstable();
-    Ok(Some(averages[REPEAT_ROUNDS / 2] as f64))
+    let (mut rows, mut overs) = (Vec::with_capacity(REPEAT_ROUNDS), Vec::with_capacity(REPEAT_ROUNDS));
+    for _ in 0..REPEAT_ROUNDS {
+        let under = average(&floor, frame)?;
+        let row = average(&run, frame)?;
+        rows.push(row);
+        overs.push(row - under);
+    }
+    Ok(Some(Beside { ns: median(&mut rows), over_floor: median(&mut overs) }))
 }
 
 #[cfg(test)]
