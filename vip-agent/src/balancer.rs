@@ -20,7 +20,7 @@
 //! never follows a recycled id to another backend.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
@@ -272,8 +272,9 @@ impl Balancer {
         let mut plans = Vec::with_capacity(specs.len());
         let mut flags_changed = false;
         let at = Instant::now();
+        let mut built = Built::default();
         for spec in specs {
-            let plan = self.plan(maps, spec, at)?;
+            let plan = self.plan(maps, spec, at, &mut built)?;
             // 1. Healthy backends marked up before any table names them.
             for (b, &id) in spec.backends.iter().zip(&plan.ids) {
                 if b.healthy {
@@ -362,7 +363,13 @@ impl Balancer {
 
     /// Validates `spec`, assigns its slot and backend ids, and builds its table: what
     /// [`Balancer::apply_all`] then writes.
-    fn plan(&mut self, maps: &mut Maps, spec: &ServiceSpec, now: Instant) -> Result<Plan, BalancerError> {
+    fn plan(
+        &mut self,
+        maps: &mut Maps,
+        spec: &ServiceSpec,
+        now: Instant,
+        built: &mut Built,
+    ) -> Result<Plan, BalancerError> {
         maglev::validate_size(spec.m)?;
         let key = spec.key();
         let mut seen = BTreeSet::new();
@@ -382,7 +389,7 @@ impl Balancer {
         let ids = spec.backends.iter().map(|b| self.id_for(maps, b.ip)).collect::<Result<Vec<u32>, _>>()?;
         let holding = self.holding(spec, &ids, now);
         let prev = self.services.get(&key);
-        let table = with_holders(maglev_table(spec, &ids)?, &holding, prev.filter(|p| p.m == spec.m));
+        let table = with_holders(built.table(spec, &ids)?, &holding, prev.filter(|p| p.m == spec.m));
         let healthy = spec.backends.iter().filter(|b| b.healthy).count();
         let flipped = !prev.is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
         let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
@@ -472,6 +479,27 @@ impl Balancer {
     }
 }
 
+/// The Maglev tables built during one update ([`Balancer::apply_all`]), by table size and
+/// healthy backends (address and weight, in spec order; a backend's id follows from its
+/// address): services over the same backends, every VIP of a control plane, share one
+/// build. 16 services built one table each, most of the time an update of 1,000
+/// backends took.
+#[derive(Default)]
+struct Built(HashMap<(u32, Vec<(Ipv4Addr, u32)>), Vec<u32>>);
+
+impl Built {
+    /// [`maglev_table`] of `spec`, built once per size and healthy set.
+    fn table(&mut self, spec: &ServiceSpec, ids: &[u32]) -> Result<Vec<u32>, MaglevError> {
+        let key = (spec.m, spec.backends.iter().filter(|b| b.healthy).map(|b| (b.ip, b.weight)).collect());
+        if let Some(table) = self.0.get(&key) {
+            return Ok(table.clone());
+        }
+        let table = maglev_table(spec, ids)?;
+        self.0.insert(key, table.clone());
+        Ok(table)
+    }
+}
+
 /// The Maglev table of `spec` over its healthy backends, by address (the name every node
 /// agrees on): a backend id (`ids`, in spec order) or [`NO_BACKEND`] per slot.
 fn maglev_table(spec: &ServiceSpec, ids: &[u32]) -> Result<Vec<u32>, MaglevError> {
@@ -526,4 +554,43 @@ fn entry(b: &BackendSpec, up: bool) -> Backend {
     let reason = if up { HealthReason::None } else { b.reason };
     let (nh_mac, nh_mtu) = b.nexthop.map_or(([0; 6], 0), |n| (n.mac, n.mtu));
     Backend { ip: b.ip.octets(), mac: b.mac, flags, reason: reason as u8, _pad: [0; 3], nh_mac, nh_mtu }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(vip: [u8; 4], backends: &[(u8, bool)]) -> ServiceSpec {
+        ServiceSpec {
+            vip: Ipv4Addr::from(vip).into(),
+            port: 6443,
+            mode: ForwardMode::Dsr,
+            m: 251,
+            backends: backends
+                .iter()
+                .map(|&(i, healthy)| BackendSpec {
+                    healthy,
+                    ..BackendSpec::up(Ipv4Addr::new(10, 0, 0, i), [2, 0, 0, 0, 0, i])
+                })
+                .collect(),
+        }
+    }
+
+    /// Services over the same healthy backends share one build (the same table as a
+    /// build of their own); another healthy set, or another size, gets its own.
+    #[test]
+    fn services_over_the_same_backends_share_one_table_build() {
+        let ids = [1, 2, 3];
+        let mut built = Built::default();
+        let a = spec([10, 0, 0, 100], &[(11, true), (12, true), (13, true)]);
+        let b = spec([10, 0, 0, 101], &[(11, true), (12, true), (13, true)]);
+        assert_eq!(built.table(&a, &ids).unwrap(), maglev_table(&a, &ids).unwrap());
+        assert_eq!(built.table(&b, &ids).unwrap(), maglev_table(&b, &ids).unwrap());
+        assert_eq!(built.0.len(), 1, "one build for both");
+        let c = spec([10, 0, 0, 102], &[(11, true), (12, false), (13, true)]);
+        assert_eq!(built.table(&c, &ids).unwrap(), maglev_table(&c, &ids).unwrap());
+        let d = ServiceSpec { m: 257, ..a.clone() };
+        assert_eq!(built.table(&d, &ids).unwrap(), maglev_table(&d, &ids).unwrap());
+        assert_eq!(built.0.len(), 3, "another healthy set and another size are built apart");
+    }
 }
