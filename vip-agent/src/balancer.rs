@@ -485,7 +485,11 @@ impl Balancer {
 /// build. 16 services built one table each, most of the time an update of 1,000
 /// backends took.
 #[derive(Default)]
-struct Built(HashMap<(u32, Vec<(Ipv4Addr, u32)>), Vec<u32>>);
+struct Built(HashMap<BuildKey, Vec<u32>>);
+
+/// What a Maglev table of ids depends on: its size, and each healthy backend's address and
+/// weight.
+type BuildKey = (u32, Vec<(Ipv4Addr, u32)>);
 
 impl Built {
     /// [`maglev_table`] of `spec`, built once per size and healthy set.
