@@ -127,8 +127,14 @@ fn every_ready_node_advertises_and_the_router_spreads_clients() {
     assert_eq!(s["agent"]["advertised"], true, "{s}");
     assert_eq!(s["agent"]["bgp_peers"][0]["state"], "Established", "{s}");
     assert_eq!(s["vips"][0]["leader"], false, "BGP mode never answers ARP: {s}");
-    let peer = format!("vip_bgp_session_state{{peer=\"{}\",state=\"Established\"}}", BgpLab::router_ip(&lab.lab));
-    assert_eq!(lab.lab.metric(0, &peer), Some(1.0));
+    let state = |name: &str| {
+        let series = format!("vip_bgp_session_state{{peer=\"{}\",state=\"{name}\"}}", BgpLab::router_ip(&lab.lab));
+        lab.lab.metric(0, &series)
+    };
+    assert_eq!(state("Established"), Some(1.0));
+    // Every other state is there at 0, so an alert on Established == 0 sees a session down.
+    assert_eq!(state("Active"), Some(0.0));
+    assert_eq!(state("Idle"), Some(0.0));
 }
 
 /// A node whose apiserver turns unready withdraws within one check interval (the gate

@@ -806,7 +806,8 @@ fn bgp_config(args: &RunArgs, vips: &[IpAddr]) -> Result<Option<BgpConfig>, Conf
     if let Some((vip, why)) = vips.iter().find_map(|&v| vip_deploy::vips::bgp_problem(v).map(|w| (v, w))) {
         return Err(err(format!("--vip {vip}: {why}")));
     }
-    if let Some((id, why)) = args.bgp_router_id.and_then(|id| vip_deploy::vips::router_id_problem(id).map(|w| (id, w)))
+    if let Some((id, why)) =
+        args.bgp_router_id.and_then(|id| vip_deploy::vips::router_id_problem(id, vips).map(|w| (id, w)))
     {
         return Err(err(format!("--bgp-router-id {id}: {why}")));
     }
@@ -1282,6 +1283,19 @@ mod tests {
                     "0.0.0.0",
                 ],
                 "--mode bgp: --bgp-router-id 0.0.0.0: a BGP identifier is not zero",
+            ),
+            (
+                &[
+                    "--mode",
+                    "bgp",
+                    "--bgp-local-as",
+                    "65000",
+                    "--bgp-peer",
+                    "10.0.0.254:1",
+                    "--bgp-router-id",
+                    "10.0.0.1",
+                ],
+                "--mode bgp: --bgp-router-id 10.0.0.1: is a VIP, which every node carries",
             ),
             (&["--election", "maybe"], "'maybe'"),
             (&["--xdp-mode", "turbo"], "'turbo'"),

@@ -331,12 +331,16 @@ impl Collector for LiveCollector {
             let mut f = family(
                 &mut encoder,
                 "vip_bgp_session_state",
-                "1 for the BGP session's current state (RFC 4271 FSM)",
+                "1 for the BGP session's current state (RFC 4271 FSM), 0 for the others",
                 MetricType::Gauge,
             )?;
+            // Every state, 0 but the current one: an alert on `state="Established"} == 0`
+            // must see a session that is down (a trial found the series gone instead).
             for p in &v.bgp_peers {
-                ConstGauge::new(1)
-                    .encode(f.encode_family(&[("peer", p.address.clone()), ("state", p.state.clone())])?)?;
+                for state in vip_bgp::session::State::ALL.map(vip_bgp::session::State::name) {
+                    ConstGauge::new(i64::from(p.state == state))
+                        .encode(f.encode_family(&[("peer", p.address.clone()), ("state", state.to_owned())])?)?;
+                }
             }
         }
         /// A per-peer counter: metric name, help, and how to read it.

@@ -63,6 +63,10 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in RFC 4271 §8.2.2's order.
+    pub const ALL: [State; 6] =
+        [Self::Idle, Self::Connect, Self::Active, Self::OpenSent, Self::OpenConfirm, Self::Established];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Idle => "Idle",

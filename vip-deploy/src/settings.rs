@@ -306,7 +306,13 @@ fn bgp(kind: Kind, args: &ManifestArgs) -> Result<Option<Bgp>, RenderError> {
         Some(asn) => asn,
         None => return Err(RenderError::BgpMissing { flag: "--bgp-local-as" }),
     };
-    if let Some((id, why)) = args.bgp_router_id.and_then(|id| crate::vips::router_id_problem(id).map(|w| (id, w))) {
+    if let Some((id, why)) =
+        args.bgp_router_id.and_then(|id| crate::vips::router_id_problem(id, &args.vips()).map(|w| (id, w)))
+    {
+        return Err(RenderError::BadName { flag: "bgp-router-id", value: id.to_string(), why });
+    }
+    if let (Some(id), Kind::Daemonset | Kind::K3s) = (args.bgp_router_id, kind) {
+        let why = "would be every node's (a DaemonSet runs one agent per node with the same flags; RFC 6286: unique within the AS): leave it out to use each node's own address";
         return Err(RenderError::BadName { flag: "bgp-router-id", value: id.to_string(), why });
     }
     let peers = match (&args.bgp_peer_file, &args.bgp_peer_secret, args.bgp_peers.as_slice()) {

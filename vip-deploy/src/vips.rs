@@ -35,10 +35,18 @@ pub fn backend_problem(ip: std::net::Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-/// Why `id` cannot be a BGP router id: a BGP Identifier is a non-zero 32-bit number
-/// (RFC 6286 §2.1); peers refuse an OPEN carrying zero.
-pub fn router_id_problem(id: std::net::Ipv4Addr) -> Option<&'static str> {
-    id.is_unspecified().then_some("a BGP identifier is not zero (RFC 6286)")
+/// Why `id` cannot be the BGP router id of a node serving `vips`: a BGP Identifier is a
+/// non-zero 32-bit number (RFC 6286 §2.1; peers refuse an OPEN carrying zero), unique
+/// within the AS (§2.1), which a VIP is not: every node carries it, and each of them would
+/// claim the same identifier.
+pub fn router_id_problem(id: std::net::Ipv4Addr, vips: &[IpAddr]) -> Option<&'static str> {
+    if id.is_unspecified() {
+        Some("a BGP identifier is not zero (RFC 6286)")
+    } else if vips.contains(&IpAddr::V4(id)) {
+        Some("is a VIP, which every node carries: each would claim the same BGP identifier (RFC 6286: unique within the AS); leave it out to use the node's own address")
+    } else {
+        None
+    }
 }
 
 /// The hold time the agent offers when `--bgp-hold-time` is not given (RFC 4271 suggests

@@ -223,6 +223,30 @@ fn missing_and_bad_values_are_named() {
             "--bgp-router-id \"0.0.0.0\": a BGP identifier is not zero",
         ),
         (
+            &[
+                "pod",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65001",
+                "--bgp-peer=10.0.0.1:65000",
+                "--bgp-router-id=192.0.2.1",
+            ],
+            "--bgp-router-id \"192.0.2.1\": is a VIP, which every node carries",
+        ),
+        (
+            &[
+                "daemonset",
+                "--vip=192.0.2.1",
+                "--interface=eth0",
+                "--mode=bgp",
+                "--bgp-local-as=65001",
+                "--bgp-peer=10.0.0.1:65000",
+                "--bgp-router-id=10.0.0.7",
+            ],
+            "--bgp-router-id \"10.0.0.7\": would be every node's",
+        ),
+        (
             &["pod", "--vip=192.0.2.1", "--interface=eth0", "--health-ca=ca.pem"],
             "--health-ca \"ca.pem\": must be an absolute path",
         ),

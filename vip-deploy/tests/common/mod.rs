@@ -64,7 +64,6 @@ pub const FLAG_SETS: &[&[&str]] = &[
         "--interface=eth0",
         "--mode=bgp",
         "--bgp-local-as=65010",
-        "--bgp-router-id=10.0.0.11",
         "--bgp-peer-secret=vip-bgp",
         "--bgp-hold-time=9s",
         "--bgp-keepalive=3s",
@@ -86,7 +85,8 @@ pub fn kinds_for(flags: &[&str]) -> Vec<Kind> {
 }
 
 /// Every (kind, flags) line the object tests run over, plus a static pod with inline
-/// BGP peers (no password: none is allowed inline) and one with its peers in a file.
+/// BGP peers (no password: none is allowed inline) and one with its peers in a file and
+/// its own router id (a DaemonSet refuses one: every node would share it).
 pub fn all_lines() -> Vec<Vec<String>> {
     let mut lines: Vec<Vec<String>> = Vec::new();
     for flags in FLAG_SETS {
@@ -97,8 +97,13 @@ pub fn all_lines() -> Vec<Vec<String>> {
         }
     }
     for peers in ["--bgp-peer=10.0.0.1:65000,10.0.0.2:65000", "--bgp-peer-file=/etc/vip/bgp-peers"] {
-        let line = ["pod", "--vip=192.0.2.100", "--interface=eth0", "--mode=bgp", "--bgp-local-as=65010", peers];
-        lines.push(line.map(str::to_owned).to_vec());
+        let mut line = ["pod", "--vip=192.0.2.100", "--interface=eth0", "--mode=bgp", "--bgp-local-as=65010", peers]
+            .map(str::to_owned)
+            .to_vec();
+        if peers.starts_with("--bgp-peer-file") {
+            line.push("--bgp-router-id=10.0.0.11".to_owned());
+        }
+        lines.push(line);
     }
     lines
 }
