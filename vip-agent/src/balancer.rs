@@ -126,7 +126,7 @@ pub struct Applied {
     /// A new table was written and made live.
     pub flipped: bool,
     /// The live table: per slot, the backend id that takes its new flows, or
-    /// [`NO_BACKEND`] (the holders of draining backends' slots are in the written
+    /// [`NO_BACKEND`] (the holders of slots are in the written
     /// [`MaglevSlot`]s, not here).
     pub table: Vec<u32>,
     /// Backend id of each backend of the spec, in spec order.
@@ -171,6 +171,15 @@ pub struct Balancer {
     /// When each draining backend started draining: it holds slots for [`DEFAULT_HOLD`]
     /// (or `hold`) from then.
     draining_since: BTreeMap<Ipv4Addr, Instant>,
+    /// When each backend that still serves last gave up slots to another (a backend
+    /// returning, or joining): it holds them for `hold` from then, as a draining one holds
+    /// its own (see [`yielded`]).
+    yielded_since: BTreeMap<Ipv4Addr, Instant>,
+    /// Whether slots a serving backend gives up are held (see [`Balancer::hold_yielded`]).
+    holds_yielded: bool,
+    /// This node's own backend returns at the next update that holds yielded slots (see
+    /// [`Balancer::local_returning`]).
+    local_returning: bool,
     grace: Duration,
     hold: Duration,
 }
@@ -188,6 +197,9 @@ impl Balancer {
             ids: BTreeMap::new(),
             flags: BTreeMap::new(),
             draining_since: BTreeMap::new(),
+            yielded_since: BTreeMap::new(),
+            holds_yielded: true,
+            local_returning: false,
             grace,
             hold: DEFAULT_HOLD,
         }
@@ -199,12 +211,37 @@ impl Balancer {
         Self { hold, ..self }
     }
 
-    /// The draining backends a live table still names as holders though their hold is
-    /// over: the next [`Balancer::apply_all`] rewrites the table without them (the agent
-    /// checks every tick). Empty: nothing to rewrite.
+    /// Whether the slots a backend that still serves gives up are held for it (on by
+    /// default). Off while a node that starts afresh gets its first check results: its
+    /// first tables name only the backends checked so far, and the slots they give up as
+    /// the others come in never carried a connection from this node; held, they would
+    /// send the connections other nodes balanced there to the wrong backend.
+    pub fn hold_yielded(&mut self, on: bool) {
+        self.holds_yielded = on;
+    }
+
+    /// This node's own backend (the spec's `local` one) counts as returning at the next
+    /// update once yielded slots are held: the slots it takes are held for the backends
+    /// that have them without it. For a node that starts afresh: its agent was away (a
+    /// reboot, or a stop for good, which the others saw as its backend leaving), so they
+    /// balanced its slots to the other backends meanwhile, and the connections they opened
+    /// there reach this node's table when the router (ECMP) or a failover moves them here.
+    pub fn local_returning(&mut self) {
+        self.local_returning = true;
+    }
+
+    /// Whether [`Balancer::local_returning`] waits for its update.
+    pub fn local_return_pending(&self) -> bool {
+        self.local_returning
+    }
+
+    /// The backends a live table still names as holders though their hold is over
+    /// (draining, or having yielded slots): the next [`Balancer::apply_all`] rewrites the
+    /// table without them (the agent checks every tick). Empty: nothing to rewrite.
     pub fn expired_holds(&self) -> Vec<Ipv4Addr> {
         self.draining_since
             .iter()
+            .chain(&self.yielded_since)
             .filter(|(_, since)| since.elapsed() >= self.hold)
             .filter_map(|(ip, _)| Some((*ip, *self.ids.get(ip)?)))
             .filter(|(_, id)| self.services.values().any(|s| s.holders.contains(id)))
@@ -227,6 +264,13 @@ impl Balancer {
         for (key, svc) in maps.services()? {
             let Some(mode) = ForwardMode::from_u8(svc.mode) else { continue };
             let table = maps.read_table(svc.slot, svc.active, svc.m)?;
+            // A holder that still serves holds on, its hold started again (as a draining
+            // backend's is): the first table then keeps its slots held, and flips nothing.
+            for id in holders_of(&table) {
+                if let Some(&ip) = by_id.get(&id) {
+                    me.yielded_since.insert(ip, Instant::now());
+                }
+            }
             let backends = table
                 .iter()
                 .flat_map(|&e| [Some(MaglevSlot(e).id()), MaglevSlot(e).holder()])
@@ -326,6 +370,11 @@ impl Balancer {
                 }
             }
         }
+        // Once, at the first update that holds yielded slots: if this node's backend was
+        // not up then, its return later is an ordinary one, which the tables then hold.
+        if self.holds_yielded {
+            self.local_returning = false;
+        }
         // A flow cached on some CPU must not go to a backend whose state changed since.
         if flags_changed {
             maps.invalidate_flow_cache()?;
@@ -387,9 +436,35 @@ impl Balancer {
             })?,
         };
         let ids = spec.backends.iter().map(|b| self.id_for(maps, b.ip)).collect::<Result<Vec<u32>, _>>()?;
+        let new_flows = built.table(spec, &ids)?;
+        // The table this one follows: the installed one (same size), or, for this node's
+        // own backend returning, the installed one as the others had it meanwhile.
+        let mut before = self.services.get(&key).filter(|p| p.m == spec.m).map(|p| p.table.clone());
+        if self.holds_yielded && self.local_returning {
+            if let Some(i) = spec.backends.iter().position(|b| b.local && b.healthy) {
+                let mut away = spec.clone();
+                away.backends[i].healthy = false;
+                let without = built.table(&away, &ids)?;
+                let before = before.get_or_insert_with(|| new_flows.clone());
+                for ((was, &id), &other) in before.iter_mut().zip(&new_flows).zip(&without) {
+                    if id == ids[i] && other != id {
+                        *was = MaglevSlot::new(other, MaglevSlot(*was).holder()).0;
+                    }
+                }
+            }
+        }
+        let gave_up = match before.as_deref().filter(|_| self.holds_yielded) {
+            Some(before) => yielded(before, &new_flows),
+            None => BTreeSet::new(),
+        };
+        for (b, id) in spec.backends.iter().zip(&ids) {
+            if b.healthy && gave_up.contains(id) {
+                self.yielded_since.insert(b.ip, now);
+            }
+        }
         let holding = self.holding(spec, &ids, now);
         let prev = self.services.get(&key);
-        let table = with_holders(built.table(spec, &ids)?, &holding, prev.filter(|p| p.m == spec.m));
+        let table = with_holders(new_flows, &holding, before.as_deref());
         let healthy = spec.backends.iter().filter(|b| b.healthy).count();
         let flipped = !prev.is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
         let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
@@ -423,16 +498,26 @@ impl Balancer {
         Ok(gone)
     }
 
-    /// The ids of `spec`'s backends (`ids`, in spec order) that drain and still hold their
-    /// slots at `now` (one instant per update, so that every service agrees); notes when
-    /// each started draining.
-    fn holding(&mut self, spec: &ServiceSpec, ids: &[u32], now: Instant) -> BTreeSet<u32> {
-        let mut holding = BTreeSet::new();
+    /// The ids of `spec`'s backends (`ids`, in spec order) that still hold slots at `now`
+    /// (one instant per update, so that every service agrees): draining backends within
+    /// their hold (noting when each started draining), and those that still serve within
+    /// the hold since they last yielded slots. A backend that is down holds nothing.
+    fn holding(&mut self, spec: &ServiceSpec, ids: &[u32], now: Instant) -> Holding {
+        let mut holding = Holding::default();
         for (b, &id) in spec.backends.iter().zip(ids) {
             if b.healthy || !b.draining {
                 self.draining_since.remove(&b.ip);
             } else if now.saturating_duration_since(*self.draining_since.entry(b.ip).or_insert(now)) < self.hold {
-                holding.insert(id);
+                holding.draining.insert(id);
+            }
+            match self.yielded_since.get(&b.ip) {
+                Some(since) if b.healthy && now.saturating_duration_since(*since) < self.hold => {
+                    holding.yielded.insert(id);
+                }
+                Some(_) => {
+                    self.yielded_since.remove(&b.ip);
+                }
+                None => {}
             }
         }
         holding
@@ -471,6 +556,7 @@ impl Balancer {
         if let Some(id) = self.ids.remove(&ip) {
             self.flags.remove(&ip);
             self.draining_since.remove(&ip);
+            self.yielded_since.remove(&ip);
             maps.set_backend(id, &Backend::default())?;
             maps.invalidate_flow_cache()?;
             debug!(%ip, id, "backend id released");
@@ -522,24 +608,77 @@ fn holders_of(table: &[u32]) -> BTreeSet<u32> {
     table.iter().filter_map(|&e| MaglevSlot(e).holder()).collect()
 }
 
+/// The backends that gave up slots in this change, still serving or not: those the
+/// installed table `prev` named for a slot's new flows where `new_flows` (the same size)
+/// names another. A backend returning (or joining) takes slots from backends that still
+/// serve the connections opened in them meanwhile; whichever node balanced those has their
+/// pins, but a connection that reaches another node later (moved by the router's ECMP
+/// when a node joins or leaves in BGP mode, or by a failover) has none there, and the
+/// slot's new backend would reset it (a BGP trial saw 3 of 30 such connections broken
+/// when a node returned). So a backend that still serves holds the slots it gave up, as
+/// a draining one holds its own.
+fn yielded(prev: &[u32], new_flows: &[u32]) -> BTreeSet<u32> {
+    prev.iter()
+        .zip(new_flows)
+        .map(|(&was, &id)| (MaglevSlot(was).id(), id))
+        .filter(|&(was, id)| was != id && was != NO_BACKEND)
+        .map(|(was, _)| was)
+        .collect()
+}
+
+/// The backends that hold slots in an update (see [`Balancer::holding`]).
+#[derive(Default)]
+struct Holding {
+    /// Draining, within their hold.
+    draining: BTreeSet<u32>,
+    /// Still serving, within the hold since they last gave slots up ([`yielded`]).
+    yielded: BTreeSet<u32>,
+}
+
 /// The new-flow table `new_flows` as [`MaglevSlot`] values, each slot held by the
-/// draining backend (among `holding`) that had its connections: the one the installed
-/// table `prev` (same size) named there, for its new flows or as its holder. So a backend
-/// holds the slots it had when it started draining, for as long as it holds, whatever
-/// the other backends do meanwhile; a backend that drains without having been in the
-/// table (an apiserver starting, not ready yet) holds nothing. Where two qualify (one
-/// started draining while the other held the slot), the one that took the slot's new
-/// flows last holds it. A table of another size holds nothing.
-fn with_holders(new_flows: Vec<u32>, holding: &BTreeSet<u32>, prev: Option<&Installed>) -> Vec<u32> {
-    let Some(prev) = prev.filter(|_| !holding.is_empty()) else {
+/// backend (among `holding`) that had its connections: the one the table before, `prev`
+/// (the installed one, of the same size), named there, for its new flows or as its holder, if the new table
+/// names another. So a draining backend holds the slots it had when it started
+/// draining, and one that still serves the slots it gave up, for as long as it holds,
+/// whatever the other backends do meanwhile; a backend that drains without having been
+/// in the table (an apiserver starting, not ready yet) holds nothing. Where two qualify,
+/// in this order: the slot's new-flow backend that now drains (it took the slot's new
+/// flows last), the slot's holder, the slot's new-flow backend that gave it up. A table
+/// of another size holds nothing.
+fn with_holders(new_flows: Vec<u32>, holding: &Holding, prev: Option<&[u32]>) -> Vec<u32> {
+    let Some(prev) = prev.filter(|_| !holding.draining.is_empty() || !holding.yielded.is_empty()) else {
         return new_flows;
     };
+    // Each backend id's part, looked up by index: this runs for every slot of every
+    // service (16 × 65,537), where set lookups cost most of an update.
+    const DRAINS: u8 = 1;
+    const YIELDED: u8 = 2;
+    let mut part = vec![0u8; MAX_BACKENDS as usize];
+    for &id in &holding.draining {
+        if let Some(p) = part.get_mut(id as usize) {
+            *p |= DRAINS;
+        }
+    }
+    for &id in &holding.yielded {
+        if let Some(p) = part.get_mut(id as usize) {
+            *p |= YIELDED;
+        }
+    }
+    let is = |h: u32, what: u8| part.get(h as usize).is_some_and(|p| p & what != 0);
     new_flows
         .into_iter()
-        .zip(&prev.table)
+        .zip(prev)
         .map(|(id, &was)| {
             let was = MaglevSlot(was);
-            let holder = [Some(was.id()), was.holder()].into_iter().flatten().find(|h| holding.contains(h));
+            let holder = if was.id() != id && is(was.id(), DRAINS) {
+                Some(was.id())
+            } else if let Some(h) = was.holder().filter(|&h| h != id && is(h, DRAINS | YIELDED)) {
+                Some(h)
+            } else if was.id() != id && is(was.id(), YIELDED) {
+                Some(was.id())
+            } else {
+                None
+            };
             MaglevSlot::new(id, holder).0
         })
         .collect()

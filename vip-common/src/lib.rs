@@ -447,7 +447,8 @@ pub const NO_BACKEND: u32 = u32::MAX;
 /// *holder* plus one (0: none).
 ///
 /// The holder is the backend the slot named when that backend started draining (not
-/// ready, or its node leaving), as the agent's table had it then. A packet
+/// ready, or its node leaving), or when it gave the slot up to another while still
+/// serving (a backend returning or joining), as the agent's table had it then. A packet
 /// that does not open a connection and that no pin on this node covers belongs to a flow
 /// some other node balanced, most likely before the drain (the node that pinned it lost
 /// the VIP, and the client moved here): it goes to the holder, which still serves the
@@ -470,7 +471,7 @@ impl MaglevSlot {
     pub const NONE: u32 = 0xffff;
 
     /// A slot whose new flows go to `id` (a backend id, or [`NO_BACKEND`]), held by
-    /// `holder` (a draining backend's id) if any.
+    /// `holder` (the id of a draining backend, or of one that gave the slot up) if any.
     pub const fn new(id: u32, holder: Option<u32>) -> Self {
         match holder {
             None => Self(id),
@@ -487,7 +488,7 @@ impl MaglevSlot {
         }
     }
 
-    /// The draining backend that holds the slot's earlier flows, if any. One compare:
+    /// The backend that holds the slot's earlier flows, if any. One compare:
     /// the high half minus one is below [`MAX_BACKENDS`] only for a holder (0, no holder,
     /// wraps; `0xffff`, the high half of [`NO_BACKEND`], is far above).
     #[inline(always)]

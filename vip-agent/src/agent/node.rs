@@ -219,6 +219,9 @@ impl Node {
             settling_until: (!initially_leading)
                 .then(|| Instant::now() + 2 * (cfg.health.interval + cfg.health.timeout)),
         };
+        // An adopted leader's table is the one its clients have been using.
+        let mut balancer = balancer;
+        balancer.hold_yielded(eligibility.settling_until.is_none());
         let announce = match start_announcer(&cfg, &dev, election, initially_leading, eligibility.eligible(), events) {
             Ok(a) => a,
             Err(e) => {
@@ -364,6 +367,7 @@ impl Node {
         if self.backends.all_checked() && (!self.cfg.discover || self.discovered_once) {
             info!("every backend checked once: this node can carry the VIPs");
             self.eligibility.settling_until = None;
+            self.settle_tables();
             self.push_eligibility();
         }
     }
@@ -558,6 +562,7 @@ impl Node {
         if self.eligibility.settling_until.is_some_and(|t| Instant::now() >= t) {
             warn!("not every backend has answered its first check (or discovery has not): carrying the VIPs anyway");
             self.eligibility.settling_until = None;
+            self.settle_tables();
         }
         self.push_eligibility();
         let expired = self.balancer.expired_holds();
@@ -578,6 +583,17 @@ impl Node {
             self.metrics.duplicate_identity(false);
         }
         self.publish();
+    }
+
+    /// Once the first checks are in: slots the backends give up from now on are held for
+    /// them, and, on a node that started afresh, its own backend's slots for those that
+    /// had them while it was away (`Balancer::local_returning`), written at once.
+    fn settle_tables(&mut self) {
+        self.balancer.hold_yielded(true);
+        if self.balancer.local_return_pending() {
+            info!("this node's backend returns: the slots it takes are held for the backends that had them meanwhile");
+            self.update_table();
+        }
     }
 
     /// Pushes the backend set into the data plane, counting rebuilds; errors are logged
@@ -670,6 +686,12 @@ async fn stage(
     let backends = Backends::new(cfg, dev, nl, &previous_backends, probe, tx).await?;
     let balancer = if adopted { Balancer::adopt(dp.maps(), DEFAULT_GRACE)? } else { Balancer::new(DEFAULT_GRACE) };
     let mut balancer = balancer.with_hold(cfg.drain_hold);
+    // Until the first checks are in (`Eligibility::settling_until`), the tables name only
+    // what is checked so far: what they give up as more come in was never served here.
+    balancer.hold_yielded(false);
+    if !adopted {
+        balancer.local_returning();
+    }
     // A held Maglev slot (a backend draining: see `vip_common::MaglevSlot`) reads as no
     // backend to a program older than holders, still attached until ours replaces it:
     // for those milliseconds, that slot's unpinned packets go to this node's stack. Only
