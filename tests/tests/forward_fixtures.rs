@@ -711,40 +711,6 @@ fn a_returning_backend_leaves_the_connections_opened_without_it_where_they_are()
     }
 }
 
-/// A node that starts afresh holds its own backend's slots, once its first checks are in,
-/// for the backends that had them while its agent was away (the others saw it leave and
-/// balanced its slots elsewhere meanwhile): a packet without a pin here, of a connection
-/// opened there and moved here, goes where that connection is; a SYN goes to this node's
-/// stack. Before the first checks are in, nothing is held.
-#[test]
-fn a_node_that_starts_afresh_holds_its_own_slots_for_those_that_had_them() {
-    let (mut dp, _) = load();
-    let mut lb = Balancer::new(Duration::from_millis(1));
-    lb.hold_yielded(false);
-    lb.local_returning();
-    let all = vec![BackendSpec { local: true, ..backend(1) }, backend(2), backend(3)];
-    let full = install(&mut dp, &mut lb, &service(ForwardMode::Dsr, all.clone()));
-    let away = {
-        let mut preview = Balancer::new(Duration::ZERO);
-        let mut scratch = Dataplane::load().unwrap();
-        let without = with_health(all.clone(), 0, Health::Down);
-        preview.apply(scratch.maps_mut(), &service(ForwardMode::Dsr, without)).unwrap().table
-    };
-    let in_slot_of = |table: &[u32], port| index_of(&lb, predict(table, &flow_of(&syn(port).bytes()).unwrap()));
-    let ports: Vec<u16> = (49000..).filter(|&p| in_slot_of(&full, p) == 1).take(3).collect();
-    let ack = |port| tcp_frame(CLIENT_IP, port, VIP, PORT, TCP_ACK).bytes();
-    let verdict = |dp: &Dataplane, frame: &[u8]| dp.test_run(Program::Vip, frame).unwrap();
-    assert_eq!(verdict(&dp, &ack(ports[0])).action, xdp::PASS, "held before the first checks were in");
-    let had_it = backend_mac(in_slot_of(&away, ports[1]));
-    lb.hold_yielded(true);
-    assert!(lb.local_return_pending());
-    assert!(lb.apply(dp.maps_mut(), &service(ForwardMode::Dsr, all.clone())).unwrap().flipped, "nothing held");
-    assert!(!lb.local_return_pending(), "the return is held once");
-    let out = verdict(&dp, &ack(ports[1]));
-    assert_eq!((out.action, &out.frame[0..6]), (xdp::TX, &had_it[..]), "not held for the backend that had it");
-    assert_eq!(verdict(&dp, &syn(ports[2]).bytes()).action, xdp::PASS, "a new connection goes to this node");
-}
-
 /// A flood of new flows (spoofed SYNs), twice the connection table's size, leaves the pin
 /// of a live connection in place, older than the flood's pins it evicts: the flow's later
 /// packets come from the per-CPU flow cache, but its first ACK read the pin from the

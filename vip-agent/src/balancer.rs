@@ -177,9 +177,7 @@ pub struct Balancer {
     yielded_since: BTreeMap<Ipv4Addr, Instant>,
     /// Whether slots a serving backend gives up are held (see [`Balancer::hold_yielded`]).
     holds_yielded: bool,
-    /// This node's own backend returns at the next update that holds yielded slots (see
-    /// [`Balancer::local_returning`]).
-    local_returning: bool,
+
     grace: Duration,
     hold: Duration,
 }
@@ -199,7 +197,6 @@ impl Balancer {
             draining_since: BTreeMap::new(),
             yielded_since: BTreeMap::new(),
             holds_yielded: true,
-            local_returning: false,
             grace,
             hold: DEFAULT_HOLD,
         }
@@ -218,21 +215,6 @@ impl Balancer {
     /// send the connections other nodes balanced there to the wrong backend.
     pub fn hold_yielded(&mut self, on: bool) {
         self.holds_yielded = on;
-    }
-
-    /// This node's own backend (the spec's `local` one) counts as returning at the next
-    /// update once yielded slots are held: the slots it takes are held for the backends
-    /// that have them without it. For a node that starts afresh: its agent was away (a
-    /// reboot, or a stop for good, which the others saw as its backend leaving), so they
-    /// balanced its slots to the other backends meanwhile, and the connections they opened
-    /// there reach this node's table when the router (ECMP) or a failover moves them here.
-    pub fn local_returning(&mut self) {
-        self.local_returning = true;
-    }
-
-    /// Whether [`Balancer::local_returning`] waits for its update.
-    pub fn local_return_pending(&self) -> bool {
-        self.local_returning
     }
 
     /// The backends a live table still names as holders though their hold is over
@@ -370,11 +352,6 @@ impl Balancer {
                 }
             }
         }
-        // Once, at the first update that holds yielded slots: if this node's backend was
-        // not up then, its return later is an ordinary one, which the tables then hold.
-        if self.holds_yielded {
-            self.local_returning = false;
-        }
         // A flow cached on some CPU must not go to a backend whose state changed since.
         if flags_changed {
             maps.invalidate_flow_cache()?;
@@ -437,23 +414,8 @@ impl Balancer {
         };
         let ids = spec.backends.iter().map(|b| self.id_for(maps, b.ip)).collect::<Result<Vec<u32>, _>>()?;
         let new_flows = built.table(spec, &ids)?;
-        // The table this one follows: the installed one (same size), or, for this node's
-        // own backend returning, the installed one as the others had it meanwhile.
-        let mut before = self.services.get(&key).filter(|p| p.m == spec.m).map(|p| p.table.clone());
-        if self.holds_yielded && self.local_returning {
-            if let Some(i) = spec.backends.iter().position(|b| b.local && b.healthy) {
-                let mut away = spec.clone();
-                away.backends[i].healthy = false;
-                let without = built.table(&away, &ids)?;
-                let before = before.get_or_insert_with(|| new_flows.clone());
-                for ((was, &id), &other) in before.iter_mut().zip(&new_flows).zip(&without) {
-                    if id == ids[i] && other != id {
-                        *was = MaglevSlot::new(other, MaglevSlot(*was).holder()).0;
-                    }
-                }
-            }
-        }
-        let gave_up = match before.as_deref().filter(|_| self.holds_yielded) {
+        let before = self.services.get(&key).filter(|p| p.m == spec.m).map(|p| p.table.as_slice());
+        let gave_up = match before.filter(|_| self.holds_yielded) {
             Some(before) => yielded(before, &new_flows),
             None => BTreeSet::new(),
         };
@@ -464,7 +426,7 @@ impl Balancer {
         }
         let holding = self.holding(spec, &ids, now);
         let prev = self.services.get(&key);
-        let table = with_holders(new_flows, &holding, before.as_deref());
+        let table = with_holders(new_flows, &holding, prev.filter(|p| p.m == spec.m).map(|p| p.table.as_slice()));
         let healthy = spec.backends.iter().filter(|b| b.healthy).count();
         let flipped = !prev.is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
         let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();

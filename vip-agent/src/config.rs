@@ -426,10 +426,11 @@ pub struct RunArgs {
     /// Maglev table size (a prime up to 65537).
     #[arg(long, env = "VIP_MAGLEV_SIZE", allow_hyphen_values = true, default_value_t = maglev::DEFAULT_M.into())]
     pub maglev_size: i64,
-    /// How long a draining backend keeps the table slots it had, so that its connections
-    /// still reach it from a node that never pinned them (the VIP moving mid-drain): 0s
-    /// (never) to 1h. Make it longer than the apiservers' shutdown delay plus their
-    /// request timeout (60s).
+    /// How long a draining backend keeps the table slots it had, and one that still
+    /// serves the slots it gave up to a backend returning, so that their connections still
+    /// reach them from a node that never pinned them (the VIP moving, or the router's
+    /// ECMP): 0s (never) to 1h. Make it longer than the apiservers' shutdown delay plus
+    /// their request timeout (60s).
     #[arg(long, env = "VIP_DRAIN_HOLD", allow_hyphen_values = true, default_value = "1m")]
     pub drain_hold: Dur,
     /// Seed of the flow hash (32 bits, decimal or 0x-hex), the same on every node. By

@@ -567,7 +567,7 @@ impl Node {
         self.push_eligibility();
         let expired = self.balancer.expired_holds();
         if !expired.is_empty() {
-            info!(backends = ?expired, "a draining backend's hold on its table slots is over: table rebuilt without it");
+            info!(backends = ?expired, "a backend's hold on table slots (draining, or given up) is over: table rebuilt without it");
         }
         let gone = self.backends.expire_deregistered(self.cfg.drain_hold);
         if !gone.is_empty() {
@@ -585,15 +585,16 @@ impl Node {
         self.publish();
     }
 
-    /// Once the first checks are in: slots the backends give up from now on are held for
-    /// them, and, on a node that started afresh, its own backend's slots for those that
-    /// had them while it was away (`Balancer::local_returning`), written at once.
+    /// Once the first checks are in, slots the backends give up are held for them (see
+    /// `Balancer::hold_yielded`).
+    ///
+    /// Not done: a node that starts afresh holding its own backend's slots for those the
+    /// others gave them to while it was away. Whether they did depends on how long it was
+    /// away, which it cannot know; nodes started together (or restarted within `--fall`
+    /// checks) saw nothing, and holding then sent the connections on its own backend to
+    /// another (bgp_lab's leaving test: 9 of 25 reset).
     fn settle_tables(&mut self) {
         self.balancer.hold_yielded(true);
-        if self.balancer.local_return_pending() {
-            info!("this node's backend returns: the slots it takes are held for the backends that had them meanwhile");
-            self.update_table();
-        }
     }
 
     /// Pushes the backend set into the data plane, counting rebuilds; errors are logged
@@ -689,9 +690,6 @@ async fn stage(
     // Until the first checks are in (`Eligibility::settling_until`), the tables name only
     // what is checked so far: what they give up as more come in was never served here.
     balancer.hold_yielded(false);
-    if !adopted {
-        balancer.local_returning();
-    }
     // A held Maglev slot (a backend draining: see `vip_common::MaglevSlot`) reads as no
     // backend to a program older than holders, still attached until ours replaces it:
     // for those milliseconds, that slot's unpinned packets go to this node's stack. Only
