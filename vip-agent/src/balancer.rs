@@ -177,6 +177,9 @@ pub struct Balancer {
     yielded_since: BTreeMap<Ipv4Addr, Instant>,
     /// Whether slots a serving backend gives up are held (see [`Balancer::hold_yielded`]).
     holds_yielded: bool,
+    /// Backends that have been up (written so, or adopted so): one of them taking slots
+    /// returns; one that never was joins, and takes them from nobody's connections.
+    ever_up: BTreeSet<Ipv4Addr>,
 
     grace: Duration,
     hold: Duration,
@@ -197,6 +200,7 @@ impl Balancer {
             draining_since: BTreeMap::new(),
             yielded_since: BTreeMap::new(),
             holds_yielded: true,
+            ever_up: BTreeSet::new(),
             grace,
             hold: DEFAULT_HOLD,
         }
@@ -241,6 +245,9 @@ impl Balancer {
             let ip = Ipv4Addr::from(b.ip);
             me.ids.insert(ip, id);
             me.flags.insert(ip, b.flags);
+            if b.flags & Backend::F_UP != 0 {
+                me.ever_up.insert(ip);
+            }
             by_id.insert(id, ip);
         }
         for (key, svc) in maps.services()? {
@@ -415,10 +422,18 @@ impl Balancer {
         let ids = spec.backends.iter().map(|b| self.id_for(maps, b.ip)).collect::<Result<Vec<u32>, _>>()?;
         let new_flows = built.table(spec, &ids)?;
         let before = self.services.get(&key).filter(|p| p.m == spec.m).map(|p| p.table.as_slice());
+        let returning: BTreeSet<u32> = spec
+            .backends
+            .iter()
+            .zip(&ids)
+            .filter(|(b, _)| b.healthy && self.ever_up.contains(&b.ip))
+            .map(|(_, &id)| id)
+            .collect();
         let gave_up = match before.filter(|_| self.holds_yielded) {
-            Some(before) => yielded(before, &new_flows),
+            Some(before) => yielded(before, &new_flows, &returning),
             None => BTreeSet::new(),
         };
+        self.ever_up.extend(spec.backends.iter().filter(|b| b.healthy).map(|b| b.ip));
         for (b, id) in spec.backends.iter().zip(&ids) {
             if b.healthy && gave_up.contains(id) {
                 self.yielded_since.insert(b.ip, now);
@@ -426,7 +441,8 @@ impl Balancer {
         }
         let holding = self.holding(spec, &ids, now);
         let prev = self.services.get(&key);
-        let table = with_holders(new_flows, &holding, prev.filter(|p| p.m == spec.m).map(|p| p.table.as_slice()));
+        let before = prev.filter(|p| p.m == spec.m).map(|p| p.table.as_slice());
+        let table = with_holders(new_flows, &holding, &returning, before);
         let healthy = spec.backends.iter().filter(|b| b.healthy).count();
         let flipped = !prev.is_some_and(|s| s.table == table && s.mode == spec.mode && s.m == spec.m);
         let now: BTreeSet<Ipv4Addr> = spec.backends.iter().map(|b| b.ip).collect();
@@ -570,20 +586,23 @@ fn holders_of(table: &[u32]) -> BTreeSet<u32> {
     table.iter().filter_map(|&e| MaglevSlot(e).holder()).collect()
 }
 
-/// The backends that gave up slots in this change, still serving or not: those the
-/// installed table `prev` named for a slot's new flows where `new_flows` (the same size)
-/// names another. A backend returning (or joining) takes slots from backends that still
-/// serve the connections opened in them meanwhile; whichever node balanced those has their
-/// pins, but a connection that reaches another node later (moved by the router's ECMP
-/// when a node joins or leaves in BGP mode, or by a failover) has none there, and the
-/// slot's new backend would reset it (a BGP trial saw 3 of 30 such connections broken
-/// when a node returned). So a backend that still serves holds the slots it gave up, as
-/// a draining one holds its own.
-fn yielded(prev: &[u32], new_flows: &[u32]) -> BTreeSet<u32> {
+/// The backends that gave up slots in this change to a backend among `taking` (those that
+/// had been up before: returning), still serving or not: those the installed table `prev`
+/// named for a slot's new flows where `new_flows` (the same size) names one of `taking`.
+/// A returning backend takes slots from backends that still serve the connections opened
+/// in them meanwhile; whichever node balanced those has their pins, but a connection that
+/// reaches another node later (moved by the router's ECMP when a node joins or leaves in
+/// BGP mode, or by a failover) has none there, and the slot's new backend would reset it
+/// (a BGP trial saw 3 of 30 such connections broken when a node returned). So a backend
+/// that still serves holds the slots it gave up, as a draining one holds its own. A
+/// backend up for the first time (joining, or late in a node's start) takes no holders:
+/// a CI run saw a lab's connections, opened after every backend was up, reset when slots
+/// held since one came up late were moved to another node.
+fn yielded(prev: &[u32], new_flows: &[u32], taking: &BTreeSet<u32>) -> BTreeSet<u32> {
     prev.iter()
         .zip(new_flows)
         .map(|(&was, &id)| (MaglevSlot(was).id(), id))
-        .filter(|&(was, id)| was != id && was != NO_BACKEND)
+        .filter(|&(was, id)| was != id && was != NO_BACKEND && taking.contains(&id))
         .map(|(was, _)| was)
         .collect()
 }
@@ -605,9 +624,9 @@ struct Holding {
 /// whatever the other backends do meanwhile; a backend that drains without having been
 /// in the table (an apiserver starting, not ready yet) holds nothing. Where two qualify,
 /// in this order: the slot's new-flow backend that now drains (it took the slot's new
-/// flows last), the slot's holder, the slot's new-flow backend that gave it up. A table
-/// of another size holds nothing.
-fn with_holders(new_flows: Vec<u32>, holding: &Holding, prev: Option<&[u32]>) -> Vec<u32> {
+/// flows last), the slot's holder, the slot's new-flow backend that gave it up to one of
+/// `returning` (see [`yielded`]). A table of another size holds nothing.
+fn with_holders(new_flows: Vec<u32>, holding: &Holding, returning: &BTreeSet<u32>, prev: Option<&[u32]>) -> Vec<u32> {
     let Some(prev) = prev.filter(|_| !holding.draining.is_empty() || !holding.yielded.is_empty()) else {
         return new_flows;
     };
@@ -636,7 +655,7 @@ fn with_holders(new_flows: Vec<u32>, holding: &Holding, prev: Option<&[u32]>) ->
                 Some(was.id())
             } else if let Some(h) = was.holder().filter(|&h| h != id && is(h, DRAINS | YIELDED)) {
                 Some(h)
-            } else if was.id() != id && is(was.id(), YIELDED) {
+            } else if was.id() != id && is(was.id(), YIELDED) && returning.contains(&id) {
                 Some(was.id())
             } else {
                 None
