@@ -606,10 +606,8 @@ pub enum ConfigError {
     InsecureWithCa,
 }
 
-/// `value` of integer flag `--{flag}` as a `T`, if it lies in `lo..=hi` (`range`, as the
-/// error says it). Such flags are read as `i64` and checked here, so that a negative or
-/// too large value gets the flag's own range in its error, not the range of the type
-/// that holds it (`--vlan -1` was refused as "not in 0..=65535").
+/// `value` of integer flag `--{flag}` as a `T`, if in `lo..=hi` (`range`, as the error
+/// says it): see [`vip_deploy::args::in_range`].
 fn ranged<T: TryFrom<i64>>(
     flag: &'static str,
     value: i64,
@@ -617,7 +615,7 @@ fn ranged<T: TryFrom<i64>>(
     hi: i64,
     range: &'static str,
 ) -> Result<T, ConfigError> {
-    (lo..=hi).contains(&value).then(|| T::try_from(value).ok()).flatten().ok_or_else(|| ConfigError::Range {
+    vip_deploy::args::in_range(value, lo, hi).ok_or_else(|| ConfigError::Range {
         flag,
         value: value.to_string(),
         range,

@@ -340,6 +340,14 @@ where
         .map(Listed)
 }
 
+/// `value` as a `T`, if it lies in `lo..=hi`. Integer flags with a range are read as
+/// `i64` and checked by this (in `run` and `manifest` alike), so that a negative or too
+/// large value gets the flag's own range in its error, not the range of the type that
+/// holds it (`--vlan -1` was refused as "not in 0..=65535").
+pub fn in_range<T: TryFrom<i64>>(value: i64, lo: i64, hi: i64) -> Option<T> {
+    (lo..=hi).contains(&value).then(|| T::try_from(value).ok()).flatten()
+}
+
 /// Every entry of every value of a repeated, comma-separated flag, in the order given.
 pub fn entries<T: Clone>(values: &[Listed<T>]) -> Vec<T> {
     values.iter().flat_map(|l| l.0.iter().cloned()).collect()

@@ -75,8 +75,8 @@ pub enum BgpPeers {
     File(String),
 }
 
-/// `value` of integer flag `--{flag}` as a `T`, if it lies in `lo..=hi` (`range`, as the
-/// error says it): the agent's rule (`vip_agent::config`), so both refuse alike.
+/// `value` of integer flag `--{flag}` as a `T`, if in `lo..=hi` (`range`, as the error
+/// says it): see [`crate::args::in_range`].
 fn ranged<T: TryFrom<i64>>(
     flag: &'static str,
     value: i64,
@@ -84,11 +84,7 @@ fn ranged<T: TryFrom<i64>>(
     hi: i64,
     range: &'static str,
 ) -> Result<T, RenderError> {
-    (lo..=hi).contains(&value).then(|| T::try_from(value).ok()).flatten().ok_or(RenderError::Range {
-        flag,
-        value,
-        range,
-    })
+    crate::args::in_range(value, lo, hi).ok_or(RenderError::Range { flag, value, range })
 }
 
 impl Settings {
