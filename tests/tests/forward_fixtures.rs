@@ -1234,7 +1234,9 @@ fn several_services_wait_out_the_grace_period_once() {
     let applied = lb.apply_all(dp.maps_mut(), &specs(true)).unwrap();
     let took = t.elapsed();
     assert!(took >= grace, "no grace period before marking the backend down ({took:?})");
-    assert!(took < grace * 3, "8 services took {took:?}: the grace period was waited per service");
+    // Per service would be 8 graces or more; once is two plus the tables' work (a debug
+    // build writing 8 tables of 65,537 slots, on a loaded CI machine: up to ~2 graces).
+    assert!(took < grace * 5, "8 services took {took:?}: the grace period was waited per service");
     let down = applied[0].ids[0];
     assert!(applied.iter().all(|a| a.flipped && !a.table.contains(&down)), "a table still names the down backend");
     let flags = dp.maps().backends().unwrap().into_iter().find(|(id, _)| *id == down).unwrap().1.flags;

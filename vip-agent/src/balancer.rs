@@ -316,6 +316,9 @@ impl Balancer {
             }
             plans.push(plan);
         }
+        // Noted once every service is planned: a backend up for the first time in this
+        // update joins every service's table alike (none holds slots for it).
+        self.ever_up.extend(specs.iter().flat_map(|s| &s.backends).filter(|b| b.healthy).map(|b| b.ip));
         // 2. Grace: readers that saw a half we are about to write as live are gone.
         let wait = plans
             .iter()
@@ -433,7 +436,6 @@ impl Balancer {
             Some(before) => yielded(before, &new_flows, &returning),
             None => BTreeSet::new(),
         };
-        self.ever_up.extend(spec.backends.iter().filter(|b| b.healthy).map(|b| b.ip));
         for (b, id) in spec.backends.iter().zip(&ids) {
             if b.healthy && gave_up.contains(id) {
                 self.yielded_since.insert(b.ip, now);
