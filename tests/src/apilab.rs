@@ -150,7 +150,19 @@ impl ApiLab {
 
     /// Starts node `i`'s apiserver stand-in and waits until it answers on its address.
     pub fn start_apiserver(&mut self, i: usize) -> Result<(), String> {
-        self.spawn_apiserver(i)?;
+        self.spawn_apiserver(i, "[::]:6443")?;
+        self.wait_apiserver(i)
+    }
+
+    /// Starts node `i`'s apiserver stand-in listening on the node's address only (an
+    /// apiserver's `--bind-address` set to it): VIP traffic reaching the node is reset by
+    /// its host. Waits until it answers on that address.
+    pub fn start_apiserver_on_node_address(&mut self, i: usize) -> Result<(), String> {
+        self.spawn_apiserver(i, &format!("{}:6443", self.nodes[i].ip))?;
+        self.wait_apiserver(i)
+    }
+
+    fn wait_apiserver(&self, i: usize) -> Result<(), String> {
         let addr = SocketAddr::from((self.nodes[i].ip, 6443));
         let client = self.client.clone();
         let up = wait_until(Duration::from_secs(10), || {
@@ -166,7 +178,7 @@ impl ApiLab {
     /// Starts node `i`'s apiserver stand-in with a certificate the lab does not trust;
     /// waits until it accepts connections.
     pub fn start_apiserver_untrusted(&mut self, i: usize) -> Result<(), String> {
-        self.spawn_apiserver(i)?;
+        self.spawn_apiserver(i, "[::]:6443")?;
         let addr = SocketAddr::from((self.nodes[i].ip, 6443));
         let up = wait_until(Duration::from_secs(10), || {
             self.client_ns()
@@ -180,15 +192,15 @@ impl ApiLab {
         }
     }
 
-    fn spawn_apiserver(&mut self, i: usize) -> Result<(), String> {
+    fn spawn_apiserver(&mut self, i: usize, listen: &str) -> Result<(), String> {
         let name = self.nodes[i].name.clone();
         let (cert, key) = (self.pki.dir.join(format!("{name}.pem")), self.pki.dir.join(format!("{name}-key.pem")));
         let unready = self.unready_file(i);
         let child = self
             .ns(i)
             .cmd(crate::agent::standin_bin().to_str().ok_or("path")?)
-            // Both families: the IPv6 VIP is balanced to the stand-ins too.
-            .args(["--name", &name, "--listen", "[::]:6443", "--unready-file"])
+            // `[::]`, both families: the IPv6 VIP is balanced to the stand-ins too.
+            .args(["--name", &name, "--listen", listen, "--unready-file"])
             .arg(&unready)
             .arg("--tls-cert")
             .arg(&cert)

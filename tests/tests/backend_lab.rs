@@ -79,6 +79,34 @@ fn a_backend_that_stops_taking_vip_traffic_gets_no_new_flows_at_its_first_failed
     assert!(wait_until(Duration::from_secs(3), || lab.backend_healthy(0, 2) == Some(true)), "n3 never came back");
 }
 
+/// An apiserver listening on its node's address only (`--bind-address`): its node holds
+/// the VIP, but its host resets VIP traffic. The backend is kept out of the table with
+/// reason `vip_path`, no request reaches it, and the log names the cause: the host's own
+/// RST (window 0), not a leaving node's refusal (which carries `REFUSAL_WINDOW`), so it
+/// never says that node is leaving.
+#[test]
+fn an_apiserver_listening_on_its_node_address_only_gets_no_flows_and_is_named() {
+    let mut lab = ApiLab::new([10, 135, 0], 3, &[0]).unwrap();
+    lab.stop_apiserver(2);
+    lab.start_apiserver_on_node_address(2).unwrap();
+    let mut agent = lab.spawn_agent_logging(0, &[], Some("info")).unwrap();
+    let n3 = lab.nodes[2].ip.to_string();
+    let out = wait_until(Duration::from_secs(10), || {
+        lab.status(0).is_ok_and(|s| {
+            backend(&s, &n3).is_some_and(|b| b["state"] != "up" && b["reason"] == "vip_path")
+                && backend(&s, &lab.nodes[1].ip.to_string()).is_some_and(|b| b["state"] == "up")
+        })
+    });
+    assert!(out, "{}", lab.status(0).map(|s| s.to_string()).unwrap_or_else(|e| e));
+    let (answered, errors) = lab.requests(30);
+    assert!(errors.is_empty(), "requests failed: {errors:?}");
+    assert!(!answered.contains_key(&lab.nodes[2].name), "a request reached n3: {answered:?}");
+    let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    let ours = format!("{}:6443 through {n3} reset by its host: nothing there accepts VIP traffic", lab.vip);
+    assert!(log.contains(&ours), "no {ours:?} in the log:\n{log}");
+    assert!(!log.contains("its node is leaving"), "taken for a leaving node:\n{log}");
+}
+
 /// Apiserver certificates are verified for `kubernetes.default.svc`, as clients do: one
 /// that does not list the node's address is fine. One from another CA takes the backend
 /// down with reason `tls`, in `status` and in the metrics.

@@ -101,13 +101,14 @@ fn syn(sport: u16) -> Frame {
 
 /// A leaving node's answer to a peer's VIP-path probe (a SYN from `PEER_IP:sport`, the
 /// `tcp` helper's sequence number 1, in a frame from `PEER_MAC`): a RST from VIP:PORT
-/// acknowledging 2, sequence number 0, no window, the TCP checksum valid, the IPv4
-/// header as the probe's with the addresses swapped, back to the peer's MAC.
+/// acknowledging 2, sequence number 0, window `REFUSAL_WINDOW` (what tells it from the
+/// host's own RST, window 0), the TCP checksum valid, the IPv4 header as the probe's
+/// with the addresses swapped, back to the peer's MAC.
 fn refusal(sport: u16) -> Vec<u8> {
     let mut t = tcp(PORT, sport, 0x14);
     t[4..8].copy_from_slice(&0u32.to_be_bytes());
     t[8..12].copy_from_slice(&2u32.to_be_bytes());
-    t[14..16].copy_from_slice(&[0, 0]);
+    t[14..16].copy_from_slice(&vip_common::REFUSAL_WINDOW.to_be_bytes());
     let mut pseudo = VIP.octets().to_vec();
     pseudo.extend(PEER_IP.octets());
     pseudo.extend([0, 6, 0, 20]);

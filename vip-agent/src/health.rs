@@ -265,7 +265,8 @@ pub enum CheckError {
     #[error("apiserver ready but VIP traffic not accepted: {why}")]
     VipPath {
         why: String,
-        /// Refused (its node is leaving), rather than unanswered.
+        /// Refused (its node is leaving: the refusal's mark), rather than unanswered or
+        /// reset by its host (nothing listens on VIP:port there).
         refused: bool,
     },
     /// The first VIP's path is accepted, another VIP's is not (see [`vip_paths`]).

@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use vip_common::REFUSAL_WINDOW;
+
 use crate::rawsock::{cbpf, insn, RawSocket};
 
 const ETH_P_IP: u16 = 0x0800;
@@ -55,6 +57,13 @@ pub enum VipProbeError {
     /// VIP traffic so the others drain it), where silence means no data plane at all.
     #[error("{vip}:{port} through {backend} refused: its node is leaving")]
     Refused { vip: Ipv4Addr, port: u16, backend: Ipv4Addr },
+    /// The backend's host answered with its own RST (not a leaving node's: no
+    /// [`REFUSAL_WINDOW`]): it holds the VIP, but nothing there listens on VIP:port.
+    #[error(
+        "{vip}:{port} through {backend} reset by its host: nothing there accepts VIP traffic on port {port} \
+         (an apiserver listening on its node's address only? it must listen on every address, or the VIP's)"
+    )]
+    Reset { vip: Ipv4Addr, port: u16, backend: Ipv4Addr },
 }
 
 /// One's-complement sum of 16-bit words.
@@ -138,9 +147,9 @@ fn probe_frame(p: &VipProbe, backend: Ipv4Addr, via: Via, sport: u16, seq: u32, 
     }
 }
 
-/// The TCP flags of `frame` if it answers our SYN from `sport` (sequence number `seq`):
-/// IPv4 TCP from VIP:port to this node's `sport`, acknowledging `seq + 1`.
-fn answer_flags(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> Option<u8> {
+/// The TCP flags and window of `frame` if it answers our SYN from `sport` (sequence
+/// number `seq`): IPv4 TCP from VIP:port to this node's `sport`, acknowledging `seq + 1`.
+fn answer(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> Option<(u8, u16)> {
     if frame.len() < 54 || frame[12..14] != ETH_P_IP.to_be_bytes() || frame[14] >> 4 != 4 || frame[23] != 6 {
         return None;
     }
@@ -151,18 +160,25 @@ fn answer_flags(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> Option<u8> 
         && tcp[0..2] == p.port.to_be_bytes()
         && tcp[2..4] == sport.to_be_bytes()
         && tcp[8..12] == seq.wrapping_add(1).to_be_bytes();
-    ours.then_some(tcp[13])
+    ours.then_some((tcp[13], u16::from_be_bytes([tcp[14], tcp[15]])))
 }
 
 /// Whether `frame` is the SYN-ACK answering our SYN from `sport` (acknowledging `seq`).
 pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
-    answer_flags(frame, p, sport, seq).is_some_and(|f| f & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK))
+    answer(frame, p, sport, seq).is_some_and(|(f, _)| f & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK))
 }
 
 /// Whether `frame` is a leaving node's RST refusing our SYN from `sport` (sequence
-/// number `seq`): from VIP:port, acknowledging `seq + 1` (`vip-ebpf`'s `refuse`).
+/// number `seq`): from VIP:port, acknowledging `seq + 1`, window [`REFUSAL_WINDOW`]
+/// (`vip-ebpf`'s `refuse`).
 pub fn is_refusal(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
-    answer_flags(frame, p, sport, seq).is_some_and(|f| f & TCP_RST != 0)
+    answer(frame, p, sport, seq).is_some_and(|(f, window)| f & TCP_RST != 0 && window == REFUSAL_WINDOW)
+}
+
+/// Whether `frame` is the backend host's own RST to our SYN (as [`is_refusal`], any
+/// other window): it holds the VIP, but nothing listens on VIP:port there.
+pub fn is_reset(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
+    answer(frame, p, sport, seq).is_some_and(|(f, window)| f & TCP_RST != 0 && window != REFUSAL_WINDOW)
 }
 
 /// The filter of a probe's socket: IPv4 TCP from one of `vips` (1 to
@@ -251,6 +267,8 @@ pub fn probe(
                 *result = Some(Ok(()));
             } else if is_refusal(&buf[..n], q, sport, seq) {
                 *result = Some(Err(VipProbeError::Refused { vip: q.vip, port: q.port, backend }));
+            } else if is_reset(&buf[..n], q, sport, seq) {
+                *result = Some(Err(VipProbeError::Reset { vip: q.vip, port: q.port, backend }));
             }
         }
     }
@@ -357,11 +375,20 @@ mod tests {
         assert!(!is_syn_ack(&syn, &p, 40001, 7), "our own SYN");
         let mut rst = ack.clone();
         rst[47] = 0x14;
+        rst[48..50].copy_from_slice(&REFUSAL_WINDOW.to_be_bytes());
         assert!(!is_syn_ack(&rst, &p, 40001, 7), "RST is no answer");
         assert!(is_refusal(&rst, &p, 40001, 7), "but a refusal");
+        assert!(!is_reset(&rst, &p, 40001, 7), "a refusal is not the host's reset");
         assert!(!is_refusal(&rst, &p, 40002, 7), "another probe's");
         assert!(!is_refusal(&rst, &p, 40001, 8), "another sequence");
         assert!(!is_refusal(&ack, &p, 40001, 7), "a SYN-ACK is no refusal");
+        assert!(!is_reset(&ack, &p, 40001, 7), "nor a reset");
+        // A closed port's RST, window 0: the host's, not a leaving node's data plane.
+        let mut closed = rst.clone();
+        closed[48..50].copy_from_slice(&[0, 0]);
+        assert!(is_reset(&closed, &p, 40001, 7), "the host's reset");
+        assert!(!is_refusal(&closed, &p, 40001, 7), "is no refusal");
+        assert!(!is_reset(&closed, &p, 40002, 7), "another probe's");
     }
 
     /// With several VIPs (up to every VIP a node serves), the filter passes the SYN-ACK

@@ -402,6 +402,14 @@ impl Config {
     }
 }
 
+/// The TCP window of a leaving node's refusal of a VIP-path probe (`vip-ebpf`'s
+/// `refuse`), in host order: "VR". A closed port's RST carries window 0 (RFC 9293
+/// §3.10.7.1, which the refusal otherwise copies); a receiver ignores a RST's window
+/// (§3.10.7.4 checks only its sequence number), so the refusal carries this mark instead,
+/// and the prober tells "its node is leaving" (this window) from "nothing there accepts
+/// VIP:port" (the host's own RST: an apiserver listening on its node's address only).
+pub const REFUSAL_WINDOW: u16 = 0x5652;
+
 /// The L2 segment a frame arrived on, from its VLAN tags: 0 for an untagged or
 /// priority-tagged (VID 0, IEEE 802.1Q §9.6) frame, the VID for one 802.1Q tag, and
 /// [`SEGMENT_NONE`] for stacked tags, which no VIP is configured on.

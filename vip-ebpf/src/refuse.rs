@@ -5,6 +5,8 @@
 //! takes it down and its connections' next packets are reset by the backend they are
 //! hashed to, instead of hanging until the clients time out.
 
+use vip_common::REFUSAL_WINDOW;
+
 use crate::{csum, ctx::Packet, parse::ptr_at};
 
 /// RST and ACK in the TCP flags byte (RFC 9293 §3.1).
@@ -20,7 +22,8 @@ const PROBE_LEN: u8 = 40;
 /// that answers it, if it is a probe: a SYN without ACK, IPv4 and TCP without options,
 /// no payload. Returns whether it did; anything else is left as it is. The answer, as
 /// a closed port's (RFC 9293 §3.10.7.1): from the probed VIP:port to the prober,
-/// `<SEQ=0><ACK=SEG.SEQ+1><CTL=RST,ACK>`, MACs swapped; the IPv4 checksum is unchanged
+/// `<SEQ=0><ACK=SEG.SEQ+1><CTL=RST,ACK>`, MACs swapped, but with the window
+/// [`REFUSAL_WINDOW`] (a closed port's is 0); the IPv4 checksum is unchanged
 /// (swapping the addresses keeps its sum), the TCP checksum is computed anew.
 #[inline(always)]
 pub fn reset(ctx: &impl Packet, l3_off: usize) -> bool {
@@ -51,8 +54,12 @@ pub fn reset(ctx: &impl Packet, l3_off: usize) -> bool {
         p[28 + i] = ack[i];
     }
     p[33] = TCP_RST_ACK;
-    // Window, checksum, urgent pointer.
-    for b in p[34..40].iter_mut() {
+    // The window marks the refusal as ours (see `REFUSAL_WINDOW`); checksum and urgent
+    // pointer zero.
+    let window = REFUSAL_WINDOW.to_be_bytes();
+    p[34] = window[0];
+    p[35] = window[1];
+    for b in p[36..40].iter_mut() {
         *b = 0;
     }
     // The pseudo-header: the addresses, the protocol and the TCP length (20).

@@ -58,7 +58,8 @@ struct Tracked {
     /// restart (a backend the previous agent left down for its VIP path), so a new agent
     /// does not take it for draining again.
     left: bool,
-    /// Probes unanswered in a row (see `left`); a refusal or an answer starts it again.
+    /// Probes unanswered (or reset by its host) in a row (see `left`); a refusal or an
+    /// answer starts it again.
     silences: u32,
     /// `--fall`: how many of them make a leaving node gone, so one lost RST does not.
     fall: u32,
@@ -132,7 +133,7 @@ impl Tracked {
             Err(CheckError::VipPath { refused: true, .. }) => {
                 (self.leaving, self.left, self.silences) = (true, false, 0)
             }
-            Err(CheckError::VipPath { refused: false, .. }) if !self.left => {
+            Err(CheckError::VipPath { refused: false, why }) if !self.left => {
                 self.silences += 1;
                 if self.leaving && self.silences >= self.fall {
                     info!(backend = %self.ip, "a leaving node answers VIP traffic no more: gone, its connections re-hashed");
@@ -140,8 +141,9 @@ impl Tracked {
                 } else if self.silences >= SILENT_WITHOUT_REFUSAL * self.fall {
                     info!(
                         backend = %self.ip,
-                        silent_probes = self.silences,
-                        "a node's VIP path stays silent while its apiserver answers: gone, its connections re-hashed"
+                        failed_probes = self.silences,
+                        last = %why,
+                        "a node's VIP path stays unanswered (or reset by its host) while its apiserver answers: gone, its connections re-hashed"
                     );
                     self.left = true;
                 }
