@@ -6,13 +6,13 @@
 //! state changes, which the agent feeds into the Maglev table.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use crate::vipprobe::Via;
+use crate::vipprobe::{Via, VipProbe6};
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime},
@@ -271,7 +271,7 @@ pub enum CheckError {
     },
     /// The first VIP's path is accepted, another VIP's is not (see [`vip_paths`]).
     #[error("apiserver ready but traffic for VIP {vip} not accepted: {why}")]
-    VipMissing { vip: Ipv4Addr, why: String },
+    VipMissing { vip: IpAddr, why: String },
 }
 
 impl CheckError {
@@ -356,9 +356,18 @@ pub struct Report {
 #[derive(Clone)]
 pub struct DsrCheck {
     pub netlink: crate::netlink::Netlink,
-    pub probe: crate::vipprobe::VipProbe,
+    pub ifindex: u32,
+    /// The first IPv4 VIP's probe (`None`: IPv6 VIPs only).
+    pub probe: Option<crate::vipprobe::VipProbe>,
     /// The other IPv4 VIPs, probed with `probe`'s (see [`vip_paths`]).
     pub other_vips: Vec<Ipv4Addr>,
+    /// The IPv6 VIPs, probed at the same time from this node's IPv6 address on the
+    /// interface ([`crate::netlink::Netlink::probe_source6`]; without one, not probed:
+    /// this node could not tell a backend's fault from its own).
+    pub vips6: Vec<Ipv6Addr>,
+    /// This node's MAC, and the VIPs' port, for the IPv6 probe.
+    pub src_mac: [u8; 6],
+    pub port: u16,
 }
 
 /// What a checker does beyond asking the apiserver, by how the backend is reached.
@@ -392,8 +401,10 @@ pub async fn run_checker(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The backend's MAC, read from the neighbour table when unknown or after a VIP-path
-    // probe to it failed (it may have changed), not on every check.
+    // probe to it failed (it may have changed), not on every check; likewise this node's
+    // IPv6 address, the IPv6 probe's source.
     let mut mac = None;
+    let mut src6 = None;
     loop {
         ticker.tick().await;
         let start = Instant::now();
@@ -403,12 +414,18 @@ pub async fn run_checker(
             match path {
                 PathCheck::Dsr(dsr) => {
                     if mac.is_none() {
-                        mac = dsr.netlink.neighbour_mac(dsr.probe.ifindex, ip).await.ok().flatten();
+                        mac = dsr.netlink.neighbour_mac(dsr.ifindex, ip).await.ok().flatten();
+                    }
+                    if src6.is_none() && !dsr.vips6.is_empty() {
+                        src6 = dsr.netlink.probe_source6(dsr.ifindex).await.ok().flatten();
                     }
                     if let Some(m) = mac {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
-                        let via = Via::Dsr { mac: m };
-                        result = vip_paths(dsr.probe, &dsr.other_vips, ip, via, left).await;
+                        let v6 = src6.map(|src_ip| {
+                            let p = VipProbe6 { ifindex: dsr.ifindex, src_mac: dsr.src_mac, src_ip, port: dsr.port };
+                            (p, dsr.vips6.clone())
+                        });
+                        result = vip_paths(dsr.probe, &dsr.other_vips, v6, ip, Via::Dsr { mac: m }, left).await;
                     }
                 }
                 PathCheck::Ipip { netlink, ifindex, probe, other_vips: others } => {
@@ -416,7 +433,7 @@ pub async fn run_checker(
                     if let (Some(p), Some(hop)) = (probe, nexthop) {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
                         let via = Via::Ipip { nexthop_mac: hop.mac };
-                        result = vip_paths(*p, others, ip, via, left).await;
+                        result = vip_paths(Some(*p), others, None, ip, via, left).await;
                     }
                 }
             }
@@ -425,8 +442,12 @@ pub async fn run_checker(
         if let Err(error) = &result {
             debug!(%addr, %error, "health check failed");
         }
-        // After a failed VIP-path probe, look the MAC up again next time.
+        // After a failed VIP-path probe, look the MAC up again next time; after any VIP's,
+        // this node's IPv6 address too (it may have gone).
         let forget_mac = matches!(result, Err(CheckError::VipPath { .. }));
+        if matches!(result, Err(CheckError::VipPath { .. } | CheckError::VipMissing { .. })) {
+            src6 = None;
+        }
         if tx.send(Report { backend, result, latency, mac, nexthop }).await.is_err() {
             return;
         }
@@ -436,34 +457,58 @@ pub async fn run_checker(
     }
 }
 
-/// The VIP-path probes of a backend on another node, for the first VIP (`probe.vip`) and
-/// each of `others` at once, within `left`, off the runtime (they block on a raw socket).
-/// The first VIP's failure is [`CheckError::VipPath`] (refused: its node is leaving).
-/// A node that accepts the first and lacks another (a rolling change of the VIP list
-/// that reached this node first) would get that VIP's flows and drop them: it drains,
-/// as for its first VIP, but its silence there says nothing of its leaving
-/// ([`CheckError::VipMissing`]).
+/// The VIP-path probes of a backend on another node, for the first IPv4 VIP
+/// (`probe.vip`), each of `others`, and each IPv6 VIP of `v6` (by DSR: IPIP carries none)
+/// at once, within `left`, off the runtime (they block on raw sockets). The first VIP's
+/// failure (the first IPv4 VIP's; without one, the first IPv6 VIP's) is
+/// [`CheckError::VipPath`] (refused: its node is leaving). A node that accepts the first
+/// and lacks another (a rolling change of the VIP list that reached this node first; an
+/// IPv6 address its network manager removed, so it cannot answer the IPv6 VIPs' clients)
+/// would get that VIP's flows and drop them: it drains, as for its first VIP, but its
+/// silence there says nothing of its leaving ([`CheckError::VipMissing`]).
 async fn vip_paths(
-    probe: crate::vipprobe::VipProbe,
+    probe: Option<crate::vipprobe::VipProbe>,
     others: &[Ipv4Addr],
+    v6: Option<(VipProbe6, Vec<Ipv6Addr>)>,
     ip: Ipv4Addr,
     via: Via,
     left: Duration,
 ) -> Result<(), CheckError> {
-    let vips = others.to_vec();
-    let outcome = match tokio::task::spawn_blocking(move || crate::vipprobe::probe(&probe, &vips, ip, via, left)).await
-    {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(e)) => return Err(CheckError::VipPath { why: e.to_string(), refused: false }),
-        Err(e) => return Err(CheckError::VipPath { why: e.to_string(), refused: false }),
+    use crate::vipprobe::{probe as probe4, probe6, VipProbeError};
+    type Outcome = Result<Vec<Result<(), VipProbeError>>, String>;
+    let joined = |r: Result<Result<_, VipProbeError>, tokio::task::JoinError>| -> Outcome {
+        r.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()))
     };
-    let mut results = outcome.into_iter();
-    if let Some(Err(e)) = results.next() {
-        let refused = matches!(e, crate::vipprobe::VipProbeError::Refused { .. });
-        return Err(CheckError::VipPath { why: e.to_string(), refused });
+    // Each family's VIPs in probe order, and their probe, started before either is awaited.
+    let v4 = probe.map(|p| {
+        let vips: Vec<IpAddr> = std::iter::once(p.vip).chain(others.iter().copied()).map(IpAddr::V4).collect();
+        let others = others.to_vec();
+        (vips, tokio::task::spawn_blocking(move || probe4(&p, &others, ip, via, left)))
+    });
+    let v6 = match (v6, via) {
+        (Some((p6, vips)), Via::Dsr { mac }) if !vips.is_empty() => {
+            let list = vips.iter().copied().map(IpAddr::V6).collect();
+            Some((list, tokio::task::spawn_blocking(move || probe6(&p6, &vips, ip, mac, left))))
+        }
+        _ => None,
+    };
+    let mut results: Vec<(IpAddr, Result<(), String>, bool)> = Vec::new();
+    for (vips, task) in v4.into_iter().chain(v6) {
+        match joined(task.await) {
+            Ok(outcome) => results.extend(vips.into_iter().zip(outcome).map(|(vip, r)| {
+                let refused = matches!(r, Err(VipProbeError::Refused { .. }));
+                (vip, r.map_err(|e| e.to_string()), refused)
+            })),
+            // The probe itself failed (its socket): every VIP of the family unproven.
+            Err(why) => results.extend(vips.into_iter().map(|vip| (vip, Err(why.clone()), false))),
+        }
     }
-    match others.iter().zip(results).find_map(|(vip, r)| r.err().map(|e| (*vip, e))) {
-        Some((vip, e)) => Err(CheckError::VipMissing { vip, why: e.to_string() }),
+    let mut results = results.into_iter();
+    if let Some((_, Err(why), refused)) = results.next() {
+        return Err(CheckError::VipPath { why, refused });
+    }
+    match results.find_map(|(vip, r, _)| r.err().map(|why| (vip, why))) {
+        Some((vip, why)) => Err(CheckError::VipMissing { vip, why }),
         None => Ok(()),
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use futures::{StreamExt, TryStreamExt};
@@ -303,6 +303,46 @@ impl Netlink {
         self.bounded(op, async {
             let addrs = self.handle.address().get().set_address_filter(IpAddr::V4(ip)).execute();
             Ok(first_match(addrs, op, Some).await?.is_some())
+        })
+        .await
+    }
+
+    /// This node's IPv6 address on interface `ifindex` to send VIP-path probes from: a
+    /// global one (scope universe) that is usable (neither tentative nor failed
+    /// duplicate address detection), one still preferred if there is one. `None`: no such
+    /// address (an IPv4-only interface, or one whose address a network manager removed).
+    pub async fn probe_source6(&self, ifindex: u32) -> Result<Option<Ipv6Addr>, NetlinkError> {
+        use rtnetlink::packet_route::address::{AddressFlags, AddressScope};
+        let op = || format!("listing the IPv6 addresses of interface #{ifindex}");
+        self.bounded(op, async {
+            let addrs = self.handle.address().get().set_link_index_filter(ifindex).execute();
+            futures::pin_mut!(addrs);
+            // (address, preferred) of the best seen so far.
+            let mut best: Option<(Ipv6Addr, bool)> = None;
+            while let Some(msg) = addrs.try_next().await.map_err(request(op()))? {
+                if msg.header.family != AddressFamily::Inet6 || msg.header.scope != AddressScope::Universe {
+                    continue;
+                }
+                let flags = msg.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Flags(f) => Some(*f),
+                    _ => None,
+                });
+                let flags = flags.unwrap_or_else(|| AddressFlags::from_bits_truncate(msg.header.flags.bits().into()));
+                if flags.intersects(AddressFlags::Tentative | AddressFlags::Dadfailed) {
+                    continue;
+                }
+                let addr = msg.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+                    _ => None,
+                });
+                let preferred = !flags.contains(AddressFlags::Deprecated);
+                if let Some(ip) = addr {
+                    if best.is_none_or(|(_, was)| preferred && !was) {
+                        best = Some((ip, preferred));
+                    }
+                }
+            }
+            Ok(best.map(|(ip, _)| ip))
         })
         .await
     }

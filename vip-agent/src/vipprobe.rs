@@ -12,7 +12,7 @@
 
 use std::{
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -21,6 +21,7 @@ use vip_common::REFUSAL_WINDOW;
 use crate::rawsock::{cbpf, insn, RawSocket};
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 /// IPv4-in-IPv4 (RFC 2003).
 const IPPROTO_IPIP: u8 = 4;
 const TCP_SYN: u8 = 0x02;
@@ -34,6 +35,17 @@ pub struct VipProbe {
     pub src_mac: [u8; 6],
     pub src_ip: Ipv4Addr,
     pub vip: Ipv4Addr,
+    pub port: u16,
+}
+
+/// Everything an IPv6 VIP's probe needs (DSR only: IPIP carries no IPv6 VIP): this
+/// node's IPv6 address on the interface, which the backend answers by its routes, as it
+/// answers the clients of the IPv6 VIPs.
+#[derive(Clone, Copy, Debug)]
+pub struct VipProbe6 {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub src_ip: Ipv6Addr,
     pub port: u16,
 }
 
@@ -52,18 +64,18 @@ pub enum VipProbeError {
     #[error("raw socket: {0}")]
     Socket(io::Error),
     #[error("no SYN-ACK from {vip}:{port} through {backend} within {timeout:?}")]
-    NoAnswer { vip: Ipv4Addr, port: u16, backend: Ipv4Addr, timeout: Duration },
+    NoAnswer { vip: IpAddr, port: u16, backend: Ipv4Addr, timeout: Duration },
     /// The backend's data plane answered with a RST: its agent is leaving (it refuses
     /// VIP traffic so the others drain it), where silence means no data plane at all.
     #[error("{vip}:{port} through {backend} refused: its node is leaving")]
-    Refused { vip: Ipv4Addr, port: u16, backend: Ipv4Addr },
+    Refused { vip: IpAddr, port: u16, backend: Ipv4Addr },
     /// The backend's host answered with its own RST (not a leaving node's: no
     /// [`REFUSAL_WINDOW`]): it holds the VIP, but nothing there listens on VIP:port.
     #[error(
         "{vip}:{port} through {backend} reset by its host: nothing there accepts VIP traffic on port {port} \
          (an apiserver listening on its node's address only? it must listen on every address, or the VIP's)"
     )]
-    Reset { vip: Ipv4Addr, port: u16, backend: Ipv4Addr },
+    Reset { vip: IpAddr, port: u16, backend: Ipv4Addr },
 }
 
 /// One's-complement sum of 16-bit words.
@@ -138,6 +150,93 @@ pub fn encapsulated(p: &VipProbe, backend: Ipv4Addr, frame: &[u8]) -> Vec<u8> {
     f
 }
 
+/// The IPv6 SYN (`rst`: the RST after it) for VIP `vip`: Ethernet to `dst_mac`, IPv6
+/// `p.src_ip` → `vip` (hop limit 64, no extension header), TCP `sport` → port, the
+/// checksum over RFC 8200 §8.1's pseudo-header.
+pub fn segment6(p: &VipProbe6, vip: Ipv6Addr, dst_mac: [u8; 6], sport: u16, seq: u32, rst: bool) -> Vec<u8> {
+    let (seq, flags, window) = if rst { (seq.wrapping_add(1), TCP_RST, [0, 0]) } else { (seq, TCP_SYN, [0xfa, 0xf0]) };
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend(sport.to_be_bytes());
+    tcp.extend(p.port.to_be_bytes());
+    tcp.extend(seq.to_be_bytes());
+    tcp.extend(0u32.to_be_bytes());
+    tcp.extend([0x50, flags, window[0], window[1], 0, 0, 0, 0]);
+    let mut pseudo = Vec::with_capacity(40);
+    pseudo.extend(p.src_ip.octets());
+    pseudo.extend(vip.octets());
+    pseudo.extend([0, 0, 0, 20, 0, 0, 0, 6]);
+    let csum = fold(sum16(&tcp, sum16(&pseudo, 0)));
+    tcp[16..18].copy_from_slice(&csum.to_be_bytes());
+    let mut f = Vec::with_capacity(74);
+    f.extend(dst_mac);
+    f.extend(p.src_mac);
+    f.extend(ETH_P_IPV6.to_be_bytes());
+    f.extend([0x60, 0, 0, 0, 0, 20, 6, 64]);
+    f.extend(p.src_ip.octets());
+    f.extend(vip.octets());
+    f.extend(tcp);
+    f
+}
+
+/// The TCP flags and window of `frame` if it answers our IPv6 SYN to `vip` from `sport`
+/// (sequence number `seq`): IPv6 TCP (no extension header) from `vip`:port to this
+/// node's address and `sport`, acknowledging `seq + 1`.
+fn answer6(frame: &[u8], p: &VipProbe6, vip: Ipv6Addr, sport: u16, seq: u32) -> Option<(u8, u16)> {
+    if frame.len() < 74 || frame[12..14] != ETH_P_IPV6.to_be_bytes() || frame[14] >> 4 != 6 || frame[20] != 6 {
+        return None;
+    }
+    let tcp = &frame[54..74];
+    let ours = frame[22..38] == vip.octets()
+        && frame[38..54] == p.src_ip.octets()
+        && tcp[0..2] == p.port.to_be_bytes()
+        && tcp[2..4] == sport.to_be_bytes()
+        && tcp[8..12] == seq.wrapping_add(1).to_be_bytes();
+    ours.then_some((tcp[13], u16::from_be_bytes([tcp[14], tcp[15]])))
+}
+
+/// The filter of an IPv6 probe's socket: IPv6 TCP (no extension header) from one of
+/// `vips` (1 to [`MAX_PROBED_VIPS`]) to port `sport`, nothing else (see
+/// [`syn_ack_filter`]).
+pub fn syn_ack_filter6(vips: &[Ipv6Addr], sport: u16) -> Vec<libc::sock_filter> {
+    use cbpf::*;
+    let n = vips.len().clamp(1, MAX_PROBED_VIPS);
+    // Instructions: 0–3 the EtherType and next header, then 8 per VIP (its four source
+    // words, each loaded and compared), then the port (2), accept, drop. A jump counts
+    // the instructions it skips: at most 8 × 16 + 3, within a byte.
+    let port = 4 + 8 * n;
+    let drop = port + 3;
+    let skip = |from: usize, to: usize| (to - from - 1) as u8;
+    let mut prog = vec![
+        insn(LD | H | ABS, 0, 0, 12),                                 // 0: EtherType
+        insn(JMP | JEQ | K, 0, skip(1, drop), u32::from(ETH_P_IPV6)), // 1
+        insn(LD | B | ABS, 0, 0, 14 + 6),                             // 2: next header
+        insn(JMP | JEQ | K, 0, skip(3, drop), 6),                     // 3: TCP
+    ];
+    for (k, vip) in vips.iter().take(n).enumerate() {
+        // Each word that differs tries the next VIP (after the last, drop); all four
+        // equal go to the port test.
+        let next = if k + 1 == n { drop } else { 4 + 8 * (k + 1) };
+        for (w, word) in vip.octets().chunks(4).enumerate() {
+            let at = prog.len() + 1;
+            let on_match = if w == 3 { skip(at, port) } else { 0 };
+            prog.push(insn(LD | W | ABS, 0, 0, (14 + 8 + 4 * w) as u32));
+            prog.push(insn(
+                JMP | JEQ | K,
+                on_match,
+                skip(at, next),
+                u32::from_be_bytes([word[0], word[1], word[2], word[3]]),
+            ));
+        }
+    }
+    prog.extend([
+        insn(LD | H | ABS, 0, 0, 14 + 40 + 2), // TCP destination port
+        insn(JMP | JEQ | K, 0, skip(port + 1, drop), u32::from(sport)), //
+        insn(RET | K, 0, 0, 0xffff),           // accept
+        insn(RET | K, 0, 0, 0),                // drop
+    ]);
+    prog
+}
+
 /// The probe's SYN (`rst`: its RST) to `backend`, sent `via`.
 fn probe_frame(p: &VipProbe, backend: Ipv4Addr, via: Via, sport: u16, seq: u32, rst: bool) -> Vec<u8> {
     let build = if rst { rst_frame } else { syn_frame };
@@ -163,28 +262,10 @@ fn answer(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> Option<(u8, u16)>
     ours.then_some((tcp[13], u16::from_be_bytes([tcp[14], tcp[15]])))
 }
 
-/// Whether `frame` is the SYN-ACK answering our SYN from `sport` (acknowledging `seq`).
-pub fn is_syn_ack(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
-    answer(frame, p, sport, seq).is_some_and(|(f, _)| f & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK))
-}
-
-/// Whether `frame` is a leaving node's RST refusing our SYN from `sport` (sequence
-/// number `seq`): from VIP:port, acknowledging `seq + 1`, window [`REFUSAL_WINDOW`]
-/// (`vip-ebpf`'s `refuse`).
-pub fn is_refusal(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
-    answer(frame, p, sport, seq).is_some_and(|(f, window)| f & TCP_RST != 0 && window == REFUSAL_WINDOW)
-}
-
-/// Whether `frame` is the backend host's own RST to our SYN (as [`is_refusal`], any
-/// other window): it holds the VIP, but nothing listens on VIP:port there.
-pub fn is_reset(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> bool {
-    answer(frame, p, sport, seq).is_some_and(|(f, window)| f & TCP_RST != 0 && window != REFUSAL_WINDOW)
-}
-
 /// The filter of a probe's socket: IPv4 TCP from one of `vips` (1 to
 /// [`MAX_PROBED_VIPS`]) to port `sport`, nothing else. Without it every probe's socket
 /// copies every IPv4 frame of the interface, which with hundreds of backends probed at
-/// once is most of the node's CPU. `answer_flags` still checks the rest.
+/// once is most of the node's CPU. `answer` still checks the rest.
 pub fn syn_ack_filter(vips: &[Ipv4Addr], sport: u16) -> Vec<libc::sock_filter> {
     use cbpf::*;
     let n = vips.len().clamp(1, MAX_PROBED_VIPS);
@@ -215,6 +296,91 @@ pub fn syn_ack_filter(vips: &[Ipv4Addr], sport: u16) -> Vec<libc::sock_filter> {
     prog
 }
 
+/// What a frame on a probe's socket says of one VIP's probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    SynAck,
+    /// A leaving node's data plane refused it ([`REFUSAL_WINDOW`]).
+    Refused,
+    /// The backend's host reset it: nothing listens on VIP:port there.
+    Reset,
+}
+
+/// The answer that TCP flags `flags` and window `window` of a frame answering a probe
+/// give.
+fn classify(flags: u8, window: u16) -> Option<Answer> {
+    if flags & TCP_RST != 0 {
+        Some(if window == REFUSAL_WINDOW { Answer::Refused } else { Answer::Reset })
+    } else if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+        Some(Answer::SynAck)
+    } else {
+        None
+    }
+}
+
+/// One VIP's probe in either family, for [`exchange`].
+struct Probed<'a> {
+    vip: IpAddr,
+    port: u16,
+    /// The SYN (`true`: the RST after it).
+    frame: Box<dyn Fn(bool) -> Vec<u8> + 'a>,
+    /// The TCP flags and window of a frame that answers it.
+    answer: Box<dyn Fn(&[u8]) -> Option<(u8, u16)> + 'a>,
+}
+
+/// Sends every probe's SYN on `sock`, waits up to `timeout` for their answers, and
+/// resets each connection it opened (on a timeout too: see [`probe`]). The result of
+/// each, in order.
+fn exchange(
+    sock: &RawSocket,
+    probes: &[Probed<'_>],
+    backend: Ipv4Addr,
+    timeout: Duration,
+) -> Result<Vec<Result<(), VipProbeError>>, VipProbeError> {
+    for q in probes {
+        sock.send(&(q.frame)(false)).map_err(VipProbeError::Socket)?;
+    }
+    // `None` while a VIP's answer is awaited.
+    let mut results: Vec<Option<Result<(), VipProbeError>>> = probes.iter().map(|_| None).collect();
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    while results.iter().any(Option::is_none) && Instant::now() < deadline {
+        let Some(n) = sock.recv(&mut buf).map_err(VipProbeError::Socket)? else { continue };
+        for (q, result) in probes.iter().zip(results.iter_mut()).filter(|(_, r)| r.is_none()) {
+            let (vip, port) = (q.vip, q.port);
+            *result = match (q.answer)(&buf[..n]).and_then(|(flags, window)| classify(flags, window)) {
+                Some(Answer::SynAck) => {
+                    sock.send(&(q.frame)(true)).map_err(VipProbeError::Socket)?;
+                    Some(Ok(()))
+                }
+                Some(Answer::Refused) => Some(Err(VipProbeError::Refused { vip, port, backend })),
+                Some(Answer::Reset) => Some(Err(VipProbeError::Reset { vip, port, backend })),
+                None => None,
+            };
+        }
+    }
+    let mut outcome = Vec::with_capacity(probes.len());
+    for (q, result) in probes.iter().zip(results) {
+        outcome.push(match result {
+            Some(r) => r,
+            None => {
+                sock.send(&(q.frame)(true)).map_err(VipProbeError::Socket)?;
+                Err(VipProbeError::NoAnswer { vip: q.vip, port: q.port, backend, timeout })
+            }
+        });
+    }
+    Ok(outcome)
+}
+
+/// A random source port (40000–59999) and sequence number for one check (RFC 6528's
+/// reason): from the time and the pid (1 in a container), a host on the segment could
+/// guess them and answer for a backend, keeping a dead one up or draining a live one
+/// with a forged RST.
+fn port_and_sequence() -> (u16, u32) {
+    let [p0, p1, s0, s1, s2, s3] = crate::election::random_bytes::<6>();
+    (40000 + u16::from_be_bytes([p0, p1]) % 20000, u32::from_be_bytes([s0, s1, s2, s3]))
+}
+
 /// How many VIPs one probe covers: every VIP a node serves (`vip_common::MAX_VIPS`).
 pub const MAX_PROBED_VIPS: usize = vip_common::MAX_VIPS as usize;
 
@@ -237,58 +403,64 @@ pub fn probe(
     via: Via,
     timeout: Duration,
 ) -> Result<Vec<Result<(), VipProbeError>>, VipProbeError> {
-    // Random port and sequence number (RFC 6528's reason): from the time and the pid
-    // (1 in a container), a host on the segment could guess them and answer for a
-    // backend, keeping a dead one up or draining a live one with a forged RST.
-    let [p0, p1, s0, s1, s2, s3] = crate::election::random_bytes::<6>();
-    let sport = 40000 + u16::from_be_bytes([p0, p1]) % 20000;
-    let seq = u32::from_be_bytes([s0, s1, s2, s3]);
-    let probes: Vec<VipProbe> =
-        std::iter::once(*p).chain(others.iter().map(|&vip| VipProbe { vip, ..*p })).take(MAX_PROBED_VIPS).collect();
-    let vips: Vec<Ipv4Addr> = probes.iter().map(|q| q.vip).collect();
+    let (sport, seq) = port_and_sequence();
+    let vips: Vec<Ipv4Addr> = std::iter::once(p.vip).chain(others.iter().copied()).take(MAX_PROBED_VIPS).collect();
     // Untagged even for VIPs on a VLAN (`--vlan`): the probe comes from this node's own
     // address, which the backend answers by its routes, on the segment of that address;
     // what it proves is the backend's taking VIP traffic, which the VLAN does not change.
     let sock =
         RawSocket::open_for(p.ifindex, ETH_P_IP, 0, &syn_ack_filter(&vips, sport), Some(Duration::from_millis(20)))
             .map_err(VipProbeError::Socket)?;
-    for q in &probes {
-        sock.send(&probe_frame(q, backend, via, sport, seq, false)).map_err(VipProbeError::Socket)?;
-    }
-    // `None` while a VIP's answer is awaited.
-    let mut results: Vec<Option<Result<(), VipProbeError>>> = probes.iter().map(|_| None).collect();
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 256];
-    while results.iter().any(Option::is_none) && Instant::now() < deadline {
-        let Some(n) = sock.recv(&mut buf).map_err(VipProbeError::Socket)? else { continue };
-        for (q, result) in probes.iter().zip(results.iter_mut()).filter(|(_, r)| r.is_none()) {
-            if is_syn_ack(&buf[..n], q, sport, seq) {
-                sock.send(&probe_frame(q, backend, via, sport, seq, true)).map_err(VipProbeError::Socket)?;
-                *result = Some(Ok(()));
-            } else if is_refusal(&buf[..n], q, sport, seq) {
-                *result = Some(Err(VipProbeError::Refused { vip: q.vip, port: q.port, backend }));
-            } else if is_reset(&buf[..n], q, sport, seq) {
-                *result = Some(Err(VipProbeError::Reset { vip: q.vip, port: q.port, backend }));
-            }
-        }
-    }
-    let mut outcome = Vec::with_capacity(probes.len());
-    for (q, result) in probes.iter().zip(results) {
-        outcome.push(match result {
-            Some(r) => r,
-            None => {
-                sock.send(&probe_frame(q, backend, via, sport, seq, true)).map_err(VipProbeError::Socket)?;
-                Err(VipProbeError::NoAnswer { vip: q.vip, port: q.port, backend, timeout })
-            }
-        });
-    }
-    Ok(outcome)
+    let probes: Vec<VipProbe> = vips.iter().map(|&vip| VipProbe { vip, ..*p }).collect();
+    let probed: Vec<Probed<'_>> = probes
+        .iter()
+        .map(|q| Probed {
+            vip: q.vip.into(),
+            port: q.port,
+            frame: Box::new(move |rst| probe_frame(q, backend, via, sport, seq, rst)),
+            answer: Box::new(move |f| answer(f, q, sport, seq)),
+        })
+        .collect();
+    exchange(&sock, &probed, backend, timeout)
+}
+
+/// [`probe`] for IPv6 VIPs `vips` (the first [`MAX_PROBED_VIPS`]), by DSR to `mac`, the
+/// backend's (`backend`: its IPv4 address, which names it in errors). A leaving node
+/// refuses none (its data plane refuses IPv4 probes only, which decide): an IPv6 VIP
+/// answers until it leaves `lo`, then is silent.
+pub fn probe6(
+    p: &VipProbe6,
+    vips: &[Ipv6Addr],
+    backend: Ipv4Addr,
+    mac: [u8; 6],
+    timeout: Duration,
+) -> Result<Vec<Result<(), VipProbeError>>, VipProbeError> {
+    let (sport, seq) = port_and_sequence();
+    let vips = &vips[..vips.len().min(MAX_PROBED_VIPS)];
+    let sock =
+        RawSocket::open_for(p.ifindex, ETH_P_IPV6, 0, &syn_ack_filter6(vips, sport), Some(Duration::from_millis(20)))
+            .map_err(VipProbeError::Socket)?;
+    let probed: Vec<Probed<'_>> = vips
+        .iter()
+        .map(|&vip| Probed {
+            vip: vip.into(),
+            port: p.port,
+            frame: Box::new(move |rst| segment6(p, vip, mac, sport, seq, rst)),
+            answer: Box::new(move |f| answer6(f, p, vip, sport, seq)),
+        })
+        .collect();
+    exchange(&sock, &probed, backend, timeout)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rawsock::tests::run_cbpf;
+
+    /// What `frame` says of our IPv4 SYN to `p.vip` from `sport` (sequence number `seq`).
+    fn answered(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> Option<Answer> {
+        answer(frame, p, sport, seq).and_then(|(flags, window)| classify(flags, window))
+    }
 
     fn probe_cfg() -> VipProbe {
         VipProbe {
@@ -369,26 +541,21 @@ mod tests {
         let p = probe_cfg();
         let syn = syn_frame(&p, [2; 6], 40001, 7);
         let ack = syn_ack_to(&p, 40001);
-        assert!(is_syn_ack(&ack, &p, 40001, 7));
-        assert!(!is_syn_ack(&ack, &p, 40002, 7), "other port");
-        assert!(!is_syn_ack(&ack, &p, 40001, 8), "other sequence");
-        assert!(!is_syn_ack(&syn, &p, 40001, 7), "our own SYN");
+        assert_eq!(answered(&ack, &p, 40001, 7), Some(Answer::SynAck));
+        assert_eq!(answered(&ack, &p, 40002, 7), None, "other port");
+        assert_eq!(answered(&ack, &p, 40001, 8), None, "other sequence");
+        assert_eq!(answered(&syn, &p, 40001, 7), None, "our own SYN");
         let mut rst = ack.clone();
         rst[47] = 0x14;
         rst[48..50].copy_from_slice(&REFUSAL_WINDOW.to_be_bytes());
-        assert!(!is_syn_ack(&rst, &p, 40001, 7), "RST is no answer");
-        assert!(is_refusal(&rst, &p, 40001, 7), "but a refusal");
-        assert!(!is_reset(&rst, &p, 40001, 7), "a refusal is not the host's reset");
-        assert!(!is_refusal(&rst, &p, 40002, 7), "another probe's");
-        assert!(!is_refusal(&rst, &p, 40001, 8), "another sequence");
-        assert!(!is_refusal(&ack, &p, 40001, 7), "a SYN-ACK is no refusal");
-        assert!(!is_reset(&ack, &p, 40001, 7), "nor a reset");
+        assert_eq!(answered(&rst, &p, 40001, 7), Some(Answer::Refused), "a RST with the mark: a refusal");
+        assert_eq!(answered(&rst, &p, 40002, 7), None, "another probe's");
+        assert_eq!(answered(&rst, &p, 40001, 8), None, "another sequence");
         // A closed port's RST, window 0: the host's, not a leaving node's data plane.
         let mut closed = rst.clone();
         closed[48..50].copy_from_slice(&[0, 0]);
-        assert!(is_reset(&closed, &p, 40001, 7), "the host's reset");
-        assert!(!is_refusal(&closed, &p, 40001, 7), "is no refusal");
-        assert!(!is_reset(&closed, &p, 40002, 7), "another probe's");
+        assert_eq!(answered(&closed, &p, 40001, 7), Some(Answer::Reset), "the host's reset");
+        assert_eq!(answered(&closed, &p, 40002, 7), None, "another probe's");
     }
 
     /// With several VIPs (up to every VIP a node serves), the filter passes the SYN-ACK
@@ -439,5 +606,91 @@ mod tests {
         assert_eq!(run_cbpf(&prog, &arp), 0, "ARP");
         assert_eq!(run_cbpf(&prog, &ack[..30]), 0, "truncated");
         assert_eq!(run_cbpf(&prog, &syn), 0, "our own SYN (from us, to the VIP)");
+    }
+
+    fn probe6_cfg() -> VipProbe6 {
+        VipProbe6 { ifindex: 2, src_mac: [2, 0, 0, 0, 0, 1], src_ip: "fd00::1".parse().unwrap(), port: 6443 }
+    }
+
+    /// The backend's answer to our IPv6 SYN to `vip` from `sport` with sequence number 7:
+    /// addresses and ports swapped, acknowledging 8, flags `flags`, window `window`.
+    fn answer6_to(p: &VipProbe6, vip: Ipv6Addr, sport: u16, flags: u8, window: u16) -> Vec<u8> {
+        let mut a = segment6(p, vip, [2; 6], sport, 7, false);
+        a[22..38].copy_from_slice(&vip.octets());
+        a[38..54].copy_from_slice(&p.src_ip.octets());
+        a[54..56].copy_from_slice(&p.port.to_be_bytes());
+        a[56..58].copy_from_slice(&sport.to_be_bytes());
+        a[62..66].copy_from_slice(&8u32.to_be_bytes());
+        a[67] = flags;
+        a[68..70].copy_from_slice(&window.to_be_bytes());
+        a
+    }
+
+    /// The IPv6 SYN: 74 bytes, IPv6 from this node's address to the VIP (payload 20, TCP,
+    /// hop limit 64), the TCP checksum valid over the IPv6 pseudo-header; its RST follows
+    /// it (sequence + 1, no window).
+    #[test]
+    fn the_ipv6_syn_and_its_reset_have_valid_checksums() {
+        let p = probe6_cfg();
+        let vip: Ipv6Addr = "fd00::100".parse().unwrap();
+        for (rst, flags, seq) in [(false, TCP_SYN, 7u32), (true, TCP_RST, 8)] {
+            let f = segment6(&p, vip, [2, 0, 0, 0, 0, 0x12], 40001, 7, rst);
+            assert_eq!(f.len(), 74);
+            assert_eq!((&f[0..6], &f[12..14]), (&[2, 0, 0, 0, 0, 0x12][..], &ETH_P_IPV6.to_be_bytes()[..]));
+            assert_eq!(f[14..22], [0x60, 0, 0, 0, 0, 20, 6, 64], "version, payload length, TCP, hop limit");
+            assert_eq!((&f[22..38], &f[38..54]), (&p.src_ip.octets()[..], &vip.octets()[..]));
+            let mut pseudo = f[22..54].to_vec();
+            pseudo.extend([0, 0, 0, 20, 0, 0, 0, 6]);
+            assert_eq!(fold(sum16(&f[54..74], sum16(&pseudo, 0))), 0, "TCP checksum");
+            assert_eq!((f[67], &f[58..62]), (flags, &seq.to_be_bytes()[..]));
+        }
+    }
+
+    #[test]
+    fn recognises_only_the_matching_ipv6_answer() {
+        let p = probe6_cfg();
+        let vip: Ipv6Addr = "fd00::100".parse().unwrap();
+        let ack = answer6_to(&p, vip, 40001, TCP_SYN | TCP_ACK, 0xffff);
+        let class = |f: &[u8], vip, sport, seq| answer6(f, &p, vip, sport, seq).and_then(|(fl, w)| classify(fl, w));
+        assert_eq!(class(&ack, vip, 40001, 7), Some(Answer::SynAck));
+        assert_eq!(class(&ack, "fd00::101".parse().unwrap(), 40001, 7), None, "another VIP");
+        assert_eq!(class(&ack, vip, 40002, 7), None, "another port");
+        assert_eq!(class(&ack, vip, 40001, 8), None, "another sequence");
+        assert_eq!(class(&segment6(&p, vip, [2; 6], 40001, 7, false), vip, 40001, 7), None, "our own SYN");
+        let closed = answer6_to(&p, vip, 40001, 0x14, 0);
+        assert_eq!(class(&closed, vip, 40001, 7), Some(Answer::Reset), "the host's RST");
+    }
+
+    /// The IPv6 filter passes the SYN-ACK from each probed VIP (1 to 16) to the probe's
+    /// port, and nothing from another address, to another port, or of another kind.
+    #[test]
+    fn the_ipv6_socket_filter_passes_the_syn_acks_of_every_probed_vip() {
+        let p = probe6_cfg();
+        let vip = |k: u16| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 1, 0x100 + k);
+        for n in [1u16, 2, 3, 16] {
+            let vips: Vec<Ipv6Addr> = (0..n).map(vip).collect();
+            let prog = syn_ack_filter6(&vips, 40001);
+            for &v in &vips {
+                let ack = answer6_to(&p, v, 40001, TCP_SYN | TCP_ACK, 0xffff);
+                assert!(run_cbpf(&prog, &ack) > 0, "{n} VIPs: the SYN-ACK from {v}");
+                let mut other_port = ack.clone();
+                other_port[56..58].copy_from_slice(&40002u16.to_be_bytes());
+                assert_eq!(run_cbpf(&prog, &other_port), 0, "{n} VIPs: {v} to another port");
+                let mut udp = ack.clone();
+                udp[20] = 17;
+                assert_eq!(run_cbpf(&prog, &udp), 0, "{n} VIPs: UDP");
+            }
+            // One word off in each position, and the next VIP along.
+            for w in 0..4 {
+                let mut near = vip(0).octets();
+                near[4 * w + 1] ^= 1;
+                let ack = answer6_to(&p, Ipv6Addr::from(near), 40001, TCP_SYN | TCP_ACK, 0xffff);
+                assert_eq!(run_cbpf(&prog, &ack), 0, "{n} VIPs: word {w} differs");
+            }
+            let ack = answer6_to(&p, vip(n), 40001, TCP_SYN | TCP_ACK, 0xffff);
+            assert_eq!(run_cbpf(&prog, &ack), 0, "{n} VIPs: from {}, no VIP", vip(n));
+        }
+        let v4 = syn_ack_to(&probe_cfg(), 40001);
+        assert_eq!(run_cbpf(&syn_ack_filter6(&[vip(0)], 40001), &v4), 0, "IPv4");
     }
 }

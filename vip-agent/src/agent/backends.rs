@@ -166,7 +166,8 @@ const SILENT_WITHOUT_REFUSAL: u32 = 3;
 #[derive(Clone)]
 struct Checks {
     probe: Probe,
-    /// The VIP-path probe of DSR backends (needs this node's IPv4 address).
+    /// The VIP-path probe of DSR backends (the IPv4 VIPs' needs this node's IPv4 address,
+    /// the IPv6 VIPs' its IPv6 one).
     dsr: Option<health::DsrCheck>,
     /// The next-hop lookup and VIP-path probe of IPIP backends.
     ipip: health::PathCheck,
@@ -182,8 +183,16 @@ impl Checks {
             port: cfg.port,
         });
         let other_vips: Vec<Ipv4Addr> = cfg.vips4().into_iter().skip(1).collect();
-        let dsr =
-            vip_probe.map(|probe| health::DsrCheck { netlink: nl.clone(), probe, other_vips: other_vips.clone() });
+        let vips6 = cfg.vips6();
+        let dsr = (vip_probe.is_some() || !vips6.is_empty()).then(|| health::DsrCheck {
+            netlink: nl.clone(),
+            ifindex: dev.ifindex,
+            probe: vip_probe,
+            other_vips: other_vips.clone(),
+            vips6,
+            src_mac: dev.mac.0,
+            port: cfg.port,
+        });
         let ipip = health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex, probe: vip_probe, other_vips };
         Self { probe, dsr, ipip }
     }
@@ -722,7 +731,7 @@ mod tests {
             b.observe(&vip_path(false));
         }
         assert!(b.left);
-        b.observe(&Err(CheckError::VipMissing { vip: Ipv4Addr::new(10, 0, 0, 101), why: String::new() }));
+        b.observe(&Err(CheckError::VipMissing { vip: Ipv4Addr::new(10, 0, 0, 101).into(), why: String::new() }));
         assert!(!b.left, "its first VIP answered again: back, draining for the VIP it lacks");
         assert_eq!(state_name(&spec_of(&b, &cfg())), "draining");
     }
