@@ -318,14 +318,17 @@ fn classify(flags: u8, window: u16) -> Option<Answer> {
     }
 }
 
+/// What a frame on a probe's socket says of one VIP's probe ([`Answer`]; `None`: not
+/// about it).
+type Reads<'a> = Box<dyn Fn(&[u8]) -> Option<Answer> + 'a>;
+
 /// One VIP's probe in either family, for [`exchange`].
 struct Probed<'a> {
     vip: IpAddr,
     port: u16,
     /// The SYN (`true`: the RST after it).
     frame: Box<dyn Fn(bool) -> Vec<u8> + 'a>,
-    /// The TCP flags and window of a frame that answers it.
-    answer: Box<dyn Fn(&[u8]) -> Option<(u8, u16)> + 'a>,
+    reads: Reads<'a>,
 }
 
 /// Sends every probe's SYN on `sock`, waits up to `timeout` for their answers, and
@@ -348,7 +351,7 @@ fn exchange(
         let Some(n) = sock.recv(&mut buf).map_err(VipProbeError::Socket)? else { continue };
         for (q, result) in probes.iter().zip(results.iter_mut()).filter(|(_, r)| r.is_none()) {
             let (vip, port) = (q.vip, q.port);
-            *result = match (q.answer)(&buf[..n]).and_then(|(flags, window)| classify(flags, window)) {
+            *result = match (q.reads)(&buf[..n]) {
                 Some(Answer::SynAck) => {
                     sock.send(&(q.frame)(true)).map_err(VipProbeError::Socket)?;
                     Some(Ok(()))
@@ -418,7 +421,7 @@ pub fn probe(
             vip: q.vip.into(),
             port: q.port,
             frame: Box::new(move |rst| probe_frame(q, backend, via, sport, seq, rst)),
-            answer: Box::new(move |f| answer(f, q, sport, seq)),
+            reads: Box::new(move |f| answer(f, q, sport, seq).and_then(|(fl, w)| classify(fl, w))),
         })
         .collect();
     exchange(&sock, &probed, backend, timeout)
@@ -446,7 +449,7 @@ pub fn probe6(
             vip: vip.into(),
             port: p.port,
             frame: Box::new(move |rst| segment6(p, vip, mac, sport, seq, rst)),
-            answer: Box::new(move |f| answer6(f, p, vip, sport, seq)),
+            reads: Box::new(move |f| answer6(f, p, vip, sport, seq).and_then(|(fl, w)| classify(fl, w))),
         })
         .collect();
     exchange(&sock, &probed, backend, timeout)
