@@ -362,12 +362,41 @@ pub struct DsrCheck {
     /// The other IPv4 VIPs, probed with `probe`'s (see [`vip_paths`]).
     pub other_vips: Vec<Ipv4Addr>,
     /// The IPv6 VIPs, probed at the same time from this node's IPv6 address on the
-    /// interface ([`crate::netlink::Netlink::probe_source6`]; without one, not probed:
-    /// this node could not tell a backend's fault from its own).
+    /// interface ([`Source6`]; without one, not probed: this node could not tell a
+    /// backend's fault from its own).
     pub vips6: Vec<Ipv6Addr>,
     /// This node's MAC, and the VIPs' port, for the IPv6 probe.
     pub src_mac: [u8; 6],
     pub port: u16,
+    /// Shared by every checker.
+    pub source6: Arc<Source6>,
+}
+
+/// This node's IPv6 address on the interface, the IPv6 probes' source
+/// ([`crate::netlink::Netlink::probe_source6`]), read again once it is older than
+/// [`Source6::MAX_AGE`]: one address dump a second at most, however many backends are
+/// checked, and an address that goes or comes is seen within a second.
+#[derive(Default)]
+pub struct Source6 {
+    /// The address (`None`: none) and when it was read.
+    read: tokio::sync::Mutex<Option<(Option<Ipv6Addr>, Instant)>>,
+}
+
+impl Source6 {
+    pub const MAX_AGE: Duration = Duration::from_secs(1);
+
+    /// The address, read again if stale (a failed read: none, until the next).
+    pub async fn get(&self, netlink: &crate::netlink::Netlink, ifindex: u32) -> Option<Ipv6Addr> {
+        let mut read = self.read.lock().await;
+        match *read {
+            Some((addr, at)) if at.elapsed() < Self::MAX_AGE => addr,
+            _ => {
+                let addr = netlink.probe_source6(ifindex).await.ok().flatten();
+                *read = Some((addr, Instant::now()));
+                addr
+            }
+        }
+    }
 }
 
 /// What a checker does beyond asking the apiserver, by how the backend is reached.
@@ -401,10 +430,8 @@ pub async fn run_checker(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The backend's MAC, read from the neighbour table when unknown or after a VIP-path
-    // probe to it failed (it may have changed), not on every check; likewise this node's
-    // IPv6 address, the IPv6 probe's source.
+    // probe to it failed (it may have changed), not on every check.
     let mut mac = None;
-    let mut src6 = None;
     loop {
         ticker.tick().await;
         let start = Instant::now();
@@ -416,10 +443,9 @@ pub async fn run_checker(
                     if mac.is_none() {
                         mac = dsr.netlink.neighbour_mac(dsr.ifindex, ip).await.ok().flatten();
                     }
-                    if src6.is_none() && !dsr.vips6.is_empty() {
-                        src6 = dsr.netlink.probe_source6(dsr.ifindex).await.ok().flatten();
-                    }
                     if let Some(m) = mac {
+                        let src6 =
+                            if dsr.vips6.is_empty() { None } else { dsr.source6.get(&dsr.netlink, dsr.ifindex).await };
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
                         let v6 = src6.map(|src_ip| {
                             let p = VipProbe6 { ifindex: dsr.ifindex, src_mac: dsr.src_mac, src_ip, port: dsr.port };
@@ -442,12 +468,8 @@ pub async fn run_checker(
         if let Err(error) = &result {
             debug!(%addr, %error, "health check failed");
         }
-        // After a failed VIP-path probe, look the MAC up again next time; after any VIP's,
-        // this node's IPv6 address too (it may have gone).
+        // After a failed VIP-path probe, look the MAC up again next time.
         let forget_mac = matches!(result, Err(CheckError::VipPath { .. }));
-        if matches!(result, Err(CheckError::VipPath { .. } | CheckError::VipMissing { .. })) {
-            src6 = None;
-        }
         if tx.send(Report { backend, result, latency, mac, nexthop }).await.is_err() {
             return;
         }

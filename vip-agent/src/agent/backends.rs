@@ -192,6 +192,7 @@ impl Checks {
             vips6,
             src_mac: dev.mac.0,
             port: cfg.port,
+            source6: Default::default(),
         });
         let ipip = health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex, probe: vip_probe, other_vips };
         Self { probe, dsr, ipip }
