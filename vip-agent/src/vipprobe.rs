@@ -185,13 +185,20 @@ fn answer6(frame: &[u8], p: &VipProbe6, vip: Ipv6Addr, sport: u16, seq: u32) -> 
     if frame.len() < 74 || frame[12..14] != ETH_P_IPV6.to_be_bytes() || frame[14] >> 4 != 6 || frame[20] != 6 {
         return None;
     }
-    let tcp = &frame[54..74];
-    let ours = frame[22..38] == vip.octets()
-        && frame[38..54] == p.src_ip.octets()
-        && tcp[0..2] == p.port.to_be_bytes()
+    if frame[22..38] != vip.octets() || frame[38..54] != p.src_ip.octets() {
+        return None;
+    }
+    tcp_answer(&frame[54..74], p.port, sport, seq)
+}
+
+/// The TCP flags and window of TCP header `tcp` if it is from `port` to `sport` and
+/// acknowledges `seq + 1`.
+fn tcp_answer(tcp: &[u8], port: u16, sport: u16, seq: u32) -> Option<(u8, u16)> {
+    let ours = tcp.len() >= 20
+        && tcp[0..2] == port.to_be_bytes()
         && tcp[2..4] == sport.to_be_bytes()
         && tcp[8..12] == seq.wrapping_add(1).to_be_bytes();
-    ours.then_some((tcp[13], u16::from_be_bytes([tcp[14], tcp[15]])))
+    ours.then(|| (tcp[13], u16::from_be_bytes([tcp[14], tcp[15]])))
 }
 
 /// The filter of an IPv6 probe's socket: IPv6 TCP (no extension header) from one of
@@ -254,12 +261,10 @@ fn answer(frame: &[u8], p: &VipProbe, sport: u16, seq: u32) -> Option<(u8, u16)>
     }
     let ihl = usize::from(frame[14] & 0x0f) * 4;
     let tcp = frame.get(14 + ihl..14 + ihl + 20)?;
-    let ours = frame[26..30] == p.vip.octets()
-        && frame[30..34] == p.src_ip.octets()
-        && tcp[0..2] == p.port.to_be_bytes()
-        && tcp[2..4] == sport.to_be_bytes()
-        && tcp[8..12] == seq.wrapping_add(1).to_be_bytes();
-    ours.then_some((tcp[13], u16::from_be_bytes([tcp[14], tcp[15]])))
+    if frame[26..30] != p.vip.octets() || frame[30..34] != p.src_ip.octets() {
+        return None;
+    }
+    tcp_answer(tcp, p.port, sport, seq)
 }
 
 /// The filter of a probe's socket: IPv4 TCP from one of `vips` (1 to
