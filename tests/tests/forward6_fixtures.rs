@@ -35,6 +35,8 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x50);
+/// The peer's own IPv6 address, the source of its VIP-path probes.
+const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x0e);
 const PORT: u16 = 6443;
 const M: u32 = 65537;
 
@@ -95,6 +97,33 @@ fn syn(sport: u16) -> Frame {
     tcp6(CLIENT6, sport, VIP6, PORT, TCP_SYN)
 }
 
+/// A client's SYN as TCP stacks send it, with options (MSS 1460): 24 bytes of TCP.
+fn syn_with_options(sport: u16) -> Frame {
+    let mut t = tcp(sport, PORT, TCP_SYN);
+    t[12] = 0x60;
+    t.extend([2, 4, 0x05, 0xb4]);
+    Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(CLIENT6, VIP6, IPPROTO_TCP, &t))
+}
+
+/// A leaving node's answer to a peer's IPv6 VIP-path probe (an option-less SYN from
+/// `PEER6:sport`, the `tcp` helper's sequence number 1, from `PEER_MAC`): a RST from
+/// VIP6:PORT acknowledging 2, sequence number 0, window `REFUSAL_WINDOW`, the TCP
+/// checksum valid over the IPv6 pseudo-header, hop limit as the probe's, back to the
+/// peer's MAC.
+fn refusal6(sport: u16) -> Vec<u8> {
+    let mut t = tcp(PORT, sport, 0x14);
+    t[4..8].copy_from_slice(&0u32.to_be_bytes());
+    t[8..12].copy_from_slice(&2u32.to_be_bytes());
+    t[14..16].copy_from_slice(&vip_common::REFUSAL_WINDOW.to_be_bytes());
+    let mut pseudo = VIP6.octets().to_vec();
+    pseudo.extend(PEER6.octets());
+    pseudo.extend([0, 0, 0, 20, 0, 0, 0, 6]);
+    pseudo.extend(&t);
+    let check = tests::frames::inet_checksum(&pseudo);
+    t[16..18].copy_from_slice(&check.to_be_bytes());
+    Frame::new(PEER_MAC, NODE_MAC, ETH_P_IPV6, ipv6(VIP6, PEER6, IPPROTO_TCP, &t)).bytes()
+}
+
 fn flow(sport: u16) -> FlowKey6 {
     FlowKey6::new(CLIENT6.octets(), VIP6.octets(), sport.to_be_bytes(), PORT.to_be_bytes(), IPPROTO_TCP)
 }
@@ -153,6 +182,40 @@ fn table_of(program: Program) {
         &dp,
         "new flow from a peer's MAC (balanced there already): delivered here",
         Frame { src: PEER_MAC, ..syn(40003) }.bytes(),
+        pass(BalancedByPeer),
+    );
+    // This node's agent is leaving: the peers' VIP-path probes (option-less SYNs from a
+    // peer's MAC) are refused, so they drain it before its VIPs leave `lo`; a client's SYN
+    // the leader sent here (from the leader's MAC, with options) and the clients' own
+    // are served as before.
+    let mut leaving = dp.maps().config().unwrap();
+    leaving.flags |= Config::F_LEAVING;
+    dp.maps_mut().set_config(&leaving).unwrap();
+    check(
+        &dp,
+        "leaving: a peer's IPv6 VIP-path probe is answered with a RST",
+        Frame { src: PEER_MAC, ..tcp6(PEER6, 40020, VIP6, PORT, TCP_SYN) }.bytes(),
+        Expect { action: xdp::TX, reason: ProbeRefusedLeaving, output: Some(refusal6(40020)) },
+    );
+    check(
+        &dp,
+        "leaving: a client's SYN (with options) from the leader's MAC: delivered here",
+        Frame { src: PEER_MAC, ..syn_with_options(40021) }.bytes(),
+        pass(BalancedByPeer),
+    );
+    check(
+        &dp,
+        "leaving: an ACK from a peer's MAC is no probe: delivered here",
+        Frame { src: PEER_MAC, ..tcp6(PEER6, 40022, VIP6, PORT, TCP_ACK) }.bytes(),
+        pass(BalancedByPeer),
+    );
+    let s = syn_with_options(40023);
+    check(&dp, "leaving: a client's SYN is still forwarded", s.bytes(), tx_to(&s, 1));
+    dp.maps_mut().set_config(&Config::new(NODE_MAC, NODE_IP.octets())).unwrap();
+    check(
+        &dp,
+        "not leaving: a peer's IPv6 VIP-path probe is delivered here (the stack answers it)",
+        Frame { src: PEER_MAC, ..tcp6(PEER6, 40024, VIP6, PORT, TCP_SYN) }.bytes(),
         pass(BalancedByPeer),
     );
     check(&dp, "SYN to another port of the VIP", tcp6(CLIENT6, 40004, VIP6, 22, TCP_SYN).bytes(), pass(VipOtherPort));

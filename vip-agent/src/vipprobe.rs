@@ -433,9 +433,8 @@ pub fn probe(
 }
 
 /// [`probe`] for IPv6 VIPs `vips` (the first [`MAX_PROBED_VIPS`]), by DSR to `mac`, the
-/// backend's (`backend`: its IPv4 address, which names it in errors). A leaving node
-/// refuses none (its data plane refuses IPv4 probes only, which decide): an IPv6 VIP
-/// answers until it leaves `lo`, then is silent.
+/// backend's (`backend`: its IPv4 address, which names it in errors). A leaving node's
+/// data plane refuses them as it refuses IPv4 ones (`vip-ebpf`'s `refuse::reset6`).
 pub fn probe6(
     p: &VipProbe6,
     vips: &[Ipv6Addr],

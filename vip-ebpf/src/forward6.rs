@@ -12,7 +12,7 @@
 //! fixed header must be TCP or ICMPv6: a packet with extension headers passes.
 
 use network_types::{ip::Ipv6Hdr, tcp::TcpHdr};
-use vip_common::{flow_hash6, Backend, FlowKey6, ForwardMode, Reason, ServiceKey6, IPPROTO_TCP};
+use vip_common::{flow_hash6, Backend, Config, FlowKey6, ForwardMode, Reason, ServiceKey6, IPPROTO_TCP};
 
 use crate::{
     ctx::Packet,
@@ -21,7 +21,7 @@ use crate::{
     maps::{vip6, CONFIG, SERVICES6},
     ndp,
     parse::{load_ipv6_words, load_mac, ptr_at, L2},
-    stats,
+    refuse, stats,
     verdict::Verdict,
 };
 
@@ -63,6 +63,13 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         unsafe { (&mut *l2.eth, cfg.mac_word(), load_mac(&(*l2.eth).dst_addr), load_mac(&(*l2.eth).src_addr)) };
     if dst_mac != our_mac {
         return Verdict::pass(Reason::NotForUs);
+    }
+    // A leaving node refuses the other nodes' VIP-path probes, so they drain it before
+    // its VIP leaves `lo` (as IPv4's, on any segment: they come untagged). Known by the
+    // peer's MAC and the probe's shape (`refuse::reset6`), not its address: the peers'
+    // IPv6 addresses are not in `PEERS`.
+    if !error && cfg.flags & Config::F_LEAVING != 0 && is_peer_mac(src_mac) && refuse::reset6(ctx, l2.l3_off) {
+        return Verdict::tx(Reason::ProbeRefusedLeaving);
     }
     if l2.segment != vip.segment {
         return Verdict::pass(l2.other_segment(ctx, vip.segment));

@@ -1,5 +1,6 @@
 //! A leaving node's answer to the other nodes' VIP-path probes (`vip-agent`'s
-//! `vipprobe`): a TCP RST from VIP:port, built in place from the probe's SYN. The prober
+//! `vipprobe`), IPv4 and IPv6: a TCP RST from VIP:port, built in place from the probe's
+//! SYN. The prober
 //! learns that this node refuses VIP traffic because it is leaving: it drains it, its
 //! connections kept. Silence, once this node has left, then means it is gone: the prober
 //! takes it down and its connections' next packets are reset by the backend they are
@@ -67,5 +68,56 @@ pub fn reset(ctx: &impl Packet, l3_off: usize) -> bool {
     let check = csum::fold(sum).to_be_bytes();
     p[36] = check[0];
     p[37] = check[1];
+    true
+}
+
+/// The length of an IPv6 probe: the IPv6 header and a TCP header without options, no
+/// payload.
+const PROBE6_LEN: usize = 60;
+
+/// [`reset`] for an IPv6 probe (the IPv6 header at `l3_off`): a SYN without ACK, no
+/// extension header, TCP without options, no payload (payload length 20). What tells it
+/// from a client's SYN the leader sent here by DSR (also from a peer's MAC) is its shape:
+/// every TCP stack's SYN carries options (MSS at least). The answer, as [`reset`]'s:
+/// addresses and ports swapped, `<SEQ=0><ACK=SEG.SEQ+1><CTL=RST,ACK>`, window
+/// [`REFUSAL_WINDOW`], the TCP checksum computed anew over RFC 8200 §8.1's
+/// pseudo-header; the hop limit as the probe's.
+#[inline(always)]
+pub fn reset6(ctx: &impl Packet, l3_off: usize) -> bool {
+    let (Some(macs), Some(p)) = (ptr_at::<[u8; 12]>(ctx, 0), ptr_at::<[u8; PROBE6_LEN]>(ctx, l3_off)) else {
+        return false;
+    };
+    // SAFETY: both bounds-checked by ptr_at; byte arrays, so any alignment will do.
+    let (macs, p) = unsafe { (&mut *macs, &mut *p) };
+    let tcp_no_options = p[52] >> 4 == 5;
+    if p[4] != 0 || p[5] != 20 || p[6] != 6 || !tcp_no_options || p[53] & TCP_SYN_ACK != TCP_SYN {
+        return false;
+    }
+    for i in 0..6 {
+        macs.swap(i, i + 6);
+    }
+    for i in 0..16 {
+        p.swap(8 + i, 24 + i);
+    }
+    for i in 0..2 {
+        p.swap(40 + i, 42 + i);
+    }
+    let ack = u32::from_be_bytes([p[44], p[45], p[46], p[47]]).wrapping_add(1).to_be_bytes();
+    for i in 0..4 {
+        p[44 + i] = 0;
+        p[48 + i] = ack[i];
+    }
+    p[53] = TCP_RST_ACK;
+    let window = REFUSAL_WINDOW.to_be_bytes();
+    p[54] = window[0];
+    p[55] = window[1];
+    for b in p[56..60].iter_mut() {
+        *b = 0;
+    }
+    // The pseudo-header: the addresses, the TCP length (20) and the next header.
+    let sum = csum::sum16(&p[8..40]) + 20 + 6 + csum::sum16(&p[40..60]);
+    let check = csum::fold(sum).to_be_bytes();
+    p[56] = check[0];
+    p[57] = check[1];
     true
 }
