@@ -70,6 +70,68 @@ fn requests_spread_over_every_apiserver_and_are_reported() {
     }
 }
 
+/// `vip_table_rebuilds_total` counts every table made live, the first ones at start-up
+/// included: it equals the log's "Maglev table flipped" lines (a new-user trial found it
+/// one behind them).
+#[test]
+fn the_rebuild_counter_counts_every_table_the_log_shows_flipped() {
+    let mut lab = ApiLab::new([10, 138, 0], 3, &[0]).unwrap();
+    let mut agent = lab.spawn_agent_logging(0, &[], Some("info")).unwrap();
+    lab.wait_healthy_or_log(0, &mut agent).unwrap();
+    lab.stop_apiserver(1);
+    assert!(wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 1) == Some(false)));
+    let rebuilds = lab.metric(0, "vip_table_rebuilds_total").expect("the counter");
+    let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    let flips = log.matches("Maglev table flipped").count();
+    assert!(flips >= 2, "a first table and one without n2: {flips}\n{log}");
+    assert_eq!(rebuilds, flips as f64, "counter {rebuilds}, {flips} flips logged:\n{log}");
+}
+
+/// A backend that stays down for another reason (connection refused, then its packets
+/// dropped: a timeout) shows the new reason in `status`, and the log says so too: an
+/// operator reading the log is not left with the old cause (found by a new-user trial).
+#[test]
+fn a_down_backend_failing_for_another_reason_is_logged() {
+    let mut lab = ApiLab::new([10, 139, 0], 3, &[0]).unwrap();
+    let mut agent = lab.spawn_agent_logging(0, &[], Some("info")).unwrap();
+    lab.wait_healthy_or_log(0, &mut agent).unwrap();
+    let n2 = lab.nodes[1].ip.to_string();
+    lab.stop_apiserver(1);
+    let refused = wait_until(Duration::from_secs(5), || lab.backend_state(0, &n2).is_some_and(|(_, r)| r == "connect"));
+    assert!(refused, "{:?}", lab.backend_state(0, &n2));
+    let nft = "table inet t { chain i { type filter hook input priority 0; tcp dport 6443 drop; }; }";
+    tests::netns::run(lab.ns(1).cmd("nft").arg(nft)).unwrap();
+    let dropped = wait_until(Duration::from_secs(5), || lab.backend_state(0, &n2).is_some_and(|(_, r)| r == "timeout"));
+    assert!(dropped, "{:?}", lab.backend_state(0, &n2));
+    let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    let changed = log.lines().find(|l| l.contains("backend's reason changed") && l.contains(&n2));
+    let line = changed.unwrap_or_else(|| panic!("no reason change logged:\n{log}"));
+    assert!(line.contains("reason=\"timeout\"") && line.contains("was=\"connect\""), "{line}");
+}
+
+/// A node whose leadership waits for its own apiserver (here by Lease election), not
+/// ready when its first checks are in, says it cannot carry the VIPs yet, and why, where
+/// it said it could (`status` said it could not; found by a new-user trial).
+#[test]
+fn settling_with_the_own_apiserver_not_ready_does_not_claim_the_node_can_lead() {
+    let lab = ApiLab::new([10, 140, 0], 3, &[0]).unwrap().with_lease_api().unwrap();
+    std::fs::write(lab.unready_file(0), b"").unwrap();
+    let election = lab.election_args(0);
+    let election: Vec<&str> = election.iter().map(String::as_str).collect();
+    let mut agent = lab.spawn_agent_logging(0, &election, Some("info")).unwrap();
+    let checked = wait_until(Duration::from_secs(10), || {
+        lab.backend_healthy(0, 1) == Some(true)
+            && lab.backend_healthy(0, 2) == Some(true)
+            && lab.backend_state(0, &lab.nodes[0].ip.to_string()).is_some_and(|(_, r)| r == "not_ready")
+    });
+    let s = lab.status(0).unwrap();
+    assert!(checked, "{s}");
+    let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(!log.contains("this node can carry the VIPs"), "{log}");
+    let settled = log.lines().find(|l| l.contains("this node cannot carry the VIPs yet"));
+    assert!(settled.is_some_and(|l| l.contains("apiserver not ready")), "{log}");
+}
+
 /// A stopped apiserver leaves the table within fall × interval + one interval, after
 /// which every request succeeds without it; restarted, it comes back within
 /// rise × interval + one interval. An apiserver whose /readyz fails leaves too.

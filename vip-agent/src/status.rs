@@ -306,7 +306,7 @@ pub fn render(s: &Value) -> String {
             (None, Some(true), Some(ms)) => format!("LEADER (lease valid {ms} ms more)"),
             (None, Some(true), None) => "LEADER".to_owned(),
             // Without a running agent the pins say only that this node does not answer.
-            (None, _, _) if s["agent"].is_null() => "not answering ARP (no agent running)".to_owned(),
+            (None, _, _) if s["agent"].is_null() => "not answering ARP (as pinned; no agent reached)".to_owned(),
             (None, _, _) => "follower".to_owned(),
         };
         let _ = writeln!(out, "vip       {:<24} {:<5} {role}", str_of(&v["vip"]), str_of(&v["family"]));
@@ -475,7 +475,7 @@ mod tests {
         // No agent answering: the pins say only that this node does not answer.
         let pinned_only = json!({ "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }],
                                   "agent_error": "127.0.0.1:9469: Connection refused" });
-        assert!(row(render(&pinned_only)).ends_with("not answering ARP (no agent running)"));
+        assert!(row(render(&pinned_only)).ends_with("not answering ARP (as pinned; no agent reached)"));
         assert!(render(&pinned_only).contains("backend states are as the agent last wrote them"));
     }
 

@@ -388,6 +388,13 @@ impl Backends {
                 Err(e) => warn!(%backend, state = now, was, reason, error = %e, "backend state changed"),
                 Ok(()) => info!(%backend, state = now, was, "backend state changed"),
             }
+        } else if let (Err(e), false) = (&report.result, first) {
+            // The same state for another reason (a route gone, then a gateway that does
+            // not answer): what `status` and the metrics now show, so the log says it too.
+            if after.reason != before.reason {
+                let (backend, reason, was) = (after.ip, after.reason.name(), before.reason.name());
+                info!(%backend, state = now, reason, was, error = %e, "backend's reason changed");
+            }
         }
         out.table_changed = after != before;
         out

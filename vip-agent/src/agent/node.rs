@@ -146,7 +146,7 @@ impl Node {
         let Start { dev, nl, mut dp, adopted, mut host, probe, hash_seed, .. } = s;
         let (tx, reports) = mpsc::channel(64);
         let staged = stage(&cfg, &dev, &nl, &mut dp, adopted, &mut host, probe, hash_seed, tx).await;
-        let (balancer, backends, instance, predecessor, initially_leading) = match staged {
+        let (balancer, backends, instance, predecessor, initially_leading, first_flips) = match staged {
             Ok(x) => x,
             Err(e) => {
                 error!(error = %e, "start-up failed; undoing");
@@ -171,8 +171,13 @@ impl Node {
                 crate::dataplane::Hook::Tcx => "tcx_attachment",
             },
         );
+        // The first tables, written before the metrics existed, count as rebuilds too: the
+        // counter then agrees with the "Maglev table flipped" lines.
+        metrics.table_rebuilds.inc_by(first_flips);
+        // The address bound (with port 0, the one the kernel picked).
+        let addr = s.metrics_listener.local_addr().unwrap_or(cfg.metrics_addr);
         let metrics_task = tokio::spawn(metrics::serve(s.metrics_listener, Arc::new(registry), live.clone()));
-        info!(addr = %cfg.metrics_addr, "metrics served");
+        info!(%addr, "metrics served");
 
         let mut backends = backends;
         backends.start_checks(&cfg, &dev);
@@ -365,8 +370,14 @@ impl Node {
             return;
         }
         if self.backends.all_checked() && (!self.cfg.discover || self.discovered_once) {
-            info!("every backend checked once: this node can carry the VIPs");
             self.eligibility.settling_until = None;
+            // Whether it can carry the VIPs now: settled is one condition of several.
+            match self.eligibility.obstacles() {
+                why if why.is_empty() => info!("every backend checked once: this node can carry the VIPs"),
+                why => {
+                    info!(cannot = why.join(", "), "every backend checked once; this node cannot carry the VIPs yet")
+                }
+            }
             self.settle_tables();
             self.push_eligibility();
         }
@@ -601,8 +612,7 @@ impl Node {
     /// (the previous table stays live).
     fn update_table(&mut self) {
         match apply(&self.cfg, &mut self.dp, &mut self.balancer, &self.backends) {
-            Ok(true) => self.metrics.table_rebuilds.inc(),
-            Ok(false) => 0,
+            Ok(flips) => self.metrics.table_rebuilds.inc_by(flips),
             Err(e) => {
                 error!(error = %e, "updating the data plane failed");
                 0
@@ -668,7 +678,7 @@ async fn stage(
     probe: Option<Probe>,
     hash_seed: u32,
     tx: mpsc::Sender<Report>,
-) -> Result<(Balancer, Backends, String, Option<String>, bool), RunError> {
+) -> Result<(Balancer, Backends, String, Option<String>, bool, u64), RunError> {
     // A fresh instance id: 64 random bits from the kernel.
     let id = crate::election::random_bytes::<8>();
     let instance = instance_hex(&id);
@@ -694,7 +704,7 @@ async fn stage(
     // backend to a program older than holders, still attached until ours replaces it:
     // for those milliseconds, that slot's unpinned packets go to this node's stack. Only
     // while a backend drains during an upgrade; pinned flows are not affected.
-    apply(cfg, dp, &mut balancer, &backends)?;
+    let first_flips = apply(cfg, dp, &mut balancer, &backends)?;
     if adopted && cfg.attach == crate::dataplane::Hook::Tcx {
         // IPIP is XDP's: flows a previous agent pinned under it would be reset at tcx. By
         // DSR they keep their backend, which must then be on this segment (its MAC known:
@@ -787,7 +797,7 @@ async fn stage(
     if cfg.attach == crate::dataplane::Hook::Xdp && cfg.vlan != 0 {
         say_where_vlan_frames_go(cfg, dev, dp.vlan_companion());
     }
-    Ok((balancer, backends, instance, predecessor, initially_leading))
+    Ok((balancer, backends, instance, predecessor, initially_leading, first_flips))
 }
 
 /// With `--vlan` at XDP: whether the NIC strips VLAN tags decides where the VIPs' frames
@@ -872,8 +882,8 @@ async fn undo(dp: Dataplane, host: &mut Host, vips: &[std::net::IpAddr], vlan: u
 }
 
 /// Pushes the current backend set into the data plane: one service per VIP (of either
-/// family, over the same backends), and the peers. Returns whether a table flipped.
-fn apply(cfg: &RunConfig, dp: &mut Dataplane, balancer: &mut Balancer, backends: &Backends) -> Result<bool, RunError> {
+/// family, over the same backends), and the peers. Returns how many tables flipped.
+fn apply(cfg: &RunConfig, dp: &mut Dataplane, balancer: &mut Balancer, backends: &Backends) -> Result<u64, RunError> {
     let specs = backends.specs(cfg);
     let healthy = specs.iter().filter(|b| b.healthy).count();
     dp.maps_mut().set_peers(&backends.peers())?;
@@ -882,9 +892,9 @@ fn apply(cfg: &RunConfig, dp: &mut Dataplane, balancer: &mut Balancer, backends:
         .iter()
         .map(|&vip| ServiceSpec { vip, port: cfg.port, mode: cfg.forward, m: cfg.maglev_size, backends: specs.clone() })
         .collect();
-    let flipped = balancer.apply_all(dp.maps_mut(), &services)?.iter().any(|a| a.flipped);
-    if flipped && healthy == 0 && !backends.is_empty() {
+    let flips = balancer.apply_all(dp.maps_mut(), &services)?.iter().filter(|a| a.flipped).count() as u64;
+    if flips > 0 && healthy == 0 && !backends.is_empty() {
         warn!("no healthy backend: VIP traffic goes to this node's own stack (local apiserver, if any)");
     }
-    Ok(flipped)
+    Ok(flips)
 }
