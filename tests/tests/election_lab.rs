@@ -41,6 +41,12 @@ fn sigkill_of_the_leader_moves_the_vip_with_one_answerer_at_a_time() {
     let (lab, mut agents) = lab_with_agents([10, 71, 0]);
     let sampler = Sampler::start(&lab);
     let old = current_leader(&lab);
+    // A follower names the leader (the Lease's holder) in its status.
+    let names = |f: usize, leader: usize| {
+        lab.status(f).is_ok_and(|s| s["agent"]["lease_holder"] == lab.nodes[leader].name.as_str())
+    };
+    let follower = (old + 1) % 3;
+    assert!(wait_until(Duration::from_secs(3), || names(follower, old)), "{:?}", lab.status(follower));
     assert!(lab.request().is_ok());
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
@@ -49,6 +55,8 @@ fn sigkill_of_the_leader_moves_the_vip_with_one_answerer_at_a_time() {
     }
     assert!(wait_until(Duration::from_secs(5), || lab.leaders().iter().any(|&l| l != old)));
     let new = lab.leaders().into_iter().find(|&l| l != old).unwrap();
+    let other = (0..3).find(|&f| f != old && f != new).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || names(other, new)), "{:?}", lab.status(other));
     std::thread::sleep(Duration::from_millis(500));
     let samples = sampler.finish();
     let took = first_answer_by(&samples, mac_of_node(&lab, new), t).expect("the new leader never answered ARP");

@@ -681,6 +681,9 @@ pub enum ElectionEvent {
     /// Another node leads with another value of `what` than this node's (`theirs`), or,
     /// `None`, with the same again: sent on each change. See [`Compared`].
     LeaderDiffers { what: Compared, holder: String, theirs: Option<String> },
+    /// The Lease's holder (`holderIdentity`) as this node last read it, on each change
+    /// (`None`: held by none): what `status` names as the leader on a follower.
+    Holder { holder: Option<String> },
     /// The Lease API started or stopped answering this node's tries (sent on each
     /// change, at the first try, and while it does not answer, when its error changes,
     /// at most once per [`API_ERROR_REPORT_EVERY`]): what `status` and
@@ -711,6 +714,8 @@ struct Run<A, F> {
     /// The leader and its differing values, as last reported, by [`Compared::index`]
     /// ([`ElectionEvent::LeaderDiffers`]).
     differences_reported: [Option<(String, String)>; Compared::ALL.len()],
+    /// The holder as last reported ([`ElectionEvent::Holder`]); `None` before the first.
+    holder_reported: Option<Option<String>>,
     /// Whether the last try was answered, as last reported ([`ElectionEvent::LeaseApi`]),
     /// the error then and when; `None` before the first.
     api_reported: Option<(bool, Option<String>, Instant)>,
@@ -843,6 +848,7 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
         };
         self.report_duplicate().await;
         self.report_leader_differences().await;
+        self.report_holder().await;
         match outcome {
             Try::Held { fenced_until } => {
                 let from = self.elector.written_at().map_or(start, |w| w.max(start));
@@ -957,6 +963,16 @@ impl<A: LeaseApi, F: Fence> Run<A, F> {
             Err(_) => self.report_api(false, Some(format!("no answer within {:?}", self.cfg.renew_deadline))).await,
         }
         self.report_leader_differences().await;
+        self.report_holder().await;
+    }
+
+    /// Reports the Lease's holder as last read, if it changed since the last report.
+    async fn report_holder(&mut self) {
+        let holder = self.elector.observed_holder().map(str::to_owned);
+        if self.holder_reported.as_ref() != Some(&holder) {
+            self.holder_reported = Some(holder.clone());
+            self.send(ElectionEvent::Holder { holder }).await;
+        }
     }
 
     async fn report_duplicate(&mut self) {
@@ -1001,6 +1017,7 @@ pub async fn run<A: LeaseApi, F: Fence>(
         unanswered_logged: None,
         unanswered_warned: false,
         differences_reported: Default::default(),
+        holder_reported: None,
         api_reported: None,
     };
     let mut ticker = tokio::time::interval(cfg.retry_period);

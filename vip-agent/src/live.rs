@@ -77,6 +77,9 @@ pub struct LiveView {
     /// The Lease holder places flows otherwise than this node: the holder and its
     /// placement (as `vip_leader_flow_placement_differs`; see `maglev::placement`).
     pub leader_flow_placement_differs: Option<(String, String)>,
+    /// The Lease's holder (`holderIdentity`) as the election last read it: on a follower,
+    /// the node that leads (`None`: none holds it, or no election).
+    pub lease_holder: Option<String>,
 }
 
 /// Reads every BGP peer's session as it is at the moment of the call.

@@ -307,7 +307,10 @@ pub fn render(s: &Value) -> String {
             (None, Some(true), None) => "LEADER".to_owned(),
             // Without a running agent the pins say only that this node does not answer.
             (None, _, _) if s["agent"].is_null() => "not answering ARP (as pinned; no agent reached)".to_owned(),
-            (None, _, _) => "follower".to_owned(),
+            (None, _, _) => match s["agent"]["lease_holder"].as_str() {
+                Some(holder) => format!("follower (the Lease is held by {holder})"),
+                None => "follower".to_owned(),
+            },
         };
         let _ = writeln!(out, "vip       {:<24} {:<5} {role}", str_of(&v["vip"]), str_of(&v["family"]));
     }
@@ -455,6 +458,21 @@ mod tests {
         let quiet = render(&json!({ "agent": { "mode": "arp", "duplicate_instance": null, "leader_vips_differ": null,
                                                "leader_flow_placement_differs": null } }));
         assert!(!quiet.contains("warning"), "{quiet}");
+    }
+
+    /// A follower names the node holding the Lease (the leader), so finding it takes
+    /// one `status`, not one per node.
+    #[test]
+    fn a_follower_names_the_lease_holder() {
+        let row = |holder: serde_json::Value| {
+            let status = json!({
+                "agent": { "mode": "arp", "lease_holder": holder },
+                "vips": [{ "vip": "10.0.0.100", "family": "ipv4", "leader": false }],
+            });
+            render(&status).lines().find(|l| l.starts_with("vip ")).unwrap_or_default().to_owned()
+        };
+        assert!(row(json!("n2")).ends_with("follower (the Lease is held by n2)"), "{}", row(json!("n2")));
+        assert!(row(serde_json::Value::Null).ends_with(" follower"), "{}", row(serde_json::Value::Null));
     }
 
     /// In BGP mode a VIP's row says whether this node advertises it, not "follower".

@@ -121,6 +121,8 @@ pub struct Node {
     /// The Lease holder and its value, for each [`Compared`] (by position in
     /// [`Compared::ALL`]) while it is not this node's.
     leader_differs: [Option<(String, String)>; Compared::ALL.len()],
+    /// The Lease's holder as the election last read it (`None`: none, or no election).
+    lease_holder: Option<String>,
     /// This node's own values of each [`Compared`], as written to the Lease when it leads.
     compared: [String; Compared::ALL.len()],
     /// Discovery's first snapshot is in.
@@ -254,6 +256,7 @@ impl Node {
             metrics_task,
             duplicate_seen: None,
             leader_differs: Default::default(),
+            lease_holder: None,
             compared,
             discovered_once: false,
             lease_api: None,
@@ -319,6 +322,7 @@ impl Node {
             duplicate_instance: self.duplicate_seen.as_ref().map(|(_, other)| other.clone()),
             leader_vips_differ: self.leader_differs[Compared::Vips.index()].clone(),
             leader_flow_placement_differs: self.leader_differs[Compared::FlowPlacement.index()].clone(),
+            lease_holder: self.lease_holder.clone(),
         };
         live::publish(&self.live, view);
     }
@@ -493,6 +497,10 @@ impl Node {
                     }
                     ElectionEvent::LeaderDiffers { what, holder, theirs } => {
                         self.on_leader_differs(what, holder, theirs)
+                    }
+                    ElectionEvent::Holder { holder } => {
+                        self.lease_holder = holder;
+                        self.publish();
                     }
                     ElectionEvent::LeaseApi { answering, error } => {
                         // "Since" counts from the change of state, not of the error.

@@ -297,6 +297,7 @@ impl ArpAnnounce {
                 }
             }
             ElectionEvent::DuplicateIdentity { .. }
+            | ElectionEvent::Holder { .. }
             | ElectionEvent::LeaseApi { .. }
             | ElectionEvent::LeaderDiffers { .. } => {}
         }
