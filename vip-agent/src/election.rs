@@ -1430,11 +1430,12 @@ mod tests {
     }
 
     /// The next event about leadership; the Lease API's reports met on the way are
-    /// added to `api` (whether it answered).
+    /// added to `api` (whether it answered), the holder's skipped.
     async fn next_role(rx: &mut mpsc::Receiver<ElectionEvent>, api: &mut Vec<bool>) -> Option<ElectionEvent> {
         loop {
             match rx.recv().await {
                 Some(ElectionEvent::LeaseApi { answering, .. }) => api.push(answering),
+                Some(ElectionEvent::Holder { .. }) => {}
                 other => return other,
             }
         }
@@ -1445,6 +1446,7 @@ mod tests {
         loop {
             match rx.try_recv().ok() {
                 Some(ElectionEvent::LeaseApi { answering, .. }) => api.push(answering),
+                Some(ElectionEvent::Holder { .. }) => {}
                 other => return other,
             }
         }
@@ -1534,8 +1536,12 @@ mod tests {
         let store = Refusing::new(Store::default(), refusing.clone());
         let (task, mut rx, _senders) = ineligible_run(store.clone());
         let collect = |rx: &mut mpsc::Receiver<ElectionEvent>, errors: &mut Vec<String>| {
-            while let Ok(ElectionEvent::LeaseApi { answering: false, error }) = rx.try_recv() {
-                errors.push(error.unwrap_or_default());
+            loop {
+                match rx.try_recv() {
+                    Ok(ElectionEvent::LeaseApi { answering: false, error }) => errors.push(error.unwrap_or_default()),
+                    Ok(ElectionEvent::Holder { .. }) => {}
+                    _ => break,
+                }
             }
         };
         let mut errors = Vec::new();
