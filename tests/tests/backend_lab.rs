@@ -332,6 +332,28 @@ fn by_ipip_a_node_stopping_for_good_is_drained_before_it_leaves() {
     );
 }
 
+/// By IPIP with XDP in generic (SKB) mode, GRO on the interface merges a client's
+/// segments into frames larger than the MTU, which IPIP cannot carry: large uploads stall
+/// (found by a new-user trial). The agent says so, naming the fix; with GRO off, it says
+/// nothing.
+#[test]
+fn ipip_in_generic_mode_warns_of_gro() {
+    let lab = ApiLab::new([10, 141, 0], 3, &[0]).unwrap();
+    let gro = |on: &str| tests::netns::run(lab.ns(0).cmd("ethtool").args(["-K", "eth0", "gro", on])).unwrap();
+    let warned = |on: &str| {
+        gro(on);
+        let mut agent = lab.spawn_agent_logging(0, &["--forward", "ipip"], Some("info")).unwrap();
+        // Attached in generic mode: what the warning is read after.
+        let attached =
+            wait_until(Duration::from_secs(10), || lab.status(0).is_ok_and(|s| s["agent"]["xdp_mode"] == "skb"));
+        let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+        assert!(attached, "{log}");
+        log.contains("turn GRO off (ethtool -K eth0 gro off)")
+    };
+    assert!(warned("on"), "no warning with GRO on");
+    assert!(!warned("off"), "a warning with GRO off");
+}
+
 /// `--forward ipip` with the interfaces' `forwarding` sysctl at 0: the agent enables it
 /// (the FIB refuses output lookups otherwise), and uploads of 1 MiB — full-size
 /// segments that no longer fit once encapsulated — go through with no reset: the leader

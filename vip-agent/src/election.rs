@@ -1535,13 +1535,11 @@ mod tests {
         let refusing = Arc::new(Mutex::new(true));
         let store = Refusing::new(Store::default(), refusing.clone());
         let (task, mut rx, _senders) = ineligible_run(store.clone());
-        let collect = |rx: &mut mpsc::Receiver<ElectionEvent>, errors: &mut Vec<String>| {
-            loop {
-                match rx.try_recv() {
-                    Ok(ElectionEvent::LeaseApi { answering: false, error }) => errors.push(error.unwrap_or_default()),
-                    Ok(ElectionEvent::Holder { .. }) => {}
-                    _ => break,
-                }
+        let collect = |rx: &mut mpsc::Receiver<ElectionEvent>, errors: &mut Vec<String>| loop {
+            match rx.try_recv() {
+                Ok(ElectionEvent::LeaseApi { answering: false, error }) => errors.push(error.unwrap_or_default()),
+                Ok(ElectionEvent::Holder { .. }) => {}
+                _ => break,
             }
         };
         let mut errors = Vec::new();

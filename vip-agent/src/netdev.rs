@@ -103,6 +103,28 @@ pub fn lookup(name: &str) -> Result<Netdev, NetdevError> {
     Ok(Netdev { name: name.to_owned(), ifindex, mac: MacAddr(mac), ipv4 })
 }
 
+/// `ETHTOOL_GGRO` (`linux/ethtool.h`): read whether generic receive offload is on.
+const ETHTOOL_GGRO: u32 = 0x2b;
+
+/// Whether generic receive offload (GRO) is on for interface `name` (`ethtool -k`'s
+/// `generic-receive-offload`, through the `SIOCETHTOOL` ioctl: one value, where the
+/// ethtool netlink family would need a generic-netlink client we do not otherwise have).
+/// `None`: the interface is gone.
+pub fn gro_enabled(name: &str) -> Result<Option<bool>, NetdevError> {
+    // `struct ethtool_value`: the command in, the value out.
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut value = EthtoolValue { cmd: ETHTOOL_GGRO, data: 0 };
+    let data = std::ptr::addr_of_mut!(value).cast::<libc::c_char>();
+    // SAFETY: SIOCETHTOOL reads ifru_data as a pointer to the ethtool_value above, which
+    // outlives the call.
+    let done = ifreq_ioctl_with(name, libc::SIOCETHTOOL as libc::Ioctl, |ifr| ifr.ifr_ifru.ifru_data = data)?;
+    Ok(done.map(|_| value.data != 0))
+}
+
 /// Whether interface `name` is administratively up and has carrier (`IFF_UP` and
 /// `IFF_RUNNING`, the operational state). `false` if it does not exist.
 pub fn is_up(name: &str) -> bool {

@@ -285,6 +285,9 @@ impl Node {
                 if mode == Some("skb") && self.cfg.xdp_mode == crate::dataplane::AttachMode::Auto {
                     info!(interface = %self.dev.name, "XDP runs in generic (SKB) mode: the driver has no XDP hook of its own");
                 }
+                if mode == Some("skb") && self.cfg.forward == vip_common::ForwardMode::Ipip {
+                    warn_gro_under_generic_ipip(&self.dev.name);
+                }
                 self.xdp_mode = mode;
             }
             Err(error) => warn!(interface = %self.dev.name, %error, "cannot read the XDP attach mode"),
@@ -660,6 +663,23 @@ impl Node {
         self.metrics_task.abort();
         undo(self.dp, &mut self.host, &self.cfg.vips, self.cfg.vlan, keep).await;
         info!("stopped cleanly");
+    }
+}
+
+/// Generic (SKB) XDP runs after GRO, which merges a client's segments into one frame
+/// larger than the MTU: by IPIP, which cannot carry it, the program answers "fragmentation
+/// needed" for segments that fit, and a large upload stalls (found by a new-user trial;
+/// native XDP sees frames as they arrived). Warns if GRO is on.
+fn warn_gro_under_generic_ipip(interface: &str) {
+    match crate::netdev::gro_enabled(interface) {
+        Ok(Some(true)) => warn!(
+            interface,
+            "IPIP with XDP in generic (SKB) mode and GRO on: merged frames are larger than the MTU, and large \
+             uploads through the VIP stall (counted ipip_frag_needed); turn GRO off (ethtool -K {interface} gro off), \
+             on the devices below this one too"
+        ),
+        Ok(_) => {}
+        Err(error) => warn!(interface, %error, "cannot read whether GRO is on"),
     }
 }
 
