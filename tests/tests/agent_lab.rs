@@ -80,9 +80,18 @@ fn the_rebuild_counter_counts_every_table_the_log_shows_flipped() {
     lab.wait_healthy_or_log(0, &mut agent).unwrap();
     lab.stop_apiserver(1);
     assert!(wait_until(Duration::from_secs(5), || lab.backend_healthy(0, 1) == Some(false)));
-    let rebuilds = lab.metric(0, "vip_table_rebuilds_total").expect("the counter");
+    // Read once the tables have settled (two reads alike), and compared with the flips
+    // logged before the agent was told to stop.
+    let mut rebuilds = lab.metric(0, "vip_table_rebuilds_total").expect("the counter");
+    let settled = wait_until(Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let again = lab.metric(0, "vip_table_rebuilds_total").expect("the counter");
+        std::mem::replace(&mut rebuilds, again) == again
+    });
+    assert!(settled, "the tables never settled");
     let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
-    let flips = log.matches("Maglev table flipped").count();
+    let before_stop = log.split("stopping signal").next().unwrap_or_default();
+    let flips = before_stop.matches("Maglev table flipped").count();
     assert!(flips >= 2, "a first table and one without n2: {flips}\n{log}");
     assert_eq!(rebuilds, flips as f64, "counter {rebuilds}, {flips} flips logged:\n{log}");
 }

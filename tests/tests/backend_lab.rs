@@ -348,7 +348,7 @@ fn ipip_in_generic_mode_warns_of_gro() {
             wait_until(Duration::from_secs(10), || lab.status(0).is_ok_and(|s| s["agent"]["xdp_mode"] == "skb"));
         let (_, log) = agent.stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
         assert!(attached, "{log}");
-        log.contains("turn GRO off (ethtool -K eth0 gro off)")
+        log.contains("and GRO on: merged frames") && log.contains("(ethtool -K eth0 gro off")
     };
     assert!(warned("on"), "no warning with GRO on");
     assert!(!warned("off"), "a warning with GRO off");

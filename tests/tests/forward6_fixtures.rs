@@ -105,6 +105,14 @@ fn syn_with_options(sport: u16) -> Frame {
     Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(CLIENT6, VIP6, IPPROTO_TCP, &t))
 }
 
+/// A peer's IPv6 VIP-path probe from `PEER6:sport`: a SYN without options, window
+/// `PROBE6_WINDOW` (the `tcp` helper's sequence number 1).
+fn probe6(sport: u16) -> Frame {
+    let mut t = tcp(sport, PORT, TCP_SYN);
+    t[14..16].copy_from_slice(&vip_common::PROBE6_WINDOW.to_be_bytes());
+    Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV6, ipv6(PEER6, VIP6, IPPROTO_TCP, &t))
+}
+
 /// A leaving node's answer to a peer's IPv6 VIP-path probe (an option-less SYN from
 /// `PEER6:sport`, the `tcp` helper's sequence number 1, from `PEER_MAC`): a RST from
 /// VIP6:PORT acknowledging 2, sequence number 0, window `REFUSAL_WINDOW`, the TCP
@@ -194,8 +202,14 @@ fn table_of(program: Program) {
     check(
         &dp,
         "leaving: a peer's IPv6 VIP-path probe is answered with a RST",
-        Frame { src: PEER_MAC, ..tcp6(PEER6, 40020, VIP6, PORT, TCP_SYN) }.bytes(),
+        Frame { src: PEER_MAC, ..probe6(40020) }.bytes(),
         Expect { action: xdp::TX, reason: ProbeRefusedLeaving, output: Some(refusal6(40020)) },
+    );
+    check(
+        &dp,
+        "leaving: an option-less client SYN from the leader's MAC (no probe's window): delivered here",
+        Frame { src: PEER_MAC, ..tcp6(CLIENT6, 40025, VIP6, PORT, TCP_SYN) }.bytes(),
+        pass(BalancedByPeer),
     );
     check(
         &dp,
@@ -215,7 +229,7 @@ fn table_of(program: Program) {
     check(
         &dp,
         "not leaving: a peer's IPv6 VIP-path probe is delivered here (the stack answers it)",
-        Frame { src: PEER_MAC, ..tcp6(PEER6, 40024, VIP6, PORT, TCP_SYN) }.bytes(),
+        Frame { src: PEER_MAC, ..probe6(40024) }.bytes(),
         pass(BalancedByPeer),
     );
     check(&dp, "SYN to another port of the VIP", tcp6(CLIENT6, 40004, VIP6, 22, TCP_SYN).bytes(), pass(VipOtherPort));

@@ -244,7 +244,8 @@ fn an_ipv6_vip_adopted_from_pins_without_the_list_is_still_served() {
 /// manager or a link flap with `keep_addr_on_down=0` does, so it has no route back) is
 /// drained by the leader with reason `vip_path`: no new flow of either family goes to it
 /// (found by a new-user trial: 12 of 30 IPv6 requests failed while it was trusted on its
-/// IPv4 checks). With its address back, it is up again.
+/// IPv4 checks). With its address back, it is up again. The prober's own address gone
+/// drains nothing: its probes fail for every backend, and that is its own fault.
 #[test]
 fn a_node_without_its_ipv6_address_is_drained_until_it_has_it_again() {
     let lab = ApiLab::new([10, 136, 0], 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap().with_ipv6().unwrap();
@@ -283,4 +284,39 @@ fn a_node_without_its_ipv6_address_is_drained_until_it_has_it_again() {
     lab.ns(other).ip(&["-6", "addr", "add", &addr6, "dev", "eth0", "nodad"]).unwrap();
     let back = wait_until(Duration::from_secs(10), || state() == Some(("up".into(), String::new())));
     assert!(back, "{name} not back with its IPv6 address: {:?}", state());
+
+    // The prober's own IPv6 failing instead: its probes go unanswered for every backend,
+    // and that is its fault, not theirs. Nothing drains (a reviewer found every backend
+    // drained, for both families). First every answer to its address lost on the way
+    // (its address still there), then its address gone.
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let all_up_for = |what: &str, d: Duration| {
+        let t = Instant::now();
+        while t.elapsed() < d {
+            for &i in &others {
+                let s = lab.backend_state(leader, &lab.nodes[i].ip.to_string());
+                assert_eq!(s, Some(("up".into(), String::new())), "{} with {what}", lab.nodes[i].name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let leader6 = lab.ipv6_of(lab.nodes[leader].ip.octets()[3]).to_string();
+    let drop =
+        format!("table ip6 t {{ chain o {{ type filter hook output priority 0; ip6 daddr {leader6} drop; }}; }}");
+    for &i in &others {
+        tests::netns::run(lab.ns(i).cmd("nft").arg(&drop)).unwrap();
+    }
+    all_up_for("no IPv6 answer reaching the prober", Duration::from_secs(2));
+    for &i in &others {
+        tests::netns::run(lab.ns(i).cmd("nft").args(["delete", "table", "ip6", "t"])).unwrap();
+    }
+    let own6 = format!("{leader6}/64");
+    lab.ns(leader).ip(&["-6", "addr", "del", &own6, "dev", "eth0"]).unwrap();
+    for &i in &others {
+        lab.ns(i).ip(&["-6", "neigh", "flush", "dev", "eth0"]).unwrap();
+    }
+    all_up_for("the prober's IPv6 address gone", Duration::from_secs(2));
+    let (answered, errors) = lab.requests(30);
+    assert!(errors.is_empty() && answered.len() == 3, "IPv4, the prober without IPv6: {answered:?} {errors:?}");
+    lab.ns(leader).ip(&["-6", "addr", "add", &own6, "dev", "eth0", "nodad"]).unwrap();
 }

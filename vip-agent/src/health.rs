@@ -269,7 +269,7 @@ pub enum CheckError {
         /// reset by its host (nothing listens on VIP:port there).
         refused: bool,
     },
-    /// The first VIP's path is accepted, another VIP's is not (see [`vip_paths`]).
+    /// The first VIP's path is accepted, another VIP's is not (see [`judge`]).
     #[error("apiserver ready but traffic for VIP {vip} not accepted: {why}")]
     VipMissing { vip: IpAddr, why: String },
 }
@@ -359,7 +359,7 @@ pub struct DsrCheck {
     pub ifindex: u32,
     /// The first IPv4 VIP's probe (`None`: IPv6 VIPs only).
     pub probe: Option<crate::vipprobe::VipProbe>,
-    /// The other IPv4 VIPs, probed with `probe`'s (see [`vip_paths`]).
+    /// The other IPv4 VIPs, probed with `probe`'s (see [`judge`]).
     pub other_vips: Vec<Ipv4Addr>,
     /// The IPv6 VIPs, probed at the same time from this node's IPv6 address on the
     /// interface ([`Source6`]; without one, not probed: this node could not tell a
@@ -370,33 +370,124 @@ pub struct DsrCheck {
     pub port: u16,
     /// Shared by every checker.
     pub source6: Arc<Source6>,
+    /// `--fall`: unanswered IPv6 rounds in a row before they count ([`ipv6_silence_counts`]).
+    pub fall: u32,
+}
+
+impl DsrCheck {
+    /// Lets the IPv6 VIPs' unanswered probes of this round count only when this node's
+    /// own IPv6 path is proven, from the `fall`-th round in a row ([`ipv6_silence_counts`]):
+    /// a backend answered one of this node's IPv6 probes within `window` (an interval and
+    /// a timeout: every backend is probed that often) and the source `src` is still this
+    /// node's address (read again). Otherwise they read as answered. Without this, a
+    /// fault of this node's own IPv6 (its address removed, a route) drained every backend
+    /// for both families. `rounds`: the checker's count, updated.
+    async fn gate_ipv6(&self, probed: &mut [Probed], src: Ipv6Addr, rounds: &mut u32, window: Duration) {
+        if probed.iter().any(|p| p.vip.is_ipv6() && p.answered) {
+            self.source6.note_answer();
+        }
+        let unanswered = probed.iter().any(|p| p.vip.is_ipv6() && !p.answered);
+        let proven = unanswered
+            && self.source6.answered_within(window)
+            && self.source6.get(&self.netlink, self.ifindex, Source6::MAX_AGE_AFTER_SILENCE).await == Some(src);
+        if !ipv6_silence_counts(unanswered, proven, rounds, self.fall) {
+            for p in probed.iter_mut().filter(|p| p.vip.is_ipv6() && !p.answered) {
+                p.outcome = Ok(());
+            }
+        }
+    }
 }
 
 /// This node's IPv6 address on the interface, the IPv6 probes' source
-/// ([`crate::netlink::Netlink::probe_source6`]), read again once it is older than
-/// [`Source6::MAX_AGE`]: one address dump a second at most, however many backends are
-/// checked, and an address that goes or comes is seen within a second.
+/// ([`crate::netlink::Netlink::probe_source6`]), shared by every checker: read again once
+/// older than [`Source6::MAX_AGE`] (one address dump a second at most, however many
+/// backends are checked; an address that goes or comes is seen within a second), by one
+/// checker at a time while the others use the last read. And when a backend last answered
+/// one of this node's IPv6 probes: what proves this node's own IPv6 path (see
+/// [`DsrCheck::gate_ipv6`]).
 #[derive(Default)]
 pub struct Source6 {
     /// The address (`None`: none) and when it was read.
-    read: tokio::sync::Mutex<Option<(Option<Ipv6Addr>, Instant)>>,
+    read: std::sync::Mutex<Option<(Option<Ipv6Addr>, Instant)>>,
+    /// A checker is reading it.
+    refreshing: std::sync::atomic::AtomicBool,
+    /// When a backend last answered an IPv6 probe (a SYN-ACK, a refusal, its host's reset).
+    answered: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Clears [`Source6::refreshing`] when the read ends, however it ends (a checker aborted
+/// mid-read included).
+struct Refreshing<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Refreshing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Source6 {
     pub const MAX_AGE: Duration = Duration::from_secs(1);
+    /// How old a read may be when an IPv6 probe went unanswered: the address may have
+    /// just gone.
+    pub const MAX_AGE_AFTER_SILENCE: Duration = Duration::from_millis(100);
 
-    /// The address, read again if stale (a failed read: none, until the next).
-    pub async fn get(&self, netlink: &crate::netlink::Netlink, ifindex: u32) -> Option<Ipv6Addr> {
-        let mut read = self.read.lock().await;
-        match *read {
-            Some((addr, at)) if at.elapsed() < Self::MAX_AGE => addr,
-            _ => {
-                let addr = netlink.probe_source6(ifindex).await.ok().flatten();
-                *read = Some((addr, Instant::now()));
-                addr
-            }
+    /// The address, read again if older than `max_age` unless another checker is reading
+    /// it (then the last read). A failed read keeps the last address.
+    pub async fn get(&self, netlink: &crate::netlink::Netlink, ifindex: u32, max_age: Duration) -> Option<Ipv6Addr> {
+        let last = *self.read.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match last {
+            Some((addr, at)) if at.elapsed() < max_age => return addr,
+            _ => {}
         }
+        if self.refreshing.swap(true, std::sync::atomic::Ordering::Acquire) {
+            return last.and_then(|(addr, _)| addr);
+        }
+        let _reading = Refreshing(&self.refreshing);
+        let addr = match netlink.probe_source6(ifindex).await {
+            Ok(addr) => addr,
+            Err(_) => last.and_then(|(addr, _)| addr),
+        };
+        *self.read.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((addr, Instant::now()));
+        addr
     }
+
+    /// A backend answered an IPv6 probe now.
+    fn note_answer(&self) {
+        *self.answered.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Whether a backend answered an IPv6 probe within `window`.
+    fn answered_within(&self, window: Duration) -> bool {
+        self.answered.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some_and(|t| t.elapsed() < window)
+    }
+}
+
+/// One VIP's probe result, as [`judge`] reads it.
+#[derive(Debug)]
+struct Probed {
+    vip: IpAddr,
+    outcome: Result<(), String>,
+    /// Refused by a leaving node's data plane.
+    refused: bool,
+    /// Something answered (a SYN-ACK, a refusal, the host's reset), rather than nothing
+    /// or a probe that could not be sent.
+    answered: bool,
+}
+
+/// Whether this node's unanswered IPv6 probes of one backend count against it:
+/// `unanswered`, some IPv6 VIP went unanswered this round; `proven`, this node's own
+/// IPv6 path is known to work (see [`DsrCheck::gate_ipv6`]); `rounds`, the counted
+/// unanswered rounds in a row before this one (updated); `fall`, `--fall`. They count
+/// from the `fall`-th such round in a row: where the IPv4 probe rides on the address the
+/// apiserver check has just proven, the IPv6 one has a path of its own, which a fault on
+/// this node's side breaks for every backend at once.
+fn ipv6_silence_counts(unanswered: bool, proven: bool, rounds: &mut u32, fall: u32) -> bool {
+    if !unanswered || !proven {
+        *rounds = 0;
+        return false;
+    }
+    *rounds += 1;
+    *rounds >= fall.max(1)
 }
 
 /// What a checker does beyond asking the apiserver, by how the backend is reached.
@@ -432,6 +523,8 @@ pub async fn run_checker(
     // The backend's MAC, read from the neighbour table when unknown or after a VIP-path
     // probe to it failed (it may have changed), not on every check.
     let mut mac = None;
+    // Unanswered IPv6 rounds in a row (see `DsrCheck::gate_ipv6`).
+    let mut ipv6_rounds = 0;
     loop {
         ticker.tick().await;
         let start = Instant::now();
@@ -444,14 +537,22 @@ pub async fn run_checker(
                         mac = dsr.netlink.neighbour_mac(dsr.ifindex, ip).await.ok().flatten();
                     }
                     if let Some(m) = mac {
-                        let src6 =
-                            if dsr.vips6.is_empty() { None } else { dsr.source6.get(&dsr.netlink, dsr.ifindex).await };
+                        let src6 = if dsr.vips6.is_empty() {
+                            None
+                        } else {
+                            dsr.source6.get(&dsr.netlink, dsr.ifindex, Source6::MAX_AGE).await
+                        };
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
                         let v6 = src6.map(|src_ip| {
                             let p = VipProbe6 { ifindex: dsr.ifindex, src_mac: dsr.src_mac, src_ip, port: dsr.port };
                             (p, dsr.vips6.clone())
                         });
-                        result = vip_paths(dsr.probe, &dsr.other_vips, v6, ip, Via::Dsr { mac: m }, left).await;
+                        let mut probed =
+                            probe_paths(dsr.probe, &dsr.other_vips, v6, ip, Via::Dsr { mac: m }, left).await;
+                        if let Some(src) = src6 {
+                            dsr.gate_ipv6(&mut probed, src, &mut ipv6_rounds, interval + timeout).await;
+                        }
+                        result = judge(probed);
                     }
                 }
                 PathCheck::Ipip { netlink, ifindex, probe, other_vips: others } => {
@@ -459,7 +560,7 @@ pub async fn run_checker(
                     if let (Some(p), Some(hop)) = (probe, nexthop) {
                         let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
                         let via = Via::Ipip { nexthop_mac: hop.mac };
-                        result = vip_paths(Some(*p), others, None, ip, via, left).await;
+                        result = judge(probe_paths(Some(*p), others, None, ip, via, left).await);
                     }
                 }
             }
@@ -481,21 +582,16 @@ pub async fn run_checker(
 
 /// The VIP-path probes of a backend on another node, for the first IPv4 VIP
 /// (`probe.vip`), each of `others`, and each IPv6 VIP of `v6` (by DSR: IPIP carries none)
-/// at once, within `left`, off the runtime (they block on raw sockets). The first VIP's
-/// failure (the first IPv4 VIP's; without one, the first IPv6 VIP's) is
-/// [`CheckError::VipPath`] (refused: its node is leaving). A node that accepts the first
-/// and lacks another (a rolling change of the VIP list that reached this node first; an
-/// IPv6 address its network manager removed, so it cannot answer the IPv6 VIPs' clients)
-/// would get that VIP's flows and drop them: it drains, as for its first VIP, but its
-/// silence there says nothing of its leaving ([`CheckError::VipMissing`]).
-async fn vip_paths(
+/// at once, within `left`, off the runtime (they block on raw sockets): each VIP's result,
+/// the IPv4 VIPs' first, for [`judge`].
+async fn probe_paths(
     probe: Option<crate::vipprobe::VipProbe>,
     others: &[Ipv4Addr],
     v6: Option<(VipProbe6, Vec<Ipv6Addr>)>,
     ip: Ipv4Addr,
     via: Via,
     left: Duration,
-) -> Result<(), CheckError> {
+) -> Vec<Probed> {
     use crate::vipprobe::{probe as probe4, probe6, VipProbeError};
     type Outcome = Result<Vec<Result<(), VipProbeError>>, String>;
     let joined = |r: Result<Result<_, VipProbeError>, tokio::task::JoinError>| -> Outcome {
@@ -514,22 +610,39 @@ async fn vip_paths(
         }
         _ => None,
     };
-    let mut results: Vec<(IpAddr, Result<(), String>, bool)> = Vec::new();
+    let mut probed = Vec::new();
     for (vips, task) in v4.into_iter().chain(v6) {
         match joined(task.await) {
-            Ok(outcome) => results.extend(vips.into_iter().zip(outcome).map(|(vip, r)| {
+            Ok(outcome) => probed.extend(vips.into_iter().zip(outcome).map(|(vip, r)| {
                 let refused = matches!(r, Err(VipProbeError::Refused { .. }));
-                (vip, r.map_err(|e| e.to_string()), refused)
+                let answered = !matches!(r, Err(VipProbeError::NoAnswer { .. } | VipProbeError::Socket(_)));
+                Probed { vip, outcome: r.map_err(|e| e.to_string()), refused, answered }
             })),
             // The probe itself failed (its socket): every VIP of the family unproven.
-            Err(why) => results.extend(vips.into_iter().map(|vip| (vip, Err(why.clone()), false))),
+            Err(why) => probed.extend(vips.into_iter().map(|vip| Probed {
+                vip,
+                outcome: Err(why.clone()),
+                refused: false,
+                answered: false,
+            })),
         }
     }
-    let mut results = results.into_iter();
-    if let Some((_, Err(why), refused)) = results.next() {
+    probed
+}
+
+/// The check's result from its VIPs' probes ([`probe_paths`]): the first VIP's failure
+/// (the first IPv4 VIP's; without one, the first IPv6 VIP's) is [`CheckError::VipPath`]
+/// (refused: its node is leaving). A node that accepts the first and lacks another (a
+/// rolling change of the VIP list that reached this node first; an IPv6 address its
+/// network manager removed, so it cannot answer the IPv6 VIPs' clients) would get that
+/// VIP's flows and drop them: it drains, as for its first VIP, but its silence there says
+/// nothing of its leaving ([`CheckError::VipMissing`]).
+fn judge(probed: Vec<Probed>) -> Result<(), CheckError> {
+    let mut probed = probed.into_iter();
+    if let Some(Probed { outcome: Err(why), refused, .. }) = probed.next() {
         return Err(CheckError::VipPath { why, refused });
     }
-    match results.find_map(|(vip, r, _)| r.err().map(|why| (vip, why))) {
+    match probed.find_map(|p| p.outcome.err().map(|why| (p.vip, why))) {
         Some((vip, why)) => Err(CheckError::VipMissing { vip, why }),
         None => Ok(()),
     }
@@ -580,6 +693,43 @@ mod tests {
         check(&Probe::Tcp, addr, Duration::from_secs(1)).await.unwrap();
         drop(listener);
         assert!(matches!(check(&Probe::Tcp, addr, Duration::from_secs(1)).await, Err(CheckError::Connect(_))));
+    }
+
+    /// Unanswered IPv6 probes count against a backend only while this node's own IPv6
+    /// path is proven, from the `fall`-th round in a row; an answered round, or one this
+    /// node cannot vouch for, starts the count again.
+    #[test]
+    fn unanswered_ipv6_probes_count_only_proven_and_from_the_fall_th_round() {
+        let mut rounds = 0;
+        let counts = |rounds: &mut u32, unanswered, proven| ipv6_silence_counts(unanswered, proven, rounds, 3);
+        assert_eq!([counts(&mut rounds, true, true), counts(&mut rounds, true, true)], [false, false]);
+        assert!(counts(&mut rounds, true, true), "the third round in a row counts");
+        assert!(counts(&mut rounds, true, true), "and the next");
+        assert!(!counts(&mut rounds, true, false), "not proven: not counted");
+        assert_eq!(rounds, 0, "and the count starts again");
+        assert!(!counts(&mut rounds, true, true));
+        assert!(!counts(&mut rounds, false, true), "answered");
+        assert_eq!(rounds, 0);
+        assert!(ipv6_silence_counts(true, true, &mut 0, 1), "--fall 1: at once");
+    }
+
+    /// The first VIP's failure is the check's (refused or not); another VIP's makes the
+    /// backend miss that VIP; none: the path is accepted.
+    #[test]
+    fn the_first_vips_failure_decides_and_another_is_a_missing_vip() {
+        let p = |vip: &str, outcome: Result<(), &str>, refused| Probed {
+            vip: vip.parse().unwrap(),
+            outcome: outcome.map_err(str::to_owned),
+            refused,
+            answered: true,
+        };
+        let first = judge(vec![p("10.0.0.100", Err("refused"), true), p("fd00::100", Err("x"), false)]);
+        assert!(matches!(first, Err(CheckError::VipPath { refused: true, .. })), "{first:?}");
+        let other = judge(vec![p("10.0.0.100", Ok(()), false), p("fd00::100", Err("no SYN-ACK"), false)]);
+        let vip: IpAddr = "fd00::100".parse().unwrap();
+        assert!(matches!(other, Err(CheckError::VipMissing { vip: v, .. }) if v == vip), "{other:?}");
+        assert!(judge(vec![p("10.0.0.100", Ok(()), false), p("fd00::100", Ok(()), false)]).is_ok());
+        assert!(judge(Vec::new()).is_ok(), "nothing probed");
     }
 
     #[test]

@@ -105,24 +105,46 @@ pub fn lookup(name: &str) -> Result<Netdev, NetdevError> {
 
 /// `ETHTOOL_GGRO` (`linux/ethtool.h`): read whether generic receive offload is on.
 const ETHTOOL_GGRO: u32 = 0x2b;
+/// `ETHTOOL_GFLAGS`: read the device flags, among them `ETH_FLAG_LRO`.
+const ETHTOOL_GFLAGS: u32 = 0x25;
+/// `ETH_FLAG_LRO` in `ETHTOOL_GFLAGS`' value: large receive offload.
+const ETH_FLAG_LRO: u32 = 1 << 15;
 
-/// Whether generic receive offload (GRO) is on for interface `name` (`ethtool -k`'s
-/// `generic-receive-offload`, through the `SIOCETHTOOL` ioctl: one value, where the
-/// ethtool netlink family would need a generic-netlink client we do not otherwise have).
-/// `None`: the interface is gone.
-pub fn gro_enabled(name: &str) -> Result<Option<bool>, NetdevError> {
+/// Which receive offloads that merge segments into frames larger than the MTU are on
+/// for an interface: GRO in the kernel, LRO in the NIC (`ethtool -k`'s
+/// `generic-receive-offload` and `large-receive-offload`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Merging {
+    pub gro: bool,
+    pub lro: bool,
+}
+
+/// [`Merging`] for interface `name`, through the `SIOCETHTOOL` ioctl: two values, where
+/// the ethtool netlink family would need a generic-netlink client we do not otherwise
+/// have. `None`: the interface is gone. A device without LRO answers `EOPNOTSUPP` for
+/// its flags: LRO off.
+pub fn receive_merging(name: &str) -> Result<Option<Merging>, NetdevError> {
     // `struct ethtool_value`: the command in, the value out.
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
         data: u32,
     }
-    let mut value = EthtoolValue { cmd: ETHTOOL_GGRO, data: 0 };
-    let data = std::ptr::addr_of_mut!(value).cast::<libc::c_char>();
-    // SAFETY: SIOCETHTOOL reads ifru_data as a pointer to the ethtool_value above, which
-    // outlives the call.
-    let done = ifreq_ioctl_with(name, libc::SIOCETHTOOL as libc::Ioctl, |ifr| ifr.ifr_ifru.ifru_data = data)?;
-    Ok(done.map(|_| value.data != 0))
+    let read = |cmd: u32| -> Result<Option<u32>, NetdevError> {
+        let mut value = EthtoolValue { cmd, data: 0 };
+        let data = std::ptr::addr_of_mut!(value).cast::<libc::c_char>();
+        // SAFETY: SIOCETHTOOL reads ifru_data as a pointer to the ethtool_value above,
+        // which outlives the call.
+        let done = ifreq_ioctl_with(name, libc::SIOCETHTOOL as libc::Ioctl, |ifr| ifr.ifr_ifru.ifru_data = data)?;
+        Ok(done.map(|_| value.data))
+    };
+    let Some(gro) = read(ETHTOOL_GGRO)? else { return Ok(None) };
+    let lro = match read(ETHTOOL_GFLAGS) {
+        Ok(flags) => flags.is_some_and(|f| f & ETH_FLAG_LRO != 0),
+        Err(NetdevError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
+        Err(e) => return Err(e),
+    };
+    Ok(Some(Merging { gro: gro != 0, lro }))
 }
 
 /// Whether interface `name` is administratively up and has carrier (`IFF_UP` and

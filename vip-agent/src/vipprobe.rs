@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use vip_common::REFUSAL_WINDOW;
+use vip_common::{PROBE6_WINDOW, REFUSAL_WINDOW};
 
 use crate::rawsock::{cbpf, insn, RawSocket};
 
@@ -151,10 +151,14 @@ pub fn encapsulated(p: &VipProbe, backend: Ipv4Addr, frame: &[u8]) -> Vec<u8> {
 }
 
 /// The IPv6 SYN (`rst`: the RST after it) for VIP `vip`: Ethernet to `dst_mac`, IPv6
-/// `p.src_ip` → `vip` (hop limit 64, no extension header), TCP `sport` → port, the
-/// checksum over RFC 8200 §8.1's pseudo-header.
+/// `p.src_ip` → `vip` (hop limit 64, no extension header), TCP `sport` → port, no
+/// option, the SYN's window [`PROBE6_WINDOW`], the checksum over RFC 8200 §8.1's
+/// pseudo-header.
 pub fn segment6(p: &VipProbe6, vip: Ipv6Addr, dst_mac: [u8; 6], sport: u16, seq: u32, rst: bool) -> Vec<u8> {
-    let (seq, flags, window) = if rst { (seq.wrapping_add(1), TCP_RST, [0, 0]) } else { (seq, TCP_SYN, [0xfa, 0xf0]) };
+    // The SYN's window marks it as a probe for a leaving node's data plane (see
+    // `PROBE6_WINDOW`).
+    let (seq, flags, window) =
+        if rst { (seq.wrapping_add(1), TCP_RST, [0, 0]) } else { (seq, TCP_SYN, PROBE6_WINDOW.to_be_bytes()) };
     let mut tcp = Vec::with_capacity(20);
     tcp.extend(sport.to_be_bytes());
     tcp.extend(p.port.to_be_bytes());
@@ -634,13 +638,13 @@ mod tests {
     }
 
     /// The IPv6 SYN: 74 bytes, IPv6 from this node's address to the VIP (payload 20, TCP,
-    /// hop limit 64), the TCP checksum valid over the IPv6 pseudo-header; its RST follows
-    /// it (sequence + 1, no window).
+    /// hop limit 64), window `PROBE6_WINDOW`, the TCP checksum valid over the IPv6
+    /// pseudo-header; its RST follows it (sequence + 1, no window).
     #[test]
     fn the_ipv6_syn_and_its_reset_have_valid_checksums() {
         let p = probe6_cfg();
         let vip: Ipv6Addr = "fd00::100".parse().unwrap();
-        for (rst, flags, seq) in [(false, TCP_SYN, 7u32), (true, TCP_RST, 8)] {
+        for (rst, flags, seq, window) in [(false, TCP_SYN, 7u32, PROBE6_WINDOW), (true, TCP_RST, 8, 0)] {
             let f = segment6(&p, vip, [2, 0, 0, 0, 0, 0x12], 40001, 7, rst);
             assert_eq!(f.len(), 74);
             assert_eq!((&f[0..6], &f[12..14]), (&[2, 0, 0, 0, 0, 0x12][..], &ETH_P_IPV6.to_be_bytes()[..]));
@@ -650,6 +654,7 @@ mod tests {
             pseudo.extend([0, 0, 0, 20, 0, 0, 0, 6]);
             assert_eq!(fold(sum16(&f[54..74], sum16(&pseudo, 0))), 0, "TCP checksum");
             assert_eq!((f[67], &f[58..62]), (flags, &seq.to_be_bytes()[..]));
+            assert_eq!(f[68..70], window.to_be_bytes(), "the SYN's window marks a probe");
         }
     }
 

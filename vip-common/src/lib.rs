@@ -410,6 +410,14 @@ impl Config {
 /// VIP:port" (the host's own RST: an apiserver listening on its node's address only).
 pub const REFUSAL_WINDOW: u16 = 0x5652;
 
+/// The TCP window of an IPv6 VIP-path probe's SYN (`vip-agent`'s `vipprobe`), in host
+/// order: "VP". What a leaving node's data plane refuses (`vip-ebpf`'s `refuse::reset6`)
+/// is a SYN from a peer's MAC with this window, no option and no payload: by IPv6 the
+/// peers are known by MAC only, and the leader's DSR frames carry its MAC too, so a
+/// client's SYN it forwards must not look like a probe (IPv4 probes are known by the
+/// peer's own address instead).
+pub const PROBE6_WINDOW: u16 = 0x5650;
+
 /// The L2 segment a frame arrived on, from its VLAN tags: 0 for an untagged or
 /// priority-tagged (VID 0, IEEE 802.1Q §9.6) frame, the VID for one 802.1Q tag, and
 /// [`SEGMENT_NONE`] for stacked tags, which no VIP is configured on.

@@ -6,7 +6,7 @@
 //! takes it down and its connections' next packets are reset by the backend they are
 //! hashed to, instead of hanging until the clients time out.
 
-use vip_common::REFUSAL_WINDOW;
+use vip_common::{PROBE6_WINDOW, REFUSAL_WINDOW};
 
 use crate::{csum, ctx::Packet, parse::ptr_at};
 
@@ -76,9 +76,9 @@ pub fn reset(ctx: &impl Packet, l3_off: usize) -> bool {
 const PROBE6_LEN: usize = 60;
 
 /// [`reset`] for an IPv6 probe (the IPv6 header at `l3_off`): a SYN without ACK, no
-/// extension header, TCP without options, no payload (payload length 20). What tells it
-/// from a client's SYN the leader sent here by DSR (also from a peer's MAC) is its shape:
-/// every TCP stack's SYN carries options (MSS at least). The answer, as [`reset`]'s:
+/// extension header, TCP without options, no payload (payload length 20), window
+/// [`PROBE6_WINDOW`]. What tells it from a client's SYN the leader sent here by DSR (also
+/// from a peer's MAC) is that window and shape. The answer, as [`reset`]'s:
 /// addresses and ports swapped, `<SEQ=0><ACK=SEG.SEQ+1><CTL=RST,ACK>`, window
 /// [`REFUSAL_WINDOW`], the TCP checksum computed anew over RFC 8200 §8.1's
 /// pseudo-header; the hop limit as the probe's.
@@ -91,6 +91,9 @@ pub fn reset6(ctx: &impl Packet, l3_off: usize) -> bool {
     let (macs, p) = unsafe { (&mut *macs, &mut *p) };
     let tcp_no_options = p[52] >> 4 == 5;
     if p[4] != 0 || p[5] != 20 || p[6] != 6 || !tcp_no_options || p[53] & TCP_SYN_ACK != TCP_SYN {
+        return false;
+    }
+    if u16::from_be_bytes([p[54], p[55]]) != PROBE6_WINDOW {
         return false;
     }
     for i in 0..6 {

@@ -193,6 +193,7 @@ impl Checks {
             src_mac: dev.mac.0,
             port: cfg.port,
             source6: Default::default(),
+            fall: cfg.health.fall,
         });
         let ipip = health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex, probe: vip_probe, other_vips };
         Self { probe, dsr, ipip }

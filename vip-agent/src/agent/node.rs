@@ -666,18 +666,26 @@ impl Node {
     }
 }
 
-/// Generic (SKB) XDP runs after GRO, which merges a client's segments into one frame
-/// larger than the MTU: by IPIP, which cannot carry it, the program answers "fragmentation
-/// needed" for segments that fit, and a large upload stalls (found by a new-user trial;
-/// native XDP sees frames as they arrived). Warns if GRO is on.
+/// Generic (SKB) XDP runs after GRO (and the NIC's LRO), which merge a client's segments
+/// into one frame larger than the MTU: by IPIP, which cannot carry it, the program
+/// answers "fragmentation needed" for segments that fit, and a large upload stalls (found
+/// by a new-user trial; native XDP sees frames as they arrived). Warns if either is on.
 fn warn_gro_under_generic_ipip(interface: &str) {
-    match crate::netdev::gro_enabled(interface) {
-        Ok(Some(true)) => warn!(
-            interface,
-            "IPIP with XDP in generic (SKB) mode and GRO on: merged frames are larger than the MTU, and large \
-             uploads through the VIP stall (counted ipip_frag_needed); turn GRO off (ethtool -K {interface} gro off), \
-             on the devices below this one too"
-        ),
+    match crate::netdev::receive_merging(interface) {
+        Ok(Some(m)) if m.gro || m.lro => {
+            let on = match (m.gro, m.lro) {
+                (true, true) => "GRO and LRO",
+                (true, false) => "GRO",
+                _ => "LRO",
+            };
+            warn!(
+                interface,
+                offloads = on,
+                "IPIP with XDP in generic (SKB) mode and {on} on: merged frames are larger than the MTU, and large \
+                 uploads through the VIP stall (counted ipip_frag_needed); turn GRO off (ethtool -K {interface} gro \
+                 off lro off), on the devices below this one too"
+            )
+        }
         Ok(_) => {}
         Err(error) => warn!(interface, %error, "cannot read whether GRO is on"),
     }
