@@ -316,7 +316,60 @@ fn a_node_without_its_ipv6_address_is_drained_until_it_has_it_again() {
         lab.ns(i).ip(&["-6", "neigh", "flush", "dev", "eth0"]).unwrap();
     }
     all_up_for("the prober's IPv6 address gone", Duration::from_secs(2));
-    let (answered, errors) = lab.requests(30);
-    assert!(errors.is_empty() && answered.len() == 3, "IPv4, the prober without IPv6: {answered:?} {errors:?}");
+    // Its own backend, though, cannot answer the IPv6 VIP's clients without the address:
+    // it drains (a trial saw the leader keep its third of the IPv6 flows, which timed
+    // out), and every request of either family goes to the others.
+    let own = lab.nodes[leader].ip.to_string();
+    let own_state = || lab.backend_state(leader, &own);
+    let drained = wait_until(Duration::from_secs(3), || own_state() == Some(("draining".into(), "vip_path".into())));
+    assert!(drained, "the leader's own backend without its IPv6 address: {:?}", own_state());
+    let leader_name = &lab.nodes[leader].name;
+    for (family, (answered, errors)) in [("IPv4", lab.requests(30)), ("IPv6", lab.requests_to(lab.vip6.into(), 30))] {
+        assert!(errors.is_empty() && !answered.contains_key(leader_name), "{family}: {answered:?} {errors:?}");
+    }
     lab.ns(leader).ip(&["-6", "addr", "add", &own6, "dev", "eth0", "nodad"]).unwrap();
+    let back = wait_until(Duration::from_secs(5), || own_state() == Some(("up".into(), String::new())));
+    assert!(back, "the leader's own backend with its address back: {:?}", own_state());
+}
+
+/// With IPv6 VIPs only, a node stopping for good refuses the leader's IPv6 probes: the
+/// leader drains it, then takes it down once its probes go unanswered, without flapping
+/// back in between, and no IPv6 request fails. (The refusal itself: forward6 fixtures.)
+#[test]
+fn with_ipv6_vips_only_a_node_stopping_for_good_is_drained_then_down_without_a_flap() {
+    let lab = ApiLab::new([10, 142, 0], 3, &[0, 1, 2]).unwrap().with_lease_api().unwrap().with_ipv6().unwrap();
+    let vip6 = lab.vip6.to_string();
+    let spawn = |i: usize| {
+        let mut args = lab.agent_args(i, &[]).unwrap();
+        let at = args.iter().position(|a| a == "--vip").unwrap();
+        args[at + 1] = vip6.clone();
+        args.extend(lab.election_args(i));
+        Agent::spawn_with_log_filter(lab.ns(i), &args, Some("info")).unwrap()
+    };
+    let mut agents: Vec<Option<Agent>> = (0..3).map(|i| Some(spawn(i))).collect();
+    for i in 0..3 {
+        lab.wait_all_healthy(i).unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(10), || leaders6(&lab).len() == 1), "no single IPv6 leader");
+    let leader = leaders6(&lab)[0];
+    let leaving = (0..3).find(|&i| i != leader).unwrap();
+    let ip = lab.nodes[leaving].ip.to_string();
+    agents[leaving].as_ref().unwrap().signal(libc::SIGTERM);
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    while t.elapsed() < Duration::from_secs(4) {
+        if let Some((state, _)) = lab.backend_state(leader, &ip) {
+            if seen.last() != Some(&state) {
+                seen.push(state);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let (status, log) = agents[leaving].take().unwrap().stop(libc::SIGTERM, Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "{log}");
+    // (Drained within the first sample, the status call's own time, at times.)
+    let seen: Vec<&str> = seen.iter().map(String::as_str).skip_while(|&s| s == "up").collect();
+    assert_eq!(seen, ["draining", "down"], "the leaving node's states on the leader");
+    let (answered, errors) = lab.requests_to(lab.vip6.into(), 20);
+    assert!(errors.is_empty() && !answered.contains_key(&lab.nodes[leaving].name), "{answered:?} {errors:?}");
 }

@@ -382,7 +382,9 @@ impl DsrCheck {
     /// node's address (read again). Otherwise they read as answered. Without this, a
     /// fault of this node's own IPv6 (its address removed, a route) drained every backend
     /// for both families. `rounds`: the checker's count, updated.
-    async fn gate_ipv6(&self, probed: &mut [Probed], src: Ipv6Addr, rounds: &mut u32, window: Duration) {
+    /// Returns whether it let the first VIP's silence pass (IPv6 VIPs only): then this
+    /// round says nothing of the backend.
+    async fn gate_ipv6(&self, probed: &mut [Probed], src: Ipv6Addr, rounds: &mut u32, window: Duration) -> bool {
         if probed.iter().any(|p| p.vip.is_ipv6() && p.answered) {
             self.source6.note_answer();
         }
@@ -390,11 +392,80 @@ impl DsrCheck {
         let proven = unanswered
             && self.source6.answered_within(window)
             && self.source6.get(&self.netlink, self.ifindex, Source6::MAX_AGE_AFTER_SILENCE).await == Some(src);
-        if !ipv6_silence_counts(unanswered, proven, rounds, self.fall) {
-            for p in probed.iter_mut().filter(|p| p.vip.is_ipv6() && !p.answered) {
-                p.outcome = Ok(());
+        if ipv6_silence_counts(unanswered, proven, rounds, self.fall) {
+            return false;
+        }
+        for p in probed.iter_mut().filter(|p| p.vip.is_ipv6() && !p.answered) {
+            p.outcome = Ok(());
+        }
+        probed.first().is_some_and(|p| p.vip.is_ipv6() && !p.answered)
+    }
+
+    /// The VIP-path check of backend `ip` (after its apiserver answered), within `left`:
+    /// its MAC first (`mac`, kept between checks; unknown: no probe, the apiserver's answer
+    /// stands), then
+    /// every VIP's probe, IPv6 ones gated ([`DsrCheck::gate_ipv6`]: `rounds`, `window`).
+    /// `None`: this round says nothing of the backend (its first VIP is IPv6 and went
+    /// unanswered uncounted), rather than that it accepts VIP traffic: read as accepted,
+    /// the backend's state (a leaving node draining, a node down) would be reset.
+    async fn check_paths(
+        &self,
+        ip: Ipv4Addr,
+        mac: &mut Option<[u8; 6]>,
+        rounds: &mut u32,
+        left: Duration,
+        window: Duration,
+    ) -> Option<Result<(), CheckError>> {
+        if mac.is_none() {
+            *mac = self.netlink.neighbour_mac(self.ifindex, ip).await.ok().flatten();
+        }
+        let Some(m) = *mac else { return Some(Ok(())) };
+        let src6 = if self.vips6.is_empty() {
+            None
+        } else {
+            self.source6.get(&self.netlink, self.ifindex, Source6::MAX_AGE).await
+        };
+        let v6 = src6.map(|src_ip| {
+            let p = VipProbe6 { ifindex: self.ifindex, src_mac: self.src_mac, src_ip, port: self.port };
+            (p, self.vips6.clone())
+        });
+        let mut probed = probe_paths(self.probe, &self.other_vips, v6, ip, Via::Dsr { mac: m }, left).await;
+        if let Some(src) = src6 {
+            if self.gate_ipv6(&mut probed, src, rounds, window).await {
+                return None;
             }
         }
+        Some(judge(probed))
+    }
+}
+
+/// For the backend that is this node, when it serves IPv6 VIPs: its apiserver answers
+/// their clients from this node, which needs its IPv6 address on the interface (the
+/// connected route back to them). A node that had one and lost it (a network manager, a
+/// link flap with `keep_addr_on_down=0`) drains its own backend, as the other nodes drain
+/// it by their probes; one that never had one is not judged (its clients may be routed).
+#[derive(Clone)]
+pub struct Local6Check {
+    pub netlink: crate::netlink::Netlink,
+    pub ifindex: u32,
+    /// The first IPv6 VIP, named in the failure.
+    pub vip: Ipv6Addr,
+    pub source6: Arc<Source6>,
+}
+
+impl Local6Check {
+    /// `had`: this node has had an IPv6 address on the interface (kept between checks).
+    async fn check(&self, had: &mut bool) -> Result<(), CheckError> {
+        if self.source6.get(&self.netlink, self.ifindex, Source6::MAX_AGE).await.is_some() {
+            *had = true;
+            return Ok(());
+        }
+        if !*had {
+            return Ok(());
+        }
+        let why =
+            "this node's IPv6 address on the interface is gone: its apiserver cannot answer the IPv6 VIPs' clients";
+        Err(CheckError::VipMissing { vip: IpAddr::V6(self.vip), why: why.to_owned() })
     }
 }
 
@@ -495,6 +566,8 @@ fn ipv6_silence_counts(unanswered: bool, proven: bool, rounds: &mut u32, fall: u
 pub enum PathCheck {
     /// DSR to another node: the VIP-path probe.
     Dsr(DsrCheck),
+    /// This node, serving IPv6 VIPs: its own IPv6 address.
+    Local6(Local6Check),
     /// IPIP: resolve the next hop towards the backend after every successful check, so
     /// the data plane's copy follows route and neighbour changes within one interval;
     /// then, with a next hop known, the VIP-path probe through it, encapsulated (`probe`:
@@ -523,8 +596,9 @@ pub async fn run_checker(
     // The backend's MAC, read from the neighbour table when unknown or after a VIP-path
     // probe to it failed (it may have changed), not on every check.
     let mut mac = None;
-    // Unanswered IPv6 rounds in a row (see `DsrCheck::gate_ipv6`).
-    let mut ipv6_rounds = 0;
+    // Unanswered IPv6 rounds in a row (see `DsrCheck::gate_ipv6`); whether this node has
+    // had an IPv6 address (`Local6Check`); whether a report went out yet.
+    let (mut ipv6_rounds, mut had6, mut reported) = (0, false, false);
     loop {
         ticker.tick().await;
         let start = Instant::now();
@@ -533,28 +607,16 @@ pub async fn run_checker(
         if let (Ok(()), Some(path), std::net::IpAddr::V4(ip)) = (&result, &path, addr.ip()) {
             match path {
                 PathCheck::Dsr(dsr) => {
-                    if mac.is_none() {
-                        mac = dsr.netlink.neighbour_mac(dsr.ifindex, ip).await.ok().flatten();
-                    }
-                    if let Some(m) = mac {
-                        let src6 = if dsr.vips6.is_empty() {
-                            None
-                        } else {
-                            dsr.source6.get(&dsr.netlink, dsr.ifindex, Source6::MAX_AGE).await
-                        };
-                        let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
-                        let v6 = src6.map(|src_ip| {
-                            let p = VipProbe6 { ifindex: dsr.ifindex, src_mac: dsr.src_mac, src_ip, port: dsr.port };
-                            (p, dsr.vips6.clone())
-                        });
-                        let mut probed =
-                            probe_paths(dsr.probe, &dsr.other_vips, v6, ip, Via::Dsr { mac: m }, left).await;
-                        if let Some(src) = src6 {
-                            dsr.gate_ipv6(&mut probed, src, &mut ipv6_rounds, interval + timeout).await;
-                        }
-                        result = judge(probed);
+                    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
+                    match dsr.check_paths(ip, &mut mac, &mut ipv6_rounds, left, interval + timeout).await {
+                        Some(r) => result = r,
+                        // A round that says nothing: no report, but for the first
+                        // (trusted, as without a probe).
+                        None if reported => continue,
+                        None => {}
                     }
                 }
+                PathCheck::Local6(local) => result = local.check(&mut had6).await,
                 PathCheck::Ipip { netlink, ifindex, probe, other_vips: others } => {
                     nexthop = netlink.nexthop(*ifindex, ip).await.ok().flatten();
                     if let (Some(p), Some(hop)) = (probe, nexthop) {
@@ -574,6 +636,7 @@ pub async fn run_checker(
         if tx.send(Report { backend, result, latency, mac, nexthop }).await.is_err() {
             return;
         }
+        reported = true;
         if forget_mac {
             mac = None;
         }

@@ -171,6 +171,9 @@ struct Checks {
     dsr: Option<health::DsrCheck>,
     /// The next-hop lookup and VIP-path probe of IPIP backends.
     ipip: health::PathCheck,
+    /// The check of this node's own IPv6 address, for the backend that is this node
+    /// (with IPv6 VIPs).
+    local6: Option<health::PathCheck>,
 }
 
 impl Checks {
@@ -184,6 +187,12 @@ impl Checks {
         });
         let other_vips: Vec<Ipv4Addr> = cfg.vips4().into_iter().skip(1).collect();
         let vips6 = cfg.vips6();
+        // This node's IPv6 address, read for every checker at once.
+        let source6 = std::sync::Arc::new(health::Source6::default());
+        let local6 = vips6.first().map(|&vip| {
+            let (netlink, source6) = (nl.clone(), source6.clone());
+            health::PathCheck::Local6(health::Local6Check { netlink, ifindex: dev.ifindex, vip, source6 })
+        });
         let dsr = (vip_probe.is_some() || !vips6.is_empty()).then(|| health::DsrCheck {
             netlink: nl.clone(),
             ifindex: dev.ifindex,
@@ -192,11 +201,11 @@ impl Checks {
             vips6,
             src_mac: dev.mac.0,
             port: cfg.port,
-            source6: Default::default(),
+            source6,
             fall: cfg.health.fall,
         });
         let ipip = health::PathCheck::Ipip { netlink: nl.clone(), ifindex: dev.ifindex, probe: vip_probe, other_vips };
-        Self { probe, dsr, ipip }
+        Self { probe, dsr, ipip, local6 }
     }
 }
 
@@ -353,7 +362,11 @@ impl Backends {
     pub fn on_report(&mut self, cfg: &RunConfig, dev: &Netdev, report: Report, m: &AgentMetrics) -> ReportOutcome {
         let mut out = ReportOutcome::default();
         if Some(report.backend) == self.gate.key {
-            out.readiness = self.gate.health.observe(report.result.is_ok()).map(|h| h == Health::Up);
+            // The apiserver's readiness: this node lacking a VIP's path (its IPv6 address
+            // gone) drains its own backend, it does not stop it leading (it still answers
+            // for the VIPs and forwards their flows to the other backends).
+            let ready = report.result.as_ref().err().is_none_or(|e| matches!(e, CheckError::VipMissing { .. }));
+            out.readiness = self.gate.health.observe(ready).map(|h| h == Health::Up);
         }
         let Some(i) = self.list.iter().position(|b| b.key == report.backend) else { return out };
         let before = spec_of(&self.list[i], cfg);
@@ -631,7 +644,7 @@ fn spawn_checker(b: &mut Tracked, checks: &Checks, cfg: &RunConfig, tx: &mpsc::S
     // Backends on other nodes must also accept VIP traffic (hold the VIP, and, by IPIP,
     // decapsulate it); IPIP backends get their next hop resolved first.
     let path = match (cfg.forward, b.local) {
-        (_, true) => None,
+        (_, true) => checks.local6.clone(),
         (ForwardMode::Dsr, false) => checks.dsr.clone().map(health::PathCheck::Dsr),
         (ForwardMode::Ipip, false) => Some(checks.ipip.clone()),
         (ForwardMode::Local, false) => None,
