@@ -40,34 +40,8 @@ pub fn reset(ctx: &impl Packet, l3_off: usize) -> bool {
     if p[33] & TCP_SYN_ACK != TCP_SYN {
         return false;
     }
-    for i in 0..6 {
-        macs.swap(i, i + 6);
-    }
-    for i in 0..4 {
-        p.swap(12 + i, 16 + i);
-    }
-    for i in 0..2 {
-        p.swap(20 + i, 22 + i);
-    }
-    let ack = u32::from_be_bytes([p[24], p[25], p[26], p[27]]).wrapping_add(1).to_be_bytes();
-    for i in 0..4 {
-        p[24 + i] = 0;
-        p[28 + i] = ack[i];
-    }
-    p[33] = TCP_RST_ACK;
-    // The window marks the refusal as ours (see `REFUSAL_WINDOW`); checksum and urgent
-    // pointer zero.
-    let window = REFUSAL_WINDOW.to_be_bytes();
-    p[34] = window[0];
-    p[35] = window[1];
-    for b in p[36..40].iter_mut() {
-        *b = 0;
-    }
-    // The pseudo-header: the addresses, the protocol and the TCP length (20).
-    let sum = csum::sum16(&p[12..20]) + 6 + 20 + csum::sum16(&p[20..40]);
-    let check = csum::fold(sum).to_be_bytes();
-    p[36] = check[0];
-    p[37] = check[1];
+    // The IPv4 checksum is unchanged: swapping the addresses keeps its sum.
+    answer_in_place(macs, p, 12, 4, 20);
     true
 }
 
@@ -96,31 +70,43 @@ pub fn reset6(ctx: &impl Packet, l3_off: usize) -> bool {
     if u16::from_be_bytes([p[54], p[55]]) != PROBE6_WINDOW {
         return false;
     }
+    answer_in_place(macs, p, 8, 16, 40);
+    true
+}
+
+/// Turns a probe (`p`: its IP header and 20-byte TCP header, the two addresses of
+/// `addr_len` bytes each at `addrs`, TCP at `tcp`; `macs`: the frame's two MACs) into
+/// the RST that answers it, [`reset`]'s and [`reset6`]'s: MACs, addresses and ports
+/// swapped, `<SEQ=0><ACK=SEG.SEQ+1><CTL=RST,ACK>`, window [`REFUSAL_WINDOW`] (what marks
+/// the refusal as ours), urgent pointer zero, the TCP checksum over the pseudo-header
+/// (the addresses, the TCP length 20 and protocol 6: RFC 9293 §3.1, RFC 8200 §8.1).
+/// Called with constant offsets, so every index is checked at compile time.
+#[inline(always)]
+fn answer_in_place<const N: usize>(macs: &mut [u8; 12], p: &mut [u8; N], addrs: usize, addr_len: usize, tcp: usize) {
     for i in 0..6 {
         macs.swap(i, i + 6);
     }
-    for i in 0..16 {
-        p.swap(8 + i, 24 + i);
+    for i in 0..addr_len {
+        p.swap(addrs + i, addrs + addr_len + i);
     }
     for i in 0..2 {
-        p.swap(40 + i, 42 + i);
+        p.swap(tcp + i, tcp + 2 + i);
     }
-    let ack = u32::from_be_bytes([p[44], p[45], p[46], p[47]]).wrapping_add(1).to_be_bytes();
+    let seq = tcp + 4;
+    let ack = u32::from_be_bytes([p[seq], p[seq + 1], p[seq + 2], p[seq + 3]]).wrapping_add(1).to_be_bytes();
     for i in 0..4 {
-        p[44 + i] = 0;
-        p[48 + i] = ack[i];
+        p[seq + i] = 0;
+        p[seq + 4 + i] = ack[i];
     }
-    p[53] = TCP_RST_ACK;
+    p[tcp + 13] = TCP_RST_ACK;
     let window = REFUSAL_WINDOW.to_be_bytes();
-    p[54] = window[0];
-    p[55] = window[1];
-    for b in p[56..60].iter_mut() {
-        *b = 0;
+    p[tcp + 14] = window[0];
+    p[tcp + 15] = window[1];
+    for i in 16..20 {
+        p[tcp + i] = 0;
     }
-    // The pseudo-header: the addresses, the TCP length (20) and the next header.
-    let sum = csum::sum16(&p[8..40]) + 20 + 6 + csum::sum16(&p[40..60]);
+    let sum = csum::sum16(&p[addrs..addrs + 2 * addr_len]) + 6 + 20 + csum::sum16(&p[tcp..tcp + 20]);
     let check = csum::fold(sum).to_be_bytes();
-    p[56] = check[0];
-    p[57] = check[1];
-    true
+    p[tcp + 16] = check[0];
+    p[tcp + 17] = check[1];
 }
