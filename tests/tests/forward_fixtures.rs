@@ -947,6 +947,45 @@ fn ipip_uses_the_agent_resolved_next_hop_without_a_fib_lookup() {
     .unwrap();
 }
 
+/// IPIP keeps a tagged frame's L2: the outer header goes between the tag and the inner
+/// packet, the tag (its TPID and TCI, priority bits included) as it came, the MACs
+/// rewritten. An untagged frame's Ethernet header is written afresh (its own path in the
+/// data plane); a tagged one's is saved and written back.
+#[test]
+fn ipip_keeps_the_vlan_tag_of_a_tagged_frame() {
+    use vip_agent::netlink::Nexthop;
+    let (mut dp, mut lb) = load();
+    let far = Ipv4Addr::new(10, 77, 0, 10);
+    let gateway = Nexthop { mac: [0x02, 0, 0, 0, 0, 0xfe], mtu: 1500 };
+    install(
+        &mut dp,
+        &mut lb,
+        &service(ForwardMode::Ipip, vec![BackendSpec { nexthop: Some(gateway), ..BackendSpec::up(far, [0; 6]) }]),
+    );
+    let inner = Ip4 { tos: 0x28, ..Ip4::new(CLIENT_IP, VIP, 6) }.packet(&tcp(43200, PORT, TCP_SYN));
+    let run = |dp: &Dataplane, name: &str, frame: Frame, want: Frame| {
+        let out = dp.runner().run(Program::Vip, &frame.bytes()).unwrap();
+        assert_eq!((xdp::name(out.action), out.frame), ("XDP_TX", want.bytes()), "{name}");
+    };
+    let encapsulated = || Frame::new(gateway.mac, NODE_MAC, ETH_P_IPV4, ipip(NODE_IP, far, &inner));
+    let frame = || Frame::new(NODE_MAC, CLIENT_MAC, ETH_P_IPV4, inner.clone());
+    run(&dp, "untagged", frame(), encapsulated());
+    run(
+        &dp,
+        "priority-tagged (VID 0, PCP 3): an untagged VIP's, tag kept",
+        frame().vlan(ETH_P_8021Q, 0x6000),
+        encapsulated().vlan(ETH_P_8021Q, 0x6000),
+    );
+    dp.maps_mut().set_vip(VIP, VipState::leader_until(VipState::FOREVER).on_segment(42)).unwrap();
+    run(
+        &dp,
+        "tagged 42 for a VIP on VLAN 42: tag kept",
+        frame().vlan(ETH_P_8021Q, 0xa02a),
+        encapsulated().vlan(ETH_P_8021Q, 0xa02a),
+    );
+    assert_eq!(dp.maps().counter(Reason::ForwardedIpip).unwrap(), 3);
+}
+
 /// The flow hash is seeded per cluster: with a seed configured, flows land where the
 /// seeded hash says, and a different seed moves them.
 #[test]

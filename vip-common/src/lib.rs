@@ -336,6 +336,21 @@ pub const fn words16(a: &[u8; 16]) -> [u64; 2] {
     [u64::from_le_bytes(lo), u64::from_le_bytes(hi)]
 }
 
+/// The inverse of [`words16`].
+#[cfg(not(target_endian = "little"))]
+#[inline(always)]
+const fn bytes16([lo, hi]: [u64; 2]) -> [u8; 16] {
+    let (l, h) = (lo.to_le_bytes(), hi.to_le_bytes());
+    let mut a = [0u8; 16];
+    let mut i = 0;
+    while i < 8 {
+        a[i] = l[i];
+        a[8 + i] = h[i];
+        i += 1;
+    }
+    a
+}
+
 /// This node's identity on the interface the program is attached to.
 ///
 /// Written by the agent before any VIP is marked as led, read by the XDP program for
@@ -867,6 +882,40 @@ impl FlowKey6 {
         Self { src, dst, sport, dport, proto, _pad: 0, _pad2: 0 }
     }
 
+    /// The key as five words: the source address in `w[0..2]`, the destination in
+    /// `w[2..4]` (each as [`words16`]) and `sport | dport << 16 | proto << 32` in `w[4]`
+    /// (each field's bytes in memory order). The data plane builds a key in registers
+    /// this way and compares it with five word compares, as [`FlowKey::words`].
+    #[inline(always)]
+    pub const fn words(&self) -> [u64; 5] {
+        #[cfg(target_endian = "little")]
+        // SAFETY: 40 initialised bytes, 8-byte aligned (see `FlowKey::words`).
+        return unsafe { core::mem::transmute::<FlowKey6, [u64; 5]>(*self) };
+        #[cfg(not(target_endian = "little"))]
+        {
+            let ([s0, s1], [d0, d1]) = (words16(&self.src), words16(&self.dst));
+            let (sp, dp) = (self.sport, self.dport);
+            let w4 = u16::from_le_bytes(sp) as u64 | (u16::from_le_bytes(dp) as u64) << 16 | (self.proto as u64) << 32;
+            [s0, s1, d0, d1, w4]
+        }
+    }
+
+    /// The key whose [`FlowKey6::words`] are `w`; bits 40–63 of `w[4]` (the padding) are
+    /// ignored.
+    #[inline(always)]
+    pub const fn from_words(w: [u64; 5]) -> Self {
+        const FIELDS: u64 = (1 << 40) - 1;
+        #[cfg(target_endian = "little")]
+        // SAFETY: any 40 bytes are a valid FlowKey6 (integer fields only), the padding
+        // masked to zero; as in `words`.
+        return unsafe { core::mem::transmute::<[u64; 5], FlowKey6>([w[0], w[1], w[2], w[3], w[4] & FIELDS]) };
+        #[cfg(not(target_endian = "little"))]
+        {
+            let b = (w[4] & FIELDS).to_le_bytes();
+            Self::new(bytes16([w[0], w[1]]), bytes16([w[2], w[3]]), [b[0], b[1]], [b[2], b[3]], b[4])
+        }
+    }
+
     /// The same flow with each address folded to 4 bytes (the XOR of its four 32-bit
     /// words): what [`flow_hash6`] hashes. Every node folds alike, so every node maps an
     /// IPv6 flow to the same Maglev slot.
@@ -1060,11 +1109,10 @@ pub const fn cache_slot([w0, w1]: [u64; 2], seed: u32) -> u32 {
     (x.wrapping_mul(FIBONACCI) >> (64 - FLOW_CACHE_SLOTS.trailing_zeros())) as u32
 }
 
-/// [`cache_slot`] of an IPv6 flow: its address words folded by XOR.
+/// [`cache_slot`] of an IPv6 flow given as its [`FlowKey6::words`]: the address words
+/// folded by XOR.
 #[inline(always)]
-pub const fn cache_slot6(flow: &FlowKey6, seed: u32) -> u32 {
-    // SAFETY: FlowKey6 is 40 initialised bytes, 8-byte aligned.
-    let w = unsafe { &*(flow as *const FlowKey6 as *const [u64; 5]) };
+pub const fn cache_slot6(w: [u64; 5], seed: u32) -> u32 {
     cache_slot([w[0] ^ w[1] ^ w[2] ^ w[3], w[4]], seed)
 }
 
@@ -1556,6 +1604,19 @@ mod tests {
         assert_eq!(key.words(), [0x0807_0605_0403_0201, 0x0d_0c0b_0a09]);
         // Padding bits are dropped, not stored.
         assert_eq!(FlowKey::from_words([0, u64::MAX]).words(), [0, (1 << 40) - 1]);
+
+        let src: [u8; 16] = core::array::from_fn(|i| i as u8 + 1);
+        let key6 = FlowKey6::new(src, [0xfd; 16], [0x21, 0x22], [0x23, 0x24], 6);
+        let want6 = [
+            0x0807_0605_0403_0201,
+            0x100f_0e0d_0c0b_0a09,
+            0xfdfd_fdfd_fdfd_fdfd,
+            0xfdfd_fdfd_fdfd_fdfd,
+            0x06_2423_2221,
+        ];
+        assert_eq!(key6.words(), want6);
+        assert_eq!(FlowKey6::from_words(want6), key6);
+        assert_eq!(FlowKey6::from_words([0, 0, 0, 0, u64::MAX]).words(), [0, 0, 0, 0, (1 << 40) - 1]);
         let conn = Conn {
             backend: 0x0102,
             mode: 3,
@@ -1589,7 +1650,8 @@ mod tests {
         let by_client6 = (0..n as u32).map(|i| {
             let mut src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
             src[12..].copy_from_slice(&i.to_be_bytes());
-            cache_slot6(&FlowKey6::new(src, [0xfd; 16], 40000u16.to_be_bytes(), 6443u16.to_be_bytes(), 6), 0x5eed)
+            let key = FlowKey6::new(src, [0xfd; 16], 40000u16.to_be_bytes(), 6443u16.to_be_bytes(), 6);
+            cache_slot6(key.words(), 0x5eed)
         });
         // n random draws into n slots fill 1 - 1/e of them (63 %).
         for (what, count) in [

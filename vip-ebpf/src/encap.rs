@@ -75,17 +75,14 @@ fn restore_l2(ctx: &impl Packet, saved: &SavedL2) -> Option<*mut EthHdr> {
 }
 
 /// Encapsulates the frame in IPv4 from this node to `backend` and sends it back out the
-/// interface it came in on. The next hop's MAC is the one the agent resolved into the
-/// backend entry when the packet fits that route's MTU; otherwise (not resolved yet, or
-/// too big) the kernel's FIB and neighbour tables decide (`bpf_fib_lookup`, output
-/// lookup restricted to this interface). Until a next hop is known nothing is modified,
-/// so a failure passes the frame intact.
+/// interface it came in on (`cfg`: this node's [`Config`]). The next hop's MAC is the one
+/// the agent resolved into the backend entry when the packet fits that route's MTU;
+/// otherwise (not resolved yet, or too big) the kernel's FIB and neighbour tables decide
+/// (`bpf_fib_lookup`, output lookup restricted to this interface). Until a next hop is
+/// known nothing is modified, so a failure passes the frame intact.
 #[inline(always)]
-pub fn ipip(ctx: &impl Packet, l2: &L2, backend: &Backend) -> Verdict {
+pub fn ipip(ctx: &impl Packet, l2: &L2, cfg: &Config, backend: &Backend) -> Verdict {
     let fail = Verdict::pass(Reason::IpipFailed);
-    let Some(cfg) = CONFIG.get(0) else {
-        return fail;
-    };
     let node_ip = cfg.ip;
     if node_ip == [0; 4] {
         return fail;
@@ -107,41 +104,116 @@ pub fn ipip(ctx: &impl Packet, l2: &L2, backend: &Backend) -> Verdict {
             Err(verdict) => return verdict,
         }
     };
+    let outer = OuterIpv4 { tos, tot_len: outer_len, src: node_ip, dst: backend.ip };
+    if l2.tags == 0 {
+        prepend_untagged(ctx, dmac, smac, &outer)
+    } else {
+        prepend_tagged(ctx, l2, dmac, smac, &outer)
+    }
+}
+
+/// EtherType IPv4 as the native word of its wire bytes.
+const ETHERTYPE_IPV4_WORD: u16 = u16::from_ne_bytes(0x0800u16.to_be_bytes());
+
+/// Prepends the outer header to an untagged frame: after the head grows by 20 bytes the
+/// new Ethernet header (the only L2 there is) is written from registers at the frame's
+/// start and the outer header over the old one, so nothing is saved across
+/// `bpf_xdp_adjust_head` (which invalidates every packet pointer).
+#[inline(always)]
+fn prepend_untagged(ctx: &impl Packet, dmac: u64, smac: u64, outer: &OuterIpv4) -> Verdict {
+    // SAFETY: growing the head by one IPv4 header; on failure the frame is unchanged.
+    if ctx.adjust_head(-(Ipv4Hdr::LEN as i32)).is_err() {
+        return Verdict::pass(Reason::IpipFailed);
+    }
+    // From here on the frame is half-built: a failure can only drop it.
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)) else {
+        return Verdict::drop(Reason::IpipFailed);
+    };
+    // SAFETY: bounds-checked by ptr_at; the frame's start is 2-byte aligned, and so is
+    // every field written.
+    unsafe {
+        store_mac(&mut (*eth).dst_addr, dmac);
+        store_mac(&mut (*eth).src_addr, smac);
+        *(&mut (*eth).ether_type as *mut _ as *mut u16) = ETHERTYPE_IPV4_WORD;
+        outer.store(ip);
+    }
+    Verdict::tx(Reason::ForwardedIpip)
+}
+
+/// Prepends the outer header to a VLAN-tagged frame: its L2 header (Ethernet and up to
+/// two tags) is saved across `bpf_xdp_adjust_head` and written back in front of it.
+#[inline(always)]
+fn prepend_tagged(ctx: &impl Packet, l2: &L2, dmac: u64, smac: u64, outer: &OuterIpv4) -> Verdict {
     let Some(saved) = save_l2(ctx, l2) else {
-        return fail;
+        return Verdict::pass(Reason::IpipFailed);
     };
     // SAFETY: growing the head by one IPv4 header; on failure the frame is unchanged.
     if ctx.adjust_head(-(Ipv4Hdr::LEN as i32)).is_err() {
-        return fail;
+        return Verdict::pass(Reason::IpipFailed);
     }
     // From here on the frame is half-built: a failure can only drop it.
     let broken = Verdict::drop(Reason::IpipFailed);
     let Some(eth) = restore_l2(ctx, &saved) else {
         return broken;
     };
-    // SAFETY: bounds-checked by ptr_at in restore_l2; the frame's start and both MAC
-    // fields are 2-byte aligned.
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
+        return broken;
+    };
+    // SAFETY: bounds-checked by ptr_at (in restore_l2 for `eth`); the frame's start, both
+    // MAC fields and the IPv4 header are 2-byte aligned.
     unsafe {
         store_mac(&mut (*eth).dst_addr, dmac);
         store_mac(&mut (*eth).src_addr, smac);
+        outer.store(ip);
     }
-    let Some(outer) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
-        return broken;
-    };
-    // SAFETY: bounds-checked by ptr_at.
-    let outer = unsafe { &mut *outer };
-    outer.vihl = 0x45;
-    outer.tos = tos;
-    outer.tot_len = outer_len.to_be_bytes();
-    outer.id = [0; 2];
-    outer.frags = IP_DF;
-    outer.ttl = OUTER_TTL;
-    outer.proto = IPPROTO_IPIP;
-    outer.check = [0; 2];
-    outer.src_addr = node_ip;
-    outer.dst_addr = backend.ip;
-    outer.check = csum::ipv4_header(outer);
     Verdict::tx(Reason::ForwardedIpip)
+}
+
+/// The outer IPv4 header of an IPIP packet (RFC 2003 §3.1): version 4, no options, the
+/// inner header's TOS, DF set, [`OUTER_TTL`], protocol 4.
+struct OuterIpv4 {
+    tos: u8,
+    /// Total length, host order.
+    tot_len: u16,
+    /// Addresses, network order.
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+impl OuterIpv4 {
+    /// Writes the header to `h` as ten 2-byte stores of values built in registers, the
+    /// checksum summed over the same native words: the one's-complement sum is byte-order
+    /// independent (RFC 1071 §2(B)), so the native sum, folded and stored natively, is
+    /// the checksum's wire bytes on either endianness.
+    ///
+    /// # Safety
+    /// `h` points to 20 writable bytes, 2-byte aligned.
+    #[inline(always)]
+    unsafe fn store(&self, h: *mut Ipv4Hdr) {
+        let word = |a: u8, b: u8| u16::from_ne_bytes([a, b]);
+        let (s, d) = (self.src, self.dst);
+        let mut words = [
+            word(0x45, self.tos),
+            self.tot_len.to_be(),
+            0,
+            u16::from_ne_bytes(IP_DF),
+            word(OUTER_TTL, IPPROTO_IPIP),
+            0,
+            word(s[0], s[1]),
+            word(s[2], s[3]),
+            word(d[0], d[1]),
+            word(d[2], d[3]),
+        ];
+        let mut sum = 0u32;
+        for w in words {
+            sum += u32::from(w);
+        }
+        words[5] = csum::fold(sum);
+        let p = h as *mut u16;
+        for (i, w) in words.into_iter().enumerate() {
+            *p.add(i) = w;
+        }
+    }
 }
 
 /// The next hop's and this interface's MACs from the kernel (`bpf_fib_lookup`, output

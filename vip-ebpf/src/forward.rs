@@ -142,7 +142,7 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
         return Verdict::pass(Reason::LocalBackend);
     }
     if mode == ForwardMode::Ipip as u8 {
-        return encap::ipip(ctx, l2, &backend);
+        return encap::ipip(ctx, l2, cfg, &backend);
     }
     dsr(eth, our_mac, &backend);
     Verdict::tx(Reason::ForwardedDsr)

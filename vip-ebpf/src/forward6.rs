@@ -20,7 +20,7 @@ use crate::{
     icmp6, lb,
     maps::{vip6, CONFIG, SERVICES6},
     ndp,
-    parse::{load_ipv6_words, load_mac, ptr_at, L2},
+    parse::{load_ipv6_words, load_mac, load_u16_word, ptr_at, L2},
     refuse, stats,
     verdict::Verdict,
 };
@@ -51,7 +51,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     };
     let dst = ip.dst_addr;
     // SAFETY: inside the bounds-checked header, 2-byte aligned.
-    let Some(vip) = vip6(unsafe { load_ipv6_words(&ip.dst_addr) }) else {
+    let dst_words = unsafe { load_ipv6_words(&ip.dst_addr) };
+    let Some(vip) = vip6(dst_words) else {
         return Verdict::pass(Reason::Ipv6Passed);
     };
     let Some(cfg) = CONFIG.get(0) else {
@@ -74,25 +75,28 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
     if l2.segment != vip.segment {
         return Verdict::pass(l2.other_segment(ctx, vip.segment));
     }
-    // The flow, and for TCP its flags byte (0 for an ICMP error).
-    let (flow, tcp_flags) = if error {
+    // The flow, its words (see `FlowKey6::words`), and for TCP its flags byte (0 for an
+    // ICMP error). A TCP flow's key is built in registers, as IPv4's (`forward::handle`).
+    let (flow, words, tcp_flags) = if error {
         match icmp6::quoted_flow(ctx, l2, &dst) {
-            Ok(flow) => (flow, 0),
+            Ok(flow) => (flow, flow.words(), 0),
             Err(verdict) => return verdict,
         }
     } else {
         let Some(tcp) = ptr_at::<TcpHdr>(ctx, l2.l3_off + Ipv6Hdr::LEN) else {
             return Verdict::pass(Reason::TcpMalformed);
         };
-        // SAFETY: ptr_at checked the TCP header is inside the frame; 2-byte aligned fields.
-        let (sport, dport, flags) = unsafe {
+        // SAFETY: ptr_at checked the IPv6 and TCP headers are inside the frame; 2-byte
+        // aligned fields.
+        let (words, flags) = unsafe {
+            let [s0, s1] = load_ipv6_words(&ip.src_addr);
+            let ports = u64::from(load_u16_word(&(*tcp).source)) | u64::from(load_u16_word(&(*tcp).dest)) << 16;
             (
-                (*((*tcp).source.as_ptr() as *const u16)).to_ne_bytes(),
-                (*((*tcp).dest.as_ptr() as *const u16)).to_ne_bytes(),
+                [s0, s1, dst_words[0], dst_words[1], ports | u64::from(IPPROTO_TCP) << 32],
                 *(tcp as *const u8).add(TCP_FLAGS_OFFSET),
             )
         };
-        (FlowKey6::new(ip.src_addr, dst, sport, dport, IPPROTO_TCP), flags)
+        (FlowKey6::from_words(words), words, flags)
     };
     // Only the leader balances new flows (errors included), until its balancing deadline
     // (its fencing deadline, or the end of a hand-over; see `forward::balances`).
@@ -103,8 +107,8 @@ pub fn handle(ctx: &impl Packet, l2: &L2) -> Verdict {
             Err(verdict) => return verdict,
         }
     } else {
-        let slot = vip_common::cache_slot6(&flow, cfg.hash_seed);
-        match lb::pinned6(&flow, slot, cfg.generation, || is_syn(tcp_flags)) {
+        let slot = vip_common::cache_slot6(words, cfg.hash_seed);
+        match lb::pinned6(&flow, words, slot, cfg.generation, || is_syn(tcp_flags)) {
             Some(pin) if pin.from_mac == src_mac || !is_peer_mac(src_mac) => (pin.id, pin.backend, pin.mode),
             Some(_) => return Verdict::pass(Reason::BalancedByPeer),
             None => {

@@ -190,7 +190,7 @@ pub fn to_backend(
         return Verdict::pass(Reason::LocalBackend);
     }
     if mode == ForwardMode::Ipip as u8 {
-        let v = encap::ipip(ctx, l2, &backend);
+        let v = encap::ipip(ctx, l2, cfg, &backend);
         return if v.reason == Reason::ForwardedIpip { Verdict::tx(Reason::IcmpToBackend) } else { v };
     }
     // SAFETY: l2.eth was bounds-checked by the L2 parser.

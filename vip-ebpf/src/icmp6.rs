@@ -78,7 +78,8 @@ pub fn backend_of(
         return Err(Verdict::pass(Reason::BalancedByPeer));
     }
     // An ICMP error opens no connection.
-    if let Some(pin) = lb::pinned6(flow, vip_common::cache_slot6(flow, seed), generation, || false) {
+    let key = flow.words();
+    if let Some(pin) = lb::pinned6(flow, key, vip_common::cache_slot6(key, seed), generation, || false) {
         return Ok((pin.id, pin.backend, pin.mode));
     }
     if !leads {

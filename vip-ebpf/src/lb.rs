@@ -119,25 +119,30 @@ fn new_conn(id: u32, backend: &Backend, mode: u8, from_mac: u64) -> Conn {
     conn
 }
 
-/// Whether two IPv6 flow keys are equal, as five 8-byte compares.
+/// Whether two IPv6 flow keys, given as their [`FlowKey6::words`], are equal: the
+/// words' differences OR-ed, one branch (an array `==` may become a `bcmp` call, which
+/// BPF does not have).
 #[inline(always)]
-fn same_flow6(a: &FlowKey6, b: &FlowKey6) -> bool {
-    // SAFETY: FlowKey6 is 40 bytes, 8-byte aligned, all bytes initialised.
-    unsafe {
-        let (a, b) = (a as *const FlowKey6 as *const u64, b as *const FlowKey6 as *const u64);
-        *a == *b && *a.add(1) == *b.add(1) && *a.add(2) == *b.add(2) && *a.add(3) == *b.add(3) && *a.add(4) == *b.add(4)
-    }
+fn same_words6(a: [u64; 5], b: [u64; 5]) -> bool {
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) == 0
 }
 
-/// [`pinned`] for an IPv6 flow (`slot`: its [`vip_common::cache_slot6`]): this CPU's
-/// flow cache first, then the IPv6 connection table, whose answer is cached; a pin to a
+/// [`pinned`] for an IPv6 flow (`key`: its [`FlowKey6::words`]; `slot`: its
+/// [`vip_common::cache_slot6`]): this CPU's flow cache first, compared and filled from
+/// registers, then the IPv6 connection table, whose answer is cached; a pin to a
 /// draining backend as there.
 #[inline(always)]
-pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32, opens: impl FnOnce() -> bool) -> Option<Pin> {
+pub fn pinned6(
+    flow: &FlowKey6,
+    key: [u64; 5],
+    slot: u32,
+    generation: u32,
+    opens: impl FnOnce() -> bool,
+) -> Option<Pin> {
     // SAFETY: a per-CPU entry from a successful lookup, touched only by this CPU.
     let cached = FLOW_CACHE6.get_ptr_mut(slot & (FLOW_CACHE_SLOTS - 1)).map(|c| unsafe { &mut *c });
     if let Some(c) = cached.as_deref() {
-        if c.generation == generation && same_flow6(&c.key, flow) {
+        if c.generation == generation && same_words6(c.key.words(), key) {
             let pin = validate(c.conn.words())?;
             if pin.backend.flags & Backend::F_UP != 0 {
                 return Some(pin);
@@ -147,7 +152,7 @@ pub fn pinned6(flow: &FlowKey6, slot: u32, generation: u32, opens: impl FnOnce()
     // SAFETY: the value is copied out at once; LRU elements are replaced whole.
     let conn = unsafe { CONNS6.get(flow) }.copied()?;
     if let Some(c) = cached {
-        *c = CachedFlow6 { key: *flow, conn, generation, _pad: 0 };
+        *c = CachedFlow6 { key: FlowKey6::from_words(key), conn, generation, _pad: 0 };
     }
     validate(conn.words()).filter(|pin| pin.backend.flags & Backend::F_UP != 0 || !opens())
 }

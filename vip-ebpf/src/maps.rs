@@ -72,8 +72,7 @@ pub static CONNS: LruHashMap<FlowKey, Conn> = LruHashMap::with_max_entries(MAX_C
 #[map(name = "VIP_SERVICES6")]
 pub static SERVICES6: HashMap<ServiceKey6, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
-/// IPv6 flow → backend, as [`CONNS`] (no per-CPU cache in front: IPv6 control-plane
-/// traffic is the rarer family).
+/// IPv6 flow → backend, as [`CONNS`], with [`FLOW_CACHE6`] in front.
 #[map(name = "VIP_CONNS6")]
 pub static CONNS6: LruHashMap<FlowKey6, Conn> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
