@@ -129,11 +129,24 @@ impl ApiLab {
 
     /// Gives every host of the segment an IPv6 address too, `fd00:a:b:c::<last octet of
     /// its IPv4 address>/64` (without duplicate address detection, so it is usable at
-    /// once).
+    /// once), and waits until no host has a tentative address left: its link-local one,
+    /// made when the link came up, passes duplicate address detection about a second
+    /// later, and until then the kernel sends no Neighbor Solicitation (it has no source
+    /// address for one, RFC 4861 §7.2.2), so the host cannot answer anybody over IPv6
+    /// (its answers wait for a neighbour entry) and the agents' IPv6 VIP-path probes
+    /// rightly drain it. A real node has been up for longer than that.
     pub fn with_ipv6(self) -> Result<Self, String> {
         for h in &self.lab.hosts {
             let ip6 = ipv6_of(self.lab.prefix, u16::from(h.ip.octets()[3]));
             h.ns.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", &h.dev, "nodad"])?;
+        }
+        for h in &self.lab.hosts {
+            let settled = wait_until(Duration::from_secs(10), || {
+                h.ns.ip(&["-6", "addr", "show", "dev", &h.dev, "tentative"]).is_ok_and(|out| out.stdout.is_empty())
+            });
+            if !settled {
+                return Err(format!("{}: an IPv6 address on {} still tentative after 10 s", h.ip, h.dev));
+            }
         }
         Ok(self)
     }
