@@ -131,10 +131,12 @@ impl ApiLab {
     /// its IPv4 address>/64` (without duplicate address detection, so it is usable at
     /// once), and waits until no host has a tentative address left: its link-local one,
     /// made when the link came up, passes duplicate address detection about a second
-    /// later, and until then the kernel sends no Neighbor Solicitation (it has no source
-    /// address for one, RFC 4861 §7.2.2), so the host cannot answer anybody over IPv6
-    /// (its answers wait for a neighbour entry) and the agents' IPv6 VIP-path probes
-    /// rightly drain it. A real node has been up for longer than that.
+    /// later. Until then it is not usable as a source (RFC 4862 §5.4), and the kernel
+    /// solicits a neighbour from it whenever the packet waiting for the neighbour comes
+    /// from an address that is not on the interface (an answer from the VIP, on `lo`):
+    /// no Neighbor Solicitation goes out, the host's answers to the agents' IPv6 VIP-path
+    /// probes wait a second, and the agents rightly drain it. A real node has been up for
+    /// longer than that.
     pub fn with_ipv6(self) -> Result<Self, String> {
         for h in &self.lab.hosts {
             let ip6 = ipv6_of(self.lab.prefix, u16::from(h.ip.octets()[3]));

@@ -104,48 +104,26 @@ pub fn ipip(ctx: &impl Packet, l2: &L2, cfg: &Config, backend: &Backend) -> Verd
             Err(verdict) => return verdict,
         }
     };
-    let outer = OuterIpv4 { tos, tot_len: outer_len, src: node_ip, dst: backend.ip };
-    if l2.tags == 0 {
-        prepend_untagged(ctx, dmac, smac, &outer)
-    } else {
-        prepend_tagged(ctx, l2, dmac, smac, &outer)
-    }
+    prepend(ctx, l2, dmac, smac, &OuterIpv4 { tos, tot_len: outer_len, src: node_ip, dst: backend.ip })
 }
 
 /// EtherType IPv4 as the native word of its wire bytes.
 const ETHERTYPE_IPV4_WORD: u16 = u16::from_ne_bytes(0x0800u16.to_be_bytes());
 
-/// Prepends the outer header to an untagged frame: after the head grows by 20 bytes the
-/// new Ethernet header (the only L2 there is) is written from registers at the frame's
-/// start and the outer header over the old one, so nothing is saved across
-/// `bpf_xdp_adjust_head` (which invalidates every packet pointer).
+/// Grows the head by one IPv4 header and writes the L2 header and `outer` in front of
+/// the inner packet. `bpf_xdp_adjust_head` invalidates every packet pointer, so a tagged
+/// frame's L2 header (Ethernet and up to two tags) is saved across it and written back;
+/// an untagged frame's is written afresh from registers (on this path its EtherType can
+/// only be IPv4), with nothing saved.
 #[inline(always)]
-fn prepend_untagged(ctx: &impl Packet, dmac: u64, smac: u64, outer: &OuterIpv4) -> Verdict {
-    // SAFETY: growing the head by one IPv4 header; on failure the frame is unchanged.
-    if ctx.adjust_head(-(Ipv4Hdr::LEN as i32)).is_err() {
-        return Verdict::pass(Reason::IpipFailed);
-    }
-    // From here on the frame is half-built: a failure can only drop it.
-    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)) else {
-        return Verdict::drop(Reason::IpipFailed);
-    };
-    // SAFETY: bounds-checked by ptr_at; the frame's start is 2-byte aligned, and so is
-    // every field written.
-    unsafe {
-        store_mac(&mut (*eth).dst_addr, dmac);
-        store_mac(&mut (*eth).src_addr, smac);
-        *(&mut (*eth).ether_type as *mut _ as *mut u16) = ETHERTYPE_IPV4_WORD;
-        outer.store(ip);
-    }
-    Verdict::tx(Reason::ForwardedIpip)
-}
-
-/// Prepends the outer header to a VLAN-tagged frame: its L2 header (Ethernet and up to
-/// two tags) is saved across `bpf_xdp_adjust_head` and written back in front of it.
-#[inline(always)]
-fn prepend_tagged(ctx: &impl Packet, l2: &L2, dmac: u64, smac: u64, outer: &OuterIpv4) -> Verdict {
-    let Some(saved) = save_l2(ctx, l2) else {
-        return Verdict::pass(Reason::IpipFailed);
+fn prepend(ctx: &impl Packet, l2: &L2, dmac: u64, smac: u64, outer: &OuterIpv4) -> Verdict {
+    let saved = if l2.tags == 0 {
+        None
+    } else {
+        match save_l2(ctx, l2) {
+            Some(saved) => Some(saved),
+            None => return Verdict::pass(Reason::IpipFailed),
+        }
     };
     // SAFETY: growing the head by one IPv4 header; on failure the frame is unchanged.
     if ctx.adjust_head(-(Ipv4Hdr::LEN as i32)).is_err() {
@@ -153,14 +131,18 @@ fn prepend_tagged(ctx: &impl Packet, l2: &L2, dmac: u64, smac: u64, outer: &Oute
     }
     // From here on the frame is half-built: a failure can only drop it.
     let broken = Verdict::drop(Reason::IpipFailed);
-    let Some(eth) = restore_l2(ctx, &saved) else {
+    let eth = match &saved {
+        Some(saved) => restore_l2(ctx, saved),
+        None => ptr_at::<EthHdr>(ctx, 0).inspect(|&eth| {
+            // SAFETY: bounds-checked by ptr_at; a 2-byte aligned field.
+            unsafe { *(&mut (*eth).ether_type as *mut _ as *mut u16) = ETHERTYPE_IPV4_WORD };
+        }),
+    };
+    let (Some(eth), Some(ip)) = (eth, ptr_at::<Ipv4Hdr>(ctx, l2.l3_off)) else {
         return broken;
     };
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l2.l3_off) else {
-        return broken;
-    };
-    // SAFETY: bounds-checked by ptr_at (in restore_l2 for `eth`); the frame's start, both
-    // MAC fields and the IPv4 header are 2-byte aligned.
+    // SAFETY: bounds-checked by ptr_at (in restore_l2 for a tagged frame's `eth`); the
+    // frame's start, both MAC fields and the IPv4 header are 2-byte aligned.
     unsafe {
         store_mac(&mut (*eth).dst_addr, dmac);
         store_mac(&mut (*eth).src_addr, smac);
